@@ -1,0 +1,574 @@
+"""Causal softmax attention with the sequence sharded over a mesh axis (LASP-2H and RingAttention).
+
+Hybrid models (LASP-2, arXiv 2502.07563, §3.4 "LASP-2H") mix linear-attention layers, which
+``lasp_jax`` parallelises by passing d×e states, with ordinary softmax-attention layers. Those
+cannot be summarised by a fixed-size state, so under sequence parallelism they move keys and
+values instead. Rank r of the ``sp`` axis holds the contiguous tokens ``[r·L, (r+1)·L)``
+(``L = T / P``, no zig-zag), exactly as the linear layers do, and every strategy equals
+
+    o_i = Σ_{j ≤ i} softmax_j(scale · q_i·k_j) v_j          (query head h reads kv head h // (H // Hk))
+
+on the whole sequence, to floating-point rounding. Two strategies:
+
+- ``allgather`` (LASP-2H): one ``all_gather`` of the local K and V (grouped KV heads keep it
+  cheap), attention of the local queries against the gathered sequence with the causal mask at
+  global positions, and in the backward ``psum_scatter`` of the gathered dK, dV back to their
+  owners. It is one ``jax.custom_vjp``; the residuals are the *local* K and V, so the backward
+  gathers K and V once more (the same bytes as the forward gather) instead of keeping the
+  gathered copy alive between the passes.
+- ``ring`` (RingAttention, Liu et al. 2023): K/V blocks travel rank r → r+1 by ``ppermute``;
+  each rank merges block results with the online softmax (running log-sum-exp in float32) and
+  skips blocks from later ranks (causal). One ``jax.custom_vjp``: the backward sends the K/V
+  blocks around again with float32 dK/dV accumulators riding along, which arrive back at their
+  owners after P hops.
+
+Local block compute. The ring needs each block's log-sum-exp and the global one in its backward,
+which ``jax.nn.dot_product_attention`` does not give in float32, so every ring block (and the
+``impl="xla"`` allgather) runs the flash-attention recurrence written here in jnp: query blocks ×
+key blocks, float32 running max and sum, fully masked block pairs skipped with ``lax.cond``, the
+scores never larger than ``[B, H, block_q, block_k]``. On a GPU the allgather strategy uses cuDNN's
+fused kernel through ``jax.nn.dot_product_attention(implementation="cudnn")`` where it supports
+the input (bf16/fp16, equal head dims D = E, D a multiple of 8, D ≤ 128, or ≤ 256 on Hopper, even
+lengths). jax's cuDNN binding only has a top-left-aligned causal mask, which is wrong for query
+blocks at an offset, so the allgather passes the causal mask at global positions as a boolean
+``mask`` that cuDNN turns into an additive ``[1, 1, L, T]`` bias (``2·L·T`` bytes, transient) and
+attends to every key (no causal block skipping; the last rank does that work anyway). Its
+backward gathers K, V again and recomputes the forward through cuDNN's own VJP (one extra
+forward pass). Single-device attention (``mesh=None``) on cuDNN uses its causal mask directly.
+
+Dtype policy: q, k, v in bf16, fp16, fp32 (fp64 on the jnp path), softmax statistics and all
+accumulation in float32 (float64 for float64 inputs), the output in q's dtype. Collectives carry
+K and V in their dtype, dK and dV (reduce-scatter and ring accumulators) in float32.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec
+
+Strategy = Literal["allgather", "ring"]
+Impl = Literal["auto", "cudnn", "xla", "dpa_xla"]
+STRATEGIES = ("allgather", "ring")
+IMPLS = ("auto", "cudnn", "xla", "dpa_xla")
+_FLOATS = (jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64)
+DEFAULT_BLOCK = 1024  # query and key block of the jnp flash recurrence
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions
+
+
+def softmax_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mesh: Mesh | None,
+    seq_axis: str = "sp",
+    batch_axis: str | None = None,
+    strategy: Strategy = "allgather",
+    scale: float | None = None,
+    impl: Impl = "auto",
+    block_size: int = DEFAULT_BLOCK,
+) -> jax.Array:
+    """Causal softmax attention of global ``[B, T, H, D]`` arrays, sequence-sharded over ``seq_axis``.
+
+    Args:
+      q: queries ``[B, T, H, D]`` (global; sharded or not).
+      k: keys ``[B, T, Hk, D]`` with ``H % Hk == 0`` (grouped/multi-query attention).
+      v: values ``[B, T, Hk, E]``.
+      mesh: the device mesh; ``None`` runs single-device causal attention.
+      seq_axis: mesh axis the time dimension is split over (contiguous blocks, rank order).
+      batch_axis: mesh axis the batch is split over, or None (replicated over it).
+      strategy: ``"allgather"`` (LASP-2H) or ``"ring"`` (RingAttention).
+      scale: multiplies the logits; defaults to ``D ** -0.5``.
+      impl: local block compute: ``"auto"`` (cuDNN on a GPU that supports the input for
+        ``allgather`` and single device, else ``"xla"``), ``"cudnn"``, ``"xla"`` (the jnp flash
+        recurrence, the only choice for ``ring``), or ``"dpa_xla"`` (the cuDNN code path with
+        ``jax.nn.dot_product_attention``'s XLA kernel; materialises ``[B, H, L, T]`` logits, for
+        checking that path off the GPU).
+      block_size: query and key block of the jnp flash recurrence (used when it divides the
+        local length, else the whole local length is one block).
+
+    Returns:
+      ``o`` ``[B, T, H, E]`` in q's dtype, sharded like q under ``mesh``.
+    """
+    _validate(q, k, v)
+    _check_choice(strategy=strategy, impl=impl, block_size=block_size)
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    if mesh is None:
+        return causal_attention(q, k, v, scale=scale, impl=impl, block_size=block_size)
+    _check_mesh(q, mesh, seq_axis, batch_axis)
+    spec = PartitionSpec(batch_axis, seq_axis)
+    shard_fn = functools.partial(
+        softmax_attention_shard,
+        axis_name=seq_axis,
+        strategy=strategy,
+        scale=scale,
+        impl=impl,
+        block_size=block_size,
+    )
+    return jax.shard_map(shard_fn, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
+
+
+def softmax_attention_shard(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    axis_name: str,
+    strategy: Strategy = "allgather",
+    scale: float | None = None,
+    impl: Impl = "auto",
+    block_size: int = DEFAULT_BLOCK,
+) -> jax.Array:
+    """The per-shard form of ``softmax_attention`` for use inside a user's own ``jax.shard_map``.
+
+    q ``[B, L, H, D]``, k ``[B, L, Hk, D]``, v ``[B, L, Hk, E]`` are this rank's contiguous slice
+    ``[r·L, (r+1)·L)`` of the sequence, r the index along ``axis_name``. Returns the local
+    ``[B, L, H, E]`` output. Arguments as in ``softmax_attention``.
+    """
+    _validate(q, k, v)
+    _check_choice(strategy=strategy, impl=impl, block_size=block_size)
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    impl = _resolve_impl(impl, strategy, q, k, v, n_keys=None)
+    if strategy == "ring":
+        return _ring(axis_name, scale, block_size)(q, k, v)
+    if impl in ("cudnn", "dpa_xla"):
+        return _allgather_dpa(axis_name, scale, "cudnn" if impl == "cudnn" else "xla")(q, k, v)
+    return _allgather(axis_name, scale, block_size)(q, k, v)
+
+
+def causal_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    scale: float | None = None,
+    impl: Impl = "auto",
+    block_size: int = DEFAULT_BLOCK,
+) -> jax.Array:
+    """Single-device causal softmax attention with the same conventions and ``impl`` choices."""
+    _validate(q, k, v)
+    _check_choice(strategy="allgather", impl=impl, block_size=block_size)
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    impl = _resolve_impl(impl, "allgather", q, k, v, n_keys=q.shape[1])
+    if impl in ("cudnn", "dpa_xla"):
+        return jax.nn.dot_product_attention(
+            q, k, v, scale=scale, is_causal=True, implementation="cudnn" if impl == "cudnn" else "xla"
+        )
+    return _allgather(None, scale, block_size)(q, k, v)
+
+
+def reference_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None) -> jax.Array:
+    """The oracle: dense masked softmax in the inputs' dtype (run it in float64 for tests)."""
+    b, t, h, d = q.shape
+    hk = k.shape[2]
+    scale = d**-0.5 if scale is None else scale
+    qg = q.reshape(b, t, hk, h // hk, d)
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k) * scale
+    mask = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
+    p = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
+    o = jnp.einsum("bhgqk,bkhe->bqhge", p, v)
+    return o.reshape(b, t, h, v.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks and dispatch
+
+
+def _validate(q, k, v):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(f"{name} must have rank 4 [B, T, H, D], got {name}.shape={tuple(x.shape)}")
+        if not any(x.dtype == jnp.dtype(f) for f in _FLOATS):
+            raise TypeError(f"{name} must be bfloat16, float16, float32 or float64, got {name}.dtype={x.dtype}")
+    b, t, h, d = q.shape
+    if k.shape[:2] != (b, t) or v.shape[:2] != (b, t):
+        raise ValueError(
+            f"q, k and v must agree in batch and time: q.shape={tuple(q.shape)}, "
+            f"k.shape={tuple(k.shape)}, v.shape={tuple(v.shape)}"
+        )
+    if k.shape[3] != d:
+        raise ValueError(f"k's head dim must equal q's: q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}")
+    hk = k.shape[2]
+    if v.shape[2] != hk:
+        raise ValueError(f"k and v must have the same heads: k.shape={tuple(k.shape)}, v.shape={tuple(v.shape)}")
+    if hk == 0 or h % hk:
+        raise ValueError(f"query heads must be a multiple of key/value heads: H={h}, Hk={hk} (H % Hk != 0)")
+    if t == 0:
+        raise ValueError(f"sequence length must be positive, got q.shape={tuple(q.shape)}")
+
+
+def _check_choice(*, strategy, impl, block_size=DEFAULT_BLOCK):
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got block_size={block_size!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got strategy={strategy!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got impl={impl!r}")
+    if strategy == "ring" and impl in ("cudnn", "dpa_xla"):
+        raise ValueError(
+            f"strategy='ring' merges per-block float32 log-sum-exps, which jax.nn.dot_product_attention does not "
+            f"return; it computes its blocks in jnp: use impl='xla' or 'auto', got impl={impl!r}"
+        )
+
+
+def _check_mesh(q, mesh, seq_axis, batch_axis):
+    names = tuple(mesh.axis_names)
+    for arg, axis in (("seq_axis", seq_axis), ("batch_axis", batch_axis)):
+        if axis is not None and axis not in names:
+            raise ValueError(f"{arg}={axis!r} is not an axis of the mesh; mesh.axis_names={names}")
+    if seq_axis == batch_axis:
+        raise ValueError(f"seq_axis and batch_axis must differ, got both {seq_axis!r}")
+    b, t = q.shape[:2]
+    sp = mesh.shape[seq_axis]
+    if t % sp:
+        raise ValueError(
+            f"sequence length T={t} must be a multiple of the {seq_axis!r} axis size {sp} (q.shape={q.shape})"
+        )
+    if batch_axis is not None and b % mesh.shape[batch_axis]:
+        raise ValueError(
+            f"batch B={b} must be a multiple of the {batch_axis!r} axis size {mesh.shape[batch_axis]} "
+            f"(q.shape={q.shape})"
+        )
+
+
+def _on_gpu() -> bool:
+    try:
+        return jax.default_backend() == "gpu"
+    except RuntimeError:
+        return False
+
+
+def _cudnn_supports(q, k, v, n_keys) -> bool:
+    """What cuDNN's fused attention takes through jax.nn.dot_product_attention (its own checks)."""
+    if not _on_gpu() or q.dtype not in (jnp.bfloat16, jnp.float16) or not q.dtype == k.dtype == v.dtype:
+        return False
+    d, e = q.shape[-1], v.shape[-1]
+    cc = getattr(jax.devices()[0], "compute_capability", "0.0")
+    d_max = 256 if tuple(int(x) for x in str(cc).split(".")[:2]) >= (9, 0) else 128
+    even = q.shape[1] % 2 == 0 and (n_keys is None or n_keys % 2 == 0)  # a bias needs even lengths
+    return d == e and d % 8 == 0 and d <= d_max and even
+
+
+def _resolve_impl(impl, strategy, q, k, v, *, n_keys):
+    if strategy == "ring":
+        return "xla"
+    if impl == "auto":
+        return "cudnn" if _cudnn_supports(q, k, v, n_keys) else "xla"
+    if impl in ("cudnn", "dpa_xla") and v.shape[-1] != q.shape[-1]:
+        raise ValueError(
+            f"impl={impl!r} needs equal q/k and v head dims: q.shape={tuple(q.shape)}, v.shape={tuple(v.shape)}"
+        )
+    return impl
+
+
+def _acc_dtype(dtype):
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _block(n: int, want: int) -> int:
+    """The block length: ``want`` when it divides ``n``, else the whole length."""
+    return want if n % want == 0 else n
+
+
+def _positions(axis_name, length):
+    """First global position of this rank's block and the number of ranks (0, 1 without an axis)."""
+    if axis_name is None:
+        return 0, 1
+    return lax.axis_index(axis_name) * length, lax.axis_size(axis_name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Local block compute: the flash-attention recurrence in jnp (float32 statistics)
+
+
+def _split(x, n_blocks, groups=None):
+    """[B, N·n, Hk(·G), X] -> [n_blocks, B, n, Hk, (G,) X]."""
+    b, length, heads, last = x.shape
+    if groups is None:
+        x = x.reshape(b, n_blocks, length // n_blocks, heads, last)
+    else:
+        x = x.reshape(b, n_blocks, length // n_blocks, heads // groups, groups, last)
+    return jnp.moveaxis(x, 1, 0)
+
+
+def _flash_fwd(q, k, v, *, q_start, k_start, scale, block):
+    """Causal attention of queries at global positions ``q_start + i`` against keys at ``k_start + j``.
+
+    Returns ``o`` (accumulation dtype, ``[B, Lq, H, E]``, zero on rows with no visible key) and the
+    log-sum-exp of the scaled logits ``lse`` (``[B, H, Lq]``, −inf on such rows).
+    """
+    b, lq, h, _ = q.shape
+    lk, hk, e = k.shape[1], k.shape[2], v.shape[3]
+    g = h // hk
+    acc = _acc_dtype(q.dtype)
+    bq, bk = _block(lq, block), _block(lk, block)
+    qs, ks, vs = _split(q, lq // bq, g), _split(k, lk // bk), _split(v, lk // bk)
+
+    def one_query_block(args):
+        qi, qc = args
+        q_pos = q_start + qi * bq + jnp.arange(bq)
+
+        def step(carry, inputs):
+            ki, kc, vc = inputs
+            k_first = k_start + ki * bk
+
+            def attend(carry):
+                m, row_sum, o = carry
+                s = jnp.einsum("bqhgd,bkhd->bhgqk", qc, kc, preferred_element_type=acc) * scale
+                s = jnp.where(q_pos[:, None] >= (k_first + jnp.arange(bk))[None, :], s, -jnp.inf)
+                m_new = jnp.maximum(m, s.max(-1))
+                m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows with nothing visible yet
+                p = jnp.exp(s - m_safe[..., None])
+                alpha = jnp.exp(m - m_safe)
+                pv = jnp.einsum("bhgqk,bkhe->bhgqe", p.astype(v.dtype), vc, preferred_element_type=acc)
+                return m_new, alpha * row_sum + p.sum(-1), alpha[..., None] * o + pv
+
+            visible = k_first <= q_pos[-1]  # skip key blocks wholly in this query block's future
+            return lax.cond(visible, attend, lambda c: c, carry), None
+
+        init = (
+            jnp.full((b, hk, g, bq), -jnp.inf, acc),
+            jnp.zeros((b, hk, g, bq), acc),
+            jnp.zeros((b, hk, g, bq, e), acc),
+        )
+        (m, row_sum, o), _ = lax.scan(step, init, (jnp.arange(lk // bk), ks, vs))
+        seen = row_sum > 0
+        safe_sum = jnp.where(seen, row_sum, 1.0)
+        o = jnp.where(seen[..., None], o / safe_sum[..., None], 0.0)
+        lse = jnp.where(seen, m + jnp.log(safe_sum), -jnp.inf)
+        return o, lse
+
+    o, lse = lax.map(one_query_block, (jnp.arange(lq // bq), qs))  # [nq, B, Hk, G, bq, (E)]
+    o = jnp.moveaxis(o, 0, 3).reshape(b, hk, g, lq, e)
+    o = o.transpose(0, 3, 1, 2, 4).reshape(b, lq, h, e)
+    lse = jnp.moveaxis(lse, 0, 3).reshape(b, h, lq)
+    return o, lse
+
+
+def _flash_bwd(q, k, v, o, lse, do, *, q_start, k_start, scale, block):
+    """Gradients of the block attention given the *final* ``o`` and ``lse`` of every query row.
+
+    With the global ``lse`` and ``Δ = rowsum(dO ⊙ O)`` the contribution of one key block is
+    independent of the others (FlashAttention-2), so ring blocks and gathered blocks add up.
+    Returns dq ``[B, Lq, H, D]`` and dk, dv ``[B, Lk, Hk, ·]`` in the accumulation dtype.
+    """
+    b, lq, h, d = q.shape
+    lk, hk, e = k.shape[1], k.shape[2], v.shape[3]
+    g = h // hk
+    acc = _acc_dtype(q.dtype)
+    bq, bk = _block(lq, block), _block(lk, block)
+    nq, nk = lq // bq, lk // bk
+    delta = jnp.sum(do.astype(acc) * o.astype(acc), -1).transpose(0, 2, 1)  # [B, H, Lq]
+    stats = jnp.stack([lse, delta], -1).reshape(b, hk, g, nq, bq, 2)
+    stats = jnp.moveaxis(stats, 3, 0)  # [nq, B, Hk, G, bq, 2]
+    qs, dos = _split(q, nq, g), _split(do.astype(q.dtype), nq, g)
+    ks, vs = _split(k, nk), _split(v, nk)
+
+    def probs(qi, qc, doc, st, ki, kc, vc):
+        """P and dS of one block pair, [B, Hk, G, bq, bk]."""
+        q_pos = q_start + qi * bq + jnp.arange(bq)
+        k_pos = k_start + ki * bk + jnp.arange(bk)
+        s = jnp.einsum("bqhgd,bkhd->bhgqk", qc, kc, preferred_element_type=acc) * scale
+        s = jnp.where(q_pos[:, None] >= k_pos[None, :], s, -jnp.inf)
+        p = jnp.exp(s - st[..., 0:1])
+        dp = jnp.einsum("bqhge,bkhe->bhgqk", doc, vc, preferred_element_type=acc)
+        return p, p * (dp - st[..., 1:2])
+
+    def visible(qi, ki):
+        return k_start + ki * bk <= q_start + qi * bq + bq - 1
+
+    def dq_block(args):
+        qi, qc, doc, st = args
+
+        def step(dq, inputs):
+            ki, kc, vc = inputs
+
+            def add(dq):
+                _, ds = probs(qi, qc, doc, st, ki, kc, vc)
+                return dq + jnp.einsum("bhgqk,bkhd->bqhgd", ds.astype(q.dtype), kc, preferred_element_type=acc)
+
+            return lax.cond(visible(qi, ki), add, lambda x: x, dq), None
+
+        dq, _ = lax.scan(step, jnp.zeros((b, bq, hk, g, d), acc), (jnp.arange(nk), ks, vs))
+        return dq * scale
+
+    def dkv_block(args):
+        ki, kc, vc = args
+
+        def step(carry, inputs):
+            qi, qc, doc, st = inputs
+
+            def add(carry):
+                dk, dv = carry
+                p, ds = probs(qi, qc, doc, st, ki, kc, vc)
+                dv = dv + jnp.einsum("bhgqk,bqhge->bkhe", p.astype(v.dtype), doc, preferred_element_type=acc)
+                dk = dk + jnp.einsum("bhgqk,bqhgd->bkhd", ds.astype(q.dtype), qc, preferred_element_type=acc)
+                return dk, dv
+
+            return lax.cond(visible(qi, ki), add, lambda c: c, carry), None
+
+        init = (jnp.zeros((b, bk, hk, d), acc), jnp.zeros((b, bk, hk, e), acc))
+        (dk, dv), _ = lax.scan(step, init, (jnp.arange(nq), qs, dos, stats))
+        return dk * scale, dv
+
+    dq = lax.map(dq_block, (jnp.arange(nq), qs, dos, stats))  # [nq, B, bq, Hk, G, D]
+    dq = jnp.moveaxis(dq, 0, 1).reshape(b, lq, h, d)
+    dk, dv = lax.map(dkv_block, (jnp.arange(nk), ks, vs))  # [nk, B, bk, Hk, ·]
+    dk = jnp.moveaxis(dk, 0, 1).reshape(b, lk, hk, d)
+    dv = jnp.moveaxis(dv, 0, 1).reshape(b, lk, hk, e)
+    return dq, dk, dv
+
+
+def _merge(o, lse, o_blk, lse_blk):
+    """Online-softmax merge of two partial results over disjoint key sets (float32 weights)."""
+    new = jnp.logaddexp(lse, lse_blk)
+    safe = jnp.where(jnp.isfinite(new), new, 0.0)
+    w, w_blk = jnp.exp(lse - safe), jnp.exp(lse_blk - safe)  # [B, H, L]
+    return o * w.transpose(0, 2, 1)[..., None] + o_blk * w_blk.transpose(0, 2, 1)[..., None], new
+
+
+# ---------------------------------------------------------------------------------------------
+# allgather (LASP-2H): gather K, V; reduce-scatter dK, dV
+
+
+def _gather(x, axis_name):
+    return x if axis_name is None else lax.all_gather(x, axis_name, axis=1, tiled=True)
+
+
+def _scatter(x, axis_name):
+    return x if axis_name is None else lax.psum_scatter(x, axis_name, scatter_dimension=1, tiled=True)
+
+
+@functools.cache
+def _allgather(axis_name, scale, block):
+    """jnp path; ``axis_name=None`` is single-device attention."""
+
+    @jax.custom_vjp
+    def attend(q, k, v):
+        return fwd(q, k, v)[0]
+
+    def fwd(q, k, v):
+        q_start, _ = _positions(axis_name, q.shape[1])
+        o, lse = _flash_fwd(
+            q, _gather(k, axis_name), _gather(v, axis_name), q_start=q_start, k_start=0, scale=scale, block=block
+        )
+        o = o.astype(q.dtype)
+        return o, (q, k, v, o, lse)
+
+    def bwd(res, do):
+        q, k, v, o, lse = res
+        q_start, _ = _positions(axis_name, q.shape[1])
+        k_all, v_all = _gather(k, axis_name), _gather(v, axis_name)  # re-gathered: only local K/V were kept
+        dq, dk, dv = _flash_bwd(q, k_all, v_all, o, lse, do, q_start=q_start, k_start=0, scale=scale, block=block)
+        dk, dv = _scatter(dk, axis_name), _scatter(dv, axis_name)
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+    attend.defvjp(fwd, bwd)
+    return attend
+
+
+@functools.cache
+def _allgather_dpa(axis_name, scale, implementation):
+    """jax.nn.dot_product_attention path (cuDNN on GPU) with the causal mask at global positions."""
+
+    def local(q, k_all, v_all):
+        length, n_keys = q.shape[1], k_all.shape[1]
+        q_start, _ = _positions(axis_name, length)
+        mask = (q_start + jnp.arange(length))[:, None] >= jnp.arange(n_keys)[None, :]
+        return jax.nn.dot_product_attention(
+            q, k_all, v_all, mask=mask[None, None], scale=scale, implementation=implementation
+        )
+
+    def primal(q, k, v):
+        return local(q, _gather(k, axis_name), _gather(v, axis_name))
+
+    attend = jax.custom_vjp(primal)
+
+    def fwd(q, k, v):
+        return primal(q, k, v), (q, k, v)
+
+    def bwd(res, do):
+        q, k, v = res
+        _, vjp = jax.vjp(local, q, _gather(k, axis_name), _gather(v, axis_name))  # recomputes the forward
+        dq, dk, dv = vjp(do)
+        dk = _scatter(dk.astype(_acc_dtype(k.dtype)), axis_name)
+        dv = _scatter(dv.astype(_acc_dtype(v.dtype)), axis_name)
+        return dq, dk.astype(k.dtype), dv.astype(v.dtype)
+
+    attend.defvjp(fwd, bwd)
+    return attend
+
+
+# ---------------------------------------------------------------------------------------------
+# ring (RingAttention): K/V blocks travel r -> r+1, dK/dV accumulators travel with them
+
+
+@functools.cache
+def _ring(axis_name, scale, block):
+    def shift(x):
+        n = lax.axis_size(axis_name)
+        return lax.ppermute(x, axis_name, [(i, (i + 1) % n) for i in range(n)])
+
+    @jax.custom_vjp
+    def attend(q, k, v):
+        return fwd(q, k, v)[0]
+
+    def fwd(q, k, v):
+        b, length, h, _ = q.shape
+        q_start, n = _positions(axis_name, length)
+        rank = q_start // length
+        acc = _acc_dtype(q.dtype)
+        o = jnp.zeros((b, length, h, v.shape[-1]), acc)
+        lse = jnp.full((b, h, length), -jnp.inf, acc)
+        kb, vb = k, v
+        for s in range(n):  # at step s this rank holds the block of rank (rank - s) mod n
+            nxt = shift((kb, vb)) if s < n - 1 else None  # issued first so it can overlap the compute
+
+            def merge_block(carry, kb=kb, vb=vb, s=s):
+                o_blk, lse_blk = _flash_fwd(
+                    q, kb, vb, q_start=q_start, k_start=(rank - s) * length, scale=scale, block=block
+                )
+                return _merge(*carry, o_blk, lse_blk)
+
+            # blocks from later ranks (s > rank) are wholly in the future: skip them
+            o, lse = merge_block((o, lse)) if s == 0 else lax.cond(s <= rank, merge_block, lambda c: c, (o, lse))
+            if nxt is not None:
+                kb, vb = nxt
+        o = o.astype(q.dtype)
+        return o, (q, k, v, o, lse)
+
+    def bwd(res, do):
+        q, k, v, o, lse = res
+        length = q.shape[1]
+        q_start, n = _positions(axis_name, length)
+        rank = q_start // length
+        acc = _acc_dtype(q.dtype)
+        dq = jnp.zeros(q.shape, acc)
+        dk, dv = jnp.zeros(k.shape, acc), jnp.zeros(v.shape, acc)  # accumulators of the block held
+        kb, vb = k, v
+        for s in range(n):
+            nxt = shift((kb, vb)) if s < n - 1 else None
+
+            def grads(carry, kb=kb, vb=vb, s=s):
+                dq, dk, dv = carry
+                dq_b, dk_b, dv_b = _flash_bwd(
+                    q, kb, vb, o, lse, do, q_start=q_start, k_start=(rank - s) * length, scale=scale, block=block
+                )
+                return dq + dq_b, dk + dk_b, dv + dv_b
+
+            dq, dk, dv = grads((dq, dk, dv)) if s == 0 else lax.cond(s <= rank, grads, lambda c: c, (dq, dk, dv))
+            dk, dv = shift((dk, dv))  # after n hops each accumulator is back at its owner
+            if nxt is not None:
+                kb, vb = nxt
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+    attend.defvjp(fwd, bwd)
+    return attend
