@@ -1,0 +1,101 @@
+"""Baseline strategies for honest comparisons with LASP (same API, ``strategy=``).
+
+Both differentiate by plain autodiff through their collectives (the transpose of an
+``all_to_all`` is an ``all_to_all``, of an ``all_gather`` a reduce-scatter), and both move
+activations whose size grows with the sequence, unlike LASP's fixed ``[B, H, D, E]`` states.
+
+- ``ulysses`` (DeepSpeed-Ulysses): all-to-all from sequence-sharded to head-sharded, the
+  single-device op over the whole sequence for ``H / P`` heads, all-to-all back. Needs
+  ``H % P == 0``; when ``Hk % P != 0`` the key/value heads are repeated up to ``H`` first.
+- ``gather_kv`` (Megatron-SP style): all-gather K and V (and the gates), build the state of the
+  gathered prefix ``[0, r·L)`` for the local queries, run the local op from that state.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from lasp_jax.state_passing import broadcast_from, varying_axes
+from pallas_kernels import linear_attention
+
+
+def ulysses(q, k, v, *, axis_name, size, g=None, g_gamma=None, scale, initial_state=None, output_final_state, impl):
+    h, hk = q.shape[2], k.shape[2]
+    if h % size:
+        raise ValueError(f"strategy='ulysses' needs the query heads divisible by the sequence axis: H={h}, P={size}")
+    if hk % size:
+        k, v = (jnp.repeat(x, h // hk, axis=2) for x in (k, v))
+    rank = jax.lax.axis_index(axis_name)
+    heads = h // size
+
+    def seq_to_heads(x):
+        return jax.lax.all_to_all(x, axis_name, split_axis=2, concat_axis=1, tiled=True)
+
+    def my_heads(x, axis):
+        return jax.lax.dynamic_slice_in_dim(x, rank * heads, heads, axis=axis)
+
+    o, final = linear_attention(
+        seq_to_heads(q),
+        seq_to_heads(k),
+        seq_to_heads(v),
+        g=None if g is None else seq_to_heads(g),
+        g_gamma=None if g_gamma is None else my_heads(g_gamma, 0),
+        scale=scale,
+        initial_state=None if initial_state is None else my_heads(initial_state, 1),
+        output_final_state=output_final_state,
+        impl=impl,
+    )
+    o = jax.lax.all_to_all(o, axis_name, split_axis=1, concat_axis=2, tiled=True)
+    if output_final_state:
+        final = jax.lax.all_gather(final, axis_name, axis=1, tiled=True)
+        if axis_name in varying_axes(q):  # checked shard_map: type the replicated state invariant
+            final = broadcast_from(final, 0, axis_name)
+    return o, final
+
+
+def _prefix_state(k, v, cum_end, cum, mask, num_heads):
+    """Σ_j [mask_j] exp(cum_end − cum_j) k_jᵀ v_j over the gathered tokens, ``[B, H, D, E]`` float32."""
+    b, t, hk, d = k.shape
+    grp = num_heads // hk
+    acc = jnp.result_type(jnp.float32, k.dtype, v.dtype)
+    w = jnp.exp(jnp.where(mask, cum_end - cum, -jnp.inf)).reshape(b, t, hk, grp)
+    k_weighted = (k[:, :, :, None].astype(acc) * w[..., None]).astype(k.dtype)
+    s = jnp.einsum("btkgd,btke->bkgde", k_weighted, v, preferred_element_type=acc)
+    return s.reshape(b, num_heads, d, v.shape[-1])
+
+
+def gather_kv(q, k, v, *, axis_name, size, g=None, g_gamma=None, scale, initial_state=None, output_final_state, impl):
+    b, length, h, _ = q.shape
+    rank = jax.lax.axis_index(axis_name)
+
+    def gather(x):
+        return jax.lax.all_gather(x, axis_name, axis=1, tiled=True)
+
+    k_all, v_all = gather(k), gather(v)
+    t = length * size
+    if g is not None:
+        cum = jnp.cumsum(gather(g).astype(jnp.float32), axis=1)
+    elif g_gamma is not None:
+        cum = jnp.arange(1, t + 1, dtype=jnp.float32)[None, :, None] * g_gamma.astype(jnp.float32)
+        cum = jnp.broadcast_to(cum, (b, t, h))
+    else:
+        cum = jnp.zeros((b, t, h), jnp.float32)
+    cum0 = jnp.concatenate([jnp.zeros_like(cum[:, :1]), cum], axis=1)  # cum0[:, n] = Σ_{j<n} g_j
+    start = rank * length
+    cum_start = jax.lax.dynamic_index_in_dim(cum0, start, axis=1, keepdims=True)
+    before = (jnp.arange(t) < start)[None, :, None]
+    s_in = _prefix_state(k_all, v_all, cum_start, cum, before, h)
+    if initial_state is not None:
+        s_in = s_in + jnp.exp(cum_start[:, 0])[..., None, None] * initial_state.astype(s_in.dtype)
+    o, _ = linear_attention(
+        q, k, v, g=g, g_gamma=g_gamma, scale=scale, initial_state=s_in, output_final_state=False, impl=impl
+    )
+    final = None
+    if output_final_state:
+        final = _prefix_state(k_all, v_all, cum[:, -1:], cum, jnp.ones((1, t, 1), bool), h)
+        if initial_state is not None:
+            final = final + jnp.exp(cum[:, -1])[..., None, None] * initial_state.astype(final.dtype)
+        if axis_name in varying_axes(q):
+            final = broadcast_from(final, 0, axis_name)
+    return o, final

@@ -1,0 +1,213 @@
+"""The LASP layer on one shard: one ``jax.custom_vjp`` around local kernels and state passing.
+
+Forward, on rank r of the sequence axis (DESIGN.md §2):
+
+1. ``M_r = Σ_j exp(b_{L-1} − b_j) k_jᵀ v_j`` (one pass over k and v, float32 accumulation) and
+   the shard decay ``log Γ_r = b_{L-1}``, with ``b`` the cumulative log decay inside the shard;
+2. the entering state ``S_in(r)`` from the other ranks (``state_passing``: ring or allgather);
+3. the local kernel ``pallas_kernels.linear_attention(..., initial_state=S_in(r))``, which
+   returns the true output and the state leaving the shard.
+
+Backward, with ``dO`` given:
+
+1. ``dM_r = scale · Σ_i exp(b_i) q_iᵀ dO_i`` (one pass over q and dO);
+2. the cotangent of the leaving state ``dS_out(r)`` from the ranks to the right (reverse
+   direction, the only communication of the backward);
+3. the local kernel's backward at the saved ``S_in(r)`` with cotangents ``(dO, dS_out(r))``,
+   which yields dq, dk, dv, dg / dg_gamma and the cotangent of ``S_in`` (d initial_state on rank 0).
+
+The forward keeps the local kernel's residuals and ``S_in(r)`` (LASP's KV-state cache), so
+nothing but the state cotangents crosses devices in the backward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lasp_jax import state_passing
+from pallas_kernels import linear_attention
+
+
+@dataclasses.dataclass(frozen=True)
+class LaspConfig:
+    """Static parameters of one LASP layer call (hashable: the custom_vjp's nondiff argument)."""
+
+    axis_name: Any
+    size: int
+    strategy: str
+    scale: float
+    impl: str
+    output_final_state: bool
+    # varying-manual-axes of each differentiable input when shard_map checks them (else empty)
+    vma: tuple[tuple[str, frozenset], ...] = ()
+    vma_checked: bool = False
+
+
+def _acc_dtype(*xs):
+    return jnp.result_type(jnp.float32, *[x.dtype for x in xs if x is not None])
+
+
+def local_log_decay(q, g, g_gamma):
+    """Cumulative log decay inside the shard ``b`` ``[B, L, H]`` (float32), or None without decay."""
+    b, length, h, _ = q.shape
+    if g is not None:
+        return jnp.cumsum(g.astype(_acc_dtype(g)), axis=1)
+    if g_gamma is not None:
+        steps = jnp.arange(1, length + 1, dtype=_acc_dtype(g_gamma))
+        return jnp.broadcast_to(steps[None, :, None] * g_gamma.astype(steps.dtype), (b, length, h))
+    return None
+
+
+def local_state(k, v, cum, num_heads):
+    """``M = Σ_j exp(b_{L-1} − b_j) k_jᵀ v_j`` ``[B, H, D, E]`` in float32 (grouped heads by indexing)."""
+    b, length, hk, d = k.shape
+    e = v.shape[-1]
+    grp = num_heads // hk
+    acc = _acc_dtype(k, v)
+    if cum is None:
+        m = jnp.einsum("blkd,blke->bkde", k, v, preferred_element_type=acc)
+        return jnp.broadcast_to(m[:, :, None], (b, hk, grp, d, e)).reshape(b, num_heads, d, e)
+    to_end = jnp.exp(cum[:, -1:] - cum).reshape(b, length, hk, grp)
+    k_weighted = (k[:, :, :, None].astype(acc) * to_end[..., None]).astype(k.dtype)
+    m = jnp.einsum("blkgd,blke->bkgde", k_weighted, v, preferred_element_type=acc)
+    return m.reshape(b, num_heads, d, e)
+
+
+def local_state_cotangent(q, do, cum, scale):
+    """``dM = scale · Σ_i exp(b_i) q_iᵀ dO_i`` ``[B, H, D, E]`` in float32."""
+    acc = _acc_dtype(q, do)
+    if cum is not None:
+        q = (q.astype(acc) * jnp.exp(cum)[..., None]).astype(q.dtype)
+    return scale * jnp.einsum("blhd,blhe->bhde", q, do.astype(q.dtype), preferred_element_type=acc)
+
+
+def _shard_log_gamma(q, cum):
+    b, _, h, _ = q.shape
+    if cum is None:
+        return jnp.zeros((b, h), jnp.float32)
+    return cum[:, -1]
+
+
+def _entering_state(cfg: LaspConfig, m, log_gamma, s0, gather_gamma):
+    """(S_in(r), final state or None, what the backward needs to run the reverse pass)."""
+    if cfg.strategy == "ring":
+        s_in, final = state_passing.ring_prefix(
+            m, log_gamma, s0, axis_name=cfg.axis_name, size=cfg.size, want_final=cfg.output_final_state
+        )
+        return s_in, final, log_gamma
+    s_in, final, log_gammas = state_passing.allgather_prefix(
+        m,
+        log_gamma,
+        s0,
+        axis_name=cfg.axis_name,
+        size=cfg.size,
+        want_final=cfg.output_final_state,
+        gather_gamma=gather_gamma,
+        invariant_final=cfg.vma_checked,
+    )
+    return s_in, final, log_gammas
+
+
+def _local_kernel(cfg: LaspConfig, inputs):
+    o, s_out = linear_attention(
+        inputs["q"],
+        inputs["k"],
+        inputs["v"],
+        g=inputs.get("g"),
+        g_gamma=inputs.get("g_gamma"),
+        scale=cfg.scale,
+        initial_state=inputs["s_in"],
+        output_final_state=True,
+        impl=cfg.impl,
+    )
+    return o, s_out
+
+
+def _forward(cfg: LaspConfig, inputs, *, keep_residuals):
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    g, g_gamma, s0 = inputs.get("g"), inputs.get("g_gamma"), inputs.get("initial_state")
+    cum = local_log_decay(q, g, g_gamma)
+    log_gamma = _shard_log_gamma(q, cum)
+    m = local_state(k, v, cum, q.shape[2])
+    s_in, final, gamma_res = _entering_state(cfg, m, log_gamma, s0, gather_gamma=g is not None)
+    kernel_inputs = {n: x for n, x in inputs.items() if n != "initial_state"} | {"s_in": s_in}
+    if not keep_residuals:
+        o, _ = _local_kernel(cfg, kernel_inputs)
+        return (o, final), None
+    (o, _), pullback = jax.vjp(lambda xs: _local_kernel(cfg, xs), kernel_inputs)
+    return (o, final), (pullback, q, cum, gamma_res)
+
+
+def _reduce_to_vma(cfg: LaspConfig, name, ct):
+    """Sum a cotangent over the manual axes its primal is invariant along (only when vma is checked)."""
+    if not cfg.vma_checked:
+        return ct
+    extra = state_passing.varying_axes(ct) - dict(cfg.vma)[name]
+    return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct
+
+
+def _backward(cfg: LaspConfig, residuals, cotangents, input_names):
+    pullback, q, cum, gamma_res = residuals
+    do, d_final = cotangents
+    dm = local_state_cotangent(q, do, cum, cfg.scale)
+    if d_final is not None and not cfg.vma_checked:
+        # unchecked shard_map treats every rank's copy of final_state as its own output: sum them
+        d_final = jax.lax.psum(d_final, cfg.axis_name)
+    if cfg.strategy == "ring":
+        ds_out = state_passing.ring_suffix(dm, gamma_res, d_final, axis_name=cfg.axis_name, size=cfg.size)
+    else:
+        ds_out = state_passing.allgather_suffix(dm, gamma_res, d_final, axis_name=cfg.axis_name, size=cfg.size)
+    (grads,) = pullback((do, ds_out))
+    out = {}
+    for name in input_names:
+        if name == "initial_state":
+            rank = jax.lax.axis_index(cfg.axis_name)
+            ct = jnp.where(rank == 0, grads["s_in"], jnp.zeros_like(grads["s_in"]))
+        else:
+            ct = grads[name]
+        out[name] = _reduce_to_vma(cfg, name, ct)
+    return out
+
+
+def _lasp_layer(cfg: LaspConfig, inputs):
+    return _forward(cfg, inputs, keep_residuals=False)[0]
+
+
+def _lasp_layer_fwd(cfg: LaspConfig, inputs):
+    return _forward(cfg, inputs, keep_residuals=True)
+
+
+def _lasp_layer_bwd(cfg: LaspConfig, residuals, cotangents):
+    names = tuple(name for name, _ in cfg.vma)
+    return (_backward(cfg, residuals, cotangents, names),)
+
+
+_lasp_layer = jax.custom_vjp(_lasp_layer, nondiff_argnums=(0,))
+_lasp_layer.defvjp(_lasp_layer_fwd, _lasp_layer_bwd)
+
+
+def lasp_layer(
+    q, k, v, *, axis_name, size, strategy, g=None, g_gamma=None, scale, initial_state=None, output_final_state, impl
+):
+    """LASP (``strategy="ring"``) or LASP-2 (``"allgather"``) on one shard; see the module docstring."""
+    inputs = {"q": q, "k": k, "v": v}
+    for name, x in (("g", g), ("g_gamma", g_gamma), ("initial_state", initial_state)):
+        if x is not None:
+            inputs[name] = x
+    vma = tuple((n, state_passing.varying_axes(x)) for n, x in sorted(inputs.items()))
+    checked = axis_name in dict(vma)["q"]
+    cfg = LaspConfig(
+        axis_name=axis_name,
+        size=size,
+        strategy=strategy,
+        scale=float(scale),
+        impl=impl,
+        output_final_state=output_final_state,
+        vma=vma,
+        vma_checked=checked,
+    )
+    return _lasp_layer(cfg, inputs)

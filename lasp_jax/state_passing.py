@@ -1,0 +1,127 @@
+"""How the float32 ``[B, H, D, E]`` states travel between the shards of the sequence axis.
+
+Only communication and the float32 prefix arithmetic live here; the local kernels do not.
+Rank r of the axis holds tokens ``[r·L, (r+1)·L)``. With ``M_r`` the state rank r builds from a
+zero entering state and ``Γ_r = exp(log_gamma_r)`` its decay across the shard (DESIGN.md §2):
+
+    forward   S_in(r)  = Γ_{r-1} S_in(r-1) + M_{r-1},      S_in(0) = initial_state
+    backward  dS_out(r) = Γ_{r+1} dS_out(r+1) + dM_{r+1},  dS_out(P-1) = d final_state
+
+where ``dS_out(r)`` is the cotangent of the state leaving rank r (= entering rank r+1) and
+``dM_r`` the cotangent rank r's own outputs put on its entering state. Two ways to run each:
+
+- ``ring`` (LASP): P−1 chained ``ppermute``s; hop i carries one state from rank i to i+1
+  (backward: from i to i−1). Sequential in P, one state's bytes per hop.
+- ``allgather`` (LASP-2): one ``all_gather`` of ``(M_r, log Γ_r)`` and a local float32 scan,
+  written as a weighted sum whose weights are exps of differences of cumulative log decays.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def varying_axes(x) -> frozenset:
+    """Manual mesh axes along which ``x`` varies, as a checked ``shard_map`` types it (else empty).
+
+    The attribute moved between jax releases (``aval.vma``, then ``aval.mat.varying``).
+    """
+    aval = jax.typeof(x)
+    if hasattr(aval, "vma"):
+        return frozenset(aval.vma)
+    mat = getattr(aval, "mat", None)
+    return frozenset(getattr(mat, "varying", ()) or ())
+
+
+def broadcast_from(x, src, axis_name):
+    """The value of ``x`` on rank ``src``, on every rank (a masked psum: invariant when checked)."""
+    rank = jax.lax.axis_index(axis_name)
+    return jax.lax.psum(jnp.where(rank == src, x, jnp.zeros_like(x)), axis_name)
+
+
+def _gamma(log_gamma):
+    return jnp.exp(log_gamma)[..., None, None]
+
+
+# ---------------------------------------------------------------------------------------- ring
+def ring_prefix(m, log_gamma, s0, *, axis_name, size, want_final):
+    """S_in(r) by P−1 non-cyclic hops; also the state after the last shard (on every rank) if asked."""
+    rank = jax.lax.axis_index(axis_name)
+    gamma = _gamma(log_gamma)
+    s_in = jnp.zeros_like(m) if s0 is None else s0.astype(m.dtype) + jnp.zeros_like(m)
+    for hop in range(size - 1):
+        # only rank `hop` holds a complete entering state here; it sends its leaving state on
+        leaving = gamma * s_in + m
+        received = jax.lax.ppermute(leaving, axis_name, perm=[(hop, hop + 1)])
+        s_in = jnp.where(rank == hop + 1, received, s_in)
+    final = broadcast_from(gamma * s_in + m, size - 1, axis_name) if want_final else None
+    return s_in, final
+
+
+def ring_suffix(dm, log_gamma, d_final, *, axis_name, size):
+    """dS_out(r) by P−1 hops from the last rank towards rank 0."""
+    rank = jax.lax.axis_index(axis_name)
+    gamma = _gamma(log_gamma)
+    ds_out = jnp.zeros_like(dm) if d_final is None else d_final.astype(dm.dtype) + jnp.zeros_like(dm)
+    for hop in range(size - 1, 0, -1):
+        entering = gamma * ds_out + dm  # cotangent of rank hop's entering state
+        received = jax.lax.ppermute(entering, axis_name, perm=[(hop, hop - 1)])
+        ds_out = jnp.where(rank == hop - 1, received, ds_out)
+    return ds_out
+
+
+# ----------------------------------------------------------------------------------- allgather
+def _exclusive_cumsum(log_gammas):
+    """``c[j] = Σ_{i<j} log Γ_i`` for j = 0..P, float32, shape ``[P+1, ...]``."""
+    return jnp.concatenate([jnp.zeros_like(log_gammas[:1]), jnp.cumsum(log_gammas, axis=0)], axis=0)
+
+
+def _weighted_sum(weights_log, mask, states):
+    """Σ_j exp(weights_log[j]) states[j] over the masked j (exp of −inf where masked out)."""
+    w = jnp.exp(jnp.where(mask, weights_log, -jnp.inf))
+    return jnp.sum(w[..., None, None] * states, axis=0)
+
+
+def allgather_prefix(m, log_gamma, s0, *, axis_name, size, want_final, gather_gamma, invariant_final=False):
+    """S_in(r) from one all_gather of the local states (and local decays when they differ per rank).
+
+    Returns ``(s_in, final, log_gammas)``; ``log_gammas`` ``[P, ...]`` is kept for the backward.
+    """
+    rank = jax.lax.axis_index(axis_name)
+    b, h, d, e = m.shape
+    if gather_gamma:
+        packed = jnp.concatenate([m.reshape(b, h, d * e), log_gamma[..., None].astype(m.dtype)], axis=-1)
+        gathered = jax.lax.all_gather(packed, axis_name)
+        states = gathered[..., : d * e].reshape(size, b, h, d, e)
+        log_gammas = gathered[..., d * e]
+    else:
+        states = jax.lax.all_gather(m, axis_name)
+        log_gammas = jnp.broadcast_to(log_gamma, (size,) + log_gamma.shape)
+    cum = _exclusive_cumsum(log_gammas)  # [P+1, B, H]
+    j = jnp.arange(size).reshape((size,) + (1,) * (cum.ndim - 1))
+    cum_r = jnp.take(cum, rank, axis=0)
+    s_in = _weighted_sum(cum_r[None] - cum[1:], j < rank, states)
+    if s0 is not None:
+        s_in = s_in + jnp.exp(cum_r)[..., None, None] * s0.astype(m.dtype)
+    final = None
+    if want_final:
+        final = _weighted_sum(cum[size][None] - cum[1:], j < size, states)
+        if s0 is not None:
+            final = final + jnp.exp(cum[size])[..., None, None] * s0.astype(m.dtype)
+        if invariant_final:  # equal on every rank already; a checked shard_map needs it typed so
+            final = broadcast_from(final, 0, axis_name)
+    return s_in, final, log_gammas
+
+
+def allgather_suffix(dm, log_gammas, d_final, *, axis_name, size):
+    """dS_out(r) from one all_gather of the local state cotangents ``dM``."""
+    rank = jax.lax.axis_index(axis_name)
+    dms = jax.lax.all_gather(dm, axis_name)
+    cum = _exclusive_cumsum(log_gammas)
+    j = jnp.arange(size).reshape((size,) + (1,) * (cum.ndim - 1))
+    cum_next = jnp.take(cum, rank + 1, axis=0)  # Σ_{i ≤ r} log Γ_i
+    ds_out = _weighted_sum(cum[:size] - cum_next[None], j > rank, dms)
+    if d_final is not None:
+        ds_out = ds_out + jnp.exp(cum[size] - cum_next)[..., None, None] * d_final.astype(dm.dtype)
+    return ds_out
