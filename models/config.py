@@ -1,0 +1,190 @@
+"""Frozen model configs and named presets for the three linear-attention families.
+
+One ``ModelConfig`` spells out every architectural choice; a family is a set of defaults for it:
+
+- ``tnl`` — TransNormerLLM (Qin et al. 2023, arXiv 2307.14995): SRMSNorm without gain, simple GLU
+  ``W3((W1 x) ⊙ (W2 x))``, NormLinearAttention (silu on q and k, lightning attention with the
+  per-head, per-layer decay ``s_{h,l} = slope_h · (1 − l/(L−1) + 1e-5)``, scale 1, SRMSNorm of the
+  output times a gate u), optional LRPE.
+- ``linear_transformer`` — Katharopoulos et al. 2020: elu+1 feature maps, the causal normaliser
+  ``φ(q_t)·Σ φ(k_s)``, no decay; pre-LayerNorm blocks with a GELU MLP.
+- ``linear_llama3`` — a Llama-3 block (RMSNorm with gain, SwiGLU, grouped-query heads, RoPE) with
+  causal linear attention in place of softmax (silu features, per-head RMS output norm), as the
+  LASP-2 paper (arXiv 2502.07563) evaluates.
+
+Presets: ``<family>-{tiny,0.4b,1b,7b}``, e.g. ``tnl-1b`` (16 layers, d 2048, 16 heads); ``tiny``
+alone means ``tnl-tiny``. Family names accept ``-`` or ``_``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+FEATURE_MAPS = ("silu", "elu1", "identity")
+DECAYS = ("none", "tnl")
+POSITIONS = ("none", "lrpe", "rope")
+ATTN_OUTPUT_NORMS = ("srms_gate", "denominator", "head_rms")
+NORMS = ("srms", "rms", "layer")
+MLPS = ("glu", "swiglu", "gelu")
+DTYPES = ("float32", "bfloat16", "float16")
+# Issue 6 adds "softmax"; until then every layer is a linear-attention layer.
+LAYER_TYPES = ("linear",)
+FAMILIES = ("tnl", "linear_transformer", "linear_llama3")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Every architectural choice of a decoder-only linear-attention language model."""
+
+    family: str
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int | None = None  # grouped-query heads; None means n_heads
+    ffn_dim: int | None = None  # None: 4·d_model (gelu) or 8/3·d_model rounded up to 256 (glu, swiglu)
+    feature_map: str = "silu"  # applied to q and k
+    decay: str = "tnl"  # "tnl": g_gamma = −slope_h·(1 − l/(L−1) + 1e-5); "none": plain causal linear attention
+    position: str = "none"  # "lrpe" (TNL's cos/sin relative encoding), "rope", or none
+    rope_theta: float = 500_000.0
+    lrpe_base: float = 10_000.0
+    attn_output_norm: str = "srms_gate"
+    norm: str = "srms"
+    mlp: str = "glu"
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    dtype: str = "float32"  # compute dtype of activations and matmuls (params stay param_dtype)
+    param_dtype: str = "float32"
+    layer_types: tuple[str, ...] | None = None  # per layer; None: all "linear"
+
+    def __post_init__(self):
+        def positive(name):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive int, got {name}={value!r}")
+
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads"):
+            positive(name)
+        for name in ("n_kv_heads", "ffn_dim"):
+            if getattr(self, name) is not None:
+                positive(name)
+        if self.family not in FAMILIES:
+            raise ValueError(f"ModelConfig.family must be one of {FAMILIES}, got family={self.family!r}")
+        for name, allowed in (
+            ("feature_map", FEATURE_MAPS),
+            ("decay", DECAYS),
+            ("position", POSITIONS),
+            ("attn_output_norm", ATTN_OUTPUT_NORMS),
+            ("norm", NORMS),
+            ("mlp", MLPS),
+            ("dtype", DTYPES),
+            ("param_dtype", DTYPES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"ModelConfig.{name} must be one of {allowed}, got {name}={getattr(self, name)!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model must be a multiple of n_heads: d_model={self.d_model}, n_heads={self.n_heads} "
+                f"(d_model % n_heads = {self.d_model % self.n_heads})"
+            )
+        if self.n_heads % self.kv_heads:
+            raise ValueError(
+                f"n_heads must be a multiple of n_kv_heads: n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}"
+            )
+        if self.position in ("lrpe", "rope") and self.head_dim % 2:
+            raise ValueError(f"position={self.position!r} needs an even head_dim, got head_dim={self.head_dim}")
+        if self.attn_output_norm == "srms_gate" and self.kv_heads != self.n_heads:
+            raise ValueError("attn_output_norm='srms_gate' (TNL) needs n_kv_heads == n_heads")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.n_layers:
+                raise ValueError(
+                    f"layer_types must name one type per layer: len(layer_types)={len(self.layer_types)}, "
+                    f"n_layers={self.n_layers}"
+                )
+            unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if unknown:
+                raise ValueError(f"layer_types may hold only {LAYER_TYPES} for now, got {unknown}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_dim is not None:
+            return self.ffn_dim
+        if self.mlp == "gelu":
+            return 4 * self.d_model
+        return -(-(8 * self.d_model // 3) // 256) * 256
+
+    @property
+    def types(self) -> tuple[str, ...]:
+        return self.layer_types or ("linear",) * self.n_layers
+
+    def replace(self, **changes) -> ModelConfig:
+        """A copy with ``changes`` applied (and validated)."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields {unknown}")
+        return dataclasses.replace(self, **changes)
+
+
+_FAMILY_DEFAULTS = {
+    "tnl": dict(feature_map="silu", decay="tnl", position="none", attn_output_norm="srms_gate", norm="srms", mlp="glu"),
+    "linear_transformer": dict(
+        feature_map="elu1", decay="none", position="none", attn_output_norm="denominator", norm="layer", mlp="gelu"
+    ),
+    "linear_llama3": dict(
+        feature_map="silu",
+        decay="none",
+        position="rope",
+        attn_output_norm="head_rms",
+        norm="rms",
+        mlp="swiglu",
+        norm_eps=1e-5,
+    ),
+}
+
+# (d_model, n_layers, n_heads, TNL glu dim); TransNormerLLM's published 385M, 1B and 7B shapes.
+_SIZES = {
+    "tiny": (64, 2, 4, 128),
+    "0.4b": (1024, 24, 8, 2816),
+    "1b": (2048, 16, 16, 5632),
+    "7b": (4096, 30, 32, 11008),
+}
+_VOCAB = {"tnl": 64_000, "linear_transformer": 50_304, "linear_llama3": 128_256}
+
+
+def _preset(family: str, size: str) -> ModelConfig:
+    d, layers, heads, glu = _SIZES[size]
+    tiny = size == "tiny"
+    kw = dict(_FAMILY_DEFAULTS[family])
+    kw.update(family=family, vocab_size=256 if tiny else _VOCAB[family], d_model=d, n_layers=layers, n_heads=heads)
+    if family == "tnl":
+        kw["ffn_dim"] = glu
+    elif family == "linear_llama3":
+        kw["ffn_dim"] = glu
+        kw["n_kv_heads"] = max(1, heads // 4) if not tiny else 2
+        kw["tie_embeddings"] = size in ("tiny", "0.4b", "1b")
+    return ModelConfig(**kw)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    f"{family.replace('_', '-')}-{size}": _preset(family, size) for family in FAMILIES for size in _SIZES
+}
+PRESETS["tiny"] = PRESETS["tnl-tiny"]
+
+
+def get_config(name: str, **overrides) -> ModelConfig:
+    """The preset ``name`` (e.g. ``"tnl-1b"``, ``"linear_llama3-tiny"``, ``"tiny"``) with ``overrides``."""
+    key = name.replace("_", "-").lower()
+    if key not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
+    config = PRESETS[key]
+    return config.replace(**overrides) if overrides else config

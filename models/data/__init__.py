@@ -1,0 +1,1 @@
+"""Package data: ``corpus.txt``, the small embedded default corpus (original text written for this project)."""

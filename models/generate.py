@@ -1,0 +1,202 @@
+"""Generation: prefill with the chunked (sequence-parallel) op, then O(1)-memory token-by-token decode.
+
+``generate`` runs the largest prefix of the prompt that the sequence axis divides through
+``LanguageModel.prefill`` (``lasp_attention`` with the mesh in ``ctx``), feeds the remaining prompt
+tokens through the recurrence, then samples new tokens. Each layer carries one float32 state
+``[B, H, D', E']`` whatever the length, so memory per generated token is constant.
+
+``lasp-generate --ckpt-dir DIR --prompt "..."`` samples from a checkpoint written by ``lasp-train``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.layers import SINGLE_DEVICE, LaspContext
+from models.model import LanguageModel
+
+
+def _sample(logits, key, temperature: float, top_k: int | None):
+    if temperature <= 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _feed(model: LanguageModel, states, tokens, start):
+    """Teacher-forced recurrence over tokens ``[B, R]`` from global position ``start``: all logits, states."""
+
+    def body(carry, xs):
+        states, pos = carry
+        logits, states = model.decode_step(xs, states, pos)
+        return (states, pos + 1), logits
+
+    (states, _), logits = jax.lax.scan(body, (states, start), jnp.moveaxis(tokens, 1, 0))
+    return jnp.moveaxis(logits, 0, 1), states
+
+
+def _decode(model: LanguageModel, states, logits, start, key, *, n: int, temperature: float, top_k: int | None):
+    """Sample n tokens, each from the previous step's logits; returns tokens ``[B, n]`` and their logits."""
+
+    def body(carry, key):
+        states, logits, pos = carry
+        token = _sample(logits, key, temperature, top_k)
+        next_logits, states = model.decode_step(token, states, pos)
+        return (states, next_logits, pos + 1), (token, logits)
+
+    _, (tokens, used) = jax.lax.scan(body, (states, logits, start), jax.random.split(key, n))
+    return jnp.moveaxis(tokens, 0, 1), jnp.moveaxis(used, 0, 1)
+
+
+def generate(
+    model: LanguageModel,
+    prompt,
+    *,
+    max_new_tokens: int,
+    ctx: LaspContext = SINGLE_DEVICE,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    return_logits: bool = False,
+):
+    """Continue ``prompt`` (int ``[B, P]``, P ≥ 1) by ``max_new_tokens`` tokens; returns ``[B, P + N]``.
+
+    ``temperature=0`` is greedy. With ``return_logits`` also returns the logits each new token was
+    drawn from (``[B, N, V]``) and the prompt's logits (``[B, P, V]``, position t predicting t+1;
+    positions covered by the parallel prefill other than its last are zeros).
+    """
+    prompt = np.asarray(prompt)
+    if prompt.ndim != 2 or prompt.shape[1] < 1 or not np.issubdtype(prompt.dtype, np.integer):
+        raise ValueError(f"prompt must be integer [B, P] with P >= 1, got shape={prompt.shape} dtype={prompt.dtype}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    b, p = prompt.shape
+    vocab = model.config.vocab_size
+    if prompt.min() < 0 or prompt.max() >= vocab:
+        raise ValueError(f"prompt token ids must lie in [0, vocab_size={vocab}), got [{prompt.min()}, {prompt.max()}]")
+    graphdef, params = nnx.split(model)
+    sp = ctx.mesh.shape[ctx.seq_axis] if ctx.mesh is not None else 1
+    if ctx.mesh is not None and ctx.batch_axis is not None and b % ctx.mesh.shape[ctx.batch_axis]:
+        ctx = LaspContext(ctx.mesh, ctx.seq_axis, None, ctx.strategy, ctx.impl)
+    n_par = (p // sp) * sp
+    tokens = jnp.asarray(prompt, jnp.int32)
+    if ctx.mesh is not None:
+        replicated = jax.sharding.NamedSharding(ctx.mesh, jax.sharding.PartitionSpec())
+        tokens = jax.device_put(tokens, replicated)
+        params = jax.device_put(params, replicated) if _single_device(params) else params
+
+    prompt_logits = jnp.zeros((b, p, vocab), jnp.float32) if return_logits else None
+    if n_par:
+        prefill = jax.jit(lambda prm, t: nnx.merge(graphdef, prm).prefill(t, ctx))
+        last, states = prefill(params, tokens[:, :n_par])
+        if return_logits:
+            prompt_logits = prompt_logits.at[:, n_par - 1].set(last)
+    else:
+        states = nnx.merge(graphdef, params).init_states(b)
+    if n_par < p:
+        feed = jax.jit(lambda prm, st, t, s: _feed(nnx.merge(graphdef, prm), st, t, s))
+        rest, states = feed(params, states, tokens[:, n_par:], jnp.int32(n_par))
+        last = rest[:, -1]
+        if return_logits:
+            prompt_logits = prompt_logits.at[:, n_par:].set(rest)
+    if max_new_tokens == 0:
+        new, used = jnp.zeros((b, 0), jnp.int32), jnp.zeros((b, 0, vocab), jnp.float32)
+    else:
+        decode = jax.jit(
+            lambda prm, st, lg, s, key: _decode(
+                nnx.merge(graphdef, prm), st, lg, s, key, n=max_new_tokens, temperature=temperature, top_k=top_k
+            )
+        )
+        new, used = decode(params, states, last, jnp.int32(p), jax.random.key(seed))
+    out = jnp.concatenate([jnp.asarray(prompt, jnp.int32), jax.device_get(new)], axis=1)
+    if return_logits:
+        return out, used, prompt_logits
+    return out
+
+
+def _single_device(tree) -> bool:
+    return all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(tree) if isinstance(x, jax.Array))
+
+
+def decode_bytes(tokens) -> str:
+    """Byte-level tokens (ids ≥ 256 dropped) as text."""
+    data = bytes(int(t) for t in np.asarray(tokens).reshape(-1) if 0 <= int(t) < 256)
+    return data.decode("utf-8", errors="replace")
+
+
+def load_checkpoint(ckpt_dir: str, *, step: int | None = None, sp: int = 1):
+    """(model, train config) restored from a ``lasp-train`` checkpoint onto ``sp`` devices (replicated)."""
+    import os
+
+    import orbax.checkpoint as ocp
+
+    from models.sharding import build_mesh, tree_shardings
+    from models.train import TrainConfig, make_init_fn, make_optimizer, restore_target
+
+    manager = ocp.CheckpointManager(os.path.abspath(ckpt_dir), item_names=("state", "config"))
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise ValueError(f"no checkpoint found in ckpt_dir={ckpt_dir!r}")
+    config = TrainConfig.from_json(
+        manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    )
+    optimizer, _ = make_optimizer(config.optim, config.run.steps)
+    init = make_init_fn(config.model, optimizer)
+    abstract = jax.eval_shape(init, jax.random.key(0))
+    mesh = build_mesh(1, sp, jax.devices()[:sp])
+    target = restore_target(abstract, tree_shardings(abstract, mesh))
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    manager.close()
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: LanguageModel(config.model, rngs=nnx.Rngs(0))))
+    return nnx.merge(graphdef, state["params"]), config, mesh
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="lasp-generate", description="Sample from a lasp-train checkpoint.")
+    p.add_argument("--ckpt-dir", required=True)
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--prompt", default="The ", help="text prompt (byte-level models)")
+    p.add_argument("--prompt-ids", default=None, help="comma-separated token ids (models trained on .bin data)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sp", type=int, default=1, help="devices for the sequence-parallel prefill")
+    p.add_argument("--strategy", default="ring")
+    args = p.parse_args(argv)
+    try:
+        model, config, mesh = load_checkpoint(args.ckpt_dir, step=args.step, sp=args.sp)
+        if args.prompt_ids:
+            prompt = np.asarray([[int(x) for x in args.prompt_ids.split(",")]], np.int32)
+        else:
+            prompt = np.frombuffer(args.prompt.encode(), np.uint8).astype(np.int32)[None]
+        out = generate(
+            model,
+            prompt,
+            max_new_tokens=args.max_new_tokens,
+            ctx=LaspContext(mesh=mesh, strategy=args.strategy),
+            temperature=args.temperature,
+            top_k=args.top_k or None,
+            seed=args.seed,
+        )
+    except ValueError as e:
+        print(f"lasp-generate: error: {e}", file=sys.stderr)
+        return 2
+    if config.data.source == "text":
+        print(decode_bytes(out[0]))
+    else:
+        print(",".join(str(int(t)) for t in np.asarray(out[0])))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

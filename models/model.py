@@ -1,0 +1,168 @@
+"""Decoder-only language model: embedding, blocks of (token mixer, channel mixer), final norm, head.
+
+Training and prefill run whole sequences (``hidden``/``__call__``/``prefill``) through the chunked,
+sequence-parallel op; decoding (``decode_step``) advances each layer's float32 recurrent state by
+one token, so memory per generated token is constant. Positions are global token indices, so
+LRPE/RoPE see the same positions whether or not the sequence is sharded.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.config import ModelConfig
+from models.layers import SINGLE_DEVICE, Dense, Embed, LaspContext, LinearAttention, Mlp, Norm
+
+Array = jax.Array
+
+REMAT_POLICIES = {
+    "none": None,  # keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute each block in the backward
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight-matmul outputs
+}
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: ``x + mixer(norm(x))`` then ``x + mlp(norm(x))``.
+
+    The token mixer is chosen per layer from ``config.types`` (only "linear" exists until issue 6).
+    """
+
+    def __init__(self, config: ModelConfig, layer: int, *, rngs):
+        self.layer_type = config.types[layer]
+        self.attn_norm = Norm(config.norm, config.d_model, eps=config.norm_eps, config=config)
+        self.attn = LinearAttention(config, layer, rngs=rngs)
+        self.mlp_norm = Norm(config.norm, config.d_model, eps=config.norm_eps, config=config)
+        self.mlp = Mlp(config, rngs=rngs)
+
+    def __call__(self, x, ctx: LaspContext, positions, *, initial_state=None, return_state=False):
+        h, state = self.attn(self.attn_norm(x), ctx, positions, initial_state=initial_state, return_state=return_state)
+        x = ctx.constrain(x + h)
+        x = ctx.constrain(x + self.mlp(self.mlp_norm(x)))
+        return x, state
+
+    def step(self, x, state, position):
+        h, state = self.attn.step(self.attn_norm(x), state, position)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), state
+
+
+class LanguageModel(nnx.Module):
+    """A causal LM over ``config.vocab_size`` tokens; ``__call__(tokens) -> float32 logits``."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed = Embed(config, rngs=rngs)
+        self.blocks = nnx.List([Block(config, layer, rngs=rngs) for layer in range(config.n_layers)])
+        self.final_norm = Norm(config.norm, config.d_model, eps=config.norm_eps, config=config)
+        if not config.tie_embeddings:
+            self.head = Dense(
+                config.d_model, config.vocab_size, ("embed", "vocab"), std=config.init_std, config=config, rngs=rngs
+            )
+
+    def hidden(
+        self,
+        tokens: Array,
+        ctx: LaspContext = SINGLE_DEVICE,
+        *,
+        remat: str = "none",
+        initial_states: list[Array] | None = None,
+        return_states: bool = False,
+    ) -> tuple[Array, list[Array] | None]:
+        """Final-normed hidden states ``[B, T, d_model]`` (and each layer's final state)."""
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens must be integer [B, T], got shape={tokens.shape} dtype={tokens.dtype}")
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got remat={remat!r}")
+        positions = jnp.arange(tokens.shape[1])
+        x = ctx.constrain(self.embed(tokens))
+        states = []
+        for i, block in enumerate(self.blocks):
+            init = None if initial_states is None else initial_states[i]
+            if remat == "none" or return_states:
+                x, state = block(x, ctx, positions, initial_state=init, return_state=return_states)
+                states.append(state)
+            else:
+                run = nnx.remat(lambda blk, x: blk(x, ctx, positions)[0], policy=REMAT_POLICIES[remat])
+                x = run(block, x)
+        return self.final_norm(x), (states if return_states else None)
+
+    def logits(self, hidden: Array) -> Array:
+        """float32 logits of hidden states (the tied embedding or the head)."""
+        if self.config.tie_embeddings:
+            return self.embed.attend(hidden)
+        return jnp.dot(
+            hidden.astype(self.head.dtype),
+            self.head.kernel[...].astype(self.head.dtype),
+            preferred_element_type=jnp.float32,
+        )
+
+    def __call__(self, tokens: Array, ctx: LaspContext = SINGLE_DEVICE, *, remat: str = "none") -> Array:
+        return self.logits(self.hidden(tokens, ctx, remat=remat)[0])
+
+    # ---- generation ----
+    def init_states(self, batch: int) -> list[Array]:
+        return [jnp.zeros(block.attn.state_shape(batch), jnp.float32) for block in self.blocks]
+
+    def prefill(
+        self, tokens: Array, ctx: LaspContext = SINGLE_DEVICE, initial_states: list[Array] | None = None
+    ) -> tuple[Array, list[Array]]:
+        """Run a prompt with the chunked (sequence-parallel) op: last-token logits ``[B, V]`` and states."""
+        h, states = self.hidden(tokens, ctx, initial_states=initial_states, return_states=True)
+        return self.logits(h[:, -1]), states
+
+    def decode_step(self, token: Array, states: list[Array], position: Array) -> tuple[Array, list[Array]]:
+        """One token per row: token ``[B]`` at global ``position`` → logits ``[B, V]`` and the new states."""
+        x = self.embed(token)
+        new_states = []
+        for block, state in zip(self.blocks, states, strict=True):
+            x, state = block.step(x, state, position)
+            new_states.append(state)
+        return self.logits(self.final_norm(x)), new_states
+
+
+def lm_loss(
+    model: LanguageModel,
+    tokens: Array,
+    targets: Array,
+    ctx: LaspContext = SINGLE_DEVICE,
+    *,
+    remat: str = "none",
+    loss_chunks: int = 1,
+) -> tuple[Array, Array]:
+    """Mean next-token cross entropy over targets ≥ 0; returns (loss, number of counted tokens).
+
+    With ``loss_chunks = k > 1`` the ``[B, T, V]`` logits are never materialised at once: tokens
+    ``t ≡ j (mod k)`` form chunk j (strided, so each chunk stays sharded over the sequence axis),
+    and each chunk's logits are recomputed in the backward.
+    """
+    h, _ = model.hidden(tokens, ctx, remat=remat)
+    b, t, d = h.shape
+    mask = targets >= 0
+    safe = jnp.where(mask, targets, 0)
+
+    def chunk_loss(h_chunk, y_chunk, m_chunk):
+        logits = model.logits(h_chunk)
+        picked = jnp.take_along_axis(logits, y_chunk[..., None], axis=-1)[..., 0]
+        return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * m_chunk)
+
+    if loss_chunks <= 1:
+        total = chunk_loss(h, safe, mask)
+    else:
+        if t % loss_chunks:
+            raise ValueError(f"seq_len={t} must be a multiple of loss_chunks={loss_chunks}")
+
+        # [B, T/k, k, ·] -> [k, B, T/k, ·]: position i·k + j goes to chunk j, row block i keeps its shard
+        def split(x):
+            return jnp.moveaxis(x.reshape(b, t // loss_chunks, loss_chunks, *x.shape[2:]), 2, 0)
+
+        step = jax.checkpoint(chunk_loss)
+
+        def body(carry, xs):
+            return carry + step(*xs), None
+
+        total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (split(h), split(safe), split(mask)))
+    count = jnp.sum(mask)
+    return total / jnp.maximum(count, 1), count
