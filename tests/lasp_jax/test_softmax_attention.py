@@ -1,0 +1,242 @@
+"""lasp_jax.softmax_attention against float64 single-device causal attention, shard by shard.
+
+Every (data, sequence) shard of the output and of dq, dk, dv, on fresh random inputs each run, for
+both strategies on dp×sp meshes of the 8 fake CPU devices, through jit and grad; the collectives
+each strategy is built on, read from the lowered program; and each bad input.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, PartitionSpec
+
+from lasp_jax.softmax_attention import (
+    causal_attention,
+    reference_causal_attention,
+    softmax_attention,
+    softmax_attention_shard,
+)
+from tests.helpers import rel_err, tol, x64
+
+DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f64": jnp.float64}
+
+
+def _mesh(dp: int, sp: int, names=("dp", "sp")) -> Mesh:
+    if len(jax.devices()) < dp * sp:
+        pytest.skip(f"needs {dp * sp} devices")
+    return Mesh(np.array(jax.devices()[: dp * sp]).reshape(dp, sp), names)
+
+
+def _inputs(rng, *, b, t, h, hk, d, e=None):
+    e = e or d
+    q = rng.standard_normal((b, t, h, d))
+    k = rng.standard_normal((b, t, hk, d))
+    v = rng.standard_normal((b, t, hk, e))
+    do = rng.standard_normal((b, t, h, e))
+    return q, k, v, do
+
+
+def _value_and_grads(attn, q, k, v, do):
+    """o and the gradients of <o, do> w.r.t. q, k, v, all under one jit."""
+
+    def loss(q, k, v):
+        o = attn(q, k, v)
+        return jnp.sum(o.astype(do.dtype) * do), o
+
+    @jax.jit
+    def run(q, k, v):
+        (dq, dk, dv), o = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+        return {"o": o, "dq": dq, "dk": dk, "dv": dv}
+
+    return run(q, k, v)
+
+
+def _reference(q, k, v, do, scale=None):
+    """Float64 oracle, eager (no compile per shape)."""
+    with x64():
+        args = [jnp.asarray(x, jnp.float64) for x in (q, k, v)]
+        o, vjp = jax.vjp(functools.partial(reference_causal_attention, scale=scale), *args)
+        dq, dk, dv = vjp(jnp.asarray(do, jnp.float64))
+        return {n: np.asarray(x) for n, x in {"o": o, "dq": dq, "dk": dk, "dv": dv}.items()}
+
+
+def _check(rng, attn, *, dtype=jnp.float32, dp=1, sp=1, b=2, t=32, h=4, hk=2, d=8, e=None):
+    """attn(q, k, v) in ``dtype`` against the float64 oracle on every (batch, sequence) shard.
+
+    ``attn`` must use the oracle's default scale unless the caller passes the same one to both.
+    """
+    q, k, v, do = _inputs(rng, b=b, t=t, h=h, hk=hk, d=d, e=e)
+    if dtype != jnp.float64:  # round to the dtype under test first so the reference sees the same inputs
+        q, k, v = (np.asarray(jnp.asarray(x, dtype)).astype(np.float64) for x in (q, k, v))
+    want = _reference(q, k, v, do, getattr(attn, "keywords", {}).get("scale"))
+    with x64() if dtype == jnp.float64 else contextlib.nullcontext():
+        cot = jnp.float64 if dtype == jnp.float64 else jnp.float32
+        got = _value_and_grads(attn, *(jnp.asarray(x, dtype) for x in (q, k, v)), jnp.asarray(do, cot))
+        got = {n: (x.dtype, np.asarray(x.astype(cot))) for n, x in got.items()}
+    bound = tol(dtype, t)
+    for name in want:
+        assert got[name][0] == dtype, (name, got[name][0])
+        for bi in range(dp):
+            for r in range(sp):
+                rows = slice(bi * b // dp, (bi + 1) * b // dp)
+                cols = slice(r * t // sp, (r + 1) * t // sp)
+                a, w = got[name][1][rows, cols], want[name][rows, cols]
+                # a reference of exactly zero (dk when every row sees one key): absolute error
+                err = float(np.abs(a).max()) if np.linalg.norm(w) < 1e-12 else rel_err(a, w)
+                assert err < bound, f"{name} on shard (dp={bi}, sp={r}): err {err:.2e} >= {bound:.2e}"
+
+
+# --- sequence-parallel strategies on dp×sp meshes -----------------------------------------------
+
+MESHES = [(1, 2), (1, 4), (1, 8), (2, 4), (4, 2)]
+
+
+@pytest.mark.parametrize("strategy", ["allgather", "ring"])
+@pytest.mark.parametrize("dp,sp", MESHES, ids=[f"dp{a}xsp{b}" for a, b in MESHES])
+def test_strategies_match_single_device(rng, strategy, dp, sp):
+    mesh = _mesh(dp, sp)
+    # block_size 4 splits each shard into several query/key blocks (t/sp = 16, 8 or 4 tokens)
+    attn = functools.partial(softmax_attention, mesh=mesh, batch_axis="dp", strategy=strategy, impl="xla", block_size=4)
+    _check(rng, attn, dp=dp, sp=sp, b=4, t=32, h=4, hk=2)
+
+
+@pytest.mark.parametrize("strategy", ["allgather", "ring"])
+@pytest.mark.parametrize("h,hk,d,e", [(4, 1, 8, 8), (6, 2, 8, 4)], ids=["mqa", "gqa3-e4"])
+def test_heads_and_value_dims(rng, strategy, h, hk, d, e):
+    mesh = _mesh(1, 4)
+    attn = functools.partial(softmax_attention, mesh=mesh, strategy=strategy, impl="xla", scale=0.7)
+    _check(rng, attn, sp=4, b=1, t=24, h=h, hk=hk, d=d, e=e)
+
+
+@pytest.mark.parametrize("strategy", ["allgather", "ring"])
+@pytest.mark.parametrize("dtype", ["bf16", "f64"])
+def test_dtypes(rng, strategy, dtype):
+    mesh = _mesh(2, 2)
+    attn = functools.partial(softmax_attention, mesh=mesh, batch_axis="dp", strategy=strategy, block_size=4)
+    _check(rng, attn, dtype=DTYPES[dtype], dp=2, sp=2, b=2, t=16, h=4, hk=2, d=16)
+
+
+@pytest.mark.parametrize("dp,sp", [(1, 8), (2, 2)], ids=["dp1xsp8", "dp2xsp2"])
+def test_allgather_dot_product_attention_path(rng, dp, sp):
+    """The cuDNN code path (global-position mask, re-gather + recompute backward) with XLA's kernel."""
+    mesh = _mesh(dp, sp)
+    attn = functools.partial(softmax_attention, mesh=mesh, batch_axis="dp", strategy="allgather", impl="dpa_xla")
+    _check(rng, attn, dp=dp, sp=sp, b=2, t=32, h=4, hk=2)
+
+
+SINGLE = [("xla", 37, 8, 2), ("xla", 48, 16, 4), ("xla", 1, 4, 2), ("dpa_xla", 37, 8, 2), ("dpa_xla", 1, 4, 4)]
+
+
+@pytest.mark.parametrize("impl,t,block,hk", SINGLE, ids=[f"{i}-t{t}-block{b}-hk{hk}" for i, t, b, hk in SINGLE])
+def test_single_device(rng, impl, t, block, hk):
+    """mesh=None and causal_attention: odd lengths (37 is no multiple of the block: one block), several blocks."""
+    fn = softmax_attention if hk == 2 else causal_attention
+    kwargs = {"mesh": None} if fn is softmax_attention else {}
+    _check(rng, functools.partial(fn, impl=impl, block_size=block, **kwargs), b=2, t=t, h=4, hk=hk)
+
+
+@pytest.mark.parametrize("strategy", ["allgather", "ring"])
+def test_shard_function_inside_user_shard_map(rng, strategy):
+    """The per-shard function knows only an axis name; here the user's mesh names it "seq"."""
+    mesh = _mesh(2, 4, names=("data", "seq"))
+    spec = PartitionSpec("data", "seq")
+    shard_fn = functools.partial(softmax_attention_shard, axis_name="seq", strategy=strategy, block_size=2)
+    attn = jax.shard_map(shard_fn, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)
+    _check(rng, attn, dp=2, sp=4, b=2, t=16, h=4, hk=2)
+
+
+# --- the collectives each strategy is built on ---------------------------------------------------
+
+
+def _collectives(strategy, mesh):
+    """Collective and loop ops in the lowered forward and forward+backward programs."""
+    attn = functools.partial(softmax_attention, mesh=mesh, strategy=strategy, impl="xla")
+    x = jnp.zeros((1, 16, 4, 8), jnp.float32)
+    kv = jnp.zeros((1, 16, 2, 8), jnp.float32)
+    grad = jax.grad(lambda q, k, v: attn(q, k, v).sum(), argnums=(0, 1, 2))
+    ops = r'"?stablehlo\.(all_gather|reduce_scatter|collective_permute|all_reduce|all_to_all)"?'
+    return [collections.Counter(re.findall(ops, jax.jit(f).lower(x, kv, kv).as_text())) for f in (attn, grad)]
+
+
+def _sp_mesh(sp):
+    """A mesh with the sequence axis only (no other axis for shard_map to reduce cotangents over)."""
+    return Mesh(np.array(jax.devices()[:sp]), ("sp",))
+
+
+def test_allgather_backward_reduce_scatters():
+    fwd, grad = _collectives("allgather", _sp_mesh(4))
+    assert fwd == {"all_gather": 2}  # K and V
+    # backward: K and V gathered again (only the local K/V are kept), dK and dV reduce-scattered
+    assert grad == {"all_gather": 4, "reduce_scatter": 2}
+
+
+def test_ring_passes_blocks_and_accumulators():
+    fwd, grad = _collectives("ring", _sp_mesh(4))
+    assert fwd == {"collective_permute": 2}  # K and V, in the loop body (P-1 hops)
+    # forward (2) + backward loop body: K, V, dK, dV (4) + the P-th hop of dK, dV (2)
+    assert grad == {"collective_permute": 8}
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+
+def _arrays(b=2, t=16, h=4, hk=2, d=8, dtype=jnp.float32):
+    return jnp.zeros((b, t, h, d), dtype), jnp.zeros((b, t, hk, d), dtype), jnp.zeros((b, t, hk, d), dtype)
+
+
+@pytest.mark.parametrize(
+    "kwargs,arrays,error,match",
+    [
+        ({"mesh": "1x8"}, {"t": 12}, ValueError, r"T=12 must be a multiple of the 'sp' axis size 8"),
+        ({"mesh": "1x8", "seq_axis": "seq"}, {}, ValueError, r"seq_axis='seq' is not an axis of the mesh"),
+        ({"mesh": "1x8", "batch_axis": "data"}, {}, ValueError, r"batch_axis='data' is not an axis"),
+        ({"mesh": "4x2", "batch_axis": "dp"}, {"b": 2}, ValueError, r"B=2 must be a multiple of the 'dp' axis"),
+        ({"mesh": None}, {"h": 4, "hk": 3}, ValueError, r"H=4, Hk=3"),
+        ({"mesh": None, "strategy": "zigzag"}, {}, ValueError, r"strategy must be one of"),
+        ({"mesh": None, "impl": "flash"}, {}, ValueError, r"impl must be one of"),
+        ({"mesh": "1x2", "strategy": "ring", "impl": "cudnn"}, {}, ValueError, r"strategy='ring'.*impl='cudnn'"),
+        ({"mesh": None, "block_size": 0}, {}, ValueError, r"block_size must be a positive int"),
+        ({"mesh": None}, {"dtype": jnp.int32}, TypeError, r"q.dtype=int32"),
+    ],
+    ids=[
+        "t-not-div-sp",
+        "missing-seq-axis",
+        "missing-batch-axis",
+        "b-not-div-dp",
+        "h-not-div-hk",
+        "strategy",
+        "impl",
+        "ring-cudnn",
+        "block",
+        "int",
+    ],
+)
+def test_bad_input(kwargs, arrays, error, match):
+    kwargs = dict(kwargs)
+    if isinstance(kwargs["mesh"], str):
+        dp, sp = map(int, kwargs["mesh"].split("x"))
+        kwargs["mesh"] = _mesh(dp, sp)
+    with pytest.raises(error, match=match):
+        softmax_attention(*_arrays(**arrays), **kwargs)
+
+
+def test_bad_shapes():
+    q, k, v = _arrays()
+    with pytest.raises(ValueError, match=r"rank 4"):
+        softmax_attention(q[0], k, v, mesh=None)
+    with pytest.raises(ValueError, match=r"agree in batch and time"):
+        softmax_attention(q, k[:, :8], v, mesh=None)
+    with pytest.raises(ValueError, match=r"same heads"):
+        softmax_attention(q, k, v[:, :, :1], mesh=None)
+    with pytest.raises(ValueError, match=r"head dim must equal"):
+        softmax_attention(q, k[..., :4], v, mesh=None)
+    with pytest.raises(ValueError, match=r"impl='dpa_xla' needs equal"):
+        softmax_attention(q, k, v[..., :4], mesh=None, impl="dpa_xla")
