@@ -15,7 +15,9 @@ on the whole sequence, to floating-point rounding. Two strategies:
   global positions, and in the backward ``psum_scatter`` of the gathered dK, dV back to their
   owners. It is one ``jax.custom_vjp``; the residuals are the *local* K and V, so the backward
   gathers K and V once more (the same bytes as the forward gather) instead of keeping the
-  gathered copy alive between the passes.
+  gathered copy alive between the passes. (When forward and backward sit in one jit program
+  without remat, XLA may merge the two identical gathers, seen in the compiled HLO of a plain
+  fwd+bwd step; then the gathered copy does stay alive and nothing is sent twice.)
 - ``ring`` (RingAttention, Liu et al. 2023): K/V blocks travel rank r → r+1 by ``ppermute``;
   each rank merges block results with the online softmax (running log-sum-exp in float32) and
   skips blocks from later ranks (causal). One ``jax.custom_vjp``: the backward sends the K/V
@@ -513,9 +515,16 @@ def _allgather_dpa(axis_name, scale, implementation):
 
 @functools.cache
 def _ring(axis_name, scale, block):
+    """At step s rank r holds the K/V block of rank (r − s) mod P; steps 0..P−2 run in a loop whose
+    body sends the held block on while it computes with it, step P−1 follows the loop (no send)."""
+
     def shift(x):
         n = lax.axis_size(axis_name)
         return lax.ppermute(x, axis_name, [(i, (i + 1) % n) for i in range(n)])
+
+    def skip_future(s, rank, fn, carry):
+        # blocks from later ranks (s > rank) lie wholly in this rank's future
+        return lax.cond(s <= rank, fn, lambda c: c, carry)
 
     @jax.custom_vjp
     def attend(q, k, v):
@@ -524,24 +533,25 @@ def _ring(axis_name, scale, block):
     def fwd(q, k, v):
         b, length, h, _ = q.shape
         q_start, n = _positions(axis_name, length)
-        rank = q_start // length
+        rank = lax.axis_index(axis_name)
         acc = _acc_dtype(q.dtype)
+
+        def merge_block(s, kb, vb, carry):
+            o_blk, lse_blk = _flash_fwd(
+                q, kb, vb, q_start=q_start, k_start=(rank - s) * length, scale=scale, block=block
+            )
+            return _merge(*carry, o_blk, lse_blk)
+
+        def step(s, carry):
+            kb, vb, o, lse = carry
+            nxt = shift((kb, vb))  # issued before the compute so the two can overlap
+            o, lse = skip_future(s, rank, functools.partial(merge_block, s, kb, vb), (o, lse))
+            return (*nxt, o, lse)
+
         o = jnp.zeros((b, length, h, v.shape[-1]), acc)
         lse = jnp.full((b, h, length), -jnp.inf, acc)
-        kb, vb = k, v
-        for s in range(n):  # at step s this rank holds the block of rank (rank - s) mod n
-            nxt = shift((kb, vb)) if s < n - 1 else None  # issued first so it can overlap the compute
-
-            def merge_block(carry, kb=kb, vb=vb, s=s):
-                o_blk, lse_blk = _flash_fwd(
-                    q, kb, vb, q_start=q_start, k_start=(rank - s) * length, scale=scale, block=block
-                )
-                return _merge(*carry, o_blk, lse_blk)
-
-            # blocks from later ranks (s > rank) are wholly in the future: skip them
-            o, lse = merge_block((o, lse)) if s == 0 else lax.cond(s <= rank, merge_block, lambda c: c, (o, lse))
-            if nxt is not None:
-                kb, vb = nxt
+        kb, vb, o, lse = lax.fori_loop(0, n - 1, step, (k, v, o, lse))
+        o, lse = skip_future(n - 1, rank, functools.partial(merge_block, n - 1, kb, vb), (o, lse))
         o = o.astype(q.dtype)
         return o, (q, k, v, o, lse)
 
@@ -549,25 +559,26 @@ def _ring(axis_name, scale, block):
         q, k, v, o, lse = res
         length = q.shape[1]
         q_start, n = _positions(axis_name, length)
-        rank = q_start // length
+        rank = lax.axis_index(axis_name)
         acc = _acc_dtype(q.dtype)
-        dq = jnp.zeros(q.shape, acc)
-        dk, dv = jnp.zeros(k.shape, acc), jnp.zeros(v.shape, acc)  # accumulators of the block held
-        kb, vb = k, v
-        for s in range(n):
-            nxt = shift((kb, vb)) if s < n - 1 else None
 
-            def grads(carry, kb=kb, vb=vb, s=s):
-                dq, dk, dv = carry
-                dq_b, dk_b, dv_b = _flash_bwd(
-                    q, kb, vb, o, lse, do, q_start=q_start, k_start=(rank - s) * length, scale=scale, block=block
-                )
-                return dq + dq_b, dk + dk_b, dv + dv_b
+        def add_block(s, kb, vb, carry):
+            dq, dk, dv = carry
+            dq_b, dk_b, dv_b = _flash_bwd(
+                q, kb, vb, o, lse, do, q_start=q_start, k_start=(rank - s) * length, scale=scale, block=block
+            )
+            return dq + dq_b, dk + dk_b, dv + dv_b
 
-            dq, dk, dv = grads((dq, dk, dv)) if s == 0 else lax.cond(s <= rank, grads, lambda c: c, (dq, dk, dv))
-            dk, dv = shift((dk, dv))  # after n hops each accumulator is back at its owner
-            if nxt is not None:
-                kb, vb = nxt
+        def step(s, carry):
+            kb, vb, dq, dk, dv = carry  # dk, dv: float32 accumulators of the block held
+            nxt = shift((kb, vb))
+            dq, dk, dv = skip_future(s, rank, functools.partial(add_block, s, kb, vb), (dq, dk, dv))
+            return (*nxt, dq, *shift((dk, dv)))
+
+        init = (k, v, jnp.zeros(q.shape, acc), jnp.zeros(k.shape, acc), jnp.zeros(v.shape, acc))
+        kb, vb, dq, dk, dv = lax.fori_loop(0, n - 1, step, init)
+        dq, dk, dv = skip_future(n - 1, rank, functools.partial(add_block, n - 1, kb, vb), (dq, dk, dv))
+        dk, dv = shift((dk, dv))  # the P-th hop: every accumulator is back at its owner
         return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
     attend.defvjp(fwd, bwd)
