@@ -1,0 +1,68 @@
+"""Block sizes for the Pallas Triton linear-attention kernels, with a heuristic default.
+
+The kernels split each (batch row, head) into ``segments`` of whole chunks so that the grid
+has enough programs to fill the GPU (LASP inside one device: every segment computes its own
+state from zero, a float32 prefix scan gives each segment its entering state). Inside a
+segment one program walks the chunks in order, carrying the float32 state in registers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+# streaming multiprocessors of an H100 / H200: the grid is sized to a few programs per SM
+_NUM_SMS = 132
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    """Static tiling of the kernels.
+
+    Attributes:
+      chunk: tokens per chunk (C): the intra-chunk attention is a C×C masked matmul.
+      min_programs: split rows into segments until B·H·segments reaches this.
+      block_e: value-dim tile of the forward output kernel (each program recomputes Q Kᵀ).
+      block_d: key-dim tile of the dq kernel (each program recomputes dO Vᵀ).
+      split_dkdv: compute dk and dv in two kernels (smaller register footprint, one more
+        read of q and dO) instead of one fused kernel.
+      block_dkdv: key-dim tile of the dk kernel and value-dim tile of the dv kernel when split.
+      num_warps / num_stages: Triton launch parameters of the chunk-loop kernels.
+    """
+
+    chunk: int = 64
+    min_programs: int = 4 * _NUM_SMS
+    block_e: int = 64
+    block_d: int = 64
+    split_dkdv: bool = False
+    block_dkdv: int = 128
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("chunk", "block_e", "block_d", "block_dkdv"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"BlockConfig.{name}={value} must be a power of two >= 16")
+        if self.min_programs < 1:
+            raise ValueError(f"BlockConfig.min_programs={self.min_programs} must be positive")
+
+
+# interpret mode (CPU tests) runs the grid as a Python-level loop: small chunks and a couple of
+# segments per row keep it fast while still exercising multi-chunk segments and the state scan
+INTERPRET_CONFIG = BlockConfig(chunk=16, min_programs=1, block_e=16, block_d=16, block_dkdv=16)
+
+
+def default_config(*, batch: int, heads: int, seq_len: int, interpret: bool) -> BlockConfig:
+    """Heuristic tiling for a problem; interpret mode gets small blocks and two segments per row."""
+    if interpret:
+        return dataclasses.replace(INTERPRET_CONFIG, min_programs=2 * batch * heads)
+    del seq_len
+    return BlockConfig()
+
+
+def segments(num_chunks: int, rows: int, min_programs: int) -> tuple[int, int]:
+    """(number of segments, chunks per segment) so that rows · segments >= min_programs."""
+    wanted = max(1, min(num_chunks, math.ceil(min_programs / rows)))
+    per_segment = math.ceil(num_chunks / wanted)
+    return math.ceil(num_chunks / per_segment), per_segment

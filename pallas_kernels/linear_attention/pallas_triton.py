@@ -1,0 +1,401 @@
+"""Chunked causal linear attention as Pallas kernels lowered to Triton: the forward pass.
+
+Computes exactly ``reference.recurrent`` (DESIGN.md §1): ``S_t = exp(g_t) S_{t-1} + k_tᵀ v_t``,
+``o_t = scale · q_t S_t``, with the state S ``[D, E]`` in float32. Inputs in bf16, fp16 or fp32,
+every product accumulated in float32 (bf16/fp16 operands on the tensor cores; float32 inputs
+use exact float32 products), the output in q's dtype.
+
+Parallel layout (LASP inside one GPU, arXiv 2404.02882): each (batch row, head) is cut into
+segments of whole chunks of C tokens.
+
+1. ``segment_state`` (one program per row, head, segment and value block): the state the
+   segment's tokens build from a zero state, ``M_s = Σ_j exp(b_end − b_j) k_jᵀ v_j``.
+2. A float32 prefix over segments in jnp gives each segment's entering state
+   ``S_in(s) = exp(L_s − L_0) S_0 + Σ_{r<s} exp(L_s − L_{r+1}) M_r`` (``L`` the cumulative
+   segment log decays), and the final state; the weights are exps of differences.
+3. ``chunk_output`` (same grid): walks the segment's chunks from ``S_in(s)``:
+   ``O = ((Q Kᵀ) ⊙ M) V + (exp(b) ⊙ Q) S`` and ``S ← exp(b_{C−1}) S + (exp(b_{C−1} − b) ⊙ K)ᵀ V``.
+
+Only the segment entering states (float32 ``[B, H, segments + 1, D, E]``) are kept for the
+backward pass (``pallas_triton_vjp``), which mirrors this layout. Grouped heads are read
+through the index maps (query head h reads key/value head ``h // (H // Hk)``); head dims are
+padded to a power of two ≥ 16 and the time axis to whole chunks (zeros with zero log decay are
+exact), outside the ``custom_vjp`` so autodiff slices the gradients back.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.linear_attention.config import BlockConfig, default_config, segments
+
+DecayMode = Literal["none", "gamma", "g"]
+_F32 = jnp.float32
+# the Triton lowering computes element offsets in int32
+_MAX_ELEMENTS = 2**31 - 1
+
+
+# ---- chunk math shared by the forward and backward kernels ----------------------------------
+
+
+def dot(a, b, *, trans_a: bool = False, trans_b: bool = False):
+    """``a @ b`` (``aᵀ`` / ``bᵀ`` when asked) with float32 accumulation."""
+    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+    return lax.dot_general(a, b, dims, preferred_element_type=_F32)
+
+
+def chunk_decay(decay_ref, t0, *, chunk: int, mode: DecayMode):
+    """(b, b_last): the chunk's inclusive cumulative log decay ``[C]`` and its last entry.
+
+    ``decay_ref`` holds the chunk-local cumulative sums of g (mode "g") or the head's constant
+    log decay (mode "gamma"); mode "none" has no decay and returns ``(None, None)``.
+    """
+    if mode == "none":
+        return None, None
+    pos = lax.broadcasted_iota(jnp.int32, (chunk,), 0)
+    if mode == "gamma":
+        gamma = decay_ref[...].astype(_F32)
+        return gamma * (pos + 1).astype(_F32), gamma * chunk
+    b = decay_ref[pl.ds(t0, chunk)]
+    return b, jnp.sum(jnp.where(pos == chunk - 1, b, 0.0))
+
+
+def decay_mask(b, *, chunk: int, transpose: bool = False):
+    """Causal decay mask ``M[i, j] = exp(b_i − b_j)`` for ``i ≥ j`` (its transpose if asked).
+
+    The exponent is masked before the exp, so the upper triangle never overflows.
+    """
+    row = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
+    col = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
+    causal = col <= row if not transpose else row <= col
+    if b is None:
+        return causal.astype(_F32)
+    diff = b[:, None] - b[None, :] if not transpose else b[None, :] - b[:, None]
+    return jnp.where(causal, jnp.exp(jnp.where(causal, diff, 0.0)), 0.0)
+
+
+def row_scale(x, log_factor):
+    """``exp(log_factor)[:, None] · x`` in float32 (x itself when there is no decay)."""
+    if log_factor is None:
+        return x
+    return x.astype(_F32) * jnp.exp(log_factor)[:, None]
+
+
+def segment_bounds(num_chunks: int, per_segment: int):
+    """(first chunk, number of chunks) of the segment this program handles (grid axis 1)."""
+    first = pl.program_id(1) * per_segment
+    return first, jnp.minimum(per_segment, num_chunks - first)
+
+
+def compiler_params(cfg: BlockConfig):
+    return plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+# ---- forward kernels ------------------------------------------------------------------------
+
+
+def _segment_state_kernel(*refs, chunk, per_segment, num_chunks, mode, mxu_dtype, last_token):
+    """M_s = Σ_j exp(b_end − b_j) k_jᵀ v_j over the segment's tokens, from a zero state.
+
+    Token ``last_token`` (≥ 0) is left out: the caller adds its ``k_tᵀ v_t`` to the final state
+    itself, so that the state before it stays available for the decay gradient.
+    """
+    k_ref, v_ref, *refs = refs
+    decay_ref = refs.pop(0) if mode != "none" else None
+    (m_ref,) = refs
+    first, count = segment_bounds(num_chunks, per_segment)
+
+    def body(i, state):
+        t0 = pl.multiple_of((first + i) * chunk, chunk)
+        b, b_last = chunk_decay(decay_ref, t0, chunk=chunk, mode=mode)
+        k = k_ref[pl.ds(t0, chunk), :]
+        v = v_ref[pl.ds(t0, chunk), :]
+        k_to_end = row_scale(k, None if b is None else b_last - b)
+        if last_token >= 0:
+            pos = t0 + lax.broadcasted_iota(jnp.int32, (chunk, 1), 0)
+            k_to_end = jnp.where(pos == last_token, 0.0, k_to_end.astype(_F32))
+        update = dot(k_to_end.astype(mxu_dtype), v.astype(mxu_dtype), trans_a=True)
+        return update + (state if b is None else jnp.exp(b_last) * state)
+
+    m_ref[...] = lax.fori_loop(0, count, body, jnp.zeros(m_ref.shape, _F32))
+
+
+def _chunk_output_kernel(*refs, chunk, per_segment, num_chunks, scale, mode, mxu_dtype):
+    """o for the segment's chunks, carrying the float32 state from the segment's entering state."""
+    q_ref, k_ref, v_ref, *refs = refs
+    decay_ref = refs.pop(0) if mode != "none" else None
+    s_in_ref, o_ref = refs
+    first, count = segment_bounds(num_chunks, per_segment)
+
+    def body(i, state):
+        t0 = pl.multiple_of((first + i) * chunk, chunk)
+        b, b_last = chunk_decay(decay_ref, t0, chunk=chunk, mode=mode)
+        q = q_ref[pl.ds(t0, chunk), :]
+        k = k_ref[pl.ds(t0, chunk), :]
+        v = v_ref[pl.ds(t0, chunk), :].astype(mxu_dtype)
+        scores = dot(q, k, trans_b=True) * decay_mask(b, chunk=chunk)
+        inter = dot(row_scale(q, b).astype(mxu_dtype), state.astype(mxu_dtype))
+        o = dot(scores.astype(mxu_dtype), v) + inter
+        o_ref[pl.ds(t0, chunk), :] = (scale * o).astype(o_ref.dtype)
+        k_to_end = row_scale(k, None if b is None else b_last - b).astype(mxu_dtype)
+        update = dot(k_to_end, v, trans_a=True)
+        return update + (state if b is None else jnp.exp(b_last) * state)
+
+    lax.fori_loop(0, count, body, s_in_ref[...])
+
+
+# ---- layout helpers shared with the backward pass -------------------------------------------
+
+
+class Layout:
+    """Static sizes of one call: ``[B, T, H, D]`` q, ``Hk`` key heads, value dim ``E``, tiling."""
+
+    def __init__(self, q, k, v, cfg: BlockConfig):
+        self.batch, self.seq_len, self.heads, self.dim = q.shape
+        self.kv_heads, self.value_dim = k.shape[2], v.shape[3]
+        self.group = self.heads // self.kv_heads
+        self.chunk = cfg.chunk
+        if self.seq_len % self.chunk:
+            raise ValueError(f"seq_len={self.seq_len} must be a multiple of chunk={self.chunk}")
+        self.num_chunks = self.seq_len // self.chunk
+        self.num_segments, self.per_segment = segments(self.num_chunks, self.batch * self.heads, cfg.min_programs)
+
+    def seq_spec(self, width: int, *, kv: bool = False, block: int | None = None):
+        """Whole-sequence ``[T, width]`` view of a ``[B, T, heads, ·]`` array for a program.
+
+        Grid axes: (feature block j, segment s, batch b, head h); key/value arrays are read by
+        query head h through head ``h // group``; ``block`` tiles the last dim by j.
+        """
+        group = self.group if kv else 1
+        if block is None:
+            return pl.BlockSpec((None, self.seq_len, None, width), lambda j, s, b, h: (b, 0, h // group, 0))
+        return pl.BlockSpec((None, self.seq_len, None, block), lambda j, s, b, h: (b, 0, h // group, j))
+
+    def decay_spec(self, mode: DecayMode):
+        if mode == "gamma":
+            return pl.BlockSpec((None,), lambda j, s, b, h: (h,))
+        return pl.BlockSpec((None, None, self.seq_len), lambda j, s, b, h: (b, h, 0))
+
+    def state_spec(self, rows: int, cols: int, *, block_rows: bool = False, offset: int = 0):
+        """One segment's ``[rows, cols]`` state of a ``[B, H, segments(+1), D, E]`` array.
+
+        ``block_rows`` tiles D by grid axis j, else E is tiled; ``offset`` shifts the segment.
+        """
+        if block_rows:
+            return pl.BlockSpec((None, None, None, rows, cols), lambda j, s, b, h: (b, h, s + offset, j, 0))
+        return pl.BlockSpec((None, None, None, rows, cols), lambda j, s, b, h: (b, h, s + offset, 0, j))
+
+    def grid(self, blocks: int):
+        return (blocks, self.num_segments, self.batch, self.heads)
+
+
+def chunk_cumsum(g, chunk: int):
+    """Chunk-local inclusive cumulative sums of g ``[B, H, T]`` (float32)."""
+    b, h, t = g.shape
+    return jnp.cumsum(g.reshape(b, h, t // chunk, chunk), axis=-1).reshape(b, h, t)
+
+
+def segment_log_decay(g, gamma, lay: Layout):
+    """Log decay across each segment ``[B, H, segments]`` (zeros without decay)."""
+    tokens = lay.per_segment * lay.chunk
+    if gamma is not None:
+        counts = jnp.minimum(tokens, lay.seq_len - tokens * jnp.arange(lay.num_segments))
+        return jnp.broadcast_to(gamma[:, None] * counts, (lay.batch, lay.heads, lay.num_segments))
+    if g is None:
+        return jnp.zeros((lay.batch, lay.heads, lay.num_segments), _F32)
+    pad = lay.num_segments * tokens - lay.seq_len
+    g = jnp.pad(g, ((0, 0), (0, 0), (0, pad)))
+    return g.reshape(lay.batch, lay.heads, lay.num_segments, tokens).sum(-1)
+
+
+def prefix_weights(seg_log):
+    """``W[s, r] = exp(P_s − P_r)`` for ``r ≤ s`` (else 0), with ``P = [0, cumsum(seg_log)]``.
+
+    Forward: ``S_in(s) = W[s, 0] S_0 + Σ_{r≥1} W[s, r] M_{r−1}`` for s = 0 … segments (the last
+    is the final state). Backward uses the transpose.
+    """
+    p = jnp.concatenate([jnp.zeros(seg_log.shape[:-1] + (1,), _F32), jnp.cumsum(seg_log, axis=-1)], axis=-1)
+    n = p.shape[-1]
+    lower = jnp.tril(jnp.ones((n, n), bool))
+    diff = p[..., :, None] - p[..., None, :]
+    return jnp.where(lower, jnp.exp(jnp.where(lower, diff, 0.0)), 0.0)
+
+
+def _mxu_dtype(dtype):
+    return dtype if dtype in (jnp.bfloat16, jnp.float16) else _F32
+
+
+def _decay_inputs(g, gamma, lay: Layout, mode: DecayMode):
+    if mode == "g":
+        return [chunk_cumsum(g, lay.chunk)]
+    if mode == "gamma":
+        return [gamma]
+    return []
+
+
+# ---- the forward pass -----------------------------------------------------------------------
+
+
+def _forward(q, k, v, g, gamma, s0, *, scale, mode, cfg, interpret, last_token):
+    """(o, final state, entering states ``[B, H, segments + 1, D, E]``).
+
+    The last entry of the states is the final state without token ``last_token``'s own
+    ``kᵀ v`` (when ``last_token`` ≥ 0): the decay gradient needs it (see the backward).
+    """
+    lay = Layout(q, k, v, cfg)
+    d, e = lay.dim, lay.value_dim
+    mxu = _mxu_dtype(q.dtype)
+    statics = dict(chunk=lay.chunk, per_segment=lay.per_segment, num_chunks=lay.num_chunks, mode=mode, mxu_dtype=mxu)
+    block_e = min(cfg.block_e, e)
+    decay = _decay_inputs(g, gamma, lay, mode)
+    decay_specs = [lay.decay_spec(mode)] * len(decay)
+    local = pl.pallas_call(
+        functools.partial(_segment_state_kernel, last_token=last_token, **statics),
+        grid=lay.grid(e // block_e),
+        in_specs=[lay.seq_spec(d, kv=True), lay.seq_spec(e, kv=True, block=block_e), *decay_specs],
+        out_specs=lay.state_spec(d, block_e),
+        out_shape=jax.ShapeDtypeStruct((lay.batch, lay.heads, lay.num_segments, d, e), _F32),
+        compiler_params=compiler_params(cfg),
+        interpret=interpret,
+        name="linear_attention_segment_state",
+    )(k, v, *decay)
+
+    weights = prefix_weights(segment_log_decay(g, gamma, lay))  # [B, H, S+1, S+1]
+    states = jnp.einsum("bhsr,bhrde->bhsde", weights[..., 1:], local, precision=lax.Precision.HIGHEST)
+    states = states + weights[..., 0, None, None] * s0[:, :, None]
+
+    o = pl.pallas_call(
+        functools.partial(_chunk_output_kernel, scale=scale, **statics),
+        grid=lay.grid(e // block_e),
+        in_specs=[
+            lay.seq_spec(d),
+            lay.seq_spec(d, kv=True),
+            lay.seq_spec(e, kv=True, block=block_e),
+            *decay_specs,
+            lay.state_spec(d, block_e),
+        ],
+        out_specs=lay.seq_spec(e, block=block_e),
+        out_shape=jax.ShapeDtypeStruct((lay.batch, lay.seq_len, lay.heads, e), q.dtype),
+        compiler_params=compiler_params(cfg),
+        interpret=interpret,
+        name="linear_attention_chunk_output",
+    )(q, k, v, *decay, states)
+    final = states[:, :, -1]
+    if last_token >= 0:
+        k_last = jnp.repeat(k[:, last_token].astype(_F32), lay.group, axis=1)
+        v_last = jnp.repeat(v[:, last_token].astype(_F32), lay.group, axis=1)
+        final = final + k_last[..., :, None] * v_last[..., None, :]
+    return o, final, states
+
+
+_STATICS = ("scale", "mode", "cfg", "interpret", "last_token")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnames=_STATICS)
+def _linear_attention(q, k, v, g, gamma, s0, scale, mode, cfg, interpret, last_token):
+    statics = dict(scale=scale, mode=mode, cfg=cfg, interpret=interpret, last_token=last_token)
+    o, final, _ = _forward(q, k, v, g, gamma, s0, **statics)
+    return o, final
+
+
+def _linear_attention_fwd(q, k, v, g, gamma, s0, scale, mode, cfg, interpret, last_token):
+    statics = dict(scale=scale, mode=mode, cfg=cfg, interpret=interpret, last_token=last_token)
+    o, final, states = _forward(q, k, v, g, gamma, s0, **statics)
+    return (o, final), (q, k, v, g, gamma, states)
+
+
+def _linear_attention_bwd(scale, mode, cfg, interpret, last_token, residuals, cotangents):
+    from pallas_kernels.linear_attention import pallas_triton_vjp
+
+    q, k, v, g, gamma, states = residuals
+    do, d_final = cotangents
+    statics = dict(scale=scale, mode=mode, cfg=cfg, interpret=interpret, last_token=last_token)
+    return pallas_triton_vjp.backward(q, k, v, g, gamma, states, do, d_final, **statics)
+
+
+_linear_attention.defvjp(_linear_attention_fwd, _linear_attention_bwd)
+
+
+# ---- public function ------------------------------------------------------------------------
+
+
+def _pad_dim(n: int) -> int:
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def supports(q, k, v) -> bool:
+    """Whether the GPU kernels take these inputs (dtypes, and int32 element offsets)."""
+    dtypes_ok = all(x.dtype in (jnp.bfloat16, jnp.float16, jnp.float32) for x in (q, k, v))
+    b, t, h, d = q.shape
+    padded = b * (t + 128) * h * max(_pad_dim(d), _pad_dim(v.shape[-1]))
+    return dtypes_ok and padded <= _MAX_ELEMENTS
+
+
+def linear_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    g: jax.Array | None = None,
+    g_gamma: jax.Array | None = None,
+    scale: float | None = None,
+    initial_state: jax.Array | None = None,
+    interpret: bool = False,
+    config: BlockConfig | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Causal linear attention through the Pallas Triton kernels; equals ``reference.recurrent``.
+
+    Args:
+      q ``[B, T, H, D]``, k ``[B, T, Hk, D]``, v ``[B, T, Hk, E]`` (``H % Hk == 0``), in bf16,
+      fp16 or fp32; g ``[B, T, H]`` per-token or g_gamma ``[H]`` per-head log decay (or
+      neither); scale (default ``D ** -0.5``); initial_state ``[B, H, D, E]``; interpret: run
+      the kernels in the Pallas interpreter (CPU); config: tiling (default: a heuristic).
+
+    Returns:
+      ``(o [B, T, H, E] in q's dtype, final_state [B, H, D, E] float32)``, differentiable in
+      q, k, v, g, g_gamma and initial_state.
+
+    Arguments are assumed validated by ``api.validate`` (the public entry point).
+    """
+    b, t, h, d = q.shape
+    e = v.shape[-1]
+    dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
+    if dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+        raise TypeError(f"the Pallas kernels take bf16, fp16 or fp32 inputs, got q.dtype={q.dtype}")
+    if not supports(q, k, v):
+        raise ValueError(f"inputs too large for int32 offsets: q.shape={tuple(q.shape)}, v.shape={tuple(v.shape)}")
+    scale = float(d**-0.5 if scale is None else scale)
+    cfg = config or default_config(batch=b, heads=h, seq_len=t, interpret=interpret)
+    dp, ep = _pad_dim(d), _pad_dim(e)
+    tp = -(-t // cfg.chunk) * cfg.chunk
+
+    def pad(x, width):
+        x = x.astype(dtype)
+        return jnp.pad(x, ((0, 0), (0, tp - t), (0, 0), (0, width - x.shape[-1])))
+
+    q, k, v = pad(q, dp), pad(k, dp), pad(v, ep)
+    mode: DecayMode = "none"
+    gamma = gt = None
+    if g_gamma is not None and tp == t:
+        mode, gamma = "gamma", g_gamma.astype(_F32)
+    elif g_gamma is not None or g is not None:
+        # a padded tail must not decay the final state: spell the constant decay out per token
+        g = jnp.broadcast_to(g_gamma.astype(_F32), (b, t, h)) if g is None else g.astype(_F32)
+        mode, gt = "g", jnp.pad(jnp.swapaxes(g, 1, 2), ((0, 0), (0, 0), (0, tp - t)))
+    if initial_state is None:
+        s0 = jnp.zeros((b, h, dp, ep), _F32)
+    else:
+        s0 = jnp.pad(initial_state.astype(_F32), ((0, 0), (0, 0), (0, dp - d), (0, ep - e)))
+    # with a decay, the last token's own kᵀv is kept out of the saved final state (see _forward)
+    last_token = t - 1 if mode != "none" else -1
+    o, final = _linear_attention(
+        q, k, v, gt, gamma, s0, scale=scale, mode=mode, cfg=cfg, interpret=interpret, last_token=last_token
+    )
+    return o[:, :t, :, :e], final[:, :, :d, :e]
