@@ -1,12 +1,26 @@
-"""Meshes and logical-axis sharding for data x sequence parallelism (stub; full version follows)."""
+"""Meshes and logical-axis sharding for data × sequence parallelism.
+
+Model code names the dimensions of its activations (``batch``, ``length``, ``heads``, ...); one
+small rules table maps those names to mesh axes, so turning sequence parallelism on is a change of
+mesh (or of rules), not of model code. A rule whose mesh axis is absent from the mesh means
+"replicated", so one table serves every mesh from ``(dp, 1)`` to ``(1, sp)``.
+
+Device layout follows the LASP reference: with ``world = dp · sp`` devices in id order, sequence
+group i is the contiguous devices ``[i·sp, (i+1)·sp)`` (neighbours in a ring are neighbours on
+the node) and data group j the strided devices ``{j, j+sp, j+2·sp, ...}``.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
+Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", "dp"),
     ("length", "sp"),
     ("heads", None),
@@ -18,28 +32,105 @@ DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
 )
 
 
-def make_mesh(dp: int | None = None, sp: int | None = None, *, devices=None, axis_names=("dp", "sp")) -> Mesh:
-    """A ``(dp, sp)`` mesh: sequence groups are contiguous devices, data groups strided (LASP's rank map)."""
+def _auto_axes(n: int):
+    axis_type = getattr(jax.sharding, "AxisType", None)
+    return {} if axis_type is None else {"axis_types": (axis_type.Auto,) * n}
+
+
+def make_mesh(
+    dp: int | None = None,
+    sp: int | None = None,
+    *,
+    devices: Sequence | None = None,
+    axis_names: tuple[str, str] = ("dp", "sp"),
+) -> Mesh:
+    """A ``(dp, sp)`` mesh over ``devices`` (default: all), sequence groups contiguous, data groups strided.
+
+    Either size may be omitted and is then inferred from the device count; with both omitted
+    every device goes to the sequence axis. Axes are of the ``Auto`` type, so ``jit`` propagates
+    shardings through the code around ``lasp_attention``.
+    """
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
-    if sp is None:
-        sp = n // (dp or 1)
-    if dp is None:
+    for name, size in (("dp", dp), ("sp", sp)):
+        if size is not None and (not isinstance(size, (int, np.integer)) or size < 1):
+            raise ValueError(f"{name} must be a positive integer, got {name}={size!r}")
+    if dp is None and sp is None:
+        dp, sp = 1, n
+    elif sp is None:
+        if n % dp:
+            raise ValueError(f"dp must divide the number of devices: dp={dp}, devices={n}")
+        sp = n // dp
+    elif dp is None:
+        if n % sp:
+            raise ValueError(f"sp must divide the number of devices: sp={sp}, devices={n}")
         dp = n // sp
     if dp * sp != n:
         raise ValueError(f"dp * sp must equal the number of devices: dp={dp}, sp={sp}, devices={n}")
-    return Mesh(np.array(devices, dtype=object).reshape(dp, sp), tuple(axis_names))
+    if len(axis_names) != 2 or axis_names[0] == axis_names[1]:
+        raise ValueError(f"axis_names must be two distinct names (data, sequence), got {axis_names!r}")
+    grid = np.empty(n, dtype=object)
+    grid[:] = devices
+    return Mesh(grid.reshape(dp, sp), tuple(axis_names), **_auto_axes(2))
 
 
-def logical_spec(names, rules=DEFAULT_RULES, mesh: Mesh | None = None) -> PartitionSpec:
-    """PartitionSpec for an array whose dimensions carry the logical ``names``."""
+def _as_tuple(axes) -> tuple[str, ...]:
+    if axes is None:
+        return ()
+    return tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
+
+
+def logical_spec(names: Sequence[str | None], rules: Rules = DEFAULT_RULES, mesh: Mesh | None = None) -> PartitionSpec:
+    """PartitionSpec for an array whose dimensions carry the logical ``names`` (None: unsharded).
+
+    With a ``mesh``, rules that name axes the mesh lacks map to None. Raises ValueError for a
+    logical name the rules do not know, and for a mesh axis used by two dimensions.
+    """
     table = dict(rules)
-    axes = [table.get(n) if n is not None else None for n in names]
-    if mesh is not None:
-        axes = [a if a in mesh.axis_names else None for a in axes]
-    return PartitionSpec(*axes)
+    entries, used = [], {}
+    for dim, name in enumerate(names):
+        if name is None:
+            entries.append(None)
+            continue
+        if name not in table:
+            raise ValueError(f"logical axis {name!r} has no rule; known names: {sorted(table)}")
+        axes = _as_tuple(table[name])
+        if mesh is not None:
+            axes = tuple(a for a in axes if a in mesh.axis_names)
+        for a in axes:
+            if a in used:
+                raise ValueError(f"mesh axis {a!r} used twice: by {names[used[a]]!r} and {name!r} in names={names}")
+            used[a] = dim
+        entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*entries)
 
 
-def shard_logical(x, names, mesh: Mesh, rules=DEFAULT_RULES):
-    """Place ``x`` on ``mesh`` by logical dimension names."""
-    return jax.device_put(x, NamedSharding(mesh, logical_spec(names, rules, mesh)))
+def _check_divisible(shape, names, spec: PartitionSpec, mesh: Mesh):
+    if len(shape) != len(names):
+        raise ValueError(f"one logical name per dimension: shape={tuple(shape)}, names={tuple(names)}")
+    for dim, (size, name, axes) in enumerate(zip(shape, names, spec)):
+        parts = int(np.prod([mesh.shape[a] for a in _as_tuple(axes)]))
+        if size % parts:
+            raise ValueError(
+                f"dimension {dim} ({name!r}) of size {size} does not divide over mesh axes {axes!r} "
+                f"of {parts} devices: shape={tuple(shape)}"
+            )
+
+
+def logical_sharding(shape, names: Sequence[str | None], mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """NamedSharding for an array of ``shape`` with logical ``names``, checking divisibility."""
+    spec = logical_spec(names, rules, mesh)
+    _check_divisible(shape, names, spec, mesh)
+    return NamedSharding(mesh, spec)
+
+
+def shard_logical(x: jax.Array, names: Sequence[str | None], mesh: Mesh, rules: Rules = DEFAULT_RULES) -> jax.Array:
+    """Place ``x`` on ``mesh`` by logical dimension names (outside ``jit``), e.g. ``("batch", "length")``."""
+    return jax.device_put(x, logical_sharding(x.shape, names, mesh, rules))
+
+
+def with_logical_constraint(
+    x: jax.Array, names: Sequence[str | None], mesh: Mesh, rules: Rules = DEFAULT_RULES
+) -> jax.Array:
+    """``jax.lax.with_sharding_constraint`` by logical names (inside ``jit``)."""
+    return jax.lax.with_sharding_constraint(x, logical_sharding(x.shape, names, mesh, rules))
