@@ -202,10 +202,13 @@ def lasp_attention(
     out_specs = (token_spec, PartitionSpec(batch) if output_final_state else None)
     # unchecked: interpret-mode Pallas has no varying-axes rules; lasp_attention_shard follows
     # the unchecked convention for the replicated final state (see its docstring)
+    # manual only over the axes named here: others stay automatic, so an unchecked shard_map
+    # does not psum cotangents over axes the layer never splits
     return jax.shard_map(
         per_shard,
         mesh=mesh,
         in_specs=({n: specs[n] for n in arrays},),
         out_specs=out_specs,
+        axis_names=frozenset((seq_axis, *_axes_tuple(batch_axis))),
         check_vma=False,
     )(arrays)
