@@ -46,8 +46,9 @@ def tree_shardings(tree, mesh: Mesh | None, *, fsdp: bool = False, data_axis: st
 
     def one(x):
         if isinstance(x, nnx.Variable):
-            axes = x.get_metadata().get("logical_axes") or (None,) * len(x.value.shape)
-            return x.replace(NamedSharding(mesh, param_spec(axes, x.value.shape, mesh, fsdp=fsdp, data_axis=data_axis)))
+            shape = jax.tree.leaves(x)[0].shape  # the value (an array or a ShapeDtypeStruct)
+            axes = x.get_metadata().get("logical_axes") or (None,) * len(shape)
+            return x.replace(NamedSharding(mesh, param_spec(axes, shape, mesh, fsdp=fsdp, data_axis=data_axis)))
         return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -69,7 +69,7 @@ class RunConfig:
     keep: int = 3
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
-    eval_batches: int = 4
+    eval_batches: int = 4  # 0: no evaluation
     metrics: str | None = None  # JSONL file
     progress: bool = True
     peak_tflops: float | None = None  # per device, for MFU; default: looked up from the device kind
@@ -302,7 +302,7 @@ class Trainer:
         count = jnp.maximum(count, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g / count, grads)
         loss = total / count
-        grad_norm = optax.global_norm(grads)
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         updates, opt_state = self.optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -446,7 +446,8 @@ class Trainer:
                         metrics_file.write(json.dumps(record) + "\n")
                         metrics_file.flush()
                     t_last = time.perf_counter()
-                if (run.eval_every and step % run.eval_every == 0) or (last and step == run.steps):
+                wants_eval = (run.eval_every and step % run.eval_every == 0) or (last and stop != "sigterm")
+                if run.eval_batches > 0 and wants_eval:
                     ev = {"step": step, **self.evaluate(state["params"])}
                     evals.append(ev)
                     bar.message(f"eval step {step}: loss {ev['eval_loss']:.4f} ppl {ev['eval_ppl']:.2f}")
@@ -601,16 +602,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lasp-train",
         description="Train a linear-attention LM (TNL, Linear Transformer, Linear-Llama3) with LASP on a dp x sp mesh.",
-        epilog="Every config field is a flag: --steps 500 --lr 1e-3 --seq-len 4096 --sp 4 --fsdp true "
-        "--model.d_model 256. Model presets: see models.config.PRESETS.",
+        epilog="Every config field is a flag, --section.field or its short form where unambiguous: --steps 500 "
+        "--lr 1e-3 --seq-len 4096 --sp 4 --fsdp true --data.seed 1 --model.d_model 256. "
+        "Model presets: see models.config.PRESETS.",
     )
     p.add_argument("--preset", default="tiny", help="model preset, e.g. tiny, tnl-1b, linear-llama3-0.4b")
     p.add_argument("--demo", action="store_true", help="the make-demo settings: embedded corpus, dp 2 x sp 4")
     p.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() by cluster detection")
     p.add_argument("--config", help="a JSON file of overrides {section: {field: value}}")
+    names = [f.name for cls in _SECTIONS.values() for f in dataclasses.fields(cls)]
     for section, cls in _SECTIONS.items():
         for f in dataclasses.fields(cls):
-            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f"{section}.{f.name}", default=None, metavar=f.type)
+            flags = [f"--{section}.{f.name}"]
+            if names.count(f.name) == 1:  # short form when unambiguous: --seq-len, --sp, --lr
+                flags.insert(0, f"--{f.name.replace('_', '-')}")
+            p.add_argument(*flags, dest=f"{section}.{f.name}", default=None, metavar=f.type)
     for f in dataclasses.fields(ModelConfig):
         if f.name != "family":
             p.add_argument(f"--model.{f.name}", dest=f"model.{f.name}", default=None, metavar=f.type)
