@@ -89,6 +89,7 @@ def linear_attention(
     scale: float | None = None,
     initial_state: jax.Array | None = None,
     output_final_state: bool = False,
+    segment_ids: jax.Array | None = None,
     impl: Impl = "auto",
 ) -> tuple[jax.Array, jax.Array | None]:
     """Causal linear attention ``o_t = scale · q_t S_t``, ``S_t = exp(g_t) S_{t-1} + k_tᵀ v_t``.
@@ -102,6 +103,9 @@ def linear_attention(
       scale: multiplies q; defaults to ``D ** -0.5``.
       initial_state: state before the first token ``[B, H, D, E]``; zeros when None.
       output_final_state: also return the float32 state after the last token.
+      segment_ids: integer document ids ``[B, T]`` for packed rows: the state resets wherever the id
+        changes, so nothing flows between documents; ``initial_state`` applies to the first
+        document of each row and ``final_state`` is the state of the last one.
       impl: ``"auto"`` (Pallas kernel on a supported GPU, else ``"xla"``), ``"pallas"``
         (interpret mode off GPU), ``"xla"`` (chunked jnp), ``"reference"`` (token scan) or
         ``"reference_quadratic"`` (masked T×T form).
@@ -112,11 +116,13 @@ def linear_attention(
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got impl={impl!r}")
-    validate(q, k, v, g=g, g_gamma=g_gamma, initial_state=initial_state)
+    validate(q, k, v, g=g, g_gamma=g_gamma, initial_state=initial_state, segment_ids=segment_ids)
     d = q.shape[-1]
     scale = float(d**-0.5 if scale is None else scale)
     if impl == "auto":
-        impl = "pallas" if _on_gpu() and _pallas_supports(q, k, v) else "xla"
+        impl = "pallas" if _on_gpu() and _pallas_supports(q, k, v, segment_ids) else "xla"
+    if impl == "pallas" and segment_ids is not None:
+        raise ValueError("impl='pallas' does not take segment_ids yet; use impl='xla' or 'auto'")
 
     if impl == "pallas":
         from pallas_kernels.linear_attention import pallas_triton
@@ -133,11 +139,12 @@ def linear_attention(
             "reference": reference.recurrent,
             "reference_quadratic": reference.quadratic,
         }[impl]
-        o, final = fn(q, k, v, log_decay, scale=scale, initial_state=initial_state)
+        doc_ids = None if segment_ids is None else reference.document_index(segment_ids)
+        o, final = fn(q, k, v, log_decay, scale=scale, initial_state=initial_state, doc_ids=doc_ids)
     state_dtype = jnp.float64 if final.dtype == jnp.float64 else jnp.float32
     return o.astype(q.dtype), (final.astype(state_dtype) if output_final_state else None)
 
 
-def _pallas_supports(q, k, v) -> bool:
+def _pallas_supports(q, k, v, segment_ids=None) -> bool:
     """Shapes and dtypes the GPU kernel handles; everything else goes to the XLA path."""
-    return all(x.dtype in (jnp.bfloat16, jnp.float16, jnp.float32) for x in (q, k, v))
+    return segment_ids is None and all(x.dtype in (jnp.bfloat16, jnp.float16, jnp.float32) for x in (q, k, v))

@@ -18,26 +18,50 @@ DEFAULT_CHUNK = 64
 
 
 def _chunk_step(state, chunk, *, scale, causal):
-    """One chunk: q [B, Hk, G, C, D], k [B, Hk, C, D], v [B, Hk, C, E], cum [B, Hk, G, C] or None."""
-    q, k, v, cum = chunk
+    """One chunk: q [B, Hk, G, C, D], k [B, Hk, C, D], v [B, Hk, C, E], cum [B, Hk, G, C] or None,
+    docs None or (doc [B, C], doc_before [B]) with the document index of the token before the chunk."""
+    q, k, v, cum, docs = chunk
+    c = q.shape[-2]
+    allowed = causal
+    from_state = to_state = carry_state = None  # float masks: which tokens see / feed the state
+    if docs is not None:
+        doc, doc_before = docs
+        allowed = causal & (doc[:, None, None, :, None] == doc[:, None, None, None, :])
+        from_state = (doc == doc_before[:, None])[:, None, None, :, None].astype(q.dtype)
+        to_state = (doc == doc[:, -1:])[:, None, :, None].astype(q.dtype)
+        carry_state = (doc[:, -1] == doc_before)[:, None, None, None, None].astype(q.dtype)
     scores = jnp.einsum("bkgid,bkjd->bkgij", q, k)
     if cum is None:
-        scores = jnp.where(causal, scores, 0.0)
-        o_inter = jnp.einsum("bkgid,bkgde->bkgie", q, state)
-        new_state = state + jnp.einsum("bkjd,bkje->bkde", k, v)[:, :, None]
+        scores = jnp.where(allowed, scores, 0.0)
+        q_state = q if from_state is None else q * from_state
+        k_state = k if to_state is None else k * to_state
+        o_inter = jnp.einsum("bkgid,bkgde->bkgie", q_state, state)
+        kept = state if carry_state is None else carry_state * state
+        new_state = kept + jnp.einsum("bkjd,bkje->bkde", k_state, v)[:, :, None]
     else:
+        # the diagonal factor is exactly 1 and kept out of the graph: exp(b_i - b_i) would send two
+        # O(1) gradients of opposite sign to b_i, whose float32 rounding swamps a small true dg
+        eye = jnp.eye(c, dtype=bool)
+        off_diag = allowed & ~eye
         diff = cum[..., :, None] - cum[..., None, :]
-        scores = scores * jnp.where(causal, jnp.exp(jnp.where(causal, diff, 0.0)), 0.0)
-        o_inter = jnp.einsum("bkgid,bkgde->bkgie", q * jnp.exp(cum)[..., None], state)
-        to_end = jnp.exp(cum[..., -1:] - cum)  # exp(b_{C-1} - b_j)
-        new_state = jnp.exp(cum[..., -1])[..., None, None] * state + jnp.einsum(
-            "bkjd,bkgje->bkgde", k, to_end[..., None] * v[:, :, None]
-        )
+        scores = scores * (jnp.where(off_diag, jnp.exp(jnp.where(off_diag, diff, 0.0)), 0.0) + eye)
+        q_state = q * jnp.exp(cum)[..., None]
+        if from_state is not None:
+            q_state = q_state * from_state
+        o_inter = jnp.einsum("bkgid,bkgde->bkgie", q_state, state)
+        last = jnp.arange(c) == c - 1  # exp(b_{C-1} - b_j), the last factor exactly 1 as above
+        to_end = jnp.where(last, 1.0, jnp.exp(jnp.where(last, 0.0, cum[..., -1:] - cum)))
+        if to_state is not None:
+            to_end = to_end * to_state[..., 0][:, :, None]
+        decay = jnp.exp(cum[..., -1])[..., None, None]
+        if carry_state is not None:
+            decay = decay * carry_state
+        new_state = decay * state + jnp.einsum("bkjd,bkgje->bkgde", k, to_end[..., None] * v[:, :, None])
     o = jnp.einsum("bkgij,bkje->bkgie", scores, v) + o_inter
     return new_state, scale * o
 
 
-def linear_attention(q, k, v, log_decay=None, *, scale, initial_state=None, chunk_size=DEFAULT_CHUNK):
+def linear_attention(q, k, v, log_decay=None, *, scale, initial_state=None, doc_ids=None, chunk_size=DEFAULT_CHUNK):
     """Same contract as ``reference.recurrent``; returns ``(o, final_state)`` in float32."""
     b, t, h, d = q.shape
     hk, e = k.shape[2], v.shape[-1]
@@ -60,6 +84,13 @@ def linear_attention(q, k, v, log_decay=None, *, scale, initial_state=None, chun
     if log_decay is not None:
         cum = jnp.cumsum(chunks(log_decay.reshape(b, t, hk, grp, 1))[..., 0], axis=-1)
 
+    docs = None
+    if doc_ids is not None:
+        # padding continues the last document, so the final state is untouched
+        doc = jnp.pad(doc_ids, [(0, 0), (0, pad)], mode="edge").reshape(b, n, c)
+        doc_before = jnp.concatenate([doc[:, :1, 0], doc[:, :-1, -1]], axis=1)  # chunk 0: the first document
+        docs = (jnp.moveaxis(doc, 1, 0), jnp.moveaxis(doc_before, 1, 0))
+
     s0 = jnp.zeros((b, hk, grp, d, e), f32)
     if initial_state is not None:
         s0 = initial_state.astype(f32).reshape(b, hk, grp, d, e)
@@ -69,6 +100,6 @@ def linear_attention(q, k, v, log_decay=None, *, scale, initial_state=None, chun
     def step(state, chunk):
         return _chunk_step(state, chunk, scale=scale, causal=causal)
 
-    final, o = jax.lax.scan(step, s0, (qc, kc, vc, cum))
+    final, o = jax.lax.scan(step, s0, (qc, kc, vc, cum, docs))
     o = jnp.moveaxis(o, (0, 4), (1, 2)).reshape(b, n * c, h, e)[:, :t]
     return o, final.reshape(b, h, d, e)
