@@ -36,7 +36,7 @@ class BlockConfig:
     block_d: int = 64
     split_dkdv: bool = False
     block_dkdv: int = 128
-    num_warps: int = 4
+    num_warps: int = 8
     num_stages: int = 2
 
     def __post_init__(self):

@@ -117,11 +117,11 @@ def _segment_state_kernel(*refs, chunk, per_segment, num_chunks, mode, mxu_dtype
         b, b_last = chunk_decay(decay_ref, t0, chunk=chunk, mode=mode)
         k = k_ref[pl.ds(t0, chunk), :]
         v = v_ref[pl.ds(t0, chunk), :]
-        k_to_end = row_scale(k, None if b is None else b_last - b)
+        v_to_end = row_scale(v, None if b is None else b_last - b)
         if last_token >= 0:
             pos = t0 + lax.broadcasted_iota(jnp.int32, (chunk, 1), 0)
-            k_to_end = jnp.where(pos == last_token, 0.0, k_to_end.astype(_F32))
-        update = dot(k_to_end.astype(mxu_dtype), v.astype(mxu_dtype), trans_a=True)
+            v_to_end = jnp.where(pos == last_token, 0.0, v_to_end.astype(_F32))
+        update = dot(k.astype(mxu_dtype), v_to_end.astype(mxu_dtype), trans_a=True)
         return update + (state if b is None else jnp.exp(b_last) * state)
 
     m_ref[...] = lax.fori_loop(0, count, body, jnp.zeros(m_ref.shape, _F32))
@@ -141,11 +141,12 @@ def _chunk_output_kernel(*refs, chunk, per_segment, num_chunks, scale, mode, mxu
         k = k_ref[pl.ds(t0, chunk), :]
         v = v_ref[pl.ds(t0, chunk), :].astype(mxu_dtype)
         scores = dot(q, k, trans_b=True) * decay_mask(b, chunk=chunk)
-        inter = dot(row_scale(q, b).astype(mxu_dtype), state.astype(mxu_dtype))
+        # row scalings commute with the matmuls: decay the [C, block] products, not the operands
+        inter = row_scale(dot(q, state.astype(mxu_dtype)), b)
         o = dot(scores.astype(mxu_dtype), v) + inter
         o_ref[pl.ds(t0, chunk), :] = (scale * o).astype(o_ref.dtype)
-        k_to_end = row_scale(k, None if b is None else b_last - b).astype(mxu_dtype)
-        update = dot(k_to_end, v, trans_a=True)
+        v_to_end = row_scale(v, None if b is None else b_last - b).astype(mxu_dtype)
+        update = dot(k, v_to_end, trans_a=True)
         return update + (state if b is None else jnp.exp(b_last) * state)
 
     lax.fori_loop(0, count, body, s_in_ref[...])

@@ -62,7 +62,7 @@ def _dq_kernel(*refs, chunk, per_segment, num_chunks, scale, mode, mxu_dtype, wi
         v = v_ref[pl.ds(t0, chunk), :].astype(mxu_dtype)
         do = do_ref[pl.ds(t0, chunk), :].astype(mxu_dtype)
         dp = dot(do, v, trans_b=True) * decay_mask(b, chunk=chunk)
-        dq_inter = dot(row_scale(do, b).astype(mxu_dtype), state.astype(mxu_dtype), trans_b=True)
+        dq_inter = row_scale(dot(do, state.astype(mxu_dtype), trans_b=True), b)
         dq = scale * (dot(dp.astype(mxu_dtype), k) + dq_inter)
         dq_ref[pl.ds(t0, chunk), :] = dq.astype(dq_ref.dtype)
         if with_dg:  # the inter-chunk part of q·dq; the intra part is taken in the dk/dv kernel
@@ -114,14 +114,14 @@ def _dkdv_kernel(*refs, chunk, per_segment, num_chunks, scale, mode, mxu_dtype, 
         dov_t = dot(v, do, trans_b=True) if with_dk or with_dg else None  # [key j, query i]
         if with_dv:
             scores_t = dot(k, q, trans_b=True) * mask_t
-            dv = scale * dot(scores_t.astype(mxu_dtype), do) + dot(row_scale(k, to_end).astype(mxu_dtype), ds_mxu)
+            dv = scale * dot(scores_t.astype(mxu_dtype), do) + row_scale(dot(k, ds_mxu), to_end)
             dv_ref[pl.ds(t0, chunk), :] = dv.astype(dv_ref.dtype)
             if with_dg:
                 pairs = jnp.where(row < col, scores_t * dov_t, 0.0)
                 dlog = scale * (jnp.sum(pairs, axis=0) - jnp.sum(pairs, axis=1))
         if with_dk:
             dp_t = dov_t * mask_t
-            dk_inter = dot(row_scale(v, to_end).astype(mxu_dtype), ds_mxu, trans_b=True)
+            dk_inter = row_scale(dot(v, ds_mxu, trans_b=True), to_end)
             dk = scale * dot(dp_t.astype(mxu_dtype), q) + dk_inter
             dk_ref[pl.ds(t0, chunk), :] = dk.astype(dk_ref.dtype)
             if with_dg:

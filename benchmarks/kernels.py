@@ -1,0 +1,285 @@
+#!/usr/bin/env python3
+"""Single-GPU linear attention: the Pallas Triton kernels beside their peers, in one run.
+
+Times forward and forward+backward medians (bf16) at the DESIGN.md §5 shapes with a constant
+per-head decay (``g_gamma``, lightning attention) and with a per-token decay (``g``), for
+
+- ``project``: ``pallas_kernels.linear_attention.pallas_triton`` (this repository),
+- ``fla``: flash-linear-attention ``chunk_simple_gla`` (PyTorch + Triton), when importable,
+- ``jla``: jax-linear-attention ``ops.linear_attention("simple_gla", impl="mosaic_gpu")``,
+  when importable,
+
+each in its own process. Prints one table (ms, TFLOP/s, fraction of the memory roofline,
+ratio of each peer's time to ours) and writes JSON with ``--json``. Run on the GPU machine from
+the repository root:
+
+    PYTHONPATH=$PWD python3 benchmarks/kernels.py --json kernels.json
+    PYTHONPATH=$PWD python3 benchmarks/kernels.py --impls project --configs "num_warps=4" "split_dkdv=True"
+
+FLOP counts are nominal, for the chunked algorithm with C = 64 (forward per token and head:
+``2·(C·D + C·E + 2·D·E)``, the backward twice that). The memory floor is the bytes that must
+move at least once (forward: read q, k, v and write o; forward+backward adds reading q, k, v,
+dO and writing dq, dk, dv), over the device-to-device copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+SHAPES = [(1, 32768, 16, 128), (4, 8192, 16, 128), (1, 131072, 16, 128), (8, 4096, 32, 128)]
+DECAYS = ["g_gamma", "g"]
+
+
+def gamma_values(heads):
+    """A spread of per-head log decays, as lightning attention uses (same as the peer script)."""
+    return [-(8.0 / heads) * h / 8.0 - 1e-3 for h in range(heads)]
+
+
+def flops(b, t, h, d, *, chunk=64, backward=False):
+    fwd = 2.0 * b * t * h * (chunk * d + chunk * d + 2 * d * d)
+    return fwd * (3 if backward else 1)
+
+
+def bytes_moved(b, t, h, d, *, backward=False, itemsize=2):
+    return b * t * h * d * itemsize * (11 if backward else 4)
+
+
+# ---- children: one process per implementation ------------------------------------------------
+
+
+def _jax_median_ms(fn, *args, iters=30):
+    import jax
+    import numpy as np
+
+    for _ in range(3):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) * 1e3
+
+
+def _jax_inputs(b, t, h, d, decay):
+    import jax
+    import jax.numpy as jnp
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 5)
+    q, k, v, do = (jax.random.normal(key, (b, t, h, d), jnp.bfloat16) for key in keys[:4])
+    if decay == "g_gamma":
+        return (q, k, v, do), jnp.asarray(gamma_values(h), jnp.float32)
+    g = jax.nn.log_sigmoid(jax.random.normal(keys[4], (b, t, h), jnp.float32) + 4.0)
+    return (q, k, v, do), g
+
+
+def _copy_bandwidth():
+    """Device-to-device copy bandwidth in bytes/s (bytes read plus bytes written)."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((512 * 1024 * 1024,), jnp.bfloat16)
+    fn = jax.jit(lambda x: x + 1)
+    ms = _jax_median_ms(fn, x, iters=20)
+    return 2 * x.size * 2 / (ms * 1e-3)
+
+
+def child_project(shapes, decays, configs):
+    import dataclasses
+
+    import jax
+
+    from pallas_kernels.linear_attention import pallas_triton
+    from pallas_kernels.linear_attention.config import default_config
+
+    print(json.dumps({"bandwidth": _copy_bandwidth(), "jax": jax.__version__, "device": jax.devices()[0].device_kind}))
+    for shape in shapes:
+        for decay in decays:
+            (q, k, v, do), gate = _jax_inputs(*shape, decay)
+            for overrides in configs:
+                base = default_config(batch=shape[0], heads=shape[2], seq_len=shape[1], interpret=False)
+                cfg = dataclasses.replace(base, **overrides)
+
+                def attn(q, k, v, gate, cfg=cfg, decay=decay):
+                    kw = {"g_gamma": gate} if decay == "g_gamma" else {"g": gate}
+                    return pallas_triton.linear_attention(q, k, v, **kw, config=cfg)[0]
+
+                fwd = jax.jit(attn)
+                fwd_bwd = jax.jit(lambda q, k, v, gate, do, attn=attn: jax.vjp(attn, q, k, v, gate)[1](do))
+                row = {"shape": shape, "decay": decay, "config": overrides}
+                try:
+                    row["fwd_ms"] = _jax_median_ms(fwd, q, k, v, gate)
+                    row["fwd_bwd_ms"] = _jax_median_ms(fwd_bwd, q, k, v, gate, do)
+                except Exception as ex:  # report and go on with the next configuration
+                    row["error"] = f"{type(ex).__name__}: {str(ex)[:300]}"
+                print(json.dumps(row), flush=True)
+
+
+def child_jla(shapes, decays, configs):
+    import jax
+    import jax.numpy as jnp
+    from jla import ops
+
+    for shape in shapes:
+        for decay in decays:
+            (q, k, v, do), gate = _jax_inputs(*shape, decay)
+            if decay == "g_gamma":
+                gate = jnp.broadcast_to(gate, shape[:3]).astype(jnp.float32)
+
+            def attn(q, k, v, g):
+                return ops.linear_attention("simple_gla", q, k, v, g=g, impl="mosaic_gpu")[0]
+
+            fwd = jax.jit(attn)
+            fwd_bwd = jax.jit(lambda q, k, v, g, do: jax.vjp(attn, q, k, v, g)[1](do))
+            row = {"shape": shape, "decay": decay}
+            try:
+                row["fwd_ms"] = _jax_median_ms(fwd, q, k, v, gate)
+                row["fwd_bwd_ms"] = _jax_median_ms(fwd_bwd, q, k, v, gate, do)
+            except Exception as ex:
+                row["error"] = f"{type(ex).__name__}: {str(ex)[:300]}"
+            print(json.dumps(row), flush=True)
+
+
+def _fla_case(b, t, h, d, decay):
+    import torch
+    from fla.ops.simple_gla import chunk_simple_gla
+    from triton.testing import do_bench
+
+    q, k, v, do = (torch.randn(b, t, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=i < 3) for i in range(4))
+    if decay == "g_gamma":
+        kw, grads = {"g_gamma": torch.tensor(gamma_values(h), device="cuda")}, [q, k, v]
+    else:
+        g = torch.nn.functional.logsigmoid(torch.randn(b, t, h, device="cuda") + 4.0).requires_grad_()
+        kw, grads = {"g": g}, [q, k, v, g]
+
+    def fwd():
+        return chunk_simple_gla(q, k, v, **kw)[0]
+
+    def fwd_bwd():
+        fwd().backward(do)
+
+    return {
+        "fwd_ms": do_bench(fwd, return_mode="median"),
+        "fwd_bwd_ms": do_bench(fwd_bwd, return_mode="median", grad_to_none=grads),
+    }
+
+
+def child_fla(shapes, decays, configs):
+    import torch
+
+    for shape in shapes:
+        for decay in decays:
+            row = {"shape": shape, "decay": decay}
+            try:
+                row |= _fla_case(*shape, decay)
+            except Exception as ex:
+                row["error"] = f"{type(ex).__name__}: {str(ex)[:300]}"
+            print(json.dumps(row), flush=True)
+            torch.cuda.empty_cache()
+
+
+CHILDREN = {"project": child_project, "fla": child_fla, "jla": child_jla}
+
+
+# ---- parent: run the children, print the table -----------------------------------------------
+
+
+def _run_child(name, args):
+    cmd = [sys.executable, __file__, "--child", name, "--shapes", *[",".join(map(str, s)) for s in args.shapes]]
+    cmd += ["--decay", *args.decay, "--configs", *args.configs]
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+        out, err = proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired as ex:
+        out, err = (ex.stdout or b"").decode(), f"timed out after {args.timeout} s"
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    if not rows or any("error" in r for r in rows):
+        tail = "\n".join(err.strip().splitlines()[-5:])
+        print(f"[{name}] {tail}", file=sys.stderr)
+    return rows, err
+
+
+def _parse_config(text):
+    """'num_warps=4,split_dkdv=True' -> {'num_warps': 4, 'split_dkdv': True} ('' is the default)."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, value = item.split("=")
+        out[key.strip()] = json.loads(value.strip().lower())
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--impls", nargs="*", default=list(CHILDREN), help="project, fla, jla")
+    ap.add_argument("--shapes", nargs="*", default=[",".join(map(str, s)) for s in SHAPES], help="B,T,H,D")
+    ap.add_argument("--decay", nargs="*", default=DECAYS, choices=DECAYS)
+    ap.add_argument("--configs", nargs="*", default=[""], help="BlockConfig overrides of the project kernels")
+    ap.add_argument("--json", default=None, help="write every measurement here")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per implementation")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
+    if args.child:
+        CHILDREN[args.child](args.shapes, args.decay, [_parse_config(c) for c in args.configs])
+        return
+
+    results, info = {}, {}
+    for name in args.impls:
+        rows, _ = _run_child(name, args)
+        for row in rows:
+            if "bandwidth" in row:
+                info = row
+                continue
+            key = (tuple(row["shape"]), row["decay"])
+            results.setdefault(key, {}).setdefault(name, []).append(row)
+    bandwidth = info.get("bandwidth", 3.0e12)
+    print(
+        f"\ndevice: {info.get('device', '?')}, jax {info.get('jax', '?')}, copy bandwidth {bandwidth / 1e12:.2f} TB/s"
+    )
+    header = "shape (B,T,H,D) | decay | impl [config] | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | memory roofline"
+    header += " | peer/project"
+    print(header + "\n" + "-" * len(header))
+    table = []
+    for (shape, decay), by_impl in results.items():
+        project = [r for r in by_impl.get("project", []) if "fwd_bwd_ms" in r]
+        best = min(project, key=lambda r: r["fwd_bwd_ms"]) if project else None
+        for name, rows in by_impl.items():
+            for row in rows:
+                if "fwd_bwd_ms" not in row:
+                    print(f"{shape} | {decay} | {name} | failed: {row.get('error', '?')}")
+                    continue
+                floor_ms = bytes_moved(*shape, backward=True) / bandwidth * 1e3
+                tflops = flops(*shape, backward=True) / (row["fwd_bwd_ms"] * 1e-3) / 1e12
+                ratio = ""
+                if name != "project" and best:
+                    ratio = f"{row['fwd_bwd_ms'] / best['fwd_bwd_ms']:.2f}x"
+                cfg = (
+                    f" [{','.join(f'{k}={v}' for k, v in row.get('config', {}).items())}]" if name == "project" else ""
+                )
+                print(
+                    f"{shape} | {decay} | {name}{cfg} | {row['fwd_ms']:.3f} | {row['fwd_bwd_ms']:.3f} | "
+                    f"{tflops:.0f} | {floor_ms / row['fwd_bwd_ms']:.2f} | {ratio}"
+                )
+                table.append(
+                    row
+                    | {
+                        "impl": name,
+                        "fwd_bwd_tflops": tflops,
+                        "fwd_bwd_roofline_fraction": floor_ms / row["fwd_bwd_ms"],
+                        "fwd_roofline_fraction": bytes_moved(*shape) / bandwidth * 1e3 / row["fwd_ms"],
+                        "fwd_tflops": flops(*shape) / (row["fwd_ms"] * 1e-3) / 1e12,
+                    }
+                )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"info": info, "rows": table}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

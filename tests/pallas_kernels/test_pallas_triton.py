@@ -1,0 +1,164 @@
+"""Kernel-specific tests of the Pallas Triton linear-attention kernels.
+
+The shared suite (test_linear_attention.py) runs ``impl="pallas"`` through the public function.
+Here: the paths it does not reach (the constant-decay kernel mode, which needs T to be a whole
+number of chunks; tiled and split backward kernels; many segments), the tiling helpers, and
+GPU-only checks (compiled kernels against the reference, a million-token call) that skip
+without a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.linear_attention import pallas_triton
+from pallas_kernels.linear_attention.config import INTERPRET_CONFIG, BlockConfig, default_config, segments
+from tests.helpers import make_inputs, rel_err, tol, x64
+
+ON_GPU = jax.default_backend() == "gpu"
+
+
+def _grads(fn, q, k, v, kw, do, ds):
+    def loss(q, k, v, kw):
+        o, s = fn(q, k, v, kw)
+        return jnp.sum(o.astype(do.dtype) * do) + jnp.sum(s.astype(ds.dtype) * ds), (o, s)
+
+    grads, (o, s) = jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, kw)
+    return {"o": o, "final_state": s, "dq": grads[0], "dk": grads[1], "dv": grads[2]} | {
+        f"d{n}": x for n, x in grads[3].items()
+    }
+
+
+def check_kernels(rng, *, dtype=jnp.float32, config=None, interpret=True, dg_factor=4.0, **shape):
+    """pallas_triton.linear_attention (outputs, every gradient) against the float64 recurrence."""
+    q, k, v, kw = make_inputs(rng, dtype=dtype, **shape)
+    q, k, v = (np.asarray(jnp.asarray(x, dtype)) for x in (q, k, v))
+    do = rng.standard_normal(q.shape[:3] + v.shape[3:])
+    ds = rng.standard_normal((q.shape[0], q.shape[2], q.shape[3], v.shape[3]))
+
+    def kernel(q, k, v, kw):
+        return pallas_triton.linear_attention(q, k, v, **kw, interpret=interpret, config=config)
+
+    got = _grads(
+        kernel,
+        *(jnp.asarray(x, dtype) for x in (q, k, v)),
+        {n: jnp.asarray(x, jnp.float32) for n, x in kw.items()},
+        jnp.asarray(do, jnp.float32),
+        jnp.asarray(ds, jnp.float32),
+    )
+    with x64():
+        from pallas_kernels.linear_attention import reference
+
+        def oracle(q, k, v, kw):
+            kw = dict(kw)
+            gate = kw.pop("g", None)
+            if "g_gamma" in kw:
+                gate = jnp.broadcast_to(kw.pop("g_gamma"), q.shape[:3])
+            return reference.recurrent(q, k, v, gate, scale=q.shape[-1] ** -0.5, **kw)
+
+        want = _grads(
+            oracle,
+            *(jnp.asarray(x, jnp.float64) for x in (q, k, v)),
+            {n: jnp.asarray(x, jnp.float64) for n, x in kw.items()},
+            jnp.asarray(do, jnp.float64),
+            jnp.asarray(ds, jnp.float64),
+        )
+        want = {n: np.asarray(x) for n, x in want.items()}
+    assert got["o"].dtype == dtype and got["final_state"].dtype == jnp.float32
+    bound = tol(dtype, shape["t"])
+    errors = {n: rel_err(got[n], want[n]) for n in want}
+    bad = {n: e for n, e in errors.items() if e > (dg_factor * bound if n in ("dg", "dg_gamma") else bound)}
+    assert not bad, f"errors over tolerance {bound:.1e}: {bad}"
+
+
+# ---- interpret mode (CPU) -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("decay", ["g_gamma", "g"])
+def test_whole_chunks_strong_decay(rng, decay):
+    """T a multiple of the chunk runs the constant-decay kernel mode; strong decay stresses dg."""
+    # the decay gradient leaves out pairs that cancel exactly, so it stays accurate here
+    check_kernels(rng, b=1, t=64, h=2, d=16, decay=decay, g_scale=10.0, dg_factor=1.0)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["fused_dkdv", "split_dkdv"])
+def test_tiled_blocks_and_segments(rng, split):
+    """Value/key dims tiled in every kernel, many uneven segments, grouped heads."""
+    cfg = dataclasses.replace(INTERPRET_CONFIG, min_programs=20, split_dkdv=split)
+    # E=32, D=32 with 16-wide blocks; 7 chunks in 4 segments per row (2, 2, 2, 1 chunks)
+    check_kernels(rng, b=1, t=7 * 16, h=4, hk=2, d=32, e=32, decay="g", config=cfg)
+
+
+def test_constant_decay_no_initial_state_half_precision(rng):
+    check_kernels(rng, dtype=jnp.bfloat16, b=2, t=48, h=2, d=16, e=32, decay="g_gamma", init=False)
+
+
+def test_segments_cover_every_chunk():
+    for num_chunks in range(1, 40):
+        for rows in (1, 3, 16):
+            for min_programs in (1, 7, 64):
+                n_seg, per = segments(num_chunks, rows, min_programs)
+                assert (n_seg - 1) * per < num_chunks <= n_seg * per
+                assert n_seg <= num_chunks
+    assert segments(512, 16, 528) == (32, 16)
+
+
+def test_config_validation_and_defaults():
+    with pytest.raises(ValueError, match="chunk=48"):
+        BlockConfig(chunk=48)
+    with pytest.raises(ValueError, match="min_programs"):
+        BlockConfig(min_programs=0)
+    assert default_config(batch=2, heads=3, seq_len=100, interpret=True).chunk == INTERPRET_CONFIG.chunk
+    assert default_config(batch=1, heads=16, seq_len=32768, interpret=False) == BlockConfig()
+
+
+def test_rejects_what_it_cannot_run():
+    with x64():
+        q = jnp.zeros((1, 8, 2, 16), jnp.float64)
+        with pytest.raises(TypeError, match="q.dtype=float64"):
+            pallas_triton.linear_attention(q, q, q, interpret=True)
+    huge = jax.ShapeDtypeStruct((1, 1 << 22, 16, 128), jnp.bfloat16)  # 2^33 elements: int32 offsets overflow
+    assert not pallas_triton.supports(huge, huge, huge)
+    ok = jax.ShapeDtypeStruct((1, 1 << 20, 4, 128), jnp.bfloat16)
+    assert pallas_triton.supports(ok, ok, ok)
+
+
+# ---- GPU (compiled Triton kernels) ----------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16], ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("decay", [None, "g_gamma", "g"], ids=["nodecay", "g_gamma", "g"])
+def test_gpu_kernels_match_reference(rng, dtype, decay):
+    check_kernels(rng, dtype=dtype, interpret=False, b=2, t=1000, h=4, hk=2, d=64, decay=decay)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,e", [(128, 128), (12, 20)], ids=str)
+@pytest.mark.parametrize("split", [False, True], ids=["fused_dkdv", "split_dkdv"])
+def test_gpu_head_dims_and_split(rng, d, e, split):
+    cfg = dataclasses.replace(BlockConfig(), split_dkdv=split, min_programs=16)
+    check_kernels(rng, interpret=False, config=cfg, b=1, t=777, h=2, d=d, e=e, decay="g")
+
+
+@pytest.mark.gpu
+def test_gpu_million_tokens_equal_chained_halves():
+    """T = 1,048,576 (B=1, H=4, D=128, bf16): fwd+bwd finite and equal to two chained halves."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[2] / "benchmarks" / "long_sequence.py"
+    spec = importlib.util.spec_from_file_location("long_sequence", path)
+    long_sequence = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(long_sequence)
+    inputs = long_sequence.make_inputs(1, 1 << 20, 4, 128)
+    (grads_w, (o_w, s_w)), (grads_c, (o_c, s_c)) = long_sequence.whole_and_halves(*inputs)
+    for whole, chain in zip([o_w, s_w, *grads_w], [o_c, s_c, *grads_c]):
+        whole, chain = whole.astype(jnp.float32), chain.astype(jnp.float32)
+        assert bool(jnp.all(jnp.isfinite(whole))) and bool(jnp.all(jnp.isfinite(chain)))
+        assert rel_err(whole, chain) < 1e-2
