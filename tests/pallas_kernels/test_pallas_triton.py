@@ -139,7 +139,7 @@ def test_gpu_kernels_match_reference(rng, dtype, decay):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("d,e", [(128, 128), (12, 20)], ids=str)
+@pytest.mark.parametrize("d,e", [(128, 128), (12, 20)], ids=["D128E128", "D12E20"])
 @pytest.mark.parametrize("split", [False, True], ids=["fused_dkdv", "split_dkdv"])
 def test_gpu_head_dims_and_split(rng, d, e, split):
     cfg = dataclasses.replace(BlockConfig(), split_dkdv=split, min_programs=16)
