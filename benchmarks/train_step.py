@@ -1,0 +1,282 @@
+"""Training-step throughput and MFU of a TNL-1B-shaped model, and the longest sequence that trains per GPU.
+
+For each sequence-parallel size in ``--sp`` (e.g. ``--sp 1 2``: one GPU, then two GPUs sharing each
+sequence), a full jitted training step (forward, backward, AdamW update; bf16 compute, float32
+params and optimizer state) runs on one row of ``--tokens-per-device × sp`` tokens per data-parallel
+group, so every GPU holds ``--tokens-per-device`` tokens. It measures:
+
+- the median step time over ``--iters`` steps (after compile and ``--warmup`` steps) on a fixed batch;
+- tokens/s per GPU and MFU: model FLOPs per token (``models.train.model_flops_per_token``: 6·N for
+  the weight matmuls incl. the head, plus the recurrence's 12·H·D·E per layer; remat not counted)
+  × tokens/s per GPU / the GPU's dense bf16 peak (989 TFLOP/s for H100/H200 SXM; ``--peak-tflops``);
+- for sp > 1, per-GPU throughput as a fraction of the sp = 1 row;
+- peak device memory (``memory_stats``) where the backend reports it.
+
+``--search-longest`` then finds the longest sequence per GPU whose step runs: doubling from
+``--tokens-per-device`` until a step fails with out-of-memory, then bisecting to ``--granularity``
+tokens (remat ``full`` and chunked logits, the memory-lean settings, unless overridden).
+
+Prints a table and writes JSON with ``--json PATH``. ``--smoke`` runs a tiny model on fake CPU
+devices (a check that the script works, not a measurement).
+
+    python benchmarks/train_step.py                                   # 1 GPU, TNL-1B, 32K tokens
+    python benchmarks/train_step.py --sp 1 2 --json train_step.json   # 2 GPUs: sp=1 row and sp=2 row
+    python benchmarks/train_step.py --search-longest                  # + longest trainable sequence
+    python benchmarks/train_step.py --smoke --sp 1 2 --search-longest --max-tokens 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="tnl-1b")
+    p.add_argument("--tokens-per-device", type=int, default=32768)
+    p.add_argument("--sp", type=int, nargs="+", default=[1], help="sequence-parallel sizes, one row each")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel size (one row of tokens per dp group)")
+    p.add_argument("--strategy", default="ring")
+    p.add_argument("--impl", default="auto")
+    p.add_argument("--fsdp", action="store_true")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--remat", default="dots", help="none | dots | full (throughput rows)")
+    p.add_argument("--loss-chunks", default="auto", help="int, or auto: about 8K tokens of logits per device at once")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=8)
+    p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--search-longest", action="store_true")
+    p.add_argument("--search-remat", default="full")
+    p.add_argument("--max-tokens", type=int, default=4 * 1024 * 1024, help="per device, upper end of the search")
+    p.add_argument("--granularity", type=int, default=16384, help="per-device resolution of the search")
+    p.add_argument("--json", default=None)
+    p.add_argument("--smoke", action="store_true", help="tiny model on fake CPU devices")
+    args = p.parse_args(argv)
+    if args.smoke:
+        n = max(args.sp) * args.dp
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
+        if args.preset == "tnl-1b":
+            args.preset = "tiny"
+        if args.tokens_per_device == 32768:
+            args.tokens_per_device = 256
+        args.granularity = min(args.granularity, 128)
+        args.warmup, args.iters = min(args.warmup, 1), min(args.iters, 2)
+        args.dtype = "float32"
+    return args
+
+
+def loss_chunks_for(args, local_tokens: int, sp: int) -> int:
+    if args.loss_chunks != "auto":
+        return int(args.loss_chunks)
+    chunks = 1
+    while local_tokens // chunks > 8192 and (local_tokens // (2 * chunks)) * 2 * chunks == local_tokens:
+        chunks *= 2
+    return chunks
+
+
+def is_oom(err: Exception) -> bool:
+    text = f"{type(err).__name__}: {err}"
+    return any(s in text for s in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OOM", "Allocator"))
+
+
+def run_config(args, *, sp: int, local_tokens: int, remat: str, iters: int, warmup: int) -> dict:
+    """Build, compile and time one training step; returns a result row (raises on failure)."""
+    import jax
+
+    from models.config import get_config
+    from models.dataset import DataConfig
+    from models.train import MeshConfig, OptimConfig, RunConfig, TrainConfig, Trainer
+
+    n = sp * args.dp
+    devices = jax.devices()[:n]
+    if len(devices) < n:
+        raise SystemExit(f"need {n} devices for sp={sp} dp={args.dp}, have {len(jax.devices())}")
+    seq_len = local_tokens * sp
+    chunks = loss_chunks_for(args, local_tokens, sp)
+    model = get_config(args.preset, dtype=args.dtype)
+    config = TrainConfig(
+        model=model,
+        mesh=MeshConfig(dp=args.dp, sp=sp, fsdp=args.fsdp, strategy=args.strategy, impl=args.impl),
+        optim=OptimConfig(lr=1e-4, warmup_steps=10),
+        data=DataConfig(source="synthetic", batch_size=args.dp, seq_len=seq_len),
+        run=RunConfig(steps=1000, remat=remat, loss_chunks=chunks, progress=False, peak_tflops=args.peak_tflops),
+    )
+    trainer = Trainer(config, devices=devices, log=lambda *a: None)
+    state = trainer.init_state()
+    batch = trainer.data.batch("train", 0, trainer.batch_sharding)
+    t0 = time.perf_counter()
+    step = trainer.train_step.lower(state, *batch).compile()
+    compile_s = time.perf_counter() - t0
+    times = []
+    for i in range(warmup + iters):
+        t0 = time.perf_counter()
+        state, metrics = step(state, *batch)
+        jax.block_until_ready(metrics["loss"])
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    loss = float(metrics["loss"])
+    if loss != loss:
+        raise FloatingPointError("the step produced a NaN loss")
+    step_s = statistics.median(times)
+    tok_s_dev = args.dp * seq_len / step_s / n
+    peak = trainer.peak_flops
+    mem = None
+    try:
+        stats = devices[0].memory_stats() or {}
+        mem = stats.get("peak_bytes_in_use")
+    except Exception:  # not every backend reports memory
+        mem = None
+    row = {
+        "sp": sp,
+        "dp": args.dp,
+        "devices": n,
+        "seq_len": seq_len,
+        "tokens_per_device": local_tokens,
+        "remat": remat,
+        "loss_chunks": chunks,
+        "compile_s": compile_s,
+        "step_ms": 1e3 * step_s,
+        "step_ms_all": [1e3 * t for t in times],
+        "tokens_per_s_per_device": tok_s_dev,
+        "model_tflops_per_s_per_device": tok_s_dev * trainer.flops_per_token / 1e12,
+        "mfu": tok_s_dev * trainer.flops_per_token / peak if peak else None,
+        "peak_memory_gb": mem / 2**30 if mem else None,
+        "params": trainer.n_params,
+        "loss": loss,
+    }
+    del trainer, state, step, batch, metrics
+    return row
+
+
+def try_config(args, **kw) -> tuple[bool, dict | str]:
+    import jax
+
+    try:
+        return True, run_config(args, **kw)
+    except Exception as e:  # out of memory shows up as different exception types across versions
+        if not is_oom(e):
+            raise
+        return False, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    finally:
+        gc.collect()
+        jax.clear_caches()
+
+
+def search_longest(args, sp: int) -> dict:
+    """Largest per-device token count (a multiple of ``granularity``) whose training step runs."""
+    good, bad, tried = None, None, []
+    n = args.tokens_per_device
+    while n <= args.max_tokens:
+        ok, res = try_config(args, sp=sp, local_tokens=n, remat=args.search_remat, iters=1, warmup=1)
+        tried.append({"tokens_per_device": n, "ok": ok, "step_ms": res["step_ms"] if ok else None})
+        print(f"  sp={sp} {n:>9} tokens/device: {'ok' if ok else 'out of memory'}", flush=True)
+        if not ok:
+            bad = n
+            break
+        good = res
+        n *= 2
+    if good is None:
+        return {"sp": sp, "longest_tokens_per_device": None, "tried": tried}
+    lo, hi = good["tokens_per_device"], bad
+    while hi is not None and hi - lo > args.granularity:
+        mid = (lo + hi) // 2 // args.granularity * args.granularity
+        if mid <= lo:
+            break
+        ok, res = try_config(args, sp=sp, local_tokens=mid, remat=args.search_remat, iters=1, warmup=1)
+        tried.append({"tokens_per_device": mid, "ok": ok, "step_ms": res["step_ms"] if ok else None})
+        print(f"  sp={sp} {mid:>9} tokens/device: {'ok' if ok else 'out of memory'}", flush=True)
+        if ok:
+            lo, good = mid, res
+        else:
+            hi = mid
+    return {
+        "sp": sp,
+        "longest_tokens_per_device": lo,
+        "longest_seq_len": lo * sp,
+        "capped_by_max_tokens": bad is None,
+        "remat": args.search_remat,
+        "step_ms": good["step_ms"],
+        "peak_memory_gb": good["peak_memory_gb"],
+        "tried": tried,
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import jax
+
+    dev = jax.devices()[0]
+    header = {
+        "device": dev.device_kind,
+        "platform": dev.platform,
+        "n_devices_available": len(jax.devices()),
+        "jax": jax.__version__,
+        "preset": args.preset,
+        "dtype": args.dtype,
+        "strategy": args.strategy,
+        "fsdp": args.fsdp,
+        "smoke": args.smoke,
+    }
+    try:
+        import flax
+
+        header["flax"] = flax.__version__
+    except ImportError:
+        pass
+    n_avail = header["n_devices_available"]
+    print(f"# train step: {args.preset} on {dev.device_kind} ({n_avail} devices), jax {jax.__version__}")
+    rows = []
+    for sp in args.sp:
+        row = run_config(
+            args, sp=sp, local_tokens=args.tokens_per_device, remat=args.remat, iters=args.iters, warmup=args.warmup
+        )
+        rows.append(row)
+        gc.collect()
+        jax.clear_caches()
+    base = next((r for r in rows if r["sp"] == 1), None)
+    for r in rows:
+        r["per_device_vs_sp1"] = r["tokens_per_s_per_device"] / base["tokens_per_s_per_device"] if base else None
+
+    print(f"\nparams {rows[0]['params'] / 1e9:.3f}B, remat {args.remat}, dp {args.dp}")
+    head = (
+        f"{'sp':>3} {'seq_len':>9} {'tok/dev':>8} {'step ms':>9} {'tok/s/dev':>10} {'TFLOP/s':>8} {'MFU':>6} "
+        f"{'vs sp1':>7} {'mem GB':>7} {'compile s':>9}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        vs = f"{r['per_device_vs_sp1']:.3f}" if r["per_device_vs_sp1"] is not None else "n/a"
+        mem = f"{r['peak_memory_gb']:.1f}" if r["peak_memory_gb"] else "n/a"
+        print(
+            f"{r['sp']:>3} {r['seq_len']:>9} {r['tokens_per_device']:>8} {r['step_ms']:>9.1f} "
+            f"{r['tokens_per_s_per_device']:>10.0f} {r['model_tflops_per_s_per_device']:>8.1f} {mfu:>6} {vs:>7} "
+            f"{mem:>7} {r['compile_s']:>9.1f}"
+        )
+    longest = []
+    if args.search_longest:
+        print(f"\nlongest sequence per device (remat {args.search_remat}):")
+        for sp in args.sp:
+            res = search_longest(args, sp)
+            longest.append(res)
+            capped = " (cap reached)" if res.get("capped_by_max_tokens") else ""
+            longest_local, longest_seq = res["longest_tokens_per_device"], res.get("longest_seq_len")
+            print(f"sp={sp}: {longest_local} tokens per device, sequence {longest_seq}{capped}")
+    out = {**header, "rows": rows, "longest": longest}
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=2)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
