@@ -52,11 +52,15 @@ def bytes_moved(b, t, h, d, *, backward=False, itemsize=2):
 # ---- children: one process per implementation ------------------------------------------------
 
 
-def _jax_median_ms(fn, *args, iters=30):
+WARMUP, ITERS = 3, 30
+
+
+def _jax_median_ms(fn, *args, iters=None):
     import jax
     import numpy as np
 
-    for _ in range(3):
+    iters = ITERS if iters is None else iters
+    for _ in range(WARMUP):
         jax.block_until_ready(fn(*args))
     times = []
     for _ in range(iters):
@@ -83,10 +87,10 @@ def _copy_bandwidth():
     import jax
     import jax.numpy as jnp
 
-    x = jnp.ones((512 * 1024 * 1024,), jnp.bfloat16)
+    x = jnp.ones((256 * 1024 * 1024,), jnp.float32)
     fn = jax.jit(lambda x: x + 1)
-    ms = _jax_median_ms(fn, x, iters=20)
-    return 2 * x.size * 2 / (ms * 1e-3)
+    ms = _jax_median_ms(fn, x, iters=max(ITERS, 5))
+    return 2 * x.size * 4 / (ms * 1e-3)
 
 
 def child_project(shapes, decays, configs):
@@ -191,7 +195,16 @@ CHILDREN = {"project": child_project, "fla": child_fla, "jla": child_jla}
 
 def _run_child(name, args):
     cmd = [sys.executable, __file__, "--child", name, "--shapes", *[",".join(map(str, s)) for s in args.shapes]]
-    cmd += ["--decay", *args.decay, "--configs", *args.configs]
+    cmd += [
+        "--decay",
+        *args.decay,
+        "--configs",
+        *args.configs,
+        "--warmup",
+        str(args.warmup),
+        "--iters",
+        str(args.iters),
+    ]
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
@@ -222,10 +235,14 @@ def main():
     ap.add_argument("--configs", nargs="*", default=[""], help="BlockConfig overrides of the project kernels")
     ap.add_argument("--json", default=None, help="write every measurement here")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per implementation")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed calls before timing")
+    ap.add_argument("--iters", type=int, default=30, help="timed calls (the median is reported)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
-    if args.child:
+    if args.child:  # also the way to run one implementation alone, e.g. under a profiler
+        global WARMUP, ITERS
+        WARMUP, ITERS = args.warmup, args.iters
         CHILDREN[args.child](args.shapes, args.decay, [_parse_config(c) for c in args.configs])
         return
 

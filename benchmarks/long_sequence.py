@@ -69,6 +69,7 @@ def main():
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     inputs = make_inputs(1, args.seq_len, args.heads, args.dim)
+    print(f"running T={args.seq_len} whole and as two chained halves (compiles first)", flush=True)
     start = time.perf_counter()
     (grads_w, (o_w, s_w)), (grads_c, (o_c, s_c)) = jax.block_until_ready(whole_and_halves(*inputs))
     seconds = time.perf_counter() - start

@@ -27,7 +27,8 @@ class BlockConfig:
       split_dkdv: compute dk and dv in two kernels (smaller register footprint, one more
         read of q and dO) instead of one fused kernel.
       block_dkdv: key-dim tile of the dk kernel and value-dim tile of the dv kernel when split.
-      num_warps / num_stages: Triton launch parameters of the chunk-loop kernels.
+      num_warps / num_warps_bwd / num_stages: Triton launch parameters of the forward and the
+        backward chunk-loop kernels.
     """
 
     chunk: int = 64
@@ -36,7 +37,8 @@ class BlockConfig:
     block_d: int = 64
     split_dkdv: bool = False
     block_dkdv: int = 128
-    num_warps: int = 8
+    num_warps: int = 4
+    num_warps_bwd: int = 8
     num_stages: int = 2
 
     def __post_init__(self):

@@ -46,9 +46,13 @@ _MAX_ELEMENTS = 2**31 - 1
 
 
 def dot(a, b, *, trans_a: bool = False, trans_b: bool = False):
-    """``a @ b`` (``aᵀ`` / ``bᵀ`` when asked) with float32 accumulation."""
+    """``a @ b`` (``aᵀ`` / ``bᵀ`` when asked) with float32 accumulation.
+
+    HIGHEST keeps float32 operands exact (jax 0.11's Triton lowering maps DEFAULT to tf32);
+    bf16/fp16 operands go to the tensor cores either way.
+    """
     dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-    return lax.dot_general(a, b, dims, preferred_element_type=_F32)
+    return lax.dot_general(a, b, dims, precision=lax.Precision.HIGHEST, preferred_element_type=_F32)
 
 
 def chunk_decay(decay_ref, t0, *, chunk: int, mode: DecayMode):
@@ -94,8 +98,9 @@ def segment_bounds(num_chunks: int, per_segment: int):
     return first, jnp.minimum(per_segment, num_chunks - first)
 
 
-def compiler_params(cfg: BlockConfig):
-    return plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+def compiler_params(cfg: BlockConfig, *, backward: bool = False):
+    warps = cfg.num_warps_bwd if backward else cfg.num_warps
+    return plgpu.CompilerParams(num_warps=warps, num_stages=cfg.num_stages)
 
 
 # ---- forward kernels ------------------------------------------------------------------------

@@ -183,7 +183,7 @@ def backward(q, k, v, g, gamma, states, do, d_final, *, scale, mode, cfg, interp
         ],
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=compiler_params(cfg),
+        compiler_params=compiler_params(cfg, backward=True),
         interpret=interpret,
         name="linear_attention_dq",
     )(q, k, v, do, *decay, states)
@@ -229,7 +229,7 @@ def backward(q, k, v, g, gamma, states, do, d_final, *, scale, mode, cfg, interp
             ],
             out_specs=out_specs,
             out_shape=out_shape,
-            compiler_params=compiler_params(cfg),
+            compiler_params=compiler_params(cfg, backward=True),
             interpret=interpret,
             name="linear_attention_dkdv"
             if with_dk and with_dv
