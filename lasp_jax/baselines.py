@@ -54,15 +54,21 @@ def ulysses(q, k, v, *, axis_name, size, g=None, g_gamma=None, scale, initial_st
     return o, final
 
 
-def _prefix_state(k, v, cum_end, cum, mask, num_heads):
-    """Σ_j [mask_j] exp(cum_end − cum_j) k_jᵀ v_j over the gathered tokens, ``[B, H, D, E]`` float32."""
+def _weighted_state(k, v, log_w, mask, num_heads):
+    """Σ_j [mask_j] exp(log_w_j) k_jᵀ v_j over the gathered tokens, ``[B, H, D, E]`` float32."""
     b, t, hk, d = k.shape
     grp = num_heads // hk
     acc = jnp.result_type(jnp.float32, k.dtype, v.dtype)
-    w = jnp.exp(jnp.where(mask, cum_end - cum, -jnp.inf)).reshape(b, t, hk, grp)
+    w = jnp.where(mask, jnp.exp(jnp.where(mask, log_w, 0.0)), 0.0).reshape(b, t, hk, grp)
     k_weighted = (k[:, :, :, None].astype(acc) * w[..., None]).astype(k.dtype)
     s = jnp.einsum("btkgd,btke->bkgde", k_weighted, v, preferred_element_type=acc)
     return s.reshape(b, num_heads, d, v.shape[-1])
+
+
+def _suffix_after(g):
+    """``Σ_{t>j} g_t`` along axis 1 (a suffix sum, accurate near the end where weights matter)."""
+    suffix = jnp.flip(jnp.cumsum(jnp.flip(g, 1), axis=1), 1)
+    return jnp.concatenate([suffix[:, 1:], jnp.zeros_like(suffix[:, :1])], axis=1)
 
 
 def gather_kv(q, k, v, *, axis_name, size, g=None, g_gamma=None, scale, initial_state=None, output_final_state, impl):
@@ -75,27 +81,26 @@ def gather_kv(q, k, v, *, axis_name, size, g=None, g_gamma=None, scale, initial_
     k_all, v_all = gather(k), gather(v)
     t = length * size
     if g is not None:
-        cum = jnp.cumsum(gather(g).astype(jnp.float32), axis=1)
+        g_all = gather(g).astype(jnp.float32)
     elif g_gamma is not None:
-        cum = jnp.arange(1, t + 1, dtype=jnp.float32)[None, :, None] * g_gamma.astype(jnp.float32)
-        cum = jnp.broadcast_to(cum, (b, t, h))
+        g_all = jnp.broadcast_to(g_gamma.astype(jnp.float32), (b, t, h))
     else:
-        cum = jnp.zeros((b, t, h), jnp.float32)
-    cum0 = jnp.concatenate([jnp.zeros_like(cum[:, :1]), cum], axis=1)  # cum0[:, n] = Σ_{j<n} g_j
-    start = rank * length
-    cum_start = jax.lax.dynamic_index_in_dim(cum0, start, axis=1, keepdims=True)
-    before = (jnp.arange(t) < start)[None, :, None]
-    s_in = _prefix_state(k_all, v_all, cum_start, cum, before, h)
+        g_all = jnp.zeros((b, t, h), jnp.float32)
+    # the local queries see the gathered prefix [0, r·L): decay from token j to the prefix end
+    before = (jnp.arange(t) < rank * length)[None, :, None]
+    g_before = jnp.where(before, g_all, 0.0)
+    s_in = _weighted_state(k_all, v_all, _suffix_after(g_before), before, h)
     if initial_state is not None:
-        s_in = s_in + jnp.exp(cum_start[:, 0])[..., None, None] * initial_state.astype(s_in.dtype)
+        decay = jnp.exp(jnp.sum(g_before, axis=1))
+        s_in = s_in + decay[..., None, None] * initial_state.astype(s_in.dtype)
     o, _ = linear_attention(
         q, k, v, g=g, g_gamma=g_gamma, scale=scale, initial_state=s_in, output_final_state=False, impl=impl
     )
     final = None
     if output_final_state:
-        final = _prefix_state(k_all, v_all, cum[:, -1:], cum, jnp.ones((1, t, 1), bool), h)
+        final = _weighted_state(k_all, v_all, _suffix_after(g_all), jnp.ones_like(before), h)
         if initial_state is not None:
-            final = final + jnp.exp(cum[:, -1])[..., None, None] * initial_state.astype(final.dtype)
+            final = final + jnp.exp(jnp.sum(g_all, axis=1))[..., None, None] * initial_state.astype(final.dtype)
         if axis_name in varying_axes(q):
             final = broadcast_from(final, 0, axis_name)
     return o, final

@@ -51,45 +51,97 @@ def _acc_dtype(*xs):
     return jnp.result_type(jnp.float32, *[x.dtype for x in xs if x is not None])
 
 
-def local_log_decay(q, g, g_gamma):
-    """Cumulative log decay inside the shard ``b`` ``[B, L, H]`` (float32), or None without decay."""
+@dataclasses.dataclass(frozen=True)
+class ShardDecay:
+    """Log decays of one shard, each summed directly so it is accurate where its exp matters.
+
+    ``from_start`` ``[B, L, H]``: ``b_i = Σ_{t≤i} g_t`` (weights of the entering state);
+    ``to_end`` ``[B, L, H]``: ``b_{L-1} − b_j = Σ_{t>j} g_t`` (weights into the leaving state),
+    a suffix sum, not a difference of two long prefix sums, which would lose float32 digits
+    near the shard's end exactly where the weights are large; ``total`` ``[B, H]``: log Γ.
+    """
+
+    from_start: jax.Array
+    to_end: jax.Array
+    total: jax.Array
+
+
+def shard_decay(q, g, g_gamma) -> ShardDecay | None:
+    """The shard's log decays in float32 (None without decay)."""
     b, length, h, _ = q.shape
     if g is not None:
-        return jnp.cumsum(g.astype(_acc_dtype(g)), axis=1)
+        g = g.astype(_acc_dtype(g))
+        from_start = jnp.cumsum(g, axis=1)
+        suffix = jnp.flip(jnp.cumsum(jnp.flip(g, 1), axis=1), 1)  # Σ_{t≥j}
+        to_end = jnp.concatenate([suffix[:, 1:], jnp.zeros_like(suffix[:, :1])], axis=1)
+        return ShardDecay(from_start, to_end, suffix[:, 0])
     if g_gamma is not None:
-        steps = jnp.arange(1, length + 1, dtype=_acc_dtype(g_gamma))
-        return jnp.broadcast_to(steps[None, :, None] * g_gamma.astype(steps.dtype), (b, length, h))
+        gamma = g_gamma.astype(_acc_dtype(g_gamma))
+        steps = jnp.arange(length, dtype=gamma.dtype)[None, :, None]
+        full = (b, length, h)
+        return ShardDecay(
+            jnp.broadcast_to((steps + 1) * gamma, full),
+            jnp.broadcast_to((length - 1 - steps) * gamma, full),
+            jnp.broadcast_to(length * gamma, (b, h)),
+        )
     return None
 
 
-def local_state(k, v, cum, num_heads):
+jax.tree_util.register_dataclass(ShardDecay, data_fields=["from_start", "to_end", "total"], meta_fields=[])
+
+
+# a contraction over the whole shard (tens of thousands of tokens) into a few D×E tiles leaves
+# most of a GPU idle; contracting segments of about this many tokens into partial states first,
+# then summing the partials in float32, keeps every SM busy whatever the GEMM heuristics do
+_SEGMENT_TOKENS = 1024
+_MAX_SEGMENTS = 64
+
+
+def _num_segments(length: int) -> int:
+    target = min(_MAX_SEGMENTS, length // _SEGMENT_TOKENS)
+    return max((s for s in range(1, target + 1) if length % s == 0), default=1)
+
+
+def _token_contraction(a, b, acc):
+    """``Σ_t aᵀ_t b_t`` over axis 1: a ``[B, L, *heads, D]``, b ``[B, L, *heads', E]`` -> ``[B, *heads, D, E]``."""
+    bsz, length = a.shape[:2]
+    n = _num_segments(length)
+    a = a.reshape((bsz, n, length // n) + a.shape[2:])
+    b = b.reshape((bsz, n, length // n) + b.shape[2:])
+    if a.ndim == 6:  # a [B, S, l, Hk, G, D], b [B, S, l, Hk, E]
+        partial = jnp.einsum("bslkgd,bslke->bskgde", a, b, preferred_element_type=acc)
+    else:  # a [B, S, l, H, D], b [B, S, l, H, E]
+        partial = jnp.einsum("bslhd,bslhe->bshde", a, b, preferred_element_type=acc)
+    return jnp.sum(partial, axis=1)
+
+
+def local_state(k, v, decay: ShardDecay | None, num_heads):
     """``M = Σ_j exp(b_{L-1} − b_j) k_jᵀ v_j`` ``[B, H, D, E]`` in float32 (grouped heads by indexing)."""
     b, length, hk, d = k.shape
     e = v.shape[-1]
     grp = num_heads // hk
     acc = _acc_dtype(k, v)
-    if cum is None:
-        m = jnp.einsum("blkd,blke->bkde", k, v, preferred_element_type=acc)
+    if decay is None:
+        m = _token_contraction(k, v, acc)
         return jnp.broadcast_to(m[:, :, None], (b, hk, grp, d, e)).reshape(b, num_heads, d, e)
-    to_end = jnp.exp(cum[:, -1:] - cum).reshape(b, length, hk, grp)
+    to_end = jnp.exp(decay.to_end).reshape(b, length, hk, grp)
     k_weighted = (k[:, :, :, None].astype(acc) * to_end[..., None]).astype(k.dtype)
-    m = jnp.einsum("blkgd,blke->bkgde", k_weighted, v, preferred_element_type=acc)
-    return m.reshape(b, num_heads, d, e)
+    return _token_contraction(k_weighted, v, acc).reshape(b, num_heads, d, e)
 
 
-def local_state_cotangent(q, do, cum, scale):
+def local_state_cotangent(q, do, decay: ShardDecay | None, scale):
     """``dM = scale · Σ_i exp(b_i) q_iᵀ dO_i`` ``[B, H, D, E]`` in float32."""
     acc = _acc_dtype(q, do)
-    if cum is not None:
-        q = (q.astype(acc) * jnp.exp(cum)[..., None]).astype(q.dtype)
-    return scale * jnp.einsum("blhd,blhe->bhde", q, do.astype(q.dtype), preferred_element_type=acc)
+    if decay is not None:
+        q = (q.astype(acc) * jnp.exp(decay.from_start)[..., None]).astype(q.dtype)
+    return scale * _token_contraction(q, do.astype(q.dtype), acc)
 
 
-def _shard_log_gamma(q, cum):
+def _shard_log_gamma(q, decay: ShardDecay | None):
     b, _, h, _ = q.shape
-    if cum is None:
+    if decay is None:
         return jnp.zeros((b, h), jnp.float32)
-    return cum[:, -1]
+    return decay.total
 
 
 def _entering_state(cfg: LaspConfig, m, log_gamma, s0, gather_gamma):
@@ -130,16 +182,16 @@ def _local_kernel(cfg: LaspConfig, inputs):
 def _forward(cfg: LaspConfig, inputs, *, keep_residuals):
     q, k, v = inputs["q"], inputs["k"], inputs["v"]
     g, g_gamma, s0 = inputs.get("g"), inputs.get("g_gamma"), inputs.get("initial_state")
-    cum = local_log_decay(q, g, g_gamma)
-    log_gamma = _shard_log_gamma(q, cum)
-    m = local_state(k, v, cum, q.shape[2])
+    decay = shard_decay(q, g, g_gamma)
+    log_gamma = _shard_log_gamma(q, decay)
+    m = local_state(k, v, decay, q.shape[2])
     s_in, final, gamma_res = _entering_state(cfg, m, log_gamma, s0, gather_gamma=g is not None)
     kernel_inputs = {n: x for n, x in inputs.items() if n != "initial_state"} | {"s_in": s_in}
     if not keep_residuals:
         o, _ = _local_kernel(cfg, kernel_inputs)
         return (o, final), None
     (o, _), pullback = jax.vjp(lambda xs: _local_kernel(cfg, xs), kernel_inputs)
-    return (o, final), (pullback, q, cum, gamma_res)
+    return (o, final), (pullback, q, decay, gamma_res)
 
 
 def _reduce_to_vma(cfg: LaspConfig, name, ct):
@@ -151,9 +203,9 @@ def _reduce_to_vma(cfg: LaspConfig, name, ct):
 
 
 def _backward(cfg: LaspConfig, residuals, cotangents, input_names):
-    pullback, q, cum, gamma_res = residuals
+    pullback, q, decay, gamma_res = residuals
     do, d_final = cotangents
-    dm = local_state_cotangent(q, do, cum, cfg.scale)
+    dm = local_state_cotangent(q, do, decay, cfg.scale)
     if d_final is not None and not cfg.vma_checked:
         # unchecked shard_map treats every rank's copy of final_state as its own output: sum them
         d_final = jax.lax.psum(d_final, cfg.axis_name)

@@ -13,7 +13,8 @@ where ``dS_out(r)`` is the cotangent of the state leaving rank r (= entering ran
 - ``ring`` (LASP): P−1 chained ``ppermute``s; hop i carries one state from rank i to i+1
   (backward: from i to i−1). Sequential in P, one state's bytes per hop.
 - ``allgather`` (LASP-2): one ``all_gather`` of ``(M_r, log Γ_r)`` and a local float32 scan,
-  written as a weighted sum whose weights are exps of differences of cumulative log decays.
+  written as a weighted sum whose log weights are masked sums of the shard log decays (never
+  differences of long prefix sums, which lose float32 digits when decays are strong).
 """
 
 from __future__ import annotations
@@ -72,14 +73,23 @@ def ring_suffix(dm, log_gamma, d_final, *, axis_name, size):
 
 
 # ----------------------------------------------------------------------------------- allgather
-def _exclusive_cumsum(log_gammas):
-    """``c[j] = Σ_{i<j} log Γ_i`` for j = 0..P, float32, shape ``[P+1, ...]``."""
-    return jnp.concatenate([jnp.zeros_like(log_gammas[:1]), jnp.cumsum(log_gammas, axis=0)], axis=0)
+def _decay_between(log_gammas, lo, hi):
+    """``[P, B, H]``: for each j, ``Σ log Γ_i`` over ``lo(j) < i < hi(j)`` as a masked sum (no
+    differences of long prefix sums, so float32 keeps its digits); ``lo``/``hi`` give ``[P]``."""
+    size = log_gammas.shape[0]
+    i = jnp.arange(size)
+    inside = (lo[:, None] < i[None, :]) & (i[None, :] < hi[:, None])  # [j, i]
+    return jnp.einsum("ji,i...->j...", inside.astype(log_gammas.dtype), log_gammas)
 
 
-def _weighted_sum(weights_log, mask, states):
-    """Σ_j exp(weights_log[j]) states[j] over the masked j (exp of −inf where masked out)."""
-    w = jnp.exp(jnp.where(mask, weights_log, -jnp.inf))
+def _per_rank(mask, like):
+    """A ``[P]`` mask shaped to broadcast against ``like`` ``[P, B, H]``."""
+    return mask.reshape(mask.shape + (1,) * (like.ndim - 1))
+
+
+def _weighted_sum(log_weights, mask, states):
+    """Σ_j exp(log_weights[j]) states[j] over the masked j."""
+    w = jnp.where(mask, jnp.exp(jnp.where(mask, log_weights, 0.0)), 0.0)
     return jnp.sum(w[..., None, None] * states, axis=0)
 
 
@@ -98,17 +108,18 @@ def allgather_prefix(m, log_gamma, s0, *, axis_name, size, want_final, gather_ga
     else:
         states = jax.lax.all_gather(m, axis_name)
         log_gammas = jnp.broadcast_to(log_gamma, (size,) + log_gamma.shape)
-    cum = _exclusive_cumsum(log_gammas)  # [P+1, B, H]
-    j = jnp.arange(size).reshape((size,) + (1,) * (cum.ndim - 1))
-    cum_r = jnp.take(cum, rank, axis=0)
-    s_in = _weighted_sum(cum_r[None] - cum[1:], j < rank, states)
+    j = jnp.arange(size)
+    before = _per_rank(j < rank, log_gammas)
+    # S_in(r) = Σ_{j<r} (Π_{j<i<r} Γ_i) M_j + (Π_{i<r} Γ_i) S_0
+    s_in = _weighted_sum(_decay_between(log_gammas, j, jnp.full_like(j, rank)), before, states)
     if s0 is not None:
-        s_in = s_in + jnp.exp(cum_r)[..., None, None] * s0.astype(m.dtype)
+        s_in = s_in + jnp.exp(jnp.sum(jnp.where(before, log_gammas, 0.0), 0))[..., None, None] * s0.astype(m.dtype)
     final = None
     if want_final:
-        final = _weighted_sum(cum[size][None] - cum[1:], j < size, states)
+        everyone = jnp.ones_like(before)
+        final = _weighted_sum(_decay_between(log_gammas, j, jnp.full_like(j, size)), everyone, states)
         if s0 is not None:
-            final = final + jnp.exp(cum[size])[..., None, None] * s0.astype(m.dtype)
+            final = final + jnp.exp(jnp.sum(log_gammas, axis=0))[..., None, None] * s0.astype(m.dtype)
         if invariant_final:  # equal on every rank already; a checked shard_map needs it typed so
             final = broadcast_from(final, 0, axis_name)
     return s_in, final, log_gammas
@@ -118,10 +129,11 @@ def allgather_suffix(dm, log_gammas, d_final, *, axis_name, size):
     """dS_out(r) from one all_gather of the local state cotangents ``dM``."""
     rank = jax.lax.axis_index(axis_name)
     dms = jax.lax.all_gather(dm, axis_name)
-    cum = _exclusive_cumsum(log_gammas)
-    j = jnp.arange(size).reshape((size,) + (1,) * (cum.ndim - 1))
-    cum_next = jnp.take(cum, rank + 1, axis=0)  # Σ_{i ≤ r} log Γ_i
-    ds_out = _weighted_sum(cum[:size] - cum_next[None], j > rank, dms)
+    j = jnp.arange(size)
+    after = _per_rank(j > rank, log_gammas)
+    # dS_out(r) = Σ_{j>r} (Π_{r<i<j} Γ_i) dM_j + (Π_{i>r} Γ_i) d_final
+    ds_out = _weighted_sum(_decay_between(log_gammas, jnp.full_like(j, rank), j), after, dms)
     if d_final is not None:
-        ds_out = ds_out + jnp.exp(cum[size] - cum_next)[..., None, None] * d_final.astype(dm.dtype)
+        decay_after = jnp.sum(jnp.where(after, log_gammas, 0.0), axis=0)
+        ds_out = ds_out + jnp.exp(decay_after)[..., None, None] * d_final.astype(dm.dtype)
     return ds_out

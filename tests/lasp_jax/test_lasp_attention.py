@@ -28,7 +28,7 @@ needs_pallas = pytest.mark.skipif(not HAS_PALLAS, reason="pallas_kernels.linear_
 TOKEN_GRADS = ("o", "dq", "dk", "dv", "dg")  # [B, T, ...]: checked shard by shard
 
 
-def rank_coded_inputs(rng, *, b, t, sp, h=8, hk=2, d=8, e=12, decay="g", init=True):
+def rank_coded_inputs(rng, *, b, t, sp, h=8, hk=2, d=8, e=12, decay="g", init=True, g_range=(0.01, 0.5)):
     """Random inputs plus a component that names the global shard of every token.
 
     v's first feature is offset by the shard index and q's by a per-shard sign, so a shard that
@@ -42,9 +42,9 @@ def rank_coded_inputs(rng, *, b, t, sp, h=8, hk=2, d=8, e=12, decay="g", init=Tr
     v[..., 0] += shard[None, :, None] + 1.0
     kw = {}
     if decay == "g":
-        kw["g"] = -rng.uniform(0.01, 0.5, (b, t, h))
+        kw["g"] = -rng.uniform(*g_range, (b, t, h))
     elif decay == "g_gamma":
-        kw["g_gamma"] = -rng.uniform(0.01, 0.5, (h,))
+        kw["g_gamma"] = -rng.uniform(*g_range, (h,))
     if init:
         kw["initial_state"] = rng.standard_normal((b, h, d, e)) / np.sqrt(d)
     return q, k, v, kw
@@ -103,9 +103,9 @@ def assert_matches(got, want, *, sp, label, dtype=jnp.float32):
     assert not bad, f"{label}: errors over tolerance {bound:.1e}: {bad}"
 
 
-def run_case(rng, *, dp, sp, strategy, decay, impl, init=True, final=True, b=None, t=48):
+def run_case(rng, *, dp, sp, strategy, decay, impl, init=True, final=True, b=None, t=48, **shape):
     b = b or max(2, dp)
-    q, k, v, kw = rank_coded_inputs(rng, b=b, t=t, sp=sp, decay=decay, init=init)
+    q, k, v, kw = rank_coded_inputs(rng, b=b, t=t, sp=sp, decay=decay, init=init, **shape)
     do = rng.standard_normal(q.shape[:3] + v.shape[3:])
     ds = rng.standard_normal((b, q.shape[2], q.shape[3], v.shape[3]))
     want = reference(q, k, v, kw, do, ds, final=final)
@@ -133,6 +133,18 @@ def test_every_shard_matches_reference_xla(rng, dp, sp, strategy):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_constant_and_no_decay_xla(rng, strategy, decay):
     run_case(rng, dp=2, sp=4, strategy=strategy, decay=decay, impl="xla")
+
+
+@pytest.mark.parametrize("g_range", [(8.0, 12.0), (1e-7, 1e-6)], ids=["strong", "near-one"])
+@pytest.mark.parametrize("strategy", ["ring", "allgather"])
+def test_extreme_decays(rng, strategy, g_range):
+    """Decays that kill the state within a token, and decays that keep it for ever: finite and exact."""
+    run_case(rng, dp=1, sp=8, strategy=strategy, decay="g", impl="xla", t=32, g_range=g_range)
+
+
+def test_long_shards(rng):
+    """256 tokens per shard: the shard's log decays reach −100s, where differences of prefix sums lose digits."""
+    run_case(rng, dp=1, sp=8, strategy="allgather", decay="g", impl="xla", b=1, t=2048, h=2, hk=1, d=8, e=8)
 
 
 @needs_pallas
@@ -303,3 +315,38 @@ def test_shape_errors_name_the_arguments():
 def test_ulysses_needs_heads_divisible():
     with pytest.raises(ValueError, match=r"H=4, P=8"):
         lasp_attention(*_small(), mesh=make_mesh(1, 8), strategy="ulysses")
+
+
+@pytest.mark.parametrize("decay", ["g", None], ids=["g", "nodecay"])
+def test_local_state_passes_over_segments(rng, decay):
+    """The state pass (forward) and its cotangent pass (backward), contracted in segments for long shards."""
+    from lasp_jax.lasp import local_state, local_state_cotangent, shard_decay
+
+    q, k, v, kw = rank_coded_inputs(rng, b=1, t=2048, sp=1, h=4, hk=2, d=8, e=8, decay=decay, init=False)
+    q, k, v = (jnp.asarray(x, jnp.float32) for x in (q, k, v))
+    g = None if decay is None else jnp.asarray(kw["g"], jnp.float32)
+    do = jnp.asarray(rng.standard_normal((1, 2048, 4, 8)), jnp.float32)
+    scale = 0.3
+    decay_terms = shard_decay(q, g, None)
+
+    def op(s0):
+        return linear_attention(q, k, v, g=g, scale=scale, initial_state=s0, output_final_state=True, impl="xla")
+
+    (o, final), pullback = jax.vjp(op, jnp.zeros((1, 4, 8, 8)))
+    (d_s0,) = pullback((do, jnp.zeros_like(final)))
+    assert rel_err(local_state(k, v, decay_terms, 4), final) < 1e-5
+    assert rel_err(local_state_cotangent(q, do, decay_terms, scale), d_s0) < 1e-5
+
+
+def test_vmap_over_the_layer(rng):
+    mesh = make_mesh(2, 4)
+    q = jnp.asarray(rng.standard_normal((3, 2, 32, 4, 8)), jnp.float32)
+    g_gamma = jnp.full((4,), -0.2)
+
+    def layer(q, mesh):
+        return lasp_attention(q, q, q, g_gamma=g_gamma, mesh=mesh, batch_axis="dp", output_final_state=True, impl="xla")
+
+    got = jax.jit(jax.vmap(lambda q: layer(q, mesh)))(q)
+    want = jax.vmap(lambda q: layer(q, None))(q)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-5
