@@ -21,6 +21,7 @@ devices (a check that the script works, not a measurement). Collectives inside l
 counted once: the strategies here unroll their loops.
 
     python benchmarks/sequence_parallel.py                       # all GPUs, 32K tokens per GPU
+    python benchmarks/sequence_parallel.py --latency-hiding --json sp.json   # let XLA overlap collectives
     python benchmarks/sequence_parallel.py --smoke --json /tmp/sp.json
 """
 
@@ -60,6 +61,11 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-overlap", action="store_true", help="skip the run with collectives removed")
     p.add_argument("--profile", default=None, help="write a jax.profiler trace of each strategy under this folder")
+    p.add_argument(
+        "--latency-hiding",
+        action="store_true",
+        help="add --xla_gpu_enable_latency_hiding_scheduler=true to XLA_FLAGS (lets XLA overlap collectives)",
+    )
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on 4 fake CPU devices")
     args = p.parse_args(argv)
@@ -234,6 +240,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.smoke:
         _setup_smoke_devices(args.devices)
+    if args.latency_hiding and "latency_hiding_scheduler" not in os.environ.get("XLA_FLAGS", ""):
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_enable_latency_hiding_scheduler=true".strip()
 
     import jax
     import jax.numpy as jnp

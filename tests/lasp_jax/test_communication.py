@@ -94,3 +94,15 @@ def test_parser_reads_async_gpu_style_collectives():
     assert gather["instructions_between_start_and_done"] == [2]
     permute = got["by_kind"]["collective-permute"]
     assert permute["operand_bytes"] == 20 and permute["sent_bytes_per_device"] == pytest.approx(2 * 20 / 4)
+
+
+def test_benchmark_smoke_run(tmp_path):
+    """The benchmark script end to end on tiny shapes (so the GPU run does not fail on a typo)."""
+    out = tmp_path / "sp.json"
+    results = bench.main(["--smoke", "--strategies", "ring,allgather", "--json", str(out)])
+    assert out.exists()
+    for strategy in ("ring", "allgather"):
+        row = results["strategies"][strategy]
+        assert "error" not in row, row
+        assert row["fwd_bwd_ms"] > 0 and row["no_comm_fwd_bwd_ms"] > 0
+        assert row["collectives"]["count"] > 0 and row["memory_bytes"] > 0
