@@ -153,7 +153,7 @@ _FAMILY_DEFAULTS = {
 
 # (d_model, n_layers, n_heads, TNL glu dim); TransNormerLLM's published 385M, 1B and 7B shapes.
 _SIZES = {
-    "tiny": (64, 2, 4, 128),
+    "tiny": (128, 2, 4, 384),
     "0.4b": (1024, 24, 8, 2816),
     "1b": (2048, 16, 16, 5632),
     "7b": (4096, 30, 32, 11008),
