@@ -34,7 +34,13 @@ def _check_options(strategy, impl):
 
 
 def _axis_size(axis_name) -> int:
-    return int(jax.lax.axis_size(axis_name))
+    try:
+        return int(jax.lax.axis_size(axis_name))
+    except NameError as err:
+        raise ValueError(
+            f"lasp_attention_shard runs inside jax.shard_map over a mesh with the axis {axis_name!r} "
+            f"({err}); with global arrays call lasp_attention(..., mesh=mesh) instead"
+        ) from err
 
 
 def lasp_attention_shard(

@@ -312,6 +312,11 @@ def test_shape_errors_name_the_arguments():
         lasp_attention(q.astype(jnp.int32), k, v, mesh=make_mesh(1, 8))
 
 
+def test_per_shard_function_outside_shard_map():
+    with pytest.raises(ValueError, match=r"runs inside jax.shard_map over a mesh with the axis 'sp'"):
+        lasp_attention_shard(*_small())
+
+
 def test_ulysses_needs_heads_divisible():
     with pytest.raises(ValueError, match=r"H=4, P=8"):
         lasp_attention(*_small(), mesh=make_mesh(1, 8), strategy="ulysses")
