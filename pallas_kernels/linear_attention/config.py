@@ -27,19 +27,20 @@ class BlockConfig:
       split_dkdv: compute dk and dv in two kernels (smaller register footprint, one more
         read of q and dO) instead of one fused kernel.
       block_dkdv: key-dim tile of the dk kernel and value-dim tile of the dv kernel when split.
-      num_warps / num_warps_bwd / num_stages: Triton launch parameters of the forward and the
-        backward chunk-loop kernels.
+      num_warps / num_stages: Triton launch parameters of the forward chunk-loop kernels;
+        num_warps_bwd / num_stages_bwd: the same for the backward ones.
     """
 
     chunk: int = 64
     min_programs: int = 4 * _NUM_SMS
     block_e: int = 64
     block_d: int = 64
-    split_dkdv: bool = False
-    block_dkdv: int = 128
+    split_dkdv: bool = True
+    block_dkdv: int = 64
     num_warps: int = 4
-    num_warps_bwd: int = 8
-    num_stages: int = 2
+    num_stages: int = 3
+    num_warps_bwd: int = 4
+    num_stages_bwd: int = 2
 
     def __post_init__(self):
         for name in ("chunk", "block_e", "block_d", "block_dkdv"):

@@ -10,9 +10,9 @@ segments of whole chunks of C tokens.
 
 1. ``segment_state`` (one program per row, head, segment and value block): the state the
    segment's tokens build from a zero state, ``M_s = Σ_j exp(b_end − b_j) k_jᵀ v_j``.
-2. A float32 prefix over segments in jnp gives each segment's entering state
-   ``S_in(s) = exp(L_s − L_0) S_0 + Σ_{r<s} exp(L_s − L_{r+1}) M_r`` (``L`` the cumulative
-   segment log decays), and the final state; the weights are exps of differences.
+2. ``state_scan`` (one program per D×E tile, row and head): the float32 prefix over segments,
+   ``S_in(s + 1) = exp(l_s) S_in(s) + M_s`` from ``S_in(0) = initial_state`` (``l_s`` the
+   segment's log decay), gives each segment's entering state and the final state.
 3. ``chunk_output`` (same grid): walks the segment's chunks from ``S_in(s)``:
    ``O = ((Q Kᵀ) ⊙ M) V + (exp(b) ⊙ Q) S`` and ``S ← exp(b_{C−1}) S + (exp(b_{C−1} − b) ⊙ K)ᵀ V``.
 
@@ -99,8 +99,9 @@ def segment_bounds(num_chunks: int, per_segment: int):
 
 
 def compiler_params(cfg: BlockConfig, *, backward: bool = False):
-    warps = cfg.num_warps_bwd if backward else cfg.num_warps
-    return plgpu.CompilerParams(num_warps=warps, num_stages=cfg.num_stages)
+    if backward:
+        return plgpu.CompilerParams(num_warps=cfg.num_warps_bwd, num_stages=cfg.num_stages_bwd)
+    return plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 # ---- forward kernels ------------------------------------------------------------------------
@@ -221,17 +222,45 @@ def segment_log_decay(g, gamma, lay: Layout):
     return g.reshape(lay.batch, lay.heads, lay.num_segments, tokens).sum(-1)
 
 
-def prefix_weights(seg_log):
-    """``W[s, r] = exp(P_s − P_r)`` for ``r ≤ s`` (else 0), with ``P = [0, cumsum(seg_log)]``.
+def _state_scan_kernel(local_ref, log_ref, init_ref, out_ref, *, num_segments, reverse):
+    """out[0] = init, out[s + 1] = exp(l_s) out[s] + local[s] (reverse: from out[S] = init down)."""
+    out_ref[num_segments if reverse else 0] = init_ref[...]
 
-    Forward: ``S_in(s) = W[s, 0] S_0 + Σ_{r≥1} W[s, r] M_{r−1}`` for s = 0 … segments (the last
-    is the final state). Backward uses the transpose.
+    def body(i, carry):
+        s = num_segments - 1 - i if reverse else i
+        carry = jnp.exp(log_ref[s]) * carry + local_ref[s]
+        out_ref[s if reverse else s + 1] = carry
+        return carry
+
+    lax.fori_loop(0, num_segments, body, init_ref[...])
+
+
+def state_scan(local, seg_log, init, *, reverse: bool, interpret: bool, block=(32, 64)):
+    """Float32 prefix over segments of ``[B, H, S, D, E]`` local states (one pass, tiled D×E).
+
+    Forward (``reverse=False``): the state entering each segment, ``out[s + 1] = exp(l_s) out[s]
+    + local[s]`` from ``out[0] = init`` (``out[S]`` is the final state). Backward: the state
+    cotangent leaving each segment, ``out[s] = exp(l_s) out[s + 1] + local[s]`` from
+    ``out[S] = init`` (``out[0]`` is the initial state's gradient). The sequential direction is
+    over segments only (tens), the D×E tiles run in parallel.
     """
-    p = jnp.concatenate([jnp.zeros(seg_log.shape[:-1] + (1,), _F32), jnp.cumsum(seg_log, axis=-1)], axis=-1)
-    n = p.shape[-1]
-    lower = jnp.tril(jnp.ones((n, n), bool))
-    diff = p[..., :, None] - p[..., None, :]
-    return jnp.where(lower, jnp.exp(jnp.where(lower, diff, 0.0)), 0.0)
+    b, h, n, d, e = local.shape
+    bd, be = min(block[0], d), min(block[1], e)
+    tile = lambda i, j, bb, hh: (bb, hh, i, j)  # noqa: E731
+    return pl.pallas_call(
+        functools.partial(_state_scan_kernel, num_segments=n, reverse=reverse),
+        grid=(d // bd, e // be, b, h),
+        in_specs=[
+            pl.BlockSpec((None, None, n, bd, be), lambda i, j, bb, hh: (bb, hh, 0, i, j)),
+            pl.BlockSpec((None, None, n), lambda i, j, bb, hh: (bb, hh, 0)),
+            pl.BlockSpec((None, None, bd, be), tile),
+        ],
+        out_specs=pl.BlockSpec((None, None, n + 1, bd, be), lambda i, j, bb, hh: (bb, hh, 0, i, j)),
+        out_shape=jax.ShapeDtypeStruct((b, h, n + 1, d, e), _F32),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=3),
+        interpret=interpret,
+        name="linear_attention_state_scan_reverse" if reverse else "linear_attention_state_scan",
+    )(local, seg_log, init)
 
 
 def _mxu_dtype(dtype):
@@ -273,9 +302,7 @@ def _forward(q, k, v, g, gamma, s0, *, scale, mode, cfg, interpret, last_token):
         name="linear_attention_segment_state",
     )(k, v, *decay)
 
-    weights = prefix_weights(segment_log_decay(g, gamma, lay))  # [B, H, S+1, S+1]
-    states = jnp.einsum("bhsr,bhrde->bhsde", weights[..., 1:], local, precision=lax.Precision.HIGHEST)
-    states = states + weights[..., 0, None, None] * s0[:, :, None]
+    states = state_scan(local, segment_log_decay(g, gamma, lay), s0, reverse=False, interpret=interpret)
 
     o = pl.pallas_call(
         functools.partial(_chunk_output_kernel, scale=scale, **statics),

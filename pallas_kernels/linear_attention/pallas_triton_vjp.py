@@ -7,7 +7,7 @@ It mirrors the forward's segment layout (DESIGN.md §1, §2), with ``scale`` fol
    ``dQ = ((dO Vᵀ) ⊙ M) K + (exp(b) ⊙ dO) Sᵀ``, and in the same pass accumulates the segment's
    local state cotangent ``dM_s = Σ_i exp(b_i − b_start) q_iᵀ do_i`` and, for the decay
    gradient, ``q_t · dq_t``.
-2. A float32 suffix over segments in jnp gives the cotangent of the state leaving each segment
+2. ``state_scan`` in reverse (a float32 suffix over segments) gives the cotangent of the state leaving each segment
    (``dS_final`` enters at the right end) and the gradient of ``initial_state``.
 3. ``dkdv`` walks each segment's chunks in reverse from the state cotangent leaving it:
    ``dK = ((dO Vᵀ) ⊙ M)ᵀ Q + (exp(b_{C−1} − b) ⊙ V) dSᵀ``,
@@ -36,10 +36,10 @@ from pallas_kernels.linear_attention.pallas_triton import (
     compiler_params,
     decay_mask,
     dot,
-    prefix_weights,
     row_scale,
     segment_bounds,
     segment_log_decay,
+    state_scan,
 )
 
 _F32 = jnp.float32
@@ -190,10 +190,7 @@ def backward(q, k, v, g, gamma, states, do, d_final, *, scale, mode, cfg, interp
 
     # 2. state cotangents entering each segment from the right: d_states[s] for s = 0 … n_seg,
     # where d_states[0] is the initial state's gradient and d_states[s + 1] leaves segment s
-    seg_log = segment_log_decay(g, gamma, lay)
-    weights = prefix_weights(seg_log)  # [B, H, S+1, S+1], W[r, s] = exp(P_r − P_s), s ≤ r
-    d_states = jnp.einsum("bhrs,bhrde->bhsde", weights[..., :n_seg, :], dm, precision=lax.Precision.HIGHEST)
-    d_states = d_states + weights[..., n_seg, :, None, None] * d_final[:, :, None]
+    d_states = state_scan(dm, segment_log_decay(g, gamma, lay), d_final, reverse=True, interpret=interpret)
 
     # 3. dk, dv per query head
     grad_dtype = k.dtype if lay.group == 1 else _F32
