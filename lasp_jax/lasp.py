@@ -42,8 +42,9 @@ class LaspConfig:
     scale: float
     impl: str
     output_final_state: bool
-    # varying-manual-axes of each differentiable input when shard_map checks them (else empty)
-    vma: tuple[tuple[str, frozenset], ...] = ()
+    # each differentiable input's name, dtype and the manual axes it varies along (empty when the
+    # enclosing shard_map does not check varying axes)
+    inputs: tuple[tuple[str, Any, frozenset], ...] = ()
     vma_checked: bool = False
 
 
@@ -198,11 +199,12 @@ def _reduce_to_vma(cfg: LaspConfig, name, ct):
     """Sum a cotangent over the manual axes its primal is invariant along (only when vma is checked)."""
     if not cfg.vma_checked:
         return ct
-    extra = state_passing.varying_axes(ct) - dict(cfg.vma)[name]
+    primal_vma = {n: axes for n, _, axes in cfg.inputs}[name]
+    extra = state_passing.varying_axes(ct) - primal_vma
     return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct
 
 
-def _backward(cfg: LaspConfig, residuals, cotangents, input_names):
+def _backward(cfg: LaspConfig, residuals, cotangents):
     pullback, q, decay, gamma_res = residuals
     do, d_final = cotangents
     dm = local_state_cotangent(q, do, decay, cfg.scale)
@@ -215,10 +217,10 @@ def _backward(cfg: LaspConfig, residuals, cotangents, input_names):
         ds_out = state_passing.allgather_suffix(dm, gamma_res, d_final, axis_name=cfg.axis_name, size=cfg.size)
     (grads,) = pullback((do, ds_out))
     out = {}
-    for name in input_names:
-        if name == "initial_state":
+    for name, dtype, _ in cfg.inputs:
+        if name == "initial_state":  # the kernel saw the float32 entering state; rank 0's is S_0
             rank = jax.lax.axis_index(cfg.axis_name)
-            ct = jnp.where(rank == 0, grads["s_in"], jnp.zeros_like(grads["s_in"]))
+            ct = jnp.where(rank == 0, grads["s_in"], jnp.zeros_like(grads["s_in"])).astype(dtype)
         else:
             ct = grads[name]
         out[name] = _reduce_to_vma(cfg, name, ct)
@@ -234,8 +236,7 @@ def _lasp_layer_fwd(cfg: LaspConfig, inputs):
 
 
 def _lasp_layer_bwd(cfg: LaspConfig, residuals, cotangents):
-    names = tuple(name for name, _ in cfg.vma)
-    return (_backward(cfg, residuals, cotangents, names),)
+    return (_backward(cfg, residuals, cotangents),)
 
 
 _lasp_layer = jax.custom_vjp(_lasp_layer, nondiff_argnums=(0,))
@@ -250,8 +251,8 @@ def lasp_layer(
     for name, x in (("g", g), ("g_gamma", g_gamma), ("initial_state", initial_state)):
         if x is not None:
             inputs[name] = x
-    vma = tuple((n, state_passing.varying_axes(x)) for n, x in sorted(inputs.items()))
-    checked = axis_name in dict(vma)["q"]
+    described = tuple((n, x.dtype, state_passing.varying_axes(x)) for n, x in sorted(inputs.items()))
+    checked = axis_name in state_passing.varying_axes(q)
     cfg = LaspConfig(
         axis_name=axis_name,
         size=size,
@@ -259,7 +260,7 @@ def lasp_layer(
         scale=float(scale),
         impl=impl,
         output_final_state=output_final_state,
-        vma=vma,
+        inputs=described,
         vma_checked=checked,
     )
     return _lasp_layer(cfg, inputs)

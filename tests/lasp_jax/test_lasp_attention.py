@@ -355,3 +355,23 @@ def test_vmap_over_the_layer(rng):
     want = jax.vmap(lambda q: layer(q, None))(q)
     for a, b in zip(got, want):
         assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("strategy", ["ring", "allgather"])
+def test_bf16_gates_and_state_get_cotangents_of_their_dtype(rng, strategy):
+    mesh = make_mesh(2, 4)
+    q = jnp.asarray(rng.standard_normal((2, 32, 4, 8)), jnp.bfloat16)
+    g = jnp.asarray(-rng.uniform(0.01, 0.5, (2, 32, 4)), jnp.bfloat16)
+    s0 = jnp.asarray(rng.standard_normal((2, 4, 8, 8)), jnp.bfloat16)
+
+    def loss(q, g, s0, mesh):
+        o, s = lasp_attention(
+            q, q, q, g=g, initial_state=s0, mesh=mesh, batch_axis="dp", strategy=strategy, output_final_state=True
+        )
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
+
+    got = jax.jit(jax.grad(lambda *a: loss(*a, mesh), argnums=(0, 1, 2)))(q, g, s0)
+    want = jax.grad(lambda *a: loss(*a, None), argnums=(0, 1, 2))(q, g, s0)
+    for a, b in zip(got, want):
+        assert a.dtype == jnp.bfloat16
+        assert rel_err(a, b) < 3e-2
