@@ -105,4 +105,5 @@ def test_benchmark_smoke_run(tmp_path):
         row = results["strategies"][strategy]
         assert "error" not in row, row
         assert row["fwd_bwd_ms"] > 0 and row["no_comm_fwd_bwd_ms"] > 0
+        assert row["no_comm_collectives"] == 0
         assert row["collectives"]["count"] > 0 and row["memory_bytes"] > 0
