@@ -35,12 +35,12 @@ class BlockConfig:
     min_programs: int = 4 * _NUM_SMS
     block_e: int = 64
     block_d: int = 64
-    split_dkdv: bool = True
+    split_dkdv: bool = False
     block_dkdv: int = 64
     num_warps: int = 4
-    num_stages: int = 3
-    num_warps_bwd: int = 4
-    num_stages_bwd: int = 2
+    num_stages: int = 2
+    num_warps_bwd: int = 8
+    num_stages_bwd: int = 3
 
     def __post_init__(self):
         for name in ("chunk", "block_e", "block_d", "block_dkdv"):

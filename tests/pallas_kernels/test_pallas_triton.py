@@ -143,7 +143,7 @@ def test_gpu_kernels_match_reference(rng, dtype, decay):
 @pytest.mark.parametrize("split", [False, True], ids=["fused_dkdv", "split_dkdv"])
 def test_gpu_head_dims_and_split(rng, d, e, split):
     cfg = dataclasses.replace(BlockConfig(), split_dkdv=split, min_programs=16)
-    check_kernels(rng, interpret=False, config=cfg, b=1, t=777, h=2, d=d, e=e, decay="g")
+    check_kernels(rng, dtype=jnp.bfloat16, interpret=False, config=cfg, b=1, t=777, h=2, d=d, e=e, decay="g")
 
 
 @pytest.mark.gpu
