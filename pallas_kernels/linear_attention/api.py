@@ -147,4 +147,6 @@ def linear_attention(
 
 def _pallas_supports(q, k, v, segment_ids=None) -> bool:
     """Shapes and dtypes the GPU kernel handles; everything else goes to the XLA path."""
-    return segment_ids is None and all(x.dtype in (jnp.bfloat16, jnp.float16, jnp.float32) for x in (q, k, v))
+    from pallas_kernels.linear_attention import pallas_triton
+
+    return segment_ids is None and pallas_triton.supports(q, k, v)
