@@ -120,7 +120,11 @@ def _group_size(attrs: str, mesh_shape: dict) -> int:
 
 
 def hlo_collectives(hlo_text: str, mesh_shape: dict) -> dict:
-    """Collectives of a compiled module: count, operand bytes and bytes sent per device, by kind."""
+    """Collectives of a compiled module: count, operand bytes and bytes sent per device, by kind.
+
+    Collectives over groups of one device (left on some backends by shard_map's transpose over
+    size-1 mesh axes) move nothing: they are counted apart, as ``single_participant``.
+    """
     shapes, order, found = {}, [], []
     for line in hlo_text.splitlines():
         m = _INSTR.match(line)
@@ -138,12 +142,15 @@ def hlo_collectives(hlo_text: str, mesh_shape: dict) -> dict:
             for ref in re.findall(r"%([\w.\-]+)", operands):
                 done_index[ref] = i
     position = {name: i for i, (name, _, _) in enumerate(order)}
-    summary, total_sent = {}, 0.0
+    summary, total_sent, trivial = {}, 0.0, 0
     for name, kind, is_async, operands, attrs in found:
         operand_bytes = sum(_type_bytes(shapes.get(ref, "")) for ref in re.findall(r"%([\w.\-]+)", operands))
         if operand_bytes == 0:  # operands printed with their types
             operand_bytes = _type_bytes(operands)
         p = _group_size(attrs, mesh_shape)
+        if kind != "collective-permute" and p == 1:  # one participant: moves nothing (XLA GPU drops these)
+            trivial += 1
+            continue
         if kind == "collective-permute":
             pairs = re.search(r"source_target_pairs=\{(.*?)\}\}", attrs)
             n_pairs = len(re.findall(r"\{\d+,\d+", pairs.group(0))) if pairs else 1
@@ -163,7 +170,8 @@ def hlo_collectives(hlo_text: str, mesh_shape: dict) -> dict:
             between = done_index[name] - position[name] - 1
             entry.setdefault("instructions_between_start_and_done", []).append(between)
         total_sent += sent
-    return {"by_kind": summary, "sent_bytes_per_device": total_sent, "count": len(found)}
+    count = len(found) - trivial
+    return {"by_kind": summary, "sent_bytes_per_device": total_sent, "count": count, "single_participant": trivial}
 
 
 def _prod(xs):

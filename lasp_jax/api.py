@@ -208,13 +208,16 @@ def lasp_attention(
     out_specs = (token_spec, PartitionSpec(batch) if output_final_state else None)
     # unchecked: interpret-mode Pallas has no varying-axes rules; lasp_attention_shard follows
     # the unchecked convention for the replicated final state (see its docstring)
-    # manual only over the axes named here: others stay automatic, so an unchecked shard_map
-    # does not psum cotangents over axes the layer never splits
+    # when the mesh has other axes of size > 1, be manual only over the axes named here: an
+    # unchecked shard_map would otherwise all-reduce every cotangent over axes the layer never splits
+    used = (seq_axis, *_axes_tuple(batch_axis))
+    others_split = any(size > 1 for name, size in mesh.shape.items() if name not in used)
+    partial_manual = {"axis_names": frozenset(used)} if others_split else {}
     return jax.shard_map(
         per_shard,
         mesh=mesh,
         in_specs=({n: specs[n] for n in arrays},),
         out_specs=out_specs,
-        axis_names=frozenset((seq_axis, *_axes_tuple(batch_axis))),
         check_vma=False,
+        **partial_manual,
     )(arrays)

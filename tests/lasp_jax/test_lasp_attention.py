@@ -103,14 +103,14 @@ def assert_matches(got, want, *, sp, label, dtype=jnp.float32):
     assert not bad, f"{label}: errors over tolerance {bound:.1e}: {bad}"
 
 
-def run_case(rng, *, dp, sp, strategy, decay, impl, init=True, final=True, b=None, t=48, **shape):
+def run_case(rng, *, dp, sp, strategy, decay, impl, init=True, final=True, b=None, t=48, split_batch=True, **shape):
     b = b or max(2, dp)
     q, k, v, kw = rank_coded_inputs(rng, b=b, t=t, sp=sp, decay=decay, init=init, **shape)
     do = rng.standard_normal(q.shape[:3] + v.shape[3:])
     ds = rng.standard_normal((b, q.shape[2], q.shape[3], v.shape[3]))
     want = reference(q, k, v, kw, do, ds, final=final)
     mesh = make_mesh(dp, sp)
-    batch_axis = "dp" if dp > 1 else None
+    batch_axis = "dp" if dp > 1 and split_batch else None
 
     def fn(*a, **kws):
         return lasp_attention(*a, **kws, mesh=mesh, batch_axis=batch_axis, strategy=strategy, impl=impl)
@@ -133,6 +133,12 @@ def test_every_shard_matches_reference_xla(rng, dp, sp, strategy):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_constant_and_no_decay_xla(rng, strategy, decay):
     run_case(rng, dp=2, sp=4, strategy=strategy, decay=decay, impl="xla")
+
+
+@pytest.mark.parametrize("strategy", ["ring", "allgather"])
+def test_batch_replicated_over_the_data_axis(rng, strategy):
+    """batch_axis=None on a 2×4 mesh: the data axis stays automatic (no cotangent all-reduce over it)."""
+    run_case(rng, dp=2, sp=4, strategy=strategy, decay="g", impl="xla", split_batch=False)
 
 
 @pytest.mark.parametrize("g_range", [(8.0, 12.0), (1e-7, 1e-6)], ids=["strong", "near-one"])
