@@ -75,7 +75,7 @@ def test_sampling_is_seeded_and_prompt_is_validated(rng):
 
 
 def test_lasp_generate_on_a_checkpoint(tmp_path, capsys):
-    config = train_config(steps=2, run=dict(ckpt_dir=str(tmp_path)))
+    config = train_config(steps=2, model=small_model(n_layers=1), run=dict(ckpt_dir=str(tmp_path)))
     Trainer(config, devices=jax.devices()[:1], log=lambda *a: None).fit()
     capsys.readouterr()
     args = ["--ckpt-dir", str(tmp_path), "--prompt", "The sea", "--max-new-tokens", "12", "--sp", "2"]

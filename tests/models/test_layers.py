@@ -161,3 +161,38 @@ def test_unknown_preset_and_bad_tokens_raise():
     model = LanguageModel(small_model("tnl"), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="tokens must be integer"):
         model(jnp.zeros((2, 8), jnp.float32))
+
+
+def test_chunked_loss_and_remat_equal_the_plain_loss(rng):
+    from models.model import lm_loss
+
+    model = LanguageModel(small_model("tnl", n_layers=1), rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+    graphdef, params = nnx.split(model)
+    tokens = jnp.asarray(rng.integers(0, 256, (2, 32)), jnp.int32)
+    targets = jnp.asarray(rng.integers(-1, 256, (2, 32)), jnp.int32)  # -1: not counted
+
+    def loss(params, remat, chunks):
+        return lm_loss(nnx.merge(graphdef, params), tokens, targets, remat=remat, loss_chunks=chunks)[0]
+
+    loss_and_grads = jax.jit(jax.value_and_grad(loss), static_argnums=(1, 2))
+    want, want_grads = loss_and_grads(params, "none", 1)
+    ref_logits = np.asarray(model(tokens), np.float64)
+    t = np.asarray(targets)
+    lse = np.log(np.exp(ref_logits).sum(-1))
+    picked = np.take_along_axis(ref_logits, np.maximum(t, 0)[..., None], -1)[..., 0]
+    np.testing.assert_allclose(float(want), ((lse - picked) * (t >= 0)).sum() / (t >= 0).sum(), rtol=1e-5)
+    for remat, chunks in (("full", 4), ("dots", 2)):
+        got, grads = loss_and_grads(params, remat, chunks)
+        np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+
+
+def test_bfloat16_compute_is_close_to_float32(rng):
+    config = small_model("tnl")
+    f32 = LanguageModel(config, rngs=nnx.Rngs(3))
+    bf16 = LanguageModel(config.replace(dtype="bfloat16"), rngs=nnx.Rngs(3))  # same float32 parameters
+    tokens = jnp.asarray(rng.integers(0, 256, (2, 32)), jnp.int32)
+    a, b = np.asarray(f32(tokens)), np.asarray(bf16(tokens))
+    assert b.dtype == np.float32 and np.all(np.isfinite(b))
+    assert np.linalg.norm(a - b) / np.linalg.norm(a) < 3e-2

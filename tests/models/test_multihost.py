@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from models.train import Trainer
-from tests.models.common import train_config
+from tests.models.common import small_model, train_config
 
 STEPS = 6
 
@@ -28,7 +28,7 @@ def _free_port() -> int:
 
 
 def test_two_process_training_equals_one_process(tmp_path):
-    args = [sys.executable, "-m", "models.train", "--preset", "tiny", "--model.d_model", "32", "--model.n_layers", "2"]
+    args = [sys.executable, "-m", "models.train", "--preset", "tiny", "--model.d_model", "32", "--model.n_layers", "1"]
     args += ["--model.n_heads", "2", "--model.ffn_dim", "64", "--model.position", "lrpe", "--steps", str(STEPS)]
     args += ["--batch-size", "4", "--seq-len", "32", "--lr", "1e-2", "--warmup-steps", "3", "--weight-decay", "0.01"]
     args += ["--dp", "2", "--sp", "2", "--log-every", "1", "--eval-batches", "1", "--progress", "false"]
@@ -62,7 +62,7 @@ def test_two_process_training_equals_one_process(tmp_path):
     got = np.array([r["loss"] for r in records if "loss" in r])
     assert os.path.isdir(tmp_path / "ckpt" / str(STEPS))
 
-    config = train_config(dp=2, sp=2, steps=STEPS, run=dict(eval_batches=1))
+    config = train_config(dp=2, sp=2, steps=STEPS, model=small_model(n_layers=1), run=dict(eval_batches=1))
     want = Trainer(config, devices=jax.devices()[:4], log=lambda *a: None).fit()
     np.testing.assert_allclose(got, [want["losses"][s] for s in range(1, STEPS + 1)], rtol=0, atol=2e-5)
     (ev,) = [r for r in records if "eval_loss" in r]

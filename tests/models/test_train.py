@@ -16,13 +16,15 @@ import pytest
 from models.dataset import DataConfig, TokenData
 from models.sharding import activation_sharding, build_mesh
 from models.train import Trainer, check_config, config_from_args, main, model_flops_per_token
-from tests.models.common import replace, train_config
+from tests.models.common import replace, small_model, train_config
 
 QUIET = dict(log=lambda *a: None)
 
 
 def test_resume_after_sigterm_gives_the_same_losses(tmp_path):
-    config = train_config(steps=8, sp=2, run=dict(ckpt_dir=str(tmp_path / "ckpt"), ckpt_every=3))
+    config = train_config(
+        steps=8, sp=2, model=small_model(n_layers=1), run=dict(ckpt_dir=str(tmp_path / "ckpt"), ckpt_every=3)
+    )
     uninterrupted = Trainer(replace(config, "run", ckpt_dir=None), devices=jax.devices()[:2], **QUIET).fit()
 
     def interrupt(step, trainer):
@@ -48,7 +50,7 @@ def _main_thread():
 
 
 def test_non_finite_step_is_rejected():
-    trainer = Trainer(train_config(steps=4), devices=jax.devices()[:1], **QUIET)
+    trainer = Trainer(train_config(steps=4, model=small_model(n_layers=1)), devices=jax.devices()[:1], **QUIET)
     state = trainer.init_state()
     inputs, targets = trainer.data.batch("train", 0, trainer.batch_sharding)
     params = state["params"]
