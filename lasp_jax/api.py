@@ -55,6 +55,7 @@ def lasp_attention_shard(
     scale: float | None = None,
     initial_state: jax.Array | None = None,
     output_final_state: bool = False,
+    segment_ids: jax.Array | None = None,
     impl: str = "auto",
 ) -> tuple[jax.Array, jax.Array | None]:
     """Sequence-parallel causal linear attention on one shard; call it inside ``jax.shard_map``.
@@ -63,6 +64,11 @@ def lasp_attention_shard(
     v ``[B, L, Hk, E]``, g ``[B, L, H]`` for the L tokens this rank of ``axis_name`` holds
     (rank r holds global tokens ``[r·L, (r+1)·L)``); ``g_gamma`` ``[H]`` and ``initial_state``
     ``[B, H, D, E]`` (the state before global token 0) are the same on every rank.
+    ``segment_ids`` ``[B, L]`` (int) are the local block of the global document ids: a boundary is
+    wherever the id changes along the global sequence (including between this rank's first token
+    and the previous rank's last, which one ``ppermute`` of ``[B]`` ids brings here); nothing flows
+    between documents, ``initial_state`` applies to each row's first document and ``final_state``
+    is the state of its last one.
 
     Returns ``(o, final_state)``: o ``[B, L, H, E]`` for the local tokens; ``final_state`` the
     float32 state after the last token of the whole sequence, the same on every rank (None
@@ -74,10 +80,17 @@ def lasp_attention_shard(
     ``shard_map``; an out_spec that replicates it over ``axis_name`` is then correct.
     """
     _check_options(strategy, impl)
-    validate(q, k, v, g=g, g_gamma=g_gamma, initial_state=initial_state)
+    validate(q, k, v, g=g, g_gamma=g_gamma, initial_state=initial_state, segment_ids=segment_ids)
     size = _axis_size(axis_name)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    kwargs = dict(g=g, g_gamma=g_gamma, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
+    kwargs = dict(
+        g=g,
+        g_gamma=g_gamma,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        segment_ids=segment_ids,
+    )
     if size == 1:
         return linear_attention(q, k, v, impl=impl, **kwargs)
     if strategy in ("ring", "allgather"):
@@ -134,6 +147,7 @@ def lasp_attention(
     scale: float | None = None,
     initial_state: jax.Array | None = None,
     output_final_state: bool = False,
+    segment_ids: jax.Array | None = None,
     impl: str = "auto",
 ) -> tuple[jax.Array, jax.Array | None]:
     """Causal linear attention with the sequence sharded over ``mesh[seq_axis]`` (LASP / LASP-2).
@@ -156,6 +170,10 @@ def lasp_attention(
       strategy: one of ``STRATEGIES``.
       g, g_gamma, scale, initial_state, output_final_state, impl: as in
         ``pallas_kernels.linear_attention``; ``impl`` picks the local kernel on every shard.
+      segment_ids: integer document ids ``[B, T]`` for packed rows, sharded like q: the state
+        resets wherever the id changes (also exactly at a shard edge), so nothing flows between
+        documents; ``initial_state`` applies to each row's first document and ``final_state`` is
+        the state of its last one. Every strategy; ``impl="pallas"`` only once the kernel takes them.
 
     Returns:
       ``(o, final_state)``: o ``[B, T, H, E]`` sharded like q; ``final_state`` float32
@@ -166,8 +184,15 @@ def lasp_attention(
         an unknown strategy or impl, or any shape error of the single-device op.
     """
     _check_options(strategy, impl)
-    validate(q, k, v, g=g, g_gamma=g_gamma, initial_state=initial_state)
-    kwargs = dict(g=g, g_gamma=g_gamma, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
+    validate(q, k, v, g=g, g_gamma=g_gamma, initial_state=initial_state, segment_ids=segment_ids)
+    kwargs = dict(
+        g=g,
+        g_gamma=g_gamma,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        segment_ids=segment_ids,
+    )
     if mesh is None:
         return linear_attention(q, k, v, impl=impl, **kwargs)
     check_mesh(mesh, q.shape, seq_axis=seq_axis, batch_axis=batch_axis)
@@ -183,10 +208,12 @@ def lasp_attention(
         "k": token_spec,
         "v": token_spec,
         "g": token_spec,
+        "segment_ids": token_spec,
         "g_gamma": PartitionSpec(),
         "initial_state": PartitionSpec(batch),
     }
-    arrays = {n: x for n, x in (("q", q), ("k", k), ("v", v), ("g", g), ("g_gamma", g_gamma)) if x is not None}
+    named = (("q", q), ("k", k), ("v", v), ("g", g), ("g_gamma", g_gamma), ("segment_ids", segment_ids))
+    arrays = {n: x for n, x in named if x is not None}
     if initial_state is not None:
         arrays["initial_state"] = initial_state
 
@@ -202,6 +229,7 @@ def lasp_attention(
             scale=scale,
             initial_state=xs.get("initial_state"),
             output_final_state=output_final_state,
+            segment_ids=xs.get("segment_ids"),
             impl=impl,
         )
 

@@ -9,6 +9,11 @@ activations whose size grows with the sequence, unlike LASP's fixed ``[B, H, D, 
   ``H % P == 0``; when ``Hk % P != 0`` the key/value heads are repeated up to ``H`` first.
 - ``gather_kv`` (Megatron-SP style): all-gather K and V (and the gates), build the state of the
   gathered prefix ``[0, r·L)`` for the local queries, run the local op from that state.
+
+With ``segment_ids`` both gather the ``[B, L]`` ids over the sequence (tiny next to q, k, v), so the
+document index is the global one: ``ulysses`` hands the global ids to the single-device op;
+``gather_kv`` builds the prefix state from the prefix's last document only, and only when that
+document continues into the shard.
 """
 
 from __future__ import annotations
@@ -18,9 +23,24 @@ import jax.numpy as jnp
 
 from lasp_jax.state_passing import broadcast_from, varying_axes
 from pallas_kernels import linear_attention
+from pallas_kernels.linear_attention import reference
 
 
-def ulysses(q, k, v, *, axis_name, size, g=None, g_gamma=None, scale, initial_state=None, output_final_state, impl):
+def ulysses(
+    q,
+    k,
+    v,
+    *,
+    axis_name,
+    size,
+    g=None,
+    g_gamma=None,
+    scale,
+    initial_state=None,
+    output_final_state,
+    segment_ids=None,
+    impl,
+):
     h, hk = q.shape[2], k.shape[2]
     if h % size:
         raise ValueError(f"strategy='ulysses' needs the query heads divisible by the sequence axis: H={h}, P={size}")
@@ -44,6 +64,7 @@ def ulysses(q, k, v, *, axis_name, size, g=None, g_gamma=None, scale, initial_st
         scale=scale,
         initial_state=None if initial_state is None else my_heads(initial_state, 1),
         output_final_state=output_final_state,
+        segment_ids=None if segment_ids is None else jax.lax.all_gather(segment_ids, axis_name, axis=1, tiled=True),
         impl=impl,
     )
     o = jax.lax.all_to_all(o, axis_name, split_axis=1, concat_axis=2, tiled=True)
@@ -71,7 +92,21 @@ def _suffix_after(g):
     return jnp.concatenate([suffix[:, 1:], jnp.zeros_like(suffix[:, :1])], axis=1)
 
 
-def gather_kv(q, k, v, *, axis_name, size, g=None, g_gamma=None, scale, initial_state=None, output_final_state, impl):
+def gather_kv(
+    q,
+    k,
+    v,
+    *,
+    axis_name,
+    size,
+    g=None,
+    g_gamma=None,
+    scale,
+    initial_state=None,
+    output_final_state,
+    segment_ids=None,
+    impl,
+):
     b, length, h, _ = q.shape
     rank = jax.lax.axis_index(axis_name)
 
@@ -89,18 +124,39 @@ def gather_kv(q, k, v, *, axis_name, size, g=None, g_gamma=None, scale, initial_
     # the local queries see the gathered prefix [0, r·L): decay from token j to the prefix end
     before = (jnp.arange(t) < rank * length)[None, :, None]
     g_before = jnp.where(before, g_all, 0.0)
-    s_in = _weighted_state(k_all, v_all, _suffix_after(g_before), before, h)
+    feeds_s_in, feeds_final = before, jnp.ones_like(before)
+    init_in = init_final = jnp.ones((b,), bool)  # the initial state reaches the shard / the end
+    if segment_ids is not None:
+        doc_all = reference.document_index(gather(segment_ids))  # [B, T], global document index
+        start = rank * length
+        prefix_doc = doc_all[:, jnp.maximum(start - 1, 0)]  # document of the prefix's last token
+        init_in = (rank == 0) | (prefix_doc == doc_all[:, start])  # it continues into this shard
+        feeds_s_in = before & ((doc_all == prefix_doc[:, None]) & init_in[:, None])[..., None]
+        init_in = init_in & (prefix_doc == 0)
+        feeds_final = (doc_all == doc_all[:, -1:])[..., None]
+        init_final = doc_all[:, -1] == 0
+    s_in = _weighted_state(k_all, v_all, _suffix_after(g_before), feeds_s_in, h)
     if initial_state is not None:
-        decay = jnp.exp(jnp.sum(g_before, axis=1))
+        decay = jnp.where(init_in[:, None], jnp.exp(jnp.sum(g_before, axis=1)), 0.0)
         s_in = s_in + decay[..., None, None] * initial_state.astype(s_in.dtype)
     o, _ = linear_attention(
-        q, k, v, g=g, g_gamma=g_gamma, scale=scale, initial_state=s_in, output_final_state=False, impl=impl
+        q,
+        k,
+        v,
+        g=g,
+        g_gamma=g_gamma,
+        scale=scale,
+        initial_state=s_in,
+        output_final_state=False,
+        segment_ids=segment_ids,
+        impl=impl,
     )
     final = None
     if output_final_state:
-        final = _weighted_state(k_all, v_all, _suffix_after(g_all), jnp.ones_like(before), h)
+        final = _weighted_state(k_all, v_all, _suffix_after(g_all), feeds_final, h)
         if initial_state is not None:
-            final = final + jnp.exp(jnp.sum(g_all, axis=1))[..., None, None] * initial_state.astype(final.dtype)
+            decay = jnp.where(init_final[:, None], jnp.exp(jnp.sum(g_all, axis=1)), 0.0)
+            final = final + decay[..., None, None] * initial_state.astype(final.dtype)
         if axis_name in varying_axes(q):
             final = broadcast_from(final, 0, axis_name)
     return o, final

@@ -18,6 +18,19 @@ Backward, with ``dO`` given:
 
 The forward keeps the local kernel's residuals and ``S_in(r)`` (LASP's KV-state cache), so
 nothing but the state cotangents crosses devices in the backward.
+
+Packed documents (``segment_ids``): a boundary is wherever the id changes along the GLOBAL
+sequence, so each rank first receives the last id of rank r − 1 (one ``ppermute`` of ``[B]``
+integers) to know whether a boundary falls exactly at its first token. Then, per row:
+
+- ``M_r`` counts only the shard's last document (the state leaving the shard);
+- ``Γ_r = 0`` when a boundary lies inside the shard or at its start (the entering state does not
+  survive the shard); the state passes carry it as a log decay of ``-1e30``, whose exp is exactly 0;
+- ``S_in(r)`` reaches only the tokens before the shard's first boundary: it is the local kernel's
+  ``initial_state`` with the local segment ids (the kernel applies it to the first local document),
+  zeroed when a boundary sits at the shard's first token;
+- backward mirrors it: ``dM_r`` counts only the tokens before the first boundary (none when the
+  shard starts a document), and the reverse pass uses the same ``Γ``.
 """
 
 from __future__ import annotations
@@ -30,6 +43,7 @@ import jax.numpy as jnp
 
 from lasp_jax import state_passing
 from pallas_kernels import linear_attention
+from pallas_kernels.linear_attention import reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +60,47 @@ class LaspConfig:
     # enclosing shard_map does not check varying axes)
     inputs: tuple[tuple[str, Any, frozenset], ...] = ()
     vma_checked: bool = False
+
+
+# log Γ of a shard whose entering state does not reach its end (a document boundary inside or at
+# its start): exp gives exactly 0, and sums of P of them stay finite in float32 (no inf − inf)
+RESET_LOG_DECAY = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class Segments:
+    """Document structure of one shard's rows (packed documents; not differentiable).
+
+    ``doc`` ``[B, L]`` int32: local document index (0 for the document the shard starts in, +1
+    wherever the id changes inside the shard); ``starts_new`` ``[B]`` bool: a boundary falls exactly
+    at the shard's first token (the previous rank's last id differs; never on rank 0).
+    """
+
+    doc: jax.Array
+    starts_new: jax.Array
+
+    def reaches_state_in(self, dtype):
+        """``[B, L]``: 1 for tokens that see the entering state (before the first boundary)."""
+        return ((self.doc == 0) & ~self.starts_new[:, None]).astype(dtype)
+
+    def feeds_state_out(self, dtype):
+        """``[B, L]``: 1 for tokens of the shard's last document (they make the leaving state)."""
+        return (self.doc == self.doc[:, -1:]).astype(dtype)
+
+    def resets(self):
+        """``[B]``: the entering state does not survive the shard (Γ = 0)."""
+        return (self.doc[:, -1] != 0) | self.starts_new
+
+
+jax.tree_util.register_dataclass(Segments, data_fields=["doc", "starts_new"], meta_fields=[])
+
+
+def shard_segments(segment_ids, *, axis_name, size) -> Segments:
+    """The shard's ``Segments`` from its local ids and the last id of the previous rank."""
+    doc = reference.document_index(segment_ids)
+    prev_last = state_passing.from_previous_rank(segment_ids[:, -1], axis_name=axis_name, size=size)
+    rank = jax.lax.axis_index(axis_name)
+    return Segments(doc, (rank > 0) & (segment_ids[:, 0] != prev_last))
 
 
 def _acc_dtype(*xs):
@@ -116,25 +171,38 @@ def _token_contraction(a, b, acc):
     return jnp.sum(partial, axis=1)
 
 
-def local_state(k, v, decay: ShardDecay | None, num_heads):
-    """``M = Σ_j exp(b_{L-1} − b_j) k_jᵀ v_j`` ``[B, H, D, E]`` in float32 (grouped heads by indexing)."""
+def local_state(k, v, decay: ShardDecay | None, num_heads, token_mask=None):
+    """``M = Σ_j exp(b_{L-1} − b_j) k_jᵀ v_j`` ``[B, H, D, E]`` in float32 (grouped heads by indexing).
+
+    ``token_mask`` ``[B, L]`` (0/1), when given, keeps only the masked tokens j (the last document).
+    """
     b, length, hk, d = k.shape
     e = v.shape[-1]
     grp = num_heads // hk
     acc = _acc_dtype(k, v)
     if decay is None:
+        if token_mask is not None:
+            k = (k.astype(acc) * token_mask[:, :, None, None]).astype(k.dtype)
         m = _token_contraction(k, v, acc)
         return jnp.broadcast_to(m[:, :, None], (b, hk, grp, d, e)).reshape(b, num_heads, d, e)
-    to_end = jnp.exp(decay.to_end).reshape(b, length, hk, grp)
+    to_end = jnp.exp(decay.to_end)
+    if token_mask is not None:
+        to_end = to_end * token_mask[..., None]
+    to_end = to_end.reshape(b, length, hk, grp)
     k_weighted = (k[:, :, :, None].astype(acc) * to_end[..., None]).astype(k.dtype)
     return _token_contraction(k_weighted, v, acc).reshape(b, num_heads, d, e)
 
 
-def local_state_cotangent(q, do, decay: ShardDecay | None, scale):
-    """``dM = scale · Σ_i exp(b_i) q_iᵀ dO_i`` ``[B, H, D, E]`` in float32."""
+def local_state_cotangent(q, do, decay: ShardDecay | None, scale, token_mask=None):
+    """``dM = scale · Σ_i exp(b_i) q_iᵀ dO_i`` ``[B, H, D, E]`` in float32 (only masked i when
+    ``token_mask`` ``[B, L]`` is given: the tokens before the first boundary)."""
     acc = _acc_dtype(q, do)
-    if decay is not None:
-        q = (q.astype(acc) * jnp.exp(decay.from_start)[..., None]).astype(q.dtype)
+    weight = None if decay is None else jnp.exp(decay.from_start)
+    if token_mask is not None:
+        mask = token_mask[..., None].astype(acc)
+        weight = mask if weight is None else weight * mask
+    if weight is not None:
+        q = (q.astype(acc) * weight[..., None]).astype(q.dtype)
     return scale * _token_contraction(q, do.astype(q.dtype), acc)
 
 
@@ -165,7 +233,11 @@ def _entering_state(cfg: LaspConfig, m, log_gamma, s0, gather_gamma):
     return s_in, final, log_gammas
 
 
-def _local_kernel(cfg: LaspConfig, inputs):
+def _local_kernel(cfg: LaspConfig, inputs, segments: Segments | None):
+    s_in, segment_ids = inputs["s_in"], None
+    if segments is not None:  # a boundary at the shard's first token: nothing enters
+        s_in = jnp.where(segments.starts_new[:, None, None, None], jnp.zeros_like(s_in), s_in)
+        segment_ids = segments.doc
     o, s_out = linear_attention(
         inputs["q"],
         inputs["k"],
@@ -173,26 +245,33 @@ def _local_kernel(cfg: LaspConfig, inputs):
         g=inputs.get("g"),
         g_gamma=inputs.get("g_gamma"),
         scale=cfg.scale,
-        initial_state=inputs["s_in"],
+        initial_state=s_in,
         output_final_state=True,
+        segment_ids=segment_ids,
         impl=cfg.impl,
     )
     return o, s_out
 
 
-def _forward(cfg: LaspConfig, inputs, *, keep_residuals):
+def _forward(cfg: LaspConfig, inputs, segments: Segments | None, *, keep_residuals):
     q, k, v = inputs["q"], inputs["k"], inputs["v"]
     g, g_gamma, s0 = inputs.get("g"), inputs.get("g_gamma"), inputs.get("initial_state")
     decay = shard_decay(q, g, g_gamma)
     log_gamma = _shard_log_gamma(q, decay)
-    m = local_state(k, v, decay, q.shape[2])
-    s_in, final, gamma_res = _entering_state(cfg, m, log_gamma, s0, gather_gamma=g is not None)
+    last_doc = None
+    if segments is not None:
+        log_gamma = jnp.where(segments.resets()[:, None], RESET_LOG_DECAY, log_gamma)
+        last_doc = segments.feeds_state_out(log_gamma.dtype)
+    m = local_state(k, v, decay, q.shape[2], token_mask=last_doc)
+    # with segments Γ differs per rank even under g_gamma: gather it with the states
+    gather_gamma = g is not None or segments is not None
+    s_in, final, gamma_res = _entering_state(cfg, m, log_gamma, s0, gather_gamma=gather_gamma)
     kernel_inputs = {n: x for n, x in inputs.items() if n != "initial_state"} | {"s_in": s_in}
     if not keep_residuals:
-        o, _ = _local_kernel(cfg, kernel_inputs)
+        o, _ = _local_kernel(cfg, kernel_inputs, segments)
         return (o, final), None
-    (o, _), pullback = jax.vjp(lambda xs: _local_kernel(cfg, xs), kernel_inputs)
-    return (o, final), (pullback, q, decay, gamma_res)
+    (o, _), pullback = jax.vjp(lambda xs: _local_kernel(cfg, xs, segments), kernel_inputs)
+    return (o, final), (pullback, q, decay, gamma_res, segments)
 
 
 def _reduce_to_vma(cfg: LaspConfig, name, ct):
@@ -205,9 +284,10 @@ def _reduce_to_vma(cfg: LaspConfig, name, ct):
 
 
 def _backward(cfg: LaspConfig, residuals, cotangents):
-    pullback, q, decay, gamma_res = residuals
+    pullback, q, decay, gamma_res, segments = residuals
     do, d_final = cotangents
-    dm = local_state_cotangent(q, do, decay, cfg.scale)
+    first_doc = None if segments is None else segments.reaches_state_in(_acc_dtype(q, do))
+    dm = local_state_cotangent(q, do, decay, cfg.scale, token_mask=first_doc)
     if d_final is not None and not cfg.vma_checked:
         # unchecked shard_map treats every rank's copy of final_state as its own output: sum them
         d_final = jax.lax.psum(d_final, cfg.axis_name)
@@ -227,16 +307,16 @@ def _backward(cfg: LaspConfig, residuals, cotangents):
     return out
 
 
-def _lasp_layer(cfg: LaspConfig, inputs):
-    return _forward(cfg, inputs, keep_residuals=False)[0]
+def _lasp_layer(cfg: LaspConfig, inputs, segments):
+    return _forward(cfg, inputs, segments, keep_residuals=False)[0]
 
 
-def _lasp_layer_fwd(cfg: LaspConfig, inputs):
-    return _forward(cfg, inputs, keep_residuals=True)
+def _lasp_layer_fwd(cfg: LaspConfig, inputs, segments):
+    return _forward(cfg, inputs, segments, keep_residuals=True)
 
 
 def _lasp_layer_bwd(cfg: LaspConfig, residuals, cotangents):
-    return (_backward(cfg, residuals, cotangents),)
+    return _backward(cfg, residuals, cotangents), None  # segments: integers, no cotangent
 
 
 _lasp_layer = jax.custom_vjp(_lasp_layer, nondiff_argnums=(0,))
@@ -244,7 +324,20 @@ _lasp_layer.defvjp(_lasp_layer_fwd, _lasp_layer_bwd)
 
 
 def lasp_layer(
-    q, k, v, *, axis_name, size, strategy, g=None, g_gamma=None, scale, initial_state=None, output_final_state, impl
+    q,
+    k,
+    v,
+    *,
+    axis_name,
+    size,
+    strategy,
+    g=None,
+    g_gamma=None,
+    scale,
+    initial_state=None,
+    output_final_state,
+    segment_ids=None,
+    impl,
 ):
     """LASP (``strategy="ring"``) or LASP-2 (``"allgather"``) on one shard; see the module docstring."""
     inputs = {"q": q, "k": k, "v": v}
@@ -263,4 +356,5 @@ def lasp_layer(
         inputs=described,
         vma_checked=checked,
     )
-    return _lasp_layer(cfg, inputs)
+    segments = None if segment_ids is None else shard_segments(segment_ids, axis_name=axis_name, size=size)
+    return _lasp_layer(cfg, inputs, segments)

@@ -41,6 +41,11 @@ def broadcast_from(x, src, axis_name):
     return jax.lax.psum(jnp.where(rank == src, x, jnp.zeros_like(x)), axis_name)
 
 
+def from_previous_rank(x, *, axis_name, size):
+    """``x`` of rank r − 1 on rank r (one non-cyclic ``ppermute``; rank 0 receives zeros)."""
+    return jax.lax.ppermute(x, axis_name, perm=[(r, r + 1) for r in range(size - 1)])
+
+
 def _gamma(log_gamma):
     return jnp.exp(log_gamma)[..., None, None]
 
