@@ -87,7 +87,78 @@ def softmax_workload(cfg: Config, mesh: Mesh | None, strategy: str, tokens: int)
     return step, (q, k, v, do)
 
 
-WORKLOADS: dict[str, Workload] = {"softmax": softmax_workload}
+def hybrid_train_workload(family: str) -> Workload:
+    """A hybrid model's train step (models/): forward, backward and an AdamW update of every parameter.
+
+    The model is one hybrid group of 4 layers (3 linear, the 4th softmax) of the ``family`` with
+    ``d_model = heads · head_dim`` (TNL: ``heads`` key/value heads; Linear-Llama3: ``kv_heads``),
+    GLU width 8/3·d, byte vocabulary 256 (so the step measures the layers, not the head), float32
+    parameters and ``cfg.dtype`` compute. ``strategy`` picks both the linear layers' LASP strategy
+    and the softmax layers' one (``allgather`` = LASP-2 / LASP-2H, ``ring`` = LASP / RingAttention).
+    The step's first output is the per-token loss ``[B, T]``, compared with one device's.
+    """
+
+    def make(cfg: Config, mesh: Mesh | None, strategy: str, tokens: int) -> Step:
+        import optax
+        from flax import nnx
+
+        from models.config import get_config
+        from models.layers import LaspContext
+        from models.model import LanguageModel
+
+        d = cfg.heads * cfg.head_dim
+        kv = cfg.heads if family == "tnl" else cfg.kv_heads
+        model_cfg = get_config(
+            f"{family}-hybrid-tiny",
+            d_model=d,
+            n_heads=cfg.heads,
+            n_kv_heads=kv,
+            n_layers=4,
+            softmax_every=4,
+            ffn_dim=-(-(8 * d // 3) // 256) * 256,
+            dtype=cfg.dtype,
+        )
+        assert model_cfg.types == ("linear", "linear", "linear", "softmax")
+        ctx = LaspContext(
+            mesh=mesh,
+            seq_axis="sp",
+            strategy="allgather" if mesh is None else strategy,
+            softmax_strategy="allgather" if mesh is None else strategy,
+        )
+        graphdef, params = nnx.split(LanguageModel(model_cfg, rngs=nnx.Rngs(0)))
+        optimizer = optax.adamw(1e-4)
+        opt_state = optimizer.init(params)
+        ids = jax.random.randint(jax.random.key(1), (cfg.batch, tokens + 1), 0, model_cfg.vocab_size)
+        inputs, targets = ids[:, :-1], ids[:, 1:]
+        if mesh is not None:
+            inputs, targets = (
+                jax.device_put(x, NamedSharding(mesh, PartitionSpec(None, "sp"))) for x in (inputs, targets)
+            )
+            replicated = NamedSharding(mesh, PartitionSpec())
+            params, opt_state = jax.device_put((params, opt_state), replicated)
+
+        def loss(params, inputs, targets):
+            model = nnx.merge(graphdef, params)
+            logits = model.logits(model.hidden(inputs, ctx)[0])
+            nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+            return jnp.mean(nll), nll
+
+        @jax.jit
+        def step(params, opt_state, inputs, targets):
+            grads, nll = jax.grad(loss, has_aux=True)(params, inputs, targets)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return nll, optax.apply_updates(params, updates), opt_state
+
+        return step, (params, opt_state, inputs, targets)
+
+    return make
+
+
+WORKLOADS: dict[str, Workload] = {
+    "softmax": softmax_workload,
+    "tnl-hybrid": hybrid_train_workload("tnl"),
+    "linear-llama3-hybrid": hybrid_train_workload("linear_llama3"),
+}
 
 _COLLECTIVE = re.compile(
     r"=\s*(\(?[a-z0-9\[\],{}:\s/#TS()]*?\)?)\s+(all-gather|reduce-scatter|collective-permute|all-reduce|all-to-all)"

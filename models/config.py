@@ -14,6 +14,10 @@ One ``ModelConfig`` spells out every architectural choice; a family is a set of 
 
 Presets: ``<family>-{tiny,0.4b,1b,7b}``, e.g. ``tnl-1b`` (16 layers, d 2048, 16 heads); ``tiny``
 alone means ``tnl-tiny``. Family names accept ``-`` or ``_``.
+
+Hybrid presets (LASP-2H): ``tnl-hybrid-<size>`` and ``linear-llama3-hybrid-<size>`` make every k-th
+layer a causal softmax-attention layer (layers k−1, 2k−1, ...; k = 4 by default, k = 2 for ``tiny``,
+which has only two layers); ``get_config(name, softmax_every=k)`` picks another k for any preset.
 """
 
 from __future__ import annotations
@@ -28,8 +32,7 @@ ATTN_OUTPUT_NORMS = ("srms_gate", "denominator", "head_rms")
 NORMS = ("srms", "rms", "layer")
 MLPS = ("glu", "swiglu", "gelu")
 DTYPES = ("float32", "bfloat16", "float16")
-# Issue 6 adds "softmax"; until then every layer is a linear-attention layer.
-LAYER_TYPES = ("linear",)
+LAYER_TYPES = ("linear", "softmax")
 FAMILIES = ("tnl", "linear_transformer", "linear_llama3")
 
 
@@ -105,7 +108,7 @@ class ModelConfig:
                 )
             unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
             if unknown:
-                raise ValueError(f"layer_types may hold only {LAYER_TYPES} for now, got {unknown}")
+                raise ValueError(f"layer_types may hold only {LAYER_TYPES}, got {unknown}")
 
     @property
     def head_dim(self) -> int:
@@ -175,16 +178,49 @@ def _preset(family: str, size: str) -> ModelConfig:
     return ModelConfig(**kw)
 
 
+def hybrid_layer_types(n_layers: int, softmax_every: int) -> tuple[str, ...]:
+    """Layer l is ``"softmax"`` when ``(l + 1) % softmax_every == 0``, else ``"linear"`` (1 in k softmax)."""
+    if not isinstance(softmax_every, int) or isinstance(softmax_every, bool) or softmax_every <= 0:
+        raise ValueError(f"softmax_every must be a positive int, got softmax_every={softmax_every!r}")
+    if softmax_every > n_layers:
+        raise ValueError(
+            f"softmax_every={softmax_every} exceeds n_layers={n_layers}: the model would have no softmax layer"
+        )
+    return tuple("softmax" if (layer + 1) % softmax_every == 0 else "linear" for layer in range(n_layers))
+
+
+HYBRID_FAMILIES = ("tnl", "linear_llama3")
+DEFAULT_SOFTMAX_EVERY = 4
+
 PRESETS: dict[str, ModelConfig] = {
     f"{family.replace('_', '-')}-{size}": _preset(family, size) for family in FAMILIES for size in _SIZES
 }
+for _family in HYBRID_FAMILIES:
+    for _size in _SIZES:
+        _base = _preset(_family, _size)
+        _every = 2 if _size == "tiny" else DEFAULT_SOFTMAX_EVERY
+        PRESETS[f"{_family.replace('_', '-')}-hybrid-{_size}"] = _base.replace(
+            layer_types=hybrid_layer_types(_base.n_layers, _every)
+        )
 PRESETS["tiny"] = PRESETS["tnl-tiny"]
 
 
-def get_config(name: str, **overrides) -> ModelConfig:
-    """The preset ``name`` (e.g. ``"tnl-1b"``, ``"linear_llama3-tiny"``, ``"tiny"``) with ``overrides``."""
+def get_config(name: str, *, softmax_every: int | None = None, **overrides) -> ModelConfig:
+    """The preset ``name`` (e.g. ``"tnl-1b"``, ``"tnl-hybrid-1b"``, ``"tiny"``) with ``overrides``.
+
+    ``softmax_every=k`` makes every k-th layer softmax attention (after ``overrides``, so it follows
+    an overridden ``n_layers``); ``softmax_every=0`` makes every layer linear again.
+    """
     key = name.replace("_", "-").lower()
     if key not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
     config = PRESETS[key]
-    return config.replace(**overrides) if overrides else config
+    if "n_layers" in overrides and "layer_types" not in overrides and config.layer_types is not None:
+        # a hybrid preset keeps its 1-in-k pattern over the new depth
+        k = next(i + 1 for i, t in enumerate(config.layer_types) if t == "softmax")
+        overrides["layer_types"] = hybrid_layer_types(overrides["n_layers"], min(k, overrides["n_layers"]))
+    config = config.replace(**overrides) if overrides else config
+    if softmax_every is not None:
+        types = None if softmax_every == 0 else hybrid_layer_types(config.n_layers, softmax_every)
+        config = config.replace(layer_types=types)
+    return config

@@ -2,8 +2,9 @@
 
 ``generate`` runs the largest prefix of the prompt that the sequence axis divides through
 ``LanguageModel.prefill`` (``lasp_attention`` with the mesh in ``ctx``), feeds the remaining prompt
-tokens through the recurrence, then samples new tokens. Each layer carries one float32 state
-``[B, H, D', E']`` whatever the length, so memory per generated token is constant.
+tokens through the recurrence, then samples new tokens. Each linear layer carries one float32 state
+``[B, H, D', E']`` whatever the length, so memory per generated token is constant; each softmax
+layer of a hybrid model carries a key/value cache sized for the prompt plus the new tokens.
 
 ``lasp-generate --ckpt-dir DIR --prompt "..."`` samples from a checkpoint written by ``lasp-train``.
 """
@@ -88,6 +89,7 @@ def generate(
     if ctx.mesh is not None and ctx.batch_axis is not None and b % ctx.mesh.shape[ctx.batch_axis]:
         ctx = LaspContext(ctx.mesh, ctx.seq_axis, None, ctx.strategy, ctx.impl)
     n_par = (p // sp) * sp
+    cache_size = p + max_new_tokens if model.has_softmax_layers else None  # softmax layers' key/value cache
     tokens = jnp.asarray(prompt, jnp.int32)
     if ctx.mesh is not None:
         replicated = jax.sharding.NamedSharding(ctx.mesh, jax.sharding.PartitionSpec())
@@ -96,12 +98,12 @@ def generate(
 
     prompt_logits = jnp.zeros((b, p, vocab), jnp.float32) if return_logits else None
     if n_par:
-        prefill = jax.jit(lambda prm, t: nnx.merge(graphdef, prm).prefill(t, ctx))
+        prefill = jax.jit(lambda prm, t: nnx.merge(graphdef, prm).prefill(t, ctx, cache_size=cache_size))
         last, states = prefill(params, tokens[:, :n_par])
         if return_logits:
             prompt_logits = prompt_logits.at[:, n_par - 1].set(last)
     else:
-        states = nnx.merge(graphdef, params).init_states(b)
+        states = nnx.merge(graphdef, params).init_states(b, cache_size)
     if n_par < p:
         feed = jax.jit(lambda prm, st, t, s: _feed(nnx.merge(graphdef, prm), st, t, s))
         rest, states = feed(params, states, tokens[:, n_par:], jnp.int32(n_par))

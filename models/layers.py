@@ -1,10 +1,11 @@
 """Flax NNX layers: projections with logical axes, norms, channel mixers and the linear-attention token mixer.
 
-The token mixer calls only ``lasp_jax.lasp_attention`` (sequence-parallel when a mesh is given, the
-single-device op otherwise) for whole sequences, and the one-token recurrence
+The linear token mixer calls only ``lasp_jax.lasp_attention`` (sequence-parallel when a mesh is
+given, the single-device op otherwise) for whole sequences, and the one-token recurrence
 ``S = exp(g)·S + kᵀv,  o = scale·q S`` (DESIGN.md §1) for decoding, where a chunked kernel has
-nothing to chunk. Every parameter carries ``logical_axes`` metadata; ``models.sharding`` maps those
-names to mesh axes.
+nothing to chunk. The softmax token mixer of hybrid models calls ``lasp_jax.softmax_attention``
+(LASP-2H all-gather or ring under a mesh) and decodes from a key/value cache. Every parameter
+carries ``logical_axes`` metadata; ``models.sharding`` maps those names to mesh axes.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ Array = jax.Array
 
 @dataclass(frozen=True)
 class LaspContext:
-    """How token mixers run: the mesh and ``lasp_attention``'s strategy; not part of the model's weights.
+    """How token mixers run: the mesh and the strategies; not part of the model's weights.
 
     ``mesh=None`` runs on one device. Activations ``[B, T, ...]`` are sharded ``(batch_axis, seq_axis)``.
+    ``strategy``/``impl`` go to ``lasp_attention`` (linear layers), ``softmax_strategy``
+    (``"allgather"`` = LASP-2H or ``"ring"``) to ``softmax_attention`` (softmax layers of hybrids).
     """
 
     mesh: Mesh | None = None
@@ -35,6 +38,7 @@ class LaspContext:
     batch_axis: str | None = None
     strategy: str = "ring"
     impl: str = "auto"
+    softmax_strategy: str = "allgather"
 
     def constrain(self, x: Array) -> Array:
         """Pin a ``[B, T, ...]`` activation to (batch_axis, seq_axis) sharding under a mesh."""
@@ -304,3 +308,103 @@ class LinearAttention(nnx.Module):
         d = 2 * c.head_dim if c.position == "lrpe" else c.head_dim
         e = c.head_dim + 1 if c.attn_output_norm == "denominator" else c.head_dim
         return (batch, c.n_heads, d, e)
+
+
+class SoftmaxAttention(LinearAttention):
+    """Causal softmax-attention token mixer for the softmax layers of hybrid models (LASP-2H).
+
+    The family's own projections without the linear-attention feature map: Linear-Llama3 gets
+    Llama-3 attention (q, k, v with grouped heads, RoPE, ``D^-0.5``, W_o; no head norm); TNL keeps
+    its q, k, v, u projections, the SRMSNorm-and-gate output and its positions (LRPE, relative, or
+    none), and scales the logits by ``D'^-0.5``. Whole sequences go through
+    ``lasp_jax.softmax_attention`` with ``ctx.softmax_strategy``; ``step`` decodes one token
+    against a fixed-capacity key/value cache ``(k [B, S, Hk, D'], v [B, S, Hk, E])`` written at
+    ``position`` (entries after it are masked).
+    """
+
+    def __init__(self, config: ModelConfig, layer: int, *, rngs):
+        del layer  # no per-layer constants: softmax layers have no decay
+        self.config = c = config
+        h, hk, dh = c.n_heads, c.kv_heads, c.head_dim
+        # softmax normalises by itself: no causal-normaliser column and no per-head RMS norm
+        self.widths = (h * dh, hk * dh, hk * dh) + ((c.d_model,) if c.attn_output_norm == "srms_gate" else ())
+        std, out_std = c.init_std, c.init_std / math.sqrt(2 * c.n_layers)
+        self.in_proj = Dense(c.d_model, sum(self.widths), ("embed", "qkv"), std=std, config=c, rngs=rngs)
+        self.out_proj = Dense(h * dh, c.d_model, ("qkv", "embed"), std=out_std, config=c, rngs=rngs)
+        self.log_decay = None
+        self.scale = (2 * dh if c.position == "lrpe" else dh) ** -0.5
+
+    def _project(self, x: Array, positions: Array):
+        c = self.config
+        b, t = x.shape[:2]
+        parts = jnp.split(self.in_proj(x), np.cumsum(self.widths)[:-1], axis=-1)
+        q = parts[0].reshape(b, t, c.n_heads, c.head_dim)
+        k = parts[1].reshape(b, t, c.kv_heads, c.head_dim)
+        v = parts[2].reshape(b, t, c.kv_heads, c.head_dim)
+        u = parts[3] if len(parts) == 4 else None
+        if c.position == "lrpe":
+            q, k = lrpe(q, positions, c.lrpe_base), lrpe(k, positions, c.lrpe_base)
+        elif c.position == "rope":
+            q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+        return q, k, v, u
+
+    def _finish(self, o: Array, u: Array | None) -> Array:
+        c = self.config
+        b, t = o.shape[:2]
+        o = o.reshape(b, t, c.n_heads * c.head_dim).astype(dtype_of(c.dtype))
+        if c.attn_output_norm == "srms_gate":
+            o = srms(o, c.norm_eps) * u
+        return self.out_proj(o)
+
+    def __call__(
+        self,
+        x: Array,
+        ctx: LaspContext,
+        positions: Array,
+        *,
+        initial_state=None,
+        return_state: bool = False,
+    ) -> tuple[Array, tuple[Array, Array] | None]:
+        """Returns the block output and, with ``return_state``, the keys and values ``[B, T, Hk, ·]``."""
+        from lasp_jax.softmax_attention import softmax_attention
+
+        if initial_state is not None:
+            raise ValueError(
+                "a softmax-attention layer cannot continue from an initial state: run the whole prefix "
+                "(prefill) in one call, then decode with step()"
+            )
+        q, k, v, u = self._project(x, positions)
+        o = softmax_attention(
+            q,
+            k,
+            v,
+            mesh=ctx.mesh,
+            seq_axis=ctx.seq_axis,
+            batch_axis=ctx.batch_axis,
+            strategy=ctx.softmax_strategy,
+            scale=self.scale,
+        )
+        return self._finish(o, u), ((k, v) if return_state else None)
+
+    def step(self, x: Array, state: tuple[Array, Array], position: Array) -> tuple[Array, tuple[Array, Array]]:
+        """One token at scalar ``position`` against the cache ``state = (k, v)`` ``[B, S, Hk, ·]``."""
+        c = self.config
+        k_cache, v_cache = state
+        pos = jnp.asarray(position, jnp.int32)
+        q, k, v, u = self._project(x[:, None], jnp.broadcast_to(pos, x.shape[:1])[:, None])
+        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), pos, axis=1)
+        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), pos, axis=1)
+        b, s = k_cache.shape[:2]
+        group = c.n_heads // c.kv_heads
+        qg = q[:, 0].astype(jnp.float32).reshape(b, c.kv_heads, group, -1)
+        logits = jnp.einsum("bhgd,bshd->bhgs", qg, k_cache.astype(jnp.float32)) * self.scale
+        logits = jnp.where(jnp.arange(s) <= pos, logits, -jnp.inf)
+        o = jnp.einsum("bhgs,bshe->bhge", jax.nn.softmax(logits, axis=-1), v_cache.astype(jnp.float32))
+        o = o.reshape(b, 1, c.n_heads, -1).astype(q.dtype)
+        return self._finish(o, u)[:, 0], (k_cache, v_cache)
+
+    def cache_shapes(self, batch: int, size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of the key and value caches for ``size`` positions."""
+        c = self.config
+        d = 2 * c.head_dim if c.position == "lrpe" else c.head_dim
+        return (batch, size, c.kv_heads, d), (batch, size, c.kv_heads, c.head_dim)

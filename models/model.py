@@ -1,9 +1,11 @@
 """Decoder-only language model: embedding, blocks of (token mixer, channel mixer), final norm, head.
 
 Training and prefill run whole sequences (``hidden``/``__call__``/``prefill``) through the chunked,
-sequence-parallel op; decoding (``decode_step``) advances each layer's float32 recurrent state by
-one token, so memory per generated token is constant. Positions are global token indices, so
-LRPE/RoPE see the same positions whether or not the sequence is sharded.
+sequence-parallel op; decoding (``decode_step``) advances each linear layer's float32 recurrent
+state by one token, so memory per generated token is constant. Softmax layers of hybrid models
+(``layer_types``) run ``lasp_jax.softmax_attention`` on whole sequences and decode from a key/value
+cache of fixed capacity (``cache_size``: prompt + new tokens), so their memory grows with the length.
+Positions are global token indices, so LRPE/RoPE see the same positions whether or not the sequence is sharded.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig
-from models.layers import SINGLE_DEVICE, Dense, Embed, LaspContext, LinearAttention, Mlp, Norm
+from models.layers import SINGLE_DEVICE, Dense, Embed, LaspContext, LinearAttention, Mlp, Norm, SoftmaxAttention
 
 Array = jax.Array
 
@@ -27,13 +29,15 @@ REMAT_POLICIES = {
 class Block(nnx.Module):
     """Pre-norm residual block: ``x + mixer(norm(x))`` then ``x + mlp(norm(x))``.
 
-    The token mixer is chosen per layer from ``config.types`` (only "linear" exists until issue 6).
+    The token mixer is chosen per layer from ``config.types``: ``"linear"`` (``LinearAttention``)
+    or ``"softmax"`` (``SoftmaxAttention``, hybrid models).
     """
 
     def __init__(self, config: ModelConfig, layer: int, *, rngs):
         self.layer_type = config.types[layer]
         self.attn_norm = Norm(config.norm, config.d_model, eps=config.norm_eps, config=config)
-        self.attn = LinearAttention(config, layer, rngs=rngs)
+        mixer = SoftmaxAttention if self.layer_type == "softmax" else LinearAttention
+        self.attn = mixer(config, layer, rngs=rngs)
         self.mlp_norm = Norm(config.norm, config.d_model, eps=config.norm_eps, config=config)
         self.mlp = Mlp(config, rngs=rngs)
 
@@ -103,18 +107,56 @@ class LanguageModel(nnx.Module):
         return self.logits(self.hidden(tokens, ctx, remat=remat)[0])
 
     # ---- generation ----
-    def init_states(self, batch: int) -> list[Array]:
-        return [jnp.zeros(block.attn.state_shape(batch), jnp.float32) for block in self.blocks]
+    @property
+    def has_softmax_layers(self) -> bool:
+        return "softmax" in self.config.types
+
+    def init_states(self, batch: int, cache_size: int | None = None) -> list:
+        """Empty decoding states: float32 ``[B, H, D', E']`` per linear layer, a zero key/value cache
+        of ``cache_size`` positions per softmax layer (needed, and only used, by hybrid models)."""
+        states = []
+        for block in self.blocks:
+            if isinstance(block.attn, SoftmaxAttention):
+                if not cache_size:
+                    raise ValueError("a model with softmax layers decodes from a key/value cache: pass cache_size=")
+                dtype = jnp.dtype(self.config.dtype)
+                states.append(tuple(jnp.zeros(s, dtype) for s in block.attn.cache_shapes(batch, cache_size)))
+            else:
+                states.append(jnp.zeros(block.attn.state_shape(batch), jnp.float32))
+        return states
 
     def prefill(
-        self, tokens: Array, ctx: LaspContext = SINGLE_DEVICE, initial_states: list[Array] | None = None
-    ) -> tuple[Array, list[Array]]:
-        """Run a prompt with the chunked (sequence-parallel) op: last-token logits ``[B, V]`` and states."""
+        self,
+        tokens: Array,
+        ctx: LaspContext = SINGLE_DEVICE,
+        initial_states: list | None = None,
+        *,
+        cache_size: int | None = None,
+    ) -> tuple[Array, list]:
+        """Run a prompt with the chunked (sequence-parallel) op: last-token logits ``[B, V]`` and states.
+
+        Softmax layers return their keys and values padded to ``cache_size`` positions (≥ the prompt
+        length; needed for hybrid models), ready for ``decode_step`` at position ``T``.
+        """
+        if self.has_softmax_layers and initial_states is not None:
+            raise ValueError("prefill of a model with softmax layers starts from the first token (initial_states=None)")
         h, states = self.hidden(tokens, ctx, initial_states=initial_states, return_states=True)
+        if self.has_softmax_layers:
+            t = tokens.shape[1]
+            if cache_size is None or cache_size < t:
+                raise ValueError(f"cache_size must be >= the prompt length {t} for softmax layers, got {cache_size}")
+            pad = ((0, 0), (0, cache_size - t), (0, 0), (0, 0))
+            states = [
+                tuple(jnp.pad(x.astype(jnp.dtype(self.config.dtype)), pad) for x in s) if isinstance(s, tuple) else s
+                for s in states
+            ]
         return self.logits(h[:, -1]), states
 
-    def decode_step(self, token: Array, states: list[Array], position: Array) -> tuple[Array, list[Array]]:
-        """One token per row: token ``[B]`` at global ``position`` → logits ``[B, V]`` and the new states."""
+    def decode_step(self, token: Array, states: list, position: Array) -> tuple[Array, list]:
+        """One token per row: token ``[B]`` at global ``position`` → logits ``[B, V]`` and the new states.
+
+        With softmax layers ``position`` must be a scalar (the cache slot written), below ``cache_size``.
+        """
         x = self.embed(token)
         new_states = []
         for block, state in zip(self.blocks, states, strict=True):

@@ -42,8 +42,9 @@ class MeshConfig:
     dp: int | None = None  # None: every device not used by sp
     sp: int = 1
     fsdp: bool = False  # shard parameters and optimizer state over dp
-    strategy: str = "ring"  # lasp_attention strategy
+    strategy: str = "ring"  # lasp_attention strategy (linear layers)
     impl: str = "auto"  # single-device kernel: "auto" | "pallas" | "xla"
+    softmax_strategy: str = "allgather"  # softmax layers of hybrid models: "allgather" (LASP-2H) | "ring"
 
 
 @dataclass(frozen=True)
@@ -120,12 +121,11 @@ def model_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """Model FLOPs of one training token (forward + backward, no recomputation counted).
 
     ``6·N`` for the weight matmuls (N counts every matrix, the output head included, not the
-    embedding lookup) plus ``3 · 4·H·D'·E'`` per layer for the recurrence (state update ``kᵀv``
-    and readout ``q S``, 2·D'·E' multiply-adds each, ×3 for the backward). ``seq_len`` is accepted
-    for symmetry with softmax-attention formulas; linear attention's cost per token does not
-    depend on it.
+    embedding lookup) plus ``3 · 4·H·D'·E'`` per linear layer for the recurrence (state update
+    ``kᵀv`` and readout ``q S``, 2·D'·E' multiply-adds each, ×3 for the backward), and per softmax
+    layer ``3 · 2·H·(D'+E)·T/2``: logits and weighted values over the T/2 keys a causal query sees
+    on average. Only softmax layers make the cost per token depend on ``seq_len``.
     """
-    del seq_len
     d, f, h = config.d_model, config.hidden_dim, config.n_heads
     dh, hk = config.head_dim, config.kv_heads
     proj = d * (h * dh + 2 * hk * dh + (d if config.attn_output_norm == "srms_gate" else 0)) + h * dh * d
@@ -134,7 +134,13 @@ def model_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     d_state = 2 * dh if config.position == "lrpe" else dh
     e_state = dh + 1 if config.attn_output_norm == "denominator" else dh
     recurrence = 4 * h * d_state * e_state
-    return 6.0 * (config.n_layers * (proj + mlp) + head) + 3.0 * config.n_layers * recurrence
+    n_softmax = config.types.count("softmax")
+    attention = 2 * h * (d_state + dh) * seq_len / 2  # softmax layers project like linear ones
+    return (
+        6.0 * (config.n_layers * (proj + mlp) + head)
+        + 3.0 * (config.n_layers - n_softmax) * recurrence
+        + 3.0 * n_softmax * attention
+    )
 
 
 def peak_flops_per_device(override_tflops: float | None = None) -> float | None:
@@ -205,6 +211,12 @@ def check_config(config: TrainConfig, n_devices: int) -> tuple[int, int]:
 
     if m.strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got strategy={m.strategy!r}")
+    from lasp_jax.softmax_attention import STRATEGIES as SOFTMAX_STRATEGIES
+
+    if m.softmax_strategy not in SOFTMAX_STRATEGIES:
+        raise ValueError(
+            f"softmax_strategy must be one of {SOFTMAX_STRATEGIES}, got softmax_strategy={m.softmax_strategy!r}"
+        )
     return dp, m.sp
 
 
@@ -243,7 +255,12 @@ class Trainer:
         self.mesh = build_mesh(dp, sp, devices)
         self.n_devices = len(devices)
         self.ctx = LaspContext(
-            mesh=self.mesh, seq_axis="sp", batch_axis="dp", strategy=config.mesh.strategy, impl=config.mesh.impl
+            mesh=self.mesh,
+            seq_axis="sp",
+            batch_axis="dp",
+            strategy=config.mesh.strategy,
+            impl=config.mesh.impl,
+            softmax_strategy=config.mesh.softmax_strategy,
         )
         self.data = TokenData(config.data, config.model.vocab_size)
         self.optimizer, self.schedule = make_optimizer(config.optim, config.run.steps)
@@ -613,6 +630,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true", help="the make-demo settings: embedded corpus, dp 2 x sp 4")
     p.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() by cluster detection")
     p.add_argument("--config", help="a JSON file of overrides {section: {field: value}}")
+    p.add_argument(
+        "--softmax-every",
+        type=int,
+        default=None,
+        help="hybrid model: every k-th layer softmax attention (0: all linear); hybrid presets default to 4",
+    )
     names = [f.name for cls in _SECTIONS.values() for f in dataclasses.fields(cls)]
     for section, cls in _SECTIONS.items():
         for f in dataclasses.fields(cls):
@@ -642,7 +665,7 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
         if "." in dest and text is not None:
             section, name = dest.split(".", 1)
             overrides[section][name] = _parse_value(text, str(types[dest]), None)
-    model = get_config(args.preset, **overrides["model"])
+    model = get_config(args.preset, softmax_every=args.softmax_every, **overrides["model"])
     sections = {s: cls(**overrides[s]) for s, cls in _SECTIONS.items()}
     return TrainConfig(model=model, **sections)
 

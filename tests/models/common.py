@@ -21,6 +21,12 @@ def small_model(family: str = "tnl", **overrides):
     return get_config(f"{family}-tiny", **kw)
 
 
+def small_hybrid(family: str = "tnl", **overrides):
+    """The small model of ``family`` with its second (last) layer softmax attention."""
+    kw = dict(d_model=32, n_layers=2, n_heads=2, ffn_dim=64) | FAMILIES[family] | overrides
+    return get_config(f"{family}-hybrid-tiny", **kw)
+
+
 def train_config(
     family: str = "tnl", *, dp=1, sp=1, steps=20, batch=4, seq_len=32, model=None, mesh=None, data=None, run=None
 ) -> TrainConfig:

@@ -142,7 +142,7 @@ def test_preset_shapes():
         (dict(d_model=30, n_heads=4), "d_model must be a multiple of n_heads"),
         (dict(n_kv_heads=3), "n_heads must be a multiple of n_kv_heads"),
         (dict(layer_types=("linear",)), "one type per layer"),
-        (dict(layer_types=("linear", "softmax")), "layer_types may hold only"),
+        (dict(layer_types=("linear", "mamba")), "layer_types may hold only"),
         (dict(family="gpt"), "family must be one of"),
         (dict(feature_map="relu2"), "feature_map must be one of"),
         (dict(n_layers=0), "n_layers must be a positive int"),
