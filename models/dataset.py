@@ -12,6 +12,14 @@ Sources:
 
 Array sources are split into train (first ``1 − eval_fraction``) and eval (the rest) regions.
 Train windows start at uniformly random offsets; eval windows are fixed and evenly spaced.
+
+Packed documents (``pack_documents=True``): the token stream is a sequence of documents, each
+followed by the end-of-document token ``eod_token``. For ``text`` the documents are the pieces of
+each file split on ``doc_separator`` (blank lines by default; the separator itself is dropped) and
+``eod_token`` defaults to 0 (the NUL byte, absent from text); a ``bin`` file must already hold
+them with its own EOD id (``eod_token`` is required). Windows still cut the stream anywhere; the
+model (``models.model.lm_loss``) turns the EOD tokens of each input row into ``segment_ids`` for
+the token mixers and drops the one target per boundary that would predict across it.
 """
 
 from __future__ import annotations
@@ -37,6 +45,9 @@ class DataConfig:
     grad_accum: int = 1
     seed: int = 0
     eval_fraction: float = 0.05
+    pack_documents: bool = False  # documents + EOD tokens; attention and loss never cross them
+    eod_token: int | None = None  # end-of-document id; text default 0, required for bin
+    doc_separator: str = "\n\n"  # text: documents are the pieces between separators (and files)
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -55,6 +66,22 @@ class DataConfig:
             raise ValueError("source='bin' needs path= a .bin file of uint16/uint32 tokens")
         if not 0.0 < self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in (0, 1), got eval_fraction={self.eval_fraction}")
+        if self.pack_documents:
+            if self.source == "synthetic":
+                raise ValueError("pack_documents needs source='text' or 'bin' (synthetic rows have no documents)")
+            if self.source == "bin" and self.eod_token is None:
+                raise ValueError("pack_documents with source='bin' needs eod_token= the id that ends each document")
+            if self.source == "text" and not self.doc_separator:
+                raise ValueError("pack_documents with source='text' needs a non-empty doc_separator")
+        if self.eod_token is not None and self.eod_token < 0:
+            raise ValueError(f"eod_token must be >= 0, got eod_token={self.eod_token}")
+
+    @property
+    def eod(self) -> int | None:
+        """The end-of-document id when packing documents (text default 0), else None."""
+        if not self.pack_documents:
+            return None
+        return 0 if self.eod_token is None else self.eod_token
 
     @property
     def micro_batch(self) -> int:
@@ -66,20 +93,35 @@ def default_corpus_bytes() -> bytes:
     return importlib.resources.files("models.data").joinpath("corpus.txt").read_bytes()
 
 
-def _read_text(path: str | None) -> np.ndarray:
+def _read_files(path: str | None) -> list[bytes]:
     if path is None:
-        raw = default_corpus_bytes()
-    elif os.path.isdir(path):
+        return [default_corpus_bytes()]
+    files = [path]
+    if os.path.isdir(path):
         files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
-        chunks = []
-        for name in files:
-            with open(name, "rb") as fh:
-                chunks.append(fh.read())
-        raw = b"\n".join(chunks)
-    else:
-        with open(path, "rb") as f:
-            raw = f.read()
-    return np.frombuffer(raw, np.uint8)
+    chunks = []
+    for name in files:
+        with open(name, "rb") as fh:
+            chunks.append(fh.read())
+    return chunks
+
+
+def _read_text(path: str | None) -> np.ndarray:
+    return np.frombuffer(b"\n".join(_read_files(path)), np.uint8)
+
+
+def pack_text_documents(files: list[bytes], separator: bytes, eod: int) -> np.ndarray:
+    """Byte tokens of every non-empty document (file pieces between separators), each followed by ``eod``."""
+    docs = [d for raw in files for d in raw.split(separator) if d.strip()]
+    if not docs:
+        raise ValueError("pack_documents found no documents in the text")
+    stream = np.empty(sum(len(d) + 1 for d in docs), np.int32)
+    at = 0
+    for d in docs:
+        stream[at : at + len(d)] = np.frombuffer(d, np.uint8)
+        stream[at + len(d)] = eod
+        at += len(d) + 1
+    return stream
 
 
 class TokenData:
@@ -92,11 +134,19 @@ class TokenData:
         if config.source == "text":
             if vocab_size < 256:
                 raise ValueError(f"text data is byte-level and needs vocab_size >= 256, got vocab_size={vocab_size}")
-            self.tokens = _read_text(config.path)
+            if config.pack_documents:
+                if config.eod >= vocab_size:
+                    raise ValueError(f"eod_token={config.eod} must be < vocab_size={vocab_size}")
+                files = _read_files(config.path)
+                self.tokens = pack_text_documents(files, config.doc_separator.encode(), config.eod)
+            else:
+                self.tokens = _read_text(config.path)
         elif config.source == "bin":
             if not os.path.exists(config.path):
                 raise ValueError(f"bin data file not found: path={config.path!r}")
             self.tokens = np.memmap(config.path, dtype=config.bin_dtype, mode="r")
+            if config.pack_documents and config.eod >= vocab_size:
+                raise ValueError(f"eod_token={config.eod} must be < vocab_size={vocab_size}")
         if self.tokens is not None:
             n = len(self.tokens)
             self.n_train = int(n * (1 - config.eval_fraction))

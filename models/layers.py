@@ -276,7 +276,9 @@ class LinearAttention(nnx.Module):
         *,
         initial_state: Array | None = None,
         return_state: bool = False,
+        segment_ids: Array | None = None,
     ) -> tuple[Array, Array | None]:
+        """``segment_ids`` ``[B, T]`` (packed documents): the state resets wherever the id changes."""
         from lasp_jax import lasp_attention
 
         q, k, v, u = self._project(x, positions)
@@ -292,6 +294,7 @@ class LinearAttention(nnx.Module):
             scale=self.scale,
             initial_state=initial_state,
             output_final_state=return_state,
+            segment_ids=segment_ids,
             impl=ctx.impl,
         )
         return self._finish(o, u), state
@@ -364,10 +367,16 @@ class SoftmaxAttention(LinearAttention):
         *,
         initial_state=None,
         return_state: bool = False,
+        segment_ids: Array | None = None,
     ) -> tuple[Array, tuple[Array, Array] | None]:
         """Returns the block output and, with ``return_state``, the keys and values ``[B, T, Hk, ·]``."""
         from lasp_jax.softmax_attention import softmax_attention
 
+        if segment_ids is not None:
+            raise ValueError(
+                "packed documents (segment_ids) are not supported in softmax-attention layers yet: "
+                "lasp_jax.softmax_attention has no document mask; train hybrid models without pack_documents"
+            )
         if initial_state is not None:
             raise ValueError(
                 "a softmax-attention layer cannot continue from an initial state: run the whole prefix "

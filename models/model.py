@@ -41,8 +41,15 @@ class Block(nnx.Module):
         self.mlp_norm = Norm(config.norm, config.d_model, eps=config.norm_eps, config=config)
         self.mlp = Mlp(config, rngs=rngs)
 
-    def __call__(self, x, ctx: LaspContext, positions, *, initial_state=None, return_state=False):
-        h, state = self.attn(self.attn_norm(x), ctx, positions, initial_state=initial_state, return_state=return_state)
+    def __call__(self, x, ctx: LaspContext, positions, *, initial_state=None, return_state=False, segment_ids=None):
+        h, state = self.attn(
+            self.attn_norm(x),
+            ctx,
+            positions,
+            initial_state=initial_state,
+            return_state=return_state,
+            segment_ids=segment_ids,
+        )
         x = ctx.constrain(x + h)
         x = ctx.constrain(x + self.mlp(self.mlp_norm(x)))
         return x, state
@@ -74,8 +81,14 @@ class LanguageModel(nnx.Module):
         remat: str = "none",
         initial_states: list[Array] | None = None,
         return_states: bool = False,
+        segment_ids: Array | None = None,
     ) -> tuple[Array, list[Array] | None]:
-        """Final-normed hidden states ``[B, T, d_model]`` (and each layer's final state)."""
+        """Final-normed hidden states ``[B, T, d_model]`` (and each layer's final state).
+
+        ``segment_ids`` ``[B, T]`` int (packed documents, see ``document_ids``): no token mixer lets
+        anything flow between documents. Positions stay global; LRPE and RoPE are relative, so a
+        document sees the same attention wherever it sits in the row.
+        """
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must be integer [B, T], got shape={tokens.shape} dtype={tokens.dtype}")
         if remat not in REMAT_POLICIES:
@@ -86,11 +99,15 @@ class LanguageModel(nnx.Module):
         for i, block in enumerate(self.blocks):
             init = None if initial_states is None else initial_states[i]
             if remat == "none" or return_states:
-                x, state = block(x, ctx, positions, initial_state=init, return_state=return_states)
+                x, state = block(
+                    x, ctx, positions, initial_state=init, return_state=return_states, segment_ids=segment_ids
+                )
                 states.append(state)
             else:
-                run = nnx.remat(lambda blk, x: blk(x, ctx, positions)[0], policy=REMAT_POLICIES[remat])
-                x = run(block, x)
+                run = nnx.remat(
+                    lambda blk, x, seg: blk(x, ctx, positions, segment_ids=seg)[0], policy=REMAT_POLICIES[remat]
+                )
+                x = run(block, x, segment_ids)
         return self.final_norm(x), (states if return_states else None)
 
     def logits(self, hidden: Array) -> Array:
@@ -165,6 +182,13 @@ class LanguageModel(nnx.Module):
         return self.logits(self.final_norm(x)), new_states
 
 
+def document_ids(tokens: Array, eod_token: int) -> Array:
+    """Segment ids ``[B, T]`` int32 of packed rows: the number of ``eod_token``s strictly before each
+    position, so an EOD token belongs to the document it ends and the next token starts a new one."""
+    is_eod = (tokens == eod_token).astype(jnp.int32)
+    return jnp.cumsum(is_eod, axis=1) - is_eod
+
+
 def lm_loss(
     model: LanguageModel,
     tokens: Array,
@@ -173,16 +197,25 @@ def lm_loss(
     *,
     remat: str = "none",
     loss_chunks: int = 1,
+    eod_token: int | None = None,
 ) -> tuple[Array, Array]:
     """Mean next-token cross entropy over targets ≥ 0; returns (loss, number of counted tokens).
+
+    With ``eod_token`` (packed documents) the token mixers get ``document_ids(tokens, eod_token)``
+    and the target after each EOD input (the next document's first token, which nothing in its own
+    document predicts) is not counted, so neither attention nor the loss crosses a document
+    boundary: the loss sum equals that of each document run alone.
 
     With ``loss_chunks = k > 1`` the ``[B, T, V]`` logits are never materialised at once: tokens
     ``t ≡ j (mod k)`` form chunk j (strided, so each chunk stays sharded over the sequence axis),
     and each chunk's logits are recomputed in the backward.
     """
-    h, _ = model.hidden(tokens, ctx, remat=remat)
+    segment_ids = None if eod_token is None else document_ids(tokens, eod_token)
+    h, _ = model.hidden(tokens, ctx, remat=remat, segment_ids=segment_ids)
     b, t, d = h.shape
     mask = targets >= 0
+    if eod_token is not None:
+        mask = mask & (tokens != eod_token)
     safe = jnp.where(mask, targets, 0)
 
     def chunk_loss(h_chunk, y_chunk, m_chunk):

@@ -211,6 +211,11 @@ def check_config(config: TrainConfig, n_devices: int) -> tuple[int, int]:
 
     if m.strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got strategy={m.strategy!r}")
+    if d.pack_documents and "softmax" in config.model.types:
+        raise ValueError(
+            "pack_documents is not supported for models with softmax layers (layer_types): "
+            "lasp_jax.softmax_attention has no document mask"
+        )
     from lasp_jax.softmax_attention import STRATEGIES as SOFTMAX_STRATEGIES
 
     if m.softmax_strategy not in SOFTMAX_STRATEGIES:
@@ -300,7 +305,13 @@ class Trainer:
     def _loss_sum(self, params, inputs, targets):
         run = self.config.run
         loss, count = lm_loss(
-            self.model(params), inputs, targets, self.ctx, remat=run.remat, loss_chunks=run.loss_chunks
+            self.model(params),
+            inputs,
+            targets,
+            self.ctx,
+            remat=run.remat,
+            loss_chunks=run.loss_chunks,
+            eod_token=self.config.data.eod,
         )
         return loss * count, count
 

@@ -1,0 +1,131 @@
+"""Packed documents: the loss and its gradients over a packed row equal each document run alone.
+
+Rows hold documents separated by the end-of-document token (0 here). ``lm_loss(..., eod_token=0)``
+gives the token mixers segment ids and drops the target after each EOD; the oracle runs every
+document as its own row (padded at the end, padding and the EOD's target not counted) without any
+segment ids. Boundaries sit mid-row, exactly at the sp=2 shard edge, and a row starts with an EOD
+(a one-token document).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models.dataset import DataConfig, TokenData, pack_text_documents
+from models.layers import SINGLE_DEVICE, LaspContext
+from models.model import LanguageModel, document_ids, lm_loss
+from models.sharding import build_mesh
+from models.train import Trainer, check_config
+from tests.models.common import small_hybrid, small_model, train_config
+
+EOD = 0
+T = 16
+# content lengths of the documents in each row (each followed by an EOD; the last one is cut by the row end)
+ROWS = [
+    [2, 4, 1, 20],  # EODs at 2, 7 (so a document starts at 8, the sp=2 shard edge) and 9
+    [-1, 3, 0, 5, 20],  # starts with an EOD (the tail of a previous document), an empty document
+]
+
+
+def _packed_rows(rng):
+    """inputs, targets ``[2, T]`` and the (row, start, stop) of every document piece."""
+    inputs, targets, pieces = [], [], []
+    for r, lengths in enumerate(ROWS):
+        stream = []
+        for n in lengths:
+            stream += list(rng.integers(1, 256, max(n, 0))) + [EOD]
+        stream = np.asarray(stream[: T + 1])
+        inputs.append(stream[:T])
+        targets.append(stream[1:])
+        start = 0
+        for t in range(T):
+            if stream[t] == EOD or t == T - 1:
+                pieces.append((r, start, t + 1))
+                start = t + 1
+    return np.stack(inputs).astype(np.int32), np.stack(targets).astype(np.int32), pieces
+
+
+def _documents_alone(inputs, targets, pieces, rng):
+    """Every piece as its own row at position 0, random padding after it (not counted)."""
+    x = rng.integers(1, 256, (len(pieces), T)).astype(np.int32)
+    y = np.full((len(pieces), T), -1, np.int32)
+    for i, (r, a, b) in enumerate(pieces):
+        x[i, : b - a] = inputs[r, a:b]
+        y[i, : b - a] = np.where(inputs[r, a:b] == EOD, -1, targets[r, a:b])  # no target after an EOD
+    return x, y
+
+
+def _loss_sum(model_def, params, tokens, targets, ctx, eod):
+    loss, count = lm_loss(nnx.merge(model_def, params), tokens, targets, ctx, eod_token=eod)
+    return loss * count, count
+
+
+@pytest.mark.parametrize(
+    "family, sp",
+    [("tnl", 1), ("linear_transformer", 1), ("linear_llama3", 1), ("tnl", 2)],
+    ids=["tnl-lrpe", "linear_transformer", "linear_llama3", "tnl-lrpe-sp2"],
+)
+def test_packed_loss_and_grads_equal_documents_alone(rng, family, sp):
+    model = LanguageModel(small_model(family), rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+    model_def, params = nnx.split(model)
+    params = jax.tree.map(lambda x: x * 4.0 if x.ndim == 2 else x, params)  # weights that make states matter
+    inputs, targets, pieces = _packed_rows(rng)
+    alone_x, alone_y = _documents_alone(inputs, targets, pieces, rng)
+    ctx = LaspContext(mesh=build_mesh(1, sp, jax.devices()[:sp]), batch_axis="dp") if sp > 1 else SINGLE_DEVICE
+
+    grad = jax.jit(jax.value_and_grad(_loss_sum, argnums=1, has_aux=True), static_argnums=(0, 4, 5))
+    (got, got_count), got_grads = grad(model_def, params, jnp.asarray(inputs), jnp.asarray(targets), ctx, EOD)
+    (want, want_count), want_grads = grad(model_def, params, jnp.asarray(alone_x), jnp.asarray(alone_y), ctx, None)
+    assert int(got_count) == int(want_count) == int(np.sum(inputs != EOD))
+    np.testing.assert_allclose(float(got), float(want), rtol=2e-5)
+    for path, a, b in zip(
+        jax.tree_util.tree_leaves_with_path(got_grads), jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)
+    ):
+        scale = np.abs(np.asarray(b)).max() + 1e-12
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=2e-5 * scale, err_msg=str(path[0]))
+    # the check can fail: without segment ids the packed row's loss differs from the documents alone
+    (crossing, _), _ = grad(
+        model_def, params, jnp.asarray(inputs), jnp.asarray(np.where(inputs == EOD, -1, targets)), ctx, None
+    )
+    assert abs(float(crossing) - float(want)) > 5 * 2e-5 * abs(float(want))  # 5× the tolerance above
+
+
+def test_document_ids():
+    tokens = jnp.asarray([[5, 0, 7, 7, 0, 0, 3], [0, 1, 2, 3, 4, 5, 6]])
+    np.testing.assert_array_equal(document_ids(tokens, 0), [[0, 0, 1, 1, 1, 2, 3], [0, 1, 1, 1, 1, 1, 1]])
+
+
+def test_packed_text_and_bin_data(tmp_path):
+    stream = pack_text_documents([b"ab\n\ncd", b"\n\nxyz\n\n"], b"\n\n", EOD)
+    np.testing.assert_array_equal(stream, list(b"ab") + [0] + list(b"cd") + [0] + list(b"xyz") + [0])
+    data = TokenData(DataConfig(source="text", pack_documents=True, batch_size=2, seq_len=64), 256)
+    inputs, targets = data.batch("train", 0)
+    assert (inputs == EOD).any() and np.all(inputs[..., 1:] == targets[..., :-1])
+    assert data.tokens[-1] == EOD and np.sum(data.tokens == EOD) > 20  # the corpus's paragraphs
+    path = tmp_path / "tokens.bin"
+    np.asarray([3, 4, 9, 5, 9] * 40, np.uint16).tofile(path)
+    cfg = DataConfig(source="bin", path=str(path), pack_documents=True, eod_token=9, seq_len=8, batch_size=2)
+    assert cfg.eod == 9 and TokenData(cfg, 16).batch("train", 1)[0].shape == (1, 2, 8)
+    with pytest.raises(ValueError, match="eod_token=9 must be < vocab_size=8"):
+        TokenData(cfg, 8)
+    with pytest.raises(ValueError, match="needs eod_token"):
+        DataConfig(source="bin", path=str(path), pack_documents=True)
+    with pytest.raises(ValueError, match="pack_documents needs source='text' or 'bin'"):
+        DataConfig(source="synthetic", pack_documents=True)
+    assert DataConfig(source="text", eod_token=3).eod is None  # not packing: no EOD handling
+    hybrid = train_config("tnl", model=small_hybrid("tnl"), data=dict(pack_documents=True))
+    with pytest.raises(ValueError, match="pack_documents is not supported for models with softmax layers"):
+        check_config(hybrid, 1)
+
+
+def test_packed_training_sp2_equals_one_device():
+    config = train_config("tnl", steps=4, sp=2, data=dict(pack_documents=True, seq_len=64))
+    runs = [
+        Trainer(c, devices=jax.devices()[:n], log=lambda *a: None).fit()["losses"]
+        for c, n in ((config, 2), (train_config("tnl", steps=4, data=dict(pack_documents=True, seq_len=64)), 1))
+    ]
+    np.testing.assert_allclose([runs[0][s] for s in range(1, 5)], [runs[1][s] for s in range(1, 5)], rtol=0, atol=5e-5)
