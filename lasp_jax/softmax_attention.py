@@ -53,11 +53,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
+from pallas_kernels.linear_attention.api import validate
+
 Strategy = Literal["allgather", "ring"]
 Impl = Literal["auto", "cudnn", "xla", "dpa_xla"]
 STRATEGIES = ("allgather", "ring")
 IMPLS = ("auto", "cudnn", "xla", "dpa_xla")
-_FLOATS = (jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64)
 DEFAULT_BLOCK = 1024  # query and key block of the jnp flash recurrence
 
 
@@ -100,7 +101,7 @@ def softmax_attention(
     Returns:
       ``o`` ``[B, T, H, E]`` in q's dtype, sharded like q under ``mesh``.
     """
-    _validate(q, k, v)
+    validate(q, k, v)
     _check_choice(strategy=strategy, impl=impl, block_size=block_size)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     if mesh is None:
@@ -135,7 +136,7 @@ def softmax_attention_shard(
     ``[r·L, (r+1)·L)`` of the sequence, r the index along ``axis_name``. Returns the local
     ``[B, L, H, E]`` output. Arguments as in ``softmax_attention``.
     """
-    _validate(q, k, v)
+    validate(q, k, v)
     _check_choice(strategy=strategy, impl=impl, block_size=block_size)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     impl = _resolve_impl(impl, strategy, q, k, v, n_keys=None)
@@ -156,7 +157,7 @@ def causal_attention(
     block_size: int = DEFAULT_BLOCK,
 ) -> jax.Array:
     """Single-device causal softmax attention with the same conventions and ``impl`` choices."""
-    _validate(q, k, v)
+    validate(q, k, v)
     _check_choice(strategy="allgather", impl=impl, block_size=block_size)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     impl = _resolve_impl(impl, "allgather", q, k, v, n_keys=q.shape[1])
@@ -182,29 +183,6 @@ def reference_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scal
 
 # ---------------------------------------------------------------------------------------------
 # Argument checks and dispatch
-
-
-def _validate(q, k, v):
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.ndim != 4:
-            raise ValueError(f"{name} must have rank 4 [B, T, H, D], got {name}.shape={tuple(x.shape)}")
-        if not any(x.dtype == jnp.dtype(f) for f in _FLOATS):
-            raise TypeError(f"{name} must be bfloat16, float16, float32 or float64, got {name}.dtype={x.dtype}")
-    b, t, h, d = q.shape
-    if k.shape[:2] != (b, t) or v.shape[:2] != (b, t):
-        raise ValueError(
-            f"q, k and v must agree in batch and time: q.shape={tuple(q.shape)}, "
-            f"k.shape={tuple(k.shape)}, v.shape={tuple(v.shape)}"
-        )
-    if k.shape[3] != d:
-        raise ValueError(f"k's head dim must equal q's: q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}")
-    hk = k.shape[2]
-    if v.shape[2] != hk:
-        raise ValueError(f"k and v must have the same heads: k.shape={tuple(k.shape)}, v.shape={tuple(v.shape)}")
-    if hk == 0 or h % hk:
-        raise ValueError(f"query heads must be a multiple of key/value heads: H={h}, Hk={hk} (H % Hk != 0)")
-    if t == 0:
-        raise ValueError(f"sequence length must be positive, got q.shape={tuple(q.shape)}")
 
 
 def _check_choice(*, strategy, impl, block_size=DEFAULT_BLOCK):
