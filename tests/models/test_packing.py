@@ -85,8 +85,11 @@ def test_packed_loss_and_grads_equal_documents_alone(rng, family, sp):
     for path, a, b in zip(
         jax.tree_util.tree_leaves_with_path(got_grads), jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)
     ):
+        # float32 sums in a different order (rows of 16 vs many short rows), amplified by the ×4 weights: one
+        # element in ~2000 was seen 2.3e-5 of the leaf's largest entry off, so 1e-4 of it; a state leaking across
+        # a boundary moves the gradients by O(1) of that scale
         scale = np.abs(np.asarray(b)).max() + 1e-12
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=2e-5 * scale, err_msg=str(path[0]))
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-4 * scale, err_msg=str(path[0]))
     # the check can fail: without segment ids the packed row's loss differs from the documents alone
     (crossing, _), _ = grad(
         model_def, params, jnp.asarray(inputs), jnp.asarray(np.where(inputs == EOD, -1, targets)), ctx, None
