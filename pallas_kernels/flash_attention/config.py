@@ -1,0 +1,52 @@
+"""Block sizes for the Pallas Triton flash-attention kernels, with a heuristic default."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    """Static tiling of the three kernels (forward, dq, dk/dv).
+
+    Attributes:
+      block_q / block_k: query rows × key rows of one forward program's tile; the program owns
+        ``block_q`` query rows and walks the visible key blocks.
+      block_q_dq / block_k_dq: the same for the dq kernel (owns query rows, walks keys).
+      block_k_dkv / block_q_dkv: the dk/dv kernel owns ``block_k_dkv`` key rows and walks the
+        query blocks (of every query head of its key head's group) that see them.
+      num_warps / num_stages: Triton launch parameters of the forward kernel;
+        num_warps_bwd / num_stages_bwd: the same for both backward kernels.
+    """
+
+    block_q: int = 128
+    block_k: int = 64
+    block_q_dq: int = 64
+    block_k_dq: int = 64
+    block_k_dkv: int = 64
+    block_q_dkv: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+    num_warps_bwd: int = 8
+    num_stages_bwd: int = 2
+
+    def __post_init__(self):
+        for field in ("block_q", "block_k", "block_q_dq", "block_k_dq", "block_k_dkv", "block_q_dkv"):
+            value = getattr(self, field)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"BlockConfig.{field}={value} must be a power of two >= 16")
+
+
+# interpret mode (CPU tests) runs the grid as a Python loop: small blocks keep it fast and give
+# even tiny test lengths several query and key blocks (diagonal, fully visible, future blocks)
+INTERPRET_CONFIG = BlockConfig(
+    block_q=16, block_k=16, block_q_dq=16, block_k_dq=16, block_k_dkv=16, block_q_dkv=16, num_warps=4
+)
+
+
+def default_config(*, head_dim: int, interpret: bool) -> BlockConfig:
+    """H100 defaults: 8 warps for 128-wide heads, 4 for 64 and narrower (padded head dims)."""
+    if interpret:
+        return INTERPRET_CONFIG
+    warps = 4 if head_dim <= 64 else 8
+    return BlockConfig(num_warps=warps, num_warps_bwd=warps)

@@ -1,0 +1,226 @@
+"""Causal flash attention as Pallas Triton kernels: the backward (FlashAttention-2, arXiv 2307.08691).
+
+Given the *final* output ``o`` and log-sum-exp ``lse`` of every query row (over all the keys the
+row sees, possibly in other key blocks or on other ranks), the gradient contribution of one key
+block set is independent of the others:
+
+    P = exp(scale · Q Kᵀ − lse),  dV = Pᵀ dO,  dS = P ⊙ (dO Vᵀ − Δ),  Δ = rowsum(dO ⊙ O),
+    dQ = scale · dS K,  dK = scale · dSᵀ Q
+
+so ring attention and the gathered keys of LASP-2H add block contributions up. This equals
+``lasp_jax.softmax_attention._flash_bwd``.
+
+Two kernels, both recomputing P tile by tile (nothing ``[Lq, Lk]`` is stored):
+
+- ``dq`` (one program per query block, batch row and query head) walks the visible key blocks
+  with the forward's loop bounds;
+- ``dk/dv`` (one program per key block, batch row and *key* head) walks, for each query head of
+  the key head's group in turn, the query blocks that see its keys, accumulating dK and dV of
+  the group in float32 registers. Summing the group inside the kernel keeps the outputs at
+  ``[B, Lk, Hk, ·]`` float32; a per-query-head output summed afterwards would write (and hold)
+  ``H / Hk`` times as many bytes, which at the gathered length of LASP-2H is hundreds of MiB.
+
+Δ is computed in XLA (one fused elementwise reduction). Rows with ``lse = −inf`` (no visible key)
+and padded query rows get ``lse = +inf`` so that their P is exactly zero.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.flash_attention.config import BlockConfig
+from pallas_kernels.flash_attention.pallas_triton import (
+    LOG2E,
+    SHIFT_SPEC,
+    _cdiv,
+    causal_mask,
+    dot,
+    fit_block,
+    key_block_range,
+    pad_dim,
+    pad_to,
+    resolve,
+    round_up,
+    shift_operand,
+)
+
+_F32 = jnp.float32
+
+
+def query_block_range(k_first, shift, *, block_q: int, block_k: int, k_len: int, num_q_blocks: int):
+    """(first visible, first fully visible) query block for key rows ``[k_first, k_first + block_k)``.
+
+    Query block qb sees some key of the block when its last row is at or after the first key
+    (``qb·block_q + block_q − 1 + shift ≥ k_first``) and every key when its first row is at or
+    after the last key and the block holds no padded key. Blocks ``[first, full)`` need a mask,
+    ``[full, num_q_blocks)`` do not, earlier ones see nothing of this key block.
+    """
+    first = jnp.minimum(_cdiv(k_first - shift - block_q + 1, block_q), num_q_blocks)
+    full = jnp.minimum(_cdiv(k_first + block_k - 1 - shift, block_q), num_q_blocks)
+    inside = k_first + block_k <= k_len
+    return first, jnp.where(inside, full, num_q_blocks)
+
+
+def _dq_kernel(shift_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale, block_q, block_k, k_len):
+    """dQ of ``block_q`` query rows of one (batch row, head): Σ over the visible key blocks."""
+    q_first = pl.program_id(0) * block_q
+    shift = shift_ref[...]
+    full, visible = key_block_range(
+        q_first, shift, block_q=block_q, block_k=block_k, k_len=k_len, num_k_blocks=k_ref.shape[0] // block_k
+    )
+    q, do = q_ref[...], do_ref[...]
+    lse, delta = lse_ref[...], delta_ref[...]  # lse in log2 units
+    qk_scale = scale * LOG2E
+
+    def body(kb, dq, *, masked):
+        k_first = pl.multiple_of(kb * block_k, block_k)
+        k = k_ref[pl.ds(k_first, block_k), :]
+        v = v_ref[pl.ds(k_first, block_k), :]
+        p = jnp.exp2(dot(q, k, trans_b=True) * qk_scale - lse[:, None])
+        if masked:
+            p = jnp.where(causal_mask(q_first, k_first, shift, rows=block_q, cols=block_k, k_len=k_len), p, 0.0)
+        ds = p * (dot(do, v, trans_b=True) - delta[:, None])
+        return dq + dot(ds.astype(k.dtype), k)
+
+    dq = jnp.zeros(dq_ref.shape, _F32)
+    dq = lax.fori_loop(0, full, functools.partial(body, masked=False), dq)
+    dq = lax.fori_loop(full, visible, functools.partial(body, masked=True), dq)
+    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(
+    shift_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    dk_ref,
+    dv_ref,
+    *,
+    scale,
+    block_q,
+    block_k,
+    k_len,
+    group,
+):
+    """dK, dV of ``block_k`` key rows of one (batch row, key head), summed over the head's group.
+
+    q_ref/do_ref hold the group's ``[Lq, group, ·]`` query heads, lse_ref/delta_ref ``[group, Lq]``.
+    Works on transposed tiles (key rows × query columns) so that no [block_k, block_q] tile is
+    transposed for the dK and dV products.
+    """
+    k_first = pl.program_id(0) * block_k
+    shift = shift_ref[...]
+    first, full = query_block_range(
+        k_first, shift, block_q=block_q, block_k=block_k, k_len=k_len, num_q_blocks=q_ref.shape[0] // block_q
+    )
+    num_q_blocks = q_ref.shape[0] // block_q
+    k, v = k_ref[...], v_ref[...]
+    qk_scale = scale * LOG2E
+
+    def body(qb, carry, *, head, masked):
+        dk, dv = carry
+        q_first = pl.multiple_of(qb * block_q, block_q)
+        rows = pl.ds(q_first, block_q)
+        q = q_ref[rows, head, :]
+        do = do_ref[rows, head, :]
+        lse, delta = lse_ref[head, rows], delta_ref[head, rows]
+        p_t = jnp.exp2(dot(k, q, trans_b=True) * qk_scale - lse[None, :])  # [block_k, block_q]
+        if masked:
+            mask = causal_mask(q_first, k_first, shift, rows=block_k, cols=block_q, k_len=k_len, transpose=True)
+            p_t = jnp.where(mask, p_t, 0.0)
+        dv = dv + dot(p_t.astype(do.dtype), do)
+        ds_t = p_t * (dot(v, do, trans_b=True) - delta[None, :])
+        return dk + dot(ds_t.astype(q.dtype), q), dv
+
+    def one_head(head, carry):
+        carry = lax.fori_loop(first, full, functools.partial(body, head=head, masked=True), carry)
+        return lax.fori_loop(full, num_q_blocks, functools.partial(body, head=head, masked=False), carry)
+
+    init = (jnp.zeros(dk_ref.shape, _F32), jnp.zeros(dv_ref.shape, _F32))
+    dk, dv = lax.fori_loop(0, group, one_head, init)
+    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def block_attention_bwd(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    o: jax.Array,
+    lse: jax.Array,
+    do: jax.Array,
+    *,
+    q_start,
+    k_start,
+    scale: float,
+    interpret: bool | None = None,
+    config: BlockConfig | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Gradients of ``block_attention_fwd`` given the *final* ``o`` and ``lse`` of every query row.
+
+    Args:
+      q, k, v, q_start, k_start, scale, interpret, config: as in ``block_attention_fwd``.
+      o: ``[B, Lq, H, E]`` final output (any float dtype); lse: ``[B, H, Lq]`` its float32
+        log-sum-exp over every key the row sees; do: ``[B, Lq, H, E]`` the output cotangent.
+
+    Returns:
+      dq ``[B, Lq, H, D]``, dk ``[B, Lk, Hk, D]``, dv ``[B, Lk, Hk, E]``, all float32: this key
+      block set's contribution, as ``_flash_bwd`` of ``lasp_jax.softmax_attention``.
+    """
+    interpret, cfg, dtype = resolve(q, k, v, interpret, config)
+    b, lq, h, d = q.shape
+    lk, hk, e = k.shape[1], k.shape[2], v.shape[3]
+    group = h // hk
+    dp, ep = pad_dim(d), pad_dim(e)
+    bq_dq, bk_dq = fit_block(cfg.block_q_dq, lq), fit_block(cfg.block_k_dq, lk)
+    bq_dkv, bk_dkv = fit_block(cfg.block_q_dkv, lq), fit_block(cfg.block_k_dkv, lk)
+    lq_pad, lk_pad = round_up(lq, max(bq_dq, bq_dkv)), round_up(lk, max(bk_dq, bk_dkv))
+
+    delta = jnp.sum(do.astype(_F32) * o.astype(_F32), axis=-1).transpose(0, 2, 1)  # [B, H, Lq]
+    lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse.astype(_F32) * LOG2E)  # no visible key: P = 0
+    lse2, delta = pad_to(lse2, lq_pad, value=jnp.inf), pad_to(delta, lq_pad)
+    q_p, do_p = pad_to(q.astype(dtype), lq_pad, dp), pad_to(do.astype(dtype), lq_pad, ep)
+    k_p, v_p = pad_to(k.astype(dtype), lk_pad, dp), pad_to(v.astype(dtype), lk_pad, ep)
+    shift = shift_operand(q_start, k_start)
+    params = plgpu.CompilerParams(num_warps=cfg.num_warps_bwd, num_stages=cfg.num_stages_bwd)
+    statics = dict(scale=float(scale), k_len=lk)
+
+    # grid (query block i, batch row bb, query head hh); keys and values of head hh // group
+    rows = lambda block, width: pl.BlockSpec((None, block, None, width), lambda i, bb, hh: (bb, i, hh, 0))  # noqa: E731
+    kv_all = lambda width: pl.BlockSpec((None, lk_pad, None, width), lambda i, bb, hh: (bb, 0, hh // group, 0))  # noqa: E731
+    stats = pl.BlockSpec((None, None, bq_dq), lambda i, bb, hh: (bb, hh, i))
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, block_q=bq_dq, block_k=bk_dq, **statics),
+        grid=(lq_pad // bq_dq, b, h),
+        in_specs=[SHIFT_SPEC, rows(bq_dq, dp), kv_all(dp), kv_all(ep), rows(bq_dq, ep), stats, stats],
+        out_specs=rows(bq_dq, dp),
+        out_shape=jax.ShapeDtypeStruct((b, lq_pad, h, dp), _F32),
+        compiler_params=params,
+        interpret=interpret,
+        name="flash_attention_backward_dq",
+    )(shift, q_p, k_p, v_p, do_p, lse2, delta)
+
+    # grid (key block j, batch row bb, key head hh); the query heads [hh·group, (hh + 1)·group)
+    keys = lambda width: pl.BlockSpec((None, bk_dkv, None, width), lambda j, bb, hh: (bb, j, hh, 0))  # noqa: E731
+    q_group = lambda width: pl.BlockSpec((None, lq_pad, group, width), lambda j, bb, hh: (bb, 0, hh, 0))  # noqa: E731
+    stats_group = pl.BlockSpec((None, group, lq_pad), lambda j, bb, hh: (bb, hh, 0))
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, block_q=bq_dkv, block_k=bk_dkv, group=group, **statics),
+        grid=(lk_pad // bk_dkv, b, hk),
+        in_specs=[SHIFT_SPEC, q_group(dp), keys(dp), keys(ep), q_group(ep), stats_group, stats_group],
+        out_specs=[keys(dp), keys(ep)],
+        out_shape=[jax.ShapeDtypeStruct((b, lk_pad, hk, dp), _F32), jax.ShapeDtypeStruct((b, lk_pad, hk, ep), _F32)],
+        compiler_params=params,
+        interpret=interpret,
+        name="flash_attention_backward_dkv",
+    )(shift, q_p, k_p, v_p, do_p, lse2, delta)
+    return dq[:, :lq, :, :d], dk[:, :lk, :, :d], dv[:, :lk, :, :e]
