@@ -24,19 +24,31 @@ on the whole sequence, to floating-point rounding. Two strategies:
   blocks around again with float32 dK/dV accumulators riding along, which arrive back at their
   owners after P hops.
 
-Local block compute. The ring needs each block's log-sum-exp and the global one in its backward,
-which ``jax.nn.dot_product_attention`` does not give in float32, so every ring block (and the
-``impl="xla"`` allgather) runs the flash-attention recurrence written here in jnp: query blocks ×
-key blocks, float32 running max and sum, fully masked block pairs skipped with ``lax.cond``, the
-scores never larger than ``[B, H, block_q, block_k]``. On a GPU the allgather strategy uses cuDNN's
-fused kernel through ``jax.nn.dot_product_attention(implementation="cudnn")`` where it supports
-the input (bf16/fp16, equal head dims D = E, D a multiple of 8, D ≤ 128, or ≤ 256 on Hopper, even
+Local block compute. Both strategies are written against one block function pair: the forward
+of queries at global positions ``q_start + i`` against keys at ``k_start + j`` returning the float32
+output and log-sum-exp, and the FlashAttention-2 backward given the *final* output and
+log-sum-exp of every query row (so contributions of different key blocks and ranks add up). The
+ring needs exactly that (it merges block results and passes float32 dK/dV accumulators), which
+``jax.nn.dot_product_attention`` does not give. Two implementations of the pair:
+
+- ``impl="pallas"`` (the default on a GPU): fused Pallas Triton kernels,
+  ``pallas_kernels.flash_attention``, that take ``q_start``/``k_start`` as traced scalars and never
+  load key blocks wholly in a query block's future (causal block skipping with dynamic loop
+  bounds), GQA through the index maps, float32 statistics.
+- ``impl="xla"`` (the default on CPU): the same recurrence written here in jnp: query blocks ×
+  key blocks, float32 running max and sum, fully masked block pairs skipped with ``lax.cond``,
+  the scores never larger than ``[B, H, block_q, block_k]``.
+
+For comparison the allgather strategy also runs on cuDNN's fused kernel through
+``jax.nn.dot_product_attention(implementation="cudnn")`` (``impl="cudnn"``) where it supports the
+input (bf16/fp16, equal head dims D = E, D a multiple of 8, D ≤ 128, or ≤ 256 on Hopper, even
 lengths). jax's cuDNN binding only has a top-left-aligned causal mask, which is wrong for query
-blocks at an offset, so the allgather passes the causal mask at global positions as a boolean
+blocks at an offset, so that path passes the causal mask at global positions as a boolean
 ``mask`` that cuDNN turns into an additive ``[1, 1, L, T]`` bias (``2·L·T`` bytes, transient) and
-attends to every key (no causal block skipping; the last rank does that work anyway). Its
-backward gathers K, V again and recomputes the forward through cuDNN's own VJP (one extra
-forward pass). Single-device attention (``mesh=None``) on cuDNN uses its causal mask directly.
+attends to every key (no causal block skipping). Its backward gathers K, V again and recomputes
+the forward through cuDNN's own VJP (one extra forward pass). Single-device attention
+(``mesh=None``) with ``impl="auto"`` uses cuDNN with its own causal mask where it supports the
+input (no offsets there), else the Pallas kernels.
 
 Dtype policy: q, k, v in bf16, fp16, fp32 (fp64 on the jnp path), softmax statistics and all
 accumulation in float32 (float64 for float64 inputs), the output in q's dtype. Collectives carry
@@ -53,12 +65,13 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
+from pallas_kernels import flash_attention
 from pallas_kernels.linear_attention.api import validate
 
 Strategy = Literal["allgather", "ring"]
-Impl = Literal["auto", "cudnn", "xla", "dpa_xla"]
+Impl = Literal["auto", "pallas", "cudnn", "xla", "dpa_xla"]
 STRATEGIES = ("allgather", "ring")
-IMPLS = ("auto", "cudnn", "xla", "dpa_xla")
+IMPLS = ("auto", "pallas", "cudnn", "xla", "dpa_xla")
 DEFAULT_BLOCK = 1024  # query and key block of the jnp flash recurrence
 
 
@@ -90,13 +103,15 @@ def softmax_attention(
       batch_axis: mesh axis the batch is split over, or None (replicated over it).
       strategy: ``"allgather"`` (LASP-2H) or ``"ring"`` (RingAttention).
       scale: multiplies the logits; defaults to ``D ** -0.5``.
-      impl: local block compute: ``"auto"`` (cuDNN on a GPU that supports the input for
-        ``allgather`` and single device, else ``"xla"``), ``"cudnn"``, ``"xla"`` (the jnp flash
-        recurrence, the only choice for ``ring``), or ``"dpa_xla"`` (the cuDNN code path with
-        ``jax.nn.dot_product_attention``'s XLA kernel; materialises ``[B, H, L, T]`` logits, for
-        checking that path off the GPU).
+      impl: local block compute: ``"auto"`` (``"pallas"`` on a GPU for bf16/fp16/fp32 input, both
+        strategies; single device prefers cuDNN where it supports the input; ``"xla"`` on CPU),
+        ``"pallas"`` (the Pallas Triton flash-attention kernels; the Pallas interpreter off the
+        GPU), ``"xla"`` (the jnp flash recurrence), ``"cudnn"`` (allgather and single device only),
+        or ``"dpa_xla"`` (the cuDNN code path with ``jax.nn.dot_product_attention``'s XLA kernel;
+        materialises ``[B, H, L, T]`` logits, for checking that path off the GPU).
       block_size: query and key block of the jnp flash recurrence (used when it divides the
-        local length, else the whole local length is one block).
+        local length, else the whole local length is one block); the Pallas kernels tile with
+        ``pallas_kernels.flash_attention.default_config``.
 
     Returns:
       ``o`` ``[B, T, H, E]`` in q's dtype, sharded like q under ``mesh``.
@@ -141,10 +156,10 @@ def softmax_attention_shard(
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     impl = _resolve_impl(impl, strategy, q, k, v, n_keys=None)
     if strategy == "ring":
-        return _ring(axis_name, scale, block_size)(q, k, v)
+        return _ring(axis_name, scale, block_size, impl)(q, k, v)
     if impl in ("cudnn", "dpa_xla"):
         return _allgather_dpa(axis_name, scale, "cudnn" if impl == "cudnn" else "xla")(q, k, v)
-    return _allgather(axis_name, scale, block_size)(q, k, v)
+    return _allgather(axis_name, scale, block_size, impl)(q, k, v)
 
 
 def causal_attention(
@@ -165,7 +180,7 @@ def causal_attention(
         return jax.nn.dot_product_attention(
             q, k, v, scale=scale, is_causal=True, implementation="cudnn" if impl == "cudnn" else "xla"
         )
-    return _allgather(None, scale, block_size)(q, k, v)
+    return _allgather(None, scale, block_size, impl)(q, k, v)
 
 
 def reference_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None) -> jax.Array:
@@ -195,7 +210,7 @@ def _check_choice(*, strategy, impl, block_size=DEFAULT_BLOCK):
     if strategy == "ring" and impl in ("cudnn", "dpa_xla"):
         raise ValueError(
             f"strategy='ring' merges per-block float32 log-sum-exps, which jax.nn.dot_product_attention does not "
-            f"return; it computes its blocks in jnp: use impl='xla' or 'auto', got impl={impl!r}"
+            f"return: use impl='pallas', 'xla' or 'auto', got impl={impl!r}"
         )
 
 
@@ -238,15 +253,29 @@ def _cudnn_supports(q, k, v, n_keys) -> bool:
 
 
 def _resolve_impl(impl, strategy, q, k, v, *, n_keys):
-    if strategy == "ring":
-        return "xla"
+    """The block compute to run: "pallas", "xla", "cudnn" or "dpa_xla" (``n_keys``: single device)."""
     if impl == "auto":
-        return "cudnn" if _cudnn_supports(q, k, v, n_keys) else "xla"
+        if n_keys is not None and _cudnn_supports(q, k, v, n_keys):  # one device: cuDNN's own causal mask
+            return "cudnn"
+        return "pallas" if _on_gpu() and flash_attention.supports(q, k, v) else "xla"
+    if impl == "pallas" and not all(x.dtype in flash_attention.pallas_triton.DTYPES for x in (q, k, v)):
+        raise TypeError(
+            f"impl='pallas' takes bf16, fp16 or fp32 inputs, got q.dtype={q.dtype}, k.dtype={k.dtype}, "
+            f"v.dtype={v.dtype}; use impl='xla'"
+        )
     if impl in ("cudnn", "dpa_xla") and v.shape[-1] != q.shape[-1]:
         raise ValueError(
             f"impl={impl!r} needs equal q/k and v head dims: q.shape={tuple(q.shape)}, v.shape={tuple(v.shape)}"
         )
     return impl
+
+
+@functools.cache
+def _block_kernels(impl, block):
+    """(fwd, bwd) block compute with the signatures of ``_flash_fwd`` / ``_flash_bwd`` less ``block``."""
+    if impl == "pallas":
+        return flash_attention.block_attention_fwd, flash_attention.block_attention_bwd
+    return functools.partial(_flash_fwd, block=block), functools.partial(_flash_bwd, block=block)
 
 
 def _acc_dtype(dtype):
@@ -347,6 +376,7 @@ def _flash_bwd(q, k, v, o, lse, do, *, q_start, k_start, scale, block):
     bq, bk = _block(lq, block), _block(lk, block)
     nq, nk = lq // bq, lk // bk
     delta = jnp.sum(do.astype(acc) * o.astype(acc), -1).transpose(0, 2, 1)  # [B, H, Lq]
+    lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # rows with no visible key: P = 0, not exp(−inf + inf)
     stats = jnp.stack([lse, delta], -1).reshape(b, hk, g, nq, bq, 2)
     stats = jnp.moveaxis(stats, 3, 0)  # [nq, B, Hk, G, bq, 2]
     qs, dos = _split(q, nq, g), _split(do.astype(q.dtype), nq, g)
@@ -428,8 +458,9 @@ def _scatter(x, axis_name):
 
 
 @functools.cache
-def _allgather(axis_name, scale, block):
-    """jnp path; ``axis_name=None`` is single-device attention."""
+def _allgather(axis_name, scale, block, impl):
+    """Block compute ``impl`` ("pallas" or "xla"); ``axis_name=None`` is single-device attention."""
+    block_fwd, block_bwd = _block_kernels(impl, block)
 
     @jax.custom_vjp
     def attend(q, k, v):
@@ -437,9 +468,7 @@ def _allgather(axis_name, scale, block):
 
     def fwd(q, k, v):
         q_start, _ = _positions(axis_name, q.shape[1])
-        o, lse = _flash_fwd(
-            q, _gather(k, axis_name), _gather(v, axis_name), q_start=q_start, k_start=0, scale=scale, block=block
-        )
+        o, lse = block_fwd(q, _gather(k, axis_name), _gather(v, axis_name), q_start=q_start, k_start=0, scale=scale)
         o = o.astype(q.dtype)
         return o, (q, k, v, o, lse)
 
@@ -447,7 +476,7 @@ def _allgather(axis_name, scale, block):
         q, k, v, o, lse = res
         q_start, _ = _positions(axis_name, q.shape[1])
         k_all, v_all = _gather(k, axis_name), _gather(v, axis_name)  # re-gathered: only local K/V were kept
-        dq, dk, dv = _flash_bwd(q, k_all, v_all, o, lse, do, q_start=q_start, k_start=0, scale=scale, block=block)
+        dq, dk, dv = block_bwd(q, k_all, v_all, o, lse, do, q_start=q_start, k_start=0, scale=scale)
         dk, dv = _scatter(dk, axis_name), _scatter(dv, axis_name)
         return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
@@ -492,9 +521,11 @@ def _allgather_dpa(axis_name, scale, implementation):
 
 
 @functools.cache
-def _ring(axis_name, scale, block):
+def _ring(axis_name, scale, block, impl):
     """At step s rank r holds the K/V block of rank (r − s) mod P; steps 0..P−2 run in a loop whose
-    body sends the held block on while it computes with it, step P−1 follows the loop (no send)."""
+    body sends the held block on while it computes with it, step P−1 follows the loop (no send).
+    Block compute ``impl`` ("pallas" or "xla")."""
+    block_fwd, block_bwd = _block_kernels(impl, block)
 
     def shift(x):
         n = lax.axis_size(axis_name)
@@ -515,9 +546,7 @@ def _ring(axis_name, scale, block):
         acc = _acc_dtype(q.dtype)
 
         def merge_block(s, kb, vb, carry):
-            o_blk, lse_blk = _flash_fwd(
-                q, kb, vb, q_start=q_start, k_start=(rank - s) * length, scale=scale, block=block
-            )
+            o_blk, lse_blk = block_fwd(q, kb, vb, q_start=q_start, k_start=(rank - s) * length, scale=scale)
             return _merge(*carry, o_blk, lse_blk)
 
         def step(s, carry):
@@ -542,8 +571,8 @@ def _ring(axis_name, scale, block):
 
         def add_block(s, kb, vb, carry):
             dq, dk, dv = carry
-            dq_b, dk_b, dv_b = _flash_bwd(
-                q, kb, vb, o, lse, do, q_start=q_start, k_start=(rank - s) * length, scale=scale, block=block
+            dq_b, dk_b, dv_b = block_bwd(
+                q, kb, vb, o, lse, do, q_start=q_start, k_start=(rank - s) * length, scale=scale
             )
             return dq + dq_b, dk + dk_b, dv + dv_b
 

@@ -1,0 +1,246 @@
+"""The Pallas Triton flash-attention block kernels against a float64 dense oracle.
+
+``block_attention_fwd`` / ``block_attention_bwd`` (pallas_kernels.flash_attention) in the Pallas
+interpreter on CPU, on fresh random inputs: query blocks at offsets before, at and after the key
+block (rows that see nothing, a key block wholly in the future), grouped heads, E ≠ D, lengths
+that are no multiple of the blocks, bf16 and fp32; the backward's additivity over key blocks
+(what ring attention relies on); the same contract as the jnp recurrence of
+``lasp_jax.softmax_attention``. GPU-only: the compiled kernels at a moderate shape. CPU: the
+kernels go through the Pallas Triton lowering (catches what the interpreter accepts and Triton
+does not, e.g. block shapes that are no power of two).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lasp_jax.softmax_attention import _flash_bwd, _flash_fwd
+from pallas_kernels.flash_attention import BlockConfig, block_attention_bwd, block_attention_fwd, default_config
+from tests.helpers import rel_err, tol, x64
+
+
+def oracle(q, k, v, *, q_start, k_start, scale):
+    """Dense masked softmax at global offsets: (o, lse); o = 0 and lse = −inf where nothing is visible."""
+    b, lq, h, d = q.shape
+    hk = k.shape[2]
+    qg = q.reshape(b, lq, hk, h // hk, d)
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k) * scale
+    mask = (q_start + jnp.arange(lq))[:, None] >= (k_start + jnp.arange(k.shape[1]))[None, :]
+    m = jax.lax.stop_gradient(jnp.max(jnp.where(mask, s, -jnp.inf), -1, keepdims=True))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.where(mask, jnp.exp(jnp.where(mask, s, m) - m), 0.0)  # no inf in the unused branch: finite grads
+    row_sum = p.sum(-1)
+    seen = row_sum > 0
+    o = jnp.einsum("bhgqk,bkhe->bqhge", p / jnp.where(seen, row_sum, 1.0)[..., None], v)
+    lse = jnp.where(seen, m[..., 0] + jnp.log(jnp.where(seen, row_sum, 1.0)), -jnp.inf)
+    return o.reshape(b, lq, h, v.shape[-1]), lse.reshape(b, h, lq)
+
+
+def _inputs(rng, *, b, lq, lk, h, hk, d, e, dtype):
+    """Random q, k, v rounded to ``dtype`` (float64 numpy) and a float64 output cotangent."""
+    shapes = [(b, lq, h, d), (b, lk, hk, d), (b, lk, hk, e)]
+    q, k, v = (np.asarray(jnp.asarray(rng.standard_normal(s), dtype), np.float64) for s in shapes)
+    return q, k, v, rng.standard_normal((b, lq, h, e))
+
+
+def _want(q, k, v, do, **offsets):
+    """Float64 o, lse and the gradients of <o, do>."""
+    with x64():
+        args = [jnp.asarray(x, jnp.float64) for x in (q, k, v)]
+        (o, lse), vjp = jax.vjp(lambda q, k, v: oracle(q, k, v, **offsets), *args)
+        dq, dk, dv = vjp((jnp.asarray(do, jnp.float64), jnp.zeros_like(lse)))
+        want = {n: np.asarray(x) for n, x in dict(o=o, lse=lse, dq=dq, dk=dk, dv=dv).items()}
+    assert all(np.isfinite(x).all() for n, x in want.items() if n != "lse"), "the oracle itself is not finite"
+    return want
+
+
+def _got(q, k, v, do, want, *, dtype, q_start, k_start, scale, config=None):
+    """Kernel o, lse and the gradients given the oracle's final o and lse (jitted, traced offsets)."""
+
+    @jax.jit
+    def run(q, k, v, o, lse, do, q_start, k_start):
+        kw = dict(q_start=q_start, k_start=k_start, scale=scale, interpret=True, config=config)
+        o_k, lse_k = block_attention_fwd(q, k, v, **kw)
+        dq, dk, dv = block_attention_bwd(q, k, v, o, lse, do, **kw)
+        return dict(o=o_k, lse=lse_k, dq=dq, dk=dk, dv=dv)
+
+    cast = lambda x: jnp.asarray(x, dtype)  # noqa: E731
+    out = run(
+        cast(q),
+        cast(k),
+        cast(v),
+        cast(want["o"]),
+        jnp.asarray(want["lse"], jnp.float32),
+        cast(do),
+        jnp.int32(q_start),
+        jnp.int32(k_start),
+    )
+    return {n: np.asarray(x) for n, x in out.items()} | {"dtypes": {n: x.dtype for n, x in out.items()}}
+
+
+def _compare(got, want, *, dtype, length):
+    """Every output float32 and within tolerance; lse −inf exactly where the oracle's is, no NaN."""
+    assert all(x == jnp.float32 for x in got["dtypes"].values()), got["dtypes"]
+    lse, lse_want = got["lse"], want["lse"]
+    assert not np.isnan(lse).any()
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(lse_want))
+    finite = np.isfinite(lse_want)
+    errors = {"lse": float(np.abs(lse[finite] - lse_want[finite]).max(initial=0.0))}
+    for name in ("o", "dq", "dk", "dv"):
+        scale = np.linalg.norm(want[name])
+        # an all-zero reference (nothing visible): absolute error
+        errors[name] = rel_err(got[name], want[name]) if scale > 1e-12 else float(np.abs(got[name]).max())
+    bound = tol(dtype, length)
+    bad = {n: e for n, e in errors.items() if e > (4 * bound if n == "lse" else bound)}
+    assert not bad, f"errors over tolerance {bound:.1e}: {bad}"
+
+
+CASES = {
+    # name: b, lq, lk, h, hk, d, e, q_start, k_start
+    "diagonal-odd": (1, 37, 37, 4, 2, 16, 16, 0, 0),  # 3 query/key blocks of 16, a padded tail
+    "past-gqa3-e12": (2, 24, 40, 6, 2, 8, 12, 40, 8),  # q_start > k_start; D padded to 16, E != D
+    "partly-future-mqa": (1, 20, 48, 4, 1, 16, 16, 10, 25),  # first rows see nothing; key blocks in the future
+    "all-future": (1, 20, 33, 2, 2, 16, 16, 0, 40),  # nothing visible: o = 0, lse = -inf, grads 0
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_kernels_match_oracle_fp32(rng, case):
+    b, lq, lk, h, hk, d, e, q_start, k_start = CASES[case]
+    q, k, v, do = _inputs(rng, b=b, lq=lq, lk=lk, h=h, hk=hk, d=d, e=e, dtype=jnp.float32)
+    offsets = dict(q_start=q_start, k_start=k_start, scale=0.7 * d**-0.5)
+    want = _want(q, k, v, do, **offsets)
+    got = _got(q, k, v, do, want, dtype=jnp.float32, **offsets)
+    _compare(got, want, dtype=jnp.float32, length=lk)
+    if case == "all-future":
+        assert np.isneginf(got["lse"]).all() and not np.any(got["o"]) and not np.any(got["dq"])
+
+
+def test_kernels_match_oracle_bf16(rng):
+    """bf16 inputs, 32-wide heads, several 16-blocks on both sides of the diagonal."""
+    q, k, v, do = _inputs(rng, b=1, lq=48, lk=64, h=4, hk=2, d=32, e=32, dtype=jnp.bfloat16)
+    offsets = dict(q_start=16, k_start=0, scale=32**-0.5)
+    want = _want(q, k, v, do, **offsets)
+    got = _got(q, k, v, do, want, dtype=jnp.bfloat16, **offsets)
+    _compare(got, want, dtype=jnp.bfloat16, length=64)
+
+
+def test_backward_adds_up_over_key_blocks(rng):
+    """Ring attention's contract: the gradients of two key halves, each given the *global* o and
+    lse, add up to the whole (dq summed, dk/dv side by side); blocks of 32 rows, keys at 2 offsets."""
+    b, lq, lk, h, hk, d = 1, 32, 64, 4, 2, 16
+    q, k, v, do = _inputs(rng, b=b, lq=lq, lk=lk, h=h, hk=hk, d=d, e=d, dtype=jnp.float32)
+    want = _want(q, k, v, do, q_start=32, k_start=0, scale=d**-0.5)
+    cfg = BlockConfig(block_q=16, block_k=32, block_q_dq=32, block_k_dq=16, block_k_dkv=16, block_q_dkv=16)
+    halves = [
+        _got(q, k[:, s], v[:, s], do, want, dtype=jnp.float32, q_start=32, k_start=s.start, scale=d**-0.5, config=cfg)
+        for s in (slice(0, 32), slice(32, 64))
+    ]
+    got = {
+        "dq": halves[0]["dq"] + halves[1]["dq"],
+        "dk": np.concatenate([x["dk"] for x in halves], 1),
+        "dv": np.concatenate([x["dv"] for x in halves], 1),
+    }
+    for name, x in got.items():
+        assert rel_err(x, want[name]) < tol(jnp.float32, lk), name
+    # the halves' own lse merge to the whole (online-softmax merge of disjoint key sets)
+    merged = np.logaddexp(halves[0]["lse"], halves[1]["lse"])
+    np.testing.assert_allclose(merged, want["lse"], rtol=1e-5, atol=1e-5)
+
+
+def test_same_contract_as_jnp_recurrence(rng):
+    """Shapes, dtypes and values of the jnp ``_flash_fwd`` / ``_flash_bwd`` the kernels replace."""
+    q, k, v, do = (
+        jnp.asarray(x, jnp.float32) for x in _inputs(rng, b=1, lq=16, lk=32, h=2, hk=1, d=16, e=8, dtype=jnp.float32)
+    )
+    kw = dict(q_start=jnp.int32(8), k_start=jnp.int32(0), scale=0.25)
+    o, lse = block_attention_fwd(q, k, v, **kw, interpret=True)
+    o_j, lse_j = _flash_fwd(q, k, v, **kw, block=8)
+    assert (o.shape, o.dtype, lse.shape, lse.dtype) == (o_j.shape, o_j.dtype, lse_j.shape, lse_j.dtype)
+    assert rel_err(o, o_j) < 1e-5 and rel_err(lse, lse_j) < 1e-5
+    grads = block_attention_bwd(q, k, v, o_j, lse_j, do, **kw, interpret=True)
+    grads_j = _flash_bwd(q, k, v, o_j, lse_j, do, **kw, block=8)
+    for x, y in zip(grads, grads_j, strict=True):
+        assert x.shape == y.shape and x.dtype == y.dtype
+        assert rel_err(x, y) < 1e-5
+
+
+def test_default_config():
+    assert default_config(head_dim=128, interpret=False).num_warps == 8
+    assert default_config(head_dim=64, interpret=False).num_warps == 4
+    with pytest.raises(ValueError, match=r"block_q=48 must be a power of two"):
+        BlockConfig(block_q=48)
+
+
+def test_rejects_float64():
+    with x64():
+        x = jnp.zeros((1, 16, 2, 16), jnp.float64)
+        with pytest.raises(TypeError, match=r"bf16, fp16 or fp32.*q.dtype=float64"):
+            block_attention_fwd(x, x, x, q_start=0, k_start=0, scale=1.0, interpret=True)
+
+
+# ---- the Triton lowering on CPU, compiled kernels on a GPU ------------------------------------
+
+
+def test_kernels_lower_to_triton(monkeypatch):
+    """Lower (not compile) for CUDA on this machine: the Triton lowering's own checks run."""
+    if jax.default_backend() == "gpu":
+        pytest.skip("the GPU tests compile the kernels")
+    try:
+        from jax._src.pallas.triton import gpu_info, pallas_call_registration
+    except ImportError:
+        pytest.skip("this jax has no Triton lowering hook to point at an abstract GPU")
+    if not hasattr(pallas_call_registration, "gpu_info_lib"):
+        pytest.skip("this jax's Triton lowering reads the GPU another way")
+    info = gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H100)
+    monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: info)
+    for b, lq, lk, h, hk, d, e, dtype in [
+        (1, 256, 512, 8, 2, 128, 128, jnp.bfloat16),
+        (2, 100, 77, 6, 2, 8, 40, jnp.float32),
+    ]:
+        cfg = default_config(head_dim=max(d, e), interpret=False)
+        q, do = jax.ShapeDtypeStruct((b, lq, h, d), dtype), jax.ShapeDtypeStruct((b, lq, h, e), dtype)
+        k, v = jax.ShapeDtypeStruct((b, lk, hk, d), dtype), jax.ShapeDtypeStruct((b, lk, hk, e), dtype)
+        lse, pos = jax.ShapeDtypeStruct((b, h, lq), jnp.float32), jax.ShapeDtypeStruct((), jnp.int32)
+        kw = dict(scale=0.1, interpret=False, config=cfg)
+
+        def fwd_bwd(q, k, v, do, lse, q_start, k_start, kw=kw):
+            o, _ = block_attention_fwd(q, k, v, q_start=q_start, k_start=k_start, **kw)
+            return block_attention_bwd(q, k, v, o, lse, do, q_start=q_start, k_start=k_start, **kw)
+
+        text = jax.jit(fwd_bwd).trace(q, k, v, do, lse, pos, pos).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("__gpu$xla.gpu.triton") == 3, "expected the forward, dq and dk/dv kernels"
+
+
+GPU_CASES = {
+    # name: b, lq, lk, h, hk, d, dtype, q_start, k_start
+    "allgather-rank1-d128-bf16": (1, 1024, 2048, 8, 2, 128, jnp.bfloat16, 1024, 0),
+    "ring-past-d64-fp16": (2, 512, 512, 4, 4, 64, jnp.float16, 1536, 1024),
+    "diagonal-odd-d96-fp32": (1, 700, 700, 4, 1, 96, jnp.float32, 0, 0),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(GPU_CASES))
+def test_compiled_kernels_match_jnp_recurrence(rng, case):
+    """The compiled kernels against the jnp recurrence in float32 at HIGHEST precision."""
+    b, lq, lk, h, hk, d, dtype, q_start, k_start = GPU_CASES[case]
+    q, k, v, do = _inputs(rng, b=b, lq=lq, lk=lk, h=h, hk=hk, d=d, e=d, dtype=dtype)
+    kw = dict(q_start=jnp.int32(q_start), k_start=jnp.int32(k_start), scale=d**-0.5)
+    with jax.default_matmul_precision("highest"):
+        f32 = [jnp.asarray(x, jnp.float32) for x in (q, k, v, do)]
+        o_want, lse_want = jax.jit(lambda q, k, v: _flash_fwd(q, k, v, **kw, block=256))(*f32[:3])
+        grads_want = jax.jit(lambda *a: _flash_bwd(*a, **kw, block=256))(*f32[:3], o_want, lse_want, f32[3])
+    args = [jnp.asarray(x, dtype) for x in (q, k, v)]
+    o, lse = jax.jit(lambda q, k, v: block_attention_fwd(q, k, v, **kw))(*args)
+    grads = jax.jit(lambda *a: block_attention_bwd(*a, **kw))(
+        *args, o_want.astype(dtype), lse_want, jnp.asarray(do, dtype)
+    )
+    bound = tol(dtype, lk)
+    assert rel_err(o, o_want) < bound
+    assert float(jnp.abs(lse - lse_want).max()) < 4 * bound
+    for name, x, y in zip(("dq", "dk", "dv"), grads, grads_want, strict=True):
+        assert rel_err(x, y) < bound, name
