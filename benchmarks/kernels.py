@@ -9,12 +9,16 @@ per-head decay (``g_gamma``, lightning attention) and with a per-token decay (``
 - ``jla``: jax-linear-attention ``ops.linear_attention("simple_gla", impl="mosaic_gpu")``,
   when importable,
 
-each in its own process. Prints one table (ms, TFLOP/s, fraction of the memory roofline,
-ratio of each peer's time to ours) and writes JSON with ``--json``. Run on the GPU machine from
-the repository root:
+each in its own process. ``--docs 0 16`` also times rows packed with 16 documents each
+(``segment_ids`` for the project kernels, ``cu_seqlens`` — varlen, the rows flattened to one —
+for flash-linear-attention; jax-linear-attention has no packed mode and is skipped there); the
+document boundaries are the same random cut points for every implementation. Prints one table
+(ms, TFLOP/s, fraction of the memory roofline, ratio of each peer's time to ours) and writes JSON
+with ``--json``. Run on the GPU machine from the repository root:
 
     PYTHONPATH=$PWD python3 benchmarks/kernels.py --json kernels.json
     PYTHONPATH=$PWD python3 benchmarks/kernels.py --impls project --configs "num_warps=4" "split_dkdv=True"
+    PYTHONPATH=$PWD python3 benchmarks/kernels.py --impls project fla --docs 0 16 --decay g_gamma
 
 FLOP counts are nominal, for the chunked algorithm with C = 64 (forward per token and head:
 ``2·(C·D + C·E + 2·D·E)``, the backward twice that). The memory floor is the bytes that must
@@ -54,6 +58,28 @@ def bytes_moved(b, t, h, d, *, backward=False, itemsize=2):
 
 
 WARMUP, ITERS = 3, 30
+
+
+def doc_starts(b, t, docs):
+    """Start positions of the documents of each row: ``docs`` documents per row (0: unpacked),
+    cut at the same seeded random points for every implementation."""
+    import numpy as np
+
+    if docs <= 1:
+        return [[0] for _ in range(b)]
+    rng = np.random.default_rng(1234)
+    return [[0, *sorted(rng.choice(np.arange(1, t), docs - 1, replace=False).tolist())] for _ in range(b)]
+
+
+def _segment_ids(b, t, docs):
+    import jax.numpy as jnp
+    import numpy as np
+
+    ids = np.zeros((b, t), np.int32)
+    for row, starts in enumerate(doc_starts(b, t, docs)):
+        for i, start in enumerate(starts):
+            ids[row, start:] = i
+    return jnp.asarray(ids)
 
 
 def _jax_median_ms(fn, *args, iters=None):
@@ -102,7 +128,25 @@ def _copy_bandwidth():
     return 2 * x.size * 4 / (ms * 1e-3)
 
 
-def child_project(shapes, decays, configs):
+def _cases(shapes, decays, docs_list, configs=({},)):
+    for shape in shapes:
+        for decay in decays:
+            for docs in docs_list:
+                for overrides in configs:
+                    yield shape, decay, docs, overrides
+
+
+def _timed(row, fwd, fwd_bwd, *args):
+    """Adds the fwd and fwd+bwd medians to ``row`` (or the error) and prints it as a JSON line."""
+    try:
+        row["fwd_ms"] = fwd(*args[:-1])
+        row["fwd_bwd_ms"] = fwd_bwd(*args)
+    except Exception as ex:  # report and go on with the next case
+        row["error"] = f"{type(ex).__name__}: {str(ex)[:300]}"
+    print(json.dumps(row), flush=True)
+
+
+def child_project(shapes, decays, configs, docs_list):
     import dataclasses
 
     import jax
@@ -111,64 +155,58 @@ def child_project(shapes, decays, configs):
     from pallas_kernels.linear_attention.config import default_config
 
     print(json.dumps({"bandwidth": _copy_bandwidth(), "jax": jax.__version__, "device": jax.devices()[0].device_kind}))
-    for shape in shapes:
-        for decay in decays:
-            (q, k, v, do), gate = _jax_inputs(*shape, decay)
-            for overrides in configs:
-                base = default_config(batch=shape[0], heads=shape[2], seq_len=shape[1], interpret=False)
-                cfg = dataclasses.replace(base, **overrides)
+    for shape, decay, docs, overrides in _cases(shapes, decays, docs_list, configs):
+        (q, k, v, do), gate = _jax_inputs(*shape, decay)
+        base = default_config(batch=shape[0], heads=shape[2], seq_len=shape[1], interpret=False)
+        cfg = dataclasses.replace(base, **overrides)
+        seg = _segment_ids(shape[0], shape[1], docs) if docs else None
 
-                def attn(q, k, v, gate, cfg=cfg, decay=decay):
-                    kw = {"g_gamma": gate} if decay == "g_gamma" else {"g": gate}
-                    return pallas_triton.linear_attention(q, k, v, **kw, config=cfg)[0]
+        def attn(q, k, v, gate, cfg=cfg, decay=decay, seg=seg):
+            kw = {"g_gamma": gate} if decay == "g_gamma" else {"g": gate}
+            return pallas_triton.linear_attention(q, k, v, **kw, segment_ids=seg, config=cfg)[0]
 
-                fwd = jax.jit(attn)
-                fwd_bwd = jax.jit(functools.partial(_forward_and_grads, attn))
-                row = {"shape": shape, "decay": decay, "config": overrides}
-                try:
-                    row["fwd_ms"] = _jax_median_ms(fwd, q, k, v, gate)
-                    row["fwd_bwd_ms"] = _jax_median_ms(fwd_bwd, q, k, v, gate, do)
-                except Exception as ex:  # report and go on with the next configuration
-                    row["error"] = f"{type(ex).__name__}: {str(ex)[:300]}"
-                print(json.dumps(row), flush=True)
+        fwd = functools.partial(_jax_median_ms, jax.jit(attn))
+        fwd_bwd = functools.partial(_jax_median_ms, jax.jit(functools.partial(_forward_and_grads, attn)))
+        row = {"shape": shape, "decay": decay, "docs": docs, "config": overrides}
+        _timed(row, fwd, fwd_bwd, q, k, v, gate, do)
 
 
-def child_jla(shapes, decays, configs):
+def child_jla(shapes, decays, configs, docs_list):
     import jax
     import jax.numpy as jnp
     from jla import ops
 
-    for shape in shapes:
-        for decay in decays:
-            (q, k, v, do), gate = _jax_inputs(*shape, decay)
-            if decay == "g_gamma":
-                gate = jnp.broadcast_to(gate, shape[:3]).astype(jnp.float32)
+    for shape, decay, _, _ in _cases(shapes, decays, [0]):  # no packed-document mode
+        (q, k, v, do), gate = _jax_inputs(*shape, decay)
+        if decay == "g_gamma":
+            gate = jnp.broadcast_to(gate, shape[:3]).astype(jnp.float32)
 
-            def attn(q, k, v, g):
-                return ops.linear_attention("simple_gla", q, k, v, g=g, impl="mosaic_gpu")[0]
+        def attn(q, k, v, g):
+            return ops.linear_attention("simple_gla", q, k, v, g=g, impl="mosaic_gpu")[0]
 
-            fwd = jax.jit(attn)
-            fwd_bwd = jax.jit(functools.partial(_forward_and_grads, attn))
-            row = {"shape": shape, "decay": decay}
-            try:
-                row["fwd_ms"] = _jax_median_ms(fwd, q, k, v, gate)
-                row["fwd_bwd_ms"] = _jax_median_ms(fwd_bwd, q, k, v, gate, do)
-            except Exception as ex:
-                row["error"] = f"{type(ex).__name__}: {str(ex)[:300]}"
-            print(json.dumps(row), flush=True)
+        fwd = functools.partial(_jax_median_ms, jax.jit(attn))
+        fwd_bwd = functools.partial(_jax_median_ms, jax.jit(functools.partial(_forward_and_grads, attn)))
+        _timed({"shape": shape, "decay": decay, "docs": 0}, fwd, fwd_bwd, q, k, v, gate, do)
 
 
-def _fla_case(b, t, h, d, decay):
+def _fla_case(b, t, h, d, decay, docs):
     import torch
     from fla.ops.simple_gla import chunk_simple_gla
     from triton.testing import do_bench
 
-    q, k, v, do = (torch.randn(b, t, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=i < 3) for i in range(4))
+    q, k, v, do = (torch.randn(b, t, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     if decay == "g_gamma":
-        kw, grads = {"g_gamma": torch.tensor(gamma_values(h), device="cuda")}, [q, k, v]
+        kw = {"g_gamma": torch.tensor(gamma_values(h), device="cuda")}
     else:
-        g = torch.nn.functional.logsigmoid(torch.randn(b, t, h, device="cuda") + 4.0).requires_grad_()
-        kw, grads = {"g": g}, [q, k, v, g]
+        kw = {"g": torch.nn.functional.logsigmoid(torch.randn(b, t, h, device="cuda") + 4.0)}
+    if docs:  # varlen: rows flattened into one, documents delimited by cu_seqlens
+        starts = [row * t + s for row, row_starts in enumerate(doc_starts(b, t, docs)) for s in row_starts]
+        kw["cu_seqlens"] = torch.tensor(starts + [b * t], device="cuda", dtype=torch.long)
+        kw["cu_seqlens_cpu"] = kw["cu_seqlens"].cpu()
+        q, k, v, do = (x.reshape(1, b * t, h, d) for x in (q, k, v, do))
+        if "g" in kw:
+            kw["g"] = kw["g"].reshape(1, b * t, h)
+    grads = [x.requires_grad_() for x in (q, k, v, kw.get("g")) if x is not None]
 
     def fwd():
         return chunk_simple_gla(q, k, v, **kw)[0]
@@ -182,18 +220,17 @@ def _fla_case(b, t, h, d, decay):
     }
 
 
-def child_fla(shapes, decays, configs):
+def child_fla(shapes, decays, configs, docs_list):
     import torch
 
-    for shape in shapes:
-        for decay in decays:
-            row = {"shape": shape, "decay": decay}
-            try:
-                row |= _fla_case(*shape, decay)
-            except Exception as ex:
-                row["error"] = f"{type(ex).__name__}: {str(ex)[:300]}"
-            print(json.dumps(row), flush=True)
-            torch.cuda.empty_cache()
+    for shape, decay, docs, _ in _cases(shapes, decays, docs_list):
+        row = {"shape": shape, "decay": decay, "docs": docs}
+        try:
+            row |= _fla_case(*shape, decay, docs)
+        except Exception as ex:
+            row["error"] = f"{type(ex).__name__}: {str(ex)[:300]}"
+        print(json.dumps(row), flush=True)
+        torch.cuda.empty_cache()
 
 
 CHILDREN = {"project": child_project, "fla": child_fla, "jla": child_jla}
@@ -213,6 +250,8 @@ def _run_child(name, args):
         str(args.warmup),
         "--iters",
         str(args.iters),
+        "--docs",
+        *map(str, args.docs),
     ]
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
     try:
@@ -246,13 +285,14 @@ def main():
     ap.add_argument("--timeout", type=int, default=900, help="seconds per implementation")
     ap.add_argument("--warmup", type=int, default=3, help="untimed calls before timing")
     ap.add_argument("--iters", type=int, default=30, help="timed calls (the median is reported)")
+    ap.add_argument("--docs", nargs="*", type=int, default=[0], help="documents packed per row (0: unpacked)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
     if args.child:  # also the way to run one implementation alone, e.g. under a profiler
         global WARMUP, ITERS
         WARMUP, ITERS = args.warmup, args.iters
-        CHILDREN[args.child](args.shapes, args.decay, [_parse_config(c) for c in args.configs])
+        CHILDREN[args.child](args.shapes, args.decay, [_parse_config(c) for c in args.configs], args.docs)
         return
 
     results, info = {}, {}
@@ -262,23 +302,23 @@ def main():
             if "bandwidth" in row:
                 info = row
                 continue
-            key = (tuple(row["shape"]), row["decay"])
+            key = (tuple(row["shape"]), row["decay"], row.get("docs", 0))
             results.setdefault(key, {}).setdefault(name, []).append(row)
     bandwidth = info.get("bandwidth", 3.0e12)
     print(
         f"\ndevice: {info.get('device', '?')}, jax {info.get('jax', '?')}, copy bandwidth {bandwidth / 1e12:.2f} TB/s"
     )
-    header = "shape (B,T,H,D) | decay | impl [config] | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | memory roofline"
-    header += " | peer/project"
+    header = "shape (B,T,H,D) | decay | docs/row | impl [config] | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s"
+    header += " | memory roofline | peer/project"
     print(header + "\n" + "-" * len(header))
     table = []
-    for (shape, decay), by_impl in results.items():
+    for (shape, decay, docs), by_impl in results.items():
         project = [r for r in by_impl.get("project", []) if "fwd_bwd_ms" in r]
         best = min(project, key=lambda r: r["fwd_bwd_ms"]) if project else None
         for name, rows in by_impl.items():
             for row in rows:
                 if "fwd_bwd_ms" not in row:
-                    print(f"{shape} | {decay} | {name} | failed: {row.get('error', '?')}")
+                    print(f"{shape} | {decay} | {docs} | {name} | failed: {row.get('error', '?')}")
                     continue
                 floor_ms = bytes_moved(*shape, backward=True) / bandwidth * 1e3
                 tflops = flops(*shape, backward=True) / (row["fwd_bwd_ms"] * 1e-3) / 1e12
@@ -289,7 +329,7 @@ def main():
                     f" [{','.join(f'{k}={v}' for k, v in row.get('config', {}).items())}]" if name == "project" else ""
                 )
                 print(
-                    f"{shape} | {decay} | {name}{cfg} | {row['fwd_ms']:.3f} | {row['fwd_bwd_ms']:.3f} | "
+                    f"{shape} | {decay} | {docs} | {name}{cfg} | {row['fwd_ms']:.3f} | {row['fwd_bwd_ms']:.3f} | "
                     f"{tflops:.0f} | {floor_ms / row['fwd_bwd_ms']:.2f} | {ratio}"
                 )
                 table.append(

@@ -120,15 +120,21 @@ def linear_attention(
     d = q.shape[-1]
     scale = float(d**-0.5 if scale is None else scale)
     if impl == "auto":
-        impl = "pallas" if _on_gpu() and _pallas_supports(q, k, v, segment_ids) else "xla"
-    if impl == "pallas" and segment_ids is not None:
-        raise ValueError("impl='pallas' does not take segment_ids yet; use impl='xla' or 'auto'")
+        impl = "pallas" if _on_gpu() and _pallas_supports(q, k, v) else "xla"
 
     if impl == "pallas":
         from pallas_kernels.linear_attention import pallas_triton
 
         o, final = pallas_triton.linear_attention(
-            q, k, v, g=g, g_gamma=g_gamma, scale=scale, initial_state=initial_state, interpret=not _on_gpu()
+            q,
+            k,
+            v,
+            g=g,
+            g_gamma=g_gamma,
+            scale=scale,
+            initial_state=initial_state,
+            segment_ids=segment_ids,
+            interpret=not _on_gpu(),
         )
     else:
         log_decay = g
@@ -145,8 +151,8 @@ def linear_attention(
     return o.astype(q.dtype), (final.astype(state_dtype) if output_final_state else None)
 
 
-def _pallas_supports(q, k, v, segment_ids=None) -> bool:
+def _pallas_supports(q, k, v) -> bool:
     """Shapes and dtypes the GPU kernel handles; everything else goes to the XLA path."""
     from pallas_kernels.linear_attention import pallas_triton
 
-    return segment_ids is None and pallas_triton.supports(q, k, v)
+    return pallas_triton.supports(q, k, v)

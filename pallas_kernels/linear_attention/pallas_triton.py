@@ -26,7 +26,7 @@ exact), outside the ``custom_vjp`` so autodiff slices the gradients back.
 from __future__ import annotations
 
 import functools
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,9 +34,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.linear_attention import reference
 from pallas_kernels.linear_attention.config import BlockConfig, default_config, segments
 
 DecayMode = Literal["none", "gamma", "g"]
+SUPPORTS_SEGMENT_IDS = True  # packed documents (segment_ids) in the forward and backward kernels
 _F32 = jnp.float32
 # the Triton lowering computes element offsets in int32
 _MAX_ELEMENTS = 2**31 - 1
@@ -71,25 +73,73 @@ def chunk_decay(decay_ref, t0, *, chunk: int, mode: DecayMode):
     return b, jnp.sum(jnp.where(pos == chunk - 1, b, 0.0))
 
 
-def decay_mask(b, *, chunk: int, transpose: bool = False):
+class Docs(NamedTuple):
+    """Document numbers around one chunk of a packed row (``segment_ids`` given).
+
+    ``doc [C]`` of each token, ``prev`` the document of the state entering the chunk (that of the
+    token before it; the first document for the row's first chunk) and ``last`` that of the
+    chunk's last token. Every decay factor between two positions is multiplied by "same
+    document", which resets the state at each boundary exactly (no −inf log decays).
+    """
+
+    doc: jax.Array
+    prev: jax.Array
+    last: jax.Array
+
+
+def chunk_docs(doc_refs, t0, *, chunk: int) -> Docs | None:
+    """The chunk's ``Docs`` from the ``doc`` and ``prev`` rows ``[T]`` (None without segment ids)."""
+    if doc_refs is None:
+        return None
+    doc_ref, prev_ref = doc_refs
+    pos = lax.broadcasted_iota(jnp.int32, (chunk,), 0)
+    doc = doc_ref[pl.ds(t0, chunk)]
+    prev = jnp.sum(jnp.where(pos == 0, prev_ref[pl.ds(t0, chunk)], 0))
+    return Docs(doc, prev, jnp.sum(jnp.where(pos == chunk - 1, doc, 0)))
+
+
+def decay_mask(b, *, chunk: int, transpose: bool = False, docs: Docs | None = None):
     """Causal decay mask ``M[i, j] = exp(b_i − b_j)`` for ``i ≥ j`` (its transpose if asked).
 
-    The exponent is masked before the exp, so the upper triangle never overflows.
+    The exponent is masked before the exp, so the upper triangle never overflows. With ``docs``
+    pairs of different documents are zero.
     """
     row = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
     col = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
     causal = col <= row if not transpose else row <= col
+    if docs is not None:
+        causal = causal & (docs.doc[:, None] == docs.doc[None, :])
     if b is None:
         return causal.astype(_F32)
     diff = b[:, None] - b[None, :] if not transpose else b[None, :] - b[:, None]
     return jnp.where(causal, jnp.exp(jnp.where(causal, diff, 0.0)), 0.0)
 
 
-def row_scale(x, log_factor):
-    """``exp(log_factor)[:, None] · x`` in float32 (x itself when there is no decay)."""
-    if log_factor is None:
+def row_scale(x, log_factor, keep=None):
+    """``exp(log_factor)[:, None] · x`` in float32 (x itself when there is no decay), rows where
+    ``keep`` (a ``[C]`` boolean, or None for all) is False set to zero."""
+    if log_factor is None and keep is None:
         return x
-    return x.astype(_F32) * jnp.exp(log_factor)[:, None]
+    x = x.astype(_F32)
+    if log_factor is not None:
+        x = x * jnp.exp(log_factor)[:, None]
+    return x if keep is None else jnp.where(keep[:, None], x, 0.0)
+
+
+def carry_scale(state, b_last, docs: Docs | None):
+    """The state (or state cotangent) carried across a chunk: ``exp(b_{C−1}) S``, zero where the
+    chunk holds a document boundary."""
+    if b_last is not None:
+        state = jnp.exp(b_last) * state
+    if docs is not None:
+        state = jnp.where(docs.last == docs.prev, state, 0.0)
+    return state
+
+
+def same_doc(docs: Docs | None, which: str):
+    """Rows of the chunk in the document of its entering state (``"prev"``) or of its last token
+    (``"last"``); None (all rows) without segment ids."""
+    return None if docs is None else docs.doc == getattr(docs, which)
 
 
 def segment_bounds(num_chunks: int, per_segment: int):
@@ -107,7 +157,7 @@ def compiler_params(cfg: BlockConfig, *, backward: bool = False):
 # ---- forward kernels ------------------------------------------------------------------------
 
 
-def _segment_state_kernel(*refs, chunk, per_segment, num_chunks, mode, mxu_dtype, last_token):
+def _segment_state_kernel(*refs, chunk, per_segment, num_chunks, mode, mxu_dtype, segmented, last_token):
     """M_s = Σ_j exp(b_end − b_j) k_jᵀ v_j over the segment's tokens, from a zero state.
 
     Token ``last_token`` (≥ 0) is left out: the caller adds its ``k_tᵀ v_t`` to the final state
@@ -115,45 +165,49 @@ def _segment_state_kernel(*refs, chunk, per_segment, num_chunks, mode, mxu_dtype
     """
     k_ref, v_ref, *refs = refs
     decay_ref = refs.pop(0) if mode != "none" else None
+    doc_refs = (refs.pop(0), refs.pop(0)) if segmented else None
     (m_ref,) = refs
     first, count = segment_bounds(num_chunks, per_segment)
 
     def body(i, state):
         t0 = pl.multiple_of((first + i) * chunk, chunk)
         b, b_last = chunk_decay(decay_ref, t0, chunk=chunk, mode=mode)
+        docs = chunk_docs(doc_refs, t0, chunk=chunk)
         k = k_ref[pl.ds(t0, chunk), :]
         v = v_ref[pl.ds(t0, chunk), :]
-        v_to_end = row_scale(v, None if b is None else b_last - b)
+        v_to_end = row_scale(v, None if b is None else b_last - b, same_doc(docs, "last"))
         if last_token >= 0:
             pos = t0 + lax.broadcasted_iota(jnp.int32, (chunk, 1), 0)
             v_to_end = jnp.where(pos == last_token, 0.0, v_to_end.astype(_F32))
         update = dot(k.astype(mxu_dtype), v_to_end.astype(mxu_dtype), trans_a=True)
-        return update + (state if b is None else jnp.exp(b_last) * state)
+        return update + carry_scale(state, b_last, docs)
 
     m_ref[...] = lax.fori_loop(0, count, body, jnp.zeros(m_ref.shape, _F32))
 
 
-def _chunk_output_kernel(*refs, chunk, per_segment, num_chunks, scale, mode, mxu_dtype):
+def _chunk_output_kernel(*refs, chunk, per_segment, num_chunks, scale, mode, mxu_dtype, segmented):
     """o for the segment's chunks, carrying the float32 state from the segment's entering state."""
     q_ref, k_ref, v_ref, *refs = refs
     decay_ref = refs.pop(0) if mode != "none" else None
+    doc_refs = (refs.pop(0), refs.pop(0)) if segmented else None
     s_in_ref, o_ref = refs
     first, count = segment_bounds(num_chunks, per_segment)
 
     def body(i, state):
         t0 = pl.multiple_of((first + i) * chunk, chunk)
         b, b_last = chunk_decay(decay_ref, t0, chunk=chunk, mode=mode)
+        docs = chunk_docs(doc_refs, t0, chunk=chunk)
         q = q_ref[pl.ds(t0, chunk), :]
         k = k_ref[pl.ds(t0, chunk), :]
         v = v_ref[pl.ds(t0, chunk), :].astype(mxu_dtype)
-        scores = dot(q, k, trans_b=True) * decay_mask(b, chunk=chunk)
+        scores = dot(q, k, trans_b=True) * decay_mask(b, chunk=chunk, docs=docs)
         # row scalings commute with the matmuls: decay the [C, block] products, not the operands
-        inter = row_scale(dot(q, state.astype(mxu_dtype)), b)
+        inter = row_scale(dot(q, state.astype(mxu_dtype)), b, same_doc(docs, "prev"))
         o = dot(scores.astype(mxu_dtype), v) + inter
         o_ref[pl.ds(t0, chunk), :] = (scale * o).astype(o_ref.dtype)
-        v_to_end = row_scale(v, None if b is None else b_last - b).astype(mxu_dtype)
+        v_to_end = row_scale(v, None if b is None else b_last - b, same_doc(docs, "last")).astype(mxu_dtype)
         update = dot(k, v_to_end, trans_a=True)
-        return update + (state if b is None else jnp.exp(b_last) * state)
+        return update + carry_scale(state, b_last, docs)
 
     lax.fori_loop(0, count, body, s_in_ref[...])
 
@@ -190,6 +244,12 @@ class Layout:
             return pl.BlockSpec((None,), lambda j, s, b, h: (h,))
         return pl.BlockSpec((None, None, self.seq_len), lambda j, s, b, h: (b, h, 0))
 
+    def doc_specs(self, docs):
+        """Specs of the ``(doc, prev)`` rows ``[B, T]`` int32 (none without segment ids)."""
+        if docs is None:
+            return []
+        return [pl.BlockSpec((None, self.seq_len), lambda j, s, b, h: (b, 0))] * 2
+
     def state_spec(self, rows: int, cols: int, *, block_rows: bool = False, offset: int = 0):
         """One segment's ``[rows, cols]`` state of a ``[B, H, segments(+1), D, E]`` array.
 
@@ -209,17 +269,27 @@ def chunk_cumsum(g, chunk: int):
     return jnp.cumsum(g.reshape(b, h, t // chunk, chunk), axis=-1).reshape(b, h, t)
 
 
-def segment_log_decay(g, gamma, lay: Layout):
-    """Log decay across each segment ``[B, H, segments]`` (zeros without decay)."""
+def segment_log_decay(g, gamma, lay: Layout, docs=None):
+    """Log decay across each segment ``[B, H, segments]`` (zeros without decay); −inf (a zero
+    factor) across a segment that holds a document boundary."""
     tokens = lay.per_segment * lay.chunk
+    shape = (lay.batch, lay.heads, lay.num_segments)
     if gamma is not None:
         counts = jnp.minimum(tokens, lay.seq_len - tokens * jnp.arange(lay.num_segments))
-        return jnp.broadcast_to(gamma[:, None] * counts, (lay.batch, lay.heads, lay.num_segments))
-    if g is None:
-        return jnp.zeros((lay.batch, lay.heads, lay.num_segments), _F32)
-    pad = lay.num_segments * tokens - lay.seq_len
-    g = jnp.pad(g, ((0, 0), (0, 0), (0, pad)))
-    return g.reshape(lay.batch, lay.heads, lay.num_segments, tokens).sum(-1)
+        log = jnp.broadcast_to(gamma[:, None] * counts, shape)
+    elif g is None:
+        log = jnp.zeros(shape, _F32)
+    else:
+        pad = lay.num_segments * tokens - lay.seq_len
+        g = jnp.pad(g, ((0, 0), (0, 0), (0, pad)))
+        log = g.reshape(shape + (tokens,)).sum(-1)
+    if docs is None:
+        return log
+    doc, prev = docs
+    starts = tokens * jnp.arange(lay.num_segments)
+    ends = jnp.minimum(starts + tokens, lay.seq_len) - 1
+    reset = doc[:, ends] != prev[:, starts]  # [B, segments]
+    return jnp.where(reset[:, None, :], -jnp.inf, log)
 
 
 def _state_scan_kernel(local_ref, log_ref, init_ref, out_ref, *, num_segments, reverse):
@@ -278,7 +348,7 @@ def _decay_inputs(g, gamma, lay: Layout, mode: DecayMode):
 # ---- the forward pass -----------------------------------------------------------------------
 
 
-def _forward(q, k, v, g, gamma, s0, *, scale, mode, cfg, interpret, last_token):
+def _forward(q, k, v, g, gamma, s0, docs, *, scale, mode, cfg, interpret, last_token):
     """(o, final state, entering states ``[B, H, segments + 1, D, E]``).
 
     The last entry of the states is the final state without token ``last_token``'s own
@@ -287,10 +357,17 @@ def _forward(q, k, v, g, gamma, s0, *, scale, mode, cfg, interpret, last_token):
     lay = Layout(q, k, v, cfg)
     d, e = lay.dim, lay.value_dim
     mxu = _mxu_dtype(q.dtype)
-    statics = dict(chunk=lay.chunk, per_segment=lay.per_segment, num_chunks=lay.num_chunks, mode=mode, mxu_dtype=mxu)
+    statics = dict(
+        chunk=lay.chunk,
+        per_segment=lay.per_segment,
+        num_chunks=lay.num_chunks,
+        mode=mode,
+        mxu_dtype=mxu,
+        segmented=docs is not None,
+    )
     block_e = min(cfg.block_e, e)
-    decay = _decay_inputs(g, gamma, lay, mode)
-    decay_specs = [lay.decay_spec(mode)] * len(decay)
+    decay = _decay_inputs(g, gamma, lay, mode) + list(docs or ())
+    decay_specs = [lay.decay_spec(mode)] * (mode != "none") + lay.doc_specs(docs)
     local = pl.pallas_call(
         functools.partial(_segment_state_kernel, last_token=last_token, **statics),
         grid=lay.grid(e // block_e),
@@ -302,7 +379,7 @@ def _forward(q, k, v, g, gamma, s0, *, scale, mode, cfg, interpret, last_token):
         name="linear_attention_segment_state",
     )(k, v, *decay)
 
-    states = state_scan(local, segment_log_decay(g, gamma, lay), s0, reverse=False, interpret=interpret)
+    states = state_scan(local, segment_log_decay(g, gamma, lay, docs), s0, reverse=False, interpret=interpret)
 
     o = pl.pallas_call(
         functools.partial(_chunk_output_kernel, scale=scale, **statics),
@@ -332,25 +409,26 @@ _STATICS = ("scale", "mode", "cfg", "interpret", "last_token")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnames=_STATICS)
-def _linear_attention(q, k, v, g, gamma, s0, scale, mode, cfg, interpret, last_token):
+def _linear_attention(q, k, v, g, gamma, s0, docs, scale, mode, cfg, interpret, last_token):
     statics = dict(scale=scale, mode=mode, cfg=cfg, interpret=interpret, last_token=last_token)
-    o, final, _ = _forward(q, k, v, g, gamma, s0, **statics)
+    o, final, _ = _forward(q, k, v, g, gamma, s0, docs, **statics)
     return o, final
 
 
-def _linear_attention_fwd(q, k, v, g, gamma, s0, scale, mode, cfg, interpret, last_token):
+def _linear_attention_fwd(q, k, v, g, gamma, s0, docs, scale, mode, cfg, interpret, last_token):
     statics = dict(scale=scale, mode=mode, cfg=cfg, interpret=interpret, last_token=last_token)
-    o, final, states = _forward(q, k, v, g, gamma, s0, **statics)
-    return (o, final), (q, k, v, g, gamma, states)
+    o, final, states = _forward(q, k, v, g, gamma, s0, docs, **statics)
+    return (o, final), (q, k, v, g, gamma, docs, states)
 
 
 def _linear_attention_bwd(scale, mode, cfg, interpret, last_token, residuals, cotangents):
     from pallas_kernels.linear_attention import pallas_triton_vjp
 
-    q, k, v, g, gamma, states = residuals
+    q, k, v, g, gamma, docs, states = residuals
     do, d_final = cotangents
     statics = dict(scale=scale, mode=mode, cfg=cfg, interpret=interpret, last_token=last_token)
-    return pallas_triton_vjp.backward(q, k, v, g, gamma, states, do, d_final, **statics)
+    grads = pallas_triton_vjp.backward(q, k, v, g, gamma, docs, states, do, d_final, **statics)
+    return (*grads, None)  # document numbers are integers: no cotangent
 
 
 _linear_attention.defvjp(_linear_attention_fwd, _linear_attention_bwd)
@@ -380,6 +458,7 @@ def linear_attention(
     g_gamma: jax.Array | None = None,
     scale: float | None = None,
     initial_state: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
     interpret: bool = False,
     config: BlockConfig | None = None,
 ) -> tuple[jax.Array, jax.Array]:
@@ -388,8 +467,10 @@ def linear_attention(
     Args:
       q ``[B, T, H, D]``, k ``[B, T, Hk, D]``, v ``[B, T, Hk, E]`` (``H % Hk == 0``), in bf16,
       fp16 or fp32; g ``[B, T, H]`` per-token or g_gamma ``[H]`` per-head log decay (or
-      neither); scale (default ``D ** -0.5``); initial_state ``[B, H, D, E]``; interpret: run
-      the kernels in the Pallas interpreter (CPU); config: tiling (default: a heuristic).
+      neither); scale (default ``D ** -0.5``); initial_state ``[B, H, D, E]``; segment_ids
+      ``[B, T]`` integer document ids of packed rows (the state resets where the id changes);
+      interpret: run the kernels in the Pallas interpreter (CPU); config: tiling (default: a
+      heuristic).
 
     Returns:
       ``(o [B, T, H, E] in q's dtype, final_state [B, H, D, E] float32)``, differentiable in
@@ -426,9 +507,14 @@ def linear_attention(
         s0 = jnp.zeros((b, h, dp, ep), _F32)
     else:
         s0 = jnp.pad(initial_state.astype(_F32), ((0, 0), (0, 0), (0, dp - d), (0, ep - e)))
+    docs = None
+    if segment_ids is not None:
+        # document number per token (padding continues the last document) and that of the token before
+        doc = jnp.pad(reference.document_index(segment_ids), ((0, 0), (0, tp - t)), mode="edge")
+        docs = (doc, jnp.concatenate([doc[:, :1], doc[:, :-1]], axis=1))
     # with a decay, the last token's own kᵀv is kept out of the saved final state (see _forward)
     last_token = t - 1 if mode != "none" else -1
     o, final = _linear_attention(
-        q, k, v, gt, gamma, s0, scale=scale, mode=mode, cfg=cfg, interpret=interpret, last_token=last_token
+        q, k, v, gt, gamma, s0, docs, scale=scale, mode=mode, cfg=cfg, interpret=interpret, last_token=last_token
     )
     return o[:, :t, :, :e], final[:, :, :d, :e]

@@ -32,11 +32,14 @@ from pallas_kernels.linear_attention.pallas_triton import (
     Layout,
     _decay_inputs,
     _mxu_dtype,
+    carry_scale,
     chunk_decay,
+    chunk_docs,
     compiler_params,
     decay_mask,
     dot,
     row_scale,
+    same_doc,
     segment_bounds,
     segment_log_decay,
     state_scan,
@@ -45,42 +48,47 @@ from pallas_kernels.linear_attention.pallas_triton import (
 _F32 = jnp.float32
 
 
-def _dq_kernel(*refs, chunk, per_segment, num_chunks, scale, mode, mxu_dtype, with_dg):
+def _dq_kernel(*refs, chunk, per_segment, num_chunks, scale, mode, mxu_dtype, with_dg, segmented):
     """dq and the segment's local state cotangent dM (and q·dq), carrying S forward."""
     q_ref, k_ref, v_ref, do_ref, *refs = refs
     decay_ref = refs.pop(0) if mode != "none" else None
+    doc_refs = (refs.pop(0), refs.pop(0)) if segmented else None
     s_in_ref, dq_ref, dm_ref, *refs = refs
     qdq_ref = refs[0] if with_dg else None
     first, count = segment_bounds(num_chunks, per_segment)
+    # the document of the state entering the segment: only its queries read that state
+    first_docs = chunk_docs(doc_refs, pl.multiple_of(first * chunk, chunk), chunk=chunk)
 
     def body(i, carry):
         state, dm, log_start = carry
         t0 = pl.multiple_of((first + i) * chunk, chunk)
         b, b_last = chunk_decay(decay_ref, t0, chunk=chunk, mode=mode)
+        docs = chunk_docs(doc_refs, t0, chunk=chunk)
         q = q_ref[pl.ds(t0, chunk), :]
         k = k_ref[pl.ds(t0, chunk), :]
         v = v_ref[pl.ds(t0, chunk), :].astype(mxu_dtype)
         do = do_ref[pl.ds(t0, chunk), :].astype(mxu_dtype)
-        dp = dot(do, v, trans_b=True) * decay_mask(b, chunk=chunk)
-        dq_inter = row_scale(dot(do, state.astype(mxu_dtype), trans_b=True), b)
+        dp = dot(do, v, trans_b=True) * decay_mask(b, chunk=chunk, docs=docs)
+        dq_inter = row_scale(dot(do, state.astype(mxu_dtype), trans_b=True), b, same_doc(docs, "prev"))
         dq = scale * (dot(dp.astype(mxu_dtype), k) + dq_inter)
         dq_ref[pl.ds(t0, chunk), :] = dq.astype(dq_ref.dtype)
         if with_dg:  # the inter-chunk part of q·dq; the intra part is taken in the dk/dv kernel
             qdq_ref[pl.ds(t0, chunk)] = scale * jnp.sum(q.astype(_F32) * dq_inter, axis=1)
-        q_from_start = row_scale(q, None if b is None else log_start + b).astype(mxu_dtype)
+        in_first_doc = None if docs is None else docs.doc == first_docs.prev
+        q_from_start = row_scale(q, None if b is None else log_start + b, in_first_doc).astype(mxu_dtype)
         dm = dm + dot(q_from_start, do, trans_a=True)
-        k_to_end = row_scale(k, None if b is None else b_last - b).astype(mxu_dtype)
+        k_to_end = row_scale(k, None if b is None else b_last - b, same_doc(docs, "last")).astype(mxu_dtype)
         update = dot(k_to_end, v, trans_a=True)
-        if b is None:
-            return state + update, dm, log_start
-        return jnp.exp(b_last) * state + update, dm, log_start + b_last
+        return carry_scale(state, b_last, docs) + update, dm, log_start + (0.0 if b is None else b_last)
 
     init = (s_in_ref[...], jnp.zeros(dm_ref.shape, _F32), jnp.zeros((), _F32))
     _, dm, _ = lax.fori_loop(0, count, body, init)
     dm_ref[...] = scale * dm
 
 
-def _dkdv_kernel(*refs, chunk, per_segment, num_chunks, scale, mode, mxu_dtype, with_dk, with_dv, with_dg, last_token):
+def _dkdv_kernel(
+    *refs, chunk, per_segment, num_chunks, scale, mode, mxu_dtype, with_dk, with_dv, with_dg, segmented, last_token
+):
     """dk and/or dv per query head, carrying the state cotangent backward through the segment.
 
     Fused (both): full D and E. dv alone: E tiled (q, k full). dk alone: D tiled (v, dO full).
@@ -92,6 +100,7 @@ def _dkdv_kernel(*refs, chunk, per_segment, num_chunks, scale, mode, mxu_dtype, 
     """
     q_ref, k_ref, v_ref, do_ref, *refs = refs
     decay_ref = refs.pop(0) if mode != "none" else None
+    doc_refs = (refs.pop(0), refs.pop(0)) if segmented else None
     ds_ref, *refs = refs
     dk_ref = refs.pop(0) if with_dk else None
     dv_ref = refs.pop(0) if with_dv else None
@@ -103,8 +112,10 @@ def _dkdv_kernel(*refs, chunk, per_segment, num_chunks, scale, mode, mxu_dtype, 
     def body(i, ds):
         t0 = pl.multiple_of((first + count - 1 - i) * chunk, chunk)
         b, b_last = chunk_decay(decay_ref, t0, chunk=chunk, mode=mode)
-        mask_t = decay_mask(b, chunk=chunk, transpose=True)  # [key j, query i]
+        docs = chunk_docs(doc_refs, t0, chunk=chunk)
+        mask_t = decay_mask(b, chunk=chunk, transpose=True, docs=docs)  # [key j, query i]
         to_end = None if b is None else b_last - b
+        key_to_end = same_doc(docs, "last")
         q = q_ref[pl.ds(t0, chunk), :].astype(mxu_dtype)
         k = k_ref[pl.ds(t0, chunk), :].astype(mxu_dtype)
         v = v_ref[pl.ds(t0, chunk), :].astype(mxu_dtype)
@@ -114,14 +125,14 @@ def _dkdv_kernel(*refs, chunk, per_segment, num_chunks, scale, mode, mxu_dtype, 
         dov_t = dot(v, do, trans_b=True) if with_dk or with_dg else None  # [key j, query i]
         if with_dv:
             scores_t = dot(k, q, trans_b=True) * mask_t
-            dv = scale * dot(scores_t.astype(mxu_dtype), do) + row_scale(dot(k, ds_mxu), to_end)
+            dv = scale * dot(scores_t.astype(mxu_dtype), do) + row_scale(dot(k, ds_mxu), to_end, key_to_end)
             dv_ref[pl.ds(t0, chunk), :] = dv.astype(dv_ref.dtype)
             if with_dg:
                 pairs = jnp.where(row < col, scores_t * dov_t, 0.0)
                 dlog = scale * (jnp.sum(pairs, axis=0) - jnp.sum(pairs, axis=1))
         if with_dk:
             dp_t = dov_t * mask_t
-            dk_inter = row_scale(dot(v, ds_mxu, trans_b=True), to_end)
+            dk_inter = row_scale(dot(v, ds_mxu, trans_b=True), to_end, key_to_end)
             dk = scale * dot(dp_t.astype(mxu_dtype), q) + dk_inter
             dk_ref[pl.ds(t0, chunk), :] = dk.astype(dk_ref.dtype)
             if with_dg:
@@ -130,13 +141,13 @@ def _dkdv_kernel(*refs, chunk, per_segment, num_chunks, scale, mode, mxu_dtype, 
                 dlog = -k_dk if dlog is None else dlog - k_dk
         if with_dg:
             dlog_ref[pl.ds(t0, chunk)] = dlog
-        update = scale * dot(row_scale(q, b).astype(mxu_dtype), do, trans_a=True)
-        return update + (ds if b is None else jnp.exp(b_last) * ds)
+        update = scale * dot(row_scale(q, b, same_doc(docs, "prev")).astype(mxu_dtype), do, trans_a=True)
+        return update + carry_scale(ds, b_last, docs)
 
     lax.fori_loop(0, count, body, ds_ref[...])
 
 
-def backward(q, k, v, g, gamma, states, do, d_final, *, scale, mode, cfg, interpret, last_token):
+def backward(q, k, v, g, gamma, docs, states, do, d_final, *, scale, mode, cfg, interpret, last_token):
     """Cotangents of (q, k, v, g, gamma, initial_state) for ``pallas_triton._linear_attention``."""
     lay = Layout(q, k, v, cfg)
     b, t, h, d, e = lay.batch, lay.seq_len, lay.heads, lay.dim, lay.value_dim
@@ -151,9 +162,10 @@ def backward(q, k, v, g, gamma, states, do, d_final, *, scale, mode, cfg, interp
         mode=mode,
         mxu_dtype=mxu,
         with_dg=with_dg,
+        segmented=docs is not None,
     )
-    decay = _decay_inputs(g, gamma, lay, mode)
-    decay_specs = [lay.decay_spec(mode)] * len(decay)
+    decay = _decay_inputs(g, gamma, lay, mode) + list(docs or ())
+    decay_specs = [lay.decay_spec(mode)] * (mode != "none") + lay.doc_specs(docs)
     do = do.astype(q.dtype)
 
     def token_spec(blocks):  # per-token float32 terms [blocks, B, H, T]
@@ -190,7 +202,7 @@ def backward(q, k, v, g, gamma, states, do, d_final, *, scale, mode, cfg, interp
 
     # 2. state cotangents entering each segment from the right: d_states[s] for s = 0 … n_seg,
     # where d_states[0] is the initial state's gradient and d_states[s + 1] leaves segment s
-    d_states = state_scan(dm, segment_log_decay(g, gamma, lay), d_final, reverse=True, interpret=interpret)
+    d_states = state_scan(dm, segment_log_decay(g, gamma, lay, docs), d_final, reverse=True, interpret=interpret)
 
     # 3. dk, dv per query head
     grad_dtype = k.dtype if lay.group == 1 else _F32

@@ -27,13 +27,7 @@ from pallas_kernels import linear_attention
 from tests.helpers import x64
 from tests.lasp_jax.test_lasp_attention import assert_matches, grads_fn
 
-try:
-    from pallas_kernels.linear_attention import pallas_triton
-except ImportError:  # pragma: no cover - the kernel module is optional
-    pallas_triton = None
-
-# impl="pallas" joins once the kernel declares segment support
-IMPLS = ("xla",) + (("pallas",) if getattr(pallas_triton, "SUPPORTS_SEGMENT_IDS", False) else ())
+IMPLS = ("xla", "pallas")
 
 
 def mesh_of(dp: int, sp: int):
@@ -315,14 +309,3 @@ def test_bad_segment_ids_in_the_per_shard_function():
         call(jnp.zeros((2, 8), jnp.int32))
     with pytest.raises(TypeError, match=r"segment_ids.dtype=float32"):
         call(jnp.zeros((2, 16), jnp.float32))
-
-
-@pytest.mark.skipif("pallas" in IMPLS, reason="the Pallas kernel takes segment_ids")
-def test_pallas_without_segment_support_says_so():
-    with pytest.raises(ValueError, match=r"impl='pallas' does not take segment_ids"):
-        lasp_attention(
-            *_small(),
-            segment_ids=jnp.zeros((2, 16), jnp.int32),
-            mesh=mesh_of(1, 4),
-            impl="pallas",
-        )

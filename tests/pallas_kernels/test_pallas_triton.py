@@ -34,15 +34,23 @@ def _grads(fn, q, k, v, kw, do, ds):
     }
 
 
-def check_kernels(rng, *, dtype=jnp.float32, config=None, interpret=True, dg_factor=4.0, **shape):
-    """pallas_triton.linear_attention (outputs, every gradient) against the float64 recurrence."""
+def check_kernels(rng, *, dtype=jnp.float32, config=None, interpret=True, dg_factor=4.0, boundaries=None, **shape):
+    """pallas_triton.linear_attention (outputs, every gradient) against the float64 recurrence.
+
+    ``boundaries``: token positions where a new document starts (packed rows, ``segment_ids``).
+    """
     q, k, v, kw = make_inputs(rng, dtype=dtype, **shape)
+    seg = None
+    if boundaries is not None:
+        starts = np.zeros(shape["t"], np.int32)
+        starts[list(boundaries)] = 1
+        seg = jnp.asarray(np.tile(np.cumsum(starts) % 2, (q.shape[0], 1)))  # ids alternate 0, 1, 0, ...
     q, k, v = (np.asarray(jnp.asarray(x, dtype)) for x in (q, k, v))
     do = rng.standard_normal(q.shape[:3] + v.shape[3:])
     ds = rng.standard_normal((q.shape[0], q.shape[2], q.shape[3], v.shape[3]))
 
     def kernel(q, k, v, kw):
-        return pallas_triton.linear_attention(q, k, v, **kw, interpret=interpret, config=config)
+        return pallas_triton.linear_attention(q, k, v, **kw, segment_ids=seg, interpret=interpret, config=config)
 
     got = _grads(
         kernel,
@@ -59,7 +67,8 @@ def check_kernels(rng, *, dtype=jnp.float32, config=None, interpret=True, dg_fac
             gate = kw.pop("g", None)
             if "g_gamma" in kw:
                 gate = jnp.broadcast_to(kw.pop("g_gamma"), q.shape[:3])
-            return reference.recurrent(q, k, v, gate, scale=q.shape[-1] ** -0.5, **kw)
+            doc_ids = None if seg is None else reference.document_index(seg)
+            return reference.recurrent(q, k, v, gate, scale=q.shape[-1] ** -0.5, doc_ids=doc_ids, **kw)
 
         want = _grads(
             oracle,
@@ -92,6 +101,14 @@ def test_tiled_blocks_and_segments(rng, split):
     cfg = dataclasses.replace(INTERPRET_CONFIG, min_programs=20, split_dkdv=split)
     # E=32, D=32 with 16-wide blocks; 7 chunks in 4 segments per row (2, 2, 2, 1 chunks)
     check_kernels(rng, b=1, t=7 * 16, h=4, hk=2, d=32, e=32, decay="g", config=cfg)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["fused_dkdv", "split_dkdv"])
+def test_packed_documents_tiled_and_segmented(rng, split):
+    """segment_ids through tiled/split kernels: boundaries at a chunk edge (16), a segment edge (32),
+    one token later (a one-token document), mid-chunk (71) and on the last token."""
+    cfg = dataclasses.replace(INTERPRET_CONFIG, min_programs=20, split_dkdv=split)
+    check_kernels(rng, b=1, t=7 * 16, h=4, hk=2, d=32, e=32, decay="g", config=cfg, boundaries=[16, 32, 33, 71, 111])
 
 
 def test_constant_decay_no_initial_state_half_precision(rng):
@@ -144,6 +161,15 @@ def test_gpu_kernels_match_reference(rng, dtype, decay):
 def test_gpu_head_dims_and_split(rng, d, e, split):
     cfg = dataclasses.replace(BlockConfig(), split_dkdv=split, min_programs=16)
     check_kernels(rng, dtype=jnp.bfloat16, interpret=False, config=cfg, b=1, t=777, h=2, d=d, e=e, decay="g")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("decay", [None, "g_gamma", "g"], ids=["nodecay", "g_gamma", "g"])
+def test_gpu_packed_documents(rng, decay):
+    """Compiled kernels with 16 documents per row (boundaries at chunk edges, mid-chunk, length 1)."""
+    boundaries = sorted({64, 128, 129, 500, 1023} | set(rng.choice(np.arange(1, 2048), 11, replace=False).tolist()))
+    shape = dict(b=2, t=2048, h=4, hk=2, d=64)
+    check_kernels(rng, dtype=jnp.bfloat16, interpret=False, decay=decay, boundaries=boundaries, **shape)
 
 
 @pytest.mark.gpu

@@ -15,14 +15,18 @@ from pallas_kernels import linear_attention
 from pallas_kernels.linear_attention import reference
 from tests.helpers import make_inputs, rel_err
 
-IMPLS = ["xla", "reference", "reference_quadratic"]
+IMPLS = ["xla", "pallas", "reference", "reference_quadratic"]
 
-# the XLA path uses 64-token chunks: boundaries at 64 and 128 fall on chunk edges, the rest mid-chunk
+# the XLA path uses 64-token chunks: boundaries at 64 and 128 fall on chunk edges, the rest mid-chunk.
+# The Pallas kernels in interpret mode use 16-token chunks and two segments of 7 chunks per row
+# (T=200 → 13 chunks): "segment_edges" puts boundaries at a chunk edge (16), at the segment edge
+# (112) and one token after it (a one-token document opening the second segment).
 DOC_LENGTHS = {
     "chunk_edges": [64, 1, 30, 33, 1, 71],
     "mid_chunk": [10, 50, 1, 1, 77, 61],
     "single_doc": [200],
     "ones_first": [1, 1, 1, 197],
+    "segment_edges": [16, 96, 1, 87],
 }
 
 
@@ -100,9 +104,3 @@ def test_bad_segment_ids(seg, err, match):
     x = jnp.zeros((2, 8, 2, 4))
     with pytest.raises(err, match=match):
         linear_attention(x, x, x, segment_ids=seg)
-
-
-def test_pallas_refuses_segment_ids_instead_of_ignoring_them():
-    x = jnp.zeros((1, 8, 2, 4))
-    with pytest.raises(ValueError, match="segment_ids"):
-        linear_attention(x, x, x, segment_ids=jnp.zeros((1, 8), jnp.int32), impl="pallas")
