@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec
 
+from lasp_jax import softmax_attention as softmax_attention_module
 from lasp_jax.softmax_attention import (
     causal_attention,
     reference_causal_attention,
@@ -108,6 +109,29 @@ def test_strategies_match_single_device(rng, strategy, dp, sp):
     _check(rng, attn, dp=dp, sp=sp, b=4, t=32, h=4, hk=2)
 
 
+PALLAS_MESHES = [(1, 2), (1, 4)]
+
+
+@pytest.mark.parametrize("strategy", ["allgather", "ring"])
+@pytest.mark.parametrize("dp,sp", PALLAS_MESHES, ids=[f"dp{a}xsp{b}" for a, b in PALLAS_MESHES])
+def test_pallas_block_compute(rng, strategy, dp, sp):
+    """impl="pallas": the Pallas Triton flash-attention kernels (interpreted on CPU) as every block's compute.
+
+    32 tokens per shard are two 16-row kernel blocks, so each shard has diagonal, fully visible and
+    (allgather: gathered keys of later ranks) future key blocks; grouped heads, E != D."""
+    mesh = _mesh(dp, sp)
+    attn = functools.partial(softmax_attention, mesh=mesh, batch_axis="dp", strategy=strategy, impl="pallas")
+    _check(rng, attn, dp=dp, sp=sp, b=dp, t=32 * sp, h=4, hk=2, d=16, e=8)
+
+
+@pytest.mark.parametrize("strategy", ["allgather", "ring"])
+def test_pallas_bf16_odd_shard_length(rng, strategy):
+    """bf16 through the kernels; 21 tokens per shard pads to two 16-row blocks (masked tail keys)."""
+    mesh = _mesh(1, 2)
+    attn = functools.partial(softmax_attention, mesh=mesh, strategy=strategy, impl="pallas", scale=0.3)
+    _check(rng, attn, dtype=jnp.bfloat16, sp=2, b=1, t=42, h=2, hk=1, d=16)
+
+
 @pytest.mark.parametrize("strategy", ["allgather", "ring"])
 @pytest.mark.parametrize("h,hk,d,e", [(4, 1, 8, 8), (6, 2, 8, 4)], ids=["mqa", "gqa3-e4"])
 def test_heads_and_value_dims(rng, strategy, h, hk, d, e):
@@ -132,7 +156,15 @@ def test_allgather_dot_product_attention_path(rng, dp, sp):
     _check(rng, attn, dp=dp, sp=sp, b=2, t=32, h=4, hk=2)
 
 
-SINGLE = [("xla", 37, 8, 2), ("xla", 48, 16, 4), ("xla", 1, 4, 2), ("dpa_xla", 37, 8, 2), ("dpa_xla", 1, 4, 4)]
+SINGLE = [
+    ("xla", 37, 8, 2),
+    ("xla", 48, 16, 4),
+    ("xla", 1, 4, 2),
+    ("dpa_xla", 37, 8, 2),
+    ("dpa_xla", 1, 4, 4),
+    ("pallas", 37, 8, 2),
+    ("pallas", 1, 4, 4),
+]
 
 
 @pytest.mark.parametrize("impl,t,block,hk", SINGLE, ids=[f"{i}-t{t}-block{b}-hk{hk}" for i, t, b, hk in SINGLE])
@@ -151,6 +183,22 @@ def test_shard_function_inside_user_shard_map(rng, strategy):
     shard_fn = functools.partial(softmax_attention_shard, axis_name="seq", strategy=strategy, block_size=2)
     attn = jax.shard_map(shard_fn, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)
     _check(rng, attn, dp=2, sp=4, b=2, t=16, h=4, hk=2)
+
+
+@pytest.mark.parametrize("on_gpu", [False, True], ids=["cpu-backend", "gpu-backend"])
+def test_auto_picks_pallas_on_gpu(monkeypatch, on_gpu):
+    """impl="auto": the kernels on a GPU for both strategies, cuDNN's own causal mask for one device
+    where it takes the input, the jnp recurrence on CPU and for float64."""
+    monkeypatch.setattr(softmax_attention_module, "_on_gpu", lambda: on_gpu)
+    resolve = softmax_attention_module._resolve_impl
+    q, k, v = _arrays(dtype=jnp.bfloat16)
+    kernel = "pallas" if on_gpu else "xla"
+    assert resolve("auto", "ring", q, k, v, n_keys=None) == kernel
+    assert resolve("auto", "allgather", q, k, v, n_keys=None) == kernel
+    assert resolve("auto", "allgather", q, k, v, n_keys=16) == ("cudnn" if on_gpu else "xla")
+    assert resolve("auto", "allgather", q, k, v[..., :4], n_keys=16) == kernel  # E != D: no cuDNN
+    with x64():
+        assert resolve("auto", "ring", *_arrays(dtype=jnp.float64), n_keys=None) == "xla"
 
 
 # --- the collectives each strategy is built on ---------------------------------------------------
@@ -203,6 +251,7 @@ def _arrays(b=2, t=16, h=4, hk=2, d=8, dtype=jnp.float32):
         ({"mesh": None, "strategy": "zigzag"}, {}, ValueError, r"strategy must be one of"),
         ({"mesh": None, "impl": "flash"}, {}, ValueError, r"impl must be one of"),
         ({"mesh": "1x2", "strategy": "ring", "impl": "cudnn"}, {}, ValueError, r"strategy='ring'.*impl='cudnn'"),
+        ({"mesh": None, "impl": "pallas"}, {"dtype": jnp.float64}, TypeError, r"impl='pallas' takes bf16.*float64"),
         ({"mesh": None, "block_size": 0}, {}, ValueError, r"block_size must be a positive int"),
         ({"mesh": None}, {"dtype": jnp.int32}, TypeError, r"q.dtype=int32"),
     ],
@@ -215,6 +264,7 @@ def _arrays(b=2, t=16, h=4, hk=2, d=8, dtype=jnp.float32):
         "strategy",
         "impl",
         "ring-cudnn",
+        "pallas-f64",
         "block",
         "int",
     ],
@@ -224,7 +274,7 @@ def test_bad_input(kwargs, arrays, error, match):
     if isinstance(kwargs["mesh"], str):
         dp, sp = map(int, kwargs["mesh"].split("x"))
         kwargs["mesh"] = _mesh(dp, sp)
-    with pytest.raises(error, match=match):
+    with x64() if arrays.get("dtype") == jnp.float64 else contextlib.nullcontext(), pytest.raises(error, match=match):
         softmax_attention(*_arrays(**arrays), **kwargs)
 
 
