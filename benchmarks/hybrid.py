@@ -3,6 +3,8 @@
     python benchmarks/hybrid.py                      # GPUs: sp=2, 32K tokens per GPU, bf16
     python benchmarks/hybrid.py --smoke              # CPU, 8 fake devices, tiny shapes, checks the outputs agree
     python benchmarks/hybrid.py --sp 2 4 --json out.json
+    python benchmarks/hybrid.py --impl cudnn         # the softmax layer's block compute (default auto: Pallas
+                                                     # kernels on a GPU, cuDNN for the one-device rows)
 
 For each sequence-parallel size and strategy it times one jit-compiled step (median of --reps
 after a warm-up) and compares it with one device running the same step at the local shape (the
@@ -69,7 +71,9 @@ def softmax_workload(cfg: Config, mesh: Mesh | None, strategy: str, tokens: int)
     k = jax.random.normal(keys[1], (b, tokens, hk, d), dtype)
     v = jax.random.normal(keys[2], (b, tokens, hk, d), dtype)
     do = jax.random.normal(keys[3], (b, tokens, h, d), dtype)
-    impl = "xla" if strategy == "ring" else cfg.impl
+    # --impl auto|pallas|xla|cudnn|dpa_xla; the ring has no cuDNN path (it merges float32 block
+    # log-sum-exps), so it falls back to auto there: the Pallas kernels on a GPU
+    impl = "auto" if strategy == "ring" and cfg.impl in ("cudnn", "dpa_xla") else cfg.impl
     strategy = "allgather" if mesh is None else strategy  # ignored on one device
     if mesh is not None:
         sharding = NamedSharding(mesh, PartitionSpec(None, "sp"))
