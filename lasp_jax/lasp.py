@@ -43,7 +43,8 @@ import jax.numpy as jnp
 
 from lasp_jax import state_passing
 from pallas_kernels import linear_attention
-from pallas_kernels.linear_attention import reference
+from pallas_kernels.linear_attention import pallas_triton, reference
+from pallas_kernels.linear_attention.api import interpret_pallas, resolve_impl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,7 +254,60 @@ def _local_kernel(cfg: LaspConfig, inputs, segments: Segments | None):
     return o, s_out
 
 
+def _split_kernel(cfg: LaspConfig, inputs) -> bool:
+    """Whether the local work runs as the Pallas kernel split at its entering state."""
+    return resolve_impl(cfg.impl, inputs["q"], inputs["k"], inputs["v"]) == "pallas"
+
+
+def _forward_split(cfg: LaspConfig, inputs, segments: Segments | None):
+    """The Pallas path: the kernel's first stage gives ``M_r`` (no extra pass over k, v), the
+    state travels, the remaining stages finish from ``S_in(r)``."""
+    q, g, g_gamma = inputs["q"], inputs.get("g"), inputs.get("g_gamma")
+    m, call, local = pallas_triton.split_forward(
+        q,
+        inputs["k"],
+        inputs["v"],
+        g=g,
+        g_gamma=g_gamma,
+        scale=cfg.scale,
+        segment_ids=None if segments is None else segments.doc,
+        interpret=interpret_pallas(),
+    )
+    b, length, h, _ = q.shape
+    if g is not None:
+        log_gamma = jnp.sum(g.astype(jnp.float32), axis=1)
+    elif g_gamma is not None:
+        log_gamma = jnp.broadcast_to(length * g_gamma.astype(jnp.float32), (b, h))
+    else:
+        log_gamma = jnp.zeros((b, h), jnp.float32)
+    if segments is not None:
+        log_gamma = jnp.where(segments.resets()[:, None], RESET_LOG_DECAY, log_gamma)
+    s_in, final, gamma_res = _entering_state(
+        cfg, m, log_gamma, inputs.get("initial_state"), gather_gamma=g is not None or segments is not None
+    )
+    if segments is not None:  # a boundary at the shard's first token: nothing enters
+        s_in = jnp.where(segments.starts_new[:, None, None, None], jnp.zeros_like(s_in), s_in)
+    o, states = pallas_triton.finish_forward(call, local, s_in)
+    return (o, final), (call, states, gamma_res, segments)
+
+
+def _backward_split(cfg: LaspConfig, residuals, cotangents):
+    call, states, gamma_res, segments = residuals
+    do, d_final = cotangents
+    dm, partial = pallas_triton.split_backward(call, states, do)
+    if segments is not None:  # the shard starts a document: the entering state reaches nothing
+        dm = jnp.where(segments.starts_new[:, None, None, None], jnp.zeros_like(dm), dm)
+    ds_out = _state_cotangent_leaving(cfg, dm, gamma_res, d_final)
+    dq, dk, dv, dg, dg_gamma, ds_in = pallas_triton.finish_backward(call, states, partial, ds_out)
+    if segments is not None:
+        ds_in = jnp.where(segments.starts_new[:, None, None, None], jnp.zeros_like(ds_in), ds_in)
+    return _input_cotangents(cfg, {"q": dq, "k": dk, "v": dv, "g": dg, "g_gamma": dg_gamma, "s_in": ds_in})
+
+
 def _forward(cfg: LaspConfig, inputs, segments: Segments | None, *, keep_residuals):
+    if _split_kernel(cfg, inputs):
+        out, residuals = _forward_split(cfg, inputs, segments)
+        return out, (residuals if keep_residuals else None)
     q, k, v = inputs["q"], inputs["k"], inputs["v"]
     g, g_gamma, s0 = inputs.get("g"), inputs.get("g_gamma"), inputs.get("initial_state")
     decay = shard_decay(q, g, g_gamma)
@@ -283,19 +337,29 @@ def _reduce_to_vma(cfg: LaspConfig, name, ct):
     return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct
 
 
-def _backward(cfg: LaspConfig, residuals, cotangents):
-    pullback, q, decay, gamma_res, segments = residuals
-    do, d_final = cotangents
-    first_doc = None if segments is None else segments.reaches_state_in(_acc_dtype(q, do))
-    dm = local_state_cotangent(q, do, decay, cfg.scale, token_mask=first_doc)
+def _state_cotangent_leaving(cfg: LaspConfig, dm, gamma_res, d_final):
+    """``dS_out(r)`` from the ranks to the right (the backward's only communication)."""
     if d_final is not None and not cfg.vma_checked:
         # unchecked shard_map treats every rank's copy of final_state as its own output: sum them
         d_final = jax.lax.psum(d_final, cfg.axis_name)
     if cfg.strategy == "ring":
-        ds_out = state_passing.ring_suffix(dm, gamma_res, d_final, axis_name=cfg.axis_name, size=cfg.size)
-    else:
-        ds_out = state_passing.allgather_suffix(dm, gamma_res, d_final, axis_name=cfg.axis_name, size=cfg.size)
+        return state_passing.ring_suffix(dm, gamma_res, d_final, axis_name=cfg.axis_name, size=cfg.size)
+    return state_passing.allgather_suffix(dm, gamma_res, d_final, axis_name=cfg.axis_name, size=cfg.size)
+
+
+def _backward(cfg: LaspConfig, residuals, cotangents):
+    if isinstance(residuals[0], pallas_triton.SplitCall):
+        return _backward_split(cfg, residuals, cotangents)
+    pullback, q, decay, gamma_res, segments = residuals
+    do, d_final = cotangents
+    first_doc = None if segments is None else segments.reaches_state_in(_acc_dtype(q, do))
+    dm = local_state_cotangent(q, do, decay, cfg.scale, token_mask=first_doc)
+    ds_out = _state_cotangent_leaving(cfg, dm, gamma_res, d_final)
     (grads,) = pullback((do, ds_out))
+    return _input_cotangents(cfg, grads)
+
+
+def _input_cotangents(cfg: LaspConfig, grads):
     out = {}
     for name, dtype, _ in cfg.inputs:
         if name == "initial_state":  # the kernel saw the float32 entering state; rank 0's is S_0

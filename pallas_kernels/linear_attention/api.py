@@ -119,8 +119,7 @@ def linear_attention(
     validate(q, k, v, g=g, g_gamma=g_gamma, initial_state=initial_state, segment_ids=segment_ids)
     d = q.shape[-1]
     scale = float(d**-0.5 if scale is None else scale)
-    if impl == "auto":
-        impl = "pallas" if _on_gpu() and _pallas_supports(q, k, v) else "xla"
+    impl = resolve_impl(impl, q, k, v)
 
     if impl == "pallas":
         from pallas_kernels.linear_attention import pallas_triton
@@ -134,7 +133,7 @@ def linear_attention(
             scale=scale,
             initial_state=initial_state,
             segment_ids=segment_ids,
-            interpret=not _on_gpu(),
+            interpret=interpret_pallas(),
         )
     else:
         log_decay = g
@@ -149,6 +148,19 @@ def linear_attention(
         o, final = fn(q, k, v, log_decay, scale=scale, initial_state=initial_state, doc_ids=doc_ids)
     state_dtype = jnp.float64 if final.dtype == jnp.float64 else jnp.float32
     return o.astype(q.dtype), (final.astype(state_dtype) if output_final_state else None)
+
+
+def resolve_impl(impl: str, q, k, v) -> str:
+    """The implementation ``impl`` runs for these inputs: ``"auto"`` becomes ``"pallas"`` on a
+    CUDA GPU when the kernel takes the shapes and dtypes, else ``"xla"``; others are unchanged."""
+    if impl != "auto":
+        return impl
+    return "pallas" if _on_gpu() and _pallas_supports(q, k, v) else "xla"
+
+
+def interpret_pallas() -> bool:
+    """Whether ``impl="pallas"`` runs the kernels in the Pallas interpreter (no GPU)."""
+    return not _on_gpu()
 
 
 def _pallas_supports(q, k, v) -> bool:

@@ -25,6 +25,7 @@ exact), outside the ``custom_vjp`` so autodiff slices the gradients back.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Literal, NamedTuple
 
@@ -348,28 +349,26 @@ def _decay_inputs(g, gamma, lay: Layout, mode: DecayMode):
 # ---- the forward pass -----------------------------------------------------------------------
 
 
-def _forward(q, k, v, g, gamma, s0, docs, *, scale, mode, cfg, interpret, last_token):
-    """(o, final state, entering states ``[B, H, segments + 1, D, E]``).
-
-    The last entry of the states is the final state without token ``last_token``'s own
-    ``kᵀ v`` (when ``last_token`` ≥ 0): the decay gradient needs it (see the backward).
-    """
-    lay = Layout(q, k, v, cfg)
-    d, e = lay.dim, lay.value_dim
-    mxu = _mxu_dtype(q.dtype)
-    statics = dict(
+def _kernel_statics(lay: Layout, q, mode, docs):
+    return dict(
         chunk=lay.chunk,
         per_segment=lay.per_segment,
         num_chunks=lay.num_chunks,
         mode=mode,
-        mxu_dtype=mxu,
+        mxu_dtype=_mxu_dtype(q.dtype),
         segmented=docs is not None,
     )
+
+
+def _segment_states(q, k, v, g, gamma, docs, *, mode, cfg, interpret, last_token):
+    """Stage 1: the state each segment builds from a zero state ``[B, H, segments, D, E]``."""
+    lay = Layout(q, k, v, cfg)
+    d, e = lay.dim, lay.value_dim
     block_e = min(cfg.block_e, e)
     decay = _decay_inputs(g, gamma, lay, mode) + list(docs or ())
     decay_specs = [lay.decay_spec(mode)] * (mode != "none") + lay.doc_specs(docs)
-    local = pl.pallas_call(
-        functools.partial(_segment_state_kernel, last_token=last_token, **statics),
+    return pl.pallas_call(
+        functools.partial(_segment_state_kernel, last_token=last_token, **_kernel_statics(lay, q, mode, docs)),
         grid=lay.grid(e // block_e),
         in_specs=[lay.seq_spec(d, kv=True), lay.seq_spec(e, kv=True, block=block_e), *decay_specs],
         out_specs=lay.state_spec(d, block_e),
@@ -379,10 +378,26 @@ def _forward(q, k, v, g, gamma, s0, docs, *, scale, mode, cfg, interpret, last_t
         name="linear_attention_segment_state",
     )(k, v, *decay)
 
-    states = state_scan(local, segment_log_decay(g, gamma, lay, docs), s0, reverse=False, interpret=interpret)
 
+def _with_last_token(state, k, v, lay: Layout, last_token):
+    """Adds token ``last_token``'s own ``kᵀ v`` (kept out of the saved states, see _forward)."""
+    if last_token < 0:
+        return state
+    k_last = jnp.repeat(k[:, last_token].astype(_F32), lay.group, axis=1)
+    v_last = jnp.repeat(v[:, last_token].astype(_F32), lay.group, axis=1)
+    return state + k_last[..., :, None] * v_last[..., None, :]
+
+
+def _outputs(q, k, v, g, gamma, docs, local, s0, *, scale, mode, cfg, interpret, last_token):
+    """Stages 2–3: entering states from ``s0`` and the output; (o, final state, states)."""
+    lay = Layout(q, k, v, cfg)
+    d, e = lay.dim, lay.value_dim
+    block_e = min(cfg.block_e, e)
+    decay = _decay_inputs(g, gamma, lay, mode) + list(docs or ())
+    decay_specs = [lay.decay_spec(mode)] * (mode != "none") + lay.doc_specs(docs)
+    states = state_scan(local, segment_log_decay(g, gamma, lay, docs), s0, reverse=False, interpret=interpret)
     o = pl.pallas_call(
-        functools.partial(_chunk_output_kernel, scale=scale, **statics),
+        functools.partial(_chunk_output_kernel, scale=scale, **_kernel_statics(lay, q, mode, docs)),
         grid=lay.grid(e // block_e),
         in_specs=[
             lay.seq_spec(d),
@@ -397,12 +412,18 @@ def _forward(q, k, v, g, gamma, s0, docs, *, scale, mode, cfg, interpret, last_t
         interpret=interpret,
         name="linear_attention_chunk_output",
     )(q, k, v, *decay, states)
-    final = states[:, :, -1]
-    if last_token >= 0:
-        k_last = jnp.repeat(k[:, last_token].astype(_F32), lay.group, axis=1)
-        v_last = jnp.repeat(v[:, last_token].astype(_F32), lay.group, axis=1)
-        final = final + k_last[..., :, None] * v_last[..., None, :]
-    return o, final, states
+    return o, _with_last_token(states[:, :, -1], k, v, lay, last_token), states
+
+
+def _forward(q, k, v, g, gamma, s0, docs, *, scale, mode, cfg, interpret, last_token):
+    """(o, final state, entering states ``[B, H, segments + 1, D, E]``).
+
+    The last entry of the states is the final state without token ``last_token``'s own
+    ``kᵀ v`` (when ``last_token`` ≥ 0): the decay gradient needs it (see the backward).
+    """
+    statics = dict(mode=mode, cfg=cfg, interpret=interpret, last_token=last_token)
+    local = _segment_states(q, k, v, g, gamma, docs, **statics)
+    return _outputs(q, k, v, g, gamma, docs, local, s0, scale=scale, **statics)
 
 
 _STATICS = ("scale", "mode", "cfg", "interpret", "last_token")
@@ -480,12 +501,22 @@ def linear_attention(
     """
     b, t, h, d = q.shape
     e = v.shape[-1]
+    scale = float(d**-0.5 if scale is None else scale)
+    args, docs, statics = _prepare(q, k, v, g, g_gamma, initial_state, segment_ids, interpret=interpret, config=config)
+    o, final = _linear_attention(*args, docs, scale=scale, **statics)
+    return o[:, :t, :, :e], final[:, :, :d, :e]
+
+
+def _prepare(q, k, v, g, g_gamma, initial_state, segment_ids, *, interpret, config):
+    """Kernel inputs: ``(q, k, v, g [B, H, T'] | None, gamma | None, s0)`` padded (head dims to a
+    power of two ≥ 16, time to whole chunks), the document rows (or None) and the statics."""
+    b, t, h, d = q.shape
+    e = v.shape[-1]
     dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
     if dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
         raise TypeError(f"the Pallas kernels take bf16, fp16 or fp32 inputs, got q.dtype={q.dtype}")
     if not supports(q, k, v):
         raise ValueError(f"inputs too large for int32 offsets: q.shape={tuple(q.shape)}, v.shape={tuple(v.shape)}")
-    scale = float(d**-0.5 if scale is None else scale)
     cfg = config or default_config(batch=b, heads=h, seq_len=t, interpret=interpret)
     dp, ep = _pad_dim(d), _pad_dim(e)
     tp = -(-t // cfg.chunk) * cfg.chunk
@@ -507,14 +538,144 @@ def linear_attention(
         s0 = jnp.zeros((b, h, dp, ep), _F32)
     else:
         s0 = jnp.pad(initial_state.astype(_F32), ((0, 0), (0, 0), (0, dp - d), (0, ep - e)))
-    docs = None
-    if segment_ids is not None:
-        # document number per token (padding continues the last document) and that of the token before
-        doc = jnp.pad(reference.document_index(segment_ids), ((0, 0), (0, tp - t)), mode="edge")
-        docs = (doc, jnp.concatenate([doc[:, :1], doc[:, :-1]], axis=1))
+    docs = _document_rows(segment_ids, tp)
     # with a decay, the last token's own kᵀv is kept out of the saved final state (see _forward)
     last_token = t - 1 if mode != "none" else -1
-    o, final = _linear_attention(
-        q, k, v, gt, gamma, s0, docs, scale=scale, mode=mode, cfg=cfg, interpret=interpret, last_token=last_token
+    statics = dict(mode=mode, cfg=cfg, interpret=interpret, last_token=last_token)
+    return (q, k, v, gt, gamma, s0), docs, statics
+
+
+def _document_rows(segment_ids, padded_len):
+    """``(doc, prev)`` ``[B, T']`` int32: each token's document number (the padding continues the
+    last document) and that of the token before it; None without segment ids."""
+    if segment_ids is None:
+        return None
+    t = segment_ids.shape[1]
+    doc = jnp.pad(reference.document_index(segment_ids), ((0, 0), (0, padded_len - t)), mode="edge")
+    return doc, jnp.concatenate([doc[:, :1], doc[:, :-1]], axis=1)
+
+
+# ---- the call split at its initial state (for sequence parallelism) ----------------------------
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["q", "k", "v", "g", "gamma", "docs", "seg_log", "unpad"],
+    meta_fields=["scale", "statics", "shape"],
+)
+@dataclasses.dataclass(frozen=True)
+class SplitCall:
+    """One kernel call whose initial state comes later (``split_forward``): padded inputs, the
+    log decay across each kernel segment, the pullback of the padding, and the statics."""
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    g: jax.Array | None
+    gamma: jax.Array | None
+    docs: tuple | None
+    seg_log: jax.Array
+    unpad: object
+    scale: float
+    statics: tuple
+    shape: tuple  # (T, D, E) before padding
+
+    def kw(self):
+        return dict(self.statics)
+
+    def unpadded(self, state):
+        _, d, e = self.shape
+        return state[:, :, :d, :e]
+
+    def padded(self, state):
+        _, d, e = self.shape
+        return jnp.pad(state, ((0, 0), (0, 0), (0, self.q.shape[-1] - d), (0, self.v.shape[-1] - e)))
+
+
+def split_forward(q, k, v, *, g=None, g_gamma=None, scale=None, segment_ids=None, interpret=False, config=None):
+    """The part of a call that needs no initial state: ``(M, call, local)``.
+
+    ``M`` ``[B, H, D, E]`` float32 is the state the call's tokens build from a zero state (with
+    ``segment_ids``: that of the last document); the state after the call from an initial state
+    ``S`` is ``Γ S + M``. ``finish_forward(call, local, S)`` gives the output. Sequence
+    parallelism sends ``M`` to the next rank while nothing else waits, then finishes with the
+    state that arrives: no pass over k, v beyond the kernel's own.
+    """
+    d = q.shape[-1]
+    scale = float(d**-0.5 if scale is None else scale)
+    statics = {}
+
+    def pad(q, k, v, g, g_gamma):
+        args, _, st = _prepare(q, k, v, g, g_gamma, None, None, interpret=interpret, config=config)
+        statics.update(st)
+        return args[:5]
+
+    (qp, kp, vp, gt, gamma), unpad = jax.vjp(pad, q, k, v, g, g_gamma)
+    docs = _document_rows(segment_ids, qp.shape[1])
+    lay = Layout(qp, kp, vp, statics["cfg"])
+    seg_log = segment_log_decay(gt, gamma, lay, docs)
+    local = _segment_states(qp, kp, vp, gt, gamma, docs, **statics)
+    # M = Σ_s exp(l_{s+1} + … + l_{S-1}) local[s]: suffix sums, never differences (l may be −inf)
+    after = jnp.flip(jnp.cumsum(jnp.flip(seg_log[..., 1:], -1), -1), -1)
+    after = jnp.concatenate([after, jnp.zeros_like(seg_log[..., :1])], -1)
+    m = jnp.einsum("bhs,bhsde->bhde", jnp.exp(after), local)
+    m = _with_last_token(m, kp, vp, lay, statics["last_token"])
+    call = SplitCall(
+        qp, kp, vp, gt, gamma, docs, seg_log, unpad, scale, tuple(sorted(statics.items())), (q.shape[1], d, v.shape[-1])
     )
-    return o[:, :t, :, :e], final[:, :, :d, :e]
+    return call.unpadded(m), call, local
+
+
+def finish_forward(call: SplitCall, local, initial_state):
+    """``(o [B, T, H, E], states)`` from ``split_forward``'s call and the initial state; ``states``
+    are what ``split_backward`` needs."""
+    t, _, e = call.shape
+    s0 = call.padded(initial_state.astype(_F32))
+    o, _, states = _outputs(
+        call.q, call.k, call.v, call.g, call.gamma, call.docs, local, s0, scale=call.scale, **call.kw()
+    )
+    return o[:, :t, :, :e], states
+
+
+def split_backward(call: SplitCall, states, do):
+    """The part of the backward that needs no final-state cotangent: ``(dM, partial)``.
+
+    ``dM`` ``[B, H, D, E]`` is the initial state's cotangent from ``do`` alone (with
+    ``segment_ids``: from the tokens of the first document); ``finish_backward`` completes it.
+    """
+    from pallas_kernels.linear_attention import pallas_triton_vjp
+
+    t, _, e = call.shape
+    do = jnp.pad(do, ((0, 0), (0, call.q.shape[1] - t), (0, 0), (0, call.v.shape[-1] - e)))
+    kw = call.kw()
+    del kw["last_token"]
+    partial = pallas_triton_vjp.dq_stage(
+        call.q, call.k, call.v, call.g, call.gamma, call.docs, states, do, scale=call.scale, **kw
+    )
+    # dM = Σ_s exp(l_0 + … + l_{s-1}) dm[s]: prefix sums (l may be −inf)
+    before = jnp.cumsum(call.seg_log[..., :-1], -1)
+    before = jnp.concatenate([jnp.zeros_like(call.seg_log[..., :1]), before], -1)
+    dm = jnp.einsum("bhs,bhsde->bhde", jnp.exp(before), partial[1])
+    return call.unpadded(dm), (do, partial)
+
+
+def finish_backward(call: SplitCall, states, partial, d_final):
+    """Cotangents ``(dq, dk, dv, dg, dg_gamma, d initial_state)`` given the final state's cotangent."""
+    from pallas_kernels.linear_attention import pallas_triton_vjp
+
+    do, partial = partial
+    dq, dk, dv, dg, dgamma, ds0 = pallas_triton_vjp.finish(
+        call.q,
+        call.k,
+        call.v,
+        call.g,
+        call.gamma,
+        call.docs,
+        states,
+        do,
+        call.padded(d_final.astype(_F32)),
+        partial,
+        scale=call.scale,
+        **call.kw(),
+    )
+    return (*call.unpad((dq, dk, dv, dg, dgamma)), call.unpadded(ds0))

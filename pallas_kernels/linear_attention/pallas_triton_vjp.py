@@ -149,39 +149,52 @@ def _dkdv_kernel(
 
 def backward(q, k, v, g, gamma, docs, states, do, d_final, *, scale, mode, cfg, interpret, last_token):
     """Cotangents of (q, k, v, g, gamma, initial_state) for ``pallas_triton._linear_attention``."""
+    statics = dict(scale=scale, mode=mode, cfg=cfg, interpret=interpret)
+    partial = dq_stage(q, k, v, g, gamma, docs, states, do, **statics)
+    return finish(q, k, v, g, gamma, docs, states, do, d_final, partial, last_token=last_token, **statics)
+
+
+def _setup(q, k, v, g, gamma, docs, *, scale, mode, cfg):
+    """(layout, kernel statics, decay and document inputs, their specs) of one backward call."""
     lay = Layout(q, k, v, cfg)
-    b, t, h, d, e = lay.batch, lay.seq_len, lay.heads, lay.dim, lay.value_dim
-    n_seg = lay.num_segments
-    mxu = _mxu_dtype(q.dtype)
-    with_dg = mode != "none"
     statics = dict(
         chunk=lay.chunk,
         per_segment=lay.per_segment,
         num_chunks=lay.num_chunks,
         scale=scale,
         mode=mode,
-        mxu_dtype=mxu,
-        with_dg=with_dg,
+        mxu_dtype=_mxu_dtype(q.dtype),
+        with_dg=mode != "none",
         segmented=docs is not None,
     )
     decay = _decay_inputs(g, gamma, lay, mode) + list(docs or ())
     decay_specs = [lay.decay_spec(mode)] * (mode != "none") + lay.doc_specs(docs)
-    do = do.astype(q.dtype)
+    return lay, statics, decay, decay_specs
 
-    def token_spec(blocks):  # per-token float32 terms [blocks, B, H, T]
-        return pl.BlockSpec((None, None, None, t), lambda j, s, bb, hh: (j, bb, hh, 0))
+
+def _token_spec(t):
+    """Per-token float32 terms ``[blocks, B, H, T]``, one row per program."""
+    return pl.BlockSpec((None, None, None, t), lambda j, s, bb, hh: (j, bb, hh, 0))
+
+
+def dq_stage(q, k, v, g, gamma, docs, states, do, *, scale, mode, cfg, interpret):
+    """Stage 1 (needs no state cotangent from the right): ``(dq, dM per segment, q·dq or None)``."""
+    lay, statics, decay, decay_specs = _setup(q, k, v, g, gamma, docs, scale=scale, mode=mode, cfg=cfg)
+    b, t, h, d, e = lay.batch, lay.seq_len, lay.heads, lay.dim, lay.value_dim
+    with_dg = statics["with_dg"]
+    do = do.astype(q.dtype)
 
     # 1. dq, the local state cotangents and q·dq
     block_d = min(cfg.block_d, d)
     n_d = d // block_d
     out_shape = [
         jax.ShapeDtypeStruct(q.shape, q.dtype),
-        jax.ShapeDtypeStruct((b, h, n_seg, d, e), _F32),
+        jax.ShapeDtypeStruct((b, h, lay.num_segments, d, e), _F32),
     ]
     out_specs = [lay.seq_spec(d, block=block_d), lay.state_spec(block_d, e, block_rows=True)]
     if with_dg:
         out_shape.append(jax.ShapeDtypeStruct((n_d, b, h, t), _F32))
-        out_specs.append(token_spec(n_d))
+        out_specs.append(_token_spec(t))
     dq, dm, *qdq = pl.pallas_call(
         functools.partial(_dq_kernel, **statics),
         grid=lay.grid(n_d),
@@ -199,6 +212,16 @@ def backward(q, k, v, g, gamma, docs, states, do, d_final, *, scale, mode, cfg, 
         interpret=interpret,
         name="linear_attention_dq",
     )(q, k, v, do, *decay, states)
+    return dq, dm, (qdq[0].sum(0) if with_dg else None)
+
+
+def finish(q, k, v, g, gamma, docs, states, do, d_final, partial, *, scale, mode, cfg, interpret, last_token):
+    """Stages 2–3 from ``dq_stage``'s result and the final state's cotangent ``d_final``."""
+    dq, dm, qdq = partial
+    lay, statics, decay, decay_specs = _setup(q, k, v, g, gamma, docs, scale=scale, mode=mode, cfg=cfg)
+    b, t, h, d, e = lay.batch, lay.seq_len, lay.heads, lay.dim, lay.value_dim
+    with_dg = statics["with_dg"]
+    do = do.astype(q.dtype)
 
     # 2. state cotangents entering each segment from the right: d_states[s] for s = 0 … n_seg,
     # where d_states[0] is the initial state's gradient and d_states[s + 1] leaves segment s
@@ -209,7 +232,7 @@ def backward(q, k, v, g, gamma, docs, states, do, d_final, *, scale, mode, cfg, 
     variants = [(True, True, 1)]
     if cfg.split_dkdv:
         variants = [(True, False, d // min(cfg.block_dkdv, d)), (False, True, e // min(cfg.block_dkdv, e))]
-    grads, d_logs = {}, [qdq[0].sum(0) if with_dg else None]
+    grads, d_logs = {}, [qdq]
     for with_dk, with_dv, blocks in variants:
         rows_tiled = with_dk and not with_dv  # dk alone tiles D; dv alone tiles E
         cols_tiled = with_dv and not with_dk
@@ -224,7 +247,7 @@ def backward(q, k, v, g, gamma, docs, states, do, d_final, *, scale, mode, cfg, 
             out_specs.append(lay.seq_spec(e, block=block_dv if cols_tiled else None))
         if with_dg:
             out_shape.append(jax.ShapeDtypeStruct((blocks, b, h, t), _F32))
-            out_specs.append(token_spec(blocks))
+            out_specs.append(_token_spec(t))
         outs = pl.pallas_call(
             functools.partial(_dkdv_kernel, with_dk=with_dk, with_dv=with_dv, last_token=last_token, **statics),
             grid=lay.grid(blocks),
