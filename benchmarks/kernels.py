@@ -34,6 +34,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 
 SHAPES = [(1, 32768, 16, 128), (4, 8192, 16, 128), (1, 131072, 16, 128), (8, 4096, 32, 128)]
@@ -254,13 +256,22 @@ def _run_child(name, args):
         *map(str, args.docs),
     ]
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
-        out, err = proc.stdout, proc.stderr
-    except subprocess.TimeoutExpired as ex:
-        out, err = (ex.stdout or b"").decode(), f"timed out after {args.timeout} s"
-    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    if not rows or any("error" in r for r in rows):
+    rows, deadline = [], time.monotonic() + args.timeout
+    with tempfile.TemporaryFile("w+") as err_file:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err_file, text=True, env=env)
+        timer = threading.Timer(args.timeout, proc.kill)
+        timer.start()
+        for line in proc.stdout:  # echoed as they come, so an outer time limit keeps what finished
+            if line.startswith("{"):
+                rows.append(json.loads(line))
+                print(f"[{name}] {line.strip()}", flush=True)
+        proc.wait()
+        timer.cancel()
+        err_file.seek(0)
+        err = err_file.read()
+    if time.monotonic() >= deadline:
+        err += f"\ntimed out after {args.timeout} s"
+    if not rows or any("error" in r for r in rows) or proc.returncode:
         tail = "\n".join(err.strip().splitlines()[-5:])
         print(f"[{name}] {tail}", file=sys.stderr)
     return rows, err
