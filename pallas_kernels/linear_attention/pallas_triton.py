@@ -165,8 +165,7 @@ def _segment_state_kernel(*refs, chunk, per_segment, num_chunks, mode, mxu_dtype
     itself, so that the state before it stays available for the decay gradient.
     """
     k_ref, v_ref, *refs = refs
-    decay_ref = refs.pop(0) if mode != "none" else None
-    doc_refs = (refs.pop(0), refs.pop(0)) if segmented else None
+    decay_ref, doc_refs = pop_decay_refs(refs, mode=mode, segmented=segmented)
     (m_ref,) = refs
     first, count = segment_bounds(num_chunks, per_segment)
 
@@ -189,8 +188,7 @@ def _segment_state_kernel(*refs, chunk, per_segment, num_chunks, mode, mxu_dtype
 def _chunk_output_kernel(*refs, chunk, per_segment, num_chunks, scale, mode, mxu_dtype, segmented):
     """o for the segment's chunks, carrying the float32 state from the segment's entering state."""
     q_ref, k_ref, v_ref, *refs = refs
-    decay_ref = refs.pop(0) if mode != "none" else None
-    doc_refs = (refs.pop(0), refs.pop(0)) if segmented else None
+    decay_ref, doc_refs = pop_decay_refs(refs, mode=mode, segmented=segmented)
     s_in_ref, o_ref = refs
     first, count = segment_bounds(num_chunks, per_segment)
 
@@ -338,12 +336,18 @@ def _mxu_dtype(dtype):
     return dtype if dtype in (jnp.bfloat16, jnp.float16) else _F32
 
 
-def _decay_inputs(g, gamma, lay: Layout, mode: DecayMode):
-    if mode == "g":
-        return [chunk_cumsum(g, lay.chunk)]
-    if mode == "gamma":
-        return [gamma]
-    return []
+def _decay_inputs(g, gamma, docs, lay: Layout, mode: DecayMode):
+    """The decay input (if any) and the ``(doc, prev)`` rows (if any) that every kernel takes
+    after its tensors, with their specs; ``pop_decay_refs`` takes them off in the same order."""
+    decay = [chunk_cumsum(g, lay.chunk)] if mode == "g" else [gamma] if mode == "gamma" else []
+    return decay + list(docs or ()), [lay.decay_spec(mode)] * len(decay) + lay.doc_specs(docs)
+
+
+def pop_decay_refs(refs: list, *, mode: DecayMode, segmented: bool):
+    """``(decay_ref or None, (doc_ref, prev_ref) or None)`` taken off the front of ``refs``."""
+    decay_ref = refs.pop(0) if mode != "none" else None
+    doc_refs = (refs.pop(0), refs.pop(0)) if segmented else None
+    return decay_ref, doc_refs
 
 
 # ---- the forward pass -----------------------------------------------------------------------
@@ -365,8 +369,7 @@ def _segment_states(q, k, v, g, gamma, docs, *, mode, cfg, interpret, last_token
     lay = Layout(q, k, v, cfg)
     d, e = lay.dim, lay.value_dim
     block_e = min(cfg.block_e, e)
-    decay = _decay_inputs(g, gamma, lay, mode) + list(docs or ())
-    decay_specs = [lay.decay_spec(mode)] * (mode != "none") + lay.doc_specs(docs)
+    decay, decay_specs = _decay_inputs(g, gamma, docs, lay, mode)
     return pl.pallas_call(
         functools.partial(_segment_state_kernel, last_token=last_token, **_kernel_statics(lay, q, mode, docs)),
         grid=lay.grid(e // block_e),
@@ -393,8 +396,7 @@ def _outputs(q, k, v, g, gamma, docs, local, s0, *, scale, mode, cfg, interpret,
     lay = Layout(q, k, v, cfg)
     d, e = lay.dim, lay.value_dim
     block_e = min(cfg.block_e, e)
-    decay = _decay_inputs(g, gamma, lay, mode) + list(docs or ())
-    decay_specs = [lay.decay_spec(mode)] * (mode != "none") + lay.doc_specs(docs)
+    decay, decay_specs = _decay_inputs(g, gamma, docs, lay, mode)
     states = state_scan(local, segment_log_decay(g, gamma, lay, docs), s0, reverse=False, interpret=interpret)
     o = pl.pallas_call(
         functools.partial(_chunk_output_kernel, scale=scale, **_kernel_statics(lay, q, mode, docs)),

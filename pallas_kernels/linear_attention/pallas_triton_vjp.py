@@ -38,6 +38,7 @@ from pallas_kernels.linear_attention.pallas_triton import (
     compiler_params,
     decay_mask,
     dot,
+    pop_decay_refs,
     row_scale,
     same_doc,
     segment_bounds,
@@ -51,8 +52,7 @@ _F32 = jnp.float32
 def _dq_kernel(*refs, chunk, per_segment, num_chunks, scale, mode, mxu_dtype, with_dg, segmented):
     """dq and the segment's local state cotangent dM (and q·dq), carrying S forward."""
     q_ref, k_ref, v_ref, do_ref, *refs = refs
-    decay_ref = refs.pop(0) if mode != "none" else None
-    doc_refs = (refs.pop(0), refs.pop(0)) if segmented else None
+    decay_ref, doc_refs = pop_decay_refs(refs, mode=mode, segmented=segmented)
     s_in_ref, dq_ref, dm_ref, *refs = refs
     qdq_ref = refs[0] if with_dg else None
     first, count = segment_bounds(num_chunks, per_segment)
@@ -99,8 +99,7 @@ def _dkdv_kernel(
     token ``last_token``, whose pair with the final state cancels the same way.
     """
     q_ref, k_ref, v_ref, do_ref, *refs = refs
-    decay_ref = refs.pop(0) if mode != "none" else None
-    doc_refs = (refs.pop(0), refs.pop(0)) if segmented else None
+    decay_ref, doc_refs = pop_decay_refs(refs, mode=mode, segmented=segmented)
     ds_ref, *refs = refs
     dk_ref = refs.pop(0) if with_dk else None
     dv_ref = refs.pop(0) if with_dv else None
@@ -167,8 +166,7 @@ def _setup(q, k, v, g, gamma, docs, *, scale, mode, cfg):
         with_dg=mode != "none",
         segmented=docs is not None,
     )
-    decay = _decay_inputs(g, gamma, lay, mode) + list(docs or ())
-    decay_specs = [lay.decay_spec(mode)] * (mode != "none") + lay.doc_specs(docs)
+    decay, decay_specs = _decay_inputs(g, gamma, docs, lay, mode)
     return lay, statics, decay, decay_specs
 
 
