@@ -222,31 +222,47 @@ class LinearAttention(nnx.Module):
     def __init__(self, config: ModelConfig, layer: int, *, rngs):
         self.config = config
         c = config
-        h, hk, dh = c.n_heads, c.kv_heads, c.head_dim
-        self.widths = (h * dh, hk * dh, hk * dh) + ((c.d_model,) if c.attn_output_norm == "srms_gate" else ())
-        std, out_std = c.init_std, c.init_std / math.sqrt(2 * c.n_layers)
-        self.in_proj = Dense(c.d_model, sum(self.widths), ("embed", "qkv"), std=std, config=c, rngs=rngs)
-        self.out_proj = Dense(h * dh, c.d_model, ("qkv", "embed"), std=out_std, config=c, rngs=rngs)
+        h, dh = c.n_heads, c.head_dim
+        self._init_projections(rngs)
         if c.attn_output_norm == "head_rms":
             self.head_norm = Norm("rms", dh, eps=c.norm_eps, config=c)
         # a constant (static tuple), not a Param: neither trained nor checkpointed
         self.log_decay = tuple(float(x) for x in tnl_log_decay(h, layer, c.n_layers)) if c.decay == "tnl" else None
         self.scale = 1.0 if c.attn_output_norm in ("srms_gate", "denominator") else dh**-0.5
 
-    def _project(self, x: Array, positions: Array):
-        """q, k, v ``[B, T, ·, ·]`` ready for the recurrence, and the gate u (or None)."""
+    def _init_projections(self, rngs):
+        """The fused q, k, v (and gate u with ``srms_gate``) input projection and the output one."""
+        c = self.config
+        h, hk, dh = c.n_heads, c.kv_heads, c.head_dim
+        self.widths = (h * dh, hk * dh, hk * dh) + ((c.d_model,) if c.attn_output_norm == "srms_gate" else ())
+        std, out_std = c.init_std, c.init_std / math.sqrt(2 * c.n_layers)
+        self.in_proj = Dense(c.d_model, sum(self.widths), ("embed", "qkv"), std=std, config=c, rngs=rngs)
+        self.out_proj = Dense(h * dh, c.d_model, ("qkv", "embed"), std=out_std, config=c, rngs=rngs)
+
+    def _split_qkv(self, x: Array):
+        """q ``[B, T, H, dh]``, k, v ``[B, T, Hk, dh]`` and the gate u (or None) from the fused projection."""
         c = self.config
         b, t = x.shape[:2]
         parts = jnp.split(self.in_proj(x), np.cumsum(self.widths)[:-1], axis=-1)
         q = parts[0].reshape(b, t, c.n_heads, c.head_dim)
         k = parts[1].reshape(b, t, c.kv_heads, c.head_dim)
         v = parts[2].reshape(b, t, c.kv_heads, c.head_dim)
-        u = parts[3] if len(parts) == 4 else None
-        q, k = feature_map(c.feature_map, q), feature_map(c.feature_map, k)
+        return q, k, v, (parts[3] if len(parts) == 4 else None)
+
+    def _positional(self, q: Array, k: Array, positions: Array):
+        """q and k with the family's positions (LRPE or RoPE at global ``positions``; else as they are)."""
+        c = self.config
         if c.position == "lrpe":
-            q, k = lrpe(q, positions, c.lrpe_base), lrpe(k, positions, c.lrpe_base)
-        elif c.position == "rope":
-            q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+            return lrpe(q, positions, c.lrpe_base), lrpe(k, positions, c.lrpe_base)
+        if c.position == "rope":
+            return rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+        return q, k
+
+    def _project(self, x: Array, positions: Array):
+        """q, k, v ``[B, T, ·, ·]`` ready for the recurrence, and the gate u (or None)."""
+        c = self.config
+        q, k, v, u = self._split_qkv(x)
+        q, k = self._positional(feature_map(c.feature_map, q), feature_map(c.feature_map, k), positions)
         if c.attn_output_norm == "denominator":
             v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
         return q, k, v, u
@@ -328,28 +344,15 @@ class SoftmaxAttention(LinearAttention):
     def __init__(self, config: ModelConfig, layer: int, *, rngs):
         del layer  # no per-layer constants: softmax layers have no decay
         self.config = c = config
-        h, hk, dh = c.n_heads, c.kv_heads, c.head_dim
+        dh = c.head_dim
         # softmax normalises by itself: no causal-normaliser column and no per-head RMS norm
-        self.widths = (h * dh, hk * dh, hk * dh) + ((c.d_model,) if c.attn_output_norm == "srms_gate" else ())
-        std, out_std = c.init_std, c.init_std / math.sqrt(2 * c.n_layers)
-        self.in_proj = Dense(c.d_model, sum(self.widths), ("embed", "qkv"), std=std, config=c, rngs=rngs)
-        self.out_proj = Dense(h * dh, c.d_model, ("qkv", "embed"), std=out_std, config=c, rngs=rngs)
+        self._init_projections(rngs)
         self.log_decay = None
         self.scale = (2 * dh if c.position == "lrpe" else dh) ** -0.5
 
     def _project(self, x: Array, positions: Array):
-        c = self.config
-        b, t = x.shape[:2]
-        parts = jnp.split(self.in_proj(x), np.cumsum(self.widths)[:-1], axis=-1)
-        q = parts[0].reshape(b, t, c.n_heads, c.head_dim)
-        k = parts[1].reshape(b, t, c.kv_heads, c.head_dim)
-        v = parts[2].reshape(b, t, c.kv_heads, c.head_dim)
-        u = parts[3] if len(parts) == 4 else None
-        if c.position == "lrpe":
-            q, k = lrpe(q, positions, c.lrpe_base), lrpe(k, positions, c.lrpe_base)
-        elif c.position == "rope":
-            q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
-        return q, k, v, u
+        q, k, v, u = self._split_qkv(x)
+        return (*self._positional(q, k, positions), v, u)
 
     def _finish(self, o: Array, u: Array | None) -> Array:
         c = self.config
