@@ -41,3 +41,36 @@ def train_config(
 
 def replace(config: TrainConfig, section: str, **changes) -> TrainConfig:
     return dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **changes)})
+
+
+def large_weights(model):
+    """The model with its matrices ×4: logits vary enough (beyond float32 noise) for a wrong
+    state, a leaked document or a misplaced token to show."""
+    import jax
+    from flax import nnx
+
+    graphdef, params = nnx.split(model)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x * 4.0 if x.ndim == 2 else x, params))
+
+
+def check_generation_equals_full_forward(model, prompt, ctx, *, new_tokens: int, fed: list[int]):
+    """Prefill + token-by-token decode against one causal forward over prompt + generated tokens.
+
+    ``fed``: the prompt positions whose logits come from the recurrence (and the prefill's last).
+    """
+    import jax.numpy as jnp
+    import numpy as np
+
+    from models.generate import generate
+
+    b, p = prompt.shape
+    out, new_logits, prompt_logits = generate(model, prompt, max_new_tokens=new_tokens, ctx=ctx, return_logits=True)
+    assert out.shape == (b, p + new_tokens)
+    np.testing.assert_array_equal(out[:, :p], prompt)
+    full = np.asarray(model(jnp.asarray(out)))
+    scale = np.abs(full).max()
+    assert scale > 1.0
+    # each new token was drawn (greedily) from logits equal to the full pass at the previous position
+    np.testing.assert_allclose(np.asarray(new_logits), full[:, p - 1 : -1], atol=2e-5 * scale, rtol=0)
+    np.testing.assert_array_equal(out[:, p:], full[:, p - 1 : -1].argmax(-1))
+    np.testing.assert_allclose(np.asarray(prompt_logits)[:, fed], full[:, fed], atol=2e-5 * scale, rtol=0)

@@ -14,7 +14,7 @@ from models.layers import LaspContext
 from models.model import LanguageModel
 from models.sharding import build_mesh
 from models.train import Trainer
-from tests.models.common import small_model, train_config
+from tests.models.common import check_generation_equals_full_forward, large_weights, small_model, train_config
 
 VARIANTS = {
     "tnl-lrpe": ("tnl", dict(position="lrpe")),
@@ -26,10 +26,7 @@ VARIANTS = {
 def _model(rng, variant):
     family, kw = VARIANTS[variant]
     model = LanguageModel(small_model(family, **kw), rngs=nnx.Rngs(int(rng.integers(1 << 30))))
-    # larger weights than the init, so the logits vary enough for a wrong state to show
-    graphdef, params = nnx.split(model)
-    params = jax.tree.map(lambda x: x * 4.0 if x.ndim == 2 else x, params)
-    return nnx.merge(graphdef, params)
+    return large_weights(model)  # logits that vary enough for a wrong state to show
 
 
 @pytest.mark.parametrize("sp", [1, 4], ids=["one-device", "sp4-prefill"])
@@ -38,18 +35,8 @@ def test_generation_equals_full_forward(rng, variant, sp):
     model = _model(rng, variant)
     prompt = rng.integers(0, 256, (2, 11)).astype(np.int32)  # 11 = 8 by the parallel prefill + 3 fed one by one
     ctx = LaspContext(mesh=build_mesh(1, sp, jax.devices()[:sp])) if sp > 1 else LaspContext()
-    out, new_logits, prompt_logits = generate(model, prompt, max_new_tokens=6, ctx=ctx, return_logits=True)
-    assert out.shape == (2, 17)
-    np.testing.assert_array_equal(out[:, :11], prompt)
-    full = np.asarray(model(jnp.asarray(out)))  # one causal forward over prompt + generated tokens
-    scale = np.abs(full).max()
-    assert scale > 1.0
-    # each new token was drawn (greedily) from logits equal to the full pass at the previous position
-    np.testing.assert_allclose(np.asarray(new_logits), full[:, 10:16], atol=2e-5 * scale, rtol=0)
-    np.testing.assert_array_equal(out[:, 11:], full[:, 10:16].argmax(-1))
-    # prompt positions computed by the recurrence (and the prefill's last) match too
-    fed = [7, 8, 9, 10] if sp == 4 else [10]
-    np.testing.assert_allclose(np.asarray(prompt_logits)[:, fed], full[:, fed], atol=2e-5 * scale, rtol=0)
+    fed = [7, 8, 9, 10] if sp == 4 else [10]  # prompt positions computed by the recurrence (and the prefill's last)
+    check_generation_equals_full_forward(model, prompt, ctx, new_tokens=6, fed=fed)
 
 
 def test_decode_state_is_constant_size(rng):
