@@ -9,23 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 
+from benchmarks.timing import median_ms
 from pallas_kernels import linear_attention
 
 SHAPES = [(1, 4096, 4, 64), (1, 4096, 16, 128)]
-
-
-def median_time(fn, *args, reps=3):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
 
 
 def main():
@@ -42,8 +32,8 @@ def main():
             fwd = jax.jit(lambda q, k, v, g, impl=impl: linear_attention(q, k, v, g=g, impl=impl)[0])
             loss = lambda q, k, v, g, impl=impl: linear_attention(q, k, v, g=g, impl=impl)[0].sum()
             bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
-            row[f"{impl}_fwd_ms"] = 1e3 * median_time(fwd, q, k, v, g)
-            row[f"{impl}_fwd_bwd_ms"] = 1e3 * median_time(bwd, q, k, v, g)
+            row[f"{impl}_fwd_ms"] = median_ms(fwd, q, k, v, g, reps=3)
+            row[f"{impl}_fwd_bwd_ms"] = median_ms(bwd, q, k, v, g, reps=3)
         rows.append(row)
     print(f"{'(B, T, H, D)':>20} {'scan fwd':>10} {'xla fwd':>10} {'x':>6} {'scan f+b':>10} {'xla f+b':>10} {'x':>6}")
     for r in rows:

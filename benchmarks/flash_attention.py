@@ -29,13 +29,13 @@ import dataclasses
 import json
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.timing import median_ms  # noqa: E402
 from pallas_kernels.flash_attention import (  # noqa: E402
     BlockConfig,
     block_attention_bwd,
@@ -53,16 +53,6 @@ BWD_TILINGS = [
     "32,64,64,32,4,3",
     "128,128,128,128,8,1",
 ]
-
-
-def median_ms(fn, *args, reps: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(times))
 
 
 def visible_pairs(lq: int, lk: int, q_start: int) -> int:

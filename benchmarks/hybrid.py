@@ -28,7 +28,6 @@ import json
 import os
 import re
 import sys
-import time
 from collections.abc import Callable
 
 if "--smoke" in sys.argv:  # before jax initialises
@@ -41,6 +40,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.timing import median_ms  # noqa: E402
 from lasp_jax.softmax_attention import softmax_attention  # noqa: E402
 
 
@@ -186,16 +186,6 @@ def collectives(hlo: str) -> dict[str, dict[str, int]]:
     return out
 
 
-def median_ms(step, args, reps: int) -> float:
-    jax.block_until_ready(step(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(step(*args))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(times))
-
-
 def measure(workload: Workload, cfg: Config, mesh: Mesh | None, strategy: str, tokens: int, reps: int) -> dict:
     row: dict = {"strategy": strategy, "tokens": tokens}
     try:
@@ -204,7 +194,7 @@ def measure(workload: Workload, cfg: Config, mesh: Mesh | None, strategy: str, t
         memory = compiled.memory_analysis()
         row["temp_mib"] = None if memory is None else round(memory.temp_size_in_bytes / 2**20, 1)
         row["collectives"] = collectives(compiled.as_text())
-        row["ms"] = median_ms(step, args, reps)
+        row["ms"] = median_ms(step, *args, reps=reps)
         out = step(*args)[0]  # 256 tokens spread over every rank's block, to compare with one device
         row["out"] = np.asarray(jax.device_get(out[:, :: max(1, tokens // 256)].astype(jnp.float32)))
     except Exception as err:  # noqa: BLE001 (an OOM at the global shape is a result, not a crash)

@@ -85,18 +85,9 @@ def _segment_ids(b, t, docs):
 
 
 def _jax_median_ms(fn, *args, iters=None):
-    import jax
-    import numpy as np
+    from benchmarks.timing import median_ms
 
-    iters = ITERS if iters is None else iters
-    for _ in range(WARMUP):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1e3
+    return median_ms(fn, *args, reps=ITERS if iters is None else iters, warmup=WARMUP)
 
 
 def _jax_inputs(b, t, h, d, decay):
