@@ -21,6 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from lasp_jax.lasp import suffix_sums
 from lasp_jax.state_passing import broadcast_from, varying_axes
 from pallas_kernels import linear_attention
 from pallas_kernels.linear_attention import reference
@@ -86,12 +87,6 @@ def _weighted_state(k, v, log_w, mask, num_heads):
     return s.reshape(b, num_heads, d, v.shape[-1])
 
 
-def _suffix_after(g):
-    """``Σ_{t>j} g_t`` along axis 1 (a suffix sum, accurate near the end where weights matter)."""
-    suffix = jnp.flip(jnp.cumsum(jnp.flip(g, 1), axis=1), 1)
-    return jnp.concatenate([suffix[:, 1:], jnp.zeros_like(suffix[:, :1])], axis=1)
-
-
 def gather_kv(
     q,
     k,
@@ -135,7 +130,7 @@ def gather_kv(
         init_in = init_in & (prefix_doc == 0)
         feeds_final = (doc_all == doc_all[:, -1:])[..., None]
         init_final = doc_all[:, -1] == 0
-    s_in = _weighted_state(k_all, v_all, _suffix_after(g_before), feeds_s_in, h)
+    s_in = _weighted_state(k_all, v_all, suffix_sums(g_before)[1], feeds_s_in, h)
     if initial_state is not None:
         decay = jnp.where(init_in[:, None], jnp.exp(jnp.sum(g_before, axis=1)), 0.0)
         s_in = s_in + decay[..., None, None] * initial_state.astype(s_in.dtype)
@@ -153,7 +148,7 @@ def gather_kv(
     )
     final = None
     if output_final_state:
-        final = _weighted_state(k_all, v_all, _suffix_after(g_all), feeds_final, h)
+        final = _weighted_state(k_all, v_all, suffix_sums(g_all)[1], feeds_final, h)
         if initial_state is not None:
             decay = jnp.where(init_final[:, None], jnp.exp(jnp.sum(g_all, axis=1)), 0.0)
             final = final + decay[..., None, None] * initial_state.astype(final.dtype)

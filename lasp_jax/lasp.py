@@ -92,6 +92,15 @@ class Segments:
         """``[B]``: the entering state does not survive the shard (Γ = 0)."""
         return (self.doc[:, -1] != 0) | self.starts_new
 
+    def shard_log_gamma(self, log_gamma):
+        """``log Γ`` ``[B, H]`` with ``RESET_LOG_DECAY`` for the rows whose entering state does not survive."""
+        return jnp.where(self.resets()[:, None], RESET_LOG_DECAY, log_gamma)
+
+    def unless_starts_new(self, state):
+        """A ``[B, H, D, E]`` entering state (or its cotangent), zero in the rows that start a new
+        document at the shard's first token (nothing enters them)."""
+        return jnp.where(self.starts_new[:, None, None, None], jnp.zeros_like(state), state)
+
 
 jax.tree_util.register_dataclass(Segments, data_fields=["doc", "starts_new"], meta_fields=[])
 
@@ -123,14 +132,20 @@ class ShardDecay:
     total: jax.Array
 
 
+def suffix_sums(g):
+    """``(Σ_{t≥j} g_t, Σ_{t>j} g_t)`` along axis 1: suffix sums, accurate near the end, where the
+    weights ``exp(Σ_{t>j} g_t)`` into the state leaving the block are large."""
+    suffix = jnp.flip(jnp.cumsum(jnp.flip(g, 1), axis=1), 1)
+    return suffix, jnp.concatenate([suffix[:, 1:], jnp.zeros_like(suffix[:, :1])], axis=1)
+
+
 def shard_decay(q, g, g_gamma) -> ShardDecay | None:
     """The shard's log decays in float32 (None without decay)."""
     b, length, h, _ = q.shape
     if g is not None:
         g = g.astype(_acc_dtype(g))
         from_start = jnp.cumsum(g, axis=1)
-        suffix = jnp.flip(jnp.cumsum(jnp.flip(g, 1), axis=1), 1)  # Σ_{t≥j}
-        to_end = jnp.concatenate([suffix[:, 1:], jnp.zeros_like(suffix[:, :1])], axis=1)
+        suffix, to_end = suffix_sums(g)
         return ShardDecay(from_start, to_end, suffix[:, 0])
     if g_gamma is not None:
         gamma = g_gamma.astype(_acc_dtype(g_gamma))
@@ -237,7 +252,7 @@ def _entering_state(cfg: LaspConfig, m, log_gamma, s0, gather_gamma):
 def _local_kernel(cfg: LaspConfig, inputs, segments: Segments | None):
     s_in, segment_ids = inputs["s_in"], None
     if segments is not None:  # a boundary at the shard's first token: nothing enters
-        s_in = jnp.where(segments.starts_new[:, None, None, None], jnp.zeros_like(s_in), s_in)
+        s_in = segments.unless_starts_new(s_in)
         segment_ids = segments.doc
     o, s_out = linear_attention(
         inputs["q"],
@@ -273,20 +288,14 @@ def _forward_split(cfg: LaspConfig, inputs, segments: Segments | None):
         segment_ids=None if segments is None else segments.doc,
         interpret=interpret_pallas(),
     )
-    b, length, h, _ = q.shape
-    if g is not None:
-        log_gamma = jnp.sum(g.astype(jnp.float32), axis=1)
-    elif g_gamma is not None:
-        log_gamma = jnp.broadcast_to(length * g_gamma.astype(jnp.float32), (b, h))
-    else:
-        log_gamma = jnp.zeros((b, h), jnp.float32)
+    log_gamma = _shard_log_gamma(q, shard_decay(q, g, g_gamma))  # (XLA drops the unused per-token decays)
     if segments is not None:
-        log_gamma = jnp.where(segments.resets()[:, None], RESET_LOG_DECAY, log_gamma)
+        log_gamma = segments.shard_log_gamma(log_gamma)
     s_in, final, gamma_res = _entering_state(
         cfg, m, log_gamma, inputs.get("initial_state"), gather_gamma=g is not None or segments is not None
     )
     if segments is not None:  # a boundary at the shard's first token: nothing enters
-        s_in = jnp.where(segments.starts_new[:, None, None, None], jnp.zeros_like(s_in), s_in)
+        s_in = segments.unless_starts_new(s_in)
     o, states = pallas_triton.finish_forward(call, local, s_in)
     return (o, final), (call, states, gamma_res, segments)
 
@@ -296,11 +305,11 @@ def _backward_split(cfg: LaspConfig, residuals, cotangents):
     do, d_final = cotangents
     dm, partial = pallas_triton.split_backward(call, states, do)
     if segments is not None:  # the shard starts a document: the entering state reaches nothing
-        dm = jnp.where(segments.starts_new[:, None, None, None], jnp.zeros_like(dm), dm)
+        dm = segments.unless_starts_new(dm)
     ds_out = _state_cotangent_leaving(cfg, dm, gamma_res, d_final)
     dq, dk, dv, dg, dg_gamma, ds_in = pallas_triton.finish_backward(call, states, partial, ds_out)
     if segments is not None:
-        ds_in = jnp.where(segments.starts_new[:, None, None, None], jnp.zeros_like(ds_in), ds_in)
+        ds_in = segments.unless_starts_new(ds_in)
     return _input_cotangents(cfg, {"q": dq, "k": dk, "v": dv, "g": dg, "g_gamma": dg_gamma, "s_in": ds_in})
 
 
@@ -314,7 +323,7 @@ def _forward(cfg: LaspConfig, inputs, segments: Segments | None, *, keep_residua
     log_gamma = _shard_log_gamma(q, decay)
     last_doc = None
     if segments is not None:
-        log_gamma = jnp.where(segments.resets()[:, None], RESET_LOG_DECAY, log_gamma)
+        log_gamma = segments.shard_log_gamma(log_gamma)
         last_doc = segments.feeds_state_out(log_gamma.dtype)
     m = local_state(k, v, decay, q.shape[2], token_mask=last_doc)
     # with segments Γ differs per rank even under g_gamma: gather it with the states
