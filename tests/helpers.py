@@ -61,3 +61,33 @@ def make_inputs(rng, *, b=2, t=37, h=4, hk=None, d=16, e=None, decay="g", dtype=
 
 def cast(x, dtype):
     return jnp.asarray(x, dtype)
+
+
+def dg_gamma_error(got, want, q, k, v, kw, do, ds, segment_ids=None) -> float:
+    """Error of a ``g_gamma`` gradient, measured against ``Σ_{b,t} |dg_t|`` per head.
+
+    ``dg_gamma = Σ_{b,t} dg_t`` can be far smaller than its terms (they nearly cancel under strong
+    decay, or by chance), so its error relative to itself says nothing about the arithmetic; the
+    per-token gradients of the same loss, ``<o, do> + <final_state, ds>`` (float64 reference
+    with ``g = g_gamma`` at every token), give the scale the float32 arithmetic works at.
+    """
+    from pallas_kernels import linear_attention
+
+    per_token = {n: x for n, x in kw.items() if n != "g_gamma"}
+    per_token["g"] = np.broadcast_to(kw["g_gamma"], np.shape(q)[:3])
+    with x64():
+        f64 = {n: jnp.asarray(x, jnp.float64) for n, x in per_token.items()}
+
+        def loss(g):
+            o, s = linear_attention(
+                *(jnp.asarray(x, jnp.float64) for x in (q, k, v)),
+                **(f64 | {"g": g}),
+                segment_ids=segment_ids,
+                output_final_state=True,
+                impl="reference",
+            )
+            return jnp.sum(o * jnp.asarray(do, jnp.float64)) + jnp.sum(s * jnp.asarray(ds, jnp.float64))
+
+        scale = float(np.abs(np.asarray(jax.grad(loss)(f64["g"]))).sum((0, 1)).max())
+    diff = np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64)).max()
+    return float(diff / max(scale, np.abs(np.asarray(want)).max()))

@@ -18,7 +18,7 @@ import pytest
 
 from pallas_kernels.linear_attention import pallas_triton
 from pallas_kernels.linear_attention.config import INTERPRET_CONFIG, BlockConfig, default_config, segments
-from tests.helpers import make_inputs, rel_err, tol, x64
+from tests.helpers import dg_gamma_error, make_inputs, rel_err, tol, x64
 
 ON_GPU = jax.default_backend() == "gpu"
 
@@ -81,6 +81,8 @@ def check_kernels(rng, *, dtype=jnp.float32, config=None, interpret=True, dg_fac
     assert got["o"].dtype == dtype and got["final_state"].dtype == jnp.float32
     bound = tol(dtype, shape["t"])
     errors = {n: rel_err(got[n], want[n]) for n in want}
+    if "g_gamma" in kw:  # a sum over all tokens: measured at the scale of its terms
+        errors["dg_gamma"] = dg_gamma_error(got["dg_gamma"], want["dg_gamma"], q, k, v, kw, do, ds, seg)
     bad = {n: e for n, e in errors.items() if e > (dg_factor * bound if n in ("dg", "dg_gamma") else bound)}
     assert not bad, f"errors over tolerance {bound:.1e}: {bad}"
 
