@@ -224,16 +224,25 @@ def main():
     print(f"jax {jax.__version__}, {len(devices)} x {devices[0].device_kind}, {cfg}")
 
     rows = []
+
+    def add(row):  # echoed at once, so a run cut short by a time limit still shows its finished rows
+        rows.append(row)
+        print(
+            f"  sp={row['sp']} {row['strategy']} {row['shape']}: "
+            + (f"{row['ms']:.2f} ms" if "ms" in row else row.get("error", "?")),
+            flush=True,
+        )
+
     local = cfg.tokens_per_device
     single_local = measure(workload, cfg, None, "single", local, args.reps)
-    rows.append(single_local | {"sp": 1, "shape": "local"})
+    add(single_local | {"sp": 1, "shape": "local"})
     for sp in args.sp:
         if sp > len(devices):
             print(f"skipping sp={sp}: only {len(devices)} devices")
             continue
         mesh = Mesh(np.array(devices[:sp]), ("sp",))
         single_global = measure(workload, cfg, None, "single", local * sp, args.reps)
-        rows.append(single_global | {"sp": 1, "shape": f"global (sp={sp})"})
+        add(single_global | {"sp": 1, "shape": f"global (sp={sp})"})
         for strategy in args.strategies:
             row = measure(workload, cfg, mesh, strategy, local * sp, args.reps) | {"sp": sp, "shape": "sharded"}
             if "ms" in row:
@@ -241,7 +250,7 @@ def main():
                 row["x_single_global"] = row["ms"] / single_global["ms"] if "ms" in single_global else None
                 if "out" in single_global:  # the sharded step must compute what one device computes
                     row["max_abs_diff_vs_single"] = float(np.abs(row["out"] - single_global["out"]).max())
-            rows.append(row)
+            add(row)
 
     print(
         f"\n{'sp':>3} {'strategy':>10} {'tokens':>8} {'ms':>10} {'÷1dev local':>12} {'÷1dev global':>13} "

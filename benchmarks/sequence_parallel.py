@@ -60,7 +60,11 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-overlap", action="store_true", help="skip the run with collectives removed")
-    p.add_argument("--profile", default=None, help="write a jax.profiler trace of each strategy under this folder")
+    p.add_argument(
+        "--profile",
+        default=None,
+        help="write a jax.profiler trace of each strategy under this folder and print its device time by kernel",
+    )
     p.add_argument(
         "--latency-hiding",
         action="store_true",
@@ -237,6 +241,67 @@ def median_ms(fn, args, *, warmup, iters, inner=5):
     return 1e3 * statistics.median(times)
 
 
+def profile_kernels(fn, args, path, *, calls: int = 3) -> dict:
+    """Device time by kernel over ``calls`` runs of ``fn`` (a jax.profiler trace written under
+    ``path``): ``{name: {"count", "ms_per_call"}}`` for the device-side events, plus the wall span of
+    the device activity per call (``"span_ms_per_call"``: kernels and copies from first start to
+    last end, per device stream). CPU-only runs have no device events and give an empty dict."""
+    import gzip
+    import pathlib
+
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    with jax.profiler.trace(path, create_perfetto_trace=True):
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+    traces = sorted(pathlib.Path(path).rglob("perfetto_trace.json.gz"), key=os.path.getmtime)
+    if not traces:
+        return {}
+    with gzip.open(traces[-1], "rb") as fp:
+        events = json.load(fp).get("traceEvents", [])
+    processes = {
+        e["pid"]: str(e.get("args", {}).get("name"))
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
+    device_pids = {pid for pid, name in processes.items() if "/device:" in name}
+    by_name, first, last = {}, {}, {}
+    for e in events:
+        if e.get("ph") != "X" or e.get("pid") not in device_pids:
+            continue
+        name = re.sub(r"\s+", " ", str(e.get("name", "?")))[:80]
+        entry = by_name.setdefault(name, {"count": 0, "us": 0.0})
+        entry["count"] += 1
+        entry["us"] += float(e.get("dur", 0.0))
+        key = (e["pid"], e.get("tid"))
+        first[key] = min(first.get(key, float("inf")), float(e["ts"]))
+        last[key] = max(last.get(key, 0.0), float(e["ts"]) + float(e.get("dur", 0.0)))
+    out = {n: {"count": v["count"] / calls, "ms_per_call": v["us"] / 1e3 / calls} for n, v in by_name.items()}
+    spans = [(last[k] - first[k]) / 1e3 / calls for k in first]
+    return {
+        "kernels": out,
+        "span_ms_per_call": max(spans, default=0.0),
+        "trace": str(traces[-1]),
+        "processes": sorted(processes.values()),
+    }
+
+
+def print_kernels(label, profile, top: int = 14):
+    kernels = profile.get("kernels", {}) if profile else {}
+    if not kernels:
+        print(f"  {label}: no device events in the trace (processes: {(profile or {}).get('processes')})")
+        return
+    total = sum(v["ms_per_call"] for v in kernels.values())
+    print(
+        f"  {label}: device kernels per call (summed over devices and streams) {total:.3f} ms; "
+        f"busiest stream spans {profile['span_ms_per_call']:.3f} ms per call (incl. gaps)"
+    )
+    for name, v in sorted(kernels.items(), key=lambda kv: -kv[1]["ms_per_call"])[:top]:
+        print(f"    {v['ms_per_call']:8.3f} ms  ×{v['count']:<5g} {name}")
+
+
 def memory_bytes(compiled) -> int | None:
     try:
         m = compiled.memory_analysis()
@@ -349,6 +414,29 @@ def main(argv=None) -> dict:
         f"fwd {results['single_device']['fwd_ms']:.3f} ms, fwd+bwd {results['single_device']['fwd_bwd_ms']:.3f} ms",
         flush=True,
     )
+    # what one rank of LASP computes, without the collectives: the same kernel entered with a state
+    # and returning the leaving one, both differentiated (the floor for ring and allgather)
+    s0 = jax.device_put(jnp.asarray(draw((b, h, d, e), 0.1)), one)
+
+    def single_with_states(q, k, v, do, g, s0, ds):
+        def f(q, k, v, s0):
+            return linear_attention(q, k, v, g=g, initial_state=s0, output_final_state=True, impl=args.impl, **decay_kw)
+
+        out, pullback = jax.vjp(f, q, k, v, s0)
+        return out, pullback((do, ds))
+
+    states_fb = jax.jit(single_with_states)
+    results["single_device"]["with_states_fwd_bwd_ms"] = median_ms(states_fb, single_args + (s0, s0), **timing)
+    print(
+        f"single device with entering and leaving states (what one LASP rank computes, no collectives): "
+        f"fwd+bwd {results['single_device']['with_states_fwd_bwd_ms']:.3f} ms",
+        flush=True,
+    )
+    if args.profile:
+        results["single_device"]["kernels"] = profile_kernels(
+            states_fb, single_args + (s0, s0), os.path.join(args.profile, "single_with_states")
+        )
+        print_kernels("1 device with states", results["single_device"]["kernels"])
 
     sharded_args = operands(sharded)
     for strategy in strategies:
@@ -370,10 +458,8 @@ def main(argv=None) -> dict:
                     row["no_comm_fwd_bwd_ms"] = median_ms(fb_local, sharded_args, **timing)
                 row["exposed_comm_ms"] = row["fwd_bwd_ms"] - row["no_comm_fwd_bwd_ms"]
             if args.profile:
-                path = os.path.join(args.profile, strategy)
-                with jax.profiler.trace(path):
-                    jax.block_until_ready(fb(*sharded_args))
-                row["profile"] = path
+                row["kernels"] = profile_kernels(fb, sharded_args, os.path.join(args.profile, strategy))
+                print_kernels(strategy, row["kernels"])
         except Exception as err:  # report and go on: one strategy's failure must not hide the others
             row["error"] = f"{type(err).__name__}: {str(err)[:400]}"
         results["strategies"][strategy] = row
@@ -406,6 +492,12 @@ def print_table(results):
         f"| {'1 device':<14} | {single['fwd_ms']:>8.3f} | {single['fwd_bwd_ms']:>10.3f} | {1.0:>10.2f} | {'':>10} | "
         f"{'':>15} | {0.0:>14.3f} | {0:>11} | {_gb(single['memory_bytes']):>9} |"
     )
+    if "with_states_fwd_bwd_ms" in single:
+        ws = single["with_states_fwd_bwd_ms"]
+        print(
+            f"| {'1 dev + states':<14} | {'':>8} | {ws:>10.3f} | {ws / single['fwd_bwd_ms']:>10.2f} | {'':>10} | "
+            f"{'':>15} | {0.0:>14.3f} | {0:>11} | {'':>9} |"
+        )
     for name, row in results["strategies"].items():
         if "error" in row:
             print(f"| {name:<14} | {row['error'][:100]}")
