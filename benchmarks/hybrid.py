@@ -74,13 +74,17 @@ def softmax_workload(cfg: Config, mesh: Mesh | None, strategy: str, tokens: int)
     # --impl auto|pallas|xla|cudnn|dpa_xla; the ring has no cuDNN path (it merges float32 block
     # log-sum-exps), so it falls back to auto there: the Pallas kernels on a GPU
     impl = "auto" if strategy == "ring" and cfg.impl in ("cudnn", "dpa_xla") else cfg.impl
-    strategy = "allgather" if mesh is None else strategy  # ignored on one device
+    # "allgather_contiguous": LASP-2H without the causal load balancing (balance=False)
+    balance = False if strategy == "allgather_contiguous" else None
+    strategy = "allgather" if mesh is None else strategy.removesuffix("_contiguous")  # ignored on one device
     if mesh is not None:
         sharding = NamedSharding(mesh, PartitionSpec(None, "sp"))
         q, k, v, do = (jax.device_put(x, sharding) for x in (q, k, v, do))
 
     def loss(q, k, v, do):
-        o = softmax_attention(q, k, v, mesh=mesh, strategy=strategy, impl=impl, block_size=cfg.block_size)
+        o = softmax_attention(
+            q, k, v, mesh=mesh, strategy=strategy, impl=impl, block_size=cfg.block_size, balance=balance
+        )
         return jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32)), o
 
     @jax.jit
@@ -103,6 +107,8 @@ def hybrid_train_workload(family: str) -> Workload:
     """
 
     def make(cfg: Config, mesh: Mesh | None, strategy: str, tokens: int) -> Step:
+        if strategy == "allgather_contiguous":
+            raise ValueError("allgather_contiguous is a softmax-workload strategy; models balance their softmax layers")
         import optax
         from flax import nnx
 
@@ -207,7 +213,13 @@ def main():
     parser.add_argument("--smoke", action="store_true", help="CPU, 8 fake devices, tiny shapes")
     parser.add_argument("--workload", default="softmax", choices=sorted(WORKLOADS))
     parser.add_argument("--sp", type=int, nargs="+", default=[2], help="sequence-parallel sizes")
-    parser.add_argument("--strategies", nargs="+", default=["allgather", "ring"], choices=["allgather", "ring"])
+    parser.add_argument(
+        "--strategies",
+        nargs="+",
+        default=["allgather", "ring"],
+        choices=["allgather", "allgather_contiguous", "ring"],
+        help="allgather_contiguous (softmax workload only): LASP-2H without causal load balancing",
+    )
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--json", help="write the rows here")
     for field in dataclasses.fields(Config):
@@ -253,17 +265,17 @@ def main():
             add(row)
 
     print(
-        f"\n{'sp':>3} {'strategy':>10} {'tokens':>8} {'ms':>10} {'÷1dev local':>12} {'÷1dev global':>13} "
+        f"\n{'sp':>3} {'strategy':>20} {'tokens':>8} {'ms':>10} {'÷1dev local':>12} {'÷1dev global':>13} "
         f"{'temp MiB':>9}  collectives (count, MiB; loop bodies once)"
     )
     for r in rows:
         if "error" in r:
-            print(f"{r['sp']:>3} {r['strategy']:>10} {r['tokens']:>8} {'—':>10}  {r['error']}")
+            print(f"{r['sp']:>3} {r['strategy']:>20} {r['tokens']:>8} {'—':>10}  {r['error']}")
             continue
         coll = ", ".join(f"{op} {c['count']}×/{c['bytes'] / 2**20:.1f}" for op, c in r["collectives"].items())
         ratio = lambda key, r=r: f"{r[key]:.2f}" if r.get(key) is not None else "—"
         print(
-            f"{r['sp']:>3} {r['strategy']:>10} {r['tokens']:>8} {r['ms']:10.2f} {ratio('x_single_local'):>12} "
+            f"{r['sp']:>3} {r['strategy']:>20} {r['tokens']:>8} {r['ms']:10.2f} {ratio('x_single_local'):>12} "
             f"{ratio('x_single_global'):>13} {r['temp_mib']!s:>9}  {coll}"
         )
     for r in rows:

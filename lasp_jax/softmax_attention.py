@@ -18,6 +18,12 @@ on the whole sequence, to floating-point rounding. Two strategies:
   gathered copy alive between the passes. (When forward and backward sit in one jit program
   without remat, XLA may merge the two identical gathers, seen in the compiled HLO of a plain
   fwd+bwd step; then the gathered copy does stay alive and nothing is sent twice.)
+  Causal load balancing (``balance``, on by default for an even local length): contiguous shards
+  leave the last rank (2P − 1)/P² of all (query, key) pairs (¾ at P = 2), so each rank instead
+  computes the queries of two half-shards, chunks ``r`` and ``2P − 1 − r`` of the 2P halves, dealt
+  to it by two ``ppermute``s of half its queries (the outputs dealt back the same way; dO and dq in
+  the backward): 2P chunk pairs on every rank. The layout the caller and the linear layers see
+  stays contiguous; only queries, outputs and their cotangents move (K and V are gathered anyway).
 - ``ring`` (RingAttention, Liu et al. 2023): K/V blocks travel rank r → r+1 by ``ppermute``;
   each rank merges block results with the online softmax (running log-sum-exp in float32) and
   skips blocks from later ranks (causal). One ``jax.custom_vjp``: the backward sends the K/V
@@ -57,6 +63,7 @@ K and V in their dtype, dK and dV (reduce-scatter and ring accumulators) in floa
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Literal
 
@@ -91,6 +98,7 @@ def softmax_attention(
     scale: float | None = None,
     impl: Impl = "auto",
     block_size: int = DEFAULT_BLOCK,
+    balance: bool | None = None,
 ) -> jax.Array:
     """Causal softmax attention of global ``[B, T, H, D]`` arrays, sequence-sharded over ``seq_axis``.
 
@@ -112,12 +120,17 @@ def softmax_attention(
       block_size: query and key block of the jnp flash recurrence (used when it divides the
         local length, else the whole local length is one block); the Pallas kernels tile with
         ``pallas_kernels.flash_attention.default_config``.
+      balance: causal load balancing of ``allgather``: each rank computes the queries of two
+        half-shards, ``r`` and ``2P − 1 − r``, dealt to it by ``ppermute`` (and the outputs dealt
+        back), so every rank attends the same number of (query, key) pairs; the layout seen by the
+        caller stays contiguous. ``None`` (default): on for ``allgather`` with an even local length
+        and ``impl`` "pallas" or "xla", else off; ``True`` requires that; ``False``: off.
 
     Returns:
       ``o`` ``[B, T, H, E]`` in q's dtype, sharded like q under ``mesh``.
     """
     validate(q, k, v)
-    _check_choice(strategy=strategy, impl=impl, block_size=block_size)
+    _check_choice(strategy=strategy, impl=impl, block_size=block_size, balance=balance)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     if mesh is None:
         return causal_attention(q, k, v, scale=scale, impl=impl, block_size=block_size)
@@ -130,6 +143,7 @@ def softmax_attention(
         scale=scale,
         impl=impl,
         block_size=block_size,
+        balance=balance,
     )
     return jax.shard_map(shard_fn, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
 
@@ -144,6 +158,7 @@ def softmax_attention_shard(
     scale: float | None = None,
     impl: Impl = "auto",
     block_size: int = DEFAULT_BLOCK,
+    balance: bool | None = None,
 ) -> jax.Array:
     """The per-shard form of ``softmax_attention`` for use inside a user's own ``jax.shard_map``.
 
@@ -152,14 +167,20 @@ def softmax_attention_shard(
     ``[B, L, H, E]`` output. Arguments as in ``softmax_attention``.
     """
     validate(q, k, v)
-    _check_choice(strategy=strategy, impl=impl, block_size=block_size)
+    _check_choice(strategy=strategy, impl=impl, block_size=block_size, balance=balance)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     impl = _resolve_impl(impl, strategy, q, k, v, n_keys=None)
     if strategy == "ring":
         return _ring(axis_name, scale, block_size, impl)(q, k, v)
     if impl in ("cudnn", "dpa_xla"):
+        if balance:
+            raise ValueError(f"balance=True needs impl 'pallas' or 'xla' (their block offsets), got impl={impl!r}")
         return _allgather_dpa(axis_name, scale, "cudnn" if impl == "cudnn" else "xla")(q, k, v)
-    return _allgather(axis_name, scale, block_size, impl)(q, k, v)
+    if balance and q.shape[1] % 2:
+        raise ValueError(
+            f"balance=True splits each shard in two halves: the local length must be even, q.shape={q.shape}"
+        )
+    return _allgather(axis_name, scale, block_size, impl, balance is not False)(q, k, v)
 
 
 def causal_attention(
@@ -200,9 +221,15 @@ def reference_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scal
 # Argument checks and dispatch
 
 
-def _check_choice(*, strategy, impl, block_size=DEFAULT_BLOCK):
+def _check_choice(*, strategy, impl, block_size=DEFAULT_BLOCK, balance=None):
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got block_size={block_size!r}")
+    if balance not in (None, True, False):
+        raise ValueError(f"balance must be None, True or False, got balance={balance!r}")
+    if balance and strategy != "allgather":
+        raise ValueError(
+            f"balance=True is the allgather strategy's (the ring keeps contiguous shards), got strategy={strategy!r}"
+        )
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got strategy={strategy!r}")
     if impl not in IMPLS:
@@ -457,28 +484,99 @@ def _scatter(x, axis_name):
     return x if axis_name is None else lax.psum_scatter(x, axis_name, scatter_dimension=1, tiled=True)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Deal:
+    """Causal load balancing of the allgather strategy: the sequence as 2P half-shards ("chunks"),
+    chunk c computed on rank ``c`` if ``c < P`` else ``2P − 1 − c``, so rank r attends the queries of
+    chunks r and 2P − 1 − r: (r + ½) + (2P − 1 − r + ½) = 2P chunk pairs on every rank, where
+    contiguous shards give rank r (2r + 1)·2 (the last rank (2P − 1)/P² of all pairs, ¾ at P = 2).
+
+    Rank r holds chunks 2r ("lo") and 2r + 1 ("hi"); ``to_lo`` / ``to_hi`` send them to the ranks that
+    compute them (each a permutation: every rank receives one even and one odd chunk); ``c_lo`` /
+    ``c_hi`` are the (traced) indices of the even / odd chunk this rank computes.
+    """
+
+    to_lo: tuple
+    to_hi: tuple
+    c_lo: jax.Array
+    c_hi: jax.Array
+
+    @staticmethod
+    def of(axis_name):
+        n = lax.axis_size(axis_name)
+
+        def owner(c):
+            return c if c < n else 2 * n - 1 - c
+
+        rank = lax.axis_index(axis_name)
+        even = rank % 2 == 0
+        return _Deal(
+            to_lo=tuple((r, owner(2 * r)) for r in range(n)),
+            to_hi=tuple((r, owner(2 * r + 1)) for r in range(n)),
+            c_lo=jnp.where(even, rank, 2 * n - 1 - rank),
+            c_hi=jnp.where(even, 2 * n - 1 - rank, rank),
+        )
+
+    def deal(self, x, axis_name):
+        """Local ``[B, L, ...]`` (chunks 2r, 2r + 1) -> the two halves this rank computes."""
+        half = x.shape[1] // 2
+        return (
+            lax.ppermute(x[:, :half], axis_name, self.to_lo),
+            lax.ppermute(x[:, half:], axis_name, self.to_hi),
+        )
+
+    def undeal(self, xa, xb, axis_name):
+        """The inverse of ``deal``: computed halves back to their owners, ``[B, L, ...]``."""
+        back = [tuple((t, s) for s, t in perm) for perm in (self.to_lo, self.to_hi)]
+        return jnp.concatenate([lax.ppermute(xa, axis_name, back[0]), lax.ppermute(xb, axis_name, back[1])], axis=1)
+
+
 @functools.cache
-def _allgather(axis_name, scale, block, impl):
-    """Block compute ``impl`` ("pallas" or "xla"); ``axis_name=None`` is single-device attention."""
+def _allgather(axis_name, scale, block, impl, balance=False):
+    """Block compute ``impl`` ("pallas" or "xla"); ``axis_name=None`` is single-device attention.
+
+    ``balance``: queries re-dealt by ``_Deal`` (an even local length; off on one rank)."""
     block_fwd, block_bwd = _block_kernels(impl, block)
+
+    def dealt(q):
+        return balance and axis_name is not None and lax.axis_size(axis_name) > 1 and q.shape[1] % 2 == 0
 
     @jax.custom_vjp
     def attend(q, k, v):
         return fwd(q, k, v)[0]
 
     def fwd(q, k, v):
+        k_all, v_all = _gather(k, axis_name), _gather(v, axis_name)
+        if dealt(q):
+            plan, half = _Deal.of(axis_name), q.shape[1] // 2
+            qa, qb = plan.deal(q, axis_name)
+            oa, lse_a = block_fwd(qa, k_all, v_all, q_start=plan.c_lo * half, k_start=0, scale=scale)
+            ob, lse_b = block_fwd(qb, k_all, v_all, q_start=plan.c_hi * half, k_start=0, scale=scale)
+            oa, ob = oa.astype(q.dtype), ob.astype(q.dtype)
+            return plan.undeal(oa, ob, axis_name), (k, v, (qa, oa, lse_a), (qb, ob, lse_b))
         q_start, _ = _positions(axis_name, q.shape[1])
-        o, lse = block_fwd(q, _gather(k, axis_name), _gather(v, axis_name), q_start=q_start, k_start=0, scale=scale)
+        o, lse = block_fwd(q, k_all, v_all, q_start=q_start, k_start=0, scale=scale)
         o = o.astype(q.dtype)
-        return o, (q, k, v, o, lse)
+        return o, (k, v, (q, o, lse))
 
     def bwd(res, do):
-        q, k, v, o, lse = res
-        q_start, _ = _positions(axis_name, q.shape[1])
+        k, v, *queries = res
         k_all, v_all = _gather(k, axis_name), _gather(v, axis_name)  # re-gathered: only local K/V were kept
-        dq, dk, dv = block_bwd(q, k_all, v_all, o, lse, do, q_start=q_start, k_start=0, scale=scale)
+        if len(queries) == 2:
+            plan = _Deal.of(axis_name)
+            half = queries[0][0].shape[1]
+            starts = (plan.c_lo * half, plan.c_hi * half)
+            dos = plan.deal(do, axis_name)
+        else:
+            starts, dos = (_positions(axis_name, do.shape[1])[0],), (do,)
+        dqs, dk, dv = [], 0.0, 0.0
+        for (q, o, lse), do_part, q_start in zip(queries, dos, starts, strict=True):
+            dq_p, dk_p, dv_p = block_bwd(q, k_all, v_all, o, lse, do_part, q_start=q_start, k_start=0, scale=scale)
+            dqs.append(dq_p.astype(q.dtype))
+            dk, dv = dk + dk_p, dv + dv_p
+        dq = plan.undeal(*dqs, axis_name) if len(dqs) == 2 else dqs[0]
         dk, dv = _scatter(dk, axis_name), _scatter(dv, axis_name)
-        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+        return dq, dk.astype(k.dtype), dv.astype(v.dtype)
 
     attend.defvjp(fwd, bwd)
     return attend

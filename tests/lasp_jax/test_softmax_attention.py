@@ -202,11 +202,11 @@ def test_auto_picks_pallas_on_gpu(monkeypatch, on_gpu):
 # --- the collectives each strategy is built on ---------------------------------------------------
 
 
-def _collectives(strategy, mesh):
+def _collectives(strategy, mesh, t=16, **kwargs):
     """Collective and loop ops in the lowered forward and forward+backward programs."""
-    attn = functools.partial(softmax_attention, mesh=mesh, strategy=strategy, impl="xla")
-    x = jnp.zeros((1, 16, 4, 8), jnp.float32)
-    kv = jnp.zeros((1, 16, 2, 8), jnp.float32)
+    attn = functools.partial(softmax_attention, mesh=mesh, strategy=strategy, impl="xla", **kwargs)
+    x = jnp.zeros((1, t, 4, 8), jnp.float32)
+    kv = jnp.zeros((1, t, 2, 8), jnp.float32)
     grad = jax.grad(lambda q, k, v: attn(q, k, v).sum(), argnums=(0, 1, 2))
     ops = r'"?stablehlo\.(all_gather|reduce_scatter|collective_permute|all_reduce|all_to_all)"?'
     return [collections.Counter(re.findall(ops, jax.jit(f).lower(x, kv, kv).as_text())) for f in (attn, grad)]
@@ -218,10 +218,58 @@ def _sp_mesh(sp):
 
 
 def test_allgather_backward_reduce_scatters():
-    fwd, grad = _collectives("allgather", _sp_mesh(4))
+    fwd, grad = _collectives("allgather", _sp_mesh(4), balance=False)
     assert fwd == {"all_gather": 2}  # K and V
     # backward: K and V gathered again (only the local K/V are kept), dK and dV reduce-scattered
     assert grad == {"all_gather": 4, "reduce_scatter": 2}
+
+
+def test_balanced_allgather_deals_queries():
+    """The default: the same gathers, plus the query halves dealt out and the outputs dealt back
+    (forward), dO dealt out and dq dealt back (backward): two ``ppermute``s each (the grad-only
+    program drops the outputs' return trip: 6)."""
+    fwd, grad = _collectives("allgather", _sp_mesh(4))
+    assert fwd == {"all_gather": 2, "collective_permute": 4}
+    assert grad == {"all_gather": 4, "reduce_scatter": 2, "collective_permute": 6}
+
+
+@pytest.mark.parametrize("sp", [2, 4, 8])
+def test_balanced_deal_is_a_permutation_with_equal_work(sp):
+    """Every chunk computed exactly once; every rank attends 2P chunk pairs (contiguous: 4r + 2)."""
+    mesh = _sp_mesh(sp)
+
+    def chunks(x):
+        plan = softmax_attention_module._Deal.of("sp")
+        sent = sorted(t for _, t in plan.to_lo) + sorted(t for _, t in plan.to_hi)
+        assert sent == list(range(sp)) * 2  # each perm reaches every rank once
+        return jnp.stack([plan.c_lo, plan.c_hi])[None]
+
+    got = np.asarray(
+        jax.shard_map(chunks, mesh=mesh, in_specs=PartitionSpec("sp"), out_specs=PartitionSpec("sp"))(jnp.zeros(sp))
+    )
+    assert sorted(got.ravel().tolist()) == list(range(2 * sp))
+    assert got[:, 0].tolist() == [c if c % 2 == 0 else 2 * sp - 1 - c for c in range(sp)]
+    pairs = [(a + 0.5) + (b + 0.5) for a, b in got]  # chunk c attends c full chunks and half of itself
+    assert pairs == [2 * sp] * sp
+
+
+@pytest.mark.parametrize("balance", [True, False])
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_allgather_balanced_and_contiguous(rng, impl, balance):
+    """Both layouts of the allgather strategy, every shard against the oracle (sp=4, grouped heads)."""
+    mesh = _mesh(1, 4)
+    attn = functools.partial(
+        softmax_attention, mesh=mesh, strategy="allgather", impl=impl, balance=balance, block_size=4
+    )
+    _check(rng, attn, sp=4, b=1, t=64, h=4, hk=2, d=16, e=8)
+
+
+def test_allgather_odd_local_length_stays_contiguous(rng):
+    """balance=None with an odd local length (7 tokens per shard) runs the contiguous layout."""
+    mesh = _mesh(1, 2)
+    assert _collectives("allgather", _sp_mesh(2), t=14)[1] == {"all_gather": 4, "reduce_scatter": 2}  # nothing dealt
+    attn = functools.partial(softmax_attention, mesh=mesh, strategy="allgather", impl="xla")
+    _check(rng, attn, sp=2, b=1, t=14, h=2, hk=1, d=8)
 
 
 def test_ring_passes_blocks_and_accumulators():
@@ -252,6 +300,10 @@ def _arrays(b=2, t=16, h=4, hk=2, d=8, dtype=jnp.float32):
         ({"mesh": None, "impl": "pallas"}, {"dtype": jnp.float64}, TypeError, r"impl='pallas' takes bf16.*float64"),
         ({"mesh": None, "block_size": 0}, {}, ValueError, r"block_size must be a positive int"),
         ({"mesh": None}, {"dtype": jnp.int32}, TypeError, r"q.dtype=int32"),
+        ({"mesh": "1x2", "strategy": "ring", "balance": True}, {}, ValueError, r"balance=True is the allgather"),
+        ({"mesh": "1x2", "balance": True}, {"t": 14}, ValueError, r"local length must be even.*\(2, 7, 4, 8\)"),
+        ({"mesh": "1x2", "balance": True, "impl": "dpa_xla"}, {}, ValueError, r"balance=True needs impl"),
+        ({"mesh": None, "balance": "yes"}, {}, ValueError, r"balance must be None, True or False"),
     ],
     ids=[
         "t-not-div-sp",
@@ -265,6 +317,10 @@ def _arrays(b=2, t=16, h=4, hk=2, d=8, dtype=jnp.float32):
         "pallas-f64",
         "block",
         "int",
+        "balance-ring",
+        "balance-odd",
+        "balance-dpa",
+        "balance-type",
     ],
 )
 def test_bad_input(kwargs, arrays, error, match):
