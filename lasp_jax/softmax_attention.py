@@ -99,6 +99,7 @@ def softmax_attention(
     impl: Impl = "auto",
     block_size: int = DEFAULT_BLOCK,
     balance: bool | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array:
     """Causal softmax attention of global ``[B, T, H, D]`` arrays, sequence-sharded over ``seq_axis``.
 
@@ -125,17 +126,38 @@ def softmax_attention(
         back), so every rank attends the same number of (query, key) pairs; the layout seen by the
         caller stays contiguous. ``None`` (default): on for ``allgather`` with an even local length
         and ``impl`` "pallas" or "xla", else off; ``True`` requires that; ``False``: off.
+      segment_ids: ``[B, T]`` integers (packed documents): a query sees only the keys of its own
+        id (a boundary is wherever the id changes along the global sequence; equal ids in two
+        separate runs count as one document, so give every document its own id or use the same
+        ids as ``lasp_attention``, which resets at every change).
 
     Returns:
       ``o`` ``[B, T, H, E]`` in q's dtype, sharded like q under ``mesh``.
     """
-    validate(q, k, v)
+    validate(q, k, v, segment_ids=segment_ids)
     _check_choice(strategy=strategy, impl=impl, block_size=block_size, balance=balance)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     if mesh is None:
-        return causal_attention(q, k, v, scale=scale, impl=impl, block_size=block_size)
+        return causal_attention(q, k, v, scale=scale, impl=impl, block_size=block_size, segment_ids=segment_ids)
     _check_mesh(q, mesh, seq_axis, batch_axis)
     spec = PartitionSpec(batch_axis, seq_axis)
+    if segment_ids is not None:
+        shard_fn = functools.partial(
+            softmax_attention_shard,
+            axis_name=seq_axis,
+            strategy=strategy,
+            scale=scale,
+            impl=impl,
+            block_size=block_size,
+            balance=balance,
+        )
+        return jax.shard_map(
+            lambda q, k, v, ids: shard_fn(q, k, v, segment_ids=ids),
+            mesh=mesh,
+            in_specs=(spec, spec, spec, spec),
+            out_specs=spec,
+            check_vma=False,
+        )(q, k, v, segment_ids)
     shard_fn = functools.partial(
         softmax_attention_shard,
         axis_name=seq_axis,
@@ -159,28 +181,30 @@ def softmax_attention_shard(
     impl: Impl = "auto",
     block_size: int = DEFAULT_BLOCK,
     balance: bool | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array:
     """The per-shard form of ``softmax_attention`` for use inside a user's own ``jax.shard_map``.
 
     q ``[B, L, H, D]``, k ``[B, L, Hk, D]``, v ``[B, L, Hk, E]`` are this rank's contiguous slice
     ``[r·L, (r+1)·L)`` of the sequence, r the index along ``axis_name``. Returns the local
-    ``[B, L, H, E]`` output. Arguments as in ``softmax_attention``.
+    ``[B, L, H, E]`` output; ``segment_ids`` is the local ``[B, L]`` slice. Arguments as in
+    ``softmax_attention``.
     """
-    validate(q, k, v)
+    validate(q, k, v, segment_ids=segment_ids)
     _check_choice(strategy=strategy, impl=impl, block_size=block_size, balance=balance)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     impl = _resolve_impl(impl, strategy, q, k, v, n_keys=None)
     if strategy == "ring":
-        return _ring(axis_name, scale, block_size, impl)(q, k, v)
+        return _ring(axis_name, scale, block_size, impl)(q, k, v, segment_ids)
     if impl in ("cudnn", "dpa_xla"):
         if balance:
             raise ValueError(f"balance=True needs impl 'pallas' or 'xla' (their block offsets), got impl={impl!r}")
-        return _allgather_dpa(axis_name, scale, "cudnn" if impl == "cudnn" else "xla")(q, k, v)
+        return _allgather_dpa(axis_name, scale, "cudnn" if impl == "cudnn" else "xla")(q, k, v, segment_ids)
     if balance and q.shape[1] % 2:
         raise ValueError(
             f"balance=True splits each shard in two halves: the local length must be even, q.shape={q.shape}"
         )
-    return _allgather(axis_name, scale, block_size, impl, balance is not False)(q, k, v)
+    return _allgather(axis_name, scale, block_size, impl, balance is not False)(q, k, v, segment_ids)
 
 
 def causal_attention(
@@ -191,28 +215,37 @@ def causal_attention(
     scale: float | None = None,
     impl: Impl = "auto",
     block_size: int = DEFAULT_BLOCK,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array:
-    """Single-device causal softmax attention with the same conventions and ``impl`` choices."""
-    validate(q, k, v)
+    """Single-device causal softmax attention with the same conventions and ``impl`` choices
+    (with ``segment_ids``, ``"auto"`` runs the Pallas kernels on a GPU: cuDNN's causal mask has no
+    documents; ``"cudnn"`` then passes a dense causal-and-document mask)."""
+    validate(q, k, v, segment_ids=segment_ids)
     _check_choice(strategy="allgather", impl=impl, block_size=block_size)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    impl = _resolve_impl(impl, "allgather", q, k, v, n_keys=q.shape[1])
+    impl = _resolve_impl(impl, "allgather", q, k, v, n_keys=None if segment_ids is not None else q.shape[1])
     if impl in ("cudnn", "dpa_xla"):
-        return jax.nn.dot_product_attention(
-            q, k, v, scale=scale, is_causal=True, implementation="cudnn" if impl == "cudnn" else "xla"
-        )
-    return _allgather(None, scale, block_size, impl)(q, k, v)
+        implementation = "cudnn" if impl == "cudnn" else "xla"
+        if segment_ids is not None:
+            return _allgather_dpa(None, scale, implementation)(q, k, v, segment_ids)
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation=implementation)
+    return _allgather(None, scale, block_size, impl)(q, k, v, segment_ids)
 
 
-def reference_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None) -> jax.Array:
-    """The oracle: dense masked softmax in the inputs' dtype (run it in float64 for tests)."""
+def reference_causal_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None, segment_ids: jax.Array | None = None
+) -> jax.Array:
+    """The oracle: dense masked softmax in the inputs' dtype (run it in float64 for tests); with
+    ``segment_ids`` ``[B, T]`` a query sees only keys of its own id."""
     b, t, h, d = q.shape
     hk = k.shape[2]
     scale = d**-0.5 if scale is None else scale
     qg = q.reshape(b, t, hk, h // hk, d)
     s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k) * scale
-    mask = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
-    p = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
+    mask = (jnp.arange(t)[:, None] >= jnp.arange(t)[None, :])[None]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    p = jax.nn.softmax(jnp.where(mask[:, None, None], s, -jnp.inf), axis=-1)
     o = jnp.einsum("bhgqk,bkhe->bqhge", p, v)
     return o.reshape(b, t, h, v.shape[-1])
 
@@ -335,8 +368,25 @@ def _split(x, n_blocks, groups=None):
     return jnp.moveaxis(x, 1, 0)
 
 
-def _flash_fwd(q, k, v, *, q_start, k_start, scale, block):
-    """Causal attention of queries at global positions ``q_start + i`` against keys at ``k_start + j``.
+def _split_ids(ids, n_blocks):
+    """[B, N·n] -> [n_blocks, B, n] (None stays None)."""
+    if ids is None:
+        return None
+    b, length = ids.shape
+    return jnp.moveaxis(ids.reshape(b, n_blocks, length // n_blocks), 1, 0)
+
+
+def _visible(q_pos, k_pos, q_docs, k_docs):
+    """``[B or 1, 1, 1, bq, bk]``: causal at global positions, and the same document when given."""
+    mask = (q_pos[:, None] >= k_pos[None, :])[None]
+    if q_docs is not None:
+        mask = mask & (q_docs[:, :, None] == k_docs[:, None, :])
+    return mask[:, None, None]
+
+
+def _flash_fwd(q, k, v, *, q_start, k_start, scale, block, q_segment_ids=None, k_segment_ids=None):
+    """Causal attention of queries at global positions ``q_start + i`` against keys at ``k_start + j``
+    (and, with ``[B, L]`` segment ids, only keys of the query's document).
 
     Returns ``o`` (accumulation dtype, ``[B, Lq, H, E]``, zero on rows with no visible key) and the
     log-sum-exp of the scaled logits ``lse`` (``[B, H, Lq]``, −inf on such rows).
@@ -347,19 +397,20 @@ def _flash_fwd(q, k, v, *, q_start, k_start, scale, block):
     acc = _acc_dtype(q.dtype)
     bq, bk = _block(lq, block), _block(lk, block)
     qs, ks, vs = _split(q, lq // bq, g), _split(k, lk // bk), _split(v, lk // bk)
+    q_ids, k_ids = _split_ids(q_segment_ids, lq // bq), _split_ids(k_segment_ids, lk // bk)
 
     def one_query_block(args):
-        qi, qc = args
+        qi, qc, qd = args
         q_pos = q_start + qi * bq + jnp.arange(bq)
 
         def step(carry, inputs):
-            ki, kc, vc = inputs
+            ki, kc, vc, kd = inputs
             k_first = k_start + ki * bk
 
             def attend(carry):
                 m, row_sum, o = carry
                 s = jnp.einsum("bqhgd,bkhd->bhgqk", qc, kc, preferred_element_type=acc) * scale
-                s = jnp.where(q_pos[:, None] >= (k_first + jnp.arange(bk))[None, :], s, -jnp.inf)
+                s = jnp.where(_visible(q_pos, k_first + jnp.arange(bk), qd, kd), s, -jnp.inf)
                 m_new = jnp.maximum(m, s.max(-1))
                 m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows with nothing visible yet
                 p = jnp.exp(s - m_safe[..., None])
@@ -375,21 +426,21 @@ def _flash_fwd(q, k, v, *, q_start, k_start, scale, block):
             jnp.zeros((b, hk, g, bq), acc),
             jnp.zeros((b, hk, g, bq, e), acc),
         )
-        (m, row_sum, o), _ = lax.scan(step, init, (jnp.arange(lk // bk), ks, vs))
+        (m, row_sum, o), _ = lax.scan(step, init, (jnp.arange(lk // bk), ks, vs, k_ids))
         seen = row_sum > 0
         safe_sum = jnp.where(seen, row_sum, 1.0)
         o = jnp.where(seen[..., None], o / safe_sum[..., None], 0.0)
         lse = jnp.where(seen, m + jnp.log(safe_sum), -jnp.inf)
         return o, lse
 
-    o, lse = lax.map(one_query_block, (jnp.arange(lq // bq), qs))  # [nq, B, Hk, G, bq, (E)]
+    o, lse = lax.map(one_query_block, (jnp.arange(lq // bq), qs, q_ids))  # [nq, B, Hk, G, bq, (E)]
     o = jnp.moveaxis(o, 0, 3).reshape(b, hk, g, lq, e)
     o = o.transpose(0, 3, 1, 2, 4).reshape(b, lq, h, e)
     lse = jnp.moveaxis(lse, 0, 3).reshape(b, h, lq)
     return o, lse
 
 
-def _flash_bwd(q, k, v, o, lse, do, *, q_start, k_start, scale, block):
+def _flash_bwd(q, k, v, o, lse, do, *, q_start, k_start, scale, block, q_segment_ids=None, k_segment_ids=None):
     """Gradients of the block attention given the *final* ``o`` and ``lse`` of every query row.
 
     With the global ``lse`` and ``Δ = rowsum(dO ⊙ O)`` the contribution of one key block is
@@ -408,13 +459,14 @@ def _flash_bwd(q, k, v, o, lse, do, *, q_start, k_start, scale, block):
     stats = jnp.moveaxis(stats, 3, 0)  # [nq, B, Hk, G, bq, 2]
     qs, dos = _split(q, nq, g), _split(do.astype(q.dtype), nq, g)
     ks, vs = _split(k, nk), _split(v, nk)
+    q_ids, k_ids = _split_ids(q_segment_ids, nq), _split_ids(k_segment_ids, nk)
 
-    def probs(qi, qc, doc, st, ki, kc, vc):
+    def probs(qi, qc, doc, st, qd, ki, kc, vc, kd):
         """P and dS of one block pair, [B, Hk, G, bq, bk]."""
         q_pos = q_start + qi * bq + jnp.arange(bq)
         k_pos = k_start + ki * bk + jnp.arange(bk)
         s = jnp.einsum("bqhgd,bkhd->bhgqk", qc, kc, preferred_element_type=acc) * scale
-        s = jnp.where(q_pos[:, None] >= k_pos[None, :], s, -jnp.inf)
+        s = jnp.where(_visible(q_pos, k_pos, qd, kd), s, -jnp.inf)
         p = jnp.exp(s - st[..., 0:1])
         dp = jnp.einsum("bqhge,bkhe->bhgqk", doc, vc, preferred_element_type=acc)
         return p, p * (dp - st[..., 1:2])
@@ -423,29 +475,29 @@ def _flash_bwd(q, k, v, o, lse, do, *, q_start, k_start, scale, block):
         return k_start + ki * bk <= q_start + qi * bq + bq - 1
 
     def dq_block(args):
-        qi, qc, doc, st = args
+        qi, qc, doc, st, qd = args
 
         def step(dq, inputs):
-            ki, kc, vc = inputs
+            ki, kc, vc, kd = inputs
 
             def add(dq):
-                _, ds = probs(qi, qc, doc, st, ki, kc, vc)
+                _, ds = probs(qi, qc, doc, st, qd, ki, kc, vc, kd)
                 return dq + jnp.einsum("bhgqk,bkhd->bqhgd", ds.astype(q.dtype), kc, preferred_element_type=acc)
 
             return lax.cond(visible(qi, ki), add, lambda x: x, dq), None
 
-        dq, _ = lax.scan(step, jnp.zeros((b, bq, hk, g, d), acc), (jnp.arange(nk), ks, vs))
+        dq, _ = lax.scan(step, jnp.zeros((b, bq, hk, g, d), acc), (jnp.arange(nk), ks, vs, k_ids))
         return dq * scale
 
     def dkv_block(args):
-        ki, kc, vc = args
+        ki, kc, vc, kd = args
 
         def step(carry, inputs):
-            qi, qc, doc, st = inputs
+            qi, qc, doc, st, qd = inputs
 
             def add(carry):
                 dk, dv = carry
-                p, ds = probs(qi, qc, doc, st, ki, kc, vc)
+                p, ds = probs(qi, qc, doc, st, qd, ki, kc, vc, kd)
                 dv = dv + jnp.einsum("bhgqk,bqhge->bkhe", p.astype(v.dtype), doc, preferred_element_type=acc)
                 dk = dk + jnp.einsum("bhgqk,bqhgd->bkhd", ds.astype(q.dtype), qc, preferred_element_type=acc)
                 return dk, dv
@@ -453,12 +505,12 @@ def _flash_bwd(q, k, v, o, lse, do, *, q_start, k_start, scale, block):
             return lax.cond(visible(qi, ki), add, lambda c: c, carry), None
 
         init = (jnp.zeros((b, bk, hk, d), acc), jnp.zeros((b, bk, hk, e), acc))
-        (dk, dv), _ = lax.scan(step, init, (jnp.arange(nq), qs, dos, stats))
+        (dk, dv), _ = lax.scan(step, init, (jnp.arange(nq), qs, dos, stats, q_ids))
         return dk * scale, dv
 
-    dq = lax.map(dq_block, (jnp.arange(nq), qs, dos, stats))  # [nq, B, bq, Hk, G, D]
+    dq = lax.map(dq_block, (jnp.arange(nq), qs, dos, stats, q_ids))  # [nq, B, bq, Hk, G, D]
     dq = jnp.moveaxis(dq, 0, 1).reshape(b, lq, h, d)
-    dk, dv = lax.map(dkv_block, (jnp.arange(nk), ks, vs))  # [nk, B, bk, Hk, ·]
+    dk, dv = lax.map(dkv_block, (jnp.arange(nk), ks, vs, k_ids))  # [nk, B, bk, Hk, ·]
     dk = jnp.moveaxis(dk, 0, 1).reshape(b, lk, hk, d)
     dv = jnp.moveaxis(dv, 0, 1).reshape(b, lk, hk, e)
     return dq, dk, dv
@@ -477,7 +529,7 @@ def _merge(o, lse, o_blk, lse_blk):
 
 
 def _gather(x, axis_name):
-    return x if axis_name is None else lax.all_gather(x, axis_name, axis=1, tiled=True)
+    return x if axis_name is None or x is None else lax.all_gather(x, axis_name, axis=1, tiled=True)
 
 
 def _scatter(x, axis_name):
@@ -531,6 +583,13 @@ class _Deal:
         return jnp.concatenate([lax.ppermute(xa, axis_name, back[0]), lax.ppermute(xb, axis_name, back[1])], axis=1)
 
 
+def _dealt_pair(plan: _Deal, q, ids, axis_name):
+    """The two dealt query halves and their segment ids (None without documents)."""
+    qa, qb = plan.deal(q, axis_name)
+    ida, idb = plan.deal(ids, axis_name) if ids is not None else (None, None)
+    return (qa, qb), (ida, idb)
+
+
 @functools.cache
 def _allgather(axis_name, scale, block, impl, balance=False):
     """Block compute ``impl`` ("pallas" or "xla"); ``axis_name=None`` is single-device attention.
@@ -542,41 +601,60 @@ def _allgather(axis_name, scale, block, impl, balance=False):
         return balance and axis_name is not None and lax.axis_size(axis_name) > 1 and q.shape[1] % 2 == 0
 
     @jax.custom_vjp
-    def attend(q, k, v):
-        return fwd(q, k, v)[0]
+    def attend(q, k, v, ids):
+        return fwd(q, k, v, ids)[0]
 
-    def fwd(q, k, v):
-        k_all, v_all = _gather(k, axis_name), _gather(v, axis_name)
+    def fwd(q, k, v, ids):
+        k_all, v_all, k_ids = _gather(k, axis_name), _gather(v, axis_name), _gather(ids, axis_name)
         if dealt(q):
             plan, half = _Deal.of(axis_name), q.shape[1] // 2
-            qa, qb = plan.deal(q, axis_name)
-            oa, lse_a = block_fwd(qa, k_all, v_all, q_start=plan.c_lo * half, k_start=0, scale=scale)
-            ob, lse_b = block_fwd(qb, k_all, v_all, q_start=plan.c_hi * half, k_start=0, scale=scale)
-            oa, ob = oa.astype(q.dtype), ob.astype(q.dtype)
-            return plan.undeal(oa, ob, axis_name), (k, v, (qa, oa, lse_a), (qb, ob, lse_b))
-        q_start, _ = _positions(axis_name, q.shape[1])
-        o, lse = block_fwd(q, k_all, v_all, q_start=q_start, k_start=0, scale=scale)
-        o = o.astype(q.dtype)
-        return o, (k, v, (q, o, lse))
+            parts = [
+                (qp, idp, c * half) for qp, idp, c in zip(*_dealt_pair(plan, q, ids, axis_name), (plan.c_lo, plan.c_hi))
+            ]
+        else:
+            plan, parts = None, [(q, ids, _positions(axis_name, q.shape[1])[0])]
+        saved, outs = [], []
+        for qp, idp, q_start in parts:
+            o, lse = block_fwd(
+                qp, k_all, v_all, q_start=q_start, k_start=0, scale=scale, q_segment_ids=idp, k_segment_ids=k_ids
+            )
+            o = o.astype(q.dtype)
+            outs.append(o)
+            saved.append((qp, idp, o, lse))
+        o = plan.undeal(*outs, axis_name) if plan is not None else outs[0]
+        return o, (k, v, ids, saved)
 
     def bwd(res, do):
-        k, v, *queries = res
+        k, v, ids, saved = res
         k_all, v_all = _gather(k, axis_name), _gather(v, axis_name)  # re-gathered: only local K/V were kept
-        if len(queries) == 2:
+        k_ids = _gather(ids, axis_name)
+        if len(saved) == 2:
             plan = _Deal.of(axis_name)
-            half = queries[0][0].shape[1]
+            half = saved[0][0].shape[1]
             starts = (plan.c_lo * half, plan.c_hi * half)
             dos = plan.deal(do, axis_name)
         else:
-            starts, dos = (_positions(axis_name, do.shape[1])[0],), (do,)
+            plan, starts, dos = None, (_positions(axis_name, do.shape[1])[0],), (do,)
         dqs, dk, dv = [], 0.0, 0.0
-        for (q, o, lse), do_part, q_start in zip(queries, dos, starts, strict=True):
-            dq_p, dk_p, dv_p = block_bwd(q, k_all, v_all, o, lse, do_part, q_start=q_start, k_start=0, scale=scale)
+        for (q, idp, o, lse), do_part, q_start in zip(saved, dos, starts, strict=True):
+            dq_p, dk_p, dv_p = block_bwd(
+                q,
+                k_all,
+                v_all,
+                o,
+                lse,
+                do_part,
+                q_start=q_start,
+                k_start=0,
+                scale=scale,
+                q_segment_ids=idp,
+                k_segment_ids=k_ids,
+            )
             dqs.append(dq_p.astype(q.dtype))
             dk, dv = dk + dk_p, dv + dv_p
-        dq = plan.undeal(*dqs, axis_name) if len(dqs) == 2 else dqs[0]
+        dq = plan.undeal(*dqs, axis_name) if plan is not None else dqs[0]
         dk, dv = _scatter(dk, axis_name), _scatter(dv, axis_name)
-        return dq, dk.astype(k.dtype), dv.astype(v.dtype)
+        return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
 
     attend.defvjp(fwd, bwd)
     return attend
@@ -586,29 +664,32 @@ def _allgather(axis_name, scale, block, impl, balance=False):
 def _allgather_dpa(axis_name, scale, implementation):
     """jax.nn.dot_product_attention path (cuDNN on GPU) with the causal mask at global positions."""
 
-    def local(q, k_all, v_all):
+    def local(q, k_all, v_all, ids, k_ids):
         length, n_keys = q.shape[1], k_all.shape[1]
         q_start, _ = _positions(axis_name, length)
-        mask = (q_start + jnp.arange(length))[:, None] >= jnp.arange(n_keys)[None, :]
-        return jax.nn.dot_product_attention(
-            q, k_all, v_all, mask=mask[None, None], scale=scale, implementation=implementation
-        )
+        mask = ((q_start + jnp.arange(length))[:, None] >= jnp.arange(n_keys)[None, :])[None, None]
+        if ids is not None:  # [B, 1, L, T]: and the same document
+            mask = mask & (ids[:, None, :, None] == k_ids[:, None, None, :])
+        return jax.nn.dot_product_attention(q, k_all, v_all, mask=mask, scale=scale, implementation=implementation)
 
-    def primal(q, k, v):
-        return local(q, _gather(k, axis_name), _gather(v, axis_name))
+    def primal(q, k, v, ids):
+        return local(q, _gather(k, axis_name), _gather(v, axis_name), ids, _gather(ids, axis_name))
 
     attend = jax.custom_vjp(primal)
 
-    def fwd(q, k, v):
-        return primal(q, k, v), (q, k, v)
+    def fwd(q, k, v, ids):
+        return primal(q, k, v, ids), (q, k, v, ids)
 
     def bwd(res, do):
-        q, k, v = res
-        _, vjp = jax.vjp(local, q, _gather(k, axis_name), _gather(v, axis_name))  # recomputes the forward
+        q, k, v, ids = res
+        k_ids = _gather(ids, axis_name)
+        _, vjp = jax.vjp(  # recomputes the forward
+            lambda q, k_all, v_all: local(q, k_all, v_all, ids, k_ids), q, _gather(k, axis_name), _gather(v, axis_name)
+        )
         dq, dk, dv = vjp(do)
         dk = _scatter(dk.astype(_acc_dtype(k.dtype)), axis_name)
         dv = _scatter(dv.astype(_acc_dtype(v.dtype)), axis_name)
-        return dq, dk.astype(k.dtype), dv.astype(v.dtype)
+        return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
 
     attend.defvjp(fwd, bwd)
     return attend
@@ -634,57 +715,76 @@ def _ring(axis_name, scale, block, impl):
         return lax.cond(s <= rank, fn, lambda c: c, carry)
 
     @jax.custom_vjp
-    def attend(q, k, v):
-        return fwd(q, k, v)[0]
+    def attend(q, k, v, ids):
+        return fwd(q, k, v, ids)[0]
 
-    def fwd(q, k, v):
+    def fwd(q, k, v, ids):
         b, length, h, _ = q.shape
         q_start, n = _positions(axis_name, length)
         rank = lax.axis_index(axis_name)
         acc = _acc_dtype(q.dtype)
 
-        def merge_block(s, kb, vb, carry):
-            o_blk, lse_blk = block_fwd(q, kb, vb, q_start=q_start, k_start=(rank - s) * length, scale=scale)
+        def merge_block(s, kb, vb, kd, carry):
+            o_blk, lse_blk = block_fwd(
+                q,
+                kb,
+                vb,
+                q_start=q_start,
+                k_start=(rank - s) * length,
+                scale=scale,
+                q_segment_ids=ids,
+                k_segment_ids=kd,
+            )
             return _merge(*carry, o_blk, lse_blk)
 
         def step(s, carry):
-            kb, vb, o, lse = carry
-            nxt = shift((kb, vb))  # issued before the compute so the two can overlap
-            o, lse = skip_future(s, rank, functools.partial(merge_block, s, kb, vb), (o, lse))
+            kb, vb, kd, o, lse = carry  # kd: the held block's segment ids (None without documents)
+            nxt = shift((kb, vb, kd))  # issued before the compute so the two can overlap
+            o, lse = skip_future(s, rank, functools.partial(merge_block, s, kb, vb, kd), (o, lse))
             return (*nxt, o, lse)
 
         o = jnp.zeros((b, length, h, v.shape[-1]), acc)
         lse = jnp.full((b, h, length), -jnp.inf, acc)
-        kb, vb, o, lse = lax.fori_loop(0, n - 1, step, (k, v, o, lse))
-        o, lse = skip_future(n - 1, rank, functools.partial(merge_block, n - 1, kb, vb), (o, lse))
+        kb, vb, kd, o, lse = lax.fori_loop(0, n - 1, step, (k, v, ids, o, lse))
+        o, lse = skip_future(n - 1, rank, functools.partial(merge_block, n - 1, kb, vb, kd), (o, lse))
         o = o.astype(q.dtype)
-        return o, (q, k, v, o, lse)
+        return o, (q, k, v, ids, o, lse)
 
     def bwd(res, do):
-        q, k, v, o, lse = res
+        q, k, v, ids, o, lse = res
         length = q.shape[1]
         q_start, n = _positions(axis_name, length)
         rank = lax.axis_index(axis_name)
         acc = _acc_dtype(q.dtype)
 
-        def add_block(s, kb, vb, carry):
+        def add_block(s, kb, vb, kd, carry):
             dq, dk, dv = carry
             dq_b, dk_b, dv_b = block_bwd(
-                q, kb, vb, o, lse, do, q_start=q_start, k_start=(rank - s) * length, scale=scale
+                q,
+                kb,
+                vb,
+                o,
+                lse,
+                do,
+                q_start=q_start,
+                k_start=(rank - s) * length,
+                scale=scale,
+                q_segment_ids=ids,
+                k_segment_ids=kd,
             )
             return dq + dq_b, dk + dk_b, dv + dv_b
 
         def step(s, carry):
-            kb, vb, dq, dk, dv = carry  # dk, dv: float32 accumulators of the block held
-            nxt = shift((kb, vb))
-            dq, dk, dv = skip_future(s, rank, functools.partial(add_block, s, kb, vb), (dq, dk, dv))
+            kb, vb, kd, dq, dk, dv = carry  # dk, dv: float32 accumulators of the block held
+            nxt = shift((kb, vb, kd))
+            dq, dk, dv = skip_future(s, rank, functools.partial(add_block, s, kb, vb, kd), (dq, dk, dv))
             return (*nxt, dq, *shift((dk, dv)))
 
-        init = (k, v, jnp.zeros(q.shape, acc), jnp.zeros(k.shape, acc), jnp.zeros(v.shape, acc))
-        kb, vb, dq, dk, dv = lax.fori_loop(0, n - 1, step, init)
-        dq, dk, dv = skip_future(n - 1, rank, functools.partial(add_block, n - 1, kb, vb), (dq, dk, dv))
+        init = (k, v, ids, jnp.zeros(q.shape, acc), jnp.zeros(k.shape, acc), jnp.zeros(v.shape, acc))
+        kb, vb, kd, dq, dk, dv = lax.fori_loop(0, n - 1, step, init)
+        dq, dk, dv = skip_future(n - 1, rank, functools.partial(add_block, n - 1, kb, vb, kd), (dq, dk, dv))
         dk, dv = shift((dk, dv))  # the P-th hop: every accumulator is back at its owner
-        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
     attend.defvjp(fwd, bwd)
     return attend

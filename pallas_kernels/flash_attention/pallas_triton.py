@@ -84,11 +84,45 @@ def causal_mask(q_first, k_first, shift, *, rows: int, cols: int, k_len: int, tr
     return (k_pos <= q_pos + shift) & (k_pos < k_len)
 
 
+def same_document(q_docs, k_docs, *, transpose: bool = False):
+    """``[rows, cols]``: query and key in one document (key rows × query columns when ``transpose``)."""
+    return (k_docs[:, None] == q_docs[None, :]) if transpose else (q_docs[:, None] == k_docs[None, :])
+
+
+def document_ids(segment_ids, length: int, pad_value: int):
+    """``[B, L]`` int32 ids padded to ``length`` with ``pad_value`` (padded queries and keys get
+    different values, so a padded row sees no key and no padded key is seen)."""
+    ids = segment_ids.astype(jnp.int32)
+    return jnp.pad(ids, ((0, 0), (0, length - ids.shape[1])), constant_values=pad_value)
+
+
+Q_PAD_DOC, K_PAD_DOC = -1, -2
+
+
+def check_documents(q, k, q_segment_ids, k_segment_ids):
+    """Both or neither, each ``[B, L]`` integers matching its q or k."""
+    if (q_segment_ids is None) != (k_segment_ids is None):
+        raise ValueError("q_segment_ids and k_segment_ids go together: pass both or neither")
+    if q_segment_ids is None:
+        return
+    for name, ids, x in (("q_segment_ids", q_segment_ids, q), ("k_segment_ids", k_segment_ids, k)):
+        if ids.shape != x.shape[:2] or not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise ValueError(
+                f"{name} must be integers of shape [B, L] = {tuple(x.shape[:2])}, got {ids.dtype}{list(ids.shape)}"
+            )
+
+
 # ---- forward kernel -------------------------------------------------------------------------
 
 
-def _forward_kernel(shift_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, block_q, block_k, k_len):
-    """o and lse of ``block_q`` query rows of one (batch row, head) against every visible key."""
+def _forward_kernel(*refs, scale, block_q, block_k, k_len, segmented):
+    """o and lse of ``block_q`` query rows of one (batch row, head) against every visible key
+    (with documents: visible and in the query row's document)."""
+    if segmented:
+        shift_ref, q_ref, k_ref, v_ref, q_doc_ref, k_doc_ref, o_ref, lse_ref = refs
+        q_docs = q_doc_ref[...]
+    else:
+        shift_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
     q_first = pl.program_id(0) * block_q
     shift = shift_ref[...]
     full, visible = key_block_range(
@@ -103,12 +137,15 @@ def _forward_kernel(shift_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, bl
         k = k_ref[pl.ds(k_first, block_k), :]
         v = v_ref[pl.ds(k_first, block_k), :]
         s = dot(q, k, trans_b=True) * qk_scale
-        if masked:
-            mask = causal_mask(q_first, k_first, shift, rows=block_q, cols=block_k, k_len=k_len)
+        mask = causal_mask(q_first, k_first, shift, rows=block_q, cols=block_k, k_len=k_len) if masked else None
+        if segmented:
+            docs = same_document(q_docs, k_doc_ref[pl.ds(k_first, block_k)])
+            mask = docs if mask is None else mask & docs
+        if mask is not None:
             s = jnp.where(mask, s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         # rows with nothing visible yet keep m = −inf; exponentiate against 0 there (p = 0)
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if mask is not None else m_new
         p = jnp.exp2(s - m_safe[:, None])
         alpha = jnp.exp2(m - m_safe)
         acc = alpha[:, None] * acc + dot(p.astype(v.dtype), v)
@@ -199,6 +236,8 @@ def block_attention_fwd(
     q_start,
     k_start,
     scale: float,
+    q_segment_ids: jax.Array | None = None,
+    k_segment_ids: jax.Array | None = None,
     interpret: bool | None = None,
     config: BlockConfig | None = None,
 ) -> tuple[jax.Array, jax.Array]:
@@ -209,6 +248,9 @@ def block_attention_fwd(
         fp16 or fp32 (mixed dtypes are promoted).
       q_start, k_start: global positions of the first query and key (int or traced int32 scalar).
       scale: multiplies the logits.
+      q_segment_ids, k_segment_ids: ``[B, Lq]`` / ``[B, Lk]`` integer document ids of the queries
+        and keys (both or neither): a query sees only keys of its own id (packed documents). The
+        masks are applied to every visible tile; no tile is skipped for them.
       interpret: run the Pallas interpreter (default: when the backend is not a GPU).
       config: tiling (default: ``config.default_config``).
 
@@ -217,6 +259,8 @@ def block_attention_fwd(
       ``[B, H, Lq]`` float32 (−inf there), as ``_flash_fwd`` of ``lasp_jax.softmax_attention``.
     """
     interpret, cfg, dtype = resolve(q, k, v, interpret, config)
+    check_documents(q, k, q_segment_ids, k_segment_ids)
+    segmented = q_segment_ids is not None
     b, lq, h, d = q.shape
     lk, hk, e = k.shape[1], k.shape[2], v.shape[3]
     group = h // hk
@@ -226,7 +270,16 @@ def block_attention_fwd(
     q_p = pad_to(q.astype(dtype), lq_pad, dp)
     k_p = pad_to(k.astype(dtype), lk_pad, dp)
     v_p = pad_to(v.astype(dtype), lk_pad, ep)
-    kernel = functools.partial(_forward_kernel, scale=float(scale), block_q=bq, block_k=bk, k_len=lk)
+    kernel = functools.partial(
+        _forward_kernel, scale=float(scale), block_q=bq, block_k=bk, k_len=lk, segmented=segmented
+    )
+    doc_specs, docs = [], []
+    if segmented:
+        doc_specs = [
+            pl.BlockSpec((None, bq), lambda i, bb, hh: (bb, i)),
+            pl.BlockSpec((None, lk_pad), lambda i, bb, hh: (bb, 0)),
+        ]
+        docs = [document_ids(q_segment_ids, lq_pad, Q_PAD_DOC), document_ids(k_segment_ids, lk_pad, K_PAD_DOC)]
     # grid (query block i, batch row bb, query head hh); keys and values of head hh // group
     o, lse = pl.pallas_call(
         kernel,
@@ -236,6 +289,7 @@ def block_attention_fwd(
             pl.BlockSpec((None, bq, None, dp), lambda i, bb, hh: (bb, i, hh, 0)),
             pl.BlockSpec((None, lk_pad, None, dp), lambda i, bb, hh: (bb, 0, hh // group, 0)),
             pl.BlockSpec((None, lk_pad, None, ep), lambda i, bb, hh: (bb, 0, hh // group, 0)),
+            *doc_specs,
         ],
         out_specs=[
             pl.BlockSpec((None, bq, None, ep), lambda i, bb, hh: (bb, i, hh, 0)),
@@ -248,5 +302,5 @@ def block_attention_fwd(
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="flash_attention_forward",
-    )(shift_operand(q_start, k_start), q_p, k_p, v_p)
+    )(shift_operand(q_start, k_start), q_p, k_p, v_p, *docs)
     return o[:, :lq, :, :e], lse[:, :, :lq]

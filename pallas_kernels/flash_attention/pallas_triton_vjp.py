@@ -36,10 +36,14 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.flash_attention.config import BlockConfig
 from pallas_kernels.flash_attention.pallas_triton import (
+    K_PAD_DOC,
     LOG2E,
+    Q_PAD_DOC,
     SHIFT_SPEC,
     _cdiv,
     causal_mask,
+    check_documents,
+    document_ids,
     dot,
     fit_block,
     key_block_range,
@@ -47,6 +51,7 @@ from pallas_kernels.flash_attention.pallas_triton import (
     pad_to,
     resolve,
     round_up,
+    same_document,
     shift_operand,
 )
 
@@ -67,8 +72,13 @@ def query_block_range(k_first, shift, *, block_q: int, block_k: int, k_len: int,
     return first, jnp.where(inside, full, num_q_blocks)
 
 
-def _dq_kernel(shift_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale, block_q, block_k, k_len):
+def _dq_kernel(*refs, scale, block_q, block_k, k_len, segmented):
     """dQ of ``block_q`` query rows of one (batch row, head): Σ over the visible key blocks."""
+    if segmented:
+        shift_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_doc_ref, k_doc_ref, dq_ref = refs
+        q_docs = q_doc_ref[...]
+    else:
+        shift_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
     q_first = pl.program_id(0) * block_q
     shift = shift_ref[...]
     full, visible = key_block_range(
@@ -83,8 +93,12 @@ def _dq_kernel(shift_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_re
         k = k_ref[pl.ds(k_first, block_k), :]
         v = v_ref[pl.ds(k_first, block_k), :]
         p = jnp.exp2(dot(q, k, trans_b=True) * qk_scale - lse[:, None])
-        if masked:
-            p = jnp.where(causal_mask(q_first, k_first, shift, rows=block_q, cols=block_k, k_len=k_len), p, 0.0)
+        mask = causal_mask(q_first, k_first, shift, rows=block_q, cols=block_k, k_len=k_len) if masked else None
+        if segmented:
+            docs = same_document(q_docs, k_doc_ref[pl.ds(k_first, block_k)])
+            mask = docs if mask is None else mask & docs
+        if mask is not None:
+            p = jnp.where(mask, p, 0.0)
         ds = p * (dot(do, v, trans_b=True) - delta[:, None])
         return dq + dot(ds.astype(k.dtype), k)
 
@@ -94,29 +108,18 @@ def _dq_kernel(shift_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_re
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(
-    shift_ref,
-    q_ref,
-    k_ref,
-    v_ref,
-    do_ref,
-    lse_ref,
-    delta_ref,
-    dk_ref,
-    dv_ref,
-    *,
-    scale,
-    block_q,
-    block_k,
-    k_len,
-    group,
-):
+def _dkv_kernel(*refs, scale, block_q, block_k, k_len, group, segmented):
     """dK, dV of ``block_k`` key rows of one (batch row, key head), summed over the head's group.
 
     q_ref/do_ref hold the group's ``[Lq, group, ·]`` query heads, lse_ref/delta_ref ``[group, Lq]``.
     Works on transposed tiles (key rows × query columns) so that no [block_k, block_q] tile is
     transposed for the dK and dV products.
     """
+    if segmented:
+        shift_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_doc_ref, k_doc_ref, dk_ref, dv_ref = refs
+        k_docs = k_doc_ref[...]
+    else:
+        shift_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
     k_first = pl.program_id(0) * block_k
     shift = shift_ref[...]
     first, full = query_block_range(
@@ -134,8 +137,13 @@ def _dkv_kernel(
         do = do_ref[rows, head, :]
         lse, delta = lse_ref[head, rows], delta_ref[head, rows]
         p_t = jnp.exp2(dot(k, q, trans_b=True) * qk_scale - lse[None, :])  # [block_k, block_q]
+        mask = None
         if masked:
             mask = causal_mask(q_first, k_first, shift, rows=block_k, cols=block_q, k_len=k_len, transpose=True)
+        if segmented:
+            docs = same_document(q_doc_ref[rows], k_docs, transpose=True)
+            mask = docs if mask is None else mask & docs
+        if mask is not None:
             p_t = jnp.where(mask, p_t, 0.0)
         dv = dv + dot(p_t.astype(do.dtype), do)
         ds_t = p_t * (dot(v, do, trans_b=True) - delta[None, :])
@@ -162,13 +170,16 @@ def block_attention_bwd(
     q_start,
     k_start,
     scale: float,
+    q_segment_ids: jax.Array | None = None,
+    k_segment_ids: jax.Array | None = None,
     interpret: bool | None = None,
     config: BlockConfig | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Gradients of ``block_attention_fwd`` given the *final* ``o`` and ``lse`` of every query row.
 
     Args:
-      q, k, v, q_start, k_start, scale, interpret, config: as in ``block_attention_fwd``.
+      q, k, v, q_start, k_start, scale, q_segment_ids, k_segment_ids, interpret, config: as in
+        ``block_attention_fwd``.
       o: ``[B, Lq, H, E]`` final output (any float dtype); lse: ``[B, H, Lq]`` its float32
         log-sum-exp over every key the row sees; do: ``[B, Lq, H, E]`` the output cotangent.
 
@@ -177,6 +188,8 @@ def block_attention_bwd(
       block set's contribution, as ``_flash_bwd`` of ``lasp_jax.softmax_attention``.
     """
     interpret, cfg, dtype = resolve(q, k, v, interpret, config)
+    check_documents(q, k, q_segment_ids, k_segment_ids)
+    segmented = q_segment_ids is not None
     b, lq, h, d = q.shape
     lk, hk, e = k.shape[1], k.shape[2], v.shape[3]
     group = h // hk
@@ -192,7 +205,10 @@ def block_attention_bwd(
     k_p, v_p = pad_to(k.astype(dtype), lk_pad, dp), pad_to(v.astype(dtype), lk_pad, ep)
     shift = shift_operand(q_start, k_start)
     params = plgpu.CompilerParams(num_warps=cfg.num_warps_bwd, num_stages=cfg.num_stages_bwd)
-    statics = dict(scale=float(scale), k_len=lk)
+    statics = dict(scale=float(scale), k_len=lk, segmented=segmented)
+    docs = []
+    if segmented:
+        docs = [document_ids(q_segment_ids, lq_pad, Q_PAD_DOC), document_ids(k_segment_ids, lk_pad, K_PAD_DOC)]
 
     # grid (query block i, batch row bb, query head hh); keys and values of head hh // group
     rows = lambda block, width: pl.BlockSpec((None, block, None, width), lambda i, bb, hh: (bb, i, hh, 0))  # noqa: E731
@@ -201,13 +217,21 @@ def block_attention_bwd(
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, block_q=bq_dq, block_k=bk_dq, **statics),
         grid=(lq_pad // bq_dq, b, h),
-        in_specs=[SHIFT_SPEC, rows(bq_dq, dp), kv_all(dp), kv_all(ep), rows(bq_dq, ep), stats, stats],
+        in_specs=[SHIFT_SPEC, rows(bq_dq, dp), kv_all(dp), kv_all(ep), rows(bq_dq, ep), stats, stats]
+        + (
+            [
+                pl.BlockSpec((None, bq_dq), lambda i, bb, hh: (bb, i)),
+                pl.BlockSpec((None, lk_pad), lambda i, bb, hh: (bb, 0)),
+            ]
+            if segmented
+            else []
+        ),
         out_specs=rows(bq_dq, dp),
         out_shape=jax.ShapeDtypeStruct((b, lq_pad, h, dp), _F32),
         compiler_params=params,
         interpret=interpret,
         name="flash_attention_backward_dq",
-    )(shift, q_p, k_p, v_p, do_p, lse2, delta)
+    )(shift, q_p, k_p, v_p, do_p, lse2, delta, *docs)
 
     # grid (key block j, batch row bb, key head hh); the query heads [hh·group, (hh + 1)·group)
     keys = lambda width: pl.BlockSpec((None, bk_dkv, None, width), lambda j, bb, hh: (bb, j, hh, 0))  # noqa: E731
@@ -216,11 +240,19 @@ def block_attention_bwd(
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, block_q=bq_dkv, block_k=bk_dkv, group=group, **statics),
         grid=(lk_pad // bk_dkv, b, hk),
-        in_specs=[SHIFT_SPEC, q_group(dp), keys(dp), keys(ep), q_group(ep), stats_group, stats_group],
+        in_specs=[SHIFT_SPEC, q_group(dp), keys(dp), keys(ep), q_group(ep), stats_group, stats_group]
+        + (
+            [
+                pl.BlockSpec((None, lq_pad), lambda j, bb, hh: (bb, 0)),
+                pl.BlockSpec((None, bk_dkv), lambda j, bb, hh: (bb, j)),
+            ]
+            if segmented
+            else []
+        ),
         out_specs=[keys(dp), keys(ep)],
         out_shape=[jax.ShapeDtypeStruct((b, lk_pad, hk, dp), _F32), jax.ShapeDtypeStruct((b, lk_pad, hk, ep), _F32)],
         compiler_params=params,
         interpret=interpret,
         name="flash_attention_backward_dkv",
-    )(shift, q_p, k_p, v_p, do_p, lse2, delta)
+    )(shift, q_p, k_p, v_p, do_p, lse2, delta, *docs)
     return dq[:, :lq, :, :d], dk[:, :lk, :, :d], dv[:, :lk, :, :e]

@@ -60,24 +60,28 @@ def _value_and_grads(attn, q, k, v, do):
     return run(q, k, v)
 
 
-def _reference(q, k, v, do, scale=None):
+def _reference(q, k, v, do, scale=None, segment_ids=None):
     """Float64 oracle, eager (no compile per shape)."""
     with x64():
         args = [jnp.asarray(x, jnp.float64) for x in (q, k, v)]
-        o, vjp = jax.vjp(functools.partial(reference_causal_attention, scale=scale), *args)
+        ids = None if segment_ids is None else jnp.asarray(segment_ids)
+        o, vjp = jax.vjp(functools.partial(reference_causal_attention, scale=scale, segment_ids=ids), *args)
         dq, dk, dv = vjp(jnp.asarray(do, jnp.float64))
         return {n: np.asarray(x) for n, x in {"o": o, "dq": dq, "dk": dk, "dv": dv}.items()}
 
 
-def _check(rng, attn, *, dtype=jnp.float32, dp=1, sp=1, b=2, t=32, h=4, hk=2, d=8, e=None):
-    """attn(q, k, v) in ``dtype`` against the float64 oracle on every (batch, sequence) shard.
+def _check(rng, attn, *, dtype=jnp.float32, dp=1, sp=1, b=2, t=32, h=4, hk=2, d=8, e=None, segment_ids=None):
+    """attn(q, k, v) in ``dtype`` against the float64 oracle on every (batch, sequence) shard
+    (with ``segment_ids`` ``[B, T]``: passed to ``attn`` and to the oracle's document mask).
 
     ``attn`` must use the oracle's default scale unless the caller passes the same one to both.
     """
     q, k, v, do = _inputs(rng, b=b, t=t, h=h, hk=hk, d=d, e=e)
     if dtype != jnp.float64:  # round to the dtype under test first so the reference sees the same inputs
         q, k, v = (np.asarray(jnp.asarray(x, dtype)).astype(np.float64) for x in (q, k, v))
-    want = _reference(q, k, v, do, getattr(attn, "keywords", {}).get("scale"))
+    want = _reference(q, k, v, do, getattr(attn, "keywords", {}).get("scale"), segment_ids)
+    if segment_ids is not None:
+        attn = functools.partial(attn, segment_ids=jnp.asarray(segment_ids))
     with x64() if dtype == jnp.float64 else contextlib.nullcontext():
         cot = jnp.float64 if dtype == jnp.float64 else jnp.float32
         got = _value_and_grads(attn, *(jnp.asarray(x, dtype) for x in (q, k, v)), jnp.asarray(do, cot))
@@ -197,6 +201,79 @@ def test_auto_picks_pallas_on_gpu(monkeypatch, on_gpu):
     assert resolve("auto", "allgather", q, k, v[..., :4], n_keys=16) == kernel  # E != D: no cuDNN
     with x64():
         assert resolve("auto", "ring", *_arrays(dtype=jnp.float64), n_keys=None) == "xla"
+
+
+# --- packed documents (segment_ids) ---------------------------------------------------------------
+
+
+def _documents(rng, b, t, sp):
+    """``[B, T]`` ids with boundaries at a shard edge, a half-shard edge (where the balanced
+    allgather splits), mid-shard, a one-token document and a random place; ids increase."""
+    length = t // sp
+    cuts = [
+        {length, length + length // 2, 2 * length + 1, 2 * length + 2},  # shard edge, half edge, 1-token doc
+        {1, length // 2, t - 1, int(rng.integers(2, t - 1))},  # 1-token first and last documents
+    ]
+    ids = np.zeros((b, t), np.int32)
+    for row in range(b):
+        for c in cuts[row % 2]:
+            if 0 < c < t:
+                ids[row, c:] += 1
+    return ids
+
+
+def test_document_oracle_equals_documents_alone(rng):
+    """The oracle's document mask is each document run alone (outputs and gradients)."""
+    b, t = 2, 24
+    q, k, v, do = _inputs(rng, b=b, t=t, h=4, hk=2, d=8)
+    ids = _documents(rng, b, t, sp=2)
+    packed = _reference(q, k, v, do, segment_ids=ids)
+    for row in range(b):
+        for doc in np.unique(ids[row]):
+            sel = np.flatnonzero(ids[row] == doc)
+            part = [x[row : row + 1, sel] for x in (q, k, v, do)]
+            alone = _reference(*part)
+            for name in alone:
+                np.testing.assert_allclose(packed[name][row : row + 1, sel], alone[name], rtol=1e-12, atol=1e-12)
+
+
+DOC_STRATEGIES = [("allgather", None), ("allgather", False), ("ring", None)]
+DOC_MESHES = [("xla", 1, 8), ("xla", 2, 4), ("pallas", 1, 4)]
+
+
+@pytest.mark.parametrize("impl,dp,sp", DOC_MESHES, ids=[f"{i}-dp{a}xsp{b}" for i, a, b in DOC_MESHES])
+@pytest.mark.parametrize("strategy,balance", DOC_STRATEGIES, ids=["allgather-balanced", "allgather-contiguous", "ring"])
+def test_packed_documents_every_shard(rng, strategy, balance, impl, dp, sp):
+    """Packed rows under sp: every shard's o, dq, dk, dv equal the oracle that masks documents,
+    with boundaries at shard and half-shard edges, mid-shard, and one-token documents."""
+    mesh = _mesh(dp, sp)
+    t = 8 * sp if impl == "xla" else 16 * sp
+    attn = functools.partial(
+        softmax_attention, mesh=mesh, batch_axis="dp", strategy=strategy, impl=impl, balance=balance, block_size=4
+    )
+    b = 2 * dp
+    _check(rng, attn, dp=dp, sp=sp, b=b, t=t, h=4, hk=2, d=16, e=8, segment_ids=_documents(rng, b, t, sp))
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas", "dpa_xla"])
+def test_packed_documents_single_device(rng, impl):
+    attn = functools.partial(causal_attention, impl=impl, block_size=4)
+    _check(rng, attn, b=2, t=24, h=4, hk=2, d=16, segment_ids=_documents(rng, 2, 24, sp=2))
+
+
+def test_packed_documents_cudnn_allgather_path(rng):
+    """The dense-mask path (impl="dpa_xla", cuDNN's code path) with documents under sp=4."""
+    mesh = _mesh(1, 4)
+    attn = functools.partial(softmax_attention, mesh=mesh, strategy="allgather", impl="dpa_xla")
+    _check(rng, attn, sp=4, b=2, t=32, h=4, hk=2, d=8, segment_ids=_documents(rng, 2, 32, sp=4))
+
+
+def test_bad_segment_ids():
+    q, k, v = _arrays()
+    with pytest.raises(TypeError, match=r"segment_ids must be an integer array"):
+        softmax_attention(q, k, v, mesh=None, segment_ids=jnp.zeros(q.shape[:2], jnp.float32))
+    with pytest.raises(ValueError, match=r"segment_ids"):
+        softmax_attention(q, k, v, mesh=None, segment_ids=jnp.zeros((2, 8), jnp.int32))
 
 
 # --- the collectives each strategy is built on ---------------------------------------------------

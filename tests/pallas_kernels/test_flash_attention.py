@@ -204,6 +204,15 @@ def test_kernels_lower_to_triton(monkeypatch):
         text = jax.jit(fwd_bwd).trace(q, k, v, do, lse, pos, pos).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("__gpu$xla.gpu.triton") == 3, "expected the forward, dq and dk/dv kernels"
 
+        def with_documents(q, k, v, do, lse, q_start, k_start, q_ids, k_ids, kw=kw):
+            docs = dict(q_segment_ids=q_ids, k_segment_ids=k_ids)
+            o, _ = block_attention_fwd(q, k, v, q_start=q_start, k_start=k_start, **docs, **kw)
+            return block_attention_bwd(q, k, v, o, lse, do, q_start=q_start, k_start=k_start, **docs, **kw)
+
+        ids = jax.ShapeDtypeStruct((b, lq), jnp.int32), jax.ShapeDtypeStruct((b, lk), jnp.int32)
+        traced = jax.jit(with_documents).trace(q, k, v, do, lse, pos, pos, *ids)
+        assert traced.lower(lowering_platforms=("cuda",)).as_text().count("__gpu$xla.gpu.triton") == 3
+
 
 GPU_CASES = {
     # name: b, lq, lk, h, hk, d, dtype, q_start, k_start
@@ -220,6 +229,31 @@ def test_compiled_kernels_match_jnp_recurrence(rng, case):
     b, lq, lk, h, hk, d, dtype, q_start, k_start = GPU_CASES[case]
     q, k, v, do = _inputs(rng, b=b, lq=lq, lk=lk, h=h, hk=hk, d=d, e=d, dtype=dtype)
     kw = dict(q_start=jnp.int32(q_start), k_start=jnp.int32(k_start), scale=d**-0.5)
+    with jax.default_matmul_precision("highest"):
+        f32 = [jnp.asarray(x, jnp.float32) for x in (q, k, v, do)]
+        o_want, lse_want = jax.jit(lambda q, k, v: _flash_fwd(q, k, v, **kw, block=256))(*f32[:3])
+        grads_want = jax.jit(lambda *a: _flash_bwd(*a, **kw, block=256))(*f32[:3], o_want, lse_want, f32[3])
+    args = [jnp.asarray(x, dtype) for x in (q, k, v)]
+    o, lse = jax.jit(lambda q, k, v: block_attention_fwd(q, k, v, **kw))(*args)
+    grads = jax.jit(lambda *a: block_attention_bwd(*a, **kw))(
+        *args, o_want.astype(dtype), lse_want, jnp.asarray(do, dtype)
+    )
+    bound = tol(dtype, lk)
+    assert rel_err(o, o_want) < bound
+    assert float(jnp.abs(lse - lse_want).max()) < 4 * bound
+    for name, x, y in zip(("dq", "dk", "dv"), grads, grads_want, strict=True):
+        assert rel_err(x, y) < bound, name
+
+
+@pytest.mark.gpu
+def test_compiled_kernels_with_documents(rng):
+    """Compiled kernels with packed documents (segment ids) against the jnp recurrence."""
+    b, lq, lk, h, hk, d, dtype = 2, 1024, 2048, 8, 2, 128, jnp.bfloat16
+    q, k, v, do = _inputs(rng, b=b, lq=lq, lk=lk, h=h, hk=hk, d=d, e=d, dtype=dtype)
+    cuts = np.sort(rng.choice(np.arange(1, lk), 15, replace=False))
+    k_ids = jnp.asarray(np.broadcast_to(np.searchsorted(cuts, np.arange(lk), side="right"), (b, lk)), jnp.int32)
+    kw = dict(q_start=jnp.int32(1024), k_start=jnp.int32(0), scale=d**-0.5, q_segment_ids=k_ids[:, 1024:])
+    kw["k_segment_ids"] = k_ids
     with jax.default_matmul_precision("highest"):
         f32 = [jnp.asarray(x, jnp.float32) for x in (q, k, v, do)]
         o_want, lse_want = jax.jit(lambda q, k, v: _flash_fwd(q, k, v, **kw, block=256))(*f32[:3])
