@@ -375,11 +375,6 @@ class SoftmaxAttention(LinearAttention):
         """Returns the block output and, with ``return_state``, the keys and values ``[B, T, Hk, ·]``."""
         from lasp_jax.softmax_attention import softmax_attention
 
-        if segment_ids is not None:
-            raise ValueError(
-                "packed documents (segment_ids) are not supported in softmax-attention layers yet: "
-                "lasp_jax.softmax_attention has no document mask; train hybrid models without pack_documents"
-            )
         if initial_state is not None:
             raise ValueError(
                 "a softmax-attention layer cannot continue from an initial state: run the whole prefix "
@@ -395,6 +390,7 @@ class SoftmaxAttention(LinearAttention):
             batch_axis=ctx.batch_axis,
             strategy=ctx.softmax_strategy,
             scale=self.scale,
+            segment_ids=segment_ids,
         )
         return self._finish(o, u), ((k, v) if return_state else None)
 

@@ -211,11 +211,6 @@ def check_config(config: TrainConfig, n_devices: int) -> tuple[int, int]:
 
     if m.strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got strategy={m.strategy!r}")
-    if d.pack_documents and "softmax" in config.model.types:
-        raise ValueError(
-            "pack_documents is not supported for models with softmax layers (layer_types): "
-            "lasp_jax.softmax_attention has no document mask"
-        )
     from lasp_jax.softmax_attention import STRATEGIES as SOFTMAX_STRATEGIES
 
     if m.softmax_strategy not in SOFTMAX_STRATEGIES:

@@ -65,17 +65,41 @@ def _loss_sum(model_def, params, tokens, targets, ctx, eod):
     return loss * count, count
 
 
+PACKED_CASES = [
+    ("tnl", False, 1, "allgather"),
+    ("linear_transformer", False, 1, "allgather"),
+    ("linear_llama3", False, 1, "allgather"),
+    ("tnl", False, 2, "allgather"),
+    ("tnl", True, 1, "allgather"),
+    ("linear_llama3", True, 2, "allgather"),
+    ("tnl", True, 4, "ring"),
+]
+
+
 @pytest.mark.parametrize(
-    "family, sp",
-    [("tnl", 1), ("linear_transformer", 1), ("linear_llama3", 1), ("tnl", 2)],
-    ids=["tnl-lrpe", "linear_transformer", "linear_llama3", "tnl-lrpe-sp2"],
+    "family, hybrid, sp, softmax_strategy",
+    PACKED_CASES,
+    ids=[
+        "tnl-lrpe",
+        "linear_transformer",
+        "linear_llama3",
+        "tnl-lrpe-sp2",
+        "tnl-hybrid",
+        "linear_llama3-hybrid-sp2-allgather",
+        "tnl-hybrid-sp4-ring",
+    ],
 )
-def test_packed_loss_and_grads_equal_documents_alone(rng, family, sp):
-    model = large_weights(LanguageModel(small_model(family), rngs=nnx.Rngs(int(rng.integers(1 << 30)))))
+def test_packed_loss_and_grads_equal_documents_alone(rng, family, hybrid, sp, softmax_strategy):
+    """Hybrids too: their softmax layers mask documents (segment_ids) under every softmax strategy."""
+    config = small_hybrid(family) if hybrid else small_model(family)
+    model = large_weights(LanguageModel(config, rngs=nnx.Rngs(int(rng.integers(1 << 30)))))
     model_def, params = nnx.split(model)
     inputs, targets, pieces = _packed_rows(rng)
     alone_x, alone_y = _documents_alone(inputs, targets, pieces, rng)
-    ctx = LaspContext(mesh=build_mesh(1, sp, jax.devices()[:sp]), batch_axis="dp") if sp > 1 else SINGLE_DEVICE
+    ctx = SINGLE_DEVICE
+    if sp > 1:
+        mesh = build_mesh(1, sp, jax.devices()[:sp])
+        ctx = LaspContext(mesh=mesh, batch_axis="dp", softmax_strategy=softmax_strategy)
 
     grad = jax.jit(jax.value_and_grad(_loss_sum, argnums=1, has_aux=True), static_argnums=(0, 4, 5))
     (got, got_count), got_grads = grad(model_def, params, jnp.asarray(inputs), jnp.asarray(targets), ctx, EOD)
@@ -127,14 +151,16 @@ def test_packed_text_and_bin_data(tmp_path):
         DataConfig(source="synthetic", pack_documents=True)
     assert DataConfig(source="text", eod_token=3).eod is None  # not packing: no EOD handling
     hybrid = train_config("tnl", model=small_hybrid("tnl"), data=dict(pack_documents=True))
-    with pytest.raises(ValueError, match="pack_documents is not supported for models with softmax layers"):
-        check_config(hybrid, 1)
+    assert check_config(hybrid, 1) == (1, 1)  # hybrids train on packed rows (document masks in softmax layers)
 
 
-def test_packed_training_sp2_equals_one_device():
-    config = train_config("tnl", steps=4, sp=2, data=dict(pack_documents=True, seq_len=64))
+@pytest.mark.parametrize("hybrid", [False, True], ids=["tnl", "tnl-hybrid"])
+def test_packed_training_sp2_equals_one_device(hybrid):
+    model = small_hybrid("tnl") if hybrid else None
+    data = dict(pack_documents=True, seq_len=64)
+    config = train_config("tnl", steps=4, sp=2, model=model, data=data)
     runs = [
         Trainer(c, devices=jax.devices()[:n], log=lambda *a: None).fit()["losses"]
-        for c, n in ((config, 2), (train_config("tnl", steps=4, data=dict(pack_documents=True, seq_len=64)), 1))
+        for c, n in ((config, 2), (train_config("tnl", steps=4, model=model, data=data), 1))
     ]
     np.testing.assert_allclose([runs[0][s] for s in range(1, 5)], [runs[1][s] for s in range(1, 5)], rtol=0, atol=5e-5)
