@@ -141,33 +141,13 @@ def softmax_attention(
         return causal_attention(q, k, v, scale=scale, impl=impl, block_size=block_size, segment_ids=segment_ids)
     _check_mesh(q, mesh, seq_axis, batch_axis)
     spec = PartitionSpec(batch_axis, seq_axis)
-    if segment_ids is not None:
-        shard_fn = functools.partial(
-            softmax_attention_shard,
-            axis_name=seq_axis,
-            strategy=strategy,
-            scale=scale,
-            impl=impl,
-            block_size=block_size,
-            balance=balance,
-        )
-        return jax.shard_map(
-            lambda q, k, v, ids: shard_fn(q, k, v, segment_ids=ids),
-            mesh=mesh,
-            in_specs=(spec, spec, spec, spec),
-            out_specs=spec,
-            check_vma=False,
-        )(q, k, v, segment_ids)
-    shard_fn = functools.partial(
-        softmax_attention_shard,
-        axis_name=seq_axis,
-        strategy=strategy,
-        scale=scale,
-        impl=impl,
-        block_size=block_size,
-        balance=balance,
-    )
-    return jax.shard_map(shard_fn, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
+    keywords = dict(strategy=strategy, scale=scale, impl=impl, block_size=block_size, balance=balance)
+
+    def shard_fn(q, k, v, *ids):  # ids: the local segment ids, when given
+        return softmax_attention_shard(q, k, v, axis_name=seq_axis, segment_ids=ids[0] if ids else None, **keywords)
+
+    args = (q, k, v) if segment_ids is None else (q, k, v, segment_ids)
+    return jax.shard_map(shard_fn, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec, check_vma=False)(*args)
 
 
 def softmax_attention_shard(
