@@ -74,6 +74,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from pallas_kernels import flash_attention
 from pallas_kernels.linear_attention.api import validate
+from pallas_kernels.linear_attention.reference import document_index
 
 Strategy = Literal["allgather", "ring"]
 Impl = Literal["auto", "pallas", "cudnn", "xla", "dpa_xla"]
@@ -127,9 +128,8 @@ def softmax_attention(
         caller stays contiguous. ``None`` (default): on for ``allgather`` with an even local length
         and ``impl`` "pallas" or "xla", else off; ``True`` requires that; ``False``: off.
       segment_ids: ``[B, T]`` integers (packed documents): a query sees only the keys of its own
-        id (a boundary is wherever the id changes along the global sequence; equal ids in two
-        separate runs count as one document, so give every document its own id or use the same
-        ids as ``lasp_attention``, which resets at every change).
+        document, a document boundary being wherever the id changes along the global sequence
+        (as in ``lasp_attention``: equal ids in two separate runs are two documents).
 
     Returns:
       ``o`` ``[B, T, H, E]`` in q's dtype, sharded like q under ``mesh``.
@@ -174,6 +174,8 @@ def softmax_attention_shard(
     _check_choice(strategy=strategy, impl=impl, block_size=block_size, balance=balance)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     impl = _resolve_impl(impl, strategy, q, k, v, n_keys=None)
+    if segment_ids is not None:
+        segment_ids = _local_documents(segment_ids, axis_name)
     if strategy == "ring":
         return _ring(axis_name, scale, block_size, impl)(q, k, v, segment_ids)
     if impl in ("cudnn", "dpa_xla"):
@@ -204,6 +206,8 @@ def causal_attention(
     _check_choice(strategy="allgather", impl=impl, block_size=block_size)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     impl = _resolve_impl(impl, "allgather", q, k, v, n_keys=None if segment_ids is not None else q.shape[1])
+    if segment_ids is not None:
+        segment_ids = document_index(segment_ids)
     if impl in ("cudnn", "dpa_xla"):
         implementation = "cudnn" if impl == "cudnn" else "xla"
         if segment_ids is not None:
@@ -224,7 +228,8 @@ def reference_causal_attention(
     s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k) * scale
     mask = (jnp.arange(t)[:, None] >= jnp.arange(t)[None, :])[None]
     if segment_ids is not None:
-        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        doc = document_index(segment_ids)
+        mask = mask & (doc[:, :, None] == doc[:, None, :])
     p = jax.nn.softmax(jnp.where(mask[:, None, None], s, -jnp.inf), axis=-1)
     o = jnp.einsum("bhgqk,bkhe->bqhge", p, v)
     return o.reshape(b, t, h, v.shape[-1])
@@ -506,6 +511,16 @@ def _merge(o, lse, o_blk, lse_blk):
 
 # ---------------------------------------------------------------------------------------------
 # allgather (LASP-2H): gather K, V; reduce-scatter dK, dV
+
+
+def _local_documents(segment_ids, axis_name):
+    """This shard's global document numbers ``[B, L]`` (+1 wherever the id changes along the whole
+    sequence): the ids of every rank are gathered (``B·T`` int32, small) and numbered once, so equal
+    numbers mean one document on every rank."""
+    length = segment_ids.shape[1]
+    doc = document_index(_gather(segment_ids.astype(jnp.int32), axis_name))
+    start = 0 if axis_name is None else lax.axis_index(axis_name) * length
+    return lax.dynamic_slice_in_dim(doc, start, length, axis=1)
 
 
 def _gather(x, axis_name):

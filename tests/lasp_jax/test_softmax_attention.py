@@ -208,7 +208,8 @@ def test_auto_picks_pallas_on_gpu(monkeypatch, on_gpu):
 
 def _documents(rng, b, t, sp):
     """``[B, T]`` ids with boundaries at a shard edge, a half-shard edge (where the balanced
-    allgather splits), mid-shard, a one-token document and a random place; ids increase."""
+    allgather splits), mid-shard, a one-token document and a random place; even rows count up,
+    odd rows alternate 0/1 (equal ids in separate runs are separate documents)."""
     length = t // sp
     cuts = [
         {length, length + length // 2, 2 * length + 1, 2 * length + 2},  # shard edge, half edge, 1-token doc
@@ -219,7 +220,14 @@ def _documents(rng, b, t, sp):
         for c in cuts[row % 2]:
             if 0 < c < t:
                 ids[row, c:] += 1
+        if row % 2:
+            ids[row] %= 2
     return ids
+
+
+def _runs(ids_row):
+    """Document number of each token of one row: +1 wherever the id changes."""
+    return np.concatenate([[0], np.cumsum(ids_row[1:] != ids_row[:-1])])
 
 
 def test_document_oracle_equals_documents_alone(rng):
@@ -228,9 +236,11 @@ def test_document_oracle_equals_documents_alone(rng):
     q, k, v, do = _inputs(rng, b=b, t=t, h=4, hk=2, d=8)
     ids = _documents(rng, b, t, sp=2)
     packed = _reference(q, k, v, do, segment_ids=ids)
+    assert len(np.unique(ids[1])) < len(np.unique(_runs(ids[1])))  # a repeated id in separate runs
     for row in range(b):
-        for doc in np.unique(ids[row]):
-            sel = np.flatnonzero(ids[row] == doc)
+        runs = _runs(ids[row])
+        for doc in np.unique(runs):
+            sel = np.flatnonzero(runs == doc)
             part = [x[row : row + 1, sel] for x in (q, k, v, do)]
             alone = _reference(*part)
             for name in alone:
