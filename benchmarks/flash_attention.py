@@ -73,6 +73,10 @@ def main():
     parser.add_argument("--fwd", nargs="*", default=FWD_TILINGS)
     parser.add_argument("--bwd", nargs="*", default=BWD_TILINGS)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument(
+        "--docs", type=int, default=0, help="pack this many documents (random cuts over the keys' span) per row"
+    )
+    parser.add_argument("--no-skip", action="store_true", help="with --docs: masks only, no document block skipping")
     parser.add_argument("--json")
     args = parser.parse_args()
     dtype = jnp.dtype(args.dtype)
@@ -83,7 +87,13 @@ def main():
     v = jax.random.normal(keys[2], (b, lk, hk, d), dtype)
     do = jax.random.normal(keys[3], (b, lq, h, d), dtype)
     pos = dict(q_start=jnp.int32(args.q_start), k_start=jnp.int32(0), scale=d**-0.5)
-    pairs = b * h * visible_pairs(lq, lk, args.q_start)
+    if args.docs > 1:  # document numbers over the global span [0, max(lk, q_start + lq)), as softmax_attention passes
+        total = max(lk, args.q_start + lq)
+        cuts = np.sort(np.random.default_rng(0).choice(np.arange(1, total), args.docs - 1, replace=False))
+        ids = jnp.asarray(np.broadcast_to(np.searchsorted(cuts, np.arange(total), side="right"), (b, total)), jnp.int32)
+        pos |= dict(q_segment_ids=ids[:, args.q_start : args.q_start + lq], k_segment_ids=ids[:, :lk])
+        pos["documents_sorted"] = not args.no_skip
+    pairs = b * h * visible_pairs(lq, lk, args.q_start)  # nominal (causal) pairs: TFLOP/s ignore documents
     fwd_flop, bwd_flop = 4 * d * pairs, 10 * d * pairs
     devices = jax.devices()
     print(f"jax {jax.__version__}, {devices[0].device_kind}; q {q.shape} at {args.q_start}, k {k.shape}, {dtype}")
@@ -127,7 +137,7 @@ def main():
         except Exception as err:  # noqa: BLE001
             row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
         rows.append(row)
-    if args.q_start == 0 and lq == lk:  # plain causal attention: cuDNN beside the kernels
+    if args.q_start == 0 and lq == lk and args.docs <= 1:  # plain causal attention: cuDNN beside the kernels
         for name, impl in (("cudnn", "cudnn"), ("xla-dpa", "xla")):
             row = {"pass": "fwd", "tiling": name}
             try:

@@ -318,8 +318,11 @@ def _resolve_impl(impl, strategy, q, k, v, *, n_keys):
 @functools.cache
 def _block_kernels(impl, block):
     """(fwd, bwd) block compute with the signatures of ``_flash_fwd`` / ``_flash_bwd`` less ``block``."""
-    if impl == "pallas":
-        return flash_attention.block_attention_fwd, flash_attention.block_attention_bwd
+    if impl == "pallas":  # segment ids reach the blocks as global document numbers: non-decreasing
+        return (
+            functools.partial(flash_attention.block_attention_fwd, documents_sorted=True),
+            functools.partial(flash_attention.block_attention_bwd, documents_sorted=True),
+        )
     return functools.partial(_flash_fwd, block=block), functools.partial(_flash_bwd, block=block)
 
 

@@ -99,6 +99,32 @@ def document_ids(segment_ids, length: int, pad_value: int):
 Q_PAD_DOC, K_PAD_DOC = -1, -2
 
 
+def first_key_blocks(q_ids, k_ids, *, block_q: int, block_k: int, num_q_blocks: int):
+    """``[B, num_q_blocks]`` int32: for ids non-decreasing along each row (document numbers), the
+    first key block any row of each query block can see (its first row's document starts there;
+    later rows' documents start no earlier). Blocks of padding rows get 0 (nothing skipped)."""
+    firsts = q_ids[:, ::block_q].astype(jnp.int32)  # first row of every block holding real rows
+    key = jax.vmap(lambda k, x: jnp.searchsorted(k, x, side="left"))(k_ids.astype(jnp.int32), firsts)
+    blocks = (key // block_k).astype(jnp.int32)
+    return jnp.pad(blocks, ((0, 0), (0, num_q_blocks - blocks.shape[1])))
+
+
+def query_block_ends(q_ids, k_ids, *, block_q: int, block_k: int, num_k_blocks: int, num_q_blocks: int):
+    """``[B, num_k_blocks]`` int32: for non-decreasing ids, how many query blocks can see any key of
+    each key block (queries of later documents than its last key's see none of it). Blocks of
+    padding keys get ``num_q_blocks`` (nothing skipped)."""
+    lk = k_ids.shape[1]
+    lasts = jnp.minimum(jnp.arange(num_k_blocks) * block_k + block_k - 1, lk - 1)
+    last_ids = k_ids[:, lasts].astype(jnp.int32)
+    rows = jax.vmap(lambda q, x: jnp.searchsorted(q, x, side="right"))(q_ids.astype(jnp.int32), last_ids)
+    ends = -(-rows // block_q)
+    padding = jnp.arange(num_k_blocks) * block_k >= lk
+    return jnp.where(padding[None, :], num_q_blocks, ends).astype(jnp.int32)
+
+
+BOUND_SPEC_Q = pl.BlockSpec((None, None), lambda i, bb, hh: (bb, i))  # one int32 per (row, block)
+
+
 def check_documents(q, k, q_segment_ids, k_segment_ids):
     """Both or neither, each ``[B, L]`` integers matching its q or k."""
     if (q_segment_ids is None) != (k_segment_ids is None):
@@ -115,9 +141,12 @@ def check_documents(q, k, q_segment_ids, k_segment_ids):
 # ---- forward kernel -------------------------------------------------------------------------
 
 
-def _forward_kernel(*refs, scale, block_q, block_k, k_len, segmented):
+def _forward_kernel(*refs, scale, block_q, block_k, k_len, segmented, skip):
     """o and lse of ``block_q`` query rows of one (batch row, head) against every visible key
-    (with documents: visible and in the query row's document)."""
+    (with documents: visible and in the query row's document; with ``skip``, key blocks before
+    the first row's document are not visited)."""
+    refs = list(refs)
+    lo_ref = refs.pop(4) if skip else None  # after shift, q, k, v
     if segmented:
         shift_ref, q_ref, k_ref, v_ref, q_doc_ref, k_doc_ref, o_ref, lse_ref = refs
         q_docs = q_doc_ref[...]
@@ -128,6 +157,7 @@ def _forward_kernel(*refs, scale, block_q, block_k, k_len, segmented):
     full, visible = key_block_range(
         q_first, shift, block_q=block_q, block_k=block_k, k_len=k_len, num_k_blocks=k_ref.shape[0] // block_k
     )
+    lo = lo_ref[...] if skip else 0
     q = q_ref[...]
     qk_scale = scale * LOG2E
 
@@ -156,8 +186,8 @@ def _forward_kernel(*refs, scale, block_q, block_k, k_len, segmented):
         jnp.zeros((block_q,), _F32),
         jnp.zeros((block_q, v_ref.shape[-1]), _F32),
     )
-    carry = lax.fori_loop(0, full, functools.partial(body, masked=False), carry)
-    m, row_sum, acc = lax.fori_loop(full, visible, functools.partial(body, masked=True), carry)
+    carry = lax.fori_loop(jnp.minimum(lo, full), full, functools.partial(body, masked=False), carry)
+    m, row_sum, acc = lax.fori_loop(jnp.maximum(lo, full), visible, functools.partial(body, masked=True), carry)
     seen = row_sum > 0
     safe_sum = jnp.where(seen, row_sum, 1.0)
     o_ref[...] = jnp.where(seen[:, None], acc / safe_sum[:, None], 0.0).astype(o_ref.dtype)
@@ -238,6 +268,7 @@ def block_attention_fwd(
     scale: float,
     q_segment_ids: jax.Array | None = None,
     k_segment_ids: jax.Array | None = None,
+    documents_sorted: bool = False,
     interpret: bool | None = None,
     config: BlockConfig | None = None,
 ) -> tuple[jax.Array, jax.Array]:
@@ -249,8 +280,11 @@ def block_attention_fwd(
       q_start, k_start: global positions of the first query and key (int or traced int32 scalar).
       scale: multiplies the logits.
       q_segment_ids, k_segment_ids: ``[B, Lq]`` / ``[B, Lk]`` integer document ids of the queries
-        and keys (both or neither): a query sees only keys of its own id (packed documents). The
-        masks are applied to every visible tile; no tile is skipped for them.
+        and keys (both or neither): a query sees only keys of its own id (packed documents).
+      documents_sorted: the ids are non-decreasing along each row (document numbers, as
+        ``lasp_jax.softmax_attention`` passes them): then key blocks before a query block's first
+        document are not visited (and, backward, query blocks after a key block's last document).
+        Without it every causally visible tile is visited and masked.
       interpret: run the Pallas interpreter (default: when the backend is not a GPU).
       config: tiling (default: ``config.default_config``).
 
@@ -270,8 +304,9 @@ def block_attention_fwd(
     q_p = pad_to(q.astype(dtype), lq_pad, dp)
     k_p = pad_to(k.astype(dtype), lk_pad, dp)
     v_p = pad_to(v.astype(dtype), lk_pad, ep)
+    skip = segmented and documents_sorted
     kernel = functools.partial(
-        _forward_kernel, scale=float(scale), block_q=bq, block_k=bk, k_len=lk, segmented=segmented
+        _forward_kernel, scale=float(scale), block_q=bq, block_k=bk, k_len=lk, segmented=segmented, skip=skip
     )
     doc_specs, docs = [], []
     if segmented:
@@ -280,6 +315,12 @@ def block_attention_fwd(
             pl.BlockSpec((None, lk_pad), lambda i, bb, hh: (bb, 0)),
         ]
         docs = [document_ids(q_segment_ids, lq_pad, Q_PAD_DOC), document_ids(k_segment_ids, lk_pad, K_PAD_DOC)]
+    if skip:  # after q, k, v: the first key block of each query block
+        doc_specs.insert(0, BOUND_SPEC_Q)
+        docs.insert(
+            0,
+            first_key_blocks(q_segment_ids, k_segment_ids, block_q=bq, block_k=bk, num_q_blocks=lq_pad // bq),
+        )
     # grid (query block i, batch row bb, query head hh); keys and values of head hh // group
     o, lse = pl.pallas_call(
         kernel,

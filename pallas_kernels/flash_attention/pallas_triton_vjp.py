@@ -36,6 +36,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.flash_attention.config import BlockConfig
 from pallas_kernels.flash_attention.pallas_triton import (
+    BOUND_SPEC_Q,
     K_PAD_DOC,
     LOG2E,
     Q_PAD_DOC,
@@ -45,10 +46,12 @@ from pallas_kernels.flash_attention.pallas_triton import (
     check_documents,
     document_ids,
     dot,
+    first_key_blocks,
     fit_block,
     key_block_range,
     pad_dim,
     pad_to,
+    query_block_ends,
     resolve,
     round_up,
     same_document,
@@ -72,8 +75,10 @@ def query_block_range(k_first, shift, *, block_q: int, block_k: int, k_len: int,
     return first, jnp.where(inside, full, num_q_blocks)
 
 
-def _dq_kernel(*refs, scale, block_q, block_k, k_len, segmented):
+def _dq_kernel(*refs, scale, block_q, block_k, k_len, segmented, skip):
     """dQ of ``block_q`` query rows of one (batch row, head): Σ over the visible key blocks."""
+    refs = list(refs)
+    lo_ref = refs.pop(7) if skip else None  # after shift, q, k, v, do, lse, delta
     if segmented:
         shift_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_doc_ref, k_doc_ref, dq_ref = refs
         q_docs = q_doc_ref[...]
@@ -102,19 +107,22 @@ def _dq_kernel(*refs, scale, block_q, block_k, k_len, segmented):
         ds = p * (dot(do, v, trans_b=True) - delta[:, None])
         return dq + dot(ds.astype(k.dtype), k)
 
+    lo = lo_ref[...] if skip else 0  # key blocks before the first row's document: nothing visible
     dq = jnp.zeros(dq_ref.shape, _F32)
-    dq = lax.fori_loop(0, full, functools.partial(body, masked=False), dq)
-    dq = lax.fori_loop(full, visible, functools.partial(body, masked=True), dq)
+    dq = lax.fori_loop(jnp.minimum(lo, full), full, functools.partial(body, masked=False), dq)
+    dq = lax.fori_loop(jnp.maximum(lo, full), visible, functools.partial(body, masked=True), dq)
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(*refs, scale, block_q, block_k, k_len, group, segmented):
+def _dkv_kernel(*refs, scale, block_q, block_k, k_len, group, segmented, skip):
     """dK, dV of ``block_k`` key rows of one (batch row, key head), summed over the head's group.
 
     q_ref/do_ref hold the group's ``[Lq, group, ·]`` query heads, lse_ref/delta_ref ``[group, Lq]``.
     Works on transposed tiles (key rows × query columns) so that no [block_k, block_q] tile is
     transposed for the dK and dV products.
     """
+    refs = list(refs)
+    hi_ref = refs.pop(7) if skip else None  # after shift, q, k, v, do, lse, delta
     if segmented:
         shift_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_doc_ref, k_doc_ref, dk_ref, dv_ref = refs
         k_docs = k_doc_ref[...]
@@ -126,6 +134,9 @@ def _dkv_kernel(*refs, scale, block_q, block_k, k_len, group, segmented):
         k_first, shift, block_q=block_q, block_k=block_k, k_len=k_len, num_q_blocks=q_ref.shape[0] // block_q
     )
     num_q_blocks = q_ref.shape[0] // block_q
+    if skip:  # query blocks after this key block's last document see none of it
+        num_q_blocks = jnp.minimum(num_q_blocks, hi_ref[...])
+        first, full = jnp.minimum(first, num_q_blocks), jnp.minimum(full, num_q_blocks)
     k, v = k_ref[...], v_ref[...]
     qk_scale = scale * LOG2E
 
@@ -172,14 +183,15 @@ def block_attention_bwd(
     scale: float,
     q_segment_ids: jax.Array | None = None,
     k_segment_ids: jax.Array | None = None,
+    documents_sorted: bool = False,
     interpret: bool | None = None,
     config: BlockConfig | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Gradients of ``block_attention_fwd`` given the *final* ``o`` and ``lse`` of every query row.
 
     Args:
-      q, k, v, q_start, k_start, scale, q_segment_ids, k_segment_ids, interpret, config: as in
-        ``block_attention_fwd``.
+      q, k, v, q_start, k_start, scale, q_segment_ids, k_segment_ids, documents_sorted, interpret,
+        config: as in ``block_attention_fwd``.
       o: ``[B, Lq, H, E]`` final output (any float dtype); lse: ``[B, H, Lq]`` its float32
         log-sum-exp over every key the row sees; do: ``[B, Lq, H, E]`` the output cotangent.
 
@@ -205,10 +217,19 @@ def block_attention_bwd(
     k_p, v_p = pad_to(k.astype(dtype), lk_pad, dp), pad_to(v.astype(dtype), lk_pad, ep)
     shift = shift_operand(q_start, k_start)
     params = plgpu.CompilerParams(num_warps=cfg.num_warps_bwd, num_stages=cfg.num_stages_bwd)
-    statics = dict(scale=float(scale), k_len=lk, segmented=segmented)
-    docs = []
+    skip = segmented and documents_sorted
+    statics = dict(scale=float(scale), k_len=lk, segmented=segmented, skip=skip)
+    docs, dq_bounds, dkv_bounds = [], [], []
     if segmented:
         docs = [document_ids(q_segment_ids, lq_pad, Q_PAD_DOC), document_ids(k_segment_ids, lk_pad, K_PAD_DOC)]
+    if skip:
+        ids = dict(q_ids=q_segment_ids, k_ids=k_segment_ids)
+        dq_bounds = [first_key_blocks(**ids, block_q=bq_dq, block_k=bk_dq, num_q_blocks=lq_pad // bq_dq)]
+        dkv_bounds = [
+            query_block_ends(
+                **ids, block_q=bq_dkv, block_k=bk_dkv, num_k_blocks=lk_pad // bk_dkv, num_q_blocks=lq_pad // bq_dkv
+            )
+        ]
 
     # grid (query block i, batch row bb, query head hh); keys and values of head hh // group
     rows = lambda block, width: pl.BlockSpec((None, block, None, width), lambda i, bb, hh: (bb, i, hh, 0))  # noqa: E731
@@ -218,6 +239,7 @@ def block_attention_bwd(
         functools.partial(_dq_kernel, block_q=bq_dq, block_k=bk_dq, **statics),
         grid=(lq_pad // bq_dq, b, h),
         in_specs=[SHIFT_SPEC, rows(bq_dq, dp), kv_all(dp), kv_all(ep), rows(bq_dq, ep), stats, stats]
+        + ([BOUND_SPEC_Q] if skip else [])
         + (
             [
                 pl.BlockSpec((None, bq_dq), lambda i, bb, hh: (bb, i)),
@@ -231,7 +253,7 @@ def block_attention_bwd(
         compiler_params=params,
         interpret=interpret,
         name="flash_attention_backward_dq",
-    )(shift, q_p, k_p, v_p, do_p, lse2, delta, *docs)
+    )(shift, q_p, k_p, v_p, do_p, lse2, delta, *dq_bounds, *docs)
 
     # grid (key block j, batch row bb, key head hh); the query heads [hh·group, (hh + 1)·group)
     keys = lambda width: pl.BlockSpec((None, bk_dkv, None, width), lambda j, bb, hh: (bb, j, hh, 0))  # noqa: E731
@@ -241,6 +263,7 @@ def block_attention_bwd(
         functools.partial(_dkv_kernel, block_q=bq_dkv, block_k=bk_dkv, group=group, **statics),
         grid=(lk_pad // bk_dkv, b, hk),
         in_specs=[SHIFT_SPEC, q_group(dp), keys(dp), keys(ep), q_group(ep), stats_group, stats_group]
+        + ([pl.BlockSpec((None, None), lambda j, bb, hh: (bb, j))] if skip else [])
         + (
             [
                 pl.BlockSpec((None, lq_pad), lambda j, bb, hh: (bb, 0)),
@@ -254,5 +277,5 @@ def block_attention_bwd(
         compiler_params=params,
         interpret=interpret,
         name="flash_attention_backward_dkv",
-    )(shift, q_p, k_p, v_p, do_p, lse2, delta, *docs)
+    )(shift, q_p, k_p, v_p, do_p, lse2, delta, *dkv_bounds, *docs)
     return dq[:, :lq, :, :d], dk[:, :lk, :, :d], dv[:, :lk, :, :e]

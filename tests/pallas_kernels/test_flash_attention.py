@@ -135,6 +135,47 @@ def test_kernels_match_oracle_bf16(rng):
     _compare(got, want, dtype=jnp.bfloat16, length=64)
 
 
+SMALL_BLOCKS = BlockConfig(block_q=16, block_k=16, block_q_dq=16, block_k_dq=16, block_k_dkv=16, block_q_dkv=16)
+
+
+@pytest.mark.parametrize("sorted_ids", [False, True], ids=["masks-only", "sorted-skip"])
+@pytest.mark.parametrize("lq,lk,q_start,n_docs", [(72, 136, 64, 9), (64, 64, 0, 12), (40, 100, 60, 3)])
+def test_documents_match_jnp_recurrence(rng, sorted_ids, lq, lk, q_start, n_docs):
+    """Packed documents (non-decreasing ids, 16-row blocks): the kernels with only the masks and
+    with document block skipping (``documents_sorted``) against the jnp recurrence; the skip
+    bounds must skip something, so both code paths run."""
+    from pallas_kernels.flash_attention.pallas_triton import first_key_blocks, query_block_ends
+
+    b, h, hk, d = 2, 4, 2, 16
+    q, k, v, do = (
+        jnp.asarray(x, jnp.float32) for x in _inputs(rng, b=b, lq=lq, lk=lk, h=h, hk=hk, d=d, e=d, dtype=jnp.float32)
+    )
+    total = max(lk, q_start + lq)
+    ids = np.stack(
+        [
+            np.searchsorted(
+                np.sort(rng.choice(np.arange(1, total), n_docs - 1, replace=False)), np.arange(total), side="right"
+            )
+            for _ in range(b)
+        ]
+    )
+    kw = dict(q_start=q_start, k_start=0, scale=0.25)
+    kw |= dict(q_segment_ids=jnp.asarray(ids[:, q_start : q_start + lq]), k_segment_ids=jnp.asarray(ids[:, :lk]))
+    o_want, lse_want = _flash_fwd(q, k, v, block=8, **kw)
+    grads_want = _flash_bwd(q, k, v, o_want, lse_want, do, block=8, **kw)
+    o, lse = block_attention_fwd(q, k, v, documents_sorted=sorted_ids, config=SMALL_BLOCKS, **kw)
+    grads = block_attention_bwd(q, k, v, o_want, lse_want, do, documents_sorted=sorted_ids, config=SMALL_BLOCKS, **kw)
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(lse_want))
+    finite = np.isfinite(np.asarray(lse_want))
+    assert float(np.abs(np.asarray(lse)[finite] - np.asarray(lse_want)[finite]).max()) < 1e-5
+    for name, x, y in zip(("o", "dq", "dk", "dv"), (o, *grads), (o_want, *grads_want), strict=True):
+        assert rel_err(x, y) < 1e-5, name
+    ids_kw = dict(q_ids=kw["q_segment_ids"], k_ids=kw["k_segment_ids"], block_q=16, block_k=16)
+    assert int(first_key_blocks(**ids_kw, num_q_blocks=-(-lq // 16)).max()) > 0
+    ends = query_block_ends(**ids_kw, num_k_blocks=-(-lk // 16), num_q_blocks=-(-lq // 16))
+    assert int(ends.min()) < -(-lq // 16)
+
+
 def test_backward_adds_up_over_key_blocks(rng):
     """Ring attention's contract: the gradients of two key halves, each given the *global* o and
     lse, add up to the whole (dq summed, dk/dv side by side); blocks of 32 rows, keys at 2 offsets."""
@@ -205,7 +246,7 @@ def test_kernels_lower_to_triton(monkeypatch):
         assert text.count("__gpu$xla.gpu.triton") == 3, "expected the forward, dq and dk/dv kernels"
 
         def with_documents(q, k, v, do, lse, q_start, k_start, q_ids, k_ids, kw=kw):
-            docs = dict(q_segment_ids=q_ids, k_segment_ids=k_ids)
+            docs = dict(q_segment_ids=q_ids, k_segment_ids=k_ids, documents_sorted=True)
             o, _ = block_attention_fwd(q, k, v, q_start=q_start, k_start=k_start, **docs, **kw)
             return block_attention_bwd(q, k, v, o, lse, do, q_start=q_start, k_start=k_start, **docs, **kw)
 
@@ -222,15 +263,16 @@ GPU_CASES = {
 }
 
 
-def _check_compiled(q, k, v, do, *, dtype, **kw):
+def _check_compiled(q, k, v, do, *, dtype, documents_sorted=False, **kw):
     """The kernels (compiled on a GPU) against the jnp recurrence in float32 at HIGHEST precision."""
+    kernel_kw = kw | dict(documents_sorted=documents_sorted)
     with jax.default_matmul_precision("highest"):
         f32 = [jnp.asarray(x, jnp.float32) for x in (q, k, v, do)]
         o_want, lse_want = jax.jit(lambda q, k, v: _flash_fwd(q, k, v, **kw, block=256))(*f32[:3])
         grads_want = jax.jit(lambda *a: _flash_bwd(*a, **kw, block=256))(*f32[:3], o_want, lse_want, f32[3])
     args = [jnp.asarray(x, dtype) for x in (q, k, v)]
-    o, lse = jax.jit(lambda q, k, v: block_attention_fwd(q, k, v, **kw))(*args)
-    grads = jax.jit(lambda *a: block_attention_bwd(*a, **kw))(
+    o, lse = jax.jit(lambda q, k, v: block_attention_fwd(q, k, v, **kernel_kw))(*args)
+    grads = jax.jit(lambda *a: block_attention_bwd(*a, **kernel_kw))(
         *args, o_want.astype(dtype), lse_want, jnp.asarray(do, dtype)
     )
     bound = tol(dtype, k.shape[1])
@@ -258,8 +300,10 @@ def documents_kwargs(rng, b, lq, lk, n_docs=16):
 
 
 @pytest.mark.gpu
-def test_compiled_kernels_with_documents(rng):
+@pytest.mark.parametrize("sorted_ids", [False, True], ids=["masks-only", "sorted-skip"])
+def test_compiled_kernels_with_documents(rng, sorted_ids):
     """Compiled kernels with packed documents (segment ids) against the jnp recurrence."""
     b, lq, lk, h, hk, d, dtype = 2, 1024, 2048, 8, 2, 128, jnp.bfloat16
     q, k, v, do = _inputs(rng, b=b, lq=lq, lk=lk, h=h, hk=hk, d=d, e=d, dtype=dtype)
-    _check_compiled(q, k, v, do, dtype=dtype, scale=d**-0.5, **documents_kwargs(rng, b, lq, lk))
+    kw = documents_kwargs(rng, b, lq, lk)
+    _check_compiled(q, k, v, do, dtype=dtype, scale=d**-0.5, documents_sorted=sorted_ids, **kw)
