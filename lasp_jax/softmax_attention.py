@@ -56,6 +56,13 @@ the forward through cuDNN's own VJP (one extra forward pass). Single-device atte
 (``mesh=None``) with ``impl="auto"`` uses cuDNN with its own causal mask where it supports the
 input (no offsets there), else the Pallas kernels.
 
+Packed documents (``segment_ids``): a document is a run of equal ids along the global sequence;
+each shard numbers the gathered ids once (``B·T`` int32) so the block functions receive global,
+non-decreasing document numbers and mask ``same document`` next to causality. The allgather
+strategy gathers the key numbers with K/V and deals the query numbers with the queries, the ring
+passes them with each K/V block. The Pallas kernels, told the numbers are sorted, skip key blocks
+before a query block's first document and query blocks after a key block's last one.
+
 Dtype policy: q, k, v in bf16, fp16, fp32 (fp64 on the jnp path), softmax statistics and all
 accumulation in float32 (float64 for float64 inputs), the output in q's dtype. Collectives carry
 K and V in their dtype, dK and dV (reduce-scatter and ring accumulators) in float32.
