@@ -74,8 +74,8 @@ def softmax_workload(cfg: Config, mesh: Mesh | None, strategy: str, tokens: int)
     # --impl auto|pallas|xla|cudnn|dpa_xla; the ring has no cuDNN path (it merges float32 block
     # log-sum-exps), so it falls back to auto there: the Pallas kernels on a GPU
     impl = "auto" if strategy == "ring" and cfg.impl in ("cudnn", "dpa_xla") else cfg.impl
-    # "allgather_contiguous": LASP-2H without the causal load balancing (balance=False)
-    balance = False if strategy == "allgather_contiguous" else None
+    # "<strategy>_contiguous": without the causal load balancing (balance=False)
+    balance = False if strategy.endswith("_contiguous") else None
     strategy = "allgather" if mesh is None else strategy.removesuffix("_contiguous")  # ignored on one device
     if mesh is not None:
         sharding = NamedSharding(mesh, PartitionSpec(None, "sp"))
@@ -107,8 +107,8 @@ def hybrid_train_workload(family: str) -> Workload:
     """
 
     def make(cfg: Config, mesh: Mesh | None, strategy: str, tokens: int) -> Step:
-        if strategy == "allgather_contiguous":
-            raise ValueError("allgather_contiguous is a softmax-workload strategy; models balance their softmax layers")
+        if strategy.endswith("_contiguous"):
+            raise ValueError(f"{strategy} is a softmax-workload strategy; models balance their softmax layers")
         import optax
         from flax import nnx
 
@@ -217,8 +217,8 @@ def main():
         "--strategies",
         nargs="+",
         default=["allgather", "ring"],
-        choices=["allgather", "allgather_contiguous", "ring"],
-        help="allgather_contiguous (softmax workload only): LASP-2H without causal load balancing",
+        choices=["allgather", "allgather_contiguous", "ring", "ring_contiguous"],
+        help="*_contiguous (softmax workload only): without causal load balancing",
     )
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--json", help="write the rows here")

@@ -183,16 +183,16 @@ def softmax_attention_shard(
     impl = _resolve_impl(impl, strategy, q, k, v, n_keys=None)
     if segment_ids is not None:
         segment_ids = _local_documents(segment_ids, axis_name)
-    if strategy == "ring":
-        return _ring(axis_name, scale, block_size, impl)(q, k, v, segment_ids)
-    if impl in ("cudnn", "dpa_xla"):
-        if balance:
-            raise ValueError(f"balance=True needs impl 'pallas' or 'xla' (their block offsets), got impl={impl!r}")
-        return _allgather_dpa(axis_name, scale, "cudnn" if impl == "cudnn" else "xla")(q, k, v, segment_ids)
+    if balance and impl in ("cudnn", "dpa_xla"):
+        raise ValueError(f"balance=True needs impl 'pallas' or 'xla' (their block offsets), got impl={impl!r}")
     if balance and q.shape[1] % 2:
         raise ValueError(
             f"balance=True splits each shard in two halves: the local length must be even, q.shape={q.shape}"
         )
+    if strategy == "ring":
+        return _ring(axis_name, scale, block_size, impl, balance is not False)(q, k, v, segment_ids)
+    if impl in ("cudnn", "dpa_xla"):
+        return _allgather_dpa(axis_name, scale, "cudnn" if impl == "cudnn" else "xla")(q, k, v, segment_ids)
     return _allgather(axis_name, scale, block_size, impl, balance is not False)(q, k, v, segment_ids)
 
 
@@ -251,10 +251,6 @@ def _check_choice(*, strategy, impl, block_size=DEFAULT_BLOCK, balance=None):
         raise ValueError(f"block_size must be a positive int, got block_size={block_size!r}")
     if balance not in (None, True, False):
         raise ValueError(f"balance must be None, True or False, got balance={balance!r}")
-    if balance and strategy != "allgather":
-        raise ValueError(
-            f"balance=True is the allgather strategy's (the ring keeps contiguous shards), got strategy={strategy!r}"
-        )
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got strategy={strategy!r}")
     if impl not in IMPLS:
@@ -704,20 +700,39 @@ def _allgather_dpa(axis_name, scale, implementation):
 # ring (RingAttention): K/V blocks travel r -> r+1, dK/dV accumulators travel with them
 
 
+def _query_parts(q, ids, axis_name, dealt: bool):
+    """The query blocks this rank computes: ``(plan, [(q, ids, global start), ...])``: its own shard,
+    or with ``dealt`` the two half-shards ``_Deal`` gives it (``plan`` None when not dealt)."""
+    if not dealt:
+        return None, [(q, ids, _positions(axis_name, q.shape[1])[0])]
+    plan, half = _Deal.of(axis_name), q.shape[1] // 2
+    (qa, qb), (ida, idb) = _dealt_pair(plan, q, ids, axis_name)
+    return plan, [(qa, ida, plan.c_lo * half), (qb, idb, plan.c_hi * half)]
+
+
 @functools.cache
-def _ring(axis_name, scale, block, impl):
+def _ring(axis_name, scale, block, impl, balance=False):
     """At step s rank r holds the K/V block of rank (r − s) mod P; steps 0..P−2 run in a loop whose
     body sends the held block on while it computes with it, step P−1 follows the loop (no send).
-    Block compute ``impl`` ("pallas" or "xla")."""
+    Block compute ``impl`` ("pallas" or "xla"). ``balance``: the queries are the two half-shards
+    ``_Deal`` gives this rank (an even local length), each merging the blocks it can see."""
     block_fwd, block_bwd = _block_kernels(impl, block)
 
     def shift(x):
         n = lax.axis_size(axis_name)
         return lax.ppermute(x, axis_name, [(i, (i + 1) % n) for i in range(n)])
 
-    def skip_future(s, rank, fn, carry):
-        # blocks from later ranks (s > rank) lie wholly in this rank's future
-        return lax.cond(s <= rank, fn, lambda c: c, carry)
+    def held_start(s, length):
+        """Global position of the first key of the block held at step s."""
+        rank, n = lax.axis_index(axis_name), lax.axis_size(axis_name)
+        return ((rank - jnp.asarray(s, rank.dtype) + n) % n) * length  # int32 also under x64
+
+    def if_visible(k_start, q_start, rows, fn, carry):
+        # a key block wholly in the future of these query rows is skipped
+        return lax.cond(k_start <= q_start + rows - 1, fn, lambda c: c, carry)
+
+    def dealt(q):
+        return balance and lax.axis_size(axis_name) > 1 and q.shape[1] % 2 == 0
 
     @jax.custom_vjp
     def attend(q, k, v, ids):
@@ -725,71 +740,91 @@ def _ring(axis_name, scale, block, impl):
 
     def fwd(q, k, v, ids):
         b, length, h, _ = q.shape
-        q_start, n = _positions(axis_name, length)
-        rank = lax.axis_index(axis_name)
+        n = lax.axis_size(axis_name)
         acc = _acc_dtype(q.dtype)
+        plan, parts = _query_parts(q, ids, axis_name, dealt(q))
 
-        def merge_block(s, kb, vb, kd, carry):
-            o_blk, lse_blk = block_fwd(
-                q,
-                kb,
-                vb,
-                q_start=q_start,
-                k_start=(rank - s) * length,
-                scale=scale,
-                q_segment_ids=ids,
-                k_segment_ids=kd,
-            )
-            return _merge(*carry, o_blk, lse_blk)
+        def merge_blocks(s, kb, vb, kd, stats):
+            k_start, out = held_start(s, length), []
+            for (qp, idp, q_start), carry in zip(parts, stats, strict=True):
+
+                def merge(carry, qp=qp, idp=idp, q_start=q_start):
+                    o_blk, lse_blk = block_fwd(
+                        qp, kb, vb, q_start=q_start, k_start=k_start, scale=scale, q_segment_ids=idp, k_segment_ids=kd
+                    )
+                    return _merge(*carry, o_blk, lse_blk)
+
+                out.append(if_visible(k_start, q_start, qp.shape[1], merge, carry))
+            return out
 
         def step(s, carry):
-            kb, vb, kd, o, lse = carry  # kd: the held block's segment ids (None without documents)
+            kb, vb, kd, stats = carry  # kd: the held block's segment ids (None without documents)
             nxt = shift((kb, vb, kd))  # issued before the compute so the two can overlap
-            o, lse = skip_future(s, rank, functools.partial(merge_block, s, kb, vb, kd), (o, lse))
-            return (*nxt, o, lse)
+            return (*nxt, merge_blocks(s, kb, vb, kd, stats))
 
-        o = jnp.zeros((b, length, h, v.shape[-1]), acc)
-        lse = jnp.full((b, h, length), -jnp.inf, acc)
-        kb, vb, kd, o, lse = lax.fori_loop(0, n - 1, step, (k, v, ids, o, lse))
-        o, lse = skip_future(n - 1, rank, functools.partial(merge_block, n - 1, kb, vb, kd), (o, lse))
-        o = o.astype(q.dtype)
-        return o, (q, k, v, ids, o, lse)
+        stats = [
+            (jnp.zeros((b, qp.shape[1], h, v.shape[-1]), acc), jnp.full((b, h, qp.shape[1]), -jnp.inf, acc))
+            for qp, _, _ in parts
+        ]
+        kb, vb, kd, stats = lax.fori_loop(0, n - 1, step, (k, v, ids, stats))
+        stats = merge_blocks(n - 1, kb, vb, kd, stats)
+        outs = [o.astype(q.dtype) for o, _ in stats]
+        o = plan.undeal(*outs, axis_name) if plan is not None else outs[0]
+        saved = [(qp, idp, o_p, lse) for (qp, idp, _), o_p, (_, lse) in zip(parts, outs, stats, strict=True)]
+        return o, (k, v, ids, saved)
 
     def bwd(res, do):
-        q, k, v, ids, o, lse = res
-        length = q.shape[1]
-        q_start, n = _positions(axis_name, length)
-        rank = lax.axis_index(axis_name)
-        acc = _acc_dtype(q.dtype)
+        k, v, ids, saved = res
+        length = k.shape[1]
+        n = lax.axis_size(axis_name)
+        acc = _acc_dtype(saved[0][0].dtype)
+        if len(saved) == 2:
+            plan = _Deal.of(axis_name)
+            half = saved[0][0].shape[1]
+            starts, dos = (plan.c_lo * half, plan.c_hi * half), plan.deal(do, axis_name)
+        else:
+            plan, starts, dos = None, (_positions(axis_name, length)[0],), (do,)
 
-        def add_block(s, kb, vb, kd, carry):
-            dq, dk, dv = carry
-            dq_b, dk_b, dv_b = block_bwd(
-                q,
-                kb,
-                vb,
-                o,
-                lse,
-                do,
-                q_start=q_start,
-                k_start=(rank - s) * length,
-                scale=scale,
-                q_segment_ids=ids,
-                k_segment_ids=kd,
-            )
-            return dq + dq_b, dk + dk_b, dv + dv_b
+        def add_blocks(s, kb, vb, kd, carry):
+            dqs, dk, dv = carry
+            k_start, new_dqs = held_start(s, length), []
+            for (qp, idp, o_p, lse), do_p, q_start, dq in zip(saved, dos, starts, dqs, strict=True):
+
+                def add(c, qp=qp, idp=idp, o_p=o_p, lse=lse, do_p=do_p, q_start=q_start):
+                    dq, dk, dv = c
+                    dq_b, dk_b, dv_b = block_bwd(
+                        qp,
+                        kb,
+                        vb,
+                        o_p,
+                        lse,
+                        do_p,
+                        q_start=q_start,
+                        k_start=k_start,
+                        scale=scale,
+                        q_segment_ids=idp,
+                        k_segment_ids=kd,
+                    )
+                    return dq + dq_b, dk + dk_b, dv + dv_b
+
+                dq, dk, dv = if_visible(k_start, q_start, qp.shape[1], add, (dq, dk, dv))
+                new_dqs.append(dq)
+            return new_dqs, dk, dv
 
         def step(s, carry):
-            kb, vb, kd, dq, dk, dv = carry  # dk, dv: float32 accumulators of the block held
+            kb, vb, kd, dqs, dk, dv = carry  # dk, dv: float32 accumulators of the block held
             nxt = shift((kb, vb, kd))
-            dq, dk, dv = skip_future(s, rank, functools.partial(add_block, s, kb, vb, kd), (dq, dk, dv))
-            return (*nxt, dq, *shift((dk, dv)))
+            dqs, dk, dv = add_blocks(s, kb, vb, kd, (dqs, dk, dv))
+            return (*nxt, dqs, *shift((dk, dv)))
 
-        init = (k, v, ids, jnp.zeros(q.shape, acc), jnp.zeros(k.shape, acc), jnp.zeros(v.shape, acc))
-        kb, vb, kd, dq, dk, dv = lax.fori_loop(0, n - 1, step, init)
-        dq, dk, dv = skip_future(n - 1, rank, functools.partial(add_block, n - 1, kb, vb, kd), (dq, dk, dv))
+        dqs = [jnp.zeros(qp.shape, acc) for qp, _, _, _ in saved]
+        init = (k, v, ids, dqs, jnp.zeros(k.shape, acc), jnp.zeros(v.shape, acc))
+        kb, vb, kd, dqs, dk, dv = lax.fori_loop(0, n - 1, step, init)
+        dqs, dk, dv = add_blocks(n - 1, kb, vb, kd, (dqs, dk, dv))
         dk, dv = shift((dk, dv))  # the P-th hop: every accumulator is back at its owner
-        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+        dqs = [dq.astype(saved[0][0].dtype) for dq in dqs]
+        dq = plan.undeal(*dqs, axis_name) if plan is not None else dqs[0]
+        return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
 
     attend.defvjp(fwd, bwd)
     return attend

@@ -247,12 +247,16 @@ def test_document_oracle_equals_documents_alone(rng):
                 np.testing.assert_allclose(packed[name][row : row + 1, sel], alone[name], rtol=1e-12, atol=1e-12)
 
 
-DOC_STRATEGIES = [("allgather", None), ("allgather", False), ("ring", None)]
+DOC_STRATEGIES = [("allgather", None), ("allgather", False), ("ring", None), ("ring", False)]
 DOC_MESHES = [("xla", 1, 8), ("xla", 2, 4), ("pallas", 1, 4)]
 
 
 @pytest.mark.parametrize("impl,dp,sp", DOC_MESHES, ids=[f"{i}-dp{a}xsp{b}" for i, a, b in DOC_MESHES])
-@pytest.mark.parametrize("strategy,balance", DOC_STRATEGIES, ids=["allgather-balanced", "allgather-contiguous", "ring"])
+@pytest.mark.parametrize(
+    "strategy,balance",
+    DOC_STRATEGIES,
+    ids=["allgather-balanced", "allgather-contiguous", "ring-balanced", "ring-contiguous"],
+)
 def test_packed_documents_every_shard(rng, strategy, balance, impl, dp, sp):
     """Packed rows under sp: every shard's o, dq, dk, dv equal the oracle that masks documents,
     with boundaries at shard and half-shard edges, mid-shard, and one-token documents."""
@@ -342,12 +346,11 @@ def test_balanced_deal_is_a_permutation_with_equal_work(sp):
 
 @pytest.mark.parametrize("balance", [True, False])
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
-def test_allgather_balanced_and_contiguous(rng, impl, balance):
-    """Both layouts of the allgather strategy, every shard against the oracle (sp=4, grouped heads)."""
+@pytest.mark.parametrize("strategy", ["allgather", "ring"])
+def test_balanced_and_contiguous(rng, strategy, impl, balance):
+    """Both query layouts of both strategies, every shard against the oracle (sp=4, grouped heads)."""
     mesh = _mesh(1, 4)
-    attn = functools.partial(
-        softmax_attention, mesh=mesh, strategy="allgather", impl=impl, balance=balance, block_size=4
-    )
+    attn = functools.partial(softmax_attention, mesh=mesh, strategy=strategy, impl=impl, balance=balance, block_size=4)
     _check(rng, attn, sp=4, b=1, t=64, h=4, hk=2, d=16, e=8)
 
 
@@ -360,10 +363,15 @@ def test_allgather_odd_local_length_stays_contiguous(rng):
 
 
 def test_ring_passes_blocks_and_accumulators():
-    fwd, grad = _collectives("ring", _sp_mesh(4))
+    fwd, grad = _collectives("ring", _sp_mesh(4), balance=False)
     assert fwd == {"collective_permute": 2}  # K and V, in the loop body (P-1 hops)
     # forward (2) + backward loop body: K, V, dK, dV (4) + the P-th hop of dK, dV (2)
     assert grad == {"collective_permute": 8}
+    # balanced (the default): + the query halves dealt and the outputs dealt back (forward: 4), + dO
+    # dealt and dq dealt back (backward; the grad-only program drops the outputs' return trip)
+    fwd, grad = _collectives("ring", _sp_mesh(4))
+    assert fwd == {"collective_permute": 6}
+    assert grad == {"collective_permute": 14}
 
 
 # --- bad input ------------------------------------------------------------------------------------
@@ -387,7 +395,6 @@ def _arrays(b=2, t=16, h=4, hk=2, d=8, dtype=jnp.float32):
         ({"mesh": None, "impl": "pallas"}, {"dtype": jnp.float64}, TypeError, r"impl='pallas' takes bf16.*float64"),
         ({"mesh": None, "block_size": 0}, {}, ValueError, r"block_size must be a positive int"),
         ({"mesh": None}, {"dtype": jnp.int32}, TypeError, r"q.dtype=int32"),
-        ({"mesh": "1x2", "strategy": "ring", "balance": True}, {}, ValueError, r"balance=True is the allgather"),
         ({"mesh": "1x2", "balance": True}, {"t": 14}, ValueError, r"local length must be even.*\(2, 7, 4, 8\)"),
         ({"mesh": "1x2", "balance": True, "impl": "dpa_xla"}, {}, ValueError, r"balance=True needs impl"),
         ({"mesh": None, "balance": "yes"}, {}, ValueError, r"balance must be None, True or False"),
@@ -404,7 +411,6 @@ def _arrays(b=2, t=16, h=4, hk=2, d=8, dtype=jnp.float32):
         "pallas-f64",
         "block",
         "int",
-        "balance-ring",
         "balance-odd",
         "balance-dpa",
         "balance-type",
