@@ -26,9 +26,11 @@ on the whole sequence, to floating-point rounding. Two strategies:
   stays contiguous; only queries, outputs and their cotangents move (K and V are gathered anyway).
 - ``ring`` (RingAttention, Liu et al. 2023): K/V blocks travel rank r → r+1 by ``ppermute``;
   each rank merges block results with the online softmax (running log-sum-exp in float32) and
-  skips blocks from later ranks (causal). One ``jax.custom_vjp``: the backward sends the K/V
-  blocks around again with float32 dK/dV accumulators riding along, which arrive back at their
-  owners after P hops.
+  skips blocks wholly in its queries' future (causal). One ``jax.custom_vjp``: the backward sends
+  the K/V blocks around again with float32 dK/dV accumulators riding along, which arrive back at
+  their owners after P hops. ``balance`` deals the queries as for allgather (each half merges
+  its own statistics); the K/V blocks stay contiguous shards, so a step still waits for the rank
+  with the most visible pairs in it (at P = 2 the busiest rank's total is unchanged).
 
 Local block compute. Both strategies are written against one block function pair: the forward
 of queries at global positions ``q_start + i`` against keys at ``k_start + j`` returning the float32
@@ -129,11 +131,12 @@ def softmax_attention(
       block_size: query and key block of the jnp flash recurrence (used when it divides the
         local length, else the whole local length is one block); the Pallas kernels tile with
         ``pallas_kernels.flash_attention.default_config``.
-      balance: causal load balancing of ``allgather``: each rank computes the queries of two
-        half-shards, ``r`` and ``2P − 1 − r``, dealt to it by ``ppermute`` (and the outputs dealt
-        back), so every rank attends the same number of (query, key) pairs; the layout seen by the
-        caller stays contiguous. ``None`` (default): on for ``allgather`` with an even local length
-        and ``impl`` "pallas" or "xla", else off; ``True`` requires that; ``False``: off.
+      balance: causal load balancing: each rank computes the queries of two half-shards, ``r``
+        and ``2P − 1 − r``, dealt to it by ``ppermute`` (and the outputs dealt back), so every rank
+        attends the same number of (query, key) pairs; the layout seen by the caller stays
+        contiguous. ``None`` (default): on with an even local length and ``impl`` "pallas" or
+        "xla", else off; ``True`` requires that; ``False``: off. (The ring's K/V blocks still
+        travel as contiguous shards, so its steps stay unequal: it gains less than allgather.)
       segment_ids: ``[B, T]`` integers (packed documents): a query sees only the keys of its own
         document, a document boundary being wherever the id changes along the global sequence
         (as in ``lasp_attention``: equal ids in two separate runs are two documents).
