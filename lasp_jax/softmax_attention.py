@@ -230,7 +230,7 @@ def reference_causal_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None, segment_ids: jax.Array | None = None
 ) -> jax.Array:
     """The oracle: dense masked softmax in the inputs' dtype (run it in float64 for tests); with
-    ``segment_ids`` ``[B, T]`` a query sees only keys of its own id."""
+    ``segment_ids`` ``[B, T]`` a query sees only keys of its own document (a run of equal ids)."""
     b, t, h, d = q.shape
     hk = k.shape[2]
     scale = d**-0.5 if scale is None else scale
@@ -542,7 +542,7 @@ def _scatter(x, axis_name):
 
 @dataclasses.dataclass(frozen=True)
 class _Deal:
-    """Causal load balancing of the allgather strategy: the sequence as 2P half-shards ("chunks"),
+    """Causal load balancing (both strategies): the sequence as 2P half-shards ("chunks"),
     chunk c computed on rank ``c`` if ``c < P`` else ``2P − 1 − c``, so rank r attends the queries of
     chunks r and 2P − 1 − r: (r + ½) + (2P − 1 − r + ½) = 2P chunk pairs on every rank, where
     contiguous shards give rank r (2r + 1)·2 (the last rank (2P − 1)/P² of all pairs, ¾ at P = 2).
@@ -587,11 +587,29 @@ class _Deal:
         return jnp.concatenate([lax.ppermute(xa, axis_name, back[0]), lax.ppermute(xb, axis_name, back[1])], axis=1)
 
 
-def _dealt_pair(plan: _Deal, q, ids, axis_name):
-    """The two dealt query halves and their segment ids (None without documents)."""
-    qa, qb = plan.deal(q, axis_name)
-    ida, idb = plan.deal(ids, axis_name) if ids is not None else (None, None)
-    return (qa, qb), (ida, idb)
+def _query_parts(q, ids, axis_name, balance: bool):
+    """The query blocks this rank computes, ``(plan, [(q, ids, global start), ...])``: its own shard,
+    or with ``balance`` (an even local length, more than one rank) the two half-shards ``_Deal``
+    gives it (``plan`` None when not dealt)."""
+    n = 1 if axis_name is None else lax.axis_size(axis_name)
+    if not (balance and n > 1 and q.shape[1] % 2 == 0):
+        return None, [(q, ids, _positions(axis_name, q.shape[1])[0])]
+    plan, half = _Deal.of(axis_name), q.shape[1] // 2
+    (qa, qb), (ida, idb) = plan.deal(q, axis_name), (plan.deal(ids, axis_name) if ids is not None else (None, None))
+    return plan, [(qa, ida, plan.c_lo * half), (qb, idb, plan.c_hi * half)]
+
+
+def _cotangent_parts(do, n_parts, axis_name):
+    """dO split like the queries (``n_parts`` of ``_query_parts``): ``(plan, [dO parts])``."""
+    if n_parts == 1:
+        return None, [do]
+    plan = _Deal.of(axis_name)
+    return plan, list(plan.deal(do, axis_name))
+
+
+def _join_parts(plan: _Deal | None, parts, axis_name):
+    """Per-part results (outputs or dq) back in this rank's contiguous layout."""
+    return parts[0] if plan is None else plan.undeal(*parts, axis_name)
 
 
 @functools.cache
@@ -601,46 +619,28 @@ def _allgather(axis_name, scale, block, impl, balance=False):
     ``balance``: queries re-dealt by ``_Deal`` (an even local length; off on one rank)."""
     block_fwd, block_bwd = _block_kernels(impl, block)
 
-    def dealt(q):
-        return balance and axis_name is not None and lax.axis_size(axis_name) > 1 and q.shape[1] % 2 == 0
-
     @jax.custom_vjp
     def attend(q, k, v, ids):
         return fwd(q, k, v, ids)[0]
 
     def fwd(q, k, v, ids):
         k_all, v_all, k_ids = _gather(k, axis_name), _gather(v, axis_name), _gather(ids, axis_name)
-        if dealt(q):
-            plan, half = _Deal.of(axis_name), q.shape[1] // 2
-            parts = [
-                (qp, idp, c * half) for qp, idp, c in zip(*_dealt_pair(plan, q, ids, axis_name), (plan.c_lo, plan.c_hi))
-            ]
-        else:
-            plan, parts = None, [(q, ids, _positions(axis_name, q.shape[1])[0])]
-        saved, outs = [], []
+        plan, parts = _query_parts(q, ids, axis_name, balance)
+        saved = []
         for qp, idp, q_start in parts:
             o, lse = block_fwd(
                 qp, k_all, v_all, q_start=q_start, k_start=0, scale=scale, q_segment_ids=idp, k_segment_ids=k_ids
             )
-            o = o.astype(q.dtype)
-            outs.append(o)
-            saved.append((qp, idp, o, lse))
-        o = plan.undeal(*outs, axis_name) if plan is not None else outs[0]
-        return o, (k, v, ids, saved)
+            saved.append((qp, idp, q_start, o.astype(q.dtype), lse))
+        return _join_parts(plan, [part[3] for part in saved], axis_name), (k, v, ids, saved)
 
     def bwd(res, do):
         k, v, ids, saved = res
         k_all, v_all = _gather(k, axis_name), _gather(v, axis_name)  # re-gathered: only local K/V were kept
         k_ids = _gather(ids, axis_name)
-        if len(saved) == 2:
-            plan = _Deal.of(axis_name)
-            half = saved[0][0].shape[1]
-            starts = (plan.c_lo * half, plan.c_hi * half)
-            dos = plan.deal(do, axis_name)
-        else:
-            plan, starts, dos = None, (_positions(axis_name, do.shape[1])[0],), (do,)
+        plan, dos = _cotangent_parts(do, len(saved), axis_name)
         dqs, dk, dv = [], 0.0, 0.0
-        for (q, idp, o, lse), do_part, q_start in zip(saved, dos, starts, strict=True):
+        for (q, idp, q_start, o, lse), do_part in zip(saved, dos, strict=True):
             dq_p, dk_p, dv_p = block_bwd(
                 q,
                 k_all,
@@ -656,9 +656,8 @@ def _allgather(axis_name, scale, block, impl, balance=False):
             )
             dqs.append(dq_p.astype(q.dtype))
             dk, dv = dk + dk_p, dv + dv_p
-        dq = plan.undeal(*dqs, axis_name) if plan is not None else dqs[0]
         dk, dv = _scatter(dk, axis_name), _scatter(dv, axis_name)
-        return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
+        return _join_parts(plan, dqs, axis_name), dk.astype(k.dtype), dv.astype(v.dtype), None
 
     attend.defvjp(fwd, bwd)
     return attend
@@ -703,16 +702,6 @@ def _allgather_dpa(axis_name, scale, implementation):
 # ring (RingAttention): K/V blocks travel r -> r+1, dK/dV accumulators travel with them
 
 
-def _query_parts(q, ids, axis_name, dealt: bool):
-    """The query blocks this rank computes: ``(plan, [(q, ids, global start), ...])``: its own shard,
-    or with ``dealt`` the two half-shards ``_Deal`` gives it (``plan`` None when not dealt)."""
-    if not dealt:
-        return None, [(q, ids, _positions(axis_name, q.shape[1])[0])]
-    plan, half = _Deal.of(axis_name), q.shape[1] // 2
-    (qa, qb), (ida, idb) = _dealt_pair(plan, q, ids, axis_name)
-    return plan, [(qa, ida, plan.c_lo * half), (qb, idb, plan.c_hi * half)]
-
-
 @functools.cache
 def _ring(axis_name, scale, block, impl, balance=False):
     """At step s rank r holds the K/V block of rank (r − s) mod P; steps 0..P−2 run in a loop whose
@@ -734,9 +723,6 @@ def _ring(axis_name, scale, block, impl, balance=False):
         # a key block wholly in the future of these query rows is skipped
         return lax.cond(k_start <= q_start + rows - 1, fn, lambda c: c, carry)
 
-    def dealt(q):
-        return balance and lax.axis_size(axis_name) > 1 and q.shape[1] % 2 == 0
-
     @jax.custom_vjp
     def attend(q, k, v, ids):
         return fwd(q, k, v, ids)[0]
@@ -745,7 +731,7 @@ def _ring(axis_name, scale, block, impl, balance=False):
         b, length, h, _ = q.shape
         n = lax.axis_size(axis_name)
         acc = _acc_dtype(q.dtype)
-        plan, parts = _query_parts(q, ids, axis_name, dealt(q))
+        plan, parts = _query_parts(q, ids, axis_name, balance)
 
         def merge_blocks(s, kb, vb, kd, stats):
             k_start, out = held_start(s, length), []
@@ -771,27 +757,20 @@ def _ring(axis_name, scale, block, impl, balance=False):
         ]
         kb, vb, kd, stats = lax.fori_loop(0, n - 1, step, (k, v, ids, stats))
         stats = merge_blocks(n - 1, kb, vb, kd, stats)
-        outs = [o.astype(q.dtype) for o, _ in stats]
-        o = plan.undeal(*outs, axis_name) if plan is not None else outs[0]
-        saved = [(qp, idp, o_p, lse) for (qp, idp, _), o_p, (_, lse) in zip(parts, outs, stats, strict=True)]
-        return o, (k, v, ids, saved)
+        saved = [(*part, o.astype(q.dtype), lse) for part, (o, lse) in zip(parts, stats, strict=True)]
+        return _join_parts(plan, [part[3] for part in saved], axis_name), (k, v, ids, saved)
 
     def bwd(res, do):
         k, v, ids, saved = res
         length = k.shape[1]
         n = lax.axis_size(axis_name)
         acc = _acc_dtype(saved[0][0].dtype)
-        if len(saved) == 2:
-            plan = _Deal.of(axis_name)
-            half = saved[0][0].shape[1]
-            starts, dos = (plan.c_lo * half, plan.c_hi * half), plan.deal(do, axis_name)
-        else:
-            plan, starts, dos = None, (_positions(axis_name, length)[0],), (do,)
+        plan, dos = _cotangent_parts(do, len(saved), axis_name)
 
         def add_blocks(s, kb, vb, kd, carry):
             dqs, dk, dv = carry
             k_start, new_dqs = held_start(s, length), []
-            for (qp, idp, o_p, lse), do_p, q_start, dq in zip(saved, dos, starts, dqs, strict=True):
+            for (qp, idp, q_start, o_p, lse), do_p, dq in zip(saved, dos, dqs, strict=True):
 
                 def add(c, qp=qp, idp=idp, o_p=o_p, lse=lse, do_p=do_p, q_start=q_start):
                     dq, dk, dv = c
@@ -820,14 +799,13 @@ def _ring(axis_name, scale, block, impl, balance=False):
             dqs, dk, dv = add_blocks(s, kb, vb, kd, (dqs, dk, dv))
             return (*nxt, dqs, *shift((dk, dv)))
 
-        dqs = [jnp.zeros(qp.shape, acc) for qp, _, _, _ in saved]
+        dqs = [jnp.zeros(part[0].shape, acc) for part in saved]
         init = (k, v, ids, dqs, jnp.zeros(k.shape, acc), jnp.zeros(v.shape, acc))
         kb, vb, kd, dqs, dk, dv = lax.fori_loop(0, n - 1, step, init)
         dqs, dk, dv = add_blocks(n - 1, kb, vb, kd, (dqs, dk, dv))
         dk, dv = shift((dk, dv))  # the P-th hop: every accumulator is back at its owner
         dqs = [dq.astype(saved[0][0].dtype) for dq in dqs]
-        dq = plan.undeal(*dqs, axis_name) if plan is not None else dqs[0]
-        return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
+        return _join_parts(plan, dqs, axis_name), dk.astype(k.dtype), dv.astype(v.dtype), None
 
     attend.defvjp(fwd, bwd)
     return attend
