@@ -89,7 +89,13 @@ def same_document(q_docs, k_docs, *, transpose: bool = False):
     return (k_docs[:, None] == q_docs[None, :]) if transpose else (q_docs[:, None] == k_docs[None, :])
 
 
-def document_ids(segment_ids, length: int, pad_value: int):
+def both(*masks):
+    """The AND of the masks given (None entries skipped); None when there are none (no masking)."""
+    masks = [m for m in masks if m is not None]
+    return functools.reduce(jnp.logical_and, masks) if masks else None
+
+
+def padded_ids(segment_ids, length: int, pad_value: int):
     """``[B, L]`` int32 ids padded to ``length`` with ``pad_value`` (padded queries and keys get
     different values, so a padded row sees no key and no padded key is seen)."""
     ids = segment_ids.astype(jnp.int32)
@@ -167,10 +173,10 @@ def _forward_kernel(*refs, scale, block_q, block_k, k_len, segmented, skip):
         k = k_ref[pl.ds(k_first, block_k), :]
         v = v_ref[pl.ds(k_first, block_k), :]
         s = dot(q, k, trans_b=True) * qk_scale
-        mask = causal_mask(q_first, k_first, shift, rows=block_q, cols=block_k, k_len=k_len) if masked else None
-        if segmented:
-            docs = same_document(q_docs, k_doc_ref[pl.ds(k_first, block_k)])
-            mask = docs if mask is None else mask & docs
+        mask = both(
+            causal_mask(q_first, k_first, shift, rows=block_q, cols=block_k, k_len=k_len) if masked else None,
+            same_document(q_docs, k_doc_ref[pl.ds(k_first, block_k)]) if segmented else None,
+        )
         if mask is not None:
             s = jnp.where(mask, s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -314,7 +320,7 @@ def block_attention_fwd(
             pl.BlockSpec((None, bq), lambda i, bb, hh: (bb, i)),
             pl.BlockSpec((None, lk_pad), lambda i, bb, hh: (bb, 0)),
         ]
-        docs = [document_ids(q_segment_ids, lq_pad, Q_PAD_DOC), document_ids(k_segment_ids, lk_pad, K_PAD_DOC)]
+        docs = [padded_ids(q_segment_ids, lq_pad, Q_PAD_DOC), padded_ids(k_segment_ids, lk_pad, K_PAD_DOC)]
     if skip:  # after q, k, v: the first key block of each query block
         doc_specs.insert(0, BOUND_SPEC_Q)
         docs.insert(

@@ -42,15 +42,16 @@ from pallas_kernels.flash_attention.pallas_triton import (
     Q_PAD_DOC,
     SHIFT_SPEC,
     _cdiv,
+    both,
     causal_mask,
     check_documents,
-    document_ids,
     dot,
     first_key_blocks,
     fit_block,
     key_block_range,
     pad_dim,
     pad_to,
+    padded_ids,
     query_block_ends,
     resolve,
     round_up,
@@ -98,10 +99,10 @@ def _dq_kernel(*refs, scale, block_q, block_k, k_len, segmented, skip):
         k = k_ref[pl.ds(k_first, block_k), :]
         v = v_ref[pl.ds(k_first, block_k), :]
         p = jnp.exp2(dot(q, k, trans_b=True) * qk_scale - lse[:, None])
-        mask = causal_mask(q_first, k_first, shift, rows=block_q, cols=block_k, k_len=k_len) if masked else None
-        if segmented:
-            docs = same_document(q_docs, k_doc_ref[pl.ds(k_first, block_k)])
-            mask = docs if mask is None else mask & docs
+        mask = both(
+            causal_mask(q_first, k_first, shift, rows=block_q, cols=block_k, k_len=k_len) if masked else None,
+            same_document(q_docs, k_doc_ref[pl.ds(k_first, block_k)]) if segmented else None,
+        )
         if mask is not None:
             p = jnp.where(mask, p, 0.0)
         ds = p * (dot(do, v, trans_b=True) - delta[:, None])
@@ -148,12 +149,12 @@ def _dkv_kernel(*refs, scale, block_q, block_k, k_len, group, segmented, skip):
         do = do_ref[rows, head, :]
         lse, delta = lse_ref[head, rows], delta_ref[head, rows]
         p_t = jnp.exp2(dot(k, q, trans_b=True) * qk_scale - lse[None, :])  # [block_k, block_q]
-        mask = None
-        if masked:
-            mask = causal_mask(q_first, k_first, shift, rows=block_k, cols=block_q, k_len=k_len, transpose=True)
-        if segmented:
-            docs = same_document(q_doc_ref[rows], k_docs, transpose=True)
-            mask = docs if mask is None else mask & docs
+        mask = both(
+            causal_mask(q_first, k_first, shift, rows=block_k, cols=block_q, k_len=k_len, transpose=True)
+            if masked
+            else None,
+            same_document(q_doc_ref[rows], k_docs, transpose=True) if segmented else None,
+        )
         if mask is not None:
             p_t = jnp.where(mask, p_t, 0.0)
         dv = dv + dot(p_t.astype(do.dtype), do)
@@ -221,7 +222,7 @@ def block_attention_bwd(
     statics = dict(scale=float(scale), k_len=lk, segmented=segmented, skip=skip)
     docs, dq_bounds, dkv_bounds = [], [], []
     if segmented:
-        docs = [document_ids(q_segment_ids, lq_pad, Q_PAD_DOC), document_ids(k_segment_ids, lk_pad, K_PAD_DOC)]
+        docs = [padded_ids(q_segment_ids, lq_pad, Q_PAD_DOC), padded_ids(k_segment_ids, lk_pad, K_PAD_DOC)]
     if skip:
         ids = dict(q_ids=q_segment_ids, k_ids=k_segment_ids)
         dq_bounds = [first_key_blocks(**ids, block_q=bq_dq, block_k=bk_dq, num_q_blocks=lq_pad // bq_dq)]
