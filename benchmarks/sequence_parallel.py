@@ -32,9 +32,10 @@ import contextlib
 import json
 import os
 import re
-import statistics
 import sys
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import timing  # noqa: E402  (imports nothing heavy: jax initialises later)
 
 # peers measured by the project lead on 2×H200 (NVLink), 32K tokens per GPU, B=1, H=16, D=128,
 # forward+backward of the attention op (../shared/bench/README.md); not re-measured here
@@ -225,20 +226,9 @@ def collectives_removed():
 
 
 # ------------------------------------------------------------------------------ timing
-def median_ms(fn, args, *, warmup, iters, inner=5):
-    """Median over ``iters`` samples of the mean time of ``inner`` back-to-back calls (dispatch amortised)."""
-    import jax
-
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        for _ in range(inner - 1):
-            fn(*args)
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t0) / inner)
-    return 1e3 * statistics.median(times)
+def median_ms(fn, args, *, warmup, iters):
+    """``benchmarks.timing.median_ms`` over ``iters`` samples of 5 back-to-back calls (dispatch amortised)."""
+    return timing.median_ms(fn, *args, reps=iters, warmup=warmup, inner=5)
 
 
 def profile_kernels(fn, args, path, *, calls: int = 3) -> dict:
