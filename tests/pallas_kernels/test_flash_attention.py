@@ -135,6 +135,22 @@ def test_kernels_match_oracle_bf16(rng):
     _compare(got, want, dtype=jnp.bfloat16, length=64)
 
 
+def documents_kwargs(rng, b, lq, lk, n_docs=16, q_start=None):
+    """Offsets and segment ids of ``n_docs`` documents per row (random cuts of the span the queries
+    and keys cover, non-decreasing ids); the queries start at ``q_start`` (default: they are the
+    last ``lq`` keys), the keys at 0."""
+    q_start = lk - lq if q_start is None else q_start
+    total = max(lk, q_start + lq)
+    cuts = [np.sort(rng.choice(np.arange(1, total), n_docs - 1, replace=False)) for _ in range(b)]
+    ids = jnp.asarray(np.stack([np.searchsorted(c, np.arange(total), side="right") for c in cuts]), jnp.int32)
+    return dict(
+        q_start=jnp.int32(q_start),
+        k_start=jnp.int32(0),
+        q_segment_ids=ids[:, q_start : q_start + lq],
+        k_segment_ids=ids[:, :lk],
+    )
+
+
 SMALL_BLOCKS = BlockConfig(block_q=16, block_k=16, block_q_dq=16, block_k_dq=16, block_k_dkv=16, block_q_dkv=16)
 
 
@@ -150,17 +166,7 @@ def test_documents_match_jnp_recurrence(rng, sorted_ids, lq, lk, q_start, n_docs
     q, k, v, do = (
         jnp.asarray(x, jnp.float32) for x in _inputs(rng, b=b, lq=lq, lk=lk, h=h, hk=hk, d=d, e=d, dtype=jnp.float32)
     )
-    total = max(lk, q_start + lq)
-    ids = np.stack(
-        [
-            np.searchsorted(
-                np.sort(rng.choice(np.arange(1, total), n_docs - 1, replace=False)), np.arange(total), side="right"
-            )
-            for _ in range(b)
-        ]
-    )
-    kw = dict(q_start=q_start, k_start=0, scale=0.25)
-    kw |= dict(q_segment_ids=jnp.asarray(ids[:, q_start : q_start + lq]), k_segment_ids=jnp.asarray(ids[:, :lk]))
+    kw = documents_kwargs(rng, b, lq, lk, n_docs, q_start) | dict(scale=0.25)
     o_want, lse_want = _flash_fwd(q, k, v, block=8, **kw)
     grads_want = _flash_bwd(q, k, v, o_want, lse_want, do, block=8, **kw)
     o, lse = block_attention_fwd(q, k, v, documents_sorted=sorted_ids, config=SMALL_BLOCKS, **kw)
@@ -288,15 +294,6 @@ def test_compiled_kernels_match_jnp_recurrence(rng, case):
     b, lq, lk, h, hk, d, dtype, q_start, k_start = GPU_CASES[case]
     q, k, v, do = _inputs(rng, b=b, lq=lq, lk=lk, h=h, hk=hk, d=d, e=d, dtype=dtype)
     _check_compiled(q, k, v, do, dtype=dtype, q_start=jnp.int32(q_start), k_start=jnp.int32(k_start), scale=d**-0.5)
-
-
-def documents_kwargs(rng, b, lq, lk, n_docs=16):
-    """Segment ids of ``n_docs`` documents over the keys (random cuts); the queries are the last ``lq`` keys."""
-    cuts = np.sort(rng.choice(np.arange(1, lk), n_docs - 1, replace=False))
-    k_ids = jnp.asarray(np.broadcast_to(np.searchsorted(cuts, np.arange(lk), side="right"), (b, lk)), jnp.int32)
-    return dict(
-        q_start=jnp.int32(lk - lq), k_start=jnp.int32(0), q_segment_ids=k_ids[:, lk - lq :], k_segment_ids=k_ids
-    )
 
 
 @pytest.mark.gpu
