@@ -1,0 +1,45 @@
+"""Helpers every op in ``pallas_kernels`` shares: backend checks, dtypes, the float32-accumulating dot, padding.
+
+Nothing here knows an op's math; what one op's forward and backward share lives in that op's own
+``common.py``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+F32 = jnp.float32
+# input dtypes the Pallas Triton kernels take (float32 accumulation for all of them)
+KERNEL_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+# the Triton lowering computes element offsets in int32
+MAX_ELEMENTS = 2**31 - 1
+
+
+def on_gpu() -> bool:
+    """True when jax's default backend is a GPU (False when no backend can start)."""
+    try:
+        return jax.default_backend() == "gpu"
+    except RuntimeError:
+        return False
+
+
+def acc_dtype(*dtypes) -> jnp.dtype:
+    """The accumulation dtype for inputs of ``dtypes``: float32, or float64 when one of them is."""
+    return jnp.result_type(jnp.float32, *[d for d in dtypes if d is not None])
+
+
+def dot(a, b, *, trans_a: bool = False, trans_b: bool = False):
+    """``a @ b`` (``aᵀ`` / ``bᵀ`` when asked) with float32 accumulation, for use inside kernels.
+
+    HIGHEST keeps float32 operands exact (jax 0.11's Triton lowering maps DEFAULT to tf32);
+    bf16/fp16 operands go to the tensor cores either way.
+    """
+    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=lax.Precision.HIGHEST, preferred_element_type=F32)
+
+
+def pad_dim(n: int) -> int:
+    """A head dim padded to a power of two ≥ 16 (``tl.dot`` needs ≥ 16, loads need powers of two)."""
+    return max(16, 1 << (n - 1).bit_length())
