@@ -19,6 +19,7 @@ import jax
 from jax.sharding import Mesh, PartitionSpec
 
 from lasp_jax import baselines, lasp
+from lasp_jax.mesh import axes_tuple, check_mesh, mesh_size
 from pallas_kernels import linear_attention
 from pallas_kernels.linear_attention.api import IMPLS, validate
 
@@ -99,40 +100,6 @@ def lasp_attention_shard(
     return baseline(q, k, v, axis_name=axis_name, size=size, impl=impl, **kwargs)
 
 
-def _axes_tuple(axes) -> tuple:
-    if axes is None:
-        return ()
-    return tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
-
-
-def _mesh_size(mesh: Mesh, axes) -> int:
-    n = 1
-    for a in _axes_tuple(axes):
-        n *= mesh.shape[a]
-    return n
-
-
-def check_mesh(mesh: Mesh, shape, *, seq_axis, batch_axis):
-    """Raise ValueError when an axis is missing or a dimension does not divide over it."""
-    b, t = shape[:2]
-    names = tuple(mesh.axis_names)
-    for role, axis in (("seq_axis", seq_axis), *(("batch_axis", a) for a in _axes_tuple(batch_axis))):
-        if axis not in names:
-            raise ValueError(f"{role}={axis!r} is not an axis of the mesh: mesh.axis_names={names}")
-    if seq_axis in _axes_tuple(batch_axis):
-        raise ValueError(f"seq_axis={seq_axis!r} cannot also be a batch axis: batch_axis={batch_axis!r}")
-    sp, dp = mesh.shape[seq_axis], _mesh_size(mesh, batch_axis)
-    if t % sp:
-        raise ValueError(
-            f"the sequence length must divide over the sequence axis: T={t}, mesh.shape[{seq_axis!r}]={sp} "
-            f"(T % {sp} = {t % sp}); pad the sequence to a multiple of {sp}"
-        )
-    if b % dp:
-        raise ValueError(
-            f"the batch must divide over the batch axis: B={b}, {batch_axis!r} has {dp} devices (B % {dp} = {b % dp})"
-        )
-
-
 def lasp_attention(
     q: jax.Array,
     k: jax.Array,
@@ -196,10 +163,10 @@ def lasp_attention(
     if mesh is None:
         return linear_attention(q, k, v, impl=impl, **kwargs)
     check_mesh(mesh, q.shape, seq_axis=seq_axis, batch_axis=batch_axis)
-    if mesh.shape[seq_axis] == 1 and _mesh_size(mesh, batch_axis) == 1:
+    if mesh.shape[seq_axis] == 1 and mesh_size(mesh, batch_axis) == 1:
         return linear_attention(q, k, v, impl=impl, **kwargs)
 
-    batch = _axes_tuple(batch_axis) or None
+    batch = axes_tuple(batch_axis) or None
     if batch is not None and len(batch) == 1:
         batch = batch[0]
     token_spec = PartitionSpec(batch, seq_axis)
@@ -238,7 +205,7 @@ def lasp_attention(
     # the unchecked convention for the replicated final state (see its docstring)
     # when the mesh has other axes of size > 1, be manual only over the axes named here: an
     # unchecked shard_map would otherwise all-reduce every cotangent over axes the layer never splits
-    used = (seq_axis, *_axes_tuple(batch_axis))
+    used = (seq_axis, *axes_tuple(batch_axis))
     others_split = any(size > 1 for name, size in mesh.shape.items() if name not in used)
     partial_manual = {"axis_names": frozenset(used)} if others_split else {}
     return jax.shard_map(

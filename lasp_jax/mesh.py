@@ -134,3 +134,39 @@ def with_logical_constraint(
 ) -> jax.Array:
     """``jax.lax.with_sharding_constraint`` by logical names (inside ``jit``)."""
     return jax.lax.with_sharding_constraint(x, logical_sharding(x.shape, names, mesh, rules))
+
+
+def axes_tuple(axes) -> tuple:
+    """A mesh axis name, a tuple of them, or None as a tuple of names."""
+    if axes is None:
+        return ()
+    return tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
+
+
+def mesh_size(mesh: Mesh, axes) -> int:
+    """The number of devices along axes (one name, a tuple of names or None)."""
+    n = 1
+    for a in axes_tuple(axes):
+        n *= mesh.shape[a]
+    return n
+
+
+def check_mesh(mesh: Mesh, shape, *, seq_axis, batch_axis):
+    """Raise ValueError when an axis is missing or a dimension does not divide over it."""
+    b, t = shape[:2]
+    names = tuple(mesh.axis_names)
+    for role, axis in (("seq_axis", seq_axis), *(("batch_axis", a) for a in axes_tuple(batch_axis))):
+        if axis not in names:
+            raise ValueError(f"{role}={axis!r} is not an axis of the mesh: mesh.axis_names={names}")
+    if seq_axis in axes_tuple(batch_axis):
+        raise ValueError(f"seq_axis={seq_axis!r} cannot also be a batch axis: batch_axis={batch_axis!r}")
+    sp, dp = mesh.shape[seq_axis], mesh_size(mesh, batch_axis)
+    if t % sp:
+        raise ValueError(
+            f"the sequence length must divide over the sequence axis: T={t}, mesh.shape[{seq_axis!r}]={sp} "
+            f"(T % {sp} = {t % sp}); pad the sequence to a multiple of {sp}"
+        )
+    if b % dp:
+        raise ValueError(
+            f"the batch must divide over the batch axis: B={b}, {batch_axis!r} has {dp} devices (B % {dp} = {b % dp})"
+        )
