@@ -1,4 +1,4 @@
-"""Causal linear attention with optional per-head or per-token decay (DESIGN.md §1)."""
+"""Causal linear attention with optional per-head or per-token decay (notes/design.md §1)."""
 
 from pallas_kernels.linear_attention.api import IMPLS, linear_attention
 

@@ -1,6 +1,6 @@
 """Public entry point: argument checks and dispatch between implementations.
 
-``linear_attention`` equals ``reference.recurrent`` (the token recurrence of DESIGN.md §1) on
+``linear_attention`` equals ``reference.recurrent`` (the token recurrence of notes/design.md §1) on
 every implementation, up to floating-point rounding. Dtype policy: q, k, v in bf16, fp16 or fp32
 (fp64 for the oracles and the XLA path), the state and every accumulation in float32, the
 output in q's dtype, ``final_state`` float32 ``[B, H, D, E]``. Papers: Katharopoulos et al. 2020
@@ -14,7 +14,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.linear_attention import reference, xla
+from pallas_kernels.common import on_gpu
+from pallas_kernels.linear_attention import pallas_triton, reference, xla
 
 Impl = Literal["auto", "pallas", "xla", "reference", "reference_quadratic"]
 IMPLS = ("auto", "pallas", "xla", "reference", "reference_quadratic")
@@ -72,13 +73,6 @@ def validate(q, k, v, *, g=None, g_gamma=None, initial_state=None, segment_ids=N
     return b, t, h, hk, d, e
 
 
-def _on_gpu() -> bool:
-    try:
-        return jax.default_backend() == "gpu"
-    except RuntimeError:
-        return False
-
-
 def linear_attention(
     q: jax.Array,
     k: jax.Array,
@@ -122,8 +116,6 @@ def linear_attention(
     impl = resolve_impl(impl, q, k, v)
 
     if impl == "pallas":
-        from pallas_kernels.linear_attention import pallas_triton
-
         o, final = pallas_triton.linear_attention(
             q,
             k,
@@ -155,16 +147,9 @@ def resolve_impl(impl: str, q, k, v) -> str:
     CUDA GPU when the kernel takes the shapes and dtypes, else ``"xla"``; others are unchanged."""
     if impl != "auto":
         return impl
-    return "pallas" if _on_gpu() and _pallas_supports(q, k, v) else "xla"
+    return "pallas" if on_gpu() and pallas_triton.supports(q, k, v) else "xla"
 
 
 def interpret_pallas() -> bool:
     """Whether ``impl="pallas"`` runs the kernels in the Pallas interpreter (no GPU)."""
-    return not _on_gpu()
-
-
-def _pallas_supports(q, k, v) -> bool:
-    """Shapes and dtypes the GPU kernel handles; everything else goes to the XLA path."""
-    from pallas_kernels.linear_attention import pallas_triton
-
-    return pallas_triton.supports(q, k, v)
+    return not on_gpu()

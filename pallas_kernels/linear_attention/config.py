@@ -1,9 +1,9 @@
 """Block sizes for the Pallas Triton linear-attention kernels, with a heuristic default.
 
-The kernels split each (batch row, head) into ``segments`` of whole chunks so that the grid
-has enough programs to fill the GPU (LASP inside one device: every segment computes its own
-state from zero, a float32 prefix scan gives each segment its entering state). Inside a
-segment one program walks the chunks in order, carrying the float32 state in registers.
+The kernels cut each (batch row, head) into ``splits``: runs of whole chunks, enough of them
+that the grid has the programs to fill the GPU (LASP inside one device: every split computes its
+own state from zero, a float32 prefix scan gives each split its entering state). Inside a split
+one program walks the chunks in order, carrying the float32 state in registers.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ class BlockConfig:
 
     Attributes:
       chunk: tokens per chunk (C): the intra-chunk attention is a C×C masked matmul.
-      min_programs: split rows into segments until B·H·segments reaches this.
+      min_programs: cut rows into splits until B·H·splits reaches this.
       block_e: value-dim tile of the forward output kernel (each program recomputes Q Kᵀ).
       block_d: key-dim tile of the dq kernel (each program recomputes dO Vᵀ).
       split_dkdv: compute dk and dv in two kernels (smaller register footprint, one more
@@ -52,20 +52,20 @@ class BlockConfig:
 
 
 # interpret mode (CPU tests) runs the grid as a Python-level loop: small chunks and a couple of
-# segments per row keep it fast while still exercising multi-chunk segments and the state scan
+# splits per row keep it fast while still exercising multi-chunk splits and the state scan
 INTERPRET_CONFIG = BlockConfig(chunk=16, min_programs=1, block_e=16, block_d=16, block_dkdv=16)
 
 
 def default_config(*, batch: int, heads: int, seq_len: int, interpret: bool) -> BlockConfig:
-    """Heuristic tiling for a problem; interpret mode gets small blocks and two segments per row."""
+    """Heuristic tiling for a problem; interpret mode gets small blocks and two splits per row."""
     if interpret:
         return dataclasses.replace(INTERPRET_CONFIG, min_programs=2 * batch * heads)
     del seq_len
     return BlockConfig()
 
 
-def segments(num_chunks: int, rows: int, min_programs: int) -> tuple[int, int]:
-    """(number of segments, chunks per segment) so that rows · segments >= min_programs."""
+def splits(num_chunks: int, rows: int, min_programs: int) -> tuple[int, int]:
+    """(number of splits, chunks per split) so that rows · splits >= min_programs."""
     wanted = max(1, min(num_chunks, math.ceil(min_programs / rows)))
-    per_segment = math.ceil(num_chunks / wanted)
-    return math.ceil(num_chunks / per_segment), per_segment
+    per_split = math.ceil(num_chunks / wanted)
+    return math.ceil(num_chunks / per_split), per_split

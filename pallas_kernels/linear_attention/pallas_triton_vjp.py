@@ -1,15 +1,16 @@
 """Backward pass of the Pallas Triton linear-attention kernels (``pallas_triton``).
 
-It mirrors the forward's segment layout (DESIGN.md §1, §2), with ``scale`` folded into q:
+It mirrors the forward's layout of splits (runs of whole chunks, one per program; notes/design.md
+§1, §2), with ``scale`` folded into q:
 
-1. ``dq`` (one program per key-dim block, segment, row, head) walks the segment's chunks
+1. ``dq`` (one program per key-dim block, split, row, head) walks the split's chunks
    forward from the saved entering state S:
-   ``dQ = ((dO Vᵀ) ⊙ M) K + (exp(b) ⊙ dO) Sᵀ``, and in the same pass accumulates the segment's
+   ``dQ = ((dO Vᵀ) ⊙ M) K + (exp(b) ⊙ dO) Sᵀ``, and in the same pass accumulates the split's
    local state cotangent ``dM_s = Σ_i exp(b_i − b_start) q_iᵀ do_i`` and, for the decay
    gradient, ``q_t · dq_t``.
-2. ``state_scan`` in reverse (a float32 suffix over segments) gives the cotangent of the state leaving each segment
+2. ``state_scan`` in reverse (a float32 suffix over splits) gives the cotangent of the state leaving each split
    (``dS_final`` enters at the right end) and the gradient of ``initial_state``.
-3. ``dkdv`` walks each segment's chunks in reverse from the state cotangent leaving it:
+3. ``dkdv`` walks each split's chunks in reverse from the state cotangent leaving it:
    ``dK = ((dO Vᵀ) ⊙ M)ᵀ Q + (exp(b_{C−1} − b) ⊙ V) dSᵀ``,
    ``dV = ((Q Kᵀ) ⊙ M)ᵀ dO + (exp(b_{C−1} − b) ⊙ K) dS``,
    ``dS ← exp(b_{C−1}) dS + (exp(b) ⊙ Q)ᵀ dO``, per query head (grouped heads summed after).
@@ -22,48 +23,54 @@ token; ``dg_t = Σ_{u ≥ t} ∂L/∂B_u`` and ``dg_gamma = Σ_{b, t} dg``.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.linear_attention.pallas_triton import (
+from pallas_kernels.common import F32, dot
+from pallas_kernels.linear_attention.common import (
+    ChunkWalk,
     Layout,
-    _decay_inputs,
-    _mxu_dtype,
+    Statics,
     carry_scale,
-    chunk_decay,
-    chunk_docs,
     compiler_params,
+    decay_inputs,
     decay_mask,
-    dot,
-    pop_decay_refs,
     row_scale,
     same_doc,
-    segment_bounds,
-    segment_log_decay,
+    split_log_decay,
     state_scan,
 )
 
-_F32 = jnp.float32
+
+class DqStage(NamedTuple):
+    """What ``dq_stage`` gives ``finish``: dq, each split's local state cotangent
+    ``[B, H, splits, D, E]`` and the inter-chunk ``q·dq`` ``[B, H, T]`` (None without decay)."""
+
+    dq: jax.Array
+    dm: jax.Array
+    qdq: jax.Array | None
 
 
-def _dq_kernel(*refs, chunk, per_segment, num_chunks, scale, mode, mxu_dtype, with_dg, segmented):
-    """dq and the segment's local state cotangent dM (and q·dq), carrying S forward."""
+def _dq_kernel(*refs, walk: ChunkWalk, scale, with_dg):
+    """dq and the split's local state cotangent dM (and q·dq), carrying S forward."""
     q_ref, k_ref, v_ref, do_ref, *refs = refs
-    decay_ref, doc_refs = pop_decay_refs(refs, mode=mode, segmented=segmented)
+    decay_ref, doc_refs = walk.pop_inputs(refs)
     s_in_ref, dq_ref, dm_ref, *refs = refs
     qdq_ref = refs[0] if with_dg else None
-    first, count = segment_bounds(num_chunks, per_segment)
-    # the document of the state entering the segment: only its queries read that state
-    first_docs = chunk_docs(doc_refs, pl.multiple_of(first * chunk, chunk), chunk=chunk)
+    chunk, mxu_dtype = walk.chunk, walk.mxu_dtype
+    first, count = walk.split_bounds()
+    # the document of the state entering the split: only its queries read that state
+    first_docs = walk.docs(doc_refs, pl.multiple_of(first * chunk, chunk))
 
     def body(i, carry):
         state, dm, log_start = carry
         t0 = pl.multiple_of((first + i) * chunk, chunk)
-        b, b_last = chunk_decay(decay_ref, t0, chunk=chunk, mode=mode)
-        docs = chunk_docs(doc_refs, t0, chunk=chunk)
+        b, b_last = walk.decay(decay_ref, t0)
+        docs = walk.docs(doc_refs, t0)
         q = q_ref[pl.ds(t0, chunk), :]
         k = k_ref[pl.ds(t0, chunk), :]
         v = v_ref[pl.ds(t0, chunk), :].astype(mxu_dtype)
@@ -73,7 +80,7 @@ def _dq_kernel(*refs, chunk, per_segment, num_chunks, scale, mode, mxu_dtype, wi
         dq = scale * (dot(dp.astype(mxu_dtype), k) + dq_inter)
         dq_ref[pl.ds(t0, chunk), :] = dq.astype(dq_ref.dtype)
         if with_dg:  # the inter-chunk part of q·dq; the intra part is taken in the dk/dv kernel
-            qdq_ref[pl.ds(t0, chunk)] = scale * jnp.sum(q.astype(_F32) * dq_inter, axis=1)
+            qdq_ref[pl.ds(t0, chunk)] = scale * jnp.sum(q.astype(F32) * dq_inter, axis=1)
         in_first_doc = None if docs is None else docs.doc == first_docs.prev
         q_from_start = row_scale(q, None if b is None else log_start + b, in_first_doc).astype(mxu_dtype)
         dm = dm + dot(q_from_start, do, trans_a=True)
@@ -81,15 +88,13 @@ def _dq_kernel(*refs, chunk, per_segment, num_chunks, scale, mode, mxu_dtype, wi
         update = dot(k_to_end, v, trans_a=True)
         return carry_scale(state, b_last, docs) + update, dm, log_start + (0.0 if b is None else b_last)
 
-    init = (s_in_ref[...], jnp.zeros(dm_ref.shape, _F32), jnp.zeros((), _F32))
+    init = (s_in_ref[...], jnp.zeros(dm_ref.shape, F32), jnp.zeros((), F32))
     _, dm, _ = lax.fori_loop(0, count, body, init)
     dm_ref[...] = scale * dm
 
 
-def _dkdv_kernel(
-    *refs, chunk, per_segment, num_chunks, scale, mode, mxu_dtype, with_dk, with_dv, with_dg, segmented, last_token
-):
-    """dk and/or dv per query head, carrying the state cotangent backward through the segment.
+def _dkdv_kernel(*refs, walk: ChunkWalk, scale, with_dk, with_dv, with_dg, last_token):
+    """dk and/or dv per query head, carrying the state cotangent backward through the split.
 
     Fused (both): full D and E. dv alone: E tiled (q, k full). dk alone: D tiled (v, dO full).
     With ``with_dg`` it also writes this program's share of ``∂L/∂B_t`` except the inter-chunk
@@ -99,19 +104,20 @@ def _dkdv_kernel(
     token ``last_token``, whose pair with the final state cancels the same way.
     """
     q_ref, k_ref, v_ref, do_ref, *refs = refs
-    decay_ref, doc_refs = pop_decay_refs(refs, mode=mode, segmented=segmented)
+    decay_ref, doc_refs = walk.pop_inputs(refs)
     ds_ref, *refs = refs
     dk_ref = refs.pop(0) if with_dk else None
     dv_ref = refs.pop(0) if with_dv else None
     dlog_ref = refs.pop(0) if with_dg else None
-    first, count = segment_bounds(num_chunks, per_segment)
+    chunk, mxu_dtype = walk.chunk, walk.mxu_dtype
+    first, count = walk.split_bounds()
     row = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
     col = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
 
     def body(i, ds):
         t0 = pl.multiple_of((first + count - 1 - i) * chunk, chunk)
-        b, b_last = chunk_decay(decay_ref, t0, chunk=chunk, mode=mode)
-        docs = chunk_docs(doc_refs, t0, chunk=chunk)
+        b, b_last = walk.decay(decay_ref, t0)
+        docs = walk.docs(doc_refs, t0)
         mask_t = decay_mask(b, chunk=chunk, transpose=True, docs=docs)  # [key j, query i]
         to_end = None if b is None else b_last - b
         key_to_end = same_doc(docs, "last")
@@ -135,7 +141,7 @@ def _dkdv_kernel(
             dk = scale * dot(dp_t.astype(mxu_dtype), q) + dk_inter
             dk_ref[pl.ds(t0, chunk), :] = dk.astype(dk_ref.dtype)
             if with_dg:
-                k_dk = jnp.sum(k.astype(_F32) * dk_inter, axis=1)
+                k_dk = jnp.sum(k.astype(F32) * dk_inter, axis=1)
                 k_dk = jnp.where(t0 + lax.broadcasted_iota(jnp.int32, (chunk,), 0) == last_token, 0.0, k_dk)
                 dlog = -k_dk if dlog is None else dlog - k_dk
         if with_dg:
@@ -146,28 +152,17 @@ def _dkdv_kernel(
     lax.fori_loop(0, count, body, ds_ref[...])
 
 
-def backward(q, k, v, g, gamma, docs, states, do, d_final, *, scale, mode, cfg, interpret, last_token):
-    """Cotangents of (q, k, v, g, gamma, initial_state) for ``pallas_triton._linear_attention``."""
-    statics = dict(scale=scale, mode=mode, cfg=cfg, interpret=interpret)
-    partial = dq_stage(q, k, v, g, gamma, docs, states, do, **statics)
-    return finish(q, k, v, g, gamma, docs, states, do, d_final, partial, last_token=last_token, **statics)
+def backward(q, k, v, g, gamma, docs, states, do, d_final, *, statics: Statics):
+    """Cotangents of (q, k, v, g, gamma, initial_state) for ``pallas_triton``'s ``custom_vjp``."""
+    stage = dq_stage(q, k, v, g, gamma, docs, states, do, statics=statics)
+    return finish(q, k, v, g, gamma, docs, states, do, d_final, stage, statics=statics)
 
 
-def _setup(q, k, v, g, gamma, docs, *, scale, mode, cfg):
-    """(layout, kernel statics, decay and document inputs, their specs) of one backward call."""
-    lay = Layout(q, k, v, cfg)
-    statics = dict(
-        chunk=lay.chunk,
-        per_segment=lay.per_segment,
-        num_chunks=lay.num_chunks,
-        scale=scale,
-        mode=mode,
-        mxu_dtype=_mxu_dtype(q.dtype),
-        with_dg=mode != "none",
-        segmented=docs is not None,
-    )
-    decay, decay_specs = _decay_inputs(g, gamma, docs, lay, mode)
-    return lay, statics, decay, decay_specs
+def _setup(q, k, v, g, gamma, docs, statics: Statics):
+    """(layout, chunk walk, decay and document inputs, their specs) of one backward call."""
+    lay = Layout(q, k, v, statics.cfg)
+    decay, decay_specs = decay_inputs(g, gamma, docs, lay, statics.mode)
+    return lay, lay.walk(statics.mode, q.dtype, has_docs=docs is not None), decay, decay_specs
 
 
 def _token_spec(t):
@@ -175,11 +170,12 @@ def _token_spec(t):
     return pl.BlockSpec((None, None, None, t), lambda j, s, bb, hh: (j, bb, hh, 0))
 
 
-def dq_stage(q, k, v, g, gamma, docs, states, do, *, scale, mode, cfg, interpret):
-    """Stage 1 (needs no state cotangent from the right): ``(dq, dM per segment, q·dq or None)``."""
-    lay, statics, decay, decay_specs = _setup(q, k, v, g, gamma, docs, scale=scale, mode=mode, cfg=cfg)
+def dq_stage(q, k, v, g, gamma, docs, states, do, *, statics: Statics) -> DqStage:
+    """Stage 1 (needs no state cotangent from the right): dq, dM per split and q·dq."""
+    lay, walk, decay, decay_specs = _setup(q, k, v, g, gamma, docs, statics)
     b, t, h, d, e = lay.batch, lay.seq_len, lay.heads, lay.dim, lay.value_dim
-    with_dg = statics["with_dg"]
+    cfg = statics.cfg
+    with_dg = statics.mode != "none"
     do = do.astype(q.dtype)
 
     # 1. dq, the local state cotangents and q·dq
@@ -187,14 +183,14 @@ def dq_stage(q, k, v, g, gamma, docs, states, do, *, scale, mode, cfg, interpret
     n_d = d // block_d
     out_shape = [
         jax.ShapeDtypeStruct(q.shape, q.dtype),
-        jax.ShapeDtypeStruct((b, h, lay.num_segments, d, e), _F32),
+        jax.ShapeDtypeStruct((b, h, lay.num_splits, d, e), F32),
     ]
     out_specs = [lay.seq_spec(d, block=block_d), lay.state_spec(block_d, e, block_rows=True)]
     if with_dg:
-        out_shape.append(jax.ShapeDtypeStruct((n_d, b, h, t), _F32))
+        out_shape.append(jax.ShapeDtypeStruct((n_d, b, h, t), F32))
         out_specs.append(_token_spec(t))
     dq, dm, *qdq = pl.pallas_call(
-        functools.partial(_dq_kernel, **statics),
+        functools.partial(_dq_kernel, walk=walk, scale=statics.scale, with_dg=with_dg),
         grid=lay.grid(n_d),
         in_specs=[
             lay.seq_spec(d, block=block_d),
@@ -207,26 +203,28 @@ def dq_stage(q, k, v, g, gamma, docs, states, do, *, scale, mode, cfg, interpret
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=compiler_params(cfg, backward=True),
-        interpret=interpret,
+        interpret=statics.interpret,
         name="linear_attention_dq",
     )(q, k, v, do, *decay, states)
-    return dq, dm, (qdq[0].sum(0) if with_dg else None)
+    return DqStage(dq, dm, qdq[0].sum(0) if with_dg else None)
 
 
-def finish(q, k, v, g, gamma, docs, states, do, d_final, partial, *, scale, mode, cfg, interpret, last_token):
+def finish(q, k, v, g, gamma, docs, states, do, d_final, stage: DqStage, *, statics: Statics):
     """Stages 2–3 from ``dq_stage``'s result and the final state's cotangent ``d_final``."""
-    dq, dm, qdq = partial
-    lay, statics, decay, decay_specs = _setup(q, k, v, g, gamma, docs, scale=scale, mode=mode, cfg=cfg)
+    dq, dm, qdq = stage
+    lay, walk, decay, decay_specs = _setup(q, k, v, g, gamma, docs, statics)
     b, t, h, d, e = lay.batch, lay.seq_len, lay.heads, lay.dim, lay.value_dim
-    with_dg = statics["with_dg"]
+    cfg, scale, mode = statics.cfg, statics.scale, statics.mode
+    with_dg = mode != "none"
     do = do.astype(q.dtype)
 
-    # 2. state cotangents entering each segment from the right: d_states[s] for s = 0 … n_seg,
-    # where d_states[0] is the initial state's gradient and d_states[s + 1] leaves segment s
-    d_states = state_scan(dm, segment_log_decay(g, gamma, lay, docs), d_final, reverse=True, interpret=interpret)
+    # 2. state cotangents entering each split from the right: d_states[s] for s = 0 … num_splits,
+    # where d_states[0] is the initial state's gradient and d_states[s + 1] leaves split s
+    split_log = split_log_decay(g, gamma, lay, docs)
+    d_states = state_scan(dm, split_log, d_final, reverse=True, interpret=statics.interpret)
 
     # 3. dk, dv per query head
-    grad_dtype = k.dtype if lay.group == 1 else _F32
+    grad_dtype = k.dtype if lay.group == 1 else F32
     variants = [(True, True, 1)]
     if cfg.split_dkdv:
         variants = [(True, False, d // min(cfg.block_dkdv, d)), (False, True, e // min(cfg.block_dkdv, e))]
@@ -244,10 +242,18 @@ def finish(q, k, v, g, gamma, docs, states, do, d_final, partial, *, scale, mode
             out_shape.append(jax.ShapeDtypeStruct((b, t, h, e), grad_dtype))
             out_specs.append(lay.seq_spec(e, block=block_dv if cols_tiled else None))
         if with_dg:
-            out_shape.append(jax.ShapeDtypeStruct((blocks, b, h, t), _F32))
+            out_shape.append(jax.ShapeDtypeStruct((blocks, b, h, t), F32))
             out_specs.append(_token_spec(t))
         outs = pl.pallas_call(
-            functools.partial(_dkdv_kernel, with_dk=with_dk, with_dv=with_dv, last_token=last_token, **statics),
+            functools.partial(
+                _dkdv_kernel,
+                walk=walk,
+                scale=scale,
+                with_dk=with_dk,
+                with_dv=with_dv,
+                with_dg=with_dg,
+                last_token=statics.last_token,
+            ),
             grid=lay.grid(blocks),
             in_specs=[
                 lay.seq_spec(d, block=block_dk if rows_tiled else None),
@@ -260,7 +266,7 @@ def finish(q, k, v, g, gamma, docs, states, do, d_final, partial, *, scale, mode
             out_specs=out_specs,
             out_shape=out_shape,
             compiler_params=compiler_params(cfg, backward=True),
-            interpret=interpret,
+            interpret=statics.interpret,
             name="linear_attention_dkdv"
             if with_dk and with_dv
             else ("linear_attention_dk" if with_dk else "linear_attention_dv"),

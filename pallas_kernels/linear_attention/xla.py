@@ -2,7 +2,7 @@
 
 One ``lax.scan`` walks the chunks of C tokens. Each step computes the chunk's masked C×C
 attention, adds the contribution of the float32 ``[B, H, D, E]`` state entering the chunk and
-updates that state (DESIGN.md §1). Per-chunk states are never stacked in memory, which is what
+updates that state (notes/design.md §1). Per-chunk states are never stacked in memory, which is what
 makes this path fast on CPUs with little memory bandwidth. Tensors are laid out as
 ``[N, B, Hk, G, C, ·]`` (G = H // Hk query heads per key head), so keys and values are never
 repeated. Gradients come from autodiff; each step is rematerialised, so the backward stores only

@@ -2,7 +2,7 @@
 
 The shared suite (test_linear_attention.py) runs ``impl="pallas"`` through the public function.
 Here: the paths it does not reach (the constant-decay kernel mode, which needs T to be a whole
-number of chunks; tiled and split backward kernels; many segments), the tiling helpers, and
+number of chunks; tiled and split backward kernels; many splits), the tiling helpers, and
 GPU-only checks (compiled kernels against the reference, a million-token call) that skip
 without a GPU.
 """
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.linear_attention import pallas_triton
-from pallas_kernels.linear_attention.config import INTERPRET_CONFIG, BlockConfig, default_config, segments
+from pallas_kernels.linear_attention.config import INTERPRET_CONFIG, BlockConfig, default_config, splits
 from tests.helpers import dg_gamma_error, make_inputs, rel_err, tol, x64
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -98,16 +98,16 @@ def test_whole_chunks_strong_decay(rng, decay):
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["fused_dkdv", "split_dkdv"])
-def test_tiled_blocks_and_segments(rng, split):
-    """Value/key dims tiled in every kernel, many uneven segments, grouped heads."""
+def test_tiled_blocks_and_splits(rng, split):
+    """Value/key dims tiled in every kernel, many uneven splits, grouped heads."""
     cfg = dataclasses.replace(INTERPRET_CONFIG, min_programs=20, split_dkdv=split)
-    # E=32, D=32 with 16-wide blocks; 7 chunks in 4 segments per row (2, 2, 2, 1 chunks)
+    # E=32, D=32 with 16-wide blocks; 7 chunks in 4 splits per row (2, 2, 2, 1 chunks)
     check_kernels(rng, b=1, t=7 * 16, h=4, hk=2, d=32, e=32, decay="g", config=cfg)
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["fused_dkdv", "split_dkdv"])
-def test_packed_documents_tiled_and_segmented(rng, split):
-    """segment_ids through tiled/split kernels: boundaries at a chunk edge (16), a segment edge (32),
+def test_packed_documents_tiled_and_split(rng, split):
+    """segment_ids through tiled/split kernels: boundaries at a chunk edge (16), a split edge (32),
     one token later (a one-token document), mid-chunk (71) and on the last token."""
     cfg = dataclasses.replace(INTERPRET_CONFIG, min_programs=20, split_dkdv=split)
     check_kernels(rng, b=1, t=7 * 16, h=4, hk=2, d=32, e=32, decay="g", config=cfg, boundaries=[16, 32, 33, 71, 111])
@@ -117,14 +117,14 @@ def test_constant_decay_no_initial_state_half_precision(rng):
     check_kernels(rng, dtype=jnp.bfloat16, b=2, t=48, h=2, d=16, e=32, decay="g_gamma", init=False)
 
 
-def test_segments_cover_every_chunk():
+def test_splits_cover_every_chunk():
     for num_chunks in range(1, 40):
         for rows in (1, 3, 16):
             for min_programs in (1, 7, 64):
-                n_seg, per = segments(num_chunks, rows, min_programs)
-                assert (n_seg - 1) * per < num_chunks <= n_seg * per
-                assert n_seg <= num_chunks
-    assert segments(512, 16, 528) == (32, 16)
+                n_split, per = splits(num_chunks, rows, min_programs)
+                assert (n_split - 1) * per < num_chunks <= n_split * per
+                assert n_split <= num_chunks
+    assert splits(512, 16, 528) == (32, 16)
 
 
 def test_config_validation_and_defaults():

@@ -18,15 +18,15 @@ from tests.helpers import make_inputs, rel_err
 IMPLS = ["xla", "pallas", "reference", "reference_quadratic"]
 
 # the XLA path uses 64-token chunks: boundaries at 64 and 128 fall on chunk edges, the rest mid-chunk.
-# The Pallas kernels in interpret mode use 16-token chunks and two segments of 7 chunks per row
-# (T=200 → 13 chunks): "segment_edges" puts boundaries at a chunk edge (16), at the segment edge
-# (112) and one token after it (a one-token document opening the second segment).
+# The Pallas kernels in interpret mode use 16-token chunks and two splits of 7 chunks per row
+# (T=200 → 13 chunks): "split_edges" puts boundaries at a chunk edge (16), at the split edge
+# (112) and one token after it (a one-token document opening the second split).
 DOC_LENGTHS = {
     "chunk_edges": [64, 1, 30, 33, 1, 71],
     "mid_chunk": [10, 50, 1, 1, 77, 61],
     "single_doc": [200],
     "ones_first": [1, 1, 1, 197],
-    "segment_edges": [16, 96, 1, 87],
+    "split_edges": [16, 96, 1, 87],
 }
 
 
