@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Single-GPU linear attention: the Pallas Triton kernels beside their peers, in one run.
 
-Times forward and forward+backward medians (bf16) at the DESIGN.md §5 shapes with a constant
+Times forward and forward+backward medians (bf16) at the notes/design.md §5 shapes with a constant
 per-head decay (``g_gamma``, lightning attention) and with a per-token decay (``g``), for
 
 - ``project``: ``pallas_kernels.linear_attention.pallas_triton`` (this repository),

@@ -1,4 +1,4 @@
-"""Public entry points of sequence-parallel linear attention (DESIGN.md §2-3).
+"""Public entry points of sequence-parallel linear attention (notes/design.md §2-3).
 
 ``lasp_attention`` takes global arrays and a mesh and wraps ``lasp_attention_shard`` in
 ``jax.shard_map``; ``lasp_attention_shard`` is the per-shard function for the inside of a user's
@@ -140,7 +140,7 @@ def lasp_attention(
       segment_ids: integer document ids ``[B, T]`` for packed rows, sharded like q: the state
         resets wherever the id changes (also exactly at a shard edge), so nothing flows between
         documents; ``initial_state`` applies to each row's first document and ``final_state`` is
-        the state of its last one. Every strategy; ``impl="pallas"`` only once the kernel takes them.
+        the state of its last one. Every strategy and every ``impl``.
 
     Returns:
       ``(o, final_state)``: o ``[B, T, H, E]`` sharded like q; ``final_state`` float32

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from lasp_jax.lasp import suffix_sums
 from lasp_jax.state_passing import broadcast_from, varying_axes
 from pallas_kernels import linear_attention
+from pallas_kernels.common import acc_dtype
 from pallas_kernels.linear_attention import reference
 
 
@@ -80,7 +81,7 @@ def _weighted_state(k, v, log_w, mask, num_heads):
     """Σ_j [mask_j] exp(log_w_j) k_jᵀ v_j over the gathered tokens, ``[B, H, D, E]`` float32."""
     b, t, hk, d = k.shape
     grp = num_heads // hk
-    acc = jnp.result_type(jnp.float32, k.dtype, v.dtype)
+    acc = acc_dtype(k.dtype, v.dtype)
     w = jnp.where(mask, jnp.exp(jnp.where(mask, log_w, 0.0)), 0.0).reshape(b, t, hk, grp)
     k_weighted = (k[:, :, :, None].astype(acc) * w[..., None]).astype(k.dtype)
     s = jnp.einsum("btkgd,btke->bkgde", k_weighted, v, preferred_element_type=acc)

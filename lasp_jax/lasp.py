@@ -1,6 +1,6 @@
 """The LASP layer on one shard: one ``jax.custom_vjp`` around local kernels and state passing.
 
-Forward, on rank r of the sequence axis (DESIGN.md §2):
+Forward, on rank r of the sequence axis (notes/design.md §2):
 
 1. ``M_r = Σ_j exp(b_{L-1} − b_j) k_jᵀ v_j`` (one pass over k and v, float32 accumulation) and
    the shard decay ``log Γ_r = b_{L-1}``, with ``b`` the cumulative log decay inside the shard;
@@ -36,13 +36,14 @@ integers) to know whether a boundary falls exactly at its first token. Then, per
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from lasp_jax import state_passing
 from pallas_kernels import linear_attention
+from pallas_kernels.common import acc_dtype
 from pallas_kernels.linear_attention import pallas_triton, reference
 from pallas_kernels.linear_attention.api import interpret_pallas, resolve_impl
 
@@ -113,10 +114,6 @@ def shard_segments(segment_ids, *, axis_name, size) -> Segments:
     return Segments(doc, (rank > 0) & (segment_ids[:, 0] != prev_last))
 
 
-def _acc_dtype(*xs):
-    return jnp.result_type(jnp.float32, *[x.dtype for x in xs if x is not None])
-
-
 @dataclasses.dataclass(frozen=True)
 class ShardDecay:
     """Log decays of one shard, each summed directly so it is accurate where its exp matters.
@@ -143,12 +140,12 @@ def shard_decay(q, g, g_gamma) -> ShardDecay | None:
     """The shard's log decays in float32 (None without decay)."""
     b, length, h, _ = q.shape
     if g is not None:
-        g = g.astype(_acc_dtype(g))
+        g = g.astype(acc_dtype(g.dtype))
         from_start = jnp.cumsum(g, axis=1)
         suffix, to_end = suffix_sums(g)
         return ShardDecay(from_start, to_end, suffix[:, 0])
     if g_gamma is not None:
-        gamma = g_gamma.astype(_acc_dtype(g_gamma))
+        gamma = g_gamma.astype(acc_dtype(g_gamma.dtype))
         steps = jnp.arange(length, dtype=gamma.dtype)[None, :, None]
         full = (b, length, h)
         return ShardDecay(
@@ -163,21 +160,21 @@ jax.tree_util.register_dataclass(ShardDecay, data_fields=["from_start", "to_end"
 
 
 # a contraction over the whole shard (tens of thousands of tokens) into a few D×E tiles leaves
-# most of a GPU idle; contracting segments of about this many tokens into partial states first,
+# most of a GPU idle; contracting splits of about this many tokens into partial states first,
 # then summing the partials in float32, keeps every SM busy whatever the GEMM heuristics do
-_SEGMENT_TOKENS = 1024
-_MAX_SEGMENTS = 64
+_SPLIT_TOKENS = 1024
+_MAX_SPLITS = 64
 
 
-def _num_segments(length: int) -> int:
-    target = min(_MAX_SEGMENTS, length // _SEGMENT_TOKENS)
+def _num_splits(length: int) -> int:
+    target = min(_MAX_SPLITS, length // _SPLIT_TOKENS)
     return max((s for s in range(1, target + 1) if length % s == 0), default=1)
 
 
 def _token_contraction(a, b, acc):
     """``Σ_t aᵀ_t b_t`` over axis 1: a ``[B, L, *heads, D]``, b ``[B, L, *heads', E]`` -> ``[B, *heads, D, E]``."""
     bsz, length = a.shape[:2]
-    n = _num_segments(length)
+    n = _num_splits(length)
     a = a.reshape((bsz, n, length // n) + a.shape[2:])
     b = b.reshape((bsz, n, length // n) + b.shape[2:])
     if a.ndim == 6:  # a [B, S, l, Hk, G, D], b [B, S, l, Hk, E]
@@ -195,7 +192,7 @@ def local_state(k, v, decay: ShardDecay | None, num_heads, token_mask=None):
     b, length, hk, d = k.shape
     e = v.shape[-1]
     grp = num_heads // hk
-    acc = _acc_dtype(k, v)
+    acc = acc_dtype(k.dtype, v.dtype)
     if decay is None:
         if token_mask is not None:
             k = (k.astype(acc) * token_mask[:, :, None, None]).astype(k.dtype)
@@ -212,7 +209,7 @@ def local_state(k, v, decay: ShardDecay | None, num_heads, token_mask=None):
 def local_state_cotangent(q, do, decay: ShardDecay | None, scale, token_mask=None):
     """``dM = scale · Σ_i exp(b_i) q_iᵀ dO_i`` ``[B, H, D, E]`` in float32 (only masked i when
     ``token_mask`` ``[B, L]`` is given: the tokens before the first boundary)."""
-    acc = _acc_dtype(q, do)
+    acc = acc_dtype(q.dtype, do.dtype)
     weight = None if decay is None else jnp.exp(decay.from_start)
     if token_mask is not None:
         mask = token_mask[..., None].astype(acc)
@@ -269,6 +266,25 @@ def _local_kernel(cfg: LaspConfig, inputs, segments: Segments | None):
     return o, s_out
 
 
+class SplitResiduals(NamedTuple):
+    """Residuals of the Pallas path (the kernel split at its entering state)."""
+
+    call: pallas_triton.SplitCall
+    states: jax.Array  # the kernel's split entering states, from S_in(r)
+    gamma_res: jax.Array  # what the reverse state pass needs: log Γ_r (ring) or every rank's (allgather)
+    segments: Segments | None
+
+
+class VjpResiduals(NamedTuple):
+    """Residuals of the other local kernels: the kernel's pullback and what ``dM_r`` needs."""
+
+    pullback: Any
+    q: jax.Array
+    decay: ShardDecay | None
+    gamma_res: jax.Array
+    segments: Segments | None
+
+
 def _split_kernel(cfg: LaspConfig, inputs) -> bool:
     """Whether the local work runs as the Pallas kernel split at its entering state."""
     return resolve_impl(cfg.impl, inputs["q"], inputs["k"], inputs["v"]) == "pallas"
@@ -297,17 +313,17 @@ def _forward_split(cfg: LaspConfig, inputs, segments: Segments | None):
     if segments is not None:  # a boundary at the shard's first token: nothing enters
         s_in = segments.unless_starts_new(s_in)
     o, states = pallas_triton.finish_forward(call, local, s_in)
-    return (o, final), (call, states, gamma_res, segments)
+    return (o, final), SplitResiduals(call, states, gamma_res, segments)
 
 
-def _backward_split(cfg: LaspConfig, residuals, cotangents):
+def _backward_split(cfg: LaspConfig, residuals: SplitResiduals, cotangents):
     call, states, gamma_res, segments = residuals
     do, d_final = cotangents
-    dm, partial = pallas_triton.split_backward(call, states, do)
+    dm, pending = pallas_triton.split_backward(call, states, do)
     if segments is not None:  # the shard starts a document: the entering state reaches nothing
         dm = segments.unless_starts_new(dm)
     ds_out = _state_cotangent_leaving(cfg, dm, gamma_res, d_final)
-    dq, dk, dv, dg, dg_gamma, ds_in = pallas_triton.finish_backward(call, states, partial, ds_out)
+    dq, dk, dv, dg, dg_gamma, ds_in = pallas_triton.finish_backward(call, states, pending, ds_out)
     if segments is not None:
         ds_in = segments.unless_starts_new(ds_in)
     return _input_cotangents(cfg, {"q": dq, "k": dk, "v": dv, "g": dg, "g_gamma": dg_gamma, "s_in": ds_in})
@@ -334,7 +350,7 @@ def _forward(cfg: LaspConfig, inputs, segments: Segments | None, *, keep_residua
         o, _ = _local_kernel(cfg, kernel_inputs, segments)
         return (o, final), None
     (o, _), pullback = jax.vjp(lambda xs: _local_kernel(cfg, xs, segments), kernel_inputs)
-    return (o, final), (pullback, q, decay, gamma_res, segments)
+    return (o, final), VjpResiduals(pullback, q, decay, gamma_res, segments)
 
 
 def _reduce_to_vma(cfg: LaspConfig, name, ct):
@@ -356,12 +372,16 @@ def _state_cotangent_leaving(cfg: LaspConfig, dm, gamma_res, d_final):
     return state_passing.allgather_suffix(dm, gamma_res, d_final, axis_name=cfg.axis_name, size=cfg.size)
 
 
-def _backward(cfg: LaspConfig, residuals, cotangents):
-    if isinstance(residuals[0], pallas_triton.SplitCall):
+def _backward(cfg: LaspConfig, residuals: SplitResiduals | VjpResiduals, cotangents):
+    if isinstance(residuals, SplitResiduals):
         return _backward_split(cfg, residuals, cotangents)
+    return _backward_vjp(cfg, residuals, cotangents)
+
+
+def _backward_vjp(cfg: LaspConfig, residuals: VjpResiduals, cotangents):
     pullback, q, decay, gamma_res, segments = residuals
     do, d_final = cotangents
-    first_doc = None if segments is None else segments.reaches_state_in(_acc_dtype(q, do))
+    first_doc = None if segments is None else segments.reaches_state_in(acc_dtype(q.dtype, do.dtype))
     dm = local_state_cotangent(q, do, decay, cfg.scale, token_mask=first_doc)
     ds_out = _state_cotangent_leaving(cfg, dm, gamma_res, d_final)
     (grads,) = pullback((do, ds_out))

@@ -2,7 +2,7 @@
 
 Only communication and the float32 prefix arithmetic live here; the local kernels do not.
 Rank r of the axis holds tokens ``[r·L, (r+1)·L)``. With ``M_r`` the state rank r builds from a
-zero entering state and ``Γ_r = exp(log_gamma_r)`` its decay across the shard (DESIGN.md §2):
+zero entering state and ``Γ_r = exp(log_gamma_r)`` its decay across the shard (notes/design.md §2):
 
     forward   S_in(r)  = Γ_{r-1} S_in(r-1) + M_{r-1},      S_in(0) = initial_state
     backward  dS_out(r) = Γ_{r+1} dS_out(r+1) + dM_{r+1},  dS_out(P-1) = d final_state

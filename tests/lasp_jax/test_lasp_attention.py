@@ -330,8 +330,8 @@ def test_ulysses_needs_heads_divisible():
 
 
 @pytest.mark.parametrize("decay", ["g", None], ids=["g", "nodecay"])
-def test_local_state_passes_over_segments(rng, decay):
-    """The state pass (forward) and its cotangent pass (backward), contracted in segments for long shards."""
+def test_local_state_passes_over_splits(rng, decay):
+    """The state pass (forward) and its cotangent pass (backward), contracted in splits for long shards."""
     from lasp_jax.lasp import local_state, local_state_cotangent, shard_decay
 
     q, k, v, kw = rank_coded_inputs(rng, b=1, t=2048, sp=1, h=4, hk=2, d=8, e=8, decay=decay, init=False)
