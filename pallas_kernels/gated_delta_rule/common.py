@@ -1,0 +1,453 @@
+"""Chunk math of the gated delta rule that the forward and backward kernels share.
+
+Plain jnp on the arrays of one chunk of one value head, so the same code runs inside the Pallas
+kernels (on loaded blocks) and outside them (vmapped over chunks; the tests check every backward
+function here against ``jax.vjp`` of its forward). Notation of notes/design.md §6, per chunk of C
+tokens: ``b`` the cumulative log gate inside the chunk (``[C]`` per head, ``[C, D]`` per key channel,
+None without gates), ``Γ[i, j] = exp(b_i − b_j)``, and
+
+    A = strictly_lower(diag(β) (K Kᵀ ⊙ Γ)),   X = (I + A)⁻¹,   W = X (β e^b ⊙ K),   U = X (β ⊙ V)
+    V' = U − W S,   O = scale · [(e^b ⊙ Q) S + (Q Kᵀ ⊙ Γ ⊙ causal) V'],   S ← e^{b_last} S + (e^{b_last − b} ⊙ K)ᵀ V'
+
+Every decay factor is an exp of a non-positive difference. A chunk is cut into sub-tiles of 16 rows:
+the triangular inverse is built from 16×16 diagonal blocks (doubling inside a block, block forward
+substitution between blocks); per-channel gates factor ``Γ`` between two sub-tiles around a
+reference row between them (both factors ≤ 1) and form the pairs inside a diagonal sub-tile
+directly (``[16, 16, D]``). Scalar gates need no factoring: their products use the whole chunk.
+
+Documents (packed rows): pairs of different documents are zero, rows outside the document of the
+state entering the chunk do not see it (``keep_prev``), rows outside the chunk's last document do
+not reach the state leaving it (``keep_last``), and the carried state is zero across a boundary.
+
+The gradient of the log gates follows one rule: a product ``Σ_d x_id y_jd exp(b_id − b_jd)`` gives
+``∂/∂b_i = x_i ⊙ dx_i`` and ``∂/∂b_j = −y_j ⊙ dy_j`` (summed over d for scalar gates), with dx, dy
+the cotangents of the raw operands through that product; factors ``exp(±b)`` alone likewise.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.common import F32, dot
+
+GateMode = Literal["none", "scalar", "channel"]
+
+
+class Docs(NamedTuple):
+    """Document numbers around one chunk (or sub-tile) of a packed row.
+
+    ``doc [n]`` of each row, ``prev`` the document of the state entering the chunk, ``last`` that of
+    the chunk's last token (scalars).
+    """
+
+    doc: jax.Array
+    prev: jax.Array
+    last: jax.Array
+
+
+# ---- small helpers ----------------------------------------------------------------------------
+
+
+def split_rows(x, parts: int) -> list:
+    """``x`` cut into ``parts`` equal row blocks (a power of two; lowers to Triton splits)."""
+    if x is None:
+        return [None] * parts
+    return jnp.split(x, parts, axis=0) if parts > 1 else [x]
+
+
+def split_docs(docs: Docs | None, parts: int) -> list:
+    if docs is None:
+        return [None] * parts
+    return [Docs(d, docs.prev, docs.last) for d in split_rows(docs.doc, parts)]
+
+
+def last_row(x):
+    """The last row of ``x`` (``[n]`` → scalar, ``[n, D]`` → ``[D]``) without slicing a value."""
+    pos = lax.broadcasted_iota(jnp.int32, x.shape, 0)
+    return jnp.sum(jnp.where(pos == x.shape[0] - 1, x, 0), axis=0)
+
+
+def keep_rows(docs: Docs | None, which: str):
+    """Rows in the document of the entering state (``"prev"``) or of the last token (``"last"``)."""
+    return None if docs is None else docs.doc == getattr(docs, which)
+
+
+def row_scale(x, factor, keep=None):
+    """``factor ⊙ x`` in float32: ``factor`` ``[n]`` (a per-row scalar) or ``[n, D]``; rows where
+    ``keep`` is False zeroed. x itself (cast) when both are None."""
+    x = x.astype(F32)
+    if factor is not None:
+        x = x * (factor[:, None] if factor.ndim == 1 else factor)
+    return x if keep is None else jnp.where(keep[:, None], x, 0.0)
+
+
+def reduce_gate(x_dx, mode: GateMode):
+    """``x ⊙ dx`` reduced to the shape of the log gate: row sums for scalar gates."""
+    return jnp.sum(x_dx, axis=1) if mode == "scalar" else x_dx
+
+
+def gate_factors(b, docs: Docs | None):
+    """``(e^b, e^{b_last − b}, γ)`` of a chunk: the decay from the chunk start to each row, from
+    each row to the chunk end, and across the chunk (zero across a document boundary); the row
+    factors are zero on rows that do not see the entering state / reach the leaving one."""
+    keep_prev, keep_last = keep_rows(docs, "prev"), keep_rows(docs, "last")
+    if b is None:
+        to_row = None if keep_prev is None else jnp.where(keep_prev, 1.0, 0.0)
+        to_end = None if keep_last is None else jnp.where(keep_last, 1.0, 0.0)
+        gamma = None if docs is None else jnp.where(docs.last == docs.prev, 1.0, 0.0)
+        return to_row, to_end, gamma
+    b_last = last_row(b)
+    to_row, to_end, gamma = jnp.exp(b), jnp.exp(b_last - b), jnp.exp(b_last)
+    if docs is not None:
+        keep = keep_prev if b.ndim == 1 else keep_prev[:, None]
+        to_row = jnp.where(keep, to_row, 0.0)
+        keep = keep_last if b.ndim == 1 else keep_last[:, None]
+        to_end = jnp.where(keep, to_end, 0.0)
+        gamma = jnp.where(docs.last == docs.prev, gamma, 0.0)
+    return to_row, to_end, gamma
+
+
+def _pair_mask(n: int, m: int, *, causal: str | None, doc_i: Docs | None, doc_j: Docs | None):
+    """Boolean ``[n, m]`` pairs mask (None: all pairs): causal ``"strict"`` / ``"inclusive"`` for a
+    diagonal tile, same document with ``docs``."""
+    mask = None
+    if causal is not None:
+        row = lax.broadcasted_iota(jnp.int32, (n, m), 0)
+        col = lax.broadcasted_iota(jnp.int32, (n, m), 1)
+        mask = col < row if causal == "strict" else col <= row
+    if doc_i is not None:
+        same = doc_i.doc[:, None] == doc_j.doc[None, :]
+        mask = same if mask is None else mask & same
+    return mask
+
+
+def _masked_exp(diff, mask):
+    if mask is None:
+        return jnp.exp(diff)
+    return jnp.where(mask, jnp.exp(jnp.where(mask, diff, 0.0)), 0.0)
+
+
+# ---- gated products between two tiles ---------------------------------------------------------
+
+
+class Pair(NamedTuple):
+    """Two tiles whose gated product ``Z[i, j] = Σ_d x_id y_jd exp(b_id − b_jd)`` is formed.
+
+    ``diag``: the same tile (pairs inside it, causal) or the x tile strictly after the y tile.
+    """
+
+    x: jax.Array
+    y: jax.Array
+    bx: jax.Array | None
+    by: jax.Array | None
+    mask: jax.Array | None
+    diag: bool
+
+
+def make_pair(x, y, bx, by, doc_x, doc_y, *, diag: bool, causal: str) -> Pair:
+    mask = _pair_mask(x.shape[0], y.shape[0], causal=causal if diag else None, doc_i=doc_x, doc_j=doc_y)
+    return Pair(x, y, bx, by, mask, diag)
+
+
+def _channel_offdiag_factors(p: Pair):
+    """(x ⊙ e^{bx − r}, y ⊙ e^{r − by}) around the reference r = min over the y tile (its last row
+    for log gates ≤ 0), so both factors are ≤ 1."""
+    ref = jnp.min(p.by, axis=0, keepdims=True)
+    return jnp.exp(p.bx - ref), jnp.exp(ref - p.by)
+
+
+def _channel_diag_decay(p: Pair):
+    """``[n, n, D]`` ``exp(b_id − b_jd)`` on the masked pairs of a diagonal tile (zero elsewhere)."""
+    diff = p.bx[:, None, :] - p.by[None, :, :]
+    mask = jnp.ones(diff.shape[:2], bool) if p.mask is None else p.mask
+    return _masked_exp(diff, jnp.broadcast_to(mask[:, :, None], diff.shape))
+
+
+def gated_product(p: Pair, mode: GateMode, mxu):
+    """``Z = (X Yᵀ ⊙ Γ)`` on the pairs of ``p`` (masked pairs zero), float32."""
+    if mode == "channel":
+        if p.diag:
+            xy = p.x.astype(F32)[:, None, :] * p.y.astype(F32)[None, :, :]
+            return jnp.sum(xy * _channel_diag_decay(p), axis=-1)
+        fx, fy = _channel_offdiag_factors(p)
+        z = dot((p.x * fx).astype(mxu), (p.y * fy).astype(mxu), trans_b=True)
+        return z if p.mask is None else jnp.where(p.mask, z, 0.0)
+    z = dot(p.x.astype(mxu), p.y.astype(mxu), trans_b=True)
+    if mode == "scalar":
+        return z * _masked_exp(p.bx[:, None] - p.by[None, :], p.mask)
+    return z if p.mask is None else jnp.where(p.mask, z, 0.0)
+
+
+def gated_product_vjp(p: Pair, dz, mode: GateMode, mxu):
+    """Cotangents ``(dx, dy)`` of the raw tiles given ``dz`` (float32); see the module docstring for
+    the log-gate gradients they give."""
+    if mode == "channel":
+        if p.diag:
+            decay = _channel_diag_decay(p)
+            dx = jnp.sum(dz[:, :, None] * p.y.astype(F32)[None, :, :] * decay, axis=1)
+            dy = jnp.sum(dz[:, :, None] * p.x.astype(F32)[:, None, :] * decay, axis=0)
+            return dx, dy
+        fx, fy = _channel_offdiag_factors(p)
+        dz = (dz if p.mask is None else jnp.where(p.mask, dz, 0.0)).astype(mxu)
+        dx = dot(dz, (p.y * fy).astype(mxu)) * fx
+        dy = dot(dz, (p.x * fx).astype(mxu), trans_a=True) * fy
+        return dx, dy
+    if mode == "scalar":
+        dz = dz * _masked_exp(p.bx[:, None] - p.by[None, :], p.mask)
+    elif p.mask is not None:
+        dz = jnp.where(p.mask, dz, 0.0)
+    dz = dz.astype(mxu)
+    return dot(dz, p.y.astype(mxu)), dot(dz, p.x.astype(mxu), trans_a=True)
+
+
+# ---- the WY form: A, its unit-lower inverse, W and U ------------------------------------------
+
+
+def unit_lower_inverse(a):
+    """``(I + a)⁻¹`` for a strictly lower-triangular ``[s, s]`` ``a`` (s a power of two), float32.
+
+    Doubling: from the inverses of the diagonal blocks of size ``n`` those of size ``2n`` are
+    ``X − X L X``, L the entries of ``a`` below the diagonal blocks inside each ``2n`` block (the
+    block formula ``X₂₁ = −X₂₂ A₂₁ X₁₁``): log2(s) steps of two s×s products, no division.
+    """
+    s = a.shape[0]
+    row = lax.broadcasted_iota(jnp.int32, (s, s), 0)
+    col = lax.broadcasted_iota(jnp.int32, (s, s), 1)
+    x = jnp.where(row == col, 1.0, 0.0).astype(F32)
+    step, shift = 1, 0
+    while step < s:
+        same_block = (row >> (shift + 1)) == (col >> (shift + 1))
+        lower_half = ((row & step) != 0) & ((col & step) == 0)
+        below = jnp.where(same_block & lower_half, a, 0.0)
+        x = x - dot(dot(x, below), x)
+        step, shift = 2 * step, shift + 1
+    return x
+
+
+def block_inverse(a: dict, n: int) -> dict:
+    """``(I + A)⁻¹`` by blocks from A's lower blocks ``a[(I, J)]``, ``J ≤ I < n`` (diagonal blocks
+    strictly lower): ``X_II = unit_lower_inverse(A_II)``, ``X_IJ = −X_II Σ_{J ≤ M < I} A_IM X_MJ``."""
+    x = {}
+    for i in range(n):
+        x[i, i] = unit_lower_inverse(a[i, i])
+        for j in range(i - 1, -1, -1):
+            acc = sum(dot(a[i, m], x[m, j]) for m in range(j, i))
+            x[i, j] = -dot(x[i, i], acc)
+    return x
+
+
+class Chunk(NamedTuple):
+    """The tiles of one chunk of one value head (lists of ``C / sub`` row blocks).
+
+    ``k`` ``[sub, D]``, ``v`` ``[sub, E]`` (input dtype), ``beta`` ``[sub]``, ``b`` ``[sub]`` /
+    ``[sub, D]`` / None, ``docs`` Docs / None, and the whole-chunk gate factors (``gate_factors``)
+    cut the same way (None entries when absent).
+    """
+
+    k: list
+    v: list
+    beta: list
+    b: list
+    docs: list
+    to_row: list
+
+
+def make_chunk(k, v, beta, b, docs: Docs | None, *, sub: int) -> Chunk:
+    parts = k.shape[0] // sub
+    to_row, _, _ = gate_factors(b, docs)
+    return Chunk(
+        split_rows(k, parts),
+        split_rows(v, parts),
+        split_rows(beta, parts),
+        split_rows(b, parts),
+        split_docs(docs, parts),
+        split_rows(to_row, parts),
+    )
+
+
+def _gram_pair(c: Chunk, i: int, j: int) -> Pair:
+    return make_pair(c.k[i], c.k[j], c.b[i], c.b[j], c.docs[i], c.docs[j], diag=i == j, causal="strict")
+
+
+def wy_blocks(c: Chunk, *, mode: GateMode, mxu):
+    """``(A's lower blocks without β (the gated Gram blocks G), X's lower blocks)``; ``A = diag(β) G``."""
+    n = len(c.k)
+    gram = {(i, j): gated_product(_gram_pair(c, i, j), mode, mxu) for i in range(n) for j in range(i + 1)}
+    a = {(i, j): c.beta[i][:, None] * g for (i, j), g in gram.items()}
+    return gram, block_inverse(a, n)
+
+
+def wy_rhs(c: Chunk):
+    """The right-hand sides ``(β e^b ⊙ K, β ⊙ V)`` per tile, float32."""
+    kb = [row_scale(k, f, None) * beta[:, None] for k, f, beta in zip(c.k, c.to_row, c.beta, strict=True)]
+    vb = [v.astype(F32) * beta[:, None] for v, beta in zip(c.v, c.beta, strict=True)]
+    return kb, vb
+
+
+def wy_forward(c: Chunk, *, mode: GateMode, mxu):
+    """``(W, U)`` per tile (float32): ``W = X (β e^b ⊙ K)``, ``U = X (β ⊙ V)``."""
+    n = len(c.k)
+    _, x = wy_blocks(c, mode=mode, mxu=mxu)
+    kb, vb = wy_rhs(c)
+    w = [sum(dot(x[i, j].astype(mxu), kb[j].astype(mxu)) for j in range(i + 1)) for i in range(n)]
+    u = [sum(dot(x[i, j].astype(mxu), vb[j].astype(mxu)) for j in range(i + 1)) for i in range(n)]
+    return w, u
+
+
+class WyGrads(NamedTuple):
+    """Per-tile cotangents from the WY form: dk ``[sub, D]``, dv, dbeta ``[sub]``, db (gate shape)."""
+
+    dk: list
+    dv: list
+    dbeta: list
+    db: list
+
+
+def wy_backward(c: Chunk, dw: list, du: list, *, mode: GateMode, mxu) -> WyGrads:
+    """Cotangents of k, v, β and b through ``wy_forward`` given ``dW``, ``dU`` per tile (float32).
+
+    ``dX = dW Kβᵀ + dU Vβᵀ``, ``dKβ = Xᵀ dW``, ``dVβ = Xᵀ dU``, and through the inverse
+    ``dA = −Xᵀ dX Xᵀ`` (strictly lower), ``A = diag(β) G``.
+    """
+    n = len(c.k)
+    gram, x = wy_blocks(c, mode=mode, mxu=mxu)
+    kb, vb = wy_rhs(c)
+    f32 = F32
+    dx = {
+        (i, j): dot(dw[i].astype(mxu), kb[j].astype(mxu), trans_b=True)
+        + dot(du[i].astype(mxu), vb[j].astype(mxu), trans_b=True)
+        for i in range(n)
+        for j in range(i + 1)
+    }
+    dkb = [sum(dot(x[i, j].astype(mxu), dw[i].astype(mxu), trans_a=True) for i in range(j, n)) for j in range(n)]
+    dvb = [sum(dot(x[i, j].astype(mxu), du[i].astype(mxu), trans_a=True) for i in range(j, n)) for j in range(n)]
+    # Y = Xᵀ dX on the blocks (i, m) with m ≤ i, then dA = −Y Xᵀ on the lower blocks
+    lower = [(i, j) for i in range(n) for j in range(i + 1)]
+    y = {(i, m): sum(dot(x[r, i], dx[r, m], trans_a=True) for r in range(i, n)) for i, m in lower}
+    da = {(i, j): -sum(dot(y[i, m], x[j, m], trans_b=True) for m in range(j + 1)) for i, j in lower}
+
+    dk = [jnp.zeros(k.shape, f32) for k in c.k]
+    db = [None if b is None else jnp.zeros(b.shape, f32) for b in c.b]
+    dbeta, dv = [], []
+    for j in range(n):
+        beta = c.beta[j][:, None]
+        dv.append(beta * dvb[j])
+        dk_rhs = row_scale(beta * dkb[j], c.to_row[j], None)
+        dk[j] = dk[j] + dk_rhs
+        from_v = jnp.sum(c.v[j].astype(f32) * dvb[j], axis=1)
+        dbeta.append(from_v + jnp.sum(row_scale(c.k[j], c.to_row[j], None) * dkb[j], axis=1))
+        if db[j] is not None:
+            db[j] = db[j] + reduce_gate(c.k[j].astype(f32) * dk_rhs, mode)
+    for (i, j), g in gram.items():
+        pair = _gram_pair(c, i, j)
+        dbeta[i] = dbeta[i] + jnp.sum(da[i, j] * g, axis=1)  # g is zero off the pairs
+        dgram = c.beta[i][:, None] * da[i, j]
+        dki, dkj = gated_product_vjp(pair, dgram, mode, mxu)
+        dk[i] = dk[i] + dki
+        dk[j] = dk[j] + dkj  # j may equal i
+        if db[i] is not None:
+            db[i] = db[i] + reduce_gate(c.k[i].astype(f32) * dki, mode)
+            db[j] = db[j] - reduce_gate(c.k[j].astype(f32) * dkj, mode)
+    return WyGrads(dk, dv, dbeta, db)
+
+
+# ---- the state pass and the output ------------------------------------------------------------
+
+
+def decay_state(state, gamma):
+    """``diag(γ) S`` for the ``[D, E]`` state (γ a scalar, a ``[D]`` vector, or None for 1)."""
+    if gamma is None:
+        return state
+    return gamma * state if gamma.ndim == 0 else gamma[:, None] * state
+
+
+def state_step(state, w, u, k_end, gamma, mxu):
+    """One chunk of the state pass: ``(V' = U − W S, S ← diag(γ) S + K̃ᵀ V')`` (float32)."""
+    v_new = u.astype(F32) - dot(w.astype(mxu), state.astype(mxu))
+    update = dot(k_end.astype(mxu), v_new.astype(mxu), trans_a=True)
+    return v_new, decay_state(state, gamma) + update
+
+
+def score_blocks(q, k, b, docs: Docs | None, *, mode: GateMode, mxu, parts: int):
+    """``Z = Q Kᵀ ⊙ Γ ⊙ causal`` (diagonal included) as its lower tile blocks ``{(i, j): [n, n]}``."""
+    qt, kt, bt, dt = split_rows(q, parts), split_rows(k, parts), split_rows(b, parts), split_docs(docs, parts)
+    return {
+        (i, j): gated_product(
+            make_pair(qt[i], kt[j], bt[i], bt[j], dt[i], dt[j], diag=i == j, causal="inclusive"), mode, mxu
+        )
+        for i in range(parts)
+        for j in range(i + 1)
+    }
+
+
+def _inter(x, factor, h, mxu, *, trans_b=False):
+    """``(factor ⊙ x) h`` (or ``hᵀ``): per-row factors are applied to the product, per-channel ones
+    (which act on x's columns) before it."""
+    if factor is None or factor.ndim == 1:
+        return row_scale(dot(x.astype(mxu), h.astype(mxu), trans_b=trans_b), factor)
+    return dot(row_scale(x, factor).astype(mxu), h.astype(mxu), trans_b=trans_b)
+
+
+def output_forward(q, k, b, docs: Docs | None, h, v_new, *, scale: float, mode: GateMode, mxu, parts: int) -> list:
+    """The chunk's output tiles ``scale · [(e^b ⊙ Q) S + Z V']`` from its entering state ``h``."""
+    to_row, _, _ = gate_factors(b, docs)
+    z = score_blocks(q, k, b, docs, mode=mode, mxu=mxu, parts=parts)
+    qt, ft, vt = split_rows(q, parts), split_rows(to_row, parts), split_rows(v_new, parts)
+    out = []
+    for i in range(parts):
+        inter = _inter(qt[i], ft[i], h, mxu)
+        intra = sum(dot(z[i, j].astype(mxu), vt[j].astype(mxu)) for j in range(i + 1))
+        out.append(scale * (inter + intra))
+    return out
+
+
+def output_backward(q, k, b, docs: Docs | None, h, v_new, do, *, scale: float, mode: GateMode, mxu, parts: int):
+    """Tiles ``(dq, dk, db)`` of the output's dependence on q, k, b given ``dO`` (float32); the
+    cotangents of ``h`` and ``V'`` are the state pass's (``dvn_intra``, the reverse pass)."""
+    to_row, _, _ = gate_factors(b, docs)
+    qt, kt, bt, dt = split_rows(q, parts), split_rows(k, parts), split_rows(b, parts), split_docs(docs, parts)
+    ft, vt, dot_ = split_rows(to_row, parts), split_rows(v_new, parts), split_rows(do, parts)
+    dq = [scale * row_scale(dot(d.astype(mxu), h.astype(mxu), trans_b=True), f) for d, f in zip(dot_, ft, strict=True)]
+    dk = [jnp.zeros(x.shape, F32) for x in kt]
+    for i in range(parts):
+        for j in range(i + 1):
+            pair = make_pair(qt[i], kt[j], bt[i], bt[j], dt[i], dt[j], diag=i == j, causal="inclusive")
+            dz = scale * dot(dot_[i].astype(mxu), vt[j].astype(mxu), trans_b=True)
+            dqi, dkj = gated_product_vjp(pair, dz, mode, mxu)
+            dq[i], dk[j] = dq[i] + dqi, dk[j] + dkj
+    if mode == "none":
+        return dq, dk, [None] * parts
+    db = [
+        reduce_gate(x.astype(F32) * dx, mode) - reduce_gate(y.astype(F32) * dy, mode)
+        for x, dx, y, dy in zip(qt, dq, kt, dk, strict=True)
+    ]
+    return dq, dk, db
+
+
+def dvn_intra(q, k, b, docs: Docs | None, do, *, scale: float, mode: GateMode, mxu, parts: int) -> list:
+    """The output's cotangent of ``V'`` per tile: ``scale · Zᵀ dO``."""
+    z = score_blocks(q, k, b, docs, mode=mode, mxu=mxu, parts=parts)
+    dot_ = split_rows(do, parts)
+    return [
+        scale * sum(dot(z[i, j].astype(mxu), dot_[i].astype(mxu), trans_a=True) for i in range(j, parts))
+        for j in range(parts)
+    ]
+
+
+def state_backward(k, b, docs: Docs | None, h, dh, v_new, dv_new, *, mode: GateMode, mxu):
+    """``(dW, dk, db)`` of one chunk's state step given the cotangent ``dh`` of the state leaving
+    it and ``dV'`` (total); db includes the last row's terms (``K̃`` and ``γ``)."""
+    _, to_end, gamma = gate_factors(b, docs)
+    dw = -dot(dv_new.astype(mxu), h.astype(mxu), trans_b=True)
+    dk = row_scale(dot(v_new.astype(mxu), dh.astype(mxu), trans_b=True), to_end)
+    if mode == "none":
+        return dw, dk, None
+    k_dk = reduce_gate(k.astype(F32) * dk, mode)
+    h_dh = jnp.sum(h.astype(F32) * dh.astype(F32), axis=1)  # [D]
+    last = jnp.sum(k_dk, axis=0) + gamma * (jnp.sum(h_dh) if mode == "scalar" else h_dh)
+    pos = lax.broadcasted_iota(jnp.int32, k_dk.shape, 0)
+    return dw, dk, jnp.where(pos == k_dk.shape[0] - 1, last, 0.0) - k_dk
