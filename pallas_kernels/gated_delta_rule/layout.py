@@ -1,0 +1,205 @@
+"""The plumbing the forward (``pallas_triton``) and backward (``pallas_triton_vjp``) kernels share.
+
+``Statics`` (the ``custom_vjp``'s nondiff argument), ``Layout`` (sizes of one call and the block
+specs of its two grids), the order in which the gate and document inputs follow the tensors, and
+loading one chunk's gate and document rows inside a kernel. The chunk math itself is in
+``common``.
+
+Two grids:
+- chunk-parallel kernels: one program per (chunk c, batch row, value head), each reading its
+  chunk's ``[C, ·]`` blocks; q/k blocks of value head ``hv`` come from q/k head ``hv // group``.
+- the state passes: one program per (value block j, batch row, value head) holding the ``[T, ·]``
+  rows of its head and walking the chunks with ``pl.ds``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.common import F32
+from pallas_kernels.gated_delta_rule.common import Docs, GateMode, last_row
+from pallas_kernels.gated_delta_rule.config import SUB_TILE, BlockConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Statics:
+    """Static arguments of one call (hashable).
+
+    Attributes:
+      scale: multiplies q.
+      mode: the gate: none (DeltaNet), ``"scalar"`` (one per token and value head, Gated DeltaNet)
+        or ``"channel"`` (one per key channel, KDA).
+      cfg: the tiling.
+      interpret: run the kernels in the Pallas interpreter.
+    """
+
+    scale: float
+    mode: GateMode
+    cfg: BlockConfig
+    interpret: bool
+
+
+def mxu_dtype(dtype):
+    """The operand dtype of the in-kernel matmuls: bf16/fp16 stay, anything else is float32."""
+    return dtype if dtype in (jnp.bfloat16, jnp.float16) else F32
+
+
+def compiler_params(cfg: BlockConfig, kind: str):
+    """Triton launch parameters of a kernel ``kind``: "chunk", "state" or "backward"."""
+    warps, stages = {
+        "chunk": (cfg.num_warps, cfg.num_stages),
+        "state": (cfg.num_warps_state, cfg.num_stages_state),
+        "backward": (cfg.num_warps_bwd, cfg.num_stages_bwd),
+    }[kind]
+    return plgpu.CompilerParams(num_warps=warps, num_stages=stages)
+
+
+class Layout:
+    """Static sizes of one call: q/k ``[B, T, H, D]``, v ``[B, T, Hv, E]`` (T whole chunks)."""
+
+    def __init__(self, q, v, cfg: BlockConfig, mode: GateMode):
+        self.batch, self.seq_len, self.heads, self.dim = q.shape
+        self.value_heads, self.value_dim = v.shape[2], v.shape[3]
+        self.group = self.value_heads // self.heads
+        self.chunk = cfg.chunk
+        if self.seq_len % self.chunk:
+            raise ValueError(f"seq_len={self.seq_len} must be a multiple of chunk={self.chunk}")
+        self.num_chunks = self.seq_len // self.chunk
+        self.block_e = min(cfg.block_e, self.value_dim)
+        self.mode = mode
+        self.mxu = mxu_dtype(q.dtype)
+        # sub-tiles of the output's Q Kᵀ ⊙ Γ: per-channel gates factor between 16-row tiles
+        self.parts = self.chunk // SUB_TILE if mode == "channel" else 1
+
+    # -- chunk-parallel grid (c, b, h) --
+
+    def chunk_grid(self):
+        return (self.num_chunks, self.batch, self.value_heads)
+
+    def chunk_spec(self, width: int, *, qk: bool = False):
+        """One chunk ``[C, width]`` of a ``[B, T, heads, width]`` array (q/k: through the group)."""
+        group = self.group if qk else 1
+        return pl.BlockSpec((None, self.chunk, None, width), lambda c, b, h: (b, c, h // group, 0))
+
+    def chunk_row_spec(self):
+        """One chunk ``[C]`` of a per-token ``[B, Hv, T]`` row (β, scalar gates)."""
+        return pl.BlockSpec((None, None, self.chunk), lambda c, b, h: (b, h, c))
+
+    def chunk_state_spec(self):
+        """The ``[D, E]`` state of chunk c in ``[B, Hv, NC, D, E]``."""
+        return pl.BlockSpec((None, None, None, self.dim, self.value_dim), lambda c, b, h: (b, h, c, 0, 0))
+
+    def chunk_gate_specs(self, has_docs: bool) -> list:
+        """Specs of the gate (if any) and document rows (if any), in ``gate_inputs`` order."""
+        gate = {"none": [], "scalar": [self.chunk_row_spec()], "channel": [self.chunk_spec(self.dim)]}[self.mode]
+        docs = [pl.BlockSpec((None, self.chunk), lambda c, b, h: (b, c))] * 2 if has_docs else []
+        return gate + docs
+
+    # -- state-pass grid (j, b, h) --
+
+    def state_grid(self):
+        return (self.value_dim // self.block_e, self.batch, self.value_heads)
+
+    def seq_spec(self, width: int, *, qk: bool = False, blocked: bool = False):
+        """All ``[T, width]`` rows of one head (``blocked``: value block j of the last dim)."""
+        group = self.group if qk else 1
+        if blocked:
+            return pl.BlockSpec((None, self.seq_len, None, self.block_e), lambda j, b, h: (b, 0, h // group, j))
+        return pl.BlockSpec((None, self.seq_len, None, width), lambda j, b, h: (b, 0, h // group, 0))
+
+    def states_spec(self):
+        """Value block j of every chunk's state ``[NC, D, block_e]`` in ``[B, Hv, NC, D, E]``."""
+        shape = (None, None, self.num_chunks, self.dim, self.block_e)
+        return pl.BlockSpec(shape, lambda j, b, h: (b, h, 0, 0, j))
+
+    def state_spec(self):
+        """Value block j of a ``[B, Hv, D, E]`` state."""
+        return pl.BlockSpec((None, None, self.dim, self.block_e), lambda j, b, h: (b, h, 0, j))
+
+    def seq_gate_specs(self, has_docs: bool) -> list:
+        gate = {
+            "none": [],
+            "scalar": [pl.BlockSpec((None, None, self.seq_len), lambda j, b, h: (b, h, 0))],
+            "channel": [self.seq_spec(self.dim)],
+        }[self.mode]
+        docs = [pl.BlockSpec((None, self.seq_len), lambda j, b, h: (b, 0))] * 2 if has_docs else []
+        return gate + docs
+
+    # -- shapes --
+
+    def states_shape(self, dtype):
+        return jax.ShapeDtypeStruct((self.batch, self.value_heads, self.num_chunks, self.dim, self.value_dim), dtype)
+
+    def values_shape(self, dtype, width: int | None = None):
+        return jax.ShapeDtypeStruct((self.batch, self.seq_len, self.value_heads, width or self.value_dim), dtype)
+
+
+def gate_inputs(b, docs) -> list:
+    """The gate (if any) and the document rows (if any) that every kernel takes after its tensors."""
+    return ([] if b is None else [b]) + ([] if docs is None else list(docs))
+
+
+def pop_gate_refs(refs: list, *, mode: GateMode, has_docs: bool):
+    """``(gate_ref or None, (doc_ref, prev_ref) or None)`` taken off the front of ``refs``."""
+    gate_ref = refs.pop(0) if mode != "none" else None
+    doc_refs = (refs.pop(0), refs.pop(0)) if has_docs else None
+    return gate_ref, doc_refs
+
+
+def load_rows(ref, start=None, size=None):
+    """Rows ``[start, start + size)`` of a ``[n]`` or ``[n, w]`` ref (all rows when start is None)."""
+    if ref is None:
+        return None
+    if start is None:
+        return ref[...]
+    index = (pl.ds(start, size),) + (slice(None),) * (len(ref.shape) - 1)
+    return ref[index]
+
+
+def load_docs(doc_refs, start=None, size=None) -> Docs | None:
+    """One chunk's ``Docs`` from the ``doc`` and ``prev`` rows (None without documents)."""
+    if doc_refs is None:
+        return None
+    doc_ref, prev_ref = doc_refs
+    doc, prev = load_rows(doc_ref, start, size), load_rows(prev_ref, start, size)
+    pos = lax.broadcasted_iota(jnp.int32, prev.shape, 0)
+    return Docs(doc, jnp.sum(jnp.where(pos == 0, prev, 0)), last_row(doc))
+
+
+def store_tiles(ref, tiles: list, start=0):
+    """Writes row tiles one after another from row ``start`` of a ``[n]`` or ``[n, w]`` ref, cast to its dtype."""
+    for i, tile in enumerate(tiles):
+        index = (pl.ds(start + i * tile.shape[0], tile.shape[0]),) + (slice(None),) * (len(ref.shape) - 1)
+        ref[index] = tile.astype(ref.dtype)
+
+
+class Residuals(NamedTuple):
+    """What the backward pass reads: the padded inputs and the forward's intermediates.
+
+    ``w`` ``[B, T, Hv, D]`` (the WY keys), ``h`` ``[B, Hv, NC, D, E]`` (the state entering each
+    chunk), ``v_new`` ``[B, T, Hv, E]`` (V' = U − W S), in the matmul operand dtype.
+    """
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    beta: jax.Array
+    b: jax.Array | None
+    docs: tuple | None
+    w: jax.Array
+    h: jax.Array
+    v_new: jax.Array
+
+
+def chunk_cumsum(g, chunk: int, axis: int):
+    """Chunk-local inclusive cumulative sums of g along ``axis`` (float32)."""
+    shape = g.shape
+    split = shape[:axis] + (shape[axis] // chunk, chunk) + shape[axis + 1 :]
+    return jnp.cumsum(g.astype(F32).reshape(split), axis=axis + 1).reshape(shape)

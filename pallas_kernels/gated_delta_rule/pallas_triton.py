@@ -1,0 +1,311 @@
+"""The gated delta rule as Pallas kernels lowered to Triton: the forward pass and its ``custom_vjp``.
+
+Computes exactly ``reference.recurrent`` (notes/design.md §6) per value head, with the state S
+``[D, E]`` in float32: ``S'_t = diag(exp g_t) S_{t−1}``, ``S_t = S'_t + β_t k_t (v_t − S'_tᵀ k_t)ᵀ``,
+``o_t = scale · S_tᵀ q_t``; g none (DeltaNet), one per token (Gated DeltaNet) or one per key channel
+(KDA). Inputs bf16, fp16 or fp32, every product accumulated in float32 (bf16/fp16 operands on the
+tensor cores), the output in q's dtype. The chunked WY form (Yang et al. 2024), chunks of C tokens:
+
+1. ``wy`` (chunk-parallel): ``A = strictly_lower(diag(β)(K Kᵀ ⊙ Γ))``, ``X = (I + A)⁻¹`` from 16×16
+   blocks, ``W = X (β e^b ⊙ K)``, ``U = X (β ⊙ V)``; nothing of it depends on the state.
+2. ``state`` (one program per value block, row and value head; the sequential part): walks the
+   chunks, ``h_c = S``, ``V'_c = U_c − W_c S``, ``S ← diag(γ_c) S + K̃_cᵀ V'_c``; writes every h_c,
+   V' and the final state.
+3. ``output`` (chunk-parallel): ``O = scale · [(e^b ⊙ Q) h_c + (Q Kᵀ ⊙ Γ ⊙ causal) V'_c]``.
+
+The backward (``pallas_triton_vjp``) reads W, h and V' (saved) and mirrors it: a reverse state
+pass and one chunk-parallel kernel for every other gradient. Grouped value heads read their q/k
+head through the index maps; head dims are padded to a power of two ≥ 16 and the time axis to
+whole chunks (zero k, v, β and log gate: exact) outside the ``custom_vjp``. The chunk math is
+``common``; the block specs ``layout``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.common import F32, KERNEL_DTYPES, MAX_ELEMENTS, pad_dim
+from pallas_kernels.gated_delta_rule import common, pallas_triton_vjp
+from pallas_kernels.gated_delta_rule.config import SUB_TILE, BlockConfig, default_config
+from pallas_kernels.gated_delta_rule.layout import (
+    Layout,
+    Residuals,
+    Statics,
+    chunk_cumsum,
+    compiler_params,
+    gate_inputs,
+    load_docs,
+    load_rows,
+    pop_gate_refs,
+    store_tiles,
+)
+from pallas_kernels.gated_delta_rule.reference import document_index
+
+# ---- kernels ----------------------------------------------------------------------------------
+
+
+def _wy_kernel(k_ref, v_ref, beta_ref, *refs, mode, has_docs, mxu):
+    """W and U of one chunk."""
+    refs = list(refs)
+    gate_ref, doc_refs = pop_gate_refs(refs, mode=mode, has_docs=has_docs)
+    w_ref, u_ref = refs
+    chunk = common.make_chunk(
+        k_ref[...], v_ref[...], beta_ref[...], load_rows(gate_ref), load_docs(doc_refs), sub=SUB_TILE
+    )
+    w, u = common.wy_forward(chunk, mode=mode, mxu=mxu)
+    store_tiles(w_ref, w)
+    store_tiles(u_ref, u)
+
+
+def _state_kernel(w_ref, u_ref, k_ref, *refs, mode, has_docs, mxu, chunk, num_chunks):
+    """The state pass over one (row, value head, value block): h_c, V' and the final state."""
+    refs = list(refs)
+    gate_ref, doc_refs = pop_gate_refs(refs, mode=mode, has_docs=has_docs)
+    s0_ref, h_ref, v_new_ref, final_ref = refs
+
+    def body(c, state):
+        t0 = pl.multiple_of(c * chunk, chunk)
+        b = load_rows(gate_ref, t0, chunk)
+        _, to_end, gamma = common.gate_factors(b, load_docs(doc_refs, t0, chunk))
+        k_end = common.row_scale(k_ref[pl.ds(t0, chunk), :], to_end)
+        h_ref[c] = state.astype(h_ref.dtype)
+        w, u = w_ref[pl.ds(t0, chunk), :], u_ref[pl.ds(t0, chunk), :]
+        v_new, state = common.state_step(state, w, u, k_end, gamma, mxu)
+        v_new_ref[pl.ds(t0, chunk), :] = v_new.astype(v_new_ref.dtype)
+        return state
+
+    final_ref[...] = lax.fori_loop(0, num_chunks, body, s0_ref[...].astype(F32))
+
+
+def _output_kernel(q_ref, k_ref, h_ref, v_new_ref, *refs, mode, has_docs, mxu, scale, parts):
+    """The output of one chunk from its entering state and V'."""
+    refs = list(refs)
+    gate_ref, doc_refs = pop_gate_refs(refs, mode=mode, has_docs=has_docs)
+    (o_ref,) = refs
+    o = common.output_forward(
+        q_ref[...],
+        k_ref[...],
+        load_rows(gate_ref),
+        load_docs(doc_refs),
+        h_ref[...],
+        v_new_ref[...],
+        scale=scale,
+        mode=mode,
+        mxu=mxu,
+        parts=parts,
+    )
+    store_tiles(o_ref, o)
+
+
+# ---- the three calls --------------------------------------------------------------------------
+
+
+def wy_representation(k, v, beta, b, docs, lay: Layout, statics: Statics):
+    """Stage 1: ``(W [B, T, Hv, D], U [B, T, Hv, E])`` in the matmul operand dtype."""
+    d, e = lay.dim, lay.value_dim
+    return pl.pallas_call(
+        functools.partial(_wy_kernel, mode=lay.mode, has_docs=docs is not None, mxu=lay.mxu),
+        grid=lay.chunk_grid(),
+        in_specs=[
+            lay.chunk_spec(d, qk=True),
+            lay.chunk_spec(e),
+            lay.chunk_row_spec(),
+            *lay.chunk_gate_specs(docs is not None),
+        ],
+        out_specs=[lay.chunk_spec(d), lay.chunk_spec(e)],
+        out_shape=[lay.values_shape(lay.mxu, d), lay.values_shape(lay.mxu)],
+        compiler_params=compiler_params(statics.cfg, "chunk"),
+        interpret=statics.interpret,
+        name="gated_delta_rule_wy",
+    )(k, v, beta, *gate_inputs(b, docs))
+
+
+def state_pass(w, u, k, b, docs, s0, lay: Layout, statics: Statics):
+    """Stage 2: ``(h [B, Hv, NC, D, E], V' [B, T, Hv, E], final state [B, Hv, D, E] float32)``."""
+    d = lay.dim
+    kernel = functools.partial(
+        _state_kernel,
+        mode=lay.mode,
+        has_docs=docs is not None,
+        mxu=lay.mxu,
+        chunk=lay.chunk,
+        num_chunks=lay.num_chunks,
+    )
+    return pl.pallas_call(
+        kernel,
+        grid=lay.state_grid(),
+        in_specs=[
+            lay.seq_spec(d),
+            lay.seq_spec(lay.value_dim, blocked=True),
+            lay.seq_spec(d, qk=True),
+            *lay.seq_gate_specs(docs is not None),
+            lay.state_spec(),
+        ],
+        out_specs=[lay.states_spec(), lay.seq_spec(lay.value_dim, blocked=True), lay.state_spec()],
+        out_shape=[lay.states_shape(lay.mxu), lay.values_shape(lay.mxu), jax.ShapeDtypeStruct(s0.shape, F32)],
+        compiler_params=compiler_params(statics.cfg, "state"),
+        interpret=statics.interpret,
+        name="gated_delta_rule_state",
+    )(w, u, k, *gate_inputs(b, docs), s0)
+
+
+def output(q, k, b, docs, h, v_new, lay: Layout, statics: Statics, dtype):
+    """Stage 3: ``o [B, T, Hv, E]`` in ``dtype``."""
+    d, e = lay.dim, lay.value_dim
+    kernel = functools.partial(
+        _output_kernel,
+        mode=lay.mode,
+        has_docs=docs is not None,
+        mxu=lay.mxu,
+        scale=statics.scale,
+        parts=lay.parts,
+    )
+    return pl.pallas_call(
+        kernel,
+        grid=lay.chunk_grid(),
+        in_specs=[
+            lay.chunk_spec(d, qk=True),
+            lay.chunk_spec(d, qk=True),
+            lay.chunk_state_spec(),
+            lay.chunk_spec(e),
+            *lay.chunk_gate_specs(docs is not None),
+        ],
+        out_specs=lay.chunk_spec(e),
+        out_shape=lay.values_shape(dtype),
+        compiler_params=compiler_params(statics.cfg, "chunk"),
+        interpret=statics.interpret,
+        name="gated_delta_rule_output",
+    )(q, k, h, v_new, *gate_inputs(b, docs))
+
+
+# ---- the custom_vjp ---------------------------------------------------------------------------
+
+
+def _forward(q, k, v, beta, b, s0, docs, statics: Statics):
+    lay = Layout(q, v, statics.cfg, statics.mode)
+    w, u = wy_representation(k, v, beta, b, docs, lay, statics)
+    h, v_new, final = state_pass(w, u, k, b, docs, s0, lay, statics)
+    o = output(q, k, b, docs, h, v_new, lay, statics, q.dtype)
+    return o, final, Residuals(q, k, v, beta, b, docs, w, h, v_new)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnames=("statics",))
+def _gated_delta_rule(q, k, v, beta, b, s0, docs, statics: Statics):
+    o, final, _ = _forward(q, k, v, beta, b, s0, docs, statics)
+    return o, final
+
+
+def _gated_delta_rule_fwd(q, k, v, beta, b, s0, docs, statics: Statics):
+    o, final, residuals = _forward(q, k, v, beta, b, s0, docs, statics)
+    return (o, final), residuals
+
+
+def _gated_delta_rule_bwd(statics: Statics, residuals: Residuals, cotangents):
+    do, d_final = cotangents
+    grads = pallas_triton_vjp.backward(residuals, do, d_final, statics=statics)
+    return (*grads, None)  # document numbers are integers: no cotangent
+
+
+_gated_delta_rule.defvjp(_gated_delta_rule_fwd, _gated_delta_rule_bwd)
+
+
+# ---- public function --------------------------------------------------------------------------
+
+
+def supports(q, k, v) -> bool:
+    """Whether the GPU kernels take these inputs (dtypes, and int32 element offsets)."""
+    if not all(x.dtype in KERNEL_DTYPES for x in (q, k, v)):
+        return False
+    b, t, _, d = q.shape
+    hv, e = v.shape[2:]
+    tp = t + 128
+    largest = max(b * tp * hv * max(pad_dim(d), pad_dim(e)), b * hv * (tp // 16) * pad_dim(d) * pad_dim(e))
+    return largest <= MAX_ELEMENTS
+
+
+def gated_delta_rule(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    beta: jax.Array,
+    *,
+    g: jax.Array | None = None,
+    scale: float | None = None,
+    initial_state: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    interpret: bool = False,
+    config: BlockConfig | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """The gated delta rule through the Pallas Triton kernels; equals ``reference.recurrent``.
+
+    Args:
+      q, k ``[B, T, H, D]``, v ``[B, T, Hv, E]`` (``Hv % H == 0``), in bf16, fp16 or fp32; beta
+      ``[B, T, Hv]``; g None, ``[B, T, Hv]`` or ``[B, T, Hv, D]`` log gates (≤ 0); scale (default
+      ``D ** -0.5``); initial_state ``[B, Hv, D, E]``; segment_ids ``[B, T]`` integer document ids
+      of packed rows (the state resets where the id changes); interpret: run the kernels in the
+      Pallas interpreter (CPU); config: tiling (default: a heuristic).
+
+    Returns:
+      ``(o [B, T, Hv, E] in q's dtype, final_state [B, Hv, D, E] float32)``, differentiable in q, k,
+      v, beta, g and initial_state.
+
+    Arguments are assumed validated by ``api.validate`` (the public entry point).
+    """
+    t, d = q.shape[1], q.shape[3]
+    e = v.shape[3]
+    scale = float(d**-0.5 if scale is None else scale)
+    args, docs, statics = _prepare(q, k, v, beta, g, initial_state, segment_ids, scale, interpret, config)
+    o, final = _gated_delta_rule(*args, docs, statics=statics)
+    return o[:, :t, :, :e], final[:, :, :d, :e]
+
+
+def _prepare(q, k, v, beta, g, initial_state, segment_ids, scale, interpret, config):
+    """Kernel inputs ``(q, k, v, beta [B, Hv, T'], b, s0)`` padded (head dims to a power of two ≥ 16,
+    time to whole chunks), with b the chunk-local cumulative log gate, the document rows (or None)
+    and the statics."""
+    b, t, _, d = q.shape
+    hv, e = v.shape[2:]
+    dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
+    if dtype not in KERNEL_DTYPES:
+        raise TypeError(f"the Pallas kernels take bf16, fp16 or fp32 inputs, got q.dtype={q.dtype}")
+    if not supports(q, k, v):
+        raise ValueError(f"inputs too large for int32 offsets: q.shape={tuple(q.shape)}, v.shape={tuple(v.shape)}")
+    dp, ep = pad_dim(d), pad_dim(e)
+    cfg = config or default_config(head_dim=dp, value_dim=ep, interpret=interpret)
+    tp = -(-t // cfg.chunk) * cfg.chunk
+
+    def pad(x, width=None):
+        pads = [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2)
+        if width is not None:
+            pads[-1] = (0, width - x.shape[-1])
+        return jnp.pad(x, pads)
+
+    q, k, v = pad(q.astype(dtype), dp), pad(k.astype(dtype), dp), pad(v.astype(dtype), ep)
+    beta = jnp.swapaxes(pad(beta.astype(F32)), 1, 2)
+    mode, gate = "none", None
+    if g is not None and g.ndim == 3:
+        mode, gate = "scalar", chunk_cumsum(jnp.swapaxes(pad(g.astype(F32)), 1, 2), cfg.chunk, axis=2)
+    elif g is not None:
+        mode, gate = "channel", chunk_cumsum(pad(g.astype(F32), dp), cfg.chunk, axis=1)
+    if initial_state is None:
+        s0 = jnp.zeros((b, hv, dp, ep), F32)
+    else:
+        s0 = jnp.pad(initial_state.astype(F32), ((0, 0), (0, 0), (0, dp - d), (0, ep - e)))
+    docs = _document_rows(segment_ids, tp)
+    statics = Statics(scale=scale, mode=mode, cfg=cfg, interpret=interpret)
+    return (q, k, v, beta, gate, s0), docs, statics
+
+
+def _document_rows(segment_ids, padded_len):
+    """``(doc, prev)`` ``[B, T']`` int32: each token's document number (the padding continues the
+    last document) and that of the token before it; None without segment ids."""
+    if segment_ids is None:
+        return None
+    t = segment_ids.shape[1]
+    doc = jnp.pad(document_index(segment_ids), ((0, 0), (0, padded_len - t)), mode="edge")
+    return doc, jnp.concatenate([doc[:, :1], doc[:, :-1]], axis=1)
