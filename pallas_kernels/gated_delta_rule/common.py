@@ -77,10 +77,12 @@ def keep_rows(docs: Docs | None, which: str):
 
 
 def row_scale(x, factor, keep=None):
-    """``factor ⊙ x`` in float32: ``factor`` ``[n]`` (a per-row scalar) or ``[n, D]``; rows where
-    ``keep`` is False zeroed. x itself (cast) when both are None."""
+    """``factor ⊙ x`` in float32: ``factor`` ``[n]`` (a per-row scalar; boolean: a row mask) or
+    ``[n, D]``; rows where ``keep`` is False zeroed. x itself (cast) when both are None."""
     x = x.astype(F32)
-    if factor is not None:
+    if factor is not None and factor.dtype == jnp.bool_:
+        x = jnp.where(factor[:, None], x, 0.0)
+    elif factor is not None:
         x = x * (factor[:, None] if factor.ndim == 1 else factor)
     return x if keep is None else jnp.where(keep[:, None], x, 0.0)
 
@@ -95,11 +97,8 @@ def gate_factors(b, docs: Docs | None):
     each row to the chunk end, and across the chunk (zero across a document boundary); the row
     factors are zero on rows that do not see the entering state / reach the leaving one."""
     keep_prev, keep_last = keep_rows(docs, "prev"), keep_rows(docs, "last")
-    if b is None:
-        to_row = None if keep_prev is None else jnp.where(keep_prev, 1.0, 0.0)
-        to_end = None if keep_last is None else jnp.where(keep_last, 1.0, 0.0)
-        gamma = None if docs is None else jnp.where(docs.last == docs.prev, 1.0, 0.0)
-        return to_row, to_end, gamma
+    if b is None:  # no gates: the factors are "same document" masks (booleans) or None
+        return keep_prev, keep_last, None if docs is None else docs.last == docs.prev
     b_last = last_row(b)
     to_row, to_end, gamma = jnp.exp(b), jnp.exp(b_last - b), jnp.exp(b_last)
     if docs is not None:
@@ -359,9 +358,12 @@ def wy_backward(c: Chunk, dw: list, du: list, *, mode: GateMode, mxu) -> WyGrads
 
 
 def decay_state(state, gamma):
-    """``diag(γ) S`` for the ``[D, E]`` state (γ a scalar, a ``[D]`` vector, or None for 1)."""
+    """``diag(γ) S`` for the ``[D, E]`` state (γ a scalar, a ``[D]`` vector, None for 1, or a boolean
+    scalar: S or zero)."""
     if gamma is None:
         return state
+    if gamma.dtype == jnp.bool_:
+        return jnp.where(gamma, state, 0.0)
     return gamma * state if gamma.ndim == 0 else gamma[:, None] * state
 
 

@@ -1,0 +1,207 @@
+"""Kernel-specific tests of the Pallas Triton gated-delta-rule kernels (``pallas_triton``).
+
+On the CPU the kernels run in the Pallas interpreter (``interpret=True``) against the float64 token
+recurrence (``reference.recurrent``): the output, the final state and every gradient (q, k, v,
+beta, g, initial_state) for each gate form (DeltaNet, Gated DeltaNet, KDA), lengths that are no
+multiple of the chunk (1, 63, 130), grouped value heads, packed documents, an initial state, bf16
+and fp32, 64-token chunks (four 16-row sub-tiles in the block solve) and strong decays. Each case is
+one compile of the forward and backward (with XLA's cheap optimisation level: the interpreter's
+programs are large and run once). The kernels also go through the Triton lowering (catches what the
+interpreter accepts and Triton does not). GPU-only: the compiled kernels at D = 128, T = 4096.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.gated_delta_rule import pallas_triton, reference
+from pallas_kernels.gated_delta_rule.config import BlockConfig
+from tests.helpers import rel_err, tol, x64
+
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+GATE_SHAPES = {"deltanet": None, "gdn": "bth", "kda": "bthd"}
+
+
+def make_inputs(rng, *, b, t, h, hv, d, e, gate, init=True, g_max=1.0, docs=None):
+    """float64 numpy inputs (q, k L2-normalised as layers feed the op), cotangents, segment ids.
+
+    ``docs``: token positions where a new document starts (ids alternate 0, 1, 0, …).
+    """
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    xs = {
+        "q": unit(rng.standard_normal((b, t, h, d))),
+        "k": unit(rng.standard_normal((b, t, h, d))),
+        "v": rng.standard_normal((b, t, hv, e)),
+        "beta": rng.uniform(0.0, 1.0, (b, t, hv)),
+    }
+    if gate == "gdn":
+        xs["g"] = -rng.uniform(0.01, g_max, (b, t, hv))
+    elif gate == "kda":
+        xs["g"] = -rng.uniform(0.01, g_max, (b, t, hv, d))
+    if init:
+        xs["initial_state"] = rng.standard_normal((b, hv, d, e)) / np.sqrt(d)
+    seg = None
+    if docs is not None:
+        starts = np.zeros((b, t), np.int32)
+        starts[:, list(docs)] = 1
+        seg = np.cumsum(starts, axis=1) % 2
+    cot = {"o": rng.standard_normal((b, t, hv, e)), "final_state": rng.standard_normal((b, hv, d, e))}
+    return xs, cot, seg
+
+
+def _loss(fn, xs, cot):
+    o, s = fn(xs)
+    loss = jnp.sum(o.astype(cot["o"].dtype) * cot["o"]) + jnp.sum(s.astype(cot["o"].dtype) * cot["final_state"])
+    return loss, (o, s)
+
+
+def _value_and_grads(fn, xs, cot, *, compile_options=None):
+    grad_fn = jax.value_and_grad(lambda xs: _loss(fn, xs, cot), has_aux=True)
+    compiled = jax.jit(grad_fn).lower(xs).compile(compiler_options=compile_options)
+    (_, (o, s)), grads = compiled(xs)
+    return {"o": o, "final_state": s} | {f"d{n}": x for n, x in grads.items()}
+
+
+def check_kernels(rng, *, dtype, config=None, g_max=1.0, docs=None, **shape):
+    """pallas_triton.gated_delta_rule (outputs, every gradient) against the float64 recurrence."""
+    xs, cot, seg = make_inputs(rng, g_max=g_max, docs=docs, **shape)
+    low = ("q", "k", "v")  # cast to the dtype under test; beta, g and initial_state stay float32
+    xs = {n: np.asarray(jnp.asarray(x, dtype if n in low else jnp.float32), np.float64) for n, x in xs.items()}
+    seg_j = None if seg is None else jnp.asarray(seg)
+
+    def kernel(xs):
+        xs = dict(xs)
+        q, k, v, beta = (xs.pop(n) for n in ("q", "k", "v", "beta"))
+        return pallas_triton.gated_delta_rule(
+            q, k, v, beta, **xs, scale=0.7, segment_ids=seg_j, interpret=True, config=config
+        )
+
+    kernel_xs = {n: jnp.asarray(x, dtype if n in low else jnp.float32) for n, x in xs.items()}
+    got = _value_and_grads(
+        kernel, kernel_xs, {n: jnp.asarray(c, jnp.float32) for n, c in cot.items()}, compile_options=FAST_COMPILE
+    )
+    with x64():
+        doc_ids = None if seg is None else reference.document_index(jnp.asarray(seg))
+
+        def oracle(xs):
+            xs = dict(xs)
+            q, k, v, beta = (xs.pop(n) for n in ("q", "k", "v", "beta"))
+            return reference.recurrent(q, k, v, beta, xs.pop("g", None), scale=0.7, doc_ids=doc_ids, **xs)
+
+        want = _value_and_grads(
+            oracle, {n: jnp.asarray(x) for n, x in xs.items()}, {n: jnp.asarray(c) for n, c in cot.items()}
+        )
+        want = {n: np.asarray(x) for n, x in want.items()}
+    assert set(got) == set(want)
+    assert got["o"].dtype == dtype and got["final_state"].dtype == jnp.float32
+    bound = tol(dtype, shape["t"])
+    for name in want:
+        assert rel_err(got[name], want[name]) < bound, (name, rel_err(got[name], want[name]), bound)
+
+
+CASES = {
+    # name: dtype, shape, extras (the interpret config has 16-token chunks: one sub-tile)
+    "gdn-f32-T63-gva-docs": (
+        jnp.float32,
+        dict(b=2, t=63, h=1, hv=2, d=16, e=32, gate="gdn"),
+        dict(docs=(5, 20, 21, 40)),
+    ),
+    "kda-f32-T130-gva-docs-strong-chunk64": (
+        jnp.float32,
+        dict(b=1, t=130, h=1, hv=2, d=16, e=16, gate="kda"),
+        dict(docs=(30, 64, 100), g_max=8.0, config=BlockConfig(chunk=64, block_e=16)),
+    ),
+    "deltanet-bf16-T130": (jnp.bfloat16, dict(b=1, t=130, h=2, hv=2, d=32, e=16, gate="deltanet"), {}),
+    "gdn-bf16-T1-no-init": (jnp.bfloat16, dict(b=1, t=1, h=1, hv=1, d=16, e=16, gate="gdn", init=False), {}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_kernels_match_reference(rng, case):
+    dtype, shape, extras = CASES[case]
+    check_kernels(rng, dtype=dtype, **shape, **extras)
+
+
+def test_supports_and_rejects():
+    ok = jax.ShapeDtypeStruct((1, 64, 2, 128), jnp.bfloat16)
+    assert pallas_triton.supports(ok, ok, ok)
+    with x64():
+        f64 = jnp.zeros((1, 16, 1, 16), jnp.float64)
+        assert not pallas_triton.supports(f64, f64, f64)
+        with pytest.raises(TypeError, match=r"bf16, fp16 or fp32.*q.dtype=float64"):
+            pallas_triton.gated_delta_rule(f64, f64, f64, jnp.zeros((1, 16, 1)), interpret=True)
+    huge = jax.ShapeDtypeStruct((64, 2**17, 32, 128), jnp.bfloat16)
+    assert not pallas_triton.supports(huge, huge, huge)
+    with pytest.raises(ValueError, match="power of two"):
+        BlockConfig(chunk=48)
+
+
+# ---- the Triton lowering on CPU, compiled kernels on a GPU ------------------------------------
+
+
+def test_kernels_lower_to_triton(monkeypatch):
+    """Lower (not compile) forward and backward for CUDA here: the Triton lowering's own checks run."""
+    if jax.default_backend() == "gpu":
+        pytest.skip("the GPU tests compile the kernels")
+    try:
+        from jax._src.pallas.triton import gpu_info, pallas_call_registration
+    except ImportError:
+        pytest.skip("this jax has no Triton lowering hook to point at an abstract GPU")
+    if not hasattr(pallas_call_registration, "gpu_info_lib"):
+        pytest.skip("this jax's Triton lowering reads the GPU another way")
+    info = gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H100)
+    monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: info)
+    spec = jax.ShapeDtypeStruct
+    for gate, (b, t, h, hv, d, e), dtype, docs in [
+        ("gdn", (1, 256, 2, 4, 128, 128), jnp.bfloat16, False),
+        ("kda", (2, 100, 2, 2, 40, 24), jnp.float32, True),
+        ("deltanet", (1, 70, 1, 1, 64, 64), jnp.float16, True),
+    ]:
+        q, v = spec((b, t, h, d), dtype), spec((b, t, hv, e), dtype)
+        beta, s0 = spec((b, t, hv), jnp.float32), spec((b, hv, d, e), jnp.float32)
+        g = {"deltanet": None, "gdn": spec((b, t, hv), jnp.float32), "kda": spec((b, t, hv, d), jnp.float32)}[gate]
+        seg = spec((b, t), jnp.int32) if docs else None
+
+        def fwd_bwd(q, k, v, beta, g, s0, seg):
+            def loss(q, k, v, beta, g, s0):
+                o, s = pallas_triton.gated_delta_rule(q, k, v, beta, g=g, initial_state=s0, segment_ids=seg)
+                return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
+
+            return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5))(q, k, v, beta, g, s0)
+
+        text = jax.jit(fwd_bwd).trace(q, q, v, beta, g, s0, seg).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("__gpu$xla.gpu.triton") == 5, "expected the wy, state, output, state_bwd, chunk_bwd kernels"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gate", ["gdn", "kda"])
+def test_compiled_kernels_match_reference(rng, gate):
+    """The compiled kernels at D = 128, bf16, T = 4096 (grouped value heads, an initial state)
+    against the float32 token recurrence at HIGHEST precision."""
+    xs, cot, _ = make_inputs(rng, b=2, t=4096, h=2, hv=4, d=128, e=128, gate=gate, g_max=0.5)
+    low = ("q", "k", "v")
+    xs = {n: jnp.asarray(x, jnp.bfloat16 if n in low else jnp.float32) for n, x in xs.items()}
+    cot = {n: jnp.asarray(c, jnp.float32) for n, c in cot.items()}
+
+    def kernel(xs):
+        xs = dict(xs)
+        q, k, v, beta = (xs.pop(n) for n in ("q", "k", "v", "beta"))
+        return pallas_triton.gated_delta_rule(q, k, v, beta, **xs)
+
+    def oracle(xs):
+        xs = {n: x.astype(jnp.float32) for n, x in xs.items()}
+        q, k, v, beta = (xs.pop(n) for n in ("q", "k", "v", "beta"))
+        return reference.recurrent(q, k, v, beta, xs.pop("g", None), scale=128**-0.5, **xs)
+
+    got = _value_and_grads(kernel, xs, cot)
+    with jax.default_matmul_precision("highest"):
+        want = _value_and_grads(oracle, xs, cot)
+    bound = tol(jnp.bfloat16, 4096)
+    for name in want:
+        assert rel_err(got[name], want[name]) < bound, (name, rel_err(got[name], want[name]))
