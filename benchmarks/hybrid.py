@@ -41,7 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.timing import median_ms  # noqa: E402
-from lasp_jax.softmax_attention import softmax_attention  # noqa: E402
+from lasp_jax import softmax_attention  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

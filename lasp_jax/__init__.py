@@ -9,6 +9,7 @@ from lasp_jax.mesh import (
     shard_logical,
     with_logical_constraint,
 )
+from lasp_jax.softmax import softmax_attention
 
 __all__ = [
     "DEFAULT_RULES",
@@ -19,5 +20,6 @@ __all__ = [
     "logical_spec",
     "make_mesh",
     "shard_logical",
+    "softmax_attention",
     "with_logical_constraint",
 ]

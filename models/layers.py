@@ -373,7 +373,7 @@ class SoftmaxAttention(LinearAttention):
         segment_ids: Array | None = None,
     ) -> tuple[Array, tuple[Array, Array] | None]:
         """Returns the block output and, with ``return_state``, the keys and values ``[B, T, Hk, ·]``."""
-        from lasp_jax.softmax_attention import softmax_attention
+        from lasp_jax import softmax_attention
 
         if initial_state is not None:
             raise ValueError(

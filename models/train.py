@@ -211,7 +211,7 @@ def check_config(config: TrainConfig, n_devices: int) -> tuple[int, int]:
 
     if m.strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got strategy={m.strategy!r}")
-    from lasp_jax.softmax_attention import STRATEGIES as SOFTMAX_STRATEGIES
+    from lasp_jax.softmax import STRATEGIES as SOFTMAX_STRATEGIES
 
     if m.softmax_strategy not in SOFTMAX_STRATEGIES:
         raise ValueError(

@@ -8,7 +8,7 @@ block set is independent of the others:
     dQ = scale · dS K,  dK = scale · dSᵀ Q
 
 so ring attention and the gathered keys of LASP-2H add block contributions up. This equals
-``lasp_jax.softmax_attention._flash_bwd``.
+``xla.block_attention_bwd``.
 
 Two kernels, both recomputing P tile by tile (nothing ``[Lq, Lk]`` is stored):
 
@@ -34,22 +34,20 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flash_attention.config import BlockConfig
-from pallas_kernels.flash_attention.pallas_triton import (
+from pallas_kernels.common import F32, dot, pad_dim
+from pallas_kernels.flash_attention.common import (
     BOUND_SPEC_Q,
     K_PAD_DOC,
     LOG2E,
     Q_PAD_DOC,
     SHIFT_SPEC,
-    _cdiv,
     both,
     causal_mask,
+    cdiv,
     check_documents,
-    dot,
     first_key_blocks,
     fit_block,
     key_block_range,
-    pad_dim,
     pad_to,
     padded_ids,
     query_block_ends,
@@ -58,8 +56,7 @@ from pallas_kernels.flash_attention.pallas_triton import (
     same_document,
     shift_operand,
 )
-
-_F32 = jnp.float32
+from pallas_kernels.flash_attention.config import BlockConfig
 
 
 def query_block_range(k_first, shift, *, block_q: int, block_k: int, k_len: int, num_q_blocks: int):
@@ -70,17 +67,17 @@ def query_block_range(k_first, shift, *, block_q: int, block_k: int, k_len: int,
     after the last key and the block holds no padded key. Blocks ``[first, full)`` need a mask,
     ``[full, num_q_blocks)`` do not, earlier ones see nothing of this key block.
     """
-    first = jnp.minimum(_cdiv(k_first - shift - block_q + 1, block_q), num_q_blocks)
-    full = jnp.minimum(_cdiv(k_first + block_k - 1 - shift, block_q), num_q_blocks)
+    first = jnp.minimum(cdiv(k_first - shift - block_q + 1, block_q), num_q_blocks)
+    full = jnp.minimum(cdiv(k_first + block_k - 1 - shift, block_q), num_q_blocks)
     inside = k_first + block_k <= k_len
     return first, jnp.where(inside, full, num_q_blocks)
 
 
-def _dq_kernel(*refs, scale, block_q, block_k, k_len, segmented, skip):
+def _dq_kernel(*refs, scale, block_q, block_k, k_len, has_docs, skip):
     """dQ of ``block_q`` query rows of one (batch row, head): Σ over the visible key blocks."""
     refs = list(refs)
     lo_ref = refs.pop(7) if skip else None  # after shift, q, k, v, do, lse, delta
-    if segmented:
+    if has_docs:
         shift_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_doc_ref, k_doc_ref, dq_ref = refs
         q_docs = q_doc_ref[...]
     else:
@@ -101,7 +98,7 @@ def _dq_kernel(*refs, scale, block_q, block_k, k_len, segmented, skip):
         p = jnp.exp2(dot(q, k, trans_b=True) * qk_scale - lse[:, None])
         mask = both(
             causal_mask(q_first, k_first, shift, rows=block_q, cols=block_k, k_len=k_len) if masked else None,
-            same_document(q_docs, k_doc_ref[pl.ds(k_first, block_k)]) if segmented else None,
+            same_document(q_docs, k_doc_ref[pl.ds(k_first, block_k)]) if has_docs else None,
         )
         if mask is not None:
             p = jnp.where(mask, p, 0.0)
@@ -109,13 +106,13 @@ def _dq_kernel(*refs, scale, block_q, block_k, k_len, segmented, skip):
         return dq + dot(ds.astype(k.dtype), k)
 
     lo = lo_ref[...] if skip else 0  # key blocks before the first row's document: nothing visible
-    dq = jnp.zeros(dq_ref.shape, _F32)
+    dq = jnp.zeros(dq_ref.shape, F32)
     dq = lax.fori_loop(jnp.minimum(lo, full), full, functools.partial(body, masked=False), dq)
     dq = lax.fori_loop(jnp.maximum(lo, full), visible, functools.partial(body, masked=True), dq)
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(*refs, scale, block_q, block_k, k_len, group, segmented, skip):
+def _dkv_kernel(*refs, scale, block_q, block_k, k_len, group, has_docs, skip):
     """dK, dV of ``block_k`` key rows of one (batch row, key head), summed over the head's group.
 
     q_ref/do_ref hold the group's ``[Lq, group, ·]`` query heads, lse_ref/delta_ref ``[group, Lq]``.
@@ -124,7 +121,7 @@ def _dkv_kernel(*refs, scale, block_q, block_k, k_len, group, segmented, skip):
     """
     refs = list(refs)
     hi_ref = refs.pop(7) if skip else None  # after shift, q, k, v, do, lse, delta
-    if segmented:
+    if has_docs:
         shift_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_doc_ref, k_doc_ref, dk_ref, dv_ref = refs
         k_docs = k_doc_ref[...]
     else:
@@ -153,7 +150,7 @@ def _dkv_kernel(*refs, scale, block_q, block_k, k_len, group, segmented, skip):
             causal_mask(q_first, k_first, shift, rows=block_k, cols=block_q, k_len=k_len, transpose=True)
             if masked
             else None,
-            same_document(q_doc_ref[rows], k_docs, transpose=True) if segmented else None,
+            same_document(q_doc_ref[rows], k_docs, transpose=True) if has_docs else None,
         )
         if mask is not None:
             p_t = jnp.where(mask, p_t, 0.0)
@@ -165,7 +162,7 @@ def _dkv_kernel(*refs, scale, block_q, block_k, k_len, group, segmented, skip):
         carry = lax.fori_loop(first, full, functools.partial(body, head=head, masked=True), carry)
         return lax.fori_loop(full, num_q_blocks, functools.partial(body, head=head, masked=False), carry)
 
-    init = (jnp.zeros(dk_ref.shape, _F32), jnp.zeros(dv_ref.shape, _F32))
+    init = (jnp.zeros(dk_ref.shape, F32), jnp.zeros(dv_ref.shape, F32))
     dk, dv = lax.fori_loop(0, group, one_head, init)
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
@@ -198,11 +195,11 @@ def block_attention_bwd(
 
     Returns:
       dq ``[B, Lq, H, D]``, dk ``[B, Lk, Hk, D]``, dv ``[B, Lk, Hk, E]``, all float32: this key
-      block set's contribution, as ``_flash_bwd`` of ``lasp_jax.softmax_attention``.
+      block set's contribution, as ``xla.block_attention_bwd``.
     """
     interpret, cfg, dtype = resolve(q, k, v, interpret, config)
     check_documents(q, k, q_segment_ids, k_segment_ids)
-    segmented = q_segment_ids is not None
+    has_docs = q_segment_ids is not None
     b, lq, h, d = q.shape
     lk, hk, e = k.shape[1], k.shape[2], v.shape[3]
     group = h // hk
@@ -211,17 +208,17 @@ def block_attention_bwd(
     bq_dkv, bk_dkv = fit_block(cfg.block_q_dkv, lq), fit_block(cfg.block_k_dkv, lk)
     lq_pad, lk_pad = round_up(lq, max(bq_dq, bq_dkv)), round_up(lk, max(bk_dq, bk_dkv))
 
-    delta = jnp.sum(do.astype(_F32) * o.astype(_F32), axis=-1).transpose(0, 2, 1)  # [B, H, Lq]
-    lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse.astype(_F32) * LOG2E)  # no visible key: P = 0
+    delta = jnp.sum(do.astype(F32) * o.astype(F32), axis=-1).transpose(0, 2, 1)  # [B, H, Lq]
+    lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse.astype(F32) * LOG2E)  # no visible key: P = 0
     lse2, delta = pad_to(lse2, lq_pad, value=jnp.inf), pad_to(delta, lq_pad)
     q_p, do_p = pad_to(q.astype(dtype), lq_pad, dp), pad_to(do.astype(dtype), lq_pad, ep)
     k_p, v_p = pad_to(k.astype(dtype), lk_pad, dp), pad_to(v.astype(dtype), lk_pad, ep)
     shift = shift_operand(q_start, k_start)
     params = plgpu.CompilerParams(num_warps=cfg.num_warps_bwd, num_stages=cfg.num_stages_bwd)
-    skip = segmented and documents_sorted
-    statics = dict(scale=float(scale), k_len=lk, segmented=segmented, skip=skip)
+    skip = has_docs and documents_sorted
+    statics = dict(scale=float(scale), k_len=lk, has_docs=has_docs, skip=skip)
     docs, dq_bounds, dkv_bounds = [], [], []
-    if segmented:
+    if has_docs:
         docs = [padded_ids(q_segment_ids, lq_pad, Q_PAD_DOC), padded_ids(k_segment_ids, lk_pad, K_PAD_DOC)]
     if skip:
         ids = dict(q_ids=q_segment_ids, k_ids=k_segment_ids)
@@ -246,11 +243,11 @@ def block_attention_bwd(
                 pl.BlockSpec((None, bq_dq), lambda i, bb, hh: (bb, i)),
                 pl.BlockSpec((None, lk_pad), lambda i, bb, hh: (bb, 0)),
             ]
-            if segmented
+            if has_docs
             else []
         ),
         out_specs=rows(bq_dq, dp),
-        out_shape=jax.ShapeDtypeStruct((b, lq_pad, h, dp), _F32),
+        out_shape=jax.ShapeDtypeStruct((b, lq_pad, h, dp), F32),
         compiler_params=params,
         interpret=interpret,
         name="flash_attention_backward_dq",
@@ -270,11 +267,11 @@ def block_attention_bwd(
                 pl.BlockSpec((None, lq_pad), lambda j, bb, hh: (bb, 0)),
                 pl.BlockSpec((None, bk_dkv), lambda j, bb, hh: (bb, j)),
             ]
-            if segmented
+            if has_docs
             else []
         ),
         out_specs=[keys(dp), keys(ep)],
-        out_shape=[jax.ShapeDtypeStruct((b, lk_pad, hk, dp), _F32), jax.ShapeDtypeStruct((b, lk_pad, hk, ep), _F32)],
+        out_shape=[jax.ShapeDtypeStruct((b, lk_pad, hk, dp), F32), jax.ShapeDtypeStruct((b, lk_pad, hk, ep), F32)],
         compiler_params=params,
         interpret=interpret,
         name="flash_attention_backward_dkv",

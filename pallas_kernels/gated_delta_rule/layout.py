@@ -64,15 +64,16 @@ def compiler_params(cfg: BlockConfig, kind: str):
 class Layout:
     """Static sizes of one call: q/k ``[B, T, H, D]``, v ``[B, T, Hv, E]`` (T whole chunks)."""
 
-    def __init__(self, q, v, cfg: BlockConfig, mode: GateMode):
+    def __init__(self, q, v, cfg: BlockConfig, mode: GateMode, *, heads: int | None = None, block_e: int | None = None):
         self.batch, self.seq_len, self.heads, self.dim = q.shape
+        self.heads = heads or self.heads  # q/k heads when ``q`` is a per-value-head array
         self.value_heads, self.value_dim = v.shape[2], v.shape[3]
         self.group = self.value_heads // self.heads
         self.chunk = cfg.chunk
         if self.seq_len % self.chunk:
             raise ValueError(f"seq_len={self.seq_len} must be a multiple of chunk={self.chunk}")
         self.num_chunks = self.seq_len // self.chunk
-        self.block_e = min(cfg.block_e, self.value_dim)
+        self.block_e = min(block_e or cfg.block_e, self.value_dim)
         self.mode = mode
         self.mxu = mxu_dtype(q.dtype)
         # sub-tiles of the output's Q Kᵀ ⊙ Γ: per-channel gates factor between 16-row tiles

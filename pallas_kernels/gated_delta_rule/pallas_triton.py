@@ -22,6 +22,7 @@ whole chunks (zero k, v, β and log gate: exact) outside the ``custom_vjp``. The
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -62,21 +63,25 @@ def _wy_kernel(k_ref, v_ref, beta_ref, *refs, mode, has_docs, mxu):
     store_tiles(u_ref, u)
 
 
-def _state_kernel(w_ref, u_ref, k_ref, *refs, mode, has_docs, mxu, chunk, num_chunks):
-    """The state pass over one (row, value head, value block): h_c, V' and the final state."""
+def _state_kernel(w_ref, u_ref, k_ref, *refs, mode, has_docs, mxu, chunk, num_chunks, store_chunks):
+    """The state pass over one (row, value head, value block): h_c, V' (if ``store_chunks``) and the
+    final state."""
     refs = list(refs)
     gate_ref, doc_refs = pop_gate_refs(refs, mode=mode, has_docs=has_docs)
-    s0_ref, h_ref, v_new_ref, final_ref = refs
+    s0_ref, *chunk_refs, final_ref = refs
 
     def body(c, state):
         t0 = pl.multiple_of(c * chunk, chunk)
         b = load_rows(gate_ref, t0, chunk)
         _, to_end, gamma = common.gate_factors(b, load_docs(doc_refs, t0, chunk))
         k_end = common.row_scale(k_ref[pl.ds(t0, chunk), :], to_end)
-        h_ref[c] = state.astype(h_ref.dtype)
         w, u = w_ref[pl.ds(t0, chunk), :], u_ref[pl.ds(t0, chunk), :]
+        entering = state
         v_new, state = common.state_step(state, w, u, k_end, gamma, mxu)
-        v_new_ref[pl.ds(t0, chunk), :] = v_new.astype(v_new_ref.dtype)
+        if store_chunks:
+            h_ref, v_new_ref = chunk_refs
+            h_ref[c] = entering.astype(h_ref.dtype)
+            v_new_ref[pl.ds(t0, chunk), :] = v_new.astype(v_new_ref.dtype)
         return state
 
     final_ref[...] = lax.fori_loop(0, num_chunks, body, s0_ref[...].astype(F32))
@@ -125,8 +130,9 @@ def wy_representation(k, v, beta, b, docs, lay: Layout, statics: Statics):
     )(k, v, beta, *gate_inputs(b, docs))
 
 
-def state_pass(w, u, k, b, docs, s0, lay: Layout, statics: Statics):
-    """Stage 2: ``(h [B, Hv, NC, D, E], V' [B, T, Hv, E], final state [B, Hv, D, E] float32)``."""
+def state_pass(w, u, k, b, docs, s0, lay: Layout, statics: Statics, *, store_chunks: bool = True):
+    """Stage 2: ``(h [B, Hv, NC, D, E], V' [B, T, Hv, E], final state [B, Hv, D, E] float32)``, or
+    only the final state when not ``store_chunks``."""
     d = lay.dim
     kernel = functools.partial(
         _state_kernel,
@@ -135,8 +141,13 @@ def state_pass(w, u, k, b, docs, s0, lay: Layout, statics: Statics):
         mxu=lay.mxu,
         chunk=lay.chunk,
         num_chunks=lay.num_chunks,
+        store_chunks=store_chunks,
     )
-    return pl.pallas_call(
+    out_specs, out_shape = [lay.state_spec()], [jax.ShapeDtypeStruct(s0.shape, F32)]
+    if store_chunks:
+        out_specs = [lay.states_spec(), lay.seq_spec(lay.value_dim, blocked=True), *out_specs]
+        out_shape = [lay.states_shape(lay.mxu), lay.values_shape(lay.mxu), *out_shape]
+    outs = pl.pallas_call(
         kernel,
         grid=lay.state_grid(),
         in_specs=[
@@ -146,12 +157,28 @@ def state_pass(w, u, k, b, docs, s0, lay: Layout, statics: Statics):
             *lay.seq_gate_specs(docs is not None),
             lay.state_spec(),
         ],
-        out_specs=[lay.states_spec(), lay.seq_spec(lay.value_dim, blocked=True), lay.state_spec()],
-        out_shape=[lay.states_shape(lay.mxu), lay.values_shape(lay.mxu), jax.ShapeDtypeStruct(s0.shape, F32)],
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=compiler_params(statics.cfg, "state"),
         interpret=statics.interpret,
-        name="gated_delta_rule_state",
+        name="gated_delta_rule_state" if store_chunks else "gated_delta_rule_transition",
     )(w, u, k, *gate_inputs(b, docs), s0)
+    return tuple(outs) if store_chunks else outs[0]
+
+
+def transition(w, u, k, b, docs, lay: Layout, statics: Statics):
+    """``(Φ [B, Hv, D, D], M [B, Hv, D, E])``: the call maps an entering state S to ``Φ S + M``.
+
+    One state pass over ``[U | 0]`` from ``[0 | I]`` (notes/design.md §6: Φ is the recurrence run
+    on the identity with no values), storing nothing per chunk.
+    """
+    d, e = lay.dim, lay.value_dim
+    u_aug = jnp.concatenate([u, jnp.zeros(u.shape[:3] + (d,), u.dtype)], axis=-1)
+    eye = jnp.broadcast_to(jnp.eye(d, dtype=F32), (lay.batch, lay.value_heads, d, d))
+    s0 = jnp.concatenate([jnp.zeros((lay.batch, lay.value_heads, d, e), F32), eye], axis=-1)
+    aug = Layout(w, u_aug, statics.cfg, lay.mode, heads=lay.heads, block_e=min(lay.block_e, d, e))
+    final = state_pass(w, u_aug, k, b, docs, s0, aug, statics, store_chunks=False)
+    return final[..., e:], final[..., :e]
 
 
 def output(q, k, b, docs, h, v_new, lay: Layout, statics: Statics, dtype):
@@ -309,3 +336,93 @@ def _document_rows(segment_ids, padded_len):
     t = segment_ids.shape[1]
     doc = jnp.pad(document_index(segment_ids), ((0, 0), (0, padded_len - t)), mode="edge")
     return doc, jnp.concatenate([doc[:, :1], doc[:, :-1]], axis=1)
+
+
+# ---- the call split at its initial state (for sequence parallelism) ----------------------------
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["args", "docs", "w", "u", "unpad"], meta_fields=["statics", "shape"]
+)
+@dataclasses.dataclass(frozen=True)
+class SplitCall:
+    """One call whose initial state comes later (``split_forward``): the padded inputs
+    ``(q, k, v, beta, b)``, the document rows, W and U, the pullback of the padding, the statics and
+    the unpadded ``(T, D, E)``."""
+
+    args: tuple
+    docs: tuple | None
+    w: jax.Array
+    u: jax.Array
+    unpad: object
+    statics: Statics
+    shape: tuple
+
+    def layout(self) -> Layout:
+        return Layout(self.args[0], self.args[2], self.statics.cfg, self.statics.mode)
+
+    def padded_state(self, state):
+        _, d, e = self.shape
+        dp, ep = self.args[0].shape[-1], self.args[2].shape[-1]
+        return jnp.pad(state.astype(F32), ((0, 0), (0, 0), (0, dp - d), (0, ep - e)))
+
+
+def split_forward(q, k, v, beta, *, g=None, scale=None, segment_ids=None, interpret=False, config=None):
+    """The part of a call that needs no initial state: ``(Φ [B, Hv, D, D], M [B, Hv, D, E], call)``.
+
+    The state after the call from an entering state S is ``Φ S + M`` (notes/design.md §6; Φ = 0 when
+    a document boundary lies inside the call). Sequence parallelism all-gathers ``(Φ, M)``, forms
+    each rank's entering state, and ``finish_forward(call, S)`` gives the output. Beyond the
+    single-call kernels this costs one state pass (over E + D columns, storing nothing per chunk).
+    """
+    t, d, e = q.shape[1], q.shape[3], v.shape[3]
+    scale = float(d**-0.5 if scale is None else scale)
+    found = {}
+
+    def pad(q, k, v, beta, g):
+        args, _, statics = _prepare(q, k, v, beta, g, None, None, scale, interpret, config)
+        found["statics"] = statics
+        return args[:5]
+
+    args, unpad = jax.vjp(pad, q, k, v, beta, g)
+    statics = found["statics"]
+    docs = _document_rows(segment_ids, args[0].shape[1])
+    qp, kp, vp, betap, bp = args
+    lay = Layout(qp, vp, statics.cfg, statics.mode)
+    w, u = wy_representation(kp, vp, betap, bp, docs, lay, statics)
+    phi, m = transition(w, u, kp, bp, docs, lay, statics)
+    call = SplitCall(tuple(args), docs, w, u, unpad, statics, (t, d, e))
+    return phi[:, :, :d, :d], m[:, :, :d, :e], call
+
+
+def finish_forward(call: SplitCall, initial_state):
+    """``(o [B, T, Hv, E], final_state [B, Hv, D, E], residuals)`` of ``split_forward``'s call from
+    its entering state; the residuals are what ``split_backward`` / ``finish_backward`` read."""
+    t, d, e = call.shape
+    q, k, v, beta, b = call.args
+    lay = call.layout()
+    h, v_new, final = state_pass(call.w, call.u, k, b, call.docs, call.padded_state(initial_state), lay, call.statics)
+    o = output(q, k, b, call.docs, h, v_new, lay, call.statics, q.dtype)
+    return o[:, :t, :, :e], final[:, :, :d, :e], Residuals(q, k, v, beta, b, call.docs, call.w, h, v_new)
+
+
+def split_backward(call: SplitCall, residuals: Residuals, do):
+    """The part of the backward that needs no final-state cotangent: ``(dS_in_local, stage)``.
+
+    ``dS_in_local`` ``[B, Hv, D, E]`` is the entering state's cotangent from ``do`` alone; given the
+    cotangent dS of the state leaving the call, the whole one is ``dS_in_local + Φᵀ dS``.
+    """
+    t, d, e = call.shape
+    tp, ep = call.args[0].shape[1], call.args[2].shape[-1]
+    do = jnp.pad(do, ((0, 0), (0, tp - t), (0, 0), (0, ep - e)))
+    ds0, stage = pallas_triton_vjp.backward_local(residuals, do, statics=call.statics)
+    return ds0[:, :, :d, :e], stage
+
+
+def finish_backward(call: SplitCall, residuals: Residuals, stage, d_final):
+    """Cotangents ``(dq, dk, dv, dbeta, dg, d initial_state)`` given the leaving state's cotangent
+    (dg is None without gates)."""
+    _, d, e = call.shape
+    grads = pallas_triton_vjp.backward_finish(residuals, stage, call.padded_state(d_final), statics=call.statics)
+    *input_grads, ds0 = grads
+    return (*call.unpad(tuple(input_grads)), ds0[:, :, :d, :e])

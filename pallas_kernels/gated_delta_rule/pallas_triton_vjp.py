@@ -22,8 +22,10 @@ Grouped value heads: dq and dk are per value head (float32) and summed over each
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
@@ -59,20 +61,25 @@ def _output_bwd_kernel(q_ref, k_ref, h_ref, v_new_ref, do_ref, *refs, mode, has_
         store_tiles(db_ref[0], db)
 
 
-def _state_bwd_kernel(q_ref, w_ref, k_ref, do_ref, dv_intra_ref, *refs, mode, has_docs, mxu, scale, chunk, num_chunks):
-    """The reverse state pass over one (row, value head, value block): dh_c, dV' and d initial state."""
+def _state_bwd_kernel(
+    q_ref, w_ref, k_ref, do_ref, dv_intra_ref, *refs, mode, has_docs, mxu, scale, chunk, num_chunks, store_chunks
+):
+    """The reverse state pass over one (row, value head, value block): dh_c and dV' (if
+    ``store_chunks``) and the initial state's cotangent."""
     refs = list(refs)
     gate_ref, doc_refs = pop_gate_refs(refs, mode=mode, has_docs=has_docs)
-    d_final_ref, dh_ref, dv_new_ref, ds0_ref = refs
+    d_final_ref, *chunk_refs, ds0_ref = refs
 
     def body(i, ds):
         c = num_chunks - 1 - i
         t0 = pl.multiple_of(c * chunk, chunk)
         to_row, to_end, gamma = common.gate_factors(load_rows(gate_ref, t0, chunk), load_docs(doc_refs, t0, chunk))
-        dh_ref[c] = ds.astype(dh_ref.dtype)
         k_end = common.row_scale(k_ref[pl.ds(t0, chunk), :], to_end)
         dv_new = dv_intra_ref[pl.ds(t0, chunk), :].astype(F32) + dot(k_end.astype(mxu), ds.astype(mxu))
-        dv_new_ref[pl.ds(t0, chunk), :] = dv_new.astype(dv_new_ref.dtype)
+        if store_chunks:
+            dh_ref, dv_new_ref = chunk_refs
+            dh_ref[c] = ds.astype(dh_ref.dtype)
+            dv_new_ref[pl.ds(t0, chunk), :] = dv_new.astype(dv_new_ref.dtype)
         q_start = common.row_scale(q_ref[pl.ds(t0, chunk), :], to_row)
         from_output = scale * dot(q_start.astype(mxu), do_ref[pl.ds(t0, chunk), :].astype(mxu), trans_a=True)
         through_w = dot(w_ref[pl.ds(t0, chunk), :].astype(mxu), dv_new.astype(mxu), trans_a=True)
@@ -147,8 +154,9 @@ def output_backward(res: Residuals, do, lay: Layout, statics: Statics):
     return dq, dk, dv_intra, (db[0] if db else None)
 
 
-def state_backward_pass(res: Residuals, do, dv_intra, d_final, lay: Layout, statics: Statics):
-    """Stage 2: ``(dh [B, Hv, NC, D, E], dV' [B, T, Hv, E], d initial_state [B, Hv, D, E] float32)``."""
+def state_backward_pass(res: Residuals, do, dv_intra, d_final, lay: Layout, statics: Statics, *, store_chunks=True):
+    """Stage 2: ``(dh [B, Hv, NC, D, E], dV' [B, T, Hv, E], d initial_state [B, Hv, D, E] float32)``,
+    or only the initial state's cotangent when not ``store_chunks``."""
     d = lay.dim
     has_docs = res.docs is not None
     kernel = functools.partial(
@@ -159,8 +167,13 @@ def state_backward_pass(res: Residuals, do, dv_intra, d_final, lay: Layout, stat
         scale=statics.scale,
         chunk=lay.chunk,
         num_chunks=lay.num_chunks,
+        store_chunks=store_chunks,
     )
-    return pl.pallas_call(
+    out_specs, out_shape = [lay.state_spec()], [jax.ShapeDtypeStruct(d_final.shape, F32)]
+    if store_chunks:
+        out_specs = [lay.states_spec(), lay.seq_spec(lay.value_dim, blocked=True), *out_specs]
+        out_shape = [lay.states_shape(lay.mxu), lay.values_shape(lay.mxu), *out_shape]
+    outs = pl.pallas_call(
         kernel,
         grid=lay.state_grid(),
         in_specs=[
@@ -172,12 +185,13 @@ def state_backward_pass(res: Residuals, do, dv_intra, d_final, lay: Layout, stat
             *lay.seq_gate_specs(has_docs),
             lay.state_spec(),
         ],
-        out_specs=[lay.states_spec(), lay.seq_spec(lay.value_dim, blocked=True), lay.state_spec()],
-        out_shape=[lay.states_shape(lay.mxu), lay.values_shape(lay.mxu), jax.ShapeDtypeStruct(d_final.shape, F32)],
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=compiler_params(statics.cfg, "state"),
         interpret=statics.interpret,
-        name="gated_delta_rule_state_bwd",
+        name="gated_delta_rule_state_bwd" if store_chunks else "gated_delta_rule_state_bwd_local",
     )(res.q, res.w, res.k, do, dv_intra, *gate_inputs(res.b, res.docs), d_final)
+    return tuple(outs) if store_chunks else outs[0]
 
 
 def wy_backward(res: Residuals, dh, dv_new, dk_out, db_out, lay: Layout, statics: Statics):
@@ -233,12 +247,43 @@ def _sum_groups(x, lay: Layout, dtype):
     return x.reshape(b, t, lay.heads, lay.group, d).sum(3).astype(dtype)
 
 
+class OutputGrads(NamedTuple):
+    """Stage 1's results (they need no state cotangent): ``do`` in the operand dtype, dq, the
+    output's shares of dk and db, and ``dV'_intra``."""
+
+    do: jax.Array
+    dq: jax.Array
+    dk_out: jax.Array
+    dv_intra: jax.Array
+    db_out: jax.Array | None
+
+
+def backward_local(res: Residuals, do, *, statics: Statics) -> tuple[jax.Array, OutputGrads]:
+    """The part of the backward that needs no final-state cotangent: ``(dS_in_local, stage 1)``.
+
+    ``dS_in_local`` ``[B, Hv, D, E]`` is the initial state's cotangent from ``do`` alone; with a
+    final-state cotangent ``dS`` the whole one is ``dS_in_local + Φᵀ dS`` (``pallas_triton.transition``).
+    """
+    lay = Layout(res.q, res.v, statics.cfg, statics.mode)
+    do = do.astype(lay.mxu)
+    stage = OutputGrads(do, *output_backward(res, do, lay, statics))
+    zero = jnp.zeros(res.h.shape[:2] + res.h.shape[3:], F32)
+    ds0 = state_backward_pass(res, do, stage.dv_intra, zero, lay, statics, store_chunks=False)
+    return ds0, stage
+
+
+def backward_finish(res: Residuals, stage: OutputGrads, d_final, *, statics: Statics):
+    """Cotangents ``(dq, dk, dv, dβ, db, d initial_state)`` from stage 1 and the final state's cotangent."""
+    lay = Layout(res.q, res.v, statics.cfg, statics.mode)
+    dh, dv_new, ds0 = state_backward_pass(res, stage.do, stage.dv_intra, d_final.astype(F32), lay, statics)
+    dk, dv, dbeta, db = wy_backward(res, dh, dv_new, stage.dk_out, stage.db_out, lay, statics)
+    dq, dk = _sum_groups(stage.dq, lay, res.q.dtype), _sum_groups(dk, lay, res.k.dtype)
+    return dq, dk, dv, dbeta, db, ds0
+
+
 def backward(res: Residuals, do, d_final, *, statics: Statics):
     """Cotangents ``(dq, dk, dv, dβ, db, d initial_state)`` for ``pallas_triton``'s ``custom_vjp``."""
     lay = Layout(res.q, res.v, statics.cfg, statics.mode)
     do = do.astype(lay.mxu)
-    dq, dk_out, dv_intra, db_out = output_backward(res, do, lay, statics)
-    dh, dv_new, ds0 = state_backward_pass(res, do, dv_intra, d_final.astype(F32), lay, statics)
-    dk, dv, dbeta, db = wy_backward(res, dh, dv_new, dk_out, db_out, lay, statics)
-    dq, dk = _sum_groups(dq, lay, res.q.dtype), _sum_groups(dk, lay, res.k.dtype)
-    return dq, dk, dv, dbeta, db, ds0
+    stage = OutputGrads(do, *output_backward(res, do, lay, statics))
+    return backward_finish(res, stage, d_final, statics=statics)

@@ -18,13 +18,11 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec
 
-from lasp_jax import softmax_attention as softmax_attention_module
-from lasp_jax.softmax_attention import (
-    causal_attention,
-    reference_causal_attention,
-    softmax_attention,
-    softmax_attention_shard,
-)
+from lasp_jax import softmax_attention
+from lasp_jax.softmax import api as softmax_api
+from lasp_jax.softmax import causal_attention, softmax_attention_shard
+from lasp_jax.softmax.deal import Deal
+from pallas_kernels.flash_attention.reference import causal_attention as reference_causal_attention
 from tests.helpers import rel_err, tol, x64
 
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f64": jnp.float64}
@@ -191,16 +189,15 @@ def test_shard_function_inside_user_shard_map(rng, strategy):
 def test_auto_picks_pallas_on_gpu(monkeypatch, on_gpu):
     """impl="auto": the kernels on a GPU for both strategies, cuDNN's own causal mask for one device
     where it takes the input, the jnp recurrence on CPU and for float64."""
-    monkeypatch.setattr(softmax_attention_module, "_on_gpu", lambda: on_gpu)
-    resolve = softmax_attention_module._resolve_impl
+    monkeypatch.setattr(softmax_api, "on_gpu", lambda: on_gpu)
+    resolve = softmax_api.resolve_impl
     q, k, v = _arrays(dtype=jnp.bfloat16)
     kernel = "pallas" if on_gpu else "xla"
-    assert resolve("auto", "ring", q, k, v, n_keys=None) == kernel
-    assert resolve("auto", "allgather", q, k, v, n_keys=None) == kernel
-    assert resolve("auto", "allgather", q, k, v, n_keys=16) == ("cudnn" if on_gpu else "xla")
-    assert resolve("auto", "allgather", q, k, v[..., :4], n_keys=16) == kernel  # E != D: no cuDNN
+    assert resolve("auto", q, k, v, n_keys=None) == kernel  # under a mesh: both strategies
+    assert resolve("auto", q, k, v, n_keys=16) == ("cudnn" if on_gpu else "xla")
+    assert resolve("auto", q, k, v[..., :4], n_keys=16) == kernel  # E != D: no cuDNN
     with x64():
-        assert resolve("auto", "ring", *_arrays(dtype=jnp.float64), n_keys=None) == "xla"
+        assert resolve("auto", *_arrays(dtype=jnp.float64), n_keys=None) == "xla"
 
 
 # --- packed documents (segment_ids) ---------------------------------------------------------------
@@ -330,7 +327,7 @@ def test_balanced_deal_is_a_permutation_with_equal_work(sp):
     mesh = _sp_mesh(sp)
 
     def chunks(x):
-        plan = softmax_attention_module._Deal.of("sp")
+        plan = Deal.of("sp")
         sent = sorted(t for _, t in plan.to_lo) + sorted(t for _, t in plan.to_hi)
         assert sent == list(range(sp)) * 2  # each perm reaches every rank once
         return jnp.stack([plan.c_lo, plan.c_hi])[None]
@@ -384,10 +381,10 @@ def _arrays(b=2, t=16, h=4, hk=2, d=8, dtype=jnp.float32):
 @pytest.mark.parametrize(
     "kwargs,arrays,error,match",
     [
-        ({"mesh": "1x8"}, {"t": 12}, ValueError, r"T=12 must be a multiple of the 'sp' axis size 8"),
+        ({"mesh": "1x8"}, {"t": 12}, ValueError, r"T=12, mesh.shape\['sp'\]=8"),
         ({"mesh": "1x8", "seq_axis": "seq"}, {}, ValueError, r"seq_axis='seq' is not an axis of the mesh"),
         ({"mesh": "1x8", "batch_axis": "data"}, {}, ValueError, r"batch_axis='data' is not an axis"),
-        ({"mesh": "4x2", "batch_axis": "dp"}, {"b": 2}, ValueError, r"B=2 must be a multiple of the 'dp' axis"),
+        ({"mesh": "4x2", "batch_axis": "dp"}, {"b": 2}, ValueError, r"B=2, 'dp' has 4 devices"),
         ({"mesh": None}, {"h": 4, "hk": 3}, ValueError, r"H=4, Hk=3"),
         ({"mesh": None, "strategy": "zigzag"}, {}, ValueError, r"strategy must be one of"),
         ({"mesh": None, "impl": "flash"}, {}, ValueError, r"impl must be one of"),

@@ -1,42 +1,30 @@
-"""The Pallas Triton flash-attention block kernels against a float64 dense oracle.
+"""The flash-attention op and its Pallas Triton block kernels against float64 dense oracles.
 
+``flash_attention`` (the public single-device op) on every implementation, with packed documents.
 ``block_attention_fwd`` / ``block_attention_bwd`` (pallas_kernels.flash_attention) in the Pallas
 interpreter on CPU, on fresh random inputs: query blocks at offsets before, at and after the key
 block (rows that see nothing, a key block wholly in the future), grouped heads, E ≠ D, lengths
 that are no multiple of the blocks, bf16 and fp32; the backward's additivity over key blocks
-(what ring attention relies on); the same contract as the jnp recurrence of
-``lasp_jax.softmax_attention``. GPU-only: the compiled kernels at a moderate shape. CPU: the
+(what ring attention relies on); the same contract as the jnp recurrence
+(``pallas_kernels.flash_attention.xla``). GPU-only: the compiled kernels at a moderate shape. CPU: the
 kernels go through the Pallas Triton lowering (catches what the interpreter accepts and Triton
 does not, e.g. block shapes that are no power of two).
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lasp_jax.softmax_attention import _flash_bwd, _flash_fwd
-from pallas_kernels.flash_attention import BlockConfig, block_attention_bwd, block_attention_fwd, default_config
+import pallas_kernels
+from pallas_kernels.flash_attention import BlockConfig, block_attention_bwd, block_attention_fwd, default_config, xla
+from pallas_kernels.flash_attention.common import first_key_blocks, query_block_ends
+from pallas_kernels.flash_attention.reference import block_attention as oracle
 from tests.helpers import rel_err, tol, x64
-
-
-def oracle(q, k, v, *, q_start, k_start, scale):
-    """Dense masked softmax at global offsets: (o, lse); o = 0 and lse = −inf where nothing is visible."""
-    b, lq, h, d = q.shape
-    hk = k.shape[2]
-    qg = q.reshape(b, lq, hk, h // hk, d)
-    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k) * scale
-    mask = (q_start + jnp.arange(lq))[:, None] >= (k_start + jnp.arange(k.shape[1]))[None, :]
-    m = jax.lax.stop_gradient(jnp.max(jnp.where(mask, s, -jnp.inf), -1, keepdims=True))
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    p = jnp.where(mask, jnp.exp(jnp.where(mask, s, m) - m), 0.0)  # no inf in the unused branch: finite grads
-    row_sum = p.sum(-1)
-    seen = row_sum > 0
-    o = jnp.einsum("bhgqk,bkhe->bqhge", p / jnp.where(seen, row_sum, 1.0)[..., None], v)
-    lse = jnp.where(seen, m[..., 0] + jnp.log(jnp.where(seen, row_sum, 1.0)), -jnp.inf)
-    return o.reshape(b, lq, h, v.shape[-1]), lse.reshape(b, h, lq)
 
 
 def _inputs(rng, *, b, lq, lk, h, hk, d, e, dtype):
@@ -117,8 +105,8 @@ def test_kernels_match_oracle_fp32(rng, case):
     _compare(got, want, dtype=jnp.float32, length=lk)
     if case == "past-gqa3-e12":  # the contract of the jnp recurrence the kernels replace: shapes, dtypes, values
         args = [jnp.asarray(x, jnp.float32) for x in (q, k, v, want["o"], want["lse"], do)]
-        o, lse = _flash_fwd(*args[:3], **offsets, block=8)
-        grads = _flash_bwd(*args, **offsets, block=8)
+        o, lse = xla.block_attention_fwd(*args[:3], **offsets, block=8)
+        grads = xla.block_attention_bwd(*args, **offsets, block=8)
         for name, x in zip(("o", "lse", "dq", "dk", "dv"), (o, lse, *grads), strict=True):
             assert x.shape == got[name].shape and x.dtype == got["dtypes"][name], name
             assert rel_err(got[name], x) < 1e-5, name
@@ -160,15 +148,13 @@ def test_documents_match_jnp_recurrence(rng, sorted_ids, lq, lk, q_start, n_docs
     """Packed documents (non-decreasing ids, 16-row blocks): the kernels with only the masks and
     with document block skipping (``documents_sorted``) against the jnp recurrence; the skip
     bounds must skip something, so both code paths run."""
-    from pallas_kernels.flash_attention.pallas_triton import first_key_blocks, query_block_ends
-
     b, h, hk, d = 2, 4, 2, 16
     q, k, v, do = (
         jnp.asarray(x, jnp.float32) for x in _inputs(rng, b=b, lq=lq, lk=lk, h=h, hk=hk, d=d, e=d, dtype=jnp.float32)
     )
     kw = documents_kwargs(rng, b, lq, lk, n_docs, q_start) | dict(scale=0.25)
-    o_want, lse_want = _flash_fwd(q, k, v, block=8, **kw)
-    grads_want = _flash_bwd(q, k, v, o_want, lse_want, do, block=8, **kw)
+    o_want, lse_want = xla.block_attention_fwd(q, k, v, block=8, **kw)
+    grads_want = xla.block_attention_bwd(q, k, v, o_want, lse_want, do, block=8, **kw)
     o, lse = block_attention_fwd(q, k, v, documents_sorted=sorted_ids, config=SMALL_BLOCKS, **kw)
     grads = block_attention_bwd(q, k, v, o_want, lse_want, do, documents_sorted=sorted_ids, config=SMALL_BLOCKS, **kw)
     np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(lse_want))
@@ -203,6 +189,37 @@ def test_backward_adds_up_over_key_blocks(rng):
     # the halves' own lse merge to the whole (online-softmax merge of disjoint key sets)
     merged = np.logaddexp(halves[0]["lse"], halves[1]["lse"])
     np.testing.assert_allclose(merged, want["lse"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_flash_attention_matches_reference(rng, impl):
+    """The public op (``from pallas_kernels import flash_attention``): o and the gradients of q, k,
+    v against the float64 dense oracle, grouped heads, E ≠ D, T = 21 (a padded tail for the kernels,
+    one block for the jnp recurrence), two packed documents per row."""
+    flash_attention = pallas_kernels.flash_attention
+    b, t, h, hk, d, e = 2, 21, 2, 1, 16, 8
+    q, k, v, do = _inputs(rng, b=b, lq=t, lk=t, h=h, hk=hk, d=d, e=e, dtype=jnp.float32)
+    ids = (np.arange(t)[None, :] >= rng.integers(1, t, (b, 1))).astype(np.int32)
+
+    def grads(impl, dtype):
+        attend = functools.partial(flash_attention, scale=0.3, impl=impl)
+
+        @jax.jit
+        def run(q, k, v, ids, do):
+            o, vjp = jax.vjp(lambda *a: attend(*a, segment_ids=ids), q, k, v)
+            return (o, *vjp(do))
+
+        out = run(*[jnp.asarray(x, dtype) for x in (q, k, v)], jnp.asarray(ids), jnp.asarray(do, dtype))
+        return [np.asarray(x) for x in out] + [out[0].dtype]
+
+    with x64():
+        want = grads("reference", jnp.float64)
+    got = grads(impl, jnp.float32)
+    assert got.pop() == jnp.float32
+    for name, x, y in zip(("o", "dq", "dk", "dv"), got, want[:4], strict=True):
+        assert rel_err(x, y) < tol(jnp.float32, t), name
+    with pytest.raises(ValueError, match=r"impl must be one of"):
+        flash_attention(*[jnp.asarray(x, jnp.float32) for x in (q, k, v)], impl="cudnn")
 
 
 def test_default_config():
@@ -274,8 +291,10 @@ def _check_compiled(q, k, v, do, *, dtype, documents_sorted=False, **kw):
     kernel_kw = kw | dict(documents_sorted=documents_sorted)
     with jax.default_matmul_precision("highest"):
         f32 = [jnp.asarray(x, jnp.float32) for x in (q, k, v, do)]
-        o_want, lse_want = jax.jit(lambda q, k, v: _flash_fwd(q, k, v, **kw, block=256))(*f32[:3])
-        grads_want = jax.jit(lambda *a: _flash_bwd(*a, **kw, block=256))(*f32[:3], o_want, lse_want, f32[3])
+        o_want, lse_want = jax.jit(lambda q, k, v: xla.block_attention_fwd(q, k, v, **kw, block=256))(*f32[:3])
+        grads_want = jax.jit(lambda *a: xla.block_attention_bwd(*a, **kw, block=256))(
+            *f32[:3], o_want, lse_want, f32[3]
+        )
     args = [jnp.asarray(x, dtype) for x in (q, k, v)]
     o, lse = jax.jit(lambda q, k, v: block_attention_fwd(q, k, v, **kernel_kw))(*args)
     grads = jax.jit(lambda *a: block_attention_bwd(*a, **kernel_kw))(

@@ -1,0 +1,10 @@
+"""Causal softmax attention of hybrid models under sequence parallelism (LASP-2H allgather, RingAttention).
+
+``api`` (the public functions, argument checks, the choice of block compute), ``allgather`` and
+``ring`` (one ``custom_vjp`` per strategy), ``deal`` (the causal half-shard deal and what the
+strategies share). The block compute itself is ``pallas_kernels.flash_attention``.
+"""
+
+from lasp_jax.softmax.api import IMPLS, STRATEGIES, causal_attention, softmax_attention, softmax_attention_shard
+
+__all__ = ["IMPLS", "STRATEGIES", "causal_attention", "softmax_attention", "softmax_attention_shard"]

@@ -1,0 +1,149 @@
+"""The queries a rank computes: its own shard, or two half-shards dealt for causal load balance.
+
+Contiguous shards leave the last rank (2P − 1)/P² of all causal (query, key) pairs (¾ at P = 2).
+With ``balance`` the sequence is seen as 2P half-shards ("chunks") and rank r computes the queries
+of chunks r and 2P − 1 − r: every rank then attends 2P chunk pairs. Two ``ppermute``s deal each
+rank's halves to the ranks that compute them, and the outputs go back the same way (dO out and dq
+back in the backward); the layout the caller and the linear layers see stays contiguous. Only
+queries, outputs and their cotangents move: K and V are gathered (allgather) or passed as whole
+shards (ring) anyway.
+
+Also here, being what both strategies share: their ``custom_vjp`` statics, the query parts and the
+residuals (the local K/V and, per query part, what ``SavedPart`` holds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.flash_attention import block_functions
+
+
+def first_position(axis_name, length: int):
+    """Global position of the first token of this rank's ``length``-token shard (0 without an axis)."""
+    return 0 if axis_name is None else lax.axis_index(axis_name) * length
+
+
+@dataclasses.dataclass(frozen=True)
+class Deal:
+    """Causal load balancing (both strategies): the sequence as 2P half-shards ("chunks"),
+    chunk c computed on rank ``c`` if ``c < P`` else ``2P − 1 − c``, so rank r attends the queries of
+    chunks r and 2P − 1 − r: (r + ½) + (2P − 1 − r + ½) = 2P chunk pairs on every rank, where
+    contiguous shards give rank r (2r + 1)·2 (the last rank (2P − 1)/P² of all pairs, ¾ at P = 2).
+
+    Rank r holds chunks 2r ("lo") and 2r + 1 ("hi"); ``to_lo`` / ``to_hi`` send them to the ranks that
+    compute them (each a permutation: every rank receives one even and one odd chunk); ``c_lo`` /
+    ``c_hi`` are the (traced) indices of the even / odd chunk this rank computes.
+    """
+
+    to_lo: tuple
+    to_hi: tuple
+    c_lo: jax.Array
+    c_hi: jax.Array
+
+    @staticmethod
+    def of(axis_name) -> Deal:
+        n = lax.axis_size(axis_name)
+        rank = lax.axis_index(axis_name)
+        even = rank % 2 == 0
+        return Deal(
+            to_lo=tuple((r, _chunk_owner(2 * r, n)) for r in range(n)),
+            to_hi=tuple((r, _chunk_owner(2 * r + 1, n)) for r in range(n)),
+            c_lo=jnp.where(even, rank, 2 * n - 1 - rank),
+            c_hi=jnp.where(even, 2 * n - 1 - rank, rank),
+        )
+
+    def deal(self, x, axis_name):
+        """Local ``[B, L, ...]`` (chunks 2r, 2r + 1) -> the two halves this rank computes."""
+        half = x.shape[1] // 2
+        return (
+            lax.ppermute(x[:, :half], axis_name, self.to_lo),
+            lax.ppermute(x[:, half:], axis_name, self.to_hi),
+        )
+
+    def undeal(self, xa, xb, axis_name):
+        """The inverse of ``deal``: computed halves back to their owners, ``[B, L, ...]``."""
+        back = [tuple((t, s) for s, t in perm) for perm in (self.to_lo, self.to_hi)]
+        return jnp.concatenate([lax.ppermute(xa, axis_name, back[0]), lax.ppermute(xb, axis_name, back[1])], axis=1)
+
+
+def _chunk_owner(chunk: int, n: int) -> int:
+    """The rank that computes half-shard ``chunk`` of ``2n``."""
+    return chunk if chunk < n else 2 * n - 1 - chunk
+
+
+@dataclasses.dataclass(frozen=True)
+class Statics:
+    """The static arguments of either strategy's ``custom_vjp`` (``allgather_attention``,
+    ``ring_attention``): the sequence axis, the logit scale, the block compute (``impl`` "pallas"
+    or "xla", ``block`` for the jnp recurrence) and whether the queries are dealt."""
+
+    axis_name: str
+    scale: float
+    impl: str
+    block: int
+    balance: bool
+
+    def block_functions(self):
+        """(fwd, bwd) of one block pair (``pallas_kernels.flash_attention.block_functions``)."""
+        # segment ids reach the blocks as global document numbers: non-decreasing
+        return block_functions(self.impl, block=self.block, documents_sorted=True)
+
+
+class QueryPart(NamedTuple):
+    """Queries one rank computes: q ``[B, Lp, H, D]``, their document numbers ``[B, Lp]`` (or None)
+    and the global position of the first one."""
+
+    q: jax.Array
+    ids: jax.Array | None
+    start: jax.Array | int
+
+
+class SavedPart(NamedTuple):
+    """A query part with its final output (q's dtype) and float32 log-sum-exp ``[B, H, Lp]``."""
+
+    q: jax.Array
+    ids: jax.Array | None
+    start: jax.Array | int
+    o: jax.Array
+    lse: jax.Array
+
+
+class Residuals(NamedTuple):
+    """What both strategies keep for the backward: the *local* K, V and document numbers (not the
+    gathered or passed ones) and every query part."""
+
+    k: jax.Array
+    v: jax.Array
+    ids: jax.Array | None
+    parts: tuple[SavedPart, ...]
+
+
+def query_parts(q, ids, axis_name, balance: bool) -> tuple[Deal | None, list[QueryPart]]:
+    """The query blocks this rank computes, ``(plan, parts)``: its own shard, or with ``balance``
+    (an even local length, more than one rank) the two half-shards ``Deal`` gives it (``plan``
+    None when not dealt)."""
+    if not (balance and lax.axis_size(axis_name) > 1 and q.shape[1] % 2 == 0):
+        return None, [QueryPart(q, ids, first_position(axis_name, q.shape[1]))]
+    plan, half = Deal.of(axis_name), q.shape[1] // 2
+    qa, qb = plan.deal(q, axis_name)
+    ida, idb = plan.deal(ids, axis_name) if ids is not None else (None, None)
+    return plan, [QueryPart(qa, ida, plan.c_lo * half), QueryPart(qb, idb, plan.c_hi * half)]
+
+
+def cotangent_parts(do, n_parts: int, axis_name) -> tuple[Deal | None, list[jax.Array]]:
+    """dO split like the queries (``n_parts`` of ``query_parts``): ``(plan, [dO parts])``."""
+    if n_parts == 1:
+        return None, [do]
+    plan = Deal.of(axis_name)
+    return plan, list(plan.deal(do, axis_name))
+
+
+def join_parts(plan: Deal | None, parts, axis_name):
+    """Per-part results (outputs or dq) back in this rank's contiguous layout."""
+    return parts[0] if plan is None else plan.undeal(*parts, axis_name)

@@ -1,0 +1,172 @@
+"""What the Pallas flash-attention forward (``pallas_triton``) and backward (``pallas_triton_vjp``) share.
+
+Causal visibility at global offsets: queries sit at ``q_start + i``, keys at ``k_start + j``, and
+query i sees key j iff ``q_start + i ≥ k_start + j``; the kernels get ``shift = q_start − k_start``
+as a one-element int32 input. Here: the key-block loop bounds that follow from it, the tile masks
+(causal, same document), the document block bounds used to skip tiles, the padding of lengths and
+head dims to whole blocks, and the checks of what the kernels take.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.common import KERNEL_DTYPES, MAX_ELEMENTS, on_gpu, pad_dim
+from pallas_kernels.flash_attention.config import BlockConfig, default_config
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+# padded queries and keys get different document ids: a padded row sees no key, no padded key is seen
+Q_PAD_DOC, K_PAD_DOC = -1, -2
+
+
+# ---- loop bounds and tile masks -------------------------------------------------------------
+
+
+def cdiv(x, n: int):
+    """⌈x / n⌉ of a traced int32 x, 0 for x ≤ 0 (lax.div truncates, so keep it non-negative)."""
+    return lax.div(jnp.maximum(x, 0) + (n - 1), n)
+
+
+def key_block_range(q_first, shift, *, block_q: int, block_k: int, k_len: int, num_k_blocks: int):
+    """(fully visible, visible) key-block counts for query rows ``[q_first, q_first + block_q)``.
+
+    Key block kb is fully visible when its last key is at or before the first query row
+    (``(kb + 1)·block_k − 1 ≤ q_first + shift``) and inside the keys; it is visible when its
+    first key is at or before the last query row. Blocks ``[0, full)`` need no mask, blocks
+    ``[full, visible)`` do, the rest are wholly in the future.
+    """
+    full = jnp.minimum(lax.div(jnp.maximum(q_first + shift + 1, 0), block_k), k_len // block_k)
+    visible = jnp.minimum(cdiv(q_first + block_q + shift, block_k), num_k_blocks)
+    return full, visible
+
+
+def causal_mask(q_first, k_first, shift, *, rows: int, cols: int, k_len: int, transpose: bool = False):
+    """Which (query, key) pairs of a tile are visible, ``[rows, cols]``: query rows × key columns,
+    or key rows × query columns when ``transpose``. Padded keys (≥ k_len) are never visible."""
+    r = lax.broadcasted_iota(jnp.int32, (rows, cols), 0)
+    c = lax.broadcasted_iota(jnp.int32, (rows, cols), 1)
+    q_pos, k_pos = (c + q_first, r + k_first) if transpose else (r + q_first, c + k_first)
+    return (k_pos <= q_pos + shift) & (k_pos < k_len)
+
+
+def same_document(q_docs, k_docs, *, transpose: bool = False):
+    """``[rows, cols]``: query and key in one document (key rows × query columns when ``transpose``)."""
+    return (k_docs[:, None] == q_docs[None, :]) if transpose else (q_docs[:, None] == k_docs[None, :])
+
+
+def both(*masks):
+    """The AND of the masks given (None entries skipped); None when there are none (no masking)."""
+    masks = [m for m in masks if m is not None]
+    return functools.reduce(jnp.logical_and, masks) if masks else None
+
+
+# ---- documents: padded ids and the block bounds that skip other documents ---------------------
+
+
+def padded_ids(segment_ids, length: int, pad_value: int):
+    """``[B, L]`` int32 ids padded to ``length`` with ``pad_value`` (``Q_PAD_DOC`` or ``K_PAD_DOC``)."""
+    ids = segment_ids.astype(jnp.int32)
+    return jnp.pad(ids, ((0, 0), (0, length - ids.shape[1])), constant_values=pad_value)
+
+
+def first_key_blocks(q_ids, k_ids, *, block_q: int, block_k: int, num_q_blocks: int):
+    """``[B, num_q_blocks]`` int32: for ids non-decreasing along each row (document numbers), the
+    first key block any row of each query block can see (its first row's document starts there;
+    later rows' documents start no earlier). Blocks of padding rows get 0 (nothing skipped)."""
+    firsts = q_ids[:, ::block_q].astype(jnp.int32)  # first row of every block holding real rows
+    key = jax.vmap(lambda k, x: jnp.searchsorted(k, x, side="left"))(k_ids.astype(jnp.int32), firsts)
+    blocks = (key // block_k).astype(jnp.int32)
+    return jnp.pad(blocks, ((0, 0), (0, num_q_blocks - blocks.shape[1])))
+
+
+def query_block_ends(q_ids, k_ids, *, block_q: int, block_k: int, num_k_blocks: int, num_q_blocks: int):
+    """``[B, num_k_blocks]`` int32: for non-decreasing ids, how many query blocks can see any key of
+    each key block (queries of later documents than its last key's see none of it). Blocks of
+    padding keys get ``num_q_blocks`` (nothing skipped)."""
+    lk = k_ids.shape[1]
+    lasts = jnp.minimum(jnp.arange(num_k_blocks) * block_k + block_k - 1, lk - 1)
+    last_ids = k_ids[:, lasts].astype(jnp.int32)
+    rows = jax.vmap(lambda q, x: jnp.searchsorted(q, x, side="right"))(q_ids.astype(jnp.int32), last_ids)
+    ends = -(-rows // block_q)
+    padding = jnp.arange(num_k_blocks) * block_k >= lk
+    return jnp.where(padding[None, :], num_q_blocks, ends).astype(jnp.int32)
+
+
+def check_documents(q, k, q_segment_ids, k_segment_ids):
+    """Both or neither, each ``[B, L]`` integers matching its q or k."""
+    if (q_segment_ids is None) != (k_segment_ids is None):
+        raise ValueError("q_segment_ids and k_segment_ids go together: pass both or neither")
+    if q_segment_ids is None:
+        return
+    for name, ids, x in (("q_segment_ids", q_segment_ids, q), ("k_segment_ids", k_segment_ids, k)):
+        if ids.shape != x.shape[:2] or not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise ValueError(
+                f"{name} must be integers of shape [B, L] = {tuple(x.shape[:2])}, got {ids.dtype}{list(ids.shape)}"
+            )
+
+
+# one int32 per (batch row, query block): the first key block of ``first_key_blocks``
+BOUND_SPEC_Q = pl.BlockSpec((None, None), lambda i, bb, hh: (bb, i))
+
+
+# ---- shapes, padding, the offset operand, what the kernels take -------------------------------
+
+
+def fit_block(block: int, length: int) -> int:
+    """The configured block, shrunk to the padded length of a short sequence."""
+    return min(block, pad_dim(length))
+
+
+def pad_to(x, length: int, width: int | None = None, value=0.0):
+    """Pad axis 1 of ``[B, L, heads, X]`` (or the last axis of ``[B, H, L]``) to ``length``, X to ``width``."""
+    if x.ndim == 3:
+        return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2])), constant_values=value)
+    return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, width - x.shape[3])))
+
+
+def round_up(n: int, block: int) -> int:
+    return -(-n // block) * block
+
+
+def shift_operand(q_start, k_start):
+    """``q_start − k_start`` as the kernels' one-element int32 input."""
+    return (jnp.asarray(q_start, jnp.int32) - jnp.asarray(k_start, jnp.int32)).reshape(1)
+
+
+SHIFT_SPEC = pl.BlockSpec((None,), lambda *_: (0,))
+
+
+def supports(q, k, v) -> bool:
+    """Whether the kernels take these inputs: dtypes, and int32 element offsets after padding."""
+    if any(x.dtype not in KERNEL_DTYPES for x in (q, k, v)):
+        return False
+    b, lq, h, d = q.shape
+    lk, hk = k.shape[1], k.shape[2]
+    width = max(pad_dim(d), pad_dim(v.shape[-1]))
+    return b * (lq + 128) * h * width <= MAX_ELEMENTS and b * (lk + 128) * hk * width <= MAX_ELEMENTS
+
+
+def resolve(q, k, v, interpret: bool | None, config: BlockConfig | None):
+    """(interpret, config, compute dtype) after checking what the kernels take."""
+    if interpret is None:
+        interpret = not on_gpu()
+    dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
+    if dtype not in KERNEL_DTYPES:
+        raise TypeError(
+            f"the Pallas flash-attention kernels take bf16, fp16 or fp32 inputs, got "
+            f"q.dtype={q.dtype}, k.dtype={k.dtype}, v.dtype={v.dtype}"
+        )
+    if not supports(q, k, v):
+        raise ValueError(
+            f"inputs too large for int32 element offsets: q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}, "
+            f"v.shape={tuple(v.shape)}"
+        )
+    cfg = config or default_config(head_dim=max(pad_dim(q.shape[-1]), pad_dim(v.shape[-1])), interpret=interpret)
+    return interpret, cfg, dtype
