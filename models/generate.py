@@ -6,13 +6,12 @@ tokens through the recurrence, then samples new tokens. Each linear layer carrie
 ``[B, H, D', E']`` whatever the length, so memory per generated token is constant; each softmax
 layer of a hybrid model carries a key/value cache sized for the prompt plus the new tokens.
 
-``lasp-generate --ckpt-dir DIR --prompt "..."`` samples from a checkpoint written by ``lasp-train``.
+``lasp-generate`` (``models.cli``) samples from a checkpoint written by ``lasp-train``.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -87,7 +86,7 @@ def generate(
     graphdef, params = nnx.split(model)
     sp = ctx.mesh.shape[ctx.seq_axis] if ctx.mesh is not None else 1
     if ctx.mesh is not None and ctx.batch_axis is not None and b % ctx.mesh.shape[ctx.batch_axis]:
-        ctx = LaspContext(ctx.mesh, ctx.seq_axis, None, ctx.strategy, ctx.impl)
+        ctx = dataclasses.replace(ctx, batch_axis=None)
     n_par = (p // sp) * sp
     cache_size = p + max_new_tokens if model.has_softmax_layers else None  # softmax layers' key/value cache
     tokens = jnp.asarray(prompt, jnp.int32)
@@ -133,72 +132,3 @@ def decode_bytes(tokens) -> str:
     """Byte-level tokens (ids ≥ 256 dropped) as text."""
     data = bytes(int(t) for t in np.asarray(tokens).reshape(-1) if 0 <= int(t) < 256)
     return data.decode("utf-8", errors="replace")
-
-
-def load_checkpoint(ckpt_dir: str, *, step: int | None = None, sp: int = 1):
-    """(model, train config) restored from a ``lasp-train`` checkpoint onto ``sp`` devices (replicated)."""
-    import os
-
-    import orbax.checkpoint as ocp
-
-    from models.sharding import build_mesh, tree_shardings
-    from models.train import TrainConfig, make_init_fn, make_optimizer, restore_target
-
-    manager = ocp.CheckpointManager(os.path.abspath(ckpt_dir), item_names=("state", "config"))
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise ValueError(f"no checkpoint found in ckpt_dir={ckpt_dir!r}")
-    config = TrainConfig.from_json(
-        manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    )
-    optimizer, _ = make_optimizer(config.optim, config.run.steps)
-    init = make_init_fn(config.model, optimizer)
-    abstract = jax.eval_shape(init, jax.random.key(0))
-    mesh = build_mesh(1, sp, jax.devices()[:sp])
-    target = restore_target(abstract, tree_shardings(abstract, mesh))
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-    manager.close()
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: LanguageModel(config.model, rngs=nnx.Rngs(0))))
-    return nnx.merge(graphdef, state["params"]), config, mesh
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lasp-generate", description="Sample from a lasp-train checkpoint.")
-    p.add_argument("--ckpt-dir", required=True)
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    p.add_argument("--prompt", default="The ", help="text prompt (byte-level models)")
-    p.add_argument("--prompt-ids", default=None, help="comma-separated token ids (models trained on .bin data)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sp", type=int, default=1, help="devices for the sequence-parallel prefill")
-    p.add_argument("--strategy", default="ring")
-    args = p.parse_args(argv)
-    try:
-        model, config, mesh = load_checkpoint(args.ckpt_dir, step=args.step, sp=args.sp)
-        if args.prompt_ids:
-            prompt = np.asarray([[int(x) for x in args.prompt_ids.split(",")]], np.int32)
-        else:
-            prompt = np.frombuffer(args.prompt.encode(), np.uint8).astype(np.int32)[None]
-        out = generate(
-            model,
-            prompt,
-            max_new_tokens=args.max_new_tokens,
-            ctx=LaspContext(mesh=mesh, strategy=args.strategy),
-            temperature=args.temperature,
-            top_k=args.top_k or None,
-            seed=args.seed,
-        )
-    except ValueError as e:
-        print(f"lasp-generate: error: {e}", file=sys.stderr)
-        return 2
-    if config.data.source == "text":
-        print(decode_bytes(out[0]))
-    else:
-        print(",".join(str(int(t)) for t in np.asarray(out[0])))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -2,10 +2,11 @@
 
 The linear token mixer calls only ``lasp_jax.lasp_attention`` (sequence-parallel when a mesh is
 given, the single-device op otherwise) for whole sequences, and the one-token recurrence
-``S = exp(g)·S + kᵀv,  o = scale·q S`` (DESIGN.md §1) for decoding, where a chunked kernel has
+``S = exp(g)·S + kᵀv,  o = scale·q S`` (notes/design.md §1) for decoding, where a chunked kernel has
 nothing to chunk. The softmax token mixer of hybrid models calls ``lasp_jax.softmax_attention``
-(LASP-2H all-gather or ring under a mesh) and decodes from a key/value cache. Every parameter
-carries ``logical_axes`` metadata; ``models.sharding`` maps those names to mesh axes.
+(LASP-2H all-gather or ring under a mesh) and decodes from a key/value cache. Both share their
+projections, head split and positions (``ProjectedAttention``). Every parameter carries
+``logical_axes`` metadata; ``models.sharding`` maps those names to mesh axes.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from lasp_jax import lasp_attention, softmax_attention
 from models.config import ModelConfig
 
 Array = jax.Array
@@ -211,28 +213,16 @@ def recurrent_step(q, k, v, state, *, log_decay=None, scale: float):
     return o, state
 
 
-class LinearAttention(nnx.Module):
-    """Causal linear-attention token mixer; one class for the three families (see ``models.config``).
+class ProjectedAttention(nnx.Module):
+    """What both token mixers share: the fused input projection of q, k, v (and the gate u with
+    ``srms_gate``), its split into heads, the family's positions, and the gated output projection.
 
-    ``__call__`` runs a whole sequence through ``lasp_jax.lasp_attention``; ``step`` decodes one token
-    from the float32 recurrent state ``[B, H, D', E']`` (``D' = 2·head_dim`` with LRPE, ``E' =
-    head_dim + 1`` with the causal normaliser, whose denominator rides in v's extra ones column).
+    ``LinearAttention`` and ``SoftmaxAttention`` differ in what runs between the two projections
+    (and in their decoding state), so each adds its own ``__call__``, ``step`` and state shapes.
     """
 
-    def __init__(self, config: ModelConfig, layer: int, *, rngs):
-        self.config = config
-        c = config
-        h, dh = c.n_heads, c.head_dim
-        self._init_projections(rngs)
-        if c.attn_output_norm == "head_rms":
-            self.head_norm = Norm("rms", dh, eps=c.norm_eps, config=c)
-        # a constant (static tuple), not a Param: neither trained nor checkpointed
-        self.log_decay = tuple(float(x) for x in tnl_log_decay(h, layer, c.n_layers)) if c.decay == "tnl" else None
-        self.scale = 1.0 if c.attn_output_norm in ("srms_gate", "denominator") else dh**-0.5
-
-    def _init_projections(self, rngs):
-        """The fused q, k, v (and gate u with ``srms_gate``) input projection and the output one."""
-        c = self.config
+    def __init__(self, config: ModelConfig, *, rngs):
+        self.config = c = config
         h, hk, dh = c.n_heads, c.kv_heads, c.head_dim
         self.widths = (h * dh, hk * dh, hk * dh) + ((c.d_model,) if c.attn_output_norm == "srms_gate" else ())
         std, out_std = c.init_std, c.init_std / math.sqrt(2 * c.n_layers)
@@ -258,6 +248,40 @@ class LinearAttention(nnx.Module):
             return rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
         return q, k
 
+    def _output(self, o: Array, u: Array | None) -> Array:
+        """Heads ``[B, T, H, dh]`` → ``[B, T, d_model]``: merged, gated (``srms_gate``: SRMSNorm(o) ⊙ u), W_o."""
+        c = self.config
+        b, t = o.shape[:2]
+        o = o.reshape(b, t, c.n_heads * c.head_dim).astype(dtype_of(c.dtype))
+        if c.attn_output_norm == "srms_gate":
+            o = srms(o, c.norm_eps) * u
+        return self.out_proj(o)
+
+    @property
+    def key_dim(self) -> int:
+        """D' of q and k after positions: LRPE doubles the head dim."""
+        return 2 * self.config.head_dim if self.config.position == "lrpe" else self.config.head_dim
+
+
+class LinearAttention(ProjectedAttention):
+    """Causal linear-attention token mixer; one class for the three families (see ``models.config``).
+
+    ``__call__`` runs a whole sequence through ``lasp_jax.lasp_attention``; ``step`` decodes one token
+    from the float32 recurrent state ``[B, H, D', E']`` (``D' = 2·head_dim`` with LRPE, ``E' =
+    head_dim + 1`` with the causal normaliser, whose denominator rides in v's extra ones column).
+    """
+
+    def __init__(self, config: ModelConfig, layer: int, *, rngs):
+        super().__init__(config, rngs=rngs)
+        c = config
+        if c.attn_output_norm == "head_rms":
+            self.head_norm = Norm("rms", c.head_dim, eps=c.norm_eps, config=c)
+        # a constant (static tuple), not a Param: neither trained nor checkpointed
+        self.log_decay = (
+            tuple(float(x) for x in tnl_log_decay(c.n_heads, layer, c.n_layers)) if c.decay == "tnl" else None
+        )
+        self.scale = 1.0 if c.attn_output_norm in ("srms_gate", "denominator") else c.head_dim**-0.5
+
     def _project(self, x: Array, positions: Array):
         """q, k, v ``[B, T, ·, ·]`` ready for the recurrence, and the gate u (or None)."""
         c = self.config
@@ -270,16 +294,12 @@ class LinearAttention(nnx.Module):
     def _finish(self, o: Array, u: Array | None) -> Array:
         """o ``[B, T, H, E']`` → the block output ``[B, T, d_model]``."""
         c = self.config
-        b, t = o.shape[:2]
         if c.attn_output_norm == "denominator":
             of = o.astype(jnp.float32)
             o = (of[..., :-1] / (of[..., -1:] + 1e-6)).astype(o.dtype)
         elif c.attn_output_norm == "head_rms":
             o = self.head_norm(o)
-        o = o.reshape(b, t, c.n_heads * c.head_dim).astype(dtype_of(c.dtype))
-        if c.attn_output_norm == "srms_gate":
-            o = srms(o, c.norm_eps) * u
-        return self.out_proj(o)
+        return self._output(o, u)
 
     def _g_gamma(self):
         return None if self.log_decay is None else jnp.asarray(self.log_decay, jnp.float32)
@@ -295,8 +315,6 @@ class LinearAttention(nnx.Module):
         segment_ids: Array | None = None,
     ) -> tuple[Array, Array | None]:
         """``segment_ids`` ``[B, T]`` (packed documents): the state resets wherever the id changes."""
-        from lasp_jax import lasp_attention
-
         q, k, v, u = self._project(x, positions)
         o, state = lasp_attention(
             q,
@@ -323,13 +341,13 @@ class LinearAttention(nnx.Module):
         return self._finish(o[:, None].astype(q.dtype), u)[:, 0], state
 
     def state_shape(self, batch: int) -> tuple[int, int, int, int]:
+        """Shape of the recurrent state ``[B, H, D', E']``."""
         c = self.config
-        d = 2 * c.head_dim if c.position == "lrpe" else c.head_dim
         e = c.head_dim + 1 if c.attn_output_norm == "denominator" else c.head_dim
-        return (batch, c.n_heads, d, e)
+        return (batch, c.n_heads, self.key_dim, e)
 
 
-class SoftmaxAttention(LinearAttention):
+class SoftmaxAttention(ProjectedAttention):
     """Causal softmax-attention token mixer for the softmax layers of hybrid models (LASP-2H).
 
     The family's own projections without the linear-attention feature map: Linear-Llama3 gets
@@ -343,24 +361,13 @@ class SoftmaxAttention(LinearAttention):
 
     def __init__(self, config: ModelConfig, layer: int, *, rngs):
         del layer  # no per-layer constants: softmax layers have no decay
-        self.config = c = config
-        dh = c.head_dim
         # softmax normalises by itself: no causal-normaliser column and no per-head RMS norm
-        self._init_projections(rngs)
-        self.log_decay = None
-        self.scale = (2 * dh if c.position == "lrpe" else dh) ** -0.5
+        super().__init__(config, rngs=rngs)
+        self.scale = self.key_dim**-0.5
 
     def _project(self, x: Array, positions: Array):
         q, k, v, u = self._split_qkv(x)
         return (*self._positional(q, k, positions), v, u)
-
-    def _finish(self, o: Array, u: Array | None) -> Array:
-        c = self.config
-        b, t = o.shape[:2]
-        o = o.reshape(b, t, c.n_heads * c.head_dim).astype(dtype_of(c.dtype))
-        if c.attn_output_norm == "srms_gate":
-            o = srms(o, c.norm_eps) * u
-        return self.out_proj(o)
 
     def __call__(
         self,
@@ -373,8 +380,6 @@ class SoftmaxAttention(LinearAttention):
         segment_ids: Array | None = None,
     ) -> tuple[Array, tuple[Array, Array] | None]:
         """Returns the block output and, with ``return_state``, the keys and values ``[B, T, Hk, ·]``."""
-        from lasp_jax import softmax_attention
-
         if initial_state is not None:
             raise ValueError(
                 "a softmax-attention layer cannot continue from an initial state: run the whole prefix "
@@ -392,7 +397,7 @@ class SoftmaxAttention(LinearAttention):
             scale=self.scale,
             segment_ids=segment_ids,
         )
-        return self._finish(o, u), ((k, v) if return_state else None)
+        return self._output(o, u), ((k, v) if return_state else None)
 
     def step(self, x: Array, state: tuple[Array, Array], position: Array) -> tuple[Array, tuple[Array, Array]]:
         """One token at scalar ``position`` against the cache ``state = (k, v)`` ``[B, S, Hk, ·]``."""
@@ -409,10 +414,9 @@ class SoftmaxAttention(LinearAttention):
         logits = jnp.where(jnp.arange(s) <= pos, logits, -jnp.inf)
         o = jnp.einsum("bhgs,bshe->bhge", jax.nn.softmax(logits, axis=-1), v_cache.astype(jnp.float32))
         o = o.reshape(b, 1, c.n_heads, -1).astype(q.dtype)
-        return self._finish(o, u)[:, 0], (k_cache, v_cache)
+        return self._output(o, u)[:, 0], (k_cache, v_cache)
 
     def cache_shapes(self, batch: int, size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Shapes of the key and value caches for ``size`` positions."""
         c = self.config
-        d = 2 * c.head_dim if c.position == "lrpe" else c.head_dim
-        return (batch, size, c.kv_heads, d), (batch, size, c.kv_heads, c.head_dim)
+        return (batch, size, c.kv_heads, self.key_dim), (batch, size, c.kv_heads, c.head_dim)

@@ -3,9 +3,10 @@
 One jit-compiled step: micro-batches (gradient accumulation) scanned inside the step, optax AdamW
 with warmup + cosine decay and global-norm clipping, a remat policy per block, and rejection of
 steps whose loss or gradient is not finite (parameters and optimizer state stay as they were).
-Batches are a pure function of (seed, step), so a run restored from an orbax checkpoint continues
-with exactly the losses of an uninterrupted run. Checkpoints are written every ``ckpt_every``
-steps, at the end, and on SIGTERM (exit code 143 after the save).
+Batches are a pure function of (seed, step), so a run restored from an orbax checkpoint
+(``models.checkpoint``) continues with exactly the losses of an uninterrupted run. Checkpoints are
+written every ``ckpt_every`` steps, at the end, and on SIGTERM (exit code 143 after the save).
+The flags are parsed by ``models.cli``; the configs live in ``models.train_config``.
 
 Multi-host: set ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (or pass
 ``--distributed`` on a cluster jax detects) and start the same command on every host.
@@ -13,15 +14,13 @@ Multi-host: set ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PRO
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import dataclasses
-import json
 import math
-import os
 import signal
 import sys
+import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import jax
@@ -30,138 +29,36 @@ import numpy as np
 import optax
 from flax import nnx
 
-from models.config import ModelConfig, get_config
-from models.dataset import DataConfig, TokenData
+from lasp_jax import STRATEGIES
+from lasp_jax.softmax import STRATEGIES as SOFTMAX_STRATEGIES
+from models import checkpoint
+from models.cli import config_from_args, initialize_distributed, text_prompt
+from models.config import ModelConfig
+from models.dataset import TokenData
+from models.flops import mfu, model_flops_per_token, param_count, peak_flops_per_device
+from models.generate import decode_bytes, generate
 from models.layers import LaspContext
 from models.model import REMAT_POLICIES, LanguageModel, lm_loss
+from models.progress import RunLog
 from models.sharding import activation_sharding, build_mesh, tree_shardings
+from models.train_config import MeshConfig, OptimConfig, RunConfig, TrainConfig
 
-
-@dataclass(frozen=True)
-class MeshConfig:
-    dp: int | None = None  # None: every device not used by sp
-    sp: int = 1
-    fsdp: bool = False  # shard parameters and optimizer state over dp
-    strategy: str = "ring"  # lasp_attention strategy (linear layers)
-    impl: str = "auto"  # single-device kernel: "auto" | "pallas" | "xla"
-    softmax_strategy: str = "allgather"  # softmax layers of hybrid models: "allgather" (LASP-2H) | "ring"
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1  # cosine decays to lr · min_lr_ratio at the last step
-    warmup_steps: int = 100
-    weight_decay: float = 0.1  # on matrices only (ndim ≥ 2)
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    clip_norm: float = 1.0  # global-norm clipping; 0 turns it off
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    steps: int = 1000
-    seed: int = 0
-    remat: str = "none"  # "none" | "full" | "dots"
-    loss_chunks: int = 1  # >1: the [B, T, V] logits are computed in this many strided chunks
-    ckpt_dir: str | None = None
-    ckpt_every: int = 0  # 0: only at the end and on SIGTERM
-    keep: int = 3
-    log_every: int = 10
-    eval_every: int = 0  # 0: only at the end
-    eval_batches: int = 4  # 0: no evaluation
-    metrics: str | None = None  # JSONL file
-    progress: bool = True
-    peak_tflops: float | None = None  # per device, for MFU; default: looked up from the device kind
-    time_limit_s: float | None = None  # stop (and checkpoint) after this much training time
-    sample_tokens: int = 0  # print a sample of this many tokens at the end
-    sample_prompt: str = "The "
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    model: ModelConfig
-    mesh: MeshConfig = field(default_factory=MeshConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @staticmethod
-    def from_json(d: dict) -> TrainConfig:
-        model = dict(d["model"])
-        if model.get("layer_types") is not None:
-            model["layer_types"] = tuple(model["layer_types"])
-        return TrainConfig(
-            model=ModelConfig(**model),
-            mesh=MeshConfig(**d["mesh"]),
-            optim=OptimConfig(**d["optim"]),
-            data=DataConfig(**d["data"]),
-            run=RunConfig(**d["run"]),
-        )
-
-
-# ---------------------------------------------------------------- FLOPs and MFU
-
-PEAK_TFLOPS = {
-    "h100": 989.0,
-    "h200": 989.0,
-    "h800": 989.0,
-    "gh200": 989.0,
-    "a100": 312.0,
-    "l40s": 362.0,
-    "b200": 2250.0,
-}
-
-
-def model_flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Model FLOPs of one training token (forward + backward, no recomputation counted).
-
-    ``6·N`` for the weight matmuls (N counts every matrix, the output head included, not the
-    embedding lookup) plus ``3 · 4·H·D'·E'`` per linear layer for the recurrence (state update
-    ``kᵀv`` and readout ``q S``, 2·D'·E' multiply-adds each, ×3 for the backward), and per softmax
-    layer ``3 · 2·H·(D'+E)·T/2``: logits and weighted values over the T/2 keys a causal query sees
-    on average. Only softmax layers make the cost per token depend on ``seq_len``.
-    """
-    d, f, h = config.d_model, config.hidden_dim, config.n_heads
-    dh, hk = config.head_dim, config.kv_heads
-    proj = d * (h * dh + 2 * hk * dh + (d if config.attn_output_norm == "srms_gate" else 0)) + h * dh * d
-    mlp = d * f * (1 if config.mlp == "gelu" else 2) + f * d
-    head = d * config.vocab_size
-    d_state = 2 * dh if config.position == "lrpe" else dh
-    e_state = dh + 1 if config.attn_output_norm == "denominator" else dh
-    recurrence = 4 * h * d_state * e_state
-    n_softmax = config.types.count("softmax")
-    attention = 2 * h * (d_state + dh) * seq_len / 2  # softmax layers project like linear ones
-    return (
-        6.0 * (config.n_layers * (proj + mlp) + head)
-        + 3.0 * (config.n_layers - n_softmax) * recurrence
-        + 3.0 * n_softmax * attention
-    )
-
-
-def peak_flops_per_device(override_tflops: float | None = None) -> float | None:
-    """Dense bf16 peak FLOP/s of one device, from ``override_tflops`` or the device kind; None if unknown."""
-    if override_tflops:
-        return override_tflops * 1e12
-    kind = jax.devices()[0].device_kind.lower()
-    for name, tflops in PEAK_TFLOPS.items():
-        if name in kind:
-            return tflops * 1e12
-    return None
-
-
-def param_count(params) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
-
-
-# ---------------------------------------------------------------- optimizer and steps
+# the configs live in models.train_config; the README and the notebooks import them from here
+__all__ = [
+    "MeshConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TrainConfig",
+    "Trainer",
+    "check_config",
+    "main",
+    "make_init_fn",
+    "make_optimizer",
+]
 
 
 def make_optimizer(optim: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW (decay on matrices only) after global-norm clipping, and its warmup + cosine learning-rate schedule."""
     warmup = min(optim.warmup_steps, max(total_steps - 1, 0))
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
@@ -207,12 +104,8 @@ def check_config(config: TrainConfig, n_devices: int) -> tuple[int, int]:
         raise ValueError(f"steps must be positive, got steps={r.steps}")
     if d.source == "text" and config.model.vocab_size < 256:
         raise ValueError(f"text data is byte-level and needs vocab_size >= 256, got {config.model.vocab_size}")
-    from lasp_jax import STRATEGIES
-
     if m.strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got strategy={m.strategy!r}")
-    from lasp_jax.softmax import STRATEGIES as SOFTMAX_STRATEGIES
-
     if m.softmax_strategy not in SOFTMAX_STRATEGIES:
         raise ValueError(
             f"softmax_strategy must be one of {SOFTMAX_STRATEGIES}, got softmax_strategy={m.softmax_strategy!r}"
@@ -233,11 +126,6 @@ def make_init_fn(model_config: ModelConfig, optimizer: optax.GradientTransformat
         }
 
     return init
-
-
-def restore_target(abstract_state, shardings):
-    """ShapeDtypeStructs with shardings: what orbax restores into."""
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state, shardings)
 
 
 def _select(ok, new, old):
@@ -310,8 +198,8 @@ class Trainer:
         )
         return loss * count, count
 
-    def _train_step(self, state, inputs, targets):
-        params = state["params"]
+    def _mean_grads(self, params, inputs, targets):
+        """Mean loss and gradients over every counted target of the micro-batches ``inputs[i]``."""
         grad_fn = jax.value_and_grad(self._loss_sum, has_aux=True)
 
         def micro(carry, batch):
@@ -326,8 +214,12 @@ class Trainer:
             init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
             (grads, total, count), _ = jax.lax.scan(micro, init, (inputs, targets))
         count = jnp.maximum(count, 1).astype(jnp.float32)
-        grads = jax.tree.map(lambda g: g / count, grads)
-        loss = total / count
+        return total / count, jax.tree.map(lambda g: g / count, grads)
+
+    def _train_step(self, state, inputs, targets):
+        """One optimizer step; a step whose loss or gradient is not finite leaves params and moments as they were."""
+        params = state["params"]
+        loss, grads = self._mean_grads(params, inputs, targets)
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         updates, opt_state = self.optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
@@ -363,38 +255,18 @@ class Trainer:
 
     # ---- checkpoints ----
     def checkpoint_manager(self):
-        import orbax.checkpoint as ocp
-
-        run = self.config.run
-        options = ocp.CheckpointManagerOptions(max_to_keep=run.keep, enable_async_checkpointing=False, create=True)
-        return ocp.CheckpointManager(os.path.abspath(run.ckpt_dir), options=options, item_names=("state", "config"))
+        return checkpoint.open_manager(self.config.run.ckpt_dir, keep=self.config.run.keep)
 
     def save(self, manager, state) -> int:
-        import orbax.checkpoint as ocp
-
+        """Checkpoint ``state`` with this run's config; returns its step."""
         step = int(_scalar(state["step"]))
-        manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(self.config.to_json())
-            ),
-            force=True,
-        )
-        manager.wait_until_finished()
+        checkpoint.save(manager, step, state, self.config)
         return step
 
     def restore(self, manager, step: int | None = None):
-        import orbax.checkpoint as ocp
-
+        """The train state of ``step`` (default: the latest), laid out as this trainer's state."""
         step = manager.latest_step() if step is None else step
-        saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-        if saved["model"] != self.config.to_json()["model"]:
-            raise ValueError(
-                f"checkpoint in {self.config.run.ckpt_dir} was trained with a different model config: "
-                f"{saved['model']} != {self.config.to_json()['model']}"
-            )
-        target = restore_target(self.abstract_state, self.state_shardings)
-        return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+        return checkpoint.restore_state(manager, step, self.config, self.abstract_state, self.state_shardings)
 
     # ---- loop ----
     def request_stop(self, reason: str = "sigterm") -> None:
@@ -403,107 +275,152 @@ class Trainer:
     def fit(self, *, stop_after: int | None = None, on_step=None) -> dict[str, Any]:
         """Train until ``run.steps`` (or ``stop_after`` steps in this call, or SIGTERM, or the time limit).
 
-        Returns ``{"losses": {step: loss}, "eval": [...], "state": ..., "stopped": reason or None}``.
+        Returns ``{"losses": {step: loss}, "eval": [...], "state": ..., "stopped": reason or None,
+        "train_time": seconds}``. ``on_step(step, trainer)`` is called after every step.
         """
-        cfg, run = self.config, self.config.run
+        run = self.config.run
         manager = self.checkpoint_manager() if run.ckpt_dir else None
-        if manager is not None and manager.latest_step() is not None:
-            state = self.restore(manager)
-            self.log(f"resumed from {run.ckpt_dir} at step {int(_scalar(state['step']))}")
-        else:
-            state = self.init_state()
-        start = int(_scalar(state["step"]))
+        state = self._initial_state(manager)
+        start = step = int(_scalar(state["step"]))
+        self._log_header(start)
+        log = RunLog(run.steps, metrics_path=run.metrics, progress=run.progress, enabled=jax.process_index() == 0)
+        clock = StepClock(start)
+        losses, evals, pending = {}, [], []
+        try:
+            with _sigterm_requests_stop(self.request_stop):
+                while step < run.steps:
+                    state, metrics = self.train_step(state, *self.data.batch("train", step, self.batch_sharding))
+                    step += 1
+                    pending.append((step, metrics))
+                    if on_step is not None:
+                        on_step(step, self)
+                    stop = self._stop_reason_after(step - start, stop_after, clock.elapsed())
+                    last = step == run.steps or stop is not None
+                    if last or step % run.log_every == 0:
+                        losses |= self._report_steps(pending, clock, log)
+                        pending = []
+                    if self._wants_eval(step, last, stop):
+                        evals.append(self._report_eval(step, state["params"], log))
+                        clock.resume()
+                    if manager is not None and self._wants_checkpoint(step, last):
+                        self._checkpoint(manager, state, stop, log)
+                        clock.resume()
+                    if stop is not None:
+                        self._stop_reason = stop
+                        break
+        finally:
+            log.close()
+            if manager is not None:
+                manager.close()
+        stopped, train_time = self._stop_reason, clock.train_time
+        return {"losses": losses, "eval": evals, "state": state, "stopped": stopped, "train_time": train_time}
+
+    def _initial_state(self, manager):
+        """The latest checkpoint's state if ``manager`` holds one, else a fresh state from ``run.seed``."""
+        if manager is None or manager.latest_step() is None:
+            return self.init_state()
+        state = self.restore(manager)
+        self.log(f"resumed from {self.config.run.ckpt_dir} at step {int(_scalar(state['step']))}")
+        return state
+
+    def _log_header(self, start: int) -> None:
+        cfg, data = self.config, self.config.data
         self.log(
             f"model {cfg.model.family} {self.n_params / 1e6:.2f}M params | mesh dp={self.mesh.shape['dp']} "
             f"sp={self.mesh.shape['sp']} fsdp={cfg.mesh.fsdp} strategy={cfg.mesh.strategy} | "
-            f"batch {cfg.data.batch_size}x{cfg.data.seq_len} accum {cfg.data.grad_accum} | steps {start}->{run.steps}"
+            f"batch {data.batch_size}x{data.seq_len} accum {data.grad_accum} | steps {start}->{cfg.run.steps}"
         )
-        metrics_file = open(run.metrics, "a") if (run.metrics and jax.process_index() == 0) else None  # noqa: SIM115
-        bar = Progress(run.steps, enabled=run.progress and jax.process_index() == 0)
-        tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-        losses, evals, pending = {}, [], []
-        previous = signal.getsignal(signal.SIGTERM) if _main_thread() else None
-        if _main_thread():
-            signal.signal(signal.SIGTERM, lambda *_: self.request_stop("sigterm"))
-        t_start = t_last = time.perf_counter()
-        last_logged, train_time = start, 0.0
-        step = start
-        try:
-            while step < run.steps:
-                batch = self.data.batch("train", step, self.batch_sharding)
-                state, m = self.train_step(state, *batch)
-                step += 1
-                pending.append((step, m))
-                if on_step is not None:
-                    on_step(step, self)
-                stop = self._stop_reason or (
-                    "time_limit" if run.time_limit_s and time.perf_counter() - t_start > run.time_limit_s else None
-                )
-                if stop_after is not None and step - start >= stop_after:
-                    stop = stop or "stop_after"
-                stop = _agree(stop)
-                last = step == run.steps or stop is not None
-                if step % run.log_every == 0 or last:
-                    fetched = [(s, {k: _scalar(v) for k, v in mm.items()}) for s, mm in pending]
-                    pending = []
-                    now = time.perf_counter()
-                    dt = now - t_last
-                    train_time += dt
-                    tok_s = tokens_per_step * (step - last_logged) / max(dt, 1e-9)
-                    t_last, last_logged = now, step
-                    for s, mm in fetched:
-                        losses[s] = float(mm["loss"])
-                    s, mm = fetched[-1]
-                    record = {
-                        "step": s,
-                        "loss": float(mm["loss"]),
-                        "grad_norm": float(mm["grad_norm"]),
-                        "lr": float(mm["lr"]),
-                        "skipped": int(sum(not bool(x["accepted"]) for _, x in fetched)),
-                        "tokens_per_s": tok_s,
-                        "tokens_per_s_per_device": tok_s / self.n_devices,
-                        "mfu": (
-                            tok_s / self.n_devices * self.flops_per_token / self.peak_flops if self.peak_flops else None
-                        ),
-                        "time_s": now - t_start,
-                    }
-                    bar.update(s, record)
-                    if metrics_file:
-                        metrics_file.write(json.dumps(record) + "\n")
-                        metrics_file.flush()
-                    t_last = time.perf_counter()
-                wants_eval = (run.eval_every and step % run.eval_every == 0) or (last and stop != "sigterm")
-                if run.eval_batches > 0 and wants_eval:
-                    ev = {"step": step, **self.evaluate(state["params"])}
-                    evals.append(ev)
-                    bar.message(f"eval step {step}: loss {ev['eval_loss']:.4f} ppl {ev['eval_ppl']:.2f}")
-                    if metrics_file:
-                        metrics_file.write(json.dumps(ev) + "\n")
-                        metrics_file.flush()
-                    t_last = time.perf_counter()
-                if manager is not None and (last or (run.ckpt_every and step % run.ckpt_every == 0)):
-                    saved = self.save(manager, state)
-                    if stop:
-                        bar.message(f"saved checkpoint at step {saved} ({stop})")
-                    t_last = time.perf_counter()
-                if stop is not None:
-                    self._stop_reason = stop
-                    break
-        finally:
-            bar.close()
-            if metrics_file:
-                metrics_file.close()
-            if _main_thread() and previous is not None:
-                signal.signal(signal.SIGTERM, previous)
-            if manager is not None:
-                manager.close()
-        return {"losses": losses, "eval": evals, "state": state, "stopped": self._stop_reason, "train_time": train_time}
+
+    def _stop_reason_after(self, steps_done: int, stop_after: int | None, elapsed: float) -> str | None:
+        """Why to stop after this step (a request, the time limit, ``stop_after``), the same on every process."""
+        limit = self.config.run.time_limit_s
+        stop = self._stop_reason or ("time_limit" if limit and elapsed > limit else None)
+        if stop_after is not None and steps_done >= stop_after:
+            stop = stop or "stop_after"
+        return _agree(stop)
+
+    def _report_steps(self, pending: list, clock: StepClock, log: RunLog) -> dict[int, float]:
+        """Fetch the ``(step, metrics)`` of the steps since the last report, report the last one with
+        throughput and MFU; returns ``{step: loss}`` of them all."""
+        fetched = [(s, {k: _scalar(v) for k, v in m.items()}) for s, m in pending]
+        step, metrics = fetched[-1]
+        seconds, steps, time_s = clock.lap(step)
+        tok_s = self.config.data.batch_size * self.config.data.seq_len * steps / max(seconds, 1e-9)
+        record = {
+            "step": step,
+            "loss": float(metrics["loss"]),
+            "grad_norm": float(metrics["grad_norm"]),
+            "lr": float(metrics["lr"]),
+            "skipped": int(sum(not bool(m["accepted"]) for _, m in fetched)),
+            "tokens_per_s": tok_s,
+            "tokens_per_s_per_device": tok_s / self.n_devices,
+            "mfu": mfu(tok_s / self.n_devices, self.flops_per_token, self.peak_flops),
+            "time_s": time_s,
+        }
+        log.step(record)
+        clock.resume()
+        return {s: float(m["loss"]) for s, m in fetched}
+
+    def _wants_eval(self, step: int, last: bool, stop: str | None) -> bool:
+        """Every ``eval_every`` steps and after the last step (unless stopped by SIGTERM, to exit promptly)."""
+        run = self.config.run
+        periodic = run.eval_every and step % run.eval_every == 0
+        return run.eval_batches > 0 and bool(periodic or (last and stop != "sigterm"))
+
+    def _report_eval(self, step: int, params, log: RunLog) -> dict:
+        record = {"step": step, **self.evaluate(params)}
+        log.eval(record)
+        return record
+
+    def _wants_checkpoint(self, step: int, last: bool) -> bool:
+        """Every ``ckpt_every`` steps and after the last step (the end, a stop request or the time limit)."""
+        every = self.config.run.ckpt_every
+        return last or bool(every and step % every == 0)
+
+    def _checkpoint(self, manager, state, stop: str | None, log: RunLog) -> None:
+        saved = self.save(manager, state)
+        if stop:
+            log.message(f"saved checkpoint at step {saved} ({stop})")
 
 
-def _main_thread() -> bool:
-    import threading
+class StepClock:
+    """Training time between reports: what evaluating, checkpointing and reporting take is left out."""
 
-    return threading.current_thread() is threading.main_thread()
+    def __init__(self, step: int):
+        self.start = self.last = time.perf_counter()
+        self.last_step = step
+        self.train_time = 0.0
+
+    def elapsed(self) -> float:
+        """Seconds since the clock started, everything included (for the time limit)."""
+        return time.perf_counter() - self.start
+
+    def lap(self, step: int) -> tuple[float, int, float]:
+        """(seconds, steps) since the previous lap or ``resume``, and the seconds since the start."""
+        now = time.perf_counter()
+        seconds, steps = now - self.last, step - self.last_step
+        self.train_time += seconds
+        self.last, self.last_step = now, step
+        return seconds, steps, now - self.start
+
+    def resume(self) -> None:
+        """Training goes on from now: the time since the last lap was spent on something else."""
+        self.last = time.perf_counter()
+
+
+@contextlib.contextmanager
+def _sigterm_requests_stop(request_stop):
+    """SIGTERM calls ``request_stop("sigterm")`` inside the block (handlers exist only on the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda *_: request_stop("sigterm"))
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _scalar(x):
@@ -523,160 +440,11 @@ def _agree(stop: str | None) -> str | None:
     return (stop or "peer_stop") if np.any(flags) else None
 
 
-class Progress:
-    """A one-line progress bar (redrawn in place on a terminal, one line per update otherwise)."""
-
-    def __init__(self, total: int, *, enabled: bool = True, width: int = 24):
-        self.total, self.enabled, self.width = total, enabled, width
-        self.tty = sys.stdout.isatty()
-        self.t0 = time.perf_counter()
-        self._open = False
-
-    def update(self, step: int, record: dict) -> None:
-        if not self.enabled:
-            return
-        frac = step / self.total
-        filled = int(self.width * frac)
-        elapsed = time.perf_counter() - self.t0
-        eta = elapsed / max(frac, 1e-9) - elapsed
-        mfu = f" | MFU {100 * record['mfu']:.1f}%" if record.get("mfu") else ""
-        line = (
-            f"step {step:>6}/{self.total} [{'#' * filled}{'.' * (self.width - filled)}] "
-            f"loss {record['loss']:.4f} | {_si(record['tokens_per_s'])} tok/s{mfu} | eta {_hms(eta)}"
-        )
-        if self.tty:
-            print("\r" + line, end="", flush=True)
-            self._open = True
-        else:
-            print(line, flush=True)
-
-    def message(self, text: str) -> None:
-        if not self.enabled:
-            return
-        if self._open:
-            print()
-            self._open = False
-        print(text, flush=True)
-
-    def close(self) -> None:
-        if self.enabled and self._open:
-            print(flush=True)
-            self._open = False
-
-
-def _si(x: float) -> str:
-    for unit, div in (("M", 1e6), ("k", 1e3)):
-        if x >= div:
-            return f"{x / div:.1f}{unit}"
-    return f"{x:.0f}"
-
-
-def _hms(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-# ---------------------------------------------------------------- command line
-
-
-def initialize_distributed(force: bool = False) -> None:
-    """``jax.distributed.initialize`` from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.
-
-    With ``force`` and none of them set, jax's own cluster detection (SLURM, Open MPI, ...) is used.
-    """
-    address = os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if address:
-        jax.distributed.initialize(
-            coordinator_address=address,
-            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-            process_id=int(os.environ["JAX_PROCESS_ID"]),
-        )
-    elif force:
-        jax.distributed.initialize()
-
-
-DEMO = dict(
-    data=dict(source="text", path=None, batch_size=16, seq_len=256),
-    mesh=dict(dp=2, sp=4),
-    optim=dict(lr=3e-3, warmup_steps=20, weight_decay=0.01, min_lr_ratio=0.1),
-    run=dict(steps=300, log_every=20, eval_batches=2, sample_tokens=300, time_limit_s=120.0),
-)
-
-
-def _parse_value(text: str, annotation: str, current):
-    if text.lower() in ("none", "null") and "None" in annotation:
-        return None
-    if "tuple" in annotation:
-        return tuple(x for x in text.split(",") if x)
-    if "bool" in annotation:
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"expected a boolean, got {text!r}")
-    if annotation.startswith("int"):
-        return int(text)
-    if annotation.startswith("float"):
-        return float(text)
-    return text
-
-
-_SECTIONS = {"mesh": MeshConfig, "optim": OptimConfig, "data": DataConfig, "run": RunConfig}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="lasp-train",
-        description="Train a linear-attention LM (TNL, Linear Transformer, Linear-Llama3) with LASP on a dp x sp mesh.",
-        epilog="Every config field is a flag, --section.field or its short form where unambiguous: --steps 500 "
-        "--lr 1e-3 --seq-len 4096 --sp 4 --fsdp true --data.seed 1 --model.d_model 256. "
-        "Model presets: see models.config.PRESETS.",
-    )
-    p.add_argument("--preset", default="tiny", help="model preset, e.g. tiny, tnl-1b, linear-llama3-0.4b")
-    p.add_argument("--demo", action="store_true", help="the make-demo settings: embedded corpus, dp 2 x sp 4")
-    p.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() by cluster detection")
-    p.add_argument("--config", help="a JSON file of overrides {section: {field: value}}")
-    p.add_argument(
-        "--softmax-every",
-        type=int,
-        default=None,
-        help="hybrid model: every k-th layer softmax attention (0: all linear); hybrid presets default to 4",
-    )
-    names = [f.name for cls in _SECTIONS.values() for f in dataclasses.fields(cls)]
-    for section, cls in _SECTIONS.items():
-        for f in dataclasses.fields(cls):
-            flags = [f"--{section}.{f.name}"]
-            if names.count(f.name) == 1:  # short form when unambiguous: --seq-len, --sp, --lr
-                flags.insert(0, f"--{f.name.replace('_', '-')}")
-            p.add_argument(*flags, dest=f"{section}.{f.name}", default=None, metavar=f.type)
-    for f in dataclasses.fields(ModelConfig):
-        if f.name != "family":
-            p.add_argument(f"--model.{f.name}", dest=f"model.{f.name}", default=None, metavar=f.type)
-    return p
-
-
-def config_from_args(argv: list[str] | None = None) -> TrainConfig:
-    args = build_parser().parse_args(argv)
-    overrides: dict[str, dict] = {s: {} for s in ("model", *_SECTIONS)}
-    if args.demo:
-        for section, values in DEMO.items():
-            overrides[section].update(values)
-    if args.config:
-        with open(args.config) as fh:
-            for section, values in json.load(fh).items():
-                overrides[section].update(values)
-    types = {f"{s}.{f.name}": f.type for s, cls in _SECTIONS.items() for f in dataclasses.fields(cls)}
-    types |= {f"model.{f.name}": f.type for f in dataclasses.fields(ModelConfig)}
-    for dest, text in vars(args).items():
-        if "." in dest and text is not None:
-            section, name = dest.split(".", 1)
-            overrides[section][name] = _parse_value(text, str(types[dest]), None)
-    model = get_config(args.preset, softmax_every=args.softmax_every, **overrides["model"])
-    sections = {s: cls(**overrides[s]) for s, cls in _SECTIONS.items()}
-    return TrainConfig(model=model, **sections)
+# ---------------------------------------------------------------- the lasp-train command
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``lasp-train``: train with the flags' config (``models.cli``); exit code 143 after a SIGTERM save."""
     argv = sys.argv[1:] if argv is None else argv
     initialize_distributed(force="--distributed" in argv)
     try:
@@ -691,22 +459,24 @@ def main(argv: list[str] | None = None) -> int:
         first, last = result["losses"][steps[0]], result["losses"][steps[-1]]
         trainer.log(f"loss {first:.4f} (step {steps[0]}) -> {last:.4f} (step {steps[-1]})")
     if config.run.sample_tokens and jax.process_count() == 1 and result["stopped"] != "sigterm":
-        from models.generate import decode_bytes, generate
-
-        prompt = np.frombuffer(config.run.sample_prompt.encode(), np.uint8).astype(np.int32)[None]
-        ctx = dataclasses.replace(trainer.ctx, batch_axis=None)
-        out = generate(
-            trainer.model(result["state"]["params"]),
-            prompt,
-            max_new_tokens=config.run.sample_tokens,
-            ctx=ctx,
-            temperature=0.7,
-            top_k=20,
-            seed=config.run.seed,
-        )
-        trainer.log("sample (prefill sequence-parallel, then token-by-token decode):")
-        trainer.log(decode_bytes(np.asarray(out[0])))
+        _log_sample(trainer, result["state"]["params"])
     return 143 if result["stopped"] == "sigterm" else 0
+
+
+def _log_sample(trainer: Trainer, params) -> None:
+    """Continue ``run.sample_prompt`` by ``run.sample_tokens`` tokens and log the text."""
+    run = trainer.config.run
+    out = generate(
+        trainer.model(params),
+        text_prompt(run.sample_prompt),
+        max_new_tokens=run.sample_tokens,
+        ctx=dataclasses.replace(trainer.ctx, batch_axis=None),
+        temperature=0.7,
+        top_k=20,
+        seed=run.seed,
+    )
+    trainer.log("sample (prefill sequence-parallel, then token-by-token decode):")
+    trainer.log(decode_bytes(np.asarray(out[0])))
 
 
 if __name__ == "__main__":

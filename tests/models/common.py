@@ -6,7 +6,7 @@ import dataclasses
 
 from models.config import get_config
 from models.dataset import DataConfig
-from models.train import MeshConfig, OptimConfig, RunConfig, TrainConfig
+from models.train_config import MeshConfig, OptimConfig, RunConfig, TrainConfig
 
 FAMILIES = {
     # TNL with LRPE: positions must be global under sequence parallelism for the curves to agree

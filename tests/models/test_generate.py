@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from models.checkpoint import load_model
+from models.cli import generate_main
 from models.generate import decode_bytes, generate
-from models.generate import main as generate_main
 from models.layers import LaspContext
 from models.model import LanguageModel
 from models.sharding import build_mesh
@@ -63,7 +64,11 @@ def test_sampling_is_seeded_and_prompt_is_validated(rng):
 
 def test_lasp_generate_on_a_checkpoint(tmp_path, capsys):
     config = train_config(steps=2, model=small_model(n_layers=1), run=dict(ckpt_dir=str(tmp_path)))
-    Trainer(config, devices=jax.devices()[:1], log=lambda *a: None).fit()
+    trained = Trainer(config, devices=jax.devices()[:1], log=lambda *a: None).fit()["state"]["params"]
+    model, restored_config, _ = load_model(str(tmp_path), sp=2)  # the parameters alone, no optimizer state
+    assert restored_config == config
+    for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(trained), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     capsys.readouterr()
     args = ["--ckpt-dir", str(tmp_path), "--prompt", "The sea", "--max-new-tokens", "12", "--sp", "2"]
     assert generate_main(args) == 0

@@ -15,11 +15,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from models.cli import config_from_args
 from models.config import PRESETS, get_config, hybrid_layer_types
+from models.flops import model_flops_per_token
 from models.layers import SINGLE_DEVICE, LaspContext, SoftmaxAttention, lrpe, rope
 from models.model import LanguageModel
 from models.sharding import build_mesh
-from models.train import Trainer, check_config, config_from_args, model_flops_per_token
+from models.train import Trainer, check_config
 from tests.models.common import check_generation_equals_full_forward, large_weights, replace, small_hybrid, train_config
 
 T = 11

@@ -13,9 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from models.cli import config_from_args
 from models.dataset import DataConfig, TokenData
+from models.flops import model_flops_per_token
 from models.sharding import activation_sharding, build_mesh
-from models.train import Trainer, check_config, config_from_args, main, model_flops_per_token
+from models.train import Trainer, check_config, main
 from tests.models.common import replace, small_model, train_config
 
 QUIET = dict(log=lambda *a: None)

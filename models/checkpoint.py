@@ -1,0 +1,97 @@
+"""Checkpoints of ``lasp-train`` runs (orbax): the train state and the config that produced it.
+
+Every saved step holds two items: ``state``, the train state ``{params, opt_state, step, skipped}``
+(``models.train.make_init_fn``), and ``config``, the ``TrainConfig`` as JSON (``config_to_json``).
+Training saves and restores the whole state (``save``, ``restore_state``); generation restores the
+parameters only (``load_model``), so it builds neither the optimizer nor its moments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh
+
+from models.config import ModelConfig
+from models.model import LanguageModel
+from models.sharding import build_mesh, tree_shardings
+from models.train_config import SECTIONS, TrainConfig
+
+ITEMS = ("state", "config")
+
+
+def config_to_json(config: TrainConfig) -> dict:
+    """The config as nested JSON-ready dicts ``{section: {field: value}}``."""
+    return dataclasses.asdict(config)
+
+
+def config_from_json(saved: dict) -> TrainConfig:
+    """The inverse of ``config_to_json``."""
+    model = dict(saved["model"])
+    if model.get("layer_types") is not None:
+        model["layer_types"] = tuple(model["layer_types"])  # JSON has lists only
+    return TrainConfig(model=ModelConfig(**model), **{name: cls(**saved[name]) for name, cls in SECTIONS.items()})
+
+
+def open_manager(ckpt_dir: str, *, keep: int) -> ocp.CheckpointManager:
+    """A manager that writes: synchronous saves, the newest ``keep`` steps kept, the directory created."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False, create=True)
+    return ocp.CheckpointManager(os.path.abspath(ckpt_dir), options=options, item_names=ITEMS)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state, config: TrainConfig) -> None:
+    """Write ``state`` and ``config`` as step ``step`` and wait until they are on disk."""
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config_to_json(config)))
+    manager.save(step, args=args, force=True)
+    manager.wait_until_finished()
+
+
+def saved_config(manager: ocp.CheckpointManager, step: int) -> dict:
+    """The JSON config saved with step ``step``."""
+    return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+
+def restore_target(abstract_tree, shardings):
+    """ShapeDtypeStructs with shardings: what orbax restores into."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_tree, shardings)
+
+
+def restore_state(manager: ocp.CheckpointManager, step: int, config: TrainConfig, abstract_state, shardings):
+    """The whole train state of step ``step``, laid out by ``shardings``.
+
+    Raises ValueError when the checkpoint was trained with another model config than ``config.model``.
+    """
+    saved, expected = saved_config(manager, step)["model"], config_to_json(config)["model"]
+    if saved != expected:
+        raise ValueError(
+            f"checkpoint in {config.run.ckpt_dir} was trained with a different model config: {saved} != {expected}"
+        )
+    target = restore_target(abstract_state, shardings)
+    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+
+
+def load_model(ckpt_dir: str, *, step: int | None = None, sp: int = 1) -> tuple[LanguageModel, TrainConfig, Mesh]:
+    """(model, train config, mesh): the parameters of a checkpoint (default: the latest step),
+    replicated on a ``(1, sp)`` mesh of the first ``sp`` devices. The optimizer state is not read."""
+    manager = ocp.CheckpointManager(os.path.abspath(ckpt_dir), item_names=ITEMS)
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise ValueError(f"no checkpoint found in ckpt_dir={ckpt_dir!r}")
+        config = config_from_json(saved_config(manager, step))
+        graphdef, abstract_params = nnx.split(
+            nnx.eval_shape(lambda: LanguageModel(config.model, rngs=nnx.Rngs(0))), nnx.Param
+        )
+        mesh = build_mesh(1, sp, jax.devices()[:sp])
+        target = {"params": restore_target(abstract_params, tree_shardings(abstract_params, mesh))}
+        restore = ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+        )
+        params = manager.restore(step, args=ocp.args.Composite(state=restore))["state"]["params"]
+    finally:
+        manager.close()
+    return nnx.merge(graphdef, params), config, mesh
