@@ -13,6 +13,8 @@ import dataclasses
 # rows of the sub-tiles of a chunk: the triangular solve works on 16×16 diagonal blocks, per-channel
 # gates factor the decay between sub-tiles around a reference row (notes/design.md §6)
 SUB_TILE = 16
+# streaming multiprocessors of an H100 / H200: the state passes are sized to a few programs per SM
+_NUM_SMS = 132
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +25,11 @@ class BlockConfig:
       chunk: tokens per chunk (C), a power of two >= 16 (the chunk holds C / 16 sub-tiles).
       block_e: value-dim tile of the two state passes: programs per (row, head) = E / block_e.
         Smaller tiles give the sequential passes more programs and shorter steps.
+      segments: runs of whole chunks per row that the state passes walk in parallel (LASP inside
+        one GPU): a first pass gives each run's transition ``(Φ, M)`` from a zero state, a float32
+        scan over runs their entering states, the stored pass starts each run from its own. Each
+        pass walks ``NC / segments`` chunks; the transition pass carries E + D columns. 1: one
+        pass over the whole row.
       num_warps / num_stages: Triton launch parameters of the chunk-parallel forward kernels;
         num_warps_state / num_stages_state: of the two state passes (num_stages pipelines the loads
         of the next chunk behind the current step); num_warps_bwd / num_stages_bwd: of the
@@ -31,6 +38,7 @@ class BlockConfig:
 
     chunk: int = 64
     block_e: int = 32
+    segments: int = 1
     num_warps: int = 4
     num_stages: int = 2
     num_warps_state: int = 4
@@ -43,6 +51,8 @@ class BlockConfig:
             value = getattr(self, name)
             if value < SUB_TILE or value & (value - 1):
                 raise ValueError(f"BlockConfig.{name}={value} must be a power of two >= {SUB_TILE}")
+        if self.segments < 1:
+            raise ValueError(f"BlockConfig.segments={self.segments} must be positive")
 
 
 # interpret mode (CPU tests): the interpreter's programs are compiled by XLA once per shape, and the
@@ -51,13 +61,20 @@ class BlockConfig:
 INTERPRET_CONFIG = BlockConfig(chunk=16, block_e=16)
 
 
-def default_config(*, head_dim: int, value_dim: int, interpret: bool) -> BlockConfig:
-    """Interpret mode: small chunks; GPU: 64-token chunks, value blocks of 32 (64 for narrow heads).
+def default_config(*, batch: int, value_heads: int, seq_len: int, value_dim: int, interpret: bool) -> BlockConfig:
+    """Interpret mode: small chunks, one segment. GPU: 64-token chunks, value blocks of 32, and
+    segments (a power of two) until the state passes have about two programs per SM, keeping at
+    least 16 chunks per segment.
 
-    Untuned first choice (no GPU sweep yet): at (B, T, Hv) = (1, 32K, 16) with E = 128, value
-    blocks of 32 give the state passes 64 programs.
+    Untuned first choice (no GPU sweep yet): at (B, T, Hv) = (1, 32K, 16) with E = 128 this gives
+    64 programs per segment and 8 segments (512 programs, 64 chunks each).
     """
     if interpret:
         return INTERPRET_CONFIG
-    del head_dim
-    return BlockConfig(block_e=min(32, value_dim))
+    cfg = BlockConfig(block_e=min(32, value_dim))
+    programs = batch * value_heads * (value_dim // cfg.block_e)
+    chunks = -(-seq_len // cfg.chunk)
+    segments = 1
+    while programs * segments < 2 * _NUM_SMS and chunks // (2 * segments) >= 16:
+        segments *= 2
+    return dataclasses.replace(cfg, segments=segments)

@@ -22,8 +22,8 @@ whole chunks (zero k, v, β and log gate: exact) outside the ``custom_vjp``. The
 
 from __future__ import annotations
 
-import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,11 +39,15 @@ from pallas_kernels.gated_delta_rule.layout import (
     Statics,
     chunk_cumsum,
     compiler_params,
+    entering_states,
+    from_segments,
     gate_inputs,
+    leaving_cotangents,
     load_docs,
     load_rows,
     pop_gate_refs,
     store_tiles,
+    to_segments,
 )
 from pallas_kernels.gated_delta_rule.reference import document_index
 
@@ -213,12 +217,54 @@ def output(q, k, b, docs, h, v_new, lay: Layout, statics: Statics, dtype):
 # ---- the custom_vjp ---------------------------------------------------------------------------
 
 
+class SegmentResiduals(NamedTuple):
+    """Residuals of a segmented call: those of its segments (as rows) and each one's Φ."""
+
+    rows: Residuals
+    phi: jax.Array
+
+
+def _segmented(q, k, v, beta, b, docs, segments: int):
+    """The inputs with each row cut into ``segments`` rows (``layout.to_segments``)."""
+    gate_axis = 2 if b is not None and b.ndim == 3 else 1  # scalar gates are [B, Hv, T]
+    q, k, v = (to_segments(x, segments) for x in (q, k, v))
+    docs = None if docs is None else tuple(to_segments(x, segments) for x in docs)
+    return q, k, v, to_segments(beta, segments, time_axis=2), to_segments(b, segments, time_axis=gate_axis), docs
+
+
 def _forward(q, k, v, beta, b, s0, docs, statics: Statics):
+    """(o, final state, residuals). With ``cfg.segments`` > 1 the rows are cut into segments that
+    the state passes walk in parallel, each from its entering state, given by a transition pass
+    and a float32 scan over segments (``Residuals`` then describe the segment rows)."""
+    segments = statics.cfg.segments
+    q, k, v, beta, b, docs = _segmented(q, k, v, beta, b, docs, segments)
     lay = Layout(q, v, statics.cfg, statics.mode)
     w, u = wy_representation(k, v, beta, b, docs, lay, statics)
+    phi = None
+    if segments > 1:
+        phi, m = transition(w, u, k, b, docs, lay, statics)
+        s0 = entering_states(phi, m, s0, segments)
     h, v_new, final = state_pass(w, u, k, b, docs, s0, lay, statics)
     o = output(q, k, b, docs, h, v_new, lay, statics, q.dtype)
-    return o, final, Residuals(q, k, v, beta, b, docs, w, h, v_new)
+    residuals = Residuals(q, k, v, beta, b, docs, w, h, v_new)
+    if segments == 1:
+        return o, final, residuals
+    last = final.reshape((-1, segments) + final.shape[1:])[:, -1]
+    return from_segments(o, segments), last, SegmentResiduals(residuals, phi)
+
+
+def _backward(statics: Statics, residuals, do, d_final):
+    segments = statics.cfg.segments
+    if segments == 1:
+        return pallas_triton_vjp.backward(residuals, do, d_final, statics=statics)
+    rows, phi = residuals
+    local, stage = pallas_triton_vjp.backward_local(rows, to_segments(do, segments), statics=statics)
+    d_out = leaving_cotangents(phi, local, d_final.astype(F32), segments)
+    dq, dk, dv, dbeta, db, ds0 = pallas_triton_vjp.backward_finish(rows, stage, d_out, statics=statics)
+    gate_axis = 2 if db is not None and db.ndim == 3 else 1
+    dq, dk, dv = (from_segments(x, segments) for x in (dq, dk, dv))
+    dbeta, db = from_segments(dbeta, segments, time_axis=2), from_segments(db, segments, time_axis=gate_axis)
+    return dq, dk, dv, dbeta, db, ds0.reshape((-1, segments) + ds0.shape[1:])[:, 0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnames=("statics",))
@@ -232,10 +278,9 @@ def _gated_delta_rule_fwd(q, k, v, beta, b, s0, docs, statics: Statics):
     return (o, final), residuals
 
 
-def _gated_delta_rule_bwd(statics: Statics, residuals: Residuals, cotangents):
+def _gated_delta_rule_bwd(statics: Statics, residuals, cotangents):
     do, d_final = cotangents
-    grads = pallas_triton_vjp.backward(residuals, do, d_final, statics=statics)
-    return (*grads, None)  # document numbers are integers: no cotangent
+    return (*_backward(statics, residuals, do, d_final), None)  # document numbers are integers: no cotangent
 
 
 _gated_delta_rule.defvjp(_gated_delta_rule_fwd, _gated_delta_rule_bwd)
@@ -286,12 +331,12 @@ def gated_delta_rule(
     t, d = q.shape[1], q.shape[3]
     e = v.shape[3]
     scale = float(d**-0.5 if scale is None else scale)
-    args, docs, statics = _prepare(q, k, v, beta, g, initial_state, segment_ids, scale, interpret, config)
+    args, docs, statics = prepare(q, k, v, beta, g, initial_state, segment_ids, scale, interpret, config)
     o, final = _gated_delta_rule(*args, docs, statics=statics)
     return o[:, :t, :, :e], final[:, :, :d, :e]
 
 
-def _prepare(q, k, v, beta, g, initial_state, segment_ids, scale, interpret, config):
+def prepare(q, k, v, beta, g, initial_state, segment_ids, scale, interpret, config):
     """Kernel inputs ``(q, k, v, beta [B, Hv, T'], b, s0)`` padded (head dims to a power of two ≥ 16,
     time to whole chunks), with b the chunk-local cumulative log gate, the document rows (or None)
     and the statics."""
@@ -303,8 +348,8 @@ def _prepare(q, k, v, beta, g, initial_state, segment_ids, scale, interpret, con
     if not supports(q, k, v):
         raise ValueError(f"inputs too large for int32 offsets: q.shape={tuple(q.shape)}, v.shape={tuple(v.shape)}")
     dp, ep = pad_dim(d), pad_dim(e)
-    cfg = config or default_config(head_dim=dp, value_dim=ep, interpret=interpret)
-    tp = -(-t // cfg.chunk) * cfg.chunk
+    cfg = config or default_config(batch=b, value_heads=hv, seq_len=t, value_dim=ep, interpret=interpret)
+    tp = -(-t // (cfg.chunk * cfg.segments)) * cfg.chunk * cfg.segments
 
     def pad(x, width=None):
         pads = [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2)
@@ -323,12 +368,12 @@ def _prepare(q, k, v, beta, g, initial_state, segment_ids, scale, interpret, con
         s0 = jnp.zeros((b, hv, dp, ep), F32)
     else:
         s0 = jnp.pad(initial_state.astype(F32), ((0, 0), (0, 0), (0, dp - d), (0, ep - e)))
-    docs = _document_rows(segment_ids, tp)
+    docs = document_rows(segment_ids, tp)
     statics = Statics(scale=scale, mode=mode, cfg=cfg, interpret=interpret)
     return (q, k, v, beta, gate, s0), docs, statics
 
 
-def _document_rows(segment_ids, padded_len):
+def document_rows(segment_ids, padded_len):
     """``(doc, prev)`` ``[B, T']`` int32: each token's document number (the padding continues the
     last document) and that of the token before it; None without segment ids."""
     if segment_ids is None:
@@ -336,93 +381,3 @@ def _document_rows(segment_ids, padded_len):
     t = segment_ids.shape[1]
     doc = jnp.pad(document_index(segment_ids), ((0, 0), (0, padded_len - t)), mode="edge")
     return doc, jnp.concatenate([doc[:, :1], doc[:, :-1]], axis=1)
-
-
-# ---- the call split at its initial state (for sequence parallelism) ----------------------------
-
-
-@functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["args", "docs", "w", "u", "unpad"], meta_fields=["statics", "shape"]
-)
-@dataclasses.dataclass(frozen=True)
-class SplitCall:
-    """One call whose initial state comes later (``split_forward``): the padded inputs
-    ``(q, k, v, beta, b)``, the document rows, W and U, the pullback of the padding, the statics and
-    the unpadded ``(T, D, E)``."""
-
-    args: tuple
-    docs: tuple | None
-    w: jax.Array
-    u: jax.Array
-    unpad: object
-    statics: Statics
-    shape: tuple
-
-    def layout(self) -> Layout:
-        return Layout(self.args[0], self.args[2], self.statics.cfg, self.statics.mode)
-
-    def padded_state(self, state):
-        _, d, e = self.shape
-        dp, ep = self.args[0].shape[-1], self.args[2].shape[-1]
-        return jnp.pad(state.astype(F32), ((0, 0), (0, 0), (0, dp - d), (0, ep - e)))
-
-
-def split_forward(q, k, v, beta, *, g=None, scale=None, segment_ids=None, interpret=False, config=None):
-    """The part of a call that needs no initial state: ``(Φ [B, Hv, D, D], M [B, Hv, D, E], call)``.
-
-    The state after the call from an entering state S is ``Φ S + M`` (notes/design.md §6; Φ = 0 when
-    a document boundary lies inside the call). Sequence parallelism all-gathers ``(Φ, M)``, forms
-    each rank's entering state, and ``finish_forward(call, S)`` gives the output. Beyond the
-    single-call kernels this costs one state pass (over E + D columns, storing nothing per chunk).
-    """
-    t, d, e = q.shape[1], q.shape[3], v.shape[3]
-    scale = float(d**-0.5 if scale is None else scale)
-    found = {}
-
-    def pad(q, k, v, beta, g):
-        args, _, statics = _prepare(q, k, v, beta, g, None, None, scale, interpret, config)
-        found["statics"] = statics
-        return args[:5]
-
-    args, unpad = jax.vjp(pad, q, k, v, beta, g)
-    statics = found["statics"]
-    docs = _document_rows(segment_ids, args[0].shape[1])
-    qp, kp, vp, betap, bp = args
-    lay = Layout(qp, vp, statics.cfg, statics.mode)
-    w, u = wy_representation(kp, vp, betap, bp, docs, lay, statics)
-    phi, m = transition(w, u, kp, bp, docs, lay, statics)
-    call = SplitCall(tuple(args), docs, w, u, unpad, statics, (t, d, e))
-    return phi[:, :, :d, :d], m[:, :, :d, :e], call
-
-
-def finish_forward(call: SplitCall, initial_state):
-    """``(o [B, T, Hv, E], final_state [B, Hv, D, E], residuals)`` of ``split_forward``'s call from
-    its entering state; the residuals are what ``split_backward`` / ``finish_backward`` read."""
-    t, d, e = call.shape
-    q, k, v, beta, b = call.args
-    lay = call.layout()
-    h, v_new, final = state_pass(call.w, call.u, k, b, call.docs, call.padded_state(initial_state), lay, call.statics)
-    o = output(q, k, b, call.docs, h, v_new, lay, call.statics, q.dtype)
-    return o[:, :t, :, :e], final[:, :, :d, :e], Residuals(q, k, v, beta, b, call.docs, call.w, h, v_new)
-
-
-def split_backward(call: SplitCall, residuals: Residuals, do):
-    """The part of the backward that needs no final-state cotangent: ``(dS_in_local, stage)``.
-
-    ``dS_in_local`` ``[B, Hv, D, E]`` is the entering state's cotangent from ``do`` alone; given the
-    cotangent dS of the state leaving the call, the whole one is ``dS_in_local + Φᵀ dS``.
-    """
-    t, d, e = call.shape
-    tp, ep = call.args[0].shape[1], call.args[2].shape[-1]
-    do = jnp.pad(do, ((0, 0), (0, tp - t), (0, 0), (0, ep - e)))
-    ds0, stage = pallas_triton_vjp.backward_local(residuals, do, statics=call.statics)
-    return ds0[:, :, :d, :e], stage
-
-
-def finish_backward(call: SplitCall, residuals: Residuals, stage, d_final):
-    """Cotangents ``(dq, dk, dv, dbeta, dg, d initial_state)`` given the leaving state's cotangent
-    (dg is None without gates)."""
-    _, d, e = call.shape
-    grads = pallas_triton_vjp.backward_finish(residuals, stage, call.padded_state(d_final), statics=call.statics)
-    *input_grads, ds0 = grads
-    return (*call.unpad(tuple(input_grads)), ds0[:, :, :d, :e])

@@ -5,11 +5,11 @@ recurrence (``reference.recurrent``): the output, the final state and every grad
 beta, g, initial_state) for each gate form (DeltaNet, Gated DeltaNet, KDA), lengths that are no
 multiple of the chunk (1, 63, 130), grouped value heads, packed documents, an initial state, bf16
 and fp32, 32-token chunks (two 16-row sub-tiles: the block solve and the per-channel factoring
-between sub-tiles) under strong decays, and two calls chained through the split entry points (what
-sequence parallelism does). Each case is one compile of the forward and backward (with XLA's cheap
-optimisation level: the interpreter's programs are large and run once). The kernels also go
-through the Triton lowering (catches what the interpreter accepts and Triton does not).
-GPU-only: the compiled kernels at D = 128, bf16, T = 4096.
+between sub-tiles) under strong decays, rows cut into segments inside one call, and two calls
+chained through the split entry points (what sequence parallelism does). Each case is one compile
+of the forward and backward (with XLA's cheap optimisation level: the interpreter's programs are
+large and run once). The kernels also go through the Triton lowering (catches what the
+interpreter accepts and Triton does not). GPU-only: the compiled kernels at D = 128, bf16, T = 4096.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.gated_delta_rule import pallas_triton, reference
-from pallas_kernels.gated_delta_rule.config import BlockConfig
+from pallas_kernels.gated_delta_rule import pallas_triton, pallas_triton_split, reference
+from pallas_kernels.gated_delta_rule.config import BlockConfig, default_config
 from tests.helpers import rel_err, tol, x64
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -109,10 +109,10 @@ def check_kernels(rng, *, dtype, config=None, g_max=1.0, docs=None, **shape):
 
 CASES = {
     # name: dtype, shape, extras (the interpret config has 16-token chunks: one sub-tile)
-    "gdn-f32-T63-gva-docs": (
+    "gdn-f32-T63-gva-docs-2segments": (
         jnp.float32,
         dict(b=2, t=63, h=1, hv=2, d=16, e=32, gate="gdn"),
-        dict(docs=(5, 20, 21, 40)),
+        dict(docs=(5, 20, 21, 40), config=BlockConfig(chunk=16, block_e=16, segments=2)),
     ),
     "kda-f32-T130-gva-docs-strong-chunk32": (
         jnp.float32,
@@ -149,20 +149,20 @@ def test_split_entry_points_chain_two_calls(rng):
         ]
         calls = []
         for p in parts:
-            phi, m, call = pallas_triton.split_forward(
+            phi, m, call = pallas_triton_split.split_forward(
                 p["q"], p["k"], p["v"], p["beta"], g=p["g"], scale=0.7, segment_ids=p["seg"], interpret=True
             )
             calls.append((phi, m, call))
         (phi0, m0, call0), (phi1, _, call1) = calls
         s_in1 = jnp.einsum("bhij,bhje->bhie", phi0, x32["initial_state"]) + m0
-        o0, final0, res0 = pallas_triton.finish_forward(call0, x32["initial_state"])
-        o1, final1, res1 = pallas_triton.finish_forward(call1, s_in1)
+        o0, final0, res0 = pallas_triton_split.finish_forward(call0, x32["initial_state"])
+        o1, final1, res1 = pallas_triton_split.finish_forward(call1, s_in1)
         do0, do1 = halves(do)
-        local1, stage1 = pallas_triton.split_backward(call1, res1, do1)
-        _, stage0 = pallas_triton.split_backward(call0, res0, do0)
+        local1, stage1 = pallas_triton_split.split_backward(call1, res1, do1)
+        _, stage0 = pallas_triton_split.split_backward(call0, res0, do0)
         d_out0 = jnp.einsum("bhji,bhje->bhie", phi1, d_final) + local1
-        grads1 = pallas_triton.finish_backward(call1, res1, stage1, d_final)
-        grads0 = pallas_triton.finish_backward(call0, res0, stage0, d_out0)
+        grads1 = pallas_triton_split.finish_backward(call1, res1, stage1, d_final)
+        grads0 = pallas_triton_split.finish_backward(call0, res0, stage0, d_out0)
         names = ("dq", "dk", "dv", "dbeta", "dg")
         got = {n: jnp.concatenate([a, b], axis=1) for n, a, b in zip(names, grads0, grads1, strict=False)}
         got |= {"o": jnp.concatenate([o0, o1], axis=1), "final_state": final1, "dinitial_state": grads0[-1]}
@@ -200,6 +200,18 @@ def test_supports_and_rejects():
     assert not pallas_triton.supports(huge, huge, huge)
     with pytest.raises(ValueError, match="power of two"):
         BlockConfig(chunk=48)
+    with pytest.raises(ValueError, match="segments"):
+        BlockConfig(segments=0)
+
+
+def test_default_config_fills_the_gpu_with_segments():
+    """Few rows and heads: segments until the state passes have ~2 programs per SM; many: one."""
+    few = default_config(batch=1, value_heads=16, seq_len=32768, value_dim=128, interpret=False)
+    assert (few.chunk, few.block_e, few.segments) == (64, 32, 8)
+    many = default_config(batch=8, value_heads=32, seq_len=4096, value_dim=128, interpret=False)
+    assert many.segments == 1
+    short = default_config(batch=1, value_heads=1, seq_len=1024, value_dim=128, interpret=False)
+    assert short.segments == 1  # 16 chunks: no segment would keep 16 of them
 
 
 # ---- the Triton lowering on CPU, compiled kernels on a GPU ------------------------------------
@@ -218,25 +230,30 @@ def test_kernels_lower_to_triton(monkeypatch):
     info = gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H100)
     monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: info)
     spec = jax.ShapeDtypeStruct
-    for gate, (b, t, h, hv, d, e), dtype, docs in [
-        ("gdn", (1, 256, 2, 4, 128, 128), jnp.bfloat16, False),
-        ("kda", (2, 100, 2, 2, 40, 24), jnp.float32, True),
+    for gate, (b, t, h, hv, d, e), dtype, docs, segments in [
+        ("gdn", (1, 256, 2, 4, 128, 128), jnp.bfloat16, False, 2),
+        ("kda", (2, 100, 2, 2, 40, 24), jnp.float32, True, 1),
+        ("deltanet", (1, 70, 1, 1, 64, 64), jnp.float16, True, 1),
     ]:
+        config = BlockConfig(segments=segments)
         q, v = spec((b, t, h, d), dtype), spec((b, t, hv, e), dtype)
         beta, s0 = spec((b, t, hv), jnp.float32), spec((b, hv, d, e), jnp.float32)
         g = {"deltanet": None, "gdn": spec((b, t, hv), jnp.float32), "kda": spec((b, t, hv, d), jnp.float32)}[gate]
         seg = spec((b, t), jnp.int32) if docs else None
 
-        def fwd_bwd(q, k, v, beta, g, s0, seg):
+        def fwd_bwd(q, k, v, beta, g, s0, seg, config=config):
             def loss(q, k, v, beta, g, s0):
-                o, s = pallas_triton.gated_delta_rule(q, k, v, beta, g=g, initial_state=s0, segment_ids=seg)
+                o, s = pallas_triton.gated_delta_rule(
+                    q, k, v, beta, g=g, initial_state=s0, segment_ids=seg, config=config
+                )
                 return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
 
             return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5))(q, k, v, beta, g, s0)
 
         text = jax.jit(fwd_bwd).trace(q, q, v, beta, g, s0, seg).lower(lowering_platforms=("cuda",)).as_text()
-        kernels = "wy, state, output, output_bwd, state_bwd, wy_bwd"
-        assert text.count("__gpu$xla.gpu.triton") == 6, f"expected the {kernels} kernels"
+        kernels = ["wy", "state", "output", "output_bwd", "state_bwd", "wy_bwd"]
+        kernels += ["transition", "state_bwd_local"] if segments > 1 else []
+        assert text.count("__gpu$xla.gpu.triton") == len(kernels), f"expected the {kernels} kernels"
 
 
 @pytest.mark.gpu

@@ -1,0 +1,123 @@
+"""The gated-delta-rule kernels split at the entering state, for sequence parallelism.
+
+A rank of a sequence-parallel layer holds a run of the sequence whose entering state comes from the
+ranks before it. ``split_forward`` does what needs no entering state: the padding, the WY form and
+the call's transition ``(Φ, M)`` (the state after the call is ``Φ S + M``, notes/design.md §6);
+``finish_forward`` runs the state pass and the output from the entering state. The backward splits
+the same way: ``split_backward`` gives the entering state's cotangent from ``dO`` alone (and the
+output's gradients), ``finish_backward`` the rest once the leaving state's cotangent is known
+(``Φ_{r+1}ᵀ dS_out(r + 1) + dS_in_local(r + 1)`` from the rank after). Beyond a single call this
+costs one state pass each way (the transition over E + D columns, and the local reverse pass),
+neither storing anything per chunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.common import F32, pad_dim
+from pallas_kernels.gated_delta_rule import pallas_triton_vjp
+from pallas_kernels.gated_delta_rule.config import default_config
+from pallas_kernels.gated_delta_rule.layout import Layout, Residuals, Statics
+from pallas_kernels.gated_delta_rule.pallas_triton import (
+    document_rows,
+    output,
+    prepare,
+    state_pass,
+    transition,
+    wy_representation,
+)
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["args", "docs", "w", "u", "unpad"], meta_fields=["statics", "shape"]
+)
+@dataclasses.dataclass(frozen=True)
+class SplitCall:
+    """One call whose initial state comes later (``split_forward``): the padded inputs
+    ``(q, k, v, beta, b)``, the document rows, W and U, the pullback of the padding, the statics and
+    the unpadded ``(T, D, E)``."""
+
+    args: tuple
+    docs: tuple | None
+    w: jax.Array
+    u: jax.Array
+    unpad: object
+    statics: Statics
+    shape: tuple
+
+    def layout(self) -> Layout:
+        return Layout(self.args[0], self.args[2], self.statics.cfg, self.statics.mode)
+
+    def padded_state(self, state):
+        _, d, e = self.shape
+        dp, ep = self.args[0].shape[-1], self.args[2].shape[-1]
+        return jnp.pad(state.astype(F32), ((0, 0), (0, 0), (0, dp - d), (0, ep - e)))
+
+
+def split_forward(q, k, v, beta, *, g=None, scale=None, segment_ids=None, interpret=False, config=None):
+    """The part of a call that needs no initial state: ``(Φ [B, Hv, D, D], M [B, Hv, D, E], call)``.
+
+    The state after the call from an entering state S is ``Φ S + M`` (notes/design.md §6; Φ = 0 when
+    a document boundary lies inside the call). Sequence parallelism all-gathers ``(Φ, M)``, forms
+    each rank's entering state, and ``finish_forward(call, S)`` gives the output. Beyond the
+    single-call kernels this costs one state pass (over E + D columns, storing nothing per chunk).
+    """
+    b, t, _, d = q.shape
+    hv, e = v.shape[2:]
+    scale = float(d**-0.5 if scale is None else scale)
+    config = config or default_config(batch=b, value_heads=hv, seq_len=t, value_dim=pad_dim(e), interpret=interpret)
+    config = dataclasses.replace(config, segments=1)  # the caller's ranks are the segments
+    found = {}
+
+    def pad(q, k, v, beta, g):
+        args, _, statics = prepare(q, k, v, beta, g, None, None, scale, interpret, config)
+        found["statics"] = statics
+        return args[:5]
+
+    args, unpad = jax.vjp(pad, q, k, v, beta, g)
+    statics = found["statics"]
+    docs = document_rows(segment_ids, args[0].shape[1])
+    qp, kp, vp, betap, bp = args
+    lay = Layout(qp, vp, statics.cfg, statics.mode)
+    w, u = wy_representation(kp, vp, betap, bp, docs, lay, statics)
+    phi, m = transition(w, u, kp, bp, docs, lay, statics)
+    call = SplitCall(tuple(args), docs, w, u, unpad, statics, (t, d, e))
+    return phi[:, :, :d, :d], m[:, :, :d, :e], call
+
+
+def finish_forward(call: SplitCall, initial_state):
+    """``(o [B, T, Hv, E], final_state [B, Hv, D, E], residuals)`` of ``split_forward``'s call from
+    its entering state; the residuals are what ``split_backward`` / ``finish_backward`` read."""
+    t, d, e = call.shape
+    q, k, v, beta, b = call.args
+    lay = call.layout()
+    h, v_new, final = state_pass(call.w, call.u, k, b, call.docs, call.padded_state(initial_state), lay, call.statics)
+    o = output(q, k, b, call.docs, h, v_new, lay, call.statics, q.dtype)
+    return o[:, :t, :, :e], final[:, :, :d, :e], Residuals(q, k, v, beta, b, call.docs, call.w, h, v_new)
+
+
+def split_backward(call: SplitCall, residuals: Residuals, do):
+    """The part of the backward that needs no final-state cotangent: ``(dS_in_local, stage)``.
+
+    ``dS_in_local`` ``[B, Hv, D, E]`` is the entering state's cotangent from ``do`` alone; given the
+    cotangent dS of the state leaving the call, the whole one is ``dS_in_local + Φᵀ dS``.
+    """
+    t, d, e = call.shape
+    tp, ep = call.args[0].shape[1], call.args[2].shape[-1]
+    do = jnp.pad(do, ((0, 0), (0, tp - t), (0, 0), (0, ep - e)))
+    ds0, stage = pallas_triton_vjp.backward_local(residuals, do, statics=call.statics)
+    return ds0[:, :, :d, :e], stage
+
+
+def finish_backward(call: SplitCall, residuals: Residuals, stage, d_final):
+    """Cotangents ``(dq, dk, dv, dbeta, dg, d initial_state)`` given the leaving state's cotangent
+    (dg is None without gates)."""
+    _, d, e = call.shape
+    grads = pallas_triton_vjp.backward_finish(residuals, stage, call.padded_state(d_final), statics=call.statics)
+    *input_grads, ds0 = grads
+    return (*call.unpad(tuple(input_grads)), ds0[:, :, :d, :e])
