@@ -1,6 +1,7 @@
 """Linear Attention Sequence Parallelism (LASP, LASP-2) for JAX: the sequence-sharded layer and mesh helpers."""
 
 from lasp_jax.api import STRATEGIES, lasp_attention, lasp_attention_shard
+from lasp_jax.delta_rule import lasp_gated_delta_rule, lasp_gated_delta_rule_shard
 from lasp_jax.mesh import (
     DEFAULT_RULES,
     logical_sharding,
@@ -16,6 +17,8 @@ __all__ = [
     "STRATEGIES",
     "lasp_attention",
     "lasp_attention_shard",
+    "lasp_gated_delta_rule",
+    "lasp_gated_delta_rule_shard",
     "logical_sharding",
     "logical_spec",
     "make_mesh",

@@ -304,6 +304,15 @@ def _state_cotangent_step(ds, chunk: Chunks, *, scale):
     return kept + scale * jnp.einsum("bhgcd,bhgce->bhgde", q_in, chunk.do) - through_new_values, None
 
 
+def _carry(state, chunks: Chunks):
+    """A scan's initial carry typed to vary along every mesh axis the inputs vary along (inside a
+    checked ``shard_map`` the body's output does; ``zeros_like`` keeps the type and costs nothing)."""
+    for x in jax.tree.leaves(chunks):
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            state = state + jnp.zeros_like(x.ravel()[0], dtype=state.dtype)
+    return state
+
+
 def _grouped_state(state, num_heads, shape, dt):
     b, hv, d, e = shape
     if state is None:
@@ -316,7 +325,7 @@ def gated_delta_rule(q, k, v, beta, g=None, *, scale, initial_state=None, doc_id
     b, t, h, d = q.shape
     hv, e = v.shape[2:]
     chunks, c = _chunk_inputs(q, k, v, beta, g, doc_ids, None, chunk_size=chunk_size)
-    s0 = _grouped_state(initial_state, h, (b, hv, d, e), chunks.k.dtype)
+    s0 = _carry(_grouped_state(initial_state, h, (b, hv, d, e), chunks.k.dtype), chunks)
     step = jax.checkpoint(lambda s, x: _output_step(s, x, scale=scale))
     final, o = jax.lax.scan(step, s0, chunks)
     o = jnp.moveaxis(o, (0, 4), (1, 2)).reshape(b, -1, hv, e)[:, :t]
@@ -337,7 +346,7 @@ def shard_transition(k, v, beta, g=None, *, doc_ids=None, chunk_size=DEFAULT_CHU
     v_aug = jnp.concatenate([v.astype(dt), jnp.zeros((b, t, hv, d), dt)], axis=-1)
     chunks, _ = _chunk_inputs(None, k, v_aug, beta, g, doc_ids, None, chunk_size=chunk_size)
     s0 = jnp.concatenate([jnp.zeros((d, e), dt), jnp.eye(d, dtype=dt)], axis=-1)
-    s0 = jnp.broadcast_to(s0, (b, h, hv // h, d, e + d))
+    s0 = _carry(jnp.broadcast_to(s0, (b, h, hv // h, d, e + d)), chunks)
     final, _ = jax.lax.scan(jax.checkpoint(_state_step), s0, chunks)
     final = final.reshape(b, hv, d, e + d)
     return final[..., :e], final[..., e:]
@@ -352,7 +361,7 @@ def state_cotangent(q, k, beta, g, do, *, scale, doc_ids=None, chunk_size=DEFAUL
     b, t, h, d = q.shape
     hv, e = do.shape[2:]
     chunks, _ = _chunk_inputs(q, k, None, beta, g, doc_ids, do, chunk_size=chunk_size)
-    ds = jnp.zeros((b, h, hv // h, d, e), chunks.k.dtype)
+    ds = _carry(jnp.zeros((b, h, hv // h, d, e), chunks.k.dtype), chunks)
     step = jax.checkpoint(lambda s, x: _state_cotangent_step(s, x, scale=scale))
     ds, _ = jax.lax.scan(step, ds, chunks, reverse=True)
     return ds.reshape(b, hv, d, e)

@@ -1,0 +1,217 @@
+"""The sequence-parallel gated delta rule on one shard (ring, allgather): one ``jax.custom_vjp``.
+
+Forward, on rank r of the sequence axis (notes/design.md §6, LASP-2 for affine recurrences):
+
+1. ``(M_r, Φ_r)`` = ``xla.shard_transition(k, v, β, g)``: the shard's final state from zero and its
+   composed transition (one state pass over k, v, β, g on ``E + D`` columns);
+2. ``S_in(r)`` from the other ranks (``affine``: ring or allgather, float32);
+3. the local op ``pallas_kernels.gated_delta_rule(..., initial_state=S_in(r))`` under ``jax.vjp``:
+   the true output and the state leaving the shard; its residuals are the layer's.
+
+Backward, with ``dO`` (and ``d final_state`` when asked for):
+
+1. ``dS_in^loc(r)`` = ``xla.state_cotangent(q, k, β, g, dO)``, the cotangent rank r's own outputs put
+   on its entering state (one reverse pass over q, k, β, g, dO);
+2. ``dS_out(r) = Φ_{r+1}ᵀ dS_out(r+1) + dS_in^loc(r+1)`` from the ranks to the right, the last
+   rank's being ``d final_state`` (the backward's only communication);
+3. the local op's pullback with ``(dO, dS_out(r))`` gives dq, dk, dv, dβ, dg and ``dS_in`` (which is
+   ``d initial_state`` on rank 0).
+
+Why Φ_r and M_r need no cotangents of their own: the loss depends on rank r's inputs through its
+outputs and through ``S_out(r)``, which the later ranks read as their entering state. ``S_out(r)``
+is the local op's own final state, so the pullback at ``(inputs, S_in(r))`` with cotangent
+``dS_out(r)`` on it (the total derivative of the loss by ``S_out(r)``, step 2) already carries
+every path through the later ranks; ``Φ_r S_in + M_r`` is only another formula for the same
+value, used to move S between ranks before the local op runs. ``S_in(r)`` itself depends on the
+earlier ranks' inputs only through their ``S_out``, which their own pullbacks account for.
+
+Packed documents (``segment_ids``): ``lasp_jax.lasp.Segments`` (the previous rank's last id
+says whether a document starts exactly at the shard's first token). Inside the shard the XLA
+passes reset the state at every boundary, so ``M_r`` counts the last document only and ``Φ_r = 0``
+in a row with a boundary inside; a boundary at the first token zeroes ``Φ_r``, the entering state
+and its cotangent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from lasp_jax.delta_rule import affine
+from lasp_jax.lasp import Segments, shard_segments
+from lasp_jax.state_passing import broadcast_from, varying_axes
+from pallas_kernels import gated_delta_rule
+from pallas_kernels.gated_delta_rule import xla
+
+
+@dataclasses.dataclass(frozen=True)
+class DeltaRuleConfig:
+    """Static parameters of one layer call (hashable: the custom_vjp's nondiff argument)."""
+
+    axis_name: Any
+    size: int
+    strategy: str
+    scale: float
+    impl: str
+    output_final_state: bool
+    # each differentiable input's name, dtype and the manual axes it varies along (empty when the
+    # enclosing shard_map does not check varying axes)
+    inputs: tuple[tuple[str, Any, frozenset], ...] = ()
+    vma_checked: bool = False
+
+
+class Residuals(NamedTuple):
+    pullback: Any  # the local op's pullback at (inputs, S_in(r))
+    q: jax.Array
+    k: jax.Array
+    beta: jax.Array
+    g: jax.Array | None
+    phis: jax.Array  # Φ_r (ring) or every rank's Φ [P, B, Hv, D, D] (allgather)
+    segments: Segments | None
+
+
+def _doc(segments: Segments | None):
+    return None if segments is None else segments.doc
+
+
+def _local_op(cfg: DeltaRuleConfig, inputs, segments: Segments | None):
+    s_in = inputs["s_in"]
+    if segments is not None:  # a boundary at the shard's first token: nothing enters
+        s_in = segments.unless_starts_new(s_in)
+    return gated_delta_rule(
+        inputs["q"],
+        inputs["k"],
+        inputs["v"],
+        inputs["beta"],
+        g=inputs.get("g"),
+        scale=cfg.scale,
+        initial_state=s_in,
+        output_final_state=True,
+        segment_ids=_doc(segments),
+        impl=cfg.impl,
+    )
+
+
+def _entering_state(cfg: DeltaRuleConfig, phi, m, s0):
+    """``(S_in(r), final state or None, what the reverse pass needs)``; the ring's final state
+    comes from the last rank's local op instead."""
+    if cfg.strategy == "ring":
+        return affine.ring_prefix(phi, m, s0, axis_name=cfg.axis_name, size=cfg.size), None, phi
+    return affine.allgather_prefix(
+        phi,
+        m,
+        s0,
+        axis_name=cfg.axis_name,
+        size=cfg.size,
+        want_final=cfg.output_final_state,
+        invariant_final=cfg.vma_checked,
+    )
+
+
+def _forward(cfg: DeltaRuleConfig, inputs, segments: Segments | None, *, keep_residuals):
+    q, k, beta, g = inputs["q"], inputs["k"], inputs["beta"], inputs.get("g")
+    m, phi = xla.shard_transition(k, inputs["v"], beta, g, doc_ids=_doc(segments))
+    if segments is not None:
+        phi = segments.unless_starts_new(phi)
+    s_in, final, phis = _entering_state(cfg, phi, m, inputs.get("initial_state"))
+    kernel_inputs = {n: x for n, x in inputs.items() if n != "initial_state"} | {"s_in": s_in}
+    residuals = None
+    if keep_residuals:
+        (o, s_out), pullback = jax.vjp(lambda xs: _local_op(cfg, xs, segments), kernel_inputs)
+        residuals = Residuals(pullback, q, k, beta, g, phis, segments)
+    else:
+        o, s_out = _local_op(cfg, kernel_inputs, segments)
+    if cfg.strategy == "ring" and cfg.output_final_state:
+        final = broadcast_from(s_out, cfg.size - 1, cfg.axis_name)
+    return (o, final), residuals
+
+
+def _state_cotangent_leaving(cfg: DeltaRuleConfig, residuals: Residuals, do, d_final):
+    """``dS_out(r)``: the local reverse pass, then the state cotangents from the ranks to the right."""
+    q, k, beta, g, phis, segments = residuals[1:]
+    ds_local = xla.state_cotangent(q, k, beta, g, do, scale=cfg.scale, doc_ids=_doc(segments))
+    if segments is not None:  # the shard starts a document: the entering state reaches nothing
+        ds_local = segments.unless_starts_new(ds_local)
+    if d_final is not None and not cfg.vma_checked:
+        # unchecked shard_map treats every rank's copy of final_state as its own output: sum them
+        d_final = jax.lax.psum(d_final, cfg.axis_name)
+    passing = affine.ring_suffix if cfg.strategy == "ring" else affine.allgather_suffix
+    return passing(phis, ds_local, d_final, axis_name=cfg.axis_name, size=cfg.size)
+
+
+def _reduce_to_vma(cfg: DeltaRuleConfig, name, ct):
+    """Sum a cotangent over the manual axes its primal is invariant along (only when vma is checked)."""
+    if not cfg.vma_checked:
+        return ct
+    primal_vma = {n: axes for n, _, axes in cfg.inputs}[name]
+    extra = varying_axes(ct) - primal_vma
+    return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct
+
+
+def _backward(cfg: DeltaRuleConfig, residuals: Residuals, cotangents):
+    do, d_final = cotangents
+    ds_out = _state_cotangent_leaving(cfg, residuals, do, d_final)
+    (grads,) = residuals.pullback((do, ds_out))
+    out = {}
+    for name, dtype, _ in cfg.inputs:
+        if name == "initial_state":  # the local op saw the float32 entering state; rank 0's is S_0
+            rank = jax.lax.axis_index(cfg.axis_name)
+            ct = jnp.where(rank == 0, grads["s_in"], jnp.zeros_like(grads["s_in"])).astype(dtype)
+        else:
+            ct = grads[name]
+        out[name] = _reduce_to_vma(cfg, name, ct)
+    return out
+
+
+def _layer(cfg: DeltaRuleConfig, inputs, segments):
+    return _forward(cfg, inputs, segments, keep_residuals=False)[0]
+
+
+def _layer_fwd(cfg: DeltaRuleConfig, inputs, segments):
+    return _forward(cfg, inputs, segments, keep_residuals=True)
+
+
+def _layer_bwd(cfg: DeltaRuleConfig, residuals, cotangents):
+    return _backward(cfg, residuals, cotangents), None  # segments: integers, no cotangent
+
+
+_layer = jax.custom_vjp(_layer, nondiff_argnames=("cfg",))
+_layer.defvjp(_layer_fwd, _layer_bwd)
+
+
+def delta_rule_layer(
+    q,
+    k,
+    v,
+    beta,
+    *,
+    axis_name,
+    size,
+    strategy,
+    g=None,
+    scale,
+    initial_state=None,
+    output_final_state,
+    segment_ids=None,
+    impl,
+):
+    """The ring (LASP) or allgather (LASP-2) gated delta rule on one shard; see the module docstring."""
+    inputs = {"q": q, "k": k, "v": v, "beta": beta}
+    for name, x in (("g", g), ("initial_state", initial_state)):
+        if x is not None:
+            inputs[name] = x
+    cfg = DeltaRuleConfig(
+        axis_name=axis_name,
+        size=size,
+        strategy=strategy,
+        scale=float(scale),
+        impl=impl,
+        output_final_state=output_final_state,
+        inputs=tuple((n, x.dtype, varying_axes(x)) for n, x in sorted(inputs.items())),
+        vma_checked=axis_name in varying_axes(q),
+    )
+    segments = None if segment_ids is None else shard_segments(segment_ids, axis_name=axis_name, size=size)
+    return _layer(cfg, inputs, segments)

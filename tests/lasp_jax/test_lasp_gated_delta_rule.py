@@ -1,0 +1,280 @@
+"""lasp_jax.lasp_gated_delta_rule on 8 fake CPU devices against the single-device float64 op.
+
+Every strategy: each shard's output and each shard's dq, dk, dv, dβ, dg, plus d(initial_state) and
+the final state, on fresh random inputs whose values carry the global shard index (a misordered
+shard changes the answer), with a loss that reads the final state too (its cotangent must travel
+back across every shard); packed documents that cross shard edges and start exactly at one.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from lasp_jax import lasp_gated_delta_rule, lasp_gated_delta_rule_shard, make_mesh
+from lasp_jax.delta_rule import STRATEGIES
+from pallas_kernels import gated_delta_rule
+from tests.helpers import rel_err, tol, x64
+
+TOKEN_ARRAYS = ("o", "dq", "dk", "dv", "dbeta", "dg")  # [B, T, ...]: checked shard by shard
+H, HV, D, E = 4, 8, 8, 8  # two value heads per q/k head; H % 4 == 0 for ulysses
+
+
+def rank_coded_inputs(rng, *, b, t, sp, gate="gdn", init=True):
+    """Layer-like inputs (unit q, k; sigmoid β; log-sigmoid gates) plus a component naming each
+    token's global shard: v's first feature is offset by the shard index, q's sign flips per shard."""
+    shard = np.repeat(np.arange(sp), t // sp)
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    q = rng.standard_normal((b, t, H, D))
+    q[..., 0] += np.where(shard % 2, 1.0, -1.0)[None, :, None]
+    xs = {
+        "q": unit(q),
+        "k": unit(rng.standard_normal((b, t, H, D))),
+        "v": rng.standard_normal((b, t, HV, E)),
+        "beta": 1 / (1 + np.exp(-rng.standard_normal((b, t, HV)))),
+    }
+    xs["v"][..., 0] += shard[None, :, None] + 1.0
+    gate_shape = {"gdn": (b, t, HV), "kda": (b, t, HV, D)}.get(gate)
+    if gate_shape is not None:
+        xs["g"] = -np.logaddexp(0.0, -(rng.standard_normal(gate_shape) + 2)) / (16 if gate == "kda" else 1)
+    if init:
+        xs["initial_state"] = rng.standard_normal((b, HV, D, E)) / np.sqrt(D)
+    return xs
+
+
+def crossing_documents(b, t, sp):
+    """Row 0: a boundary inside shard 0, one exactly at shard 1's first token, a document inside
+    shard 1, then label 2 again in a separate run to the end (across every later edge); row 1: a
+    document across the first edge, a boundary one token after it."""
+    length = t // sp
+    ids = np.zeros((b, t), np.int32)
+    ids[0, length // 2 :] = 1
+    ids[0, length:] = 2
+    ids[0, length + 3 : length + length // 2] = 3
+    ids[1, length + 1 :] = 7
+    return ids
+
+
+def grads_fn(fn, *, final=True):
+    """jit of: o (and final state) and the gradients of <o, do> (+ <final, ds>) w.r.t. every input."""
+
+    def loss(xs, do, ds, segment_ids):
+        o, s = fn(**xs, output_final_state=final, segment_ids=segment_ids)
+        total = jnp.sum(o.astype(do.dtype) * do)
+        if final:
+            total = total + jnp.sum(s * ds)
+        return total, (o, s)
+
+    @jax.jit
+    def run(xs, do, ds, segment_ids):
+        grads, (o, s) = jax.grad(loss, has_aux=True)(xs, do, ds, segment_ids)
+        return {"o": o} | {f"d{n}": x for n, x in grads.items()} | ({"final_state": s} if final else {})
+
+    return run
+
+
+@functools.cache
+def _reference_fn(final):
+    # one jitted oracle for the module, so equal shapes compile once
+    return grads_fn(functools.partial(gated_delta_rule, impl="reference"), final=final)
+
+
+def reference(xs, do, ds, segment_ids, *, final=True):
+    with x64():
+        f64 = lambda x: jnp.asarray(x, jnp.float64)
+        ids = None if segment_ids is None else jnp.asarray(segment_ids)
+        out = _reference_fn(final)({n: f64(x) for n, x in xs.items()}, f64(do), f64(ds), ids)
+        return {n: np.asarray(x, np.float64) for n, x in out.items()}
+
+
+def assert_matches(got, want, *, sp, label):
+    """Each shard of every token-indexed array, and every other array, within float32's tolerance."""
+    assert set(got) == set(want), (set(got), set(want))
+    bound = tol(jnp.float32, want["o"].shape[1])
+    bad = {}
+    for name, ref in want.items():
+        limit = 4 * bound if name == "dg" else bound
+        if name in TOKEN_ARRAYS:
+            for r, (a, b) in enumerate(zip(np.split(got[name], sp, axis=1), np.split(ref, sp, axis=1))):
+                if (err := rel_err(a, b)) > limit:
+                    bad[f"{name}[shard {r}]"] = err
+        elif (err := rel_err(got[name], ref)) > limit:
+            bad[name] = err
+    assert not bad, f"{label}: errors over tolerance {bound:.1e}: {bad}"
+
+
+def mesh_for(dp, sp):
+    return make_mesh(dp, sp, devices=jax.devices()[: dp * sp])
+
+
+def run_case(rng, *, dp, sp, strategy, gate="gdn", docs=False, init=True, final=True, t=64, mesh=None, **layer_kw):
+    b = max(2, dp)
+    xs = rank_coded_inputs(rng, b=b, t=t, sp=sp, gate=gate, init=init)
+    ids = crossing_documents(b, t, sp) if docs else None
+    do = rng.standard_normal((b, t, HV, E))
+    ds = rng.standard_normal((b, HV, D, E))
+    want = reference(xs, do, ds, ids, final=final)
+    mesh = mesh_for(dp, sp) if mesh is None else mesh
+    batch_axis = "dp" if dp > 1 else None
+    fn = functools.partial(
+        lasp_gated_delta_rule, mesh=mesh, batch_axis=batch_axis, strategy=strategy, impl="xla", **layer_kw
+    )
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    got = grads_fn(fn, final=final)({n: f32(x) for n, x in xs.items()}, f32(do), f32(ds), ids)
+    got = {n: np.asarray(x, np.float64) for n, x in got.items()}
+    assert_matches(got, want, sp=sp, label=f"{strategy} dp={dp} sp={sp} gate={gate} docs={docs}")
+
+
+@pytest.mark.parametrize("dp,sp", [(1, 2), (2, 4)], ids=["sp2", "dp2xsp4"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_shard_matches_reference(rng, strategy, dp, sp):
+    """Gated DeltaNet gates (they differ per rank and shape every transition Φ_r), initial and final state."""
+    run_case(rng, dp=dp, sp=sp, strategy=strategy)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_documents_cross_shards(rng, strategy):
+    run_case(rng, dp=2, sp=4, strategy=strategy, docs=True)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_kda_with_documents(rng, strategy):
+    """Per-channel gates: one KDA case per strategy (with documents, so Φ_r = 0 is exercised too)."""
+    run_case(rng, dp=1, sp=2, strategy=strategy, gate="kda", docs=True)
+
+
+@pytest.mark.parametrize("strategy", ["allgather", "ring"])
+def test_deltanet_training_path(rng, strategy):
+    """No gate, no initial state, no final state asked for: the path a language model trains on."""
+    run_case(rng, dp=2, sp=4, strategy=strategy, gate="deltanet", init=False, final=False)
+
+
+def test_head_axis(rng):
+    """Heads sharded over a third mesh axis (H and Hv split contiguously), sequence over sp."""
+    devices = np.array(jax.devices()[:8]).reshape(4, 2)
+    mesh = Mesh(devices, ("sp", "tp"))
+    run_case(rng, dp=1, sp=4, strategy="allgather", mesh=mesh, head_axis="tp")
+
+
+CHECKED_CASES = [("allgather", True), ("ring", True), ("ulysses", True), ("ring", False)]
+
+
+@pytest.mark.parametrize(
+    "strategy,check_vma", CHECKED_CASES, ids=[f"{s}-{'checked' if c else 'unchecked'}" for s, c in CHECKED_CASES]
+)
+def test_per_shard_function_in_user_shard_map(rng, strategy, check_vma):
+    """lasp_gated_delta_rule_shard inside the caller's own shard_map, the state replicated over sp."""
+    dp, sp, t = 2, 4, 32
+    xs = rank_coded_inputs(rng, b=2, t=t, sp=sp)
+    do = rng.standard_normal((2, t, HV, E))
+    ds = rng.standard_normal((2, HV, D, E))
+    want = reference(xs, do, ds, None)
+    mesh = mesh_for(dp, sp)
+
+    def fn(q, k, v, beta, *, g, initial_state, output_final_state, segment_ids):
+        def body(q, k, v, beta, g, s0):
+            return lasp_gated_delta_rule_shard(
+                q,
+                k,
+                v,
+                beta,
+                axis_name="sp",
+                strategy=strategy,
+                g=g,
+                initial_state=s0,
+                output_final_state=output_final_state,
+                impl="xla",
+            )
+
+        tokens = P("dp", "sp")
+        return jax.shard_map(
+            body,
+            mesh=mesh,
+            in_specs=(tokens,) * 5 + (P("dp"),),
+            out_specs=(tokens, P("dp")),
+            check_vma=check_vma,
+        )(q, k, v, beta, g, initial_state)
+
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    got = grads_fn(fn)({n: f32(x) for n, x in xs.items()}, f32(do), f32(ds), None)
+    got = {n: np.asarray(x, np.float64) for n, x in got.items()}
+    assert_matches(got, want, sp=sp, label=f"shard_map check_vma={check_vma} {strategy}")
+
+
+def test_no_mesh_is_the_single_device_op(rng):
+    xs = {n: jnp.asarray(x, jnp.float32) for n, x in rank_coded_inputs(rng, b=2, t=16, sp=1).items()}
+    want = gated_delta_rule(**xs, output_final_state=True, impl="xla")
+    for mesh in (None, make_mesh(8, 1, axis_names=("data", "sp")), mesh_for(1, 1)):
+        got = lasp_gated_delta_rule(**xs, mesh=mesh, output_final_state=True, impl="xla")
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ---------------------------------------------------------------------------------- bad input
+def _small(b=2, t=16, h=4, hv=8, d=8):
+    return {
+        "q": jnp.ones((b, t, h, d)),
+        "k": jnp.ones((b, t, h, d)),
+        "v": jnp.ones((b, t, hv, d)),
+        "beta": jnp.ones((b, t, hv)),
+    }
+
+
+@pytest.mark.parametrize(
+    "mesh_shape, kwargs, match",
+    [
+        ((1, 8), dict(seq_axis="seq"), r"seq_axis='seq' is not an axis of the mesh"),
+        ((2, 4), dict(batch_axis="data"), r"batch_axis='data' is not an axis"),
+        ((2, 4), dict(batch_axis="sp"), r"cannot also be a batch axis"),
+        ((2, 4), dict(head_axis="tp"), r"head_axis='tp' is not an axis"),
+        ((2, 4), dict(head_axis="sp"), r"head_axis='sp' must differ"),
+        ((8, 1), dict(head_axis="dp"), r"heads must divide over the head axis: H=4, Hv=8"),
+        ((1, 8), dict(strategy="zigzag"), r"strategy must be one of"),
+        ((1, 8), dict(strategy="gather_kv"), r"strategy must be one of"),
+        ((1, 8), dict(impl="cuda"), r"impl must be one of"),
+        ((1, 8), dict(strategy="ulysses"), r"H=4, Hv=8, P=8"),
+    ],
+    ids=[
+        "missing-seq-axis",
+        "missing-batch-axis",
+        "seq-as-batch",
+        "missing-head-axis",
+        "head-is-seq",
+        "heads-not-divisible",
+        "strategy",
+        "strategy-of-linear-attention",
+        "impl",
+        "ulysses-heads",
+    ],
+)
+def test_bad_options(mesh_shape, kwargs, match):
+    # meshes are built in the test, not at collection (a one-GPU machine collects this module too)
+    with pytest.raises(ValueError, match=match):
+        lasp_gated_delta_rule(**_small(), mesh=make_mesh(*mesh_shape), **kwargs)
+
+
+def test_bad_shapes():
+    with pytest.raises(ValueError, match=r"T=20, mesh.shape\['sp'\]=8"):
+        lasp_gated_delta_rule(**_small(t=20), mesh=make_mesh(1, 8))
+    with pytest.raises(ValueError, match=r"B=3, 'dp' has 2 devices"):
+        lasp_gated_delta_rule(**_small(b=3), mesh=make_mesh(2, 4), batch_axis="dp")
+    with pytest.raises(ValueError, match=r"beta must be \[B, T, Hv\]"):
+        lasp_gated_delta_rule(**(_small() | {"beta": jnp.ones((2, 16, 4))}), mesh=make_mesh(1, 8))
+    with pytest.raises(ValueError, match=r"initial_state must be"):
+        lasp_gated_delta_rule(**_small(), mesh=make_mesh(1, 8), initial_state=jnp.ones((2, 8, 8, 9)))
+    with pytest.raises(TypeError, match=r"q must be"):
+        lasp_gated_delta_rule(**(_small() | {"q": jnp.ones((2, 16, 4, 8), jnp.int32)}), mesh=make_mesh(1, 8))
+
+
+def test_per_shard_function_outside_shard_map():
+    with pytest.raises(ValueError, match=r"runs inside jax.shard_map over a mesh with the axis 'sp'"):
+        lasp_gated_delta_rule_shard(**_small())
