@@ -25,6 +25,12 @@ every path through the later ranks; ``Φ_r S_in + M_r`` is only another formula 
 value, used to move S between ranks before the local op runs. ``S_in(r)`` itself depends on the
 earlier ranks' inputs only through their ``S_out``, which their own pullbacks account for.
 
+On the Pallas path (a GPU, or ``impl="pallas"``) the kernel is split at its entering state
+(``pallas_triton_split``): its first stage (the WY form and the transition pass) gives
+``(Φ_r, M_r)``, the remaining stages finish from ``S_in(r)`` without redoing the WY form, and the
+backward's local reverse pass gives ``dS_in^loc(r)`` before the state cotangents travel. The XLA
+and reference paths use ``xla.shard_transition`` / ``xla.state_cotangent`` beside the whole op.
+
 Packed documents (``segment_ids``): ``lasp_jax.lasp.Segments`` (the previous rank's last id
 says whether a document starts exactly at the shard's first token). Inside the shard the XLA
 passes reset the state at every boundary, so ``M_r`` counts the last document only and ``Φ_r = 0``
@@ -44,7 +50,9 @@ from lasp_jax.delta_rule import affine
 from lasp_jax.lasp import Segments, shard_segments
 from lasp_jax.state_passing import broadcast_from, varying_axes
 from pallas_kernels import gated_delta_rule
-from pallas_kernels.gated_delta_rule import xla
+from pallas_kernels.common import on_gpu
+from pallas_kernels.gated_delta_rule import pallas_triton_split, xla
+from pallas_kernels.gated_delta_rule.api import resolve_impl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +71,18 @@ class DeltaRuleConfig:
     vma_checked: bool = False
 
 
+class SplitResiduals(NamedTuple):
+    """Residuals of the Pallas path (the kernel split at its entering state)."""
+
+    call: pallas_triton_split.SplitCall
+    kernel: Any  # the kernel's own residuals from S_in(r)
+    phis: jax.Array  # Φ_r (ring) or every rank's Φ [P, B, Hv, D, D] (allgather)
+    segments: Segments | None
+
+
 class Residuals(NamedTuple):
+    """Residuals of the other local ops: the op's pullback and what the local reverse pass reads."""
+
     pullback: Any  # the local op's pullback at (inputs, S_in(r))
     q: jax.Array
     k: jax.Array
@@ -111,7 +130,48 @@ def _entering_state(cfg: DeltaRuleConfig, phi, m, s0):
     )
 
 
+def _final_from_last_rank(cfg: DeltaRuleConfig, final, s_out):
+    """The ring's final state: the last rank's leaving state, on every rank (allgather has it already)."""
+    if cfg.strategy == "ring" and cfg.output_final_state:
+        return broadcast_from(s_out, cfg.size - 1, cfg.axis_name)
+    return final
+
+
+def _forward_split(cfg: DeltaRuleConfig, inputs, segments: Segments | None):
+    phi, m, call = pallas_triton_split.split_forward(
+        inputs["q"],
+        inputs["k"],
+        inputs["v"],
+        inputs["beta"],
+        g=inputs.get("g"),
+        scale=cfg.scale,
+        segment_ids=_doc(segments),
+        interpret=not on_gpu(),
+    )
+    if segments is not None:
+        phi = segments.unless_starts_new(phi)
+    s_in, final, phis = _entering_state(cfg, phi, m, inputs.get("initial_state"))
+    if segments is not None:  # a boundary at the shard's first token: nothing enters
+        s_in = segments.unless_starts_new(s_in)
+    o, s_out, kernel = pallas_triton_split.finish_forward(call, s_in)
+    return (o, _final_from_last_rank(cfg, final, s_out)), SplitResiduals(call, kernel, phis, segments)
+
+
+def _backward_split(cfg: DeltaRuleConfig, residuals: SplitResiduals, cotangents):
+    call, kernel, phis, segments = residuals
+    do, d_final = cotangents
+    ds_local, stage = pallas_triton_split.split_backward(call, kernel, do)
+    ds_out = _pass_back(cfg, phis, ds_local, d_final, segments)
+    dq, dk, dv, dbeta, dg, ds_in = pallas_triton_split.finish_backward(call, kernel, stage, ds_out)
+    if segments is not None:
+        ds_in = segments.unless_starts_new(ds_in)
+    return _input_cotangents(cfg, {"q": dq, "k": dk, "v": dv, "beta": dbeta, "g": dg, "s_in": ds_in})
+
+
 def _forward(cfg: DeltaRuleConfig, inputs, segments: Segments | None, *, keep_residuals):
+    if resolve_impl(cfg.impl, inputs["q"], inputs["k"], inputs["v"]) == "pallas":
+        out, residuals = _forward_split(cfg, inputs, segments)
+        return out, (residuals if keep_residuals else None)
     q, k, beta, g = inputs["q"], inputs["k"], inputs["beta"], inputs.get("g")
     m, phi = xla.shard_transition(k, inputs["v"], beta, g, doc_ids=_doc(segments))
     if segments is not None:
@@ -124,15 +184,12 @@ def _forward(cfg: DeltaRuleConfig, inputs, segments: Segments | None, *, keep_re
         residuals = Residuals(pullback, q, k, beta, g, phis, segments)
     else:
         o, s_out = _local_op(cfg, kernel_inputs, segments)
-    if cfg.strategy == "ring" and cfg.output_final_state:
-        final = broadcast_from(s_out, cfg.size - 1, cfg.axis_name)
-    return (o, final), residuals
+    return (o, _final_from_last_rank(cfg, final, s_out)), residuals
 
 
-def _state_cotangent_leaving(cfg: DeltaRuleConfig, residuals: Residuals, do, d_final):
-    """``dS_out(r)``: the local reverse pass, then the state cotangents from the ranks to the right."""
-    q, k, beta, g, phis, segments = residuals[1:]
-    ds_local = xla.state_cotangent(q, k, beta, g, do, scale=cfg.scale, doc_ids=_doc(segments))
+def _pass_back(cfg: DeltaRuleConfig, phis, ds_local, d_final, segments: Segments | None):
+    """``dS_out(r)`` from the local ``dS_in^loc`` of every rank to the right (the backward's only
+    communication)."""
     if segments is not None:  # the shard starts a document: the entering state reaches nothing
         ds_local = segments.unless_starts_new(ds_local)
     if d_final is not None and not cfg.vma_checked:
@@ -151,10 +208,18 @@ def _reduce_to_vma(cfg: DeltaRuleConfig, name, ct):
     return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct
 
 
-def _backward(cfg: DeltaRuleConfig, residuals: Residuals, cotangents):
+def _backward(cfg: DeltaRuleConfig, residuals: SplitResiduals | Residuals, cotangents):
+    if isinstance(residuals, SplitResiduals):
+        return _backward_split(cfg, residuals, cotangents)
+    pullback, q, k, beta, g, phis, segments = residuals
     do, d_final = cotangents
-    ds_out = _state_cotangent_leaving(cfg, residuals, do, d_final)
-    (grads,) = residuals.pullback((do, ds_out))
+    ds_local = xla.state_cotangent(q, k, beta, g, do, scale=cfg.scale, doc_ids=_doc(segments))
+    ds_out = _pass_back(cfg, phis, ds_local, d_final, segments)
+    (grads,) = pullback((do, ds_out))
+    return _input_cotangents(cfg, grads)
+
+
+def _input_cotangents(cfg: DeltaRuleConfig, grads):
     out = {}
     for name, dtype, _ in cfg.inputs:
         if name == "initial_state":  # the local op saw the float32 entering state; rank 0's is S_0

@@ -116,7 +116,9 @@ def mesh_for(dp, sp):
     return make_mesh(dp, sp, devices=jax.devices()[: dp * sp])
 
 
-def run_case(rng, *, dp, sp, strategy, gate="gdn", docs=False, init=True, final=True, t=64, mesh=None, **layer_kw):
+def run_case(
+    rng, *, dp, sp, strategy, gate="gdn", docs=False, init=True, final=True, t=64, mesh=None, impl="xla", **layer_kw
+):
     b = max(2, dp)
     xs = rank_coded_inputs(rng, b=b, t=t, sp=sp, gate=gate, init=init)
     ids = crossing_documents(b, t, sp) if docs else None
@@ -126,7 +128,7 @@ def run_case(rng, *, dp, sp, strategy, gate="gdn", docs=False, init=True, final=
     mesh = mesh_for(dp, sp) if mesh is None else mesh
     batch_axis = "dp" if dp > 1 else None
     fn = functools.partial(
-        lasp_gated_delta_rule, mesh=mesh, batch_axis=batch_axis, strategy=strategy, impl="xla", **layer_kw
+        lasp_gated_delta_rule, mesh=mesh, batch_axis=batch_axis, strategy=strategy, impl=impl, **layer_kw
     )
     f32 = lambda x: jnp.asarray(x, jnp.float32)
     got = grads_fn(fn, final=final)({n: f32(x) for n, x in xs.items()}, f32(do), f32(ds), ids)
@@ -156,6 +158,13 @@ def test_kda_with_documents(rng, strategy):
 def test_deltanet_training_path(rng, strategy):
     """No gate, no initial state, no final state asked for: the path a language model trains on."""
     run_case(rng, dp=2, sp=4, strategy=strategy, gate="deltanet", init=False, final=False)
+
+
+@pytest.mark.parametrize("strategy,gate", [("allgather", "kda"), ("ring", "gdn")])
+def test_pallas_kernel_split_at_the_entering_state(rng, strategy, gate):
+    """impl="pallas" (interpret mode here): the kernel's split entry points give (Φ_r, M_r) and the
+    local entering-state cotangent; documents cross the shard edges."""
+    run_case(rng, dp=1, sp=2, strategy=strategy, gate=gate, docs=True, t=32, impl="pallas")
 
 
 def test_head_axis(rng):
