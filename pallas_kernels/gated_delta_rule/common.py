@@ -53,7 +53,12 @@ class Docs(NamedTuple):
 
 
 def split_rows(x, parts: int) -> list:
-    """``x`` cut into ``parts`` equal row blocks (a power of two; lowers to Triton splits)."""
+    """``x`` cut into ``parts`` equal row blocks (a power of two; lowers to Triton splits), or ``x``
+    itself when it is already a list of ``parts`` row tiles (kernels load tiles from their refs)."""
+    if isinstance(x, (list, tuple)):
+        if len(x) != parts:
+            raise ValueError(f"expected {parts} row tiles, got {len(x)}")
+        return list(x)
     if x is None:
         return [None] * parts
     return jnp.split(x, parts, axis=0) if parts > 1 else [x]
@@ -63,6 +68,11 @@ def split_docs(docs: Docs | None, parts: int) -> list:
     if docs is None:
         return [None] * parts
     return [Docs(d, docs.prev, docs.last) for d in split_rows(docs.doc, parts)]
+
+
+def num_tiles(x) -> int | None:
+    """The number of row tiles of a list (None for a whole array)."""
+    return len(x) if isinstance(x, (list, tuple)) else None
 
 
 def last_row(x):
@@ -92,20 +102,31 @@ def reduce_gate(x_dx, mode: GateMode):
     return jnp.sum(x_dx, axis=1) if mode == "scalar" else x_dx
 
 
-def gate_factors(b, docs: Docs | None):
-    """``(e^b, e^{b_last − b}, γ)`` of a chunk: the decay from the chunk start to each row, from
-    each row to the chunk end, and across the chunk (zero across a document boundary); the row
-    factors are zero on rows that do not see the entering state / reach the leaving one."""
-    keep_prev, keep_last = keep_rows(docs, "prev"), keep_rows(docs, "last")
-    if b is None:  # no gates: the factors are "same document" masks (booleans) or None
-        return keep_prev, keep_last, None if docs is None else docs.last == docs.prev
-    b_last = last_row(b)
-    to_row, to_end, gamma = jnp.exp(b), jnp.exp(b_last - b), jnp.exp(b_last)
+def to_row_factor(b, docs: Docs | None):
+    """``e^b`` on each row (the decay from the chunk start), zero on rows outside the document of
+    the entering state; the "same document" mask (boolean) or None without gates."""
+    keep_prev = keep_rows(docs, "prev")
+    if b is None:
+        return keep_prev
+    to_row = jnp.exp(b)
+    if docs is None:
+        return to_row
+    return jnp.where(keep_prev if b.ndim == 1 else keep_prev[:, None], to_row, 0.0)
+
+
+def gate_factors(b, docs: Docs | None, b_last=None):
+    """``(e^b, e^{b_last − b}, γ)`` of a chunk (or of a row tile of it, given the chunk's
+    ``b_last``): the decay from the chunk start to each row, from each row to the chunk end, and
+    across the chunk (zero across a document boundary); the row factors are zero on rows that do
+    not see the entering state / reach the leaving one. Without gates they are the "same
+    document" masks and γ "no boundary in the chunk" (booleans), or None."""
+    to_row, keep_last = to_row_factor(b, docs), keep_rows(docs, "last")
+    if b is None:
+        return to_row, keep_last, None if docs is None else docs.last == docs.prev
+    b_last = last_row(b) if b_last is None else b_last
+    to_end, gamma = jnp.exp(b_last - b), jnp.exp(b_last)
     if docs is not None:
-        keep = keep_prev if b.ndim == 1 else keep_prev[:, None]
-        to_row = jnp.where(keep, to_row, 0.0)
-        keep = keep_last if b.ndim == 1 else keep_last[:, None]
-        to_end = jnp.where(keep, to_end, 0.0)
+        to_end = jnp.where(keep_last if b.ndim == 1 else keep_last[:, None], to_end, 0.0)
         gamma = jnp.where(docs.last == docs.prev, gamma, 0.0)
     return to_row, to_end, gamma
 
@@ -256,16 +277,11 @@ class Chunk(NamedTuple):
 
 
 def make_chunk(k, v, beta, b, docs: Docs | None, *, sub: int) -> Chunk:
-    parts = k.shape[0] // sub
-    to_row, _, _ = gate_factors(b, docs)
-    return Chunk(
-        split_rows(k, parts),
-        split_rows(v, parts),
-        split_rows(beta, parts),
-        split_rows(b, parts),
-        split_docs(docs, parts),
-        split_rows(to_row, parts),
-    )
+    """The ``Chunk`` of whole-chunk arrays (cut into tiles of ``sub`` rows) or of row tiles."""
+    parts = num_tiles(k) or k.shape[0] // sub
+    bt, dt = split_rows(b, parts), split_docs(docs, parts)
+    to_row = [to_row_factor(x, d) for x, d in zip(bt, dt, strict=True)]
+    return Chunk(split_rows(k, parts), split_rows(v, parts), split_rows(beta, parts), bt, dt, to_row)
 
 
 def _gram_pair(c: Chunk, i: int, j: int) -> Pair:
@@ -396,9 +412,9 @@ def _inter(x, factor, h, mxu, *, trans_b=False):
 
 def output_forward(q, k, b, docs: Docs | None, h, v_new, *, scale: float, mode: GateMode, mxu, parts: int) -> list:
     """The chunk's output tiles ``scale · [(e^b ⊙ Q) S + Z V']`` from its entering state ``h``."""
-    to_row, _, _ = gate_factors(b, docs)
     z = score_blocks(q, k, b, docs, mode=mode, mxu=mxu, parts=parts)
-    qt, ft, vt = split_rows(q, parts), split_rows(to_row, parts), split_rows(v_new, parts)
+    qt, vt = split_rows(q, parts), split_rows(v_new, parts)
+    ft = [to_row_factor(x, d) for x, d in zip(split_rows(b, parts), split_docs(docs, parts), strict=True)]
     out = []
     for i in range(parts):
         inter = _inter(qt[i], ft[i], h, mxu)
@@ -410,9 +426,9 @@ def output_forward(q, k, b, docs: Docs | None, h, v_new, *, scale: float, mode: 
 def output_backward(q, k, b, docs: Docs | None, h, v_new, do, *, scale: float, mode: GateMode, mxu, parts: int):
     """Tiles ``(dq, dk, db)`` of the output's dependence on q, k, b given ``dO`` (float32); the
     cotangents of ``h`` and ``V'`` are the state pass's (``dvn_intra``, the reverse pass)."""
-    to_row, _, _ = gate_factors(b, docs)
     qt, kt, bt, dt = split_rows(q, parts), split_rows(k, parts), split_rows(b, parts), split_docs(docs, parts)
-    ft, vt, dot_ = split_rows(to_row, parts), split_rows(v_new, parts), split_rows(do, parts)
+    vt, dot_ = split_rows(v_new, parts), split_rows(do, parts)
+    ft = [to_row_factor(x, d) for x, d in zip(bt, dt, strict=True)]
     dq = [scale * row_scale(dot(d.astype(mxu), h.astype(mxu), trans_b=True), f) for d, f in zip(dot_, ft, strict=True)]
     dk = [jnp.zeros(x.shape, F32) for x in kt]
     for i in range(parts):
@@ -440,16 +456,24 @@ def dvn_intra(q, k, b, docs: Docs | None, do, *, scale: float, mode: GateMode, m
     ]
 
 
-def state_backward(k, b, docs: Docs | None, h, dh, v_new, dv_new, *, mode: GateMode, mxu):
-    """``(dW, dk, db)`` of one chunk's state step given the cotangent ``dh`` of the state leaving
-    it and ``dV'`` (total); db includes the last row's terms (``K̃`` and ``γ``)."""
-    _, to_end, gamma = gate_factors(b, docs)
-    dw = -dot(dv_new.astype(mxu), h.astype(mxu), trans_b=True)
-    dk = row_scale(dot(v_new.astype(mxu), dh.astype(mxu), trans_b=True), to_end)
+def state_backward(k, b, docs: Docs | None, h, dh, v_new, dv_new, *, mode: GateMode, mxu, parts: int = 1):
+    """Tiles ``(dW, dk, db)`` of one chunk's state step given the cotangent ``dh`` of the state
+    leaving it and ``dV'`` (total); db includes the last row's terms (``K̃`` and ``γ``)."""
+    kt, bt, dt = split_rows(k, parts), split_rows(b, parts), split_docs(docs, parts)
+    vt, dvt = split_rows(v_new, parts), split_rows(dv_new, parts)
+    b_last = None if b is None else last_row(bt[-1])
+    h_mxu, dh_mxu = h.astype(mxu), dh.astype(mxu)
+    dw, dk, k_dk = [], [], []
+    for i in range(parts):
+        _, to_end, gamma = gate_factors(bt[i], dt[i], b_last)
+        dw.append(-dot(dvt[i].astype(mxu), h_mxu, trans_b=True))
+        dk.append(row_scale(dot(vt[i].astype(mxu), dh_mxu, trans_b=True), to_end))
+        if mode != "none":
+            k_dk.append(reduce_gate(kt[i].astype(F32) * dk[i], mode))
     if mode == "none":
-        return dw, dk, None
-    k_dk = reduce_gate(k.astype(F32) * dk, mode)
+        return dw, dk, [None] * parts
     h_dh = jnp.sum(h.astype(F32) * dh.astype(F32), axis=1)  # [D]
-    last = jnp.sum(k_dk, axis=0) + gamma * (jnp.sum(h_dh) if mode == "scalar" else h_dh)
-    pos = lax.broadcasted_iota(jnp.int32, k_dk.shape, 0)
-    return dw, dk, jnp.where(pos == k_dk.shape[0] - 1, last, 0.0) - k_dk
+    last = sum(jnp.sum(x, axis=0) for x in k_dk) + gamma * (jnp.sum(h_dh) if mode == "scalar" else h_dh)
+    pos = lax.broadcasted_iota(jnp.int32, k_dk[-1].shape, 0)
+    db = [-x for x in k_dk[:-1]] + [jnp.where(pos == k_dk[-1].shape[0] - 1, last, 0.0) - k_dk[-1]]
+    return dw, dk, db

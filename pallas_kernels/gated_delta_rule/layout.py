@@ -174,6 +174,27 @@ def load_docs(doc_refs, start=None, size=None) -> Docs | None:
     return Docs(doc, jnp.sum(jnp.where(pos == 0, prev, 0)), last_row(doc))
 
 
+def load_tiles(ref, parts: int) -> list | None:
+    """A chunk block ``[C]`` / ``[C, w]`` as ``parts`` row tiles, each its own load (no splits of
+    values inside the kernel); None for a missing input."""
+    if ref is None:
+        return None
+    rows = ref.shape[0] // parts
+    rest = (slice(None),) * (len(ref.shape) - 1)
+    return [ref[(pl.ds(i * rows, rows),) + rest] for i in range(parts)]
+
+
+def load_doc_tiles(doc_refs, parts: int) -> Docs | None:
+    """One chunk's ``Docs`` with ``doc`` as row tiles (None without documents)."""
+    if doc_refs is None:
+        return None
+    doc_ref, prev_ref = doc_refs
+    doc = load_tiles(doc_ref, parts)
+    first = load_tiles(prev_ref, parts)[0]
+    pos = lax.broadcasted_iota(jnp.int32, first.shape, 0)
+    return Docs(doc, jnp.sum(jnp.where(pos == 0, first, 0)), last_row(doc[-1]))
+
+
 def store_tiles(ref, tiles: list, start=0):
     """Writes row tiles one after another from row ``start`` of a ``[n]`` or ``[n, w]`` ref, cast to its dtype."""
     for i, tile in enumerate(tiles):

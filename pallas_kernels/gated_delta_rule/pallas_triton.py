@@ -43,8 +43,10 @@ from pallas_kernels.gated_delta_rule.layout import (
     from_segments,
     gate_inputs,
     leaving_cotangents,
+    load_doc_tiles,
     load_docs,
     load_rows,
+    load_tiles,
     pop_gate_refs,
     store_tiles,
     to_segments,
@@ -59,8 +61,11 @@ def _wy_kernel(k_ref, v_ref, beta_ref, *refs, mode, has_docs, mxu):
     refs = list(refs)
     gate_ref, doc_refs = pop_gate_refs(refs, mode=mode, has_docs=has_docs)
     w_ref, u_ref = refs
+    tiles = k_ref.shape[0] // SUB_TILE
     chunk = common.make_chunk(
-        k_ref[...], v_ref[...], beta_ref[...], load_rows(gate_ref), load_docs(doc_refs), sub=SUB_TILE
+        *(load_tiles(r, tiles) for r in (k_ref, v_ref, beta_ref, gate_ref)),
+        load_doc_tiles(doc_refs, tiles),
+        sub=SUB_TILE,
     )
     w, u = common.wy_forward(chunk, mode=mode, mxu=mxu)
     store_tiles(w_ref, w)
@@ -97,12 +102,12 @@ def _output_kernel(q_ref, k_ref, h_ref, v_new_ref, *refs, mode, has_docs, mxu, s
     gate_ref, doc_refs = pop_gate_refs(refs, mode=mode, has_docs=has_docs)
     (o_ref,) = refs
     o = common.output_forward(
-        q_ref[...],
-        k_ref[...],
-        load_rows(gate_ref),
-        load_docs(doc_refs),
+        load_tiles(q_ref, parts),
+        load_tiles(k_ref, parts),
+        load_tiles(gate_ref, parts),
+        load_doc_tiles(doc_refs, parts),
         h_ref[...],
-        v_new_ref[...],
+        load_tiles(v_new_ref, parts),
         scale=scale,
         mode=mode,
         mxu=mxu,

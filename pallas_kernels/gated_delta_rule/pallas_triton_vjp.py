@@ -38,8 +38,10 @@ from pallas_kernels.gated_delta_rule.layout import (
     Statics,
     compiler_params,
     gate_inputs,
+    load_doc_tiles,
     load_docs,
     load_rows,
+    load_tiles,
     pop_gate_refs,
     store_tiles,
 )
@@ -50,10 +52,10 @@ def _output_bwd_kernel(q_ref, k_ref, h_ref, v_new_ref, do_ref, *refs, mode, has_
     refs = list(refs)
     gate_ref, doc_refs = pop_gate_refs(refs, mode=mode, has_docs=has_docs)
     dq_ref, dk_ref, dv_intra_ref, *db_ref = refs
-    q, k, do = q_ref[...], k_ref[...], do_ref[...]
-    b, docs = load_rows(gate_ref), load_docs(doc_refs)
+    q, k, v_new, do, b = (load_tiles(r, parts) for r in (q_ref, k_ref, v_new_ref, do_ref, gate_ref))
+    docs = load_doc_tiles(doc_refs, parts)
     kw = dict(scale=scale, mode=mode, mxu=mxu, parts=parts)
-    dq, dk, db = common.output_backward(q, k, b, docs, h_ref[...], v_new_ref[...], do, **kw)
+    dq, dk, db = common.output_backward(q, k, b, docs, h_ref[...], v_new, do, **kw)
     store_tiles(dq_ref, dq)
     store_tiles(dk_ref, dk)
     store_tiles(dv_intra_ref, common.dvn_intra(q, k, b, docs, do, **kw))
@@ -96,22 +98,20 @@ def _wy_bwd_kernel(
     gate_ref, doc_refs = pop_gate_refs(refs, mode=mode, has_docs=has_docs)
     db_out_ref = refs.pop(0) if mode != "none" else None
     dk_ref, dv_ref, dbeta_ref, *db_ref = refs
-    k, v, beta = k_ref[...], v_ref[...], beta_ref[...]
-    b, docs = load_rows(gate_ref), load_docs(doc_refs)
-    dv_new = dv_new_ref[...]
-    dw, dk_state, db_state = common.state_backward(
-        k, b, docs, h_ref[...], dh_ref[...], v_new_ref[...], dv_new, mode=mode, mxu=mxu
+    tiles = k_ref.shape[0] // SUB_TILE
+    k, v, beta, b, v_new, dv_new, dk_out, db_out = (
+        load_tiles(r, tiles) for r in (k_ref, v_ref, beta_ref, gate_ref, v_new_ref, dv_new_ref, dk_out_ref, db_out_ref)
     )
-    tiles = k.shape[0] // SUB_TILE
-    chunk = common.make_chunk(k, v, beta, b, docs, sub=SUB_TILE)
-    wy = common.wy_backward(chunk, common.split_rows(dw, tiles), common.split_rows(dv_new, tiles), mode=mode, mxu=mxu)
-    dk = common.split_rows(dk_out_ref[...].astype(F32) + dk_state, tiles)
-    store_tiles(dk_ref, [a + w for a, w in zip(dk, wy.dk, strict=True)])
+    docs = load_doc_tiles(doc_refs, tiles)
+    dw, dk_state, db_state = common.state_backward(
+        k, b, docs, h_ref[...], dh_ref[...], v_new, dv_new, mode=mode, mxu=mxu, parts=tiles
+    )
+    wy = common.wy_backward(common.make_chunk(k, v, beta, b, docs, sub=SUB_TILE), dw, dv_new, mode=mode, mxu=mxu)
+    store_tiles(dk_ref, [a.astype(F32) + s + w for a, s, w in zip(dk_out, dk_state, wy.dk, strict=True)])
     store_tiles(dv_ref, wy.dv)
     store_tiles(dbeta_ref, wy.dbeta)
     if db_ref:
-        db = common.split_rows(db_out_ref[...] + db_state, tiles)
-        store_tiles(db_ref[0], [a + w for a, w in zip(db, wy.db, strict=True)])
+        store_tiles(db_ref[0], [a + s + w for a, s, w in zip(db_out, db_state, wy.db, strict=True)])
 
 
 def _gate_grad_shape(lay: Layout, res: Residuals):
