@@ -296,10 +296,10 @@ def wy_blocks(c: Chunk, *, mode: GateMode, mxu):
     return gram, block_inverse(a, n)
 
 
-def wy_rhs(c: Chunk):
-    """The right-hand sides ``(β e^b ⊙ K, β ⊙ V)`` per tile, float32."""
-    kb = [row_scale(k, f, None) * beta[:, None] for k, f, beta in zip(c.k, c.to_row, c.beta, strict=True)]
-    vb = [v.astype(F32) * beta[:, None] for v, beta in zip(c.v, c.beta, strict=True)]
+def wy_rhs(c: Chunk, mxu):
+    """The right-hand sides ``(β e^b ⊙ K, β ⊙ V)`` per tile, as matmul operands (``mxu``)."""
+    kb = [(row_scale(k, f, None) * beta[:, None]).astype(mxu) for k, f, beta in zip(c.k, c.to_row, c.beta, strict=True)]
+    vb = [(v.astype(F32) * beta[:, None]).astype(mxu) for v, beta in zip(c.v, c.beta, strict=True)]
     return kb, vb
 
 
@@ -307,9 +307,10 @@ def wy_forward(c: Chunk, *, mode: GateMode, mxu):
     """``(W, U)`` per tile (float32): ``W = X (β e^b ⊙ K)``, ``U = X (β ⊙ V)``."""
     n = len(c.k)
     _, x = wy_blocks(c, mode=mode, mxu=mxu)
-    kb, vb = wy_rhs(c)
-    w = [sum(dot(x[i, j].astype(mxu), kb[j].astype(mxu)) for j in range(i + 1)) for i in range(n)]
-    u = [sum(dot(x[i, j].astype(mxu), vb[j].astype(mxu)) for j in range(i + 1)) for i in range(n)]
+    x = {ij: block.astype(mxu) for ij, block in x.items()}
+    kb, vb = wy_rhs(c, mxu)
+    w = [sum(dot(x[i, j], kb[j]) for j in range(i + 1)) for i in range(n)]
+    u = [sum(dot(x[i, j], vb[j]) for j in range(i + 1)) for i in range(n)]
     return w, u
 
 
@@ -330,18 +331,15 @@ def wy_backward(c: Chunk, dw: list, du: list, *, mode: GateMode, mxu) -> WyGrads
     """
     n = len(c.k)
     gram, x = wy_blocks(c, mode=mode, mxu=mxu)
-    kb, vb = wy_rhs(c)
+    kb, vb = wy_rhs(c, mxu)
     f32 = F32
-    dx = {
-        (i, j): dot(dw[i].astype(mxu), kb[j].astype(mxu), trans_b=True)
-        + dot(du[i].astype(mxu), vb[j].astype(mxu), trans_b=True)
-        for i in range(n)
-        for j in range(i + 1)
-    }
-    dkb = [sum(dot(x[i, j].astype(mxu), dw[i].astype(mxu), trans_a=True) for i in range(j, n)) for j in range(n)]
-    dvb = [sum(dot(x[i, j].astype(mxu), du[i].astype(mxu), trans_a=True) for i in range(j, n)) for j in range(n)]
-    # Y = Xᵀ dX on the blocks (i, m) with m ≤ i, then dA = −Y Xᵀ on the lower blocks
+    dw, du = [t.astype(mxu) for t in dw], [t.astype(mxu) for t in du]
     lower = [(i, j) for i in range(n) for j in range(i + 1)]
+    dx = {(i, j): dot(dw[i], kb[j], trans_b=True) + dot(du[i], vb[j], trans_b=True) for i, j in lower}
+    x_mxu = {ij: block.astype(mxu) for ij, block in x.items()}
+    dkb = [sum(dot(x_mxu[i, j], dw[i], trans_a=True) for i in range(j, n)) for j in range(n)]
+    dvb = [sum(dot(x_mxu[i, j], du[i], trans_a=True) for i in range(j, n)) for j in range(n)]
+    # Y = Xᵀ dX on the blocks (i, m) with m ≤ i, then dA = −Y Xᵀ on the lower blocks
     y = {(i, m): sum(dot(x[r, i], dx[r, m], trans_a=True) for r in range(i, n)) for i, m in lower}
     da = {(i, j): -sum(dot(y[i, m], x[j, m], trans_b=True) for m in range(j + 1)) for i, j in lower}
 
