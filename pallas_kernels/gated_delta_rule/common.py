@@ -454,24 +454,28 @@ def dvn_intra(q, k, b, docs: Docs | None, do, *, scale: float, mode: GateMode, m
     ]
 
 
-def state_backward(k, b, docs: Docs | None, h, dh, v_new, dv_new, *, mode: GateMode, mxu, parts: int = 1):
-    """Tiles ``(dW, dk, db)`` of one chunk's state step given the cotangent ``dh`` of the state
-    leaving it and ``dV'`` (total); db includes the last row's terms (``K̃`` and ``γ``)."""
-    kt, bt, dt = split_rows(k, parts), split_rows(b, parts), split_docs(docs, parts)
-    vt, dvt = split_rows(v_new, parts), split_rows(dv_new, parts)
+def state_dw(h, dv_new, *, mxu, parts: int = 1) -> list:
+    """Tiles of ``dW = −dV' hᵀ``: the state step's cotangent of W (``dV'`` total)."""
+    h_mxu = h.astype(mxu)
+    return [-dot(x.astype(mxu), h_mxu, trans_b=True) for x in split_rows(dv_new, parts)]
+
+
+def state_backward(k, b, docs: Docs | None, h, dh, v_new, *, mode: GateMode, mxu, parts: int = 1):
+    """Tiles ``(dk, db)`` of one chunk's state step through ``K̃`` and ``γ`` given the cotangent
+    ``dh`` of the state leaving it; db includes the last row's terms."""
+    kt, bt, dt, vt = split_rows(k, parts), split_rows(b, parts), split_docs(docs, parts), split_rows(v_new, parts)
     b_last = None if b is None else last_row(bt[-1])
-    h_mxu, dh_mxu = h.astype(mxu), dh.astype(mxu)
-    dw, dk, k_dk = [], [], []
+    dh_mxu = dh.astype(mxu)
+    dk, k_dk = [], []
     for i in range(parts):
         _, to_end, gamma = gate_factors(bt[i], dt[i], b_last)
-        dw.append(-dot(dvt[i].astype(mxu), h_mxu, trans_b=True))
         dk.append(row_scale(dot(vt[i].astype(mxu), dh_mxu, trans_b=True), to_end))
         if mode != "none":
             k_dk.append(reduce_gate(kt[i].astype(F32) * dk[i], mode))
     if mode == "none":
-        return dw, dk, [None] * parts
+        return dk, [None] * parts
     h_dh = jnp.sum(h.astype(F32) * dh.astype(F32), axis=1)  # [D]
     last = sum(jnp.sum(x, axis=0) for x in k_dk) + gamma * (jnp.sum(h_dh) if mode == "scalar" else h_dh)
     pos = lax.broadcasted_iota(jnp.int32, k_dk[-1].shape, 0)
     db = [-x for x in k_dk[:-1]] + [jnp.where(pos == k_dk[-1].shape[0] - 1, last, 0.0) - k_dk[-1]]
-    return dw, dk, db
+    return dk, db

@@ -300,8 +300,9 @@ def supports(q, k, v) -> bool:
         return False
     b, t, _, d = q.shape
     hv, e = v.shape[2:]
-    tp = t + 128
-    largest = max(b * tp * hv * max(pad_dim(d), pad_dim(e)), b * hv * (tp // 16) * pad_dim(d) * pad_dim(e))
+    tp, dp, ep = t + 2048, pad_dim(d), pad_dim(e)  # time padded to whole chunks × segments
+    # the transition pass's [U | 0] rows are the widest per-token array; the per-chunk states the largest
+    largest = max(b * tp * hv * (dp + ep), b * hv * (tp // 16) * dp * ep)
     return largest <= MAX_ELEMENTS
 
 

@@ -12,7 +12,7 @@ V' = U − W S saved by the forward:
    ``dS ← diag(γ_c) dS + scale · (e^b ⊙ Q)ᵀ dO_c − W_cᵀ dV'_c``; the last dS is the initial
    state's gradient. No Q Kᵀ inside the loop: its step is three matmuls.
 3. ``wy_bwd`` (one program per chunk, row and value head): the state step's gradients
-   (``dW = −dV' hᵀ``, ``dK̃ = V' dhᵀ``, ``dγ = ⟨h, dh⟩``; ``common.state_backward``) and the WY
+   (``dW = −dV' hᵀ``, ``dK̃ = V' dhᵀ``, ``dγ = ⟨h, dh⟩``; ``common.state_dw``, ``state_backward``) and the WY
    form's with ``dU = dV'`` (``common.wy_backward``), plus stage 1's shares: dk, dv, dβ and the
    gradient of the chunk-local cumulative log gate b (autodiff of the cumsum outside makes it dg).
 
@@ -99,18 +99,20 @@ def _wy_bwd_kernel(
     db_out_ref = refs.pop(0) if mode != "none" else None
     dk_ref, dv_ref, dbeta_ref, *db_ref = refs
     tiles = k_ref.shape[0] // SUB_TILE
-    k, v, beta, b, v_new, dv_new, dk_out, db_out = (
-        load_tiles(r, tiles) for r in (k_ref, v_ref, beta_ref, gate_ref, v_new_ref, dv_new_ref, dk_out_ref, db_out_ref)
-    )
+    k, v, beta, b, dv_new = (load_tiles(r, tiles) for r in (k_ref, v_ref, beta_ref, gate_ref, dv_new_ref))
     docs = load_doc_tiles(doc_refs, tiles)
-    dw, dk_state, db_state = common.state_backward(
-        k, b, docs, h_ref[...], dh_ref[...], v_new, dv_new, mode=mode, mxu=mxu, parts=tiles
-    )
+    dw = common.state_dw(h_ref[...], dv_new, mxu=mxu, parts=tiles)
     wy = common.wy_backward(common.make_chunk(k, v, beta, b, docs, sub=SUB_TILE), dw, dv_new, mode=mode, mxu=mxu)
-    store_tiles(dk_ref, [a.astype(F32) + s + w for a, s, w in zip(dk_out, dk_state, wy.dk, strict=True)])
     store_tiles(dv_ref, wy.dv)
     store_tiles(dbeta_ref, wy.dbeta)
+    # the state step's K̃ and γ terms and stage 1's shares, loaded after the WY part (fewer live tiles)
+    dk_state, db_state = common.state_backward(
+        k, b, docs, h_ref[...], dh_ref[...], load_tiles(v_new_ref, tiles), mode=mode, mxu=mxu, parts=tiles
+    )
+    dk_out = load_tiles(dk_out_ref, tiles)
+    store_tiles(dk_ref, [a.astype(F32) + s + w for a, s, w in zip(dk_out, dk_state, wy.dk, strict=True)])
     if db_ref:
+        db_out = load_tiles(db_out_ref, tiles)
         store_tiles(db_ref[0], [a + s + w for a, s, w in zip(db_out, db_state, wy.db, strict=True)])
 
 
