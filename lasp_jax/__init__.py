@@ -10,6 +10,7 @@ from lasp_jax.mesh import (
     shard_logical,
     with_logical_constraint,
 )
+from lasp_jax.short_conv import short_conv, short_conv_shard, short_conv_step
 from lasp_jax.softmax import softmax_attention
 
 __all__ = [
@@ -23,6 +24,9 @@ __all__ = [
     "logical_spec",
     "make_mesh",
     "shard_logical",
+    "short_conv",
+    "short_conv_shard",
+    "short_conv_step",
     "softmax_attention",
     "with_logical_constraint",
 ]

@@ -1,0 +1,190 @@
+"""lasp_jax.short_conv: the causal depthwise convolution with the sequence sharded, shard by shard.
+
+The oracle is the definition in float64 numpy, token by token: ``y_t = Σ_i w_i x_{t−W+1+i}`` over
+inputs of t's own document, the inputs before token 0 taken from the initial cache. Every shard's
+output, the gradients of x, the weight and the initial cache, and the final cache are checked on
+dp × sp meshes, with shards shorter than ``W − 1`` (their window spans several ranks) and documents
+that start exactly at a shard edge, inside a shard and one token before an edge.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from lasp_jax import make_mesh, short_conv, short_conv_shard, short_conv_step
+from lasp_jax.short_conv import short_conv_local
+from tests.helpers import rel_err, x64
+
+W, C = 4, 6
+
+
+def oracle(x, w, ids, init):
+    """float64: y ``[B, T, C]`` and the final cache ``[B, W−1, C]``, by the definition."""
+    b, t, _ = x.shape
+    n = w.shape[0] - 1
+    ext = np.concatenate([init, x], axis=1)
+    ext_ids = np.concatenate([np.repeat(ids[:, :1], n, axis=1), ids], axis=1)
+
+    def same_doc(row, a, z):  # extended indices a ≤ z: no id change between them
+        return np.all(ext_ids[row, a : z + 1] == ext_ids[row, z])
+
+    y = np.zeros_like(x)
+    for r in range(b):
+        for s in range(t):
+            for i in range(n + 1):
+                if same_doc(r, s + i, s + n):
+                    y[r, s] += w[i] * ext[r, s + i]
+    final = np.zeros((b, n, x.shape[2]))
+    for r in range(b):
+        for j in range(n):
+            e = t + j  # extended index of the j-th of the last n inputs
+            if same_doc(r, e, t + n - 1):
+                final[r, j] = ext[r, e]
+    return y, final
+
+
+def documents(b, t, sp):
+    """Row 0: boundaries exactly at the first shard edge, inside the next shard and one token before
+    the following edge; row 1: one document (ids equal, a non-zero label)."""
+    length = t // sp
+    ids = np.zeros((b, t), np.int32)
+    ids[0, length:] = 1
+    ids[0, length + 1 :] = 2
+    ids[0, min(2 * length - 1, t - 1) :] = 3
+    ids[1:] = 7
+    return ids
+
+
+def inputs(rng, b, t, *, docs, init, sp):
+    x = rng.standard_normal((b, t, C))
+    x[..., 0] += np.repeat(np.arange(sp), t // sp)[None]  # each token carries its shard
+    w = rng.standard_normal((W, C))
+    ids = documents(b, t, sp) if docs else np.zeros((b, t), np.int32)
+    cache = rng.standard_normal((b, W - 1, C)) if init else np.zeros((b, W - 1, C))
+    return x, w, ids, cache
+
+
+def test_local_matches_definition(rng):
+    x, w, ids, cache = inputs(rng, 2, 13, docs=True, init=True, sp=1)
+    with x64():
+        y, final = jax.jit(short_conv_local, static_argnames="output_final_state")(
+            jnp.asarray(x),
+            jnp.asarray(w),
+            segment_ids=jnp.asarray(ids),
+            initial_state=jnp.asarray(cache),
+            output_final_state=True,
+        )
+        want_y, want_final = oracle(x, w, ids, cache)
+        assert rel_err(y, want_y) < 1e-12 and rel_err(final, want_final) < 1e-12
+        y, final = short_conv_local(jnp.asarray(x), jnp.asarray(w), output_final_state=True)
+        want_y, want_final = oracle(x, w, np.zeros_like(ids), np.zeros_like(cache))
+        assert rel_err(y, want_y) < 1e-12 and rel_err(final, want_final) < 1e-12
+
+
+def _loss_fn(conv, cotangent, final_cotangent):
+    def loss(x, w, cache, ids):
+        y, final = conv(x, w, ids, cache)
+        return jnp.sum(y * cotangent) + jnp.sum(final * final_cotangent)
+
+    return loss
+
+
+# (dp, sp, T): T / sp = 2 < W − 1 reads from two ranks back, T / sp = 3 = W − 1 from one
+MESHES = [(1, 2, 12), (2, 4, 8), (1, 8, 8)]
+
+
+@pytest.mark.parametrize("dp, sp, t", MESHES, ids=[f"dp{d}xsp{s}-T{t}" for d, s, t in MESHES])
+def test_sharded_equals_one_device(rng, dp, sp, t):
+    b = 2 * dp
+    x, w, ids, cache = inputs(rng, b, t, docs=True, init=True, sp=sp)
+    mesh = make_mesh(dp, sp, devices=jax.devices()[: dp * sp])
+    dy = rng.standard_normal((b, t, C))
+    dfinal = rng.standard_normal((b, W - 1, C))
+
+    def sharded(x, w, ids, cache):
+        kw = dict(segment_ids=ids, initial_state=cache, output_final_state=True)
+        return short_conv(x, w, mesh=mesh, seq_axis="sp", batch_axis="dp", **kw)
+
+    def local(x, w, ids, cache):
+        return short_conv_local(x, w, segment_ids=ids, initial_state=cache, output_final_state=True)
+
+    args = (jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), jnp.asarray(cache, jnp.float32))
+    y, final = jax.jit(sharded)(args[0], args[1], jnp.asarray(ids), args[2])
+    want_y, want_final = oracle(x, w, ids, cache)
+    length = t // sp
+    for r in range(sp):  # shard by shard, so a misplaced shard names itself
+        block = slice(r * length, (r + 1) * length)
+        assert rel_err(y[:, block], want_y[:, block]) < 1e-5, f"shard {r}"
+    assert rel_err(final, want_final) < 1e-5
+
+    grads = jax.jit(jax.grad(_loss_fn(sharded, dy, dfinal), argnums=(0, 1, 2)))(
+        args[0], args[1], args[2], jnp.asarray(ids)
+    )
+    with x64():
+        want = jax.jit(jax.grad(_loss_fn(local, dy, dfinal), argnums=(0, 1, 2)))(
+            jnp.asarray(x), jnp.asarray(w), jnp.asarray(cache), jnp.asarray(ids)
+        )
+        want = [np.asarray(g) for g in want]
+    for name, got, ref in zip(("dx", "dweight", "dinitial_state"), grads, want, strict=True):
+        if name == "dx":
+            for r in range(sp):
+                block = slice(r * length, (r + 1) * length)
+                assert rel_err(got[:, block], ref[:, block]) < 1e-5, f"{name} shard {r}"
+        assert rel_err(got, ref) < 1e-5, name
+
+
+def test_no_documents_no_cache_and_the_check_fails_without_the_halo(rng):
+    """Plain rows (no ids, zero cache) under sp=4; rank r's first outputs do depend on rank r − 1."""
+    x, w, ids, cache = inputs(rng, 2, 16, docs=False, init=False, sp=4)
+    mesh = make_mesh(1, 4, devices=jax.devices()[:4])
+    y, final = jax.jit(lambda x, w: short_conv(x, w, mesh=mesh, output_final_state=True))(
+        jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32)
+    )
+    want_y, want_final = oracle(x, w, ids, cache)
+    assert rel_err(y, want_y) < 1e-5 and rel_err(final, want_final) < 1e-5
+    # each shard convolved alone (zeros before it) differs at its first W − 1 outputs
+    alone = np.concatenate([oracle(x[:, s : s + 4], w, ids[:, :4], cache)[0] for s in range(0, 16, 4)], axis=1)
+    assert rel_err(alone, want_y) > 1e-2
+
+
+def test_per_shard_function_in_a_users_shard_map(rng):
+    x, w, ids, cache = inputs(rng, 2, 12, docs=True, init=False, sp=4)
+    mesh = make_mesh(1, 4, devices=jax.devices()[:4])
+
+    def body(x, w, ids):
+        return short_conv_shard(x, w, axis_name="sp", segment_ids=ids)[0]
+
+    y = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(None, "sp"), P(), P(None, "sp")), out_specs=P(None, "sp")))(
+        jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), jnp.asarray(ids)
+    )
+    assert rel_err(y, oracle(x, w, ids, cache)[0]) < 1e-5
+
+
+def test_decode_steps_continue_the_sequence(rng):
+    """The final cache of a prefix, then ``short_conv_step`` token by token, equals the whole run."""
+    x, w, ids, cache = inputs(rng, 2, 10, docs=False, init=True, sp=1)
+    xj, wj = jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32)
+    _, state = short_conv_local(xj[:, :6], wj, initial_state=jnp.asarray(cache, jnp.float32), output_final_state=True)
+    outs = []
+    for s in range(6, 10):
+        out, state = short_conv_step(xj[:, s], state, wj)
+        outs.append(out)
+    want_y, want_final = oracle(x, w, ids, cache)
+    assert rel_err(jnp.stack(outs, axis=1), want_y[:, 6:]) < 1e-5
+    assert rel_err(state, want_final) < 1e-6
+
+
+def test_bad_inputs_raise():
+    x, w = jnp.zeros((2, 8, C)), jnp.zeros((W, C))
+    with pytest.raises(ValueError, match="weight must be"):
+        short_conv(x, jnp.zeros((W, C + 1)), mesh=None)
+    with pytest.raises(ValueError, match="initial_state must be"):
+        short_conv(x, w, mesh=None, initial_state=jnp.zeros((2, W, C)))
+    with pytest.raises(TypeError, match="segment_ids must be an integer"):
+        short_conv(x, w, mesh=None, segment_ids=jnp.zeros((2, 8)))
+    with pytest.raises(ValueError, match="sequence length must divide"):
+        short_conv(jnp.zeros((2, 6, C)), w, mesh=make_mesh(1, 4, devices=jax.devices()[:4]))
