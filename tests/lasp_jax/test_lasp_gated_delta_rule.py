@@ -24,6 +24,8 @@ from tests.helpers import rel_err, tol, x64
 
 TOKEN_ARRAYS = ("o", "dq", "dk", "dv", "dbeta", "dg")  # [B, T, ...]: checked shard by shard
 H, HV, D, E = 4, 8, 8, 8  # two value heads per q/k head; H % 4 == 0 for ulysses
+# XLA's cheap optimisation level: these small programs run once, their compile is the test's cost
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def rank_coded_inputs(rng, *, b, t, sp, gate="gdn", init=True):
@@ -74,7 +76,7 @@ def grads_fn(fn, *, final=True):
             total = total + jnp.sum(s * ds)
         return total, (o, s)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
     def run(xs, do, ds, segment_ids):
         grads, (o, s) = jax.grad(loss, has_aux=True)(xs, do, ds, segment_ids)
         return {"o": o} | {f"d{n}": x for n, x in grads.items()} | ({"final_state": s} if final else {})

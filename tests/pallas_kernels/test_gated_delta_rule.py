@@ -24,6 +24,9 @@ IMPLS_UNDER_TEST = ["xla"]
 GATES = ["deltanet", "gdn", "kda"]  # g: None, [B, T, Hv], [B, T, Hv, D]
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
 LOW_PRECISION = ("q", "k", "v", "beta")  # cast to the dtype under test; g and initial_state stay float32
+# XLA's cheap optimisation level: these small programs run once, their compile is the test's cost
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+fast_jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
 
 
 def skip_unavailable(impl):
@@ -73,7 +76,7 @@ def _grads_fn(impl, scale):
         )
         return jnp.sum(o.astype(do.dtype) * do) + jnp.sum(s.astype(ds.dtype) * ds), (o, s)
 
-    @jax.jit
+    @fast_jit
     def run(xs, do, ds, segment_ids):
         grads, (o, s) = jax.grad(loss, has_aux=True)(xs, do, ds, segment_ids)
         return {"o": o, "final_state": s} | {f"d{n}": gr for n, gr in grads.items()}
@@ -159,6 +162,16 @@ def test_documents_match_reference(rng, impl, gate):
     check_against_reference(rng, impl, jnp.float32, t=150, gate=gate, segment_ids=_documents(rng, 2, 150))
 
 
+@functools.cache
+def _forward_fn(impl):
+    """jit: ``(o, final_state)`` of the op (one compile per shape)."""
+    return fast_jit(
+        lambda xs, s0, ids: gated_delta_rule(
+            **xs, initial_state=s0, segment_ids=ids, output_final_state=True, impl=impl
+        )
+    )
+
+
 @pytest.mark.parametrize("gate", GATES)
 @pytest.mark.parametrize("impl", IMPLS_UNDER_TEST)
 def test_packed_documents_equal_each_document_alone(rng, impl, gate):
@@ -169,13 +182,7 @@ def test_packed_documents_equal_each_document_alone(rng, impl, gate):
     ids = _documents(rng, b, t)
     xs = make_inputs(rng, b=b, t=t, gate=gate)
     s0 = xs.pop("initial_state")
-    o, final = gated_delta_rule(
-        **as_dtype(xs, jnp.float32),
-        initial_state=jnp.asarray(s0, jnp.float32),
-        segment_ids=jnp.asarray(ids),
-        output_final_state=True,
-        impl=impl,
-    )
+    o, final = _forward_fn(impl)(as_dtype(xs, jnp.float32), jnp.asarray(s0, jnp.float32), jnp.asarray(ids))
     for row in range(b):
         starts = [0, *np.flatnonzero(ids[row, 1:] != ids[row, :-1]) + 1, t]
         for n, (lo, hi) in enumerate(zip(starts[:-1], starts[1:])):
@@ -195,11 +202,10 @@ def test_chained_halves(rng, impl, gate):
     t = 180
     xs = as_dtype(make_inputs(rng, t=t, gate=gate), jnp.float32)
     s0 = xs.pop("initial_state")
-    o, s = gated_delta_rule(**xs, initial_state=s0, output_final_state=True, impl=impl)
-    first = {n: x[:, : t // 2] for n, x in xs.items()}
-    second = {n: x[:, t // 2 :] for n, x in xs.items()}
-    o1, s1 = gated_delta_rule(**first, initial_state=s0, output_final_state=True, impl=impl)
-    o2, s2 = gated_delta_rule(**second, initial_state=s1, output_final_state=True, impl=impl)
+    run = _forward_fn(impl)
+    o, s = run(xs, s0, None)
+    o1, s1 = run({n: x[:, : t // 2] for n, x in xs.items()}, s0, None)
+    o2, s2 = run({n: x[:, t // 2 :] for n, x in xs.items()}, s1, None)
     assert rel_err(jnp.concatenate([o1, o2], axis=1), o) < 1e-5
     assert rel_err(s2, s) < 1e-5
 
@@ -235,17 +241,27 @@ def test_shard_transition_and_state_cotangent(rng, gate):
     ids[1] = 7  # row 1 is one document: its Φ survives
     xs = as_dtype(make_inputs(rng, t=t, gate=gate), jnp.float32)
     s0 = xs.pop("initial_state")
-    doc = reference.document_index(jnp.asarray(ids))
-    m, phi = xla.shard_transition(xs["k"], xs["v"], xs["beta"], xs.get("g"), doc_ids=doc)
-    _, final = gated_delta_rule(**xs, initial_state=s0, segment_ids=jnp.asarray(ids), output_final_state=True)
-    assert rel_err(jnp.einsum("bhij,bhje->bhie", phi, s0) + m, final) < 1e-5
-    assert not np.any(np.asarray(phi[0])) and np.any(np.asarray(phi[1]))
-
     do = jnp.asarray(rng.standard_normal(xs["v"].shape), jnp.float32)
     scale = 0.3
-    op = lambda s: gated_delta_rule(**xs, scale=scale, initial_state=s, segment_ids=jnp.asarray(ids), impl="xla")[0]
-    (want,) = jax.vjp(op, s0)[1](do)
-    got = xla.state_cotangent(xs["q"], xs["k"], xs["beta"], xs.get("g"), do, scale=scale, doc_ids=doc)
+
+    @fast_jit
+    def run(xs, s0, ids, do):
+        doc = reference.document_index(ids)
+        m, phi = xla.shard_transition(xs["k"], xs["v"], xs["beta"], xs.get("g"), doc_ids=doc)
+
+        def op(s):
+            return gated_delta_rule(
+                **xs, scale=scale, initial_state=s, segment_ids=ids, output_final_state=True, impl="xla"
+            )
+
+        (_, final), pullback = jax.vjp(op, s0)
+        (want,) = pullback((do, jnp.zeros_like(final)))
+        got = xla.state_cotangent(xs["q"], xs["k"], xs["beta"], xs.get("g"), do, scale=scale, doc_ids=doc)
+        return phi, jnp.einsum("bhij,bhje->bhie", phi, s0) + m, final, got, want
+
+    phi, affine_final, final, got, want = run(xs, s0, jnp.asarray(ids), do)
+    assert rel_err(affine_final, final) < 1e-5
+    assert not np.any(np.asarray(phi[0])) and np.any(np.asarray(phi[1]))
     assert rel_err(got, want) < 1e-5
 
 
@@ -259,7 +275,7 @@ def test_default_scale_and_no_final_state(rng):
 
 def test_bfloat16_output_dtype_and_no_nan_with_long_strong_decay(rng):
     xs = as_dtype(make_inputs(rng, b=1, t=600, gate="kda", g_range=(8.0, 12.0), init=False), jnp.bfloat16)
-    grads = jax.grad(lambda xs: gated_delta_rule(**xs, impl="xla")[0].astype(jnp.float32).sum())(xs)
+    grads = fast_jit(jax.grad(lambda xs: gated_delta_rule(**xs, impl="xla")[0].astype(jnp.float32).sum()))(xs)
     for name, gr in grads.items():
         assert gr.dtype == xs[name].dtype and np.all(np.isfinite(np.asarray(gr, np.float32))), name
 
