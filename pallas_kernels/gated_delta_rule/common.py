@@ -288,30 +288,105 @@ def _gram_pair(c: Chunk, i: int, j: int) -> Pair:
     return make_pair(c.k[i], c.k[j], c.b[i], c.b[j], c.docs[i], c.docs[j], diag=i == j, causal="strict")
 
 
-def wy_blocks(c: Chunk, *, mode: GateMode, mxu):
-    """``(A's lower blocks without β (the gated Gram blocks G), X's lower blocks)``; ``A = diag(β) G``."""
+def gram_blocks(c: Chunk, *, mode: GateMode, mxu) -> dict:
+    """The lower blocks of ``G = K Kᵀ ⊙ Γ`` (strictly lower inside the diagonal blocks); a sum over
+    key channels, so the blocks of a chunk restricted to some columns add up to G."""
     n = len(c.k)
-    gram = {(i, j): gated_product(_gram_pair(c, i, j), mode, mxu) for i in range(n) for j in range(i + 1)}
-    a = {(i, j): c.beta[i][:, None] * g for (i, j), g in gram.items()}
-    return gram, block_inverse(a, n)
+    return {(i, j): gated_product(_gram_pair(c, i, j), mode, mxu) for i in range(n) for j in range(i + 1)}
 
 
-def wy_rhs(c: Chunk, mxu):
-    """The right-hand sides ``(β e^b ⊙ K, β ⊙ V)`` per tile, as matmul operands (``mxu``)."""
-    kb = [(row_scale(k, f, None) * beta[:, None]).astype(mxu) for k, f, beta in zip(c.k, c.to_row, c.beta, strict=True)]
-    vb = [(v.astype(F32) * beta[:, None]).astype(mxu) for v, beta in zip(c.v, c.beta, strict=True)]
-    return kb, vb
+def inverse_blocks(gram: dict, beta: list) -> dict:
+    """The lower blocks of ``X = (I + A)⁻¹``, ``A = diag(β) G``."""
+    return block_inverse({(i, j): beta[i][:, None] * g for (i, j), g in gram.items()}, len(beta))
+
+
+def key_rhs(c: Chunk, mxu) -> list:
+    """The right-hand side ``β e^b ⊙ K`` per tile, as matmul operands (``mxu``)."""
+    return [
+        (row_scale(k, f, None) * beta[:, None]).astype(mxu) for k, f, beta in zip(c.k, c.to_row, c.beta, strict=True)
+    ]
+
+
+def value_rhs(c: Chunk, mxu) -> list:
+    """The right-hand side ``β ⊙ V`` per tile, as matmul operands (``mxu``)."""
+    return [(v.astype(F32) * beta[:, None]).astype(mxu) for v, beta in zip(c.v, c.beta, strict=True)]
+
+
+def solve_blocks(x: dict, rhs: list, mxu) -> list:
+    """Tiles of ``X R`` for lower-triangular X (blocks) and the tiles of R (float32 result)."""
+    n = len(rhs)
+    return [sum(dot(x[i, j].astype(mxu), rhs[j].astype(mxu)) for j in range(i + 1)) for i in range(n)]
 
 
 def wy_forward(c: Chunk, *, mode: GateMode, mxu):
     """``(W, U)`` per tile (float32): ``W = X (β e^b ⊙ K)``, ``U = X (β ⊙ V)``."""
+    x = inverse_blocks(gram_blocks(c, mode=mode, mxu=mxu), c.beta)
+    return solve_blocks(x, key_rhs(c, mxu), mxu), solve_blocks(x, value_rhs(c, mxu), mxu)
+
+
+def dx_blocks(rhs: list, d_solved: list, mxu) -> dict:
+    """The lower blocks of ``dX = dS Rᵀ`` for ``S = X R`` (one right-hand side's share, a sum over
+    its columns)."""
+    n = len(rhs)
+    return {
+        (i, j): dot(d_solved[i].astype(mxu), rhs[j].astype(mxu), trans_b=True) for i in range(n) for j in range(i + 1)
+    }
+
+
+def add_blocks(a: dict | None, b: dict) -> dict:
+    return b if a is None else {ij: a[ij] + b[ij] for ij in a}
+
+
+def transpose_solve(x: dict, d_solved: list, mxu) -> list:
+    """Tiles of ``Xᵀ dS``: the cotangent of R in ``S = X R``."""
+    n = len(d_solved)
+    return [sum(dot(x[i, j].astype(mxu), d_solved[i].astype(mxu), trans_a=True) for i in range(j, n)) for j in range(n)]
+
+
+def inverse_backward(x: dict, dx: dict) -> dict:
+    """The lower blocks of ``dA = −Xᵀ dX Xᵀ`` (only A's strictly lower part is used)."""
+    n = max(i for i, _ in x) + 1
+    lower = [(i, j) for i in range(n) for j in range(i + 1)]
+    # Y = Xᵀ dX on the blocks (i, m) with m ≤ i, then dA = −Y Xᵀ
+    y = {(i, m): sum(dot(x[r, i], dx[r, m], trans_a=True) for r in range(i, n)) for i, m in lower}
+    return {(i, j): -sum(dot(y[i, m], x[j, m], trans_b=True) for m in range(j + 1)) for i, j in lower}
+
+
+def key_grads(c: Chunk, x: dict, dw: list, dgram: dict, *, mode: GateMode, mxu):
+    """Tiles ``(dk, dβ share, db share)`` through ``W = X (β e^b ⊙ K)`` given dW and through
+    ``G = K Kᵀ ⊙ Γ`` given ``dG``, for the key columns of ``c`` (dβ and scalar db: partial row
+    sums over those columns)."""
     n = len(c.k)
-    _, x = wy_blocks(c, mode=mode, mxu=mxu)
-    x = {ij: block.astype(mxu) for ij, block in x.items()}
-    kb, vb = wy_rhs(c, mxu)
-    w = [sum(dot(x[i, j], kb[j]) for j in range(i + 1)) for i in range(n)]
-    u = [sum(dot(x[i, j], vb[j]) for j in range(i + 1)) for i in range(n)]
-    return w, u
+    dkb = transpose_solve(x, dw, mxu)
+    dk, dbeta, db = [], [], []
+    for j in range(n):
+        k_rhs = row_scale(c.k[j], c.to_row[j], None)  # e^b ⊙ k
+        dk.append(row_scale(c.beta[j][:, None] * dkb[j], c.to_row[j], None))
+        dbeta.append(jnp.sum(k_rhs * dkb[j], axis=1))
+        db.append(None if c.b[j] is None else reduce_gate(c.k[j].astype(F32) * dk[j], mode))
+    for (i, j), dg in dgram.items():
+        dki, dkj = gated_product_vjp(_gram_pair(c, i, j), dg, mode, mxu)
+        dk[i] = dk[i] + dki
+        dk[j] = dk[j] + dkj  # j may equal i
+        if db[i] is not None:
+            db[i] = db[i] + reduce_gate(c.k[i].astype(F32) * dki, mode)
+            db[j] = db[j] - reduce_gate(c.k[j].astype(F32) * dkj, mode)
+    return dk, dbeta, db
+
+
+def value_grads(c: Chunk, x: dict, du: list, mxu):
+    """Tiles ``(dv, dβ share)`` through ``U = X (β ⊙ V)`` given dU, for the value columns of ``c``."""
+    dvb = transpose_solve(x, du, mxu)
+    dv = [beta[:, None] * d for beta, d in zip(c.beta, dvb, strict=True)]
+    dbeta = [jnp.sum(v.astype(F32) * d, axis=1) for v, d in zip(c.v, dvb, strict=True)]
+    return dv, dbeta
+
+
+def gram_grads(gram: dict, da: dict, beta: list):
+    """``(dG blocks, dβ share)`` from ``A = diag(β) G`` given dA (G is zero off its pairs)."""
+    dgram = {(i, j): beta[i][:, None] * d for (i, j), d in da.items()}
+    dbeta = [sum(jnp.sum(da[i, j] * gram[i, j], axis=1) for j in range(i + 1)) for i in range(len(beta))]
+    return dgram, dbeta
 
 
 class WyGrads(NamedTuple):
@@ -327,44 +402,16 @@ def wy_backward(c: Chunk, dw: list, du: list, *, mode: GateMode, mxu) -> WyGrads
     """Cotangents of k, v, β and b through ``wy_forward`` given ``dW``, ``dU`` per tile (float32).
 
     ``dX = dW Kβᵀ + dU Vβᵀ``, ``dKβ = Xᵀ dW``, ``dVβ = Xᵀ dU``, and through the inverse
-    ``dA = −Xᵀ dX Xᵀ`` (strictly lower), ``A = diag(β) G``.
+    ``dA = −Xᵀ dX Xᵀ`` (strictly lower), ``A = diag(β) G``. Every step is a sum over, or separate
+    in, the key and value columns, which kernels use to walk them in blocks.
     """
-    n = len(c.k)
-    gram, x = wy_blocks(c, mode=mode, mxu=mxu)
-    kb, vb = wy_rhs(c, mxu)
-    f32 = F32
-    dw, du = [t.astype(mxu) for t in dw], [t.astype(mxu) for t in du]
-    lower = [(i, j) for i in range(n) for j in range(i + 1)]
-    dx = {(i, j): dot(dw[i], kb[j], trans_b=True) + dot(du[i], vb[j], trans_b=True) for i, j in lower}
-    x_mxu = {ij: block.astype(mxu) for ij, block in x.items()}
-    dkb = [sum(dot(x_mxu[i, j], dw[i], trans_a=True) for i in range(j, n)) for j in range(n)]
-    dvb = [sum(dot(x_mxu[i, j], du[i], trans_a=True) for i in range(j, n)) for j in range(n)]
-    # Y = Xᵀ dX on the blocks (i, m) with m ≤ i, then dA = −Y Xᵀ on the lower blocks
-    y = {(i, m): sum(dot(x[r, i], dx[r, m], trans_a=True) for r in range(i, n)) for i, m in lower}
-    da = {(i, j): -sum(dot(y[i, m], x[j, m], trans_b=True) for m in range(j + 1)) for i, j in lower}
-
-    dk = [jnp.zeros(k.shape, f32) for k in c.k]
-    db = [None if b is None else jnp.zeros(b.shape, f32) for b in c.b]
-    dbeta, dv = [], []
-    for j in range(n):
-        beta = c.beta[j][:, None]
-        dv.append(beta * dvb[j])
-        dk_rhs = row_scale(beta * dkb[j], c.to_row[j], None)
-        dk[j] = dk[j] + dk_rhs
-        from_v = jnp.sum(c.v[j].astype(f32) * dvb[j], axis=1)
-        dbeta.append(from_v + jnp.sum(row_scale(c.k[j], c.to_row[j], None) * dkb[j], axis=1))
-        if db[j] is not None:
-            db[j] = db[j] + reduce_gate(c.k[j].astype(f32) * dk_rhs, mode)
-    for (i, j), g in gram.items():
-        pair = _gram_pair(c, i, j)
-        dbeta[i] = dbeta[i] + jnp.sum(da[i, j] * g, axis=1)  # g is zero off the pairs
-        dgram = c.beta[i][:, None] * da[i, j]
-        dki, dkj = gated_product_vjp(pair, dgram, mode, mxu)
-        dk[i] = dk[i] + dki
-        dk[j] = dk[j] + dkj  # j may equal i
-        if db[i] is not None:
-            db[i] = db[i] + reduce_gate(c.k[i].astype(f32) * dki, mode)
-            db[j] = db[j] - reduce_gate(c.k[j].astype(f32) * dkj, mode)
+    gram = gram_blocks(c, mode=mode, mxu=mxu)
+    x = inverse_blocks(gram, c.beta)
+    dx = add_blocks(dx_blocks(key_rhs(c, mxu), dw, mxu), dx_blocks(value_rhs(c, mxu), du, mxu))
+    dgram, dbeta_gram = gram_grads(gram, inverse_backward(x, dx), c.beta)
+    dk, dbeta_k, db = key_grads(c, x, dw, dgram, mode=mode, mxu=mxu)
+    dv, dbeta_v = value_grads(c, x, du, mxu)
+    dbeta = [a + b + g for a, b, g in zip(dbeta_k, dbeta_v, dbeta_gram, strict=True)]
     return WyGrads(dk, dv, dbeta, db)
 
 
@@ -464,7 +511,7 @@ def state_backward(k, b, docs: Docs | None, h, dh, v_new, *, mode: GateMode, mxu
     """Tiles ``(dk, db)`` of one chunk's state step through ``K̃`` and ``γ`` given the cotangent
     ``dh`` of the state leaving it; db includes the last row's terms."""
     kt, bt, dt, vt = split_rows(k, parts), split_rows(b, parts), split_docs(docs, parts), split_rows(v_new, parts)
-    b_last = None if b is None else last_row(bt[-1])
+    b_last = None if bt[-1] is None else last_row(bt[-1])
     dh_mxu = dh.astype(mxu)
     dk, k_dk = [], []
     for i in range(parts):

@@ -25,6 +25,9 @@ class BlockConfig:
       chunk: tokens per chunk (C), a power of two >= 16 (the chunk holds C / 16 sub-tiles).
       block_e: value-dim tile of the two state passes: programs per (row, head) = E / block_e.
         Smaller tiles give the sequential passes more programs and shorter steps.
+      block_cols: key/value columns per step of the loops over columns inside the wy kernels (the
+        Gram blocks, W, U and their cotangents are sums over, or separate in, the columns; walking
+        them in blocks keeps the live tiles small).
       segments: runs of whole chunks per row that the state passes walk in parallel (LASP inside
         one GPU): a first pass gives each run's transition ``(Φ, M)`` from a zero state, a float32
         scan over runs their entering states, the stored pass starts each run from its own. Each
@@ -38,6 +41,7 @@ class BlockConfig:
 
     chunk: int = 64
     block_e: int = 32
+    block_cols: int = 32
     segments: int = 1
     num_warps: int = 4
     num_stages: int = 2
@@ -47,7 +51,7 @@ class BlockConfig:
     num_stages_bwd: int = 1
 
     def __post_init__(self):
-        for name in ("chunk", "block_e"):
+        for name in ("chunk", "block_e", "block_cols"):
             value = getattr(self, name)
             if value < SUB_TILE or value & (value - 1):
                 raise ValueError(f"BlockConfig.{name}={value} must be a power of two >= {SUB_TILE}")

@@ -24,6 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import F32
+from pallas_kernels.gated_delta_rule import common
 from pallas_kernels.gated_delta_rule.common import Docs, GateMode, last_row
 from pallas_kernels.gated_delta_rule.config import SUB_TILE, BlockConfig
 
@@ -182,6 +183,40 @@ def load_tiles(ref, parts: int) -> list | None:
     rows = ref.shape[0] // parts
     rest = (slice(None),) * (len(ref.shape) - 1)
     return [ref[(pl.ds(i * rows, rows),) + rest] for i in range(parts)]
+
+
+def load_col_tiles(ref, parts: int, start, width: int) -> list | None:
+    """Columns ``[start, start + width)`` of a chunk block ``[C, w]`` as ``parts`` row tiles."""
+    if ref is None:
+        return None
+    rows = ref.shape[0] // parts
+    return [ref[pl.ds(i * rows, rows), pl.ds(start, width)] for i in range(parts)]
+
+
+def store_col_tiles(ref, tiles: list, start):
+    """Writes row tiles into columns ``[start, start + width)`` of a chunk block ``[C, w]``."""
+    for i, tile in enumerate(tiles):
+        rows, width = tile.shape
+        ref[pl.ds(i * rows, rows), pl.ds(start, width)] = tile.astype(ref.dtype)
+
+
+def key_chunk(k_ref, gate_ref, beta: list, docs: Docs | None, start, *, mode: GateMode, width: int) -> common.Chunk:
+    """The chunk restricted to key columns ``[start, start + width)`` (per-channel gates too)."""
+    parts = len(beta)
+    gate = load_col_tiles(gate_ref, parts, start, width) if mode == "channel" else load_tiles(gate_ref, parts)
+    keys = load_col_tiles(k_ref, parts, start, width)
+    return common.make_chunk(keys, [None] * parts, beta, gate, docs, sub=SUB_TILE)
+
+
+def value_chunk(v_ref, beta: list, start, *, width: int) -> common.Chunk:
+    """The chunk's value columns ``[start, start + width)`` (for the value side of the WY form)."""
+    parts = len(beta)
+    return common.make_chunk([None] * parts, load_col_tiles(v_ref, parts, start, width), beta, None, None, sub=SUB_TILE)
+
+
+def zero_blocks(parts: int, rows: int) -> dict:
+    """Float32 zeros for the lower ``[rows, rows]`` blocks of a ``parts × parts`` block matrix."""
+    return {(i, j): jnp.zeros((rows, rows), F32) for i in range(parts) for j in range(i + 1)}
 
 
 def load_doc_tiles(doc_refs, parts: int) -> Docs | None:

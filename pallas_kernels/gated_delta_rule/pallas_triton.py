@@ -42,34 +42,54 @@ from pallas_kernels.gated_delta_rule.layout import (
     entering_states,
     from_segments,
     gate_inputs,
+    key_chunk,
     leaving_cotangents,
     load_doc_tiles,
     load_docs,
     load_rows,
     load_tiles,
     pop_gate_refs,
+    store_col_tiles,
     store_tiles,
     to_segments,
+    value_chunk,
+    zero_blocks,
 )
 from pallas_kernels.gated_delta_rule.reference import document_index
 
 # ---- kernels ----------------------------------------------------------------------------------
 
 
-def _wy_kernel(k_ref, v_ref, beta_ref, *refs, mode, has_docs, mxu):
-    """W and U of one chunk."""
+def _wy_kernel(k_ref, v_ref, beta_ref, *refs, mode, has_docs, mxu, block_cols):
+    """W and U of one chunk: the Gram blocks summed over key-column blocks, X, then W and U
+    column block by column block."""
     refs = list(refs)
     gate_ref, doc_refs = pop_gate_refs(refs, mode=mode, has_docs=has_docs)
     w_ref, u_ref = refs
-    tiles = k_ref.shape[0] // SUB_TILE
-    chunk = common.make_chunk(
-        *(load_tiles(r, tiles) for r in (k_ref, v_ref, beta_ref, gate_ref)),
-        load_doc_tiles(doc_refs, tiles),
-        sub=SUB_TILE,
-    )
-    w, u = common.wy_forward(chunk, mode=mode, mxu=mxu)
-    store_tiles(w_ref, w)
-    store_tiles(u_ref, u)
+    parts = k_ref.shape[0] // SUB_TILE
+    beta, docs = load_tiles(beta_ref, parts), load_doc_tiles(doc_refs, parts)
+    kw, vw = min(block_cols, k_ref.shape[1]), min(block_cols, v_ref.shape[1])
+
+    def keys(j):
+        return key_chunk(k_ref, gate_ref, beta, docs, pl.multiple_of(j * kw, kw), mode=mode, width=kw)
+
+    def add_gram(j, gram):
+        return common.add_blocks(gram, common.gram_blocks(keys(j), mode=mode, mxu=mxu))
+
+    gram = lax.fori_loop(0, k_ref.shape[1] // kw, add_gram, zero_blocks(parts, SUB_TILE))
+    x = common.inverse_blocks(gram, beta)
+
+    def store_w(j, carry):
+        store_col_tiles(w_ref, common.solve_blocks(x, common.key_rhs(keys(j), mxu), mxu), j * kw)
+        return carry
+
+    def store_u(j, carry):
+        chunk = value_chunk(v_ref, beta, pl.multiple_of(j * vw, vw), width=vw)
+        store_col_tiles(u_ref, common.solve_blocks(x, common.value_rhs(chunk, mxu), mxu), j * vw)
+        return carry
+
+    lax.fori_loop(0, k_ref.shape[1] // kw, store_w, 0)
+    lax.fori_loop(0, v_ref.shape[1] // vw, store_u, 0)
 
 
 def _state_kernel(w_ref, u_ref, k_ref, *refs, mode, has_docs, mxu, chunk, num_chunks, store_chunks):
@@ -123,7 +143,9 @@ def wy_representation(k, v, beta, b, docs, lay: Layout, statics: Statics):
     """Stage 1: ``(W [B, T, Hv, D], U [B, T, Hv, E])`` in the matmul operand dtype."""
     d, e = lay.dim, lay.value_dim
     return pl.pallas_call(
-        functools.partial(_wy_kernel, mode=lay.mode, has_docs=docs is not None, mxu=lay.mxu),
+        functools.partial(
+            _wy_kernel, mode=lay.mode, has_docs=docs is not None, mxu=lay.mxu, block_cols=statics.cfg.block_cols
+        ),
         grid=lay.chunk_grid(),
         in_specs=[
             lay.chunk_spec(d, qk=True),

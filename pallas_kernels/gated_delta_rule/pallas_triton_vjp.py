@@ -38,12 +38,17 @@ from pallas_kernels.gated_delta_rule.layout import (
     Statics,
     compiler_params,
     gate_inputs,
+    key_chunk,
+    load_col_tiles,
     load_doc_tiles,
     load_docs,
     load_rows,
     load_tiles,
     pop_gate_refs,
+    store_col_tiles,
     store_tiles,
+    value_chunk,
+    zero_blocks,
 )
 
 
@@ -91,29 +96,79 @@ def _state_bwd_kernel(
 
 
 def _wy_bwd_kernel(
-    k_ref, v_ref, beta_ref, h_ref, dh_ref, v_new_ref, dv_new_ref, dk_out_ref, *refs, mode, has_docs, mxu
+    k_ref, v_ref, beta_ref, h_ref, dh_ref, v_new_ref, dv_new_ref, dk_out_ref, *refs, mode, has_docs, mxu, block_cols
 ):
-    """dk, dv, dβ and db of one chunk: the state step's and the WY form's, plus the output's share."""
+    """dk, dv, dβ and db of one chunk: the state step's and the WY form's, plus the output's share.
+
+    The WY backward walks the key and value columns in blocks (``block_cols``): first dX (and the
+    Gram blocks) summed over them, then X, dA and dG (small C×C blocks), then dk and dv block by
+    block; dβ and scalar db are summed over the blocks.
+    """
     refs = list(refs)
     gate_ref, doc_refs = pop_gate_refs(refs, mode=mode, has_docs=has_docs)
     db_out_ref = refs.pop(0) if mode != "none" else None
     dk_ref, dv_ref, dbeta_ref, *db_ref = refs
-    tiles = k_ref.shape[0] // SUB_TILE
-    k, v, beta, b, dv_new = (load_tiles(r, tiles) for r in (k_ref, v_ref, beta_ref, gate_ref, dv_new_ref))
-    docs = load_doc_tiles(doc_refs, tiles)
-    dw = common.state_dw(h_ref[...], dv_new, mxu=mxu, parts=tiles)
-    wy = common.wy_backward(common.make_chunk(k, v, beta, b, docs, sub=SUB_TILE), dw, dv_new, mode=mode, mxu=mxu)
-    store_tiles(dv_ref, wy.dv)
-    store_tiles(dbeta_ref, wy.dbeta)
-    # the state step's K̃ and γ terms and stage 1's shares, loaded after the WY part (fewer live tiles)
-    dk_state, db_state = common.state_backward(
-        k, b, docs, h_ref[...], dh_ref[...], load_tiles(v_new_ref, tiles), mode=mode, mxu=mxu, parts=tiles
-    )
-    dk_out = load_tiles(dk_out_ref, tiles)
-    store_tiles(dk_ref, [a.astype(F32) + s + w for a, s, w in zip(dk_out, dk_state, wy.dk, strict=True)])
-    if db_ref:
-        db_out = load_tiles(db_out_ref, tiles)
-        store_tiles(db_ref[0], [a + s + w for a, s, w in zip(db_out, db_state, wy.db, strict=True)])
+    parts = k_ref.shape[0] // SUB_TILE
+    beta, docs = load_tiles(beta_ref, parts), load_doc_tiles(doc_refs, parts)
+    dv_new, v_new = load_tiles(dv_new_ref, parts), load_tiles(v_new_ref, parts)  # full rows: dW needs all of E
+    kw, vw = min(block_cols, k_ref.shape[1]), min(block_cols, v_ref.shape[1])
+    key_steps, value_steps = k_ref.shape[1] // kw, v_ref.shape[1] // vw
+
+    def keys(j):  # the chunk on key columns [j·kw, (j + 1)·kw), dW = −dV' hᵀ on them, and those rows of h
+        start = pl.multiple_of(j * kw, kw)
+        h_rows = h_ref[pl.ds(start, kw), :]
+        chunk = key_chunk(k_ref, gate_ref, beta, docs, start, mode=mode, width=kw)
+        return start, chunk, h_rows, common.state_dw(h_rows, dv_new, mxu=mxu, parts=parts)
+
+    def values(j):
+        start = pl.multiple_of(j * vw, vw)
+        du = load_col_tiles(dv_new_ref, parts, start, vw)
+        return start, value_chunk(v_ref, beta, start, width=vw), du
+
+    def dx_keys(j, carry):
+        gram, dx = carry
+        _, chunk, _, dw = keys(j)
+        gram = common.add_blocks(gram, common.gram_blocks(chunk, mode=mode, mxu=mxu))
+        return gram, common.add_blocks(dx, common.dx_blocks(common.key_rhs(chunk, mxu), dw, mxu))
+
+    def dx_values(j, dx):
+        _, chunk, du = values(j)
+        return common.add_blocks(dx, common.dx_blocks(common.value_rhs(chunk, mxu), du, mxu))
+
+    zeros = zero_blocks(parts, SUB_TILE)
+    gram, dx = lax.fori_loop(0, key_steps, dx_keys, (zeros, zeros))
+    dx = lax.fori_loop(0, value_steps, dx_values, dx)
+    x = common.inverse_blocks(gram, beta)
+    dgram, dbeta = common.gram_grads(gram, common.inverse_backward(x, dx), beta)
+    row_zeros = [jnp.zeros((SUB_TILE,), F32) for _ in range(parts)]
+
+    def key_step(j, carry):
+        dbeta, db_rows = carry
+        start, chunk, h_rows, dw = keys(j)
+        dk, dbeta_k, db = common.key_grads(chunk, x, dw, dgram, mode=mode, mxu=mxu)
+        dk_state, db_state = common.state_backward(
+            chunk.k, chunk.b, docs, h_rows, dh_ref[pl.ds(start, kw), :], v_new, mode=mode, mxu=mxu, parts=parts
+        )
+        dk_out = load_col_tiles(dk_out_ref, parts, start, kw)
+        store_col_tiles(dk_ref, [a.astype(F32) + s + w for a, s, w in zip(dk_out, dk_state, dk, strict=True)], start)
+        dbeta = [a + b for a, b in zip(dbeta, dbeta_k, strict=True)]
+        if mode == "channel":  # per key channel: this block's columns of db are complete
+            db_out = load_col_tiles(db_out_ref, parts, start, kw)
+            store_col_tiles(db_ref[0], [a + s + w for a, s, w in zip(db_out, db_state, db, strict=True)], start)
+        elif mode == "scalar":
+            db_rows = [a + s + w for a, s, w in zip(db_rows, db_state, db, strict=True)]
+        return dbeta, db_rows
+
+    def value_step(j, dbeta):
+        start, chunk, du = values(j)
+        dv, dbeta_v = common.value_grads(chunk, x, du, mxu)
+        store_col_tiles(dv_ref, dv, start)
+        return [a + b for a, b in zip(dbeta, dbeta_v, strict=True)]
+
+    dbeta, db_rows = lax.fori_loop(0, key_steps, key_step, (dbeta, row_zeros))
+    store_tiles(dbeta_ref, lax.fori_loop(0, value_steps, value_step, dbeta))
+    if mode == "scalar":
+        store_tiles(db_ref[0], [a + b for a, b in zip(db_rows, load_tiles(db_out_ref, parts), strict=True)])
 
 
 def _gate_grad_shape(lay: Layout, res: Residuals):
@@ -201,8 +256,11 @@ def wy_backward(res: Residuals, dh, dv_new, dk_out, db_out, lay: Layout, statics
     d, e = lay.dim, lay.value_dim
     has_docs = res.docs is not None
     gate_out = _gate_grad_shape(lay, res)
+    kernel = functools.partial(
+        _wy_bwd_kernel, mode=lay.mode, has_docs=has_docs, mxu=lay.mxu, block_cols=statics.cfg.block_cols
+    )
     grads = pl.pallas_call(
-        functools.partial(_wy_bwd_kernel, mode=lay.mode, has_docs=has_docs, mxu=lay.mxu),
+        kernel,
         grid=lay.chunk_grid(),
         in_specs=[
             lay.chunk_spec(d, qk=True),
