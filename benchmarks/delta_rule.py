@@ -8,6 +8,8 @@ or fails is recorded with its last error line. Inputs as the peers' own benchmar
 L2-normalised, beta = sigmoid(x), g = logsigmoid(x) (KDA: logsigmoid(x)/16, one per key channel).
 Forward+backward is o and the gradients of q, k, v, beta and g.
 
+Set DELTA_RULE_PROFILE=DIR to also print the device time by kernel of the project's fwd+bwd.
+
 Contenders:
   project      pallas_kernels.gated_delta_rule(..., impl="pallas")
   project_xla  the same op's chunked XLA path (impl="xla"), the CPU default
@@ -18,6 +20,7 @@ Contenders:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -76,7 +79,15 @@ def _time_jax_op(attn, op, shape):
     q, k, v, beta, g, do = _jax_inputs(op, *shape)
     fwd = jax.jit(attn)
     fwd_bwd = jax.jit(lambda q, k, v, beta, g, do: jax.vjp(attn, q, k, v, beta, g)[1](do))
-    return _jax_time(fwd, q, k, v, beta, g), _jax_time(fwd_bwd, q, k, v, beta, g, do)
+    times = _jax_time(fwd, q, k, v, beta, g), _jax_time(fwd_bwd, q, k, v, beta, g, do)
+    if os.environ.get("DELTA_RULE_PROFILE"):  # device time by kernel of one fwd+bwd, to stderr
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from benchmarks.sequence_parallel import print_kernels, profile_kernels
+
+        path = os.path.join(os.environ["DELTA_RULE_PROFILE"], f"{op}_{'x'.join(map(str, shape))}")
+        with contextlib.redirect_stdout(sys.stderr):
+            print_kernels(f"{op} {shape}", profile_kernels(fwd_bwd, (q, k, v, beta, g, do), path), top=20)
+    return times
 
 
 def run_project(op, shape, impl="pallas"):
@@ -147,6 +158,8 @@ def run_one(op, impl, shape, timeout) -> dict:
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout} s"}
     lines = proc.stdout.strip().splitlines()
+    if os.environ.get("DELTA_RULE_PROFILE") and impl == "project":
+        print(proc.stderr[-4000:], flush=True)
     if proc.returncode == 0 and lines:
         return json.loads(lines[-1])
     err = [line for line in (proc.stderr or proc.stdout).strip().splitlines() if line.strip()]
