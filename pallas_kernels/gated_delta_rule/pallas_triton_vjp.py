@@ -110,7 +110,6 @@ def _wy_bwd_kernel(
     dk_ref, dv_ref, dbeta_ref, *db_ref = refs
     parts = k_ref.shape[0] // SUB_TILE
     beta, docs = load_tiles(beta_ref, parts), load_doc_tiles(doc_refs, parts)
-    dv_new, v_new = load_tiles(dv_new_ref, parts), load_tiles(v_new_ref, parts)  # full rows: dW needs all of E
     kw, vw = min(block_cols, k_ref.shape[1]), min(block_cols, v_ref.shape[1])
     key_steps, value_steps = k_ref.shape[1] // kw, v_ref.shape[1] // vw
 
@@ -118,7 +117,8 @@ def _wy_bwd_kernel(
         start = pl.multiple_of(j * kw, kw)
         h_rows = h_ref[pl.ds(start, kw), :]
         chunk = key_chunk(k_ref, gate_ref, beta, docs, start, mode=mode, width=kw)
-        return start, chunk, h_rows, common.state_dw(h_rows, dv_new, mxu=mxu, parts=parts)
+        # dV' rows (all of E) are reloaded at each step rather than kept live across the loops
+        return start, chunk, h_rows, common.state_dw(h_rows, load_tiles(dv_new_ref, parts), mxu=mxu, parts=parts)
 
     def values(j):
         start = pl.multiple_of(j * vw, vw)
@@ -140,6 +140,9 @@ def _wy_bwd_kernel(
     dx = lax.fori_loop(0, value_steps, dx_values, dx)
     x = common.inverse_blocks(gram, beta)
     dgram, dbeta = common.gram_grads(gram, common.inverse_backward(x, dx), beta)
+    # X and dG only feed matmuls from here: keep them in the operand dtype (half the registers)
+    x = {ij: block.astype(mxu) for ij, block in x.items()}
+    dgram = {ij: block.astype(mxu) for ij, block in dgram.items()}
     row_zeros = [jnp.zeros((SUB_TILE,), F32) for _ in range(parts)]
 
     def key_step(j, carry):
@@ -147,7 +150,15 @@ def _wy_bwd_kernel(
         start, chunk, h_rows, dw = keys(j)
         dk, dbeta_k, db = common.key_grads(chunk, x, dw, dgram, mode=mode, mxu=mxu)
         dk_state, db_state = common.state_backward(
-            chunk.k, chunk.b, docs, h_rows, dh_ref[pl.ds(start, kw), :], v_new, mode=mode, mxu=mxu, parts=parts
+            chunk.k,
+            chunk.b,
+            docs,
+            h_rows,
+            dh_ref[pl.ds(start, kw), :],
+            load_tiles(v_new_ref, parts),
+            mode=mode,
+            mxu=mxu,
+            parts=parts,
         )
         dk_out = load_col_tiles(dk_out_ref, parts, start, kw)
         store_col_tiles(dk_ref, [a.astype(F32) + s + w for a, s, w in zip(dk_out, dk_state, dk, strict=True)], start)
