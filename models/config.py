@@ -12,12 +12,21 @@ One ``ModelConfig`` spells out every architectural choice; a family is a set of 
   causal linear attention in place of softmax (silu features, per-head RMS output norm), as the
   LASP-2 paper (arXiv 2502.07563) evaluates.
 
-Presets: ``<family>-{tiny,0.4b,1b,7b}``, e.g. ``tnl-1b`` (16 layers, d 2048, 16 heads); ``tiny``
-alone means ``tnl-tiny``. Family names accept ``-`` or ``_``.
+- ``gdn`` — Gated DeltaNet (Yang, Kautz, Hatamizadeh 2024, arXiv 2412.06464) in Qwen3-Next's head
+  layout: q, k with ``n_heads`` heads, ``n_v_heads`` (≥ n_heads) value heads, a short convolution
+  (``conv_size``) and SiLU on q, k, v, scalar gates per value head; RMSNorm, SwiGLU blocks.
+- ``kda`` — Kimi Delta Attention (Kimi Linear, 2025): the same with one gate per key channel from a
+  low-rank projection (``models.delta_layers``).
+
+Presets: ``<family>-{tiny,0.4b,1b,7b}`` for the three linear-attention families, e.g. ``tnl-1b``
+(16 layers, d 2048, 16 heads); ``gdn-{tiny,0.4b,1.3b}`` and ``kda-{tiny,0.4b,1.3b}``; ``tiny`` alone
+means ``tnl-tiny``. Family names accept ``-`` or ``_``.
 
 Hybrid presets (LASP-2H): ``tnl-hybrid-<size>`` and ``linear-llama3-hybrid-<size>`` make every k-th
 layer a causal softmax-attention layer (layers k−1, 2k−1, ...; k = 4 by default, k = 2 for ``tiny``,
 which has only two layers); ``get_config(name, softmax_every=k)`` picks another k for any preset.
+``gdn-hybrid-<size>`` is Qwen3-Next's pattern, three Gated DeltaNet layers to one softmax layer
+(Llama-3 attention: RoPE, grouped KV heads), ``tiny`` included (4 layers).
 """
 
 from __future__ import annotations
@@ -33,7 +42,9 @@ NORMS = ("srms", "rms", "layer")
 MLPS = ("glu", "swiglu", "gelu")
 DTYPES = ("float32", "bfloat16", "float16")
 LAYER_TYPES = ("linear", "softmax")
-FAMILIES = ("tnl", "linear_transformer", "linear_llama3")
+LINEAR_ATTENTION_FAMILIES = ("tnl", "linear_transformer", "linear_llama3")
+DELTA_RULE_FAMILIES = ("gdn", "kda")  # token mixers: models.delta_layers
+FAMILIES = LINEAR_ATTENTION_FAMILIES + DELTA_RULE_FAMILIES
 
 
 @dataclass(frozen=True)
@@ -60,7 +71,9 @@ class ModelConfig:
     init_std: float = 0.02
     dtype: str = "float32"  # compute dtype of activations and matmuls (params stay param_dtype)
     param_dtype: str = "float32"
-    layer_types: tuple[str, ...] | None = None  # per layer; None: all "linear"
+    layer_types: tuple[str, ...] | None = None  # per layer; None: all "linear" (the family's recurrent mixer)
+    n_v_heads: int | None = None  # delta-rule families: value heads (a multiple of n_heads); None means n_heads
+    conv_size: int = 4  # delta-rule families: width of the causal short convolution on q, k, v
 
     def __post_init__(self):
         def positive(name):
@@ -70,7 +83,8 @@ class ModelConfig:
 
         for name in ("vocab_size", "d_model", "n_layers", "n_heads"):
             positive(name)
-        for name in ("n_kv_heads", "ffn_dim"):
+        positive("conv_size")
+        for name in ("n_kv_heads", "ffn_dim", "n_v_heads"):
             if getattr(self, name) is not None:
                 positive(name)
         if self.family not in FAMILIES:
@@ -96,6 +110,10 @@ class ModelConfig:
             raise ValueError(
                 f"n_heads must be a multiple of n_kv_heads: n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}"
             )
+        if self.v_heads % self.n_heads:
+            raise ValueError(
+                f"n_v_heads must be a multiple of n_heads: n_heads={self.n_heads}, n_v_heads={self.n_v_heads}"
+            )
         if self.position in ("lrpe", "rope") and self.head_dim % 2:
             raise ValueError(f"position={self.position!r} needs an even head_dim, got head_dim={self.head_dim}")
         if self.attn_output_norm == "srms_gate" and self.kv_heads != self.n_heads:
@@ -117,6 +135,16 @@ class ModelConfig:
     @property
     def kv_heads(self) -> int:
         return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def v_heads(self) -> int:
+        """Value heads of the delta-rule layers (q/k head h serves ``v_heads / n_heads`` of them)."""
+        return self.n_heads if self.n_v_heads is None else self.n_v_heads
+
+    @property
+    def is_delta_rule(self) -> bool:
+        """The family's recurrent layers are delta-rule mixers (Gated DeltaNet, KDA)."""
+        return self.family in DELTA_RULE_FAMILIES
 
     @property
     def hidden_dim(self) -> int:
@@ -153,6 +181,13 @@ _FAMILY_DEFAULTS = {
         norm_eps=1e-5,
     ),
 }
+# the delta-rule layers normalise q and k themselves and gate their own output; position, head
+# norm and GQA below serve the softmax layers of hybrids (Llama-3 attention with RoPE)
+_DELTA_DEFAULTS = dict(
+    feature_map="identity", decay="none", position="rope", attn_output_norm="head_rms", norm="rms", mlp="swiglu"
+)
+_FAMILY_DEFAULTS["gdn"] = _DELTA_DEFAULTS
+_FAMILY_DEFAULTS["kda"] = _DELTA_DEFAULTS
 
 # (d_model, n_layers, n_heads, TNL glu dim); TransNormerLLM's published 385M, 1B and 7B shapes.
 _SIZES = {
@@ -162,6 +197,42 @@ _SIZES = {
     "7b": (4096, 30, 32, 11008),
 }
 _VOCAB = {"tnl": 64_000, "linear_transformer": 50_304, "linear_llama3": 128_256}
+
+
+# delta-rule presets: (d_model, n_layers, n_heads, SwiGLU dim, value heads, KV heads of softmax layers).
+# Head dim 128 (tiny: 32). Gated DeltaNet has two value heads per q/k head (Qwen3-Next), so its
+# mixer holds 8·d² weights (KDA's 4·d² plus the low-rank gates) and gdn-1.3b has fewer layers.
+_DELTA_SIZES = {
+    "gdn": {
+        "tiny": (128, 2, 4, 384, 8, 2),
+        "0.4b": (1024, 24, 8, 2816, 16, 2),
+        "1.3b": (2048, 18, 16, 5632, 32, 4),
+    },
+    "kda": {
+        "tiny": (128, 2, 4, 384, 4, 2),
+        "0.4b": (1024, 24, 8, 2816, 8, 2),
+        "1.3b": (2048, 24, 16, 5632, 16, 4),
+    },
+}
+_DELTA_VOCAB = 32_000  # the Llama-2 tokenizer of the Gated DeltaNet and fla baselines
+# gdn-hybrid layers (3 Gated DeltaNet : 1 softmax): tiny gets 4 layers so the pattern fits
+_GDN_HYBRID_LAYERS = {"tiny": 4, "0.4b": 24, "1.3b": 20}
+
+
+def _delta_preset(family: str, size: str, n_layers: int | None = None) -> ModelConfig:
+    d, layers, heads, ffn, v_heads, kv_heads = _DELTA_SIZES[family][size]
+    kw = dict(_FAMILY_DEFAULTS[family])
+    kw.update(
+        family=family,
+        vocab_size=256 if size == "tiny" else _DELTA_VOCAB,
+        d_model=d,
+        n_layers=n_layers or layers,
+        n_heads=heads,
+        n_v_heads=v_heads,
+        n_kv_heads=kv_heads,
+        ffn_dim=ffn,
+    )
+    return ModelConfig(**kw)
 
 
 def _preset(family: str, size: str) -> ModelConfig:
@@ -193,8 +264,17 @@ HYBRID_FAMILIES = ("tnl", "linear_llama3")
 DEFAULT_SOFTMAX_EVERY = 4
 
 PRESETS: dict[str, ModelConfig] = {
-    f"{family.replace('_', '-')}-{size}": _preset(family, size) for family in FAMILIES for size in _SIZES
+    f"{family.replace('_', '-')}-{size}": _preset(family, size)
+    for family in LINEAR_ATTENTION_FAMILIES
+    for size in _SIZES
 }
+for _family, _sizes in _DELTA_SIZES.items():
+    for _size in _sizes:
+        PRESETS[f"{_family}-{_size}"] = _delta_preset(_family, _size)
+for _size, _layers in _GDN_HYBRID_LAYERS.items():
+    PRESETS[f"gdn-hybrid-{_size}"] = _delta_preset("gdn", _size, _layers).replace(
+        layer_types=hybrid_layer_types(_layers, DEFAULT_SOFTMAX_EVERY)
+    )
 for _family in HYBRID_FAMILIES:
     for _size in _SIZES:
         _base = _preset(_family, _size)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig
+from models.delta_layers import DELTA_MIXERS, DeltaRuleMixer
 from models.layers import SINGLE_DEVICE, Dense, Embed, LaspContext, LinearAttention, Mlp, Norm, SoftmaxAttention
 
 Array = jax.Array
@@ -29,14 +30,16 @@ REMAT_POLICIES = {
 class Block(nnx.Module):
     """Pre-norm residual block: ``x + mixer(norm(x))`` then ``x + mlp(norm(x))``.
 
-    The token mixer is chosen per layer from ``config.types``: ``"linear"`` (``LinearAttention``)
-    or ``"softmax"`` (``SoftmaxAttention``, hybrid models).
+    The token mixer is chosen per layer from ``config.types``: ``"linear"`` (the family's recurrent
+    mixer: ``LinearAttention``, or ``GatedDeltaNet`` / ``KDA`` for the delta-rule families) or
+    ``"softmax"`` (``SoftmaxAttention``, hybrid models).
     """
 
     def __init__(self, config: ModelConfig, layer: int, *, rngs):
         self.layer_type = config.types[layer]
         self.attn_norm = Norm(config.norm, config.d_model, eps=config.norm_eps, config=config)
-        mixer = SoftmaxAttention if self.layer_type == "softmax" else LinearAttention
+        mixer = DELTA_MIXERS.get(config.family, LinearAttention)
+        mixer = SoftmaxAttention if self.layer_type == "softmax" else mixer
         self.attn = mixer(config, layer, rngs=rngs)
         self.mlp_norm = Norm(config.norm, config.d_model, eps=config.norm_eps, config=config)
         self.mlp = Mlp(config, rngs=rngs)
@@ -138,6 +141,8 @@ class LanguageModel(nnx.Module):
                     raise ValueError("a model with softmax layers decodes from a key/value cache: pass cache_size=")
                 dtype = jnp.dtype(self.config.dtype)
                 states.append(tuple(jnp.zeros(s, dtype) for s in block.attn.cache_shapes(batch, cache_size)))
+            elif isinstance(block.attn, DeltaRuleMixer):
+                states.append(block.attn.init_state(batch))
             else:
                 states.append(jnp.zeros(block.attn.state_shape(batch), jnp.float32))
         return states

@@ -30,6 +30,7 @@ import optax
 from flax import nnx
 
 from lasp_jax import STRATEGIES
+from lasp_jax.delta_rule import STRATEGIES as DELTA_RULE_STRATEGIES
 from lasp_jax.softmax import STRATEGIES as SOFTMAX_STRATEGIES
 from models import checkpoint
 from models.cli import config_from_args, initialize_distributed, text_prompt
@@ -106,6 +107,11 @@ def check_config(config: TrainConfig, n_devices: int) -> tuple[int, int]:
         raise ValueError(f"text data is byte-level and needs vocab_size >= 256, got {config.model.vocab_size}")
     if m.strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got strategy={m.strategy!r}")
+    if config.model.is_delta_rule and m.strategy not in DELTA_RULE_STRATEGIES:
+        raise ValueError(
+            f"strategy must be one of {DELTA_RULE_STRATEGIES} for the delta-rule family "
+            f"{config.model.family!r}, got strategy={m.strategy!r}"
+        )
     if m.softmax_strategy not in SOFTMAX_STRATEGIES:
         raise ValueError(
             f"softmax_strategy must be one of {SOFTMAX_STRATEGIES}, got softmax_strategy={m.softmax_strategy!r}"

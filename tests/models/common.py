@@ -13,6 +13,9 @@ FAMILIES = {
     "tnl": dict(position="lrpe"),
     "linear_transformer": {},
     "linear_llama3": dict(n_kv_heads=1),
+    # delta-rule families: two value heads per q/k head (grouped value heads), one KV head in softmax layers
+    "gdn": dict(n_v_heads=4, n_kv_heads=1),
+    "kda": dict(n_v_heads=4, n_kv_heads=1),
 }
 
 
