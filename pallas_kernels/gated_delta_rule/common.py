@@ -455,32 +455,56 @@ def _inter(x, factor, h, mxu, *, trans_b=False):
     return dot(row_scale(x, factor).astype(mxu), h.astype(mxu), trans_b=trans_b)
 
 
+def output_inter(q, b, docs: Docs | None, h, *, mxu, parts: int) -> list:
+    """Tiles of ``(e^b ⊙ Q) S`` (a sum over key channels: with q, b restricted to some columns and
+    ``h`` to those rows, the share of those columns)."""
+    ft = [to_row_factor(x, d) for x, d in zip(split_rows(b, parts), split_docs(docs, parts), strict=True)]
+    return [_inter(x, f, h, mxu) for x, f in zip(split_rows(q, parts), ft, strict=True)]
+
+
+def output_combine(z: dict, inter: list, v_new, *, scale: float, mxu) -> list:
+    """The output tiles ``scale · [inter + Z V']``."""
+    vt = split_rows(v_new, len(inter))
+    return [
+        scale * (inter[i] + sum(dot(z[i, j].astype(mxu), vt[j].astype(mxu)) for j in range(i + 1)))
+        for i in range(len(inter))
+    ]
+
+
 def output_forward(q, k, b, docs: Docs | None, h, v_new, *, scale: float, mode: GateMode, mxu, parts: int) -> list:
     """The chunk's output tiles ``scale · [(e^b ⊙ Q) S + Z V']`` from its entering state ``h``."""
     z = score_blocks(q, k, b, docs, mode=mode, mxu=mxu, parts=parts)
-    qt, vt = split_rows(q, parts), split_rows(v_new, parts)
-    ft = [to_row_factor(x, d) for x, d in zip(split_rows(b, parts), split_docs(docs, parts), strict=True)]
-    out = []
-    for i in range(parts):
-        inter = _inter(qt[i], ft[i], h, mxu)
-        intra = sum(dot(z[i, j].astype(mxu), vt[j].astype(mxu)) for j in range(i + 1))
-        out.append(scale * (inter + intra))
-    return out
+    inter = output_inter(q, b, docs, h, mxu=mxu, parts=parts)
+    return output_combine(z, inter, v_new, scale=scale, mxu=mxu)
 
 
-def output_backward(q, k, b, docs: Docs | None, h, v_new, do, *, scale: float, mode: GateMode, mxu, parts: int):
-    """Tiles ``(dq, dk, db)`` of the output's dependence on q, k, b given ``dO`` (float32); the
-    cotangents of ``h`` and ``V'`` are the state pass's (``dvn_intra``, the reverse pass)."""
-    qt, kt, bt, dt = split_rows(q, parts), split_rows(k, parts), split_rows(b, parts), split_docs(docs, parts)
+def output_dz(v_new, do, *, scale: float, mxu, parts: int) -> dict:
+    """The cotangent of the scores, ``scale · dO V'ᵀ``, on the lower tile blocks."""
     vt, dot_ = split_rows(v_new, parts), split_rows(do, parts)
+    return {
+        (i, j): scale * dot(dot_[i].astype(mxu), vt[j].astype(mxu), trans_b=True)
+        for i in range(parts)
+        for j in range(i + 1)
+    }
+
+
+def output_backward(q, k, b, docs: Docs | None, h, dz: dict, do, *, scale: float, mode: GateMode, mxu, parts: int):
+    """Tiles ``(dq, dk, db)`` of the output's dependence on q, k, b given ``dO`` and ``dz =
+    output_dz(...)`` (float32); the cotangents of ``h`` and ``V'`` are the state pass's
+    (``dvn_intra``, the reverse pass). Separate in the key channels: q, k, b restricted to some
+    columns and ``h`` to those rows give those columns."""
+    qt, kt, bt, dt = split_rows(q, parts), split_rows(k, parts), split_rows(b, parts), split_docs(docs, parts)
     ft = [to_row_factor(x, d) for x, d in zip(bt, dt, strict=True)]
-    dq = [scale * row_scale(dot(d.astype(mxu), h.astype(mxu), trans_b=True), f) for d, f in zip(dot_, ft, strict=True)]
+    h_mxu = h.astype(mxu)
+    dq = [
+        scale * row_scale(dot(d.astype(mxu), h_mxu, trans_b=True), f)
+        for d, f in zip(split_rows(do, parts), ft, strict=True)
+    ]
     dk = [jnp.zeros(x.shape, F32) for x in kt]
     for i in range(parts):
         for j in range(i + 1):
             pair = make_pair(qt[i], kt[j], bt[i], bt[j], dt[i], dt[j], diag=i == j, causal="inclusive")
-            dz = scale * dot(dot_[i].astype(mxu), vt[j].astype(mxu), trans_b=True)
-            dqi, dkj = gated_product_vjp(pair, dz, mode, mxu)
+            dqi, dkj = gated_product_vjp(pair, dz[i, j], mode, mxu)
             dq[i], dk[j] = dq[i] + dqi, dk[j] + dkj
     if mode == "none":
         return dq, dk, [None] * parts
@@ -492,7 +516,8 @@ def output_backward(q, k, b, docs: Docs | None, h, v_new, do, *, scale: float, m
 
 
 def dvn_intra(q, k, b, docs: Docs | None, do, *, scale: float, mode: GateMode, mxu, parts: int) -> list:
-    """The output's cotangent of ``V'`` per tile: ``scale · Zᵀ dO``."""
+    """The output's cotangent of ``V'`` per tile: ``scale · Zᵀ dO`` (linear in Z, so a sum over
+    key-column blocks of q, k, b)."""
     z = score_blocks(q, k, b, docs, mode=mode, mxu=mxu, parts=parts)
     dot_ = split_rows(do, parts)
     return [

@@ -44,6 +44,7 @@ from pallas_kernels.gated_delta_rule.layout import (
     gate_inputs,
     key_chunk,
     leaving_cotangents,
+    load_col_tiles,
     load_doc_tiles,
     load_docs,
     load_rows,
@@ -116,24 +117,31 @@ def _state_kernel(w_ref, u_ref, k_ref, *refs, mode, has_docs, mxu, chunk, num_ch
     final_ref[...] = lax.fori_loop(0, num_chunks, body, s0_ref[...].astype(F32))
 
 
-def _output_kernel(q_ref, k_ref, h_ref, v_new_ref, *refs, mode, has_docs, mxu, scale, parts):
-    """The output of one chunk from its entering state and V'."""
+def _output_kernel(q_ref, k_ref, h_ref, v_new_ref, *refs, mode, has_docs, mxu, scale, parts, block_cols):
+    """The output of one chunk from its entering state and V'; per-channel gates walk the key
+    columns in blocks (the scores and ``(e^b ⊙ Q) S`` are sums over them)."""
     refs = list(refs)
     gate_ref, doc_refs = pop_gate_refs(refs, mode=mode, has_docs=has_docs)
     (o_ref,) = refs
-    o = common.output_forward(
-        load_tiles(q_ref, parts),
-        load_tiles(k_ref, parts),
-        load_tiles(gate_ref, parts),
-        load_doc_tiles(doc_refs, parts),
-        h_ref[...],
-        load_tiles(v_new_ref, parts),
-        scale=scale,
-        mode=mode,
-        mxu=mxu,
-        parts=parts,
-    )
-    store_tiles(o_ref, o)
+    docs = load_doc_tiles(doc_refs, parts)
+    width = min(block_cols, k_ref.shape[1]) if mode == "channel" else k_ref.shape[1]
+
+    def add_columns(j, carry):
+        z, inter = carry
+        start = pl.multiple_of(j * width, width)
+        q, k = load_col_tiles(q_ref, parts, start, width), load_col_tiles(k_ref, parts, start, width)
+        b = load_col_tiles(gate_ref, parts, start, width) if mode == "channel" else load_tiles(gate_ref, parts)
+        z = common.add_blocks(z, common.score_blocks(q, k, b, docs, mode=mode, mxu=mxu, parts=parts))
+        h_rows = h_ref[pl.ds(start, width), :]
+        inter = [
+            a + c for a, c in zip(inter, common.output_inter(q, b, docs, h_rows, mxu=mxu, parts=parts), strict=True)
+        ]
+        return z, inter
+
+    rows = q_ref.shape[0] // parts
+    init = (zero_blocks(parts, rows), [jnp.zeros((rows, v_new_ref.shape[1]), F32) for _ in range(parts)])
+    z, inter = lax.fori_loop(0, k_ref.shape[1] // width, add_columns, init)
+    store_tiles(o_ref, common.output_combine(z, inter, load_tiles(v_new_ref, parts), scale=scale, mxu=mxu))
 
 
 # ---- the three calls --------------------------------------------------------------------------
@@ -222,6 +230,7 @@ def output(q, k, b, docs, h, v_new, lay: Layout, statics: Statics, dtype):
         mxu=lay.mxu,
         scale=statics.scale,
         parts=lay.parts,
+        block_cols=statics.cfg.block_cols,
     )
     return pl.pallas_call(
         kernel,

@@ -52,20 +52,35 @@ from pallas_kernels.gated_delta_rule.layout import (
 )
 
 
-def _output_bwd_kernel(q_ref, k_ref, h_ref, v_new_ref, do_ref, *refs, mode, has_docs, mxu, scale, parts):
-    """The output's gradients of one chunk: dq (final), its share of dk and db, and ``dV'_intra``."""
+def _output_bwd_kernel(q_ref, k_ref, h_ref, v_new_ref, do_ref, *refs, mode, has_docs, mxu, scale, parts, block_cols):
+    """The output's gradients of one chunk: dq (final), its share of dk and db, and ``dV'_intra``;
+    per-channel gates walk the key columns in blocks."""
     refs = list(refs)
     gate_ref, doc_refs = pop_gate_refs(refs, mode=mode, has_docs=has_docs)
     dq_ref, dk_ref, dv_intra_ref, *db_ref = refs
-    q, k, v_new, do, b = (load_tiles(r, parts) for r in (q_ref, k_ref, v_new_ref, do_ref, gate_ref))
     docs = load_doc_tiles(doc_refs, parts)
+    do = load_tiles(do_ref, parts)
     kw = dict(scale=scale, mode=mode, mxu=mxu, parts=parts)
-    dq, dk, db = common.output_backward(q, k, b, docs, h_ref[...], v_new, do, **kw)
-    store_tiles(dq_ref, dq)
-    store_tiles(dk_ref, dk)
-    store_tiles(dv_intra_ref, common.dvn_intra(q, k, b, docs, do, **kw))
-    if db_ref:
-        store_tiles(db_ref[0], db)
+    dz = common.output_dz(load_tiles(v_new_ref, parts), do, scale=scale, mxu=mxu, parts=parts)
+    width = min(block_cols, k_ref.shape[1]) if mode == "channel" else k_ref.shape[1]
+
+    def columns(j, dv_intra):
+        start = pl.multiple_of(j * width, width)
+        q, k = load_col_tiles(q_ref, parts, start, width), load_col_tiles(k_ref, parts, start, width)
+        b = load_col_tiles(gate_ref, parts, start, width) if mode == "channel" else load_tiles(gate_ref, parts)
+        dq, dk, db = common.output_backward(q, k, b, docs, h_ref[pl.ds(start, width), :], dz, do, **kw)
+        store_col_tiles(dq_ref, dq, start)
+        store_col_tiles(dk_ref, dk, start)
+        if mode == "channel":
+            store_col_tiles(db_ref[0], db, start)
+        elif mode == "scalar":  # one column block (the whole row)
+            store_tiles(db_ref[0], db)
+        intra = common.dvn_intra(q, k, b, docs, do, **kw)
+        return [a + c for a, c in zip(dv_intra, intra, strict=True)]
+
+    rows = q_ref.shape[0] // parts
+    init = [jnp.zeros((rows, do_ref.shape[1]), F32) for _ in range(parts)]
+    store_tiles(dv_intra_ref, lax.fori_loop(0, k_ref.shape[1] // width, columns, init))
 
 
 def _state_bwd_kernel(
@@ -195,7 +210,13 @@ def output_backward(res: Residuals, do, lay: Layout, statics: Statics):
     has_docs = res.docs is not None
     gate_out = _gate_grad_shape(lay, res)
     kernel = functools.partial(
-        _output_bwd_kernel, mode=lay.mode, has_docs=has_docs, mxu=lay.mxu, scale=statics.scale, parts=lay.parts
+        _output_bwd_kernel,
+        mode=lay.mode,
+        has_docs=has_docs,
+        mxu=lay.mxu,
+        scale=statics.scale,
+        parts=lay.parts,
+        block_cols=statics.cfg.block_cols,
     )
     dq, dk, dv_intra, *db = pl.pallas_call(
         kernel,
