@@ -7,17 +7,25 @@ Computes exactly ``reference.recurrent`` (notes/design.md §6) per value head, w
 tensor cores), the output in q's dtype. The chunked WY form (Yang et al. 2024), chunks of C tokens:
 
 1. ``wy`` (chunk-parallel): ``A = strictly_lower(diag(β)(K Kᵀ ⊙ Γ))``, ``X = (I + A)⁻¹`` from 16×16
-   blocks, ``W = X (β e^b ⊙ K)``, ``U = X (β ⊙ V)``; nothing of it depends on the state.
+   blocks, ``W = X (β e^b ⊙ K)``, ``U = X (β ⊙ V)``; nothing of it depends on the state. The key
+   and value columns are walked in blocks (``cfg.block_cols``) to keep the live tiles small.
 2. ``state`` (one program per value block, row and value head; the sequential part): walks the
    chunks, ``h_c = S``, ``V'_c = U_c − W_c S``, ``S ← diag(γ_c) S + K̃_cᵀ V'_c``; writes every h_c,
    V' and the final state.
 3. ``output`` (chunk-parallel): ``O = scale · [(e^b ⊙ Q) h_c + (Q Kᵀ ⊙ Γ ⊙ causal) V'_c]``.
 
-The backward (``pallas_triton_vjp``) reads W, h and V' (saved) and mirrors it: a reverse state
-pass and one chunk-parallel kernel for every other gradient. Grouped value heads read their q/k
-head through the index maps; head dims are padded to a power of two ≥ 16 and the time axis to
-whole chunks (zero k, v, β and log gate: exact) outside the ``custom_vjp``. The chunk math is
-``common``; the block specs ``layout``.
+Segments (``cfg.segments`` > 1, LASP inside one GPU): the rows are cut into runs of whole chunks
+treated as rows of their own; a ``transition`` pass (the state pass over ``[U | 0]`` from
+``[0 | I]``, storing nothing per chunk) gives each run's ``(Φ, M)``, a float32 scan over runs their
+entering states, and the state pass starts each run from its own, so the sequential walk is
+``NC / segments`` chunks long with ``segments`` times the programs.
+
+The backward (``pallas_triton_vjp``) reads W, h and V' (saved) and mirrors it: the output's
+gradients first, a reverse state pass, then the state step's and WY form's gradients. Grouped value
+heads read their q/k head through the index maps; head dims are padded to a power of two ≥ 16 and
+the time axis to whole chunks × segments (zero k, v, β and log gate: exact) outside the
+``custom_vjp``. The chunk math is ``common``; the block specs ``layout``; the entry points split at
+the entering state (sequence parallelism) ``pallas_triton_split``.
 """
 
 from __future__ import annotations
