@@ -2,8 +2,10 @@
 
 ``lasp_attention`` takes global arrays and a mesh and wraps ``lasp_attention_shard`` in
 ``jax.shard_map``; ``lasp_attention_shard`` is the per-shard function for the inside of a user's
-own ``shard_map`` and knows only the name of the sequence axis. Without a mesh (or with a
-sequence axis of size 1) both are exactly ``pallas_kernels.linear_attention``.
+own ``shard_map`` and knows only the name of the sequence axis. Without a mesh (or with every
+axis the layer splits of size 1) both are exactly ``pallas_kernels.linear_attention``. A
+``head_axis`` (tensor parallelism) is a manual axis of the layer's ``shard_map`` too: each rank
+sees only its heads and nothing crosses that axis.
 
 Rank r of the sequence axis holds the contiguous tokens ``[r·L, (r+1)·L)`` with ``L = T / P``.
 There is no zig-zag (load-balancing) reordering: the prefix structure of the recurrence needs
@@ -16,10 +18,10 @@ from __future__ import annotations
 from typing import Literal
 
 import jax
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh
 
 from lasp_jax import baselines, lasp
-from lasp_jax.mesh import axes_tuple, check_mesh, mesh_size
+from lasp_jax.mesh import check_mesh, check_ulysses_heads, layer_shard_map, layer_specs, mesh_size
 from pallas_kernels import linear_attention
 from pallas_kernels.linear_attention.api import IMPLS, validate
 
@@ -71,6 +73,11 @@ def lasp_attention_shard(
     between documents, ``initial_state`` applies to each row's first document and ``final_state``
     is the state of its last one.
 
+    Heads are independent: where the caller's ``shard_map`` also splits the heads over a mesh axis
+    (tensor parallelism), every per-head argument is the local block of heads (q's ``H / tp`` heads,
+    k/v's ``Hk / tp``, their ``g``, ``g_gamma`` and ``initial_state``) and nothing here communicates
+    over that axis; ``strategy="ulysses"`` then needs the local ``H`` divisible by the sequence axis.
+
     Returns ``(o, final_state)``: o ``[B, L, H, E]`` for the local tokens; ``final_state`` the
     float32 state after the last token of the whole sequence, the same on every rank (None
     unless ``output_final_state``). Differentiable in every array argument.
@@ -108,6 +115,7 @@ def lasp_attention(
     mesh: Mesh | None,
     seq_axis: str = "sp",
     batch_axis: str | tuple[str, ...] | None = None,
+    head_axis: str | None = None,
     strategy: Strategy = "ring",
     g: jax.Array | None = None,
     g_gamma: jax.Array | None = None,
@@ -130,10 +138,17 @@ def lasp_attention(
 
     Args:
       q, k, v: ``[B, T, H, D]``, ``[B, T, Hk, D]``, ``[B, T, Hk, E]``, sharded or not.
-      mesh: the device mesh, or None for the single-device op (also used when the sequence
-        axis has size 1 and no batch axis is sharded).
+      mesh: the device mesh, or None for the single-device op (also used when every axis the
+        layer splits, sequence, batch and head, has size 1).
       seq_axis: mesh axis that splits T (contiguous blocks, no zig-zag).
       batch_axis: mesh axis (or tuple of axes) that splits B, or None (replicated batch).
+      head_axis: mesh axis that splits the heads (tensor parallelism), or None: q's H and k/v's Hk
+        heads split contiguously (each rank keeps whole groups of query heads with their key/value
+        head, so ``H`` and ``Hk`` must both divide over it), and with them ``g`` ``[B, T, H]``,
+        ``g_gamma`` ``[H]``, ``initial_state`` and ``final_state``. It is a manual axis of the
+        layer's ``shard_map``: nothing is gathered over it and o keeps its head sharding.
+        ``"ulysses"`` then all-to-alls each rank's ``H / mesh[head_axis]`` heads over the sequence
+        axis (they must divide by P).
       strategy: one of ``STRATEGIES``.
       g, g_gamma, scale, initial_state, output_final_state, impl: as in
         ``pallas_kernels.linear_attention``; ``impl`` picks the local kernel on every shard.
@@ -143,12 +158,14 @@ def lasp_attention(
         the state of its last one. Every strategy and every ``impl``.
 
     Returns:
-      ``(o, final_state)``: o ``[B, T, H, E]`` sharded like q; ``final_state`` float32
-      ``[B, H, D, E]`` (the state after the last token of the whole sequence) or None.
+      ``(o, final_state)``: o ``[B, T, H, E]`` sharded like q (heads over ``head_axis``);
+      ``final_state`` float32 ``[B, H, D, E]`` (the state after the last token of the whole
+      sequence) or None.
 
     Raises:
-      ValueError: a missing mesh axis, ``T % P != 0``, ``B`` not divisible over the batch axis,
-        an unknown strategy or impl, or any shape error of the single-device op.
+      ValueError: a missing mesh axis, a head axis equal to the sequence or a batch axis, ``T % P
+        != 0``, ``B`` not divisible over the batch axis, ``H`` or ``Hk`` not divisible over the head
+        axis, an unknown strategy or impl, or any shape error of the single-device op.
     """
     _check_options(strategy, impl)
     validate(q, k, v, g=g, g_gamma=g_gamma, initial_state=initial_state, segment_ids=segment_ids)
@@ -162,27 +179,33 @@ def lasp_attention(
     )
     if mesh is None:
         return linear_attention(q, k, v, impl=impl, **kwargs)
-    check_mesh(mesh, q.shape, seq_axis=seq_axis, batch_axis=batch_axis)
-    if mesh.shape[seq_axis] == 1 and mesh_size(mesh, batch_axis) == 1:
+    heads = {"H": q.shape[2], "Hk": k.shape[2]}
+    check_mesh(mesh, q.shape, seq_axis=seq_axis, batch_axis=batch_axis, head_axis=head_axis, heads=heads)
+    if strategy == "ulysses":
+        check_ulysses_heads(mesh, {"H": q.shape[2]}, seq_axis=seq_axis, head_axis=head_axis)
+    specs = layer_specs(seq_axis=seq_axis, batch_axis=batch_axis, head_axis=head_axis)
+    if mesh_size(mesh, specs.axes) == 1:
         return linear_attention(q, k, v, impl=impl, **kwargs)
 
-    batch = axes_tuple(batch_axis) or None
-    if batch is not None and len(batch) == 1:
-        batch = batch[0]
-    token_spec = PartitionSpec(batch, seq_axis)
-    specs = {
-        "q": token_spec,
-        "k": token_spec,
-        "v": token_spec,
-        "g": token_spec,
-        "segment_ids": token_spec,
-        "g_gamma": PartitionSpec(),
-        "initial_state": PartitionSpec(batch),
+    in_specs = {
+        "q": specs.tokens,
+        "k": specs.tokens,
+        "v": specs.tokens,
+        "g": specs.tokens,
+        "segment_ids": specs.ids,
+        "g_gamma": specs.per_head,
+        "initial_state": specs.state,
     }
-    named = (("q", q), ("k", k), ("v", v), ("g", g), ("g_gamma", g_gamma), ("segment_ids", segment_ids))
-    arrays = {n: x for n, x in named if x is not None}
-    if initial_state is not None:
-        arrays["initial_state"] = initial_state
+    named = {
+        "q": q,
+        "k": k,
+        "v": v,
+        "g": g,
+        "g_gamma": g_gamma,
+        "segment_ids": segment_ids,
+        "initial_state": initial_state,
+    }
+    arrays = {n: x for n, x in named.items() if x is not None}
 
     def per_shard(xs):
         return lasp_attention_shard(
@@ -200,19 +223,7 @@ def lasp_attention(
             impl=impl,
         )
 
-    out_specs = (token_spec, PartitionSpec(batch) if output_final_state else None)
-    # unchecked: interpret-mode Pallas has no varying-axes rules; lasp_attention_shard follows
-    # the unchecked convention for the replicated final state (see its docstring)
-    # when the mesh has other axes of size > 1, be manual only over the axes named here: an
-    # unchecked shard_map would otherwise all-reduce every cotangent over axes the layer never splits
-    used = (seq_axis, *axes_tuple(batch_axis))
-    others_split = any(size > 1 for name, size in mesh.shape.items() if name not in used)
-    partial_manual = {"axis_names": frozenset(used)} if others_split else {}
-    return jax.shard_map(
-        per_shard,
-        mesh=mesh,
-        in_specs=({n: specs[n] for n in arrays},),
-        out_specs=out_specs,
-        check_vma=False,
-        **partial_manual,
+    out_specs = (specs.tokens, specs.state if output_final_state else None)
+    return layer_shard_map(
+        per_shard, mesh, in_specs=({n: in_specs[n] for n in arrays},), out_specs=out_specs, axes=specs.axes
     )(arrays)

@@ -12,7 +12,8 @@ the node) and data group j the strided devices ``{j, j+sp, j+2·sp, ...}``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -151,15 +152,22 @@ def mesh_size(mesh: Mesh, axes) -> int:
     return n
 
 
-def check_mesh(mesh: Mesh, shape, *, seq_axis, batch_axis):
-    """Raise ValueError when an axis is missing or a dimension does not divide over it."""
+def check_mesh(mesh: Mesh, shape, *, seq_axis, batch_axis, head_axis=None, heads: Mapping[str, int] | None = None):
+    """Raise ValueError when an axis is missing, two roles share an axis, or a dimension does not
+    divide over its axes. ``heads``: every head count that ``head_axis`` splits, by name (e.g.
+    ``{"H": 8, "Hk": 2}``); default ``{"H": shape[2]}``."""
     b, t = shape[:2]
     names = tuple(mesh.axis_names)
-    for role, axis in (("seq_axis", seq_axis), *(("batch_axis", a) for a in axes_tuple(batch_axis))):
+    roles = (("seq_axis", seq_axis), *(("batch_axis", a) for a in axes_tuple(batch_axis)))
+    for role, axis in (*roles, *((("head_axis", head_axis),) if head_axis is not None else ())):
         if axis not in names:
             raise ValueError(f"{role}={axis!r} is not an axis of the mesh: mesh.axis_names={names}")
     if seq_axis in axes_tuple(batch_axis):
         raise ValueError(f"seq_axis={seq_axis!r} cannot also be a batch axis: batch_axis={batch_axis!r}")
+    if head_axis is not None and (head_axis == seq_axis or head_axis in axes_tuple(batch_axis)):
+        raise ValueError(
+            f"head_axis={head_axis!r} must differ from seq_axis={seq_axis!r} and batch_axis={batch_axis!r}"
+        )
     sp, dp = mesh.shape[seq_axis], mesh_size(mesh, batch_axis)
     if t % sp:
         raise ValueError(
@@ -170,3 +178,72 @@ def check_mesh(mesh: Mesh, shape, *, seq_axis, batch_axis):
         raise ValueError(
             f"the batch must divide over the batch axis: B={b}, {batch_axis!r} has {dp} devices (B % {dp} = {b % dp})"
         )
+    if head_axis is None:
+        return
+    heads = {"H": shape[2]} if heads is None else dict(heads)
+    tp = mesh.shape[head_axis]
+    if any(n % tp for n in heads.values()):
+        counts = ", ".join(f"{name}={n}" for name, n in heads.items())
+        raise ValueError(
+            f"the heads must divide over the head axis: {counts}, mesh.shape[{head_axis!r}]={tp} "
+            "(each rank of the head axis keeps whole groups of query heads with their key/value heads)"
+        )
+
+
+def check_ulysses_heads(mesh: Mesh, heads: Mapping[str, int], *, seq_axis, head_axis):
+    """``strategy="ulysses"`` under a head axis all-to-alls each rank's ``n / tp`` local heads over the
+    sequence axis: raise ValueError unless they divide over it (``head_axis`` None: nothing to check
+    here, the per-shard function checks the heads it sees)."""
+    if head_axis is None:
+        return
+    tp, sp = mesh.shape[head_axis], mesh.shape[seq_axis]
+    if any((n // tp) % sp for n in heads.values()):
+        counts = ", ".join(f"{name}={n}" for name, n in heads.items())
+        raise ValueError(
+            f"strategy='ulysses' all-to-alls each rank's local heads over the sequence axis: the heads divided by "
+            f"mesh.shape[{head_axis!r}]={tp} must divide by mesh.shape[{seq_axis!r}]={sp}, got {counts}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpecs:
+    """PartitionSpecs of a sequence-parallel layer's arguments (notes/design.md §3).
+
+    ``tokens``: ``[B, T, heads, ...]`` (q, k, v, per-token gates, outputs); ``ids``: ``[B, T]``
+    (segment ids); ``per_head``: ``[H]`` (``g_gamma``); ``state``: ``[B, H, D, E]`` (initial and
+    final states). ``axes``: the mesh axes the layer splits (its shard_map's manual axes).
+    """
+
+    tokens: PartitionSpec
+    ids: PartitionSpec
+    per_head: PartitionSpec
+    state: PartitionSpec
+    axes: tuple[str, ...]
+
+
+def layer_specs(*, seq_axis, batch_axis, head_axis=None) -> LayerSpecs:
+    """The specs of a layer whose batch splits over ``batch_axis``, sequence over ``seq_axis`` and
+    heads over ``head_axis`` (None: replicated)."""
+    batch = axes_tuple(batch_axis) or None
+    if batch is not None and len(batch) == 1:
+        batch = batch[0]
+    return LayerSpecs(
+        tokens=PartitionSpec(batch, seq_axis, head_axis),
+        ids=PartitionSpec(batch, seq_axis),
+        per_head=PartitionSpec(head_axis),
+        state=PartitionSpec(batch, head_axis),
+        axes=(seq_axis, *axes_tuple(batch_axis), *axes_tuple(head_axis)),
+    )
+
+
+def layer_shard_map(fn, mesh: Mesh, *, in_specs, out_specs, axes):
+    """``jax.shard_map`` of a layer's per-shard function, manual over the mesh axes it splits.
+
+    Unchecked: interpret-mode Pallas has no varying-axes rules (the per-shard functions follow the
+    unchecked convention for a state replicated over the sequence axis). Manual over ``axes`` only
+    when the mesh splits others too: an unchecked shard_map would otherwise all-reduce every
+    cotangent over axes the layer never splits; those stay automatic and keep their sharding.
+    """
+    others_split = any(size > 1 for name, size in mesh.shape.items() if name not in axes)
+    partial_manual = {"axis_names": frozenset(axes)} if others_split else {}
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False, **partial_manual)

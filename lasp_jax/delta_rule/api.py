@@ -19,10 +19,10 @@ from __future__ import annotations
 from typing import Literal
 
 import jax
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh
 
 from lasp_jax.delta_rule.layer import delta_rule_layer
-from lasp_jax.mesh import axes_tuple, check_mesh, mesh_size
+from lasp_jax.mesh import check_mesh, check_ulysses_heads, layer_shard_map, layer_specs, mesh_size
 from lasp_jax.state_passing import broadcast_from, varying_axes
 from pallas_kernels import gated_delta_rule
 from pallas_kernels.gated_delta_rule.api import check_impl, validate
@@ -135,22 +135,6 @@ def lasp_gated_delta_rule_shard(
     return layer(q, k, v, beta, axis_name=axis_name, size=size, **kwargs)
 
 
-def _check_head_axis(mesh: Mesh, head_axis, *, seq_axis, batch_axis, h, hv):
-    if head_axis is None:
-        return
-    if head_axis not in mesh.axis_names:
-        raise ValueError(
-            f"head_axis={head_axis!r} is not an axis of the mesh: mesh.axis_names={tuple(mesh.axis_names)}"
-        )
-    if head_axis == seq_axis or head_axis in axes_tuple(batch_axis):
-        raise ValueError(
-            f"head_axis={head_axis!r} must differ from seq_axis={seq_axis!r} and batch_axis={batch_axis!r}"
-        )
-    n = mesh.shape[head_axis]
-    if h % n or hv % n:
-        raise ValueError(f"the heads must divide over the head axis: H={h}, Hv={hv}, mesh.shape[{head_axis!r}]={n}")
-
-
 def lasp_gated_delta_rule(
     q: jax.Array,
     k: jax.Array,
@@ -209,23 +193,17 @@ def lasp_gated_delta_rule(
     )
     if mesh is None:
         return gated_delta_rule(q, k, v, beta, **kwargs)
-    check_mesh(mesh, q.shape, seq_axis=seq_axis, batch_axis=batch_axis)
-    _check_head_axis(mesh, head_axis, seq_axis=seq_axis, batch_axis=batch_axis, h=q.shape[2], hv=v.shape[2])
-    used = (seq_axis, *axes_tuple(batch_axis), *axes_tuple(head_axis))
-    if mesh_size(mesh, used) == 1:
+    heads = {"H": q.shape[2], "Hv": v.shape[2]}
+    check_mesh(mesh, q.shape, seq_axis=seq_axis, batch_axis=batch_axis, head_axis=head_axis, heads=heads)
+    if strategy == "ulysses":
+        check_ulysses_heads(mesh, heads, seq_axis=seq_axis, head_axis=head_axis)
+    specs = layer_specs(seq_axis=seq_axis, batch_axis=batch_axis, head_axis=head_axis)
+    if mesh_size(mesh, specs.axes) == 1:
         return gated_delta_rule(q, k, v, beta, **kwargs)
 
-    batch = axes_tuple(batch_axis) or None
-    if batch is not None and len(batch) == 1:
-        batch = batch[0]
-    token_spec = PartitionSpec(batch, seq_axis, head_axis)
-    state_spec = PartitionSpec(batch, head_axis)
     named = {"q": q, "k": k, "v": v, "beta": beta, "g": g, "segment_ids": segment_ids, "initial_state": initial_state}
     arrays = {n: x for n, x in named.items() if x is not None}
-    specs = {n: token_spec for n in _TOKEN_ARGS} | {
-        "segment_ids": PartitionSpec(batch, seq_axis),
-        "initial_state": state_spec,
-    }
+    in_specs = {n: specs.tokens for n in _TOKEN_ARGS} | {"segment_ids": specs.ids, "initial_state": specs.state}
 
     def per_shard(xs):
         return lasp_gated_delta_rule_shard(
@@ -243,16 +221,7 @@ def lasp_gated_delta_rule(
             impl=impl,
         )
 
-    # unchecked: interpret-mode Pallas has no varying-axes rules (see lasp_gated_delta_rule_shard
-    # for the replicated final state); manual only over the axes named here, so an unchecked
-    # shard_map does not all-reduce cotangents over axes the layer never splits
-    others_split = any(size > 1 for name, size in mesh.shape.items() if name not in used)
-    partial_manual = {"axis_names": frozenset(used)} if others_split else {}
-    return jax.shard_map(
-        per_shard,
-        mesh=mesh,
-        in_specs=({n: specs[n] for n in arrays},),
-        out_specs=(token_spec, state_spec if output_final_state else None),
-        check_vma=False,
-        **partial_manual,
+    out_specs = (specs.tokens, specs.state if output_final_state else None)
+    return layer_shard_map(
+        per_shard, mesh, in_specs=({n: in_specs[n] for n in arrays},), out_specs=out_specs, axes=specs.axes
     )(arrays)

@@ -53,9 +53,9 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh
 
-from lasp_jax.mesh import check_mesh
+from lasp_jax.mesh import check_mesh, layer_shard_map, layer_specs
 from lasp_jax.softmax.allgather import DpaStatics, allgather_attention, dpa_attention, local_documents
 from lasp_jax.softmax.deal import Statics
 from lasp_jax.softmax.ring import ring_attention
@@ -85,6 +85,7 @@ def softmax_attention(
     mesh: Mesh | None,
     seq_axis: str = "sp",
     batch_axis: str | tuple[str, ...] | None = None,
+    head_axis: str | None = None,
     strategy: Strategy = "allgather",
     scale: float | None = None,
     impl: Impl = "auto",
@@ -101,6 +102,10 @@ def softmax_attention(
       mesh: the device mesh; ``None`` runs single-device causal attention.
       seq_axis: mesh axis the time dimension is split over (contiguous blocks, rank order).
       batch_axis: mesh axis (or tuple of axes) the batch is split over, or None (replicated over it).
+      head_axis: mesh axis the heads are split over (tensor parallelism), or None: H and Hk split
+        contiguously (each rank keeps whole groups of query heads with their key/value head, so
+        both must divide over it); a manual axis of the layer's ``shard_map``, so nothing is
+        gathered over it and the output keeps its head sharding.
       strategy: ``"allgather"`` (LASP-2H) or ``"ring"`` (RingAttention).
       scale: multiplies the logits; defaults to ``D ** -0.5``.
       impl: local block compute: ``"auto"`` (``"pallas"`` on a GPU for bf16/fp16/fp32 input, both
@@ -123,15 +128,16 @@ def softmax_attention(
         (as in ``lasp_attention``: equal ids in two separate runs are two documents).
 
     Returns:
-      ``o`` ``[B, T, H, E]`` in q's dtype, sharded like q under ``mesh``.
+      ``o`` ``[B, T, H, E]`` in q's dtype, sharded like q under ``mesh`` (heads over ``head_axis``).
     """
     validate(q, k, v, segment_ids=segment_ids)
     _check_choice(strategy=strategy, impl=impl, block_size=block_size, balance=balance)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     if mesh is None:
         return causal_attention(q, k, v, scale=scale, impl=impl, block_size=block_size, segment_ids=segment_ids)
-    check_mesh(mesh, q.shape, seq_axis=seq_axis, batch_axis=batch_axis)
-    spec = PartitionSpec(batch_axis, seq_axis)
+    heads = {"H": q.shape[2], "Hk": k.shape[2]}
+    check_mesh(mesh, q.shape, seq_axis=seq_axis, batch_axis=batch_axis, head_axis=head_axis, heads=heads)
+    specs = layer_specs(seq_axis=seq_axis, batch_axis=batch_axis, head_axis=head_axis)
     shard_fn = functools.partial(
         _shard_with_ids,
         axis_name=seq_axis,
@@ -141,8 +147,10 @@ def softmax_attention(
         block_size=block_size,
         balance=balance,
     )
-    args = (q, k, v) if segment_ids is None else (q, k, v, segment_ids)
-    return jax.shard_map(shard_fn, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec, check_vma=False)(*args)
+    args, in_specs = (q, k, v), (specs.tokens,) * 3
+    if segment_ids is not None:
+        args, in_specs = (*args, segment_ids), (*in_specs, specs.ids)
+    return layer_shard_map(shard_fn, mesh, in_specs=in_specs, out_specs=specs.tokens, axes=specs.axes)(*args)
 
 
 def _shard_with_ids(q, k, v, *ids, **keywords):
@@ -168,7 +176,9 @@ def softmax_attention_shard(
     q ``[B, L, H, D]``, k ``[B, L, Hk, D]``, v ``[B, L, Hk, E]`` are this rank's contiguous slice
     ``[r·L, (r+1)·L)`` of the sequence, r the index along ``axis_name``. Returns the local
     ``[B, L, H, E]`` output; ``segment_ids`` is the local ``[B, L]`` slice. Arguments as in
-    ``softmax_attention``.
+    ``softmax_attention``. Where the caller's ``shard_map`` also splits the heads (tensor
+    parallelism), q, k, v hold the local heads (``H / tp`` and ``Hk / tp``, whole query groups) and
+    nothing here communicates over that axis.
     """
     validate(q, k, v, segment_ids=segment_ids)
     _check_choice(strategy=strategy, impl=impl, block_size=block_size, balance=balance)
