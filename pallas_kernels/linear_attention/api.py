@@ -128,16 +128,15 @@ def linear_attention(
             interpret=interpret_pallas(),
         )
     else:
-        log_decay = g
-        if g_gamma is not None:
-            log_decay = jnp.broadcast_to(g_gamma, q.shape[:3])
-        fn = {
-            "xla": xla.linear_attention,
-            "reference": reference.recurrent,
-            "reference_quadratic": reference.quadratic,
-        }[impl]
         doc_ids = None if segment_ids is None else reference.document_index(segment_ids)
-        o, final = fn(q, k, v, log_decay, scale=scale, initial_state=initial_state, doc_ids=doc_ids)
+        if impl == "xla":  # g_gamma stays [H]: the chunked path forms its decays in closed form
+            o, final = xla.linear_attention(
+                q, k, v, g, scale=scale, initial_state=initial_state, doc_ids=doc_ids, gamma=g_gamma
+            )
+        else:
+            log_decay = g if g_gamma is None else jnp.broadcast_to(g_gamma, q.shape[:3])
+            fn = {"reference": reference.recurrent, "reference_quadratic": reference.quadratic}[impl]
+            o, final = fn(q, k, v, log_decay, scale=scale, initial_state=initial_state, doc_ids=doc_ids)
     state_dtype = jnp.float64 if final.dtype == jnp.float64 else jnp.float32
     return o.astype(q.dtype), (final.astype(state_dtype) if output_final_state else None)
 

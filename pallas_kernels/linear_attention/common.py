@@ -37,7 +37,8 @@ class Statics:
       cfg: the tiling.
       interpret: run the kernels in the Pallas interpreter.
       last_token: with a decay, the last real token, whose own ``kᵀ v`` is kept out of the saved
-        final state (the decay gradient needs the state before it); -1 without a decay.
+        final state (the decay gradient needs the state before it), and where a constant decay
+        stops in a row padded to whole chunks; -1 without a decay.
     """
 
     scale: float
@@ -61,18 +62,25 @@ def compiler_params(cfg: BlockConfig, *, backward: bool = False):
 # ---- chunk math inside the kernels ----------------------------------------------------------
 
 
-def chunk_decay(decay_ref, t0, *, chunk: int, mode: DecayMode):
+def chunk_decay(decay_ref, t0, *, chunk: int, mode: DecayMode, last_token: int = -1):
     """(b, b_last): the chunk's inclusive cumulative log decay ``[C]`` and its last entry.
 
     ``decay_ref`` holds the chunk-local cumulative sums of g (mode "g") or the head's constant
-    log decay (mode "gamma"); mode "none" has no decay and returns ``(None, None)``.
+    log decay (mode "gamma"); mode "none" has no decay and returns ``(None, None)``. Mode "gamma"
+    forms them in closed form, ``gamma · (t − t0 + 1)`` from iotas (never a cumulative sum of a
+    T-long constant); with ``last_token`` ≥ 0 the positions stop at it, so the padding after the
+    last real token does not decay.
     """
     if mode == "none":
         return None, None
     pos = lax.broadcasted_iota(jnp.int32, (chunk,), 0)
     if mode == "gamma":
         gamma = decay_ref[...].astype(F32)
-        return gamma * (pos + 1).astype(F32), gamma * chunk
+        if last_token < 0:
+            return gamma * (pos + 1).astype(F32), gamma * chunk
+        steps = jnp.minimum(t0 + pos, last_token) - t0 + 1
+        last_steps = jnp.minimum(t0 + chunk - 1, last_token) - t0 + 1
+        return gamma * steps.astype(F32), gamma * last_steps.astype(F32)
     b = decay_ref[pl.ds(t0, chunk)]
     return b, jnp.sum(jnp.where(pos == chunk - 1, b, 0.0))
 
@@ -161,6 +169,7 @@ class ChunkWalk:
     mode: DecayMode
     mxu_dtype: object
     has_docs: bool
+    last_token: int = -1  # ≥ 0: the last real token of a padded row, where a constant decay stops
 
     def split_bounds(self):
         """(first chunk, number of chunks) of the split this program handles."""
@@ -174,7 +183,7 @@ class ChunkWalk:
         return decay_ref, doc_refs
 
     def decay(self, decay_ref, t0):
-        return chunk_decay(decay_ref, t0, chunk=self.chunk, mode=self.mode)
+        return chunk_decay(decay_ref, t0, chunk=self.chunk, mode=self.mode, last_token=self.last_token)
 
     def docs(self, doc_refs, t0) -> Docs | None:
         return chunk_docs(doc_refs, t0, chunk=self.chunk)
@@ -196,9 +205,19 @@ class Layout:
         self.num_chunks = self.seq_len // self.chunk
         self.num_splits, self.per_split = splits(self.num_chunks, self.batch * self.heads, cfg.min_programs)
 
-    def walk(self, mode: DecayMode, dtype, *, has_docs: bool) -> ChunkWalk:
-        """The ``ChunkWalk`` of this call's kernels for inputs of ``dtype``."""
-        return ChunkWalk(self.chunk, self.per_split, self.num_chunks, mode, mxu_dtype(dtype), has_docs)
+    def walk(self, mode: DecayMode, dtype, *, has_docs: bool, last_token: int = -1) -> ChunkWalk:
+        """The ``ChunkWalk`` of this call's kernels for inputs of ``dtype``; ``last_token`` the last
+        real token (a constant decay stops there; only a padded row needs it)."""
+        padded = 0 <= last_token < self.seq_len - 1
+        return ChunkWalk(
+            self.chunk,
+            self.per_split,
+            self.num_chunks,
+            mode,
+            mxu_dtype(dtype),
+            has_docs,
+            last_token if padded else -1,
+        )
 
     def seq_spec(self, width: int, *, kv: bool = False, block: int | None = None):
         """Whole-sequence ``[T, width]`` view of a ``[B, T, heads, ·]`` array for a program.
@@ -248,13 +267,15 @@ def decay_inputs(g, gamma, docs, lay: Layout, mode: DecayMode):
     return decay + list(docs or ()), [lay.decay_spec(mode)] * len(decay) + lay.doc_specs(docs)
 
 
-def split_log_decay(g, gamma, lay: Layout, docs=None):
+def split_log_decay(g, gamma, lay: Layout, docs=None, *, last_token: int = -1):
     """Log decay across each split ``[B, H, splits]`` (zeros without decay); −inf (a zero
-    factor) across a split that holds a document boundary."""
+    factor) across a split that holds a document boundary. A constant ``gamma`` decays the
+    split's tokens up to ``last_token`` (default: the whole padded row)."""
     tokens = lay.per_split * lay.chunk
     shape = (lay.batch, lay.heads, lay.num_splits)
     if gamma is not None:
-        counts = jnp.minimum(tokens, lay.seq_len - tokens * jnp.arange(lay.num_splits))
+        length = lay.seq_len if last_token < 0 else last_token + 1
+        counts = jnp.minimum(tokens, length - tokens * jnp.arange(lay.num_splits))
         log = jnp.broadcast_to(gamma[:, None] * counts, shape)
     elif g is None:
         log = jnp.zeros(shape, F32)

@@ -120,7 +120,7 @@ def _split_states(q, k, v, g, gamma, docs, statics: Statics):
     d, e = lay.dim, lay.value_dim
     block_e = min(statics.cfg.block_e, e)
     decay, decay_specs = decay_inputs(g, gamma, docs, lay, statics.mode)
-    walk = lay.walk(statics.mode, q.dtype, has_docs=docs is not None)
+    walk = lay.walk(statics.mode, q.dtype, has_docs=docs is not None, last_token=statics.last_token)
     return pl.pallas_call(
         functools.partial(_split_state_kernel, walk=walk, last_token=statics.last_token),
         grid=lay.grid(e // block_e),
@@ -148,8 +148,8 @@ def _outputs(q, k, v, g, gamma, docs, local, s0, statics: Statics):
     d, e = lay.dim, lay.value_dim
     block_e = min(statics.cfg.block_e, e)
     decay, decay_specs = decay_inputs(g, gamma, docs, lay, statics.mode)
-    walk = lay.walk(statics.mode, q.dtype, has_docs=docs is not None)
-    split_log = split_log_decay(g, gamma, lay, docs)
+    walk = lay.walk(statics.mode, q.dtype, has_docs=docs is not None, last_token=statics.last_token)
+    split_log = split_log_decay(g, gamma, lay, docs, last_token=statics.last_token)
     states = state_scan(local, split_log, s0, reverse=False, interpret=statics.interpret)
     o = pl.pallas_call(
         functools.partial(_chunk_output_kernel, walk=walk, scale=statics.scale),
@@ -269,11 +269,8 @@ def _statics(q, k, v, g, g_gamma, *, scale, interpret, config) -> Statics:
     if not supports(q, k, v):
         raise ValueError(f"inputs too large for int32 offsets: q.shape={tuple(q.shape)}, v.shape={tuple(v.shape)}")
     cfg = config or default_config(batch=b, heads=h, seq_len=t, interpret=interpret)
-    mode: DecayMode = "none"
-    if g_gamma is not None and t % cfg.chunk == 0:
-        mode = "gamma"
-    elif g_gamma is not None or g is not None:
-        mode = "g"  # a padded tail must not decay the final state: the constant decay per token
+    # a constant decay stays [H] at any T (the kernels stop it at the last real token)
+    mode: DecayMode = "gamma" if g_gamma is not None else "g" if g is not None else "none"
     # with a decay, the last token's own kᵀv is kept out of the saved final state (see _forward)
     last_token = t - 1 if mode != "none" else -1
     scale = float(d**-0.5 if scale is None else scale)
@@ -297,8 +294,7 @@ def _padded_inputs(q, k, v, g, g_gamma, initial_state, statics: Statics):
     if statics.mode == "gamma":
         gamma = g_gamma.astype(F32)
     elif statics.mode == "g":
-        g = jnp.broadcast_to(g_gamma.astype(F32), (b, t, h)) if g is None else g.astype(F32)
-        gt = jnp.pad(jnp.swapaxes(g, 1, 2), ((0, 0), (0, 0), (0, tp - t)))
+        gt = jnp.pad(jnp.swapaxes(g.astype(F32), 1, 2), ((0, 0), (0, 0), (0, tp - t)))
     if initial_state is None:
         s0 = jnp.zeros((b, h, dp, ep), F32)
     else:
@@ -373,7 +369,7 @@ def split_forward(q, k, v, *, g=None, g_gamma=None, scale=None, segment_ids=None
     (qp, kp, vp, gt, gamma), unpad = jax.vjp(pad, q, k, v, g, g_gamma)
     docs = _document_rows(segment_ids, qp.shape[1])
     lay = Layout(qp, kp, vp, statics.cfg)
-    split_log = split_log_decay(gt, gamma, lay, docs)
+    split_log = split_log_decay(gt, gamma, lay, docs, last_token=statics.last_token)
     local = _split_states(qp, kp, vp, gt, gamma, docs, statics)
     # M = Σ_s exp(l_{s+1} + … + l_{S-1}) local[s]: suffix sums, never differences (l may be −inf)
     after = jnp.flip(jnp.cumsum(jnp.flip(split_log[..., 1:], -1), -1), -1)

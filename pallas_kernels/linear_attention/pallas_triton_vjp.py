@@ -162,7 +162,8 @@ def _setup(q, k, v, g, gamma, docs, statics: Statics):
     """(layout, chunk walk, decay and document inputs, their specs) of one backward call."""
     lay = Layout(q, k, v, statics.cfg)
     decay, decay_specs = decay_inputs(g, gamma, docs, lay, statics.mode)
-    return lay, lay.walk(statics.mode, q.dtype, has_docs=docs is not None), decay, decay_specs
+    walk = lay.walk(statics.mode, q.dtype, has_docs=docs is not None, last_token=statics.last_token)
+    return lay, walk, decay, decay_specs
 
 
 def _token_spec(t):
@@ -220,7 +221,7 @@ def finish(q, k, v, g, gamma, docs, states, do, d_final, stage: DqStage, *, stat
 
     # 2. state cotangents entering each split from the right: d_states[s] for s = 0 … num_splits,
     # where d_states[0] is the initial state's gradient and d_states[s + 1] leaves split s
-    split_log = split_log_decay(g, gamma, lay, docs)
+    split_log = split_log_decay(g, gamma, lay, docs, last_token=statics.last_token)
     d_states = state_scan(dm, split_log, d_final, reverse=True, interpret=statics.interpret)
 
     # 3. dk, dv per query head
@@ -291,6 +292,6 @@ def finish(q, k, v, g, gamma, docs, states, do, d_final, stage: DqStage, *, stat
         dg_all = jnp.flip(jnp.cumsum(jnp.flip(d_log, -1), axis=-1), -1) + final_term[..., None]
         if mode == "g":
             dg = dg_all
-        else:
-            dgamma = dg_all.sum((0, 2))
+        else:  # the padding after the last real token does not decay: its terms are not gamma's
+            dgamma = dg_all[..., : statics.last_token + 1].sum((0, 2))
     return dq, dk, dv, dg, dgamma, d_states[:, :, 0]

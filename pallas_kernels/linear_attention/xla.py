@@ -6,7 +6,9 @@ updates that state (notes/design.md §1). Per-chunk states are never stacked in 
 makes this path fast on CPUs with little memory bandwidth. Tensors are laid out as
 ``[N, B, Hk, G, C, ·]`` (G = H // Hk query heads per key head), so keys and values are never
 repeated. Gradients come from autodiff; each step is rematerialised, so the backward stores only
-the state entering each chunk.
+the state entering each chunk. A constant per-head decay (``gamma``) never becomes a T-long
+array: each step forms its chunk's cumulative log decay as ``gamma · (position + 1)`` from the
+chunk's start, so no cumulative sum of a long broadcast constant is left for XLA to fold.
 """
 
 from __future__ import annotations
@@ -61,8 +63,24 @@ def _chunk_step(state, chunk, *, scale, causal):
     return new_state, scale * o
 
 
-def linear_attention(q, k, v, log_decay=None, *, scale, initial_state=None, doc_ids=None, chunk_size=DEFAULT_CHUNK):
-    """Same contract as ``reference.recurrent``; returns ``(o, final_state)`` in float32."""
+def gamma_cumsum(gamma, start, *, chunk: int, length: int):
+    """The chunk-local inclusive cumulative log decay of a constant per-head ``gamma`` for the
+    chunk that starts at token ``start``: ``gamma · (min(t, length − 1) − start + 1)``, ``[..., chunk]``
+    (the padding after token ``length − 1`` does not decay)."""
+    pos = jnp.minimum(start + jnp.arange(chunk), length - 1) - start + 1
+    return gamma[..., None] * pos.astype(gamma.dtype)
+
+
+def linear_attention(
+    q, k, v, log_decay=None, *, scale, initial_state=None, doc_ids=None, gamma=None, chunk_size=DEFAULT_CHUNK
+):
+    """Same contract as ``reference.recurrent``; returns ``(o, final_state)`` in float32.
+
+    ``gamma [H]``: a constant per-head log decay in place of ``log_decay`` (its cumulative sums in
+    closed form, see ``gamma_cumsum``).
+    """
+    if log_decay is not None and gamma is not None:
+        raise ValueError("pass log_decay or gamma, not both")
     b, t, h, d = q.shape
     hk, e = k.shape[2], v.shape[-1]
     grp = h // hk
@@ -83,6 +101,7 @@ def linear_attention(q, k, v, log_decay=None, *, scale, initial_state=None, doc_
     cum = None
     if log_decay is not None:
         cum = jnp.cumsum(chunks(log_decay.reshape(b, t, hk, grp, 1))[..., 0], axis=-1)
+    starts = jnp.arange(n) * c  # each chunk's first token (an iota, not a T-long constant)
 
     docs = None
     if doc_ids is not None:
@@ -96,10 +115,15 @@ def linear_attention(q, k, v, log_decay=None, *, scale, initial_state=None, doc_
         s0 = initial_state.astype(f32).reshape(b, hk, grp, d, e)
     causal = jnp.tril(jnp.ones((c, c), bool))
 
+    gamma_f = None if gamma is None else gamma.astype(f32).reshape(1, hk, grp)
+
     @jax.checkpoint
     def step(state, chunk):
-        return _chunk_step(state, chunk, scale=scale, causal=causal)
+        q, k, v, cum, docs, start = chunk
+        if gamma_f is not None:
+            cum = gamma_cumsum(gamma_f, start, chunk=c, length=t)
+        return _chunk_step(state, (q, k, v, cum, docs), scale=scale, causal=causal)
 
-    final, o = jax.lax.scan(step, s0, (qc, kc, vc, cum, docs))
+    final, o = jax.lax.scan(step, s0, (qc, kc, vc, cum, docs, starts))
     o = jnp.moveaxis(o, (0, 4), (1, 2)).reshape(b, n * c, h, e)[:, :t]
     return o, final.reshape(b, h, d, e)
