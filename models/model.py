@@ -17,6 +17,7 @@ from flax import nnx
 from models.config import ModelConfig
 from models.delta_layers import DELTA_MIXERS, DeltaRuleMixer
 from models.layers import SINGLE_DEVICE, Dense, Embed, LaspContext, LinearAttention, Mlp, Norm, SoftmaxAttention
+from models.loss import cross_entropy_sum, head_logits
 
 Array = jax.Array
 
@@ -114,14 +115,12 @@ class LanguageModel(nnx.Module):
         return self.final_norm(x), (states if return_states else None)
 
     def logits(self, hidden: Array) -> Array:
-        """float32 logits of hidden states (the tied embedding or the head)."""
-        if self.config.tie_embeddings:
-            return self.embed.attend(hidden)
-        return jnp.dot(
-            hidden.astype(self.head.dtype),
-            self.head.kernel[...].astype(self.head.dtype),
-            preferred_element_type=jnp.float32,
-        )
+        """float32 logits of hidden states: products in the compute dtype (``models.loss.head_logits``)."""
+        return head_logits(hidden, self.head_weight(), tied=self.config.tie_embeddings, dtype=self.embed.dtype)
+
+    def head_weight(self) -> Array:
+        """The output head: the ``[V, d]`` embedding table when tied, else the ``[d, V]`` kernel."""
+        return self.embed.table[...] if self.config.tie_embeddings else self.head.kernel[...]
 
     def __call__(self, tokens: Array, ctx: LaspContext = SINGLE_DEVICE, *, remat: str = "none") -> Array:
         return self.logits(self.hidden(tokens, ctx, remat=remat)[0])
@@ -212,37 +211,23 @@ def lm_loss(
     boundary: the loss sum equals that of each document run alone.
 
     With ``loss_chunks = k > 1`` the ``[B, T, V]`` logits are never materialised at once: tokens
-    ``t ≡ j (mod k)`` form chunk j (strided, so each chunk stays sharded over the sequence axis),
-    and each chunk's logits are recomputed in the backward.
+    ``t ≡ j (mod k)`` form chunk j (strided, so each chunk stays sharded over the sequence axis).
+    The head and the loss are ``models.loss.cross_entropy_sum``: bf16 products with float32
+    accumulation, gradients formed chunk by chunk in the forward pass, no logits kept.
     """
     segment_ids = None if eod_token is None else document_ids(tokens, eod_token)
     h, _ = model.hidden(tokens, ctx, remat=remat, segment_ids=segment_ids)
-    b, t, d = h.shape
     mask = targets >= 0
     if eod_token is not None:
         mask = mask & (tokens != eod_token)
-    safe = jnp.where(mask, targets, 0)
-
-    def chunk_loss(h_chunk, y_chunk, m_chunk):
-        logits = model.logits(h_chunk)
-        picked = jnp.take_along_axis(logits, y_chunk[..., None], axis=-1)[..., 0]
-        return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * m_chunk)
-
-    if loss_chunks <= 1:
-        total = chunk_loss(h, safe, mask)
-    else:
-        if t % loss_chunks:
-            raise ValueError(f"seq_len={t} must be a multiple of loss_chunks={loss_chunks}")
-
-        # [B, T/k, k, ·] -> [k, B, T/k, ·]: position i·k + j goes to chunk j, row block i keeps its shard
-        def split(x):
-            return jnp.moveaxis(x.reshape(b, t // loss_chunks, loss_chunks, *x.shape[2:]), 2, 0)
-
-        step = jax.checkpoint(chunk_loss)
-
-        def body(carry, xs):
-            return carry + step(*xs), None
-
-        total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (split(h), split(safe), split(mask)))
+    total = cross_entropy_sum(
+        h,
+        model.head_weight(),
+        jnp.where(mask, targets, 0),
+        mask,
+        tied=model.config.tie_embeddings,
+        dtype=model.embed.dtype,
+        chunks=max(loss_chunks, 1),
+    )
     count = jnp.sum(mask)
     return total / jnp.maximum(count, 1), count
