@@ -187,6 +187,21 @@ def _channel_diag_decay(p: Pair):
     return _masked_exp(diff, jnp.broadcast_to(mask[:, :, None], diff.shape))
 
 
+def _channel_diag_vjp(p: Pair, dz):
+    """``(dx, dy)`` of a diagonal tile's per-channel products, each a ``[n, D, n]`` product summed
+    over its last axis (reductions over the last axis only: Triton keeps them in registers)."""
+    n, d = p.x.shape
+    mask = jnp.ones((n, n), bool) if p.mask is None else p.mask
+    x, y = p.x.astype(F32), p.y.astype(F32)
+    # dx[i, c] = Σ_j dz[i, j] y[j, c] exp(bx[i, c] − by[j, c])
+    decay = _masked_exp(p.bx[:, :, None] - p.by.T[None, :, :], jnp.broadcast_to(mask[:, None, :], (n, d, n)))
+    dx = jnp.sum(dz[:, None, :] * y.T[None, :, :] * decay, axis=-1)
+    # dy[j, c] = Σ_i dz[i, j] x[i, c] exp(bx[i, c] − by[j, c])
+    decay = _masked_exp(p.bx.T[None, :, :] - p.by[:, :, None], jnp.broadcast_to(mask.T[:, None, :], (n, d, n)))
+    dy = jnp.sum(dz.T[:, None, :] * x.T[None, :, :] * decay, axis=-1)
+    return dx, dy
+
+
 def gated_product(p: Pair, mode: GateMode, mxu):
     """``Z = (X Yᵀ ⊙ Γ)`` on the pairs of ``p`` (masked pairs zero), float32."""
     if mode == "channel":
@@ -207,10 +222,7 @@ def gated_product_vjp(p: Pair, dz, mode: GateMode, mxu):
     the log-gate gradients they give."""
     if mode == "channel":
         if p.diag:
-            decay = _channel_diag_decay(p)
-            dx = jnp.sum(dz[:, :, None] * p.y.astype(F32)[None, :, :] * decay, axis=1)
-            dy = jnp.sum(dz[:, :, None] * p.x.astype(F32)[:, None, :] * decay, axis=0)
-            return dx, dy
+            return _channel_diag_vjp(p, dz)
         fx, fy = _channel_offdiag_factors(p)
         dz = (dz if p.mask is None else jnp.where(p.mask, dz, 0.0)).astype(mxu)
         dx = dot(dz, (p.y * fy).astype(mxu)) * fx
