@@ -16,18 +16,24 @@ group, so every GPU holds ``--tokens-per-device`` tokens. It measures:
 ``--tokens-per-device`` until a step fails with out-of-memory, then bisecting to ``--granularity``
 tokens (remat ``full`` and chunked logits, the memory-lean settings, unless overridden).
 
+``--profile DIR`` traces ``--profile-iters`` more steps of each throughput row with jax.profiler
+(under ``DIR/sp<n>``) and prints their device time by category (matmuls, Pallas kernels, fusions,
+collectives) and the top kernels (``models.profile``; also in the JSON).
+
 Prints a table and writes JSON with ``--json PATH``. ``--smoke`` runs a tiny model on fake CPU
 devices (a check that the script works, not a measurement).
 
     python benchmarks/train_step.py                                   # 1 GPU, TNL-1B, 32K tokens
     python benchmarks/train_step.py --sp 1 2 --json train_step.json   # 2 GPUs: sp=1 row and sp=2 row
     python benchmarks/train_step.py --search-longest                  # + longest trainable sequence
+    python benchmarks/train_step.py --profile profile                 # + device time by kernel
     python benchmarks/train_step.py --smoke --sp 1 2 --search-longest --max-tokens 2048
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -56,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--max-tokens", type=int, default=4 * 1024 * 1024, help="per device, upper end of the search")
     p.add_argument("--granularity", type=int, default=16384, help="per-device resolution of the search")
     p.add_argument("--json", default=None)
+    p.add_argument("--profile", default=None, metavar="DIR", help="trace steps of each row and print device time")
+    p.add_argument("--profile-iters", type=int, default=3, help="steps traced per row with --profile")
     p.add_argument("--smoke", action="store_true", help="tiny model on fake CPU devices")
     args = p.parse_args(argv)
     if args.smoke:
@@ -86,7 +94,7 @@ def is_oom(err: Exception) -> bool:
     return any(s in text for s in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OOM", "Allocator"))
 
 
-def run_config(args, *, sp: int, local_tokens: int, remat: str, iters: int, warmup: int) -> dict:
+def run_config(args, *, sp: int, local_tokens: int, remat: str, iters: int, warmup: int, profile_dir=None) -> dict:
     """Build, compile and time one training step; returns a result row (raises on failure)."""
     import jax
 
@@ -151,8 +159,20 @@ def run_config(args, *, sp: int, local_tokens: int, remat: str, iters: int, warm
         "params": trainer.n_params,
         "loss": loss,
     }
+    if profile_dir:
+        from models.profile import format_table, profile_calls
+
+        run = functools.partial(next_state, step, batch)
+        state, summary = profile_calls(run, state, calls=args.profile_iters, logdir=profile_dir)
+        print(format_table(summary, title=f"sp={sp}, {seq_len} tokens, remat {remat}"), flush=True)
+        row["profile"] = summary.as_json()
     del trainer, state, step, batch, metrics
     return row
+
+
+def next_state(step, batch, state):
+    """The train state after one call of the compiled step."""
+    return step(state, *batch)[0]
 
 
 def try_config(args, **kw) -> tuple[bool, dict | str]:
@@ -236,7 +256,13 @@ def main(argv=None) -> int:
     rows = []
     for sp in args.sp:
         row = run_config(
-            args, sp=sp, local_tokens=args.tokens_per_device, remat=args.remat, iters=args.iters, warmup=args.warmup
+            args,
+            sp=sp,
+            local_tokens=args.tokens_per_device,
+            remat=args.remat,
+            iters=args.iters,
+            warmup=args.warmup,
+            profile_dir=args.profile and os.path.join(args.profile, f"sp{sp}"),
         )
         rows.append(row)
         gc.collect()

@@ -23,6 +23,7 @@ from models.checkpoint import load_model
 from models.config import ModelConfig, get_config
 from models.generate import decode_bytes, generate
 from models.layers import LaspContext
+from models.profile import ProfileWindow
 from models.train_config import SECTIONS, TrainConfig
 
 # ``make demo``: the embedded corpus on a dp 2 x sp 4 mesh, two minutes at most
@@ -87,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="hybrid model: every k-th layer softmax attention (0: all linear); hybrid presets default to 4",
     )
+    p.add_argument(
+        "--profile-steps",
+        default=None,
+        metavar="A:B",
+        help="trace the steps of 0-based index A <= i < B with jax.profiler and print their device time "
+        "by category (matmuls, Pallas kernels, fusions, collectives) and the top kernels",
+    )
+    p.add_argument("--profile-dir", default="profile", help="where --profile-steps writes its trace")
     names = [f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)]
     for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
@@ -120,6 +129,12 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     model = get_config(args.preset, softmax_every=args.softmax_every, **overrides["model"])
     sections = {s: cls(**overrides[s]) for s, cls in SECTIONS.items()}
     return TrainConfig(model=model, **sections)
+
+
+def profile_window_from_args(argv: list[str] | None = None) -> ProfileWindow | None:
+    """The ``--profile-steps A:B`` window of a ``lasp-train`` command line (None without the flag)."""
+    args = build_parser().parse_args(argv)
+    return None if args.profile_steps is None else ProfileWindow.parse(args.profile_steps, args.profile_dir)
 
 
 def text_prompt(text: str) -> np.ndarray:

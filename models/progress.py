@@ -56,6 +56,7 @@ class RunLog:
 
     def __init__(self, total_steps: int, *, metrics_path: str | None, progress: bool, enabled: bool):
         self.bar = Progress(total_steps, enabled=progress and enabled)
+        self.enabled = enabled
         self.file = open(metrics_path, "a") if (metrics_path and enabled) else None  # noqa: SIM115
 
     def step(self, record: dict) -> None:
@@ -70,6 +71,12 @@ class RunLog:
 
     def message(self, text: str) -> None:
         self.bar.message(text)
+
+    def report(self, text: str) -> None:
+        """A block of text (the profile table): printed with or without the progress bar."""
+        if self.enabled:
+            self.bar.close()  # ends a line the bar redraws in place
+            print(text, flush=True)
 
     def close(self) -> None:
         self.bar.close()

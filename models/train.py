@@ -33,13 +33,14 @@ from lasp_jax import STRATEGIES
 from lasp_jax.delta_rule import STRATEGIES as DELTA_RULE_STRATEGIES
 from lasp_jax.softmax import STRATEGIES as SOFTMAX_STRATEGIES
 from models import checkpoint
-from models.cli import config_from_args, initialize_distributed, text_prompt
+from models.cli import config_from_args, initialize_distributed, profile_window_from_args, text_prompt
 from models.config import ModelConfig
 from models.dataset import TokenData
 from models.flops import mfu, model_flops_per_token, param_count, peak_flops_per_device
 from models.generate import decode_bytes, generate
 from models.layers import LaspContext
 from models.model import REMAT_POLICIES, LanguageModel, lm_loss
+from models.profile import ProfileWindow, StepProfiler
 from models.progress import RunLog
 from models.sharding import activation_sharding, build_mesh, tree_shardings
 from models.train_config import MeshConfig, OptimConfig, RunConfig, TrainConfig
@@ -278,11 +279,15 @@ class Trainer:
     def request_stop(self, reason: str = "sigterm") -> None:
         self._stop_reason = reason
 
-    def fit(self, *, stop_after: int | None = None, on_step=None) -> dict[str, Any]:
+    def fit(
+        self, *, stop_after: int | None = None, on_step=None, profile: ProfileWindow | None = None
+    ) -> dict[str, Any]:
         """Train until ``run.steps`` (or ``stop_after`` steps in this call, or SIGTERM, or the time limit).
 
         Returns ``{"losses": {step: loss}, "eval": [...], "state": ..., "stopped": reason or None,
-        "train_time": seconds}``. ``on_step(step, trainer)`` is called after every step.
+        "train_time": seconds, "profile": ProfileSummary or None}``. ``on_step(step, trainer)`` is
+        called after every step. ``profile``: trace those steps and log their device time by
+        category (``models.profile``).
         """
         run = self.config.run
         manager = self.checkpoint_manager() if run.ckpt_dir else None
@@ -291,12 +296,15 @@ class Trainer:
         self._log_header(start)
         log = RunLog(run.steps, metrics_path=run.metrics, progress=run.progress, enabled=jax.process_index() == 0)
         clock = StepClock(start)
+        profiler = StepProfiler(profile, log=log.report)
         losses, evals, pending = {}, [], []
         try:
             with _sigterm_requests_stop(self.request_stop):
                 while step < run.steps:
+                    profiler.before_step(step, state)
                     state, metrics = self.train_step(state, *self.data.batch("train", step, self.batch_sharding))
                     step += 1
+                    profiler.after_step(step, state)
                     pending.append((step, metrics))
                     if on_step is not None:
                         on_step(step, self)
@@ -314,12 +322,21 @@ class Trainer:
                     if stop is not None:
                         self._stop_reason = stop
                         break
+            profiler.finish(state, step)  # a window past the last step ends with the run
         finally:
+            profiler.close()
             log.close()
             if manager is not None:
                 manager.close()
         stopped, train_time = self._stop_reason, clock.train_time
-        return {"losses": losses, "eval": evals, "state": state, "stopped": stopped, "train_time": train_time}
+        return {
+            "losses": losses,
+            "eval": evals,
+            "state": state,
+            "stopped": stopped,
+            "train_time": train_time,
+            "profile": profiler.summary,
+        }
 
     def _initial_state(self, manager):
         """The latest checkpoint's state if ``manager`` holds one, else a fresh state from ``run.seed``."""
@@ -455,11 +472,12 @@ def main(argv: list[str] | None = None) -> int:
     initialize_distributed(force="--distributed" in argv)
     try:
         config = config_from_args(argv)
+        profile = profile_window_from_args(argv)
         trainer = Trainer(config)
     except ValueError as e:
         print(f"lasp-train: error: {e}", file=sys.stderr)
         return 2
-    result = trainer.fit()
+    result = trainer.fit(profile=profile)
     if result["losses"]:
         steps = sorted(result["losses"])
         first, last = result["losses"][steps[0]], result["losses"][steps[-1]]

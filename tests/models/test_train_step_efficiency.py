@@ -4,6 +4,8 @@ device-time profile of a step (``models.profile``) on a real CPU trace."""
 
 from __future__ import annotations
 
+import gzip
+import json
 import re
 
 import jax
@@ -12,10 +14,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from models.cli import profile_window_from_args
 from models.loss import cross_entropy_sum
 from models.model import LanguageModel, lm_loss
+from models.profile import ProfileWindow, categorize, format_table, summarize
+from models.train import Trainer
 from tests.helpers import rel_err, tol
-from tests.models.common import small_model
+from tests.models.common import small_model, train_config
 
 VOCAB = 320  # a size no other dimension of the small model has: it marks the head's products
 _DOT = re.compile(r"stablehlo\.dot_general .*: \((tensor<[^>]*>), (tensor<[^>]*>)\) -> (tensor<[^>]*>)")
@@ -91,3 +96,76 @@ def test_chunked_loss_matches_float64(rng, tied, chunks):
     assert rel_err(dw, want[2]) < tol(jnp.bfloat16)
     # without differentiation the loss runs alone (no gradient products) and agrees
     assert float(jax.jit(loss)(jnp.asarray(h, jnp.bfloat16), jnp.asarray(w, jnp.float32))) == pytest.approx(float(got))
+
+
+# ---- the device-time profile (models.profile) ------------------------------------------------
+
+
+def test_categories_from_kernel_and_op_names():
+    cases = {
+        ("sm90_xmma_gemm_f32f32_tf32f32_f32_nt_n_tilesize128x128x32", ""): "matmuls",
+        ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT", ""): "matmuls",
+        ("dot.30", "dot.30"): "matmuls",
+        ("ynn_fusion.9", "ynn_fusion.9"): "matmuls",
+        ("linear_attention_chunk_output", "pallas_call.12"): "pallas",
+        ("gated_delta_rule_wy_bwd", ""): "pallas",
+        ("ncclDevKernel_AllReduce_Sum_f32_RING_LL", "all-reduce.3"): "collectives",
+        ("wrapped_concatenate", "wrapped_concatenate.7"): "fusions",
+        ("loop_add_fusion", "add_fusion.2"): "fusions",
+        ("MemcpyD2D", ""): "fusions",
+        ("rng-bit-generator", "rng-bit-generator.1"): "other",
+    }
+    assert {k: categorize(*k) for k in cases} == cases
+
+
+def test_gpu_trace_counts_stream_kernels_once(tmp_path):
+    """On a GPU trace only the stream lines count (the XLA Ops line repeats their time)."""
+    gpu, host = 7, 1
+    events = [
+        {"ph": "M", "pid": gpu, "name": "process_name", "args": {"name": "/device:GPU:0 (NVIDIA H200)"}},
+        {"ph": "M", "pid": host, "name": "process_name", "args": {"name": "/host:CPU"}},
+        {"ph": "M", "pid": gpu, "tid": 1, "name": "thread_name", "args": {"name": "Stream #13(Compute)"}},
+        {"ph": "M", "pid": gpu, "tid": 2, "name": "thread_name", "args": {"name": "XLA Ops"}},
+    ]
+    kernels = [("sm90_xmma_gemm_bf16", 0, 300), ("linear_attention_dq", 300, 50), ("loop_add_fusion", 350, 20)]
+    for step in range(2):
+        for name, ts, dur in kernels:
+            for tid in (1, 2):
+                ts_step = 1000 * step + ts
+                events.append({"ph": "X", "pid": gpu, "tid": tid, "ts": ts_step, "dur": dur, "name": name, "args": {}})
+    events.append({"ph": "X", "pid": host, "tid": 5, "ts": 0, "dur": 999, "name": "dot.1", "args": {"hlo_op": "dot.1"}})
+    path = tmp_path / "perfetto_trace.json.gz"
+    with gzip.open(path, "wt") as fh:
+        json.dump({"traceEvents": events}, fh)
+    summary = summarize(str(path), steps=2)
+    assert summary.total_us == 2 * 370
+    assert (summary.by_category["matmuls"], summary.by_category["pallas"], summary.by_category["fusions"]) == (
+        600,
+        100,
+        40,
+    )
+    assert [(k.name, k.calls) for k in summary.kernels] == [(n, 2) for n, _, _ in kernels]
+    assert "0.300" in format_table(summary)  # the GEMM: 0.3 ms per step
+
+
+def test_profile_steps_of_a_training_run(tmp_path, capsys):
+    """A real CPU trace of two tiny training steps: a table with time in it, by category and kernel."""
+    assert profile_window_from_args(["--profile-steps", "1:3", "--profile-dir", str(tmp_path)]) == ProfileWindow(
+        1, 3, str(tmp_path)
+    )
+    for bad in ("3", "3:1", "a:b"):
+        with pytest.raises(ValueError, match="--profile-steps"):
+            ProfileWindow.parse(bad)
+    config = train_config(steps=4, model=small_model(n_layers=1))
+    result = Trainer(config, devices=jax.devices()[:1], log=lambda *a: None).fit(
+        profile=ProfileWindow(1, 3, str(tmp_path))
+    )
+    summary = result["profile"]
+    assert summary.steps == 2 and summary.total_us > 0
+    assert summary.by_category["matmuls"] > 0 and summary.by_category["fusions"] > 0
+    assert all(k.us >= 0 for k in summary.kernels) and summary.kernels[0].us > 0
+    assert sum(summary.by_category.values()) == pytest.approx(summary.total_us)
+    table = capsys.readouterr().out  # printed without the progress bar
+    assert "steps 1:3" in table and "matmuls" in table and "top kernels" in table
+    assert summary.kernels[0].name in table
+    assert str(tmp_path) in summary.trace_path

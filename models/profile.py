@@ -1,0 +1,284 @@
+"""Where a training step's device time goes: a ``jax.profiler`` trace and a table by category.
+
+``StepProfiler`` traces a window of training steps (``lasp-train --profile-steps A:B``: the steps
+of 0-based index ``A ≤ i < B``); ``profile_calls`` traces a few calls of a compiled step
+(``benchmarks/train_step.py --profile DIR``). Both write a TensorBoard/Perfetto trace under the
+log directory (``plugins/profile/<run>/``) and read back the ``perfetto_trace.json.gz`` that
+``jax.profiler.trace(..., create_perfetto_trace=True)`` writes (plain JSON: no TensorBoard plugin
+needed). ``summarize`` adds up the self time of every device operation and ``format_table``
+prints it by category and the top kernels:
+
+- on a GPU, the kernels and copies on the device's stream lines (the derived "XLA Ops"/"XLA
+  Modules" lines repeat the same time and are left out);
+- on the CPU, the XLA operations (events naming an ``hlo_op``) on the executor threads, by self
+  time (a ``while`` holds its body's operations).
+
+Times are per step and per device (summed over the devices the trace saw, then divided).
+
+Categories (``CATEGORIES``), from kernel and XLA op names: ``matmuls`` (cuBLAS/CUTLASS GEMMs,
+Triton GEMM fusions, XLA ``dot``/``convolution``, XLA:CPU's YNNPACK/XNNPACK dot fusions),
+``pallas`` (this project's Pallas kernels, named ``linear_attention_*``, ``gated_delta_rule_*``,
+``flash_attention_*``), ``collectives`` (NCCL kernels, all-reduce/all-gather/reduce-scatter/
+all-to-all/collective-permute/ppermute), ``fusions`` (XLA fusions, copies, transposes, concatenates,
+dynamic-update-slices) and ``other``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import gzip
+import json
+import os
+import re
+from collections import defaultdict
+
+import jax
+
+CATEGORIES = ("matmuls", "pallas", "fusions", "collectives", "other")
+CATEGORY_TITLES = {
+    "matmuls": "matmuls",
+    "pallas": "Pallas kernels",
+    "fusions": "fusions & copies",
+    "collectives": "collectives",
+    "other": "other",
+}
+PALLAS_PREFIXES = ("linear_attention_", "gated_delta_rule_", "flash_attention_", "pallas_call")
+_MATMUL = re.compile(r"gemm|xmma|cutlass|cublas|nvjet|matmul|\bdot\b|convolution|^[xy]nn_fusion")
+_COLLECTIVE = re.compile(
+    r"nccl|all-reduce|all_reduce|allreduce|all-gather|allgather|reduce-scatter|reducescatter|"
+    r"all-to-all|alltoall|collective-permute|ppermute|psum|^send|^recv"
+)
+_FUSION = re.compile(r"fusion|copy|transpose|concatenate|dynamic-update-slice|dynamic_update_slice|memcpy|memset")
+
+
+def categorize(name: str, hlo_op: str = "") -> str:
+    """The category (one of ``CATEGORIES``) of a device operation from its kernel and XLA op names."""
+    name, op = name.lower(), (hlo_op or "").lower()
+    if name.startswith(PALLAS_PREFIXES) or op.startswith(PALLAS_PREFIXES):
+        return "pallas"
+    if _COLLECTIVE.search(name) or _COLLECTIVE.search(op):
+        return "collectives"
+    if _MATMUL.search(name) or _MATMUL.search(op):
+        return "matmuls"
+    if _FUSION.search(name) or _FUSION.search(op):
+        return "fusions"
+    return "other"
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """One row of the top-kernels table: total self time over the traced steps."""
+
+    name: str
+    category: str
+    calls: int
+    us: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileSummary:
+    """Device time of ``steps`` traced steps on ``devices`` devices: in all, by category, and per
+    kernel (largest first), summed over the devices."""
+
+    steps: int
+    devices: int
+    total_us: float
+    by_category: dict[str, float]
+    kernels: list[Kernel]
+    trace_path: str
+
+    def per_step_ms(self, us: float) -> float:
+        """Milliseconds per step and device of a time summed over the trace."""
+        return us / 1e3 / max(self.steps * self.devices, 1)
+
+    def as_json(self, top: int = 20) -> dict:
+        return {
+            "steps": self.steps,
+            "devices": self.devices,
+            "device_ms_per_step": self.per_step_ms(self.total_us),
+            "ms_per_step": {c: self.per_step_ms(us) for c, us in self.by_category.items()},
+            "top_kernels": [
+                {"name": k.name, "category": k.category, "calls": k.calls, "ms_per_step": self.per_step_ms(k.us)}
+                for k in self.kernels[:top]
+            ],
+            "trace": self.trace_path,
+        }
+
+
+def find_trace(logdir: str) -> str:
+    """The newest Perfetto JSON trace under ``logdir`` (``plugins/profile/<run>/``)."""
+    runs = sorted(glob.glob(os.path.join(logdir, "plugins", "profile", "*")), key=os.path.getmtime)
+    for run in reversed(runs):
+        for pattern in ("perfetto_trace.json.gz", "*.trace.json.gz"):
+            found = sorted(glob.glob(os.path.join(run, pattern)))
+            if found:
+                return found[0]
+    raise FileNotFoundError(f"no trace (perfetto_trace.json.gz) under {logdir}/plugins/profile")
+
+
+def load_events(path: str) -> list[dict]:
+    with gzip.open(path, "rt") as fh:
+        data = json.load(fh)
+    return data["traceEvents"] if isinstance(data, dict) else data
+
+
+def device_operations(events: list[dict]) -> tuple[list[tuple[str, str, float]], int]:
+    """``(name, hlo_op, self time in µs)`` of every device operation in a trace (see the module),
+    and the number of devices they ran on."""
+    processes, threads = {}, {}
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") == "process_name":
+            processes[e.get("pid")] = e.get("args", {}).get("name", "")
+        elif e.get("ph") == "M" and e.get("name") == "thread_name":
+            threads[(e.get("pid"), e.get("tid"))] = e.get("args", {}).get("name", "")
+    gpus = {pid for pid, name in processes.items() if name.startswith("/device:GPU")}
+    on_gpu = {key for key, name in threads.items() if key[0] in gpus and name.startswith("Stream")}
+    if gpus and not on_gpu:  # no stream lines in this trace: the per-op line holds the same time
+        on_gpu = {key for key, name in threads.items() if key[0] in gpus and name == "XLA Ops"}
+    lines = defaultdict(list)
+    for e in events:
+        if e.get("ph") != "X" or "dur" not in e:
+            continue
+        key = (e.get("pid"), e.get("tid"))
+        if key in on_gpu if gpus else "hlo_op" in e.get("args", {}):
+            lines[key].append(e)
+    ops = []
+    for line in lines.values():
+        ops += _self_times(line)
+    if gpus:
+        devices = len({pid for pid, _ in lines})
+    else:
+        devices = len({e.get("args", {}).get("device_ordinal") for line in lines.values() for e in line})
+    return ops, max(devices, 1)
+
+
+def _self_times(line: list[dict]) -> list[tuple[str, str, float]]:
+    """Self time of each event of one thread: its duration less that of the events it encloses."""
+    line = sorted(line, key=lambda e: (float(e["ts"]), -float(e["dur"])))
+    out, stack = [], []  # stack: [end time, index into out] of the enclosing events
+    for e in line:
+        start, dur = float(e["ts"]), float(e["dur"])
+        while stack and stack[-1][0] <= start:
+            stack.pop()
+        if stack:
+            out[stack[-1][1]][2] -= dur
+        out.append([e.get("name", ""), e.get("args", {}).get("hlo_op", ""), dur])
+        stack.append((start + dur, len(out) - 1))
+    return [(name, op, max(us, 0.0)) for name, op, us in out]
+
+
+def summarize(path: str, steps: int) -> ProfileSummary:
+    """The device time of a trace of ``steps`` steps, by category and kernel."""
+    by_category = dict.fromkeys(CATEGORIES, 0.0)
+    kernels: dict[str, list] = {}
+    ops, devices = device_operations(load_events(path))
+    for name, op, us in ops:
+        category = categorize(name, op)
+        by_category[category] += us
+        row = kernels.setdefault(name, [category, 0, 0.0])
+        row[1] += 1
+        row[2] += us
+    rows = [Kernel(name, c, n, us) for name, (c, n, us) in kernels.items()]
+    rows.sort(key=lambda k: -k.us)
+    return ProfileSummary(steps, devices, sum(by_category.values()), by_category, rows, path)
+
+
+def format_table(summary: ProfileSummary, *, top: int = 15, title: str = "") -> str:
+    """The device-time table: ms per step and share by category, then the ``top`` kernels."""
+    total = max(summary.total_us, 1e-9)
+    ms = summary.per_step_ms
+    per = "per step" if summary.devices == 1 else f"per step and device ({summary.devices} devices)"
+    lines = [
+        f"device time{' of ' + title if title else ''}: {ms(summary.total_us):.2f} ms {per} "
+        f"({summary.steps} steps traced, {summary.trace_path})",
+        f"{'category':<18} {'ms/step':>10} {'share':>7}",
+    ]
+    for c in CATEGORIES:
+        us = summary.by_category[c]
+        lines.append(f"{CATEGORY_TITLES[c]:<18} {ms(us):>10.3f} {100 * us / total:>6.1f}%")
+    lines.append(f"{'top kernels':<60} {'category':<12} {'calls/step':>10} {'ms/step':>10} {'share':>7}")
+    for k in summary.kernels[:top]:
+        name = k.name if len(k.name) <= 60 else k.name[:57] + "..."
+        calls = k.calls / max(summary.steps * summary.devices, 1)
+        lines.append(f"{name:<60} {k.category:<12} {calls:>10.1f} {ms(k.us):>10.3f} {100 * k.us / total:>6.1f}%")
+    return "\n".join(lines)
+
+
+def process_logdir(logdir: str) -> str:
+    """``logdir`` itself on one process, a ``process_<i>`` folder in it for each of several."""
+    return logdir if jax.process_count() == 1 else os.path.join(logdir, f"process_{jax.process_index()}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileWindow:
+    """The steps to trace, 0-based indices ``start ≤ i < stop``, and where the trace goes."""
+
+    start: int
+    stop: int
+    logdir: str = "profile"
+
+    @classmethod
+    def parse(cls, text: str, logdir: str = "profile") -> ProfileWindow:
+        """``"A:B"`` (a Python slice of step indices) → the window; raises ValueError naming the flag."""
+        try:
+            start, stop = (int(x) for x in text.split(":"))
+        except ValueError:
+            raise ValueError(f"--profile-steps takes A:B (two step indices), got {text!r}") from None
+        if not 0 <= start < stop:
+            raise ValueError(f"--profile-steps A:B needs 0 <= A < B, got {text!r}")
+        return cls(start, stop, logdir)
+
+
+class StepProfiler:
+    """Traces the steps of a ``ProfileWindow`` inside a training loop.
+
+    ``before_step(i)`` before running step index i, ``after_step(i + 1, state)`` after it (and
+    ``finish(state)`` when the loop ends early): the trace starts and stops with the device idle
+    (``block_until_ready``), so it holds exactly the window's steps; the table goes to ``log``.
+    """
+
+    def __init__(self, window: ProfileWindow | None, *, log=print):
+        self.window, self.log = window, log
+        self.first: int | None = None
+        self.summary: ProfileSummary | None = None
+
+    def before_step(self, step: int, state) -> None:
+        if self.window is None or self.first is not None or not self.window.start <= step < self.window.stop:
+            return
+        jax.block_until_ready(state)
+        jax.profiler.start_trace(process_logdir(self.window.logdir), create_perfetto_trace=True)
+        self.first = step
+
+    def after_step(self, done: int, state) -> None:
+        """``done``: the number of steps done (the index of the next step)."""
+        if self.first is not None and self.summary is None and done >= self.window.stop:
+            self.finish(state, done)
+
+    def finish(self, state, done: int) -> None:
+        """Stop a running trace after ``done`` steps, then summarize and log it."""
+        if self.first is None or self.summary is not None:
+            return
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        steps = done - self.first
+        self.summary = summarize(find_trace(process_logdir(self.window.logdir)), steps)
+        self.log(format_table(self.summary, title=f"steps {self.first}:{done}"))
+
+    def close(self) -> None:
+        """Stop a trace that is still running (the loop raised) without summarizing it."""
+        if self.first is not None and self.summary is None:
+            jax.profiler.stop_trace()
+            self.first = None
+
+
+def profile_calls(run_step, state, *, calls: int, logdir: str):
+    """Trace ``calls`` calls of ``state = run_step(state)`` (device idle before and after); returns
+    ``(state, ProfileSummary)``."""
+    jax.block_until_ready(state)
+    logdir = process_logdir(logdir)
+    with jax.profiler.trace(logdir, create_perfetto_trace=True):
+        for _ in range(calls):
+            state = run_step(state)
+        jax.block_until_ready(state)
+    return state, summarize(find_trace(logdir), calls)
