@@ -503,7 +503,7 @@ def output_dz(v_new, do, *, scale: float, mxu, parts: int) -> dict:
 def output_backward(q, k, b, docs: Docs | None, h, dz: dict, do, *, scale: float, mode: GateMode, mxu, parts: int):
     """Tiles ``(dq, dk, db)`` of the output's dependence on q, k, b given ``dO`` and ``dz =
     output_dz(...)`` (float32); the cotangents of ``h`` and ``V'`` are the state pass's
-    (``dvn_intra``, the reverse pass). Separate in the key channels: q, k, b restricted to some
+    (``dvn_from_scores``, the reverse pass). Separate in the key channels: q, k, b restricted to some
     columns and ``h`` to those rows give those columns."""
     qt, kt, bt, dt = split_rows(q, parts), split_rows(k, parts), split_rows(b, parts), split_docs(docs, parts)
     ft = [to_row_factor(x, d) for x, d in zip(bt, dt, strict=True)]
@@ -527,10 +527,8 @@ def output_backward(q, k, b, docs: Docs | None, h, dz: dict, do, *, scale: float
     return dq, dk, db
 
 
-def dvn_intra(q, k, b, docs: Docs | None, do, *, scale: float, mode: GateMode, mxu, parts: int) -> list:
-    """The output's cotangent of ``V'`` per tile: ``scale · Zᵀ dO`` (linear in Z, so a sum over
-    key-column blocks of q, k, b)."""
-    z = score_blocks(q, k, b, docs, mode=mode, mxu=mxu, parts=parts)
+def dvn_from_scores(z: dict, do, *, scale: float, mxu, parts: int) -> list:
+    """The output's cotangent of ``V'`` per tile, ``scale · Zᵀ dO``, from the score blocks."""
     dot_ = split_rows(do, parts)
     return [
         scale * sum(dot(z[i, j].astype(mxu), dot_[i].astype(mxu), trans_a=True) for i in range(j, parts))

@@ -64,7 +64,7 @@ def _output_bwd_kernel(q_ref, k_ref, h_ref, v_new_ref, do_ref, *refs, mode, has_
     dz = common.output_dz(load_tiles(v_new_ref, parts), do, scale=scale, mxu=mxu, parts=parts)
     width = min(block_cols, k_ref.shape[1]) if mode == "channel" else k_ref.shape[1]
 
-    def columns(j, dv_intra):
+    def columns(j, z):
         start = pl.multiple_of(j * width, width)
         q, k = load_col_tiles(q_ref, parts, start, width), load_col_tiles(k_ref, parts, start, width)
         b = load_col_tiles(gate_ref, parts, start, width) if mode == "channel" else load_tiles(gate_ref, parts)
@@ -75,12 +75,12 @@ def _output_bwd_kernel(q_ref, k_ref, h_ref, v_new_ref, do_ref, *refs, mode, has_
             store_col_tiles(db_ref[0], db, start)
         elif mode == "scalar":  # one column block (the whole row)
             store_tiles(db_ref[0], db)
-        intra = common.dvn_intra(q, k, b, docs, do, **kw)
-        return [a + c for a, c in zip(dv_intra, intra, strict=True)]
+        # the scores (small blocks) are summed over the columns; Zᵀ dO once after the loop
+        return common.add_blocks(z, common.score_blocks(q, k, b, docs, mode=mode, mxu=mxu, parts=parts))
 
     rows = q_ref.shape[0] // parts
-    init = [jnp.zeros((rows, do_ref.shape[1]), F32) for _ in range(parts)]
-    store_tiles(dv_intra_ref, lax.fori_loop(0, k_ref.shape[1] // width, columns, init))
+    z = lax.fori_loop(0, k_ref.shape[1] // width, columns, zero_blocks(parts, rows))
+    store_tiles(dv_intra_ref, common.dvn_from_scores(z, do, scale=scale, mxu=mxu, parts=parts))
 
 
 def _state_bwd_kernel(
