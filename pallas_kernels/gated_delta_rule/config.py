@@ -43,7 +43,7 @@ class BlockConfig:
     block_e: int = 32
     block_cols: int = 32
     segments: int = 1
-    num_warps: int = 4
+    num_warps: int = 8
     num_stages: int = 2
     num_warps_state: int = 4
     num_stages_state: int = 3
@@ -70,7 +70,8 @@ def default_config(*, batch: int, value_heads: int, seq_len: int, value_dim: int
     segments (a power of two) until the state passes have about two programs per SM, keeping at
     least 16 chunks per segment.
 
-    Untuned first choice (no GPU sweep yet): at (B, T, Hv) = (1, 32K, 16) with E = 128 this gives
+    Untuned first choice (no GPU sweep yet; warps from ptxas register counts of a Triton 3.9 sm_90
+    build: the wy kernel spills at 4 warps, not at 8): at (B, T, Hv) = (1, 32K, 16) with E = 128 this gives
     64 programs per segment and 8 segments (512 programs, 64 chunks each).
     """
     if interpret:
