@@ -86,7 +86,8 @@ def _time_jax_op(attn, op, shape):
 
         path = os.path.join(os.environ["DELTA_RULE_PROFILE"], f"{op}_{'x'.join(map(str, shape))}")
         with contextlib.redirect_stdout(sys.stderr):
-            print_kernels(f"{op} {shape}", profile_kernels(fwd_bwd, (q, k, v, beta, g, do), path), top=20)
+            print_kernels(f"{op} {shape} fwd", profile_kernels(fwd, (q, k, v, beta, g), path + "_fwd"), top=8)
+            print_kernels(f"{op} {shape} fwd+bwd", profile_kernels(fwd_bwd, (q, k, v, beta, g, do), path), top=12)
     return times
 
 
