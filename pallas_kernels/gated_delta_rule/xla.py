@@ -6,7 +6,7 @@ cumulative log decay inside the chunk (notes/design.md §6; Yang et al. 2024, "P
 Transformers with the Delta Rule over Sequence Length"; Yang et al. 2024, "Gated Delta Networks"):
 
     A   = strictly_lower(diag(β) (K Kᵀ ⊙ Γ)),         Γ[i, j] = exp(b_i − b_j)
-    [U | W] = (I + A)⁻¹ diag(β) [V | exp(b) ⊙ K]       (one unit-lower-triangular solve)
+    [U | W] = (I + A)⁻¹ diag(β) [V | exp(b) ⊙ K]       (unit lower-triangular: ``unit_lower_inverse``)
     V'  = U − W S_in                                   (the "new values")
     O   = scale · ((exp(b) ⊙ Q) S_in + ((Q Kᵀ) ⊙ Γ ⊙ causal) V')
     S_out = exp(b_{C−1}) S_in + (exp(b_{C−1} − b) ⊙ K)ᵀ V'
@@ -38,7 +38,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import solve_triangular
 
 from pallas_kernels.common import acc_dtype
 from pallas_kernels.gated_delta_rule.reference import group_values
@@ -183,40 +182,60 @@ def _masked_exp(mask, x):
     return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
 
 
-def _per_channel_scores(x, k, cum):
-    """``Σ_d x_id k_jd exp(b_id − b_jd)`` for j ≤ i by secondary chunking (see the module docstring).
+class KeyFactors(NamedTuple):
+    """The key side of ``Σ_d x_id k_jd exp(b_id − b_jd)``, formed once per chunk for x = k (A) and
+    x = q (the output). Per key channel (cum ``[B, H, G, C, D]``): ``k_ref`` ``[B, H, G, n, C, D]``,
+    ``k_j exp(b_r − b_j)`` for j before sub-block n's first token r (else 0), and ``k_inside``
+    ``[B, H, G, n, S, S, D]``, ``k_j exp(b_i − b_j)`` for i > j inside sub-block n (else 0)."""
 
-    x, k ``[B, H, C, D]``, cum ``[B, H, G, C, D]`` -> ``[B, H, G, C, C]`` (zero above the diagonal).
-    """
+    k: jax.Array
+    cum: jax.Array | None
+    k_ref: jax.Array | None = None
+    k_inside: jax.Array | None = None
+
+
+def _key_factors(k, cum) -> KeyFactors:
+    if cum is None or cum.ndim == 4:
+        return KeyFactors(k, cum)
     bsz, h, grp, c, d = cum.shape
     s = SUB_BLOCK
     n = c // s
     cum_sub = cum.reshape(bsz, h, grp, n, s, d)
-    ref = cum_sub[..., 0, :]  # [B, H, G, n, D]: b at the first token of each sub-block
-    x_sub, k_sub = x.reshape(bsz, h, 1, n, s, d), k.reshape(bsz, h, 1, n, s, d)
-    # across sub-blocks: columns j before the row's sub-block, split at its first token r
-    x_ref = x_sub * jnp.exp(cum_sub - ref[..., None, :])  # exp(b_i − b_r), i ≥ r
-    before = (jnp.arange(c)[None, :] < s * jnp.arange(n)[:, None])[..., None]  # [n, C, 1]
-    k_ref = _masked_exp(before, ref[..., :, None, :] - cum[..., None, :, :]) * k[:, :, None, None]  # j < r
-    across = jnp.einsum("bhgnid,bhgnjd->bhgnij", x_ref, k_ref)  # [B, H, G, n, S, C]
-    # inside a sub-block: the factors directly, i > j; the diagonal's factor is exactly 1
+    before = (jnp.arange(c)[None, :] < s * jnp.arange(n)[:, None])[..., None]  # [n, C, 1]: j < r
+    k_ref = _masked_exp(before, cum_sub[..., :, None, 0, :] - cum[..., None, :, :]) * k[:, :, None, None]
     strict = jnp.tril(jnp.ones((s, s), bool), -1)[..., None]
-    factor = _masked_exp(strict, cum_sub[..., :, None, :] - cum_sub[..., None, :, :])  # [B, H, G, n, S, S, D]
-    inside = jnp.sum(x_sub[..., :, None, :] * k_sub[..., None, :, :] * factor, axis=-1)
+    factor = _masked_exp(strict, cum_sub[..., :, None, :] - cum_sub[..., None, :, :])
+    return KeyFactors(k, cum, k_ref, k.reshape(bsz, h, 1, n, 1, s, d) * factor)
+
+
+def _per_channel_scores(x, keys: KeyFactors):
+    """``Σ_d x_id k_jd exp(b_id − b_jd)`` for j ≤ i by secondary chunking (see the module docstring):
+    x ``[B, H, C, D]`` -> ``[B, H, G, C, C]`` (zero above the diagonal)."""
+    bsz, h, grp, c, d = keys.cum.shape
+    s = SUB_BLOCK
+    n = c // s
+    cum_sub = keys.cum.reshape(bsz, h, grp, n, s, d)
+    x_sub, k_sub = x.reshape(bsz, h, 1, n, s, d), keys.k.reshape(bsz, h, 1, n, s, d)
+    # across sub-blocks: split at the first token r of the row's sub-block, exp(b_i − b_r) ≤ 1
+    x_ref = x_sub * jnp.exp(cum_sub - cum_sub[..., :1, :])
+    across = jnp.einsum("bhgnid,bhgnjd->bhgnij", x_ref, keys.k_ref)  # [B, H, G, n, S, C]
+    # inside a sub-block: the factors directly, i > j; the diagonal's factor is exactly 1
+    inside = jnp.einsum("bhgnid,bhgnijd->bhgnij", x_sub, keys.k_inside)
     inside = inside + jnp.eye(s) * jnp.einsum("bhgnid,bhgnid->bhgni", x_sub, k_sub)[..., None]
     blocks = across.reshape(bsz, h, grp, n, s, n, s) + inside[..., None, :] * jnp.eye(n)[:, None, :, None]
     return blocks.reshape(bsz, h, grp, c, c)
 
 
-def _decayed_scores(x, k, cum, allowed):
+def _decayed_scores(x, keys: KeyFactors, allowed):
     """``Σ_d x_id k_jd exp(b_id − b_jd)`` for the allowed j ≤ i, ``[B, H, G|1, C, C]``.
 
-    x, k ``[B, H, C, D]``; cum None, ``[B, H, G, C]`` or ``[B, H, G, C, D]``. The diagonal factor is
-    exactly 1 and kept out of the graph (``exp(b_i − b_i)`` would send two opposite gradients to b_i).
+    x ``[B, H, C, D]``. The diagonal factor is exactly 1 and kept out of the graph
+    (``exp(b_i − b_i)`` would send two opposite gradients to b_i).
     """
-    if cum is not None and cum.ndim == 5:
-        return jnp.where(allowed, _per_channel_scores(x, k, cum), 0.0)
-    scores = jnp.einsum("bhid,bhjd->bhij", x, k)[:, :, None]
+    cum = keys.cum
+    if keys.k_ref is not None:
+        return jnp.where(allowed, _per_channel_scores(x, keys), 0.0)
+    scores = jnp.einsum("bhid,bhjd->bhij", x, keys.k)[:, :, None]
     if cum is None:
         return jnp.where(allowed, scores, 0.0)
     eye = jnp.eye(scores.shape[-1], dtype=bool)
@@ -232,10 +251,10 @@ def _from_start(x, cum):
     return x * jnp.exp(cum if cum.ndim == 5 else cum[..., None])
 
 
-def _terms(chunk: Chunks, masks: Masks) -> Terms:
+def _terms(chunk: Chunks, masks: Masks, keys: KeyFactors) -> Terms:
     k, cum = chunk.k, chunk.cum
     strict = masks.allowed & ~jnp.eye(k.shape[-2], dtype=bool)
-    a = jnp.where(strict, chunk.beta[..., :, None] * _decayed_scores(k, k, cum, masks.allowed), 0.0)
+    a = jnp.where(strict, chunk.beta[..., :, None] * _decayed_scores(k, keys, masks.allowed), 0.0)
     k_in = _from_start(k, cum)
     k_out = k[:, :, None]
     decay_out = None
@@ -250,12 +269,45 @@ def _terms(chunk: Chunks, masks: Masks) -> Terms:
     return Terms(a, k_in, k_out, decay_out)
 
 
+@jax.custom_vjp
+def unit_lower_inverse(a):
+    """``T = (I + a)⁻¹`` for strictly lower-triangular ``a`` ``[..., C, C]`` by forward substitution,
+    one row a step: ``T_i = e_i − Σ_{j<i} a_ij T_j``; its cotangent is ``−Tᵀ dT Tᵀ`` (strictly lower).
+
+    Not ``triangular_solve``: XLA's CPU lowering (a LAPACK call per chunk) costs ten times the rest of
+    a chunk. Not the product ``Π (I + (−a)^{2^k})``: its terms grow like binomials when keys are
+    nearly parallel while the inverse stays small, so float32 loses every digit.
+    """
+    c = a.shape[-1]
+    eye = jnp.eye(c, dtype=a.dtype)
+
+    def row(i, t):
+        a_i = jax.lax.dynamic_index_in_dim(a, i, axis=-2, keepdims=False)
+        return jax.lax.dynamic_update_index_in_dim(t, eye[i] - jnp.einsum("...j,...jk->...k", a_i, t), i, axis=-2)
+
+    # zeros_like(a): the carry varies along the mesh axes a does (inside a checked shard_map)
+    return jax.lax.fori_loop(1, c, row, jnp.zeros_like(a) + eye)
+
+
+def _unit_lower_inverse_fwd(a):
+    t = unit_lower_inverse(a)
+    return t, t
+
+
+def _unit_lower_inverse_bwd(t, dt):
+    t_transposed = jnp.swapaxes(t, -1, -2)
+    return (jnp.tril(-(t_transposed @ dt @ t_transposed), -1),)
+
+
+unit_lower_inverse.defvjp(_unit_lower_inverse_fwd, _unit_lower_inverse_bwd)
+
+
 def _new_values(terms: Terms, beta, v, state):
     """``V' = U − W S_in`` with ``[U | W] = (I + A)⁻¹ diag(β) [V | k_in]``."""
     e = v.shape[-1]
     k_in = jnp.broadcast_to(terms.k_in, v.shape[:-1] + terms.k_in.shape[-1:])
     rhs = beta[..., None] * jnp.concatenate([v, k_in], axis=-1)
-    solved = solve_triangular(terms.a, rhs, lower=True, unit_diagonal=True)
+    solved = unit_lower_inverse(terms.a) @ rhs
     return solved[..., :e] - solved[..., e:] @ state
 
 
@@ -264,26 +316,26 @@ def _state_out(terms: Terms, state, v_new):
     return kept + jnp.einsum("bhgcd,bhgce->bhgde", terms.k_out, v_new)
 
 
-def _query_terms(q, k, cum, masks: Masks):
+def _query_terms(q, keys: KeyFactors, masks: Masks):
     """``(exp(b) ⊙ q`` for tokens that see the entering state, ``(Q Kᵀ) ⊙ Γ`` masked): the output's factors."""
-    q_in = _from_start(q, cum)
+    q_in = _from_start(q, keys.cum)
     if masks.from_state is not None:
         q_in = q_in * masks.from_state
-    return q_in, _decayed_scores(q, k, cum, masks.allowed)
+    return q_in, _decayed_scores(q, keys, masks.allowed)
 
 
 def _output_step(state, chunk: Chunks, *, scale):
     c = chunk.k.shape[-2]
-    masks = _masks(chunk.docs, c)
-    terms = _terms(chunk, masks)
+    masks, keys = _masks(chunk.docs, c), _key_factors(chunk.k, chunk.cum)
+    terms = _terms(chunk, masks, keys)
     v_new = _new_values(terms, chunk.beta, chunk.v, state)
-    q_in, scores = _query_terms(chunk.q, chunk.k, chunk.cum, masks)
+    q_in, scores = _query_terms(chunk.q, keys, masks)
     o = jnp.einsum("bhgcd,bhgde->bhgce", q_in, state) + jnp.einsum("bhgij,bhgje->bhgie", scores, v_new)
     return _state_out(terms, state, v_new), scale * o
 
 
 def _state_step(state, chunk: Chunks):
-    terms = _terms(chunk, _masks(chunk.docs, chunk.k.shape[-2]))
+    terms = _terms(chunk, _masks(chunk.docs, chunk.k.shape[-2]), _key_factors(chunk.k, chunk.cum))
     return _state_out(terms, state, _new_values(terms, chunk.beta, chunk.v, state)), None
 
 
@@ -292,13 +344,13 @@ def _state_cotangent_step(ds, chunk: Chunks, *, scale):
 
     With ``O = scale (q_in S + P V')``, ``S_out = decay_out S + k_outᵀ V'``, ``V' = U − W S``:
     ``dS = decay_out dS_out + scale q_inᵀ dO − Wᵀ Y``, ``Y = scale Pᵀ dO + k_out dS_out`` and
-    ``Wᵀ Y = k_inᵀ diag(β) (I + A)⁻ᵀ Y`` (one transposed triangular solve, no W).
+    ``Wᵀ Y = k_inᵀ diag(β) (I + A)⁻ᵀ Y`` (no W).
     """
-    masks = _masks(chunk.docs, chunk.k.shape[-2])
-    terms = _terms(chunk, masks)
-    q_in, scores = _query_terms(chunk.q, chunk.k, chunk.cum, masks)
+    masks, keys = _masks(chunk.docs, chunk.k.shape[-2]), _key_factors(chunk.k, chunk.cum)
+    terms = _terms(chunk, masks, keys)
+    q_in, scores = _query_terms(chunk.q, keys, masks)
     y = scale * jnp.einsum("bhgij,bhgie->bhgje", scores, chunk.do) + jnp.einsum("bhgcd,bhgde->bhgce", terms.k_out, ds)
-    z = solve_triangular(terms.a, y, lower=True, trans=1, unit_diagonal=True)
+    z = jnp.einsum("...ji,...je->...ie", unit_lower_inverse(terms.a), y)  # (I + A)⁻ᵀ Y
     kept = ds if terms.decay_out is None else terms.decay_out * ds
     through_new_values = jnp.einsum("bhgcd,bhgce->bhgde", terms.k_in, chunk.beta[..., None] * z)
     return kept + scale * jnp.einsum("bhgcd,bhgce->bhgde", q_in, chunk.do) - through_new_values, None
