@@ -18,14 +18,15 @@ overflows whatever the gates. Per key channel gates (KDA, Kimi Linear 2025) make
 first token r of the row's sub-block, ``(x_i ⊙ exp(b_i − b_r)) · (k_j ⊙ exp(b_r − b_j))`` with both
 exps ≤ 1 (a matmul per sub-block), and inside a sub-block the 16×16×D factors are formed directly
 for i > j only. Chosen over the direct masked C×C×D form because it keeps most of the work in
-matmuls and needs a quarter of that form's C²·D temporaries (16·C·D + C·C·D/4 per value head), which
-is what limits the CPU path at D = 128.
+matmuls and needs under a third of that form's C²·D temporaries (C²·D/16 + 16·C·D per value head
+at C = 64), formed once per chunk and shared by ``A`` and the output; they are what limits this
+path at D = 128.
 
 Packed documents (``doc_ids``): factors between tokens of different documents are masked to 0,
 tokens of a document that starts inside the chunk do not see the entering state, and the carried
 state is zeroed when the chunk's last document differs from the one entering it (masks only, no
-infinities). Gradients come from autodiff; each step is rematerialised, so the backward stores only
-the state entering each chunk.
+infinities). Gradients come from autodiff (the triangular inverse has its own ``custom_vjp``); each
+step is rematerialised, so the backward stores only the state entering each chunk.
 
 Besides the op, ``shard_transition`` (the shard's final state from zero and its composed
 transition Φ) and ``state_cotangent`` (the cotangent the shard's outputs put on its entering
