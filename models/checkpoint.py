@@ -2,8 +2,9 @@
 
 Every saved step holds two items: ``state``, the train state ``{params, opt_state, step, skipped}``
 (``models.train.make_init_fn``), and ``config``, the ``TrainConfig`` as JSON (``config_to_json``).
-Training saves and restores the whole state (``save``, ``restore_state``); generation restores the
-parameters only (``load_model``), so it builds neither the optimizer nor its moments.
+Training saves and restores the whole state (``save``, asynchronous unless asked to wait;
+``restore_state``); generation restores the parameters only (``load_model``), so it builds neither
+the optimizer nor its moments.
 """
 
 from __future__ import annotations
@@ -38,16 +39,24 @@ def config_from_json(saved: dict) -> TrainConfig:
 
 
 def open_manager(ckpt_dir: str, *, keep: int) -> ocp.CheckpointManager:
-    """A manager that writes: synchronous saves, the newest ``keep`` steps kept, the directory created."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False, create=True)
+    """A manager that writes: asynchronous saves, the newest ``keep`` steps kept, the directory created.
+
+    ``close()`` waits for a write still in progress."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
     return ocp.CheckpointManager(os.path.abspath(ckpt_dir), options=options, item_names=ITEMS)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state, config: TrainConfig) -> None:
-    """Write ``state`` and ``config`` as step ``step`` and wait until they are on disk."""
+def save(manager: ocp.CheckpointManager, step: int, state, config: TrainConfig, *, wait: bool = True) -> None:
+    """Write ``state`` and ``config`` as step ``step``; with ``wait`` return once they are on disk.
+
+    Without ``wait`` the write goes on in a background thread: orbax copies the arrays to host
+    memory before ``manager.save`` returns (so the caller may donate or overwrite them), and the
+    next save (or ``close``) waits for this one to finish.
+    """
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config_to_json(config)))
     manager.save(step, args=args, force=True)
-    manager.wait_until_finished()
+    if wait:
+        manager.wait_until_finished()
 
 
 def saved_config(manager: ocp.CheckpointManager, step: int) -> dict:

@@ -5,11 +5,15 @@ with warmup + cosine decay and global-norm clipping, a remat policy per block, a
 steps whose loss or gradient is not finite (parameters and optimizer state stay as they were).
 Batches are a pure function of (seed, step), so a run restored from an orbax checkpoint
 (``models.checkpoint``) continues with exactly the losses of an uninterrupted run. Checkpoints are
-written every ``ckpt_every`` steps, at the end, and on SIGTERM (exit code 143 after the save).
+written every ``ckpt_every`` steps (in the background: the arrays are copied to host memory, then
+training goes on while orbax writes them), at the end, and on SIGTERM (exit code 143 after the save;
+those two wait for the write).
 The flags are parsed by ``models.cli``; the configs live in ``models.train_config``.
 
 Multi-host: set ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (or pass
-``--distributed`` on a cluster jax detects) and start the same command on every host.
+``--distributed`` on a cluster jax detects) and start the same command on every host. A SIGTERM (or
+the time limit) on any process stops them all at the same step: they agree at the steps whose
+metrics are fetched anyway (every ``log_every`` steps), not with a host round trip every step.
 """
 
 from __future__ import annotations
@@ -182,6 +186,7 @@ class Trainer:
         self.flops_per_token = model_flops_per_token(model_cfg, config.data.seq_len)
         self.peak_flops = peak_flops_per_device(config.run.peak_tflops)
         self._stop_reason: str | None = None
+        self.multi_process = jax.process_count() > 1  # stop requests are agreed on (``_agree``)
 
     # ---- state ----
     def init_state(self):
@@ -264,10 +269,11 @@ class Trainer:
     def checkpoint_manager(self):
         return checkpoint.open_manager(self.config.run.ckpt_dir, keep=self.config.run.keep)
 
-    def save(self, manager, state) -> int:
-        """Checkpoint ``state`` with this run's config; returns its step."""
+    def save(self, manager, state, *, wait: bool = True) -> int:
+        """Checkpoint ``state`` with this run's config; returns its step. ``wait=False``: the write
+        goes on in the background (``checkpoint.save``)."""
         step = int(_scalar(state["step"]))
-        checkpoint.save(manager, step, state, self.config)
+        checkpoint.save(manager, step, state, self.config, wait=wait)
         return step
 
     def restore(self, manager, step: int | None = None):
@@ -308,7 +314,7 @@ class Trainer:
                     pending.append((step, metrics))
                     if on_step is not None:
                         on_step(step, self)
-                    stop = self._stop_reason_after(step - start, stop_after, clock.elapsed())
+                    stop = self._stop_reason_after(step, step - start, stop_after, clock.elapsed())
                     last = step == run.steps or stop is not None
                     if last or step % run.log_every == 0:
                         losses |= self._report_steps(pending, clock, log)
@@ -317,7 +323,7 @@ class Trainer:
                         evals.append(self._report_eval(step, state["params"], log))
                         clock.resume()
                     if manager is not None and self._wants_checkpoint(step, last):
-                        self._checkpoint(manager, state, stop, log)
+                        self._checkpoint(manager, state, stop, log, wait=last)
                         clock.resume()
                     if stop is not None:
                         self._stop_reason = stop
@@ -354,13 +360,21 @@ class Trainer:
             f"batch {data.batch_size}x{data.seq_len} accum {data.grad_accum} | steps {start}->{cfg.run.steps}"
         )
 
-    def _stop_reason_after(self, steps_done: int, stop_after: int | None, elapsed: float) -> str | None:
-        """Why to stop after this step (a request, the time limit, ``stop_after``), the same on every process."""
-        limit = self.config.run.time_limit_s
-        stop = self._stop_reason or ("time_limit" if limit and elapsed > limit else None)
+    def _stop_reason_after(self, step: int, steps_done: int, stop_after: int | None, elapsed: float) -> str | None:
+        """Why to stop after this step (a request, the time limit, ``stop_after``), the same on every process.
+
+        With several processes a request or the time limit (each process's own) is agreed on only
+        at the steps whose metrics are fetched anyway (every ``log_every`` steps and the last), so
+        the other steps need no host round trip; a SIGTERM then takes effect within ``log_every`` steps.
+        """
+        run = self.config.run
+        stop = self._stop_reason or ("time_limit" if run.time_limit_s and elapsed > run.time_limit_s else None)
+        if self.multi_process:
+            synced = step % run.log_every == 0 or step == run.steps
+            stop = _agree(stop) if synced else None
         if stop_after is not None and steps_done >= stop_after:
             stop = stop or "stop_after"
-        return _agree(stop)
+        return stop
 
     def _report_steps(self, pending: list, clock: StepClock, log: RunLog) -> dict[int, float]:
         """Fetch the ``(step, metrics)`` of the steps since the last report, report the last one with
@@ -400,8 +414,9 @@ class Trainer:
         every = self.config.run.ckpt_every
         return last or bool(every and step % every == 0)
 
-    def _checkpoint(self, manager, state, stop: str | None, log: RunLog) -> None:
-        saved = self.save(manager, state)
+    def _checkpoint(self, manager, state, stop: str | None, log: RunLog, *, wait: bool) -> None:
+        """Periodic saves write in the background; the last one (the end, a stop) waits for the write."""
+        saved = self.save(manager, state, wait=wait)
         if stop:
             log.message(f"saved checkpoint at step {saved} ({stop})")
 
@@ -454,9 +469,8 @@ def _scalar(x):
 
 
 def _agree(stop: str | None) -> str | None:
-    """Every process stops at the same step if any one of them was asked to (multi-host SIGTERM)."""
-    if jax.process_count() == 1:
-        return stop
+    """Every process stops at the same step if any one of them was asked to (multi-host SIGTERM):
+    one all-gather of a flag, at the steps ``Trainer._stop_reason_after`` syncs on."""
     from jax.experimental import multihost_utils
 
     flags = multihost_utils.process_allgather(np.asarray(stop is not None, np.int32))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
 
 import jax
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from models import checkpoint, train
 from models.cli import profile_window_from_args
 from models.loss import cross_entropy_sum
 from models.model import LanguageModel, lm_loss
@@ -169,3 +171,41 @@ def test_profile_steps_of_a_training_run(tmp_path, capsys):
     assert "steps 1:3" in table and "matmuls" in table and "top kernels" in table
     assert summary.kernels[0].name in table
     assert str(tmp_path) in summary.trace_path
+
+
+# ---- checkpoints and stop requests without stalls (models.train, models.checkpoint) -----------
+
+
+def test_background_checkpoints_and_stop_agreement_at_sync_steps(tmp_path, monkeypatch):
+    """Periodic checkpoints return before the write ends, the last one waits; with several
+    processes the stop flag is all-gathered only at the steps whose metrics are fetched."""
+    saves, agreed = [], []
+    real_save = checkpoint.save
+
+    def save(manager, step, state, config, *, wait=True):
+        real_save(manager, step, state, config, wait=wait)
+        saves.append((step, wait, manager.is_saving_in_progress()))
+
+    monkeypatch.setattr(checkpoint, "save", save)
+    monkeypatch.setattr(train, "_agree", lambda stop: agreed.append(stop) or stop)
+    run = dict(ckpt_dir=str(tmp_path / "ckpt"), ckpt_every=1, log_every=2)
+    config = train_config(steps=5, model=small_model(n_layers=1), run=run)
+    trainer = Trainer(config, devices=jax.devices()[:1], log=lambda *a: None)
+    trainer.multi_process = True  # as under jax.distributed, without a second process
+
+    def sigterm_at_3(step, trainer):
+        if step == 3:
+            trainer.request_stop("sigterm")
+
+    result = trainer.fit(on_step=sigterm_at_3)
+    # the request at step 3 is agreed on at step 4 (a metrics step), which is saved and waited for
+    assert result["stopped"] == "sigterm" and sorted(result["losses"]) == [1, 2, 3, 4]
+    assert agreed == [None, "sigterm"]
+    assert [(step, wait) for step, wait, _ in saves] == [(1, False), (2, False), (3, False), (4, True)]
+    assert not saves[-1][2]  # nothing left in flight after the last save
+    assert sorted(int(p) for p in os.listdir(tmp_path / "ckpt") if p.isdigit()) == [2, 3, 4]  # keep=3
+    manager = checkpoint.open_manager(str(tmp_path / "ckpt"), keep=3)
+    try:
+        assert int(trainer.restore(manager)["step"]) == 4
+    finally:
+        manager.close()
