@@ -1,0 +1,199 @@
+"""Sweep of the Pallas Triton gated-delta-rule kernels' BlockConfig, in one process on one GPU.
+
+    python3 benchmarks/delta_rule_sweep.py --ops gdn kda --json sweep.json --check
+
+For each op (GDN: one log gate per token; KDA: one per key channel) at one shape (default
+(B, T, H, D) = (1, 32768, 16, 128), bf16) it times the forward and the forward+backward of
+``pallas_triton.gated_delta_rule(..., config=cfg)`` for a list of configs: the shape's default
+(``config.default_config``), each field moved alone from it, and a few combinations. Inputs and
+timing as ``benchmarks/delta_rule.py`` (median of ``--reps`` calls after 3 warm-ups, the first of
+which compiles). A config that fails is recorded with its error. Each row is printed as it
+finishes, then a table sorted by forward+backward time; ``--json`` writes all rows.
+
+``--budget`` seconds per op: no new config starts past it (the list is in order of interest).
+``--check`` runs the best config of each op (by fwd+bwd) on a small shape and prints the relative
+error of o and of the gradients of q, k, v, beta and g against the chunked XLA path.
+``--interpret`` runs the kernels in the Pallas interpreter (CPU; a syntax check with a tiny shape).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.delta_rule import _jax_inputs, _jax_time  # noqa: E402
+
+
+def _split_field(config_cls) -> str:
+    """The BlockConfig field that counts the state passes' parallel runs of chunks."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    return "splits" if "splits" in names else "segments"
+
+
+def variants(base, d: int) -> list[tuple[str, dict]]:
+    """(label, overrides of ``base``): the default, one field at a time, then a few combinations."""
+    split = _split_field(type(base))
+    names = {f.name for f in dataclasses.fields(base)}
+    one = [
+        {"block_cols": 64},
+        {"block_cols": d},  # the whole row: no column loop
+        {split: 1},
+        {split: 4},
+        {"block_e": 64},
+        {"num_warps_bwd": 4},
+        {"num_stages_bwd": 2},
+        {"num_warps": 4},
+        {split: 16},
+    ]
+    if "wy_bwd_split" in names:  # the two-kernel WY backward against the fused one
+        one.insert(0, {"wy_bwd_split": not base.wy_bwd_split})
+    combos = [
+        {"block_cols": d, "num_warps": 4},
+        {"block_cols": 64, "num_warps_bwd": 4},
+        {"block_cols": d, "num_stages_bwd": 2},
+        {"block_e": 64, split: 4},
+        {"block_cols": 64, "num_stages_bwd": 2},
+        {"block_cols": d, "num_warps_bwd": 4, "num_stages_bwd": 2},
+        {"block_e": 64, "num_warps_bwd": 4},
+    ]
+    out, seen = [("default", {})], {dataclasses.astuple(base)}
+    for over in one + combos:
+        over = {k: v for k, v in over.items() if k in names}
+        try:
+            cfg = dataclasses.replace(base, **over)
+        except ValueError:
+            continue
+        key = dataclasses.astuple(cfg)
+        if key not in seen:
+            seen.add(key)
+            out.append((",".join(f"{k}={v}" for k, v in over.items()), over))
+    return out
+
+
+def _fns(config, interpret):
+    import jax
+
+    from pallas_kernels.gated_delta_rule import pallas_triton
+
+    def attn(q, k, v, beta, g):
+        return pallas_triton.gated_delta_rule(q, k, v, beta, g=g, interpret=interpret, config=config)[0]
+
+    fwd = jax.jit(attn)
+    fwd_bwd = jax.jit(lambda q, k, v, beta, g, do: jax.vjp(attn, q, k, v, beta, g)[1](do))
+    return attn, fwd, fwd_bwd
+
+
+def sweep_op(op, shape, *, reps, budget, interpret, only=None) -> list[dict]:
+    from pallas_kernels.gated_delta_rule.config import default_config
+
+    b, t, h, d = shape
+    base = default_config(batch=b, value_heads=h, seq_len=t, value_dim=d, interpret=False)
+    q, k, v, beta, g, do = _jax_inputs(op, *shape)
+    rows, start = [], time.perf_counter()
+    todo = variants(base, d)
+    if only is not None:
+        todo = todo[:only]
+    for label, over in todo:
+        if time.perf_counter() - start > budget:
+            rows.append({"op": op, "label": label, "error": f"skipped: past the {budget} s budget"})
+            print(json.dumps(rows[-1]), flush=True)
+            continue
+        cfg = dataclasses.replace(base, **over)
+        row = {"op": op, "shape": list(shape), "label": label, "config": dataclasses.asdict(cfg)}
+        t0 = time.perf_counter()
+        try:
+            _, fwd, fwd_bwd = _fns(cfg, interpret)
+            row["fwd_ms"] = _jax_time(fwd, q, k, v, beta, g, n=reps)
+            row["fwd_bwd_ms"] = _jax_time(fwd_bwd, q, k, v, beta, g, do, n=reps)
+        except Exception as exc:  # noqa: BLE001 - a failing config is a result, not the end of the sweep
+            lines = [line for line in traceback.format_exception_only(exc)[-1].splitlines() if line.strip()]
+            row["error"] = (lines[-1] if lines else repr(exc))[:400]
+        row["wall_s"] = round(time.perf_counter() - t0, 1)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def check(op, shape, config, interpret) -> dict:
+    """Relative errors of o and the gradients against the chunked XLA path (float32 inputs' copies)."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels import gated_delta_rule
+
+    q, k, v, beta, g, do = _jax_inputs(op, *shape)
+    attn, _, fwd_bwd = _fns(config, interpret)
+
+    def ref(q, k, v, beta, g):
+        return gated_delta_rule(q, k, v, beta, g=g, impl="xla")[0]
+
+    f32 = [x.astype(jnp.float32) for x in (q, k, v, beta, g)]
+    o_ref, vjp_ref = jax.vjp(ref, *f32)
+    grads_ref = vjp_ref(do.astype(jnp.float32))
+    o = jax.jit(attn)(q, k, v, beta, g)
+    grads = fwd_bwd(q, k, v, beta, g, do)
+
+    def rel(a, b):
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+        return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30))
+
+    out = {"o": rel(o, o_ref)}
+    out.update({f"d{n}": rel(a, b) for n, a, b in zip(("q", "k", "v", "beta", "g"), grads, grads_ref)})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ops", nargs="+", default=["gdn", "kda"], choices=["gdn", "kda"])
+    ap.add_argument("--shape", default="1,32768,16,128", help="B,T,H,D")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--budget", type=float, default=100.0, help="seconds per op; later configs are skipped")
+    ap.add_argument("--only", type=int, default=None, help="the first N configs only")
+    ap.add_argument("--check", action="store_true", help="check the best configs against the XLA path")
+    ap.add_argument("--check-shape", default="1,512,4,128", help="B,T,H,D of --check")
+    ap.add_argument("--interpret", action="store_true", help="Pallas interpreter (CPU syntax check)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    shape = tuple(map(int, args.shape.split(",")))
+    rows = []
+    for op in args.ops:
+        rows += sweep_op(op, shape, reps=args.reps, budget=args.budget, interpret=args.interpret, only=args.only)
+
+    print(f"\nop | config | fwd ms | fwd+bwd ms   ({shape}, sorted by fwd+bwd)")
+    checks = {}
+    for op in args.ops:
+        ok = sorted((r for r in rows if r["op"] == op and "error" not in r), key=lambda r: r["fwd_bwd_ms"])
+        base = next((r for r in rows if r["op"] == op and r["label"] == "default" and "error" not in r), None)
+        for r in ok:
+            speedup = f"  x{base['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f} vs default" if base else ""
+            print(f"{op} | {r['label']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f}{speedup}")
+        for r in rows:
+            if r["op"] == op and "error" in r:
+                print(f"{op} | {r['label']} | error: {r['error']}")
+        if ok:
+            best_fwd = min(ok, key=lambda r: r["fwd_ms"])
+            print(f"{op} best fwd: {best_fwd['label']} {best_fwd['fwd_ms']:.3f} ms; best fwd+bwd: {ok[0]['label']}")
+        if args.check and ok:
+            from pallas_kernels.gated_delta_rule.config import BlockConfig
+
+            cfg = BlockConfig(**ok[0]["config"])
+            cshape = tuple(map(int, args.check_shape.split(",")))
+            try:
+                checks[op] = {"label": ok[0]["label"], **check(op, cshape, cfg, args.interpret)}
+            except Exception as exc:  # noqa: BLE001
+                checks[op] = {"label": ok[0]["label"], "error": repr(exc)[:400]}
+            print(f"{op} check {cshape} rel err vs xla: {json.dumps(checks[op])}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"shape": list(shape), "rows": rows, "check": checks}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
