@@ -37,6 +37,9 @@ class BlockConfig:
         num_warps_state / num_stages_state: of the two state passes (num_stages pipelines the loads
         of the next chunk behind the current step); num_warps_bwd / num_stages_bwd: of the
         chunk-parallel backward kernels.
+      wy_bwd_split: the WY backward as two kernels, the state step's shares of dk and db first
+        (reading h, dh and V'), then the WY form's; False: one kernel holding both (more live
+        registers: ptxas reported spills for it).
     """
 
     chunk: int = 64
@@ -49,6 +52,7 @@ class BlockConfig:
     num_stages_state: int = 3
     num_warps_bwd: int = 8
     num_stages_bwd: int = 1
+    wy_bwd_split: bool = True
 
     def __post_init__(self):
         for name in ("chunk", "block_e", "block_cols"):

@@ -15,6 +15,8 @@ V' = U − W S saved by the forward:
    (``dW = −dV' hᵀ``, ``dK̃ = V' dhᵀ``, ``dγ = ⟨h, dh⟩``; ``common.state_dw``, ``state_backward``) and the WY
    form's with ``dU = dV'`` (``common.wy_backward``), plus stage 1's shares: dk, dv, dβ and the
    gradient of the chunk-local cumulative log gate b (autodiff of the cumsum outside makes it dg).
+   With ``cfg.wy_bwd_split`` (the default) the state step's terms run first as a kernel of their own
+   (``state_step_bwd``: reads h, dh, V'), so the WY form's kernel keeps fewer tiles live.
 
 Grouped value heads: dq and dk are per value head (float32) and summed over each group after.
 """
@@ -110,10 +112,67 @@ def _state_bwd_kernel(
     ds0_ref[...] = lax.fori_loop(0, num_chunks, body, d_final_ref[...].astype(F32))
 
 
-def _wy_bwd_kernel(
-    k_ref, v_ref, beta_ref, h_ref, dh_ref, v_new_ref, dv_new_ref, dk_out_ref, *refs, mode, has_docs, mxu, block_cols
+def _state_step_bwd_kernel(
+    k_ref, beta_ref, h_ref, dh_ref, v_new_ref, dk_out_ref, *refs, mode, has_docs, mxu, block_cols
 ):
-    """dk, dv, dβ and db of one chunk: the state step's and the WY form's, plus the output's share.
+    """The state step's shares of dk and db of one chunk (``common.state_backward``) added to the
+    output's: the first half of a split ``wy_bwd`` (``cfg.wy_bwd_split``), walking the key columns
+    in blocks; dh and V' are not live in the WY form's kernel then."""
+    refs = list(refs)
+    gate_ref, doc_refs = pop_gate_refs(refs, mode=mode, has_docs=has_docs)
+    db_out_ref = refs.pop(0) if mode != "none" else None
+    dk_ref, *db_ref = refs
+    parts = k_ref.shape[0] // SUB_TILE
+    beta, docs = load_tiles(beta_ref, parts), load_doc_tiles(doc_refs, parts)
+    kw = min(block_cols, k_ref.shape[1])
+
+    def key_step(j, db_rows):
+        start = pl.multiple_of(j * kw, kw)
+        chunk = key_chunk(k_ref, gate_ref, beta, docs, start, mode=mode, width=kw)
+        dk_state, db_state = common.state_backward(
+            chunk.k,
+            chunk.b,
+            docs,
+            h_ref[pl.ds(start, kw), :],
+            dh_ref[pl.ds(start, kw), :],
+            load_tiles(v_new_ref, parts),
+            mode=mode,
+            mxu=mxu,
+            parts=parts,
+        )
+        dk_out = load_col_tiles(dk_out_ref, parts, start, kw)
+        store_col_tiles(dk_ref, [a.astype(F32) + s for a, s in zip(dk_out, dk_state, strict=True)], start)
+        if mode == "channel":
+            db_out = load_col_tiles(db_out_ref, parts, start, kw)
+            store_col_tiles(db_ref[0], [a + s for a, s in zip(db_out, db_state, strict=True)], start)
+        elif mode == "scalar":
+            db_rows = [a + s for a, s in zip(db_rows, db_state, strict=True)]
+        return db_rows
+
+    row_zeros = [jnp.zeros((SUB_TILE,), F32) for _ in range(parts)]
+    db_rows = lax.fori_loop(0, k_ref.shape[1] // kw, key_step, row_zeros)
+    if mode == "scalar":
+        store_tiles(db_ref[0], [a + b for a, b in zip(db_rows, load_tiles(db_out_ref, parts), strict=True)])
+
+
+def _wy_bwd_kernel(
+    k_ref,
+    v_ref,
+    beta_ref,
+    h_ref,
+    dh_ref,
+    v_new_ref,
+    dv_new_ref,
+    dk_out_ref,
+    *refs,
+    mode,
+    has_docs,
+    mxu,
+    block_cols,
+    with_state,
+):
+    """dk, dv, dβ and db of one chunk: the state step's (if ``with_state``; else ``dk_out`` and
+    ``db_out`` already hold them) and the WY form's, plus the output's share.
 
     The WY backward walks the key and value columns in blocks (``block_cols``): first dX (and the
     Gram blocks) summed over them, then X, dA and dG (small C×C blocks), then dk and dv block by
@@ -164,6 +223,16 @@ def _wy_bwd_kernel(
         dbeta, db_rows = carry
         start, chunk, h_rows, dw = keys(j)
         dk, dbeta_k, db = common.key_grads(chunk, x, dw, dgram, mode=mode, mxu=mxu)
+        if not with_state:
+            dk_out = load_col_tiles(dk_out_ref, parts, start, kw)
+            store_col_tiles(dk_ref, [a.astype(F32) + w for a, w in zip(dk_out, dk, strict=True)], start)
+            dbeta = [a + b for a, b in zip(dbeta, dbeta_k, strict=True)]
+            if mode == "channel":
+                db_out = load_col_tiles(db_out_ref, parts, start, kw)
+                store_col_tiles(db_ref[0], [a + w for a, w in zip(db_out, db, strict=True)], start)
+            elif mode == "scalar":
+                db_rows = [a + w for a, w in zip(db_rows, db, strict=True)]
+            return dbeta, db_rows
         dk_state, db_state = common.state_backward(
             chunk.k,
             chunk.b,
@@ -283,13 +352,60 @@ def state_backward_pass(res: Residuals, do, dv_intra, d_final, lay: Layout, stat
     return tuple(outs) if store_chunks else outs[0]
 
 
+def state_step_backward(res: Residuals, dh, dk_out, db_out, lay: Layout, statics: Statics):
+    """Stage 3a of a split WY backward: ``(dk, db or None)``, the output's and the state step's shares."""
+    d = lay.dim
+    has_docs = res.docs is not None
+    gate_out = _gate_grad_shape(lay, res)
+    kernel = functools.partial(
+        _state_step_bwd_kernel, mode=lay.mode, has_docs=has_docs, mxu=lay.mxu, block_cols=statics.cfg.block_cols
+    )
+    dk, *db = pl.pallas_call(
+        kernel,
+        grid=lay.chunk_grid(),
+        in_specs=[
+            lay.chunk_spec(d, qk=True),
+            lay.chunk_row_spec(),
+            lay.chunk_state_spec(),
+            lay.chunk_state_spec(),
+            lay.chunk_spec(lay.value_dim),
+            lay.chunk_spec(d),
+            *lay.chunk_gate_specs(has_docs),
+            *(s for _, s in gate_out),
+        ],
+        out_specs=[lay.chunk_spec(d), *(s for _, s in gate_out)],
+        out_shape=[lay.values_shape(F32, d), *(x for x, _ in gate_out)],
+        compiler_params=compiler_params(statics.cfg, "backward"),
+        interpret=statics.interpret,
+        name="gated_delta_rule_state_step_bwd",
+    )(
+        res.k,
+        res.beta,
+        res.h,
+        dh,
+        res.v_new,
+        dk_out,
+        *gate_inputs(res.b, res.docs),
+        *([] if db_out is None else [db_out]),
+    )
+    return dk, (db[0] if db else None)
+
+
 def wy_backward(res: Residuals, dh, dv_new, dk_out, db_out, lay: Layout, statics: Statics):
     """Stage 3: ``(dk [B, T, Hv, D], dv [B, T, Hv, E], dβ [B, Hv, T], db or None)``, totals."""
     d, e = lay.dim, lay.value_dim
     has_docs = res.docs is not None
     gate_out = _gate_grad_shape(lay, res)
+    split = statics.cfg.wy_bwd_split
+    if split:
+        dk_out, db_out = state_step_backward(res, dh, dk_out, db_out, lay, statics)
     kernel = functools.partial(
-        _wy_bwd_kernel, mode=lay.mode, has_docs=has_docs, mxu=lay.mxu, block_cols=statics.cfg.block_cols
+        _wy_bwd_kernel,
+        mode=lay.mode,
+        has_docs=has_docs,
+        mxu=lay.mxu,
+        block_cols=statics.cfg.block_cols,
+        with_state=not split,
     )
     grads = pl.pallas_call(
         kernel,

@@ -133,6 +133,12 @@ CASES = {
         dict(b=1, t=130, h=2, hv=2, d=32, e=16, gate="deltanet"),
         dict(config=BlockConfig(chunk=16, block_e=16, block_cols=16)),
     ),
+    # the fused WY backward (one kernel for the state step's and the WY form's gradients)
+    "gdn-f32-T40-fused-wy-bwd": (
+        jnp.float32,
+        dict(b=1, t=40, h=1, hv=1, d=32, e=16, gate="gdn"),
+        dict(config=BlockConfig(chunk=16, block_e=16, block_cols=16, wy_bwd_split=False)),
+    ),
     # one token: each of beta's gradients is a single sum that can cancel, so bf16 rounding of the
     # stored intermediates could exceed a norm-wise bound; fp32 checks the one-token path exactly
     "gdn-f32-T1-no-init": (jnp.float32, dict(b=1, t=1, h=1, hv=1, d=16, e=16, gate="gdn", init=False), {}),
@@ -250,7 +256,8 @@ def test_kernels_lower_to_triton(monkeypatch):
         ("kda", (2, 100, 2, 2, 40, 24), jnp.float32, True, 1),
         ("deltanet", (1, 70, 1, 1, 64, 64), jnp.float16, True, 1),
     ]:
-        config = BlockConfig(segments=segments)
+        # deltanet lowers the fused WY backward, the others its two-kernel split
+        config = BlockConfig(segments=segments, wy_bwd_split=gate != "deltanet")
         q, v = spec((b, t, h, d), dtype), spec((b, t, hv, e), dtype)
         beta, s0 = spec((b, t, hv), jnp.float32), spec((b, hv, d, e), jnp.float32)
         g = {"deltanet": None, "gdn": spec((b, t, hv), jnp.float32), "kda": spec((b, t, hv, d), jnp.float32)}[gate]
@@ -268,6 +275,7 @@ def test_kernels_lower_to_triton(monkeypatch):
         text = jax.jit(fwd_bwd).trace(q, q, v, beta, g, s0, seg).lower(lowering_platforms=("cuda",)).as_text()
         kernels = ["wy", "state", "output", "output_bwd", "state_bwd", "wy_bwd"]
         kernels += ["transition", "state_bwd_local"] if segments > 1 else []
+        kernels += ["state_step_bwd"] if config.wy_bwd_split else []
         assert text.count("__gpu$xla.gpu.triton") == len(kernels), f"expected the {kernels} kernels"
 
 
