@@ -28,10 +28,10 @@ class BlockConfig:
       block_cols: key/value columns per step of the loops over columns inside the wy kernels (the
         Gram blocks, W, U and their cotangents are sums over, or separate in, the columns; walking
         them in blocks keeps the live tiles small).
-      segments: runs of whole chunks per row that the state passes walk in parallel (LASP inside
+      splits: runs of whole chunks per row that the state passes walk in parallel (LASP inside
         one GPU): a first pass gives each run's transition ``(Φ, M)`` from a zero state, a float32
         scan over runs their entering states, the stored pass starts each run from its own. Each
-        pass walks ``NC / segments`` chunks; the transition pass carries E + D columns. 1: one
+        pass walks ``NC / splits`` chunks; the transition pass carries E + D columns. 1: one
         pass over the whole row.
       num_warps / num_stages: Triton launch parameters of the chunk-parallel forward kernels;
         num_warps_state / num_stages_state: of the two state passes (num_stages pipelines the loads
@@ -45,7 +45,7 @@ class BlockConfig:
     chunk: int = 64
     block_e: int = 32
     block_cols: int = 32
-    segments: int = 1
+    splits: int = 1
     num_warps: int = 8
     num_stages: int = 2
     num_warps_state: int = 4
@@ -59,8 +59,8 @@ class BlockConfig:
             value = getattr(self, name)
             if value < SUB_TILE or value & (value - 1):
                 raise ValueError(f"BlockConfig.{name}={value} must be a power of two >= {SUB_TILE}")
-        if self.segments < 1:
-            raise ValueError(f"BlockConfig.segments={self.segments} must be positive")
+        if self.splits < 1:
+            raise ValueError(f"BlockConfig.splits={self.splits} must be positive")
 
 
 # interpret mode (CPU tests): the interpreter's programs are compiled by XLA once per shape, and the
@@ -70,20 +70,20 @@ INTERPRET_CONFIG = BlockConfig(chunk=16, block_e=16)
 
 
 def default_config(*, batch: int, value_heads: int, seq_len: int, value_dim: int, interpret: bool) -> BlockConfig:
-    """Interpret mode: small chunks, one segment. GPU: 64-token chunks, value blocks of 32, and
-    segments (a power of two) until the state passes have about two programs per SM, keeping at
-    least 16 chunks per segment.
+    """Interpret mode: small chunks, one split. GPU: 64-token chunks, value blocks of 32, and
+    splits (a power of two) until the state passes have about two programs per SM, keeping at
+    least 16 chunks per split.
 
     Untuned first choice (no GPU sweep yet; warps from ptxas register counts of a Triton 3.9 sm_90
     build: the wy kernel spills at 4 warps, not at 8): at (B, T, Hv) = (1, 32K, 16) with E = 128 this gives
-    64 programs per segment and 8 segments (512 programs, 64 chunks each).
+    64 programs per split and 8 splits (512 programs, 64 chunks each).
     """
     if interpret:
         return INTERPRET_CONFIG
     cfg = BlockConfig(block_e=min(32, value_dim))
     programs = batch * value_heads * (value_dim // cfg.block_e)
     chunks = -(-seq_len // cfg.chunk)
-    segments = 1
-    while programs * segments < 2 * _NUM_SMS and chunks // (2 * segments) >= 16:
-        segments *= 2
-    return dataclasses.replace(cfg, segments=segments)
+    splits = 1
+    while programs * splits < 2 * _NUM_SMS and chunks // (2 * splits) >= 16:
+        splits *= 2
+    return dataclasses.replace(cfg, splits=splits)

@@ -262,37 +262,37 @@ def chunk_cumsum(g, chunk: int, axis: int):
     return jnp.cumsum(g.astype(F32).reshape(split), axis=axis + 1).reshape(shape)
 
 
-# ---- segments: rows of whole chunks run in parallel as if they were batch rows -------------------
+# ---- splits: rows of whole chunks run in parallel as if they were batch rows -------------------
 
 
-def to_segments(x, segments: int, *, time_axis: int = 1):
+def to_splits(x, splits: int, *, time_axis: int = 1):
     """``[B, T, ...]`` (time on ``time_axis``, 1 or 2) → ``[B·S, T / S, ...]``: each row cut into
-    ``segments`` runs of equal length, each run a row of its own (None stays None)."""
-    if x is None or segments == 1:
+    ``splits`` runs of equal length, each run a row of its own (None stays None)."""
+    if x is None or splits == 1:
         return x
     shape = x.shape
     t = shape[time_axis]
-    x = x.reshape(shape[:time_axis] + (segments, t // segments) + shape[time_axis + 1 :])
+    x = x.reshape(shape[:time_axis] + (splits, t // splits) + shape[time_axis + 1 :])
     if time_axis == 2:  # [B, Hv, S, T/S, ...] → [B, S, Hv, T/S, ...]
         x = jnp.swapaxes(x, 1, 2)
-    return x.reshape((shape[0] * segments,) + x.shape[2:])
+    return x.reshape((shape[0] * splits,) + x.shape[2:])
 
 
-def from_segments(x, segments: int, *, time_axis: int = 1):
-    """The inverse of ``to_segments``."""
-    if x is None or segments == 1:
+def from_splits(x, splits: int, *, time_axis: int = 1):
+    """The inverse of ``to_splits``."""
+    if x is None or splits == 1:
         return x
-    b = x.shape[0] // segments
-    x = x.reshape((b, segments) + x.shape[1:])
+    b = x.shape[0] // splits
+    x = x.reshape((b, splits) + x.shape[1:])
     if time_axis == 2:
         x = jnp.swapaxes(x, 1, 2)
     shape = x.shape
     return x.reshape(shape[:time_axis] + (shape[time_axis] * shape[time_axis + 1],) + shape[time_axis + 2 :])
 
 
-def _by_segment(x, segments: int):
+def _by_split(x, splits: int):
     """``[B·S, ...]`` → ``[S, B, ...]`` (scan order)."""
-    return jnp.swapaxes(x.reshape((x.shape[0] // segments, segments) + x.shape[1:]), 0, 1)
+    return jnp.swapaxes(x.reshape((x.shape[0] // splits, splits) + x.shape[1:]), 0, 1)
 
 
 def _by_row(x):
@@ -301,8 +301,8 @@ def _by_row(x):
     return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
-def entering_states(phi, m, s0, segments: int):
-    """The state entering each segment ``[B·S, Hv, D, E]``: ``S_in(0) = s0``,
+def entering_states(phi, m, s0, splits: int):
+    """The state entering each split ``[B·S, Hv, D, E]``: ``S_in(0) = s0``,
     ``S_in(s + 1) = Φ_s S_in(s) + M_s`` (float32, HIGHEST precision)."""
 
     def step(state, transition):
@@ -310,18 +310,18 @@ def entering_states(phi, m, s0, segments: int):
         nxt = jnp.einsum("bhij,bhje->bhie", phi_s, state, precision=lax.Precision.HIGHEST) + m_s
         return nxt, state
 
-    _, states = lax.scan(step, s0, (_by_segment(phi, segments), _by_segment(m, segments)))
+    _, states = lax.scan(step, s0, (_by_split(phi, splits), _by_split(m, splits)))
     return _by_row(states)
 
 
-def leaving_cotangents(phi, local, d_final, segments: int):
-    """The cotangent of the state leaving each segment ``[B·S, Hv, D, E]``: ``d_final`` for the
+def leaving_cotangents(phi, local, d_final, splits: int):
+    """The cotangent of the state leaving each split ``[B·S, Hv, D, E]``: ``d_final`` for the
     last, ``Φ_{s+1}ᵀ dS_out(s + 1) + dS_in_local(s + 1)`` before it."""
 
     def step(d_out, transition):
-        phi_s, local_s = transition  # of the segment this cotangent leaves
+        phi_s, local_s = transition  # of the split this cotangent leaves
         prev = jnp.einsum("bhji,bhje->bhie", phi_s, d_out, precision=lax.Precision.HIGHEST) + local_s
         return prev, d_out
 
-    _, d_outs = lax.scan(step, d_final, (_by_segment(phi, segments), _by_segment(local, segments)), reverse=True)
+    _, d_outs = lax.scan(step, d_final, (_by_split(phi, splits), _by_split(local, splits)), reverse=True)
     return _by_row(d_outs)

@@ -14,16 +14,16 @@ tensor cores), the output in q's dtype. The chunked WY form (Yang et al. 2024), 
    V' and the final state.
 3. ``output`` (chunk-parallel): ``O = scale · [(e^b ⊙ Q) h_c + (Q Kᵀ ⊙ Γ ⊙ causal) V'_c]``.
 
-Segments (``cfg.segments`` > 1, LASP inside one GPU): the rows are cut into runs of whole chunks
+Splits (``cfg.splits`` > 1, LASP inside one GPU): the rows are cut into runs of whole chunks
 treated as rows of their own; a ``transition`` pass (the state pass over ``[U | 0]`` from
 ``[0 | I]``, storing nothing per chunk) gives each run's ``(Φ, M)``, a float32 scan over runs their
 entering states, and the state pass starts each run from its own, so the sequential walk is
-``NC / segments`` chunks long with ``segments`` times the programs.
+``NC / splits`` chunks long with ``splits`` times the programs.
 
 The backward (``pallas_triton_vjp``) reads W, h and V' (saved) and mirrors it: the output's
 gradients first, a reverse state pass, then the state step's and WY form's gradients. Grouped value
 heads read their q/k head through the index maps; head dims are padded to a power of two ≥ 16 and
-the time axis to whole chunks × segments (zero k, v, β and log gate: exact) outside the
+the time axis to whole chunks × splits (zero k, v, β and log gate: exact) outside the
 ``custom_vjp``. The chunk math is ``common``; the block specs ``layout``; the entry points split at
 the entering state (sequence parallelism) ``pallas_triton_split``.
 """
@@ -48,7 +48,7 @@ from pallas_kernels.gated_delta_rule.layout import (
     chunk_cumsum,
     compiler_params,
     entering_states,
-    from_segments,
+    from_splits,
     gate_inputs,
     key_chunk,
     leaving_cotangents,
@@ -60,7 +60,7 @@ from pallas_kernels.gated_delta_rule.layout import (
     pop_gate_refs,
     store_col_tiles,
     store_tiles,
-    to_segments,
+    to_splits,
     value_chunk,
     zero_blocks,
 )
@@ -261,54 +261,54 @@ def output(q, k, b, docs, h, v_new, lay: Layout, statics: Statics, dtype):
 # ---- the custom_vjp ---------------------------------------------------------------------------
 
 
-class SegmentResiduals(NamedTuple):
-    """Residuals of a segmented call: those of its segments (as rows) and each one's Φ."""
+class SplitResiduals(NamedTuple):
+    """Residuals of a split call: those of its splits (as rows) and each one's Φ."""
 
     rows: Residuals
     phi: jax.Array
 
 
-def _segmented(q, k, v, beta, b, docs, segments: int):
-    """The inputs with each row cut into ``segments`` rows (``layout.to_segments``)."""
+def _split_rows(q, k, v, beta, b, docs, splits: int):
+    """The inputs with each row cut into ``splits`` rows (``layout.to_splits``)."""
     gate_axis = 2 if b is not None and b.ndim == 3 else 1  # scalar gates are [B, Hv, T]
-    q, k, v = (to_segments(x, segments) for x in (q, k, v))
-    docs = None if docs is None else tuple(to_segments(x, segments) for x in docs)
-    return q, k, v, to_segments(beta, segments, time_axis=2), to_segments(b, segments, time_axis=gate_axis), docs
+    q, k, v = (to_splits(x, splits) for x in (q, k, v))
+    docs = None if docs is None else tuple(to_splits(x, splits) for x in docs)
+    return q, k, v, to_splits(beta, splits, time_axis=2), to_splits(b, splits, time_axis=gate_axis), docs
 
 
 def _forward(q, k, v, beta, b, s0, docs, statics: Statics):
-    """(o, final state, residuals). With ``cfg.segments`` > 1 the rows are cut into segments that
+    """(o, final state, residuals). With ``cfg.splits`` > 1 the rows are cut into splits that
     the state passes walk in parallel, each from its entering state, given by a transition pass
-    and a float32 scan over segments (``Residuals`` then describe the segment rows)."""
-    segments = statics.cfg.segments
-    q, k, v, beta, b, docs = _segmented(q, k, v, beta, b, docs, segments)
+    and a float32 scan over splits (``Residuals`` then describe the split rows)."""
+    splits = statics.cfg.splits
+    q, k, v, beta, b, docs = _split_rows(q, k, v, beta, b, docs, splits)
     lay = Layout(q, v, statics.cfg, statics.mode)
     w, u = wy_representation(k, v, beta, b, docs, lay, statics)
     phi = None
-    if segments > 1:
+    if splits > 1:
         phi, m = transition(w, u, k, b, docs, lay, statics)
-        s0 = entering_states(phi, m, s0, segments)
+        s0 = entering_states(phi, m, s0, splits)
     h, v_new, final = state_pass(w, u, k, b, docs, s0, lay, statics)
     o = output(q, k, b, docs, h, v_new, lay, statics, q.dtype)
     residuals = Residuals(q, k, v, beta, b, docs, w, h, v_new)
-    if segments == 1:
+    if splits == 1:
         return o, final, residuals
-    last = final.reshape((-1, segments) + final.shape[1:])[:, -1]
-    return from_segments(o, segments), last, SegmentResiduals(residuals, phi)
+    last = final.reshape((-1, splits) + final.shape[1:])[:, -1]
+    return from_splits(o, splits), last, SplitResiduals(residuals, phi)
 
 
 def _backward(statics: Statics, residuals, do, d_final):
-    segments = statics.cfg.segments
-    if segments == 1:
+    splits = statics.cfg.splits
+    if splits == 1:
         return pallas_triton_vjp.backward(residuals, do, d_final, statics=statics)
     rows, phi = residuals
-    local, stage = pallas_triton_vjp.backward_local(rows, to_segments(do, segments), statics=statics)
-    d_out = leaving_cotangents(phi, local, d_final.astype(F32), segments)
+    local, stage = pallas_triton_vjp.backward_local(rows, to_splits(do, splits), statics=statics)
+    d_out = leaving_cotangents(phi, local, d_final.astype(F32), splits)
     dq, dk, dv, dbeta, db, ds0 = pallas_triton_vjp.backward_finish(rows, stage, d_out, statics=statics)
     gate_axis = 2 if db is not None and db.ndim == 3 else 1
-    dq, dk, dv = (from_segments(x, segments) for x in (dq, dk, dv))
-    dbeta, db = from_segments(dbeta, segments, time_axis=2), from_segments(db, segments, time_axis=gate_axis)
-    return dq, dk, dv, dbeta, db, ds0.reshape((-1, segments) + ds0.shape[1:])[:, 0]
+    dq, dk, dv = (from_splits(x, splits) for x in (dq, dk, dv))
+    dbeta, db = from_splits(dbeta, splits, time_axis=2), from_splits(db, splits, time_axis=gate_axis)
+    return dq, dk, dv, dbeta, db, ds0.reshape((-1, splits) + ds0.shape[1:])[:, 0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnames=("statics",))
@@ -339,7 +339,7 @@ def supports(q, k, v) -> bool:
         return False
     b, t, _, d = q.shape
     hv, e = v.shape[2:]
-    tp, dp, ep = t + 2048, pad_dim(d), pad_dim(e)  # time padded to whole chunks × segments
+    tp, dp, ep = t + 2048, pad_dim(d), pad_dim(e)  # time padded to whole chunks × splits
     # the transition pass's [U | 0] rows are the widest per-token array; the per-chunk states the largest
     largest = max(b * tp * hv * (dp + ep), b * hv * (tp // 16) * dp * ep)
     return largest <= MAX_ELEMENTS
@@ -394,7 +394,7 @@ def prepare(q, k, v, beta, g, initial_state, segment_ids, scale, interpret, conf
         raise ValueError(f"inputs too large for int32 offsets: q.shape={tuple(q.shape)}, v.shape={tuple(v.shape)}")
     dp, ep = pad_dim(d), pad_dim(e)
     cfg = config or default_config(batch=b, value_heads=hv, seq_len=t, value_dim=ep, interpret=interpret)
-    tp = -(-t // (cfg.chunk * cfg.segments)) * cfg.chunk * cfg.segments
+    tp = -(-t // (cfg.chunk * cfg.splits)) * cfg.chunk * cfg.splits
 
     def pad(x, width=None):
         pads = [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2)

@@ -71,7 +71,7 @@ def split_forward(q, k, v, beta, *, g=None, scale=None, segment_ids=None, interp
     hv, e = v.shape[2:]
     scale = float(d**-0.5 if scale is None else scale)
     config = config or default_config(batch=b, value_heads=hv, seq_len=t, value_dim=pad_dim(e), interpret=interpret)
-    config = dataclasses.replace(config, segments=1)  # the caller's ranks are the segments
+    config = dataclasses.replace(config, splits=1)  # the caller's ranks are the splits
     found = {}
 
     def pad(q, k, v, beta, g):

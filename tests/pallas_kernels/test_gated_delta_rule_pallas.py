@@ -6,7 +6,7 @@ beta, g, initial_state) for each gate form (DeltaNet, Gated DeltaNet, KDA), leng
 multiple of the chunk (1, 63, 130), grouped value heads, packed documents, an initial state, bf16
 and fp32, 32-token chunks (two 16-row sub-tiles: the block solve and the per-channel factoring
 between sub-tiles) under strong decays, the WY kernels' loops over column blocks, rows cut into
-segments inside one call, and two calls chained through the split entry points (what sequence
+splits inside one call, and two calls chained through the split entry points (what sequence
 parallelism does). Each case is one compile of the forward and backward (with XLA's cheap
 optimisation level: the interpreter's programs are large and run once). The kernels also go
 through the Triton lowering (catches what the interpreter accepts and Triton does not).
@@ -118,10 +118,10 @@ def check_kernels(rng, *, dtype, config=None, g_max=1.0, docs=None, **shape):
 
 CASES = {
     # name: dtype, shape, extras (the interpret config has 16-token chunks: one sub-tile)
-    "gdn-f32-T63-gva-docs-2segments": (
+    "gdn-f32-T63-gva-docs-2splits": (
         jnp.float32,
         dict(b=2, t=63, h=1, hv=2, d=16, e=32, gate="gdn"),
-        dict(docs=(5, 20, 21, 40), config=BlockConfig(chunk=16, block_e=16, segments=2)),
+        dict(docs=(5, 20, 21, 40), config=BlockConfig(chunk=16, block_e=16, splits=2)),
     ),
     "kda-f32-T130-gva-docs-strong-chunk32": (
         jnp.float32,
@@ -221,18 +221,18 @@ def test_supports_and_rejects():
     assert not pallas_triton.supports(huge, huge, huge)
     with pytest.raises(ValueError, match="power of two"):
         BlockConfig(chunk=48)
-    with pytest.raises(ValueError, match="segments"):
-        BlockConfig(segments=0)
+    with pytest.raises(ValueError, match="splits"):
+        BlockConfig(splits=0)
 
 
-def test_default_config_fills_the_gpu_with_segments():
-    """Few rows and heads: segments until the state passes have ~2 programs per SM; many: one."""
+def test_default_config_fills_the_gpu_with_splits():
+    """Few rows and heads: splits until the state passes have ~2 programs per SM; many: one."""
     few = default_config(batch=1, value_heads=16, seq_len=32768, value_dim=128, interpret=False)
-    assert (few.chunk, few.block_e, few.segments) == (64, 32, 8)
+    assert (few.chunk, few.block_e, few.splits) == (64, 32, 8)
     many = default_config(batch=8, value_heads=32, seq_len=4096, value_dim=128, interpret=False)
-    assert many.segments == 1
+    assert many.splits == 1
     short = default_config(batch=1, value_heads=1, seq_len=1024, value_dim=128, interpret=False)
-    assert short.segments == 1  # 16 chunks: no segment would keep 16 of them
+    assert short.splits == 1  # 16 chunks: no split would keep 16 of them
 
 
 # ---- the Triton lowering on CPU, compiled kernels on a GPU ------------------------------------
@@ -251,13 +251,13 @@ def test_kernels_lower_to_triton(monkeypatch):
     info = gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H100)
     monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: info)
     spec = jax.ShapeDtypeStruct
-    for gate, (b, t, h, hv, d, e), dtype, docs, segments in [
+    for gate, (b, t, h, hv, d, e), dtype, docs, splits in [
         ("gdn", (1, 256, 2, 4, 128, 128), jnp.bfloat16, False, 2),
         ("kda", (2, 100, 2, 2, 40, 24), jnp.float32, True, 1),
         ("deltanet", (1, 70, 1, 1, 64, 64), jnp.float16, True, 1),
     ]:
         # deltanet lowers the fused WY backward, the others its two-kernel split
-        config = BlockConfig(segments=segments, wy_bwd_split=gate != "deltanet")
+        config = BlockConfig(splits=splits, wy_bwd_split=gate != "deltanet")
         q, v = spec((b, t, h, d), dtype), spec((b, t, hv, e), dtype)
         beta, s0 = spec((b, t, hv), jnp.float32), spec((b, hv, d, e), jnp.float32)
         g = {"deltanet": None, "gdn": spec((b, t, hv), jnp.float32), "kda": spec((b, t, hv, d), jnp.float32)}[gate]
@@ -274,15 +274,15 @@ def test_kernels_lower_to_triton(monkeypatch):
 
         text = jax.jit(fwd_bwd).trace(q, q, v, beta, g, s0, seg).lower(lowering_platforms=("cuda",)).as_text()
         kernels = ["wy", "state", "output", "output_bwd", "state_bwd", "wy_bwd"]
-        kernels += ["transition", "state_bwd_local"] if segments > 1 else []
+        kernels += ["transition", "state_bwd_local"] if splits > 1 else []
         kernels += ["state_step_bwd"] if config.wy_bwd_split else []
         assert text.count("__gpu$xla.gpu.triton") == len(kernels), f"expected the {kernels} kernels"
 
 
 GPU_CASES = {
-    # name: gate, documents (new-document positions), config (None: the default, 4 segments here)
+    # name: gate, documents (new-document positions), config (None: the default, 4 splits here)
     "gdn": ("gdn", None, None),
-    "gdn-one-segment-docs": ("gdn", (1000, 1001, 2500), BlockConfig(segments=1)),
+    "gdn-one-split-docs": ("gdn", (1000, 1001, 2500), BlockConfig(splits=1)),
     "kda-docs": ("kda", (700, 3000), None),
     "deltanet": ("deltanet", None, None),
 }
