@@ -30,17 +30,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.delta_rule import _jax_inputs, _jax_time  # noqa: E402
 
 
-def _split_field(config_cls) -> str:
-    """The BlockConfig field that counts the state passes' parallel runs of chunks."""
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    return "splits" if "splits" in names else "segments"
-
-
 def variants(base, d: int) -> list[tuple[str, dict]]:
     """(label, overrides of ``base``): the default, one field at a time, then a few combinations."""
-    split = _split_field(type(base))
+    split = "splits"  # the state passes' parallel runs of chunks
     names = {f.name for f in dataclasses.fields(base)}
     one = [
+        {"wy_bwd_split": not base.wy_bwd_split},  # the two-kernel WY backward against the fused one
         {"block_cols": 64},
         {"block_cols": d},  # the whole row: no column loop
         {split: 1},
@@ -51,8 +46,6 @@ def variants(base, d: int) -> list[tuple[str, dict]]:
         {"num_warps": 4},
         {split: 16},
     ]
-    if "wy_bwd_split" in names:  # the two-kernel WY backward against the fused one
-        one.insert(0, {"wy_bwd_split": not base.wy_bwd_split})
     combos = [
         {"block_cols": d, "num_warps": 4},
         {"block_cols": 64, "num_warps_bwd": 4},
@@ -153,7 +146,7 @@ def main() -> None:
     ap.add_argument("--ops", nargs="+", default=["gdn", "kda"], choices=["gdn", "kda"])
     ap.add_argument("--shape", default="1,32768,16,128", help="B,T,H,D")
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--budget", type=float, default=100.0, help="seconds per op; later configs are skipped")
+    ap.add_argument("--budget", type=float, default=90.0, help="seconds per op; later configs are skipped")
     ap.add_argument("--only", type=int, default=None, help="the first N configs only")
     ap.add_argument("--check", action="store_true", help="check the best configs against the XLA path")
     ap.add_argument("--check-shape", default="1,512,4,128", help="B,T,H,D of --check")
