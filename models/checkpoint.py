@@ -30,12 +30,19 @@ def config_to_json(config: TrainConfig) -> dict:
     return dataclasses.asdict(config)
 
 
-def config_from_json(saved: dict) -> TrainConfig:
-    """The inverse of ``config_to_json``."""
-    model = dict(saved["model"])
+def model_from_json(saved_model: dict) -> ModelConfig:
+    """The ``ModelConfig`` of a saved config's ``model`` section."""
+    model = dict(saved_model)
     if model.get("layer_types") is not None:
         model["layer_types"] = tuple(model["layer_types"])  # JSON has lists only
-    return TrainConfig(model=ModelConfig(**model), **{name: cls(**saved[name]) for name, cls in SECTIONS.items()})
+    return ModelConfig(**model)
+
+
+def config_from_json(saved: dict) -> TrainConfig:
+    """The inverse of ``config_to_json``."""
+    return TrainConfig(
+        model=model_from_json(saved["model"]), **{name: cls(**saved[name]) for name, cls in SECTIONS.items()}
+    )
 
 
 def open_manager(ckpt_dir: str, *, keep: int) -> ocp.CheckpointManager:
@@ -74,10 +81,10 @@ def restore_state(manager: ocp.CheckpointManager, step: int, config: TrainConfig
 
     Raises ValueError when the checkpoint was trained with another model config than ``config.model``.
     """
-    saved, expected = saved_config(manager, step)["model"], config_to_json(config)["model"]
-    if saved != expected:
+    saved = model_from_json(saved_config(manager, step)["model"])  # tuples again (hybrids' layer_types)
+    if saved != config.model:
         raise ValueError(
-            f"checkpoint in {config.run.ckpt_dir} was trained with a different model config: {saved} != {expected}"
+            f"checkpoint in {config.run.ckpt_dir} was trained with a different model config: {saved} != {config.model}"
         )
     target = restore_target(abstract_state, shardings)
     return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]

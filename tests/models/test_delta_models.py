@@ -11,6 +11,7 @@ SiLU, unit q/k, gates, the delta rule, gated RMSNorm, W_o). Packed documents run
 from __future__ import annotations
 
 import functools
+import json
 import math
 
 import jax
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from models.checkpoint import config_from_json, config_to_json
 from models.cli import config_from_args
 from models.config import PRESETS, get_config
 from models.delta_layers import KDA, DeltaRuleState, GatedDeltaNet
@@ -57,6 +59,9 @@ def test_presets_and_cli():
     hybrid = get_config("gdn-hybrid-1.3b")
     assert hybrid.types == ("linear", "linear", "linear", "softmax") * 5  # Qwen3-Next's 3 : 1
     assert get_config("gdn-hybrid-tiny").types == ("linear", "linear", "linear", "softmax")
+    # the checkpoint's JSON config reads back equal (hybrids' layer_types come back as lists)
+    saved = json.loads(json.dumps(config_to_json(train_config(model=hybrid))))
+    assert config_from_json(saved).model == hybrid
     config = config_from_args(["--preset", "kda-tiny", "--demo", "--strategy", "allgather"])
     assert config.model.family == "kda" and (config.mesh.dp, config.mesh.sp) == (2, 4)
     with pytest.raises(ValueError, match="n_v_heads must be a multiple of n_heads"):
