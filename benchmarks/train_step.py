@@ -1,15 +1,20 @@
-"""Training-step throughput and MFU of a TNL-1B-shaped model, and the longest sequence that trains per GPU.
+"""Training-step throughput and MFU of 1B-class models, and the longest sequence that trains per GPU.
 
-For each sequence-parallel size in ``--sp`` (e.g. ``--sp 1 2``: one GPU, then two GPUs sharing each
+Workloads are model presets (``--preset``, one or more): ``tnl-1b`` (the default), and the delta-rule
+models ``gdn-1.3b`` (Gated DeltaNet), ``kda-1.3b`` (Kimi Delta Attention) and ``gdn-hybrid-1.3b``
+(3 Gated DeltaNet : 1 softmax layer); any preset of ``models.config.PRESETS`` works. For each
+preset and each sequence-parallel size in ``--sp`` (e.g. ``--sp 1 2``: one GPU, then two GPUs sharing each
 sequence), a full jitted training step (forward, backward, AdamW update; bf16 compute, float32
 params and optimizer state) runs on one row of ``--tokens-per-device × sp`` tokens per data-parallel
 group, so every GPU holds ``--tokens-per-device`` tokens. It measures:
 
 - the median step time over ``--iters`` steps (after compile and ``--warmup`` steps) on a fixed batch;
-- tokens/s per GPU and MFU: model FLOPs per token (``models.train.model_flops_per_token``: 6·N for
-  the weight matmuls incl. the head, plus the recurrence's 12·H·D·E per layer; remat not counted)
-  × tokens/s per GPU / the GPU's dense bf16 peak (989 TFLOP/s for H100/H200 SXM; ``--peak-tflops``);
-- for sp > 1, per-GPU throughput as a fraction of the sp = 1 row;
+- tokens/s per GPU and MFU: model FLOPs per token (``models.flops.model_flops_per_token``: 6·N for
+  the weight matmuls incl. the head, plus 3× each token mixer's forward work: 4·H·D·E per linear-
+  attention layer, 6·Hv·D·E + the short convolution per delta-rule layer, the causal T/2 keys per
+  softmax layer; remat not counted) × tokens/s per GPU / the GPU's dense bf16 peak (989 TFLOP/s for
+  H100/H200 SXM; ``--peak-tflops``);
+- for sp > 1, per-GPU throughput as a fraction of the same preset's sp = 1 row;
 - peak device memory (``memory_stats``) where the backend reports it.
 
 ``--search-longest`` then finds the longest sequence per GPU whose step runs: doubling from
@@ -25,9 +30,11 @@ devices (a check that the script works, not a measurement).
 
     python benchmarks/train_step.py                                   # 1 GPU, TNL-1B, 32K tokens
     python benchmarks/train_step.py --sp 1 2 --json train_step.json   # 2 GPUs: sp=1 row and sp=2 row
+    python benchmarks/train_step.py --preset gdn-1.3b kda-1.3b --sp 1 2 --json delta.json  # delta-rule models
     python benchmarks/train_step.py --search-longest                  # + longest trainable sequence
     python benchmarks/train_step.py --profile profile                 # + device time by kernel
     python benchmarks/train_step.py --smoke --sp 1 2 --search-longest --max-tokens 2048
+    python benchmarks/train_step.py --smoke --preset gdn-1.3b kda-1.3b --sp 1 2   # runs gdn-tiny, kda-tiny
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ import time
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="tnl-1b")
+    p.add_argument("--preset", nargs="+", default=["tnl-1b"], help="one or more model presets (workloads)")
     p.add_argument("--tokens-per-device", type=int, default=32768)
     p.add_argument("--sp", type=int, nargs="+", default=[1], help="sequence-parallel sizes, one row each")
     p.add_argument("--dp", type=int, default=1, help="data-parallel size (one row of tokens per dp group)")
@@ -70,8 +77,8 @@ def parse_args(argv=None):
         n = max(args.sp) * args.dp
         os.environ["JAX_PLATFORMS"] = "cpu"
         os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
-        if args.preset == "tnl-1b":
-            args.preset = "tiny"
+        # the same family's tiny preset: tnl-1b -> tnl-tiny, gdn-1.3b -> gdn-tiny, gdn-hybrid-1.3b -> gdn-hybrid-tiny
+        args.preset = [p if p.endswith("tiny") else p.rsplit("-", 1)[0] + "-tiny" for p in args.preset]
         if args.tokens_per_device == 32768:
             args.tokens_per_device = 256
         args.granularity = min(args.granularity, 128)
@@ -94,7 +101,9 @@ def is_oom(err: Exception) -> bool:
     return any(s in text for s in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OOM", "Allocator"))
 
 
-def run_config(args, *, sp: int, local_tokens: int, remat: str, iters: int, warmup: int, profile_dir=None) -> dict:
+def run_config(
+    args, *, preset: str, sp: int, local_tokens: int, remat: str, iters: int, warmup: int, profile_dir=None
+) -> dict:
     """Build, compile and time one training step; returns a result row (raises on failure)."""
     import jax
 
@@ -108,7 +117,7 @@ def run_config(args, *, sp: int, local_tokens: int, remat: str, iters: int, warm
         raise SystemExit(f"need {n} devices for sp={sp} dp={args.dp}, have {len(jax.devices())}")
     seq_len = local_tokens * sp
     chunks = loss_chunks_for(args, local_tokens, sp)
-    model = get_config(args.preset, dtype=args.dtype)
+    model = get_config(preset, dtype=args.dtype)
     config = TrainConfig(
         model=model,
         mesh=MeshConfig(dp=args.dp, sp=sp, fsdp=args.fsdp, strategy=args.strategy, impl=args.impl),
@@ -142,6 +151,7 @@ def run_config(args, *, sp: int, local_tokens: int, remat: str, iters: int, warm
     except Exception:  # not every backend reports memory
         mem = None
     row = {
+        "preset": preset,
         "sp": sp,
         "dp": args.dp,
         "devices": n,
@@ -189,34 +199,35 @@ def try_config(args, **kw) -> tuple[bool, dict | str]:
         jax.clear_caches()
 
 
-def search_longest(args, sp: int) -> dict:
+def search_longest(args, preset: str, sp: int) -> dict:
     """Largest per-device token count (a multiple of ``granularity``) whose training step runs."""
     good, bad, tried = None, None, []
     n = args.tokens_per_device
     while n <= args.max_tokens:
-        ok, res = try_config(args, sp=sp, local_tokens=n, remat=args.search_remat, iters=1, warmup=1)
+        ok, res = try_config(args, preset=preset, sp=sp, local_tokens=n, remat=args.search_remat, iters=1, warmup=1)
         tried.append({"tokens_per_device": n, "ok": ok, "step_ms": res["step_ms"] if ok else None})
-        print(f"  sp={sp} {n:>9} tokens/device: {'ok' if ok else 'out of memory'}", flush=True)
+        print(f"  {preset} sp={sp} {n:>9} tokens/device: {'ok' if ok else 'out of memory'}", flush=True)
         if not ok:
             bad = n
             break
         good = res
         n *= 2
     if good is None:
-        return {"sp": sp, "longest_tokens_per_device": None, "tried": tried}
+        return {"preset": preset, "sp": sp, "longest_tokens_per_device": None, "tried": tried}
     lo, hi = good["tokens_per_device"], bad
     while hi is not None and hi - lo > args.granularity:
         mid = (lo + hi) // 2 // args.granularity * args.granularity
         if mid <= lo:
             break
-        ok, res = try_config(args, sp=sp, local_tokens=mid, remat=args.search_remat, iters=1, warmup=1)
+        ok, res = try_config(args, preset=preset, sp=sp, local_tokens=mid, remat=args.search_remat, iters=1, warmup=1)
         tried.append({"tokens_per_device": mid, "ok": ok, "step_ms": res["step_ms"] if ok else None})
-        print(f"  sp={sp} {mid:>9} tokens/device: {'ok' if ok else 'out of memory'}", flush=True)
+        print(f"  {preset} sp={sp} {mid:>9} tokens/device: {'ok' if ok else 'out of memory'}", flush=True)
         if ok:
             lo, good = mid, res
         else:
             hi = mid
     return {
+        "preset": preset,
         "sp": sp,
         "longest_tokens_per_device": lo,
         "longest_seq_len": lo * sp,
@@ -252,29 +263,31 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     n_avail = header["n_devices_available"]
-    print(f"# train step: {args.preset} on {dev.device_kind} ({n_avail} devices), jax {jax.__version__}")
+    print(f"# train step: {' '.join(args.preset)} on {dev.device_kind} ({n_avail} devices), jax {jax.__version__}")
     rows = []
-    for sp in args.sp:
-        row = run_config(
-            args,
-            sp=sp,
-            local_tokens=args.tokens_per_device,
-            remat=args.remat,
-            iters=args.iters,
-            warmup=args.warmup,
-            profile_dir=args.profile and os.path.join(args.profile, f"sp{sp}"),
-        )
-        rows.append(row)
-        gc.collect()
-        jax.clear_caches()
-    base = next((r for r in rows if r["sp"] == 1), None)
+    for preset in args.preset:
+        for sp in args.sp:
+            row = run_config(
+                args,
+                preset=preset,
+                sp=sp,
+                local_tokens=args.tokens_per_device,
+                remat=args.remat,
+                iters=args.iters,
+                warmup=args.warmup,
+                profile_dir=args.profile and os.path.join(args.profile, f"{preset}_sp{sp}"),
+            )
+            rows.append(row)
+            gc.collect()
+            jax.clear_caches()
     for r in rows:
+        base = next((b for b in rows if b["preset"] == r["preset"] and b["sp"] == 1), None)
         r["per_device_vs_sp1"] = r["tokens_per_s_per_device"] / base["tokens_per_s_per_device"] if base else None
 
-    print(f"\nparams {rows[0]['params'] / 1e9:.3f}B, remat {args.remat}, dp {args.dp}")
+    print(f"\nremat {args.remat}, dp {args.dp}")
     head = (
-        f"{'sp':>3} {'seq_len':>9} {'tok/dev':>8} {'step ms':>9} {'tok/s/dev':>10} {'TFLOP/s':>8} {'MFU':>6} "
-        f"{'vs sp1':>7} {'mem GB':>7} {'compile s':>9}"
+        f"{'preset':>16} {'params':>7} {'sp':>3} {'seq_len':>9} {'tok/dev':>8} {'step ms':>9} {'tok/s/dev':>10} "
+        f"{'TFLOP/s':>8} {'MFU':>6} {'vs sp1':>7} {'mem GB':>7} {'compile s':>9}"
     )
     print(head)
     print("-" * len(head))
@@ -283,19 +296,21 @@ def main(argv=None) -> int:
         vs = f"{r['per_device_vs_sp1']:.3f}" if r["per_device_vs_sp1"] is not None else "n/a"
         mem = f"{r['peak_memory_gb']:.1f}" if r["peak_memory_gb"] else "n/a"
         print(
-            f"{r['sp']:>3} {r['seq_len']:>9} {r['tokens_per_device']:>8} {r['step_ms']:>9.1f} "
+            f"{r['preset']:>16} {r['params'] / 1e9:>6.3f}B {r['sp']:>3} {r['seq_len']:>9} {r['tokens_per_device']:>8} "
+            f"{r['step_ms']:>9.1f} "
             f"{r['tokens_per_s_per_device']:>10.0f} {r['model_tflops_per_s_per_device']:>8.1f} {mfu:>6} {vs:>7} "
             f"{mem:>7} {r['compile_s']:>9.1f}"
         )
     longest = []
     if args.search_longest:
         print(f"\nlongest sequence per device (remat {args.search_remat}):")
-        for sp in args.sp:
-            res = search_longest(args, sp)
-            longest.append(res)
-            capped = " (cap reached)" if res.get("capped_by_max_tokens") else ""
-            longest_local, longest_seq = res["longest_tokens_per_device"], res.get("longest_seq_len")
-            print(f"sp={sp}: {longest_local} tokens per device, sequence {longest_seq}{capped}")
+        for preset in args.preset:
+            for sp in args.sp:
+                res = search_longest(args, preset, sp)
+                longest.append(res)
+                capped = " (cap reached)" if res.get("capped_by_max_tokens") else ""
+                longest_local, longest_seq = res["longest_tokens_per_device"], res.get("longest_seq_len")
+                print(f"{preset} sp={sp}: {longest_local} tokens per device, sequence {longest_seq}{capped}")
     out = {**header, "rows": rows, "longest": longest}
     if args.json:
         with open(args.json, "w") as fh:
