@@ -1,4 +1,5 @@
-"""Flax NNX linear-attention language models (TNL, Linear Transformer, Linear-Llama3) trained with LASP."""
+"""Flax NNX linear-attention and delta-rule language models (TNL, Linear Transformer, Linear-Llama3,
+Gated DeltaNet, KDA, and their softmax hybrids) trained with LASP."""
 
 from models.config import PRESETS, ModelConfig, get_config
 from models.layers import LaspContext

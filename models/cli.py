@@ -73,12 +73,17 @@ def _parse_value(text: str, annotation: str):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lasp-train",
-        description="Train a linear-attention LM (TNL, Linear Transformer, Linear-Llama3) with LASP on a dp x sp mesh.",
+        description="Train a linear-attention or delta-rule LM (TNL, Linear Transformer, Linear-Llama3, Gated "
+        "DeltaNet, KDA, hybrids) with LASP on a dp x sp mesh.",
         epilog="Every config field is a flag, --section.field or its short form where unambiguous: --steps 500 "
         "--lr 1e-3 --seq-len 4096 --sp 4 --fsdp true --data.seed 1 --model.d_model 256. "
         "Model presets: see models.config.PRESETS.",
     )
-    p.add_argument("--preset", default="tiny", help="model preset, e.g. tiny, tnl-1b, linear-llama3-0.4b")
+    p.add_argument(
+        "--preset",
+        default="tiny",
+        help="model preset, e.g. tiny, tnl-1b, linear-llama3-0.4b, gdn-1.3b, kda-tiny, gdn-hybrid-0.4b",
+    )
     p.add_argument("--demo", action="store_true", help="the make-demo settings: embedded corpus, dp 2 x sp 4")
     p.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() by cluster detection")
     p.add_argument("--config", help="a JSON file of overrides {section: {field: value}}")

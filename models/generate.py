@@ -3,7 +3,8 @@
 ``generate`` runs the largest prefix of the prompt that the sequence axis divides through
 ``LanguageModel.prefill`` (``lasp_attention`` with the mesh in ``ctx``), feeds the remaining prompt
 tokens through the recurrence, then samples new tokens. Each linear layer carries one float32 state
-``[B, H, D', E']`` whatever the length, so memory per generated token is constant; each softmax
+``[B, H, D', E']`` whatever the length (a delta-rule layer also its last ``W − 1`` short-convolution
+inputs), so memory per generated token is constant; each softmax
 layer of a hybrid model carries a key/value cache sized for the prompt plus the new tokens.
 
 ``lasp-generate`` (``models.cli``) samples from a checkpoint written by ``lasp-train``.
