@@ -133,11 +133,11 @@ CASES = {
         dict(b=1, t=130, h=2, hv=2, d=32, e=16, gate="deltanet"),
         dict(config=BlockConfig(chunk=16, block_e=16, block_cols=16)),
     ),
-    # the fused WY backward (one kernel for the state step's and the WY form's gradients)
-    "gdn-f32-T40-fused-wy-bwd": (
+    # the split WY backward (the state step's gradients in a kernel of their own; the default is fused)
+    "gdn-f32-T40-split-wy-bwd": (
         jnp.float32,
         dict(b=1, t=40, h=1, hv=1, d=32, e=16, gate="gdn"),
-        dict(config=BlockConfig(chunk=16, block_e=16, block_cols=16, wy_bwd_split=False)),
+        dict(config=BlockConfig(chunk=16, block_e=16, block_cols=16, wy_bwd_split=True)),
     ),
     # one token: each of beta's gradients is a single sum that can cancel, so bf16 rounding of the
     # stored intermediates could exceed a norm-wise bound; fp32 checks the one-token path exactly
