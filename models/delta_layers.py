@@ -103,7 +103,7 @@ class DeltaRuleMixer(nnx.Module):
         self.in_proj = Dense(c.d_model, sum(self.widths), ("embed", "qkv"), std=std, config=c, rngs=rngs)
         bound = 1.0 / math.sqrt(c.conv_size)  # PyTorch's Conv1d default for a depthwise width-W kernel
         self.conv_weight = nnx.Param(
-            _uniform(rngs, (c.conv_size, self.conv_channels), -bound, bound).astype(pdt), logical_axes=("conv", "qkv")
+            _uniform(rngs, (c.conv_size, self.conv_channels), -bound, bound).astype(pdt), logical_axes=(None, "qkv")
         )
         self.norm_scale = nnx.Param(jnp.ones((c.head_dim,), pdt), logical_axes=("norm",))
         self.out_proj = Dense(self.value_width, c.d_model, ("qkv", "embed"), std=out_std, config=c, rngs=rngs)
