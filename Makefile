@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 FAKE_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test lint format clean venv
+.PHONY: demo test test-slow lint format clean venv
 
 venv: $(STAMP)
 
@@ -25,7 +25,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(FAKE_DEVICES) $(PY) -m pytest -n $(PYTEST_WORKERS) -q tests
+	$(FAKE_DEVICES) $(PY) -m pytest -n $(PYTEST_WORKERS) -q -m "not slow" tests
+
+test-slow: $(STAMP)
+	$(FAKE_DEVICES) $(PY) -m pytest -n $(PYTEST_WORKERS) -q -m slow tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
