@@ -21,7 +21,7 @@ import jax
 from jax.sharding import Mesh
 
 from lasp_jax import baselines, lasp
-from lasp_jax.mesh import check_mesh, check_ulysses_heads, layer_shard_map, layer_specs, mesh_size
+from lasp_jax.mesh import check_mesh, check_ulysses_heads, layer_shard_map, layer_specs, mesh_size, shard_axis_size
 from pallas_kernels import linear_attention
 from pallas_kernels.linear_attention.api import IMPLS, validate
 
@@ -34,16 +34,6 @@ def _check_options(strategy, impl):
         raise ValueError(f"strategy must be one of {STRATEGIES}, got strategy={strategy!r}")
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got impl={impl!r}")
-
-
-def _axis_size(axis_name) -> int:
-    try:
-        return int(jax.lax.axis_size(axis_name))
-    except NameError as err:
-        raise ValueError(
-            f"lasp_attention_shard runs inside jax.shard_map over a mesh with the axis {axis_name!r} "
-            f"({err}); with global arrays call lasp_attention(..., mesh=mesh) instead"
-        ) from err
 
 
 def lasp_attention_shard(
@@ -89,7 +79,7 @@ def lasp_attention_shard(
     """
     _check_options(strategy, impl)
     validate(q, k, v, g=g, g_gamma=g_gamma, initial_state=initial_state, segment_ids=segment_ids)
-    size = _axis_size(axis_name)
+    size = shard_axis_size(axis_name, layer="lasp_attention")
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     kwargs = dict(
         g=g,

@@ -247,3 +247,15 @@ def layer_shard_map(fn, mesh: Mesh, *, in_specs, out_specs, axes):
     others_split = any(size > 1 for name, size in mesh.shape.items() if name not in axes)
     partial_manual = {"axis_names": frozenset(axes)} if others_split else {}
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False, **partial_manual)
+
+
+def shard_axis_size(axis_name, *, layer: str) -> int:
+    """The size of ``axis_name`` inside a ``shard_map``; a clear error naming ``layer`` (the public
+    function with a mesh) and ``layer_shard`` (the per-shard one) when called outside one."""
+    try:
+        return int(jax.lax.axis_size(axis_name))
+    except NameError as err:
+        raise ValueError(
+            f"{layer}_shard runs inside jax.shard_map over a mesh with the axis {axis_name!r} "
+            f"({err}); with global arrays call {layer}(..., mesh=mesh) instead"
+        ) from err

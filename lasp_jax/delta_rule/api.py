@@ -22,7 +22,7 @@ import jax
 from jax.sharding import Mesh
 
 from lasp_jax.delta_rule.layer import delta_rule_layer
-from lasp_jax.mesh import check_mesh, check_ulysses_heads, layer_shard_map, layer_specs, mesh_size
+from lasp_jax.mesh import check_mesh, check_ulysses_heads, layer_shard_map, layer_specs, mesh_size, shard_axis_size
 from lasp_jax.state_passing import broadcast_from, varying_axes
 from pallas_kernels import gated_delta_rule
 from pallas_kernels.gated_delta_rule.api import check_impl, validate
@@ -35,16 +35,6 @@ _TOKEN_ARGS = ("q", "k", "v", "beta", "g")
 def _check_strategy(strategy):
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got strategy={strategy!r}")
-
-
-def _axis_size(axis_name) -> int:
-    try:
-        return int(jax.lax.axis_size(axis_name))
-    except NameError as err:
-        raise ValueError(
-            f"lasp_gated_delta_rule_shard runs inside jax.shard_map over a mesh with the axis {axis_name!r} "
-            f"({err}); with global arrays call lasp_gated_delta_rule(..., mesh=mesh) instead"
-        ) from err
 
 
 def ulysses(q, k, v, beta, *, axis_name, size, g, scale, initial_state, output_final_state, segment_ids, impl):
@@ -117,7 +107,7 @@ def lasp_gated_delta_rule_shard(
     _check_strategy(strategy)
     check_impl(impl)
     validate(q, k, v, beta, g=g, initial_state=initial_state, segment_ids=segment_ids)
-    size = _axis_size(axis_name)
+    size = shard_axis_size(axis_name, layer="lasp_gated_delta_rule")
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     kwargs = dict(
         g=g,
