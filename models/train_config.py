@@ -17,6 +17,7 @@ from models.dataset import DataConfig
 class MeshConfig:
     dp: int | None = None  # None: every device not used by sp
     sp: int = 1
+    tp: int = 1  # tensor parallelism: heads and MLP hidden sharded over a "tp" mesh axis
     fsdp: bool = False  # shard parameters and optimizer state over dp
     strategy: str = "ring"  # lasp_attention strategy (linear layers)
     impl: str = "auto"  # single-device kernel: "auto" | "pallas" | "xla"
