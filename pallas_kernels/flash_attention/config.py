@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
+BACKWARDS = ("split", "fused")
+
 
 @dataclasses.dataclass(frozen=True)
 class BlockConfig:
-    """Static tiling of the three kernels (forward, dq, dk/dv).
+    """Static tiling of the kernels (forward, dq, dk/dv) and the choice of backward.
 
     Attributes:
       block_q / block_k: query rows × key rows of one forward program's tile; the program owns
@@ -17,6 +19,10 @@ class BlockConfig:
         query blocks (of every query head of its key head's group) that see them.
       num_warps / num_stages: Triton launch parameters of the forward kernel;
         num_warps_bwd / num_stages_bwd: the same for both backward kernels.
+      backward: ``"split"`` (a dq kernel and a dk/dv kernel, each recomputing Q Kᵀ and dO Vᵀ: seven
+        tile products) or ``"fused"`` (the dk/dv kernel also adds dQ in float32 with atomic adds:
+        five products; the dq tiles are ignored); see ``pallas_triton_vjp``. "split" stays the
+        default until the two are timed on a GPU (``benchmarks/flash_attention.py --backward``).
     """
 
     block_q: int = 128
@@ -29,8 +35,11 @@ class BlockConfig:
     num_stages: int = 3
     num_warps_bwd: int = 4
     num_stages_bwd: int = 2
+    backward: str = "split"
 
     def __post_init__(self):
+        if self.backward not in BACKWARDS:
+            raise ValueError(f"BlockConfig.backward={self.backward!r} must be one of {BACKWARDS}")
         for field in ("block_q", "block_k", "block_q_dq", "block_k_dq", "block_k_dkv", "block_q_dkv"):
             value = getattr(self, field)
             if value < 16 or value & (value - 1):

@@ -10,15 +10,23 @@ block set is independent of the others:
 so ring attention and the gathered keys of LASP-2H add block contributions up. This equals
 ``xla.block_attention_bwd``.
 
-Two kernels, both recomputing P tile by tile (nothing ``[Lq, Lk]`` is stored):
+Two variants (``BlockConfig.backward``), both recomputing P tile by tile (nothing ``[Lq, Lk]`` is
+stored):
 
-- ``dq`` (one program per query block, batch row and query head) walks the visible key blocks
-  with the forward's loop bounds;
-- ``dk/dv`` (one program per key block, batch row and *key* head) walks, for each query head of
-  the key head's group in turn, the query blocks that see its keys, accumulating dK and dV of
-  the group in float32 registers. Summing the group inside the kernel keeps the outputs at
-  ``[B, Lk, Hk, ·]`` float32; a per-query-head output summed afterwards would write (and hold)
-  ``H / Hk`` times as many bytes, which at the gathered length of LASP-2H is hundreds of MiB.
+- ``"split"``: two kernels. ``dq`` (one program per query block, batch row and query head) walks
+  the visible key blocks with the forward's loop bounds; ``dk/dv`` (one program per key block,
+  batch row and *key* head) walks, for each query head of the key head's group in turn, the query
+  blocks that see its keys, accumulating dK and dV of the group in float32 registers. Both
+  recompute Q Kᵀ and dO Vᵀ: seven tile products per visible tile (dq kernel: Q Kᵀ, dO Vᵀ, dS K;
+  dk/dv kernel: Q Kᵀ, dO Vᵀ, Pᵀ dO, dSᵀ Q).
+- ``"fused"``: the dk/dv kernel alone, which also adds each tile's ``dS K`` into a float32 dQ in
+  global memory with atomic adds (FlashAttention-2's original scheme): five products per tile,
+  one pass over Q and dO, at the price of ``[B, Lq, H, D]`` float32 read-modify-writes
+  (``Lk / block_k_dkv`` of them per dQ row) and a summation order that varies from run to run.
+
+Summing the group inside the dk/dv kernel keeps its outputs at ``[B, Lk, Hk, ·]`` float32; a
+per-query-head output summed afterwards would write (and hold) ``H / Hk`` times as many bytes,
+which at the gathered length of LASP-2H is hundreds of MiB.
 
 Δ is computed in XLA (one fused elementwise reduction). Rows with ``lse = −inf`` (no visible key)
 and padded query rows get ``lse = +inf`` so that their P is exactly zero.
@@ -27,6 +35,7 @@ and padded query rows get ``lse = +inf`` so that their P is exactly zero.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -112,15 +121,19 @@ def _dq_kernel(*refs, scale, block_q, block_k, k_len, has_docs, skip):
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(*refs, scale, block_q, block_k, k_len, group, has_docs, skip):
-    """dK, dV of ``block_k`` key rows of one (batch row, key head), summed over the head's group.
+def _dkv_kernel(*refs, scale, block_q, block_k, k_len, group, has_docs, skip, fused):
+    """dK, dV of ``block_k`` key rows of one (batch row, key head), summed over the head's group;
+    ``fused``: also each tile's dQ contribution, atomically added to the float32 dQ output.
 
-    q_ref/do_ref hold the group's ``[Lq, group, ·]`` query heads, lse_ref/delta_ref ``[group, Lq]``.
-    Works on transposed tiles (key rows × query columns) so that no [block_k, block_q] tile is
-    transposed for the dK and dV products.
+    q_ref/do_ref hold the group's ``[Lq, group, ·]`` query heads, lse_ref/delta_ref ``[group, Lq]``
+    (and dq_ref ``[Lq, group, D]``, zeroed before the call). Works on transposed tiles (key rows ×
+    query columns) so that no [block_k, block_q] tile is transposed for the dK and dV products.
     """
     refs = list(refs)
     hi_ref = refs.pop(7) if skip else None  # after shift, q, k, v, do, lse, delta
+    dq_ref = refs.pop() if fused else None  # the last output; its zeroed input (aliased) is unused
+    if fused:
+        refs.pop(-3)
     if has_docs:
         shift_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_doc_ref, k_doc_ref, dk_ref, dv_ref = refs
         k_docs = k_doc_ref[...]
@@ -155,8 +168,10 @@ def _dkv_kernel(*refs, scale, block_q, block_k, k_len, group, has_docs, skip):
         if mask is not None:
             p_t = jnp.where(mask, p_t, 0.0)
         dv = dv + dot(p_t.astype(do.dtype), do)
-        ds_t = p_t * (dot(v, do, trans_b=True) - delta[None, :])
-        return dk + dot(ds_t.astype(q.dtype), q), dv
+        ds_t = (p_t * (dot(v, do, trans_b=True) - delta[None, :])).astype(q.dtype)
+        if fused:
+            plgpu.atomic_add(dq_ref, (rows, head, slice(None)), dot(ds_t, k, trans_a=True) * scale)
+        return dk + dot(ds_t, q), dv
 
     def one_head(head, carry):
         carry = lax.fori_loop(first, full, functools.partial(body, head=head, masked=True), carry)
@@ -199,81 +214,132 @@ def block_attention_bwd(
     """
     interpret, cfg, dtype = resolve(q, k, v, interpret, config)
     check_documents(q, k, q_segment_ids, k_segment_ids)
-    has_docs = q_segment_ids is not None
-    b, lq, h, d = q.shape
-    lk, hk, e = k.shape[1], k.shape[2], v.shape[3]
-    group = h // hk
-    dp, ep = pad_dim(d), pad_dim(e)
+    lq, d = q.shape[1], q.shape[3]
+    lk, e = k.shape[1], v.shape[3]
+
+    fused = cfg.backward == "fused"
     bq_dq, bk_dq = fit_block(cfg.block_q_dq, lq), fit_block(cfg.block_k_dq, lk)
     bq_dkv, bk_dkv = fit_block(cfg.block_q_dkv, lq), fit_block(cfg.block_k_dkv, lk)
+    if fused:  # the dq kernel does not run: its blocks need not divide the padded lengths
+        bq_dq, bk_dq = bq_dkv, bk_dkv
     lq_pad, lk_pad = round_up(lq, max(bq_dq, bq_dkv)), round_up(lk, max(bk_dq, bk_dkv))
 
     delta = jnp.sum(do.astype(F32) * o.astype(F32), axis=-1).transpose(0, 2, 1)  # [B, H, Lq]
     lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse.astype(F32) * LOG2E)  # no visible key: P = 0
     lse2, delta = pad_to(lse2, lq_pad, value=jnp.inf), pad_to(delta, lq_pad)
-    q_p, do_p = pad_to(q.astype(dtype), lq_pad, dp), pad_to(do.astype(dtype), lq_pad, ep)
-    k_p, v_p = pad_to(k.astype(dtype), lk_pad, dp), pad_to(v.astype(dtype), lk_pad, ep)
-    shift = shift_operand(q_start, k_start)
-    params = plgpu.CompilerParams(num_warps=cfg.num_warps_bwd, num_stages=cfg.num_stages_bwd)
-    skip = has_docs and documents_sorted
-    statics = dict(scale=float(scale), k_len=lk, has_docs=has_docs, skip=skip)
-    docs, dq_bounds, dkv_bounds = [], [], []
-    if has_docs:
-        docs = [padded_ids(q_segment_ids, lq_pad, Q_PAD_DOC), padded_ids(k_segment_ids, lk_pad, K_PAD_DOC)]
-    if skip:
-        ids = dict(q_ids=q_segment_ids, k_ids=k_segment_ids)
-        dq_bounds = [first_key_blocks(**ids, block_q=bq_dq, block_k=bk_dq, num_q_blocks=lq_pad // bq_dq)]
-        dkv_bounds = [
-            query_block_ends(
-                **ids, block_q=bq_dkv, block_k=bk_dkv, num_k_blocks=lk_pad // bk_dkv, num_q_blocks=lq_pad // bq_dkv
-            )
-        ]
+    ops = _Operands(
+        shift=shift_operand(q_start, k_start),
+        q=pad_to(q.astype(dtype), lq_pad, pad_dim(d)),
+        k=pad_to(k.astype(dtype), lk_pad, pad_dim(d)),
+        v=pad_to(v.astype(dtype), lk_pad, pad_dim(e)),
+        do=pad_to(do.astype(dtype), lq_pad, pad_dim(e)),
+        lse2=lse2,
+        delta=delta,
+        docs=None,
+    )
+    if q_segment_ids is not None:
+        docs = (padded_ids(q_segment_ids, lq_pad, Q_PAD_DOC), padded_ids(k_segment_ids, lk_pad, K_PAD_DOC))
+        ops = ops._replace(docs=docs)
+    statics = dict(
+        scale=float(scale),
+        k_len=lk,
+        has_docs=ops.docs is not None,
+        skip=ops.docs is not None and documents_sorted,
+        interpret=interpret,
+        params=plgpu.CompilerParams(num_warps=cfg.num_warps_bwd, num_stages=cfg.num_stages_bwd),
+    )
+    ids = dict(q_ids=q_segment_ids, k_ids=k_segment_ids)
+    dk, dv, dq = _dkv_call(ops, ids, block_q=bq_dkv, block_k=bk_dkv, fused=fused, **statics)
+    if not fused:
+        dq = _dq_call(ops, ids, block_q=bq_dq, block_k=bk_dq, **statics)
+    return dq[:, :lq, :, :d], dk[:, :lk, :, :d], dv[:, :lk, :, :e]
 
+
+class _Operands(NamedTuple):
+    """The backward kernels' padded inputs: the offset operand, q, k, v, dO, lse in log2 units and
+    Δ (both ``[B, H, Lq_pad]`` float32), and the padded document ids ``(q, k)`` or None."""
+
+    shift: jax.Array
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    do: jax.Array
+    lse2: jax.Array
+    delta: jax.Array
+    docs: tuple[jax.Array, jax.Array] | None
+
+
+def _dq_call(ops: _Operands, ids, *, block_q, block_k, interpret, params, **statics):
+    """The dq kernel: ``[B, Lq_pad, H, D_pad]`` float32."""
+    b, lq_pad, h, dp = ops.q.shape
+    lk_pad, hk, ep = ops.k.shape[1], ops.k.shape[2], ops.v.shape[3]
+    group = h // hk
+    bounds = []
+    if statics["skip"]:
+        bounds = [first_key_blocks(**ids, block_q=block_q, block_k=block_k, num_q_blocks=lq_pad // block_q)]
     # grid (query block i, batch row bb, query head hh); keys and values of head hh // group
-    rows = lambda block, width: pl.BlockSpec((None, block, None, width), lambda i, bb, hh: (bb, i, hh, 0))  # noqa: E731
+    rows = lambda width: pl.BlockSpec((None, block_q, None, width), lambda i, bb, hh: (bb, i, hh, 0))  # noqa: E731
     kv_all = lambda width: pl.BlockSpec((None, lk_pad, None, width), lambda i, bb, hh: (bb, 0, hh // group, 0))  # noqa: E731
-    stats = pl.BlockSpec((None, None, bq_dq), lambda i, bb, hh: (bb, hh, i))
-    dq = pl.pallas_call(
-        functools.partial(_dq_kernel, block_q=bq_dq, block_k=bk_dq, **statics),
-        grid=(lq_pad // bq_dq, b, h),
-        in_specs=[SHIFT_SPEC, rows(bq_dq, dp), kv_all(dp), kv_all(ep), rows(bq_dq, ep), stats, stats]
-        + ([BOUND_SPEC_Q] if skip else [])
-        + (
-            [
-                pl.BlockSpec((None, bq_dq), lambda i, bb, hh: (bb, i)),
-                pl.BlockSpec((None, lk_pad), lambda i, bb, hh: (bb, 0)),
-            ]
-            if has_docs
-            else []
-        ),
-        out_specs=rows(bq_dq, dp),
+    stats = pl.BlockSpec((None, None, block_q), lambda i, bb, hh: (bb, hh, i))
+    doc_specs = [
+        pl.BlockSpec((None, block_q), lambda i, bb, hh: (bb, i)),
+        pl.BlockSpec((None, lk_pad), lambda i, bb, hh: (bb, 0)),
+    ]
+    return pl.pallas_call(
+        functools.partial(_dq_kernel, block_q=block_q, block_k=block_k, **statics),
+        grid=(lq_pad // block_q, b, h),
+        in_specs=[SHIFT_SPEC, rows(dp), kv_all(dp), kv_all(ep), rows(ep), stats, stats]
+        + ([BOUND_SPEC_Q] if statics["skip"] else [])
+        + (doc_specs if ops.docs is not None else []),
+        out_specs=rows(dp),
         out_shape=jax.ShapeDtypeStruct((b, lq_pad, h, dp), F32),
         compiler_params=params,
         interpret=interpret,
         name="flash_attention_backward_dq",
-    )(shift, q_p, k_p, v_p, do_p, lse2, delta, *dq_bounds, *docs)
+    )(ops.shift, ops.q, ops.k, ops.v, ops.do, ops.lse2, ops.delta, *bounds, *(ops.docs or ()))
 
+
+def _dkv_call(ops: _Operands, ids, *, block_q, block_k, fused, interpret, params, **statics):
+    """The dk/dv kernel: dk, dv ``[B, Lk_pad, Hk, ·]`` float32, and with ``fused`` dq
+    ``[B, Lq_pad, H, D_pad]`` float32 (atomic adds into zeros), else None."""
+    b, lq_pad, h, dp = ops.q.shape
+    lk_pad, hk, ep = ops.k.shape[1], ops.k.shape[2], ops.v.shape[3]
+    group = h // hk
+    bounds = []
+    if statics["skip"]:
+        num = dict(num_k_blocks=lk_pad // block_k, num_q_blocks=lq_pad // block_q)
+        bounds = [query_block_ends(**ids, block_q=block_q, block_k=block_k, **num)]
     # grid (key block j, batch row bb, key head hh); the query heads [hh·group, (hh + 1)·group)
-    keys = lambda width: pl.BlockSpec((None, bk_dkv, None, width), lambda j, bb, hh: (bb, j, hh, 0))  # noqa: E731
+    keys = lambda width: pl.BlockSpec((None, block_k, None, width), lambda j, bb, hh: (bb, j, hh, 0))  # noqa: E731
     q_group = lambda width: pl.BlockSpec((None, lq_pad, group, width), lambda j, bb, hh: (bb, 0, hh, 0))  # noqa: E731
     stats_group = pl.BlockSpec((None, group, lq_pad), lambda j, bb, hh: (bb, hh, 0))
-    dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, block_q=bq_dkv, block_k=bk_dkv, group=group, **statics),
-        grid=(lk_pad // bk_dkv, b, hk),
-        in_specs=[SHIFT_SPEC, q_group(dp), keys(dp), keys(ep), q_group(ep), stats_group, stats_group]
-        + ([pl.BlockSpec((None, None), lambda j, bb, hh: (bb, j))] if skip else [])
-        + (
-            [
-                pl.BlockSpec((None, lq_pad), lambda j, bb, hh: (bb, 0)),
-                pl.BlockSpec((None, bk_dkv), lambda j, bb, hh: (bb, j)),
-            ]
-            if has_docs
-            else []
-        ),
-        out_specs=[keys(dp), keys(ep)],
-        out_shape=[jax.ShapeDtypeStruct((b, lk_pad, hk, dp), F32), jax.ShapeDtypeStruct((b, lk_pad, hk, ep), F32)],
+    doc_specs = [
+        pl.BlockSpec((None, lq_pad), lambda j, bb, hh: (bb, 0)),
+        pl.BlockSpec((None, block_k), lambda j, bb, hh: (bb, j)),
+    ]
+    in_specs = (
+        [SHIFT_SPEC, q_group(dp), keys(dp), keys(ep), q_group(ep), stats_group, stats_group]
+        + ([pl.BlockSpec((None, None), lambda j, bb, hh: (bb, j))] if statics["skip"] else [])
+        + (doc_specs if ops.docs is not None else [])
+    )
+    args = [ops.shift, ops.q, ops.k, ops.v, ops.do, ops.lse2, ops.delta, *bounds, *(ops.docs or ())]
+    out_specs = [keys(dp), keys(ep)]
+    out_shape = [jax.ShapeDtypeStruct((b, lk_pad, hk, dp), F32), jax.ShapeDtypeStruct((b, lk_pad, hk, ep), F32)]
+    aliases = {}
+    if fused:  # dq: zeros in, every program's atomic adds, out in place
+        aliases = {len(args): 2}
+        in_specs, out_specs = in_specs + [q_group(dp)], out_specs + [q_group(dp)]
+        args.append(jnp.zeros((b, lq_pad, h, dp), F32))
+        out_shape.append(jax.ShapeDtypeStruct((b, lq_pad, h, dp), F32))
+    out = pl.pallas_call(
+        functools.partial(_dkv_kernel, block_q=block_q, block_k=block_k, group=group, fused=fused, **statics),
+        grid=(lk_pad // block_k, b, hk),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=params,
         interpret=interpret,
-        name="flash_attention_backward_dkv",
-    )(shift, q_p, k_p, v_p, do_p, lse2, delta, *dkv_bounds, *docs)
-    return dq[:, :lq, :, :d], dk[:, :lk, :, :d], dv[:, :lk, :, :e]
+        name="flash_attention_backward_fused" if fused else "flash_attention_backward_dkv",
+    )(*args)
+    return out[0], out[1], out[2] if fused else None

@@ -13,6 +13,7 @@ does not, e.g. block shapes that are no power of two).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -191,6 +192,27 @@ def test_backward_adds_up_over_key_blocks(rng):
     np.testing.assert_allclose(merged, want["lse"], rtol=1e-5, atol=1e-5)
 
 
+FUSED = dataclasses.replace(SMALL_BLOCKS, backward="fused")
+
+
+def test_fused_backward_matches_jnp_recurrence(rng):
+    """``BlockConfig.backward="fused"`` (dq by atomic adds from the dk/dv kernel) against the jnp
+    recurrence: queries after the keys' start with rows past the keys' end, grouped heads, E ≠ D,
+    padded tails, packed documents with block skipping (the causal-only path shares every line but
+    the document mask; the split backward's tests cover both)."""
+    b, lq, lk, h, hk, d, e = 1, 40, 56, 4, 2, 16, 8
+    q, k, v, do = (
+        jnp.asarray(x, jnp.float32) for x in _inputs(rng, b=b, lq=lq, lk=lk, h=h, hk=hk, d=d, e=e, dtype=jnp.float32)
+    )
+    kw = documents_kwargs(rng, b, lq, lk, 4, q_start=40) | dict(scale=0.3)
+    o, lse = xla.block_attention_fwd(q, k, v, block=8, **kw)
+    want = xla.block_attention_bwd(q, k, v, o, lse, do, block=8, **kw)
+    got = jax.jit(lambda *a: block_attention_bwd(*a, **kw, documents_sorted=True, config=FUSED))(q, k, v, o, lse, do)
+    for name, x, y in zip(("dq", "dk", "dv"), got, want, strict=True):
+        assert x.dtype == jnp.float32 and x.shape == y.shape, name
+        assert rel_err(x, y) < 1e-5, name
+
+
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_flash_attention_matches_reference(rng, impl):
     """The public op (``from pallas_kernels import flash_attention``): o and the gradients of q, k,
@@ -227,6 +249,8 @@ def test_default_config():
     assert default_config(head_dim=64, interpret=False).num_warps == 4
     with pytest.raises(ValueError, match=r"block_q=48 must be a power of two"):
         BlockConfig(block_q=48)
+    with pytest.raises(ValueError, match=r"backward='dq' must be one of"):
+        BlockConfig(backward="dq")
 
 
 def test_rejects_float64():
@@ -267,6 +291,9 @@ def test_kernels_lower_to_triton(monkeypatch):
 
         text = jax.jit(fwd_bwd).trace(q, k, v, do, lse, pos, pos).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("__gpu$xla.gpu.triton") == 3, "expected the forward, dq and dk/dv kernels"
+        fused = dict(kw, config=dataclasses.replace(cfg, backward="fused"))
+        traced = jax.jit(functools.partial(fwd_bwd, kw=fused)).trace(q, k, v, do, lse, pos, pos)
+        assert traced.lower(lowering_platforms=("cuda",)).as_text().count("__gpu$xla.gpu.triton") == 2
 
         def with_documents(q, k, v, do, lse, q_start, k_start, q_ids, k_ids, kw=kw):
             docs = dict(q_segment_ids=q_ids, k_segment_ids=k_ids, documents_sorted=True)
