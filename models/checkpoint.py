@@ -4,13 +4,15 @@ Every saved step holds two items: ``state``, the train state ``{params, opt_stat
 (``models.train.make_init_fn``), and ``config``, the ``TrainConfig`` as JSON (``config_to_json``).
 Training saves and restores the whole state (``save``, asynchronous unless asked to wait;
 ``restore_state``); generation restores the parameters only (``load_model``), so it builds neither
-the optimizer nor its moments.
+the optimizer nor its moments. A run on a ``lasp-tokenize`` folder keeps its ``tokenizer.json`` in
+the checkpoint folder too (``store_tokenizer``), so ``lasp-generate`` needs only the checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
@@ -18,6 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from models.config import ModelConfig
+from models.dataset import TOKENIZER_FILE
 from models.model import LanguageModel
 from models.sharding import build_mesh, tree_shardings
 from models.train_config import SECTIONS, TrainConfig
@@ -62,8 +65,19 @@ def save(manager: ocp.CheckpointManager, step: int, state, config: TrainConfig, 
     """
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config_to_json(config)))
     manager.save(step, args=args, force=True)
+    store_tokenizer(str(manager.directory), config)
     if wait:
         manager.wait_until_finished()
+
+
+def store_tokenizer(ckpt_dir: str, config: TrainConfig) -> None:
+    """Copy the data folder's ``tokenizer.json`` (a ``lasp-tokenize`` folder) into ``ckpt_dir`` (process 0)."""
+    data = config.data
+    if data.source != "bin" or not data.path or not os.path.isdir(data.path) or jax.process_index() != 0:
+        return
+    source, target = os.path.join(data.path, TOKENIZER_FILE), os.path.join(ckpt_dir, TOKENIZER_FILE)
+    if os.path.exists(source) and not os.path.exists(target):
+        shutil.copyfile(source, target)
 
 
 def saved_config(manager: ocp.CheckpointManager, step: int) -> dict:

@@ -3,28 +3,45 @@
 ``lasp-train`` (``models.train.main``, also ``python -m models.train``) takes every config field as
 a flag, ``--section.field`` or its short form where unambiguous (``--steps 500 --lr 1e-3 --seq-len
 4096 --sp 4 --fsdp true --data.seed 1 --model.d_model 256``), on top of a model preset, the
-``--demo`` settings and a ``--config`` JSON file, in that order.
+``--demo`` settings and a ``--config`` JSON file, in that order. With ``--data.source bin
+--data.path DIR`` (a ``lasp-tokenize`` directory) the model's vocabulary is ``meta.json``'s unless
+``--model.vocab_size`` is given.
 
-``lasp-generate --ckpt-dir DIR --prompt "..."`` samples from a checkpoint written by ``lasp-train``.
+The parser is built from the config dataclasses (``typed_parser``): each field's type gives the
+conversion (``int``, ``float``, ``bool`` as true/false/1/0/yes/no/on/off, ``X | None`` also
+accepting ``none``, comma-separated tuples) and a ``Literal[...]`` its choices; a bad value is
+an error naming its flag; prefixes are not abbreviations; the comment after each field is its
+``--help`` text. (tyro was tried first: it rejects the lowercase booleans and the comma-separated
+``--model.layer_types`` that the README and the tests use, and cannot layer a preset's model
+config under the flags.)
+
+``lasp-generate --ckpt-dir DIR --prompt "..."`` samples from a checkpoint written by ``lasp-train``,
+encoding and decoding with the checkpoint's ``tokenizer.json`` when it has one.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import os
+import re
 import sys
+import types
+import typing
 
 import jax
 import numpy as np
 
+from models import config as model_config
 from models.checkpoint import load_model
-from models.config import ModelConfig, get_config
+from models.config import PRESETS, ModelConfig, get_config
+from models.dataset import TOKENIZER_FILE, read_meta
 from models.generate import decode_bytes, generate
 from models.layers import LaspContext
 from models.profile import ProfileWindow
-from models.train_config import SECTIONS, TrainConfig
+from models.train_config import SECTIONS, STRATEGIES, TrainConfig
 
 # ``make demo``: the embedded corpus on a dp 2 x sp 4 mesh, two minutes at most
 DEMO = dict(
@@ -33,6 +50,37 @@ DEMO = dict(
     optim=dict(lr=3e-3, warmup_steps=20, weight_decay=0.01, min_lr_ratio=0.1),
     run=dict(steps=300, log_every=20, eval_batches=2, sample_tokens=300, time_limit_s=120.0),
 )
+
+# ModelConfig's fields are plain ``str``s validated against these tuples (models.config)
+MODEL_CHOICES = {
+    "family": model_config.FAMILIES,
+    "feature_map": model_config.FEATURE_MAPS,
+    "decay": model_config.DECAYS,
+    "position": model_config.POSITIONS,
+    "attn_output_norm": model_config.ATTN_OUTPUT_NORMS,
+    "norm": model_config.NORMS,
+    "mlp": model_config.MLPS,
+    "dtype": model_config.DTYPES,
+    "param_dtype": model_config.DTYPES,
+    "layer_types": model_config.LAYER_TYPES,
+}
+# help for the ModelConfig fields that carry no comment in models/config.py
+MODEL_HELP = {
+    "family": "model family (sets the defaults of the other fields through the preset)",
+    "vocab_size": "vocabulary size (bin data from lasp-tokenize: meta.json's unless given)",
+    "d_model": "width of the residual stream",
+    "n_layers": "number of blocks",
+    "n_heads": "query heads (head_dim = d_model / n_heads)",
+    "rope_theta": "RoPE base",
+    "lrpe_base": "LRPE base",
+    "attn_output_norm": "output of linear attention: srms_gate (TNL), denominator (causal normaliser), head_rms",
+    "norm": "block norm: srms (no gain), rms, layer",
+    "mlp": "channel mixer: glu, swiglu, gelu",
+    "norm_eps": "epsilon of the norms",
+    "tie_embeddings": "the output head is the embedding table",
+    "init_std": "standard deviation of the initial weights",
+}
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def initialize_distributed(force: bool = False) -> None:
@@ -51,46 +99,114 @@ def initialize_distributed(force: bool = False) -> None:
         jax.distributed.initialize()
 
 
-def _parse_value(text: str, annotation: str):
-    """A flag's text as the type its field's annotation (a string, e.g. ``"int | None"``) names."""
-    if text.lower() in ("none", "null") and "None" in annotation:
-        return None
-    if "tuple" in annotation:
-        return tuple(x for x in text.split(",") if x)
-    if "bool" in annotation:
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"expected a boolean, got {text!r}")
-    if annotation.startswith("int"):
-        return int(text)
-    if annotation.startswith("float"):
-        return float(text)
+# ---------------------------------------------------------------- dataclass fields → typed flags
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The comment after each field of a dataclass's source (``name: type = default  # text``)."""
+    docs = {}
+    for line in inspect.getsource(cls).splitlines():
+        match = re.match(r"^\s+(\w+)\s*:[^#]*#\s*(.+)$", line)
+        if match:
+            docs[match.group(1)] = match.group(2).strip()
+    return docs
+
+
+def value_parser(annotation, choices: tuple | None = None):
+    """A function text → value of the type ``annotation`` names (raising ``ArgumentTypeError``), and
+    a metavar. ``Literal`` types (or ``choices``) take only their values; ``X | None`` also ``none``."""
+    args = typing.get_args(annotation)
+    optional = typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args
+    base = next(a for a in args if a is not type(None)) if optional else annotation
+    if typing.get_origin(base) is typing.Literal:
+        choices = typing.get_args(base)
+        base = type(choices[0])
+    tuple_of = typing.get_origin(base) is tuple
+
+    def one(text: str):
+        if base is bool:
+            if text.lower() in TRUE + FALSE:
+                return text.lower() in TRUE
+            raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
+        try:
+            value = base(text) if base in (int, float) else text
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {base.__name__}, got {text!r}") from None
+        if choices is not None and value not in choices:
+            raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose from {', '.join(map(str, choices))})")
+        return value
+
+    def parse(text: str):
+        if optional and text.lower() in ("none", "null"):
+            return None
+        if tuple_of:
+            return tuple(one(x) for x in text.split(",") if x)
+        return one(text)
+
+    if choices is not None:
+        metavar = "{" + ",".join(map(str, choices)) + "}" + (",..." if tuple_of else "")
+    else:
+        metavar = "BOOL" if base is bool else ("A,B,..." if tuple_of else getattr(base, "__name__", "VALUE").upper())
+    return parse, metavar + ("|none" if optional else "")
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, section: str, cls, *, short: set[str], defaults: str | None):
+    """A flag ``--section.field`` (and ``--field-name`` for names in ``short``) per field of ``cls``;
+    each parses into ``dest="section.field"`` with no default (given flags only)."""
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls) | (MODEL_HELP if cls is ModelConfig else {})
+    group = parser.add_argument_group(f"{section} ({cls.__name__})", (cls.__doc__ or "").strip().split("\n")[0])
+    for f in dataclasses.fields(cls):
+        parse, metavar = value_parser(hints[f.name], MODEL_CHOICES.get(f.name) if cls is ModelConfig else None)
+        flags = [f"--{section}.{f.name}"]
+        if f.name in short:
+            flags.append(f"--{f.name.replace('_', '-')}")
+        default = defaults or f"default: {f.default!r}" if f.default is not dataclasses.MISSING else defaults
+        help_text = docs.get(f.name, "") + (f" ({default})" if default else "")
+        group.add_argument(*flags, dest=f"{section}.{f.name}", type=parse, metavar=metavar, help=help_text)
+
+
+def preset_name(text: str) -> str:
+    if text.replace("_", "-").lower() not in PRESETS:
+        raise argparse.ArgumentTypeError(f"unknown preset {text!r} (presets: {', '.join(sorted(PRESETS))})")
     return text
+
+
+def nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected int, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lasp-train",
+        usage="lasp-train [--preset NAME] [--demo] [--config FILE] [--section.field VALUE | --field VALUE ...]",
         description="Train a linear-attention or delta-rule LM (TNL, Linear Transformer, Linear-Llama3, Gated "
         "DeltaNet, KDA, hybrids) with LASP on a dp x sp mesh.",
         epilog="Every config field is a flag, --section.field or its short form where unambiguous: --steps 500 "
-        "--lr 1e-3 --seq-len 4096 --sp 4 --fsdp true --data.seed 1 --model.d_model 256. "
-        "Model presets: see models.config.PRESETS.",
+        "--lr 1e-3 --seq-len 4096 --sp 4 --fsdp true --data.seed 1 --model.d_model 256. Layers, lowest first: "
+        "the --preset, --demo, --config, the flags.",
+        allow_abbrev=False,
     )
     p.add_argument(
         "--preset",
         default="tiny",
-        help="model preset, e.g. tiny, tnl-1b, linear-llama3-0.4b, gdn-1.3b, kda-tiny, gdn-hybrid-0.4b",
+        type=preset_name,
+        help="model preset, e.g. tiny, tnl-1b, linear-llama3-0.4b, gdn-1.3b, kda-tiny, gdn-hybrid-0.4b (default: tiny)",
     )
     p.add_argument("--demo", action="store_true", help="the make-demo settings: embedded corpus, dp 2 x sp 4")
     p.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() by cluster detection")
-    p.add_argument("--config", help="a JSON file of overrides {section: {field: value}}")
+    p.add_argument("--config", metavar="FILE", help="a JSON file of overrides {section: {field: value}}")
     p.add_argument(
         "--softmax-every",
-        type=int,
+        type=nonnegative_int,
         default=None,
+        metavar="K",
         help="hybrid model: every k-th layer softmax attention (0: all linear); hybrid presets default to 4",
     )
     p.add_argument(
@@ -102,20 +218,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--profile-dir", default="profile", help="where --profile-steps writes its trace")
     names = [f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)]
+    short = {n for n in names if names.count(n) == 1}  # short forms when unambiguous: --seq-len, --sp, --lr
     for section, cls in SECTIONS.items():
-        for f in dataclasses.fields(cls):
-            flags = [f"--{section}.{f.name}"]
-            if names.count(f.name) == 1:  # short form when unambiguous: --seq-len, --sp, --lr
-                flags.insert(0, f"--{f.name.replace('_', '-')}")
-            p.add_argument(*flags, dest=f"{section}.{f.name}", default=None, metavar=f.type)
-    for f in dataclasses.fields(ModelConfig):
-        if f.name != "family":
-            p.add_argument(f"--model.{f.name}", dest=f"model.{f.name}", default=None, metavar=f.type)
+        add_dataclass_flags(p, section, cls, short=short, defaults=None)
+    add_dataclass_flags(p, "model", ModelConfig, short=set(), defaults="default: the preset's")
     return p
 
 
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:
-    """The ``TrainConfig`` of a ``lasp-train`` command line (``argv`` without the program name)."""
+    """The ``TrainConfig`` of a ``lasp-train`` command line (``argv`` without the program name).
+
+    A bad flag or value exits (status 2) with a message naming the flag.
+    """
     args = build_parser().parse_args(argv)
     overrides: dict[str, dict] = {s: {} for s in ("model", *SECTIONS)}
     if args.demo:
@@ -125,12 +239,13 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
         with open(args.config) as fh:
             for section, values in json.load(fh).items():
                 overrides[section].update(values)
-    types = {f"{s}.{f.name}": f.type for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
-    types |= {f"model.{f.name}": f.type for f in dataclasses.fields(ModelConfig)}
-    for dest, text in vars(args).items():
-        if "." in dest and text is not None:
+    for dest, value in vars(args).items():
+        if "." in dest and value is not None:
             section, name = dest.split(".", 1)
-            overrides[section][name] = _parse_value(text, str(types[dest]))
+            overrides[section][name] = value
+    data = overrides["data"]
+    if data.get("source") == "bin" and data.get("path") and os.path.isdir(data["path"]):
+        overrides["model"].setdefault("vocab_size", read_meta(data["path"])["vocab_size"])
     model = get_config(args.preset, softmax_every=args.softmax_every, **overrides["model"])
     sections = {s: cls(**overrides[s]) for s, cls in SECTIONS.items()}
     return TrainConfig(model=model, **sections)
@@ -142,31 +257,66 @@ def profile_window_from_args(argv: list[str] | None = None) -> ProfileWindow | N
     return None if args.profile_steps is None else ProfileWindow.parse(args.profile_steps, args.profile_dir)
 
 
-def text_prompt(text: str) -> np.ndarray:
-    """A byte-level prompt ``[1, len(text.encode())]`` int32."""
+# ---------------------------------------------------------------- lasp-generate
+
+
+def text_prompt(text: str, tokenizer=None) -> np.ndarray:
+    """A prompt ``[1, P]`` int32: the tokenizer's ids, or the UTF-8 bytes without one."""
+    if tokenizer is not None:
+        return np.asarray([tokenizer.encode(text, add_special_tokens=False).ids], np.int32)
     return np.frombuffer(text.encode(), np.uint8).astype(np.int32)[None]
 
 
-def generate_main(argv: list[str] | None = None) -> int:
-    """``lasp-generate``: sample from a ``lasp-train`` checkpoint; prints text (byte-level data) or token ids."""
-    p = argparse.ArgumentParser(prog="lasp-generate", description="Sample from a lasp-train checkpoint.")
-    p.add_argument("--ckpt-dir", required=True)
+def decode_text(tokens, tokenizer=None) -> str:
+    """Token ids as text: the tokenizer's decoding, or bytes (ids ≥ 256 dropped) without one."""
+    if tokenizer is not None:
+        return tokenizer.decode([int(t) for t in np.asarray(tokens).reshape(-1)], skip_special_tokens=False)
+    return decode_bytes(tokens)
+
+
+def folder_tokenizer(folder: str | None):
+    """The ``tokenizer.json`` in a folder (lasp-tokenize output, a lasp-train checkpoint), or None."""
+    if not folder or not os.path.exists(os.path.join(folder, TOKENIZER_FILE)):
+        return None
+    from models.tokenizer import load_tokenizer  # the tokenizers package, only when there is one
+
+    return load_tokenizer(folder)
+
+
+def build_generate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lasp-generate", description="Sample from a lasp-train checkpoint.", allow_abbrev=False
+    )
+    p.add_argument("--ckpt-dir", required=True, help="a lasp-train (or lasp-convert import) checkpoint directory")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    p.add_argument("--prompt", default="The ", help="text prompt (byte-level models)")
-    p.add_argument("--prompt-ids", default=None, help="comma-separated token ids (models trained on .bin data)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", default="The ", help="text prompt (byte-level or the checkpoint's tokenizer)")
+    p.add_argument("--prompt-ids", default=None, help="comma-separated token ids instead of --prompt")
+    p.add_argument("--tokenizer", default=None, help="a tokenizer.json (default: the checkpoint's, if any)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to sample")
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=40, help="sample from the k likeliest tokens (0: all)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--sp", type=int, default=1, help="devices for the sequence-parallel prefill")
-    p.add_argument("--strategy", default="ring")
-    args = p.parse_args(argv)
+    p.add_argument("--strategy", default="ring", choices=STRATEGIES, help="lasp_attention strategy of the prefill")
+    return p
+
+
+def generate_main(argv: list[str] | None = None) -> int:
+    """``lasp-generate``: sample from a checkpoint; prints text (its tokenizer, or bytes) or token ids."""
+    args = build_generate_parser().parse_args(argv)
     try:
         model, config, mesh = load_model(args.ckpt_dir, step=args.step, sp=args.sp)
+        tokenizer = folder_tokenizer(args.ckpt_dir)
+        if args.tokenizer is not None:
+            from models.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(args.tokenizer)
         if args.prompt_ids:
             prompt = np.asarray([[int(x) for x in args.prompt_ids.split(",")]], np.int32)
+        elif tokenizer is not None or config.data.source == "text":
+            prompt = text_prompt(args.prompt, tokenizer)
         else:
-            prompt = text_prompt(args.prompt)
+            raise ValueError("this checkpoint has no tokenizer.json and was not trained on text: pass --prompt-ids")
         out = generate(
             model,
             prompt,
@@ -179,8 +329,8 @@ def generate_main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"lasp-generate: error: {e}", file=sys.stderr)
         return 2
-    if config.data.source == "text":
-        print(decode_bytes(out[0]))
+    if tokenizer is not None or config.data.source == "text":
+        print(decode_text(out[0], tokenizer))
     else:
         print(",".join(str(int(t)) for t in np.asarray(out[0])))
     return 0

@@ -8,43 +8,54 @@ Sources:
 - ``synthetic``: rows of a random block of 2–16 tokens repeated (a copy task a model can learn,
   handy for throughput and smoke tests);
 - ``text``: UTF-8 files read as bytes (vocabulary 256); the embedded corpus when no path is given;
-- ``bin``: a flat pre-tokenized memmap of uint16 or uint32 tokens (nanoGPT/Megatron style).
+- ``bin``: a flat pre-tokenized memmap of uint16 or uint32 tokens (nanoGPT/Megatron style): a
+  ``.bin`` file, or a directory written by ``lasp-tokenize`` (``models.tokenizer``) holding
+  ``train.bin``, ``val.bin``, ``tokenizer.json`` and ``meta.json`` (the dtype, the vocabulary size
+  and the end-of-document id are read from ``meta.json``).
 
-Array sources are split into train (first ``1 − eval_fraction``) and eval (the rest) regions.
+A single array is split into train (first ``1 − eval_fraction``) and eval (the rest) regions; a
+``lasp-tokenize`` directory trains on ``train.bin`` and evaluates on ``val.bin``.
 Train windows start at uniformly random offsets; eval windows are fixed and evenly spaced.
 
 Packed documents (``pack_documents=True``): the token stream is a sequence of documents, each
 followed by the end-of-document token ``eod_token``. For ``text`` the documents are the pieces of
 each file split on ``doc_separator`` (blank lines by default; the separator itself is dropped) and
 ``eod_token`` defaults to 0 (the NUL byte, absent from text); a ``bin`` file must already hold
-them with its own EOD id (``eod_token`` is required). Windows still cut the stream anywhere; the
-model (``models.model.lm_loss``) turns the EOD tokens of each input row into ``segment_ids`` for
-the token mixers and drops the one target per boundary that would predict across it.
+them with its own EOD id (``eod_token`` is required, or read from a directory's ``meta.json``).
+Windows still cut the stream anywhere; the model (``models.model.lm_loss``) turns the EOD tokens
+of each input row into ``segment_ids`` for the token mixers and drops the one target per boundary
+that would predict across it.
 """
 
 from __future__ import annotations
 
 import importlib.resources
+import json
 import os
 from dataclasses import dataclass
+from typing import Literal
 
 import jax
 import numpy as np
 
 SOURCES = ("synthetic", "text", "bin")
 BIN_DTYPES = ("uint16", "uint32")
+META_FILE = "meta.json"  # written by lasp-tokenize beside train.bin, val.bin and tokenizer.json
+TOKENIZER_FILE = "tokenizer.json"
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "text"  # "synthetic" | "text" | "bin"
-    path: str | None = None  # text: file or directory (None: the embedded corpus); bin: the .bin file
-    bin_dtype: str = "uint16"
+    """Where the tokens come from and how batches are cut from them."""
+
+    source: Literal["synthetic", "text", "bin"] = "text"  # token source (see the module docstring)
+    path: str | None = None  # text: file or folder (None: the embedded corpus); bin: a .bin or a lasp-tokenize folder
+    bin_dtype: Literal["uint16", "uint32"] | None = None  # bin token dtype; None: meta.json's, else uint16
     batch_size: int = 8  # rows per optimizer step (all micro-batches together)
-    seq_len: int = 256
-    grad_accum: int = 1
-    seed: int = 0
-    eval_fraction: float = 0.05
+    seq_len: int = 256  # tokens per row
+    grad_accum: int = 1  # micro-batches per step (gradient accumulation)
+    seed: int = 0  # seed of the train windows' offsets
+    eval_fraction: float = 0.05  # share of a single array held out for evaluation (lasp-tokenize: val.bin)
     pack_documents: bool = False  # documents + EOD tokens; attention and loss never cross them
     eod_token: int | None = None  # end-of-document id; text default 0, required for bin
     doc_separator: str = "\n\n"  # text: documents are the pieces between separators (and files)
@@ -52,7 +63,7 @@ class DataConfig:
     def __post_init__(self):
         if self.source not in SOURCES:
             raise ValueError(f"data source must be one of {SOURCES}, got source={self.source!r}")
-        if self.bin_dtype not in BIN_DTYPES:
+        if self.bin_dtype is not None and self.bin_dtype not in BIN_DTYPES:
             raise ValueError(f"bin_dtype must be one of {BIN_DTYPES}, got bin_dtype={self.bin_dtype!r}")
         for name in ("batch_size", "seq_len", "grad_accum"):
             if getattr(self, name) <= 0:
@@ -63,13 +74,15 @@ class DataConfig:
                 f"batch_size={self.batch_size}, grad_accum={self.grad_accum}"
             )
         if self.source == "bin" and not self.path:
-            raise ValueError("source='bin' needs path= a .bin file of uint16/uint32 tokens")
+            raise ValueError(
+                "source='bin' needs path= a .bin file of uint16/uint32 tokens or a lasp-tokenize directory"
+            )
         if not 0.0 < self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in (0, 1), got eval_fraction={self.eval_fraction}")
         if self.pack_documents:
             if self.source == "synthetic":
                 raise ValueError("pack_documents needs source='text' or 'bin' (synthetic rows have no documents)")
-            if self.source == "bin" and self.eod_token is None:
+            if self.source == "bin" and self.eod_token is None and not os.path.isdir(self.path):
                 raise ValueError("pack_documents with source='bin' needs eod_token= the id that ends each document")
             if self.source == "text" and not self.doc_separator:
                 raise ValueError("pack_documents with source='text' needs a non-empty doc_separator")
@@ -124,13 +137,43 @@ def pack_text_documents(files: list[bytes], separator: bytes, eod: int) -> np.nd
     return stream
 
 
+def read_meta(directory: str) -> dict:
+    """The ``meta.json`` of a ``lasp-tokenize`` directory (``vocab_size``, ``dtype``, ``eod_id``, counts)."""
+    path = os.path.join(directory, META_FILE)
+    if not os.path.exists(path):
+        raise ValueError(f"{directory!r} is a directory without {META_FILE}: expected the output of lasp-tokenize")
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def _bin_arrays(config: DataConfig) -> tuple[np.ndarray, np.ndarray | None, dict | None]:
+    """(train tokens, eval tokens or None, meta or None) of a ``bin`` source, memory-mapped."""
+    if not os.path.exists(config.path):
+        raise ValueError(f"bin data not found: path={config.path!r}")
+    if not os.path.isdir(config.path):
+        return np.memmap(config.path, dtype=config.bin_dtype or "uint16", mode="r"), None, None
+    meta = read_meta(config.path)
+    if config.bin_dtype is not None and config.bin_dtype != meta["dtype"]:
+        raise ValueError(f"bin_dtype={config.bin_dtype!r} but {config.path}/{META_FILE} says dtype={meta['dtype']!r}")
+    train, val = (os.path.join(config.path, name) for name in ("train.bin", "val.bin"))
+    if not os.path.exists(val) or os.path.getsize(val) == 0:
+        return np.memmap(train, dtype=meta["dtype"], mode="r"), None, meta
+    return np.memmap(train, dtype=meta["dtype"], mode="r"), np.memmap(val, dtype=meta["dtype"], mode="r"), meta
+
+
 class TokenData:
-    """Deterministic train/eval batches ``(inputs, targets)`` of shape ``[A, B/A, T]`` (A = grad_accum)."""
+    """Deterministic train/eval batches ``(inputs, targets)`` of shape ``[A, B/A, T]`` (A = grad_accum).
+
+    ``eod``: the end-of-document id the model packs on (None unless ``pack_documents``); ``meta``:
+    the ``meta.json`` of a ``lasp-tokenize`` directory (else None).
+    """
 
     def __init__(self, config: DataConfig, vocab_size: int):
         self.config = config
         self.vocab_size = vocab_size
-        self.tokens: np.ndarray | None = None
+        self.eod = config.eod
+        self.meta: dict | None = None
+        tokens, eval_tokens = None, None
         if config.source == "text":
             if vocab_size < 256:
                 raise ValueError(f"text data is byte-level and needs vocab_size >= 256, got vocab_size={vocab_size}")
@@ -138,23 +181,33 @@ class TokenData:
                 if config.eod >= vocab_size:
                     raise ValueError(f"eod_token={config.eod} must be < vocab_size={vocab_size}")
                 files = _read_files(config.path)
-                self.tokens = pack_text_documents(files, config.doc_separator.encode(), config.eod)
+                tokens = pack_text_documents(files, config.doc_separator.encode(), config.eod)
             else:
-                self.tokens = _read_text(config.path)
+                tokens = _read_text(config.path)
         elif config.source == "bin":
-            if not os.path.exists(config.path):
-                raise ValueError(f"bin data file not found: path={config.path!r}")
-            self.tokens = np.memmap(config.path, dtype=config.bin_dtype, mode="r")
-            if config.pack_documents and config.eod >= vocab_size:
-                raise ValueError(f"eod_token={config.eod} must be < vocab_size={vocab_size}")
-        if self.tokens is not None:
-            n = len(self.tokens)
-            self.n_train = int(n * (1 - config.eval_fraction))
-            need = config.seq_len + 1
-            if self.n_train < need or n - self.n_train < need:
+            tokens, eval_tokens, self.meta = _bin_arrays(config)
+            if config.pack_documents and self.eod is None:
+                self.eod = int(self.meta["eod_id"])
+            if self.meta is not None and self.meta["vocab_size"] > vocab_size:
                 raise ValueError(
-                    f"{config.source} data has {n} tokens: too few for seq_len={config.seq_len} with "
-                    f"eval_fraction={config.eval_fraction} (each split needs at least seq_len + 1 tokens)"
+                    f"{config.path}/{META_FILE} has vocab_size={self.meta['vocab_size']}, more than the model's "
+                    f"vocab_size={vocab_size}"
+                )
+            if config.pack_documents and self.eod >= vocab_size:
+                raise ValueError(f"eod_token={self.eod} must be < vocab_size={vocab_size}")
+        self.tokens = tokens  # the whole stream of a single array (a lasp-tokenize directory: train.bin)
+        self.train_tokens = self.eval_tokens = None
+        if tokens is not None:
+            if eval_tokens is None:
+                n_train = int(len(tokens) * (1 - config.eval_fraction))
+                tokens, eval_tokens = tokens[:n_train], tokens[n_train:]
+            self.train_tokens, self.eval_tokens = tokens, eval_tokens
+            need = config.seq_len + 1
+            if len(tokens) < need or len(eval_tokens) < need:
+                raise ValueError(
+                    f"{config.source} data has {len(tokens)} train and {len(eval_tokens)} eval tokens: too few for "
+                    f"seq_len={config.seq_len} (each split needs at least seq_len + 1 tokens; eval_fraction="
+                    f"{config.eval_fraction})"
                 )
 
     # ---- row contents, a pure function of (split, step, row) ----
@@ -162,10 +215,9 @@ class TokenData:
         t = self.config.seq_len + 1
         if split == "train":
             rng = np.random.default_rng([self.config.seed, step])
-            return rng.integers(0, self.n_train - t + 1, size=self.config.batch_size)[rows]
-        n_eval = len(self.tokens) - self.n_train
-        n_windows = max(1, (n_eval - t) // t + 1)
-        return self.n_train + ((step * self.config.batch_size + rows) % n_windows) * t
+            return rng.integers(0, len(self.train_tokens) - t + 1, size=self.config.batch_size)[rows]
+        n_windows = max(1, (len(self.eval_tokens) - t) // t + 1)
+        return ((step * self.config.batch_size + rows) % n_windows) * t
 
     def _synthetic(self, split: str, step: int, row: int, cols: slice) -> np.ndarray:
         rng = np.random.default_rng([self.config.seed, 1 if split == "eval" else 0, step, row])
@@ -175,11 +227,12 @@ class TokenData:
 
     def window(self, split: str, step: int, rows: np.ndarray, cols: slice) -> np.ndarray:
         """Tokens ``[len(rows), cols]`` of the ``seq_len + 1`` windows of the given rows (int32)."""
-        if self.tokens is None:
+        if self.train_tokens is None:
             out = np.stack([self._synthetic(split, step, int(r), cols) for r in rows])
         else:
+            tokens = self.train_tokens if split == "train" else self.eval_tokens
             starts = self._starts(split, step, rows)
-            out = np.stack([np.asarray(self.tokens[s + cols.start : s + cols.stop]) for s in starts])
+            out = np.stack([np.asarray(tokens[s + cols.start : s + cols.stop]) for s in starts])
             top = int(out.max(initial=0))
             if top >= self.vocab_size:
                 raise ValueError(f"token id {top} in {self.config.path} is >= vocab_size={self.vocab_size}")

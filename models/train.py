@@ -37,11 +37,18 @@ from lasp_jax import STRATEGIES
 from lasp_jax.delta_rule import STRATEGIES as DELTA_RULE_STRATEGIES
 from lasp_jax.softmax import STRATEGIES as SOFTMAX_STRATEGIES
 from models import checkpoint
-from models.cli import config_from_args, initialize_distributed, profile_window_from_args, text_prompt
+from models.cli import (
+    config_from_args,
+    decode_text,
+    folder_tokenizer,
+    initialize_distributed,
+    profile_window_from_args,
+    text_prompt,
+)
 from models.config import ModelConfig
 from models.dataset import TokenData
 from models.flops import mfu, model_flops_per_token, param_count, peak_flops_per_device
-from models.generate import decode_bytes, generate
+from models.generate import generate
 from models.layers import LaspContext
 from models.model import REMAT_POLICIES, LanguageModel, lm_loss
 from models.profile import ProfileWindow, StepProfiler
@@ -206,7 +213,7 @@ class Trainer:
             self.ctx,
             remat=run.remat,
             loss_chunks=run.loss_chunks,
-            eod_token=self.config.data.eod,
+            eod_token=self.data.eod,
         )
         return loss * count, count
 
@@ -300,7 +307,14 @@ class Trainer:
         state = self._initial_state(manager)
         start = step = int(_scalar(state["step"]))
         self._log_header(start)
-        log = RunLog(run.steps, metrics_path=run.metrics, progress=run.progress, enabled=jax.process_index() == 0)
+        log = RunLog(
+            run.steps,
+            metrics_path=run.metrics,
+            progress=run.progress,
+            enabled=jax.process_index() == 0,
+            start=start,
+            tensorboard=run.tensorboard,
+        )
         clock = StepClock(start)
         profiler = StepProfiler(profile, log=log.report)
         losses, evals, pending = {}, [], []
@@ -310,6 +324,9 @@ class Trainer:
                     profiler.before_step(step, state)
                     state, metrics = self.train_step(state, *self.data.batch("train", step, self.batch_sharding))
                     step += 1
+                    if step == start + 1:  # compiled and ran: throughput windows start after it
+                        jax.block_until_ready(metrics["loss"])
+                        clock.exclude_first_step(step)
                     profiler.after_step(step, state)
                     pending.append((step, metrics))
                     if on_step is not None:
@@ -422,12 +439,23 @@ class Trainer:
 
 
 class StepClock:
-    """Training time between reports: what evaluating, checkpointing and reporting take is left out."""
+    """Training time between reports: what evaluating, checkpointing and reporting take is left out,
+    and so is the first step of a run (compilation) from the throughput of the first report."""
 
     def __init__(self, step: int):
         self.start = self.last = time.perf_counter()
         self.last_step = step
         self.train_time = 0.0
+        self.first_window: tuple[float, int] | None = None  # (seconds, steps) of the compiling first step
+
+    def exclude_first_step(self, step: int) -> None:
+        """The first step is done (compiled and run): the next lap measures from now.
+
+        A report at the first step itself (nothing else to measure) still gets its time."""
+        now = time.perf_counter()
+        self.first_window = (now - self.last, step - self.last_step)
+        self.train_time += now - self.last
+        self.last, self.last_step = now, step
 
     def elapsed(self) -> float:
         """Seconds since the clock started, everything included (for the time limit)."""
@@ -439,6 +467,8 @@ class StepClock:
         seconds, steps = now - self.last, step - self.last_step
         self.train_time += seconds
         self.last, self.last_step = now, step
+        if steps == 0 and self.first_window is not None:  # the window held the compiling step only
+            seconds, steps = self.first_window
         return seconds, steps, now - self.start
 
     def resume(self) -> None:
@@ -504,9 +534,10 @@ def main(argv: list[str] | None = None) -> int:
 def _log_sample(trainer: Trainer, params) -> None:
     """Continue ``run.sample_prompt`` by ``run.sample_tokens`` tokens and log the text."""
     run = trainer.config.run
+    tokenizer = folder_tokenizer(trainer.config.data.path) if trainer.data.meta else None
     out = generate(
         trainer.model(params),
-        text_prompt(run.sample_prompt),
+        text_prompt(run.sample_prompt, tokenizer),
         max_new_tokens=run.sample_tokens,
         ctx=dataclasses.replace(trainer.ctx, batch_axis=None),
         temperature=0.7,
@@ -514,7 +545,7 @@ def _log_sample(trainer: Trainer, params) -> None:
         seed=run.seed,
     )
     trainer.log("sample (prefill sequence-parallel, then token-by-token decode):")
-    trainer.log(decode_bytes(np.asarray(out[0])))
+    trainer.log(decode_text(np.asarray(out[0]), tokenizer))
 
 
 if __name__ == "__main__":

@@ -8,56 +8,74 @@ whole ``TrainConfig`` as JSON beside each checkpoint.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from models.config import ModelConfig
 from models.dataset import DataConfig
 
+# the choices of the command line; the layers check them again (lasp_jax, models.model), so a
+# strategy or policy listed here before its implementation lands fails with the layer's message
+Strategy = Literal["ring", "allgather", "ulysses", "gather_kv", "scan"]
+Impl = Literal["auto", "pallas", "xla", "reference"]
+SoftmaxStrategy = Literal["allgather", "ring"]
+RematPolicy = Literal["none", "dots", "full", "offload"]
+STRATEGIES, IMPLS = get_args(Strategy), get_args(Impl)
+
 
 @dataclass(frozen=True)
 class MeshConfig:
-    dp: int | None = None  # None: every device not used by sp
-    sp: int = 1
+    """The device mesh (dp x sp x tp) and how the token mixers cross it."""
+
+    dp: int | None = None  # data-parallel groups; None: every device not used by sp
+    sp: int = 1  # sequence-parallel group size: each row's tokens split over sp devices
     tp: int = 1  # tensor parallelism: heads and MLP hidden sharded over a "tp" mesh axis
     fsdp: bool = False  # shard parameters and optimizer state over dp
-    strategy: str = "ring"  # lasp_attention strategy (linear layers)
-    impl: str = "auto"  # single-device kernel: "auto" | "pallas" | "xla"
-    softmax_strategy: str = "allgather"  # softmax layers of hybrid models: "allgather" (LASP-2H) | "ring"
+    strategy: Strategy = "ring"  # lasp_attention / lasp_gated_delta_rule strategy (linear layers)
+    impl: Impl = "auto"  # single-device kernel: auto (Pallas on a GPU, XLA elsewhere), pallas, xla, reference
+    softmax_strategy: SoftmaxStrategy = "allgather"  # softmax layers of hybrids: allgather (LASP-2H) or ring
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 3e-4
+    """AdamW with warmup and cosine decay, global-norm clipping."""
+
+    lr: float = 3e-4  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr · min_lr_ratio at the last step
-    warmup_steps: int = 100
+    warmup_steps: int = 100  # linear warmup from 0 to lr
     weight_decay: float = 0.1  # on matrices only (ndim ≥ 2)
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
+    b1: float = 0.9  # Adam's first-moment decay
+    b2: float = 0.95  # Adam's second-moment decay
+    eps: float = 1e-8  # Adam's epsilon
     clip_norm: float = 1.0  # global-norm clipping; 0 turns it off
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    steps: int = 1000
-    seed: int = 0
-    remat: str = "none"  # "none" | "full" | "dots"
+    """Steps, checkpoints, evaluation and reporting of a run."""
+
+    steps: int = 1000  # optimizer steps in all (a resumed run continues to this step)
+    seed: int = 0  # parameter initialisation seed
+    remat: RematPolicy = "none"  # recompute in the backward: none, dots (keep matmul outputs), full, offload
     loss_chunks: int = 1  # >1: the [B, T, V] logits are computed in this many strided chunks
-    ckpt_dir: str | None = None
+    ckpt_dir: str | None = None  # orbax checkpoints (resumed from when it holds one)
     ckpt_every: int = 0  # 0: only at the end and on SIGTERM
-    keep: int = 3
-    log_every: int = 10
+    keep: int = 3  # checkpoints kept
+    log_every: int = 10  # steps between reports (progress bar, metrics)
     eval_every: int = 0  # 0: only at the end
     eval_batches: int = 4  # 0: no evaluation
     metrics: str | None = None  # JSONL file
-    progress: bool = True
+    tensorboard: str | None = None  # TensorBoard event directory (tensorboardX), beside the JSONL metrics
+    progress: bool = True  # the progress bar
     peak_tflops: float | None = None  # per device, for MFU; default: looked up from the device kind
     time_limit_s: float | None = None  # stop (and checkpoint) after this much training time
     sample_tokens: int = 0  # print a sample of this many tokens at the end
-    sample_prompt: str = "The "
+    sample_prompt: str = "The "  # prompt of that sample
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """Everything a run needs: the model and one config per concern."""
+
     model: ModelConfig
     mesh: MeshConfig = field(default_factory=MeshConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
