@@ -1,4 +1,4 @@
-"""Causal softmax attention with the sequence sharded over a mesh axis (LASP-2H and RingAttention).
+"""Causal softmax attention with the sequence sharded over a mesh axis (LASP-2H, RingAttention, TokenRing).
 
 Hybrid models (LASP-2, arXiv 2502.07563, §3.4 "LASP-2H"; notes/design.md §2) mix linear-attention
 layers, which ``lasp_jax`` parallelises by passing d×e states, with ordinary softmax-attention
@@ -9,9 +9,12 @@ keys and values instead. Rank r of the ``sp`` axis holds the contiguous tokens `
     o_i = Σ_{j ≤ i} softmax_j(scale · q_i·k_j) v_j          (query head h reads kv head h // (H // Hk))
 
 on the whole sequence, to floating-point rounding (``pallas_kernels.flash_attention.reference``).
-Two strategies, each one ``jax.custom_vjp``: ``allgather`` (LASP-2H, ``allgather.py``: gather K and
-V, reduce-scatter dK and dV) and ``ring`` (RingAttention, ``ring.py``: K/V blocks travel rank to
-rank). Causal load balancing (``balance``, ``deal.py``) deals each rank the queries of two
+Four strategies, each one ``jax.custom_vjp``: ``allgather`` (LASP-2H, ``allgather.py``: gather K and
+V, reduce-scatter dK and dV), ``ring`` (RingAttention, ``ring.py``: K/V blocks travel rank to
+rank), ``zigzag_ring`` (the same ring with K/V dealt as half-shards like the queries, so every
+ring step does the same work on every rank) and ``tokenring`` (TokenRing, ``tokenring.py``: the
+queries travel and the partial outputs come back, both directions of every link at once; K/V
+stay). Causal load balancing (``balance``, ``deal.py``) deals each rank the queries of two
 half-shards so that every rank attends the same number of (query, key) pairs.
 
 Local block compute. Both strategies are written against one block function pair
@@ -59,6 +62,7 @@ from lasp_jax.mesh import check_mesh, layer_shard_map, layer_specs
 from lasp_jax.softmax.allgather import DpaStatics, allgather_attention, dpa_attention, local_documents
 from lasp_jax.softmax.deal import Statics
 from lasp_jax.softmax.ring import ring_attention
+from lasp_jax.softmax.tokenring import tokenring_attention
 from pallas_kernels.common import on_gpu
 from pallas_kernels.flash_attention import pallas_triton as flash_pallas
 from pallas_kernels.flash_attention import supports
@@ -67,9 +71,16 @@ from pallas_kernels.flash_attention.api import check_pallas_dtypes
 from pallas_kernels.linear_attention.api import validate
 from pallas_kernels.linear_attention.reference import document_index
 
-Strategy = Literal["allgather", "ring"]
+Strategy = Literal["allgather", "ring", "zigzag_ring", "tokenring"]
 Impl = Literal["auto", "pallas", "cudnn", "xla", "dpa_xla"]
-STRATEGIES = ("allgather", "ring")
+STRATEGIES = ("allgather", "ring", "zigzag_ring", "tokenring")
+KEYS_DEALT = ("zigzag_ring", "tokenring")  # strategies that deal K/V with the queries when balanced
+ATTEND = {
+    "allgather": allgather_attention,
+    "ring": ring_attention,
+    "zigzag_ring": ring_attention,
+    "tokenring": tokenring_attention,
+}
 IMPLS = ("auto", "pallas", "cudnn", "xla", "dpa_xla")
 DEFAULT_BLOCK = flash_xla.DEFAULT_BLOCK  # query and key block of the jnp flash recurrence
 
@@ -106,7 +117,9 @@ def softmax_attention(
         contiguously (each rank keeps whole groups of query heads with their key/value head, so
         both must divide over it); a manual axis of the layer's ``shard_map``, so nothing is
         gathered over it and the output keeps its head sharding.
-      strategy: ``"allgather"`` (LASP-2H) or ``"ring"`` (RingAttention).
+      strategy: ``"allgather"`` (LASP-2H), ``"ring"`` (RingAttention), ``"zigzag_ring"`` (the ring
+        with queries and K/V both dealt as half-shards: equal work at every step; always balanced)
+        or ``"tokenring"`` (TokenRing: queries out, partial outputs back, K/V stay).
       scale: multiplies the logits; defaults to ``D ** -0.5``.
       impl: local block compute: ``"auto"`` (``"pallas"`` on a GPU for bf16/fp16/fp32 input, both
         strategies; single device prefers cuDNN where it supports the input; ``"xla"`` on CPU),
@@ -121,8 +134,10 @@ def softmax_attention(
         and ``2P − 1 − r``, dealt to it by ``ppermute`` (and the outputs dealt back), so every rank
         attends the same number of (query, key) pairs; the layout seen by the caller stays
         contiguous. ``None`` (default): on with an even local length and ``impl`` "pallas" or
-        "xla", else off; ``True`` requires that; ``False``: off. (The ring's K/V blocks still
-        travel as contiguous shards, so its steps stay unequal: it gains less than allgather.)
+        "xla", else off; ``True`` requires that; ``False``: off. (The plain ring's K/V blocks still
+        travel as contiguous shards, so its steps stay unequal: it gains less than allgather;
+        ``"zigzag_ring"`` and a balanced ``"tokenring"`` deal K/V too. ``"zigzag_ring"`` is always
+        balanced: it needs an even local length and rejects ``False``.)
       segment_ids: ``[B, T]`` integers (packed documents): a query sees only the keys of its own
         document, a document boundary being wherever the id changes along the global sequence
         (as in ``lasp_attention``: equal ids in two separate runs are two documents).
@@ -192,12 +207,22 @@ def softmax_attention_shard(
         raise ValueError(
             f"balance=True splits each shard in two halves: the local length must be even, q.shape={q.shape}"
         )
+    if strategy == "zigzag_ring" and q.shape[1] % 2:
+        raise ValueError(
+            f"strategy='zigzag_ring' deals each shard as two halves: the local length must be even, q.shape={q.shape}"
+        )
     if impl in ("cudnn", "dpa_xla"):
         statics = DpaStatics(axis_name=axis_name, scale=scale, implementation=_dpa_implementation(impl))
         return dpa_attention(q, k, v, segment_ids, statics)
-    statics = Statics(axis_name=axis_name, scale=scale, impl=impl, block=block_size, balance=balance is not False)
-    attend = ring_attention if strategy == "ring" else allgather_attention
-    return attend(q, k, v, segment_ids, statics)
+    statics = Statics(
+        axis_name=axis_name,
+        scale=scale,
+        impl=impl,
+        block=block_size,
+        balance=balance is not False,
+        deal_keys=strategy in KEYS_DEALT,
+    )
+    return ATTEND[strategy](q, k, v, segment_ids, statics)
 
 
 def causal_attention(
@@ -242,10 +267,15 @@ def _check_choice(*, strategy, impl, block_size=DEFAULT_BLOCK, balance=None):
         raise ValueError(f"strategy must be one of {STRATEGIES}, got strategy={strategy!r}")
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got impl={impl!r}")
-    if strategy == "ring" and impl in ("cudnn", "dpa_xla"):
+    if strategy != "allgather" and impl in ("cudnn", "dpa_xla"):
         raise ValueError(
-            f"strategy='ring' merges per-block float32 log-sum-exps, which jax.nn.dot_product_attention does not "
-            f"return: use impl='pallas', 'xla' or 'auto', got impl={impl!r}"
+            f"strategy={strategy!r} merges per-block float32 log-sum-exps, which jax.nn.dot_product_attention does "
+            f"not return: use impl='pallas', 'xla' or 'auto', got impl={impl!r}"
+        )
+    if strategy == "zigzag_ring" and balance is False:
+        raise ValueError(
+            "strategy='zigzag_ring' is the balanced ring (K/V dealt like the queries): balance=False contradicts it; "
+            "use strategy='ring', balance=False for contiguous shards"
         )
 
 

@@ -1,15 +1,20 @@
-"""The queries a rank computes: its own shard, or two half-shards dealt for causal load balance.
+"""The queries (and keys) a rank computes with: its own shard, or two half-shards dealt for causal load balance.
 
 Contiguous shards leave the last rank (2P − 1)/P² of all causal (query, key) pairs (¾ at P = 2).
 With ``balance`` the sequence is seen as 2P half-shards ("chunks") and rank r computes the queries
 of chunks r and 2P − 1 − r: every rank then attends 2P chunk pairs. Two ``ppermute``s deal each
 rank's halves to the ranks that compute them, and the outputs go back the same way (dO out and dq
 back in the backward); the layout the caller and the linear layers see stays contiguous. Only
-queries, outputs and their cotangents move: K and V are gathered (allgather) or passed as whole
-shards (ring) anyway.
+queries, outputs and their cotangents move for allgather and the plain ring (K and V are gathered
+or passed as whole shards anyway). The zig-zag ring and tokenring deal K and V the same way
+(``Statics.deal_keys``), so that every step of their rings pairs two chunks of each side: at step s
+≥ 1 rank r's chunks {r, 2P − 1 − r} meet the other side's {r', 2P − 1 − r'} (r' ≠ r) in exactly two
+visible, unmasked chunk pairs on every rank, and step 0 in two chunk pairs' worth (two diagonal
+halves and one full pair).
 
-Also here, being what both strategies share: their ``custom_vjp`` statics, the query parts and the
-residuals (the local K/V and, per query part, what ``SavedPart`` holds).
+Also here, being what the strategies share: their ``custom_vjp`` statics, the query and key parts,
+the residuals (the local — or dealt — K/V and, per query part, what ``SavedPart`` holds), the ring
+shift and the online-softmax merge.
 """
 
 from __future__ import annotations
@@ -49,13 +54,12 @@ class Deal:
     @staticmethod
     def of(axis_name) -> Deal:
         n = lax.axis_size(axis_name)
-        rank = lax.axis_index(axis_name)
-        even = rank % 2 == 0
+        c_lo, c_hi = dealt_chunks(lax.axis_index(axis_name), n)
         return Deal(
             to_lo=tuple((r, _chunk_owner(2 * r, n)) for r in range(n)),
             to_hi=tuple((r, _chunk_owner(2 * r + 1, n)) for r in range(n)),
-            c_lo=jnp.where(even, rank, 2 * n - 1 - rank),
-            c_hi=jnp.where(even, 2 * n - 1 - rank, rank),
+            c_lo=c_lo,
+            c_hi=c_hi,
         )
 
     def deal(self, x, axis_name):
@@ -72,6 +76,20 @@ class Deal:
         return jnp.concatenate([lax.ppermute(xa, axis_name, back[0]), lax.ppermute(xb, axis_name, back[1])], axis=1)
 
 
+def dealt_chunks(rank, n: int):
+    """(even, odd) half-shard indices that ``rank`` (traced) of ``n`` computes: ``r`` and ``2n − 1 − r``."""
+    even = rank % 2 == 0
+    return jnp.where(even, rank, 2 * n - 1 - rank), jnp.where(even, 2 * n - 1 - rank, rank)
+
+
+def part_starts(rank, length: int, n: int, dealt: bool) -> list:
+    """Global first positions of the parts of ``rank``'s ``length``-row block: ``[rank·length]``
+    (contiguous), or the two dealt halves' ``[c_lo·length/2, c_hi·length/2]``."""
+    if not dealt:
+        return [rank * length]
+    return [c * (length // 2) for c in dealt_chunks(rank, n)]
+
+
 def _chunk_owner(chunk: int, n: int) -> int:
     """The rank that computes half-shard ``chunk`` of ``2n``."""
     return chunk if chunk < n else 2 * n - 1 - chunk
@@ -81,13 +99,16 @@ def _chunk_owner(chunk: int, n: int) -> int:
 class Statics:
     """The static arguments of either strategy's ``custom_vjp`` (``allgather_attention``,
     ``ring_attention``): the sequence axis, the logit scale, the block compute (``impl`` "pallas"
-    or "xla", ``block`` for the jnp recurrence) and whether the queries are dealt."""
+    or "xla", ``block`` for the jnp recurrence), whether the queries are dealt (``balance``, where the
+    local length is even and there is more than one rank) and whether K/V are dealt with them
+    (``deal_keys``: the zig-zag ring and balanced tokenring)."""
 
     axis_name: str
     scale: float
     impl: str
     block: int
     balance: bool
+    deal_keys: bool = False
 
     def block_functions(self):
         """(fwd, bwd) of one block pair (``pallas_kernels.flash_attention.block_functions``)."""
@@ -115,8 +136,8 @@ class SavedPart(NamedTuple):
 
 
 class Residuals(NamedTuple):
-    """What both strategies keep for the backward: the *local* K, V and document numbers (not the
-    gathered or passed ones) and every query part."""
+    """What the strategies keep for the backward: the *local* K, V and document numbers (not the
+    gathered or passed ones; dealt ones with ``Statics.deal_keys``) and every query part."""
 
     k: jax.Array
     v: jax.Array
@@ -147,3 +168,63 @@ def cotangent_parts(do, n_parts: int, axis_name) -> tuple[Deal | None, list[jax.
 def join_parts(plan: Deal | None, parts, axis_name):
     """Per-part results (outputs or dq) back in this rank's contiguous layout."""
     return parts[0] if plan is None else plan.undeal(*parts, axis_name)
+
+
+# ---- key parts: a rank's K/V block as one contiguous part or two dealt halves -----------------
+
+
+class KeyPart(NamedTuple):
+    """Keys ``[B, Lp, Hk, D]``, values, their document numbers (or None) and the first key's position."""
+
+    k: jax.Array
+    v: jax.Array
+    ids: jax.Array | None
+    start: jax.Array | int
+
+
+def deal_keys(k, v, ids, axis_name):
+    """The local K, V, ids ``[B, L, ...]`` -> the two dealt halves this rank keeps, joined ``[B, L, ...]``
+    (chunk ``c_lo`` then ``c_hi``)."""
+    plan = Deal.of(axis_name)
+    join = lambda x: None if x is None else jnp.concatenate(plan.deal(x, axis_name), axis=1)  # noqa: E731
+    return join(k), join(v), join(ids)
+
+
+def key_parts(k, v, ids, starts) -> list[KeyPart]:
+    """A ``[B, L, ...]`` K/V block cut into ``len(starts)`` equal parts starting at ``starts``."""
+    size = k.shape[1] // len(starts)
+    cut = lambda x, i: None if x is None else x[:, i * size : (i + 1) * size]  # noqa: E731
+    return [KeyPart(cut(k, i), cut(v, i), cut(ids, i), start) for i, start in enumerate(starts)]
+
+
+def keys_dealt(statics: Statics, n_query_parts: int) -> bool:
+    """Whether this call's K/V are dealt: with ``deal_keys``, exactly when the queries are."""
+    return statics.deal_keys and n_query_parts == 2
+
+
+# ---- ring communication and the online-softmax merge ----------------------------------------
+
+
+def shift(x, axis_name, hops: int = 1):
+    """Send ``x`` (any pytree) from rank r to rank r + ``hops`` (mod P; negative: backwards)."""
+    n = lax.axis_size(axis_name)
+    return lax.ppermute(x, axis_name, [(i, (i + hops) % n) for i in range(n)])
+
+
+def source_rank(step, axis_name):
+    """The rank whose block this rank holds after ``step`` hops of ``shift`` (traced)."""
+    rank, n = lax.axis_index(axis_name), lax.axis_size(axis_name)
+    return (rank - jnp.asarray(step, rank.dtype) + n) % n  # int32 also under x64
+
+
+def merge(o, lse, o_blk, lse_blk):
+    """Online-softmax merge of two partial results over disjoint key sets (float32 weights)."""
+    new = jnp.logaddexp(lse, lse_blk)
+    safe = jnp.where(jnp.isfinite(new), new, 0.0)
+    w, w_blk = jnp.exp(lse - safe), jnp.exp(lse_blk - safe)  # [B, H, L]
+    return o * w.transpose(0, 2, 1)[..., None] + o_blk * w_blk.transpose(0, 2, 1)[..., None], new
+
+
+def if_visible(k_start, q_start, rows: int, fn, carry):
+    """``fn(carry)``, or ``carry`` unchanged when the key part is wholly in these query rows' future."""
+    return lax.cond(k_start <= q_start + rows - 1, fn, lambda c: c, carry)

@@ -5,10 +5,18 @@ sends the held block on while it computes with it, step P−1 follows the loop (
 merges block results with the online softmax (running log-sum-exp in float32) and skips blocks
 wholly in its queries' future (causal). One ``jax.custom_vjp``: the backward sends the K/V blocks
 around again with float32 dK/dV accumulators riding along, which arrive back at their owners after
-P hops. With ``balance`` the queries are the two half-shards of ``deal`` (each merging its own
-statistics); the K/V blocks stay contiguous shards, so a step still waits for the rank with the
-most visible pairs in it (at P = 2 the busiest rank's total is unchanged). Packed documents: each
-K/V block travels with its document numbers.
+P hops. Packed documents: each K/V block travels with its document numbers.
+
+Two layouts of the ring (``strategy`` in ``lasp_jax.softmax.api``):
+
+- ``"ring"``: K/V blocks are the contiguous shards. With ``balance`` the queries are the two
+  half-shards of ``deal`` (each merging its own statistics), but a step still waits for the rank
+  with the most visible pairs in it (at P = 2 the busiest rank's total is unchanged).
+- ``"zigzag_ring"`` (``Statics.deal_keys``): K/V are dealt like the queries before the ring starts,
+  so the block a rank holds is two half-shards ``{r', 2P − 1 − r'}`` and every step gives every
+  rank the same work (two chunk pairs, ``deal``); each (query half, key half) pair is merged on its
+  own, skipped when wholly in the future. The dK/dV accumulators end at the rank that dealt the
+  keys and are dealt back to their owners.
 """
 
 from __future__ import annotations
@@ -20,7 +28,22 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lasp_jax.softmax.deal import Residuals, SavedPart, Statics, cotangent_parts, join_parts, query_parts
+from lasp_jax.softmax.deal import (
+    Residuals,
+    SavedPart,
+    Statics,
+    cotangent_parts,
+    deal_keys,
+    if_visible,
+    join_parts,
+    key_parts,
+    keys_dealt,
+    merge,
+    part_starts,
+    query_parts,
+    shift,
+    source_rank,
+)
 from pallas_kernels.common import acc_dtype
 
 
@@ -32,29 +55,11 @@ class HeldBlock(NamedTuple):
     ids: jax.Array | None
 
 
-def shift(x, axis_name):
-    """Send ``x`` (any pytree) from rank r to rank r + 1 (mod P)."""
-    n = lax.axis_size(axis_name)
-    return lax.ppermute(x, axis_name, [(i, (i + 1) % n) for i in range(n)])
-
-
-def held_start(step, length: int, axis_name):
-    """Global position of the first key of the block held at ``step``."""
-    rank, n = lax.axis_index(axis_name), lax.axis_size(axis_name)
-    return ((rank - jnp.asarray(step, rank.dtype) + n) % n) * length  # int32 also under x64
-
-
-def merge(o, lse, o_blk, lse_blk):
-    """Online-softmax merge of two partial results over disjoint key sets (float32 weights)."""
-    new = jnp.logaddexp(lse, lse_blk)
-    safe = jnp.where(jnp.isfinite(new), new, 0.0)
-    w, w_blk = jnp.exp(lse - safe), jnp.exp(lse_blk - safe)  # [B, H, L]
-    return o * w.transpose(0, 2, 1)[..., None] + o_blk * w_blk.transpose(0, 2, 1)[..., None], new
-
-
-def _if_visible(k_start, q_start, rows: int, fn, carry):
-    """``fn(carry)``, or ``carry`` unchanged when the key block is wholly in these query rows' future."""
-    return lax.cond(k_start <= q_start + rows - 1, fn, lambda c: c, carry)
+def held_parts(step, held: HeldBlock, dealt: bool, axis_name):
+    """The key parts of the block held at ``step`` (one contiguous shard, or two dealt halves)."""
+    src = source_rank(step, axis_name)
+    starts = part_starts(src, held.k.shape[1], lax.axis_size(axis_name), dealt)
+    return key_parts(*held, starts)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnames=("statics",))
@@ -69,47 +74,53 @@ def ring_attention(q, k, v, ids, statics: Statics):
 
 def _ring_fwd(q, k, v, ids, statics: Statics):
     b, _, h, _ = q.shape
-    n = lax.axis_size(statics.axis_name)
+    axis = statics.axis_name
+    n = lax.axis_size(axis)
     acc = acc_dtype(q.dtype)
-    plan, parts = query_parts(q, ids, statics.axis_name, statics.balance)
+    plan, parts = query_parts(q, ids, axis, statics.balance)
+    dealt = keys_dealt(statics, len(parts))
+    if dealt:
+        k, v, ids = deal_keys(k, v, ids, axis)
     stats = [
         (jnp.zeros((b, part.q.shape[1], h, v.shape[-1]), acc), jnp.full((b, h, part.q.shape[1]), -jnp.inf, acc))
         for part in parts
     ]
-    step = functools.partial(_forward_step, parts=parts, statics=statics)
+    step = functools.partial(_forward_step, parts=parts, dealt=dealt, statics=statics)
     held, stats = lax.fori_loop(0, n - 1, step, (HeldBlock(k, v, ids), stats))
-    stats = _merge_held(n - 1, held, stats, parts=parts, statics=statics)
+    stats = _merge_held(n - 1, held, stats, parts=parts, dealt=dealt, statics=statics)
     saved = tuple(SavedPart(*part, o.astype(q.dtype), lse) for part, (o, lse) in zip(parts, stats, strict=True))
-    return join_parts(plan, [part.o for part in saved], statics.axis_name), Residuals(k, v, ids, saved)
+    return join_parts(plan, [part.o for part in saved], axis), Residuals(k, v, ids, saved)
 
 
-def _forward_step(step, carry, *, parts, statics: Statics):
+def _forward_step(step, carry, *, parts, dealt: bool, statics: Statics):
     held, stats = carry
     following = shift(held, statics.axis_name)  # issued before the compute so the two can overlap
-    return following, _merge_held(step, held, stats, parts=parts, statics=statics)
+    return following, _merge_held(step, held, stats, parts=parts, dealt=dealt, statics=statics)
 
 
-def _merge_held(step, held: HeldBlock, stats, *, parts, statics: Statics):
+def _merge_held(step, held: HeldBlock, stats, *, parts, dealt: bool, statics: Statics):
     """Every query part's (o, lse) with the block held at ``step`` merged in (where visible)."""
-    k_start = held_start(step, held.k.shape[1], statics.axis_name)
+    keys = held_parts(step, held, dealt, statics.axis_name)
     out = []
     for part, carry in zip(parts, stats, strict=True):
-        fn = functools.partial(_merge_block, part=part, held=held, k_start=k_start, statics=statics)
-        out.append(_if_visible(k_start, part.start, part.q.shape[1], fn, carry))
+        for key in keys:
+            fn = functools.partial(_merge_block, part=part, key=key, statics=statics)
+            carry = if_visible(key.start, part.start, part.q.shape[1], fn, carry)
+        out.append(carry)
     return out
 
 
-def _merge_block(carry, *, part, held: HeldBlock, k_start, statics: Statics):
+def _merge_block(carry, *, part, key, statics: Statics):
     block_fwd, _ = statics.block_functions()
     o_blk, lse_blk = block_fwd(
         part.q,
-        held.k,
-        held.v,
+        key.k,
+        key.v,
         q_start=part.start,
-        k_start=k_start,
+        k_start=key.start,
         scale=statics.scale,
         q_segment_ids=part.ids,
-        k_segment_ids=held.ids,
+        k_segment_ids=key.ids,
     )
     return merge(*carry, o_blk, lse_blk)
 
@@ -122,51 +133,56 @@ def _ring_bwd(statics: Statics, res: Residuals, do):
     n = lax.axis_size(axis)
     q_dtype = res.parts[0].q.dtype
     acc = acc_dtype(q_dtype)
+    dealt = keys_dealt(statics, len(res.parts))
     plan, dos = cotangent_parts(do, len(res.parts), axis)
-    step = functools.partial(_backward_step, parts=res.parts, dos=dos, statics=statics)
+    step = functools.partial(_backward_step, parts=res.parts, dos=dos, dealt=dealt, statics=statics)
     dqs = [jnp.zeros(part.q.shape, acc) for part in res.parts]
-    init = (HeldBlock(res.k, res.v, res.ids), dqs, jnp.zeros(res.k.shape, acc), jnp.zeros(res.v.shape, acc))
-    held, dqs, dk, dv = lax.fori_loop(0, n - 1, step, init)
-    dqs, dk, dv = _add_held(n - 1, held, (dqs, dk, dv), parts=res.parts, dos=dos, statics=statics)
-    dk, dv = shift((dk, dv), axis)  # the P-th hop: every accumulator is back at its owner
+    shapes = key_parts(res.k, res.v, None, [0] * (2 if dealt else 1))  # only the part shapes are used
+    dks, dvs = [jnp.zeros(key.k.shape, acc) for key in shapes], [jnp.zeros(key.v.shape, acc) for key in shapes]
+    held, dqs, dks, dvs = lax.fori_loop(0, n - 1, step, (HeldBlock(res.k, res.v, res.ids), dqs, dks, dvs))
+    dqs, dks, dvs = _add_held(n - 1, held, (dqs, dks, dvs), parts=res.parts, dos=dos, dealt=dealt, statics=statics)
+    dks, dvs = shift((dks, dvs), axis)  # the P-th hop: every accumulator is back where its block started
+    key_plan = plan if dealt else None  # dealt keys: their gradients dealt back to the owners
+    dk, dv = join_parts(key_plan, dks, axis), join_parts(key_plan, dvs, axis)
     dqs = [dq.astype(q_dtype) for dq in dqs]
     return join_parts(plan, dqs, axis), dk.astype(res.k.dtype), dv.astype(res.v.dtype), None
 
 
-def _backward_step(step, carry, *, parts, dos, statics: Statics):
-    held, dqs, dk, dv = carry  # dk, dv: float32 accumulators of the block held
+def _backward_step(step, carry, *, parts, dos, dealt: bool, statics: Statics):
+    held, dqs, dks, dvs = carry  # dks, dvs: float32 accumulators of the block held, per key part
     following = shift(held, statics.axis_name)
-    dqs, dk, dv = _add_held(step, held, (dqs, dk, dv), parts=parts, dos=dos, statics=statics)
-    return following, dqs, *shift((dk, dv), statics.axis_name)
+    dqs, dks, dvs = _add_held(step, held, (dqs, dks, dvs), parts=parts, dos=dos, dealt=dealt, statics=statics)
+    return following, dqs, *shift((dks, dvs), statics.axis_name)
 
 
-def _add_held(step, held: HeldBlock, grads, *, parts, dos, statics: Statics):
-    """(dqs, dk, dv) with the held block's contribution added for every query part that sees it."""
-    dqs, dk, dv = grads
-    k_start = held_start(step, held.k.shape[1], statics.axis_name)
-    new_dqs = []
+def _add_held(step, held: HeldBlock, grads, *, parts, dos, dealt: bool, statics: Statics):
+    """(dqs, dks, dvs) with the held block's contribution added for every query part that sees it."""
+    dqs, dks, dvs = grads
+    keys = held_parts(step, held, dealt, statics.axis_name)
+    dks, dvs, new_dqs = list(dks), list(dvs), []
     for part, do_part, dq in zip(parts, dos, dqs, strict=True):
-        fn = functools.partial(_add_block, part=part, do=do_part, held=held, k_start=k_start, statics=statics)
-        dq, dk, dv = _if_visible(k_start, part.start, part.q.shape[1], fn, (dq, dk, dv))
+        for i, key in enumerate(keys):
+            fn = functools.partial(_add_block, part=part, do=do_part, key=key, statics=statics)
+            dq, dks[i], dvs[i] = if_visible(key.start, part.start, part.q.shape[1], fn, (dq, dks[i], dvs[i]))
         new_dqs.append(dq)
-    return new_dqs, dk, dv
+    return new_dqs, dks, dvs
 
 
-def _add_block(carry, *, part: SavedPart, do, held: HeldBlock, k_start, statics: Statics):
+def _add_block(carry, *, part: SavedPart, do, key, statics: Statics):
     dq, dk, dv = carry
     _, block_bwd = statics.block_functions()
     dq_b, dk_b, dv_b = block_bwd(
         part.q,
-        held.k,
-        held.v,
+        key.k,
+        key.v,
         part.o,
         part.lse,
         do,
         q_start=part.start,
-        k_start=k_start,
+        k_start=key.start,
         scale=statics.scale,
         q_segment_ids=part.ids,
-        k_segment_ids=held.ids,
+        k_segment_ids=key.ids,
     )
     return dq + dq_b, dk + dk_b, dv + dv_b
 
