@@ -24,6 +24,13 @@ The two differ in the gates (both as flash-linear-attention's layers, fla-org/fl
 
 Decoding (``step``) carries ``DeltaRuleState``: the last ``W − 1`` convolution inputs and the float32
 delta-rule state ``[B, Hv, D, E]``, advanced one token with the recurrence written out in jnp.
+
+Both are standalone layers (``models.standalone``): ``GatedDeltaNet(d_model, n_heads, n_v_heads=...,
+rngs=...)``, ``__call__(x, ctx=None, *, segment_ids=None, cache=None) -> (y, cache)``; ``from_config``
+builds a language model's layer. Under ``ctx.head_axis`` (tensor parallelism) the projections of q,
+k, v, the gates and the output gate are column-parallel, the short convolution runs on each device's
+own channels (``rank_major``), the delta rule's ``shard_map`` is manual over the head axis, and W_o is
+row-parallel.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from flax import nnx
 
 from lasp_jax import lasp_gated_delta_rule, short_conv, short_conv_step
 from models.config import ModelConfig
-from models.layers import Dense, LaspContext, dtype_of
+from models.layers import SINGLE_DEVICE, Dense, LaspContext, dtype_of
 
 Array = jax.Array
 _L2_EPS = 1e-6  # q / sqrt(Σq² + eps), as fla's l2norm
@@ -82,101 +89,208 @@ def _inverse_softplus(y):
     return y + jnp.log(-jnp.expm1(-y))
 
 
+@dataclasses.dataclass(frozen=True)
+class DeltaRuleSpec:
+    """A delta-rule layer's constructor arguments (static, not weights)."""
+
+    d_model: int
+    n_heads: int
+    head_dim: int
+    n_v_heads: int
+    conv_size: int = 4
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    out_std: float = 0.02
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("d_model", "n_heads", "head_dim", "n_v_heads", "conv_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive int, got {name}={getattr(self, name)!r}")
+        if self.n_v_heads % self.n_heads:
+            raise ValueError(f"n_v_heads must be a multiple of n_heads: {self.n_heads=}, {self.n_v_heads=}")
+
+
+def rank_major(parts: list[Array], tp: int) -> Array:
+    """Concatenate ``[..., w_i]`` blocks, each split over ``tp`` devices, so that every device's
+    slice of the result holds its own slices of all blocks (the identity order for ``tp = 1``)."""
+    lead = parts[0].shape[:-1]
+    blocks = [p.reshape(*lead, tp, p.shape[-1] // tp) for p in parts]
+    return jnp.concatenate(blocks, axis=-1).reshape(*lead, -1)
+
+
+def from_rank_major(x: Array, widths: tuple[int, ...], tp: int) -> list[Array]:
+    """The blocks of ``widths`` back from ``rank_major``'s order."""
+    lead = x.shape[:-1]
+    cuts = np.cumsum([w // tp for w in widths])[:-1]
+    return [p.reshape(*lead, -1) for p in jnp.split(x.reshape(*lead, tp, -1), cuts, axis=-1)]
+
+
 class DeltaRuleMixer(nnx.Module):
     """What Gated DeltaNet and KDA share: the fused input projection (its first ``conv_channels``
     columns are q, k, v), the short convolution, the delta rule, the gated output norm, W_o.
 
-    Subclasses name the remaining projection columns (``gate_widths``) and turn them into
-    ``(beta, g, output gate)`` (``_gates``), with ``output_activation`` on the gate.
+    Subclasses name the remaining projection columns (``gate_widths``, column-parallel where
+    ``gate_split`` says so) and turn them into ``(beta, g, output gate)`` (``_gates``), with
+    ``output_activation`` on the gate.
     """
 
     output_activation = staticmethod(jax.nn.silu)
+    gate_split: tuple[bool, ...] = ()
 
-    def __init__(self, config: ModelConfig, layer: int, *, rngs):
-        del layer  # no per-layer constants: the decays are learned
-        self.config = c = config
-        self.key_width, self.value_width = c.n_heads * c.head_dim, c.v_heads * c.head_dim
-        self.conv_channels = 2 * self.key_width + self.value_width
-        self.widths = (self.conv_channels, *self.gate_widths())
-        std, out_std = c.init_std, c.init_std / math.sqrt(2 * c.n_layers)
-        pdt = dtype_of(c.param_dtype)
-        self.in_proj = Dense(c.d_model, sum(self.widths), ("embed", "qkv"), std=std, config=c, rngs=rngs)
-        bound = 1.0 / math.sqrt(c.conv_size)  # PyTorch's Conv1d default for a depthwise width-W kernel
-        self.conv_weight = nnx.Param(
-            _uniform(rngs, (c.conv_size, self.conv_channels), -bound, bound).astype(pdt), logical_axes=(None, "qkv")
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        *,
+        head_dim: int | None = None,
+        n_v_heads: int | None = None,
+        conv_size: int = 4,
+        norm_eps: float = 1e-6,
+        init_std: float = 0.02,
+        out_std: float = 0.02,
+        dtype: str = "float32",
+        param_dtype: str = "float32",
+        rngs: nnx.Rngs,
+    ):
+        head_dim = d_model // n_heads if head_dim is None else head_dim
+        n_v_heads = n_heads if n_v_heads is None else n_v_heads
+        self.spec = s = DeltaRuleSpec(
+            d_model, n_heads, head_dim, n_v_heads, conv_size, norm_eps, init_std, out_std, dtype, param_dtype
         )
-        self.norm_scale = nnx.Param(jnp.ones((c.head_dim,), pdt), logical_axes=("norm",))
-        self.out_proj = Dense(self.value_width, c.d_model, ("qkv", "embed"), std=out_std, config=c, rngs=rngs)
-        self.scale = c.head_dim**-0.5
+        self.key_width, self.value_width = s.n_heads * s.head_dim, s.n_v_heads * s.head_dim
+        self.conv_channels = 2 * self.key_width + self.value_width
+        self.conv_widths = (self.key_width, self.key_width, self.value_width)
+        self.widths = (*self.conv_widths, *self.gate_widths())
+        pdt = dtype_of(s.param_dtype)
+        self.in_proj = Dense(s.d_model, sum(self.widths), ("embed", "qkv"), std=s.init_std, config=s, rngs=rngs)
+        bound = 1.0 / math.sqrt(s.conv_size)  # PyTorch's Conv1d default for a depthwise width-W kernel
+        self.conv_weight = nnx.Param(
+            _uniform(rngs, (s.conv_size, self.conv_channels), -bound, bound).astype(pdt), logical_axes=(None, "qkv")
+        )
+        self.norm_scale = nnx.Param(jnp.ones((s.head_dim,), pdt), logical_axes=("norm",))
+        self.out_proj = Dense(self.value_width, s.d_model, ("qkv", "embed"), std=s.out_std, config=s, rngs=rngs)
+        self.scale = s.head_dim**-0.5
+        self._init_gates(rngs)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, layer: int, *, rngs):
+        """The token mixer of ``layer`` of a language model with ``config`` (no per-layer constants)."""
+        del layer
+        c = config
+        return cls(
+            c.d_model,
+            c.n_heads,
+            head_dim=c.head_dim,
+            n_v_heads=c.v_heads,
+            conv_size=c.conv_size,
+            norm_eps=c.norm_eps,
+            init_std=c.init_std,
+            out_std=c.init_std / math.sqrt(2 * c.n_layers),
+            dtype=c.dtype,
+            param_dtype=c.param_dtype,
+            rngs=rngs,
+        )
 
     def gate_widths(self) -> tuple[int, ...]:
         raise NotImplementedError
 
-    def _gates(self, parts: list[Array]) -> tuple[Array, Array, Array]:
+    def _init_gates(self, rngs) -> None:
+        """The gates' own parameters (after the shared ones, so initialisation order is fixed)."""
+        raise NotImplementedError
+
+    def _gates(self, parts: list[Array], ctx: LaspContext) -> tuple[Array, Array, Array]:
         """``(beta [..., Hv], g [..., Hv(, D)], output gate [..., Hv·E])`` from the gate columns."""
         raise NotImplementedError
 
-    def _split(self, x: Array):
-        """The conv inputs ``[..., C]`` and the gates of x ``[..., d_model]``."""
-        parts = jnp.split(self.in_proj(x), np.cumsum(self.widths)[:-1], axis=-1)
-        return parts[0], self._gates(parts[1:])
+    def _split(self, x: Array, ctx: LaspContext):
+        """The conv inputs q, k, v ``[..., ·]`` and the gates of x ``[..., d_model]``."""
+        split = (True,) * len(self.conv_widths) + self.gate_split
+        parts = self.in_proj.project(x, self.widths, ctx, split)
+        return parts[:3], self._gates(parts[3:], ctx)
 
-    def _heads(self, qkv: Array):
+    def _conv(self, qkv: list[Array], ctx: LaspContext, segment_ids, initial_state, return_state: bool):
+        """The short convolution of q, k, v under the mesh; each device convolves its own channels."""
+        tp = ctx.tensor_parallel
+        weight = jnp.split(self.conv_weight[...], np.cumsum(self.conv_widths)[:-1], axis=-1)
+        weight = rank_major([ctx.constrain_columns(w, split=True) for w in weight], tp)
+        if initial_state is not None:
+            initial_state = rank_major(jnp.split(initial_state, np.cumsum(self.conv_widths)[:-1], axis=-1), tp)
+        y, final = short_conv(
+            rank_major(qkv, tp),
+            weight,
+            mesh=ctx.mesh,
+            seq_axis=ctx.seq_axis,
+            batch_axis=ctx.batch_axis,
+            segment_ids=segment_ids,
+            initial_state=initial_state,
+            output_final_state=return_state,
+        )
+        final = None if final is None else jnp.concatenate(from_rank_major(final, self.conv_widths, tp), axis=-1)
+        return from_rank_major(y, self.conv_widths, tp), final
+
+    def _heads(self, qkv: list[Array], ctx: LaspContext):
         """SiLU'd conv outputs → unit q, k ``[..., H, D]`` and v ``[..., Hv, E]``."""
-        c = self.config
-        qkv = jax.nn.silu(qkv)
-        q, k, v = jnp.split(qkv, (self.key_width, 2 * self.key_width), axis=-1)
-        lead = qkv.shape[:-1]
-        q = l2_normalize(q.reshape(*lead, c.n_heads, c.head_dim))
-        k = l2_normalize(k.reshape(*lead, c.n_heads, c.head_dim))
-        return q, k, v.reshape(*lead, c.v_heads, c.head_dim)
+        s = self.spec
+        q, k, v = (jax.nn.silu(x) for x in qkv)
+        lead = q.shape[:-1]
+        q = l2_normalize(q.reshape(*lead, s.n_heads, s.head_dim))
+        k = l2_normalize(k.reshape(*lead, s.n_heads, s.head_dim))
+        v = v.reshape(*lead, s.n_v_heads, s.head_dim)
+        return tuple(ctx.constrain(x, split_dim=-2) for x in (q, k, v))
 
     def _output(self, o: Array, gate: Array) -> Array:
-        """o ``[..., Hv, E]``: per-head RMSNorm times gain, times act(gate), merged heads, W_o."""
-        c = self.config
+        """o ``[..., Hv, E]``: per-head RMSNorm times gain, times act(gate), merged heads, W_o (row-parallel)."""
+        s = self.spec
         of = o.astype(jnp.float32)
-        of = of * jax.lax.rsqrt(jnp.mean(of * of, axis=-1, keepdims=True) + c.norm_eps) * self.norm_scale[...]
+        of = of * jax.lax.rsqrt(jnp.mean(of * of, axis=-1, keepdims=True) + s.norm_eps) * self.norm_scale[...]
         of = of * self.output_activation(gate.astype(jnp.float32)).reshape(of.shape)
-        return self.out_proj(of.reshape(*o.shape[:-2], self.value_width).astype(dtype_of(c.dtype)))
+        return self.out_proj(of.reshape(*o.shape[:-2], self.value_width).astype(dtype_of(s.dtype)))
 
     def __call__(
         self,
         x: Array,
-        ctx: LaspContext,
-        positions: Array,
+        ctx: LaspContext | None = None,
+        positions: Array | None = None,
         *,
+        segment_ids: Array | None = None,
+        cache: DeltaRuleState | None = None,
         initial_state: DeltaRuleState | None = None,
         return_state: bool = False,
-        segment_ids: Array | None = None,
     ) -> tuple[Array, DeltaRuleState | None]:
-        """x ``[B, T, d_model]`` → the block output (and the decoding state after the last token).
+        """x ``[B, T, d_model]`` → ``(y, cache)``.
 
-        ``positions`` are unused (the convolution and the decays order the tokens); ``segment_ids``
-        ``[B, T]``: neither the convolution nor the state crosses a document boundary.
+        ``ctx``: the mesh and strategies (None: one device). ``positions`` are unused (the
+        convolution and the decays order the tokens). ``segment_ids`` ``[B, T]``: neither the
+        convolution nor the state crosses a document boundary. ``cache`` (``init_cache``): continue
+        from it and return the state after x. The language model's form: ``initial_state`` and
+        ``return_state``.
         """
         del positions
-        qkv, (beta, g, gate) = self._split(x)
-        placement = dict(mesh=ctx.mesh, seq_axis=ctx.seq_axis, batch_axis=ctx.batch_axis, segment_ids=segment_ids)
-        qkv, conv_state = short_conv(
-            qkv,
-            self.conv_weight[...],
-            initial_state=None if initial_state is None else initial_state.conv,
-            output_final_state=return_state,
-            **placement,
-        )
-        q, k, v = self._heads(qkv)
+        ctx = ctx or SINGLE_DEVICE
+        if cache is not None:
+            initial_state, return_state = cache, True
+        qkv, (beta, g, gate) = self._split(x, ctx)
+        conv_init = None if initial_state is None else initial_state.conv
+        qkv, conv_state = self._conv(qkv, ctx, segment_ids, conv_init, return_state)
+        q, k, v = self._heads(qkv, ctx)
         o, recurrent = lasp_gated_delta_rule(
             q,
             k,
             v,
             beta.astype(q.dtype),
             g=g,
+            mesh=ctx.mesh,
+            seq_axis=ctx.seq_axis,
+            batch_axis=ctx.batch_axis,
+            head_axis=ctx.head_axis,
+            segment_ids=segment_ids,
             strategy=ctx.strategy,
             scale=self.scale,
             initial_state=None if initial_state is None else initial_state.recurrent,
             output_final_state=return_state,
             impl=ctx.impl,
-            **placement,
         )
         state = DeltaRuleState(conv_state, recurrent) if return_state else None
         return self._output(o, gate), state
@@ -184,36 +298,39 @@ class DeltaRuleMixer(nnx.Module):
     def step(self, x: Array, state: DeltaRuleState, position: Array) -> tuple[Array, DeltaRuleState]:
         """One token: x ``[B, d_model]`` → (output ``[B, d_model]``, the state after it)."""
         del position
-        qkv, (beta, g, gate) = self._split(x)
-        qkv, conv = short_conv_step(qkv, state.conv, self.conv_weight[...])
-        q, k, v = self._heads(qkv)
+        qkv, (beta, g, gate) = self._split(x, SINGLE_DEVICE)
+        qkv, conv = short_conv_step(jnp.concatenate(qkv, axis=-1), state.conv, self.conv_weight[...])
+        q, k, v = self._heads(jnp.split(qkv, np.cumsum(self.conv_widths)[:-1], axis=-1), SINGLE_DEVICE)
         o, recurrent = delta_rule_step(q, k, v, beta, g, state.recurrent, scale=self.scale)
         return self._output(o.astype(q.dtype), gate), DeltaRuleState(conv.astype(state.conv.dtype), recurrent)
 
     def init_state(self, batch: int) -> DeltaRuleState:
         """The state before the first token: zero convolution inputs and a zero delta-rule state."""
-        c = self.config
+        s = self.spec
         return DeltaRuleState(
-            jnp.zeros((batch, c.conv_size - 1, self.conv_channels), dtype_of(c.dtype)),
-            jnp.zeros((batch, c.v_heads, c.head_dim, c.head_dim), jnp.float32),
+            jnp.zeros((batch, s.conv_size - 1, self.conv_channels), dtype_of(s.dtype)),
+            jnp.zeros((batch, s.n_v_heads, s.head_dim, s.head_dim), jnp.float32),
         )
+
+    init_cache = init_state  # the standalone layers' name: the cache before the first token
 
 
 class GatedDeltaNet(DeltaRuleMixer):
     """Gated DeltaNet: scalar decay and β per value head, output gate ``SiLU(W_z x)`` (see the module)."""
 
-    def __init__(self, config: ModelConfig, layer: int, *, rngs):
-        super().__init__(config, layer, rngs=rngs)
-        hv = config.v_heads
+    gate_split = (True, True, True)
+
+    def _init_gates(self, rngs) -> None:
+        hv = self.spec.n_v_heads
         self.a_log = nnx.Param(jnp.log(_uniform(rngs, (hv,), 1.0, 16.0)), logical_axes=("heads",))
         dt = jnp.exp(_uniform(rngs, (hv,), math.log(1e-3), math.log(0.1)))
         self.dt_bias = nnx.Param(_inverse_softplus(jnp.maximum(dt, 1e-4)), logical_axes=("heads",))
 
     def gate_widths(self) -> tuple[int, ...]:
-        hv = self.config.v_heads
+        hv = self.spec.n_v_heads
         return (self.value_width, hv, hv)  # output gate z, decay input a, β input b
 
-    def _gates(self, parts):
+    def _gates(self, parts, ctx):
         z, a, b = parts
         g = -jnp.exp(self.a_log[...]) * jax.nn.softplus(a.astype(jnp.float32) + self.dt_bias[...])
         return jax.nn.sigmoid(b.astype(jnp.float32)), g, z
@@ -224,32 +341,33 @@ class KDA(DeltaRuleMixer):
     output gate ``sigmoid(W_up' W_down' x + b)`` (see the module)."""
 
     output_activation = staticmethod(jax.nn.sigmoid)
+    gate_split = (False, False, True)  # the rank-D down projections are not split by heads
 
-    def __init__(self, config: ModelConfig, layer: int, *, rngs):
-        super().__init__(config, layer, rngs=rngs)
-        c = config
-        rank, pdt = c.head_dim, dtype_of(c.param_dtype)
-        self.decay_up = Dense(rank, self.key_width, ("lowrank", "qkv"), std=c.init_std, config=c, rngs=rngs)
-        self.gate_up = Dense(rank, self.value_width, ("lowrank", "qkv"), std=c.init_std, config=c, rngs=rngs)
+    def _init_gates(self, rngs) -> None:
+        s = self.spec
+        rank, pdt = s.head_dim, dtype_of(s.param_dtype)
+        self.decay_up = Dense(rank, self.key_width, ("lowrank", "qkv"), std=s.init_std, config=s, rngs=rngs)
+        self.gate_up = Dense(rank, self.value_width, ("lowrank", "qkv"), std=s.init_std, config=s, rngs=rngs)
         self.gate_bias = nnx.Param(jnp.zeros((self.value_width,), pdt), logical_axes=("qkv",))
-        self.a_log = nnx.Param(jnp.log(_uniform(rngs, (c.n_heads,), 1.0, 16.0)), logical_axes=("heads",))
+        self.a_log = nnx.Param(jnp.log(_uniform(rngs, (s.n_heads,), 1.0, 16.0)), logical_axes=("heads",))
         self.dt_bias = nnx.Param(jnp.zeros((self.key_width,), jnp.float32), logical_axes=("qkv",))
 
     def gate_widths(self) -> tuple[int, ...]:
-        rank = self.config.head_dim
-        return (rank, rank, self.config.n_heads)  # decay down, output-gate down, β input
+        rank = self.spec.head_dim
+        return (rank, rank, self.spec.n_heads)  # decay down, output-gate down, β input
 
-    def _gates(self, parts):
-        c = self.config
+    def _gates(self, parts, ctx):
+        s = self.spec
         decay_down, gate_down, b = parts
         lead = b.shape[:-1]
-        f = self.decay_up(decay_down).astype(jnp.float32) + self.dt_bias[...]
-        g = -jnp.exp(self.a_log[...])[:, None] * jax.nn.softplus(f.reshape(*lead, c.n_heads, c.head_dim))
-        group = c.v_heads // c.n_heads  # q/k head h's gates and β serve its value heads
+        f = self.decay_up.project(decay_down, (self.key_width,), ctx, (True,))[0].astype(jnp.float32)
+        f = f + self.dt_bias[...]
+        g = -jnp.exp(self.a_log[...])[:, None] * jax.nn.softplus(f.reshape(*lead, s.n_heads, s.head_dim))
+        group = s.n_v_heads // s.n_heads  # q/k head h's gates and β serve its value heads
         g = jnp.repeat(g, group, axis=-2)
         beta = jnp.repeat(jax.nn.sigmoid(b.astype(jnp.float32)), group, axis=-1)
-        gate = self.gate_up(gate_down).astype(jnp.float32) + self.gate_bias[...]
-        return beta, g, gate
+        gate = self.gate_up.project(gate_down, (self.value_width,), ctx, (True,))[0].astype(jnp.float32)
+        return beta, g, gate + self.gate_bias[...]
 
 
 DELTA_MIXERS = {"gdn": GatedDeltaNet, "kda": KDA}

@@ -7,23 +7,42 @@ nothing to chunk. The softmax token mixer of hybrid models calls ``lasp_jax.soft
 (LASP-2H all-gather or ring under a mesh) and decodes from a key/value cache. Both share their
 projections, head split and positions (``ProjectedAttention``). Every parameter carries
 ``logical_axes`` metadata; ``models.sharding`` maps those names to mesh axes.
+
+The token mixers are standalone (notes/design.md §3): their constructors take their own small
+arguments (``d_model``, ``n_heads``, ``head_dim``, ..., dtypes, ``rngs``), ``from_config`` builds
+them from a ``ModelConfig``, and ``__call__(x, ctx=None, *, segment_ids=None, cache=None)`` returns
+``(y, cache)``; ``models.standalone`` is their public home, with the Linen wrappers. Under a
+``LaspContext`` with a ``head_axis`` (tensor parallelism, Megatron-style) the q/k/v/gate/up
+projections are column-parallel (``project``), the token mixer's ``shard_map`` is manual over the
+head axis, and the output/down projections are row-parallel (the partitioner reduces their partial sums).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lasp_jax import lasp_attention, softmax_attention
 from models.config import ModelConfig
+from models.mixer_math import alibi_slopes as alibi_slopes
+from models.mixer_math import cached_attention, feature_map, lrpe, recurrent_step, rope, srms, tnl_log_decay
 
 Array = jax.Array
+
+
+class Dtypes(Protocol):
+    """What ``Dense`` and ``Norm`` read of a config: a ``ModelConfig`` or a token mixer's ``AttentionSpec``."""
+
+    dtype: str
+    param_dtype: str
 
 
 @dataclass(frozen=True)
@@ -31,6 +50,7 @@ class LaspContext:
     """How token mixers run: the mesh and the strategies; not part of the model's weights.
 
     ``mesh=None`` runs on one device. Activations ``[B, T, ...]`` are sharded ``(batch_axis, seq_axis)``.
+    ``head_axis`` (tensor parallelism): heads and MLP hidden units split over that mesh axis.
     ``strategy``/``impl`` go to ``lasp_attention`` (linear layers), ``softmax_strategy``
     (``"allgather"`` = LASP-2H or ``"ring"``) to ``softmax_attention`` (softmax layers of hybrids).
     """
@@ -41,13 +61,29 @@ class LaspContext:
     strategy: str = "ring"
     impl: str = "auto"
     softmax_strategy: str = "allgather"
+    head_axis: str | None = None
 
-    def constrain(self, x: Array) -> Array:
-        """Pin a ``[B, T, ...]`` activation to (batch_axis, seq_axis) sharding under a mesh."""
+    @property
+    def tensor_parallel(self) -> int:
+        """The number of devices along ``head_axis`` (1 without a mesh or a head axis)."""
+        return 1 if self.mesh is None or self.head_axis is None else self.mesh.shape[self.head_axis]
+
+    def constrain(self, x: Array, *, split_dim: int | None = None) -> Array:
+        """Pin a ``[B, T, ...]`` activation to (batch_axis, seq_axis) sharding under a mesh; with
+        ``split_dim`` (and a head axis) that dimension also splits over ``head_axis``."""
         if self.mesh is None:
             return x
-        spec = jax.sharding.PartitionSpec(self.batch_axis, self.seq_axis, *([None] * (x.ndim - 2)))
-        return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(self.mesh, spec))
+        names = [self.batch_axis, self.seq_axis] + [None] * (x.ndim - 2)
+        if split_dim is not None and self.head_axis is not None:
+            names[split_dim] = self.head_axis
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, PartitionSpec(*names)))
+
+    def constrain_columns(self, w: Array, *, split: bool) -> Array:
+        """Pin a ``[..., out]`` weight to its columns split over ``head_axis`` (``split``) or replicated."""
+        if self.mesh is None:
+            return w
+        names = [None] * (w.ndim - 1) + [self.head_axis if split else None]
+        return jax.lax.with_sharding_constraint(w, NamedSharding(self.mesh, PartitionSpec(*names)))
 
 
 SINGLE_DEVICE = LaspContext()
@@ -64,12 +100,29 @@ def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> Array:
 class Dense(nnx.Module):
     """``y = x @ kernel`` with a ``[in, out]`` kernel named by two logical axes; no bias."""
 
-    def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], *, std: float, config: ModelConfig, rngs):
+    def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], *, std: float, config: Dtypes, rngs):
         self.kernel = nnx.Param(_normal(rngs, (d_in, d_out), std, dtype_of(config.param_dtype)), logical_axes=axes)
         self.dtype = dtype_of(config.dtype)
 
     def __call__(self, x: Array) -> Array:
         return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+
+    def project(self, x: Array, widths: tuple[int, ...], ctx: LaspContext, split: tuple[bool, ...]) -> list[Array]:
+        """``self(x)`` cut into column blocks of ``widths``.
+
+        Under a head axis (tensor parallelism) each block is its own matmul, column-parallel over the
+        axis where ``split`` says so (Megatron's q, k, v, gate and up projections: each device computes
+        its heads' columns, no activation crosses the axis) and replicated elsewhere. The fused kernel
+        is stored split contiguously over the axis, so its blocks move into place: weights, not activations.
+        """
+        if ctx.tensor_parallel == 1:
+            return jnp.split(self(x), np.cumsum(widths)[:-1], axis=-1)
+        kernel, parts, start = self.kernel[...].astype(self.dtype), [], 0
+        for width, cut in zip(widths, split, strict=True):
+            block = ctx.constrain_columns(kernel[:, start : start + width], split=cut)
+            parts.append(ctx.constrain(jnp.dot(x.astype(self.dtype), block), split_dim=-1 if cut else None))
+            start += width
+        return parts
 
 
 class Embed(nnx.Module):
@@ -89,16 +142,10 @@ class Embed(nnx.Module):
         return jnp.dot(x.astype(self.dtype), self.table[...].astype(self.dtype).T, preferred_element_type=jnp.float32)
 
 
-def srms(x: Array, eps: float) -> Array:
-    """Simple RMSNorm (no gain), computed in float32, returned in x's dtype."""
-    xf = x.astype(jnp.float32)
-    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
-
-
 class Norm(nnx.Module):
     """``srms`` (TNL, no parameters), ``rms`` (Llama, gain) or ``layer`` (LayerNorm, gain and bias)."""
 
-    def __init__(self, kind: str, dim: int, *, eps: float, config: ModelConfig):
+    def __init__(self, kind: str, dim: int, *, eps: float, config: Dtypes):
         self.kind, self.eps = kind, eps
         pdt = dtype_of(config.param_dtype)
         if kind in ("rms", "layer"):
@@ -130,174 +177,242 @@ class Mlp(nnx.Module):
         self.w_in = Dense(d, n_in * f, ("embed", "mlp"), std=std, config=config, rngs=rngs)
         self.w_out = Dense(f, d, ("mlp", "embed"), std=out_std, config=config, rngs=rngs)
 
-    def __call__(self, x: Array) -> Array:
-        h = self.w_in(x)
+    def __call__(self, x: Array, ctx: LaspContext | None = None) -> Array:
+        """Under ``ctx.head_axis`` the hidden units split over it: ``w_in`` column-, ``w_out`` row-parallel."""
+        ctx = ctx or SINGLE_DEVICE
+        f = self.w_out.kernel.shape[0]
         if self.kind == "gelu":
-            h = jax.nn.gelu(h)
+            h = jax.nn.gelu(self.w_in.project(x, (f,), ctx, (True,))[0])
         else:
-            a, b = jnp.split(h, 2, axis=-1)
+            a, b = self.w_in.project(x, (f, f), ctx, (True, True))
             h = (jax.nn.silu(a) if self.kind == "swiglu" else a) * b
         return self.w_out(h)
 
 
-def alibi_slopes(n_heads: int) -> np.ndarray:
-    """ALiBi's per-head slopes (Press et al. 2022), including its rule for head counts not a power of 2."""
+@dataclass(frozen=True)
+class AttentionSpec:
+    """The constructor arguments of a token mixer (static, not weights), checked once.
 
-    def power_of_2(n):
-        start = 2.0 ** (-(2.0 ** -(math.log2(n) - 3)))
-        return [start ** (i + 1) for i in range(n)]
-
-    if math.log2(n_heads).is_integer():
-        slopes = power_of_2(n_heads)
-    else:
-        closest = 2 ** math.floor(math.log2(n_heads))
-        slopes = power_of_2(closest) + power_of_2(2 * closest)[0::2][: n_heads - closest]
-    return np.asarray(slopes, np.float64)
-
-
-def tnl_log_decay(n_heads: int, layer: int, n_layers: int) -> np.ndarray:
-    """TNL's lightning-attention log decay ``g_gamma = −slope_h · (1 − l/(L−1) + 1e-5)``, float32 ``[H]``."""
-    depth = layer / max(n_layers - 1, 1)
-    return (-alibi_slopes(n_heads) * (1.0 - depth + 1e-5)).astype(np.float32)
-
-
-def feature_map(kind: str, x: Array) -> Array:
-    if kind == "silu":
-        return jax.nn.silu(x)
-    if kind == "elu1":
-        return jax.nn.elu(x) + 1.0
-    return x
-
-
-def lrpe(x: Array, positions: Array, base: float) -> Array:
-    """TNL's LRPE (cos form): ``[x cos(θp), x sin(θp)]``, so ``q'·k' = Σ q_i k_i cos(θ_i (p_q − p_k))``.
-
-    x ``[B, T, H, D]``, positions ``[T]`` or ``[B, T]`` global token indices; doubles the head dim.
+    ``output_norm``: ``"srms_gate"`` (TNL: SRMSNorm(o) ⊙ u with a gate projection u), ``"denominator"``
+    (linear attention's causal normaliser), ``"head_rms"`` (per-head RMSNorm) or ``"none"``.
+    ``g_gamma``: a constant per-head log decay (lightning attention) or None.
     """
-    d = x.shape[-1]
-    theta = base ** (-2.0 / d * jnp.arange(d, dtype=jnp.float32))
-    angle = _positions(positions, x)[..., None, None] * theta  # [B|1, T, 1, D]
-    xf = x.astype(jnp.float32)
-    return jnp.concatenate([xf * jnp.cos(angle), xf * jnp.sin(angle)], axis=-1).astype(x.dtype)
+
+    d_model: int
+    n_heads: int
+    head_dim: int
+    n_kv_heads: int
+    feature_map: str = "identity"
+    g_gamma: tuple[float, ...] | None = None
+    position: str = "none"
+    rope_theta: float = 500_000.0
+    lrpe_base: float = 10_000.0
+    output_norm: str = "none"
+    scale: float | None = None
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    out_std: float = 0.02
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("d_model", "n_heads", "head_dim", "n_kv_heads"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive int, got {name}={getattr(self, name)!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads must be a multiple of n_kv_heads: {self.n_heads=}, {self.n_kv_heads=}")
+        for name, allowed in (
+            ("feature_map", ("silu", "elu1", "identity")),
+            ("position", ("none", "lrpe", "rope")),
+            ("output_norm", ("srms_gate", "denominator", "head_rms", "none")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {name}={getattr(self, name)!r}")
+        if self.position != "none" and self.head_dim % 2:
+            raise ValueError(f"position={self.position!r} needs an even head_dim, got head_dim={self.head_dim}")
+        if self.output_norm == "srms_gate" and self.n_kv_heads != self.n_heads:
+            raise ValueError("output_norm='srms_gate' (TNL) needs n_kv_heads == n_heads")
+        if self.g_gamma is not None and len(self.g_gamma) != self.n_heads:
+            raise ValueError(f"g_gamma needs one log decay per head: len(g_gamma)={len(self.g_gamma)}, {self.n_heads=}")
 
 
-def rope(x: Array, positions: Array, theta: float) -> Array:
-    """Rotary embedding (rotate-half form) at global ``positions``; x ``[B, T, H, D]``."""
-    d = x.shape[-1]
-    freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
-    angle = _positions(positions, x)[..., None, None] * freq  # [B|1, T, 1, D/2]
-    cos, sin = jnp.cos(angle), jnp.sin(angle)
-    xf = x.astype(jnp.float32)
-    a, b = xf[..., : d // 2], xf[..., d // 2 :]
-    return jnp.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1).astype(x.dtype)
+def attention_spec(config: ModelConfig, *, linear: bool, layer: int) -> AttentionSpec:
+    """The token-mixer arguments a ``ModelConfig`` implies for ``layer`` (softmax layers: ``linear=False``)."""
+    c = config
+    decay = linear and c.decay == "tnl"
+    return AttentionSpec(
+        d_model=c.d_model,
+        n_heads=c.n_heads,
+        head_dim=c.head_dim,
+        n_kv_heads=c.kv_heads,
+        feature_map=c.feature_map if linear else "identity",
+        g_gamma=tuple(float(x) for x in tnl_log_decay(c.n_heads, layer, c.n_layers)) if decay else None,
+        position=c.position,
+        rope_theta=c.rope_theta,
+        lrpe_base=c.lrpe_base,
+        # softmax normalises by itself: no causal-normaliser column and no per-head RMS norm
+        output_norm=c.attn_output_norm if linear or c.attn_output_norm == "srms_gate" else "none",
+        norm_eps=c.norm_eps,
+        init_std=c.init_std,
+        out_std=c.init_std / math.sqrt(2 * c.n_layers),
+        dtype=c.dtype,
+        param_dtype=c.param_dtype,
+    )
 
 
-def _positions(positions: Array, x: Array) -> Array:
-    p = jnp.asarray(positions, jnp.float32)
-    return p[None] if p.ndim == 1 else p
+def _spec(d_model, n_heads, *, head_dim, n_kv_heads, **kwargs) -> AttentionSpec:
+    head_dim = d_model // n_heads if head_dim is None else head_dim
+    return AttentionSpec(d_model, n_heads, head_dim, n_heads if n_kv_heads is None else n_kv_heads, **kwargs)
 
 
-def recurrent_step(q, k, v, state, *, log_decay=None, scale: float):
-    """One token of the recurrence: ``S = exp(g)·S + kᵀv``, ``o = scale · q S``.
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class LinearCache:
+    """Decoding cache of a linear-attention layer: the float32 state ``[B, H, D', E']`` and the
+    number of tokens it has seen (the position of the next one)."""
 
-    q ``[B, H, D]``, k ``[B, Hk, D]``, v ``[B, Hk, E]``, state float32 ``[B, H, D, E]``,
-    log_decay ``[H]`` or None. Returns (o ``[B, H, E]`` float32, new state).
-    """
-    group = q.shape[1] // k.shape[1]
-    k = jnp.repeat(k.astype(jnp.float32), group, axis=1)
-    v = jnp.repeat(v.astype(jnp.float32), group, axis=1)
-    if log_decay is not None:
-        state = jnp.exp(log_decay)[None, :, None, None] * state
-    state = state + k[..., :, None] * v[..., None, :]
-    o = scale * jnp.einsum("bhd,bhde->bhe", q.astype(jnp.float32), state)
-    return o, state
+    state: Array
+    length: Array
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class KVCache:
+    """Decoding cache of a softmax-attention layer: keys ``[B, S, Hk, D']`` and values ``[B, S, Hk, E]``
+    of a fixed capacity S, of which the first ``length`` positions are filled."""
+
+    k: Array
+    v: Array
+    length: Array
 
 
 class ProjectedAttention(nnx.Module):
     """What both token mixers share: the fused input projection of q, k, v (and the gate u with
-    ``srms_gate``), its split into heads, the family's positions, and the gated output projection.
+    ``srms_gate``), its split into heads, the positions, and the gated output projection.
 
     ``LinearAttention`` and ``SoftmaxAttention`` differ in what runs between the two projections
     (and in their decoding state), so each adds its own ``__call__``, ``step`` and state shapes.
     """
 
-    def __init__(self, config: ModelConfig, *, rngs):
-        self.config = c = config
-        h, hk, dh = c.n_heads, c.kv_heads, c.head_dim
-        self.widths = (h * dh, hk * dh, hk * dh) + ((c.d_model,) if c.attn_output_norm == "srms_gate" else ())
-        std, out_std = c.init_std, c.init_std / math.sqrt(2 * c.n_layers)
-        self.in_proj = Dense(c.d_model, sum(self.widths), ("embed", "qkv"), std=std, config=c, rngs=rngs)
-        self.out_proj = Dense(h * dh, c.d_model, ("qkv", "embed"), std=out_std, config=c, rngs=rngs)
+    recurrent = True  # a linear-attention (recurrent) mixer; softmax attention is not
 
-    def _split_qkv(self, x: Array):
-        """q ``[B, T, H, dh]``, k, v ``[B, T, Hk, dh]`` and the gate u (or None) from the fused projection."""
-        c = self.config
+    def __init__(self, spec: AttentionSpec, *, rngs):
+        self.spec = s = spec
+        h, hk, dh = s.n_heads, s.n_kv_heads, s.head_dim
+        self.widths = (h * dh, hk * dh, hk * dh) + ((h * dh,) if s.output_norm == "srms_gate" else ())
+        self.in_proj = Dense(s.d_model, sum(self.widths), ("embed", "qkv"), std=s.init_std, config=s, rngs=rngs)
+        self.out_proj = Dense(h * dh, s.d_model, ("qkv", "embed"), std=s.out_std, config=s, rngs=rngs)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, layer: int, *, rngs):
+        """The token mixer of ``layer`` of a language model with ``config``."""
+        spec = dataclasses.asdict(attention_spec(config, linear=cls.recurrent, layer=layer))
+        if not cls.recurrent:
+            del spec["feature_map"], spec["g_gamma"]
+        return cls(**spec, rngs=rngs)
+
+    def _split_qkv(self, x: Array, ctx: LaspContext):
+        """q ``[B, T, H, dh]``, k, v ``[B, T, Hk, dh]`` and the gate u (or None) from the fused projection
+        (column-parallel over ``ctx.head_axis``: every part is split by heads)."""
+        s = self.spec
         b, t = x.shape[:2]
-        parts = jnp.split(self.in_proj(x), np.cumsum(self.widths)[:-1], axis=-1)
-        q = parts[0].reshape(b, t, c.n_heads, c.head_dim)
-        k = parts[1].reshape(b, t, c.kv_heads, c.head_dim)
-        v = parts[2].reshape(b, t, c.kv_heads, c.head_dim)
+        parts = self.in_proj.project(x, self.widths, ctx, (True,) * len(self.widths))
+        q = ctx.constrain(parts[0].reshape(b, t, s.n_heads, s.head_dim), split_dim=2)
+        k = ctx.constrain(parts[1].reshape(b, t, s.n_kv_heads, s.head_dim), split_dim=2)
+        v = ctx.constrain(parts[2].reshape(b, t, s.n_kv_heads, s.head_dim), split_dim=2)
         return q, k, v, (parts[3] if len(parts) == 4 else None)
 
     def _positional(self, q: Array, k: Array, positions: Array):
-        """q and k with the family's positions (LRPE or RoPE at global ``positions``; else as they are)."""
-        c = self.config
-        if c.position == "lrpe":
-            return lrpe(q, positions, c.lrpe_base), lrpe(k, positions, c.lrpe_base)
-        if c.position == "rope":
-            return rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+        """q and k with the positions (LRPE or RoPE at global ``positions``; else as they are)."""
+        s = self.spec
+        if s.position == "lrpe":
+            return lrpe(q, positions, s.lrpe_base), lrpe(k, positions, s.lrpe_base)
+        if s.position == "rope":
+            return rope(q, positions, s.rope_theta), rope(k, positions, s.rope_theta)
         return q, k
 
     def _output(self, o: Array, u: Array | None) -> Array:
-        """Heads ``[B, T, H, dh]`` → ``[B, T, d_model]``: merged, gated (``srms_gate``: SRMSNorm(o) ⊙ u), W_o."""
-        c = self.config
+        """Heads ``[B, T, H, dh]`` → ``[B, T, d_model]``: merged, gated (``srms_gate``: SRMSNorm(o) ⊙ u), W_o
+        (row-parallel over a head axis: the partitioner reduces the partial sums)."""
+        s = self.spec
         b, t = o.shape[:2]
-        o = o.reshape(b, t, c.n_heads * c.head_dim).astype(dtype_of(c.dtype))
-        if c.attn_output_norm == "srms_gate":
-            o = srms(o, c.norm_eps) * u
+        o = o.reshape(b, t, s.n_heads * s.head_dim).astype(dtype_of(s.dtype))
+        if s.output_norm == "srms_gate":
+            o = srms(o, s.norm_eps) * u
         return self.out_proj(o)
 
     @property
     def key_dim(self) -> int:
         """D' of q and k after positions: LRPE doubles the head dim."""
-        return 2 * self.config.head_dim if self.config.position == "lrpe" else self.config.head_dim
+        return 2 * self.spec.head_dim if self.spec.position == "lrpe" else self.spec.head_dim
+
+
+def _cache_positions(x: Array, positions: Array | None, cache) -> Array:
+    """Global positions of x's tokens: given, else ``[0, T)`` after the cache's tokens."""
+    if positions is not None:
+        return positions
+    start = 0 if cache is None else cache.length
+    return start + jnp.arange(x.shape[1])
 
 
 class LinearAttention(ProjectedAttention):
-    """Causal linear-attention token mixer; one class for the three families (see ``models.config``).
+    """Causal linear-attention token mixer (lightning attention with ``g_gamma``); the three
+    linear-attention families of ``models.config`` are choices of its arguments.
 
     ``__call__`` runs a whole sequence through ``lasp_jax.lasp_attention``; ``step`` decodes one token
     from the float32 recurrent state ``[B, H, D', E']`` (``D' = 2·head_dim`` with LRPE, ``E' =
     head_dim + 1`` with the causal normaliser, whose denominator rides in v's extra ones column).
+    ``scale`` defaults to 1 with ``srms_gate`` or ``denominator`` outputs, else ``head_dim^-0.5``.
     """
 
-    def __init__(self, config: ModelConfig, layer: int, *, rngs):
-        super().__init__(config, rngs=rngs)
-        c = config
-        if c.attn_output_norm == "head_rms":
-            self.head_norm = Norm("rms", c.head_dim, eps=c.norm_eps, config=c)
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        *,
+        head_dim: int | None = None,
+        n_kv_heads: int | None = None,
+        feature_map: str = "silu",
+        g_gamma: tuple[float, ...] | None = None,
+        position: str = "none",
+        rope_theta: float = 500_000.0,
+        lrpe_base: float = 10_000.0,
+        output_norm: str = "head_rms",
+        scale: float | None = None,
+        norm_eps: float = 1e-6,
+        init_std: float = 0.02,
+        out_std: float = 0.02,
+        dtype: str = "float32",
+        param_dtype: str = "float32",
+        rngs: nnx.Rngs,
+    ):
+        g_gamma = None if g_gamma is None else tuple(float(x) for x in g_gamma)
+        # the arguments above, checked once (AttentionSpec), are the layer's static description
+        spec = _spec(**{k: v for k, v in locals().items() if k not in ("self", "rngs", "__class__")})
+        super().__init__(spec, rngs=rngs)
+        if spec.output_norm == "head_rms":
+            self.head_norm = Norm("rms", spec.head_dim, eps=spec.norm_eps, config=spec)
         # a constant (static tuple), not a Param: neither trained nor checkpointed
-        self.log_decay = (
-            tuple(float(x) for x in tnl_log_decay(c.n_heads, layer, c.n_layers)) if c.decay == "tnl" else None
-        )
-        self.scale = 1.0 if c.attn_output_norm in ("srms_gate", "denominator") else c.head_dim**-0.5
+        self.log_decay = spec.g_gamma
+        default = 1.0 if spec.output_norm in ("srms_gate", "denominator") else spec.head_dim**-0.5
+        self.scale = default if scale is None else scale
 
-    def _project(self, x: Array, positions: Array):
+    def _project(self, x: Array, positions: Array, ctx: LaspContext):
         """q, k, v ``[B, T, ·, ·]`` ready for the recurrence, and the gate u (or None)."""
-        c = self.config
-        q, k, v, u = self._split_qkv(x)
-        q, k = self._positional(feature_map(c.feature_map, q), feature_map(c.feature_map, k), positions)
-        if c.attn_output_norm == "denominator":
+        s = self.spec
+        q, k, v, u = self._split_qkv(x, ctx)
+        q, k = self._positional(feature_map(s.feature_map, q), feature_map(s.feature_map, k), positions)
+        if s.output_norm == "denominator":
             v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
         return q, k, v, u
 
     def _finish(self, o: Array, u: Array | None) -> Array:
         """o ``[B, T, H, E']`` → the block output ``[B, T, d_model]``."""
-        c = self.config
-        if c.attn_output_norm == "denominator":
+        s = self.spec
+        if s.output_norm == "denominator":
             of = o.astype(jnp.float32)
             o = (of[..., :-1] / (of[..., -1:] + 1e-6)).astype(o.dtype)
-        elif c.attn_output_norm == "head_rms":
+        elif s.output_norm == "head_rms":
             o = self.head_norm(o)
         return self._output(o, u)
 
@@ -307,15 +422,26 @@ class LinearAttention(ProjectedAttention):
     def __call__(
         self,
         x: Array,
-        ctx: LaspContext,
-        positions: Array,
+        ctx: LaspContext | None = None,
+        positions: Array | None = None,
         *,
+        segment_ids: Array | None = None,
+        cache: LinearCache | None = None,
         initial_state: Array | None = None,
         return_state: bool = False,
-        segment_ids: Array | None = None,
-    ) -> tuple[Array, Array | None]:
-        """``segment_ids`` ``[B, T]`` (packed documents): the state resets wherever the id changes."""
-        q, k, v, u = self._project(x, positions)
+    ) -> tuple[Array, LinearCache | Array | None]:
+        """x ``[B, T, d_model]`` → ``(y, cache)``.
+
+        ``ctx``: the mesh and strategies (None: one device). ``positions``: global token indices
+        (default: ``[0, T)`` after the cache's tokens). ``segment_ids`` ``[B, T]`` (packed documents):
+        the state resets wherever the id changes. ``cache`` (``init_cache``): continue from it and
+        return the cache after x (else None). The language model's form: ``initial_state`` (the
+        float32 state) and ``return_state`` (return the final state instead of a cache).
+        """
+        ctx = ctx or SINGLE_DEVICE
+        if cache is not None:
+            initial_state, return_state = cache.state, True
+        q, k, v, u = self._project(x, _cache_positions(x, positions, cache), ctx)
         o, state = lasp_attention(
             q,
             k,
@@ -323,6 +449,7 @@ class LinearAttention(ProjectedAttention):
             mesh=ctx.mesh,
             seq_axis=ctx.seq_axis,
             batch_axis=ctx.batch_axis,
+            head_axis=ctx.head_axis,
             strategy=ctx.strategy,
             g_gamma=self._g_gamma(),
             scale=self.scale,
@@ -331,20 +458,25 @@ class LinearAttention(ProjectedAttention):
             segment_ids=segment_ids,
             impl=ctx.impl,
         )
-        return self._finish(o, u), state
+        y = self._finish(o, u)
+        return y, (state if cache is None else LinearCache(state, cache.length + x.shape[1]))
 
     def step(self, x: Array, state: Array, position: Array) -> tuple[Array, Array]:
         """One token: x ``[B, d_model]``, state ``[B, H, D', E']``, position scalar or ``[B]``."""
         pos = jnp.broadcast_to(jnp.asarray(position), x.shape[:1])[:, None]  # [B, 1]
-        q, k, v, u = self._project(x[:, None], pos)
+        q, k, v, u = self._project(x[:, None], pos, SINGLE_DEVICE)
         o, state = recurrent_step(q[:, 0], k[:, 0], v[:, 0], state, log_decay=self._g_gamma(), scale=self.scale)
         return self._finish(o[:, None].astype(q.dtype), u)[:, 0], state
 
     def state_shape(self, batch: int) -> tuple[int, int, int, int]:
         """Shape of the recurrent state ``[B, H, D', E']``."""
-        c = self.config
-        e = c.head_dim + 1 if c.attn_output_norm == "denominator" else c.head_dim
-        return (batch, c.n_heads, self.key_dim, e)
+        s = self.spec
+        e = s.head_dim + 1 if s.output_norm == "denominator" else s.head_dim
+        return (batch, s.n_heads, self.key_dim, e)
+
+    def init_cache(self, batch: int) -> LinearCache:
+        """The cache before the first token: a zero state."""
+        return LinearCache(jnp.zeros(self.state_shape(batch), jnp.float32), jnp.zeros((), jnp.int32))
 
 
 class SoftmaxAttention(ProjectedAttention):
@@ -359,33 +491,69 @@ class SoftmaxAttention(ProjectedAttention):
     ``position`` (entries after it are masked).
     """
 
-    def __init__(self, config: ModelConfig, layer: int, *, rngs):
-        del layer  # no per-layer constants: softmax layers have no decay
-        # softmax normalises by itself: no causal-normaliser column and no per-head RMS norm
-        super().__init__(config, rngs=rngs)
-        self.scale = self.key_dim**-0.5
+    recurrent = False
 
-    def _project(self, x: Array, positions: Array):
-        q, k, v, u = self._split_qkv(x)
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        *,
+        head_dim: int | None = None,
+        n_kv_heads: int | None = None,
+        position: str = "rope",
+        rope_theta: float = 500_000.0,
+        lrpe_base: float = 10_000.0,
+        output_norm: str = "none",
+        norm_eps: float = 1e-6,
+        init_std: float = 0.02,
+        out_std: float = 0.02,
+        dtype: str = "float32",
+        param_dtype: str = "float32",
+        scale: float | None = None,
+        rngs: nnx.Rngs,
+    ):
+        if output_norm not in ("none", "srms_gate"):
+            raise ValueError(f"softmax attention's output_norm is 'none' or 'srms_gate', got {output_norm=}")
+        spec = _spec(**{k: v for k, v in locals().items() if k not in ("self", "rngs", "__class__")})
+        super().__init__(spec, rngs=rngs)
+        self.scale = self.key_dim**-0.5 if scale is None else scale
+
+    def _project(self, x: Array, positions: Array, ctx: LaspContext):
+        q, k, v, u = self._split_qkv(x, ctx)
         return (*self._positional(q, k, positions), v, u)
 
     def __call__(
         self,
         x: Array,
-        ctx: LaspContext,
-        positions: Array,
+        ctx: LaspContext | None = None,
+        positions: Array | None = None,
         *,
+        segment_ids: Array | None = None,
+        cache: KVCache | None = None,
         initial_state=None,
         return_state: bool = False,
-        segment_ids: Array | None = None,
-    ) -> tuple[Array, tuple[Array, Array] | None]:
-        """Returns the block output and, with ``return_state``, the keys and values ``[B, T, Hk, ·]``."""
+    ) -> tuple[Array, KVCache | tuple[Array, Array] | None]:
+        """x ``[B, T, d_model]`` → ``(y, cache)``; arguments as ``LinearAttention.__call__``.
+
+        With a ``cache`` (``init_cache``) x's keys and values are written after its ``length``
+        tokens and the queries attend the cache (a dense masked product: for decoding and short
+        continuations, not sequence-parallel). ``return_state`` (the language model's prefill)
+        returns x's keys and values ``[B, T, Hk, ·]``.
+        """
+        ctx = ctx or SINGLE_DEVICE
         if initial_state is not None:
             raise ValueError(
                 "a softmax-attention layer cannot continue from an initial state: run the whole prefix "
-                "(prefill) in one call, then decode with step()"
+                "(prefill) in one call, then decode with step() or a cache"
             )
-        q, k, v, u = self._project(x, positions)
+        q, k, v, u = self._project(x, _cache_positions(x, positions, cache), ctx)
+        if cache is not None:
+            if segment_ids is not None:
+                raise ValueError("segment_ids (packed documents) are for whole sequences, not with a cache")
+            k_all = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), cache.length, axis=1)
+            v_all = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), cache.length, axis=1)
+            o = cached_attention(q, k_all, v_all, cache.length, scale=self.scale).astype(q.dtype)
+            return self._output(o, u), KVCache(k_all, v_all, cache.length + x.shape[1])
         o = softmax_attention(
             q,
             k,
@@ -393,6 +561,7 @@ class SoftmaxAttention(ProjectedAttention):
             mesh=ctx.mesh,
             seq_axis=ctx.seq_axis,
             batch_axis=ctx.batch_axis,
+            head_axis=ctx.head_axis,
             strategy=ctx.softmax_strategy,
             scale=self.scale,
             segment_ids=segment_ids,
@@ -401,22 +570,20 @@ class SoftmaxAttention(ProjectedAttention):
 
     def step(self, x: Array, state: tuple[Array, Array], position: Array) -> tuple[Array, tuple[Array, Array]]:
         """One token at scalar ``position`` against the cache ``state = (k, v)`` ``[B, S, Hk, ·]``."""
-        c = self.config
         k_cache, v_cache = state
         pos = jnp.asarray(position, jnp.int32)
-        q, k, v, u = self._project(x[:, None], jnp.broadcast_to(pos, x.shape[:1])[:, None])
+        q, k, v, u = self._project(x[:, None], jnp.broadcast_to(pos, x.shape[:1])[:, None], SINGLE_DEVICE)
         k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), pos, axis=1)
         v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), pos, axis=1)
-        b, s = k_cache.shape[:2]
-        group = c.n_heads // c.kv_heads
-        qg = q[:, 0].astype(jnp.float32).reshape(b, c.kv_heads, group, -1)
-        logits = jnp.einsum("bhgd,bshd->bhgs", qg, k_cache.astype(jnp.float32)) * self.scale
-        logits = jnp.where(jnp.arange(s) <= pos, logits, -jnp.inf)
-        o = jnp.einsum("bhgs,bshe->bhge", jax.nn.softmax(logits, axis=-1), v_cache.astype(jnp.float32))
-        o = o.reshape(b, 1, c.n_heads, -1).astype(q.dtype)
+        o = cached_attention(q, k_cache, v_cache, pos, scale=self.scale).astype(q.dtype)
         return self._output(o, u)[:, 0], (k_cache, v_cache)
 
     def cache_shapes(self, batch: int, size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Shapes of the key and value caches for ``size`` positions."""
-        c = self.config
-        return (batch, size, c.kv_heads, self.key_dim), (batch, size, c.kv_heads, c.head_dim)
+        s = self.spec
+        return (batch, size, s.n_kv_heads, self.key_dim), (batch, size, s.n_kv_heads, s.head_dim)
+
+    def init_cache(self, batch: int, size: int) -> KVCache:
+        """An empty cache of ``size`` positions (in the compute dtype)."""
+        k, v = (jnp.zeros(shape, dtype_of(self.spec.dtype)) for shape in self.cache_shapes(batch, size))
+        return KVCache(k, v, jnp.zeros((), jnp.int32))

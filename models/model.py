@@ -41,7 +41,7 @@ class Block(nnx.Module):
         self.attn_norm = Norm(config.norm, config.d_model, eps=config.norm_eps, config=config)
         mixer = DELTA_MIXERS.get(config.family, LinearAttention)
         mixer = SoftmaxAttention if self.layer_type == "softmax" else mixer
-        self.attn = mixer(config, layer, rngs=rngs)
+        self.attn = mixer.from_config(config, layer, rngs=rngs)
         self.mlp_norm = Norm(config.norm, config.d_model, eps=config.norm_eps, config=config)
         self.mlp = Mlp(config, rngs=rngs)
 
@@ -55,7 +55,7 @@ class Block(nnx.Module):
             segment_ids=segment_ids,
         )
         x = ctx.constrain(x + h)
-        x = ctx.constrain(x + self.mlp(self.mlp_norm(x)))
+        x = ctx.constrain(x + self.mlp(self.mlp_norm(x), ctx))
         return x, state
 
     def step(self, x, state, position):

@@ -1,39 +1,64 @@
 """Logical axis names → mesh axes for parameters, optimizer state and activations.
 
-Activations follow lasp_jax's rules (``batch → dp``, ``length → sp``). Parameters are replicated
-unless FSDP is on, in which case every parameter dimension named ``embed`` (or, failing that,
-the first named dimension that divides evenly) is sharded over the data axis; the optimizer's
-moments inherit the same layout because they carry the same metadata. Turning FSDP or sequence
-parallelism on is a rules change, not a model change.
+The trainer's mesh is ``(dp, sp, tp)``. Activations follow lasp_jax's rules (``batch → dp``,
+``length → sp``). Parameters (Megatron-style tensor parallelism when ``tp > 1``): the first
+dimension named ``heads``, ``qkv`` (attention heads' columns) or ``mlp`` (MLP hidden units) that
+divides evenly is sharded over ``tp``, so q/k/v/gate/up projections are column-parallel and the
+output/down projections row-parallel (``models.layers``); under FSDP every dimension named
+``embed`` (or, failing that, the first other named dimension that divides evenly) is sharded over
+the data axis. The optimizer's moments inherit the same layout because they carry the same
+metadata. Turning FSDP, sequence or tensor parallelism on is a rules change, not a model change.
 """
 
 from __future__ import annotations
 
 import jax
+import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from lasp_jax import DEFAULT_RULES, make_mesh
+from lasp_jax import DEFAULT_RULES
 
-
-def build_mesh(dp: int, sp: int, devices=None) -> Mesh:
-    """A ``(dp, sp)`` mesh of Auto axes: sequence groups contiguous, data groups strided (lasp_jax.make_mesh)."""
-    devices = jax.devices() if devices is None else devices
-    if dp <= 0 or sp <= 0:
-        raise ValueError(f"dp and sp must be positive, got dp={dp}, sp={sp}")
-    if dp * sp != len(devices):
-        raise ValueError(f"dp * sp must equal the number of devices: dp={dp}, sp={sp}, devices={len(devices)}")
-    return make_mesh(dp, sp, devices=devices)
+TENSOR_PARALLEL_NAMES = ("heads", "qkv", "mlp")  # logical names split over the tp axis
 
 
-def param_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh, *, fsdp: bool, data_axis="dp"):
-    """PartitionSpec of one parameter: replicated, or one dimension sharded over ``data_axis`` under FSDP."""
+def build_mesh(dp: int, sp: int, devices=None, *, tp: int = 1) -> Mesh:
+    """A ``(dp, sp, tp)`` mesh of Auto axes: tensor groups the innermost contiguous devices, then
+    sequence groups (contiguous, as lasp_jax.make_mesh), data groups strided."""
+    devices = list(jax.devices() if devices is None else devices)
+    if dp <= 0 or sp <= 0 or tp <= 0:
+        raise ValueError(f"dp, sp and tp must be positive, got dp={dp}, sp={sp}, tp={tp}")
+    if dp * sp * tp != len(devices):
+        raise ValueError(
+            f"dp * sp * tp must equal the number of devices: dp={dp}, sp={sp}, tp={tp}, devices={len(devices)}"
+        )
+    grid = np.empty(len(devices), dtype=object)
+    grid[:] = devices
+    return Mesh(grid.reshape(dp, sp, tp), ("dp", "sp", "tp"), axis_types=(AxisType.Auto,) * 3)
+
+
+def param_spec(
+    axes: tuple[str | None, ...],
+    shape: tuple[int, ...],
+    mesh: Mesh,
+    *,
+    fsdp: bool,
+    data_axis: str = "dp",
+    tensor_axis: str = "tp",
+):
+    """PartitionSpec of one parameter: its first ``TENSOR_PARALLEL_NAMES`` dimension that divides
+    over ``tensor_axis`` sharded there, and under FSDP one other dimension over ``data_axis``."""
     spec = [None] * len(shape)
+    tp = mesh.shape.get(tensor_axis, 1)
+    if tp > 1:
+        split = [i for i, a in enumerate(axes) if a in TENSOR_PARALLEL_NAMES and shape[i] % tp == 0]
+        if split:
+            spec[split[0]] = tensor_axis
     size = mesh.shape.get(data_axis, 1)
     if fsdp and size > 1:
         order = [i for i, a in enumerate(axes) if a == "embed"] + [i for i, a in enumerate(axes) if a != "embed"]
         for i in order:
-            if axes[i] is not None and shape[i] % size == 0:
+            if axes[i] is not None and spec[i] is None and shape[i] % size == 0:
                 spec[i] = data_axis
                 break
     return PartitionSpec(*spec)

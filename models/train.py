@@ -93,15 +93,18 @@ def make_optimizer(optim: OptimConfig, total_steps: int) -> tuple[optax.Gradient
 
 
 def check_config(config: TrainConfig, n_devices: int) -> tuple[int, int]:
-    """Raise ValueError naming the fields for configs that cannot run; return (dp, sp)."""
+    """Raise ValueError naming the fields for configs that cannot run; return (dp, sp) (tp is ``mesh.tp``)."""
     m, d, r = config.mesh, config.data, config.run
-    if m.sp <= 0 or (m.dp is not None and m.dp <= 0):
-        raise ValueError(f"mesh sizes must be positive, got dp={m.dp}, sp={m.sp}")
-    if n_devices % m.sp:
-        raise ValueError(f"sp={m.sp} must divide the number of devices ({n_devices})")
-    dp = n_devices // m.sp if m.dp is None else m.dp
-    if dp * m.sp != n_devices:
-        raise ValueError(f"dp * sp must equal the number of devices: dp={dp}, sp={m.sp}, devices={n_devices}")
+    if m.sp <= 0 or m.tp <= 0 or (m.dp is not None and m.dp <= 0):
+        raise ValueError(f"mesh sizes must be positive, got dp={m.dp}, sp={m.sp}, tp={m.tp}")
+    if n_devices % (m.sp * m.tp):
+        raise ValueError(f"sp * tp = {m.sp} * {m.tp} must divide the number of devices ({n_devices})")
+    dp = n_devices // (m.sp * m.tp) if m.dp is None else m.dp
+    if dp * m.sp * m.tp != n_devices:
+        raise ValueError(
+            f"dp * sp * tp must equal the number of devices: dp={dp}, sp={m.sp}, tp={m.tp}, devices={n_devices}"
+        )
+    check_tensor_parallel(config.model, m.tp, sp=m.sp, strategy=m.strategy)
     if d.micro_batch % dp:
         raise ValueError(
             f"the micro-batch (batch_size / grad_accum = {d.batch_size} / {d.grad_accum} = {d.micro_batch}) "
@@ -131,6 +134,25 @@ def check_config(config: TrainConfig, n_devices: int) -> tuple[int, int]:
     return dp, m.sp
 
 
+def check_tensor_parallel(model: ModelConfig, tp: int, *, sp: int, strategy: str) -> None:
+    """Raise ValueError unless every head count and the MLP hidden size divide over ``tp`` devices
+    (each keeps whole query groups with their key/value heads; ``ulysses`` then splits the local heads over sp)."""
+    if tp == 1:
+        return
+    counts = {"n_heads": model.n_heads}
+    if not model.is_delta_rule or "softmax" in model.types:
+        counts["n_kv_heads"] = model.kv_heads  # linear-attention and softmax layers' key/value heads
+    if model.is_delta_rule:
+        counts["n_v_heads"] = model.v_heads
+    bad = {name: n for name, n in counts.items() if n % tp}
+    if bad:
+        raise ValueError(f"tensor parallelism splits the heads over tp={tp}: {bad} must be multiples of it")
+    if model.hidden_dim % tp:
+        raise ValueError(f"tensor parallelism splits the MLP over tp={tp}: hidden_dim={model.hidden_dim} must divide")
+    if strategy == "ulysses" and any((n // tp) % sp for n in counts.values()):
+        raise ValueError(f"strategy='ulysses' with tp={tp}: each rank's heads ({counts} / {tp}) must divide by {sp=}")
+
+
 def make_init_fn(model_config: ModelConfig, optimizer: optax.GradientTransformation):
     """``key -> train state`` ({params, opt_state, step, skipped}); jit it with out_shardings to init sharded."""
 
@@ -158,12 +180,13 @@ class Trainer:
         self.log = log if jax.process_index() == 0 else (lambda *a, **k: None)
         devices = list(jax.devices() if devices is None else devices)
         dp, sp = check_config(config, len(devices))
-        self.mesh = build_mesh(dp, sp, devices)
+        self.mesh = build_mesh(dp, sp, devices, tp=config.mesh.tp)
         self.n_devices = len(devices)
         self.ctx = LaspContext(
             mesh=self.mesh,
             seq_axis="sp",
             batch_axis="dp",
+            head_axis="tp" if config.mesh.tp > 1 else None,
             strategy=config.mesh.strategy,
             impl=config.mesh.impl,
             softmax_strategy=config.mesh.softmax_strategy,
@@ -373,7 +396,8 @@ class Trainer:
         cfg, data = self.config, self.config.data
         self.log(
             f"model {cfg.model.family} {self.n_params / 1e6:.2f}M params | mesh dp={self.mesh.shape['dp']} "
-            f"sp={self.mesh.shape['sp']} fsdp={cfg.mesh.fsdp} strategy={cfg.mesh.strategy} | "
+            f"sp={self.mesh.shape['sp']} tp={self.mesh.shape['tp']} fsdp={cfg.mesh.fsdp} "
+            f"strategy={cfg.mesh.strategy} | "
             f"batch {data.batch_size}x{data.seq_len} accum {data.grad_accum} | steps {start}->{cfg.run.steps}"
         )
 

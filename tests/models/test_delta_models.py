@@ -130,7 +130,7 @@ def _definition(layer, x):
 @pytest.mark.parametrize("mixer", [GatedDeltaNet, KDA], ids=["gdn", "kda"])
 def test_layer_matches_definition(rng, mixer):
     config = small_model("gdn" if mixer is GatedDeltaNet else "kda")
-    layer = mixer(config, 0, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+    layer = mixer.from_config(config, 0, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
     x = rng.standard_normal((1, T, config.d_model))
     got, _ = jax.jit(lambda x: layer(x, SINGLE_DEVICE, jnp.arange(T)))(jnp.asarray(x, jnp.float32))
     want = _definition(layer, x[0])

@@ -72,7 +72,7 @@ def _softmax_definition(q, k, v, scale):
 def test_softmax_layer_matches_definition(rng, family):
     kw = dict(n_heads=4, n_kv_heads=2) if family == "linear_llama3" else dict(n_heads=4)
     config = small_hybrid(family, **kw)
-    attn = SoftmaxAttention(config, 1, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+    attn = SoftmaxAttention.from_config(config, 1, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
     x = rng.standard_normal((1, T, config.d_model)).astype(np.float32)
     got = np.asarray(attn(jnp.asarray(x), SINGLE_DEVICE, jnp.arange(T))[0][0], np.float64)
     w_in = np.asarray(attn.in_proj.kernel[...], np.float64)

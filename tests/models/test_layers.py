@@ -35,7 +35,7 @@ def _causal_sum(q, k, v, decay):
 
 
 def _layer_and_input(rng, config, layer=0):
-    attn = LinearAttention(config, layer, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+    attn = LinearAttention.from_config(config, layer, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
     x = rng.standard_normal((1, T, config.d_model)).astype(np.float32)
     out, _ = attn(jnp.asarray(x), SINGLE_DEVICE, jnp.arange(T))
     return attn, x[0].astype(np.float64), np.asarray(out[0], np.float64)
