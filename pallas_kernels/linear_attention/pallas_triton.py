@@ -216,11 +216,18 @@ _linear_attention.defvjp(_linear_attention_fwd, _linear_attention_bwd)
 
 
 def supports(q, k, v) -> bool:
-    """Whether the GPU kernels take these inputs (dtypes, and int32 element offsets)."""
-    dtypes_ok = all(x.dtype in KERNEL_DTYPES for x in (q, k, v))
-    b, t, h, d = q.shape
-    padded = b * (t + 128) * h * max(pad_dim(d), pad_dim(v.shape[-1]))
-    return dtypes_ok and padded <= MAX_ELEMENTS
+    """Whether the GPU kernels take these inputs: dtypes (any length: see ``piece_len``)."""
+    return all(x.dtype in KERNEL_DTYPES for x in (q, k, v)) and piece_len(q, v) > 0
+
+
+def piece_len(q, v) -> int:
+    """The longest run of tokens (a multiple of 64) whose padded tensors have int32 element offsets.
+
+    Longer inputs run as pieces of this many tokens, the state chained from piece to piece.
+    """
+    b, _, h, d = q.shape
+    per_token = b * h * max(pad_dim(d), pad_dim(v.shape[-1]))
+    return max(0, (MAX_ELEMENTS // per_token - 128) // 64 * 64)
 
 
 def linear_attention(
@@ -253,11 +260,43 @@ def linear_attention(
     Arguments are assumed validated by ``api.validate`` (the public entry point).
     """
     t, d, e = q.shape[1], q.shape[-1], v.shape[-1]
+    piece = piece_len(q, v)
+    if 0 < piece < t:  # longer than int32 offsets allow: pieces, the state chained (notes/design.md §2)
+        return _chained(q, k, v, g, g_gamma, scale, initial_state, segment_ids, piece, interpret, config)
     statics = _statics(q, k, v, g, g_gamma, scale=scale, interpret=interpret, config=config)
     args = _padded_inputs(q, k, v, g, g_gamma, initial_state, statics)
     docs = _document_rows(segment_ids, args[0].shape[1])
     o, final = _linear_attention(*args, docs, statics=statics)
     return o[:, :t, :, :e], final[:, :, :d, :e]
+
+
+def _chained(q, k, v, g, g_gamma, scale, initial_state, segment_ids, piece, interpret, config):
+    """``linear_attention`` over runs of ``piece`` tokens, each entering with the last one's final state.
+
+    With documents, a piece that starts a new document enters with a zero state (the id changes
+    across the cut), as the kernels reset it inside a piece.
+    """
+    outs, state = [], initial_state
+    for start in range(0, q.shape[1], piece):
+        cut = slice(start, start + piece)
+        seg = None if segment_ids is None else segment_ids[:, cut]
+        if state is not None and seg is not None and start > 0:
+            same = segment_ids[:, start - 1] == segment_ids[:, start]
+            state = jnp.where(same[:, None, None, None], state, 0.0)
+        o, state = linear_attention(
+            q[:, cut],
+            k[:, cut],
+            v[:, cut],
+            g=None if g is None else g[:, cut],
+            g_gamma=g_gamma,
+            scale=scale,
+            initial_state=state,
+            segment_ids=seg,
+            interpret=interpret,
+            config=config,
+        )
+        outs.append(o)
+    return jnp.concatenate(outs, axis=1), state
 
 
 def _statics(q, k, v, g, g_gamma, *, scale, interpret, config) -> Statics:
@@ -266,7 +305,7 @@ def _statics(q, k, v, g, g_gamma, *, scale, interpret, config) -> Statics:
     dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
     if dtype not in KERNEL_DTYPES:
         raise TypeError(f"the Pallas kernels take bf16, fp16 or fp32 inputs, got q.dtype={q.dtype}")
-    if not supports(q, k, v):
+    if piece_len(q, v) < t:
         raise ValueError(f"inputs too large for int32 offsets: q.shape={tuple(q.shape)}, v.shape={tuple(v.shape)}")
     cfg = config or default_config(batch=b, heads=h, seq_len=t, interpret=interpret)
     # a constant decay stays [H] at any T (the kernels stop it at the last real token)

@@ -225,3 +225,29 @@ _f = jnp.zeros
 def test_bad_input(args, kw, err, match):
     with pytest.raises(err, match=match):
         linear_attention(*args, **kw)
+
+
+@pytest.mark.skipif("pallas" not in IMPLS, reason="no Pallas Triton kernels")
+def test_pallas_runs_long_inputs_in_pieces(rng, monkeypatch):
+    """Past int32 element offsets the kernels run pieces with the state chained: with the limit made
+    small (pieces of 64 tokens here), outputs, final state and gradients equal the token recurrence,
+    documents crossing a cut and starting at one included."""
+    from pallas_kernels.linear_attention import pallas_triton
+
+    b, t, h, d = 2, 150, 2, 16
+    monkeypatch.setattr(pallas_triton, "MAX_ELEMENTS", b * (64 + 128) * h * d)
+    assert pallas_triton.piece_len(jnp.zeros((b, t, h, d)), jnp.zeros((b, t, h, d))) == 64
+    q, k, v, kw = make_inputs(rng, b=b, t=t, h=h, d=d, decay="g_gamma")
+    q, k, v = (jnp.asarray(x, jnp.float32) for x in (q, k, v))
+    kw = {n: jnp.asarray(x, jnp.float32) for n, x in kw.items()}
+    seg = jnp.asarray(np.stack([np.repeat([0, 1, 2], [40, 50, 60]), np.repeat([0, 1], [64, 86])]), jnp.int32)
+
+    def run(impl, q, k, v, kw):
+        o, s = linear_attention(q, k, v, **kw, segment_ids=seg, output_final_state=True, impl=impl)
+        return jnp.sum(o * o) + jnp.sum(s), (o, s)
+
+    (_, (o, s)), grads = jax.value_and_grad(run, argnums=(1, 2, 3, 4), has_aux=True)("pallas", q, k, v, kw)
+    (_, (o_r, s_r)), grads_r = jax.value_and_grad(run, argnums=(1, 2, 3, 4), has_aux=True)("reference", q, k, v, kw)
+    assert rel_err(o, o_r) < 1e-4 and rel_err(s, s_r) < 1e-4
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r), strict=True):
+        assert rel_err(got, want) < 1e-3
