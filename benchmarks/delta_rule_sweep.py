@@ -35,6 +35,8 @@ def variants(base, d: int) -> list[tuple[str, dict]]:
     split = "splits"  # the state passes' parallel runs of chunks
     names = {f.name for f in dataclasses.fields(base)}
     one = [
+        {"wy_rows": 64},  # whole-chunk WY kernels (scalar / no gates; per-channel gates ignore it)
+        {"wy_rows": 32},
         {"wy_bwd_split": not base.wy_bwd_split},  # the two-kernel WY backward against the fused one
         {"block_cols": 64},
         {"block_cols": d},  # the whole row: no column loop
@@ -47,6 +49,9 @@ def variants(base, d: int) -> list[tuple[str, dict]]:
         {split: 16},
     ]
     combos = [
+        {"wy_rows": 64, "block_cols": d},
+        {"wy_rows": 64, "num_warps_bwd": 4},
+        {"wy_rows": 64, "num_warps": 4},
         {"block_cols": d, "num_warps": 4},
         {"block_cols": 64, "num_warps_bwd": 4},
         {"block_cols": d, "num_stages_bwd": 2},

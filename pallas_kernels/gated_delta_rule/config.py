@@ -37,6 +37,11 @@ class BlockConfig:
         num_warps_state / num_stages_state: of the two state passes (num_stages pipelines the loads
         of the next chunk behind the current step); num_warps_bwd / num_stages_bwd: of the
         chunk-parallel backward kernels.
+      wy_rows: rows of the sub-tiles of the WY kernels (the forward ``wy``, ``wy_bwd``,
+        ``state_step_bwd``) under scalar or no gates: 16 (the inverse by 16×16 blocks, every product
+        on 16-row tiles) up to the chunk (one tile: the inverse by doubling on the whole chunk, one
+        product per step). Per-channel gates always use 16-row tiles (their diagonal tiles form
+        ``[16, 16, D]`` pairs).
       wy_bwd_split: the WY backward as two kernels, the state step's shares of dk and db first
         (reading h, dh and V'), then the WY form's; False: one kernel holding both (more live
         registers: ptxas reported spills for it).
@@ -52,13 +57,16 @@ class BlockConfig:
     num_stages_state: int = 3
     num_warps_bwd: int = 8
     num_stages_bwd: int = 1
+    wy_rows: int = SUB_TILE
     wy_bwd_split: bool = False  # H200 sweep: fused 13.09 vs split 13.56 ms (GDN), 59.4 vs 60.0 (KDA)
 
     def __post_init__(self):
-        for name in ("chunk", "block_e", "block_cols"):
+        for name in ("chunk", "block_e", "block_cols", "wy_rows"):
             value = getattr(self, name)
             if value < SUB_TILE or value & (value - 1):
                 raise ValueError(f"BlockConfig.{name}={value} must be a power of two >= {SUB_TILE}")
+        if self.wy_rows > self.chunk:
+            raise ValueError(f"BlockConfig.wy_rows={self.wy_rows} must be at most chunk={self.chunk}")
         if self.splits < 1:
             raise ValueError(f"BlockConfig.splits={self.splits} must be positive")
 

@@ -79,6 +79,8 @@ class Layout:
         self.mxu = mxu_dtype(q.dtype)
         # sub-tiles of the output's Q Kᵀ ⊙ Γ: per-channel gates factor between 16-row tiles
         self.parts = self.chunk // SUB_TILE if mode == "channel" else 1
+        # sub-tiles of the WY kernels (``BlockConfig.wy_rows``; 16-row tiles for per-channel gates)
+        self.wy_parts = self.chunk // (SUB_TILE if mode == "channel" else min(cfg.wy_rows, self.chunk))
 
     # -- chunk-parallel grid (c, b, h) --
 

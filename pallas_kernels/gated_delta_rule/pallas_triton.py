@@ -40,7 +40,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.common import F32, KERNEL_DTYPES, MAX_ELEMENTS, pad_dim
 from pallas_kernels.gated_delta_rule import common, pallas_triton_vjp
-from pallas_kernels.gated_delta_rule.config import SUB_TILE, BlockConfig, default_config
+from pallas_kernels.gated_delta_rule.config import BlockConfig, default_config
 from pallas_kernels.gated_delta_rule.layout import (
     Layout,
     Residuals,
@@ -69,13 +69,12 @@ from pallas_kernels.gated_delta_rule.reference import document_index
 # ---- kernels ----------------------------------------------------------------------------------
 
 
-def _wy_kernel(k_ref, v_ref, beta_ref, *refs, mode, has_docs, mxu, block_cols):
+def _wy_kernel(k_ref, v_ref, beta_ref, *refs, mode, has_docs, mxu, block_cols, parts):
     """W and U of one chunk: the Gram blocks summed over key-column blocks, X, then W and U
     column block by column block."""
     refs = list(refs)
     gate_ref, doc_refs = pop_gate_refs(refs, mode=mode, has_docs=has_docs)
     w_ref, u_ref = refs
-    parts = k_ref.shape[0] // SUB_TILE
     beta, docs = load_tiles(beta_ref, parts), load_doc_tiles(doc_refs, parts)
     kw, vw = min(block_cols, k_ref.shape[1]), min(block_cols, v_ref.shape[1])
 
@@ -85,7 +84,7 @@ def _wy_kernel(k_ref, v_ref, beta_ref, *refs, mode, has_docs, mxu, block_cols):
     def add_gram(j, gram):
         return common.add_blocks(gram, common.gram_blocks(keys(j), mode=mode, mxu=mxu))
 
-    gram = lax.fori_loop(0, k_ref.shape[1] // kw, add_gram, zero_blocks(parts, SUB_TILE))
+    gram = lax.fori_loop(0, k_ref.shape[1] // kw, add_gram, zero_blocks(parts, k_ref.shape[0] // parts))
     x = common.inverse_blocks(gram, beta)
 
     def store_w(j, carry):
@@ -160,7 +159,12 @@ def wy_representation(k, v, beta, b, docs, lay: Layout, statics: Statics):
     d, e = lay.dim, lay.value_dim
     return pl.pallas_call(
         functools.partial(
-            _wy_kernel, mode=lay.mode, has_docs=docs is not None, mxu=lay.mxu, block_cols=statics.cfg.block_cols
+            _wy_kernel,
+            mode=lay.mode,
+            has_docs=docs is not None,
+            mxu=lay.mxu,
+            block_cols=statics.cfg.block_cols,
+            parts=lay.wy_parts,
         ),
         grid=lay.chunk_grid(),
         in_specs=[

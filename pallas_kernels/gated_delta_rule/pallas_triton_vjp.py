@@ -33,7 +33,6 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.common import F32, dot
 from pallas_kernels.gated_delta_rule import common
-from pallas_kernels.gated_delta_rule.config import SUB_TILE
 from pallas_kernels.gated_delta_rule.layout import (
     Layout,
     Residuals,
@@ -113,7 +112,7 @@ def _state_bwd_kernel(
 
 
 def _state_step_bwd_kernel(
-    k_ref, beta_ref, h_ref, dh_ref, v_new_ref, dk_out_ref, *refs, mode, has_docs, mxu, block_cols
+    k_ref, beta_ref, h_ref, dh_ref, v_new_ref, dk_out_ref, *refs, mode, has_docs, mxu, block_cols, parts
 ):
     """The state step's shares of dk and db of one chunk (``common.state_backward``) added to the
     output's: the first half of a split ``wy_bwd`` (``cfg.wy_bwd_split``), walking the key columns
@@ -122,7 +121,7 @@ def _state_step_bwd_kernel(
     gate_ref, doc_refs = pop_gate_refs(refs, mode=mode, has_docs=has_docs)
     db_out_ref = refs.pop(0) if mode != "none" else None
     dk_ref, *db_ref = refs
-    parts = k_ref.shape[0] // SUB_TILE
+    rows = k_ref.shape[0] // parts
     beta, docs = load_tiles(beta_ref, parts), load_doc_tiles(doc_refs, parts)
     kw = min(block_cols, k_ref.shape[1])
 
@@ -149,7 +148,7 @@ def _state_step_bwd_kernel(
             db_rows = [a + s for a, s in zip(db_rows, db_state, strict=True)]
         return db_rows
 
-    row_zeros = [jnp.zeros((SUB_TILE,), F32) for _ in range(parts)]
+    row_zeros = [jnp.zeros((rows,), F32) for _ in range(parts)]
     db_rows = lax.fori_loop(0, k_ref.shape[1] // kw, key_step, row_zeros)
     if mode == "scalar":
         store_tiles(db_ref[0], [a + b for a, b in zip(db_rows, load_tiles(db_out_ref, parts), strict=True)])
@@ -170,6 +169,7 @@ def _wy_bwd_kernel(
     mxu,
     block_cols,
     with_state,
+    parts,
 ):
     """dk, dv, dβ and db of one chunk: the state step's (if ``with_state``; else ``dk_out`` and
     ``db_out`` already hold them) and the WY form's, plus the output's share.
@@ -182,7 +182,7 @@ def _wy_bwd_kernel(
     gate_ref, doc_refs = pop_gate_refs(refs, mode=mode, has_docs=has_docs)
     db_out_ref = refs.pop(0) if mode != "none" else None
     dk_ref, dv_ref, dbeta_ref, *db_ref = refs
-    parts = k_ref.shape[0] // SUB_TILE
+    rows = k_ref.shape[0] // parts
     beta, docs = load_tiles(beta_ref, parts), load_doc_tiles(doc_refs, parts)
     kw, vw = min(block_cols, k_ref.shape[1]), min(block_cols, v_ref.shape[1])
     key_steps, value_steps = k_ref.shape[1] // kw, v_ref.shape[1] // vw
@@ -209,7 +209,7 @@ def _wy_bwd_kernel(
         _, chunk, du = values(j)
         return common.add_blocks(dx, common.dx_blocks(common.value_rhs(chunk, mxu), du, mxu))
 
-    zeros = zero_blocks(parts, SUB_TILE)
+    zeros = zero_blocks(parts, rows)
     gram, dx = lax.fori_loop(0, key_steps, dx_keys, (zeros, zeros))
     dx = lax.fori_loop(0, value_steps, dx_values, dx)
     x = common.inverse_blocks(gram, beta)
@@ -217,7 +217,7 @@ def _wy_bwd_kernel(
     # X and dG only feed matmuls from here: keep them in the operand dtype (half the registers)
     x = {ij: block.astype(mxu) for ij, block in x.items()}
     dgram = {ij: block.astype(mxu) for ij, block in dgram.items()}
-    row_zeros = [jnp.zeros((SUB_TILE,), F32) for _ in range(parts)]
+    row_zeros = [jnp.zeros((rows,), F32) for _ in range(parts)]
 
     def key_step(j, carry):
         dbeta, db_rows = carry
@@ -358,7 +358,12 @@ def state_step_backward(res: Residuals, dh, dk_out, db_out, lay: Layout, statics
     has_docs = res.docs is not None
     gate_out = _gate_grad_shape(lay, res)
     kernel = functools.partial(
-        _state_step_bwd_kernel, mode=lay.mode, has_docs=has_docs, mxu=lay.mxu, block_cols=statics.cfg.block_cols
+        _state_step_bwd_kernel,
+        mode=lay.mode,
+        has_docs=has_docs,
+        mxu=lay.mxu,
+        block_cols=statics.cfg.block_cols,
+        parts=lay.wy_parts,
     )
     dk, *db = pl.pallas_call(
         kernel,
@@ -406,6 +411,7 @@ def wy_backward(res: Residuals, dh, dv_new, dk_out, db_out, lay: Layout, statics
         mxu=lay.mxu,
         block_cols=statics.cfg.block_cols,
         with_state=not split,
+        parts=lay.wy_parts,
     )
     grads = pl.pallas_call(
         kernel,

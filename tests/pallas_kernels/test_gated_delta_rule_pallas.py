@@ -133,6 +133,12 @@ CASES = {
         dict(b=1, t=130, h=2, hv=2, d=32, e=16, gate="deltanet"),
         dict(config=BlockConfig(chunk=16, block_e=16, block_cols=16)),
     ),
+    # the WY kernels on whole 32-token chunks (one tile: the inverse by doubling), documents
+    "gdn-f32-T70-whole-chunk-wy-docs": (
+        jnp.float32,
+        dict(b=1, t=70, h=1, hv=1, d=16, e=16, gate="gdn"),
+        dict(docs=(9, 40), config=BlockConfig(chunk=32, block_e=16, block_cols=16, wy_rows=32)),
+    ),
     # the split WY backward (the state step's gradients in a kernel of their own; the default is fused)
     "gdn-f32-T40-split-wy-bwd": (
         jnp.float32,
