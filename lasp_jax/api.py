@@ -25,8 +25,8 @@ from lasp_jax.mesh import check_mesh, check_ulysses_heads, layer_shard_map, laye
 from pallas_kernels import linear_attention
 from pallas_kernels.linear_attention.api import IMPLS, validate
 
-Strategy = Literal["ring", "allgather", "ulysses", "gather_kv"]
-STRATEGIES = ("ring", "allgather", "ulysses", "gather_kv")
+Strategy = Literal["ring", "allgather", "scan", "ulysses", "gather_kv"]
+STRATEGIES = ("ring", "allgather", "scan", "ulysses", "gather_kv")
 
 
 def _check_options(strategy, impl):
@@ -91,7 +91,7 @@ def lasp_attention_shard(
     )
     if size == 1:
         return linear_attention(q, k, v, impl=impl, **kwargs)
-    if strategy in ("ring", "allgather"):
+    if strategy in ("ring", "allgather", "scan"):
         return lasp.lasp_layer(q, k, v, axis_name=axis_name, size=size, strategy=strategy, impl=impl, **kwargs)
     baseline = baselines.ulysses if strategy == "ulysses" else baselines.gather_kv
     return baseline(q, k, v, axis_name=axis_name, size=size, impl=impl, **kwargs)
@@ -123,6 +123,9 @@ def lasp_attention(
     - ``"ring"`` (LASP): P−1 chained ``ppermute``s of the float32 ``[B, H, D, E]`` state;
     - ``"allgather"`` (LASP-2): one ``all_gather`` of the local states (and shard decays when
       ``g`` is given) and a float32 prefix scan on every rank;
+    - ``"scan"``: the prefix over ranks as a log-depth (Hillis–Steele) scan, ``⌈log2 P⌉`` rounds of
+      one ``ppermute`` each carrying one state (and its shard decay with ``g`` or documents);
+      the backward is the same scan from the right (``lasp_jax.scan``);
     - ``"ulysses"``: all-to-all sequence↔heads around the single-device op (needs ``H % P == 0``);
     - ``"gather_kv"``: all-gather K and V, state of the gathered prefix, local op.
 

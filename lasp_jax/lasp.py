@@ -4,7 +4,8 @@ Forward, on rank r of the sequence axis (notes/design.md §2):
 
 1. ``M_r = Σ_j exp(b_{L-1} − b_j) k_jᵀ v_j`` (one pass over k and v, float32 accumulation) and
    the shard decay ``log Γ_r = b_{L-1}``, with ``b`` the cumulative log decay inside the shard;
-2. the entering state ``S_in(r)`` from the other ranks (``state_passing``: ring or allgather);
+2. the entering state ``S_in(r)`` from the other ranks (``state_passing``: ring or allgather;
+   ``scan``: the log-depth scan);
 3. the local kernel ``pallas_kernels.linear_attention(..., initial_state=S_in(r))``, which
    returns the true output and the state leaving the shard.
 
@@ -41,7 +42,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lasp_jax import state_passing
+from lasp_jax import scan, state_passing
 from pallas_kernels import linear_attention
 from pallas_kernels.common import acc_dtype
 from pallas_kernels.linear_attention import pallas_triton, reference
@@ -62,6 +63,8 @@ class LaspConfig:
     # enclosing shard_map does not check varying axes)
     inputs: tuple[tuple[str, Any, frozenset], ...] = ()
     vma_checked: bool = False
+    # the same Γ on every rank (g_gamma or no decay, no documents): the scan need not send it
+    shared_decay: bool = False
 
 
 # log Γ of a shard whose entering state does not reach its end (a document boundary inside or at
@@ -228,6 +231,12 @@ def _shard_log_gamma(q, decay: ShardDecay | None):
 
 def _entering_state(cfg: LaspConfig, m, log_gamma, s0, gather_gamma):
     """(S_in(r), final state or None, what the backward needs to run the reverse pass)."""
+    if cfg.strategy == "scan":
+        kind = scan.ScalarDecay(shared=cfg.shared_decay)
+        s_in, final = scan.prefix(
+            kind, log_gamma, m, s0, axis_name=cfg.axis_name, size=cfg.size, want_final=cfg.output_final_state
+        )
+        return s_in, final, log_gamma
     if cfg.strategy == "ring":
         s_in, final = state_passing.ring_prefix(
             m, log_gamma, s0, axis_name=cfg.axis_name, size=cfg.size, want_final=cfg.output_final_state
@@ -367,6 +376,9 @@ def _state_cotangent_leaving(cfg: LaspConfig, dm, gamma_res, d_final):
     if d_final is not None and not cfg.vma_checked:
         # unchecked shard_map treats every rank's copy of final_state as its own output: sum them
         d_final = jax.lax.psum(d_final, cfg.axis_name)
+    if cfg.strategy == "scan":
+        kind = scan.ScalarDecay(shared=cfg.shared_decay)
+        return scan.suffix(kind, gamma_res, dm, d_final, axis_name=cfg.axis_name, size=cfg.size)
     if cfg.strategy == "ring":
         return state_passing.ring_suffix(dm, gamma_res, d_final, axis_name=cfg.axis_name, size=cfg.size)
     return state_passing.allgather_suffix(dm, gamma_res, d_final, axis_name=cfg.axis_name, size=cfg.size)
@@ -432,7 +444,8 @@ def lasp_layer(
     segment_ids=None,
     impl,
 ):
-    """LASP (``strategy="ring"``) or LASP-2 (``"allgather"``) on one shard; see the module docstring."""
+    """LASP (``strategy="ring"``), LASP-2 (``"allgather"``) or the log-depth ``"scan"`` on one shard;
+    see the module docstring."""
     inputs = {"q": q, "k": k, "v": v}
     for name, x in (("g", g), ("g_gamma", g_gamma), ("initial_state", initial_state)):
         if x is not None:
@@ -448,6 +461,7 @@ def lasp_layer(
         output_final_state=output_final_state,
         inputs=described,
         vma_checked=checked,
+        shared_decay=g is None and segment_ids is None,
     )
     segments = None if segment_ids is None else shard_segments(segment_ids, axis_name=axis_name, size=size)
     return _lasp_layer(cfg, inputs, segments)

@@ -11,6 +11,9 @@ zig-zag reordering: the prefix structure needs contiguous shards). Strategies:
 - ``"allgather"`` (LASP-2 for affine recurrences): one ``all_gather`` of every rank's
   ``(Φ_r, M_r)`` per layer, a float32 fold over the ranks, the local op from ``S_in(r)``;
 - ``"ring"`` (LASP): P−1 chained ``ppermute``s of the ``[B, Hv, D, E]`` state;
+- ``"scan"``: the same prefix as a log-depth (Hillis–Steele) scan, ``⌈log2 P⌉`` rounds of one
+  ``ppermute`` of ``(Φ, M)`` each (the last sends M alone); backward: the scan from the right with
+  ``Φᵀ`` (``lasp_jax.scan``);
 - ``"ulysses"``: all-to-all sequence↔heads around the single-device op (``H % P == Hv % P == 0``).
 """
 
@@ -27,8 +30,8 @@ from lasp_jax.state_passing import broadcast_from, varying_axes
 from pallas_kernels import gated_delta_rule
 from pallas_kernels.gated_delta_rule.api import check_impl, validate
 
-Strategy = Literal["allgather", "ring", "ulysses"]
-STRATEGIES = ("allgather", "ring", "ulysses")
+Strategy = Literal["allgather", "ring", "scan", "ulysses"]
+STRATEGIES = ("allgather", "ring", "scan", "ulysses")
 _TOKEN_ARGS = ("q", "k", "v", "beta", "g")
 
 

@@ -1,10 +1,11 @@
-"""The sequence-parallel gated delta rule on one shard (ring, allgather): one ``jax.custom_vjp``.
+"""The sequence-parallel gated delta rule on one shard (ring, allgather, scan): one ``jax.custom_vjp``.
 
 Forward, on rank r of the sequence axis (notes/design.md §6, LASP-2 for affine recurrences):
 
 1. ``(M_r, Φ_r)`` = ``xla.shard_transition(k, v, β, g)``: the shard's final state from zero and its
    composed transition (one state pass over k, v, β, g on ``E + D`` columns);
-2. ``S_in(r)`` from the other ranks (``affine``: ring or allgather, float32);
+2. ``S_in(r)`` from the other ranks (``affine``: ring or allgather; ``scan``: the log-depth scan;
+   float32);
 3. the local op ``pallas_kernels.gated_delta_rule(..., initial_state=S_in(r))`` under ``jax.vjp``:
    the true output and the state leaving the shard; its residuals are the layer's.
 
@@ -46,6 +47,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from lasp_jax import scan
 from lasp_jax.delta_rule import affine
 from lasp_jax.lasp import Segments, shard_segments
 from lasp_jax.state_passing import broadcast_from, varying_axes
@@ -76,7 +78,7 @@ class SplitResiduals(NamedTuple):
 
     call: pallas_triton_split.SplitCall
     kernel: Any  # the kernel's own residuals from S_in(r)
-    phis: jax.Array  # Φ_r (ring) or every rank's Φ [P, B, Hv, D, D] (allgather)
+    phis: jax.Array  # Φ_r (ring, scan) or every rank's Φ [P, B, Hv, D, D] (allgather)
     segments: Segments | None
 
 
@@ -88,7 +90,7 @@ class Residuals(NamedTuple):
     k: jax.Array
     beta: jax.Array
     g: jax.Array | None
-    phis: jax.Array  # Φ_r (ring) or every rank's Φ [P, B, Hv, D, D] (allgather)
+    phis: jax.Array  # Φ_r (ring, scan) or every rank's Φ [P, B, Hv, D, D] (allgather)
     segments: Segments | None
 
 
@@ -115,8 +117,11 @@ def _local_op(cfg: DeltaRuleConfig, inputs, segments: Segments | None):
 
 
 def _entering_state(cfg: DeltaRuleConfig, phi, m, s0):
-    """``(S_in(r), final state or None, what the reverse pass needs)``; the ring's final state
-    comes from the last rank's local op instead."""
+    """``(S_in(r), final state or None, what the reverse pass needs)``; the ring's and the scan's
+    final state comes from the last rank's local op instead."""
+    if cfg.strategy == "scan":
+        s_in, _ = scan.prefix(scan.MatrixTransition(), phi, m, s0, axis_name=cfg.axis_name, size=cfg.size)
+        return s_in, None, phi
     if cfg.strategy == "ring":
         return affine.ring_prefix(phi, m, s0, axis_name=cfg.axis_name, size=cfg.size), None, phi
     return affine.allgather_prefix(
@@ -131,8 +136,9 @@ def _entering_state(cfg: DeltaRuleConfig, phi, m, s0):
 
 
 def _final_from_last_rank(cfg: DeltaRuleConfig, final, s_out):
-    """The ring's final state: the last rank's leaving state, on every rank (allgather has it already)."""
-    if cfg.strategy == "ring" and cfg.output_final_state:
+    """The ring's (and scan's) final state: the last rank's leaving state, on every rank (allgather
+    has it already)."""
+    if cfg.strategy in ("ring", "scan") and cfg.output_final_state:
         return broadcast_from(s_out, cfg.size - 1, cfg.axis_name)
     return final
 
@@ -195,6 +201,8 @@ def _pass_back(cfg: DeltaRuleConfig, phis, ds_local, d_final, segments: Segments
     if d_final is not None and not cfg.vma_checked:
         # unchecked shard_map treats every rank's copy of final_state as its own output: sum them
         d_final = jax.lax.psum(d_final, cfg.axis_name)
+    if cfg.strategy == "scan":
+        return scan.suffix(scan.MatrixTransition(), phis, ds_local, d_final, axis_name=cfg.axis_name, size=cfg.size)
     passing = affine.ring_suffix if cfg.strategy == "ring" else affine.allgather_suffix
     return passing(phis, ds_local, d_final, axis_name=cfg.axis_name, size=cfg.size)
 
@@ -263,7 +271,8 @@ def delta_rule_layer(
     segment_ids=None,
     impl,
 ):
-    """The ring (LASP) or allgather (LASP-2) gated delta rule on one shard; see the module docstring."""
+    """The ring (LASP), allgather (LASP-2) or log-depth scan gated delta rule on one shard; see the
+    module docstring."""
     inputs = {"q": q, "k": k, "v": v, "beta": beta}
     for name, x in (("g", g), ("initial_state", initial_state)):
         if x is not None:
