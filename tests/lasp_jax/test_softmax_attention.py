@@ -371,6 +371,87 @@ def test_ring_passes_blocks_and_accumulators():
     assert grad == {"collective_permute": 14}
 
 
+# --- zig-zag ring and TokenRing -------------------------------------------------------------------
+
+# strategy, balance, impl, dp, sp: every shard of o, dq, dk, dv against the oracle, with packed documents
+# (the long ones, covering no code path the others miss, are in tests/conftest.py's SLOW set)
+RING_FAMILY = [
+    ("tokenring", None, "xla", 2, 4),
+    ("tokenring", False, "xla", 1, 2),
+    ("zigzag_ring", None, "xla", 1, 4),
+    ("tokenring", False, "xla", 1, 4),
+    ("zigzag_ring", None, "xla", 2, 2),
+    ("tokenring", None, "pallas", 1, 2),
+    ("zigzag_ring", None, "pallas", 1, 2),
+]
+
+
+@pytest.mark.parametrize(
+    "strategy,balance,impl,dp,sp",
+    RING_FAMILY,
+    ids=[f"{s}-{'contiguous' if b is False else 'balanced'}-{i}-dp{a}xsp{p}" for s, b, i, a, p in RING_FAMILY],
+)
+def test_tokenring_and_zigzag_ring_every_shard(rng, strategy, balance, impl, dp, sp):
+    """TokenRing (queries out, partial outputs back) and the zig-zag ring (K/V dealt as half-shards)
+    against the float64 oracle on every shard, balanced and contiguous, grouped heads, E != D, with
+    packed documents (boundaries at shard and half-shard edges, one-token documents)."""
+    mesh = _mesh(dp, sp)
+    t = (8 if impl == "xla" else 16) * sp
+    attn = functools.partial(
+        softmax_attention, mesh=mesh, batch_axis="dp", strategy=strategy, impl=impl, balance=balance, block_size=4
+    )
+    b = 2 * dp
+    _check(rng, attn, dp=dp, sp=sp, b=b, t=t, h=4, hk=2, d=16, e=8, segment_ids=_documents(rng, b, t, sp))
+
+
+def test_tokenring_with_heads_over_a_tp_axis(rng):
+    """``head_axis`` as for the other strategies: heads split over "tp" (one query group of 2 with its
+    KV head per tp rank), TokenRing over "sp" only; every shard against the oracle."""
+    _mesh(1, 4)  # skips without 4 devices
+    mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("sp", "tp"))
+    attn = functools.partial(softmax_attention, mesh=mesh, head_axis="tp", strategy="tokenring", impl="xla")
+    _check(rng, attn, sp=2, b=1, t=16, h=4, hk=2, d=8)
+
+
+@pytest.mark.parametrize("sp", [2, 4, 8])
+def test_dealt_keys_give_every_ring_step_equal_work(sp):
+    """With queries and K/V both dealt (zig-zag ring, balanced TokenRing), at every step every rank
+    meets the same number of visible chunk pairs (a diagonal pair counts ½): 2, where the plain
+    ring's contiguous K/V blocks give steps of 0 to 4 chunk pairs."""
+    from lasp_jax.softmax.deal import dealt_chunks
+
+    def pairs(q_chunks, k_chunks):
+        return sum(1.0 if a > c else 0.5 if a == c else 0.0 for a in q_chunks for c in k_chunks)
+
+    chunks = [tuple(map(int, dealt_chunks(r, sp))) for r in range(sp)]
+    for step in range(sp):
+        dealt = [pairs(chunks[r], chunks[(r - step) % sp]) for r in range(sp)]
+        assert dealt == [2.0] * sp, (step, dealt)
+    plain = {pairs(chunks[r], (2 * s, 2 * s + 1)) for r in range(sp) for s in range(sp)}
+    assert len(plain) > 1  # the plain ring's (balanced queries, contiguous K/V) steps are unequal
+
+
+def test_tokenring_and_zigzag_ring_collectives():
+    """One ``collective_permute`` per array sent. TokenRing at P = 4, unrolled: per step the queries
+    forward and the partial (o, lse) back; K/V never move except to be dealt. The zig-zag ring: the
+    balanced ring's, plus K and V dealt, its dK/dV accumulators as two halves, dK and dV dealt back."""
+    fwd, grad = _collectives("tokenring", _sp_mesh(4), balance=False)
+    assert fwd == {"collective_permute": 3 + 3 * 2}  # q forward 3 times, (o, lse) back from 3 ranks
+    # + backward: (q, o, lse, dO) forward 3 times, the dq partials back 3 times
+    assert grad == {"collective_permute": 9 + 3 * 4 + 3}
+    fwd, grad = _collectives("tokenring", _sp_mesh(4))
+    # balanced: q halves dealt (2), K and V dealt (4), two halves travel (6) and come back with
+    # their lse (12), outputs dealt back (2)
+    assert fwd == {"collective_permute": 2 + 4 + 6 + 12 + 2}
+    # + backward: dO dealt (2), two halves of (q, o, lse, dO) travel (24), dq back (6), dq, dK and dV
+    # dealt back (6); the grad-only program drops the outputs' return trip (2)
+    assert grad == {"collective_permute": 26 + 2 + 24 + 6 + 6 - 2}
+    fwd, grad = _collectives("zigzag_ring", _sp_mesh(4))
+    assert fwd == {"collective_permute": 6 + 4}  # the balanced ring's, and the K, V halves dealt
+    # the balanced ring's 14, K and V dealt (4), dK/dV halves in the loop and the last hop (+4), dealt back (4)
+    assert grad == {"collective_permute": 14 + 4 + 4 + 4}
+
+
 # --- bad input ------------------------------------------------------------------------------------
 
 
@@ -389,6 +470,9 @@ def _arrays(b=2, t=16, h=4, hk=2, d=8, dtype=jnp.float32):
         ({"mesh": None, "strategy": "zigzag"}, {}, ValueError, r"strategy must be one of"),
         ({"mesh": None, "impl": "flash"}, {}, ValueError, r"impl must be one of"),
         ({"mesh": "1x2", "strategy": "ring", "impl": "cudnn"}, {}, ValueError, r"strategy='ring'.*impl='cudnn'"),
+        ({"mesh": "1x2", "strategy": "tokenring", "impl": "dpa_xla"}, {}, ValueError, r"'tokenring'.*impl='dpa_xla'"),
+        ({"mesh": "1x2", "strategy": "zigzag_ring", "balance": False}, {}, ValueError, r"zigzag_ring.*balance=False"),
+        ({"mesh": "1x2", "strategy": "zigzag_ring"}, {"t": 14}, ValueError, r"zigzag_ring.*even.*\(2, 7, 4, 8\)"),
         ({"mesh": None, "impl": "pallas"}, {"dtype": jnp.float64}, TypeError, r"impl='pallas' takes bf16.*float64"),
         ({"mesh": None, "block_size": 0}, {}, ValueError, r"block_size must be a positive int"),
         ({"mesh": None}, {"dtype": jnp.int32}, TypeError, r"q.dtype=int32"),
@@ -405,6 +489,9 @@ def _arrays(b=2, t=16, h=4, hk=2, d=8, dtype=jnp.float32):
         "strategy",
         "impl",
         "ring-cudnn",
+        "tokenring-dpa",
+        "zigzag-unbalanced",
+        "zigzag-odd",
         "pallas-f64",
         "block",
         "int",
