@@ -104,24 +104,41 @@ def restore_state(manager: ocp.CheckpointManager, step: int, config: TrainConfig
     return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
 
 
-def load_model(ckpt_dir: str, *, step: int | None = None, sp: int = 1) -> tuple[LanguageModel, TrainConfig, Mesh]:
-    """(model, train config, mesh): the parameters of a checkpoint (default: the latest step),
-    replicated on a ``(1, sp)`` mesh of the first ``sp`` devices. The optimizer state is not read."""
+def read_config(ckpt_dir: str, step: int | None = None) -> tuple[TrainConfig, int]:
+    """The ``TrainConfig`` saved with a checkpoint (default: the latest step) and that step."""
     manager = ocp.CheckpointManager(os.path.abspath(ckpt_dir), item_names=ITEMS)
     try:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise ValueError(f"no checkpoint found in ckpt_dir={ckpt_dir!r}")
-        config = config_from_json(saved_config(manager, step))
-        graphdef, abstract_params = nnx.split(
-            nnx.eval_shape(lambda: LanguageModel(config.model, rngs=nnx.Rngs(0))), nnx.Param
-        )
-        mesh = build_mesh(1, sp, jax.devices()[:sp])
-        target = {"params": restore_target(abstract_params, tree_shardings(abstract_params, mesh))}
+        return config_from_json(saved_config(manager, step)), step
+    finally:
+        manager.close()
+
+
+def restore_params(ckpt_dir: str, shardings_for, *, step: int | None = None):
+    """(parameters, train config) of a checkpoint (default: the latest step); the optimizer state is not read.
+
+    ``shardings_for(abstract_params)`` gives the parameters' layout.
+    """
+    config, step = read_config(ckpt_dir, step)
+    manager = ocp.CheckpointManager(os.path.abspath(ckpt_dir), item_names=ITEMS)
+    try:
+        abstract = nnx.state(nnx.eval_shape(lambda: LanguageModel(config.model, rngs=nnx.Rngs(0))), nnx.Param)
+        target = {"params": restore_target(abstract, shardings_for(abstract))}
         restore = ocp.args.PyTreeRestore(
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
         )
         params = manager.restore(step, args=ocp.args.Composite(state=restore))["state"]["params"]
     finally:
         manager.close()
+    return params, config
+
+
+def load_model(ckpt_dir: str, *, step: int | None = None, sp: int = 1) -> tuple[LanguageModel, TrainConfig, Mesh]:
+    """(model, train config, mesh): the parameters of a checkpoint (default: the latest step),
+    replicated on a ``(1, sp)`` mesh of the first ``sp`` devices. The optimizer state is not read."""
+    mesh = build_mesh(1, sp, jax.devices()[:sp])
+    params, config = restore_params(ckpt_dir, lambda abstract: tree_shardings(abstract, mesh), step=step)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: LanguageModel(config.model, rngs=nnx.Rngs(0))))
     return nnx.merge(graphdef, params), config, mesh

@@ -35,8 +35,8 @@ import jax
 import numpy as np
 
 from models import config as model_config
-from models.checkpoint import load_model
-from models.config import PRESETS, ModelConfig, get_config
+from models.checkpoint import load_model, read_config
+from models.config import PRESETS, ModelConfig, get_config, hybrid_layer_types
 from models.dataset import TOKENIZER_FILE, read_meta
 from models.generate import decode_bytes, generate
 from models.layers import LaspContext
@@ -246,7 +246,15 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     data = overrides["data"]
     if data.get("source") == "bin" and data.get("path") and os.path.isdir(data["path"]):
         overrides["model"].setdefault("vocab_size", read_meta(data["path"])["vocab_size"])
-    model = get_config(args.preset, softmax_every=args.softmax_every, **overrides["model"])
+    init_from = overrides["run"].get("init_from")
+    if init_from:  # the checkpoint's model (lasp-convert import), the model flags on top
+        base = read_config(init_from)[0].model
+        model = base.replace(**overrides["model"]) if overrides["model"] else base
+        if args.softmax_every is not None:
+            every = args.softmax_every
+            model = model.replace(layer_types=hybrid_layer_types(model.n_layers, every) if every else None)
+    else:
+        model = get_config(args.preset, softmax_every=args.softmax_every, **overrides["model"])
     sections = {s: cls(**overrides[s]) for s, cls in SECTIONS.items()}
     return TrainConfig(model=model, **sections)
 

@@ -49,6 +49,7 @@ from models.config import ModelConfig
 from models.dataset import TokenData
 from models.flops import mfu, model_flops_per_token, param_count, peak_flops_per_device
 from models.generate import generate
+from models.layer_scan import matrix_mask
 from models.layers import LaspContext
 from models.model import REMAT_POLICIES, LanguageModel, lm_loss
 from models.profile import ProfileWindow, StepProfiler
@@ -86,7 +87,7 @@ def make_optimizer(optim: OptimConfig, total_steps: int) -> tuple[optax.Gradient
         b2=optim.b2,
         eps=optim.eps,
         weight_decay=optim.weight_decay,
-        mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p),
+        mask=matrix_mask,  # matrices per layer, also when stacked (models.layer_scan)
     )
     chain = [optax.clip_by_global_norm(optim.clip_norm)] if optim.clip_norm > 0 else []
     return optax.chain(*chain, adamw), schedule
@@ -220,8 +221,16 @@ class Trainer:
 
     # ---- state ----
     def init_state(self):
+        """A fresh state from ``run.seed``, or from ``run.init_from``'s parameters with a fresh optimizer."""
         key = jax.random.key(self.config.run.seed)
-        return jax.jit(self._init_fn, out_shardings=self.state_shardings)(key)
+        if not self.config.run.init_from:
+            return jax.jit(self._init_fn, out_shardings=self.state_shardings)(key)
+        params, _ = checkpoint.restore_params(self.config.run.init_from, lambda _: self.state_shardings["params"])
+
+        def start_from(params):
+            return self._init_fn(key) | {"params": params, "opt_state": self.optimizer.init(params)}
+
+        return jax.jit(start_from, out_shardings=self.state_shardings)(params)
 
     def model(self, params) -> LanguageModel:
         return nnx.merge(self.graphdef, params)

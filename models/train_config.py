@@ -55,6 +55,7 @@ class RunConfig:
 
     steps: int = 1000  # optimizer steps in all (a resumed run continues to this step)
     seed: int = 0  # parameter initialisation seed
+    init_from: str | None = None  # start from this checkpoint's parameters (lasp-convert import), fresh optimizer
     remat: RematPolicy = "none"  # recompute in the backward: none, dots (keep matmul outputs), full, offload
     loss_chunks: int = 1  # >1: the [B, T, V] logits are computed in this many strided chunks
     ckpt_dir: str | None = None  # orbax checkpoints (resumed from when it holds one)

@@ -19,8 +19,9 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from models.checkpoint import load_model
-from models.cli import generate_main
+from models.cli import config_from_args, generate_main
 from models.convert import HF_CONFIG_FILE, flat_params, import_hf, main
+from models.train import Trainer
 from tests.helpers import rel_err, tol
 
 HF = dict(
@@ -168,6 +169,14 @@ def test_import_export_round_trip_hybrid(tmp_path, rng):
     jax.tree.map(np.testing.assert_array_equal, first, again)
 
     assert generate_main(["--ckpt-dir", str(tmp_path / "ckpt"), "--prompt-ids", "1,2,3", "--max-new-tokens", "4"]) == 0
+
+    # lasp-train --run.init_from: the converted model and parameters, a fresh optimizer, on a dp 2 x sp 2 mesh
+    args = ["--run.init_from", str(tmp_path / "ckpt"), "--sp", "2", "--seq-len", "16", "--data.source", "synthetic"]
+    config = config_from_args(args)
+    assert config.model.types == ("linear", "softmax") and config.model.vocab_size == HF["vocab_size"]
+    state = Trainer(config, devices=jax.devices()[:4]).init_state()
+    assert int(state["step"]) == 0
+    jax.tree.map(np.testing.assert_array_equal, flat_params(state["params"]), first | {norm: np.ones(8, np.float32)})
 
 
 def test_convert_errors(tmp_path, rng, capsys):
