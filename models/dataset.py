@@ -82,7 +82,7 @@ class DataConfig:
         if self.pack_documents:
             if self.source == "synthetic":
                 raise ValueError("pack_documents needs source='text' or 'bin' (synthetic rows have no documents)")
-            if self.source == "bin" and self.eod_token is None and not os.path.isdir(self.path):
+            if self.source == "bin" and self.eod_token is None and os.path.isfile(self.path):
                 raise ValueError("pack_documents with source='bin' needs eod_token= the id that ends each document")
             if self.source == "text" and not self.doc_separator:
                 raise ValueError("pack_documents with source='text' needs a non-empty doc_separator")
@@ -187,6 +187,8 @@ class TokenData:
         elif config.source == "bin":
             tokens, eval_tokens, self.meta = _bin_arrays(config)
             if config.pack_documents and self.eod is None:
+                if self.meta is None or "eod_id" not in self.meta:
+                    raise ValueError("pack_documents with source='bin' needs eod_token= the id that ends each document")
                 self.eod = int(self.meta["eod_id"])
             if self.meta is not None and self.meta["vocab_size"] > vocab_size:
                 raise ValueError(

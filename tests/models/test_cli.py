@@ -69,10 +69,11 @@ def documented_commands() -> list[list[str]]:
     for path in [ROOT / "README.md", ROOT / "Makefile", *sorted((ROOT / "notes").glob("*.md"))]:
         text = path.read_text().replace("\\\n", " ")
         for line in text.splitlines():
-            match = re.search(r"(?:lasp-train|-m models\.train)\s(.*)", line)
-            if match and "--" in match.group(1):
+            match = re.search(r"(?:lasp-train|-m models\.train)\s+(--.*)", line)
+            if match:
                 args = shlex.split(match.group(1).split("`")[0].split("#")[0])
-                commands.append([a for a in args if not a.startswith("$")])
+                if "--help" not in args and "--run.init_from" not in args:  # (init_from reads a checkpoint)
+                    commands.append(args)
     return commands
 
 
