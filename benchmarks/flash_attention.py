@@ -15,11 +15,16 @@ tilings for the backward given the forward's o and lse), so the defaults in
     PYTHONPATH=$PWD python3 benchmarks/flash_attention.py --json flash.json
     PYTHONPATH=$PWD python3 benchmarks/flash_attention.py --q-start 0 --k-tokens 32768      # with cuDNN
     PYTHONPATH=$PWD python3 benchmarks/flash_attention.py --fwd 128,64,8,3 128,128,8,2 --bwd 64,64,64,64,8,2
+    PYTHONPATH=$PWD python3 benchmarks/flash_attention.py --fwd --backward fused --bwd 64,64,64,64,4,2 128,64,64,128,8,2
 
 Forward tiling ``block_q,block_k,num_warps,num_stages``; backward ``block_q_dq,block_k_dq,
-block_k_dkv,block_q_dkv,num_warps_bwd,num_stages_bwd``. TFLOP/s count the visible (causal) pairs
-only: forward ``4·D`` per pair and head, backward ``10·D`` (the five products of FlashAttention-2;
-the kernels recompute Q Kᵀ and dO Vᵀ in both backward kernels, seven products).
+block_k_dkv,block_q_dkv,num_warps_bwd,num_stages_bwd``; each backward tiling runs with every ``--backward``
+variant (``BlockConfig.backward``: ``split``, a dq and a dk/dv kernel that both recompute Q Kᵀ and
+dO Vᵀ, seven tile products; ``fused``, the dk/dv kernel adding dq with float32 atomics, five; the
+fused variant ignores the dq tiles). Every backward row reports its largest difference from the
+default configuration's split backward (dq, dk, dv), so a variant that computes something else
+shows. TFLOP/s count the visible (causal) pairs only: forward ``4·D`` per pair and head, backward
+``10·D`` (the five products of FlashAttention-2, whichever variant runs).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from pallas_kernels.flash_attention import (  # noqa: E402
     block_attention_fwd,
     default_config,
 )
+from pallas_kernels.flash_attention.config import BACKWARDS  # noqa: E402
 
 FWD_TILINGS = ["128,64,8,3", "128,64,4,3", "128,128,8,2", "128,128,8,3", "64,64,4,3", "64,128,4,2", "128,32,4,3"]
 BWD_TILINGS = [
@@ -72,6 +78,9 @@ def main():
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--fwd", nargs="*", default=FWD_TILINGS)
     parser.add_argument("--bwd", nargs="*", default=BWD_TILINGS)
+    parser.add_argument(
+        "--backward", nargs="+", default=list(BACKWARDS), choices=BACKWARDS, help="backward variants to time"
+    )
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument(
         "--docs", type=int, default=0, help="pack this many documents (random cuts over the keys' span) per row"
@@ -103,6 +112,7 @@ def main():
     base = default_config(head_dim=d, interpret=False)
     o_ref, lse_ref = jax.jit(lambda q, k, v: block_attention_fwd(q, k, v, **pos, config=base))(q, k, v)
     o_ref = o_ref.astype(dtype)
+    grads_ref = jax.jit(lambda *a: block_attention_bwd(*a, **pos, config=base))(q, k, v, o_ref, lse_ref, do)
     for spec in args.fwd:
         bq, bk, warps, stages = map(int, spec.split(","))
         row = {"pass": "fwd", "tiling": spec}
@@ -115,9 +125,9 @@ def main():
         except Exception as err:  # noqa: BLE001 (a tiling that does not fit is a result)
             row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
         rows.append(row)
-    for spec in args.bwd:
+    for spec, backward in [(spec, backward) for backward in args.backward for spec in args.bwd]:
         bq_dq, bk_dq, bk_dkv, bq_dkv, warps, stages = map(int, spec.split(","))
-        row = {"pass": "bwd", "tiling": spec}
+        row = {"pass": "bwd", "tiling": f"{backward} {spec}"}
         try:
             cfg = BlockConfig(
                 block_q=base.block_q,
@@ -130,10 +140,13 @@ def main():
                 num_stages=base.num_stages,
                 num_warps_bwd=warps,
                 num_stages_bwd=stages,
+                backward=backward,
             )
             fn = jax.jit(lambda *a, cfg=cfg: block_attention_bwd(*a, **pos, config=cfg))
             row["ms"] = median_ms(fn, q, k, v, o_ref, lse_ref, do, reps=args.reps)
             row["tflops"] = bwd_flop / row["ms"] / 1e9
+            grads = fn(q, k, v, o_ref, lse_ref, do)
+            row["max_abs_diff"] = max(float(jnp.abs(x - y).max()) for x, y in zip(grads, grads_ref, strict=True))
         except Exception as err:  # noqa: BLE001
             row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
         rows.append(row)
@@ -155,12 +168,13 @@ def main():
                 row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
             rows.append(row)
 
-    print(f"\n{'pass':>4} {'tiling':>22} {'ms':>9} {'TFLOP/s':>8}")
+    print(f"\n{'pass':>4} {'tiling':>24} {'ms':>9} {'TFLOP/s':>8} {'max |diff|':>11}")
     for r in rows:
         if "error" in r:
-            print(f"{r['pass']:>4} {r['tiling']:>22} {'—':>9}  {r['error']}")
+            print(f"{r['pass']:>4} {r['tiling']:>24} {'—':>9}  {r['error']}")
         else:
-            print(f"{r['pass']:>4} {r['tiling']:>22} {r['ms']:9.2f} {r['tflops']:8.1f}")
+            diff = f"{r['max_abs_diff']:.1e}" if "max_abs_diff" in r else "—"
+            print(f"{r['pass']:>4} {r['tiling']:>24} {r['ms']:9.2f} {r['tflops']:8.1f} {diff:>11}")
     if args.json:
         meta = {"jax": jax.__version__, "device": devices[0].device_kind, "args": vars(args)}
         with open(args.json, "w") as f:

@@ -1,8 +1,9 @@
-"""Softmax attention under sequence parallelism (LASP-2H allgather, ring) against one GPU.
+"""Softmax attention under sequence parallelism (LASP-2H allgather, ring, zig-zag ring, TokenRing) against one GPU.
 
     python benchmarks/hybrid.py                      # GPUs: sp=2, 32K tokens per GPU, bf16
     python benchmarks/hybrid.py --smoke              # CPU, 8 fake devices, tiny shapes, checks the outputs agree
     python benchmarks/hybrid.py --sp 2 4 --json out.json
+    python benchmarks/hybrid.py --strategies allgather zigzag_ring tokenring tokenring_contiguous
     python benchmarks/hybrid.py --impl cudnn         # the softmax layer's block compute (default auto: Pallas
                                                      # kernels on a GPU, cuDNN for the one-device rows)
 
@@ -71,9 +72,10 @@ def softmax_workload(cfg: Config, mesh: Mesh | None, strategy: str, tokens: int)
     k = jax.random.normal(keys[1], (b, tokens, hk, d), dtype)
     v = jax.random.normal(keys[2], (b, tokens, hk, d), dtype)
     do = jax.random.normal(keys[3], (b, tokens, h, d), dtype)
-    # --impl auto|pallas|xla|cudnn|dpa_xla; the ring has no cuDNN path (it merges float32 block
-    # log-sum-exps), so it falls back to auto there: the Pallas kernels on a GPU
-    impl = "auto" if strategy == "ring" and cfg.impl in ("cudnn", "dpa_xla") else cfg.impl
+    # --impl auto|pallas|xla|cudnn|dpa_xla; the rings and TokenRing have no cuDNN path (they merge
+    # float32 block log-sum-exps), so they fall back to auto there: the Pallas kernels on a GPU
+    ring_family = not strategy.startswith("allgather")
+    impl = "auto" if ring_family and cfg.impl in ("cudnn", "dpa_xla") else cfg.impl
     # "<strategy>_contiguous": without the causal load balancing (balance=False)
     balance = False if strategy.endswith("_contiguous") else None
     strategy = "allgather" if mesh is None else strategy.removesuffix("_contiguous")  # ignored on one device
@@ -102,7 +104,8 @@ def hybrid_train_workload(family: str) -> Workload:
     ``d_model = heads · head_dim`` (TNL: ``heads`` key/value heads; Linear-Llama3: ``kv_heads``),
     GLU width 8/3·d, byte vocabulary 256 (so the step measures the layers, not the head), float32
     parameters and ``cfg.dtype`` compute. ``strategy`` picks both the linear layers' LASP strategy
-    and the softmax layers' one (``allgather`` = LASP-2 / LASP-2H, ``ring`` = LASP / RingAttention).
+    and the softmax layers' one (``allgather`` = LASP-2 / LASP-2H, ``ring`` = LASP / RingAttention);
+    ``zigzag_ring`` and ``tokenring`` are softmax strategies only, their linear layers run allgather.
     The step's first output is the per-token loss ``[B, T]``, compared with one device's.
     """
 
@@ -132,7 +135,7 @@ def hybrid_train_workload(family: str) -> Workload:
         ctx = LaspContext(
             mesh=mesh,
             seq_axis="sp",
-            strategy="allgather" if mesh is None else strategy,
+            strategy="allgather" if mesh is None or strategy not in ("allgather", "ring") else strategy,
             softmax_strategy="allgather" if mesh is None else strategy,
         )
         graphdef, params = nnx.split(LanguageModel(model_cfg, rngs=nnx.Rngs(0)))
@@ -216,8 +219,16 @@ def main():
     parser.add_argument(
         "--strategies",
         nargs="+",
-        default=["allgather", "ring"],
-        choices=["allgather", "allgather_contiguous", "ring", "ring_contiguous"],
+        default=["allgather", "ring", "zigzag_ring", "tokenring"],
+        choices=[
+            "allgather",
+            "allgather_contiguous",
+            "ring",
+            "ring_contiguous",
+            "zigzag_ring",
+            "tokenring",
+            "tokenring_contiguous",
+        ],
         help="*_contiguous (softmax workload only): without causal load balancing",
     )
     parser.add_argument("--reps", type=int, default=5)
