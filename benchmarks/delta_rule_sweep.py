@@ -91,7 +91,9 @@ def sweep_op(op, shape, *, reps, budget, interpret, only=None) -> list[dict]:
     from pallas_kernels.gated_delta_rule.config import default_config
 
     b, t, h, d = shape
-    base = default_config(batch=b, value_heads=h, seq_len=t, value_dim=d, interpret=False)
+    base = default_config(
+        batch=b, value_heads=h, seq_len=t, value_dim=d, key_dim=d, per_channel=op == "kda", interpret=False
+    )
     q, k, v, beta, g, do = _jax_inputs(op, *shape)
     rows, start = [], time.perf_counter()
     todo = variants(base, d)

@@ -77,18 +77,31 @@ class BlockConfig:
 INTERPRET_CONFIG = BlockConfig(chunk=16, block_e=16)
 
 
-def default_config(*, batch: int, value_heads: int, seq_len: int, value_dim: int, interpret: bool) -> BlockConfig:
+def default_config(
+    *,
+    batch: int,
+    value_heads: int,
+    seq_len: int,
+    value_dim: int,
+    interpret: bool,
+    key_dim: int = 128,
+    per_channel: bool = False,
+) -> BlockConfig:
     """Interpret mode: small chunks, one split. GPU: 64-token chunks, value blocks of 32, and
     splits (a power of two) until the state passes have about two programs per SM, keeping at
-    least 16 chunks per split.
+    least 16 chunks per split; the WY kernels take whole rows of keys and values at once
+    (``block_cols`` = the padded head dim) under scalar or no gates, 32-column blocks under
+    per-channel gates.
 
-    Untuned first choice (no GPU sweep yet; warps from ptxas register counts of a Triton 3.9 sm_90
-    build: the wy kernel spills at 4 warps, not at 8): at (B, T, Hv) = (1, 32K, 16) with E = 128 this gives
-    64 programs per split and 8 splits (512 programs, 64 chunks each).
+    Warps from ptxas register counts of a Triton 3.9 sm_90 build (the wy kernel spills at 4 warps,
+    not at 8); ``block_cols`` from the H200 sweep of 2026-11-30 (GDN (1, 32K, 16, 128) bf16
+    fwd+bwd: 10.5 ms whole rows, 13.2 ms 32 or 64 columns; ``wy_rows`` 32 13.3 ms, 64 18.8 ms).
+    At (B, T, Hv) = (1, 32K, 16) with E = 128 this gives 64 programs per split and 8 splits (512
+    programs, 64 chunks each).
     """
     if interpret:
         return INTERPRET_CONFIG
-    cfg = BlockConfig(block_e=min(32, value_dim))
+    cfg = BlockConfig(block_e=min(32, value_dim), block_cols=32 if per_channel else max(16, key_dim, value_dim))
     programs = batch * value_heads * (value_dim // cfg.block_e)
     chunks = -(-seq_len // cfg.chunk)
     splits = 1

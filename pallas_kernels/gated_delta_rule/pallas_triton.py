@@ -397,7 +397,15 @@ def prepare(q, k, v, beta, g, initial_state, segment_ids, scale, interpret, conf
     if not supports(q, k, v):
         raise ValueError(f"inputs too large for int32 offsets: q.shape={tuple(q.shape)}, v.shape={tuple(v.shape)}")
     dp, ep = pad_dim(d), pad_dim(e)
-    cfg = config or default_config(batch=b, value_heads=hv, seq_len=t, value_dim=ep, interpret=interpret)
+    cfg = config or default_config(
+        batch=b,
+        value_heads=hv,
+        seq_len=t,
+        value_dim=ep,
+        key_dim=dp,
+        per_channel=g is not None and g.ndim == 4,
+        interpret=interpret,
+    )
     tp = -(-t // (cfg.chunk * cfg.splits)) * cfg.chunk * cfg.splits
 
     def pad(x, width=None):

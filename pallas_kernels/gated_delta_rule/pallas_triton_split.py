@@ -70,7 +70,15 @@ def split_forward(q, k, v, beta, *, g=None, scale=None, segment_ids=None, interp
     b, t, _, d = q.shape
     hv, e = v.shape[2:]
     scale = float(d**-0.5 if scale is None else scale)
-    config = config or default_config(batch=b, value_heads=hv, seq_len=t, value_dim=pad_dim(e), interpret=interpret)
+    config = config or default_config(
+        batch=b,
+        value_heads=hv,
+        seq_len=t,
+        value_dim=pad_dim(e),
+        key_dim=pad_dim(d),
+        per_channel=g is not None and g.ndim == 4,
+        interpret=interpret,
+    )
     config = dataclasses.replace(config, splits=1)  # the caller's ranks are the splits
     found = {}
 
