@@ -49,8 +49,8 @@ def test_tokenize_train_generate(corpus, tmp_path, capsys):
 
     train = ["--preset", "tiny", "--data.source", "bin", "--data.path", str(out), "--data.pack_documents", "true"]
     train += ["--model.d_model", "32", "--model.n_layers", "1", "--model.n_heads", "2", "--model.ffn_dim", "64"]
-    train += ["--dp", "2", "--sp", "4", "--batch-size", "4", "--seq-len", "32", "--steps", "16", "--lr", "1e-2"]
-    train += ["--warmup-steps", "2", "--log-every", "4", "--eval-batches", "1", "--progress", "false"]
+    train += ["--dp", "2", "--sp", "4", "--batch-size", "4", "--seq-len", "32", "--steps", "12", "--lr", "1e-2"]
+    train += ["--warmup-steps", "2", "--log-every", "4", "--eval-batches", "0", "--progress", "false"]
     train += ["--ckpt-dir", str(ckpt), "--metrics", str(tmp_path / "m.jsonl"), "--tensorboard", str(tmp_path / "tb")]
     config = config_from_args(train)
     assert config.model.vocab_size == 384  # from meta.json
@@ -58,11 +58,10 @@ def test_tokenize_train_generate(corpus, tmp_path, capsys):
     assert train_main(train) == 0
     records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
-    assert len(losses) == 4 and losses[-1] < losses[0] - 0.3, losses  # from about ln(384) = 5.95
-    assert any("eval_loss" in r for r in records)
-    assert (ckpt / "16").is_dir() and (ckpt / "tokenizer.json").exists()
+    assert len(losses) == 3 and losses[-1] < losses[0] - 0.3, losses  # from about ln(384) = 5.95
+    assert (ckpt / "12").is_dir() and (ckpt / "tokenizer.json").exists()
     events = b"".join(p.read_bytes() for p in (tmp_path / "tb").iterdir())
-    assert b"train/loss" in events and b"eval/eval_loss" in events
+    assert b"train/loss" in events and b"train/tokens_per_s" in events  # (evaluation on val.bin: the test below)
     capsys.readouterr()
 
     assert generate_main(["--ckpt-dir", str(ckpt), "--prompt", "def ", "--max-new-tokens", "12", "--sp", "4"]) == 0
