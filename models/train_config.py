@@ -17,7 +17,7 @@ from models.dataset import DataConfig
 # strategy or policy listed here before its implementation lands fails with the layer's message
 Strategy = Literal["ring", "allgather", "ulysses", "gather_kv", "scan"]
 Impl = Literal["auto", "pallas", "xla", "reference"]
-SoftmaxStrategy = Literal["allgather", "ring"]
+SoftmaxStrategy = Literal["allgather", "ring", "zigzag_ring", "tokenring"]
 RematPolicy = Literal["none", "dots", "full", "offload"]
 STRATEGIES, IMPLS = get_args(Strategy), get_args(Impl)
 
@@ -32,7 +32,7 @@ class MeshConfig:
     fsdp: bool = False  # shard parameters and optimizer state over dp
     strategy: Strategy = "ring"  # lasp_attention / lasp_gated_delta_rule strategy (linear layers)
     impl: Impl = "auto"  # single-device kernel: auto (Pallas on a GPU, XLA elsewhere), pallas, xla, reference
-    softmax_strategy: SoftmaxStrategy = "allgather"  # softmax layers of hybrids: allgather (LASP-2H) or ring
+    softmax_strategy: SoftmaxStrategy = "allgather"  # softmax layers of hybrids: allgather (LASP-2H) or a ring
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import shlex
 import time
+import typing
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,16 @@ def test_values_and_choices_parse():
     assert (mesh.strategy, run.remat, mesh.fsdp, mesh.dp) == ("allgather", "dots", True, None)
     assert config.run.time_limit_s == 9.5 and config.model.layer_types == ("linear", "softmax")
     assert config.data.eod_token == 3
+
+
+def test_choices_cover_the_layers_strategies():
+    from lasp_jax import STRATEGIES as LINEAR
+    from lasp_jax.delta_rule import STRATEGIES as DELTA_RULE
+    from lasp_jax.softmax import STRATEGIES as SOFTMAX
+    from models.train_config import SoftmaxStrategy, Strategy
+
+    assert set(LINEAR) | set(DELTA_RULE) <= set(typing.get_args(Strategy))
+    assert set(SOFTMAX) <= set(typing.get_args(SoftmaxStrategy))
 
 
 def test_help_documents_every_field():
