@@ -20,6 +20,7 @@ shift and the online-softmax merge.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -228,3 +229,52 @@ def merge(o, lse, o_blk, lse_blk):
 def if_visible(k_start, q_start, rows: int, fn, carry):
     """``fn(carry)``, or ``carry`` unchanged when the key part is wholly in these query rows' future."""
     return lax.cond(k_start <= q_start + rows - 1, fn, lambda c: c, carry)
+
+
+# ---- queries against key parts: blocks merged into (o, lse), or their gradients added ----------
+
+
+def merge_key_parts(carry, *, q, ids, q_start, keys: list[KeyPart], statics: Statics):
+    """The running ``(o, lse)`` of queries ``q`` at ``q_start`` with every key part they see merged in."""
+    for key in keys:
+        fn = functools.partial(_merge_block, q=q, ids=ids, q_start=q_start, key=key, statics=statics)
+        carry = if_visible(key.start, q_start, q.shape[1], fn, carry)
+    return carry
+
+
+def add_key_parts(dq, dks, dvs, *, q, ids, o, lse, do, q_start, keys: list[KeyPart], statics: Statics):
+    """``(dq, dks, dvs)`` with the contribution of every key part the queries see added (``dks``,
+    ``dvs``: one accumulator per key part), given the queries' *final* o and lse."""
+    dks, dvs = list(dks), list(dvs)
+    for i, key in enumerate(keys):
+        fn = functools.partial(_add_block, q=q, ids=ids, o=o, lse=lse, do=do, q_start=q_start, key=key, statics=statics)
+        dq, dks[i], dvs[i] = if_visible(key.start, q_start, q.shape[1], fn, (dq, dks[i], dvs[i]))
+    return dq, dks, dvs
+
+
+def _merge_block(carry, *, q, ids, q_start, key: KeyPart, statics: Statics):
+    """The running ``(o, lse)`` of queries ``q`` at ``q_start`` with the key part's block merged in."""
+    block_fwd, _ = statics.block_functions()
+    kw = dict(q_start=q_start, k_start=key.start, scale=statics.scale, q_segment_ids=ids, k_segment_ids=key.ids)
+    o_blk, lse_blk = block_fwd(q, key.k, key.v, **kw)
+    return merge(*carry, o_blk, lse_blk)
+
+
+def _add_block(carry, *, q, ids, o, lse, do, q_start, key: KeyPart, statics: Statics):
+    """``(dq, dk, dv)`` with the key part's block contribution added, given the queries' *final* o, lse."""
+    dq, dk, dv = carry
+    _, block_bwd = statics.block_functions()
+    dq_b, dk_b, dv_b = block_bwd(
+        q,
+        key.k,
+        key.v,
+        o,
+        lse,
+        do,
+        q_start=q_start,
+        k_start=key.start,
+        scale=statics.scale,
+        q_segment_ids=ids,
+        k_segment_ids=key.ids,
+    )
+    return dq + dq_b, dk + dk_b, dv + dv_b

@@ -32,13 +32,13 @@ from lasp_jax.softmax.deal import (
     Residuals,
     SavedPart,
     Statics,
+    add_key_parts,
     cotangent_parts,
     deal_keys,
-    if_visible,
     join_parts,
     key_parts,
     keys_dealt,
-    merge,
+    merge_key_parts,
     part_starts,
     query_parts,
     shift,
@@ -103,26 +103,8 @@ def _merge_held(step, held: HeldBlock, stats, *, parts, dealt: bool, statics: St
     keys = held_parts(step, held, dealt, statics.axis_name)
     out = []
     for part, carry in zip(parts, stats, strict=True):
-        for key in keys:
-            fn = functools.partial(_merge_block, part=part, key=key, statics=statics)
-            carry = if_visible(key.start, part.start, part.q.shape[1], fn, carry)
-        out.append(carry)
+        out.append(merge_key_parts(carry, q=part.q, ids=part.ids, q_start=part.start, keys=keys, statics=statics))
     return out
-
-
-def _merge_block(carry, *, part, key, statics: Statics):
-    block_fwd, _ = statics.block_functions()
-    o_blk, lse_blk = block_fwd(
-        part.q,
-        key.k,
-        key.v,
-        q_start=part.start,
-        k_start=key.start,
-        scale=statics.scale,
-        q_segment_ids=part.ids,
-        k_segment_ids=key.ids,
-    )
-    return merge(*carry, o_blk, lse_blk)
 
 
 # ---- backward: dq stays, dK/dV accumulators travel with their block ------------------------------
@@ -159,32 +141,12 @@ def _add_held(step, held: HeldBlock, grads, *, parts, dos, dealt: bool, statics:
     """(dqs, dks, dvs) with the held block's contribution added for every query part that sees it."""
     dqs, dks, dvs = grads
     keys = held_parts(step, held, dealt, statics.axis_name)
-    dks, dvs, new_dqs = list(dks), list(dvs), []
+    new_dqs = []
     for part, do_part, dq in zip(parts, dos, dqs, strict=True):
-        for i, key in enumerate(keys):
-            fn = functools.partial(_add_block, part=part, do=do_part, key=key, statics=statics)
-            dq, dks[i], dvs[i] = if_visible(key.start, part.start, part.q.shape[1], fn, (dq, dks[i], dvs[i]))
+        saved = dict(q=part.q, ids=part.ids, o=part.o, lse=part.lse, q_start=part.start)
+        dq, dks, dvs = add_key_parts(dq, dks, dvs, **saved, do=do_part, keys=keys, statics=statics)
         new_dqs.append(dq)
     return new_dqs, dks, dvs
-
-
-def _add_block(carry, *, part: SavedPart, do, key, statics: Statics):
-    dq, dk, dv = carry
-    _, block_bwd = statics.block_functions()
-    dq_b, dk_b, dv_b = block_bwd(
-        part.q,
-        key.k,
-        key.v,
-        part.o,
-        part.lse,
-        do,
-        q_start=part.start,
-        k_start=key.start,
-        scale=statics.scale,
-        q_segment_ids=part.ids,
-        k_segment_ids=key.ids,
-    )
-    return dq + dq_b, dk + dk_b, dv + dv_b
 
 
 ring_attention.defvjp(_ring_fwd, _ring_bwd)

@@ -34,13 +34,14 @@ from lasp_jax.softmax.deal import (
     Residuals,
     SavedPart,
     Statics,
+    add_key_parts,
     cotangent_parts,
     deal_keys,
-    if_visible,
     join_parts,
     key_parts,
     keys_dealt,
     merge,
+    merge_key_parts,
     part_starts,
     query_parts,
     shift,
@@ -99,25 +100,7 @@ def _attend(q, ids, q_start, keys, statics: Statics):
     b, rows, h, _ = q.shape
     acc = acc_dtype(q.dtype)
     carry = (jnp.zeros((b, rows, h, keys[0].v.shape[-1]), acc), jnp.full((b, h, rows), -jnp.inf, acc))
-    for key in keys:
-        fn = functools.partial(_merge_block, q=q, ids=ids, q_start=q_start, key=key, statics=statics)
-        carry = if_visible(key.start, q_start, rows, fn, carry)
-    return carry
-
-
-def _merge_block(carry, *, q, ids, q_start, key, statics: Statics):
-    block_fwd, _ = statics.block_functions()
-    o_blk, lse_blk = block_fwd(
-        q,
-        key.k,
-        key.v,
-        q_start=q_start,
-        k_start=key.start,
-        scale=statics.scale,
-        q_segment_ids=ids,
-        k_segment_ids=key.ids,
-    )
-    return merge(*carry, o_blk, lse_blk)
+    return merge_key_parts(carry, q=q, ids=ids, q_start=q_start, keys=keys, statics=statics)
 
 
 # ---- backward: q, dO, o, lse out, partial dq back; dK/dV stay -----------------------------------
@@ -139,8 +122,11 @@ def _tokenring_bwd(statics: Statics, res: Residuals, do):
         following = shift(held, axis) if step < n - 1 else None
         q_starts = _query_starts(step, res.parts[0].q.shape[1], len(res.parts), axis)
         partial = []
-        for travelling, q_start in zip(held, q_starts, strict=True):
-            dq, dks, dvs = _add_grads(*travelling, q_start, keys, dks, dvs, statics=statics)
+        for (q, ids, o, lse, do_p), q_start in zip(held, q_starts, strict=True):
+            dq = jnp.zeros(q.shape, acc)  # this rank's partial dq of the travelling queries
+            dq, dks, dvs = add_key_parts(
+                dq, dks, dvs, q=q, ids=ids, o=o, lse=lse, do=do_p, q_start=q_start, keys=keys, statics=statics
+            )
             partial.append(dq)
         if step:  # the float32 dq partials back to the queries' owner
             partial = [a + b for a, b in zip(dqs, shift(partial, axis, hops=-step), strict=True)]
@@ -149,36 +135,6 @@ def _tokenring_bwd(statics: Statics, res: Residuals, do):
     dk, dv = join_parts(key_plan, dks, axis), join_parts(key_plan, dvs, axis)
     dq = join_parts(plan, [dq.astype(q_dtype) for dq in dqs], axis)
     return dq, dk.astype(res.k.dtype), dv.astype(res.v.dtype), None
-
-
-def _add_grads(q, ids, o, lse, do, q_start, keys, dks, dvs, *, statics: Statics):
-    """The dq partial (float32) of one travelling query part against the local key parts, and the
-    local dK/dV accumulators with its contributions added."""
-    dq = jnp.zeros(q.shape, acc_dtype(q.dtype))
-    dks, dvs = list(dks), list(dvs)
-    for i, key in enumerate(keys):
-        fn = functools.partial(_add_block, q=q, ids=ids, o=o, lse=lse, do=do, q_start=q_start, key=key, statics=statics)
-        dq, dks[i], dvs[i] = if_visible(key.start, q_start, q.shape[1], fn, (dq, dks[i], dvs[i]))
-    return dq, dks, dvs
-
-
-def _add_block(carry, *, q, ids, o, lse, do, q_start, key, statics: Statics):
-    dq, dk, dv = carry
-    _, block_bwd = statics.block_functions()
-    dq_b, dk_b, dv_b = block_bwd(
-        q,
-        key.k,
-        key.v,
-        o,
-        lse,
-        do,
-        q_start=q_start,
-        k_start=key.start,
-        scale=statics.scale,
-        q_segment_ids=ids,
-        k_segment_ids=key.ids,
-    )
-    return dq + dq_b, dk + dk_b, dv + dv_b
 
 
 tokenring_attention.defvjp(_tokenring_fwd, _tokenring_bwd)
