@@ -74,6 +74,9 @@ class ModelConfig:
     layer_types: tuple[str, ...] | None = None  # per layer; None: all "linear" (the family's recurrent mixer)
     n_v_heads: int | None = None  # delta-rule families: value heads (a multiple of n_heads); None means n_heads
     conv_size: int = 4  # delta-rule families: width of the causal short convolution on q, k, v
+    # run the blocks under a lax.scan over stacked parameters (one step per period of layer_types;
+    # models.layer_scan): compile time flat in depth; parameter paths differ, so off by default
+    scan_layers: bool = False
 
     def __post_init__(self):
         def positive(name):
@@ -87,6 +90,8 @@ class ModelConfig:
         for name in ("n_kv_heads", "ffn_dim", "n_v_heads"):
             if getattr(self, name) is not None:
                 positive(name)
+        if not isinstance(self.scan_layers, bool):
+            raise ValueError(f"ModelConfig.scan_layers must be a bool, got scan_layers={self.scan_layers!r}")
         if self.family not in FAMILIES:
             raise ValueError(f"ModelConfig.family must be one of {FAMILIES}, got family={self.family!r}")
         for name, allowed in (

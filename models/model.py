@@ -6,6 +6,11 @@ state by one token, so memory per generated token is constant. Softmax layers of
 (``layer_types``) run ``lasp_jax.softmax_attention`` on whole sequences and decode from a key/value
 cache of fixed capacity (``cache_size``: prompt + new tokens), so their memory grows with the length.
 Positions are global token indices, so LRPE/RoPE see the same positions whether or not the sequence is sharded.
+
+With ``config.scan_layers`` the blocks' parameters are stacked and training runs them under one
+``lax.scan`` (``models.layer_scan``: one step per period of the layer pattern, the remaining layers
+after it), so compile time stays flat in depth; prefill and decoding run the layers one by one from
+views of the stacked parameters (``layers()``), so generation is the same in both layouts.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from flax import nnx
 
 from models.config import ModelConfig
 from models.delta_layers import DELTA_MIXERS, DeltaRuleMixer
+from models.layer_scan import ScannedBlocks, scan_shape
 from models.layers import SINGLE_DEVICE, Dense, Embed, LaspContext, LinearAttention, Mlp, Norm, SoftmaxAttention
 from models.loss import cross_entropy_sum, head_logits
 
@@ -25,6 +31,8 @@ REMAT_POLICIES = {
     "none": None,  # keep every activation
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute each block in the backward
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight-matmul outputs
+    # keep weight-matmul outputs in pinned host memory (copied back for the backward): device memory of "full"
+    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
 
 
@@ -70,7 +78,14 @@ class LanguageModel(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.embed = Embed(config, rngs=rngs)
-        self.blocks = nnx.List([Block(config, layer, rngs=rngs) for layer in range(config.n_layers)])
+        blocks = [Block(config, layer, rngs=rngs) for layer in range(config.n_layers)]
+        # the attribute names are the parameter paths models.layer_scan's layout converters use
+        if config.scan_layers:
+            period, steps = scan_shape(config)
+            self.layer_scan = ScannedBlocks(blocks[: steps * period], period)
+            self.tail_blocks = nnx.List(blocks[steps * period :])  # the layers after the last whole period
+        else:
+            self.blocks = nnx.List(blocks)
         self.final_norm = Norm(config.norm, config.d_model, eps=config.norm_eps, config=config)
         if not config.tie_embeddings:
             self.head = Dense(
@@ -99,20 +114,29 @@ class LanguageModel(nnx.Module):
             raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got remat={remat!r}")
         positions = jnp.arange(tokens.shape[1])
         x = ctx.constrain(self.embed(tokens))
-        states = []
-        for i, block in enumerate(self.blocks):
-            init = None if initial_states is None else initial_states[i]
-            if remat == "none" or return_states:
+        if return_states or initial_states is not None:
+            states = []
+            for i, block in enumerate(self.layers()):
+                init = None if initial_states is None else initial_states[i]
                 x, state = block(
                     x, ctx, positions, initial_state=init, return_state=return_states, segment_ids=segment_ids
                 )
                 states.append(state)
-            else:
-                run = nnx.remat(
-                    lambda blk, x, seg: blk(x, ctx, positions, segment_ids=seg)[0], policy=REMAT_POLICIES[remat]
-                )
-                x = run(block, x, segment_ids)
-        return self.final_norm(x), (states if return_states else None)
+            return self.final_norm(x), (states if return_states else None)
+
+        def layer(block, x):
+            return block(x, ctx, positions, segment_ids=segment_ids)[0]
+
+        if self.config.scan_layers:
+            x = self.layer_scan(x, layer, remat=remat != "none", policy=REMAT_POLICIES[remat])
+            blocks = self.tail_blocks
+        else:
+            blocks = self.blocks
+        if remat != "none":
+            layer = nnx.remat(layer, policy=REMAT_POLICIES[remat])
+        for block in blocks:
+            x = layer(block, x)
+        return self.final_norm(x), None
 
     def logits(self, hidden: Array) -> Array:
         """float32 logits of hidden states: products in the compute dtype (``models.loss.head_logits``)."""
@@ -125,6 +149,12 @@ class LanguageModel(nnx.Module):
     def __call__(self, tokens: Array, ctx: LaspContext = SINGLE_DEVICE, *, remat: str = "none") -> Array:
         return self.logits(self.hidden(tokens, ctx, remat=remat)[0])
 
+    def layers(self) -> list[Block]:
+        """Every block in layer order; a scanned model's are views of its stacked parameters."""
+        if not self.config.scan_layers:
+            return list(self.blocks)
+        return self.layer_scan.layer_blocks() + list(self.tail_blocks)
+
     # ---- generation ----
     @property
     def has_softmax_layers(self) -> bool:
@@ -134,7 +164,7 @@ class LanguageModel(nnx.Module):
         """Empty decoding states: float32 ``[B, H, D', E']`` per linear layer, a zero key/value cache
         of ``cache_size`` positions per softmax layer (needed, and only used, by hybrid models)."""
         states = []
-        for block in self.blocks:
+        for block in self.layers():
             if isinstance(block.attn, SoftmaxAttention):
                 if not cache_size:
                     raise ValueError("a model with softmax layers decodes from a key/value cache: pass cache_size=")
@@ -180,7 +210,7 @@ class LanguageModel(nnx.Module):
         """
         x = self.embed(token)
         new_states = []
-        for block, state in zip(self.blocks, states, strict=True):
+        for block, state in zip(self.layers(), states, strict=True):
             x, state = block.step(x, state, position)
             new_states.append(state)
         return self.logits(self.final_norm(x)), new_states

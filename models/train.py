@@ -49,6 +49,7 @@ from models.config import ModelConfig
 from models.dataset import TokenData
 from models.flops import mfu, model_flops_per_token, param_count, peak_flops_per_device
 from models.generate import generate
+from models.layer_scan import matrix_mask
 from models.layers import LaspContext
 from models.model import REMAT_POLICIES, LanguageModel, lm_loss
 from models.profile import ProfileWindow, StepProfiler
@@ -86,7 +87,7 @@ def make_optimizer(optim: OptimConfig, total_steps: int) -> tuple[optax.Gradient
         b2=optim.b2,
         eps=optim.eps,
         weight_decay=optim.weight_decay,
-        mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p),
+        mask=matrix_mask,  # matrices per layer, also when stacked (models.layer_scan)
     )
     chain = [optax.clip_by_global_norm(optim.clip_norm)] if optim.clip_norm > 0 else []
     return optax.chain(*chain, adamw), schedule
