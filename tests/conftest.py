@@ -45,6 +45,48 @@ SLOW = {
     "tests/lasp_jax/test_softmax_attention.py::test_tokenring_and_zigzag_ring_every_shard[zigzag_ring-balanced-xla-dp2xsp2]",
     "tests/lasp_jax/test_softmax_attention.py::test_tokenring_and_zigzag_ring_every_shard[tokenring-balanced-pallas-dp1xsp2]",
     "tests/lasp_jax/test_softmax_attention.py::test_tokenring_and_zigzag_ring_every_shard[zigzag_ring-balanced-pallas-dp1xsp2]",
+    # strategy="scan" where it joins the other strategies' parametrisations (its CI cases: test_scan*.py,
+    # and the checked shard_map case), and the longer scan checks; test_scan.py covers the same properties
+    *(
+        f"tests/lasp_jax/test_lasp_attention.py::{name}"
+        for name in (
+            "test_every_shard_matches_reference_xla[dp1xsp8-scan]",
+            "test_every_shard_matches_reference_xla[dp2xsp4-scan]",
+            "test_every_shard_matches_reference_xla[dp4xsp2-scan]",
+            "test_every_shard_matches_reference_xla[dp8xsp1-scan]",
+            "test_constant_and_no_decay_xla[scan-g_gamma]",
+            "test_constant_and_no_decay_xla[scan-nodecay]",
+            "test_every_shard_matches_reference_pallas[scan]",
+            "test_training_path_without_state[scan]",
+            "test_per_shard_function_in_user_shard_map[scan-unchecked]",
+        )
+    ),
+    *(
+        f"tests/lasp_jax/test_segments.py::{name}"
+        for name in (
+            *(
+                f"test_packed_rows_equal_documents_alone[scan-sp{sp}-{impl}]"
+                for sp in (2, 4, 8)
+                for impl in ("xla", "pallas")
+            ),
+            "test_constant_decay_on_a_data_by_sequence_mesh[scan]",
+            "test_training_path_without_decay_or_states[scan]",
+        )
+    ),
+    *(
+        f"tests/lasp_jax/test_lasp_gated_delta_rule.py::{name}"
+        for name in (
+            "test_every_shard_matches_reference[scan-sp2]",
+            "test_every_shard_matches_reference[scan-dp2xsp4]",
+            "test_documents_cross_shards[scan]",
+            "test_kda_with_documents[scan]",
+        )
+    ),
+    "tests/lasp_jax/test_scan.py::test_linear_attention_every_shard[dp1xsp3-g]",
+    "tests/lasp_jax/test_scan.py::test_linear_attention_scan_equals_ring",
+    "tests/lasp_jax/test_scan.py::test_delta_rule_every_shard[dp2xsp3-deltanet-docs]",
+    "tests/lasp_jax/test_scan.py::test_delta_rule_pallas_split",
+    "tests/lasp_jax/test_scan_scaling.py::test_every_strategy_hlo_on_64_devices",
 }
 
 

@@ -89,31 +89,37 @@ def test_rounds_and_offsets():
 
 
 # ----------------------------------------------------------------------------- linear attention
-def run_linear_attention(rng, *, dp, sp, decay, t, impl="xla"):
+def run_linear_attention(rng, *, dp, sp, decay, t, states=True):
     b = max(2, dp)
-    q, k, v, kw = rank_coded_inputs(rng, b=b, t=t, sp=sp, decay=decay)
+    q, k, v, kw = rank_coded_inputs(rng, b=b, t=t, sp=sp, decay=decay, init=states)
     do = rng.standard_normal(q.shape[:3] + v.shape[3:])
     ds = rng.standard_normal((b, q.shape[2], q.shape[3], v.shape[3]))
-    want = reference(q, k, v, kw, do, ds)
+    want = reference(q, k, v, kw, do, ds, final=states)
     mesh = make_mesh(dp, sp, devices=jax.devices()[: dp * sp])
     batch_axis = "dp" if dp > 1 else None
 
     def fn(*a, **kws):
-        return lasp_attention(*a, **kws, mesh=mesh, batch_axis=batch_axis, strategy="scan", impl=impl)
+        return lasp_attention(*a, **kws, mesh=mesh, batch_axis=batch_axis, strategy="scan", impl="xla")
 
     f32 = lambda x: jnp.asarray(x, jnp.float32)
-    got = outputs_and_grads(fn, f32(q), f32(k), f32(v), {n: f32(x) for n, x in kw.items()}, f32(do), f32(ds))
-    assert_matches(got, want, sp=sp, label=f"scan dp={dp} sp={sp} decay={decay} impl={impl}")
+    kw = {n: f32(x) for n, x in kw.items()}
+    got = outputs_and_grads(fn, f32(q), f32(k), f32(v), kw, f32(do), f32(ds), final=states)
+    assert_matches(got, want, sp=sp, label=f"scan dp={dp} sp={sp} decay={decay} states={states}")
 
 
-LINEAR_CASES = [(1, 3, "g"), (1, 3, "g_gamma"), (2, 3, "g")]
+LINEAR_CASES = [(2, 3, "g", True), (1, 3, "g_gamma", False), (1, 3, "g", True)]
 
 
-@pytest.mark.parametrize("dp,sp,decay", LINEAR_CASES, ids=[f"dp{dp}xsp{sp}-{d}" for dp, sp, d in LINEAR_CASES])
-def test_linear_attention_every_shard(rng, dp, sp, decay):
-    """P = 3 (not a power of two: the last round has one pair), per-token and shared decay, dp × sp;
-    P = 4 and 8 run in test_lasp_attention.py's strategy parametrisations."""
-    run_linear_attention(rng, dp=dp, sp=sp, decay=decay, t=36)
+@pytest.mark.parametrize(
+    "dp,sp,decay,states",
+    LINEAR_CASES,
+    ids=[f"dp{dp}xsp{sp}-{d}{'' if s else '-training'}" for dp, sp, d, s in LINEAR_CASES],
+)
+def test_linear_attention_every_shard(rng, dp, sp, decay, states):
+    """P = 3 (not a power of two: the last round has one pair): per-token decay with initial and
+    final state on dp × sp; the shared-decay path (no decay sent) as a model trains it, without
+    states. P = 2, 4 and 8 run in test_lasp_attention.py's strategy parametrisations."""
+    run_linear_attention(rng, dp=dp, sp=sp, decay=decay, t=36, states=states)
 
 
 def test_linear_attention_documents_sp3(rng):

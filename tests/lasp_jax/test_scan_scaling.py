@@ -38,10 +38,12 @@ def assert_as_expected(rows):
 def test_scan_hlo_on_8_devices():
     """3 rounds each way; with per-token g (and the delta rule's Φ) every round but the last sends
     the transition beside the state. (ring and allgather: test_communication.py.)"""
-    rows = scaling.hlo_worker(8, ("g", "delta_rule"), strategies=("scan",))["rows"]
-    assert_as_expected(rows)
-    g = next(r for r in rows if r["family"] == "g")
-    assert g["count"] == 6 and g["operand_bytes"] == 2 * (3 * g["state_bytes"] + 2 * 2 * 4)
+    (row,) = scaling.hlo_worker(8, ("delta_rule",), strategies=("scan",))["rows"]
+    assert_as_expected([row])
+    state = row["state_bytes"]  # Φ [B, Hv, D, D] has the state's bytes here (D = E)
+    assert row["count"] == 6 and row["operand_bytes"] == 2 * (2 * 2 * state + state)
+    # the busiest rank (3): 3 rounds forward (the first two with Φ), the first 2 backward (with Φ)
+    assert row["max_rank_bytes"] == (2 * 2 + 1) * state + 2 * 2 * state
 
 
 def test_every_strategy_hlo_on_64_devices():
@@ -56,10 +58,10 @@ def test_every_strategy_hlo_on_64_devices():
 
 
 def test_benchmark_smoke(tmp_path):
-    """The script end to end on the CPU: (a) at P = 4 in a subprocess, (b) the model, (c) its check
-    against the committed 2- and 4-GPU rows, the plot."""
+    """The script end to end on the CPU: (a) at P = 4 in a subprocess (per-token g: the scan sends
+    log Γ beside the state), (b) the model, (c) its check against the committed 2- and 4-GPU rows, the plot."""
     out, png = tmp_path / "scaling.json", tmp_path / "scaling.png"
-    args = ["--smoke", "--check", *map(str, MEASURED), "--plot", str(png), "--json", str(out)]
+    args = ["--smoke", "--families", "g", "--check", *map(str, MEASURED), "--plot", str(png), "--json", str(out)]
     results = scaling.main(args)
     assert png.stat().st_size > 0 and json.loads(out.read_text())["predicted"]
     assert_as_expected(results["hlo"])
