@@ -17,12 +17,12 @@ queries travel and the partial outputs come back, both directions of every link 
 stay). Causal load balancing (``balance``, ``deal.py``) deals each rank the queries of two
 half-shards so that every rank attends the same number of (query, key) pairs.
 
-Local block compute. Both strategies are written against one block function pair
+Local block compute. Every strategy is written against one block function pair
 (``pallas_kernels.flash_attention.block_functions``): the forward of queries at global positions
 ``q_start + i`` against keys at ``k_start + j`` returning the float32 output and log-sum-exp, and
 the FlashAttention-2 backward given the *final* output and log-sum-exp of every query row (so
-contributions of different key blocks and ranks add up). The ring needs exactly that (it merges
-block results and passes float32 dK/dV accumulators), which ``jax.nn.dot_product_attention`` does
+contributions of different key blocks and ranks add up). The rings and TokenRing need exactly that
+(they merge block results and add float32 dq/dK/dV partials), which ``jax.nn.dot_product_attention`` does
 not give. Two implementations of the pair: ``impl="pallas"`` (the default on a GPU), the fused
 Pallas Triton kernels, which never load key blocks wholly in a query block's future; ``impl="xla"``
 (the default on CPU), the same recurrence in jnp.
@@ -121,8 +121,8 @@ def softmax_attention(
         with queries and K/V both dealt as half-shards: equal work at every step; always balanced)
         or ``"tokenring"`` (TokenRing: queries out, partial outputs back, K/V stay).
       scale: multiplies the logits; defaults to ``D ** -0.5``.
-      impl: local block compute: ``"auto"`` (``"pallas"`` on a GPU for bf16/fp16/fp32 input, both
-        strategies; single device prefers cuDNN where it supports the input; ``"xla"`` on CPU),
+      impl: local block compute: ``"auto"`` (``"pallas"`` on a GPU for bf16/fp16/fp32 input, every
+        strategy; single device prefers cuDNN where it supports the input; ``"xla"`` on CPU),
         ``"pallas"`` (the Pallas Triton flash-attention kernels; the Pallas interpreter off the
         GPU), ``"xla"`` (the jnp flash recurrence), ``"cudnn"`` (allgather and single device only),
         or ``"dpa_xla"`` (the cuDNN code path with ``jax.nn.dot_product_attention``'s XLA kernel;
