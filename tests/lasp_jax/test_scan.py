@@ -107,7 +107,7 @@ def run_linear_attention(rng, *, dp, sp, decay, t, states=True):
     assert_matches(got, want, sp=sp, label=f"scan dp={dp} sp={sp} decay={decay} states={states}")
 
 
-LINEAR_CASES = [(2, 3, "g", True), (1, 3, "g_gamma", False), (1, 3, "g", True)]
+LINEAR_CASES = [(1, 3, "g_gamma", False), (2, 3, "g", True)]
 
 
 @pytest.mark.parametrize(
@@ -122,9 +122,10 @@ def test_linear_attention_every_shard(rng, dp, sp, decay, states):
     run_linear_attention(rng, dp=dp, sp=sp, decay=decay, t=36, states=states)
 
 
-def test_linear_attention_documents_sp3(rng):
-    """Packed documents across the shard edges of P = 3 (boundaries at, around and between edges)."""
-    run_packed(rng, strategy="scan", sp=3, t=48)
+def test_linear_attention_documents_dp2xsp3(rng):
+    """Packed documents across the shard edges of P = 3 (boundaries at, around and between edges),
+    per-token decay, initial and final state, the batch split over dp = 2."""
+    run_packed(rng, strategy="scan", sp=3, dp=2, t=48, kinds=("shard_edges", "around_edges"))
 
 
 def test_linear_attention_scan_equals_ring(rng):
