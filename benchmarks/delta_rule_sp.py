@@ -78,7 +78,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ops", nargs="+", default=["gdn", "kda"], choices=["gdn", "kda"])
     ap.add_argument("--tokens-per-gpu", type=int, default=32768)
-    ap.add_argument("--strategies", nargs="+", default=["allgather", "ring", "ulysses"])
+    ap.add_argument("--strategies", nargs="+", default=["allgather", "ring", "scan", "ulysses"])
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--no-peer", action="store_true")

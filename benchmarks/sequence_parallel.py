@@ -1,6 +1,6 @@
 """Sequence-parallel linear attention: every strategy against the single-device kernel at the local shape.
 
-For each strategy (ring, allgather, ulysses, gather_kv) on all local devices (sp = device count,
+For each strategy (ring, allgather, scan, ulysses, gather_kv) on all local devices (sp = device count,
 a fixed number of tokens per device), this measures:
 
 - forward and forward+backward wall time (median of ``--iters`` runs, outputs blocked on);
@@ -55,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--value-dim", type=int, default=None, help="default: --dim")
     p.add_argument("--dtype", choices=["bf16", "f16", "f32"], default="bf16")
     p.add_argument("--decay", choices=["g_gamma", "g", "none"], default="g_gamma")
-    p.add_argument("--strategies", default="ring,allgather,ulysses,gather_kv")
+    p.add_argument("--strategies", default="ring,allgather,scan,ulysses,gather_kv")
     p.add_argument("--impl", default="auto", help="local kernel: auto | pallas | xla")
     p.add_argument("--devices", type=int, default=None, help="use the first N devices (default: all)")
     p.add_argument("--warmup", type=int, default=3)
