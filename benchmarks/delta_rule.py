@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -164,7 +165,10 @@ def run_one(op, impl, shape, timeout) -> dict:
     if proc.returncode == 0 and lines:
         return json.loads(lines[-1])
     err = [line for line in (proc.stderr or proc.stdout).strip().splitlines() if line.strip()]
-    return {"error": err[-1][:300] if err else f"exit code {proc.returncode}"}
+    # the exception's own line (jax prints a note about filtered frames after it)
+    raised = [line for line in err if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exhausted|Exit)\b", line)]
+    last = (raised or err)[-1:] if err else []
+    return {"error": last[0][:300] if last else f"exit code {proc.returncode}"}
 
 
 def main() -> None:

@@ -338,15 +338,43 @@ _gated_delta_rule.defvjp(_gated_delta_rule_fwd, _gated_delta_rule_bwd)
 
 
 def supports(q, k, v) -> bool:
-    """Whether the GPU kernels take these inputs (dtypes, and int32 element offsets)."""
-    if not all(x.dtype in KERNEL_DTYPES for x in (q, k, v)):
-        return False
-    b, t, _, d = q.shape
+    """Whether the GPU kernels take these inputs: dtypes (any length: see ``piece_len``)."""
+    return all(x.dtype in KERNEL_DTYPES for x in (q, k, v)) and piece_len(q, v) > 0
+
+
+def piece_len(q, v, chunk: int = 16) -> int:
+    """The longest run of tokens (whole chunks of ``chunk``) whose arrays have int32 element offsets.
+
+    Time is padded to whole chunks × splits (at most 2048 tokens more); the transition pass's
+    ``[U | 0]`` rows are the widest per-token array, the per-chunk states the largest. Longer inputs
+    run as pieces of this many tokens, the state chained from piece to piece.
+    """
+    b, _, _, d = q.shape
     hv, e = v.shape[2:]
-    tp, dp, ep = t + 2048, pad_dim(d), pad_dim(e)  # time padded to whole chunks × splits
-    # the transition pass's [U | 0] rows are the widest per-token array; the per-chunk states the largest
-    largest = max(b * tp * hv * (dp + ep), b * hv * (tp // 16) * dp * ep)
-    return largest <= MAX_ELEMENTS
+    dp, ep = pad_dim(d), pad_dim(e)
+    per_token = max(b * hv * (dp + ep), -(-b * hv * dp * ep // chunk))
+    return max(0, (MAX_ELEMENTS // per_token - 2048) // chunk * chunk)
+
+
+def _chained(q, k, v, beta, g, initial_state, segment_ids, piece, **kw):
+    """``gated_delta_rule`` over runs of ``piece`` tokens, each entering with the last one's final
+    state (zero where a new document starts at the cut)."""
+    outs, state = [], initial_state
+    for start in range(0, q.shape[1], piece):
+        cut = slice(start, start + piece)
+        seg = None if segment_ids is None else segment_ids[:, cut]
+        if state is not None and seg is not None and start > 0:
+            same = segment_ids[:, start - 1] == segment_ids[:, start]
+            state = jnp.where(same[:, None, None, None], state, 0.0)
+        o, state = gated_delta_rule(
+            *(x[:, cut] for x in (q, k, v, beta)),
+            g=None if g is None else g[:, cut],
+            initial_state=state,
+            segment_ids=seg,
+            **kw,
+        )
+        outs.append(o)
+    return jnp.concatenate(outs, axis=1), state
 
 
 def gated_delta_rule(
@@ -379,6 +407,10 @@ def gated_delta_rule(
     """
     t, d = q.shape[1], q.shape[3]
     e = v.shape[3]
+    piece = piece_len(q, v, config.chunk if config else 16 if interpret else 64)
+    if 0 < piece < t:  # longer than int32 offsets allow: pieces, the state chained (notes/design.md §6)
+        kw = dict(scale=scale, interpret=interpret, config=config)
+        return _chained(q, k, v, beta, g, initial_state, segment_ids, piece, **kw)
     scale = float(d**-0.5 if scale is None else scale)
     args, docs, statics = prepare(q, k, v, beta, g, initial_state, segment_ids, scale, interpret, config)
     o, final = _gated_delta_rule(*args, docs, statics=statics)
@@ -394,8 +426,6 @@ def prepare(q, k, v, beta, g, initial_state, segment_ids, scale, interpret, conf
     dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
     if dtype not in KERNEL_DTYPES:
         raise TypeError(f"the Pallas kernels take bf16, fp16 or fp32 inputs, got q.dtype={q.dtype}")
-    if not supports(q, k, v):
-        raise ValueError(f"inputs too large for int32 offsets: q.shape={tuple(q.shape)}, v.shape={tuple(v.shape)}")
     dp, ep = pad_dim(d), pad_dim(e)
     cfg = config or default_config(
         batch=b,
@@ -406,6 +436,8 @@ def prepare(q, k, v, beta, g, initial_state, segment_ids, scale, interpret, conf
         per_channel=g is not None and g.ndim == 4,
         interpret=interpret,
     )
+    if t > piece_len(q, v, cfg.chunk):
+        raise ValueError(f"inputs too large for int32 offsets: q.shape={tuple(q.shape)}, v.shape={tuple(v.shape)}")
     tp = -(-t // (cfg.chunk * cfg.splits)) * cfg.chunk * cfg.splits
 
     def pad(x, width=None):

@@ -157,6 +157,16 @@ def test_kernels_match_reference(rng, case):
     check_kernels(rng, dtype=dtype, **shape, **extras)
 
 
+def test_long_inputs_run_in_pieces(rng, monkeypatch):
+    """Past int32 element offsets the kernels run pieces with the state chained: with the limit made
+    small (pieces of 32 tokens), outputs and every gradient equal the recurrence, with a document
+    starting at a cut and one crossing a cut."""
+    monkeypatch.setattr(pallas_triton, "MAX_ELEMENTS", 32 * (32 + 2048))
+    shape = dict(b=1, t=70, h=1, hv=1, d=16, e=16, gate="gdn")
+    assert pallas_triton.piece_len(jnp.zeros((1, 70, 1, 16)), jnp.zeros((1, 70, 1, 16))) == 32
+    check_kernels(rng, dtype=jnp.float32, docs=(32, 50), **shape)
+
+
 def test_split_entry_points_chain_two_calls(rng):
     """Two calls chained through ``split_forward`` / ``finish_forward`` (entering state
     ``Φ₀ S₀ + M₀``) and ``split_backward`` / ``finish_backward`` (leaving cotangent ``Φ₁ᵀ dS + dS_in``
