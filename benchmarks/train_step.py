@@ -21,6 +21,10 @@ group, so every GPU holds ``--tokens-per-device`` tokens. It measures:
 ``--tokens-per-device`` until a step fails with out-of-memory, then bisecting to ``--granularity``
 tokens (remat ``full`` and chunked logits, the memory-lean settings, unless overridden).
 
+``--scan-layers`` runs the blocks under one ``lax.scan`` over stacked parameters
+(``ModelConfig.scan_layers``); the ``compile s`` column shows what that saves (compile time vs depth:
+``benchmarks/compile_time.py``).
+
 ``--profile DIR`` traces ``--profile-iters`` more steps of each throughput row with jax.profiler
 (under ``DIR/sp<n>``) and prints their device time by category (matmuls, Pallas kernels, fusions,
 collectives) and the top kernels (``models.profile``; also in the JSON).
@@ -33,6 +37,7 @@ devices (a check that the script works, not a measurement).
     python benchmarks/train_step.py --preset gdn-1.3b kda-1.3b --sp 1 2 --json delta.json  # delta-rule models
     python benchmarks/train_step.py --search-longest                  # + longest trainable sequence
     python benchmarks/train_step.py --profile profile                 # + device time by kernel
+    python benchmarks/train_step.py --scan-layers --remat offload     # layers under a scan, host offload
     python benchmarks/train_step.py --smoke --sp 1 2 --search-longest --max-tokens 2048
     python benchmarks/train_step.py --smoke --preset gdn-1.3b kda-1.3b --sp 1 2   # runs gdn-tiny, kda-tiny
 """
@@ -59,7 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--impl", default="auto")
     p.add_argument("--fsdp", action="store_true")
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--remat", default="dots", help="none | dots | full (throughput rows)")
+    p.add_argument("--remat", default="dots", help="none | dots | full | offload (throughput rows)")
+    p.add_argument("--scan-layers", action="store_true", help="blocks under a lax.scan (ModelConfig.scan_layers)")
     p.add_argument("--loss-chunks", default="auto", help="int, or auto: about 8K tokens of logits per device at once")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=8)
@@ -117,7 +123,7 @@ def run_config(
         raise SystemExit(f"need {n} devices for sp={sp} dp={args.dp}, have {len(jax.devices())}")
     seq_len = local_tokens * sp
     chunks = loss_chunks_for(args, local_tokens, sp)
-    model = get_config(preset, dtype=args.dtype)
+    model = get_config(preset, dtype=args.dtype, scan_layers=args.scan_layers)
     config = TrainConfig(
         model=model,
         mesh=MeshConfig(dp=args.dp, sp=sp, fsdp=args.fsdp, strategy=args.strategy, impl=args.impl),
@@ -158,6 +164,7 @@ def run_config(
         "seq_len": seq_len,
         "tokens_per_device": local_tokens,
         "remat": remat,
+        "scan_layers": args.scan_layers,
         "loss_chunks": chunks,
         "compile_s": compile_s,
         "step_ms": 1e3 * step_s,
@@ -254,6 +261,7 @@ def main(argv=None) -> int:
         "dtype": args.dtype,
         "strategy": args.strategy,
         "fsdp": args.fsdp,
+        "scan_layers": args.scan_layers,
         "smoke": args.smoke,
     }
     try:
@@ -284,7 +292,7 @@ def main(argv=None) -> int:
         base = next((b for b in rows if b["preset"] == r["preset"] and b["sp"] == 1), None)
         r["per_device_vs_sp1"] = r["tokens_per_s_per_device"] / base["tokens_per_s_per_device"] if base else None
 
-    print(f"\nremat {args.remat}, dp {args.dp}")
+    print(f"\nremat {args.remat}, dp {args.dp}, layers {'scanned' if args.scan_layers else 'unrolled'}")
     head = (
         f"{'preset':>16} {'params':>7} {'sp':>3} {'seq_len':>9} {'tok/dev':>8} {'step ms':>9} {'tok/s/dev':>10} "
         f"{'TFLOP/s':>8} {'MFU':>6} {'vs sp1':>7} {'mem GB':>7} {'compile s':>9}"
