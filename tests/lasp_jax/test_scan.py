@@ -9,6 +9,8 @@ parametrisations live in test_lasp_attention.py, test_segments.py and test_lasp_
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +18,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from lasp_jax import lasp_attention, make_mesh, scan
+from pallas_kernels import linear_attention
 from tests.helpers import rel_err
+from tests.lasp_jax import test_head_axis as heads
 from tests.lasp_jax import test_lasp_gated_delta_rule as delta
 from tests.lasp_jax.test_lasp_attention import assert_matches, outputs_and_grads, rank_coded_inputs, reference
 from tests.lasp_jax.test_segments import run_packed
@@ -126,6 +130,18 @@ def test_linear_attention_documents_dp2xsp3(rng):
     """Packed documents across the shard edges of P = 3 (boundaries at, around and between edges),
     per-token decay, initial and final state, the batch split over dp = 2."""
     run_packed(rng, strategy="scan", sp=3, dp=2, t=48, kinds=("shard_edges", "around_edges"))
+
+
+def test_linear_attention_head_axis(rng):
+    """Heads over a tp axis (dp 2 × sp 2 × tp 2): every head block right, nothing crosses tp."""
+    xs = heads.linear_inputs(rng, "g")
+    do, ds = rng.standard_normal((heads.B, heads.T, heads.H, heads.D)), rng.standard_normal(xs["initial_state"].shape)
+    layer = functools.partial(
+        lasp_attention, mesh=heads.tp_mesh(), batch_axis="dp", head_axis="tp", strategy="scan", impl="xla"
+    )
+    op = functools.partial(linear_attention, impl="reference")
+    layer, op = (functools.partial(f, output_final_state=True) for f in (layer, op))
+    heads.check_layer(layer, op, xs, do, ds, has_state=True, label="lasp scan xla g")
 
 
 def test_linear_attention_scan_equals_ring(rng):
