@@ -88,6 +88,8 @@ SLOW = {
     "tests/lasp_jax/test_scan.py::test_linear_attention_head_axis",
     "tests/lasp_jax/test_scan.py::test_delta_rule_every_shard[dp2xsp3-deltanet-docs]",
     "tests/lasp_jax/test_scan.py::test_delta_rule_pallas_split",
+    "tests/lasp_jax/test_scan.py::test_delta_rule_in_user_shard_map[checked]",
+    "tests/lasp_jax/test_scan.py::test_delta_rule_in_user_shard_map[unchecked]",
     "tests/lasp_jax/test_scan_scaling.py::test_every_strategy_hlo_on_64_devices",
 }
 

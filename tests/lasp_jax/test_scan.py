@@ -178,6 +178,12 @@ def test_delta_rule_every_shard(rng, dp, sp, gate, docs):
     delta.run_case(rng, dp=dp, sp=sp, strategy="scan", gate=gate, docs=docs, t=48, mesh=delta_mesh(dp, sp))
 
 
+@pytest.mark.parametrize("check_vma", [True, False], ids=["checked", "unchecked"])
+def test_delta_rule_in_user_shard_map(rng, check_vma):
+    """lasp_gated_delta_rule_shard with strategy="scan" inside the caller's own shard_map (dp 2 × sp 4)."""
+    delta.test_per_shard_function_in_user_shard_map(rng, "scan", check_vma)
+
+
 def test_delta_rule_pallas_split(rng):
     """impl="pallas" (interpret mode): the kernel's split entry points give (Φ_r, M_r) and the local
     entering-state cotangent around the scan; documents cross the shard edges."""
