@@ -45,7 +45,7 @@ from flax import nnx
 
 from lasp_jax import lasp_gated_delta_rule, short_conv, short_conv_step
 from models.config import ModelConfig
-from models.layers import SINGLE_DEVICE, Dense, LaspContext, dtype_of
+from models.layers import SINGLE_DEVICE, Dense, LaspContext, MixerSpec, dtype_of
 
 Array = jax.Array
 _L2_EPS = 1e-6  # q / sqrt(Σq² + eps), as fla's l2norm
@@ -90,7 +90,7 @@ def _inverse_softplus(y):
 
 
 @dataclasses.dataclass(frozen=True)
-class DeltaRuleSpec:
+class DeltaRuleSpec(MixerSpec):
     """A delta-rule layer's constructor arguments (static, not weights)."""
 
     d_model: int
@@ -98,16 +98,9 @@ class DeltaRuleSpec:
     head_dim: int
     n_v_heads: int
     conv_size: int = 4
-    norm_eps: float = 1e-6
-    init_std: float = 0.02
-    out_std: float = 0.02
-    dtype: str = "float32"
-    param_dtype: str = "float32"
 
     def __post_init__(self):
-        for name in ("d_model", "n_heads", "head_dim", "n_v_heads", "conv_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be a positive int, got {name}={getattr(self, name)!r}")
+        self.check_positive("d_model", "n_heads", "head_dim", "n_v_heads", "conv_size")
         if self.n_v_heads % self.n_heads:
             raise ValueError(f"n_v_heads must be a multiple of n_heads: {self.n_heads=}, {self.n_v_heads=}")
 
@@ -157,7 +150,16 @@ class DeltaRuleMixer(nnx.Module):
         head_dim = d_model // n_heads if head_dim is None else head_dim
         n_v_heads = n_heads if n_v_heads is None else n_v_heads
         self.spec = s = DeltaRuleSpec(
-            d_model, n_heads, head_dim, n_v_heads, conv_size, norm_eps, init_std, out_std, dtype, param_dtype
+            d_model,
+            n_heads,
+            head_dim,
+            n_v_heads,
+            conv_size,
+            norm_eps=norm_eps,
+            init_std=init_std,
+            out_std=out_std,
+            dtype=dtype,
+            param_dtype=param_dtype,
         )
         self.key_width, self.value_width = s.n_heads * s.head_dim, s.n_v_heads * s.head_dim
         self.conv_channels = 2 * self.key_width + self.value_width

@@ -189,8 +189,24 @@ class Mlp(nnx.Module):
         return self.w_out(h)
 
 
+@dataclass(frozen=True, kw_only=True)
+class MixerSpec:
+    """What every token mixer's arguments share: initialisation, norm epsilon and dtypes."""
+
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    out_std: float = 0.02  # the output projection's (models: init_std / sqrt(2 · n_layers))
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def check_positive(self, *names: str) -> None:
+        for name in names:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive int, got {name}={getattr(self, name)!r}")
+
+
 @dataclass(frozen=True)
-class AttentionSpec:
+class AttentionSpec(MixerSpec):
     """The constructor arguments of a token mixer (static, not weights), checked once.
 
     ``output_norm``: ``"srms_gate"`` (TNL: SRMSNorm(o) ⊙ u with a gate projection u), ``"denominator"``
@@ -209,16 +225,9 @@ class AttentionSpec:
     lrpe_base: float = 10_000.0
     output_norm: str = "none"
     scale: float | None = None
-    norm_eps: float = 1e-6
-    init_std: float = 0.02
-    out_std: float = 0.02
-    dtype: str = "float32"
-    param_dtype: str = "float32"
 
     def __post_init__(self):
-        for name in ("d_model", "n_heads", "head_dim", "n_kv_heads"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be a positive int, got {name}={getattr(self, name)!r}")
+        self.check_positive("d_model", "n_heads", "head_dim", "n_kv_heads")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads must be a multiple of n_kv_heads: {self.n_heads=}, {self.n_kv_heads=}")
         for name, allowed in (
