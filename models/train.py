@@ -98,12 +98,14 @@ def check_config(config: TrainConfig, n_devices: int) -> tuple[int, int]:
     m, d, r = config.mesh, config.data, config.run
     if m.sp <= 0 or m.tp <= 0 or (m.dp is not None and m.dp <= 0):
         raise ValueError(f"mesh sizes must be positive, got dp={m.dp}, sp={m.sp}, tp={m.tp}")
+    if n_devices % m.sp:
+        raise ValueError(f"sp={m.sp} must divide the number of devices ({n_devices})")
     if n_devices % (m.sp * m.tp):
         raise ValueError(f"sp * tp = {m.sp} * {m.tp} must divide the number of devices ({n_devices})")
     dp = n_devices // (m.sp * m.tp) if m.dp is None else m.dp
     if dp * m.sp * m.tp != n_devices:
         raise ValueError(
-            f"dp * sp * tp must equal the number of devices: dp={dp}, sp={m.sp}, tp={m.tp}, devices={n_devices}"
+            f"dp * sp must equal the number of devices / tp: dp={dp}, sp={m.sp}, tp={m.tp}, devices={n_devices}"
         )
     check_tensor_parallel(config.model, m.tp, sp=m.sp, strategy=m.strategy)
     if d.micro_batch % dp:

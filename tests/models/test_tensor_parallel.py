@@ -119,7 +119,7 @@ def test_moves_activations_reads_the_result_shape():
 def test_tensor_parallel_config_errors():
     base = config_of("kda", dp=1, sp=2, mesh=dict(tp=2))
     assert check_config(base, 4) == (1, 2)
-    with pytest.raises(ValueError, match="dp \\* sp \\* tp must equal"):
+    with pytest.raises(ValueError, match="dp \\* sp must equal the number of devices / tp"):
         check_config(base, 8)
     odd = dataclasses.replace(base, model=MODELS["kda"]().replace(n_heads=1, n_v_heads=2))
     with pytest.raises(ValueError, match="n_heads"):
