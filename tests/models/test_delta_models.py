@@ -102,10 +102,10 @@ def _gates(layer, parts, c):
     return _sigmoid(b), -np.exp(_f64(layer.a_log)) * _softplus(a + _f64(layer.dt_bias)), _silu(z)
 
 
-def _definition(layer, x):
-    c = layer.config
+def _definition(layer, x, c):
     h, hv, dh, width = c.n_heads, c.v_heads, c.head_dim, c.conv_size
-    parts = np.split(x @ _f64(layer.in_proj.kernel), np.cumsum(layer.widths)[:-1], axis=-1)
+    widths = (layer.conv_channels, *layer.gate_widths())
+    parts = np.split(x @ _f64(layer.in_proj.kernel), np.cumsum(widths)[:-1], axis=-1)
     padded = np.concatenate([np.zeros((width - 1, parts[0].shape[1])), parts[0]])
     conv = _f64(layer.conv_weight)
     qkv = _silu(np.stack([sum(conv[i] * padded[t + i] for i in range(width)) for t in range(T)]))
@@ -133,7 +133,7 @@ def test_layer_matches_definition(rng, mixer):
     layer = mixer.from_config(config, 0, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
     x = rng.standard_normal((1, T, config.d_model))
     got, _ = jax.jit(lambda x: layer(x, SINGLE_DEVICE, jnp.arange(T)))(jnp.asarray(x, jnp.float32))
-    want = _definition(layer, x[0])
+    want = _definition(layer, x[0], config)
     np.testing.assert_allclose(np.asarray(got[0], np.float64), want, rtol=2e-4, atol=2e-5 * np.abs(want).max())
 
 
