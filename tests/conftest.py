@@ -41,6 +41,8 @@ SLOW = {
     "tests/models/test_tensor_parallel.py::test_tensor_parallel_training_equals_one_device[tnl-hybrid-dp1xsp2xtp2]",
     "tests/models/test_tensor_parallel.py::test_tensor_parallel_training_equals_one_device[tnl-dp2xsp2xtp2-allgather]",
     "tests/models/test_tensor_parallel.py::test_tensor_parallel_training_equals_one_device[kda-dp2xsp2xtp2-fsdp]",
+    "tests/models/test_standalone.py::test_cache_continues_the_sequence[gdn]",
+    "tests/models/test_standalone.py::test_linen_wrapper_equals_the_layer[gdn]",
     "tests/lasp_jax/test_softmax_attention.py::test_tokenring_and_zigzag_ring_every_shard[tokenring-contiguous-xla-dp1xsp4]",
     "tests/lasp_jax/test_softmax_attention.py::test_tokenring_and_zigzag_ring_every_shard[zigzag_ring-balanced-xla-dp2xsp2]",
     "tests/lasp_jax/test_softmax_attention.py::test_tokenring_and_zigzag_ring_every_shard[tokenring-balanced-pallas-dp1xsp2]",

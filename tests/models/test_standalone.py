@@ -56,10 +56,11 @@ def empty_cache(layer):
 def test_cache_continues_the_sequence(rng, name):
     layer, ctx = make(name, int(rng.integers(1 << 30))), CTX.get(name)
     x = jnp.asarray(rng.standard_normal((B, T, D)), jnp.float32)
-    whole, none = layer(x, ctx)
+    run = nnx.jit(lambda layer, x, cache: layer(x, ctx, cache=cache))
+    whole, none = run(layer, x, None)
     assert none is None and whole.shape == (B, T, D)
-    first, cache = layer(x[:, :5], ctx, cache=empty_cache(layer))
-    second, cache = layer(x[:, 5:], ctx, cache=cache)
+    first, cache = run(layer, x[:, :5], empty_cache(layer))
+    second, cache = run(layer, x[:, 5:], cache)
     assert rel_err(np.asarray(jnp.concatenate([first, second], axis=1)), np.asarray(whole)) < 1e-5
     if hasattr(cache, "length"):
         assert int(cache.length) == T
@@ -85,30 +86,32 @@ def test_language_model_layers_are_the_standalone_layers(rng, config, index, cls
     nnx.update(layer, nnx.state(mixer, nnx.Param))  # raises if a name or shape differs
     x = jnp.asarray(rng.standard_normal((B, T, config.d_model)), jnp.float32)
     ctx = LaspContext(impl="reference")
-    want, _ = mixer(x, ctx, jnp.arange(T))
-    got, _ = layer(x, ctx)
+    want, _ = nnx.jit(lambda m, x: m(x, ctx, jnp.arange(T)))(mixer, x)
+    got, _ = nnx.jit(lambda m, x: m(x, ctx))(layer, x)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name, linen_cls", [("lightning-rope", LinenLinearAttention), ("gdn", LinenGatedDeltaNet)])
+@pytest.mark.parametrize(
+    "name, linen_cls", [("lightning-rope", LinenLinearAttention), ("gdn", LinenGatedDeltaNet)], ids=["lightning", "gdn"]
+)
 def test_linen_wrapper_equals_the_layer(rng, name, linen_cls):
     cls, kwargs = LAYERS[name]
     module = linen_cls(D, H, **kwargs)
     x = jnp.asarray(rng.standard_normal((B, T, D)), jnp.float32)
-    variables = module.init(jax.random.key(int(rng.integers(1 << 30))), x)
-    y, _ = module.apply(variables, x, CTX.get(name))
+    variables = jax.jit(module.init)(jax.random.key(int(rng.integers(1 << 30))), x)
+    y, _ = jax.jit(module.apply, static_argnums=2)(variables, x, CTX.get(name))
     layer = make(name, 0)
     params = jax.tree.map(lambda m: m.value, variables["params"], is_leaf=lambda v: isinstance(v, bridge.NNXMeta))
     state = nnx.state(layer, nnx.Param)
     nnx.replace_by_pure_dict(state, params)
     nnx.update(layer, state)
-    want, _ = layer(x, CTX.get(name))
+    want, _ = nnx.jit(lambda m, x: m(x, CTX.get(name)))(layer, x)
     np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=0, atol=1e-6)
     # the generic form, with a cache through the Linen call
     generic = to_linen(SoftmaxAttention, D, H, n_kv_heads=2)
-    v = generic.init(jax.random.key(0), x)
+    v = jax.jit(generic.init)(jax.random.key(0), x)
     cache = SoftmaxAttention(D, H, n_kv_heads=2, rngs=nnx.Rngs(0)).init_cache(B, T)
-    _, cache = generic.apply(v, x[:, :4], cache=cache)
+    _, cache = jax.jit(lambda v, x, c: generic.apply(v, x, cache=c))(v, x[:, :4], cache)
     assert int(cache.length) == 4
 
 
