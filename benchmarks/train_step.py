@@ -60,6 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--tokens-per-device", type=int, default=32768)
     p.add_argument("--sp", type=int, nargs="+", default=[1], help="sequence-parallel sizes, one row each")
     p.add_argument("--dp", type=int, default=1, help="data-parallel size (one row of tokens per dp group)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (heads and MLP hidden split; same tokens)")
     p.add_argument("--strategy", default="ring")
     p.add_argument("--impl", default="auto")
     p.add_argument("--fsdp", action="store_true")
@@ -80,7 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny model on fake CPU devices")
     args = p.parse_args(argv)
     if args.smoke:
-        n = max(args.sp) * args.dp
+        n = max(args.sp) * args.dp * args.tp
         os.environ["JAX_PLATFORMS"] = "cpu"
         os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
         # the same family's tiny preset: tnl-1b -> tnl-tiny, gdn-1.3b -> gdn-tiny, gdn-hybrid-1.3b -> gdn-hybrid-tiny
@@ -117,16 +118,16 @@ def run_config(
     from models.dataset import DataConfig
     from models.train import MeshConfig, OptimConfig, RunConfig, TrainConfig, Trainer
 
-    n = sp * args.dp
+    n = sp * args.dp * args.tp
     devices = jax.devices()[:n]
     if len(devices) < n:
-        raise SystemExit(f"need {n} devices for sp={sp} dp={args.dp}, have {len(jax.devices())}")
+        raise SystemExit(f"need {n} devices for sp={sp} dp={args.dp} tp={args.tp}, have {len(jax.devices())}")
     seq_len = local_tokens * sp
     chunks = loss_chunks_for(args, local_tokens, sp)
     model = get_config(preset, dtype=args.dtype, scan_layers=args.scan_layers)
     config = TrainConfig(
         model=model,
-        mesh=MeshConfig(dp=args.dp, sp=sp, fsdp=args.fsdp, strategy=args.strategy, impl=args.impl),
+        mesh=MeshConfig(dp=args.dp, sp=sp, tp=args.tp, fsdp=args.fsdp, strategy=args.strategy, impl=args.impl),
         optim=OptimConfig(lr=1e-4, warmup_steps=10),
         data=DataConfig(source="synthetic", batch_size=args.dp, seq_len=seq_len),
         run=RunConfig(steps=1000, remat=remat, loss_chunks=chunks, progress=False, peak_tflops=args.peak_tflops),
@@ -160,6 +161,7 @@ def run_config(
         "preset": preset,
         "sp": sp,
         "dp": args.dp,
+        "tp": args.tp,
         "devices": n,
         "seq_len": seq_len,
         "tokens_per_device": local_tokens,
@@ -292,7 +294,7 @@ def main(argv=None) -> int:
         base = next((b for b in rows if b["preset"] == r["preset"] and b["sp"] == 1), None)
         r["per_device_vs_sp1"] = r["tokens_per_s_per_device"] / base["tokens_per_s_per_device"] if base else None
 
-    print(f"\nremat {args.remat}, dp {args.dp}, layers {'scanned' if args.scan_layers else 'unrolled'}")
+    print(f"\nremat {args.remat}, dp {args.dp}, tp {args.tp}, layers {'scanned' if args.scan_layers else 'unrolled'}")
     head = (
         f"{'preset':>16} {'params':>7} {'sp':>3} {'seq_len':>9} {'tok/dev':>8} {'step ms':>9} {'tok/s/dev':>10} "
         f"{'TFLOP/s':>8} {'MFU':>6} {'vs sp1':>7} {'mem GB':>7} {'compile s':>9}"
