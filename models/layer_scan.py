@@ -161,8 +161,8 @@ class ScannedBlocks(nnx.Module):
         def layer(graphdef, state, const, x):
             return layer_fn(with_layer_constants(nnx.merge(graphdef, state), const), x)
 
-        if remat:
-            layer = jax.checkpoint(layer, policy=policy, static_argnums=(0,))
+        if remat:  # the scan already keeps XLA from merging recomputation into the forward: no CSE barriers
+            layer = jax.checkpoint(layer, policy=policy, prevent_cse=False, static_argnums=(0,))
 
         def step(x, xs):
             for graphdef, state, const in zip(graphdefs, *xs, strict=True):
