@@ -43,3 +43,24 @@ def dot(a, b, *, trans_a: bool = False, trans_b: bool = False):
 def pad_dim(n: int) -> int:
     """A head dim padded to a power of two ≥ 16 (``tl.dot`` needs ≥ 16, loads need powers of two)."""
     return max(16, 1 << (n - 1).bit_length())
+
+
+def chain_pieces(call, sequences: tuple, *, piece: int, initial_state, segment_ids):
+    """``call`` over runs of ``piece`` tokens, each entering with the last one's final state.
+
+    For inputs longer than int32 element offsets allow. ``sequences``: the ``[B, T, ...]`` inputs
+    (None entries stay None), cut along T and passed positionally; ``call(*cut, initial_state=,
+    segment_ids=)`` returns ``(o [B, piece, ...], final_state [B, H, D, E])``. With documents, a piece
+    that starts a new document enters with a zero state (the id changes across the cut), as the
+    kernels reset it inside a piece. Returns ``(o [B, T, ...], final_state)``.
+    """
+    outs, state = [], initial_state
+    for start in range(0, sequences[0].shape[1], piece):
+        cut = slice(start, start + piece)
+        seg = None if segment_ids is None else segment_ids[:, cut]
+        if state is not None and seg is not None and start > 0:
+            same = segment_ids[:, start - 1] == segment_ids[:, start]
+            state = jnp.where(same[:, None, None, None], state, 0.0)
+        o, state = call(*(None if x is None else x[:, cut] for x in sequences), initial_state=state, segment_ids=seg)
+        outs.append(o)
+    return jnp.concatenate(outs, axis=1), state

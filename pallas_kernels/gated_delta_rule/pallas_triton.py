@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import F32, KERNEL_DTYPES, MAX_ELEMENTS, pad_dim
+from pallas_kernels.common import F32, KERNEL_DTYPES, MAX_ELEMENTS, chain_pieces, pad_dim
 from pallas_kernels.gated_delta_rule import common, pallas_triton_vjp
 from pallas_kernels.gated_delta_rule.config import BlockConfig, default_config
 from pallas_kernels.gated_delta_rule.layout import (
@@ -356,27 +356,6 @@ def piece_len(q, v, chunk: int = 16) -> int:
     return max(0, (MAX_ELEMENTS // per_token - 2048) // chunk * chunk)
 
 
-def _chained(q, k, v, beta, g, initial_state, segment_ids, piece, **kw):
-    """``gated_delta_rule`` over runs of ``piece`` tokens, each entering with the last one's final
-    state (zero where a new document starts at the cut)."""
-    outs, state = [], initial_state
-    for start in range(0, q.shape[1], piece):
-        cut = slice(start, start + piece)
-        seg = None if segment_ids is None else segment_ids[:, cut]
-        if state is not None and seg is not None and start > 0:
-            same = segment_ids[:, start - 1] == segment_ids[:, start]
-            state = jnp.where(same[:, None, None, None], state, 0.0)
-        o, state = gated_delta_rule(
-            *(x[:, cut] for x in (q, k, v, beta)),
-            g=None if g is None else g[:, cut],
-            initial_state=state,
-            segment_ids=seg,
-            **kw,
-        )
-        outs.append(o)
-    return jnp.concatenate(outs, axis=1), state
-
-
 def gated_delta_rule(
     q: jax.Array,
     k: jax.Array,
@@ -410,7 +389,13 @@ def gated_delta_rule(
     piece = piece_len(q, v, config.chunk if config else 16 if interpret else 64)
     if 0 < piece < t:  # longer than int32 offsets allow: pieces, the state chained (notes/design.md §6)
         kw = dict(scale=scale, interpret=interpret, config=config)
-        return _chained(q, k, v, beta, g, initial_state, segment_ids, piece, **kw)
+        return chain_pieces(
+            lambda q, k, v, beta, g, **state: gated_delta_rule(q, k, v, beta, g=g, **kw, **state),
+            (q, k, v, beta, g),
+            piece=piece,
+            initial_state=initial_state,
+            segment_ids=segment_ids,
+        )
     scale = float(d**-0.5 if scale is None else scale)
     args, docs, statics = prepare(q, k, v, beta, g, initial_state, segment_ids, scale, interpret, config)
     o, final = _gated_delta_rule(*args, docs, statics=statics)

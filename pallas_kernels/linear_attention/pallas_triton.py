@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import F32, KERNEL_DTYPES, MAX_ELEMENTS, dot, pad_dim
+from pallas_kernels.common import F32, KERNEL_DTYPES, MAX_ELEMENTS, chain_pieces, dot, pad_dim
 from pallas_kernels.linear_attention import pallas_triton_vjp, reference
 from pallas_kernels.linear_attention.common import (
     ChunkWalk,
@@ -262,41 +262,19 @@ def linear_attention(
     t, d, e = q.shape[1], q.shape[-1], v.shape[-1]
     piece = piece_len(q, v)
     if 0 < piece < t:  # longer than int32 offsets allow: pieces, the state chained (notes/design.md §2)
-        return _chained(q, k, v, g, g_gamma, scale, initial_state, segment_ids, piece, interpret, config)
+        kw = dict(g_gamma=g_gamma, scale=scale, interpret=interpret, config=config)
+        return chain_pieces(
+            lambda q, k, v, g, **state: linear_attention(q, k, v, g=g, **kw, **state),
+            (q, k, v, g),
+            piece=piece,
+            initial_state=initial_state,
+            segment_ids=segment_ids,
+        )
     statics = _statics(q, k, v, g, g_gamma, scale=scale, interpret=interpret, config=config)
     args = _padded_inputs(q, k, v, g, g_gamma, initial_state, statics)
     docs = _document_rows(segment_ids, args[0].shape[1])
     o, final = _linear_attention(*args, docs, statics=statics)
     return o[:, :t, :, :e], final[:, :, :d, :e]
-
-
-def _chained(q, k, v, g, g_gamma, scale, initial_state, segment_ids, piece, interpret, config):
-    """``linear_attention`` over runs of ``piece`` tokens, each entering with the last one's final state.
-
-    With documents, a piece that starts a new document enters with a zero state (the id changes
-    across the cut), as the kernels reset it inside a piece.
-    """
-    outs, state = [], initial_state
-    for start in range(0, q.shape[1], piece):
-        cut = slice(start, start + piece)
-        seg = None if segment_ids is None else segment_ids[:, cut]
-        if state is not None and seg is not None and start > 0:
-            same = segment_ids[:, start - 1] == segment_ids[:, start]
-            state = jnp.where(same[:, None, None, None], state, 0.0)
-        o, state = linear_attention(
-            q[:, cut],
-            k[:, cut],
-            v[:, cut],
-            g=None if g is None else g[:, cut],
-            g_gamma=g_gamma,
-            scale=scale,
-            initial_state=state,
-            segment_ids=seg,
-            interpret=interpret,
-            config=config,
-        )
-        outs.append(o)
-    return jnp.concatenate(outs, axis=1), state
 
 
 def _statics(q, k, v, g, g_gamma, *, scale, interpret, config) -> Statics:
