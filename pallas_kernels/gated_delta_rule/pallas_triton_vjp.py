@@ -24,6 +24,7 @@ Grouped value heads: dq and dk are per value head (float32) and summed over each
 from __future__ import annotations
 
 import functools
+import operator
 from typing import NamedTuple
 
 import jax
@@ -111,6 +112,25 @@ def _state_bwd_kernel(
     ds0_ref[...] = lax.fori_loop(0, num_chunks, body, d_final_ref[...].astype(F32))
 
 
+def _add_key_block(dk_ref, db_ref, dk_out_ref, db_out_ref, start, db_rows, dk_terms, db_terms, *, mode, parts):
+    """dk of the key columns ``[start, start + width)``: the output's share plus ``dk_terms`` (lists of
+    row tiles), added left to right; likewise per-channel db, while scalar db terms are added to the
+    row carries ``db_rows`` (returned) and stored after the column loop."""
+    width = dk_terms[0][0].shape[1]
+
+    def total(first, terms):
+        return functools.reduce(operator.add, terms, first)
+
+    dk_out = load_col_tiles(dk_out_ref, parts, start, width)
+    store_col_tiles(dk_ref, [total(a.astype(F32), t) for a, *t in zip(dk_out, *dk_terms, strict=True)], start)
+    if mode == "channel":  # per key channel: this block's columns of db are complete
+        db_out = load_col_tiles(db_out_ref, parts, start, width)
+        store_col_tiles(db_ref, [total(a, t) for a, *t in zip(db_out, *db_terms, strict=True)], start)
+    elif mode == "scalar":
+        db_rows = [total(a, t) for a, *t in zip(db_rows, *db_terms, strict=True)]
+    return db_rows
+
+
 def _state_step_bwd_kernel(
     k_ref, beta_ref, h_ref, dh_ref, v_new_ref, dk_out_ref, *refs, mode, has_docs, mxu, block_cols, parts
 ):
@@ -139,14 +159,18 @@ def _state_step_bwd_kernel(
             mxu=mxu,
             parts=parts,
         )
-        dk_out = load_col_tiles(dk_out_ref, parts, start, kw)
-        store_col_tiles(dk_ref, [a.astype(F32) + s for a, s in zip(dk_out, dk_state, strict=True)], start)
-        if mode == "channel":
-            db_out = load_col_tiles(db_out_ref, parts, start, kw)
-            store_col_tiles(db_ref[0], [a + s for a, s in zip(db_out, db_state, strict=True)], start)
-        elif mode == "scalar":
-            db_rows = [a + s for a, s in zip(db_rows, db_state, strict=True)]
-        return db_rows
+        return _add_key_block(
+            dk_ref,
+            db_ref[0] if db_ref else None,
+            dk_out_ref,
+            db_out_ref,
+            start,
+            db_rows,
+            [dk_state],
+            [db_state],
+            mode=mode,
+            parts=parts,
+        )
 
     row_zeros = [jnp.zeros((rows,), F32) for _ in range(parts)]
     db_rows = lax.fori_loop(0, k_ref.shape[1] // kw, key_step, row_zeros)
@@ -223,16 +247,12 @@ def _wy_bwd_kernel(
         dbeta, db_rows = carry
         start, chunk, h_rows, dw = keys(j)
         dk, dbeta_k, db = common.key_grads(chunk, x, dw, dgram, mode=mode, mxu=mxu)
+        dbeta = [a + b for a, b in zip(dbeta, dbeta_k, strict=True)]
+        add = functools.partial(
+            _add_key_block, dk_ref, db_ref[0] if db_ref else None, dk_out_ref, db_out_ref, start, mode=mode, parts=parts
+        )
         if not with_state:
-            dk_out = load_col_tiles(dk_out_ref, parts, start, kw)
-            store_col_tiles(dk_ref, [a.astype(F32) + w for a, w in zip(dk_out, dk, strict=True)], start)
-            dbeta = [a + b for a, b in zip(dbeta, dbeta_k, strict=True)]
-            if mode == "channel":
-                db_out = load_col_tiles(db_out_ref, parts, start, kw)
-                store_col_tiles(db_ref[0], [a + w for a, w in zip(db_out, db, strict=True)], start)
-            elif mode == "scalar":
-                db_rows = [a + w for a, w in zip(db_rows, db, strict=True)]
-            return dbeta, db_rows
+            return dbeta, add(db_rows, [dk], [db])
         dk_state, db_state = common.state_backward(
             chunk.k,
             chunk.b,
@@ -244,15 +264,7 @@ def _wy_bwd_kernel(
             mxu=mxu,
             parts=parts,
         )
-        dk_out = load_col_tiles(dk_out_ref, parts, start, kw)
-        store_col_tiles(dk_ref, [a.astype(F32) + s + w for a, s, w in zip(dk_out, dk_state, dk, strict=True)], start)
-        dbeta = [a + b for a, b in zip(dbeta, dbeta_k, strict=True)]
-        if mode == "channel":  # per key channel: this block's columns of db are complete
-            db_out = load_col_tiles(db_out_ref, parts, start, kw)
-            store_col_tiles(db_ref[0], [a + s + w for a, s, w in zip(db_out, db_state, db, strict=True)], start)
-        elif mode == "scalar":
-            db_rows = [a + s + w for a, s, w in zip(db_rows, db_state, db, strict=True)]
-        return dbeta, db_rows
+        return dbeta, add(db_rows, [dk_state, dk], [db_state, db])
 
     def value_step(j, dbeta):
         start, chunk, du = values(j)
