@@ -17,10 +17,13 @@ One ``ModelConfig`` spells out every architectural choice; a family is a set of 
   (``conv_size``) and SiLU on q, k, v, scalar gates per value head; RMSNorm, SwiGLU blocks.
 - ``kda`` — Kimi Delta Attention (Kimi Linear, 2025): the same with one gate per key channel from a
   low-rank projection (``models.delta_layers``).
+- ``gla`` — Gated Linear Attention (Yang et al. 2023, arXiv 2312.06635): linear attention with a log
+  decay per key channel, ``logsigmoid(W_up W_down x + b) / 16`` from a rank-16 projection, and the
+  output gate ``RMSNorm(o) ⊙ SiLU(W_r x)`` (``models.gla_layers``); RMSNorm, SwiGLU blocks.
 
 Presets: ``<family>-{tiny,0.4b,1b,7b}`` for the three linear-attention families, e.g. ``tnl-1b``
-(16 layers, d 2048, 16 heads); ``gdn-{tiny,0.4b,1.3b}`` and ``kda-{tiny,0.4b,1.3b}``; ``tiny`` alone
-means ``tnl-tiny``. Family names accept ``-`` or ``_``.
+(16 layers, d 2048, 16 heads); ``gdn-{tiny,0.4b,1.3b}``, ``kda-{tiny,0.4b,1.3b}`` and
+``gla-{tiny,0.4b,1.3b}``; ``tiny`` alone means ``tnl-tiny``. Family names accept ``-`` or ``_``.
 
 Hybrid presets (LASP-2H): ``tnl-hybrid-<size>`` and ``linear-llama3-hybrid-<size>`` make every k-th
 layer a causal softmax-attention layer (layers k−1, 2k−1, ...; k = 4 by default, k = 2 for ``tiny``,
@@ -44,7 +47,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 LAYER_TYPES = ("linear", "softmax")
 LINEAR_ATTENTION_FAMILIES = ("tnl", "linear_transformer", "linear_llama3")
 DELTA_RULE_FAMILIES = ("gdn", "kda")  # token mixers: models.delta_layers
-FAMILIES = LINEAR_ATTENTION_FAMILIES + DELTA_RULE_FAMILIES
+GATED_LINEAR_FAMILIES = ("gla",)  # per-channel gated linear attention: models.gla_layers
+FAMILIES = LINEAR_ATTENTION_FAMILIES + DELTA_RULE_FAMILIES + GATED_LINEAR_FAMILIES
 
 
 @dataclass(frozen=True)
@@ -193,6 +197,7 @@ _DELTA_DEFAULTS = dict(
 )
 _FAMILY_DEFAULTS["gdn"] = _DELTA_DEFAULTS
 _FAMILY_DEFAULTS["kda"] = _DELTA_DEFAULTS
+_FAMILY_DEFAULTS["gla"] = _DELTA_DEFAULTS  # GLA gates its own output too; q and k as they are
 
 # (d_model, n_layers, n_heads, TNL glu dim); TransNormerLLM's published 385M, 1B and 7B shapes.
 _SIZES = {
@@ -220,6 +225,9 @@ _DELTA_SIZES = {
     },
 }
 _DELTA_VOCAB = 32_000  # the Llama-2 tokenizer of the Gated DeltaNet and fla baselines
+# gla presets: the gdn/kda shapes (head dim 128, tiny 32), no grouped heads. A GLA mixer holds 5·d²
+# weights (q, k, v, the output gate, W_o), so gla-1.3b has 22 layers (1.35B parameters).
+_GLA_SIZES = {"tiny": (128, 2, 4, 384), "0.4b": (1024, 24, 8, 2816), "1.3b": (2048, 22, 16, 5632)}
 # gdn-hybrid layers (3 Gated DeltaNet : 1 softmax): tiny gets 4 layers so the pattern fits
 _GDN_HYBRID_LAYERS = {"tiny": 4, "0.4b": 24, "1.3b": 20}
 
@@ -237,6 +245,14 @@ def _delta_preset(family: str, size: str, n_layers: int | None = None) -> ModelC
         n_kv_heads=kv_heads,
         ffn_dim=ffn,
     )
+    return ModelConfig(**kw)
+
+
+def _gla_preset(size: str) -> ModelConfig:
+    d, layers, heads, ffn = _GLA_SIZES[size]
+    kw = dict(_FAMILY_DEFAULTS["gla"])
+    vocab = 256 if size == "tiny" else _DELTA_VOCAB
+    kw.update(family="gla", vocab_size=vocab, d_model=d, n_layers=layers, n_heads=heads, ffn_dim=ffn)
     return ModelConfig(**kw)
 
 
@@ -276,6 +292,8 @@ PRESETS: dict[str, ModelConfig] = {
 for _family, _sizes in _DELTA_SIZES.items():
     for _size in _sizes:
         PRESETS[f"{_family}-{_size}"] = _delta_preset(_family, _size)
+for _size in _GLA_SIZES:
+    PRESETS[f"gla-{_size}"] = _gla_preset(_size)
 for _size, _layers in _GDN_HYBRID_LAYERS.items():
     PRESETS[f"gdn-hybrid-{_size}"] = _delta_preset("gdn", _size, _layers).replace(
         layer_types=hybrid_layer_types(_layers, DEFAULT_SOFTMAX_EVERY)

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 
 from models.config import ModelConfig
+from models.gla_layers import GATE_RANK
 
 # dense bf16 peak TFLOP/s per device, matched against a substring of ``device_kind``
 PEAK_TFLOPS = {
@@ -34,8 +35,13 @@ def model_flops_per_token(config: ModelConfig, seq_len: int) -> float:
       adds) and the readout ``Sᵀq`` (D·E multiply-adds), plus ``2·W·C`` for the depthwise short
       convolution over the C = 2·H·D + Hv·E channels of q, k, v. This is the token recurrence
       (what ``step`` computes); the chunked kernels spend more (the intra-chunk C×C products and
-      the WY solve), which model FLOPs leave out like remat. Decays, gates, norms and other
-      elementwise work are not counted anywhere.
+      the WY solve), which model FLOPs leave out like remat;
+    - gated linear attention (GLA, per-channel gates): ``4·H·D·E`` for the recurrence as linear
+      attention. The per-channel term is the gate's rank-R projection, ``R·(d_model + H·D)``
+      weights (``gla_weights``, R = 16) counted in N; the per-channel decay of the state,
+      ``diag(exp g) S`` (D·E multiplies per head), is elementwise like a scalar decay.
+
+    Decays, gates, norms and other elementwise work are not counted anywhere.
     """
     d, f = config.d_model, config.hidden_dim
     mlp = d * f * (1 if config.mlp == "gelu" else 2) + f * d
@@ -48,6 +54,9 @@ def model_flops_per_token(config: ModelConfig, seq_len: int) -> float:
         elif config.is_delta_rule:
             weights += delta_rule_weights(config)
             mixers += delta_rule_flops(config)
+        elif config.family == "gla":
+            weights += gla_weights(config)
+            mixers += 4.0 * config.n_heads * config.head_dim * config.head_dim
         else:
             weights += projected_attention_weights(config)
             mixers += linear_attention_flops(config)
@@ -95,6 +104,13 @@ def delta_rule_flops(config: ModelConfig) -> float:
     h, hv, dh = config.n_heads, config.v_heads, config.head_dim
     conv = 2.0 * config.conv_size * (2 * h * dh + hv * dh)
     return conv + 6.0 * hv * dh * dh
+
+
+def gla_weights(config: ModelConfig) -> int:
+    """Matrix weights of ``models.gla_layers``: the fused input projection (q, k, v, the output gate
+    r and the gate's rank-R down projection), the gate's up projection ``R × H·D``, W_o."""
+    d, h, hk, dh = config.d_model, config.n_heads, config.kv_heads, config.head_dim
+    return d * (2 * h * dh + 2 * hk * dh + GATE_RANK) + GATE_RANK * h * dh + h * dh * d
 
 
 def peak_flops_per_device(override_tflops: float | None = None) -> float | None:

@@ -21,6 +21,7 @@ from flax import nnx
 
 from models.config import ModelConfig
 from models.delta_layers import DELTA_MIXERS, DeltaRuleMixer
+from models.gla_layers import GLA_MIXERS
 from models.layer_scan import ScannedBlocks, scan_shape
 from models.layers import SINGLE_DEVICE, Dense, Embed, LaspContext, LinearAttention, Mlp, Norm, SoftmaxAttention
 from models.loss import cross_entropy_sum, head_logits
@@ -40,14 +41,14 @@ class Block(nnx.Module):
     """Pre-norm residual block: ``x + mixer(norm(x))`` then ``x + mlp(norm(x))``.
 
     The token mixer is chosen per layer from ``config.types``: ``"linear"`` (the family's recurrent
-    mixer: ``LinearAttention``, or ``GatedDeltaNet`` / ``KDA`` for the delta-rule families) or
-    ``"softmax"`` (``SoftmaxAttention``, hybrid models).
+    mixer: ``LinearAttention``, ``GatedDeltaNet`` / ``KDA`` for the delta-rule families, or
+    ``GatedLinearAttention`` for ``gla``) or ``"softmax"`` (``SoftmaxAttention``, hybrid models).
     """
 
     def __init__(self, config: ModelConfig, layer: int, *, rngs):
         self.layer_type = config.types[layer]
         self.attn_norm = Norm(config.norm, config.d_model, eps=config.norm_eps, config=config)
-        mixer = DELTA_MIXERS.get(config.family, LinearAttention)
+        mixer = (DELTA_MIXERS | GLA_MIXERS).get(config.family, LinearAttention)
         mixer = SoftmaxAttention if self.layer_type == "softmax" else mixer
         self.attn = mixer.from_config(config, layer, rngs=rngs)
         self.mlp_norm = Norm(config.norm, config.d_model, eps=config.norm_eps, config=config)

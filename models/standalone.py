@@ -16,6 +16,7 @@ d_model]``:
 | ``LinearAttention`` | causal linear attention; ``g_gamma`` (per-head log decays) makes it lightning attention |
 | ``GatedDeltaNet`` | Gated DeltaNet (short convolution, gated delta rule, per-head gates) |
 | ``KDA`` | Kimi Delta Attention (per-channel gates from a low-rank projection) |
+| ``GatedLinearAttention`` | GLA: linear attention with per-channel decays from a rank-16 gate, output gate |
 | ``SoftmaxAttention`` | causal softmax attention (LASP-2H all-gather or ring under a mesh) |
 
 The language models in ``models.model`` are built from these same classes (``from_config``), so
@@ -30,6 +31,7 @@ import functools
 from flax import linen, nnx
 
 from models.delta_layers import KDA, DeltaRuleState, GatedDeltaNet
+from models.gla_layers import GatedLinearAttention
 from models.layers import KVCache, LaspContext, LinearAttention, LinearCache, SoftmaxAttention
 from models.mixer_math import tnl_log_decay
 
@@ -37,11 +39,13 @@ __all__ = [
     "KDA",
     "DeltaRuleState",
     "GatedDeltaNet",
+    "GatedLinearAttention",
     "KVCache",
     "LaspContext",
     "LinearAttention",
     "LinearCache",
     "LinenGatedDeltaNet",
+    "LinenGatedLinearAttention",
     "LinenKDA",
     "LinenLinearAttention",
     "LinenSoftmaxAttention",
@@ -62,3 +66,4 @@ LinenLinearAttention = functools.partial(to_linen, LinearAttention)
 LinenSoftmaxAttention = functools.partial(to_linen, SoftmaxAttention)
 LinenGatedDeltaNet = functools.partial(to_linen, GatedDeltaNet)
 LinenKDA = functools.partial(to_linen, KDA)
+LinenGatedLinearAttention = functools.partial(to_linen, GatedLinearAttention)
