@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from models.config import get_config
 from models.dataset import DataConfig
@@ -16,6 +17,8 @@ FAMILIES = {
     # delta-rule families: two value heads per q/k head (grouped value heads), one KV head in softmax layers
     "gdn": dict(n_v_heads=4, n_kv_heads=1),
     "kda": dict(n_v_heads=4, n_kv_heads=1),
+    # GLA: two query heads sharing one key/value head
+    "gla": dict(n_kv_heads=1),
 }
 
 
@@ -77,3 +80,20 @@ def check_generation_equals_full_forward(model, prompt, ctx, *, new_tokens: int,
     np.testing.assert_allclose(np.asarray(new_logits), full[:, p - 1 : -1], atol=2e-5 * scale, rtol=0)
     np.testing.assert_array_equal(out[:, p:], full[:, p - 1 : -1].argmax(-1))
     np.testing.assert_allclose(np.asarray(prompt_logits)[:, fed], full[:, fed], atol=2e-5 * scale, rtol=0)
+
+
+def dot_flops(jaxpr) -> int:
+    """2 · (output size) · (contracted size) summed over every dot_general, sub-jaxprs included."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        assert eqn.primitive.name not in ("scan", "while"), "a loop would need its trip count"
+        if eqn.primitive.name == "dot_general":
+            (contracting, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in contracting)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    total += dot_flops(inner)
+    return total

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +30,7 @@ from models.sharding import build_mesh
 from models.train import Trainer, check_config
 from tests.models.common import (
     check_generation_equals_full_forward,
+    dot_flops,
     large_weights,
     small_hybrid,
     small_model,
@@ -140,23 +140,6 @@ def test_layer_matches_definition(rng, mixer):
 # ---------------------------------------------------------------- FLOPs by counting
 
 
-def _dot_flops(jaxpr) -> int:
-    """2 · (output size) · (contracted size) summed over every dot_general, sub-jaxprs included."""
-    total = 0
-    for eqn in jaxpr.eqns:
-        assert eqn.primitive.name not in ("scan", "while"), "a loop would need its trip count"
-        if eqn.primitive.name == "dot_general":
-            (contracting, _), _ = eqn.params["dimension_numbers"]
-            lhs = eqn.invars[0].aval.shape
-            total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in contracting)
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    total += _dot_flops(inner)
-    return total
-
-
 @pytest.mark.parametrize("family", ["gdn", "kda"])
 def test_flops_formula_counts_the_decode_step(family):
     """The formula (training = 3 × forward) against the matmul FLOPs of one decoded token counted
@@ -166,7 +149,7 @@ def test_flops_formula_counts_the_decode_step(family):
     states = model.init_states(1)
     assert all(isinstance(s, DeltaRuleState) for s in states)
     jaxpr = jax.make_jaxpr(model.decode_step)(jnp.zeros((1,), jnp.int32), states, jnp.int32(0)).jaxpr
-    assert 3 * _dot_flops(jaxpr) == model_flops_per_token(config, 4096)
+    assert 3 * dot_flops(jaxpr) == model_flops_per_token(config, 4096)
 
 
 # ---------------------------------------------------------------- training under sp = one device
