@@ -69,3 +69,67 @@ def splits(num_chunks: int, rows: int, min_programs: int) -> tuple[int, int]:
     wanted = max(1, min(num_chunks, math.ceil(min_programs / rows)))
     per_split = math.ceil(num_chunks / wanted)
     return math.ceil(num_chunks / per_split), per_split
+
+
+# ---- per-key-channel gates (GLA): ``pallas_triton_channel`` ----------------------------------
+
+# rows of the sub-tiles of a chunk under per-channel gates: the decay between two sub-tiles is
+# factored around a reference row, the pairs inside a diagonal sub-tile are formed directly
+CHANNEL_SUB_TILE = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelConfig:
+    """Static tiling of the per-channel (GLA) kernels.
+
+    The two state passes (forward from a zero state, reverse from a zero cotangent) walk the chunks
+    of a run one program per (value block, run, head); the output and gradient kernels run one
+    program per (chunk, run, head).
+
+    Attributes:
+      chunk: tokens per chunk (C), a power of two >= 16 (C / 16 sub-tiles).
+      block_cols: key columns per step of the chunk kernels' loops over key columns (the scores
+        and their gradients are sums over, or separate in, the key channels; the diagonal
+        sub-tiles form ``[16, 16, block_cols]`` pairs, so this bounds the live registers).
+      block_e: value-dim tile of the two state passes.
+      splits: runs of whole chunks per row that the state passes walk in parallel (each from a
+        zero state; a float32 scan over runs gives their entering states, which the chunk
+        kernels add to the stored per-chunk states).
+      num_warps / num_stages: Triton launch parameters of the output kernel; ``*_state``: of the
+        two state passes; ``*_bwd``: of the gradient kernel.
+    """
+
+    chunk: int = 64
+    block_cols: int = 32
+    block_e: int = 32
+    splits: int = 1
+    num_warps: int = 8
+    num_stages: int = 2
+    num_warps_state: int = 4
+    num_stages_state: int = 3
+    num_warps_bwd: int = 8
+    num_stages_bwd: int = 1
+
+    def __post_init__(self):
+        for name in ("chunk", "block_cols", "block_e"):
+            value = getattr(self, name)
+            if value < CHANNEL_SUB_TILE or value & (value - 1):
+                raise ValueError(f"ChannelConfig.{name}={value} must be a power of two >= {CHANNEL_SUB_TILE}")
+        if self.splits < 1:
+            raise ValueError(f"ChannelConfig.splits={self.splits} must be positive")
+
+
+def default_channel_config(*, batch: int, heads: int, seq_len: int, value_dim: int, interpret: bool) -> ChannelConfig:
+    """Interpret mode: 16-token chunks (one sub-tile), 16-wide blocks, one run per row. GPU: 64-token
+    chunks, and runs (a power of two) until the state passes have about two programs per SM while
+    each run keeps at least 16 chunks: at (B, T, H) = (1, 32K, 16) with E = 128, 8 runs of 64 chunks
+    (512 programs per pass)."""
+    if interpret:
+        return ChannelConfig(chunk=16, block_cols=16, block_e=16)
+    cfg = ChannelConfig(block_e=min(32, value_dim))
+    programs = batch * heads * (value_dim // cfg.block_e)
+    chunks = -(-seq_len // cfg.chunk)
+    splits = 1
+    while programs * splits < 2 * _NUM_SMS and chunks // (2 * splits) >= 16:
+        splits *= 2
+    return dataclasses.replace(cfg, splits=splits)

@@ -1,0 +1,234 @@
+"""Backward pass of the per-channel (GLA) Pallas Triton kernels (``pallas_triton_channel``).
+
+Given ``dO`` and the final state's cotangent, with the forward's per-chunk local states, each run's
+entering state and the scores ``Z = Q Kᵀ ⊙ Γ`` saved:
+
+1. ``state_bwd`` (one program per value block, run and head; the sequential part) walks the run's
+   chunks right to left from a zero cotangent, storing each chunk's local leaving cotangent
+   ``dh_local_c = dS`` (operand dtype), then ``dS ← e^{b_last} ⊙ dS + scale · (e^b ⊙ Q)ᵀ dO``; the
+   last dS is the cotangent of the run's entering state from its own outputs.
+2. ``scan`` in reverse (float32, over runs): the cotangent of the state leaving each run (the final
+   state's enters at the right end) and the initial state's gradient.
+3. ``grads`` (one program per chunk, run and head) with the chunk's true entering state
+   ``h = h_local + e^{a} ⊙ S_run`` and leaving cotangent ``dh = dh_local + e^{a'} ⊙ dS_run``:
+   ``dV = scale · Zᵀ dO + (e^{b_last − b} ⊙ K) dh`` (Z read, not recomputed), and walking the key
+   columns in blocks, ``dQ = scale · [(dO Vᵀ ⊙ Γ ⊙ causal) K + e^b ⊙ (dO hᵀ)]`` (the products'
+   cotangents by the same secondary chunking as the forward), ``dK = scale · (dO Vᵀ ⊙ Γ ⊙ causal)ᵀ Q
+   + e^{b_last − b} ⊙ (V dhᵀ)``, and the gradient of the chunk-local cumulative log decay b:
+   ``q ⊙ dq − k ⊙ dk`` per row, plus ``Σ_j k_j ⊙ dk_j^{state} + e^{b_last} ⊙ Σ_e h ⊙ dh`` at the
+   chunk's last row (``gated_delta_rule.common.output_backward`` and ``state_backward``).
+
+Grouped heads: dk and dv are per query head (float32) and summed over each group after.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.common import F32
+from pallas_kernels.gated_delta_rule import common
+from pallas_kernels.gated_delta_rule.layout import (
+    load_col_tiles,
+    load_doc_tiles,
+    load_docs,
+    load_tiles,
+    store_col_tiles,
+    store_tiles,
+)
+from pallas_kernels.linear_attention.channel_common import (
+    MODE,
+    ChannelStatics,
+    ChunkLogs,
+    Layout,
+    compiler_params,
+    cotangent_update,
+    doc_inputs,
+    full_state_rows,
+    run_scan,
+    value_grads_from_state,
+)
+
+
+class States(NamedTuple):
+    """What the forward keeps for the backward beside its inputs: each chunk's local entering state
+    ``[R, H, NC, D, E]`` (operand dtype), each run's entering state ``[R, H, D, E]`` (float32), the
+    decays across chunks and runs, and the scores ``[R, T, H, C]`` (operand dtype)."""
+
+    h_local: jax.Array
+    s_run: jax.Array
+    logs: ChunkLogs
+    z: jax.Array
+
+
+class LocalCotangents(NamedTuple):
+    """The reverse pass from a zero cotangent (needs no final-state cotangent): ``do`` in the operand
+    dtype, each chunk's local leaving cotangent ``[R, H, NC, D, E]`` and each run's entering-state
+    cotangent from its own outputs ``[R, H, D, E]``."""
+
+    do: jax.Array
+    dh_local: jax.Array
+    dm: jax.Array
+
+
+# ---- kernels ------------------------------------------------------------------------------------
+
+
+def _state_bwd_kernel(q_ref, do_ref, b_ref, *refs, has_docs, mxu, scale, chunk, num_chunks):
+    """The reverse pass over one (value block, run, head) from a zero cotangent."""
+    refs = list(refs)
+    doc_refs = (refs.pop(0), refs.pop(0)) if has_docs else None
+    dh_ref, dm_ref = refs
+
+    def body(i, ds):
+        c = num_chunks - 1 - i
+        t0 = pl.multiple_of(c * chunk, chunk)
+        dh_ref[c] = ds.astype(dh_ref.dtype)
+        rows = pl.ds(t0, chunk)
+        docs = load_docs(doc_refs, t0, chunk)
+        return cotangent_update(ds, q_ref[rows, :], do_ref[rows, :], b_ref[rows, :], docs, scale=scale, mxu=mxu)
+
+    dm_ref[...] = lax.fori_loop(0, num_chunks, body, jnp.zeros(dm_ref.shape, F32))
+
+
+def _grads_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, *refs, has_docs, mxu, scale, parts, block_cols):
+    """dq, dk, dv and db of one chunk (per query head), walking the key columns in blocks."""
+    refs = list(refs)
+    doc_refs = (refs.pop(0), refs.pop(0)) if has_docs else None
+    z_ref, h_ref, s_run_ref, enter_ref, dh_ref, d_run_ref, leave_ref, dq_ref, dk_ref, dv_ref, db_ref = refs
+    docs = load_doc_tiles(doc_refs, parts)
+    do, v = load_tiles(do_ref, parts), load_tiles(v_ref, parts)
+    rows = q_ref.shape[0] // parts
+    kw = dict(mode=MODE, mxu=mxu, parts=parts)
+    dz = common.output_dz(v, do, scale=scale, mxu=mxu, parts=parts)
+    z = {(i, j): z_ref[pl.ds(i * rows, rows), pl.ds(j * rows, rows)] for i in range(parts) for j in range(i + 1)}
+    width = block_cols
+
+    def columns(j, dv):
+        start = pl.multiple_of(j * width, width)
+        cols = pl.ds(start, width)
+        q, k = load_col_tiles(q_ref, parts, start, width), load_col_tiles(k_ref, parts, start, width)
+        b = load_col_tiles(b_ref, parts, start, width)
+        h_rows = full_state_rows(h_ref[cols, :], enter_ref[cols], s_run_ref[cols, :])
+        dh_rows = full_state_rows(dh_ref[cols, :], leave_ref[cols], d_run_ref[cols, :])
+        dq, dk_out, db_out = common.output_backward(q, k, b, docs, h_rows, dz, do, scale=scale, **kw)
+        dk_state, db_state = common.state_backward(k, b, docs, h_rows, dh_rows, v, **kw)
+        store_col_tiles(dq_ref, dq, start)
+        store_col_tiles(dk_ref, [a + c for a, c in zip(dk_out, dk_state, strict=True)], start)
+        store_col_tiles(db_ref, [a + c for a, c in zip(db_out, db_state, strict=True)], start)
+        dv_state = value_grads_from_state(k, b, docs, dh_rows, mxu)
+        return [a + c for a, c in zip(dv, dv_state, strict=True)]
+
+    dv = common.dvn_from_scores(z, do, scale=scale, mxu=mxu, parts=parts)
+    store_tiles(dv_ref, lax.fori_loop(0, q_ref.shape[1] // width, columns, dv))
+
+
+# ---- the calls ------------------------------------------------------------------------------------
+
+
+def backward_local(q, b, docs, do, *, statics: ChannelStatics) -> LocalCotangents:
+    """Stage 1 (needs no final-state cotangent): the reverse pass over every run from zero."""
+    lay = Layout(q, q, do, statics.cfg)  # reads q and dO per query head only
+    do = do.astype(lay.mxu)
+    kernel = functools.partial(
+        _state_bwd_kernel,
+        has_docs=docs is not None,
+        mxu=lay.mxu,
+        scale=statics.scale,
+        chunk=lay.chunk,
+        num_chunks=lay.num_chunks,
+    )
+    dh_local, dm = pl.pallas_call(
+        kernel,
+        grid=lay.state_grid(),
+        in_specs=[
+            lay.seq_spec(lay.dim),
+            lay.seq_spec(lay.value_dim, blocked=True),
+            lay.seq_spec(lay.dim),
+            *lay.seq_doc_specs(docs is not None),
+        ],
+        out_specs=[lay.states_spec(), lay.state_spec()],
+        out_shape=[lay.states_shape(lay.mxu), lay.run_states_shape()],
+        compiler_params=compiler_params(statics.cfg, "state"),
+        interpret=statics.interpret,
+        name="linear_attention_channel_state_bwd",
+    )(q, do, b, *doc_inputs(docs))
+    return LocalCotangents(do, dh_local, dm)
+
+
+def grads(q, k, v, b, docs, states: States, local: LocalCotangents, d_run, lay: Layout, statics: ChannelStatics):
+    """Stage 3: ``(dq, dk, dv, db)`` per query head (dk, dv float32 under grouped heads)."""
+    d, e = lay.dim, lay.value_dim
+    grad_dtype = k.dtype if lay.group == 1 else F32
+    kernel = functools.partial(
+        _grads_kernel,
+        has_docs=docs is not None,
+        mxu=lay.mxu,
+        scale=statics.scale,
+        parts=lay.parts,
+        block_cols=lay.block_cols,
+    )
+    return pl.pallas_call(
+        kernel,
+        grid=lay.chunk_grid(),
+        in_specs=[
+            lay.chunk_spec(d),
+            lay.chunk_spec(d, kv=True),
+            lay.chunk_spec(e, kv=True),
+            lay.chunk_spec(e),
+            lay.chunk_spec(d),
+            *lay.chunk_doc_specs(docs is not None),
+            lay.chunk_spec(lay.chunk),
+            lay.chunk_state_spec(),
+            lay.run_state_spec(),
+            lay.chunk_log_spec(),
+            lay.chunk_state_spec(),
+            lay.run_state_spec(),
+            lay.chunk_log_spec(),
+        ],
+        out_specs=[lay.chunk_spec(d), lay.chunk_spec(d), lay.chunk_spec(e), lay.chunk_spec(d)],
+        out_shape=[
+            lay.per_head_shape(d, q.dtype),
+            lay.per_head_shape(d, grad_dtype),
+            lay.per_head_shape(e, grad_dtype),
+            lay.per_head_shape(d, F32),
+        ],
+        compiler_params=compiler_params(statics.cfg, "backward"),
+        interpret=statics.interpret,
+        name="linear_attention_channel_grads",
+    )(
+        q,
+        k,
+        v,
+        local.do,
+        b,
+        *doc_inputs(docs),
+        states.z,
+        states.h_local,
+        states.s_run,
+        states.logs.enter,
+        local.dh_local,
+        d_run,
+        states.logs.leave,
+    )
+
+
+def backward_finish(q, k, v, b, docs, states: States, local: LocalCotangents, d_final, *, statics: ChannelStatics):
+    """Cotangents ``(dq, dk, dv, db, d initial_state)`` from stage 1 and the final state's cotangent
+    ``[B, H, D, E]``; db is that of the chunk-local cumulative log decay."""
+    lay = Layout(q, k, v, statics.cfg)
+    splits = statics.cfg.splits
+    d_run, ds0 = run_scan(
+        local.dm, states.logs.run, d_final.astype(F32), splits, reverse=True, interpret=statics.interpret
+    )
+    dq, dk, dv, db = grads(q, k, v, b, docs, states, local, d_run, lay, statics)
+    if lay.group > 1:
+        r, t = dk.shape[:2]
+        dk = dk.reshape(r, t, lay.kv_heads, lay.group, lay.dim).sum(3).astype(k.dtype)
+        dv = dv.reshape(r, t, lay.kv_heads, lay.group, lay.value_dim).sum(3).astype(v.dtype)
+    return dq, dk, dv, db, ds0
