@@ -40,11 +40,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.channel_gates import SUB_BLOCK, KeyFactors, key_factors, masked_exp, per_channel_scores, sums_after
 from pallas_kernels.common import acc_dtype
 from pallas_kernels.gated_delta_rule.reference import group_values
 
 DEFAULT_CHUNK = 64
-SUB_BLOCK = 16
 
 
 class Chunks(NamedTuple):
@@ -113,15 +113,6 @@ def _to_chunks(x, c, *, feature: bool):
     return jnp.moveaxis(x, (1, 2), (0, x.ndim - 2 if feature else x.ndim - 1))
 
 
-def _sums_after(x, axis):
-    """``Σ_{t>j} x_t`` along ``axis``: a suffix sum that excludes j, so the last position's weight
-    ``exp(0) = 1`` is a constant (no gradient of ``Σ_{t≥j} − x_j`` cancelling in float32)."""
-    x = jnp.moveaxis(x, axis, -1)
-    suffix = jnp.flip(jnp.cumsum(jnp.flip(x, -1), axis=-1), -1)
-    after = jnp.concatenate([suffix[..., 1:], jnp.zeros_like(suffix[..., :1])], axis=-1)
-    return jnp.moveaxis(after, -1, axis)
-
-
 def _chunk_inputs(q, k, v, beta, g, doc_ids, do, *, chunk_size) -> tuple[Chunks, int]:
     b, t, h, _ = k.shape
     dt = acc_dtype(*(None if x is None else x.dtype for x in (q, k, v, beta, g, do)))
@@ -138,7 +129,7 @@ def _chunk_inputs(q, k, v, beta, g, doc_ids, do, *, chunk_size) -> tuple[Chunks,
         axis = -2 if g.ndim == 4 else -1
         gates = cut(g, feature=g.ndim == 4)
         cum = jnp.cumsum(gates, axis=axis)
-        to_end = _sums_after(gates, axis)
+        to_end = sums_after(gates, axis)
     docs = None
     if doc_ids is not None:
         # padding continues the last document, so the final state is untouched
@@ -178,55 +169,6 @@ def _masks(docs, c) -> Masks:
     )
 
 
-def _masked_exp(mask, x):
-    """``exp(x)`` where ``mask``, else 0, with no gradient through the masked-out ``x``."""
-    return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
-
-
-class KeyFactors(NamedTuple):
-    """The key side of ``Σ_d x_id k_jd exp(b_id − b_jd)``, formed once per chunk for x = k (A) and
-    x = q (the output). Per key channel (cum ``[B, H, G, C, D]``): ``k_ref`` ``[B, H, G, n, C, D]``,
-    ``k_j exp(b_r − b_j)`` for j before sub-block n's first token r (else 0), and ``k_inside``
-    ``[B, H, G, n, S, S, D]``, ``k_j exp(b_i − b_j)`` for i > j inside sub-block n (else 0)."""
-
-    k: jax.Array
-    cum: jax.Array | None
-    k_ref: jax.Array | None = None
-    k_inside: jax.Array | None = None
-
-
-def _key_factors(k, cum) -> KeyFactors:
-    if cum is None or cum.ndim == 4:
-        return KeyFactors(k, cum)
-    bsz, h, grp, c, d = cum.shape
-    s = SUB_BLOCK
-    n = c // s
-    cum_sub = cum.reshape(bsz, h, grp, n, s, d)
-    before = (jnp.arange(c)[None, :] < s * jnp.arange(n)[:, None])[..., None]  # [n, C, 1]: j < r
-    k_ref = _masked_exp(before, cum_sub[..., :, None, 0, :] - cum[..., None, :, :]) * k[:, :, None, None]
-    strict = jnp.tril(jnp.ones((s, s), bool), -1)[..., None]
-    factor = _masked_exp(strict, cum_sub[..., :, None, :] - cum_sub[..., None, :, :])
-    return KeyFactors(k, cum, k_ref, k.reshape(bsz, h, 1, n, 1, s, d) * factor)
-
-
-def _per_channel_scores(x, keys: KeyFactors):
-    """``Σ_d x_id k_jd exp(b_id − b_jd)`` for j ≤ i by secondary chunking (see the module docstring):
-    x ``[B, H, C, D]`` -> ``[B, H, G, C, C]`` (zero above the diagonal)."""
-    bsz, h, grp, c, d = keys.cum.shape
-    s = SUB_BLOCK
-    n = c // s
-    cum_sub = keys.cum.reshape(bsz, h, grp, n, s, d)
-    x_sub, k_sub = x.reshape(bsz, h, 1, n, s, d), keys.k.reshape(bsz, h, 1, n, s, d)
-    # across sub-blocks: split at the first token r of the row's sub-block, exp(b_i − b_r) ≤ 1
-    x_ref = x_sub * jnp.exp(cum_sub - cum_sub[..., :1, :])
-    across = jnp.einsum("bhgnid,bhgnjd->bhgnij", x_ref, keys.k_ref)  # [B, H, G, n, S, C]
-    # inside a sub-block: the factors directly, i > j; the diagonal's factor is exactly 1
-    inside = jnp.einsum("bhgnid,bhgnijd->bhgnij", x_sub, keys.k_inside)
-    inside = inside + jnp.eye(s) * jnp.einsum("bhgnid,bhgnid->bhgni", x_sub, k_sub)[..., None]
-    blocks = across.reshape(bsz, h, grp, n, s, n, s) + inside[..., None, :] * jnp.eye(n)[:, None, :, None]
-    return blocks.reshape(bsz, h, grp, c, c)
-
-
 def _decayed_scores(x, keys: KeyFactors, allowed):
     """``Σ_d x_id k_jd exp(b_id − b_jd)`` for the allowed j ≤ i, ``[B, H, G|1, C, C]``.
 
@@ -235,13 +177,13 @@ def _decayed_scores(x, keys: KeyFactors, allowed):
     """
     cum = keys.cum
     if keys.k_ref is not None:
-        return jnp.where(allowed, _per_channel_scores(x, keys), 0.0)
+        return jnp.where(allowed, per_channel_scores(x, keys), 0.0)
     scores = jnp.einsum("bhid,bhjd->bhij", x, keys.k)[:, :, None]
     if cum is None:
         return jnp.where(allowed, scores, 0.0)
     eye = jnp.eye(scores.shape[-1], dtype=bool)
     off = allowed & ~eye
-    return scores * (_masked_exp(off, cum[..., :, None] - cum[..., None, :]) + eye)
+    return scores * (masked_exp(off, cum[..., :, None] - cum[..., None, :]) + eye)
 
 
 def _from_start(x, cum):
@@ -327,7 +269,7 @@ def _query_terms(q, keys: KeyFactors, masks: Masks):
 
 def _output_step(state, chunk: Chunks, *, scale):
     c = chunk.k.shape[-2]
-    masks, keys = _masks(chunk.docs, c), _key_factors(chunk.k, chunk.cum)
+    masks, keys = _masks(chunk.docs, c), key_factors(chunk.k, chunk.cum)
     terms = _terms(chunk, masks, keys)
     v_new = _new_values(terms, chunk.beta, chunk.v, state)
     q_in, scores = _query_terms(chunk.q, keys, masks)
@@ -336,7 +278,7 @@ def _output_step(state, chunk: Chunks, *, scale):
 
 
 def _state_step(state, chunk: Chunks):
-    terms = _terms(chunk, _masks(chunk.docs, chunk.k.shape[-2]), _key_factors(chunk.k, chunk.cum))
+    terms = _terms(chunk, _masks(chunk.docs, chunk.k.shape[-2]), key_factors(chunk.k, chunk.cum))
     return _state_out(terms, state, _new_values(terms, chunk.beta, chunk.v, state)), None
 
 
@@ -347,7 +289,7 @@ def _state_cotangent_step(ds, chunk: Chunks, *, scale):
     ``dS = decay_out dS_out + scale q_inᵀ dO − Wᵀ Y``, ``Y = scale Pᵀ dO + k_out dS_out`` and
     ``Wᵀ Y = k_inᵀ diag(β) (I + A)⁻ᵀ Y`` (no W).
     """
-    masks, keys = _masks(chunk.docs, chunk.k.shape[-2]), _key_factors(chunk.k, chunk.cum)
+    masks, keys = _masks(chunk.docs, chunk.k.shape[-2]), key_factors(chunk.k, chunk.cum)
     terms = _terms(chunk, masks, keys)
     q_in, scores = _query_terms(chunk.q, keys, masks)
     y = scale * jnp.einsum("bhgij,bhgie->bhgje", scores, chunk.do) + jnp.einsum("bhgcd,bhgde->bhgce", terms.k_out, ds)

@@ -1,10 +1,11 @@
 """Public entry point: argument checks and dispatch between implementations.
 
-``linear_attention`` equals ``reference.recurrent`` (the token recurrence of notes/design.md §1) on
-every implementation, up to floating-point rounding. Dtype policy: q, k, v in bf16, fp16 or fp32
-(fp64 for the oracles and the XLA path), the state and every accumulation in float32, the
-output in q's dtype, ``final_state`` float32 ``[B, H, D, E]``. Papers: Katharopoulos et al. 2020
-(linear attention), Qin et al. 2024 (lightning attention / TransNormerLLM), LASP (arXiv 2404.02882).
+``linear_attention`` equals ``reference.recurrent`` (the token recurrence of notes/design.md §1; per
+key channel gates §6) on every implementation, up to floating-point rounding. Dtype policy: q, k, v
+in bf16, fp16 or fp32 (fp64 for the oracles and the XLA path), the state and every accumulation in
+float32, the output in q's dtype, ``final_state`` float32 ``[B, H, D, E]``. Papers: Katharopoulos
+et al. 2020 (linear attention), Qin et al. 2024 (lightning attention / TransNormerLLM), Yang et al.
+2023 (Gated Linear Attention), LASP (arXiv 2404.02882).
 """
 
 from __future__ import annotations
@@ -52,8 +53,11 @@ def validate(q, k, v, *, g=None, g_gamma=None, initial_state=None, segment_ids=N
         raise ValueError(f"pass g or g_gamma, not both: g.shape={tuple(g.shape)}, g_gamma.shape={tuple(g_gamma.shape)}")
     if g is not None:
         _check_float("g", g)
-        if g.shape != (b, t, h):
-            raise ValueError(f"g must be [B, T, H]={(b, t, h)}, got g.shape={tuple(g.shape)}")
+        if g.shape not in ((b, t, h), (b, t, h, d)):
+            raise ValueError(
+                f"g must be [B, T, H]={(b, t, h)} (per token) or [B, T, H, D]={(b, t, h, d)} (per key channel), "
+                f"got g.shape={tuple(g.shape)} for q.shape={tuple(q.shape)}"
+            )
     if g_gamma is not None:
         _check_float("g_gamma", g_gamma)
         if g_gamma.shape != (h,):
@@ -92,7 +96,9 @@ def linear_attention(
       q: queries ``[B, T, H, D]``.
       k: keys ``[B, T, Hk, D]`` with ``H % Hk == 0`` (query head h reads key head ``h // (H // Hk)``).
       v: values ``[B, T, Hk, E]``.
-      g: per-token log decay ``[B, T, H]`` (values ≤ 0), or None.
+      g: log decay (values ≤ 0), or None: per token ``[B, T, H]``, or per key channel
+        ``[B, T, H, D]`` (Gated Linear Attention, notes/design.md §6: ``S_t = diag(exp g_t) S_{t-1}
+        + k_tᵀ v_t``), one gate per query head in both forms.
       g_gamma: constant per-head log decay ``[H]`` (lightning attention's ``-slope``), or None.
       scale: multiplies q; defaults to ``D ** -0.5``.
       initial_state: state before the first token ``[B, H, D, E]``; zeros when None.
@@ -100,9 +106,10 @@ def linear_attention(
       segment_ids: integer document ids ``[B, T]`` for packed rows: the state resets wherever the id
         changes, so nothing flows between documents; ``initial_state`` applies to the first
         document of each row and ``final_state`` is the state of the last one.
-      impl: ``"auto"`` (Pallas kernel on a supported GPU, else ``"xla"``), ``"pallas"``
-        (interpret mode off GPU), ``"xla"`` (chunked jnp), ``"reference"`` (token scan) or
-        ``"reference_quadratic"`` (masked T×T form).
+      impl: ``"auto"`` (Pallas kernel on a supported GPU, else ``"xla"``; per-channel g runs
+        ``"xla"`` everywhere until its Pallas kernel lands), ``"pallas"`` (interpret mode off GPU;
+        per-token or constant decay only for now), ``"xla"`` (chunked jnp; secondary chunking for
+        per-channel g), ``"reference"`` (token scan) or ``"reference_quadratic"`` (masked T×T form).
 
     Returns:
       ``(o, final_state)``: o ``[B, T, H, E]`` in q's dtype; final_state float32 ``[B, H, D, E]``
@@ -113,7 +120,11 @@ def linear_attention(
     validate(q, k, v, g=g, g_gamma=g_gamma, initial_state=initial_state, segment_ids=segment_ids)
     d = q.shape[-1]
     scale = float(d**-0.5 if scale is None else scale)
-    impl = resolve_impl(impl, q, k, v)
+    impl = resolve_impl(impl, q, k, v, g=g)
+    if impl == "pallas" and g is not None and g.ndim == 4:
+        raise ValueError(
+            f"impl='pallas' takes no per-channel g yet: g.shape={tuple(g.shape)}; use impl='xla' or 'auto'"
+        )
 
     if impl == "pallas":
         o, final = pallas_triton.linear_attention(
@@ -141,11 +152,14 @@ def linear_attention(
     return o.astype(q.dtype), (final.astype(state_dtype) if output_final_state else None)
 
 
-def resolve_impl(impl: str, q, k, v) -> str:
+def resolve_impl(impl: str, q, k, v, g=None) -> str:
     """The implementation ``impl`` runs for these inputs: ``"auto"`` becomes ``"pallas"`` on a
-    CUDA GPU when the kernel takes the shapes and dtypes, else ``"xla"``; others are unchanged."""
+    CUDA GPU when the kernel takes the shapes, dtypes and decay, else ``"xla"``; others are
+    unchanged. Per-channel ``g`` (``[B, T, H, D]``) has no Pallas kernel yet: ``"xla"``."""
     if impl != "auto":
         return impl
+    if g is not None and g.ndim == 4:
+        return "xla"
     return "pallas" if on_gpu() and pallas_triton.supports(q, k, v) else "xla"
 
 

@@ -9,6 +9,13 @@ repeated. Gradients come from autodiff; each step is rematerialised, so the back
 the state entering each chunk. A constant per-head decay (``gamma``) never becomes a T-long
 array: each step forms its chunk's cumulative log decay as ``gamma · (position + 1)`` from the
 chunk's start, so no cumulative sum of a long broadcast constant is left for XLA to fold.
+
+Per key channel (GLA, ``log_decay [B, T, H, D]``, notes/design.md §6) the masked scores
+``Σ_d q_id k_jd exp(b_id − b_jd)`` are no longer one matmul: ``pallas_kernels.channel_gates``
+forms them by secondary chunking (sub-blocks of 16 tokens factored around a reference point, so
+every exp is of a non-positive difference), and the chunk length is a multiple of 16. The state
+step scales rows: ``S_out = exp(b_{C−1}) ⊙ S_in + (exp(b_{C−1} − b) ⊙ K)ᵀ V`` with
+``b_{C−1} − b`` a suffix sum (never a difference of two prefix sums).
 """
 
 from __future__ import annotations
@@ -16,7 +23,23 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.channel_gates import SUB_BLOCK, key_factors, per_channel_scores, sums_after
+
 DEFAULT_CHUNK = 64
+
+
+def _doc_masks(docs, causal, dtype):
+    """(allowed ``[B|1, 1, 1, C, C]``, from_state ``[B, 1, 1, C, 1]``, to_state ``[B, 1, C, 1]``, carry
+    ``[B, 1, 1, 1, 1]``): pairs in one document, tokens that see / feed the state, whether the entering
+    state survives the chunk (float masks; all but ``allowed`` None without documents)."""
+    if docs is None:
+        return causal, None, None, None
+    doc, doc_before = docs
+    allowed = causal & (doc[:, None, None, :, None] == doc[:, None, None, None, :])
+    from_state = (doc == doc_before[:, None])[:, None, None, :, None].astype(dtype)
+    to_state = (doc == doc[:, -1:])[:, None, :, None].astype(dtype)
+    carry_state = (doc[:, -1] == doc_before)[:, None, None, None, None].astype(dtype)
+    return allowed, from_state, to_state, carry_state
 
 
 def _chunk_step(state, chunk, *, scale, causal):
@@ -24,14 +47,7 @@ def _chunk_step(state, chunk, *, scale, causal):
     docs None or (doc [B, C], doc_before [B]) with the document index of the token before the chunk."""
     q, k, v, cum, docs = chunk
     c = q.shape[-2]
-    allowed = causal
-    from_state = to_state = carry_state = None  # float masks: which tokens see / feed the state
-    if docs is not None:
-        doc, doc_before = docs
-        allowed = causal & (doc[:, None, None, :, None] == doc[:, None, None, None, :])
-        from_state = (doc == doc_before[:, None])[:, None, None, :, None].astype(q.dtype)
-        to_state = (doc == doc[:, -1:])[:, None, :, None].astype(q.dtype)
-        carry_state = (doc[:, -1] == doc_before)[:, None, None, None, None].astype(q.dtype)
+    allowed, from_state, to_state, carry_state = _doc_masks(docs, causal, q.dtype)
     scores = jnp.einsum("bkgid,bkjd->bkgij", q, k)
     if cum is None:
         scores = jnp.where(allowed, scores, 0.0)
@@ -63,6 +79,22 @@ def _chunk_step(state, chunk, *, scale, causal):
     return new_state, scale * o
 
 
+def _channel_chunk_step(state, chunk, *, scale, causal):
+    """One chunk with a log decay per key channel: q [B, Hk, G, C, D], k [B, Hk, C, D], v [B, Hk, C, E],
+    cum [B, Hk, G, C, D] (``b``), to_end [B, Hk, G, C, D] (``b_{C−1} − b``), docs as ``_chunk_step``."""
+    q, k, v, cum, to_end, docs = chunk
+    allowed, from_state, to_state, carry_state = _doc_masks(docs, causal, q.dtype)
+    scores = jnp.where(allowed, per_channel_scores(q, key_factors(k, cum)), 0.0)
+    q_state = q * jnp.exp(cum)
+    k_state = k[:, :, None] * jnp.exp(to_end)
+    decay = jnp.exp(cum[..., -1, :])[..., None]  # [B, Hk, G, D, 1]: scales the state's rows
+    if docs is not None:
+        q_state, k_state, decay = q_state * from_state, k_state * to_state[:, :, None], decay * carry_state
+    o = jnp.einsum("bkgij,bkje->bkgie", scores, v) + jnp.einsum("bkgid,bkgde->bkgie", q_state, state)
+    new_state = decay * state + jnp.einsum("bkgjd,bkje->bkgde", k_state, v)
+    return new_state, scale * o
+
+
 def gamma_cumsum(gamma, start, *, chunk: int, length: int):
     """The chunk-local inclusive cumulative log decay of a constant per-head ``gamma`` for the
     chunk that starts at token ``start``: ``gamma · (min(t, length − 1) − start + 1)``, ``[..., chunk]``
@@ -77,14 +109,20 @@ def linear_attention(
     """Same contract as ``reference.recurrent``; returns ``(o, final_state)`` in float32.
 
     ``gamma [H]``: a constant per-head log decay in place of ``log_decay`` (its cumulative sums in
-    closed form, see ``gamma_cumsum``).
+    closed form, see ``gamma_cumsum``). ``log_decay [B, T, H, D]`` (per key channel) runs chunks of
+    a multiple of 16 tokens (``chunk_size`` must be one).
     """
     if log_decay is not None and gamma is not None:
         raise ValueError("pass log_decay or gamma, not both")
+    per_channel = log_decay is not None and log_decay.ndim == 4
     b, t, h, d = q.shape
     hk, e = k.shape[2], v.shape[-1]
     grp = h // hk
     c = min(chunk_size, t)
+    if per_channel:
+        if chunk_size % SUB_BLOCK:
+            raise ValueError(f"chunk_size must be a multiple of {SUB_BLOCK} for per-channel gates, got {chunk_size=}")
+        c = min(chunk_size, -(-t // SUB_BLOCK) * SUB_BLOCK)
     n = -(-t // c)
     pad = n * c - t
     f32 = jnp.float32
@@ -98,8 +136,11 @@ def linear_attention(
 
     qc = chunks(q.reshape(b, t, hk, grp, d))
     kc, vc = chunks(k), chunks(v)
-    cum = None
-    if log_decay is not None:
+    cum = to_end = None
+    if per_channel:  # [N, B, Hk, G, C, D]
+        gates = chunks(log_decay.reshape(b, t, hk, grp, d))
+        cum, to_end = jnp.cumsum(gates, axis=-2), sums_after(gates, axis=-2)
+    elif log_decay is not None:
         cum = jnp.cumsum(chunks(log_decay.reshape(b, t, hk, grp, 1))[..., 0], axis=-1)
     starts = jnp.arange(n) * c  # each chunk's first token (an iota, not a T-long constant)
 
@@ -119,11 +160,13 @@ def linear_attention(
 
     @jax.checkpoint
     def step(state, chunk):
-        q, k, v, cum, docs, start = chunk
+        q, k, v, cum, to_end, docs, start = chunk
+        if to_end is not None:
+            return _channel_chunk_step(state, (q, k, v, cum, to_end, docs), scale=scale, causal=causal)
         if gamma_f is not None:
             cum = gamma_cumsum(gamma_f, start, chunk=c, length=t)
         return _chunk_step(state, (q, k, v, cum, docs), scale=scale, causal=causal)
 
-    final, o = jax.lax.scan(step, s0, (qc, kc, vc, cum, docs, starts))
+    final, o = jax.lax.scan(step, s0, (qc, kc, vc, cum, to_end, docs, starts))
     o = jnp.moveaxis(o, (0, 4), (1, 2)).reshape(b, n * c, h, e)[:, :t]
     return o, final.reshape(b, h, d, e)
