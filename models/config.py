@@ -35,6 +35,7 @@ which has only two layers); ``get_config(name, softmax_every=k)`` picks another 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 FEATURE_MAPS = ("silu", "elu1", "identity")
@@ -166,6 +167,17 @@ class ModelConfig:
     @property
     def types(self) -> tuple[str, ...]:
         return self.layer_types or ("linear",) * self.n_layers
+
+    def mixer_options(self) -> dict:
+        """What every token mixer's arguments take from the model (``models.layers.MixerSpec``):
+        the norm epsilon, the dtypes and the initialisation, W_o's std scaled by depth."""
+        return dict(
+            norm_eps=self.norm_eps,
+            init_std=self.init_std,
+            out_std=self.init_std / math.sqrt(2 * self.n_layers),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
 
     def replace(self, **changes) -> ModelConfig:
         """A copy with ``changes`` applied (and validated)."""

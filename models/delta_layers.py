@@ -187,11 +187,7 @@ class DeltaRuleMixer(nnx.Module):
             head_dim=c.head_dim,
             n_v_heads=c.v_heads,
             conv_size=c.conv_size,
-            norm_eps=c.norm_eps,
-            init_std=c.init_std,
-            out_std=c.init_std / math.sqrt(2 * c.n_layers),
-            dtype=c.dtype,
-            param_dtype=c.param_dtype,
+            **c.mixer_options(),
             rngs=rngs,
         )
 
@@ -283,16 +279,11 @@ class DeltaRuleMixer(nnx.Module):
             v,
             beta.astype(q.dtype),
             g=g,
-            mesh=ctx.mesh,
-            seq_axis=ctx.seq_axis,
-            batch_axis=ctx.batch_axis,
-            head_axis=ctx.head_axis,
             segment_ids=segment_ids,
-            strategy=ctx.strategy,
             scale=self.scale,
             initial_state=None if initial_state is None else initial_state.recurrent,
             output_final_state=return_state,
-            impl=ctx.impl,
+            **ctx.op_options(),
         )
         state = DeltaRuleState(conv_state, recurrent) if return_state else None
         return self._output(o, gate), state

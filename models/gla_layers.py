@@ -23,7 +23,6 @@ are column-parallel, the rank-R down projection is replicated and W_o is row-par
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import jax
@@ -122,18 +121,7 @@ class GatedLinearAttention(nnx.Module):
         """The token mixer of ``layer`` of a language model with ``config`` (no per-layer constants)."""
         del layer
         c = config
-        return cls(
-            c.d_model,
-            c.n_heads,
-            head_dim=c.head_dim,
-            n_kv_heads=c.kv_heads,
-            norm_eps=c.norm_eps,
-            init_std=c.init_std,
-            out_std=c.init_std / math.sqrt(2 * c.n_layers),
-            dtype=c.dtype,
-            param_dtype=c.param_dtype,
-            rngs=rngs,
-        )
+        return cls(c.d_model, c.n_heads, head_dim=c.head_dim, n_kv_heads=c.kv_heads, **c.mixer_options(), rngs=rngs)
 
     def _project(self, x: Array, ctx: LaspContext):
         """q ``[..., H, D]``, k, v ``[..., Hk, D]``, the float32 log decay g ``[..., H, D]`` and r ``[..., H·D]``."""
@@ -182,17 +170,12 @@ class GatedLinearAttention(nnx.Module):
             q,
             k,
             v,
-            mesh=ctx.mesh,
-            seq_axis=ctx.seq_axis,
-            batch_axis=ctx.batch_axis,
-            head_axis=ctx.head_axis,
-            strategy=ctx.strategy,
             g=g,
             scale=self.scale,
             initial_state=initial_state,
             output_final_state=return_state,
             segment_ids=segment_ids,
-            impl=ctx.impl,
+            **ctx.op_options(),
         )
         y = self._output(o, r)
         return y, (state if cache is None else LinearCache(state, cache.length + x.shape[1]))

@@ -78,6 +78,12 @@ class LaspContext:
             names[split_dim] = self.head_axis
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, PartitionSpec(*names)))
 
+    def op_options(self) -> dict:
+        """The mesh, axes, strategy and impl a token mixer passes to its ``lasp_jax`` op."""
+        return {
+            name: getattr(self, name) for name in ("mesh", "seq_axis", "batch_axis", "head_axis", "strategy", "impl")
+        }
+
     def constrain_columns(self, w: Array, *, split: bool) -> Array:
         """Pin a ``[..., out]`` weight to its columns split over ``head_axis`` (``split``) or replicated."""
         if self.mesh is None:
@@ -261,11 +267,7 @@ def attention_spec(config: ModelConfig, *, linear: bool, layer: int) -> Attentio
         lrpe_base=c.lrpe_base,
         # softmax normalises by itself: no causal-normaliser column and no per-head RMS norm
         output_norm=c.attn_output_norm if linear or c.attn_output_norm == "srms_gate" else "none",
-        norm_eps=c.norm_eps,
-        init_std=c.init_std,
-        out_std=c.init_std / math.sqrt(2 * c.n_layers),
-        dtype=c.dtype,
-        param_dtype=c.param_dtype,
+        **c.mixer_options(),
     )
 
 
@@ -455,17 +457,12 @@ class LinearAttention(ProjectedAttention):
             q,
             k,
             v,
-            mesh=ctx.mesh,
-            seq_axis=ctx.seq_axis,
-            batch_axis=ctx.batch_axis,
-            head_axis=ctx.head_axis,
-            strategy=ctx.strategy,
             g_gamma=self._g_gamma(),
             scale=self.scale,
             initial_state=initial_state,
             output_final_state=return_state,
             segment_ids=segment_ids,
-            impl=ctx.impl,
+            **ctx.op_options(),
         )
         y = self._finish(o, u)
         return y, (state if cache is None else LinearCache(state, cache.length + x.shape[1]))
