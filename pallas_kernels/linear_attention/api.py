@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.common import on_gpu
-from pallas_kernels.linear_attention import pallas_triton, reference, xla
+from pallas_kernels.linear_attention import pallas_triton, pallas_triton_channel, reference, xla
 
 Impl = Literal["auto", "pallas", "xla", "reference", "reference_quadratic"]
 IMPLS = ("auto", "pallas", "xla", "reference", "reference_quadratic")
@@ -106,10 +106,10 @@ def linear_attention(
       segment_ids: integer document ids ``[B, T]`` for packed rows: the state resets wherever the id
         changes, so nothing flows between documents; ``initial_state`` applies to the first
         document of each row and ``final_state`` is the state of the last one.
-      impl: ``"auto"`` (Pallas kernel on a supported GPU, else ``"xla"``; per-channel g runs
-        ``"xla"`` everywhere until its Pallas kernel lands), ``"pallas"`` (interpret mode off GPU;
-        per-token or constant decay only for now), ``"xla"`` (chunked jnp; secondary chunking for
-        per-channel g), ``"reference"`` (token scan) or ``"reference_quadratic"`` (masked T×T form).
+      impl: ``"auto"`` (Pallas kernel on a supported GPU, else ``"xla"``), ``"pallas"`` (interpret
+        mode off GPU; per-channel g runs ``pallas_triton_channel``), ``"xla"`` (chunked jnp;
+        secondary chunking for per-channel g), ``"reference"`` (token scan) or
+        ``"reference_quadratic"`` (masked T×T form).
 
     Returns:
       ``(o, final_state)``: o ``[B, T, H, E]`` in q's dtype; final_state float32 ``[B, H, D, E]``
@@ -121,12 +121,19 @@ def linear_attention(
     d = q.shape[-1]
     scale = float(d**-0.5 if scale is None else scale)
     impl = resolve_impl(impl, q, k, v, g=g)
-    if impl == "pallas" and g is not None and g.ndim == 4:
-        raise ValueError(
-            f"impl='pallas' takes no per-channel g yet: g.shape={tuple(g.shape)}; use impl='xla' or 'auto'"
-        )
 
-    if impl == "pallas":
+    if impl == "pallas" and g is not None and g.ndim == 4:
+        o, final = pallas_triton_channel.linear_attention(
+            q,
+            k,
+            v,
+            g=g,
+            scale=scale,
+            initial_state=initial_state,
+            segment_ids=segment_ids,
+            interpret=interpret_pallas(),
+        )
+    elif impl == "pallas":
         o, final = pallas_triton.linear_attention(
             q,
             k,
@@ -154,13 +161,12 @@ def linear_attention(
 
 def resolve_impl(impl: str, q, k, v, g=None) -> str:
     """The implementation ``impl`` runs for these inputs: ``"auto"`` becomes ``"pallas"`` on a
-    CUDA GPU when the kernel takes the shapes, dtypes and decay, else ``"xla"``; others are
-    unchanged. Per-channel ``g`` (``[B, T, H, D]``) has no Pallas kernel yet: ``"xla"``."""
+    CUDA GPU when the kernel takes the shapes, dtypes and decay (per-channel ``g [B, T, H, D]``:
+    ``pallas_triton_channel``'s), else ``"xla"``; others are unchanged."""
     if impl != "auto":
         return impl
-    if g is not None and g.ndim == 4:
-        return "xla"
-    return "pallas" if on_gpu() and pallas_triton.supports(q, k, v) else "xla"
+    kernels = pallas_triton_channel if g is not None and g.ndim == 4 else pallas_triton
+    return "pallas" if on_gpu() and kernels.supports(q, k, v) else "xla"
 
 
 def interpret_pallas() -> bool:

@@ -1,0 +1,230 @@
+"""Kernel-specific tests of the per-channel (GLA) Pallas Triton kernels (``pallas_triton_channel``).
+
+On the CPU the kernels run in the Pallas interpreter (``interpret=True``) against the float64 token
+recurrence (``reference.recurrent`` with ``g [B, T, H, D]``): the output, the final state and every
+gradient (q, k, v, g, initial_state), in float32 (odd length, grouped heads, packed documents, one
+starting at a run's first token, strong decays up to g = −20, 32-token chunks: the factoring between
+sub-tiles, two column blocks, two runs per row) and bfloat16 through the public entry point
+(``impl="pallas"``, E ≠ D); two calls chained through the split entry points (what sequence
+parallelism does) against the whole sequence; long inputs run as chained pieces; the kernels through
+the Triton lowering. Each case is one compile of the forward and backward.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import linear_attention
+from pallas_kernels.linear_attention import pallas_triton_channel, reference
+from pallas_kernels.linear_attention.config import ChannelConfig, default_channel_config
+from tests.helpers import rel_err, tol, x64
+
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def make_inputs(rng, *, b, t, h, hk, d, e, g_max=1.0, init=True, docs=None):
+    """float64 numpy inputs, cotangents and segment ids (``docs``: positions where a document starts)."""
+    xs = {
+        "q": rng.standard_normal((b, t, h, d)),
+        "k": rng.standard_normal((b, t, hk, d)) / np.sqrt(d),
+        "v": rng.standard_normal((b, t, hk, e)),
+        "g": -rng.uniform(0.01, g_max, (b, t, h, d)),
+    }
+    if init:
+        xs["initial_state"] = rng.standard_normal((b, h, d, e)) / np.sqrt(d)
+    seg = None
+    if docs is not None:
+        starts = np.zeros((b, t), np.int32)
+        starts[:, list(docs)] = 1
+        seg = np.cumsum(starts, axis=1) % 2
+    cot = {"o": rng.standard_normal((b, t, h, e)), "final_state": rng.standard_normal((b, h, d, e))}
+    return xs, cot, seg
+
+
+def _value_and_grads(fn, xs, cot, *, compile_options=None):
+    def loss(xs):
+        o, s = fn(xs)
+        dt = cot["o"].dtype
+        return jnp.sum(o.astype(dt) * cot["o"]) + jnp.sum(s.astype(dt) * cot["final_state"]), (o, s)
+
+    compiled = jax.jit(jax.value_and_grad(loss, has_aux=True)).lower(xs).compile(compiler_options=compile_options)
+    (_, (o, s)), grads = compiled(xs)
+    return {"o": o, "final_state": s} | {f"d{n}": x for n, x in grads.items()}
+
+
+def _oracle(xs, cot, seg, scale):
+    """Outputs and gradients of the float64 token recurrence."""
+    with x64():
+        doc_ids = None if seg is None else reference.document_index(jnp.asarray(seg))
+
+        def fn(xs):
+            xs = dict(xs)
+            q, k, v, g = (xs.pop(n) for n in ("q", "k", "v", "g"))
+            return reference.recurrent(q, k, v, g, scale=scale, doc_ids=doc_ids, **xs)
+
+        want = _value_and_grads(
+            fn, {n: jnp.asarray(x) for n, x in xs.items()}, {n: jnp.asarray(c) for n, c in cot.items()}
+        )
+        return {n: np.asarray(x) for n, x in want.items()}
+
+
+def _low(xs, dtype):
+    """The inputs the kernels get: q, k, v in ``dtype``, g and the initial state float32."""
+    return {n: jnp.asarray(x, dtype if n in ("q", "k", "v") else jnp.float32) for n, x in xs.items()}
+
+
+def _assert_close(got, want, bound):
+    assert set(got) == set(want)
+    for name in want:
+        err = rel_err(got[name], want[name])
+        assert err < bound, (name, err, bound)
+
+
+def test_kernels_f32_gqa_documents_strong_decay_runs(rng):
+    """32-token chunks (two sub-tiles), two key-column blocks, two runs per row, grouped heads, an odd
+    length, documents (one starting at the second run's first token), log decays down to −20."""
+    config = ChannelConfig(chunk=32, block_cols=16, block_e=16, splits=2)
+    xs, cot, seg = make_inputs(rng, b=1, t=70, h=2, hk=1, d=32, e=16, g_max=20.0, docs=(9, 33, 64))
+    xs = {n: np.asarray(x, np.float64) for n, x in _low(xs, jnp.float32).items()}
+    seg_j = jnp.asarray(seg)
+
+    def kernel(xs):
+        xs = dict(xs)
+        q, k, v = (xs.pop(n) for n in ("q", "k", "v"))
+        return pallas_triton_channel.linear_attention(
+            q, k, v, **xs, scale=0.7, segment_ids=seg_j, interpret=True, config=config
+        )
+
+    cot32 = {n: jnp.asarray(c, jnp.float32) for n, c in cot.items()}
+    got = _value_and_grads(kernel, _low(xs, jnp.float32), cot32, compile_options=FAST_COMPILE)
+    assert got["o"].dtype == jnp.float32 and got["final_state"].dtype == jnp.float32
+    _assert_close(got, _oracle(xs, cot, seg, 0.7), tol(jnp.float32, 70))
+
+
+def test_public_entry_point_bf16_in_pieces(rng, monkeypatch):
+    """``linear_attention(..., g=[B, T, H, D], impl="pallas")`` in bf16 (grouped heads, E ≠ D, an odd
+    length, the default interpret tiling) with the int32 limit made small, so the call runs as pieces
+    of 32 tokens with the state chained: a document starting at the cut, another inside a piece."""
+    monkeypatch.setattr(pallas_triton_channel, "MAX_ELEMENTS", 2 * 4 * 32 * (32 + 16))
+    xs, cot, seg = make_inputs(rng, b=2, t=63, h=4, hk=2, d=16, e=32, docs=(32, 50))
+    low = _low(xs, jnp.bfloat16)
+    assert (
+        pallas_triton_channel.piece_len(
+            low["q"], low["v"], default_channel_config(batch=2, heads=4, seq_len=63, value_dim=32, interpret=True)
+        )
+        == 32
+    )
+    seg_j = jnp.asarray(seg)
+
+    def kernel(xs):
+        xs = dict(xs)
+        q, k, v = (xs.pop(n) for n in ("q", "k", "v"))
+        return linear_attention(q, k, v, **xs, segment_ids=seg_j, output_final_state=True, impl="pallas")
+
+    cot32 = {n: jnp.asarray(c, jnp.float32) for n, c in cot.items()}
+    got = _value_and_grads(kernel, low, cot32, compile_options=FAST_COMPILE)
+    assert got["o"].dtype == jnp.bfloat16 and got["final_state"].dtype == jnp.float32
+    want = _oracle({n: np.asarray(x, np.float64) for n, x in low.items()}, cot, seg, 16**-0.5)
+    _assert_close(got, want, tol(jnp.bfloat16, 63))
+
+
+def _survives(seg):
+    """``[B, 1, 1, 1]``: the state entering a call reaches its end (no document starts inside it)."""
+    return jnp.all(seg == seg[:, :1], axis=1)[:, None, None, None]
+
+
+def test_split_entry_points_chain_two_calls(rng):
+    """Two calls chained through ``split_forward`` / ``finish_forward`` (entering state ``Γ₀ ⊙ S₀ +
+    M₀``, ``Γ = e^{Σ g}`` per key channel, zero across a document start) and ``split_backward`` /
+    ``finish_backward`` (leaving cotangent ``Γ₁ ⊙ dS + dM₁``) equal the whole sequence, with a
+    document crossing the cut: what LASP does per rank."""
+    config = ChannelConfig(chunk=16, block_cols=16, block_e=16, splits=2)
+    xs, cot, seg = make_inputs(rng, b=1, t=50, h=2, hk=1, d=16, e=16, docs=(9, 20))
+    x32 = _low(xs, jnp.float32)
+    xs = {n: np.asarray(x, np.float64) for n, x in x32.items()}
+    do, d_final = jnp.asarray(cot["o"], jnp.float32), jnp.asarray(cot["final_state"], jnp.float32)
+    cut = 30
+
+    def halves(x):
+        return x[:, :cut], x[:, cut:]
+
+    def chained(x32, seg):
+        calls = []
+        for q, k, v, g, s in zip(*(halves(x32[n]) for n in ("q", "k", "v", "g")), halves(seg), strict=True):
+            m, call, local = pallas_triton_channel.split_forward(
+                q, k, v, g=g, scale=0.7, segment_ids=s, interpret=True, config=config
+            )
+            calls.append((m, call, local, jnp.where(_survives(s), jnp.exp(g.sum(1))[..., None], 0.0)))
+        (m0, call0, local0, gamma0), (m1, call1, local1, gamma1) = calls
+        carried = (seg[:, cut - 1] == seg[:, cut])[:, None, None, None]  # a document crosses the cut
+        s_in1 = jnp.where(carried, gamma0 * x32["initial_state"] + m0, 0.0)
+        o0, states0 = pallas_triton_channel.finish_forward(call0, local0, x32["initial_state"])
+        o1, states1 = pallas_triton_channel.finish_forward(call1, local1, s_in1)
+        do0, do1 = halves(do)
+        dm1, pending1 = pallas_triton_channel.split_backward(call1, states1, do1)
+        _, pending0 = pallas_triton_channel.split_backward(call0, states0, do0)
+        grads1 = pallas_triton_channel.finish_backward(call1, states1, pending1, d_final)
+        d_out0 = jnp.where(carried, gamma1 * d_final + dm1, 0.0)
+        grads0 = pallas_triton_channel.finish_backward(call0, states0, pending0, d_out0)
+        assert grads0[4] is None  # the place of g_gamma's cotangent in the scalar kernels' order
+        got = {n: jnp.concatenate([a, b], axis=1) for n, a, b in zip(("dq", "dk", "dv", "dg"), grads0, grads1)}
+        final = gamma1 * s_in1 + m1
+        return got | {"o": jnp.concatenate([o0, o1], axis=1), "final_state": final, "dinitial_state": grads0[-1]}
+
+    compiled = jax.jit(chained).lower(x32, jnp.asarray(seg)).compile(compiler_options=FAST_COMPILE)
+    _assert_close(compiled(x32, jnp.asarray(seg)), _oracle(xs, cot, seg, 0.7), tol(jnp.float32, 50))
+
+
+def test_supports_and_rejects():
+    ok = jax.ShapeDtypeStruct((1, 64, 2, 128), jnp.bfloat16)
+    assert pallas_triton_channel.supports(ok, ok, ok)
+    huge = jax.ShapeDtypeStruct((64, 2**17, 32, 128), jnp.bfloat16)
+    assert pallas_triton_channel.supports(ok, ok, ok) and not pallas_triton_channel.supports(huge, huge, huge)
+    with pytest.raises(ValueError, match="power of two"):
+        ChannelConfig(block_cols=24)
+    with pytest.raises(ValueError, match="splits"):
+        ChannelConfig(splits=0)
+    few = default_channel_config(batch=1, heads=16, seq_len=32768, value_dim=128, interpret=False)
+    assert (few.chunk, few.block_e, few.splits) == (64, 32, 8)  # 512 programs per state pass, 64 chunks each
+    assert default_channel_config(batch=8, heads=32, seq_len=4096, value_dim=128, interpret=False).splits == 1
+
+
+def test_kernels_lower_to_triton(monkeypatch):
+    """Lower (not compile) forward and backward for CUDA here: the Triton lowering's own checks run
+    (D = E = 128 bf16 with two runs; padded head dims, grouped heads and documents in float32)."""
+    if jax.default_backend() == "gpu":
+        pytest.skip("the GPU tests compile the kernels")
+    try:
+        from jax._src.pallas.triton import gpu_info, pallas_call_registration
+    except ImportError:
+        pytest.skip("this jax has no Triton lowering hook to point at an abstract GPU")
+    if not hasattr(pallas_call_registration, "gpu_info_lib"):
+        pytest.skip("this jax's Triton lowering reads the GPU another way")
+    info = gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H100)
+    monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: info)
+    spec = jax.ShapeDtypeStruct
+    for (b, t, h, hk, d, e), dtype, docs, config in [
+        ((1, 256, 2, 2, 128, 128), jnp.bfloat16, False, ChannelConfig(splits=2)),
+        ((2, 100, 4, 2, 40, 24), jnp.float32, True, None),
+    ]:
+        q, k, v = spec((b, t, h, d), dtype), spec((b, t, hk, d), dtype), spec((b, t, hk, e), dtype)
+        g, s0 = spec((b, t, h, d), jnp.float32), spec((b, h, d, e), jnp.float32)
+        seg = spec((b, t), jnp.int32) if docs else None
+
+        def fwd_bwd(q, k, v, g, s0, seg, config=config):
+            def loss(q, k, v, g, s0):
+                o, s = pallas_triton_channel.linear_attention(
+                    q, k, v, g=g, initial_state=s0, segment_ids=seg, config=config
+                )
+                return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
+
+            return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, g, s0)
+
+        text = jax.jit(fwd_bwd).trace(q, k, v, g, s0, seg).lower(lowering_platforms=("cuda",)).as_text()
+        names = ["state", "scan", "output", "state_bwd", "scan_reverse", "grads"]
+        assert text.count("__gpu$xla.gpu.triton") == len(names), f"expected the {names} kernels"
+        for name in names:
+            assert f"linear_attention_channel_{name}" in text, name
