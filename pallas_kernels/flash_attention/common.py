@@ -112,8 +112,28 @@ def check_documents(q, k, q_segment_ids, k_segment_ids):
             )
 
 
-# one int32 per (batch row, query block): the first key block of ``first_key_blocks``
-BOUND_SPEC_Q = pl.BlockSpec((None, None), lambda i, bb, hh: (bb, i))
+# ---- program order: heavy query blocks first ---------------------------------------------------
+
+
+def heavy_first(num_q_blocks: int):
+    """The query block of grid index i, last block first.
+
+    Under the causal mask a later query block sees more keys; launching the heavy blocks first
+    leaves light ones for the tail of the launch, where idle SMs would otherwise wait on the
+    heaviest programs. Kernels recover their block with ``query_block_of_program``.
+    """
+    return lambda i: num_q_blocks - 1 - i
+
+
+def query_block_of_program():
+    """Inside a kernel whose grid axis 0 runs over query blocks in ``heavy_first`` order: its block."""
+    return pl.num_programs(0) - 1 - pl.program_id(0)
+
+
+def bound_spec_q(num_q_blocks: int):
+    """One int32 per (batch row, query block), ``heavy_first`` order: the first key block of ``first_key_blocks``."""
+    block = heavy_first(num_q_blocks)
+    return pl.BlockSpec((None, None), lambda i, bb, hh: (bb, block(i)))
 
 
 # ---- shapes, padding, the offset operand, what the kernels take -------------------------------

@@ -18,7 +18,8 @@ class BlockConfig:
       block_k_dkv / block_q_dkv: the dk/dv kernel owns ``block_k_dkv`` key rows and walks the
         query blocks (of every query head of its key head's group) that see them.
       num_warps / num_stages: Triton launch parameters of the forward kernel;
-        num_warps_bwd / num_stages_bwd: the same for both backward kernels.
+        num_warps_bwd / num_stages_bwd: the same for the dk/dv (or fused) kernel, and for the dq
+        kernel unless num_warps_dq / num_stages_dq are given (None: as the dk/dv kernel).
       backward: ``"split"`` (a dq kernel and a dk/dv kernel, each recomputing Q Kᵀ and dO Vᵀ: seven
         tile products) or ``"fused"`` (the dk/dv kernel also adds dQ in float32 with atomic adds:
         five products; the dq tiles are ignored); see ``pallas_triton_vjp``. "split" stays the
@@ -35,6 +36,8 @@ class BlockConfig:
     num_stages: int = 3
     num_warps_bwd: int = 4
     num_stages_bwd: int = 2
+    num_warps_dq: int | None = None
+    num_stages_dq: int | None = None
     backward: str = "split"
 
     def __post_init__(self):

@@ -13,17 +13,19 @@ output in float32 (zero on rows with no visible key) and ``lse`` float32 (−inf
 so that ring attention can merge block results and the backward (``pallas_triton_vjp``) can
 add the contributions of different key blocks.
 
-Layout. One program per (query block, batch row, query head). The offset ``shift = q_start −
-k_start`` reaches the kernel as a one-element int32 array; from it each program computes, with
-traced loop bounds, the key blocks it must see: those wholly visible (a loop without a mask)
-and those that cross the diagonal or the end of the keys (a masked loop). Key blocks wholly in
-the program's future are never loaded. Head dims are padded to a power of two ≥ 16 and the
-lengths to whole blocks outside the kernel: zero head columns are exact, padded keys are masked
-(they are never seen), padded query rows are sliced off. Exponentials run in base 2 with
-``log2 e`` folded into the logit scale.
+Layout. One program per (query block, batch row, query head), the last query block first (it
+sees the most keys; ``common.heavy_first``). The offset ``shift = q_start − k_start`` reaches the
+kernel as a one-element int32 array; from it each program computes, with traced loop bounds, the
+key blocks it must see: those wholly visible (a loop without a mask) and those that cross the
+diagonal or the end of the keys (a masked loop). Key blocks wholly in the program's future are
+never loaded. Head dims are padded to a power of two ≥ 16 and the lengths to whole blocks outside
+the kernel: zero head columns are exact, padded keys are masked (they are never seen), padded
+query rows are sliced off. Exponentials run in base 2; the row maxima are taken of the raw
+products ``q·k`` and ``scale · log2 e`` enters once, in the exponent's multiply-add.
 
 ``flash_attention`` (end of the file) is single-device causal attention as one ``custom_vjp``
-over ``block_attention_fwd`` and the backward kernels of ``pallas_triton_vjp``.
+over ``block_attention_fwd`` and the backward kernels of ``pallas_triton_vjp``; it has the
+kernels write o and the gradients in the input dtypes (no float32 copy through memory).
 """
 
 from __future__ import annotations
@@ -41,20 +43,22 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.common import F32, dot, pad_dim
 from pallas_kernels.flash_attention import pallas_triton_vjp
 from pallas_kernels.flash_attention.common import (
-    BOUND_SPEC_Q,
     K_PAD_DOC,
     LN2,
     LOG2E,
     Q_PAD_DOC,
     SHIFT_SPEC,
     both,
+    bound_spec_q,
     causal_mask,
     check_documents,
     first_key_blocks,
     fit_block,
+    heavy_first,
     key_block_range,
     pad_to,
     padded_ids,
+    query_block_of_program,
     resolve,
     round_up,
     same_document,
@@ -63,6 +67,17 @@ from pallas_kernels.flash_attention.common import (
 from pallas_kernels.flash_attention.config import BlockConfig
 
 # ---- forward kernel -------------------------------------------------------------------------
+
+
+def logit_operand(q, scale: float):
+    """``(q', c)`` with ``c > 0`` and ``c · q'·k = scale · log2(e) · q·k``: the kernel takes row maxima
+    of the raw products ``q'·k`` and folds ``c`` into the exponent's one multiply-add (a positive
+    ``c`` keeps the maximum a maximum; negating q is exact; a zero scale makes every logit 0)."""
+    if scale > 0:
+        return q, scale * LOG2E
+    if scale < 0:
+        return -q, -scale * LOG2E
+    return jnp.zeros_like(q), 1.0
 
 
 def _forward_kernel(*refs, scale, block_q, block_k, k_len, has_docs, skip):
@@ -76,31 +91,30 @@ def _forward_kernel(*refs, scale, block_q, block_k, k_len, has_docs, skip):
         q_docs = q_doc_ref[...]
     else:
         shift_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
-    q_first = pl.program_id(0) * block_q
+    q_first = query_block_of_program() * block_q
     shift = shift_ref[...]
     full, visible = key_block_range(
         q_first, shift, block_q=block_q, block_k=block_k, k_len=k_len, num_k_blocks=k_ref.shape[0] // block_k
     )
     lo = lo_ref[...] if skip else 0
-    q = q_ref[...]
-    qk_scale = scale * LOG2E
+    q, qk_scale = logit_operand(q_ref[...], scale)
 
     def body(kb, carry, *, masked):
         m, row_sum, acc = carry  # running max (log2 units), running sum, unnormalised output
         k_first = pl.multiple_of(kb * block_k, block_k)
         k = k_ref[pl.ds(k_first, block_k), :]
         v = v_ref[pl.ds(k_first, block_k), :]
-        s = dot(q, k, trans_b=True) * qk_scale
+        s = dot(q, k, trans_b=True)  # raw products: qk_scale enters the row max and the exponent
         mask = both(
             causal_mask(q_first, k_first, shift, rows=block_q, cols=block_k, k_len=k_len) if masked else None,
             same_document(q_docs, k_doc_ref[pl.ds(k_first, block_k)]) if has_docs else None,
         )
         if mask is not None:
             s = jnp.where(mask, s, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        m_new = jnp.maximum(m, jnp.max(s, axis=1) * qk_scale)
         # rows with nothing visible yet keep m = −inf; exponentiate against 0 there (p = 0)
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if mask is not None else m_new
-        p = jnp.exp2(s - m_safe[:, None])
+        p = jnp.exp2(s * qk_scale - m_safe[:, None])  # one multiply-add per logit
         alpha = jnp.exp2(m - m_safe)
         acc = alpha[:, None] * acc + dot(p.astype(v.dtype), v)
         return m_new, alpha * row_sum + jnp.sum(p, axis=1), acc
@@ -129,6 +143,7 @@ def block_attention_fwd(
     q_segment_ids: jax.Array | None = None,
     k_segment_ids: jax.Array | None = None,
     documents_sorted: bool = False,
+    out_dtype=None,
     interpret: bool | None = None,
     config: BlockConfig | None = None,
 ) -> tuple[jax.Array, jax.Array]:
@@ -145,11 +160,13 @@ def block_attention_fwd(
         ``lasp_jax.softmax_attention`` passes them): then key blocks before a query block's first
         document are not visited (and, backward, query blocks after a key block's last document).
         Without it every causally visible tile is visited and masked.
+      out_dtype: the dtype the kernel writes ``o`` in (default float32, what block results that
+        are merged later need; a caller that uses ``o`` as it is saves a float32 round trip).
       interpret: run the Pallas interpreter (default: when the backend is not a GPU).
       config: tiling (default: ``config.default_config``).
 
     Returns:
-      ``o`` ``[B, Lq, H, E]`` float32 (zero rows where no key is visible) and ``lse``
+      ``o`` ``[B, Lq, H, E]`` in ``out_dtype`` (zero rows where no key is visible) and ``lse``
       ``[B, H, Lq]`` float32 (−inf there), as ``xla.block_attention_fwd``.
     """
     interpret, cfg, dtype = resolve(q, k, v, interpret, config)
@@ -168,36 +185,38 @@ def block_attention_fwd(
     kernel = functools.partial(
         _forward_kernel, scale=float(scale), block_q=bq, block_k=bk, k_len=lk, has_docs=has_docs, skip=skip
     )
+    num_q_blocks = lq_pad // bq
+    q_block = heavy_first(num_q_blocks)
     doc_specs, docs = [], []
     if has_docs:
         doc_specs = [
-            pl.BlockSpec((None, bq), lambda i, bb, hh: (bb, i)),
+            pl.BlockSpec((None, bq), lambda i, bb, hh: (bb, q_block(i))),
             pl.BlockSpec((None, lk_pad), lambda i, bb, hh: (bb, 0)),
         ]
         docs = [padded_ids(q_segment_ids, lq_pad, Q_PAD_DOC), padded_ids(k_segment_ids, lk_pad, K_PAD_DOC)]
     if skip:  # after q, k, v: the first key block of each query block
-        doc_specs.insert(0, BOUND_SPEC_Q)
+        doc_specs.insert(0, bound_spec_q(num_q_blocks))
         docs.insert(
             0,
-            first_key_blocks(q_segment_ids, k_segment_ids, block_q=bq, block_k=bk, num_q_blocks=lq_pad // bq),
+            first_key_blocks(q_segment_ids, k_segment_ids, block_q=bq, block_k=bk, num_q_blocks=num_q_blocks),
         )
-    # grid (query block i, batch row bb, query head hh); keys and values of head hh // group
+    # grid (query block q_block(i), batch row bb, query head hh); keys and values of head hh // group
     o, lse = pl.pallas_call(
         kernel,
-        grid=(lq_pad // bq, b, h),
+        grid=(num_q_blocks, b, h),
         in_specs=[
             SHIFT_SPEC,
-            pl.BlockSpec((None, bq, None, dp), lambda i, bb, hh: (bb, i, hh, 0)),
+            pl.BlockSpec((None, bq, None, dp), lambda i, bb, hh: (bb, q_block(i), hh, 0)),
             pl.BlockSpec((None, lk_pad, None, dp), lambda i, bb, hh: (bb, 0, hh // group, 0)),
             pl.BlockSpec((None, lk_pad, None, ep), lambda i, bb, hh: (bb, 0, hh // group, 0)),
             *doc_specs,
         ],
         out_specs=[
-            pl.BlockSpec((None, bq, None, ep), lambda i, bb, hh: (bb, i, hh, 0)),
-            pl.BlockSpec((None, None, bq), lambda i, bb, hh: (bb, hh, i)),
+            pl.BlockSpec((None, bq, None, ep), lambda i, bb, hh: (bb, q_block(i), hh, 0)),
+            pl.BlockSpec((None, None, bq), lambda i, bb, hh: (bb, hh, q_block(i))),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct((b, lq_pad, h, ep), F32),
+            jax.ShapeDtypeStruct((b, lq_pad, h, ep), out_dtype or F32),
             jax.ShapeDtypeStruct((b, h, lq_pad), F32),
         ],
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
@@ -265,14 +284,20 @@ def _block_kwargs(doc_ids, statics: Statics) -> dict:
 
 
 def _attention_fwd(q, k, v, doc_ids, statics: Statics):
-    o, lse = block_attention_fwd(q, k, v, **_block_kwargs(doc_ids, statics))
-    o = o.astype(q.dtype)
+    o, lse = block_attention_fwd(q, k, v, **_block_kwargs(doc_ids, statics), out_dtype=q.dtype)
     return o, Residuals(q, k, v, doc_ids, o, lse)
 
 
 def _attention_bwd(statics: Statics, res: Residuals, do):
     dq, dk, dv = pallas_triton_vjp.block_attention_bwd(
-        res.q, res.k, res.v, res.o, res.lse, do, **_block_kwargs(res.doc_ids, statics)
+        res.q,
+        res.k,
+        res.v,
+        res.o,
+        res.lse,
+        do,
+        **_block_kwargs(res.doc_ids, statics),
+        out_dtype=jnp.result_type(res.q.dtype, res.k.dtype, res.v.dtype),
     )
     return dq.astype(res.q.dtype), dk.astype(res.k.dtype), dv.astype(res.v.dtype), None
 

@@ -13,14 +13,16 @@ so ring attention and the gathered keys of LASP-2H add block contributions up. T
 Two variants (``BlockConfig.backward``), both recomputing P tile by tile (nothing ``[Lq, Lk]`` is
 stored):
 
-- ``"split"``: two kernels. ``dq`` (one program per query block, batch row and query head) walks
-  the visible key blocks with the forward's loop bounds; ``dk/dv`` (one program per key block,
-  batch row and *key* head) walks, for each query head of the key head's group in turn, the query
-  blocks that see its keys, accumulating dK and dV of the group in float32 registers. Both
+- ``"split"``: two kernels. ``dq`` (one program per query block, batch row and query head, the
+  last query block first as in the forward) walks the visible key blocks with the forward's loop
+  bounds; ``dk/dv`` (one program per key block, batch row and *key* head) walks, for each query
+  head of the key head's group in turn, the query blocks that see its keys, accumulating dK and
+  dV of the group in float32 registers. Both
   recompute Q Kᵀ and dO Vᵀ: seven tile products per visible tile (dq kernel: Q Kᵀ, dO Vᵀ, dS K;
   dk/dv kernel: Q Kᵀ, dO Vᵀ, Pᵀ dO, dSᵀ Q).
 - ``"fused"``: the dk/dv kernel alone, which also adds each tile's ``dS K`` into a float32 dQ in
-  global memory with atomic adds (FlashAttention-2's original scheme): five products per tile,
+  global memory with atomic adds (FlashAttention-2's original scheme; ``scale`` multiplies the
+  sum once, outside the kernel): five products per tile,
   one pass over Q and dO, at the price of ``[B, Lq, H, D]`` float32 read-modify-writes
   (``Lk / block_k_dkv`` of them per dQ row) and a summation order that varies from run to run.
 
@@ -45,21 +47,23 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import F32, dot, pad_dim
 from pallas_kernels.flash_attention.common import (
-    BOUND_SPEC_Q,
     K_PAD_DOC,
     LOG2E,
     Q_PAD_DOC,
     SHIFT_SPEC,
     both,
+    bound_spec_q,
     causal_mask,
     cdiv,
     check_documents,
     first_key_blocks,
     fit_block,
+    heavy_first,
     key_block_range,
     pad_to,
     padded_ids,
     query_block_ends,
+    query_block_of_program,
     resolve,
     round_up,
     same_document,
@@ -91,7 +95,7 @@ def _dq_kernel(*refs, scale, block_q, block_k, k_len, has_docs, skip):
         q_docs = q_doc_ref[...]
     else:
         shift_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
-    q_first = pl.program_id(0) * block_q
+    q_first = query_block_of_program() * block_q
     shift = shift_ref[...]
     full, visible = key_block_range(
         q_first, shift, block_q=block_q, block_k=block_k, k_len=k_len, num_k_blocks=k_ref.shape[0] // block_k
@@ -123,7 +127,8 @@ def _dq_kernel(*refs, scale, block_q, block_k, k_len, has_docs, skip):
 
 def _dkv_kernel(*refs, scale, block_q, block_k, k_len, group, has_docs, skip, fused):
     """dK, dV of ``block_k`` key rows of one (batch row, key head), summed over the head's group;
-    ``fused``: also each tile's dQ contribution, atomically added to the float32 dQ output.
+    ``fused``: also each tile's dQ contribution, atomically added to the float32 dQ output
+    (unscaled: the caller multiplies the sum by ``scale`` once).
 
     q_ref/do_ref hold the group's ``[Lq, group, ·]`` query heads, lse_ref/delta_ref ``[group, Lq]``
     (and dq_ref ``[Lq, group, D]``, zeroed before the call). Works on transposed tiles (key rows ×
@@ -170,7 +175,7 @@ def _dkv_kernel(*refs, scale, block_q, block_k, k_len, group, has_docs, skip, fu
         dv = dv + dot(p_t.astype(do.dtype), do)
         ds_t = (p_t * (dot(v, do, trans_b=True) - delta[None, :])).astype(q.dtype)
         if fused:
-            plgpu.atomic_add(dq_ref, (rows, head, slice(None)), dot(ds_t, k, trans_a=True) * scale)
+            plgpu.atomic_add(dq_ref, (rows, head, slice(None)), dot(ds_t, k, trans_a=True))
         return dk + dot(ds_t, q), dv
 
     def one_head(head, carry):
@@ -197,6 +202,7 @@ def block_attention_bwd(
     q_segment_ids: jax.Array | None = None,
     k_segment_ids: jax.Array | None = None,
     documents_sorted: bool = False,
+    out_dtype=None,
     interpret: bool | None = None,
     config: BlockConfig | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -207,10 +213,12 @@ def block_attention_bwd(
         config: as in ``block_attention_fwd``.
       o: ``[B, Lq, H, E]`` final output (any float dtype); lse: ``[B, H, Lq]`` its float32
         log-sum-exp over every key the row sees; do: ``[B, Lq, H, E]`` the output cotangent.
+      out_dtype: the dtype of the gradients (default float32, what contributions that are added
+        up later need; the kernels write it directly, the fused dq is cast from its float32 sum).
 
     Returns:
-      dq ``[B, Lq, H, D]``, dk ``[B, Lk, Hk, D]``, dv ``[B, Lk, Hk, E]``, all float32: this key
-      block set's contribution, as ``xla.block_attention_bwd``.
+      dq ``[B, Lq, H, D]``, dk ``[B, Lk, Hk, D]``, dv ``[B, Lk, Hk, E]``, in ``out_dtype``: this
+      key block set's contribution, as ``xla.block_attention_bwd``.
     """
     interpret, cfg, dtype = resolve(q, k, v, interpret, config)
     check_documents(q, k, q_segment_ids, k_segment_ids)
@@ -248,11 +256,18 @@ def block_attention_bwd(
         interpret=interpret,
         params=plgpu.CompilerParams(num_warps=cfg.num_warps_bwd, num_stages=cfg.num_stages_bwd),
     )
+    dq_params = plgpu.CompilerParams(
+        num_warps=cfg.num_warps_dq or cfg.num_warps_bwd, num_stages=cfg.num_stages_dq or cfg.num_stages_bwd
+    )
     ids = dict(q_ids=q_segment_ids, k_ids=k_segment_ids)
-    dk, dv, dq = _dkv_call(ops, ids, block_q=bq_dkv, block_k=bk_dkv, fused=fused, **statics)
-    if not fused:
-        dq = _dq_call(ops, ids, block_q=bq_dq, block_k=bk_dq, **statics)
-    return dq[:, :lq, :, :d], dk[:, :lk, :, :d], dv[:, :lk, :, :e]
+    out_dtype = out_dtype or F32
+    dk, dv, dq = _dkv_call(ops, ids, block_q=bq_dkv, block_k=bk_dkv, fused=fused, out_dtype=out_dtype, **statics)
+    if fused:
+        dq = (dq[:, :lq, :, :d] * scale).astype(out_dtype)
+    else:
+        dq_statics = statics | dict(params=dq_params)
+        dq = _dq_call(ops, ids, block_q=bq_dq, block_k=bk_dq, out_dtype=out_dtype, **dq_statics)[:, :lq, :, :d]
+    return dq, dk[:, :lk, :, :d], dv[:, :lk, :, :e]
 
 
 class _Operands(NamedTuple):
@@ -269,39 +284,41 @@ class _Operands(NamedTuple):
     docs: tuple[jax.Array, jax.Array] | None
 
 
-def _dq_call(ops: _Operands, ids, *, block_q, block_k, interpret, params, **statics):
-    """The dq kernel: ``[B, Lq_pad, H, D_pad]`` float32."""
+def _dq_call(ops: _Operands, ids, *, block_q, block_k, out_dtype, interpret, params, **statics):
+    """The dq kernel: ``[B, Lq_pad, H, D_pad]`` in ``out_dtype``."""
     b, lq_pad, h, dp = ops.q.shape
     lk_pad, hk, ep = ops.k.shape[1], ops.k.shape[2], ops.v.shape[3]
     group = h // hk
+    num_q_blocks = lq_pad // block_q
+    q_block = heavy_first(num_q_blocks)
     bounds = []
     if statics["skip"]:
-        bounds = [first_key_blocks(**ids, block_q=block_q, block_k=block_k, num_q_blocks=lq_pad // block_q)]
-    # grid (query block i, batch row bb, query head hh); keys and values of head hh // group
-    rows = lambda width: pl.BlockSpec((None, block_q, None, width), lambda i, bb, hh: (bb, i, hh, 0))  # noqa: E731
+        bounds = [first_key_blocks(**ids, block_q=block_q, block_k=block_k, num_q_blocks=num_q_blocks)]
+    # grid (query block q_block(i), batch row bb, query head hh); keys and values of head hh // group
+    rows = lambda width: pl.BlockSpec((None, block_q, None, width), lambda i, bb, hh: (bb, q_block(i), hh, 0))  # noqa: E731
     kv_all = lambda width: pl.BlockSpec((None, lk_pad, None, width), lambda i, bb, hh: (bb, 0, hh // group, 0))  # noqa: E731
-    stats = pl.BlockSpec((None, None, block_q), lambda i, bb, hh: (bb, hh, i))
+    stats = pl.BlockSpec((None, None, block_q), lambda i, bb, hh: (bb, hh, q_block(i)))
     doc_specs = [
-        pl.BlockSpec((None, block_q), lambda i, bb, hh: (bb, i)),
+        pl.BlockSpec((None, block_q), lambda i, bb, hh: (bb, q_block(i))),
         pl.BlockSpec((None, lk_pad), lambda i, bb, hh: (bb, 0)),
     ]
     return pl.pallas_call(
         functools.partial(_dq_kernel, block_q=block_q, block_k=block_k, **statics),
-        grid=(lq_pad // block_q, b, h),
+        grid=(num_q_blocks, b, h),
         in_specs=[SHIFT_SPEC, rows(dp), kv_all(dp), kv_all(ep), rows(ep), stats, stats]
-        + ([BOUND_SPEC_Q] if statics["skip"] else [])
+        + ([bound_spec_q(num_q_blocks)] if statics["skip"] else [])
         + (doc_specs if ops.docs is not None else []),
         out_specs=rows(dp),
-        out_shape=jax.ShapeDtypeStruct((b, lq_pad, h, dp), F32),
+        out_shape=jax.ShapeDtypeStruct((b, lq_pad, h, dp), out_dtype),
         compiler_params=params,
         interpret=interpret,
         name="flash_attention_backward_dq",
     )(ops.shift, ops.q, ops.k, ops.v, ops.do, ops.lse2, ops.delta, *bounds, *(ops.docs or ()))
 
 
-def _dkv_call(ops: _Operands, ids, *, block_q, block_k, fused, interpret, params, **statics):
-    """The dk/dv kernel: dk, dv ``[B, Lk_pad, Hk, ·]`` float32, and with ``fused`` dq
-    ``[B, Lq_pad, H, D_pad]`` float32 (atomic adds into zeros), else None."""
+def _dkv_call(ops: _Operands, ids, *, block_q, block_k, fused, out_dtype, interpret, params, **statics):
+    """The dk/dv kernel: dk, dv ``[B, Lk_pad, Hk, ·]`` in ``out_dtype``, and with ``fused`` dq
+    ``[B, Lq_pad, H, D_pad]`` float32 without the factor ``scale`` (atomic adds into zeros), else None."""
     b, lq_pad, h, dp = ops.q.shape
     lk_pad, hk, ep = ops.k.shape[1], ops.k.shape[2], ops.v.shape[3]
     group = h // hk
@@ -324,7 +341,10 @@ def _dkv_call(ops: _Operands, ids, *, block_q, block_k, fused, interpret, params
     )
     args = [ops.shift, ops.q, ops.k, ops.v, ops.do, ops.lse2, ops.delta, *bounds, *(ops.docs or ())]
     out_specs = [keys(dp), keys(ep)]
-    out_shape = [jax.ShapeDtypeStruct((b, lk_pad, hk, dp), F32), jax.ShapeDtypeStruct((b, lk_pad, hk, ep), F32)]
+    out_shape = [
+        jax.ShapeDtypeStruct((b, lk_pad, hk, dp), out_dtype),
+        jax.ShapeDtypeStruct((b, lk_pad, hk, ep), out_dtype),
+    ]
     aliases = {}
     if fused:  # dq: zeros in, every program's atomic adds, out in place
         aliases = {len(args): 2}
