@@ -355,12 +355,16 @@ def transpose_solve(x: dict, d_solved: list, mxu) -> list:
     return [sum(dot(x[i, j].astype(mxu), d_solved[i].astype(mxu), trans_a=True) for i in range(j, n)) for j in range(n)]
 
 
-def inverse_backward(x: dict, dx: dict) -> dict:
-    """The lower blocks of ``dA = −Xᵀ dX Xᵀ`` (only A's strictly lower part is used)."""
+def inverse_backward(x: dict, dx: dict, mxu=F32) -> dict:
+    """The lower blocks of ``dA = −Xᵀ dX Xᵀ`` (only A's strictly lower part is used); the products'
+    operands in ``mxu`` (float32 by default)."""
     n = max(i for i, _ in x) + 1
+    x = {ij: block.astype(mxu) for ij, block in x.items()}
+    dx = {ij: block.astype(mxu) for ij, block in dx.items()}
     lower = [(i, j) for i in range(n) for j in range(i + 1)]
     # Y = Xᵀ dX on the blocks (i, m) with m ≤ i, then dA = −Y Xᵀ
     y = {(i, m): sum(dot(x[r, i], dx[r, m], trans_a=True) for r in range(i, n)) for i, m in lower}
+    y = {im: block.astype(mxu) for im, block in y.items()}
     return {(i, j): -sum(dot(y[i, m], x[j, m], trans_b=True) for m in range(j + 1)) for i, j in lower}
 
 

@@ -42,6 +42,10 @@ class BlockConfig:
         on 16-row tiles) up to the chunk (one tile: the inverse by doubling on the whole chunk, one
         product per step). Per-channel gates always use 16-row tiles (their diagonal tiles form
         ``[16, 16, D]`` pairs).
+      store_inverse: the forward ``wy`` kernel also writes each chunk's ``X = (I + A)⁻¹`` (float32,
+        ``C × C``) and the WY backward reads it and runs on whole chunks (one ``C``-row tile: a few
+        large products instead of the 16×16 blocks and the inverse again), under scalar or no gates;
+        per-channel gates ignore it.
       wy_bwd_split: the WY backward as two kernels, the state step's shares of dk and db first
         (reading h, dh and V'), then the WY form's; False: one kernel holding both (more live
         registers: ptxas reported spills for it).
@@ -58,6 +62,7 @@ class BlockConfig:
     num_warps_bwd: int = 8
     num_stages_bwd: int = 1
     wy_rows: int = SUB_TILE
+    store_inverse: bool = False
     wy_bwd_split: bool = False  # H200 sweep: fused 13.09 vs split 13.56 ms (GDN), 59.4 vs 60.0 (KDA)
 
     def __post_init__(self):

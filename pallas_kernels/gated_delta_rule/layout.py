@@ -81,6 +81,8 @@ class Layout:
         self.parts = self.chunk // SUB_TILE if mode == "channel" else 1
         # sub-tiles of the WY kernels (``BlockConfig.wy_rows``; 16-row tiles for per-channel gates)
         self.wy_parts = self.chunk // (SUB_TILE if mode == "channel" else min(cfg.wy_rows, self.chunk))
+        # the forward stores X and the WY backward runs on whole chunks (``BlockConfig.store_inverse``)
+        self.store_inverse = cfg.store_inverse and mode != "channel"
 
     # -- chunk-parallel grid (c, b, h) --
 
@@ -243,7 +245,9 @@ class Residuals(NamedTuple):
     """What the backward pass reads: the padded inputs and the forward's intermediates.
 
     ``w`` ``[B, T, Hv, D]`` (the WY keys), ``h`` ``[B, Hv, NC, D, E]`` (the state entering each
-    chunk), ``v_new`` ``[B, T, Hv, E]`` (V' = U − W S), in the matmul operand dtype.
+    chunk), ``v_new`` ``[B, T, Hv, E]`` (V' = U − W S), in the matmul operand dtype; ``x`` ``[B, T,
+    Hv, C]`` float32 (row t: row ``t mod C`` of its chunk's ``(I + A)⁻¹``) with
+    ``BlockConfig.store_inverse``, else None.
     """
 
     q: jax.Array
@@ -255,6 +259,7 @@ class Residuals(NamedTuple):
     w: jax.Array
     h: jax.Array
     v_new: jax.Array
+    x: jax.Array | None = None
 
 
 def chunk_cumsum(g, chunk: int, axis: int):

@@ -71,10 +71,10 @@ from pallas_kernels.gated_delta_rule.reference import document_index
 
 def _wy_kernel(k_ref, v_ref, beta_ref, *refs, mode, has_docs, mxu, block_cols, parts):
     """W and U of one chunk: the Gram blocks summed over key-column blocks, X, then W and U
-    column block by column block."""
+    column block by column block; X itself too when given an output for it."""
     refs = list(refs)
     gate_ref, doc_refs = pop_gate_refs(refs, mode=mode, has_docs=has_docs)
-    w_ref, u_ref = refs
+    w_ref, u_ref, *x_ref = refs
     beta, docs = load_tiles(beta_ref, parts), load_doc_tiles(doc_refs, parts)
     kw, vw = min(block_cols, k_ref.shape[1]), min(block_cols, v_ref.shape[1])
 
@@ -86,6 +86,11 @@ def _wy_kernel(k_ref, v_ref, beta_ref, *refs, mode, has_docs, mxu, block_cols, p
 
     gram = lax.fori_loop(0, k_ref.shape[1] // kw, add_gram, zero_blocks(parts, k_ref.shape[0] // parts))
     x = common.inverse_blocks(gram, beta)
+    if x_ref:  # the whole C × C inverse, block column by block column (zeros above the diagonal)
+        rows = k_ref.shape[0] // parts
+        for j in range(parts):
+            column = [x[i, j] if j <= i else jnp.zeros((rows, rows), F32) for i in range(parts)]
+            store_col_tiles(x_ref[0], column, j * rows)
 
     def store_w(j, carry):
         store_col_tiles(w_ref, common.solve_blocks(x, common.key_rhs(keys(j), mxu), mxu), j * kw)
@@ -155,9 +160,11 @@ def _output_kernel(q_ref, k_ref, h_ref, v_new_ref, *refs, mode, has_docs, mxu, s
 
 
 def wy_representation(k, v, beta, b, docs, lay: Layout, statics: Statics):
-    """Stage 1: ``(W [B, T, Hv, D], U [B, T, Hv, E])`` in the matmul operand dtype."""
+    """Stage 1: ``(W [B, T, Hv, D], U [B, T, Hv, E])`` in the matmul operand dtype, and the inverse
+    ``X [B, T, Hv, C]`` float32 with ``lay.store_inverse`` (else None)."""
     d, e = lay.dim, lay.value_dim
-    return pl.pallas_call(
+    x_out = [(lay.chunk_spec(lay.chunk), lay.values_shape(F32, lay.chunk))] if lay.store_inverse else []
+    w, u, *x = pl.pallas_call(
         functools.partial(
             _wy_kernel,
             mode=lay.mode,
@@ -173,12 +180,13 @@ def wy_representation(k, v, beta, b, docs, lay: Layout, statics: Statics):
             lay.chunk_row_spec(),
             *lay.chunk_gate_specs(docs is not None),
         ],
-        out_specs=[lay.chunk_spec(d), lay.chunk_spec(e)],
-        out_shape=[lay.values_shape(lay.mxu, d), lay.values_shape(lay.mxu)],
+        out_specs=[lay.chunk_spec(d), lay.chunk_spec(e), *(s for s, _ in x_out)],
+        out_shape=[lay.values_shape(lay.mxu, d), lay.values_shape(lay.mxu), *(x for _, x in x_out)],
         compiler_params=compiler_params(statics.cfg, "chunk"),
         interpret=statics.interpret,
         name="gated_delta_rule_wy",
     )(k, v, beta, *gate_inputs(b, docs))
+    return w, u, (x[0] if x else None)
 
 
 def state_pass(w, u, k, b, docs, s0, lay: Layout, statics: Statics, *, store_chunks: bool = True):
@@ -287,14 +295,14 @@ def _forward(q, k, v, beta, b, s0, docs, statics: Statics):
     splits = statics.cfg.splits
     q, k, v, beta, b, docs = _split_rows(q, k, v, beta, b, docs, splits)
     lay = Layout(q, v, statics.cfg, statics.mode)
-    w, u = wy_representation(k, v, beta, b, docs, lay, statics)
+    w, u, x = wy_representation(k, v, beta, b, docs, lay, statics)
     phi = None
     if splits > 1:
         phi, m = transition(w, u, k, b, docs, lay, statics)
         s0 = entering_states(phi, m, s0, splits)
     h, v_new, final = state_pass(w, u, k, b, docs, s0, lay, statics)
     o = output(q, k, b, docs, h, v_new, lay, statics, q.dtype)
-    residuals = Residuals(q, k, v, beta, b, docs, w, h, v_new)
+    residuals = Residuals(q, k, v, beta, b, docs, w, h, v_new, x)
     if splits == 1:
         return o, final, residuals
     last = final.reshape((-1, splits) + final.shape[1:])[:, -1]

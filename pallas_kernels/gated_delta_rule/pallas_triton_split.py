@@ -34,7 +34,9 @@ from pallas_kernels.gated_delta_rule.pallas_triton import (
 
 
 @functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["args", "docs", "w", "u", "unpad"], meta_fields=["statics", "shape"]
+    jax.tree_util.register_dataclass,
+    data_fields=["args", "docs", "w", "u", "unpad", "x"],
+    meta_fields=["statics", "shape"],
 )
 @dataclasses.dataclass(frozen=True)
 class SplitCall:
@@ -49,6 +51,7 @@ class SplitCall:
     unpad: object
     statics: Statics
     shape: tuple
+    x: jax.Array | None = None  # the stored inverse (``BlockConfig.store_inverse``)
 
     def layout(self) -> Layout:
         return Layout(self.args[0], self.args[2], self.statics.cfg, self.statics.mode)
@@ -92,9 +95,9 @@ def split_forward(q, k, v, beta, *, g=None, scale=None, segment_ids=None, interp
     docs = document_rows(segment_ids, args[0].shape[1])
     qp, kp, vp, betap, bp = args
     lay = Layout(qp, vp, statics.cfg, statics.mode)
-    w, u = wy_representation(kp, vp, betap, bp, docs, lay, statics)
+    w, u, x = wy_representation(kp, vp, betap, bp, docs, lay, statics)
     phi, m = transition(w, u, kp, bp, docs, lay, statics)
-    call = SplitCall(tuple(args), docs, w, u, unpad, statics, (t, d, e))
+    call = SplitCall(tuple(args), docs, w, u, unpad, statics, (t, d, e), x)
     return phi[:, :, :d, :d], m[:, :, :d, :e], call
 
 
@@ -106,7 +109,7 @@ def finish_forward(call: SplitCall, initial_state):
     lay = call.layout()
     h, v_new, final = state_pass(call.w, call.u, k, b, call.docs, call.padded_state(initial_state), lay, call.statics)
     o = output(q, k, b, call.docs, h, v_new, lay, call.statics, q.dtype)
-    return o[:, :t, :, :e], final[:, :, :d, :e], Residuals(q, k, v, beta, b, call.docs, call.w, h, v_new)
+    return o[:, :t, :, :e], final[:, :, :d, :e], Residuals(q, k, v, beta, b, call.docs, call.w, h, v_new, call.x)
 
 
 def split_backward(call: SplitCall, residuals: Residuals, do):

@@ -15,7 +15,7 @@ V' = U − W S saved by the forward:
    (``dW = −dV' hᵀ``, ``dK̃ = V' dhᵀ``, ``dγ = ⟨h, dh⟩``; ``common.state_dw``, ``state_backward``) and the WY
    form's with ``dU = dV'`` (``common.wy_backward``), plus stage 1's shares: dk, dv, dβ and the
    gradient of the chunk-local cumulative log gate b (autodiff of the cumsum outside makes it dg).
-   With ``cfg.wy_bwd_split`` (the default) the state step's terms run first as a kernel of their own
+   With ``cfg.wy_bwd_split`` (not the default) the state step's terms run first as a kernel of their own
    (``state_step_bwd``: reads h, dh, V'), so the WY form's kernel keeps fewer tiles live.
 
 Grouped value heads: dq and dk are per value head (float32) and summed over each group after.
@@ -193,6 +193,7 @@ def _wy_bwd_kernel(
     mxu,
     block_cols,
     with_state,
+    stored_inverse,
     parts,
 ):
     """dk, dv, dβ and db of one chunk: the state step's (if ``with_state``; else ``dk_out`` and
@@ -200,9 +201,11 @@ def _wy_bwd_kernel(
 
     The WY backward walks the key and value columns in blocks (``block_cols``): first dX (and the
     Gram blocks) summed over them, then X, dA and dG (small C×C blocks), then dk and dv block by
-    block; dβ and scalar db are summed over the blocks.
+    block; dβ and scalar db are summed over the blocks. With ``stored_inverse`` X is read (the
+    forward's, one tile: ``parts`` = 1) and ``dA = −Xᵀ dX Xᵀ`` runs on the matmul operand dtype.
     """
     refs = list(refs)
+    x_ref = refs.pop(0) if stored_inverse else None
     gate_ref, doc_refs = pop_gate_refs(refs, mode=mode, has_docs=has_docs)
     db_out_ref = refs.pop(0) if mode != "none" else None
     dk_ref, dv_ref, dbeta_ref, *db_ref = refs
@@ -236,8 +239,13 @@ def _wy_bwd_kernel(
     zeros = zero_blocks(parts, rows)
     gram, dx = lax.fori_loop(0, key_steps, dx_keys, (zeros, zeros))
     dx = lax.fori_loop(0, value_steps, dx_values, dx)
-    x = common.inverse_blocks(gram, beta)
-    dgram, dbeta = common.gram_grads(gram, common.inverse_backward(x, dx), beta)
+    if stored_inverse:
+        x = {(0, 0): x_ref[...]}
+        da = common.inverse_backward(x, dx, mxu)
+    else:
+        x = common.inverse_blocks(gram, beta)
+        da = common.inverse_backward(x, dx)
+    dgram, dbeta = common.gram_grads(gram, da, beta)
     # X and dG only feed matmuls from here: keep them in the operand dtype (half the registers)
     x = {ij: block.astype(mxu) for ij, block in x.items()}
     dgram = {ij: block.astype(mxu) for ij, block in dgram.items()}
@@ -423,8 +431,10 @@ def wy_backward(res: Residuals, dh, dv_new, dk_out, db_out, lay: Layout, statics
         mxu=lay.mxu,
         block_cols=statics.cfg.block_cols,
         with_state=not split,
-        parts=lay.wy_parts,
+        stored_inverse=res.x is not None,
+        parts=1 if res.x is not None else lay.wy_parts,
     )
+    x_in = [] if res.x is None else [(lay.chunk_spec(lay.chunk), res.x)]
     grads = pl.pallas_call(
         kernel,
         grid=lay.chunk_grid(),
@@ -437,6 +447,7 @@ def wy_backward(res: Residuals, dh, dv_new, dk_out, db_out, lay: Layout, statics
             lay.chunk_spec(e),
             lay.chunk_spec(e),
             lay.chunk_spec(d),
+            *(s for s, _ in x_in),
             *lay.chunk_gate_specs(has_docs),
             *(s for _, s in gate_out),
         ],
@@ -459,6 +470,7 @@ def wy_backward(res: Residuals, dh, dv_new, dk_out, db_out, lay: Layout, statics
         res.v_new,
         dv_new,
         dk_out,
+        *(x for _, x in x_in),
         *gate_inputs(res.b, res.docs),
         *([] if db_out is None else [db_out]),
     )

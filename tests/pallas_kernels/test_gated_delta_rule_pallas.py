@@ -145,6 +145,18 @@ CASES = {
         dict(b=1, t=40, h=1, hv=1, d=32, e=16, gate="gdn"),
         dict(config=BlockConfig(chunk=16, block_e=16, block_cols=16, wy_bwd_split=True)),
     ),
+    # the forward stores X; the WY backward reads it and runs on whole 32-token chunks (bf16
+    # products for dA), documents; and without gates
+    "gdn-bf16-T70-stored-inverse-docs": (
+        jnp.bfloat16,
+        dict(b=1, t=70, h=1, hv=2, d=32, e=16, gate="gdn"),
+        dict(docs=(9, 40), config=BlockConfig(chunk=32, block_e=16, block_cols=16, store_inverse=True)),
+    ),
+    "deltanet-f32-T50-stored-inverse": (
+        jnp.float32,
+        dict(b=1, t=50, h=1, hv=1, d=16, e=16, gate="deltanet"),
+        dict(config=BlockConfig(chunk=32, block_e=16, block_cols=16, store_inverse=True)),
+    ),
     # one token: each of beta's gradients is a single sum that can cancel, so bf16 rounding of the
     # stored intermediates could exceed a norm-wise bound; fp32 checks the one-token path exactly
     "gdn-f32-T1-no-init": (jnp.float32, dict(b=1, t=1, h=1, hv=1, d=16, e=16, gate="gdn", init=False), {}),
@@ -272,8 +284,9 @@ def test_kernels_lower_to_triton(monkeypatch):
         ("kda", (2, 100, 2, 2, 40, 24), jnp.float32, True, 1),
         ("deltanet", (1, 70, 1, 1, 64, 64), jnp.float16, True, 1),
     ]:
-        # deltanet lowers the fused WY backward, the others its two-kernel split
-        config = BlockConfig(splits=splits, wy_bwd_split=gate != "deltanet")
+        # deltanet lowers the fused WY backward, kda its two-kernel split, gdn the whole-chunk one
+        # that reads the stored inverse
+        config = BlockConfig(splits=splits, wy_bwd_split=gate == "kda", store_inverse=gate == "gdn")
         q, v = spec((b, t, h, d), dtype), spec((b, t, hv, e), dtype)
         beta, s0 = spec((b, t, hv), jnp.float32), spec((b, hv, d, e), jnp.float32)
         g = {"deltanet": None, "gdn": spec((b, t, hv), jnp.float32), "kda": spec((b, t, hv, d), jnp.float32)}[gate]
@@ -301,6 +314,7 @@ GPU_CASES = {
     "gdn-one-split-docs": ("gdn", (1000, 1001, 2500), BlockConfig(splits=1)),
     "kda-docs": ("kda", (700, 3000), None),
     "deltanet": ("deltanet", None, None),
+    "gdn-stored-inverse-docs": ("gdn", (1000, 1001, 2500), BlockConfig(splits=2, store_inverse=True)),
 }
 
 
