@@ -142,10 +142,17 @@ class Layout:
         """Value block j of a run's ``[R, H, D, E]`` state."""
         return pl.BlockSpec((None, None, self.dim, self.block_e), lambda j, r, h: (r, h, 0, j))
 
+    def logs_spec(self):
+        """Every chunk's ``[NC, D]`` of ``[R, H, NC, D]`` (each value block writes the same values)."""
+        return pl.BlockSpec((None, None, self.num_chunks, self.dim), lambda j, r, h: (r, h, 0, 0))
+
     # -- shapes --
 
     def states_shape(self, dtype):
         return jax.ShapeDtypeStruct((self.rows, self.heads, self.num_chunks, self.dim, self.value_dim), dtype)
+
+    def logs_shape(self):
+        return jax.ShapeDtypeStruct((self.rows, self.heads, self.num_chunks, self.dim), F32)
 
     def run_states_shape(self):
         return jax.ShapeDtypeStruct((self.rows, self.heads, self.dim, self.value_dim), F32)
@@ -176,17 +183,14 @@ class ChunkLogs(NamedTuple):
     run: jax.Array
 
 
-def chunk_logs(b, docs, chunk: int) -> ChunkLogs:
-    """``ChunkLogs`` from the chunk-local cumulative log decay ``b [R, T, H, D]`` (its last row in a
-    chunk is the decay across it) and the document rows (a chunk holding a boundary, one at its
-    first token included, passes no state on)."""
-    r, t, h, d = b.shape
-    across = b.reshape(r, t // chunk, chunk, h, d)[:, :, -1]  # [R, NC, H, D]
+def chunk_logs(across, docs, chunk: int) -> ChunkLogs:
+    """``ChunkLogs`` from the log decay across each chunk ``[R, H, NC, D]`` (the state pass's
+    ``Σ g`` per chunk) and the document rows (a chunk holding a boundary, one at its first token
+    included, passes no state on)."""
     if docs is not None:
         doc, prev = docs
         boundary = doc[:, chunk - 1 :: chunk] != prev[:, ::chunk]  # [R, NC]
-        across = jnp.where(boundary[:, :, None, None], -jnp.inf, across)
-    across = jnp.moveaxis(across, 1, 2)  # [R, H, NC, D]
+        across = jnp.where(boundary[:, None, :, None], -jnp.inf, across)
     zero = jnp.zeros_like(across[:, :, :1])
     before = jnp.cumsum(across, axis=2)
     after = jnp.flip(jnp.cumsum(jnp.flip(across, 2), axis=2), 2)
@@ -252,6 +256,33 @@ def run_scan(local, run_log, init, splits: int, *, reverse: bool, interpret: boo
 
 
 # ---- chunk math on tiles -------------------------------------------------------------------------
+
+
+def cumulative_tiles(g_tiles: list) -> list:
+    """The chunk-local inclusive cumulative log decay b (float32) of a chunk's row tiles of g: each
+    tile's cumulative sum plus the last row of the tile before (sums only, in token order)."""
+    out = []
+    for x in g_tiles:
+        b = jnp.cumsum(x.astype(F32), axis=0)
+        out.append(b if not out else b + common.last_row(out[-1])[None, :])
+    return out
+
+
+def gate_grad_tiles(db_tiles: list) -> list:
+    """dg from the cotangent of the cumulative log decay, ``dg_t = Σ_{u ≥ t} db_u`` over the chunk:
+    inside a tile by an upper-triangular float32 product (exact sums, no differences), plus the
+    column sums of the tiles after it."""
+    n = db_tiles[0].shape[0]
+    row = lax.broadcasted_iota(jnp.int32, (n, n), 0)
+    col = lax.broadcasted_iota(jnp.int32, (n, n), 1)
+    upper = jnp.where(col >= row, 1.0, 0.0).astype(F32)
+    out, after = [], None
+    for db in reversed(db_tiles):
+        dg = dot(upper, db)
+        out.append(dg if after is None else dg + after[None, :])
+        total = jnp.sum(db, axis=0)
+        after = total if after is None else after + total
+    return out[::-1]
 
 
 def full_state_rows(local_rows, log_rows, run_rows):

@@ -9,7 +9,8 @@ row cut into runs of whole chunks (``cfg.splits``; ``channel_common`` says how t
 
 1. ``state`` (one program per value block, run and head; the sequential part): walks the run's
    chunks from a zero state, ``S ← e^{b_last} ⊙ S + (e^{b_last − b} ⊙ K)ᵀ V``, storing each chunk's
-   local entering state (operand dtype) and the run's local final state.
+   local entering state (operand dtype), the log decay across each chunk and the run's local final
+   state.
 2. ``scan`` (float32, over runs): each run's entering state and the final state.
 3. ``output`` (one program per chunk, run and head): with the chunk's true entering state
    ``h = h_local + e^{a} ⊙ S_run``, ``O = scale · [(e^b ⊙ Q) h + (Q Kᵀ ⊙ Γ ⊙ causal) V]``; the
@@ -18,10 +19,11 @@ row cut into runs of whole chunks (``cfg.splits``; ``channel_common`` says how t
    columns in blocks (``cfg.block_cols``). It stores the scores ``Q Kᵀ ⊙ Γ`` (operand dtype, a
    ``[C, C]`` block per chunk) for the backward's ``dV``.
 
-The backward (``pallas_triton_channel_vjp``) reads the stored states and scores. Head dims are
-padded to a power of two ≥ 16 and the time to whole chunks × runs (zero q, k, v and log decay:
-exact) outside the ``custom_vjp``, where the chunk-local cumulative sum of g is taken too (its
-autodiff turns the kernels' gradient of b into dg).
+Every kernel reads g itself and forms the chunk-local cumulative log decay b from it (float32, in
+token order), and the backward writes dg (no pass over g or dg outside the kernels). The backward
+(``pallas_triton_channel_vjp``) reads the stored states and scores. Head dims are padded to a power
+of two ≥ 16 and the time to whole chunks × runs (zero q, k, v and log decay: exact) outside the
+``custom_vjp``.
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.common import F32, KERNEL_DTYPES, MAX_ELEMENTS, chain_pieces, pad_dim
 from pallas_kernels.gated_delta_rule import common
+from pallas_kernels.gated_delta_rule.common import last_row
 from pallas_kernels.gated_delta_rule.layout import (
-    chunk_cumsum,
     from_splits,
     load_col_tiles,
     load_doc_tiles,
@@ -57,6 +59,7 @@ from pallas_kernels.linear_attention.channel_common import (
     Layout,
     chunk_logs,
     compiler_params,
+    cumulative_tiles,
     doc_inputs,
     full_state_rows,
     run_scan,
@@ -67,24 +70,26 @@ from pallas_kernels.linear_attention.config import ChannelConfig, default_channe
 # ---- kernels ------------------------------------------------------------------------------------
 
 
-def _state_kernel(k_ref, v_ref, b_ref, *refs, has_docs, mxu, chunk, num_chunks):
+def _state_kernel(k_ref, v_ref, g_ref, *refs, has_docs, mxu, chunk, num_chunks):
     """The forward pass over one (value block, run, head) from a zero state: each chunk's local
-    entering state and the run's local final state."""
+    entering state, the log decay across each chunk and the run's local final state."""
     refs = list(refs)
     doc_refs = (refs.pop(0), refs.pop(0)) if has_docs else None
-    h_ref, m_ref = refs
+    h_ref, across_ref, m_ref = refs
 
     def body(c, state):
         t0 = pl.multiple_of(c * chunk, chunk)
         h_ref[c] = state.astype(h_ref.dtype)
         rows = pl.ds(t0, chunk)
+        (b,) = cumulative_tiles([g_ref[rows, :]])
+        across_ref[c] = last_row(b)
         docs = load_docs(doc_refs, t0, chunk)
-        return state_update(state, k_ref[rows, :], v_ref[rows, :], b_ref[rows, :], docs, mxu)
+        return state_update(state, k_ref[rows, :], v_ref[rows, :], b, docs, mxu)
 
     m_ref[...] = lax.fori_loop(0, num_chunks, body, jnp.zeros(m_ref.shape, F32))
 
 
-def _output_kernel(q_ref, k_ref, v_ref, b_ref, *refs, has_docs, mxu, scale, parts, block_cols):
+def _output_kernel(q_ref, k_ref, v_ref, g_ref, *refs, has_docs, mxu, scale, parts, block_cols):
     """The output of one chunk and its scores, walking the key columns in blocks (the scores and
     ``(e^b ⊙ Q) h`` are sums over them)."""
     refs = list(refs)
@@ -98,7 +103,7 @@ def _output_kernel(q_ref, k_ref, v_ref, b_ref, *refs, has_docs, mxu, scale, part
         start = pl.multiple_of(j * width, width)
         cols = pl.ds(start, width)
         q, k = load_col_tiles(q_ref, parts, start, width), load_col_tiles(k_ref, parts, start, width)
-        b = load_col_tiles(b_ref, parts, start, width)
+        b = cumulative_tiles(load_col_tiles(g_ref, parts, start, width))
         z = common.add_blocks(z, common.score_blocks(q, k, b, docs, mode=MODE, mxu=mxu, parts=parts))
         h_rows = full_state_rows(h_ref[cols, :], enter_ref[cols], s_run_ref[cols, :])
         part = common.output_inter(q, b, docs, h_rows, mxu=mxu, parts=parts)
@@ -115,8 +120,9 @@ def _output_kernel(q_ref, k_ref, v_ref, b_ref, *refs, has_docs, mxu, scale, part
 # ---- the calls ------------------------------------------------------------------------------------
 
 
-def local_states(k, v, b, docs, lay: Layout, statics: ChannelStatics):
-    """Stage 1: ``(h_local [R, H, NC, D, E] operand dtype, local final state [R, H, D, E] float32)``."""
+def local_states(k, v, g, docs, lay: Layout, statics: ChannelStatics):
+    """Stage 1: ``(h_local [R, H, NC, D, E] operand dtype, log decay across each chunk [R, H, NC, D],
+    local final state [R, H, D, E])``, float32 but h_local."""
     kernel = functools.partial(
         _state_kernel, has_docs=docs is not None, mxu=lay.mxu, chunk=lay.chunk, num_chunks=lay.num_chunks
     )
@@ -129,15 +135,15 @@ def local_states(k, v, b, docs, lay: Layout, statics: ChannelStatics):
             lay.seq_spec(lay.dim),
             *lay.seq_doc_specs(docs is not None),
         ],
-        out_specs=[lay.states_spec(), lay.state_spec()],
-        out_shape=[lay.states_shape(lay.mxu), lay.run_states_shape()],
+        out_specs=[lay.states_spec(), lay.logs_spec(), lay.state_spec()],
+        out_shape=[lay.states_shape(lay.mxu), lay.logs_shape(), lay.run_states_shape()],
         compiler_params=compiler_params(statics.cfg, "state"),
         interpret=statics.interpret,
         name="linear_attention_channel_state",
-    )(k, v, b, *doc_inputs(docs))
+    )(k, v, g, *doc_inputs(docs))
 
 
-def output(q, k, v, b, docs, h_local, s_run, enter, lay: Layout, statics: ChannelStatics):
+def output(q, k, v, g, docs, h_local, s_run, enter, lay: Layout, statics: ChannelStatics):
     """Stage 3: ``(o [R, T, H, E] in q's dtype, scores [R, T, H, C] operand dtype)``."""
     d, e = lay.dim, lay.value_dim
     kernel = functools.partial(
@@ -166,7 +172,7 @@ def output(q, k, v, b, docs, h_local, s_run, enter, lay: Layout, statics: Channe
         compiler_params=compiler_params(statics.cfg, "chunk"),
         interpret=statics.interpret,
         name="linear_attention_channel_output",
-    )(q, k, v, b, *doc_inputs(docs), h_local, s_run, enter)
+    )(q, k, v, g, *doc_inputs(docs), h_local, s_run, enter)
 
 
 class Local(NamedTuple):
@@ -178,17 +184,17 @@ class Local(NamedTuple):
     logs: ChunkLogs
 
 
-def forward_local(q, k, v, b, docs, statics: ChannelStatics) -> Local:
+def forward_local(q, k, v, g, docs, statics: ChannelStatics) -> Local:
     lay = Layout(q, k, v, statics.cfg)
-    h_local, m = local_states(k, v, b, docs, lay, statics)
-    return Local(h_local, m, chunk_logs(b, docs, lay.chunk))
+    h_local, across, m = local_states(k, v, g, docs, lay, statics)
+    return Local(h_local, m, chunk_logs(across, docs, lay.chunk))
 
 
-def forward_finish(q, k, v, b, docs, local: Local, s0, statics: ChannelStatics):
+def forward_finish(q, k, v, g, docs, local: Local, s0, statics: ChannelStatics):
     """``(o, final state, residual states)`` from the initial state ``s0`` ``[B, H, D, E]``."""
     lay = Layout(q, k, v, statics.cfg)
     s_run, final = run_scan(local.m, local.logs.run, s0, statics.cfg.splits, reverse=False, interpret=statics.interpret)
-    o, z = output(q, k, v, b, docs, local.h_local, s_run, local.logs.enter, lay, statics)
+    o, z = output(q, k, v, g, docs, local.h_local, s_run, local.logs.enter, lay, statics)
     return o, final, vjp.States(local.h_local, s_run, local.logs, z)
 
 
@@ -198,26 +204,26 @@ class Residuals(NamedTuple):
     q: jax.Array
     k: jax.Array
     v: jax.Array
-    b: jax.Array
+    g: jax.Array
     docs: tuple | None
     states: vjp.States
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnames=("statics",))
-def _linear_attention(q, k, v, b, s0, docs, statics: ChannelStatics):
-    o, final, _ = forward_finish(q, k, v, b, docs, forward_local(q, k, v, b, docs, statics), s0, statics)
+def _linear_attention(q, k, v, g, s0, docs, statics: ChannelStatics):
+    o, final, _ = forward_finish(q, k, v, g, docs, forward_local(q, k, v, g, docs, statics), s0, statics)
     return o, final
 
 
-def _linear_attention_fwd(q, k, v, b, s0, docs, statics: ChannelStatics):
-    o, final, states = forward_finish(q, k, v, b, docs, forward_local(q, k, v, b, docs, statics), s0, statics)
-    return (o, final), Residuals(q, k, v, b, docs, states)
+def _linear_attention_fwd(q, k, v, g, s0, docs, statics: ChannelStatics):
+    o, final, states = forward_finish(q, k, v, g, docs, forward_local(q, k, v, g, docs, statics), s0, statics)
+    return (o, final), Residuals(q, k, v, g, docs, states)
 
 
 def _linear_attention_bwd(statics: ChannelStatics, res: Residuals, cotangents):
     do, d_final = cotangents
-    pending = vjp.backward_local(res.q, res.b, res.docs, do, statics=statics)
-    grads = vjp.backward_finish(res.q, res.k, res.v, res.b, res.docs, res.states, pending, d_final, statics=statics)
+    pending = vjp.backward_local(res.q, res.g, res.docs, do, statics=statics)
+    grads = vjp.backward_finish(res.q, res.k, res.v, res.g, res.docs, res.states, pending, d_final, statics=statics)
     return (*grads, None)  # document numbers are integers: no cotangent
 
 
@@ -284,10 +290,10 @@ def linear_attention(
             initial_state=initial_state,
             segment_ids=segment_ids,
         )
-    q_, k_, v_, b_ = _prepare(q, k, v, g, statics)
+    q_, k_, v_, g_ = _prepare(q, k, v, g, statics)
     docs = _document_runs(segment_ids, q_.shape[1] * statics.cfg.splits, statics.cfg.splits)
     s0 = _padded_state(initial_state, q_, v_, q.shape[0])
-    o, final = _linear_attention(q_, k_, v_, b_, s0, docs, statics=statics)
+    o, final = _linear_attention(q_, k_, v_, g_, s0, docs, statics=statics)
     return from_splits(o, statics.cfg.splits)[:, :t, :, :e], final[:, :, :d, :e]
 
 
@@ -306,8 +312,8 @@ def _statics(q, k, v, *, scale, interpret, config) -> ChannelStatics:
 
 
 def _prepare(q, k, v, g, statics: ChannelStatics):
-    """Kernel inputs on runs ``(q, k, v, b)``: head dims padded to a power of two ≥ 16, time to
-    whole chunks × runs, b the chunk-local cumulative log decay (float32), each row cut into runs."""
+    """Kernel inputs on runs ``(q, k, v, g)``: head dims padded to a power of two ≥ 16, time to
+    whole chunks × runs (zeros: no decay), each row cut into runs; g keeps its dtype."""
     t, d, e = q.shape[1], q.shape[-1], v.shape[-1]
     dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
     cfg = statics.cfg
@@ -317,8 +323,7 @@ def _prepare(q, k, v, g, statics: ChannelStatics):
     def pad(x, width):
         return jnp.pad(x, ((0, 0), (0, tp - t), (0, 0), (0, width - x.shape[-1])))
 
-    b = chunk_cumsum(pad(g.astype(F32), dp), cfg.chunk, axis=1)
-    padded = (pad(q.astype(dtype), dp), pad(k.astype(dtype), dp), pad(v.astype(dtype), ep), b)
+    padded = (pad(q.astype(dtype), dp), pad(k.astype(dtype), dp), pad(v.astype(dtype), ep), pad(g, dp))
     return tuple(to_splits(x, cfg.splits) for x in padded)
 
 
@@ -342,7 +347,7 @@ def _document_runs(segment_ids, padded_len: int, splits: int):
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["q", "k", "v", "b", "docs", "unpad"],
+    data_fields=["q", "k", "v", "g", "docs", "unpad"],
     meta_fields=["statics", "shape"],
 )
 @dataclasses.dataclass(frozen=True)
@@ -353,7 +358,7 @@ class SplitCall:
     q: jax.Array
     k: jax.Array
     v: jax.Array
-    b: jax.Array
+    g: jax.Array
     docs: tuple | None
     unpad: object
     statics: ChannelStatics
@@ -383,10 +388,10 @@ def split_forward(q, k, v, *, g, g_gamma=None, scale=None, segment_ids=None, int
         raise ValueError("the per-channel kernels take g [B, T, H, D], not g_gamma")
     statics = _statics(q, k, v, scale=scale, interpret=interpret, config=config)
     splits = statics.cfg.splits
-    (qp, kp, vp, bp), unpad = jax.vjp(lambda q, k, v, g: _prepare(q, k, v, g, statics), q, k, v, g)
+    (qp, kp, vp, gp), unpad = jax.vjp(lambda q, k, v, g: _prepare(q, k, v, g, statics), q, k, v, g)
     docs = _document_runs(segment_ids, qp.shape[1] * splits, splits)
-    call = SplitCall(qp, kp, vp, bp, docs, unpad, statics, (q.shape[0], q.shape[1], q.shape[-1], v.shape[-1]))
-    local = forward_local(qp, kp, vp, bp, docs, statics)
+    call = SplitCall(qp, kp, vp, gp, docs, unpad, statics, (q.shape[0], q.shape[1], q.shape[-1], v.shape[-1]))
+    local = forward_local(qp, kp, vp, gp, docs, statics)
     _, m = run_scan(local.m, local.logs.run, call.zero_state(), splits, reverse=False, interpret=interpret)
     return call.unpadded(m), call, local
 
@@ -396,7 +401,7 @@ def finish_forward(call: SplitCall, local: Local, initial_state):
     are what ``split_backward`` needs."""
     _, t, _, e = call.shape
     o, _, states = forward_finish(
-        call.q, call.k, call.v, call.b, call.docs, local, call.padded(initial_state), call.statics
+        call.q, call.k, call.v, call.g, call.docs, local, call.padded(initial_state), call.statics
     )
     return from_splits(o, call.statics.cfg.splits)[:, :t, :, :e], states
 
@@ -411,7 +416,7 @@ def split_backward(call: SplitCall, states: vjp.States, do):
     splits = call.statics.cfg.splits
     tp = call.q.shape[1] * splits
     do = to_splits(jnp.pad(do, ((0, 0), (0, tp - t), (0, 0), (0, call.v.shape[-1] - e))), splits)
-    pending = vjp.backward_local(call.q, call.b, call.docs, do, statics=call.statics)
+    pending = vjp.backward_local(call.q, call.g, call.docs, do, statics=call.statics)
     _, dm = run_scan(
         pending.dm, states.logs.run, call.zero_state(), splits, reverse=True, interpret=call.statics.interpret
     )
@@ -421,7 +426,7 @@ def split_backward(call: SplitCall, states: vjp.States, do):
 def finish_backward(call: SplitCall, states: vjp.States, pending: vjp.LocalCotangents, d_final):
     """Cotangents ``(dq, dk, dv, dg, None, d initial_state)`` given the final state's cotangent (the
     scalar kernels' order; None stands for ``g_gamma``'s)."""
-    dq, dk, dv, db, ds0 = vjp.backward_finish(
-        call.q, call.k, call.v, call.b, call.docs, states, pending, call.padded(d_final), statics=call.statics
+    dq, dk, dv, dg, ds0 = vjp.backward_finish(
+        call.q, call.k, call.v, call.g, call.docs, states, pending, call.padded(d_final), statics=call.statics
     )
-    return (*call.unpad((dq, dk, dv, db)), None, call.unpadded(ds0))
+    return (*call.unpad((dq, dk, dv, dg)), None, call.unpadded(ds0))

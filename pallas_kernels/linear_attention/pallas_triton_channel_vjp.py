@@ -16,7 +16,8 @@ entering state and the scores ``Z = Q Kᵀ ⊙ Γ`` saved:
    cotangents by the same secondary chunking as the forward), ``dK = scale · (dO Vᵀ ⊙ Γ ⊙ causal)ᵀ Q
    + e^{b_last − b} ⊙ (V dhᵀ)``, and the gradient of the chunk-local cumulative log decay b:
    ``q ⊙ dq − k ⊙ dk`` per row, plus ``Σ_j k_j ⊙ dk_j^{state} + e^{b_last} ⊙ Σ_e h ⊙ dh`` at the
-   chunk's last row (``gated_delta_rule.common.output_backward`` and ``state_backward``).
+   chunk's last row (``gated_delta_rule.common.output_backward`` and ``state_backward``), turned
+   into ``dg_t = Σ_{u ≥ t} db_u`` inside the chunk before it is written.
 
 Grouped heads: dk and dv are per query head (float32) and summed over each group after.
 """
@@ -48,8 +49,10 @@ from pallas_kernels.linear_attention.channel_common import (
     Layout,
     compiler_params,
     cotangent_update,
+    cumulative_tiles,
     doc_inputs,
     full_state_rows,
+    gate_grad_tiles,
     run_scan,
     value_grads_from_state,
 )
@@ -79,7 +82,7 @@ class LocalCotangents(NamedTuple):
 # ---- kernels ------------------------------------------------------------------------------------
 
 
-def _state_bwd_kernel(q_ref, do_ref, b_ref, *refs, has_docs, mxu, scale, chunk, num_chunks):
+def _state_bwd_kernel(q_ref, do_ref, g_ref, *refs, has_docs, mxu, scale, chunk, num_chunks):
     """The reverse pass over one (value block, run, head) from a zero cotangent."""
     refs = list(refs)
     doc_refs = (refs.pop(0), refs.pop(0)) if has_docs else None
@@ -91,16 +94,17 @@ def _state_bwd_kernel(q_ref, do_ref, b_ref, *refs, has_docs, mxu, scale, chunk, 
         dh_ref[c] = ds.astype(dh_ref.dtype)
         rows = pl.ds(t0, chunk)
         docs = load_docs(doc_refs, t0, chunk)
-        return cotangent_update(ds, q_ref[rows, :], do_ref[rows, :], b_ref[rows, :], docs, scale=scale, mxu=mxu)
+        (b,) = cumulative_tiles([g_ref[rows, :]])
+        return cotangent_update(ds, q_ref[rows, :], do_ref[rows, :], b, docs, scale=scale, mxu=mxu)
 
     dm_ref[...] = lax.fori_loop(0, num_chunks, body, jnp.zeros(dm_ref.shape, F32))
 
 
-def _grads_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, *refs, has_docs, mxu, scale, parts, block_cols):
-    """dq, dk, dv and db of one chunk (per query head), walking the key columns in blocks."""
+def _grads_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, *refs, has_docs, mxu, scale, parts, block_cols):
+    """dq, dk, dv and dg of one chunk (per query head), walking the key columns in blocks."""
     refs = list(refs)
     doc_refs = (refs.pop(0), refs.pop(0)) if has_docs else None
-    z_ref, h_ref, s_run_ref, enter_ref, dh_ref, d_run_ref, leave_ref, dq_ref, dk_ref, dv_ref, db_ref = refs
+    z_ref, h_ref, s_run_ref, enter_ref, dh_ref, d_run_ref, leave_ref, dq_ref, dk_ref, dv_ref, dg_ref = refs
     docs = load_doc_tiles(doc_refs, parts)
     do, v = load_tiles(do_ref, parts), load_tiles(v_ref, parts)
     rows = q_ref.shape[0] // parts
@@ -113,14 +117,15 @@ def _grads_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, *refs, has_docs, mxu, scal
         start = pl.multiple_of(j * width, width)
         cols = pl.ds(start, width)
         q, k = load_col_tiles(q_ref, parts, start, width), load_col_tiles(k_ref, parts, start, width)
-        b = load_col_tiles(b_ref, parts, start, width)
+        b = cumulative_tiles(load_col_tiles(g_ref, parts, start, width))
         h_rows = full_state_rows(h_ref[cols, :], enter_ref[cols], s_run_ref[cols, :])
         dh_rows = full_state_rows(dh_ref[cols, :], leave_ref[cols], d_run_ref[cols, :])
         dq, dk_out, db_out = common.output_backward(q, k, b, docs, h_rows, dz, do, scale=scale, **kw)
         dk_state, db_state = common.state_backward(k, b, docs, h_rows, dh_rows, v, **kw)
         store_col_tiles(dq_ref, dq, start)
         store_col_tiles(dk_ref, [a + c for a, c in zip(dk_out, dk_state, strict=True)], start)
-        store_col_tiles(db_ref, [a + c for a, c in zip(db_out, db_state, strict=True)], start)
+        db = [a + c for a, c in zip(db_out, db_state, strict=True)]
+        store_col_tiles(dg_ref, gate_grad_tiles(db), start)
         dv_state = value_grads_from_state(k, b, docs, dh_rows, mxu)
         return [a + c for a, c in zip(dv, dv_state, strict=True)]
 
@@ -131,7 +136,7 @@ def _grads_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, *refs, has_docs, mxu, scal
 # ---- the calls ------------------------------------------------------------------------------------
 
 
-def backward_local(q, b, docs, do, *, statics: ChannelStatics) -> LocalCotangents:
+def backward_local(q, g, docs, do, *, statics: ChannelStatics) -> LocalCotangents:
     """Stage 1 (needs no final-state cotangent): the reverse pass over every run from zero."""
     lay = Layout(q, q, do, statics.cfg)  # reads q and dO per query head only
     do = do.astype(lay.mxu)
@@ -157,12 +162,12 @@ def backward_local(q, b, docs, do, *, statics: ChannelStatics) -> LocalCotangent
         compiler_params=compiler_params(statics.cfg, "state"),
         interpret=statics.interpret,
         name="linear_attention_channel_state_bwd",
-    )(q, do, b, *doc_inputs(docs))
+    )(q, do, g, *doc_inputs(docs))
     return LocalCotangents(do, dh_local, dm)
 
 
-def grads(q, k, v, b, docs, states: States, local: LocalCotangents, d_run, lay: Layout, statics: ChannelStatics):
-    """Stage 3: ``(dq, dk, dv, db)`` per query head (dk, dv float32 under grouped heads)."""
+def grads(q, k, v, g, docs, states: States, local: LocalCotangents, d_run, lay: Layout, statics: ChannelStatics):
+    """Stage 3: ``(dq, dk, dv, dg)`` per query head (dk, dv float32 under grouped heads)."""
     d, e = lay.dim, lay.value_dim
     grad_dtype = k.dtype if lay.group == 1 else F32
     kernel = functools.partial(
@@ -196,7 +201,7 @@ def grads(q, k, v, b, docs, states: States, local: LocalCotangents, d_run, lay: 
             lay.per_head_shape(d, q.dtype),
             lay.per_head_shape(d, grad_dtype),
             lay.per_head_shape(e, grad_dtype),
-            lay.per_head_shape(d, F32),
+            lay.per_head_shape(d, g.dtype),
         ],
         compiler_params=compiler_params(statics.cfg, "backward"),
         interpret=statics.interpret,
@@ -206,7 +211,7 @@ def grads(q, k, v, b, docs, states: States, local: LocalCotangents, d_run, lay: 
         k,
         v,
         local.do,
-        b,
+        g,
         *doc_inputs(docs),
         states.z,
         states.h_local,
@@ -218,17 +223,17 @@ def grads(q, k, v, b, docs, states: States, local: LocalCotangents, d_run, lay: 
     )
 
 
-def backward_finish(q, k, v, b, docs, states: States, local: LocalCotangents, d_final, *, statics: ChannelStatics):
-    """Cotangents ``(dq, dk, dv, db, d initial_state)`` from stage 1 and the final state's cotangent
-    ``[B, H, D, E]``; db is that of the chunk-local cumulative log decay."""
+def backward_finish(q, k, v, g, docs, states: States, local: LocalCotangents, d_final, *, statics: ChannelStatics):
+    """Cotangents ``(dq, dk, dv, dg, d initial_state)`` from stage 1 and the final state's cotangent
+    ``[B, H, D, E]``."""
     lay = Layout(q, k, v, statics.cfg)
     splits = statics.cfg.splits
     d_run, ds0 = run_scan(
         local.dm, states.logs.run, d_final.astype(F32), splits, reverse=True, interpret=statics.interpret
     )
-    dq, dk, dv, db = grads(q, k, v, b, docs, states, local, d_run, lay, statics)
+    dq, dk, dv, dg = grads(q, k, v, g, docs, states, local, d_run, lay, statics)
     if lay.group > 1:
         r, t = dk.shape[:2]
         dk = dk.reshape(r, t, lay.kv_heads, lay.group, lay.dim).sum(3).astype(k.dtype)
         dv = dv.reshape(r, t, lay.kv_heads, lay.group, lay.value_dim).sum(3).astype(v.dtype)
-    return dq, dk, dv, db, ds0
+    return dq, dk, dv, dg, ds0
