@@ -15,6 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -91,7 +96,8 @@ CASES = {
     # name: b, lq, lk, h, hk, d, e, q_start, k_start
     "diagonal-odd": (1, 37, 37, 4, 2, 16, 16, 0, 0),  # 3 query/key blocks of 16, a padded tail
     "past-gqa3-e12": (2, 24, 40, 6, 2, 8, 12, 40, 8),  # q_start > k_start; D padded to 16, E != D
-    "partly-future-mqa": (1, 20, 48, 4, 1, 16, 16, 10, 25),  # first rows see nothing; key blocks in the future
+    "partly-future-mqa": (1, 20, 48, 4, 1, 16, 16, 10, 25),  # first rows see nothing; key blocks in the future;
+    # a negative scale (the forward negates q to keep its row maxima of raw products maxima)
     "all-future": (1, 20, 33, 2, 2, 16, 16, 0, 40),  # nothing visible: o = 0, lse = -inf, grads 0
 }
 
@@ -100,7 +106,8 @@ CASES = {
 def test_kernels_match_oracle_fp32(rng, case):
     b, lq, lk, h, hk, d, e, q_start, k_start = CASES[case]
     q, k, v, do = _inputs(rng, b=b, lq=lq, lk=lk, h=h, hk=hk, d=d, e=e, dtype=jnp.float32)
-    offsets = dict(q_start=q_start, k_start=k_start, scale=0.7 * d**-0.5)
+    scale = (-0.7 if case == "partly-future-mqa" else 0.7) * d**-0.5
+    offsets = dict(q_start=q_start, k_start=k_start, scale=scale)
     want = _want(q, k, v, do, **offsets)
     got = _got(q, k, v, do, want, dtype=jnp.float32, **offsets)
     _compare(got, want, dtype=jnp.float32, length=lk)
@@ -116,12 +123,26 @@ def test_kernels_match_oracle_fp32(rng, case):
 
 
 def test_kernels_match_oracle_bf16(rng):
-    """bf16 inputs, 32-wide heads, several 16-blocks on both sides of the diagonal."""
+    """bf16 inputs, 32-wide heads, several 16-blocks on both sides of the diagonal; with
+    ``out_dtype=bf16`` the kernels write exactly the float32 results rounded to bf16."""
     q, k, v, do = _inputs(rng, b=1, lq=48, lk=64, h=4, hk=2, d=32, e=32, dtype=jnp.bfloat16)
     offsets = dict(q_start=16, k_start=0, scale=32**-0.5)
     want = _want(q, k, v, do, **offsets)
     got = _got(q, k, v, do, want, dtype=jnp.bfloat16, **offsets)
     _compare(got, want, dtype=jnp.bfloat16, length=64)
+    bf16 = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v, want["o"], do)]
+    kw = dict(offsets, interpret=True, out_dtype=jnp.bfloat16)
+
+    @jax.jit
+    def run(q, k, v, o, lse, do):
+        return block_attention_fwd(q, k, v, **kw)[0], *block_attention_bwd(q, k, v, o, lse, do, **kw)
+
+    o, *grads = run(*bf16[:4], jnp.asarray(want["lse"], jnp.float32), bf16[4])
+    for name, x in zip(("o", "dq", "dk", "dv"), (o, *grads), strict=True):
+        assert x.dtype == jnp.bfloat16, name
+        np.testing.assert_array_equal(
+            np.asarray(x, np.float32), np.asarray(jnp.asarray(got[name], jnp.bfloat16), np.float32)
+        )
 
 
 def documents_kwargs(rng, b, lq, lk, n_docs=16, q_start=None):
@@ -251,6 +272,37 @@ def test_default_config():
         BlockConfig(block_q=48)
     with pytest.raises(ValueError, match=r"backward='dq' must be one of"):
         BlockConfig(backward="dq")
+
+
+@pytest.mark.slow
+def test_flash_sweep_quick_run(tmp_path):
+    """``benchmarks/flash_sweep.py --quick`` end to end on the CPU (worker process, interpreter, tiny
+    shape), so the lead's one GPU run does not fail on a typo: the rows are timed and match XLA's
+    attention, the fastest forward tiling and backward are combined into a ``best`` row."""
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "sweep.json"
+    cmd = [sys.executable, str(root / "benchmarks" / "flash_sweep.py"), "--quick", "--out", str(out)]
+    cmd += ["--configs", "fused", "fwd-32x16"]
+    env = os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    names = [r["name"] for r in rows]  # "best" when the faster forward and backward come from different rows
+    assert names in (["xla-dpa", "fused", "fwd-32x16"], ["xla-dpa", "fused", "fwd-32x16", "best"]), rows
+    for row in rows:
+        assert "error" not in row and row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0, row
+        assert row["max_rel_err"] < tol(jnp.bfloat16, 64), row
+    assert "fastest forward+backward" in proc.stdout
+
+    from benchmarks.flash_sweep import best_combination
+
+    timed = [
+        {"name": "a", "fields": {"backward": "fused", "block_k_dkv": 32}, "fwd_ms": 2.0, "bwd_ms": 1.0},
+        {"name": "b", "fields": {"block_q": 32, "num_warps": 8}, "fwd_ms": 1.0, "bwd_ms": 3.0},
+    ]
+    want = {"backward": "fused", "block_k_dkv": 32, "block_q": 32, "num_warps": 8}
+    assert best_combination(timed) == {"name": "best", "fields": want}
+    assert best_combination(timed[:1]) is None  # one row has both
 
 
 def test_rejects_float64():
