@@ -35,11 +35,12 @@ def variants(base, d: int) -> list[tuple[str, dict]]:
     split = "splits"  # the state passes' parallel runs of chunks
     names = {f.name for f in dataclasses.fields(base)}
     one = [
-        # the forward stores X, the WY backward runs on whole chunks (scalar / no gates)
-        {"store_inverse": True},
-        {"store_inverse": True, "num_warps_bwd": 4},
-        {"store_inverse": True, "block_cols": 64},
-        {"store_inverse": True, "block_cols": 64, "num_warps_bwd": 4},
+        # the WY backward from the forward's stored X on whole chunks (the default under scalar / no
+        # gates) against the 16-row one that forms X again
+        {"store_inverse": not base.store_inverse},
+        {"num_warps_bwd": 4},
+        {"block_cols": 64},
+        {"block_cols": 64, "num_warps_bwd": 4},
         {"wy_rows": 64},  # whole-chunk WY kernels (scalar / no gates; per-channel gates ignore it)
         {"wy_rows": 32},
         {"wy_bwd_split": not base.wy_bwd_split},  # the two-kernel WY backward against the fused one

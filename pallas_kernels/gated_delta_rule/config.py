@@ -96,7 +96,8 @@ def default_config(
     splits (a power of two) until the state passes have about two programs per SM, keeping at
     least 16 chunks per split; the WY kernels take whole rows of keys and values at once
     (``block_cols`` = the padded head dim) under scalar or no gates, 32-column blocks under
-    per-channel gates.
+    per-channel gates; the forward stores each chunk's inverse for a whole-chunk WY backward under
+    scalar or no gates (``store_inverse``).
 
     Warps from ptxas register counts of a Triton 3.9 sm_90 build (the wy kernel spills at 4 warps,
     not at 8); ``block_cols`` from the H200 sweep of 2026-11-30 (GDN (1, 32K, 16, 128) bf16
@@ -106,7 +107,11 @@ def default_config(
     """
     if interpret:
         return INTERPRET_CONFIG
-    cfg = BlockConfig(block_e=min(32, value_dim), block_cols=32 if per_channel else max(16, key_dim, value_dim))
+    cfg = BlockConfig(
+        block_e=min(32, value_dim),
+        block_cols=32 if per_channel else max(16, key_dim, value_dim),
+        store_inverse=not per_channel,
+    )
     programs = batch * value_heads * (value_dim // cfg.block_e)
     chunks = -(-seq_len // cfg.chunk)
     splits = 1

@@ -182,7 +182,8 @@ def test_long_inputs_run_in_pieces(rng, monkeypatch):
 def test_split_entry_points_chain_two_calls(rng):
     """Two calls chained through ``split_forward`` / ``finish_forward`` (entering state
     ``Φ₀ S₀ + M₀``) and ``split_backward`` / ``finish_backward`` (leaving cotangent ``Φ₁ᵀ dS + dS_in``
-    of the second) equal the whole sequence, a document crossing the cut: what LASP does per rank."""
+    of the second) equal the whole sequence, a document crossing the cut: what LASP does per rank.
+    The forward stores the WY inverse (the GPU default under scalar gates): it travels in the call."""
     xs, cot, seg = make_inputs(rng, b=1, t=32, h=1, hv=2, d=16, e=16, gate="gdn", docs=(9, 25))
     x32 = {n: jnp.asarray(x, jnp.float32) for n, x in xs.items()}
     do, d_final = jnp.asarray(cot["o"], jnp.float32), jnp.asarray(cot["final_state"], jnp.float32)
@@ -199,7 +200,15 @@ def test_split_entry_points_chain_two_calls(rng):
         calls = []
         for p in parts:
             phi, m, call = pallas_triton_split.split_forward(
-                p["q"], p["k"], p["v"], p["beta"], g=p["g"], scale=0.7, segment_ids=p["seg"], interpret=True
+                p["q"],
+                p["k"],
+                p["v"],
+                p["beta"],
+                g=p["g"],
+                scale=0.7,
+                segment_ids=p["seg"],
+                interpret=True,
+                config=BlockConfig(chunk=16, block_e=16, store_inverse=True),
             )
             calls.append((phi, m, call))
         (phi0, m0, call0), (phi1, _, call1) = calls
