@@ -37,6 +37,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.common import F32, dot
 from pallas_kernels.gated_delta_rule import common
 from pallas_kernels.gated_delta_rule.common import Docs
+from pallas_kernels.gated_delta_rule.layout import compiler_params, mxu_dtype
 from pallas_kernels.linear_attention.config import CHANNEL_SUB_TILE, ChannelConfig
 
 MODE = "channel"  # the gate form of the shared tile math (gated_delta_rule.common)
@@ -55,21 +56,6 @@ class ChannelStatics:
     scale: float
     cfg: ChannelConfig
     interpret: bool
-
-
-def mxu_dtype(dtype):
-    """The operand dtype of the in-kernel matmuls: bf16/fp16 stay, anything else is float32."""
-    return dtype if dtype in (jnp.bfloat16, jnp.float16) else F32
-
-
-def compiler_params(cfg: ChannelConfig, kind: str):
-    """Triton launch parameters of a kernel ``kind``: "chunk", "state" or "backward"."""
-    warps, stages = {
-        "chunk": (cfg.num_warps, cfg.num_stages),
-        "state": (cfg.num_warps_state, cfg.num_stages_state),
-        "backward": (cfg.num_warps_bwd, cfg.num_stages_bwd),
-    }[kind]
-    return plgpu.CompilerParams(num_warps=warps, num_stages=stages)
 
 
 class Layout:
@@ -164,6 +150,32 @@ class Layout:
 def doc_inputs(docs) -> list:
     """The ``(doc, prev)`` rows that kernels take after their tensors (none without documents)."""
     return [] if docs is None else list(docs)
+
+
+def run_pass(kernel, x, y, g, docs, lay: Layout, statics: ChannelStatics, *, kv: bool, logs: bool, name: str):
+    """One sequential pass over every run's chunks (grid: value block j, run, head), from ``x``
+    ``[R, T, ·, D]`` (whole rows), ``y`` ``[R, T, ·, E]`` (value block j), g and the document rows (k
+    and v through the group when ``kv``). ``kernel`` writes each chunk's ``[D, block_e]`` state
+    (operand dtype), the log decay across each chunk if ``logs``, and the run's float32 state.
+    ``ChannelConfig``'s launch parameters of kind "state" (``gated_delta_rule.layout.compiler_params``
+    reads the same field names)."""
+    out_specs = [lay.states_spec(), *([lay.logs_spec()] if logs else []), lay.state_spec()]
+    out_shape = [lay.states_shape(lay.mxu), *([lay.logs_shape()] if logs else []), lay.run_states_shape()]
+    return pl.pallas_call(
+        kernel,
+        grid=lay.state_grid(),
+        in_specs=[
+            lay.seq_spec(lay.dim, kv=kv),
+            lay.seq_spec(lay.value_dim, kv=kv, blocked=True),
+            lay.seq_spec(lay.dim),
+            *lay.seq_doc_specs(docs is not None),
+        ],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=compiler_params(statics.cfg, "state"),
+        interpret=statics.interpret,
+        name=name,
+    )(x, y, g, *doc_inputs(docs))
 
 
 # ---- decays across chunks and runs ---------------------------------------------------------------

@@ -41,6 +41,7 @@ from pallas_kernels.common import F32, KERNEL_DTYPES, MAX_ELEMENTS, chain_pieces
 from pallas_kernels.gated_delta_rule import common
 from pallas_kernels.gated_delta_rule.common import last_row
 from pallas_kernels.gated_delta_rule.layout import (
+    compiler_params,
     from_splits,
     load_col_tiles,
     load_doc_tiles,
@@ -58,10 +59,10 @@ from pallas_kernels.linear_attention.channel_common import (
     ChunkLogs,
     Layout,
     chunk_logs,
-    compiler_params,
     cumulative_tiles,
     doc_inputs,
     full_state_rows,
+    run_pass,
     run_scan,
     state_update,
 )
@@ -126,21 +127,7 @@ def local_states(k, v, g, docs, lay: Layout, statics: ChannelStatics):
     kernel = functools.partial(
         _state_kernel, has_docs=docs is not None, mxu=lay.mxu, chunk=lay.chunk, num_chunks=lay.num_chunks
     )
-    return pl.pallas_call(
-        kernel,
-        grid=lay.state_grid(),
-        in_specs=[
-            lay.seq_spec(lay.dim, kv=True),
-            lay.seq_spec(lay.value_dim, kv=True, blocked=True),
-            lay.seq_spec(lay.dim),
-            *lay.seq_doc_specs(docs is not None),
-        ],
-        out_specs=[lay.states_spec(), lay.logs_spec(), lay.state_spec()],
-        out_shape=[lay.states_shape(lay.mxu), lay.logs_shape(), lay.run_states_shape()],
-        compiler_params=compiler_params(statics.cfg, "state"),
-        interpret=statics.interpret,
-        name="linear_attention_channel_state",
-    )(k, v, g, *doc_inputs(docs))
+    return run_pass(kernel, k, v, g, docs, lay, statics, kv=True, logs=True, name="linear_attention_channel_state")
 
 
 def output(q, k, v, g, docs, h_local, s_run, enter, lay: Layout, statics: ChannelStatics):

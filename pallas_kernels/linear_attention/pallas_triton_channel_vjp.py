@@ -35,6 +35,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels.common import F32
 from pallas_kernels.gated_delta_rule import common
 from pallas_kernels.gated_delta_rule.layout import (
+    compiler_params,
     load_col_tiles,
     load_doc_tiles,
     load_docs,
@@ -47,12 +48,12 @@ from pallas_kernels.linear_attention.channel_common import (
     ChannelStatics,
     ChunkLogs,
     Layout,
-    compiler_params,
     cotangent_update,
     cumulative_tiles,
     doc_inputs,
     full_state_rows,
     gate_grad_tiles,
+    run_pass,
     run_scan,
     value_grads_from_state,
 )
@@ -148,21 +149,8 @@ def backward_local(q, g, docs, do, *, statics: ChannelStatics) -> LocalCotangent
         chunk=lay.chunk,
         num_chunks=lay.num_chunks,
     )
-    dh_local, dm = pl.pallas_call(
-        kernel,
-        grid=lay.state_grid(),
-        in_specs=[
-            lay.seq_spec(lay.dim),
-            lay.seq_spec(lay.value_dim, blocked=True),
-            lay.seq_spec(lay.dim),
-            *lay.seq_doc_specs(docs is not None),
-        ],
-        out_specs=[lay.states_spec(), lay.state_spec()],
-        out_shape=[lay.states_shape(lay.mxu), lay.run_states_shape()],
-        compiler_params=compiler_params(statics.cfg, "state"),
-        interpret=statics.interpret,
-        name="linear_attention_channel_state_bwd",
-    )(q, do, g, *doc_inputs(docs))
+    name = "linear_attention_channel_state_bwd"
+    dh_local, dm = run_pass(kernel, q, do, g, docs, lay, statics, kv=False, logs=False, name=name)
     return LocalCotangents(do, dh_local, dm)
 
 
