@@ -17,8 +17,8 @@ FAMILIES = {
     # delta-rule families: two value heads per q/k head (grouped value heads), one KV head in softmax layers
     "gdn": dict(n_v_heads=4, n_kv_heads=1),
     "kda": dict(n_v_heads=4, n_kv_heads=1),
-    # GLA: two query heads sharing one key/value head
-    "gla": dict(n_kv_heads=1),
+    # GLA: two query heads sharing one key/value head; one layer (the layer is all there is to check)
+    "gla": dict(n_kv_heads=1, n_layers=1),
 }
 
 

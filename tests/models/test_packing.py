@@ -69,7 +69,7 @@ def _loss_sum(model_def, params, tokens, targets, ctx, eod):
 
 # delta-rule models run the op's token scan: the chunked XLA path's gradient compiles ~10x slower on
 # the CPU, and what is checked here (documents through the convolution, the sharded op, the loss) is the same
-IMPL = {"gdn": "reference"}
+IMPL = {"gdn": "reference", "gla": "reference"}
 PACKED_CASES = [
     ("tnl", False, 1, "allgather"),
     ("linear_transformer", False, 1, "allgather"),
@@ -79,6 +79,7 @@ PACKED_CASES = [
     ("linear_llama3", True, 2, "allgather"),
     ("tnl", True, 4, "ring"),
     ("gdn", True, 2, "allgather"),  # short convolutions and the delta rule across a boundary at the shard edge
+    ("gla", False, 2, "allgather"),  # per-channel decays (GLA): the shard decay resets at a document boundary
 ]
 
 
@@ -94,6 +95,7 @@ PACKED_CASES = [
         "linear_llama3-hybrid-sp2-allgather",
         "tnl-hybrid-sp4-ring",
         "gdn-hybrid-sp2-allgather",
+        "gla-sp2",
     ],
 )
 def test_packed_loss_and_grads_equal_documents_alone(rng, family, hybrid, sp, softmax_strategy):
