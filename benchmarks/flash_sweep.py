@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import queue
@@ -107,7 +108,7 @@ def parse_args(argv=None):
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # JSON list of configs, run in this process
     args = parser.parse_args(argv)
     gpu = dict(tokens=32768, heads=32, kv_heads=8, head_dim=128, reps=5, limit=45.0, budget=270.0)
-    cpu = dict(tokens=64, heads=4, kv_heads=2, head_dim=16, reps=1, limit=240.0, budget=600.0)
+    cpu = dict(tokens=64, heads=4, kv_heads=2, head_dim=16, reps=3, limit=240.0, budget=600.0)
     for name, value in (cpu if args.quick else gpu).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -118,6 +119,8 @@ def config_items(args) -> list[dict]:
     # the reference row first: cuDNN, or XLA's attention in a --quick run on the CPU
     items = [{"name": "xla-dpa" if args.quick else "cudnn", "fields": {}, "reference": True}]
     items += [{"name": n, "fields": f} for n, f in (QUICK_CONFIGS if args.quick else CONFIGS)]
+    if not args.quick:  # a peer, last: jax's Mosaic GPU attention forward
+        items.append({"name": "jax-mgpu-fwd-fp16", "fields": {}, "peer": "mgpu"})
     if args.configs:
         known = {item["name"] for item in items}
         if unknown := set(args.configs) - known:
@@ -136,69 +139,129 @@ def emit(kind: str, **payload):
 def run_worker(args, items: list[dict]):
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
-    from benchmarks.timing import median_ms
-    from pallas_kernels.flash_attention import default_config, pallas_triton
+    from pallas_kernels.flash_attention import default_config
 
     b, t, h, hk, d = args.batch, args.tokens, args.heads, args.kv_heads, args.head_dim
     dtype = jnp.dtype(args.dtype)
     keys = jax.random.split(jax.random.key(0), 4)
-    q = jax.random.normal(keys[0], (b, t, h, d), dtype)
-    k = jax.random.normal(keys[1], (b, t, hk, d), dtype)
-    v = jax.random.normal(keys[2], (b, t, hk, d), dtype)
-    do = jax.random.normal(keys[3], (b, t, h, d), dtype)
-    scale = d**-0.5
-    pairs = b * h * t * (t + 1) // 2
-    flop = {"fwd": 4 * d * pairs, "bwd": 10 * d * pairs}
-    emit("hello", jax=jax.__version__, device=jax.devices()[0].device_kind, backend=jax.default_backend())
-
-    def both_passes(attend):
-        def fwd_bwd(q, k, v, do):
-            o, vjp = jax.vjp(attend, q, k, v)
-            return (o, *vjp(do))
-
-        return jax.jit(attend), jax.jit(fwd_bwd)
-
-    impl = None if args.quick else "cudnn"  # the CPU smoke run checks against XLA's attention
-    ref_fwd, ref_fwd_bwd = both_passes(
-        lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation=impl)
+    inputs = (
+        jax.random.normal(keys[0], (b, t, h, d), dtype),
+        jax.random.normal(keys[1], (b, t, hk, d), dtype),
+        jax.random.normal(keys[2], (b, t, hk, d), dtype),
+        jax.random.normal(keys[3], (b, t, h, d), dtype),  # the output cotangent
     )
-    want = [x.astype(jnp.float32) for x in ref_fwd_bwd(q, k, v, do)]
-
-    def rel_errors(got) -> float:
-        errs = [jnp.linalg.norm(x.astype(jnp.float32) - y) / jnp.linalg.norm(y) for x, y in zip(got, want, strict=True)]
-        return float(np.max([float(e) for e in errs]))
-
-    base = default_config(head_dim=d, interpret=args.quick)
-    # on the CPU the second call of a jitted interpreter kernel is still slow (seconds): warm up twice
-    warmup = 2 if args.quick else 1
-    fwd_ms = {}  # forward tiling -> ms, within this worker
+    pairs = b * h * t * (t + 1) // 2
+    emit("hello", jax=jax.__version__, device=jax.devices()[0].device_kind, backend=jax.default_backend())
+    bench = Bench(
+        args=args,
+        inputs=inputs,
+        scale=d**-0.5,
+        flop_fwd=4 * d * pairs,
+        flop_bwd=10 * d * pairs,
+        base=default_config(head_dim=d, interpret=args.quick),
+        # on the CPU the second call of a jitted interpreter kernel is still slow (seconds): warm up twice
+        warmup=2 if args.quick else 1,
+    )
     for item in items:
         emit("start", name=item["name"])
         row = dict(item)
         try:
-            if item.get("reference"):
-                fwd, fwd_bwd = ref_fwd, ref_fwd_bwd
-                row["config"] = "jax.nn.dot_product_attention(implementation=" + repr(impl) + ")"
-            else:
-                cfg = dataclasses.replace(base, **item["fields"])
-                row["config"] = repr(cfg)
-                fwd, fwd_bwd = both_passes(
-                    lambda q, k, v, cfg=cfg: pallas_triton.flash_attention(q, k, v, scale=scale, config=cfg)
-                )
-            tiling = None if item.get("reference") else tuple(getattr(cfg, f) for f in FWD_FIELDS)
-            if tiling is None or tiling not in fwd_ms:
-                fwd_ms[tiling] = median_ms(fwd, q, k, v, reps=args.reps, warmup=warmup)
-            row["fwd_ms"] = fwd_ms[tiling]
-            row["fwd_bwd_ms"] = median_ms(fwd_bwd, q, k, v, do, reps=args.reps, warmup=warmup)
-            row["bwd_ms"] = row["fwd_bwd_ms"] - row["fwd_ms"]
-            row["tflops_fwd"] = flop["fwd"] / row["fwd_ms"] / 1e9
-            row["tflops_fwd_bwd"] = (flop["fwd"] + flop["bwd"]) / row["fwd_bwd_ms"] / 1e9
-            row["max_rel_err"] = rel_errors(fwd_bwd(q, k, v, do))
+            row |= bench.time(item)
         except Exception as err:  # noqa: BLE001 (a config that does not compile or fit is a result)
             row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}" if str(err) else repr(err)
         emit("row", row=row)
+
+
+def both_passes(attend):
+    """Jitted forward ``(q, k, v) -> o`` and forward+backward ``(q, k, v, do) -> (o, dq, dk, dv)``."""
+    import jax
+
+    def fwd_bwd(q, k, v, do):
+        o, vjp = jax.vjp(attend, q, k, v)
+        return (o, *vjp(do))
+
+    return jax.jit(attend), jax.jit(fwd_bwd)
+
+
+@dataclasses.dataclass
+class Bench:
+    """One worker's inputs, the reference results and the forward timings already taken."""
+
+    args: argparse.Namespace
+    inputs: tuple
+    scale: float
+    flop_fwd: int
+    flop_bwd: int
+    base: object  # the default BlockConfig
+    warmup: int
+    fwd_ms: dict = dataclasses.field(default_factory=dict)  # forward tiling -> ms
+    want: list | None = None  # the reference's o, dq, dk, dv in float32
+
+    @functools.cached_property
+    def reference(self):
+        """((jitted forward, jitted forward+backward), label) of the reference attention."""
+        import jax
+
+        impl = None if self.args.quick else "cudnn"  # the CPU smoke run checks against XLA's attention
+        attend = lambda q, k, v: jax.nn.dot_product_attention(  # noqa: E731
+            q, k, v, scale=self.scale, is_causal=True, implementation=impl
+        )
+        return both_passes(attend), f"jax.nn.dot_product_attention(implementation={impl!r})"
+
+    def rel_error(self, got) -> float:
+        """The largest of ‖x − ref‖ / ‖ref‖ over the outputs given (o, and dq, dk, dv when given)."""
+        import jax.numpy as jnp
+
+        if self.want is None:
+            (_, ref_fwd_bwd), _ = self.reference
+            self.want = [x.astype(jnp.float32) for x in ref_fwd_bwd(*self.inputs)]
+        errs = [jnp.linalg.norm(x.astype(jnp.float32) - y) / jnp.linalg.norm(y) for x, y in zip(got, self.want)]
+        return max(float(e) for e in errs)
+
+    def time(self, item: dict) -> dict:
+        from benchmarks.timing import median_ms
+
+        q, k, v, do = self.inputs
+        if item.get("peer") == "mgpu":
+            return self.time_mgpu_forward()
+        if item.get("reference"):
+            (fwd, fwd_bwd), config = self.reference
+            tiling = None
+        else:
+            from pallas_kernels.flash_attention import pallas_triton
+
+            cfg = dataclasses.replace(self.base, **item["fields"])
+            attend = lambda q, k, v: pallas_triton.flash_attention(q, k, v, scale=self.scale, config=cfg)  # noqa: E731
+            (fwd, fwd_bwd), config = both_passes(attend), repr(cfg)
+            tiling = tuple(getattr(cfg, f) for f in FWD_FIELDS)
+        if tiling is None or tiling not in self.fwd_ms:
+            self.fwd_ms[tiling] = median_ms(fwd, q, k, v, reps=self.args.reps, warmup=self.warmup)
+        row = {"config": config, "fwd_ms": self.fwd_ms[tiling]}
+        row["fwd_bwd_ms"] = median_ms(fwd_bwd, q, k, v, do, reps=self.args.reps, warmup=self.warmup)
+        row["bwd_ms"] = row["fwd_bwd_ms"] - row["fwd_ms"]
+        row["tflops_fwd"] = self.flop_fwd / row["fwd_ms"] / 1e9
+        row["tflops_fwd_bwd"] = (self.flop_fwd + self.flop_bwd) / row["fwd_bwd_ms"] / 1e9
+        row["max_rel_err"] = self.rel_error(fwd_bwd(q, k, v, do))
+        return row
+
+    def time_mgpu_forward(self) -> dict:
+        """jax's own Pallas Mosaic GPU attention (Hopper warpgroup kernels; causal forward only, fp16,
+        no logit scale: q is scaled before): what a Mosaic GPU port of the forward could reach."""
+        import jax
+        import jax.numpy as jnp
+        from jax.experimental.pallas.ops.gpu import attention_mgpu
+
+        from benchmarks.timing import median_ms
+
+        cfg = attention_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=True)
+        fwd = jax.jit(lambda q, k, v: attention_mgpu.attention(q, k, v, cfg))
+        q, k, v = self.inputs[:3]
+        q, k, v = (q.astype(jnp.float32) * self.scale).astype(jnp.float16), k.astype(jnp.float16), v.astype(jnp.float16)
+        row = {"config": repr(cfg), "fwd_ms": median_ms(fwd, q, k, v, reps=self.args.reps, warmup=self.warmup)}
+        row["tflops_fwd"] = self.flop_fwd / row["fwd_ms"] / 1e9
+        row["max_rel_err"] = self.rel_error([fwd(q, k, v)])
+        return row
 
 
 # ---- the parent: workers, limits, the table --------------------------------------------------
@@ -280,11 +343,22 @@ def format_row(row: dict, rows: list[dict]) -> str:
     if "error" in row:
         return f"{row['name']:>30}  {row['error']}"
     ref = next((r for r in rows if r.get("reference") and "error" not in r), None)
-    ratio = lambda key: f"{row[key] / ref[key]:5.2f}x" if ref else "    —"  # noqa: E731
-    return (
-        f"{row['name']:>30} {row['fwd_ms']:8.2f} {ratio('fwd_ms')} {row['fwd_bwd_ms']:9.2f} {ratio('fwd_bwd_ms')} "
-        f"{row['bwd_ms']:8.2f} {row['tflops_fwd']:6.0f} {row['tflops_fwd_bwd']:6.0f} {row['max_rel_err']:9.1e}"
-    )
+
+    def cell(key, width, spec, ratio=False):
+        if key not in row:  # a forward-only peer
+            return f"{'—':>{width}}" + ("       " if ratio else "")
+        text = f"{row[key]:{width}{spec}}"
+        return text + (f" {row[key] / ref[key]:5.2f}x" if ratio and ref else "")
+
+    cells = [
+        cell("fwd_ms", 8, ".2f", ratio=True),
+        cell("fwd_bwd_ms", 9, ".2f", ratio=True),
+        cell("bwd_ms", 8, ".2f"),
+        cell("tflops_fwd", 6, ".0f"),
+        cell("tflops_fwd_bwd", 6, ".0f"),
+        cell("max_rel_err", 9, ".1e"),
+    ]
+    return f"{row['name']:>30} " + " ".join(cells)
 
 
 HEADER = (
@@ -296,7 +370,7 @@ HEADER = (
 def best_combination(rows: list[dict]) -> dict | None:
     """The fastest forward tiling with the fastest backward (fields of two measured configs), unless
     one measured config already has both."""
-    ok = [r for r in rows if "error" not in r and not r.get("reference")]
+    ok = [r for r in rows if "error" not in r and not r.get("reference") and not r.get("peer")]
     if not ok:
         return None
     by_fwd = min(ok, key=lambda r: r["fwd_ms"])
@@ -328,7 +402,7 @@ def main(argv=None):
     run_items(args, argv, items, rows, meta, start)
     if (best := best_combination(rows)) and time.monotonic() - start + args.limit < args.budget:
         run_items(args, argv, [best], rows, meta, start)
-    ok = [r for r in rows if "error" not in r and not r.get("reference")]
+    ok = [r for r in rows if "error" not in r and not r.get("reference") and not r.get("peer")]
     if ok:
         fastest = min(ok, key=lambda r: r["fwd_bwd_ms"])
         print(f"\nfastest forward+backward: {fastest['name']}  {fastest['config']}")
