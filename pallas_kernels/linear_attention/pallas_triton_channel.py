@@ -221,8 +221,11 @@ _linear_attention.defvjp(_linear_attention_fwd, _linear_attention_bwd)
 
 
 def supports(q, k, v) -> bool:
-    """Whether the GPU kernels take these inputs: dtypes (any length: see ``piece_len``)."""
-    return all(x.dtype in KERNEL_DTYPES for x in (q, k, v)) and piece_len(q, v, ChannelConfig(splits=512)) > 0
+    """Whether the GPU kernels take these inputs: dtypes, and one chunk under the int32 offsets of the
+    default tiling (any length: see ``piece_len``)."""
+    b, t, h, _ = q.shape
+    cfg = default_channel_config(batch=b, heads=h, seq_len=t, value_dim=pad_dim(v.shape[-1]), interpret=False)
+    return all(x.dtype in KERNEL_DTYPES for x in (q, k, v)) and piece_len(q, v, cfg) > 0
 
 
 def piece_len(q, v, cfg: ChannelConfig) -> int:

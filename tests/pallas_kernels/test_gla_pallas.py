@@ -181,8 +181,12 @@ def test_split_entry_points_chain_two_calls(rng):
 def test_supports_and_rejects():
     ok = jax.ShapeDtypeStruct((1, 64, 2, 128), jnp.bfloat16)
     assert pallas_triton_channel.supports(ok, ok, ok)
-    huge = jax.ShapeDtypeStruct((64, 2**17, 32, 128), jnp.bfloat16)
-    assert pallas_triton_channel.supports(ok, ok, ok) and not pallas_triton_channel.supports(huge, huge, huge)
+    many_rows = jax.ShapeDtypeStruct((8, 4096, 32, 128), jnp.bfloat16)  # one run per row: one piece
+    assert pallas_triton_channel.supports(many_rows, many_rows, many_rows)
+    long = jax.ShapeDtypeStruct((64, 2**17, 32, 128), jnp.bfloat16)  # runs as pieces
+    assert pallas_triton_channel.supports(long, long, long)
+    huge = jax.ShapeDtypeStruct((4096, 64, 64, 128), jnp.bfloat16)  # not one chunk under int32 offsets
+    assert not pallas_triton_channel.supports(huge, huge, huge)
     with pytest.raises(ValueError, match="power of two"):
         ChannelConfig(block_cols=24)
     with pytest.raises(ValueError, match="splits"):
