@@ -93,7 +93,7 @@ def _fns(config, interpret):
     return attn, fwd, fwd_bwd
 
 
-def sweep_op(op, shape, *, reps, budget, interpret, only=None) -> list[dict]:
+def sweep_op(op, shape, *, reps, budget, interpret, only=None, labels=None) -> list[dict]:
     from pallas_kernels.gated_delta_rule.config import default_config
 
     b, t, h, d = shape
@@ -103,6 +103,8 @@ def sweep_op(op, shape, *, reps, budget, interpret, only=None) -> list[dict]:
     q, k, v, beta, g, do = _jax_inputs(op, *shape)
     rows, start = [], time.perf_counter()
     todo = variants(base, d)
+    if labels:
+        todo = [(label, over) for label, over in todo if label in labels]
     if only is not None:
         todo = todo[:only]
     for label, over in todo:
@@ -161,6 +163,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--budget", type=float, default=90.0, help="seconds per op; later configs are skipped")
     ap.add_argument("--only", type=int, default=None, help="the first N configs only")
+    ap.add_argument("--labels", nargs="+", default=None, help="only these configs (labels as printed, e.g. splits=1)")
     ap.add_argument("--check", action="store_true", help="check the best configs against the XLA path")
     ap.add_argument("--check-shape", default="1,512,4,128", help="B,T,H,D of --check")
     ap.add_argument("--interpret", action="store_true", help="Pallas interpreter (CPU syntax check)")
@@ -170,7 +173,9 @@ def main() -> None:
     shape = tuple(map(int, args.shape.split(",")))
     rows = []
     for op in args.ops:
-        rows += sweep_op(op, shape, reps=args.reps, budget=args.budget, interpret=args.interpret, only=args.only)
+        rows += sweep_op(
+            op, shape, reps=args.reps, budget=args.budget, interpret=args.interpret, only=args.only, labels=args.labels
+        )
 
     print(f"\nop | config | fwd ms | fwd+bwd ms   ({shape}, sorted by fwd+bwd)")
     checks = {}
