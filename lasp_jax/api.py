@@ -54,7 +54,8 @@ def lasp_attention_shard(
     """Sequence-parallel causal linear attention on one shard; call it inside ``jax.shard_map``.
 
     Every argument is the local block of the global one: q ``[B, L, H, D]``, k ``[B, L, Hk, D]``,
-    v ``[B, L, Hk, E]``, g ``[B, L, H]`` for the L tokens this rank of ``axis_name`` holds
+    v ``[B, L, Hk, E]``, g ``[B, L, H]`` (or ``[B, L, H, D]`` per key channel) for the L tokens this
+    rank of ``axis_name`` holds
     (rank r holds global tokens ``[r·L, (r+1)·L)``); ``g_gamma`` ``[H]`` and ``initial_state``
     ``[B, H, D, E]`` (the state before global token 0) are the same on every rank.
     ``segment_ids`` ``[B, L]`` (int) are the local block of the global document ids: a boundary is
@@ -122,7 +123,8 @@ def lasp_attention(
 
     - ``"ring"`` (LASP): P−1 chained ``ppermute``s of the float32 ``[B, H, D, E]`` state;
     - ``"allgather"`` (LASP-2): one ``all_gather`` of the local states (and shard decays when
-      ``g`` is given) and a float32 prefix scan on every rank;
+      ``g`` is given: ``[B, H]`` per token, ``[B, H, D]`` per key channel) and a float32 prefix scan
+      on every rank;
     - ``"scan"``: the prefix over ranks as a log-depth (Hillis–Steele) scan, ``⌈log2 P⌉`` rounds of
       one ``ppermute`` each carrying one state (and its shard decay with ``g`` or documents);
       the backward is the same scan from the right (``lasp_jax.scan``);
@@ -137,14 +139,16 @@ def lasp_attention(
       batch_axis: mesh axis (or tuple of axes) that splits B, or None (replicated batch).
       head_axis: mesh axis that splits the heads (tensor parallelism), or None: q's H and k/v's Hk
         heads split contiguously (each rank keeps whole groups of query heads with their key/value
-        head, so ``H`` and ``Hk`` must both divide over it), and with them ``g`` ``[B, T, H]``,
+        head, so ``H`` and ``Hk`` must both divide over it), and with them ``g`` ``[B, T, H(, D)]``,
         ``g_gamma`` ``[H]``, ``initial_state`` and ``final_state``. It is a manual axis of the
         layer's ``shard_map``: nothing is gathered over it and o keeps its head sharding.
         ``"ulysses"`` then all-to-alls each rank's ``H / mesh[head_axis]`` heads over the sequence
         axis (they must divide by P).
       strategy: one of ``STRATEGIES``.
       g, g_gamma, scale, initial_state, output_final_state, impl: as in
-        ``pallas_kernels.linear_attention``; ``impl`` picks the local kernel on every shard.
+        ``pallas_kernels.linear_attention``; ``impl`` picks the local kernel on every shard. With a
+        per-channel ``g`` ``[B, T, H, D]`` (GLA) the shard decay Γ_r is a vector per key channel
+        that scales the rows of the states passed between ranks (notes/design.md §6); every strategy.
       segment_ids: integer document ids ``[B, T]`` for packed rows, sharded like q: the state
         resets wherever the id changes (also exactly at a shard edge), so nothing flows between
         documents; ``initial_state`` applies to each row's first document and ``final_state`` is

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from lasp_jax.lasp import suffix_sums
-from lasp_jax.state_passing import broadcast_from, varying_axes
+from lasp_jax.state_passing import broadcast_from, state_decay, varying_axes
 from pallas_kernels import linear_attention
 from pallas_kernels.common import acc_dtype
 from pallas_kernels.linear_attention import reference
@@ -78,12 +78,16 @@ def ulysses(
 
 
 def _weighted_state(k, v, log_w, mask, num_heads):
-    """Σ_j [mask_j] exp(log_w_j) k_jᵀ v_j over the gathered tokens, ``[B, H, D, E]`` float32."""
+    """Σ_j [mask_j] exp(log_w_j) k_jᵀ v_j over the gathered tokens, ``[B, H, D, E]`` float32.
+
+    ``log_w`` ``[B, T, H]``, or ``[B, T, H, D]`` per key channel; ``mask`` ``[B|1, T, 1]``.
+    """
     b, t, hk, d = k.shape
     grp = num_heads // hk
     acc = acc_dtype(k.dtype, v.dtype)
-    w = jnp.where(mask, jnp.exp(jnp.where(mask, log_w, 0.0)), 0.0).reshape(b, t, hk, grp)
-    k_weighted = (k[:, :, :, None].astype(acc) * w[..., None]).astype(k.dtype)
+    mask = mask.reshape(mask.shape + (1,) * (log_w.ndim - mask.ndim))
+    w = jnp.where(mask, jnp.exp(jnp.where(mask, log_w, 0.0)), 0.0).reshape(b, t, hk, grp, -1)
+    k_weighted = (k[:, :, :, None].astype(acc) * w).astype(k.dtype)
     s = jnp.einsum("btkgd,btke->bkgde", k_weighted, v, preferred_element_type=acc)
     return s.reshape(b, num_heads, d, v.shape[-1])
 
@@ -111,7 +115,7 @@ def gather_kv(
 
     k_all, v_all = gather(k), gather(v)
     t = length * size
-    if g is not None:
+    if g is not None:  # [B, T, H], or [B, T, H, D] per key channel
         g_all = gather(g).astype(jnp.float32)
     elif g_gamma is not None:
         g_all = jnp.broadcast_to(g_gamma.astype(jnp.float32), (b, t, h))
@@ -119,7 +123,7 @@ def gather_kv(
         g_all = jnp.zeros((b, t, h), jnp.float32)
     # the local queries see the gathered prefix [0, r·L): decay from token j to the prefix end
     before = (jnp.arange(t) < rank * length)[None, :, None]
-    g_before = jnp.where(before, g_all, 0.0)
+    g_before = jnp.where(before.reshape(before.shape + (1,) * (g_all.ndim - 3)), g_all, 0.0)
     feeds_s_in, feeds_final = before, jnp.ones_like(before)
     init_in = init_final = jnp.ones((b,), bool)  # the initial state reaches the shard / the end
     if segment_ids is not None:
@@ -133,8 +137,8 @@ def gather_kv(
         init_final = doc_all[:, -1] == 0
     s_in = _weighted_state(k_all, v_all, suffix_sums(g_before)[1], feeds_s_in, h)
     if initial_state is not None:
-        decay = jnp.where(init_in[:, None], jnp.exp(jnp.sum(g_before, axis=1)), 0.0)
-        s_in = s_in + decay[..., None, None] * initial_state.astype(s_in.dtype)
+        reaches = init_in[:, None, None, None].astype(s_in.dtype)
+        s_in = s_in + reaches * state_decay(jnp.sum(g_before, axis=1), s_in) * initial_state.astype(s_in.dtype)
     o, _ = linear_attention(
         q,
         k,
@@ -151,8 +155,8 @@ def gather_kv(
     if output_final_state:
         final = _weighted_state(k_all, v_all, suffix_sums(g_all)[1], feeds_final, h)
         if initial_state is not None:
-            decay = jnp.where(init_final[:, None], jnp.exp(jnp.sum(g_all, axis=1)), 0.0)
-            final = final + decay[..., None, None] * initial_state.astype(final.dtype)
+            reaches = init_final[:, None, None, None].astype(final.dtype)
+            final = final + reaches * state_decay(jnp.sum(g_all, axis=1), final) * initial_state.astype(final.dtype)
         if axis_name in varying_axes(q):
             final = broadcast_from(final, 0, axis_name)
     return o, final

@@ -32,6 +32,11 @@ integers) to know whether a boundary falls exactly at its first token. Then, per
   zeroed when a boundary sits at the shard's first token;
 - backward mirrors it: ``dM_r`` counts only the tokens before the first boundary (none when the
   shard starts a document), and the reverse pass uses the same ``Γ``.
+
+Per-key-channel gates (GLA, ``g [B, L, H, D]``, notes/design.md §6) change only the shape of the
+decays: ``log Γ_r`` is ``[B, H, D]`` (the sum of g over the shard per channel) and scales the rows
+of the states it meets, ``M_r`` weighs each key channel by its own ``exp(b_{L-1} − b_j)`` and ``dM_r``
+each query channel by ``exp(b_i)``; every strategy runs the same code on either shape.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ import jax.numpy as jnp
 from lasp_jax import scan, state_passing
 from pallas_kernels import linear_attention
 from pallas_kernels.common import acc_dtype
-from pallas_kernels.linear_attention import pallas_triton, reference
+from pallas_kernels.linear_attention import pallas_triton, pallas_triton_channel, reference
 from pallas_kernels.linear_attention.api import interpret_pallas, resolve_impl
 
 
@@ -65,6 +70,8 @@ class LaspConfig:
     vma_checked: bool = False
     # the same Γ on every rank (g_gamma or no decay, no documents): the scan need not send it
     shared_decay: bool = False
+    # g [B, L, H, D]: a log decay per key channel (the Pallas path runs the per-channel kernels)
+    per_channel: bool = False
 
 
 # log Γ of a shard whose entering state does not reach its end (a document boundary inside or at
@@ -97,8 +104,9 @@ class Segments:
         return (self.doc[:, -1] != 0) | self.starts_new
 
     def shard_log_gamma(self, log_gamma):
-        """``log Γ`` ``[B, H]`` with ``RESET_LOG_DECAY`` for the rows whose entering state does not survive."""
-        return jnp.where(self.resets()[:, None], RESET_LOG_DECAY, log_gamma)
+        """``log Γ`` ``[B, H(, D)]`` with ``RESET_LOG_DECAY`` for the rows whose entering state does not survive."""
+        resets = self.resets().reshape((-1,) + (1,) * (log_gamma.ndim - 1))
+        return jnp.where(resets, RESET_LOG_DECAY, log_gamma)
 
     def unless_starts_new(self, state):
         """A ``[B, H, D, E]`` entering state (or its cotangent), zero in the rows that start a new
@@ -125,6 +133,7 @@ class ShardDecay:
     ``to_end`` ``[B, L, H]``: ``b_{L-1} − b_j = Σ_{t>j} g_t`` (weights into the leaving state),
     a suffix sum, not a difference of two long prefix sums, which would lose float32 digits
     near the shard's end exactly where the weights are large; ``total`` ``[B, H]``: log Γ.
+    Per key channel (g ``[B, L, H, D]``) each has a trailing D axis.
     """
 
     from_start: jax.Array
@@ -187,8 +196,16 @@ def _token_contraction(a, b, acc):
     return jnp.sum(partial, axis=1)
 
 
+def _per_token(weight, token_mask):
+    """``weight`` ``[B, L, H(, D)]`` times the ``[B, L]`` 0/1 ``token_mask`` (unchanged when None)."""
+    if token_mask is None:
+        return weight
+    return weight * token_mask.reshape(token_mask.shape + (1,) * (weight.ndim - 2)).astype(weight.dtype)
+
+
 def local_state(k, v, decay: ShardDecay | None, num_heads, token_mask=None):
-    """``M = Σ_j exp(b_{L-1} − b_j) k_jᵀ v_j`` ``[B, H, D, E]`` in float32 (grouped heads by indexing).
+    """``M = Σ_j exp(b_{L-1} − b_j) k_jᵀ v_j`` ``[B, H, D, E]`` in float32 (grouped heads by indexing;
+    per key channel ``exp(b_{L-1} − b_j)`` scales each channel of ``k_j``).
 
     ``token_mask`` ``[B, L]`` (0/1), when given, keeps only the masked tokens j (the last document).
     """
@@ -201,11 +218,9 @@ def local_state(k, v, decay: ShardDecay | None, num_heads, token_mask=None):
             k = (k.astype(acc) * token_mask[:, :, None, None]).astype(k.dtype)
         m = _token_contraction(k, v, acc)
         return jnp.broadcast_to(m[:, :, None], (b, hk, grp, d, e)).reshape(b, num_heads, d, e)
-    to_end = jnp.exp(decay.to_end)
-    if token_mask is not None:
-        to_end = to_end * token_mask[..., None]
-    to_end = to_end.reshape(b, length, hk, grp)
-    k_weighted = (k[:, :, :, None].astype(acc) * to_end[..., None]).astype(k.dtype)
+    to_end = _per_token(jnp.exp(decay.to_end), token_mask)
+    to_end = to_end.reshape(b, length, hk, grp, -1)  # [..., 1] per token, [..., D] per key channel
+    k_weighted = (k[:, :, :, None].astype(acc) * to_end).astype(k.dtype)
     return _token_contraction(k_weighted, v, acc).reshape(b, num_heads, d, e)
 
 
@@ -213,12 +228,10 @@ def local_state_cotangent(q, do, decay: ShardDecay | None, scale, token_mask=Non
     """``dM = scale · Σ_i exp(b_i) q_iᵀ dO_i`` ``[B, H, D, E]`` in float32 (only masked i when
     ``token_mask`` ``[B, L]`` is given: the tokens before the first boundary)."""
     acc = acc_dtype(q.dtype, do.dtype)
-    weight = None if decay is None else jnp.exp(decay.from_start)
-    if token_mask is not None:
-        mask = token_mask[..., None].astype(acc)
-        weight = mask if weight is None else weight * mask
-    if weight is not None:
-        q = (q.astype(acc) * weight[..., None]).astype(q.dtype)
+    if decay is not None or token_mask is not None:
+        weight = jnp.ones(q.shape[:3], acc) if decay is None else jnp.exp(decay.from_start)
+        weight = _per_token(weight, token_mask)
+        q = (q.astype(acc) * weight.reshape(q.shape[:3] + (-1,))).astype(q.dtype)
     return scale * _token_contraction(q, do.astype(q.dtype), acc)
 
 
@@ -278,7 +291,7 @@ def _local_kernel(cfg: LaspConfig, inputs, segments: Segments | None):
 class SplitResiduals(NamedTuple):
     """Residuals of the Pallas path (the kernel split at its entering state)."""
 
-    call: pallas_triton.SplitCall
+    call: pallas_triton.SplitCall | pallas_triton_channel.SplitCall
     states: jax.Array  # the kernel's split entering states, from S_in(r)
     gamma_res: jax.Array  # what the reverse state pass needs: log Γ_r (ring) or every rank's (allgather)
     segments: Segments | None
@@ -296,14 +309,20 @@ class VjpResiduals(NamedTuple):
 
 def _split_kernel(cfg: LaspConfig, inputs) -> bool:
     """Whether the local work runs as the Pallas kernel split at its entering state."""
-    return resolve_impl(cfg.impl, inputs["q"], inputs["k"], inputs["v"]) == "pallas"
+    return resolve_impl(cfg.impl, inputs["q"], inputs["k"], inputs["v"], g=inputs.get("g")) == "pallas"
+
+
+def _pallas_kernels(cfg: LaspConfig):
+    """The Pallas module whose ``split_forward`` / ``finish_*`` run the local work (same calling convention)."""
+    return pallas_triton_channel if cfg.per_channel else pallas_triton
 
 
 def _forward_split(cfg: LaspConfig, inputs, segments: Segments | None):
     """The Pallas path: the kernel's first stage gives ``M_r`` (no extra pass over k, v), the
     state travels, the remaining stages finish from ``S_in(r)``."""
     q, g, g_gamma = inputs["q"], inputs.get("g"), inputs.get("g_gamma")
-    m, call, local = pallas_triton.split_forward(
+    kernels = _pallas_kernels(cfg)
+    m, call, local = kernels.split_forward(
         q,
         inputs["k"],
         inputs["v"],
@@ -321,18 +340,19 @@ def _forward_split(cfg: LaspConfig, inputs, segments: Segments | None):
     )
     if segments is not None:  # a boundary at the shard's first token: nothing enters
         s_in = segments.unless_starts_new(s_in)
-    o, states = pallas_triton.finish_forward(call, local, s_in)
+    o, states = kernels.finish_forward(call, local, s_in)
     return (o, final), SplitResiduals(call, states, gamma_res, segments)
 
 
 def _backward_split(cfg: LaspConfig, residuals: SplitResiduals, cotangents):
     call, states, gamma_res, segments = residuals
     do, d_final = cotangents
-    dm, pending = pallas_triton.split_backward(call, states, do)
+    kernels = _pallas_kernels(cfg)
+    dm, pending = kernels.split_backward(call, states, do)
     if segments is not None:  # the shard starts a document: the entering state reaches nothing
         dm = segments.unless_starts_new(dm)
     ds_out = _state_cotangent_leaving(cfg, dm, gamma_res, d_final)
-    dq, dk, dv, dg, dg_gamma, ds_in = pallas_triton.finish_backward(call, states, pending, ds_out)
+    dq, dk, dv, dg, dg_gamma, ds_in = kernels.finish_backward(call, states, pending, ds_out)
     if segments is not None:
         ds_in = segments.unless_starts_new(ds_in)
     return _input_cotangents(cfg, {"q": dq, "k": dk, "v": dv, "g": dg, "g_gamma": dg_gamma, "s_in": ds_in})
@@ -462,6 +482,7 @@ def lasp_layer(
         inputs=described,
         vma_checked=checked,
         shared_decay=g is None and segment_ids is None,
+        per_channel=g is not None and g.ndim == 4,
     )
     segments = None if segment_ids is None else shard_segments(segment_ids, axis_name=axis_name, size=size)
     return _lasp_layer(cfg, inputs, segments)

@@ -3,7 +3,8 @@
 Communication and float32 prefix arithmetic only, shared by both layer families. Over rank r's
 shard the recurrence is affine (notes/design.md §2, §6): ``S_out(r) = Φ_r S_in(r) + M_r``, with
 ``Φ_r = Γ_r · I`` a per-(row, head) scalar for linear attention (``ScalarDecay``, carried as
-``log Γ_r`` ``[B, H]``) and a ``[B, Hv, D, D]`` matrix for the delta rule (``MatrixTransition``).
+``log Γ_r`` ``[B, H]``; per key channel ``Φ_r = diag(Γ_r)``, ``log Γ_r`` ``[B, H, D]``) and a
+``[B, Hv, D, D]`` matrix for the delta rule (``MatrixTransition``).
 A run of ranks ``[a, b]`` composes to one such pair ("window"): applying ``[a, c]`` then
 ``[c+1, b]`` gives ``(Φ_b' Φ_a', Φ_b' M_a' + M_b')``.
 
@@ -34,7 +35,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from lasp_jax.state_passing import broadcast_from
+from lasp_jax.state_passing import broadcast_from, state_decay
 
 
 def num_rounds(size: int) -> int:
@@ -49,7 +50,8 @@ def offsets(size: int) -> tuple[int, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class ScalarDecay:
-    """``Φ = Γ · I`` per (row, head), carried as ``log Γ`` ``[B, H]`` (linear attention, notes/design.md §2).
+    """``Φ = Γ · I`` per (row, head), carried as ``log Γ`` ``[B, H]`` (linear attention, notes/design.md §2),
+    or ``Φ = diag(Γ)`` per key channel, ``log Γ`` ``[B, H, D]`` (GLA gates, §6): diagonal either way.
 
     Composition adds log decays (no differences, no ratios: stays finite for any gates; the reset
     decay of a document boundary, ``-1e30``, sums to at most ``-P·1e30``). ``shared``: the same Γ
@@ -67,7 +69,7 @@ class ScalarDecay:
         return first + second
 
     def apply(self, phi, state):
-        return jnp.exp(phi)[..., None, None] * state
+        return state_decay(phi, state) * state
 
     def transpose(self, phi):
         return phi
@@ -142,7 +144,7 @@ def _exclusive_scan(kind: Transition, phi, m, start, *, axis_name, size, reverse
 def prefix(kind: Transition, phi, m, s0, *, axis_name, size, want_final=False):
     """``(S_in(r), final state or None)``: the state entering rank r in ``⌈log2 P⌉`` rounds.
 
-    ``phi``: this rank's ``Φ_r`` (``log Γ_r`` ``[B, H]`` for ``ScalarDecay``); ``m``: its ``M_r``
+    ``phi``: this rank's ``Φ_r`` (``log Γ_r`` ``[B, H]`` or ``[B, H, D]`` for ``ScalarDecay``); ``m``: its ``M_r``
     ``[B, H, D, E]`` float32; ``s0``: ``initial_state`` or None. The final state (after the last
     rank) is one masked ``psum`` from rank P − 1, the same on every rank (invariant when checked).
     """

@@ -2,7 +2,9 @@
 
 Only communication and the float32 prefix arithmetic live here; the local kernels do not.
 Rank r of the axis holds tokens ``[r·L, (r+1)·L)``. With ``M_r`` the state rank r builds from a
-zero entering state and ``Γ_r = exp(log_gamma_r)`` its decay across the shard (notes/design.md §2):
+zero entering state and ``Γ_r = exp(log_gamma_r)`` its decay across the shard (notes/design.md §2),
+``log_gamma`` ``[B, H]`` (one factor per state) or ``[B, H, D]`` (per key channel, GLA: one factor
+per row of the ``D × E`` state, notes/design.md §6; ``state_decay`` applies either):
 
     forward   S_in(r)  = Γ_{r-1} S_in(r-1) + M_{r-1},      S_in(0) = initial_state
     backward  dS_out(r) = Γ_{r+1} dS_out(r+1) + dM_{r+1},  dS_out(P-1) = d final_state
@@ -46,15 +48,17 @@ def from_previous_rank(x, *, axis_name, size):
     return jax.lax.ppermute(x, axis_name, perm=[(r, r + 1) for r in range(size - 1)])
 
 
-def _gamma(log_gamma):
-    return jnp.exp(log_gamma)[..., None, None]
+def state_decay(log_gamma, state):
+    """``exp(log_gamma)`` shaped to scale ``state``: a ``[..., B, H]`` log decay scales each whole
+    ``[D, E]`` state, a ``[..., B, H, D]`` one (per key channel) each of its rows."""
+    return jnp.exp(log_gamma).reshape(log_gamma.shape + (1,) * (state.ndim - log_gamma.ndim))
 
 
 # ---------------------------------------------------------------------------------------- ring
 def ring_prefix(m, log_gamma, s0, *, axis_name, size, want_final):
     """S_in(r) by P−1 non-cyclic hops; also the state after the last shard (on every rank) if asked."""
     rank = jax.lax.axis_index(axis_name)
-    gamma = _gamma(log_gamma)
+    gamma = state_decay(log_gamma, m)
     s_in = jnp.zeros_like(m) if s0 is None else s0.astype(m.dtype) + jnp.zeros_like(m)
     for hop in range(size - 1):
         # only rank `hop` holds a complete entering state here; it sends its leaving state on
@@ -68,7 +72,7 @@ def ring_prefix(m, log_gamma, s0, *, axis_name, size, want_final):
 def ring_suffix(dm, log_gamma, d_final, *, axis_name, size):
     """dS_out(r) by P−1 hops from the last rank towards rank 0."""
     rank = jax.lax.axis_index(axis_name)
-    gamma = _gamma(log_gamma)
+    gamma = state_decay(log_gamma, dm)
     ds_out = jnp.zeros_like(dm) if d_final is None else d_final.astype(dm.dtype) + jnp.zeros_like(dm)
     for hop in range(size - 1, 0, -1):
         entering = gamma * ds_out + dm  # cotangent of rank hop's entering state
@@ -79,7 +83,7 @@ def ring_suffix(dm, log_gamma, d_final, *, axis_name, size):
 
 # ----------------------------------------------------------------------------------- allgather
 def _decay_between(log_gammas, lo, hi):
-    """``[P, B, H]``: for each j, ``Σ log Γ_i`` over ``lo(j) < i < hi(j)`` as a masked sum (no
+    """``[P, B, H(, D)]``: for each j, ``Σ log Γ_i`` over ``lo(j) < i < hi(j)`` as a masked sum (no
     differences of long prefix sums, so float32 keeps its digits); ``lo``/``hi`` give ``[P]``."""
     size = log_gammas.shape[0]
     i = jnp.arange(size)
@@ -88,14 +92,14 @@ def _decay_between(log_gammas, lo, hi):
 
 
 def _per_rank(mask, like):
-    """A ``[P]`` mask shaped to broadcast against ``like`` ``[P, B, H]``."""
+    """A ``[P]`` mask shaped to broadcast against ``like`` ``[P, B, H(, D)]``."""
     return mask.reshape(mask.shape + (1,) * (like.ndim - 1))
 
 
 def _weighted_sum(log_weights, mask, states):
     """Σ_j exp(log_weights[j]) states[j] over the masked j."""
     w = jnp.where(mask, jnp.exp(jnp.where(mask, log_weights, 0.0)), 0.0)
-    return jnp.sum(w[..., None, None] * states, axis=0)
+    return jnp.sum(w.reshape(w.shape + (1,) * (states.ndim - w.ndim)) * states, axis=0)
 
 
 def allgather_prefix(m, log_gamma, s0, *, axis_name, size, want_final, gather_gamma, invariant_final=False):
@@ -105,11 +109,11 @@ def allgather_prefix(m, log_gamma, s0, *, axis_name, size, want_final, gather_ga
     """
     rank = jax.lax.axis_index(axis_name)
     b, h, d, e = m.shape
-    if gather_gamma:
-        packed = jnp.concatenate([m.reshape(b, h, d * e), log_gamma[..., None].astype(m.dtype)], axis=-1)
+    if gather_gamma:  # one collective: the log decays ride along as extra columns
+        packed = jnp.concatenate([m.reshape(b, h, d * e), log_gamma.reshape(b, h, -1).astype(m.dtype)], axis=-1)
         gathered = jax.lax.all_gather(packed, axis_name)
         states = gathered[..., : d * e].reshape(size, b, h, d, e)
-        log_gammas = gathered[..., d * e]
+        log_gammas = gathered[..., d * e :].reshape((size,) + log_gamma.shape)
     else:
         states = jax.lax.all_gather(m, axis_name)
         log_gammas = jnp.broadcast_to(log_gamma, (size,) + log_gamma.shape)
@@ -118,13 +122,13 @@ def allgather_prefix(m, log_gamma, s0, *, axis_name, size, want_final, gather_ga
     # S_in(r) = Σ_{j<r} (Π_{j<i<r} Γ_i) M_j + (Π_{i<r} Γ_i) S_0
     s_in = _weighted_sum(_decay_between(log_gammas, j, jnp.full_like(j, rank)), before, states)
     if s0 is not None:
-        s_in = s_in + jnp.exp(jnp.sum(jnp.where(before, log_gammas, 0.0), 0))[..., None, None] * s0.astype(m.dtype)
+        s_in = s_in + state_decay(jnp.sum(jnp.where(before, log_gammas, 0.0), 0), m) * s0.astype(m.dtype)
     final = None
     if want_final:
         everyone = jnp.ones_like(before)
         final = _weighted_sum(_decay_between(log_gammas, j, jnp.full_like(j, size)), everyone, states)
         if s0 is not None:
-            final = final + jnp.exp(jnp.sum(log_gammas, axis=0))[..., None, None] * s0.astype(m.dtype)
+            final = final + state_decay(jnp.sum(log_gammas, axis=0), m) * s0.astype(m.dtype)
         if invariant_final:  # equal on every rank already; a checked shard_map needs it typed so
             final = broadcast_from(final, 0, axis_name)
     return s_in, final, log_gammas
@@ -140,5 +144,5 @@ def allgather_suffix(dm, log_gammas, d_final, *, axis_name, size):
     ds_out = _weighted_sum(_decay_between(log_gammas, jnp.full_like(j, rank), j), after, dms)
     if d_final is not None:
         decay_after = jnp.sum(jnp.where(after, log_gammas, 0.0), axis=0)
-        ds_out = ds_out + jnp.exp(decay_after)[..., None, None] * d_final.astype(dm.dtype)
+        ds_out = ds_out + state_decay(decay_after, dm) * d_final.astype(dm.dtype)
     return ds_out

@@ -93,6 +93,11 @@ SLOW = {
     "tests/lasp_jax/test_scan.py::test_delta_rule_in_user_shard_map[checked]",
     "tests/lasp_jax/test_scan.py::test_delta_rule_in_user_shard_map[unchecked]",
     "tests/lasp_jax/test_scan_scaling.py::test_every_strategy_hlo_on_64_devices",
+    # per-channel (GLA) gates under sp: CI runs every strategy with documents and the Pallas split kernels;
+    # strong decays (the op's test_xla_strong_decay covers the chunk math), tp heads and a checked shard_map here
+    "tests/lasp_jax/test_lasp_channel.py::test_strong_channel_decay",
+    "tests/lasp_jax/test_lasp_channel.py::test_heads_over_a_tp_axis",
+    "tests/lasp_jax/test_lasp_channel.py::test_per_shard_function_in_a_checked_shard_map",
     # layers under a scan: the CI cases tnl-offload and gdn-alternating-full cover TNL, a hybrid and Gated DeltaNet
     "tests/models/test_layer_scan.py::test_scanned_loss_and_grads_equal_unscanned[gdn-hybrid-dots]",
     "tests/models/test_layer_scan.py::test_scanned_loss_and_grads_equal_unscanned[tnl-hybrid-dots]",
