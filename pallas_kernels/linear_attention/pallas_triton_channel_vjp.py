@@ -121,8 +121,10 @@ def _grads_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, *refs, has_docs, mxu, scal
         b = cumulative_tiles(load_col_tiles(g_ref, parts, start, width))
         h_rows = full_state_rows(h_ref[cols, :], enter_ref[cols], s_run_ref[cols, :])
         dh_rows = full_state_rows(dh_ref[cols, :], leave_ref[cols], d_run_ref[cols, :])
-        dq, dk_out, db_out = common.output_backward(q, k, b, docs, h_rows, dz, do, scale=scale, **kw)
-        dk_state, db_state = common.state_backward(k, b, docs, h_rows, dh_rows, v, **kw)
+        # dO and V rows (all of E) are reloaded at each step rather than kept live across the loop
+        do_rows, v_rows = load_tiles(do_ref, parts), load_tiles(v_ref, parts)
+        dq, dk_out, db_out = common.output_backward(q, k, b, docs, h_rows, dz, do_rows, scale=scale, **kw)
+        dk_state, db_state = common.state_backward(k, b, docs, h_rows, dh_rows, v_rows, **kw)
         store_col_tiles(dq_ref, dq, start)
         store_col_tiles(dk_ref, [a + c for a, c in zip(dk_out, dk_state, strict=True)], start)
         db = [a + c for a, c in zip(db_out, db_state, strict=True)]
