@@ -23,6 +23,8 @@ def pytest_configure(config):
 # the same check): marked `slow`, left out of `make test` (CI, 30-minute budget), run by `make test-slow`.
 SLOW = {
     "tests/lasp_jax/test_communication.py::test_benchmark_smoke_run",
+    # benchmarks/kernels.py --decay channel end to end on the CPU (two processes, ~25 s)
+    "tests/models/test_gla_benchmark.py::test_kernels_benchmark_channel_rows_on_cpu",
     "tests/models/test_multihost.py::test_two_process_training_equals_one_process",
     "tests/models/test_train.py::test_lasp_train_cli_sigterm_then_resume",
     "tests/models/test_convert.py::test_imported_llama_logits_equal_huggingface_llama[tied]",
