@@ -92,6 +92,13 @@ class Layout:
     def chunk_doc_specs(self, has_docs: bool) -> list:
         return [pl.BlockSpec((None, self.chunk), lambda c, r, h: (r, c))] * 2 if has_docs else []
 
+    def chunk_input_specs(self, *, has_docs: bool, with_do: bool = False) -> list:
+        """Specs of the chunk kernels' leading inputs: q, k, v, (dO,) g and the document rows."""
+        d, e = self.dim, self.value_dim
+        do = [self.chunk_spec(e)] if with_do else []
+        qkv = [self.chunk_spec(d), self.chunk_spec(d, kv=True), self.chunk_spec(e, kv=True)]
+        return [*qkv, *do, self.chunk_spec(d), *self.chunk_doc_specs(has_docs)]
+
     def chunk_state_spec(self):
         """Chunk c's ``[D, E]`` state of ``[R, H, NC, D, E]``."""
         return pl.BlockSpec((None, None, None, self.dim, self.value_dim), lambda c, r, h: (r, h, c, 0, 0))
@@ -145,6 +152,14 @@ class Layout:
 
     def per_head_shape(self, width: int, dtype):
         return jax.ShapeDtypeStruct((self.rows, self.seq_len, self.heads, width), dtype)
+
+
+def chunk_kernel(body, lay: Layout, statics: ChannelStatics, *, has_docs: bool):
+    """A chunk kernel's body with its statics bound (documents, operand dtype, scale, sub-tiles,
+    key-column block)."""
+    return functools.partial(
+        body, has_docs=has_docs, mxu=lay.mxu, scale=statics.scale, parts=lay.parts, block_cols=lay.block_cols
+    )
 
 
 def doc_inputs(docs) -> list:

@@ -58,6 +58,7 @@ from pallas_kernels.linear_attention.channel_common import (
     ChannelStatics,
     ChunkLogs,
     Layout,
+    chunk_kernel,
     chunk_logs,
     cumulative_tiles,
     doc_inputs,
@@ -132,24 +133,12 @@ def local_states(k, v, g, docs, lay: Layout, statics: ChannelStatics):
 
 def output(q, k, v, g, docs, h_local, s_run, enter, lay: Layout, statics: ChannelStatics):
     """Stage 3: ``(o [R, T, H, E] in q's dtype, scores [R, T, H, C] operand dtype)``."""
-    d, e = lay.dim, lay.value_dim
-    kernel = functools.partial(
-        _output_kernel,
-        has_docs=docs is not None,
-        mxu=lay.mxu,
-        scale=statics.scale,
-        parts=lay.parts,
-        block_cols=lay.block_cols,
-    )
+    e, has_docs = lay.value_dim, docs is not None
     return pl.pallas_call(
-        kernel,
+        chunk_kernel(_output_kernel, lay, statics, has_docs=has_docs),
         grid=lay.chunk_grid(),
         in_specs=[
-            lay.chunk_spec(d),
-            lay.chunk_spec(d, kv=True),
-            lay.chunk_spec(e, kv=True),
-            lay.chunk_spec(d),
-            *lay.chunk_doc_specs(docs is not None),
+            *lay.chunk_input_specs(has_docs=has_docs),
             lay.chunk_state_spec(),
             lay.run_state_spec(),
             lay.chunk_log_spec(),

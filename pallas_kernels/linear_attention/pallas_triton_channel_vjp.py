@@ -48,6 +48,7 @@ from pallas_kernels.linear_attention.channel_common import (
     ChannelStatics,
     ChunkLogs,
     Layout,
+    chunk_kernel,
     cotangent_update,
     cumulative_tiles,
     doc_inputs,
@@ -158,26 +159,13 @@ def backward_local(q, g, docs, do, *, statics: ChannelStatics) -> LocalCotangent
 
 def grads(q, k, v, g, docs, states: States, local: LocalCotangents, d_run, lay: Layout, statics: ChannelStatics):
     """Stage 3: ``(dq, dk, dv, dg)`` per query head (dk, dv float32 under grouped heads)."""
-    d, e = lay.dim, lay.value_dim
+    d, e, has_docs = lay.dim, lay.value_dim, docs is not None
     grad_dtype = k.dtype if lay.group == 1 else F32
-    kernel = functools.partial(
-        _grads_kernel,
-        has_docs=docs is not None,
-        mxu=lay.mxu,
-        scale=statics.scale,
-        parts=lay.parts,
-        block_cols=lay.block_cols,
-    )
     return pl.pallas_call(
-        kernel,
+        chunk_kernel(_grads_kernel, lay, statics, has_docs=has_docs),
         grid=lay.chunk_grid(),
         in_specs=[
-            lay.chunk_spec(d),
-            lay.chunk_spec(d, kv=True),
-            lay.chunk_spec(e, kv=True),
-            lay.chunk_spec(e),
-            lay.chunk_spec(d),
-            *lay.chunk_doc_specs(docs is not None),
+            *lay.chunk_input_specs(has_docs=has_docs, with_do=True),
             lay.chunk_spec(lay.chunk),
             lay.chunk_state_spec(),
             lay.run_state_spec(),
