@@ -103,10 +103,9 @@ def test_xla_matches_reference_grouped_heads(rng, dtype, t, docs):
 
 
 def test_xla_strong_decay(rng):
-    # g ≈ −20 per channel: every factor across a few tokens underflows; nothing may become inf or NaN
-    # (the decay gradient cancels in float32 as for per-token gates: a looser bound, see test_linear_attention);
-    # T = 100: two chunks, the second cut short
-    check_xla(rng, jnp.float32, t=100, g_range=(18.0, 22.0), dg_factor=32.0, b=1, h=2, d=16)
+    # g ≈ −20 per channel: every factor across a few tokens underflows; nothing may become inf or NaN, and
+    # the usual bounds hold (dg within ~3e-5 of the float64 one in 4 seeds); T = 100: the second chunk cut short
+    check_xla(rng, jnp.float32, t=100, g_range=(18.0, 22.0), b=1, h=2, d=16)
 
 
 def test_xla_single_token(rng):
