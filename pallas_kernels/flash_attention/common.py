@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +62,44 @@ def same_document(q_docs, k_docs, *, transpose: bool = False):
     return (k_docs[:, None] == q_docs[None, :]) if transpose else (q_docs[:, None] == k_docs[None, :])
 
 
+class Loop(NamedTuple):
+    """One kernel loop over blocks ``[start, stop)`` and the masks its tiles need."""
+
+    start: jax.Array
+    stop: jax.Array
+    causal: bool  # tiles may cross the causal diagonal or the end of the keys
+    docs: bool  # tiles may pair rows and columns of different documents
+
+
+def around_single_document(start, stop, same_lo, same_hi, *, causal: bool) -> list[Loop]:
+    """``[start, stop)`` as three loops: the blocks of ``[same_lo, same_hi)`` (one document on both
+    sides of every tile) without the document mask, between two loops with it."""
+    lo = jnp.clip(same_lo, start, stop)
+    hi = jnp.clip(same_hi, lo, stop)
+    return [Loop(start, lo, causal, True), Loop(lo, hi, causal, False), Loop(hi, stop, causal, True)]
+
+
+def key_loops(full, visible, has_docs: bool, bounds=None) -> list[Loop]:
+    """The key-block loops of a query-block program (forward, dq): ``[0, full)`` without the causal
+    mask, ``[full, visible)`` with it. ``bounds`` (sorted documents): the first key block of the rows'
+    documents (earlier ones are skipped) and the single-document key blocks ``[lo, hi)``
+    (``single_document_blocks``), which need no document mask either."""
+    if bounds is None:
+        return [Loop(0, full, False, has_docs), Loop(full, visible, True, has_docs)]
+    first, same_lo, same_hi = bounds
+    unmasked = around_single_document(jnp.minimum(first, full), full, same_lo, same_hi, causal=False)
+    return [*unmasked, Loop(jnp.maximum(first, full), visible, True, True)]
+
+
+def query_loops(first, full, stop, has_docs: bool, bounds=None) -> list[Loop]:
+    """The query-block loops of a key-block program (dk/dv): ``[first, full)`` with the causal mask,
+    ``[full, stop)`` without. ``bounds`` (sorted documents): the single-document query blocks
+    ``[lo, hi)``, which need no document mask either."""
+    if bounds is None:
+        return [Loop(first, full, True, has_docs), Loop(full, stop, False, has_docs)]
+    return [Loop(first, full, True, True), *around_single_document(full, stop, *bounds, causal=False)]
+
+
 def both(*masks):
     """The AND of the masks given (None entries skipped); None when there are none (no masking)."""
     masks = [m for m in masks if m is not None]
@@ -84,6 +123,27 @@ def first_key_blocks(q_ids, k_ids, *, block_q: int, block_k: int, num_q_blocks: 
     key = jax.vmap(lambda k, x: jnp.searchsorted(k, x, side="left"))(k_ids.astype(jnp.int32), firsts)
     blocks = (key // block_k).astype(jnp.int32)
     return jnp.pad(blocks, ((0, 0), (0, num_q_blocks - blocks.shape[1])))
+
+
+def single_document_blocks(row_ids, col_ids, *, block_rows: int, block_cols: int, num_row_blocks: int):
+    """Two ``[B, num_row_blocks]`` int32 ``(lo, hi)``: for ids non-decreasing along each row
+    (document numbers), the column blocks ``[lo, hi)`` wholly inside the one document that holds
+    every real row of each row block, whose tiles need no document mask; ``lo = hi`` where a block's
+    rows span documents or are all padding. Rows are queries and columns keys for the forward and
+    dq kernels, the other way round for the dk/dv kernel; both ids unpadded."""
+    length = row_ids.shape[1]
+    row_ids, col_ids = row_ids.astype(jnp.int32), col_ids.astype(jnp.int32)
+    starts = jnp.arange(num_row_blocks) * block_rows
+    lasts = jnp.minimum(starts + block_rows, length) - 1
+    doc = row_ids[:, jnp.minimum(starts, length - 1)]
+    one_doc = (doc == row_ids[:, lasts]) & (starts < length)[None, :]
+
+    def find(side):
+        return jax.vmap(lambda cols, x: jnp.searchsorted(cols, x, side=side))(col_ids, doc)
+
+    lo = -(-find("left") // block_cols)  # first column block starting in the document
+    hi = jnp.maximum(find("right") // block_cols, lo)  # end of the column blocks ending in it
+    return jnp.where(one_doc, lo, 0).astype(jnp.int32), jnp.where(one_doc, hi, 0).astype(jnp.int32)
 
 
 def query_block_ends(q_ids, k_ids, *, block_q: int, block_k: int, num_k_blocks: int, num_q_blocks: int):

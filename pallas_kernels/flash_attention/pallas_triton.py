@@ -56,6 +56,7 @@ from pallas_kernels.flash_attention.common import (
     fit_block,
     heavy_first,
     key_block_range,
+    key_loops,
     pad_to,
     padded_ids,
     query_block_of_program,
@@ -63,6 +64,7 @@ from pallas_kernels.flash_attention.common import (
     round_up,
     same_document,
     shift_operand,
+    single_document_blocks,
 )
 from pallas_kernels.flash_attention.config import BlockConfig
 
@@ -83,9 +85,9 @@ def logit_operand(q, scale: float):
 def _forward_kernel(*refs, scale, block_q, block_k, k_len, has_docs, skip):
     """o and lse of ``block_q`` query rows of one (batch row, head) against every visible key
     (with documents: visible and in the query row's document; with ``skip``, key blocks before
-    the first row's document are not visited)."""
+    the first row's document are not visited and tiles inside one document are not masked)."""
     refs = list(refs)
-    lo_ref = refs.pop(4) if skip else None  # after shift, q, k, v
+    bound_refs = [refs.pop(4) for _ in range(3)] if skip else []  # after shift, q, k, v
     if has_docs:
         shift_ref, q_ref, k_ref, v_ref, q_doc_ref, k_doc_ref, o_ref, lse_ref = refs
         q_docs = q_doc_ref[...]
@@ -96,18 +98,18 @@ def _forward_kernel(*refs, scale, block_q, block_k, k_len, has_docs, skip):
     full, visible = key_block_range(
         q_first, shift, block_q=block_q, block_k=block_k, k_len=k_len, num_k_blocks=k_ref.shape[0] // block_k
     )
-    lo = lo_ref[...] if skip else 0
+    loops = key_loops(full, visible, has_docs, [ref[...] for ref in bound_refs] if skip else None)
     q, qk_scale = logit_operand(q_ref[...], scale)
 
-    def body(kb, carry, *, masked):
+    def body(kb, carry, *, causal, docs):
         m, row_sum, acc = carry  # running max (log2 units), running sum, unnormalised output
         k_first = pl.multiple_of(kb * block_k, block_k)
         k = k_ref[pl.ds(k_first, block_k), :]
         v = v_ref[pl.ds(k_first, block_k), :]
         s = dot(q, k, trans_b=True)  # raw products: qk_scale enters the row max and the exponent
         mask = both(
-            causal_mask(q_first, k_first, shift, rows=block_q, cols=block_k, k_len=k_len) if masked else None,
-            same_document(q_docs, k_doc_ref[pl.ds(k_first, block_k)]) if has_docs else None,
+            causal_mask(q_first, k_first, shift, rows=block_q, cols=block_k, k_len=k_len) if causal else None,
+            same_document(q_docs, k_doc_ref[pl.ds(k_first, block_k)]) if docs else None,
         )
         if mask is not None:
             s = jnp.where(mask, s, -jnp.inf)
@@ -124,8 +126,9 @@ def _forward_kernel(*refs, scale, block_q, block_k, k_len, has_docs, skip):
         jnp.zeros((block_q,), F32),
         jnp.zeros((block_q, v_ref.shape[-1]), F32),
     )
-    carry = lax.fori_loop(jnp.minimum(lo, full), full, functools.partial(body, masked=False), carry)
-    m, row_sum, acc = lax.fori_loop(jnp.maximum(lo, full), visible, functools.partial(body, masked=True), carry)
+    for loop in loops:
+        carry = lax.fori_loop(loop.start, loop.stop, functools.partial(body, causal=loop.causal, docs=loop.docs), carry)
+    m, row_sum, acc = carry
     seen = row_sum > 0
     safe_sum = jnp.where(seen, row_sum, 1.0)
     o_ref[...] = jnp.where(seen[:, None], acc / safe_sum[:, None], 0.0).astype(o_ref.dtype)
@@ -194,12 +197,13 @@ def block_attention_fwd(
             pl.BlockSpec((None, lk_pad), lambda i, bb, hh: (bb, 0)),
         ]
         docs = [padded_ids(q_segment_ids, lq_pad, Q_PAD_DOC), padded_ids(k_segment_ids, lk_pad, K_PAD_DOC)]
-    if skip:  # after q, k, v: the first key block of each query block
-        doc_specs.insert(0, bound_spec_q(num_q_blocks))
-        docs.insert(
-            0,
-            first_key_blocks(q_segment_ids, k_segment_ids, block_q=bq, block_k=bk, num_q_blocks=num_q_blocks),
+    if skip:  # after q, k, v: the first key block of each query block and its single-document key blocks
+        first = first_key_blocks(q_segment_ids, k_segment_ids, block_q=bq, block_k=bk, num_q_blocks=num_q_blocks)
+        same = single_document_blocks(
+            q_segment_ids, k_segment_ids, block_rows=bq, block_cols=bk, num_row_blocks=num_q_blocks
         )
+        doc_specs[:0] = [bound_spec_q(num_q_blocks)] * 3
+        docs[:0] = [first, *same]
     # grid (query block q_block(i), batch row bb, query head hh); keys and values of head hh // group
     o, lse = pl.pallas_call(
         kernel,

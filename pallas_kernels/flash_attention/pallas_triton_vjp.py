@@ -60,14 +60,17 @@ from pallas_kernels.flash_attention.common import (
     fit_block,
     heavy_first,
     key_block_range,
+    key_loops,
     pad_to,
     padded_ids,
     query_block_ends,
     query_block_of_program,
+    query_loops,
     resolve,
     round_up,
     same_document,
     shift_operand,
+    single_document_blocks,
 )
 from pallas_kernels.flash_attention.config import BlockConfig
 
@@ -89,7 +92,7 @@ def query_block_range(k_first, shift, *, block_q: int, block_k: int, k_len: int,
 def _dq_kernel(*refs, scale, block_q, block_k, k_len, has_docs, skip):
     """dQ of ``block_q`` query rows of one (batch row, head): Σ over the visible key blocks."""
     refs = list(refs)
-    lo_ref = refs.pop(7) if skip else None  # after shift, q, k, v, do, lse, delta
+    bound_refs = [refs.pop(7) for _ in range(3)] if skip else []  # after shift, q, k, v, do, lse, delta
     if has_docs:
         shift_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_doc_ref, k_doc_ref, dq_ref = refs
         q_docs = q_doc_ref[...]
@@ -104,24 +107,23 @@ def _dq_kernel(*refs, scale, block_q, block_k, k_len, has_docs, skip):
     lse, delta = lse_ref[...], delta_ref[...]  # lse in log2 units
     qk_scale = scale * LOG2E
 
-    def body(kb, dq, *, masked):
+    def body(kb, dq, *, causal, docs):
         k_first = pl.multiple_of(kb * block_k, block_k)
         k = k_ref[pl.ds(k_first, block_k), :]
         v = v_ref[pl.ds(k_first, block_k), :]
         p = jnp.exp2(dot(q, k, trans_b=True) * qk_scale - lse[:, None])
         mask = both(
-            causal_mask(q_first, k_first, shift, rows=block_q, cols=block_k, k_len=k_len) if masked else None,
-            same_document(q_docs, k_doc_ref[pl.ds(k_first, block_k)]) if has_docs else None,
+            causal_mask(q_first, k_first, shift, rows=block_q, cols=block_k, k_len=k_len) if causal else None,
+            same_document(q_docs, k_doc_ref[pl.ds(k_first, block_k)]) if docs else None,
         )
         if mask is not None:
             p = jnp.where(mask, p, 0.0)
         ds = p * (dot(do, v, trans_b=True) - delta[:, None])
         return dq + dot(ds.astype(k.dtype), k)
 
-    lo = lo_ref[...] if skip else 0  # key blocks before the first row's document: nothing visible
     dq = jnp.zeros(dq_ref.shape, F32)
-    dq = lax.fori_loop(jnp.minimum(lo, full), full, functools.partial(body, masked=False), dq)
-    dq = lax.fori_loop(jnp.maximum(lo, full), visible, functools.partial(body, masked=True), dq)
+    for loop in key_loops(full, visible, has_docs, [ref[...] for ref in bound_refs] if skip else None):
+        dq = lax.fori_loop(loop.start, loop.stop, functools.partial(body, causal=loop.causal, docs=loop.docs), dq)
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
@@ -135,7 +137,7 @@ def _dkv_kernel(*refs, scale, block_q, block_k, k_len, group, has_docs, skip, fu
     query columns) so that no [block_k, block_q] tile is transposed for the dK and dV products.
     """
     refs = list(refs)
-    hi_ref = refs.pop(7) if skip else None  # after shift, q, k, v, do, lse, delta
+    bound_refs = [refs.pop(7) for _ in range(3)] if skip else []  # after shift, q, k, v, do, lse, delta
     dq_ref = refs.pop() if fused else None  # the last output; its zeroed input (aliased) is unused
     if fused:
         refs.pop(-3)
@@ -149,14 +151,16 @@ def _dkv_kernel(*refs, scale, block_q, block_k, k_len, group, has_docs, skip, fu
     first, full = query_block_range(
         k_first, shift, block_q=block_q, block_k=block_k, k_len=k_len, num_q_blocks=q_ref.shape[0] // block_q
     )
-    num_q_blocks = q_ref.shape[0] // block_q
+    num_q_blocks, bounds = q_ref.shape[0] // block_q, None
     if skip:  # query blocks after this key block's last document see none of it
-        num_q_blocks = jnp.minimum(num_q_blocks, hi_ref[...])
+        end, *bounds = [ref[...] for ref in bound_refs]
+        num_q_blocks = jnp.minimum(num_q_blocks, end)
         first, full = jnp.minimum(first, num_q_blocks), jnp.minimum(full, num_q_blocks)
+    loops = query_loops(first, full, num_q_blocks, has_docs, bounds)
     k, v = k_ref[...], v_ref[...]
     qk_scale = scale * LOG2E
 
-    def body(qb, carry, *, head, masked):
+    def body(qb, carry, *, head, causal, docs):
         dk, dv = carry
         q_first = pl.multiple_of(qb * block_q, block_q)
         rows = pl.ds(q_first, block_q)
@@ -166,9 +170,9 @@ def _dkv_kernel(*refs, scale, block_q, block_k, k_len, group, has_docs, skip, fu
         p_t = jnp.exp2(dot(k, q, trans_b=True) * qk_scale - lse[None, :])  # [block_k, block_q]
         mask = both(
             causal_mask(q_first, k_first, shift, rows=block_k, cols=block_q, k_len=k_len, transpose=True)
-            if masked
+            if causal
             else None,
-            same_document(q_doc_ref[rows], k_docs, transpose=True) if has_docs else None,
+            same_document(q_doc_ref[rows], k_docs, transpose=True) if docs else None,
         )
         if mask is not None:
             p_t = jnp.where(mask, p_t, 0.0)
@@ -179,8 +183,10 @@ def _dkv_kernel(*refs, scale, block_q, block_k, k_len, group, has_docs, skip, fu
         return dk + dot(ds_t, q), dv
 
     def one_head(head, carry):
-        carry = lax.fori_loop(first, full, functools.partial(body, head=head, masked=True), carry)
-        return lax.fori_loop(full, num_q_blocks, functools.partial(body, head=head, masked=False), carry)
+        for loop in loops:
+            step = functools.partial(body, head=head, causal=loop.causal, docs=loop.docs)
+            carry = lax.fori_loop(loop.start, loop.stop, step, carry)
+        return carry
 
     init = (jnp.zeros(dk_ref.shape, F32), jnp.zeros(dv_ref.shape, F32))
     dk, dv = lax.fori_loop(0, group, one_head, init)
@@ -292,8 +298,13 @@ def _dq_call(ops: _Operands, ids, *, block_q, block_k, out_dtype, interpret, par
     num_q_blocks = lq_pad // block_q
     q_block = heavy_first(num_q_blocks)
     bounds = []
-    if statics["skip"]:
-        bounds = [first_key_blocks(**ids, block_q=block_q, block_k=block_k, num_q_blocks=num_q_blocks)]
+    if statics["skip"]:  # the first key block of each query block, and its single-document key blocks
+        bounds = [
+            first_key_blocks(**ids, block_q=block_q, block_k=block_k, num_q_blocks=num_q_blocks),
+            *single_document_blocks(
+                ids["q_ids"], ids["k_ids"], block_rows=block_q, block_cols=block_k, num_row_blocks=num_q_blocks
+            ),
+        ]
     # grid (query block q_block(i), batch row bb, query head hh); keys and values of head hh // group
     rows = lambda width: pl.BlockSpec((None, block_q, None, width), lambda i, bb, hh: (bb, q_block(i), hh, 0))  # noqa: E731
     kv_all = lambda width: pl.BlockSpec((None, lk_pad, None, width), lambda i, bb, hh: (bb, 0, hh // group, 0))  # noqa: E731
@@ -306,7 +317,7 @@ def _dq_call(ops: _Operands, ids, *, block_q, block_k, out_dtype, interpret, par
         functools.partial(_dq_kernel, block_q=block_q, block_k=block_k, **statics),
         grid=(num_q_blocks, b, h),
         in_specs=[SHIFT_SPEC, rows(dp), kv_all(dp), kv_all(ep), rows(ep), stats, stats]
-        + ([bound_spec_q(num_q_blocks)] if statics["skip"] else [])
+        + [bound_spec_q(num_q_blocks)] * len(bounds)
         + (doc_specs if ops.docs is not None else []),
         out_specs=rows(dp),
         out_shape=jax.ShapeDtypeStruct((b, lq_pad, h, dp), out_dtype),
@@ -323,9 +334,14 @@ def _dkv_call(ops: _Operands, ids, *, block_q, block_k, fused, out_dtype, interp
     lk_pad, hk, ep = ops.k.shape[1], ops.k.shape[2], ops.v.shape[3]
     group = h // hk
     bounds = []
-    if statics["skip"]:
+    if statics["skip"]:  # how many query blocks see each key block, and its single-document query blocks
         num = dict(num_k_blocks=lk_pad // block_k, num_q_blocks=lq_pad // block_q)
-        bounds = [query_block_ends(**ids, block_q=block_q, block_k=block_k, **num)]
+        bounds = [
+            query_block_ends(**ids, block_q=block_q, block_k=block_k, **num),
+            *single_document_blocks(
+                ids["k_ids"], ids["q_ids"], block_rows=block_k, block_cols=block_q, num_row_blocks=lk_pad // block_k
+            ),
+        ]
     # grid (key block j, batch row bb, key head hh); the query heads [hh·group, (hh + 1)·group)
     keys = lambda width: pl.BlockSpec((None, block_k, None, width), lambda j, bb, hh: (bb, j, hh, 0))  # noqa: E731
     q_group = lambda width: pl.BlockSpec((None, lq_pad, group, width), lambda j, bb, hh: (bb, 0, hh, 0))  # noqa: E731
@@ -336,7 +352,7 @@ def _dkv_call(ops: _Operands, ids, *, block_q, block_k, fused, out_dtype, interp
     ]
     in_specs = (
         [SHIFT_SPEC, q_group(dp), keys(dp), keys(ep), q_group(ep), stats_group, stats_group]
-        + ([pl.BlockSpec((None, None), lambda j, bb, hh: (bb, j))] if statics["skip"] else [])
+        + [pl.BlockSpec((None, None), lambda j, bb, hh: (bb, j))] * len(bounds)
         + (doc_specs if ops.docs is not None else [])
     )
     args = [ops.shift, ops.q, ops.k, ops.v, ops.do, ops.lse2, ops.delta, *bounds, *(ops.docs or ())]

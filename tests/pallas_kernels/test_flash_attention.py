@@ -28,7 +28,7 @@ import pytest
 
 import pallas_kernels
 from pallas_kernels.flash_attention import BlockConfig, block_attention_bwd, block_attention_fwd, default_config, xla
-from pallas_kernels.flash_attention.common import first_key_blocks, query_block_ends
+from pallas_kernels.flash_attention.common import first_key_blocks, query_block_ends, single_document_blocks
 from pallas_kernels.flash_attention.reference import block_attention as oracle
 from tests.helpers import rel_err, tol, x64
 
@@ -188,6 +188,16 @@ def test_documents_match_jnp_recurrence(rng, sorted_ids, lq, lk, q_start, n_docs
     assert int(first_key_blocks(**ids_kw, num_q_blocks=-(-lq // 16)).max()) > 0
     ends = query_block_ends(**ids_kw, num_k_blocks=-(-lk // 16), num_q_blocks=-(-lq // 16))
     assert int(ends.min()) < -(-lq // 16)
+
+
+def test_single_document_blocks():
+    """The column blocks a row block attends without the document mask lie wholly inside the one
+    document of all its real rows: documents 0 on [0, 40) and 1 on [40, 100), 16-row blocks; a block
+    spanning both, and one of padding only, get none."""
+    ids = jnp.asarray([[0] * 40 + [1] * 60], jnp.int32)
+    lo, hi = single_document_blocks(ids, ids, block_rows=16, block_cols=16, num_row_blocks=8)
+    np.testing.assert_array_equal(lo, [[0, 0, 0, 3, 3, 3, 3, 0]])
+    np.testing.assert_array_equal(hi, [[2, 2, 0, 6, 6, 6, 6, 0]])
 
 
 def test_backward_adds_up_over_key_blocks(rng):
