@@ -18,10 +18,12 @@ sees the most keys; ``common.heavy_first``). The offset ``shift = q_start − k_
 kernel as a one-element int32 array; from it each program computes, with traced loop bounds, the
 key blocks it must see: those wholly visible (a loop without a mask) and those that cross the
 diagonal or the end of the keys (a masked loop). Key blocks wholly in the program's future are
-never loaded. Head dims are padded to a power of two ≥ 16 and the lengths to whole blocks outside
-the kernel: zero head columns are exact, padded keys are masked (they are never seen), padded
-query rows are sliced off. Exponentials run in base 2; the row maxima are taken of the raw
-products ``q·k`` and ``scale · log2 e`` enters once, in the exponent's multiply-add.
+never loaded; with sorted document numbers neither are key blocks before the rows' documents,
+and tiles wholly inside one document skip the document mask (``common.key_loops``). Head dims are
+padded to a power of two ≥ 16 and the lengths to whole blocks outside the kernel: zero head
+columns are exact, padded keys are masked (they are never seen), padded query rows are sliced off.
+Exponentials run in base 2; the row maxima are taken of the raw products ``q·k`` and
+``scale · log2 e`` enters once, in the exponent's multiply-add.
 
 ``flash_attention`` (end of the file) is single-device causal attention as one ``custom_vjp``
 over ``block_attention_fwd`` and the backward kernels of ``pallas_triton_vjp``; it has the

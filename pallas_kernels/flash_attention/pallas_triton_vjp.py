@@ -17,14 +17,17 @@ stored):
   last query block first as in the forward) walks the visible key blocks with the forward's loop
   bounds; ``dk/dv`` (one program per key block, batch row and *key* head) walks, for each query
   head of the key head's group in turn, the query blocks that see its keys, accumulating dK and
-  dV of the group in float32 registers. Both
-  recompute Q Kᵀ and dO Vᵀ: seven tile products per visible tile (dq kernel: Q Kᵀ, dO Vᵀ, dS K;
-  dk/dv kernel: Q Kᵀ, dO Vᵀ, Pᵀ dO, dSᵀ Q).
+  dV of the group in float32 registers. Both recompute Q Kᵀ and dO Vᵀ: seven tile products per
+  visible tile (dq kernel: Q Kᵀ, dO Vᵀ, dS K; dk/dv kernel: Q Kᵀ, dO Vᵀ, Pᵀ dO, dSᵀ Q).
 - ``"fused"``: the dk/dv kernel alone, which also adds each tile's ``dS K`` into a float32 dQ in
   global memory with atomic adds (FlashAttention-2's original scheme; ``scale`` multiplies the
   sum once, outside the kernel): five products per tile,
   one pass over Q and dO, at the price of ``[B, Lq, H, D]`` float32 read-modify-writes
   (``Lk / block_k_dkv`` of them per dQ row) and a summation order that varies from run to run.
+
+Masks as in the forward: only tiles that cross the diagonal or the end of the keys get the causal
+mask, and with sorted document numbers only tiles that may pair two documents get the document
+mask (``common.key_loops`` / ``common.query_loops``).
 
 Summing the group inside the dk/dv kernel keeps its outputs at ``[B, Lk, Hk, ·]`` float32; a
 per-query-head output summed afterwards would write (and hold) ``H / Hk`` times as many bytes,
