@@ -82,6 +82,7 @@ class ModelConfig:
     # run the blocks under a lax.scan over stacked parameters (one step per period of layer_types;
     # models.layer_scan): compile time flat in depth; parameter paths differ, so off by default
     scan_layers: bool = False
+    mlp_chunk: int = 0  # >0: the MLP runs over checkpointed chunks of this many tokens (models.tokenwise); 0: whole
 
     def __post_init__(self):
         def positive(name):

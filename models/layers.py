@@ -34,6 +34,7 @@ from lasp_jax import lasp_attention, softmax_attention
 from models.config import ModelConfig
 from models.mixer_math import alibi_slopes as alibi_slopes
 from models.mixer_math import cached_attention, feature_map, lrpe, recurrent_step, rope, srms, tnl_log_decay
+from models.tokenwise import map_token_chunks, rms_normalize
 
 Array = jax.Array
 
@@ -160,15 +161,10 @@ class Norm(nnx.Module):
             self.bias = nnx.Param(jnp.zeros((dim,), pdt), logical_axes=("norm",))
 
     def __call__(self, x: Array) -> Array:
-        if self.kind == "srms":
-            return srms(x, self.eps)
-        xf = x.astype(jnp.float32)
-        if self.kind == "layer":
-            xf = xf - jnp.mean(xf, axis=-1, keepdims=True)
-        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps) * self.scale[...]
-        if self.kind == "layer":
-            y = y + self.bias[...]
-        return y.astype(x.dtype)
+        """float32 math in x's dtype; the backward keeps no float32 copy of x (``models.tokenwise``)."""
+        scale = None if self.kind == "srms" else self.scale[...]
+        bias = self.bias[...] if self.kind == "layer" else None
+        return rms_normalize(x, scale, bias, eps=self.eps, center=self.kind == "layer")
 
 
 class Mlp(nnx.Module):
@@ -177,15 +173,18 @@ class Mlp(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs):
         d, f = config.d_model, config.hidden_dim
         std, out_std = config.init_std, config.init_std / math.sqrt(2 * config.n_layers)
-        self.kind = config.mlp
+        self.kind, self.chunk = config.mlp, config.mlp_chunk
         n_in = 1 if self.kind == "gelu" else 2
         # the two input projections are one matmul: [d, n_in·f]
         self.w_in = Dense(d, n_in * f, ("embed", "mlp"), std=std, config=config, rngs=rngs)
         self.w_out = Dense(f, d, ("mlp", "embed"), std=out_std, config=config, rngs=rngs)
 
     def __call__(self, x: Array, ctx: LaspContext | None = None) -> Array:
-        """Under ``ctx.head_axis`` the hidden units split over it: ``w_in`` column-, ``w_out`` row-parallel."""
-        ctx = ctx or SINGLE_DEVICE
+        """Under ``ctx.head_axis`` the hidden units split over it: ``w_in`` column-, ``w_out`` row-parallel.
+        With ``chunk`` (``ModelConfig.mlp_chunk``) tokens run in checkpointed chunks (``models.tokenwise``)."""
+        return map_token_chunks(lambda xc: self._apply(xc, ctx or SINGLE_DEVICE), x, self.chunk)
+
+    def _apply(self, x: Array, ctx: LaspContext) -> Array:
         f = self.w_out.kernel.shape[0]
         if self.kind == "gelu":
             h = jax.nn.gelu(self.w_in.project(x, (f,), ctx, (True,))[0])
