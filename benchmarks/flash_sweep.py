@@ -76,6 +76,8 @@ QUICK_CONFIGS = [
     ("split-32", dict(block_q_dq=32, block_k_dq=16, block_k_dkv=32, block_q_dkv=16, num_warps_dq=4)),
     ("fwd-32x16", dict(block_q=32)),
 ]
+# errors that leave the device as it was (the kernel did not compile or fit): the worker goes on
+COMPILE_ERRORS = ("shared memory", "out of resource", "resource_exhausted")
 FWD_FIELDS = ("block_q", "block_k", "num_warps", "num_stages")
 BWD_FIELDS = (
     "block_q_dq",
@@ -171,6 +173,8 @@ def run_worker(args, items: list[dict]):
         except Exception as err:  # noqa: BLE001 (a config that does not compile or fit is a result)
             row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}" if str(err) else repr(err)
         emit("row", row=row)
+        if "error" in row and not any(word in row["error"].lower() for word in COMPILE_ERRORS):
+            sys.exit(3)  # a failed run may leave the device in an error state: the parent starts a fresh worker
 
 
 def both_passes(attend):
