@@ -38,6 +38,9 @@ def variants(base, d: int) -> list[tuple[str, dict]]:
         # the WY backward from the forward's stored X on whole chunks (the default under scalar / no
         # gates) against the 16-row one that forms X again
         {"store_inverse": not base.store_inverse},
+        {"inverse_precision": "highest" if base.inverse_precision == "tf32x3" else "tf32x3"},
+        {"wy_rows": 64, "inverse_precision": "tf32x3"},  # whole-chunk WY kernels: the inverse by doubling
+        {"wy_rows": 32, "inverse_precision": "tf32x3"},
         {"num_warps_bwd": 4},
         {"block_cols": 64},
         {"block_cols": 64, "num_warps_bwd": 4},

@@ -30,14 +30,19 @@ def acc_dtype(*dtypes) -> jnp.dtype:
     return jnp.result_type(jnp.float32, *[d for d in dtypes if d is not None])
 
 
-def dot(a, b, *, trans_a: bool = False, trans_b: bool = False):
+def dot(a, b, *, trans_a: bool = False, trans_b: bool = False, precision=lax.Precision.HIGHEST):
     """``a @ b`` (``aᵀ`` / ``bᵀ`` when asked) with float32 accumulation, for use inside kernels.
 
     HIGHEST keeps float32 operands exact (jax 0.11's Triton lowering maps DEFAULT to tf32);
-    bf16/fp16 operands go to the tensor cores either way.
+    bf16/fp16 operands go to the tensor cores either way. ``precision`` may be another choice for
+    float32 operands, e.g. ``TF32_X3`` (three tf32 products on the tensor cores; not on the CPU).
     """
     dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-    return lax.dot_general(a, b, dims, precision=lax.Precision.HIGHEST, preferred_element_type=F32)
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=F32)
+
+
+# float32 products as three tf32 products on the tensor cores (about float32 accuracy; GPU only)
+TF32_X3 = lax.DotAlgorithmPreset.TF32_TF32_F32_X3
 
 
 def pad_dim(n: int) -> int:

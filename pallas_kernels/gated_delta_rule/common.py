@@ -239,12 +239,13 @@ def gated_product_vjp(p: Pair, dz, mode: GateMode, mxu):
 # ---- the WY form: A, its unit-lower inverse, W and U ------------------------------------------
 
 
-def unit_lower_inverse(a):
+def unit_lower_inverse(a, precision=lax.Precision.HIGHEST):
     """``(I + a)⁻¹`` for a strictly lower-triangular ``[s, s]`` ``a`` (s a power of two), float32.
 
     Doubling: from the inverses of the diagonal blocks of size ``n`` those of size ``2n`` are
     ``X − X L X``, L the entries of ``a`` below the diagonal blocks inside each ``2n`` block (the
-    block formula ``X₂₁ = −X₂₂ A₂₁ X₁₁``): log2(s) steps of two s×s products, no division.
+    block formula ``X₂₁ = −X₂₂ A₂₁ X₁₁``): log2(s) steps of two s×s products, no division;
+    ``precision`` of the float32 products (``pallas_kernels.common.dot``).
     """
     s = a.shape[0]
     row = lax.broadcasted_iota(jnp.int32, (s, s), 0)
@@ -255,20 +256,20 @@ def unit_lower_inverse(a):
         same_block = (row >> (shift + 1)) == (col >> (shift + 1))
         lower_half = ((row & step) != 0) & ((col & step) == 0)
         below = jnp.where(same_block & lower_half, a, 0.0)
-        x = x - dot(dot(x, below), x)
+        x = x - dot(dot(x, below, precision=precision), x, precision=precision)
         step, shift = 2 * step, shift + 1
     return x
 
 
-def block_inverse(a: dict, n: int) -> dict:
+def block_inverse(a: dict, n: int, precision=lax.Precision.HIGHEST) -> dict:
     """``(I + A)⁻¹`` by blocks from A's lower blocks ``a[(I, J)]``, ``J ≤ I < n`` (diagonal blocks
     strictly lower): ``X_II = unit_lower_inverse(A_II)``, ``X_IJ = −X_II Σ_{J ≤ M < I} A_IM X_MJ``."""
     x = {}
     for i in range(n):
-        x[i, i] = unit_lower_inverse(a[i, i])
+        x[i, i] = unit_lower_inverse(a[i, i], precision)
         for j in range(i - 1, -1, -1):
-            acc = sum(dot(a[i, m], x[m, j]) for m in range(j, i))
-            x[i, j] = -dot(x[i, i], acc)
+            acc = sum(dot(a[i, m], x[m, j], precision=precision) for m in range(j, i))
+            x[i, j] = -dot(x[i, i], acc, precision=precision)
     return x
 
 
@@ -307,9 +308,9 @@ def gram_blocks(c: Chunk, *, mode: GateMode, mxu) -> dict:
     return {(i, j): gated_product(_gram_pair(c, i, j), mode, mxu) for i in range(n) for j in range(i + 1)}
 
 
-def inverse_blocks(gram: dict, beta: list) -> dict:
+def inverse_blocks(gram: dict, beta: list, precision=lax.Precision.HIGHEST) -> dict:
     """The lower blocks of ``X = (I + A)⁻¹``, ``A = diag(β) G``."""
-    return block_inverse({(i, j): beta[i][:, None] * g for (i, j), g in gram.items()}, len(beta))
+    return block_inverse({(i, j): beta[i][:, None] * g for (i, j), g in gram.items()}, len(beta), precision)
 
 
 def key_rhs(c: Chunk, mxu) -> list:

@@ -46,6 +46,9 @@ class BlockConfig:
         ``C × C``) and the WY backward reads it and runs on whole chunks (one ``C``-row tile: a few
         large products instead of the 16×16 blocks and the inverse again), under scalar or no gates;
         per-channel gates ignore it.
+      inverse_precision: the float32 products that form ``X = (I + A)⁻¹``: ``"highest"`` (exact
+        float32 on the CUDA cores) or ``"tf32x3"`` (three tf32 products on the tensor cores, about
+        float32 accuracy); the Pallas interpreter (CPU) always uses ``"highest"``.
       wy_bwd_split: the WY backward as two kernels, the state step's shares of dk and db first
         (reading h, dh and V'), then the WY form's; False: one kernel holding both (more live
         registers: ptxas reported spills for it).
@@ -63,6 +66,7 @@ class BlockConfig:
     num_stages_bwd: int = 1
     wy_rows: int = SUB_TILE
     store_inverse: bool = False
+    inverse_precision: str = "highest"
     wy_bwd_split: bool = False  # H200 sweep: fused 13.09 vs split 13.56 ms (GDN), 59.4 vs 60.0 (KDA)
 
     def __post_init__(self):
@@ -72,6 +76,8 @@ class BlockConfig:
                 raise ValueError(f"BlockConfig.{name}={value} must be a power of two >= {SUB_TILE}")
         if self.wy_rows > self.chunk:
             raise ValueError(f"BlockConfig.wy_rows={self.wy_rows} must be at most chunk={self.chunk}")
+        if self.inverse_precision not in ("highest", "tf32x3"):
+            raise ValueError(f"BlockConfig.inverse_precision={self.inverse_precision!r} must be 'highest' or 'tf32x3'")
         if self.splits < 1:
             raise ValueError(f"BlockConfig.splits={self.splits} must be positive")
 
@@ -97,7 +103,7 @@ def default_config(
     least 16 chunks per split; the WY kernels take whole rows of keys and values at once
     (``block_cols`` = the padded head dim) under scalar or no gates, 32-column blocks under
     per-channel gates; the forward stores each chunk's inverse for a whole-chunk WY backward under
-    scalar or no gates (``store_inverse``).
+    scalar or no gates (``store_inverse``); the inverse's float32 products as tf32×3 on the tensor cores.
 
     Warps from ptxas register counts of a Triton 3.9 sm_90 build (the wy kernel spills at 4 warps,
     not at 8); ``block_cols`` from the H200 sweep of 2026-11-30 (GDN (1, 32K, 16, 128) bf16
@@ -111,6 +117,7 @@ def default_config(
         block_e=min(32, value_dim),
         block_cols=32 if per_channel else max(16, key_dim, value_dim),
         store_inverse=not per_channel,
+        inverse_precision="tf32x3",
     )
     programs = batch * value_heads * (value_dim // cfg.block_e)
     chunks = -(-seq_len // cfg.chunk)

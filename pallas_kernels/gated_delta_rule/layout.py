@@ -23,7 +23,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import F32
+from pallas_kernels.common import F32, TF32_X3
 from pallas_kernels.gated_delta_rule import common
 from pallas_kernels.gated_delta_rule.common import Docs, GateMode, last_row
 from pallas_kernels.gated_delta_rule.config import SUB_TILE, BlockConfig
@@ -45,6 +45,12 @@ class Statics:
     mode: GateMode
     cfg: BlockConfig
     interpret: bool
+
+    @property
+    def inverse_precision(self):
+        """The precision of the float32 products that form ``(I + A)⁻¹`` (``cfg.inverse_precision``;
+        exact float32 in the interpreter, which runs on the CPU)."""
+        return TF32_X3 if self.cfg.inverse_precision == "tf32x3" and not self.interpret else lax.Precision.HIGHEST
 
 
 def mxu_dtype(dtype):

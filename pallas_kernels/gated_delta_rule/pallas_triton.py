@@ -69,7 +69,7 @@ from pallas_kernels.gated_delta_rule.reference import document_index
 # ---- kernels ----------------------------------------------------------------------------------
 
 
-def _wy_kernel(k_ref, v_ref, beta_ref, *refs, mode, has_docs, mxu, block_cols, parts):
+def _wy_kernel(k_ref, v_ref, beta_ref, *refs, mode, has_docs, mxu, block_cols, parts, precision):
     """W and U of one chunk: the Gram blocks summed over key-column blocks, X, then W and U
     column block by column block; X itself too when given an output for it."""
     refs = list(refs)
@@ -85,7 +85,7 @@ def _wy_kernel(k_ref, v_ref, beta_ref, *refs, mode, has_docs, mxu, block_cols, p
         return common.add_blocks(gram, common.gram_blocks(keys(j), mode=mode, mxu=mxu))
 
     gram = lax.fori_loop(0, k_ref.shape[1] // kw, add_gram, zero_blocks(parts, k_ref.shape[0] // parts))
-    x = common.inverse_blocks(gram, beta)
+    x = common.inverse_blocks(gram, beta, precision)
     if x_ref:  # the whole C × C inverse, block column by block column (zeros above the diagonal)
         rows = k_ref.shape[0] // parts
         for j in range(parts):
@@ -172,6 +172,7 @@ def wy_representation(k, v, beta, b, docs, lay: Layout, statics: Statics):
             mxu=lay.mxu,
             block_cols=statics.cfg.block_cols,
             parts=lay.wy_parts,
+            precision=statics.inverse_precision,
         ),
         grid=lay.chunk_grid(),
         in_specs=[

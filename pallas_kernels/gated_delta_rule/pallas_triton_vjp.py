@@ -195,6 +195,7 @@ def _wy_bwd_kernel(
     with_state,
     stored_inverse,
     parts,
+    precision,
 ):
     """dk, dv, dβ and db of one chunk: the state step's (if ``with_state``; else ``dk_out`` and
     ``db_out`` already hold them) and the WY form's, plus the output's share.
@@ -243,7 +244,7 @@ def _wy_bwd_kernel(
         x = {(0, 0): x_ref[...]}
         da = common.inverse_backward(x, dx, mxu)
     else:
-        x = common.inverse_blocks(gram, beta)
+        x = common.inverse_blocks(gram, beta, precision)
         da = common.inverse_backward(x, dx)
     dgram, dbeta = common.gram_grads(gram, da, beta)
     # X and dG only feed matmuls from here: keep them in the operand dtype (half the registers)
@@ -432,6 +433,7 @@ def wy_backward(res: Residuals, dh, dv_new, dk_out, db_out, lay: Layout, statics
         block_cols=statics.cfg.block_cols,
         with_state=not split,
         stored_inverse=res.x is not None,
+        precision=statics.inverse_precision,
         parts=1 if res.x is not None else lay.wy_parts,
     )
     x_in = [] if res.x is None else [(lay.chunk_spec(lay.chunk), res.x)]

@@ -295,7 +295,12 @@ def test_kernels_lower_to_triton(monkeypatch):
     ]:
         # deltanet lowers the fused WY backward, kda its two-kernel split, gdn the whole-chunk one
         # that reads the stored inverse
-        config = BlockConfig(splits=splits, wy_bwd_split=gate == "kda", store_inverse=gate == "gdn")
+        config = BlockConfig(
+            splits=splits,
+            wy_bwd_split=gate == "kda",
+            store_inverse=gate == "gdn",
+            inverse_precision="tf32x3" if gate != "kda" else "highest",
+        )
         q, v = spec((b, t, h, d), dtype), spec((b, t, hv, e), dtype)
         beta, s0 = spec((b, t, hv), jnp.float32), spec((b, hv, d, e), jnp.float32)
         g = {"deltanet": None, "gdn": spec((b, t, hv), jnp.float32), "kda": spec((b, t, hv, d), jnp.float32)}[gate]
