@@ -54,7 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--value-dim", type=int, default=None, help="default: --dim")
     p.add_argument("--dtype", choices=["bf16", "f16", "f32"], default="bf16")
-    p.add_argument("--decay", choices=["g_gamma", "g", "none"], default="g_gamma")
+    p.add_argument(
+        "--decay", choices=["g_gamma", "g", "channel", "none"], default="g_gamma", help="channel: GLA g [B, T, H, D]"
+    )
     p.add_argument("--strategies", default="ring,allgather,scan,ulysses,gather_kv")
     p.add_argument("--impl", default="auto", help="local kernel: auto | pallas | xla")
     p.add_argument("--devices", type=int, default=None, help="use the first N devices (default: all)")
@@ -347,6 +349,8 @@ def main(argv=None) -> dict:
         decay_kw["g_gamma"] = jnp.asarray(-(2.0 ** (-8.0 * np.arange(1, h + 1) / h)), jnp.float32)
     elif args.decay == "g":
         host["g"] = np.log(1 / (1 + np.exp(-(draw((b, t, h)) + 4.0)))).astype(np.float32)  # log-sigmoid, near 0
+    elif args.decay == "channel":  # GLA's per-key-channel gates, logsigmoid(x) / 16
+        host["g"] = (np.log(1 / (1 + np.exp(-draw((b, t, h, d))))) / 16).astype(np.float32)
 
     tokens = NamedSharding(mesh, P(None, "sp"))
 
