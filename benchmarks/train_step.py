@@ -69,6 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--remat", default="dots", help="none | dots | full | offload (throughput rows)")
     p.add_argument("--scan-layers", action="store_true", help="blocks under a lax.scan (ModelConfig.scan_layers)")
+    p.add_argument("--mlp-chunk", type=int, default=0, help="ModelConfig.mlp_chunk: MLP in chunks of this many tokens")
     p.add_argument("--loss-chunks", default="auto", help="int, or auto: about 8K tokens of logits per device at once")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=8)
@@ -126,7 +127,7 @@ def run_config(
         raise SystemExit(f"need {n} devices for sp={sp} dp={args.dp} tp={args.tp}, have {len(jax.devices())}")
     seq_len = local_tokens * sp
     chunks = loss_chunks_for(args, local_tokens, sp)
-    model = get_config(preset, dtype=args.dtype, scan_layers=args.scan_layers)
+    model = get_config(preset, dtype=args.dtype, scan_layers=args.scan_layers, mlp_chunk=args.mlp_chunk)
     config = TrainConfig(
         model=model,
         mesh=MeshConfig(dp=args.dp, sp=sp, tp=args.tp, fsdp=args.fsdp, strategy=args.strategy, impl=args.impl),
@@ -176,6 +177,7 @@ def run_config(
         "tokens_per_device": local_tokens,
         "remat": remat,
         "scan_layers": args.scan_layers,
+        "mlp_chunk": args.mlp_chunk,
         "loss_chunks": chunks,
         "compile_s": compile_s,
         "step_ms": 1e3 * step_s,

@@ -113,15 +113,15 @@ _normalize.defvjp(_normalize_fwd, _normalize_bwd)
 def map_token_chunks(fn: Callable[[Array], Array], x: Array, chunk: int) -> Array:
     """``fn(x)`` for a token-wise ``fn``, run over strided chunks of ``chunk`` tokens (see the module).
 
-    x ``[B, T, ...]``. ``chunk <= 0`` or ``T <= chunk``: ``fn(x)`` as it is. Otherwise ``chunk``
-    must divide T (``ValueError`` naming both).
+    x ``[B, T, ...]``. ``chunk <= 0`` or ``T <= chunk``: ``fn(x)`` as it is. Otherwise the fewest
+    equal chunks of at most ``chunk`` tokens: k chunks for the smallest divisor k of T with
+    ``T / k <= chunk`` (a T with few divisors gets smaller chunks; powers of two get exactly ``chunk``).
     """
     t = x.shape[1]
     if chunk <= 0 or t <= chunk:
         return fn(x)
-    if t % chunk:
-        raise ValueError(f"seq_len={t} must be a multiple of mlp_chunk={chunk} (or at most it)")
-    k = t // chunk
+    k = next(k for k in range(-(-t // chunk), t + 1) if t % k == 0)
+    chunk = t // k
     # [B, T, ...] -> [k, B, T/k, ...]: chunk j holds tokens j, j + k, ... (every shard of T keeps its part)
     chunks = jnp.moveaxis(x.reshape(x.shape[0], chunk, k, *x.shape[2:]), 2, 0)
     step = jax.checkpoint(fn, prevent_cse=False)  # under a scan no CSE barrier is needed
