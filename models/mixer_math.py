@@ -12,13 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models.tokenwise import rms_normalize
+
 Array = jax.Array
 
 
 def srms(x: Array, eps: float) -> Array:
-    """Simple RMSNorm (no gain), computed in float32, returned in x's dtype."""
-    xf = x.astype(jnp.float32)
-    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+    """Simple RMSNorm (no gain), computed in float32, returned in x's dtype (``models.tokenwise``)."""
+    return rms_normalize(x, eps=eps)
 
 
 def alibi_slopes(n_heads: int) -> np.ndarray:
