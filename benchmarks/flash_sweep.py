@@ -69,6 +69,7 @@ CONFIGS = [
     ("fused-dkv64-w4-s3", dict(backward="fused", num_stages_bwd=3)),
     ("fwd-64x64-w4", dict(block_q=64, block_k=64, num_warps=4)),
     ("split-dq64x128-dkv128-w8", dict(block_q_dq=64, block_k_dq=128, num_warps_dq=4, **DKV128)),
+    ("split-dq64x128-dkv64x128-w4", dict(block_k_dq=128, block_q_dkv=128)),
 ]
 QUICK_CONFIGS = [
     ("default", {}),
