@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -352,8 +353,16 @@ def test_kernels_lower_to_triton(monkeypatch):
             return block_attention_bwd(q, k, v, o, lse, do, q_start=q_start, k_start=k_start, **docs, **kw)
 
         ids = jax.ShapeDtypeStruct((b, lq), jnp.int32), jax.ShapeDtypeStruct((b, lk), jnp.int32)
-        traced = jax.jit(with_documents).trace(q, k, v, do, lse, pos, pos, *ids)
-        assert traced.lower(lowering_platforms=("cuda",)).as_text().count("__gpu$xla.gpu.triton") == 3
+        own_dq = dict(kw, config=dataclasses.replace(cfg, num_warps_dq=2))  # the dq kernel's own launch parameter
+        traced = jax.jit(functools.partial(with_documents, kw=own_dq)).trace(q, k, v, do, lse, pos, pos, *ids)
+        calls = [x for x in traced.lower(lowering_platforms=("cuda",)).as_text().splitlines() if "xla.gpu.triton" in x]
+        assert len(calls) == 3
+        warps = {name: "num_warps = 2 :" in x for x in calls for name in re.findall(r"flash_attention_\w+", x)[:1]}
+        assert warps == {
+            "flash_attention_forward": False,
+            "flash_attention_backward_dkv": False,
+            "flash_attention_backward_dq": True,
+        }
 
 
 GPU_CASES = {
