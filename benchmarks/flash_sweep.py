@@ -9,10 +9,12 @@ Times single-device causal attention, forward and forward+backward, as training 
 the kernels write o and the gradients in the input dtype) at causal 32K, H32 Hk8 D128 bf16 for a
 list of configs (``CONFIGS``: the default, then forward tilings and backward variants, in order of
 interest), and ``jax.nn.dot_product_attention(implementation="cudnn", is_causal=True)`` in the same
-run. Each row: forward ms, forward+backward ms (one jitted ``jax.vjp``: o and dq, dk, dv), the
-backward as their difference, both as multiples of cuDNN's, TFLOP/s over the causal pairs (4·D per
-pair and head forward, 10·D backward, FlashAttention-2's count whatever the variant computes), and
-the largest relative error of o, dq, dk, dv against cuDNN's (a variant that computes something else
+run; last, as a peer, jax's own Pallas Mosaic GPU attention forward (fp16; it has no causal
+backward): what Hopper warpgroup kernels reach on this shape. Each row: forward ms,
+forward+backward ms (one jitted ``jax.vjp``: o and dq, dk, dv), the backward as their difference,
+both as multiples of cuDNN's, TFLOP/s over the causal pairs (4·D per pair and head forward, 10·D
+backward, FlashAttention-2's count whatever the variant computes), and the largest relative error
+of o, dq, dk, dv against cuDNN's (a variant that computes something else
 shows). A forward tiling timed once is not timed again. At the end, if time is left, the fastest
 forward tiling and the fastest backward run together (row ``best``), and the BlockConfig to make
 the default is printed.
