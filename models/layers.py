@@ -181,8 +181,11 @@ class Mlp(nnx.Module):
 
     def __call__(self, x: Array, ctx: LaspContext | None = None) -> Array:
         """Under ``ctx.head_axis`` the hidden units split over it: ``w_in`` column-, ``w_out`` row-parallel.
-        With ``chunk`` (``ModelConfig.mlp_chunk``) tokens run in checkpointed chunks (``models.tokenwise``)."""
-        return map_token_chunks(lambda xc: self._apply(xc, ctx or SINGLE_DEVICE), x, self.chunk)
+        With ``chunk`` (``ModelConfig.mlp_chunk``) tokens run in checkpointed chunks (``models.tokenwise``),
+        strided when the sequence is sharded."""
+        ctx = ctx or SINGLE_DEVICE
+        strided = ctx.mesh is not None and ctx.mesh.shape.get(ctx.seq_axis, 1) > 1
+        return map_token_chunks(lambda xc: self._apply(xc, ctx), x, self.chunk, strided=strided)
 
     def _apply(self, x: Array, ctx: LaspContext) -> Array:
         f = self.w_out.kernel.shape[0]

@@ -13,12 +13,14 @@ million tokens of d = 2048. The backward here re-forms x̂ inside its elementwis
     g = dy · scale,    dx = rsqrt · (g − mean(g) − x̂ · mean(g · x̂))      (mean(g) only with ``center``)
     d scale = Σ_tokens dy · x̂,    d bias = Σ_tokens dy
 
-``map_token_chunks(fn, x, chunk)`` runs a token-wise ``fn`` (``[B, t, d] → [B, t, d']``, every token
-on its own: the MLP) over strided chunks of ``chunk`` tokens (chunk j: tokens ``t ≡ j (mod T/chunk)``,
-so each chunk keeps its share of every sequence shard, as the chunked loss of ``models.loss``),
-each chunk a ``jax.checkpoint`` under one ``lax.scan``: the forward keeps nothing per chunk and the
-backward recomputes one chunk at a time, so the ``[T, ffn]`` activations of an MLP never exist at
-once. The value and the gradients are those of ``fn(x)``: the same products on the same tokens.
+``map_token_chunks(fn, x, chunk, strided=)`` runs a token-wise ``fn`` (``[B, t, d] → [B, t, d']``,
+every token on its own: the MLP) over chunks of ``chunk`` tokens, each chunk a ``jax.checkpoint``
+under one ``lax.map``: the forward keeps nothing per chunk and the backward recomputes one chunk at a
+time, so the ``[T, ffn]`` activations of an MLP never exist at once. The value and the gradients are
+those of ``fn(x)``: the same products on the same tokens. Chunks are contiguous runs of tokens (for
+one row a reshape, no copy) or, with ``strided`` (a sequence sharded over devices), chunk j holds
+tokens ``t ≡ j (mod k)``, so each chunk keeps its share of every shard (as the chunked loss of
+``models.loss``) at the price of transposing ``x`` and the output.
 """
 
 from __future__ import annotations
@@ -110,21 +112,19 @@ def _normalize_bwd(statics: NormStatics, res: NormResiduals, dy):
 _normalize.defvjp(_normalize_fwd, _normalize_bwd)
 
 
-def map_token_chunks(fn: Callable[[Array], Array], x: Array, chunk: int) -> Array:
-    """``fn(x)`` for a token-wise ``fn``, run over strided chunks of ``chunk`` tokens (see the module).
+def map_token_chunks(fn: Callable[[Array], Array], x: Array, chunk: int, *, strided: bool = False) -> Array:
+    """``fn(x)`` for a token-wise ``fn``, run over chunks of ``chunk`` tokens (see the module).
 
     x ``[B, T, ...]``. ``chunk <= 0`` or ``T <= chunk``: ``fn(x)`` as it is. Otherwise the fewest
     equal chunks of at most ``chunk`` tokens: k chunks for the smallest divisor k of T with
     ``T / k <= chunk`` (a T with few divisors gets smaller chunks; powers of two get exactly ``chunk``).
     """
-    t = x.shape[1]
+    b, t = x.shape[:2]
     if chunk <= 0 or t <= chunk:
         return fn(x)
     k = next(k for k in range(-(-t // chunk), t + 1) if t % k == 0)
-    chunk = t // k
-    # [B, T, ...] -> [k, B, T/k, ...]: chunk j holds tokens j, j + k, ... (every shard of T keeps its part)
-    chunks = jnp.moveaxis(x.reshape(x.shape[0], chunk, k, *x.shape[2:]), 2, 0)
-    step = jax.checkpoint(fn, prevent_cse=False)  # under a scan no CSE barrier is needed
-
-    ys = jax.lax.map(step, chunks)
-    return jnp.moveaxis(ys, 0, 2).reshape(x.shape[0], t, *ys.shape[3:])
+    # [B, T, ...] -> [k, B, T/k, ...]; chunk j: tokens [j·T/k, (j+1)·T/k), or tokens j, j + k, ... (strided)
+    split, axis = ((t // k, k), 2) if strided else ((k, t // k), 1)
+    chunks = jnp.moveaxis(x.reshape(b, *split, *x.shape[2:]), axis, 0)
+    ys = jax.lax.map(jax.checkpoint(fn, prevent_cse=False), chunks)  # under a scan no CSE barrier is needed
+    return jnp.moveaxis(ys, 0, axis).reshape(b, t, *ys.shape[3:])

@@ -80,7 +80,7 @@ def test_norm_backward_keeps_no_float32_copy_of_its_input(rng):
 
 @pytest.mark.parametrize("mlp", ["glu", "swiglu", "gelu"])
 def test_chunked_mlp_equals_whole_mlp(mlp, rng):
-    """Strided chunks of 8 tokens (3 chunks of 24) give the whole MLP's output and gradients."""
+    """Chunks of 8 tokens (3 chunks of 24) give the whole MLP's output and gradients."""
     config = small_model("tnl", mlp=mlp)
     whole = Mlp(config, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
     graphdef, params = nnx.split(whole)
@@ -97,9 +97,13 @@ def test_chunked_mlp_equals_whole_mlp(mlp, rng):
     np.testing.assert_allclose(y, want_y, rtol=1e-6, atol=1e-6)
     for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(jnp.abs(w).max()))
-    # 7 does not divide 24: 4 chunks of 6 tokens, each the sum of its tokens (tokens j, j + 4, ...)
-    sums = map_token_chunks(lambda c: jnp.broadcast_to(c.sum(axis=1, keepdims=True), c.shape), x, 7)
-    np.testing.assert_allclose(sums[:, :4], x.reshape(2, 6, 4, 32).sum(axis=1), rtol=1e-6)
+
+    # 7 does not divide 24: 4 chunks of 6 tokens (6j ... 6j + 5, or strided j, j + 4, ...), each its tokens' sum
+    def chunk_sums(strided):
+        return map_token_chunks(lambda c: jnp.broadcast_to(c.sum(1, keepdims=True), c.shape), x, 7, strided=strided)
+
+    np.testing.assert_allclose(chunk_sums(False)[:, ::6], x.reshape(2, 4, 6, 32).sum(axis=2), rtol=1e-6)
+    np.testing.assert_allclose(chunk_sums(True)[:, :4], x.reshape(2, 6, 4, 32).sum(axis=1), rtol=1e-6)
 
 
 def host_transfer_shapes(jaxpr) -> list[tuple[int, ...]]:
@@ -116,7 +120,8 @@ def host_transfer_shapes(jaxpr) -> list[tuple[int, ...]]:
 @pytest.mark.parametrize("scan,sp", [(False, 1), (True, 2)], ids=["unscanned", "scanned-sp2"])
 def test_offload_and_chunked_mlp_loss_and_grads_equal_plain(scan, sp, rng):
     """remat ``offload`` moves only the block inputs ``[B, T, d]`` to host memory; with the MLP in chunks
-    of 4 tokens the loss and every gradient equal the plain model's (no remat, whole MLP, one device)."""
+    of 4 tokens (strided under sp) the loss and every gradient equal the plain model's (no remat, whole
+    MLP, one device)."""
     config = small_model("tnl", n_layers=2, scan_layers=scan)
     plain = large_weights(LanguageModel(config.replace(scan_layers=False), rngs=nnx.Rngs(int(rng.integers(1 << 30)))))
     lean = LanguageModel(config.replace(mlp_chunk=4), rngs=nnx.Rngs(0))
