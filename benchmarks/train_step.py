@@ -40,6 +40,7 @@ devices (a check that the script works, not a measurement).
     python benchmarks/train_step.py --search-longest                  # + longest trainable sequence
     python benchmarks/train_step.py --profile profile                 # + device time by kernel
     python benchmarks/train_step.py --scan-layers --remat offload     # layers under a scan, host offload
+    python benchmarks/train_step.py --tokens-per-device 1048576 --remat offload --mlp-chunk 65536 --iters 1  # 1M tokens
     python benchmarks/train_step.py --smoke --sp 1 2 --search-longest --max-tokens 2048
     python benchmarks/train_step.py --smoke --preset gdn-1.3b kda-1.3b --sp 1 2   # runs gdn-tiny, kda-tiny
 """
