@@ -107,6 +107,25 @@ def loss_chunks_for(args, local_tokens: int, sp: int) -> int:
     return chunks
 
 
+HEAD = (
+    f"{'preset':>16} {'params':>7} {'sp':>3} {'seq_len':>9} {'tok/dev':>8} {'step ms':>9} {'tok/s/dev':>10} "
+    f"{'TFLOP/s':>8} {'MFU':>6} {'vs sp1':>7} {'mem GB':>7} {'compile s':>9} {'pipelined ms':>12}"
+)
+
+
+def format_row(r: dict) -> str:
+    """One table line (the columns of ``HEAD``)."""
+    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+    vs = f"{r['per_device_vs_sp1']:.3f}" if r.get("per_device_vs_sp1") is not None else "n/a"
+    mem = f"{r['peak_memory_gb']:.1f}" if r["peak_memory_gb"] else "n/a"
+    return (
+        f"{r['preset']:>16} {r['params'] / 1e9:>6.3f}B {r['sp']:>3} {r['seq_len']:>9} {r['tokens_per_device']:>8} "
+        f"{r['step_ms']:>9.1f} "
+        f"{r['tokens_per_s_per_device']:>10.0f} {r['model_tflops_per_s_per_device']:>8.1f} {mfu:>6} {vs:>7} "
+        f"{mem:>7} {r['compile_s']:>9.1f} {r['step_ms_pipelined']:>12.1f}"
+    )
+
+
 def is_oom(err: Exception) -> bool:
     text = f"{type(err).__name__}: {err}"
     return any(s in text for s in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OOM", "Allocator"))
@@ -288,6 +307,12 @@ def main(argv=None) -> int:
     n_avail = header["n_devices_available"]
     print(f"# train step: {' '.join(args.preset)} on {dev.device_kind} ({n_avail} devices), jax {jax.__version__}")
     rows = []
+
+    def save(longest=()):
+        if args.json:  # rewritten after every row: a run cut short by a time limit keeps what finished
+            with open(args.json, "w") as fh:
+                json.dump({**header, "rows": rows, "longest": list(longest)}, fh, indent=2)
+
     for preset in args.preset:
         for sp in args.sp:
             row = run_config(
@@ -300,30 +325,23 @@ def main(argv=None) -> int:
                 warmup=args.warmup,
                 profile_dir=args.profile and os.path.join(args.profile, f"{preset}_sp{sp}"),
             )
+            base = next((b for b in rows if b["preset"] == preset and b["sp"] == 1), None)
+            if base:
+                row["per_device_vs_sp1"] = row["tokens_per_s_per_device"] / base["tokens_per_s_per_device"]
             rows.append(row)
+            print("row: " + format_row(row), flush=True)  # as it finishes, before the next one compiles
+            save()
             gc.collect()
             jax.clear_caches()
-    for r in rows:
+    for r in rows:  # an sp = 1 row listed after the sp > 1 rows of its preset
         base = next((b for b in rows if b["preset"] == r["preset"] and b["sp"] == 1), None)
         r["per_device_vs_sp1"] = r["tokens_per_s_per_device"] / base["tokens_per_s_per_device"] if base else None
 
     print(f"\nremat {args.remat}, dp {args.dp}, tp {args.tp}, layers {'scanned' if args.scan_layers else 'unrolled'}")
-    head = (
-        f"{'preset':>16} {'params':>7} {'sp':>3} {'seq_len':>9} {'tok/dev':>8} {'step ms':>9} {'tok/s/dev':>10} "
-        f"{'TFLOP/s':>8} {'MFU':>6} {'vs sp1':>7} {'mem GB':>7} {'compile s':>9} {'pipelined ms':>12}"
-    )
-    print(head)
-    print("-" * len(head))
+    print(HEAD)
+    print("-" * len(HEAD))
     for r in rows:
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        vs = f"{r['per_device_vs_sp1']:.3f}" if r["per_device_vs_sp1"] is not None else "n/a"
-        mem = f"{r['peak_memory_gb']:.1f}" if r["peak_memory_gb"] else "n/a"
-        print(
-            f"{r['preset']:>16} {r['params'] / 1e9:>6.3f}B {r['sp']:>3} {r['seq_len']:>9} {r['tokens_per_device']:>8} "
-            f"{r['step_ms']:>9.1f} "
-            f"{r['tokens_per_s_per_device']:>10.0f} {r['model_tflops_per_s_per_device']:>8.1f} {mfu:>6} {vs:>7} "
-            f"{mem:>7} {r['compile_s']:>9.1f} {r['step_ms_pipelined']:>12.1f}"
-        )
+        print(format_row(r))
     longest = []
     if args.search_longest:
         print(f"\nlongest sequence per device (remat {args.search_remat}):")
@@ -333,11 +351,11 @@ def main(argv=None) -> int:
                 longest.append(res)
                 capped = " (cap reached)" if res.get("capped_by_max_tokens") else ""
                 longest_local, longest_seq = res["longest_tokens_per_device"], res.get("longest_seq_len")
-                print(f"{preset} sp={sp}: {longest_local} tokens per device, sequence {longest_seq}{capped}")
-    out = {**header, "rows": rows, "longest": longest}
+                line = f"{preset} sp={sp}: {longest_local} tokens per device, sequence {longest_seq}{capped}"
+                print(line, flush=True)
+                save(longest)
+    save(longest)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(out, fh, indent=2)
         print(f"\nwrote {args.json}")
     return 0
 

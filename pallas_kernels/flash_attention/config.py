@@ -22,8 +22,9 @@ class BlockConfig:
         kernel unless num_warps_dq / num_stages_dq are given (None: as the dk/dv kernel).
       backward: ``"split"`` (a dq kernel and a dk/dv kernel, each recomputing Q Kᵀ and dO Vᵀ: seven
         tile products) or ``"fused"`` (the dk/dv kernel also adds dQ in float32 with atomic adds:
-        five products; the dq tiles are ignored); see ``pallas_triton_vjp``. "split" stays the
-        default until the two are timed on a GPU (``benchmarks/flash_attention.py --backward``).
+        five products; the dq tiles are ignored); see ``pallas_triton_vjp``. "split" is the
+        default: on an H200 (``benchmarks/flash_sweep.py``, causal 32K, H32 Hk8 D128 bf16) the fused
+        backward took 161–425 ms against 57.8 ms split (its float32 atomic adds of dQ dominate).
     """
 
     block_q: int = 128
@@ -57,8 +58,13 @@ INTERPRET_CONFIG = BlockConfig(
 
 
 def default_config(*, head_dim: int, interpret: bool) -> BlockConfig:
-    """H100 defaults: forward 128×64 tiles with 8 warps for 128-wide heads (4 for 64 and narrower),
-    backward 64×64 tiles with 4 warps.
+    """Forward 128×128 tiles with 8 warps for 128-wide heads (128×64 with 4 warps for 64 and
+    narrower), split backward on 64×64 tiles with 4 warps.
+
+    H200 sweep (``benchmarks/flash_sweep.py``, 2026-11-30, causal 32K, H32 Hk8 D128 bf16, cuDNN
+    13.49 / 56.56 ms fwd / fwd+bwd in the same run): forward 128×128, 3 stages 18.62 ms against
+    19.63 ms for 128×64; forward+backward 76.7 ms (1.36× cuDNN); raw rows in
+    ``benchmarks/results/2026-11-30_2xH200_s6/flash_sweep.json``.
 
     Picked from one sweep on an H100 (``benchmarks/flash_attention.py --q-start 0 --k-tokens
     32768``: causal 32K, H32 Hk8 D128 bf16; ``benchmarks/results/2026-11-22_H100_s2``): forward
@@ -67,4 +73,6 @@ def default_config(*, head_dim: int, interpret: bool) -> BlockConfig:
     """
     if interpret:
         return INTERPRET_CONFIG
-    return BlockConfig(num_warps=4 if head_dim <= 64 else 8)
+    if head_dim <= 64:
+        return BlockConfig(num_warps=4)
+    return BlockConfig(block_k=128, num_warps=8)
