@@ -119,8 +119,8 @@ def test_scanned_loss_and_grads_equal_unscanned(name, remat, rng):
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["unscanned", "scanned"])
-def test_offload_policy_saves_matmul_outputs_on_the_host(scan, rng):
-    """``remat="offload"`` puts the saved matmul outputs in host memory (``MemorySpace.Host`` transfers
+def test_offload_policy_saves_block_inputs_on_the_host(scan, rng):
+    """``remat="offload"`` puts the saved block inputs in host memory (``MemorySpace.Host`` transfers
     in the traced program). On the CPU backend host and device memory are one, so XLA drops the
     copies: the values are checked above, the memory saving only on a GPU."""
     config = small_model("tnl", n_layers=1, scan_layers=scan)
