@@ -95,14 +95,18 @@ class ChannelConfig:
       splits: runs of whole chunks per row that the state passes walk in parallel (each from a
         zero state; a float32 scan over runs gives their entering states, which the chunk
         kernels add to the stored per-chunk states).
+      split_grads: the chunk gradients in two kernels, dq/dk/dg and dv (fewer live tiles in each:
+        no dV accumulator, scores or state-to-dV product beside the gated-product cotangents; one
+        more read of k, g, dO, the scores and the leaving cotangents) instead of one.
       num_warps / num_stages: Triton launch parameters of the output kernel; ``*_state``: of the
-        two state passes; ``*_bwd``: of the gradient kernel.
+        two state passes; ``*_bwd``: of the gradient kernel(s).
     """
 
     chunk: int = 64
     block_cols: int = 32
     block_e: int = 32
     splits: int = 1
+    split_grads: bool = False
     num_warps: int = 8
     num_stages: int = 2
     num_warps_state: int = 4

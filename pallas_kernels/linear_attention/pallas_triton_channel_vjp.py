@@ -102,17 +102,16 @@ def _state_bwd_kernel(q_ref, do_ref, g_ref, *refs, has_docs, mxu, scale, chunk, 
     dm_ref[...] = lax.fori_loop(0, num_chunks, body, jnp.zeros(dm_ref.shape, F32))
 
 
-def _grads_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, *refs, has_docs, mxu, scale, parts, block_cols):
-    """dq, dk, dv and dg of one chunk (per query head), walking the key columns in blocks."""
+def _grads_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, *refs, has_docs, mxu, scale, parts, block_cols, with_dv):
+    """dq, dk, dg and (``with_dv``) dv of one chunk (per query head), walking the key columns in blocks."""
     refs = list(refs)
     doc_refs = (refs.pop(0), refs.pop(0)) if has_docs else None
-    z_ref, h_ref, s_run_ref, enter_ref, dh_ref, d_run_ref, leave_ref, dq_ref, dk_ref, dv_ref, dg_ref = refs
+    z_ref = refs.pop(0) if with_dv else None
+    h_ref, s_run_ref, enter_ref, dh_ref, d_run_ref, leave_ref, dq_ref, dk_ref, *dv_ref, dg_ref = refs
     docs = load_doc_tiles(doc_refs, parts)
     do, v = load_tiles(do_ref, parts), load_tiles(v_ref, parts)
-    rows = q_ref.shape[0] // parts
     kw = dict(mode=MODE, mxu=mxu, parts=parts)
     dz = common.output_dz(v, do, scale=scale, mxu=mxu, parts=parts)
-    z = {(i, j): z_ref[pl.ds(i * rows, rows), pl.ds(j * rows, rows)] for i in range(parts) for j in range(i + 1)}
     width = block_cols
 
     def columns(j, dv):
@@ -130,11 +129,45 @@ def _grads_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, *refs, has_docs, mxu, scal
         store_col_tiles(dk_ref, [a + c for a, c in zip(dk_out, dk_state, strict=True)], start)
         db = [a + c for a, c in zip(db_out, db_state, strict=True)]
         store_col_tiles(dg_ref, gate_grad_tiles(db), start)
+        if not with_dv:
+            return dv
         dv_state = value_grads_from_state(k, b, docs, dh_rows, mxu)
         return [a + c for a, c in zip(dv, dv_state, strict=True)]
 
-    dv = common.dvn_from_scores(z, do, scale=scale, mxu=mxu, parts=parts)
-    store_tiles(dv_ref, lax.fori_loop(0, q_ref.shape[1] // width, columns, dv))
+    num_blocks = q_ref.shape[1] // width
+    if not with_dv:
+        lax.fori_loop(0, num_blocks, columns, 0)
+        return
+    dv = common.dvn_from_scores(_score_tiles(z_ref, parts), do, scale=scale, mxu=mxu, parts=parts)
+    store_tiles(dv_ref[0], lax.fori_loop(0, num_blocks, columns, dv))
+
+
+def _value_grads_kernel(k_ref, do_ref, g_ref, *refs, has_docs, mxu, scale, parts, block_cols):
+    """dv of one chunk (per query head) alone (``cfg.split_grads``): ``scale · Zᵀ dO`` plus the state
+    step's share, walking the key columns in blocks."""
+    refs = list(refs)
+    doc_refs = (refs.pop(0), refs.pop(0)) if has_docs else None
+    z_ref, dh_ref, d_run_ref, leave_ref, dv_ref = refs
+    docs = load_doc_tiles(doc_refs, parts)
+    width = block_cols
+
+    def columns(j, dv):
+        start = pl.multiple_of(j * width, width)
+        cols = pl.ds(start, width)
+        k = load_col_tiles(k_ref, parts, start, width)
+        b = cumulative_tiles(load_col_tiles(g_ref, parts, start, width))
+        dh_rows = full_state_rows(dh_ref[cols, :], leave_ref[cols], d_run_ref[cols, :])
+        return [a + c for a, c in zip(dv, value_grads_from_state(k, b, docs, dh_rows, mxu), strict=True)]
+
+    do = load_tiles(do_ref, parts)
+    dv = common.dvn_from_scores(_score_tiles(z_ref, parts), do, scale=scale, mxu=mxu, parts=parts)
+    store_tiles(dv_ref, lax.fori_loop(0, k_ref.shape[1] // width, columns, dv))
+
+
+def _score_tiles(z_ref, parts: int) -> dict:
+    """The stored scores' lower ``[C/parts, C/parts]`` blocks ``{(i, j): tile}``."""
+    rows = z_ref.shape[0] // parts
+    return {(i, j): z_ref[pl.ds(i * rows, rows), pl.ds(j * rows, rows)] for i in range(parts) for j in range(i + 1)}
 
 
 # ---- the calls ------------------------------------------------------------------------------------
@@ -158,29 +191,26 @@ def backward_local(q, g, docs, do, *, statics: ChannelStatics) -> LocalCotangent
 
 
 def grads(q, k, v, g, docs, states: States, local: LocalCotangents, d_run, lay: Layout, statics: ChannelStatics):
-    """Stage 3: ``(dq, dk, dv, dg)`` per query head (dk, dv float32 under grouped heads)."""
+    """Stage 3: ``(dq, dk, dv, dg)`` per query head (dk, dv float32 under grouped heads); one kernel,
+    or with ``cfg.split_grads`` one for dq, dk, dg and one for dv."""
     d, e, has_docs = lay.dim, lay.value_dim, docs is not None
+    split = statics.cfg.split_grads
     grad_dtype = k.dtype if lay.group == 1 else F32
-    return pl.pallas_call(
-        chunk_kernel(_grads_kernel, lay, statics, has_docs=has_docs),
+    kernel = functools.partial(chunk_kernel(_grads_kernel, lay, statics, has_docs=has_docs), with_dv=not split)
+    state_specs = [lay.chunk_state_spec(), lay.run_state_spec(), lay.chunk_log_spec()]
+    outs = [(d, q.dtype), (d, grad_dtype), *([] if split else [(e, grad_dtype)]), (d, g.dtype)]
+    cotangent_inputs = (local.dh_local, d_run, states.logs.leave)
+    grads = pl.pallas_call(
+        kernel,
         grid=lay.chunk_grid(),
         in_specs=[
             *lay.chunk_input_specs(has_docs=has_docs, with_do=True),
-            lay.chunk_spec(lay.chunk),
-            lay.chunk_state_spec(),
-            lay.run_state_spec(),
-            lay.chunk_log_spec(),
-            lay.chunk_state_spec(),
-            lay.run_state_spec(),
-            lay.chunk_log_spec(),
+            *([] if split else [lay.chunk_spec(lay.chunk)]),
+            *state_specs,
+            *state_specs,
         ],
-        out_specs=[lay.chunk_spec(d), lay.chunk_spec(d), lay.chunk_spec(e), lay.chunk_spec(d)],
-        out_shape=[
-            lay.per_head_shape(d, q.dtype),
-            lay.per_head_shape(d, grad_dtype),
-            lay.per_head_shape(e, grad_dtype),
-            lay.per_head_shape(d, g.dtype),
-        ],
+        out_specs=[lay.chunk_spec(width) for width, _ in outs],
+        out_shape=[lay.per_head_shape(width, dtype) for width, dtype in outs],
         compiler_params=compiler_params(statics.cfg, "backward"),
         interpret=statics.interpret,
         name="linear_attention_channel_grads",
@@ -191,14 +221,33 @@ def grads(q, k, v, g, docs, states: States, local: LocalCotangents, d_run, lay: 
         local.do,
         g,
         *doc_inputs(docs),
-        states.z,
+        *([] if split else [states.z]),
         states.h_local,
         states.s_run,
         states.logs.enter,
-        local.dh_local,
-        d_run,
-        states.logs.leave,
+        *cotangent_inputs,
     )
+    if not split:
+        return grads
+    dv = pl.pallas_call(
+        chunk_kernel(_value_grads_kernel, lay, statics, has_docs=has_docs),
+        grid=lay.chunk_grid(),
+        in_specs=[
+            lay.chunk_spec(d, kv=True),
+            lay.chunk_spec(e),
+            lay.chunk_spec(d),
+            *lay.chunk_doc_specs(has_docs),
+            lay.chunk_spec(lay.chunk),
+            *state_specs,
+        ],
+        out_specs=lay.chunk_spec(e),
+        out_shape=lay.per_head_shape(e, grad_dtype),
+        compiler_params=compiler_params(statics.cfg, "backward"),
+        interpret=statics.interpret,
+        name="linear_attention_channel_grads_v",
+    )(k, local.do, g, *doc_inputs(docs), states.z, *cotangent_inputs)
+    dq, dk, dg = grads
+    return dq, dk, dv, dg
 
 
 def backward_finish(q, k, v, g, docs, states: States, local: LocalCotangents, d_final, *, statics: ChannelStatics):
