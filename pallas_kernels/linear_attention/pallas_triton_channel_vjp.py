@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import F32
+from pallas_kernels.common import F32, dot
 from pallas_kernels.gated_delta_rule import common
 from pallas_kernels.gated_delta_rule.layout import (
     compiler_params,
@@ -143,25 +143,28 @@ def _grads_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, *refs, has_docs, mxu, scal
 
 
 def _value_grads_kernel(k_ref, do_ref, g_ref, *refs, has_docs, mxu, scale, parts, block_cols):
-    """dv of one chunk (per query head) alone (``cfg.split_grads``): ``scale · Zᵀ dO`` plus the state
-    step's share, walking the key columns in blocks."""
+    """dv of one chunk (per query head) alone (``cfg.split_grads``), on whole-chunk products:
+    ``scale · Zᵀ dO`` (the stored scores' lower blocks) plus ``(e^{b_last − b} ⊙ K) dh`` summed over
+    blocks of key columns."""
     refs = list(refs)
     doc_refs = (refs.pop(0), refs.pop(0)) if has_docs else None
     z_ref, dh_ref, d_run_ref, leave_ref, dv_ref = refs
-    docs = load_doc_tiles(doc_refs, parts)
-    width = block_cols
+    docs = load_docs(doc_refs)
+    chunk, width = k_ref.shape[0], block_cols
 
     def columns(j, dv):
-        start = pl.multiple_of(j * width, width)
-        cols = pl.ds(start, width)
-        k = load_col_tiles(k_ref, parts, start, width)
-        b = cumulative_tiles(load_col_tiles(g_ref, parts, start, width))
+        cols = pl.ds(pl.multiple_of(j * width, width), width)
+        (b,) = cumulative_tiles([g_ref[:, cols]])
+        _, to_end, _ = common.gate_factors(b, docs)
         dh_rows = full_state_rows(dh_ref[cols, :], leave_ref[cols], d_run_ref[cols, :])
-        return [a + c for a, c in zip(dv, value_grads_from_state(k, b, docs, dh_rows, mxu), strict=True)]
+        return dv + dot(common.row_scale(k_ref[:, cols], to_end).astype(mxu), dh_rows.astype(mxu))
 
-    do = load_tiles(do_ref, parts)
-    dv = common.dvn_from_scores(_score_tiles(z_ref, parts), do, scale=scale, mxu=mxu, parts=parts)
-    store_tiles(dv_ref, lax.fori_loop(0, k_ref.shape[1] // width, columns, dv))
+    # the forward writes the lower blocks only (the diagonal ones causal-masked): the others are zero
+    row = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0) // (chunk // parts)
+    col = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1) // (chunk // parts)
+    z = jnp.where(col <= row, z_ref[...], 0).astype(mxu)
+    dv = scale * dot(z, do_ref[...].astype(mxu), trans_a=True)
+    dv_ref[...] = lax.fori_loop(0, k_ref.shape[1] // width, columns, dv).astype(dv_ref.dtype)
 
 
 def _score_tiles(z_ref, parts: int) -> dict:
