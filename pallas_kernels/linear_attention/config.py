@@ -98,6 +98,9 @@ class ChannelConfig:
       split_grads: the chunk gradients in two kernels, dq/dk/dg and dv (fewer live tiles in each:
         no dV accumulator, scores or state-to-dV product beside the gated-product cotangents; one
         more read of k, g, dO, the scores and the leaving cotangents) instead of one.
+      recompute_dz: the gradient kernel forms the scores' cotangent ``scale · dO Vᵀ`` again in each
+        step of its key-column loop instead of keeping its ``[16, 16]`` blocks live across it (fewer
+        registers and spills, ``D / block_cols`` times those products).
       num_warps / num_stages: Triton launch parameters of the output kernel; ``*_state``: of the
         two state passes; ``*_bwd``: of the gradient kernel(s).
     """
@@ -107,6 +110,7 @@ class ChannelConfig:
     block_e: int = 32
     splits: int = 1
     split_grads: bool = False
+    recompute_dz: bool = False
     num_warps: int = 8
     num_stages: int = 2
     num_warps_state: int = 4

@@ -102,16 +102,20 @@ def _state_bwd_kernel(q_ref, do_ref, g_ref, *refs, has_docs, mxu, scale, chunk, 
     dm_ref[...] = lax.fori_loop(0, num_chunks, body, jnp.zeros(dm_ref.shape, F32))
 
 
-def _grads_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, *refs, has_docs, mxu, scale, parts, block_cols, with_dv):
-    """dq, dk, dg and (``with_dv``) dv of one chunk (per query head), walking the key columns in blocks."""
+def _grads_kernel(
+    q_ref, k_ref, v_ref, do_ref, g_ref, *refs, has_docs, mxu, scale, parts, block_cols, with_dv, recompute_dz
+):
+    """dq, dk, dg and (``with_dv``) dv of one chunk (per query head), walking the key columns in blocks;
+    the scores' cotangent ``dz`` formed once before the loop or (``recompute_dz``) in each step."""
     refs = list(refs)
     doc_refs = (refs.pop(0), refs.pop(0)) if has_docs else None
     z_ref = refs.pop(0) if with_dv else None
     h_ref, s_run_ref, enter_ref, dh_ref, d_run_ref, leave_ref, dq_ref, dk_ref, *dv_ref, dg_ref = refs
     docs = load_doc_tiles(doc_refs, parts)
-    do, v = load_tiles(do_ref, parts), load_tiles(v_ref, parts)
     kw = dict(mode=MODE, mxu=mxu, parts=parts)
-    dz = common.output_dz(v, do, scale=scale, mxu=mxu, parts=parts)
+    dz_kw = dict(scale=scale, mxu=mxu, parts=parts)
+    do = None if recompute_dz else load_tiles(do_ref, parts)  # else loaded where it is used, not kept live
+    dz_kept = None if recompute_dz else common.output_dz(load_tiles(v_ref, parts), do, **dz_kw)
     width = block_cols
 
     def columns(j, dv):
@@ -123,6 +127,7 @@ def _grads_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, *refs, has_docs, mxu, scal
         dh_rows = full_state_rows(dh_ref[cols, :], leave_ref[cols], d_run_ref[cols, :])
         # dO and V rows (all of E) are reloaded at each step rather than kept live across the loop
         do_rows, v_rows = load_tiles(do_ref, parts), load_tiles(v_ref, parts)
+        dz = common.output_dz(v_rows, do_rows, **dz_kw) if recompute_dz else dz_kept
         dq, dk_out, db_out = common.output_backward(q, k, b, docs, h_rows, dz, do_rows, scale=scale, **kw)
         dk_state, db_state = common.state_backward(k, b, docs, h_rows, dh_rows, v_rows, **kw)
         store_col_tiles(dq_ref, dq, start)
@@ -138,7 +143,8 @@ def _grads_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, *refs, has_docs, mxu, scal
     if not with_dv:
         lax.fori_loop(0, num_blocks, columns, 0)
         return
-    dv = common.dvn_from_scores(_score_tiles(z_ref, parts), do, scale=scale, mxu=mxu, parts=parts)
+    do = load_tiles(do_ref, parts) if do is None else do
+    dv = common.dvn_from_scores(_score_tiles(z_ref, parts), do, **dz_kw)
     store_tiles(dv_ref[0], lax.fori_loop(0, num_blocks, columns, dv))
 
 
@@ -199,7 +205,11 @@ def grads(q, k, v, g, docs, states: States, local: LocalCotangents, d_run, lay: 
     d, e, has_docs = lay.dim, lay.value_dim, docs is not None
     split = statics.cfg.split_grads
     grad_dtype = k.dtype if lay.group == 1 else F32
-    kernel = functools.partial(chunk_kernel(_grads_kernel, lay, statics, has_docs=has_docs), with_dv=not split)
+    kernel = functools.partial(
+        chunk_kernel(_grads_kernel, lay, statics, has_docs=has_docs),
+        with_dv=not split,
+        recompute_dz=statics.cfg.recompute_dz,
+    )
     state_specs = [lay.chunk_state_spec(), lay.run_state_spec(), lay.chunk_log_spec()]
     outs = [(d, q.dtype), (d, grad_dtype), *([] if split else [(e, grad_dtype)]), (d, g.dtype)]
     cotangent_inputs = (local.dh_local, d_run, states.logs.leave)

@@ -87,8 +87,11 @@ def _assert_close(got, want, bound):
 def test_kernels_f32_gqa_documents_strong_decay_runs(rng, split_grads):
     """32-token chunks (two sub-tiles), two key-column blocks, two runs per row, grouped heads, an odd
     length, documents (one starting at the second run's first token), log decays down to −20; the
-    chunk gradients in one kernel or two (``split_grads``)."""
-    config = ChannelConfig(chunk=32, block_cols=16, block_e=16, splits=2, split_grads=split_grads)
+    chunk gradients in one kernel or two (``split_grads``, with the scores' cotangent formed again in
+    each key-column step: ``recompute_dz``)."""
+    config = ChannelConfig(
+        chunk=32, block_cols=16, block_e=16, splits=2, split_grads=split_grads, recompute_dz=split_grads
+    )
     xs, cot, seg = make_inputs(rng, b=1, t=70, h=2, hk=1, d=32, e=16, g_max=20.0, docs=(9, 33, 64))
     xs = {n: np.asarray(x, np.float64) for n, x in _low(xs, jnp.float32).items()}
     seg_j = jnp.asarray(seg)
@@ -214,7 +217,7 @@ def test_kernels_lower_to_triton(monkeypatch):
     spec = jax.ShapeDtypeStruct
     for (b, t, h, hk, d, e), dtype, docs, config in [
         ((1, 256, 2, 2, 128, 128), jnp.bfloat16, False, ChannelConfig(splits=2)),
-        ((1, 256, 2, 2, 128, 128), jnp.bfloat16, False, ChannelConfig(splits=2, split_grads=True)),
+        ((1, 256, 2, 2, 128, 128), jnp.bfloat16, False, ChannelConfig(splits=2, split_grads=True, recompute_dz=True)),
         ((2, 100, 4, 2, 40, 24), jnp.float32, True, None),
     ]:
         q, k, v = spec((b, t, h, d), dtype), spec((b, t, hk, d), dtype), spec((b, t, hk, e), dtype)
