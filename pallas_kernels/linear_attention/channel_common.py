@@ -332,6 +332,19 @@ def cotangent_update(ds, q, do, b, docs: Docs | None, *, scale: float, mxu):
     return common.decay_state(ds, gamma) + scale * update
 
 
+def state_grads(k, b, docs: Docs | None, h, dh, v, mxu):
+    """``(dk, db, e^{b_last − b})`` of one chunk's state step on all its C rows, for some key columns
+    (``gated_delta_rule.common.state_backward`` with ``V' = V`` on whole-chunk products): k, b
+    ``[C, w]``, the entering state and leaving cotangent's rows ``h``, ``dh`` ``[w, E]``, v ``[C, E]``;
+    db holds the last row's terms ``Σ_rows k ⊙ dk + γ ⊙ Σ_e h ⊙ dh``."""
+    _, to_end, gamma = common.gate_factors(b, docs)
+    dk = common.row_scale(dot(v.astype(mxu), dh.astype(mxu), trans_b=True), to_end)
+    k_dk = k.astype(F32) * dk
+    last = jnp.sum(k_dk, axis=0) + gamma * jnp.sum(h * dh, axis=1)
+    pos = lax.broadcasted_iota(jnp.int32, k_dk.shape, 0)
+    return dk, jnp.where(pos == k_dk.shape[0] - 1, last[None, :], 0.0) - k_dk, to_end
+
+
 def value_grads_from_state(k: list, b: list, docs: Docs | None, dh, mxu) -> list:
     """Tiles of ``(e^{b_last − b} ⊙ K) dS``: the state step's share of dv for the key columns of
     ``k``, ``b`` (row tiles) and ``dh`` (those rows of the leaving state's cotangent)."""

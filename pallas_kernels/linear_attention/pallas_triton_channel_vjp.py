@@ -56,6 +56,7 @@ from pallas_kernels.linear_attention.channel_common import (
     gate_grad_tiles,
     run_pass,
     run_scan,
+    state_grads,
     value_grads_from_state,
 )
 
@@ -103,14 +104,17 @@ def _state_bwd_kernel(q_ref, do_ref, g_ref, *refs, has_docs, mxu, scale, chunk, 
 
 
 def _grads_kernel(
-    q_ref, k_ref, v_ref, do_ref, g_ref, *refs, has_docs, mxu, scale, parts, block_cols, with_dv, recompute_dz
+    q_ref, k_ref, v_ref, do_ref, g_ref, *refs, has_docs, mxu, scale, parts, block_cols, split, recompute_dz
 ):
-    """dq, dk, dg and (``with_dv``) dv of one chunk (per query head), walking the key columns in blocks;
-    the scores' cotangent ``dz`` formed once before the loop or (``recompute_dz``) in each step."""
+    """dq, dk, dg and dv of one chunk (per query head), walking the key columns in blocks; with
+    ``split``, dq, dk and dg only, the state step's shares of dk and db read (``_state_grads_kernel``).
+    The scores' cotangent ``dz`` is formed once before the loop or (``recompute_dz``) in each step."""
     refs = list(refs)
     doc_refs = (refs.pop(0), refs.pop(0)) if has_docs else None
-    z_ref = refs.pop(0) if with_dv else None
-    h_ref, s_run_ref, enter_ref, dh_ref, d_run_ref, leave_ref, dq_ref, dk_ref, *dv_ref, dg_ref = refs
+    if split:
+        dk_state_ref, db_state_ref, h_ref, s_run_ref, enter_ref, dq_ref, dk_ref, dg_ref = refs
+    else:
+        z_ref, h_ref, s_run_ref, enter_ref, dh_ref, d_run_ref, leave_ref, dq_ref, dk_ref, dv_ref, dg_ref = refs
     docs = load_doc_tiles(doc_refs, parts)
     kw = dict(mode=MODE, mxu=mxu, parts=parts)
     dz_kw = dict(scale=scale, mxu=mxu, parts=parts)
@@ -124,46 +128,56 @@ def _grads_kernel(
         q, k = load_col_tiles(q_ref, parts, start, width), load_col_tiles(k_ref, parts, start, width)
         b = cumulative_tiles(load_col_tiles(g_ref, parts, start, width))
         h_rows = full_state_rows(h_ref[cols, :], enter_ref[cols], s_run_ref[cols, :])
-        dh_rows = full_state_rows(dh_ref[cols, :], leave_ref[cols], d_run_ref[cols, :])
         # dO and V rows (all of E) are reloaded at each step rather than kept live across the loop
-        do_rows, v_rows = load_tiles(do_ref, parts), load_tiles(v_ref, parts)
-        dz = common.output_dz(v_rows, do_rows, **dz_kw) if recompute_dz else dz_kept
+        do_rows = load_tiles(do_ref, parts)
+        dz = common.output_dz(load_tiles(v_ref, parts), do_rows, **dz_kw) if recompute_dz else dz_kept
         dq, dk_out, db_out = common.output_backward(q, k, b, docs, h_rows, dz, do_rows, scale=scale, **kw)
-        dk_state, db_state = common.state_backward(k, b, docs, h_rows, dh_rows, v_rows, **kw)
         store_col_tiles(dq_ref, dq, start)
+        if split:
+            dk_state = load_col_tiles(dk_state_ref, parts, start, width)
+            db_state = load_col_tiles(db_state_ref, parts, start, width)
+        else:
+            dh_rows = full_state_rows(dh_ref[cols, :], leave_ref[cols], d_run_ref[cols, :])
+            dk_state, db_state = common.state_backward(k, b, docs, h_rows, dh_rows, load_tiles(v_ref, parts), **kw)
         store_col_tiles(dk_ref, [a + c for a, c in zip(dk_out, dk_state, strict=True)], start)
         db = [a + c for a, c in zip(db_out, db_state, strict=True)]
         store_col_tiles(dg_ref, gate_grad_tiles(db), start)
-        if not with_dv:
+        if split:
             return dv
         dv_state = value_grads_from_state(k, b, docs, dh_rows, mxu)
         return [a + c for a, c in zip(dv, dv_state, strict=True)]
 
     num_blocks = q_ref.shape[1] // width
-    if not with_dv:
+    if split:
         lax.fori_loop(0, num_blocks, columns, 0)
         return
     do = load_tiles(do_ref, parts) if do is None else do
     dv = common.dvn_from_scores(_score_tiles(z_ref, parts), do, **dz_kw)
-    store_tiles(dv_ref[0], lax.fori_loop(0, num_blocks, columns, dv))
+    store_tiles(dv_ref, lax.fori_loop(0, num_blocks, columns, dv))
 
 
-def _value_grads_kernel(k_ref, do_ref, g_ref, *refs, has_docs, mxu, scale, parts, block_cols):
-    """dv of one chunk (per query head) alone (``cfg.split_grads``), on whole-chunk products:
-    ``scale · Zᵀ dO`` (the stored scores' lower blocks) plus ``(e^{b_last − b} ⊙ K) dh`` summed over
-    blocks of key columns."""
+def _state_grads_kernel(k_ref, v_ref, do_ref, g_ref, *refs, has_docs, mxu, scale, parts, block_cols):
+    """``cfg.split_grads``: dv of one chunk (per query head) and the state step's shares of dk and db
+    (float32, for ``_grads_kernel``), on whole-chunk products: ``dv = scale · Zᵀ dO`` (the stored
+    scores' lower blocks) plus ``(e^{b_last − b} ⊙ K) dh`` summed over blocks of key columns."""
     refs = list(refs)
     doc_refs = (refs.pop(0), refs.pop(0)) if has_docs else None
-    z_ref, dh_ref, d_run_ref, leave_ref, dv_ref = refs
+    z_ref, h_ref, s_run_ref, enter_ref, dh_ref, d_run_ref, leave_ref, dv_ref, dk_ref, db_ref = refs
     docs = load_docs(doc_refs)
     chunk, width = k_ref.shape[0], block_cols
+    v = v_ref[...].astype(mxu)
 
     def columns(j, dv):
-        cols = pl.ds(pl.multiple_of(j * width, width), width)
+        start = pl.multiple_of(j * width, width)
+        cols = pl.ds(start, width)
+        k = k_ref[:, cols]
         (b,) = cumulative_tiles([g_ref[:, cols]])
-        _, to_end, _ = common.gate_factors(b, docs)
+        h_rows = full_state_rows(h_ref[cols, :], enter_ref[cols], s_run_ref[cols, :])
         dh_rows = full_state_rows(dh_ref[cols, :], leave_ref[cols], d_run_ref[cols, :])
-        return dv + dot(common.row_scale(k_ref[:, cols], to_end).astype(mxu), dh_rows.astype(mxu))
+        dk, db, to_end = state_grads(k, b, docs, h_rows, dh_rows, v, mxu)
+        dk_ref[:, cols] = dk
+        db_ref[:, cols] = db
+        return dv + dot(common.row_scale(k, to_end).astype(mxu), dh_rows.astype(mxu))
 
     # the forward writes the lower blocks only (the diagonal ones causal-masked): the others are zero
     row = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0) // (chunk // parts)
@@ -201,65 +215,66 @@ def backward_local(q, g, docs, do, *, statics: ChannelStatics) -> LocalCotangent
 
 def grads(q, k, v, g, docs, states: States, local: LocalCotangents, d_run, lay: Layout, statics: ChannelStatics):
     """Stage 3: ``(dq, dk, dv, dg)`` per query head (dk, dv float32 under grouped heads); one kernel,
-    or with ``cfg.split_grads`` one for dq, dk, dg and one for dv."""
+    or with ``cfg.split_grads`` two: dv with the state step's shares of dk and db, then dq, dk, dg."""
     d, e, has_docs = lay.dim, lay.value_dim, docs is not None
     split = statics.cfg.split_grads
     grad_dtype = k.dtype if lay.group == 1 else F32
-    kernel = functools.partial(
-        chunk_kernel(_grads_kernel, lay, statics, has_docs=has_docs),
-        with_dv=not split,
-        recompute_dz=statics.cfg.recompute_dz,
-    )
     state_specs = [lay.chunk_state_spec(), lay.run_state_spec(), lay.chunk_log_spec()]
-    outs = [(d, q.dtype), (d, grad_dtype), *([] if split else [(e, grad_dtype)]), (d, g.dtype)]
-    cotangent_inputs = (local.dh_local, d_run, states.logs.leave)
-    grads = pl.pallas_call(
-        kernel,
-        grid=lay.chunk_grid(),
-        in_specs=[
-            *lay.chunk_input_specs(has_docs=has_docs, with_do=True),
-            *([] if split else [lay.chunk_spec(lay.chunk)]),
-            *state_specs,
-            *state_specs,
-        ],
-        out_specs=[lay.chunk_spec(width) for width, _ in outs],
-        out_shape=[lay.per_head_shape(width, dtype) for width, dtype in outs],
-        compiler_params=compiler_params(statics.cfg, "backward"),
-        interpret=statics.interpret,
-        name="linear_attention_channel_grads",
-    )(
-        q,
-        k,
-        v,
-        local.do,
-        g,
-        *doc_inputs(docs),
-        *([] if split else [states.z]),
-        states.h_local,
-        states.s_run,
-        states.logs.enter,
-        *cotangent_inputs,
-    )
+    entering = (states.h_local, states.s_run, states.logs.enter)
+    leaving = (local.dh_local, d_run, states.logs.leave)
+
+    def call(body, in_specs, outs, name, *args, **statics_kw):
+        return pl.pallas_call(
+            functools.partial(chunk_kernel(body, lay, statics, has_docs=has_docs), **statics_kw),
+            grid=lay.chunk_grid(),
+            in_specs=in_specs,
+            out_specs=[lay.chunk_spec(width) for width, _ in outs],
+            out_shape=[lay.per_head_shape(width, dtype) for width, dtype in outs],
+            compiler_params=compiler_params(statics.cfg, "backward"),
+            interpret=statics.interpret,
+            name=name,
+        )(*args)
+
+    qk_outs = [(d, q.dtype), (d, grad_dtype), (d, g.dtype)]
+    qk_kw = dict(recompute_dz=statics.cfg.recompute_dz)
+    inputs = (q, k, v, local.do, g, *doc_inputs(docs))
+    input_specs = lay.chunk_input_specs(has_docs=has_docs, with_do=True)
     if not split:
-        return grads
-    dv = pl.pallas_call(
-        chunk_kernel(_value_grads_kernel, lay, statics, has_docs=has_docs),
-        grid=lay.chunk_grid(),
-        in_specs=[
-            lay.chunk_spec(d, kv=True),
-            lay.chunk_spec(e),
-            lay.chunk_spec(d),
-            *lay.chunk_doc_specs(has_docs),
-            lay.chunk_spec(lay.chunk),
-            *state_specs,
-        ],
-        out_specs=lay.chunk_spec(e),
-        out_shape=lay.per_head_shape(e, grad_dtype),
-        compiler_params=compiler_params(statics.cfg, "backward"),
-        interpret=statics.interpret,
-        name="linear_attention_channel_grads_v",
-    )(k, local.do, g, *doc_inputs(docs), states.z, *cotangent_inputs)
-    dq, dk, dg = grads
+        dq, dk, dv, dg = call(
+            _grads_kernel,
+            [*input_specs, lay.chunk_spec(lay.chunk), *state_specs, *state_specs],
+            [*qk_outs[:2], (e, grad_dtype), qk_outs[2]],
+            "linear_attention_channel_grads",
+            *inputs,
+            states.z,
+            *entering,
+            *leaving,
+            split=False,
+            **qk_kw,
+        )
+        return dq, dk, dv, dg
+    dv, dk_state, db_state = call(
+        _state_grads_kernel,
+        [*input_specs[1:], lay.chunk_spec(lay.chunk), *state_specs, *state_specs],
+        [(e, grad_dtype), (d, F32), (d, F32)],
+        "linear_attention_channel_grads_state",
+        *inputs[1:],
+        states.z,
+        *entering,
+        *leaving,
+    )
+    dq, dk, dg = call(
+        _grads_kernel,
+        [*input_specs, lay.chunk_spec(d), lay.chunk_spec(d), *state_specs],
+        qk_outs,
+        "linear_attention_channel_grads",
+        *inputs,
+        dk_state,
+        db_state,
+        *entering,
+        split=True,
+        **qk_kw,
+    )
     return dq, dk, dv, dg
 
 

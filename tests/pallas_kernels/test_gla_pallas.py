@@ -235,7 +235,7 @@ def test_kernels_lower_to_triton(monkeypatch):
 
         text = jax.jit(fwd_bwd).trace(q, k, v, g, s0, seg).lower(lowering_platforms=("cuda",)).as_text()
         names = ["state", "scan", "output", "state_bwd", "scan_reverse", "grads"]
-        names += ["grads_v"] if config and config.split_grads else []
+        names += ["grads_state"] if config and config.split_grads else []
         assert text.count("__gpu$xla.gpu.triton") == len(names), f"expected the {names} kernels"
         for name in names:
             assert f"linear_attention_channel_{name}" in text, name
