@@ -33,21 +33,26 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.delta_rule import _jax_time  # noqa: E402
 from benchmarks.kernels import _jax_inputs  # noqa: E402
 
-STAGES_2 = {"num_stages_state": 2}
+SPLIT = {"split_grads": True, "recompute_dz": True}
 
-# (label, ChannelConfig overrides), in order of interest; see notes/kernels.md for what ptxas reported
+# (label, ChannelConfig overrides), in order of interest; ptxas's registers and spills of each are in
+# notes/kernels.md ("Per-channel (GLA) kernels: register and spill report")
 CONFIGS = [
     ("default", {}),
-    # the grads kernel: 255 registers and ~1.3 KB of spills per thread at 8 warps, 32 columns
+    # the gradient kernel: 255 registers and ~1 KB of spills per thread at 8 warps, 32 columns
+    ("split_grads,recompute_dz", SPLIT),
+    ("recompute_dz", {"recompute_dz": True}),
+    ("split_grads", {"split_grads": True}),
+    ("split_grads,recompute_dz,block_cols=16", {**SPLIT, "block_cols": 16}),
+    ("split_grads,recompute_dz,grads_warps=4", {**SPLIT, "num_warps_bwd": 4}),
+    ("split_grads,recompute_dz,grads_stages=2", {**SPLIT, "num_stages_bwd": 2}),
     ("grads_warps=4", {"num_warps_bwd": 4}),
+    # the output kernel: 255 registers at 8 warps (one program per SM); 179 at 16 columns
     ("block_cols=16", {"block_cols": 16}),
-    ("block_cols=16,grads_warps=4", {"block_cols": 16, "num_warps_bwd": 4}),
-    ("grads_stages=2", {"num_stages_bwd": 2}),
-    # the output kernel: 255 registers at 8 warps (one program per SM)
     ("output_warps=4", {"num_warps": 4}),
     ("block_cols=16,output_warps=4", {"block_cols": 16, "num_warps": 4}),
     ("block_cols=64", {"block_cols": 64}),
-    # the state passes: 124 KB of shared memory at 3 stages (one program per SM)
+    # the state passes: 124 KB of shared memory at 3 stages (one program per SM); 72 KB at 2
     ("state_stages=2", {"num_stages_state": 2}),
     ("state_stages=1", {"num_stages_state": 1}),
     ("block_e=64", {"block_e": 64}),
@@ -58,8 +63,9 @@ CONFIGS = [
     ("chunk=32", {"chunk": 32}),
     ("chunk=128", {"chunk": 128}),
     # combinations
-    ("block_cols=16,warps=4,state_stages=2", {"block_cols": 16, "num_warps": 4, "num_warps_bwd": 4, **STAGES_2}),
-    ("block_cols=16,state_stages=2", {"block_cols": 16, "num_stages_state": 2}),
+    ("split_grads,recompute_dz,state_stages=2", {**SPLIT, "num_stages_state": 2}),
+    ("split_grads,recompute_dz,block_cols=16,state_stages=2", {**SPLIT, "block_cols": 16, "num_stages_state": 2}),
+    ("split_grads,recompute_dz,state_stages=2,block_e=64", {**SPLIT, "num_stages_state": 2, "block_e": 64}),
 ]
 
 INTERPRET_SHAPE = (1, 64, 2, 32)

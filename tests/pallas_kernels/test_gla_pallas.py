@@ -245,6 +245,7 @@ GPU_CASES = {
     # name: documents (new-document positions), config (None: the default, 2 runs per row here)
     "default": (None, None),
     "one-run-docs": ((1000, 1001, 2500), ChannelConfig(splits=1)),
+    "split-grads-docs": ((1000, 2500), ChannelConfig(split_grads=True, recompute_dz=True)),
 }
 
 
