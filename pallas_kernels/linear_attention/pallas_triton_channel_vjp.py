@@ -18,6 +18,9 @@ entering state and the scores ``Z = Q Kᵀ ⊙ Γ`` saved:
    ``q ⊙ dq − k ⊙ dk`` per row, plus ``Σ_j k_j ⊙ dk_j^{state} + e^{b_last} ⊙ Σ_e h ⊙ dh`` at the
    chunk's last row (``gated_delta_rule.common.output_backward`` and ``state_backward``), turned
    into ``dg_t = Σ_{u ≥ t} db_u`` inside the chunk before it is written.
+   With ``cfg.split_grads`` two kernels: ``grads_state`` first (dV and the state step's shares of
+   dK and db, float32, on whole-chunk products), then ``grads`` (dQ, dK, dg) reading those shares:
+   fewer live tiles in each (notes/kernels.md, the GLA register report).
 
 Grouped heads: dk and dv are per query head (float32) and summed over each group after.
 """
