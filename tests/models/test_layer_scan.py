@@ -114,7 +114,9 @@ def test_scanned_loss_and_grads_equal_unscanned(name, remat, rng):
     np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
     assert jax.tree.structure(grads) == jax.tree.structure(want_grads)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want_grads), strict=True):
-        atol = 2e-6 * np.abs(b).max()
+        # float32 sums in another order (remat, the scan): a leaf's small entries that are sums with
+        # cancellation (e.g. a_log's gradient) differ at ~1e-5 of the leaf's largest entry
+        atol = 1e-5 * np.abs(b).max()
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=atol, err_msg=str(path))
 
 
