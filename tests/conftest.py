@@ -128,3 +128,20 @@ def rng():
     seed = int(os.environ.get("LASP_TEST_SEED", np.random.SeedSequence().entropy % (2**31)))
     print(f"LASP_TEST_SEED={seed}")
     return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def triton_lowering_h100(monkeypatch):
+    """Point the Pallas Triton lowering at an abstract H100, so a test can lower (not compile) kernels
+    for CUDA on this machine and the lowering's own checks run; skips on a GPU (its tests compile)
+    and on a jax whose lowering reads the GPU another way."""
+    if jax.default_backend() == "gpu":
+        pytest.skip("the GPU tests compile the kernels")
+    try:
+        from jax._src.pallas.triton import gpu_info, pallas_call_registration
+    except ImportError:
+        pytest.skip("this jax has no Triton lowering hook to point at an abstract GPU")
+    if not hasattr(pallas_call_registration, "gpu_info_lib"):
+        pytest.skip("this jax's Triton lowering reads the GPU another way")
+    info = gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H100)
+    monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: info)

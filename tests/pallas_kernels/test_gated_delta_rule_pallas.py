@@ -275,18 +275,8 @@ def test_default_config_fills_the_gpu_with_splits():
 # ---- the Triton lowering on CPU, compiled kernels on a GPU ------------------------------------
 
 
-def test_kernels_lower_to_triton(monkeypatch):
+def test_kernels_lower_to_triton(triton_lowering_h100):
     """Lower (not compile) forward and backward for CUDA here: the Triton lowering's own checks run."""
-    if jax.default_backend() == "gpu":
-        pytest.skip("the GPU tests compile the kernels")
-    try:
-        from jax._src.pallas.triton import gpu_info, pallas_call_registration
-    except ImportError:
-        pytest.skip("this jax has no Triton lowering hook to point at an abstract GPU")
-    if not hasattr(pallas_call_registration, "gpu_info_lib"):
-        pytest.skip("this jax's Triton lowering reads the GPU another way")
-    info = gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H100)
-    monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: info)
     spec = jax.ShapeDtypeStruct
     for gate, (b, t, h, hv, d, e), dtype, docs, splits in [
         ("gdn", (1, 256, 2, 4, 128, 128), jnp.bfloat16, False, 2),

@@ -201,19 +201,9 @@ def test_supports_and_rejects():
     assert default_channel_config(batch=8, heads=32, seq_len=4096, value_dim=128, interpret=False).splits == 1
 
 
-def test_kernels_lower_to_triton(monkeypatch):
+def test_kernels_lower_to_triton(triton_lowering_h100):
     """Lower (not compile) forward and backward for CUDA here: the Triton lowering's own checks run
     (D = E = 128 bf16 with two runs; padded head dims, grouped heads and documents in float32)."""
-    if jax.default_backend() == "gpu":
-        pytest.skip("the GPU tests compile the kernels")
-    try:
-        from jax._src.pallas.triton import gpu_info, pallas_call_registration
-    except ImportError:
-        pytest.skip("this jax has no Triton lowering hook to point at an abstract GPU")
-    if not hasattr(pallas_call_registration, "gpu_info_lib"):
-        pytest.skip("this jax's Triton lowering reads the GPU another way")
-    info = gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H100)
-    monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: info)
     spec = jax.ShapeDtypeStruct
     for (b, t, h, hk, d, e), dtype, docs, config in [
         ((1, 256, 2, 2, 128, 128), jnp.bfloat16, False, ChannelConfig(splits=2)),
