@@ -69,3 +69,17 @@ def chain_pieces(call, sequences: tuple, *, piece: int, initial_state, segment_i
         o, state = call(*(None if x is None else x[:, cut] for x in sequences), initial_state=state, segment_ids=seg)
         outs.append(o)
     return jnp.concatenate(outs, axis=1), state
+
+
+# streaming multiprocessors of an H100 / H200 (the kernels' launch heuristics size grids to them)
+NUM_SMS = 132
+
+
+def state_pass_splits(programs: int, num_chunks: int, *, min_chunks: int = 16) -> int:
+    """Runs of whole chunks per row for the sequential state passes: doubled (a power of two) until
+    the passes have about two programs per SM (``programs`` per run: rows × heads × value blocks),
+    while every run keeps at least ``min_chunks`` chunks."""
+    splits = 1
+    while programs * splits < 2 * NUM_SMS and num_chunks // (2 * splits) >= min_chunks:
+        splits *= 2
+    return splits

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 
+from pallas_kernels.common import state_pass_splits
+
 # rows of the sub-tiles of a chunk: the triangular solve works on 16×16 diagonal blocks, per-channel
 # gates factor the decay between sub-tiles around a reference row (notes/design.md §6)
 SUB_TILE = 16
-# streaming multiprocessors of an H100 / H200: the state passes are sized to a few programs per SM
-_NUM_SMS = 132
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,8 +120,4 @@ def default_config(
         store_inverse=not per_channel,
     )
     programs = batch * value_heads * (value_dim // cfg.block_e)
-    chunks = -(-seq_len // cfg.chunk)
-    splits = 1
-    while programs * splits < 2 * _NUM_SMS and chunks // (2 * splits) >= 16:
-        splits *= 2
-    return dataclasses.replace(cfg, splits=splits)
+    return dataclasses.replace(cfg, splits=state_pass_splits(programs, -(-seq_len // cfg.chunk)))

@@ -11,8 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-# streaming multiprocessors of an H100 / H200: the grid is sized to a few programs per SM
-_NUM_SMS = 132
+from pallas_kernels.common import NUM_SMS, state_pass_splits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +31,7 @@ class BlockConfig:
     """
 
     chunk: int = 64
-    min_programs: int = 4 * _NUM_SMS
+    min_programs: int = 4 * NUM_SMS
     block_e: int = 64
     block_d: int = 64
     split_dkdv: bool = False
@@ -136,8 +135,4 @@ def default_channel_config(*, batch: int, heads: int, seq_len: int, value_dim: i
         return ChannelConfig(chunk=16, block_cols=16, block_e=16)
     cfg = ChannelConfig(block_e=min(32, value_dim))
     programs = batch * heads * (value_dim // cfg.block_e)
-    chunks = -(-seq_len // cfg.chunk)
-    splits = 1
-    while programs * splits < 2 * _NUM_SMS and chunks // (2 * splits) >= 16:
-        splits *= 2
-    return dataclasses.replace(cfg, splits=splits)
+    return dataclasses.replace(cfg, splits=state_pass_splits(programs, -(-seq_len // cfg.chunk)))
