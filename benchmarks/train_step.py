@@ -131,10 +131,12 @@ def is_oom(err: Exception) -> bool:
     return any(s in text for s in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OOM", "Allocator"))
 
 
-def run_config(
-    args, *, preset: str, sp: int, local_tokens: int, remat: str, iters: int, warmup: int, profile_dir=None
-) -> dict:
-    """Build, compile and time one training step; returns a result row (raises on failure)."""
+def build_trainer(args, *, preset: str, sp: int, local_tokens: int, remat: str, **model_overrides):
+    """The ``Trainer`` of one row (nothing initialised or compiled): the step every row times.
+
+    ``model_overrides`` go to ``get_config`` after the flags' own fields (e.g. ``n_layers``;
+    ``benchmarks/memory_report.py`` compiles shallower models with it).
+    """
     import jax
 
     from models.config import get_config
@@ -145,17 +147,27 @@ def run_config(
     devices = jax.devices()[:n]
     if len(devices) < n:
         raise SystemExit(f"need {n} devices for sp={sp} dp={args.dp} tp={args.tp}, have {len(jax.devices())}")
-    seq_len = local_tokens * sp
     chunks = loss_chunks_for(args, local_tokens, sp)
-    model = get_config(preset, dtype=args.dtype, scan_layers=args.scan_layers, mlp_chunk=args.mlp_chunk)
+    model_fields = dict(dtype=args.dtype, scan_layers=args.scan_layers, mlp_chunk=args.mlp_chunk) | model_overrides
     config = TrainConfig(
-        model=model,
+        model=get_config(preset, **model_fields),
         mesh=MeshConfig(dp=args.dp, sp=sp, tp=args.tp, fsdp=args.fsdp, strategy=args.strategy, impl=args.impl),
         optim=OptimConfig(lr=1e-4, warmup_steps=10),
-        data=DataConfig(source="synthetic", batch_size=args.dp, seq_len=seq_len),
+        data=DataConfig(source="synthetic", batch_size=args.dp, seq_len=local_tokens * sp),
         run=RunConfig(steps=1000, remat=remat, loss_chunks=chunks, progress=False, peak_tflops=args.peak_tflops),
     )
-    trainer = Trainer(config, devices=devices, log=lambda *a: None)
+    return Trainer(config, devices=devices, log=lambda *a: None)
+
+
+def run_config(
+    args, *, preset: str, sp: int, local_tokens: int, remat: str, iters: int, warmup: int, profile_dir=None
+) -> dict:
+    """Build, compile and time one training step; returns a result row (raises on failure)."""
+    import jax
+
+    trainer = build_trainer(args, preset=preset, sp=sp, local_tokens=local_tokens, remat=remat)
+    n, seq_len, chunks = trainer.n_devices, local_tokens * sp, trainer.config.run.loss_chunks
+    devices = jax.devices()[:n]
     state = trainer.init_state()
     batch = trainer.data.batch("train", 0, trainer.batch_sharding)
     t0 = time.perf_counter()
