@@ -27,6 +27,10 @@ tokens (remat ``full`` and chunked logits, the memory-lean settings, unless over
 (``ModelConfig.scan_layers``); the ``compile s`` column shows what that saves (compile time vs depth:
 ``benchmarks/compile_time.py``).
 
+``--split-projections`` computes every fused input projection (q|k|v|gate, the MLP's gate|up) as one
+product per block (``ModelConfig.split_projections``: the same parameters; the backward concatenates
+no activation cotangents before the weight-gradient products).
+
 ``--profile DIR`` traces ``--profile-iters`` more steps of each throughput row with jax.profiler
 (under ``DIR/sp<n>``) and prints their device time by category (matmuls, Pallas kernels, fusions,
 collectives) and the top kernels (``models.profile``; also in the JSON).
@@ -40,6 +44,7 @@ devices (a check that the script works, not a measurement).
     python benchmarks/train_step.py --search-longest                  # + longest trainable sequence
     python benchmarks/train_step.py --profile profile                 # + device time by kernel
     python benchmarks/train_step.py --scan-layers --remat offload     # layers under a scan, host offload
+    python benchmarks/train_step.py --split-projections --json split.json  # one product per projection block
     python benchmarks/train_step.py --tokens-per-device 1048576 --remat offload --mlp-chunk 65536 --iters 1  # 1M tokens
     python benchmarks/train_step.py --smoke --sp 1 2 --search-longest --max-tokens 2048
     python benchmarks/train_step.py --smoke --preset gdn-1.3b kda-1.3b --sp 1 2   # runs gdn-tiny, kda-tiny
@@ -71,6 +76,9 @@ def parse_args(argv=None):
     p.add_argument("--remat", default="dots", help="none | dots | full | offload (throughput rows)")
     p.add_argument("--scan-layers", action="store_true", help="blocks under a lax.scan (ModelConfig.scan_layers)")
     p.add_argument("--mlp-chunk", type=int, default=0, help="ModelConfig.mlp_chunk: MLP in chunks of this many tokens")
+    p.add_argument(
+        "--split-projections", action="store_true", help="one product per fused projection block (ModelConfig)"
+    )
     p.add_argument("--loss-chunks", default="auto", help="int, or auto: about 8K tokens of logits per device at once")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=8)
@@ -148,7 +156,8 @@ def build_trainer(args, *, preset: str, sp: int, local_tokens: int, remat: str, 
     if len(devices) < n:
         raise SystemExit(f"need {n} devices for sp={sp} dp={args.dp} tp={args.tp}, have {len(jax.devices())}")
     chunks = loss_chunks_for(args, local_tokens, sp)
-    model_fields = dict(dtype=args.dtype, scan_layers=args.scan_layers, mlp_chunk=args.mlp_chunk) | model_overrides
+    flags = ("dtype", "scan_layers", "mlp_chunk", "split_projections")  # the flags that are ModelConfig fields
+    model_fields = {name: getattr(args, name) for name in flags} | model_overrides
     config = TrainConfig(
         model=get_config(preset, **model_fields),
         mesh=MeshConfig(dp=args.dp, sp=sp, tp=args.tp, fsdp=args.fsdp, strategy=args.strategy, impl=args.impl),
@@ -210,6 +219,7 @@ def run_config(
         "remat": remat,
         "scan_layers": args.scan_layers,
         "mlp_chunk": args.mlp_chunk,
+        "split_projections": args.split_projections,
         "loss_chunks": chunks,
         "compile_s": compile_s,
         "step_ms": 1e3 * step_s,
@@ -308,6 +318,7 @@ def main(argv=None) -> int:
         "strategy": args.strategy,
         "fsdp": args.fsdp,
         "scan_layers": args.scan_layers,
+        "split_projections": args.split_projections,
         "smoke": args.smoke,
     }
     try:

@@ -8,9 +8,9 @@ a flag, ``--section.field`` or its short form where unambiguous (``--steps 500 -
 ``--model.vocab_size`` is given.
 
 The parser is built from the config dataclasses (``typed_parser``): each field's type gives the
-conversion (``int``, ``float``, ``bool`` as true/false/1/0/yes/no/on/off, ``X | None`` also
-accepting ``none``, comma-separated tuples) and a ``Literal[...]`` its choices; a bad value is
-an error naming its flag; prefixes are not abbreviations; the comment after each field is its
+conversion (``int``, ``float``, ``bool`` as true/false/1/0/yes/no/on/off or the flag alone, ``X |
+None`` also accepting ``none``, comma-separated tuples) and a ``Literal[...]`` its choices; a bad
+value is an error naming its flag; prefixes are not abbreviations; the comment after each field is its
 ``--help`` text. (tyro was tried first: it rejects the lowercase booleans and the comma-separated
 ``--model.layer_types`` that the README and the tests use, and cannot layer a preset's model
 config under the flags.)
@@ -163,7 +163,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, section: str, cls, *, s
             flags.append(f"--{f.name.replace('_', '-')}")
         default = defaults or f"default: {f.default!r}" if f.default is not dataclasses.MISSING else defaults
         help_text = docs.get(f.name, "") + (f" ({default})" if default else "")
-        group.add_argument(*flags, dest=f"{section}.{f.name}", type=parse, metavar=metavar, help=help_text)
+        bare = dict(nargs="?", const=True) if hints[f.name] is bool else {}  # a bool flag alone means true
+        group.add_argument(*flags, dest=f"{section}.{f.name}", type=parse, metavar=metavar, help=help_text, **bare)
 
 
 def preset_name(text: str) -> str:
@@ -221,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     short = {n for n in names if names.count(n) == 1}  # short forms when unambiguous: --seq-len, --sp, --lr
     for section, cls in SECTIONS.items():
         add_dataclass_flags(p, section, cls, short=short, defaults=None)
-    add_dataclass_flags(p, "model", ModelConfig, short=set(), defaults="default: the preset's")
+    # model fields are --model.<name> only, but for a performance choice that leaves the parameters as they are
+    add_dataclass_flags(p, "model", ModelConfig, short={"split_projections"}, defaults="default: the preset's")
     return p
 
 

@@ -83,6 +83,9 @@ class ModelConfig:
     # models.layer_scan): compile time flat in depth; parameter paths differ, so off by default
     scan_layers: bool = False
     mlp_chunk: int = 0  # >0: the MLP runs over checkpointed chunks of this many tokens (models.tokenwise); 0: whole
+    # the fused input projections (q|k|v|gate of the token mixers, the MLP's gate|up) computed as under tensor
+    # parallelism, so the backward concatenates no activation cotangents (models.layers.Dense.project)
+    split_projections: bool = False  # one matmul per block of each fused input projection; same parameters
 
     def __post_init__(self):
         def positive(name):
@@ -96,8 +99,9 @@ class ModelConfig:
         for name in ("n_kv_heads", "ffn_dim", "n_v_heads"):
             if getattr(self, name) is not None:
                 positive(name)
-        if not isinstance(self.scan_layers, bool):
-            raise ValueError(f"ModelConfig.scan_layers must be a bool, got scan_layers={self.scan_layers!r}")
+        for name in ("scan_layers", "split_projections"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ModelConfig.{name} must be a bool, got {name}={getattr(self, name)!r}")
         if self.family not in FAMILIES:
             raise ValueError(f"ModelConfig.family must be one of {FAMILIES}, got family={self.family!r}")
         for name, allowed in (
@@ -170,14 +174,15 @@ class ModelConfig:
         return self.layer_types or ("linear",) * self.n_layers
 
     def mixer_options(self) -> dict:
-        """What every token mixer's arguments take from the model (``models.layers.MixerSpec``):
-        the norm epsilon, the dtypes and the initialisation, W_o's std scaled by depth."""
+        """What every token mixer's arguments take from the model (``models.layers.MixerSpec``): the
+        norm epsilon, the dtypes, the initialisation (W_o's std scaled by depth), the projections' form."""
         return dict(
             norm_eps=self.norm_eps,
             init_std=self.init_std,
             out_std=self.init_std / math.sqrt(2 * self.n_layers),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            split_projections=self.split_projections,
         )
 
     def replace(self, **changes) -> ModelConfig:

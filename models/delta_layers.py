@@ -145,6 +145,7 @@ class DeltaRuleMixer(nnx.Module):
         out_std: float = 0.02,
         dtype: str = "float32",
         param_dtype: str = "float32",
+        split_projections: bool = False,
         rngs: nnx.Rngs,
     ):
         head_dim = d_model // n_heads if head_dim is None else head_dim
@@ -160,6 +161,7 @@ class DeltaRuleMixer(nnx.Module):
             out_std=out_std,
             dtype=dtype,
             param_dtype=param_dtype,
+            split_projections=split_projections,
         )
         self.key_width, self.value_width = s.n_heads * s.head_dim, s.n_v_heads * s.head_dim
         self.conv_channels = 2 * self.key_width + self.value_width

@@ -88,6 +88,7 @@ class GatedLinearAttention(nnx.Module):
         out_std: float = 0.02,
         dtype: str = "float32",
         param_dtype: str = "float32",
+        split_projections: bool = False,
         rngs: nnx.Rngs,
     ):
         head_dim = d_model // n_heads if head_dim is None else head_dim
@@ -104,6 +105,7 @@ class GatedLinearAttention(nnx.Module):
             out_std=out_std,
             dtype=dtype,
             param_dtype=param_dtype,
+            split_projections=split_projections,
         )
         self.query_width, self.kv_width = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
         # q, k, v, the output gate r, the gate's down projection

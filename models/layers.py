@@ -40,10 +40,11 @@ Array = jax.Array
 
 
 class Dtypes(Protocol):
-    """What ``Dense`` and ``Norm`` read of a config: a ``ModelConfig`` or a token mixer's ``AttentionSpec``."""
+    """What ``Dense`` and ``Norm`` read of a config: a ``ModelConfig`` or a token mixer's spec (``MixerSpec``)."""
 
     dtype: str
     param_dtype: str
+    split_projections: bool  # Dense.project: one product per column block
 
 
 @dataclass(frozen=True)
@@ -109,27 +110,26 @@ class Dense(nnx.Module):
 
     def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], *, std: float, config: Dtypes, rngs):
         self.kernel = nnx.Param(_normal(rngs, (d_in, d_out), std, dtype_of(config.param_dtype)), logical_axes=axes)
-        self.dtype = dtype_of(config.dtype)
+        self.dtype, self.split_projections = dtype_of(config.dtype), config.split_projections
 
     def __call__(self, x: Array) -> Array:
         return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
 
     def project(self, x: Array, widths: tuple[int, ...], ctx: LaspContext, split: tuple[bool, ...]) -> list[Array]:
-        """``self(x)`` cut into column blocks of ``widths``.
-
-        Under a head axis (tensor parallelism) each block is its own matmul, column-parallel over the
-        axis where ``split`` says so (Megatron's q, k, v, gate and up projections: each device computes
-        its heads' columns, no activation crosses the axis) and replicated elsewhere. The fused kernel
-        is stored split contiguously over the axis, so its blocks move into place: weights, not activations.
+        """``self(x)`` cut into column blocks of ``widths``: one product then a split, or (``split_projections``,
+        or under a head axis) one product per block, whose backward takes each block's cotangent as it is (one
+        product's backward first concatenates them: an activation-sized copy). Under a head axis (tensor
+        parallelism) a block is column-parallel where ``split`` says so (Megatron's q, k, v, gate and up
+        projections: each device computes its heads' columns, no activation crosses the axis), else replicated;
+        the fused kernel is stored split contiguously over the axis, so its blocks move: weights, not activations.
         """
-        if ctx.tensor_parallel == 1:
-            return jnp.split(self(x), np.cumsum(widths)[:-1], axis=-1)
-        kernel, parts, start = self.kernel[...].astype(self.dtype), [], 0
-        for width, cut in zip(widths, split, strict=True):
-            block = ctx.constrain_columns(kernel[:, start : start + width], split=cut)
-            parts.append(ctx.constrain(jnp.dot(x.astype(self.dtype), block), split_dim=-1 if cut else None))
-            start += width
-        return parts
+        x, kernel, cuts = x.astype(self.dtype), self.kernel[...].astype(self.dtype), np.cumsum(widths)[:-1]
+        if ctx.tensor_parallel == 1 and not self.split_projections:
+            return jnp.split(jnp.dot(x, kernel), cuts, axis=-1)
+        blocks = list(zip(jnp.split(kernel, cuts, axis=-1), split, strict=True))
+        if ctx.tensor_parallel > 1:  # without a head axis the blocks keep the kernel's (FSDP) sharding
+            blocks = [(ctx.constrain_columns(block, split=cut), cut) for block, cut in blocks]
+        return [ctx.constrain(jnp.dot(x, block), split_dim=-1 if cut else None) for block, cut in blocks]
 
 
 class Embed(nnx.Module):
@@ -206,6 +206,7 @@ class MixerSpec:
     out_std: float = 0.02  # the output projection's (models: init_std / sqrt(2 · n_layers))
     dtype: str = "float32"
     param_dtype: str = "float32"
+    split_projections: bool = False  # the fused input projection as one product per block (Dense.project)
 
     def check_positive(self, *names: str) -> None:
         for name in names:
@@ -397,6 +398,7 @@ class LinearAttention(ProjectedAttention):
         out_std: float = 0.02,
         dtype: str = "float32",
         param_dtype: str = "float32",
+        split_projections: bool = False,
         rngs: nnx.Rngs,
     ):
         g_gamma = None if g_gamma is None else tuple(float(x) for x in g_gamma)
@@ -517,6 +519,7 @@ class SoftmaxAttention(ProjectedAttention):
         out_std: float = 0.02,
         dtype: str = "float32",
         param_dtype: str = "float32",
+        split_projections: bool = False,
         scale: float | None = None,
         rngs: nnx.Rngs,
     ):
