@@ -12,7 +12,8 @@ finishes, then a table sorted by forward+backward time; ``--json`` writes all ro
 
 ``--budget`` seconds per op: no new config starts past it (the list is in order of interest).
 ``--check`` runs the best config of each op (by fwd+bwd) on a small shape and prints the relative
-error of o and of the gradients of q, k, v, beta and g against the chunked XLA path.
+error of o and of the gradients of q, k, v, beta and g against the chunked XLA path; ``--check-all``
+every config that ran.
 ``--interpret`` runs the kernels in the Pallas interpreter (CPU; a syntax check with a tiny shape).
 """
 
@@ -38,7 +39,11 @@ def variants(base, d: int) -> list[tuple[str, dict]]:
         # the WY backward from the forward's stored X on whole chunks (the default under scalar / no
         # gates) against the 16-row one that forms X again
         {"store_inverse": not base.store_inverse},
-        {"inverse_precision": "highest" if base.inverse_precision == "tf32x3" else "tf32x3"},
+        {"inverse_precision": "highest" if base.inverse_precision != "highest" else "tf32x3"},
+        # one tf32 product per float32 product of the inverse, on 16-row tiles or whole chunks
+        {"inverse_precision": "tf32"},
+        {"wy_rows": 64, "inverse_precision": "tf32"},
+        {"wy_rows": 32, "inverse_precision": "tf32"},
         {"wy_rows": 64, "inverse_precision": "tf32x3"},  # whole-chunk WY kernels: the inverse by doubling
         {"wy_rows": 32, "inverse_precision": "tf32x3"},
         {"num_warps_bwd": 4},
@@ -168,6 +173,7 @@ def main() -> None:
     ap.add_argument("--only", type=int, default=None, help="the first N configs only")
     ap.add_argument("--labels", nargs="+", default=None, help="only these configs (labels as printed, e.g. splits=1)")
     ap.add_argument("--check", action="store_true", help="check the best configs against the XLA path")
+    ap.add_argument("--check-all", action="store_true", help="check every config that ran, not only the best")
     ap.add_argument("--check-shape", default="1,512,4,128", help="B,T,H,D of --check")
     ap.add_argument("--interpret", action="store_true", help="Pallas interpreter (CPU syntax check)")
     ap.add_argument("--json", default=None)
@@ -194,16 +200,17 @@ def main() -> None:
         if ok:
             best_fwd = min(ok, key=lambda r: r["fwd_ms"])
             print(f"{op} best fwd: {best_fwd['label']} {best_fwd['fwd_ms']:.3f} ms; best fwd+bwd: {ok[0]['label']}")
-        if args.check and ok:
+        for r in ok if args.check_all else ok[:1] if args.check else []:
             from pallas_kernels.gated_delta_rule.config import BlockConfig
 
-            cfg = BlockConfig(**ok[0]["config"])
+            cfg = BlockConfig(**r["config"])
             cshape = tuple(map(int, args.check_shape.split(",")))
+            key = f"{op} {r['label']}"
             try:
-                checks[op] = {"label": ok[0]["label"], **check(op, cshape, cfg, args.interpret)}
+                checks[key] = {"label": r["label"], **check(op, cshape, cfg, args.interpret)}
             except Exception as exc:  # noqa: BLE001
-                checks[op] = {"label": ok[0]["label"], "error": repr(exc)[:400]}
-            print(f"{op} check {cshape} rel err vs xla: {json.dumps(checks[op])}", flush=True)
+                checks[key] = {"label": r["label"], "error": repr(exc)[:400]}
+            print(f"{op} check {cshape} rel err vs xla: {json.dumps(checks[key])}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"shape": list(shape), "rows": rows, "check": checks}, f, indent=1)

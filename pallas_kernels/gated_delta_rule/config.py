@@ -15,6 +15,8 @@ from pallas_kernels.common import state_pass_splits
 # rows of the sub-tiles of a chunk: the triangular solve works on 16×16 diagonal blocks, per-channel
 # gates factor the decay between sub-tiles around a reference row (notes/design.md §6)
 SUB_TILE = 16
+# the float32 products of the WY inverse (``BlockConfig.inverse_precision``)
+INVERSE_PRECISIONS = ("highest", "tf32", "tf32x3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,8 +49,10 @@ class BlockConfig:
         large products instead of the 16×16 blocks and the inverse again), under scalar or no gates;
         per-channel gates ignore it.
       inverse_precision: the float32 products that form ``X = (I + A)⁻¹``: ``"highest"`` (exact
-        float32 on the CUDA cores) or ``"tf32x3"`` (three tf32 products on the tensor cores, about
-        float32 accuracy); the Pallas interpreter (CPU) always uses ``"highest"``.
+        float32 on the CUDA cores), ``"tf32x3"`` (three tf32 products on the tensor cores, about
+        float32 accuracy) or ``"tf32"`` (one tf32 product: about 1e-3 relative, below the bf16
+        rounding W, U and the backward's products of X already carry; for bf16/fp16 inputs only);
+        the Pallas interpreter (CPU) always uses ``"highest"``.
       wy_bwd_split: the WY backward as two kernels, the state step's shares of dk and db first
         (reading h, dh and V'), then the WY form's; False: one kernel holding both (more live
         registers: ptxas reported spills for it).
@@ -76,8 +80,10 @@ class BlockConfig:
                 raise ValueError(f"BlockConfig.{name}={value} must be a power of two >= {SUB_TILE}")
         if self.wy_rows > self.chunk:
             raise ValueError(f"BlockConfig.wy_rows={self.wy_rows} must be at most chunk={self.chunk}")
-        if self.inverse_precision not in ("highest", "tf32x3"):
-            raise ValueError(f"BlockConfig.inverse_precision={self.inverse_precision!r} must be 'highest' or 'tf32x3'")
+        if self.inverse_precision not in INVERSE_PRECISIONS:
+            raise ValueError(
+                f"BlockConfig.inverse_precision={self.inverse_precision!r} must be one of {INVERSE_PRECISIONS}"
+            )
         if self.splits < 1:
             raise ValueError(f"BlockConfig.splits={self.splits} must be positive")
 

@@ -50,7 +50,10 @@ class Statics:
     def inverse_precision(self):
         """The precision of the float32 products that form ``(I + A)⁻¹`` (``cfg.inverse_precision``;
         exact float32 in the interpreter, which runs on the CPU)."""
-        return TF32_X3 if self.cfg.inverse_precision == "tf32x3" and not self.interpret else lax.Precision.HIGHEST
+        if self.interpret:
+            return lax.Precision.HIGHEST
+        # jax's Triton lowering takes DEFAULT for float32 operands as one tf32 product
+        return {"tf32x3": TF32_X3, "tf32": lax.Precision.DEFAULT}.get(self.cfg.inverse_precision, lax.Precision.HIGHEST)
 
 
 def mxu_dtype(dtype):

@@ -289,7 +289,7 @@ def test_kernels_lower_to_triton(triton_lowering_h100):
             splits=splits,
             wy_bwd_split=gate == "kda",
             store_inverse=gate == "gdn",
-            inverse_precision="tf32x3" if gate != "kda" else "highest",
+            inverse_precision={"gdn": "tf32x3", "deltanet": "tf32", "kda": "highest"}[gate],
         )
         q, v = spec((b, t, h, d), dtype), spec((b, t, hv, e), dtype)
         beta, s0 = spec((b, t, hv), jnp.float32), spec((b, hv, d, e), jnp.float32)
@@ -319,6 +319,13 @@ GPU_CASES = {
     "kda-docs": ("kda", (700, 3000), None),
     "deltanet": ("deltanet", None, None),
     "gdn-stored-inverse-docs": ("gdn", (1000, 1001, 2500), BlockConfig(splits=2, store_inverse=True)),
+    # the inverse's float32 products as one tf32 product each, on 16-row tiles and on whole chunks
+    "gdn-tf32-inverse": ("gdn", None, BlockConfig(splits=4, store_inverse=True, inverse_precision="tf32")),
+    "gdn-whole-chunk-tf32-docs": (
+        "gdn",
+        (1000, 1001, 2500),
+        BlockConfig(splits=4, store_inverse=True, wy_rows=64, inverse_precision="tf32"),
+    ),
 }
 
 
