@@ -106,7 +106,14 @@ def sweep_op(op, shape, *, reps, budget, interpret, only=None, labels=None) -> l
 
     b, t, h, d = shape
     base = default_config(
-        batch=b, value_heads=h, seq_len=t, value_dim=d, key_dim=d, per_channel=op == "kda", interpret=False
+        batch=b,
+        value_heads=h,
+        seq_len=t,
+        value_dim=d,
+        key_dim=d,
+        per_channel=op == "kda",
+        interpret=False,
+        dtype="bfloat16",
     )
     q, k, v, beta, g, do = _jax_inputs(op, *shape)
     rows, start = [], time.perf_counter()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
+
 from pallas_kernels.common import state_pass_splits
 
 # rows of the sub-tiles of a chunk: the triangular solve works on 16×16 diagonal blocks, per-channel
@@ -103,14 +105,19 @@ def default_config(
     interpret: bool,
     key_dim: int = 128,
     per_channel: bool = False,
+    dtype=None,
 ) -> BlockConfig:
     """Interpret mode: small chunks, one split. GPU: 64-token chunks, value blocks of 32, and
     splits (a power of two) until the state passes have about two programs per SM, keeping at
     least 16 chunks per split; the WY kernels take whole rows of keys and values at once
     (``block_cols`` = the padded head dim) under scalar or no gates, 32-column blocks under
     per-channel gates; the forward stores each chunk's inverse for a whole-chunk WY backward under
-    scalar or no gates (``store_inverse``). The inverse stays exact float32 (``inverse_precision``
-    "tf32x3" measured slower on the H200: GDN (1, 32K, 16, 128) fwd+bwd 6.41 against 6.04 ms).
+    scalar or no gates (``store_inverse``). For bf16/fp16 inputs (``dtype``) under scalar or no
+    gates the forward WY kernel works on whole chunks and forms the inverse in tf32 (``wy_rows`` =
+    chunk, ``inverse_precision="tf32"``; H200, GDN (1, 32K, 16, 128) fwd+bwd 5.70 against 6.18 ms
+    with 16-row tiles in float32, the same errors against the XLA path: the bf16 rounding of W and U
+    dominates); float32 inputs keep the exact float32 inverse ("tf32x3" measured slower: 6.41 against
+    6.04 ms).
 
     Warps from ptxas register counts of a Triton 3.9 sm_90 build (the wy kernel spills at 4 warps,
     not at 8); ``block_cols`` from the H200 sweep of 2026-11-30 (GDN (1, 32K, 16, 128) bf16
@@ -125,5 +132,7 @@ def default_config(
         block_cols=32 if per_channel else max(16, key_dim, value_dim),
         store_inverse=not per_channel,
     )
+    if not per_channel and dtype is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        cfg = dataclasses.replace(cfg, wy_rows=cfg.chunk, inverse_precision="tf32")
     programs = batch * value_heads * (value_dim // cfg.block_e)
     return dataclasses.replace(cfg, splits=state_pass_splits(programs, -(-seq_len // cfg.chunk)))

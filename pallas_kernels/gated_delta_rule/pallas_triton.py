@@ -429,6 +429,7 @@ def prepare(q, k, v, beta, g, initial_state, segment_ids, scale, interpret, conf
         key_dim=dp,
         per_channel=g is not None and g.ndim == 4,
         interpret=interpret,
+        dtype=dtype,
     )
     if t > piece_len(q, v, cfg.chunk):
         raise ValueError(f"inputs too large for int32 offsets: q.shape={tuple(q.shape)}, v.shape={tuple(v.shape)}")

@@ -81,6 +81,7 @@ def split_forward(q, k, v, beta, *, g=None, scale=None, segment_ids=None, interp
         key_dim=pad_dim(d),
         per_channel=g is not None and g.ndim == 4,
         interpret=interpret,
+        dtype=jnp.result_type(q.dtype, k.dtype, v.dtype),
     )
     config = dataclasses.replace(config, splits=1)  # the caller's ranks are the splits
     found = {}

@@ -270,6 +270,14 @@ def test_default_config_fills_the_gpu_with_splits():
     assert many.splits == 1
     short = default_config(batch=1, value_heads=1, seq_len=1024, value_dim=128, interpret=False)
     assert short.splits == 1  # 16 chunks: no split would keep 16 of them
+    # bf16 under scalar gates: the whole-chunk WY kernel with a tf32 inverse; float32 and KDA: exact
+    low = default_config(batch=1, value_heads=16, seq_len=32768, value_dim=128, interpret=False, dtype=jnp.bfloat16)
+    assert (low.wy_rows, low.inverse_precision) == (64, "tf32")
+    assert (few.wy_rows, few.inverse_precision) == (16, "highest")
+    kda = default_config(
+        batch=1, value_heads=16, seq_len=32768, value_dim=128, interpret=False, dtype=jnp.bfloat16, per_channel=True
+    )
+    assert kda.inverse_precision == "highest"
 
 
 # ---- the Triton lowering on CPU, compiled kernels on a GPU ------------------------------------
