@@ -1,19 +1,16 @@
-"""Registers, spills and shared memory of the per-channel-gate Pallas kernels (GLA, KDA), without a GPU.
+"""Registers, spills and shared memory of the per-channel (GLA) Pallas kernels, without a GPU.
 
     # 1. the project's env: lower forward+backward for CUDA on the CPU, write each kernel's Triton IR
     JAX_PLATFORMS=cpu PYTHONPATH=$PWD .venv/bin/python benchmarks/gla_ptxas.py dump /tmp/gla_ir default
     JAX_PLATFORMS=cpu PYTHONPATH=$PWD .venv/bin/python benchmarks/gla_ptxas.py dump /tmp/gla_ir split \\
         '{"split_grads": true, "recompute_dz": true}'
-    JAX_PLATFORMS=cpu PYTHONPATH=$PWD .venv/bin/python benchmarks/gla_ptxas.py dump /tmp/gla_ir kda --op kda
     # 2. a throwaway env with pip's triton 3.6 (it brings ptxas): compile each for sm_90a, ptxas -v
     python3 -m venv /tmp/tritonvenv && /tmp/tritonvenv/bin/pip install triton==3.6.0
     /tmp/tritonvenv/bin/python benchmarks/gla_ptxas.py compile /tmp/gla_ir/*.ttir
 
-``dump`` traces ``value_and_grad`` of ``pallas_triton_channel.linear_attention`` (``--op gla``) or of
-``gated_delta_rule.pallas_triton.gated_delta_rule`` with g ``[B, T, Hv, D]`` (``--op kda``; beta float32)
-at ``--shape`` (default the benchmark's (1, 32768, 16, 128), bf16 q/k/v, float32 g) with the shape's
-default config (``default_channel_config``, or ``default_config(per_channel=True)``) and the JSON
-overrides, the Triton lowering pointed at an abstract H100 (as
+``dump`` traces ``value_and_grad`` of ``pallas_triton_channel.linear_attention`` at ``--shape`` (default
+the benchmark's (1, 32768, 16, 128), bf16 q/k/v, float32 g) with the shape's ``default_channel_config``
+and the JSON overrides, the Triton lowering pointed at an abstract H100 (as
 ``tests/pallas_kernels/test_gla_pallas.py``'s lowering test), and writes ``<tag>__<kernel>.ttir`` with
 its launch parameters beside it (``.json``). ``compile`` runs triton's own pipeline from that IR for
 sm_90a with those warps and stages and prints one JSON row per kernel: registers per thread, spill
@@ -33,55 +30,15 @@ import subprocess
 import sys
 
 
-def _gla_loss(shape, overrides: dict):
-    """GLA's ``(loss, config, example args)``: ``linear_attention`` with g ``[B, T, H, D]``."""
+def dump(out: str, tag: str, overrides: dict, shape) -> None:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import jax
     import jax.numpy as jnp
+    from jax._src.pallas.triton import gpu_info
+    from jax._src.pallas.triton import pallas_call_registration as registration
 
     from pallas_kernels.linear_attention import pallas_triton_channel
     from pallas_kernels.linear_attention.config import default_channel_config
-
-    b, t, h, d = shape
-    cfg = default_channel_config(batch=b, heads=h, seq_len=t, value_dim=d, interpret=False)
-    cfg = dataclasses.replace(cfg, **overrides)
-    x, g = jax.ShapeDtypeStruct(shape, jnp.bfloat16), jax.ShapeDtypeStruct(shape, jnp.float32)
-
-    def loss(q, k, v, g):
-        o, s = pallas_triton_channel.linear_attention(q, k, v, g=g, config=cfg)
-        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
-
-    return loss, cfg, (x, x, x, g)
-
-
-def _kda_loss(shape, overrides: dict):
-    """KDA's ``(loss, config, example args)``: ``gated_delta_rule`` with g ``[B, T, Hv, D]``."""
-    import jax
-    import jax.numpy as jnp
-
-    from pallas_kernels.gated_delta_rule import pallas_triton
-    from pallas_kernels.gated_delta_rule.config import default_config
-
-    b, t, h, d = shape
-    cfg = default_config(batch=b, value_heads=h, seq_len=t, value_dim=d, key_dim=d, per_channel=True, interpret=False)
-    cfg = dataclasses.replace(cfg, **overrides)
-    x, g = jax.ShapeDtypeStruct(shape, jnp.bfloat16), jax.ShapeDtypeStruct(shape, jnp.float32)
-    beta = jax.ShapeDtypeStruct(shape[:3], jnp.float32)
-
-    def loss(q, k, v, beta, g):
-        o, s = pallas_triton.gated_delta_rule(q, k, v, beta, g=g, config=cfg)
-        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
-
-    return loss, cfg, (x, x, x, beta, g)
-
-
-OPS = {"gla": _gla_loss, "kda": _kda_loss}
-
-
-def dump(out: str, tag: str, overrides: dict, shape, op: str = "gla") -> None:
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import jax
-    from jax._src.pallas.triton import gpu_info
-    from jax._src.pallas.triton import pallas_call_registration as registration
 
     info = gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H100)
     registration.gpu_info_lib.get_gpu_info = lambda: info
@@ -103,16 +60,23 @@ def dump(out: str, tag: str, overrides: dict, shape, op: str = "gla") -> None:
 
     registration.lowering.lower_jaxpr_to_triton_module = lower_and_keep
     registration.mlir.custom_call = call_and_keep
-    loss, cfg, args = OPS[op](shape, overrides)
-    grad = jax.value_and_grad(loss, argnums=tuple(range(len(args))))
-    jax.jit(grad).trace(*args).lower(lowering_platforms=("cuda",))
+    b, t, h, d = shape
+    cfg = default_channel_config(batch=b, heads=h, seq_len=t, value_dim=d, interpret=False)
+    cfg = dataclasses.replace(cfg, **overrides)
+    x, g = jax.ShapeDtypeStruct(shape, jnp.bfloat16), jax.ShapeDtypeStruct(shape, jnp.float32)
+
+    def loss(q, k, v, g):
+        o, s = pallas_triton_channel.linear_attention(q, k, v, g=g, config=cfg)
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
+
+    jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).trace(x, x, x, g).lower(lowering_platforms=("cuda",))
     os.makedirs(out, exist_ok=True)
     for text, meta in zip(texts, metas, strict=True):
         path = os.path.join(out, f"{tag}__{meta['name']}")
         with open(path + ".ttir", "w") as f:
             f.write(text)
         with open(path + ".json", "w") as f:
-            json.dump({**meta, "op": op, "config": dataclasses.asdict(cfg), "shape": list(shape)}, f)
+            json.dump({**meta, "config": dataclasses.asdict(cfg), "shape": list(shape)}, f)
         print(path + ".ttir", meta)
 
 
@@ -155,17 +119,16 @@ def compile_report(paths: list[str]) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("dump", help="Triton IR of an op's kernels, lowered for CUDA on the CPU")
+    d = sub.add_parser("dump", help="Triton IR of the six (or seven) kernels, lowered for CUDA on the CPU")
     d.add_argument("out")
     d.add_argument("tag")
-    d.add_argument("overrides", nargs="?", default="{}", help="JSON config overrides (ChannelConfig / BlockConfig)")
+    d.add_argument("overrides", nargs="?", default="{}", help="JSON ChannelConfig overrides")
     d.add_argument("--shape", default="1,32768,16,128", help="B,T,H,D")
-    d.add_argument("--op", default="gla", choices=sorted(OPS), help="gla: linear_attention; kda: gated_delta_rule")
     c = sub.add_parser("compile", help="triton 3.6 + ptxas -v on dumped .ttir files")
     c.add_argument("paths", nargs="+")
     args = ap.parse_args(argv)
     if args.cmd == "dump":
-        dump(args.out, args.tag, json.loads(args.overrides), tuple(map(int, args.shape.split(","))), args.op)
+        dump(args.out, args.tag, json.loads(args.overrides), tuple(map(int, args.shape.split(","))))
     else:
         compile_report(args.paths)
 

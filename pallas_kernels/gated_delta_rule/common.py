@@ -13,8 +13,7 @@ Every decay factor is an exp of a non-positive difference. A chunk is cut into s
 the triangular inverse is built from 16×16 diagonal blocks (doubling inside a block, block forward
 substitution between blocks); per-channel gates factor ``Γ`` between two sub-tiles around a
 reference row between them (both factors ≤ 1) and form the pairs inside a diagonal sub-tile
-directly, one key row at a time (``[16, D]`` tiles, never ``[16, 16, D]``). Scalar gates need no
-factoring: their products use the whole chunk.
+directly (``[16, 16, D]``). Scalar gates need no factoring: their products use the whole chunk.
 
 Documents (packed rows): pairs of different documents are zero, rows outside the document of the
 state entering the chunk do not see it (``keep_prev``), rows outside the chunk's last document do
@@ -181,60 +180,34 @@ def _channel_offdiag_factors(p: Pair):
     return jnp.exp(p.bx - ref), jnp.exp(ref - p.by)
 
 
-def _channel_row(x, j, axis: int = 0):
-    """Row (``axis`` 0) or column (1) ``j`` of a 2-d tile, j traced, as a masked sum: Triton has no
-    dynamic slice of a value."""
-    return jnp.sum(jnp.where(lax.broadcasted_iota(jnp.int32, x.shape, axis) == j, x, 0), axis=axis)
-
-
-def _channel_diag_loop(p: Pair, step, init):
-    """``fori_loop`` over the key rows j of a diagonal tile, ``step(j, y_j [D], decay_j, carry)`` with
-    ``decay_j[i, c] = exp(bx_ic − by_jc)`` ``[n, D]`` on the pairs (i, j), else 0 (every exp of a
-    non-positive difference): a few ``[n, D]`` tiles live, never the ``[n, n, D]`` pairs that ptxas
-    spilled (notes/readme_channel_diag.md); the same pairs and exps."""
-    y, n = p.y.astype(F32), p.x.shape[0]
-    keep = None if p.mask is None else jnp.where(p.mask, 1.0, 0.0)
-
-    def body(j, carry):
-        diff = p.bx - _channel_row(p.by, j)[None, :]
-        decay = jnp.exp(diff) if keep is None else _masked_exp(diff, (_channel_row(keep, j, 1) > 0)[:, None])
-        return step(j, _channel_row(y, j), decay, carry)
-
-    return lax.fori_loop(0, n, body, init)
-
-
-def _channel_diag_product(p: Pair):
-    """``Z[i, j] = Σ_d x_id y_jd exp(bx_id − by_jd)`` on the pairs of a diagonal tile, column by column."""
-    x, n = p.x.astype(F32), p.x.shape[0]
-    col = lax.broadcasted_iota(jnp.int32, (n, n), 1)
-
-    def step(j, y_j, decay, z):
-        return jnp.where(col == j, jnp.sum(x * decay * y_j[None, :], axis=1)[:, None], z)
-
-    return _channel_diag_loop(p, step, jnp.zeros((n, n), F32))
+def _channel_diag_decay(p: Pair):
+    """``[n, n, D]`` ``exp(b_id − b_jd)`` on the masked pairs of a diagonal tile (zero elsewhere)."""
+    diff = p.bx[:, None, :] - p.by[None, :, :]
+    mask = jnp.ones(diff.shape[:2], bool) if p.mask is None else p.mask
+    return _masked_exp(diff, jnp.broadcast_to(mask[:, :, None], diff.shape))
 
 
 def _channel_diag_vjp(p: Pair, dz):
-    """``(dx, dy)`` of a diagonal tile's per-channel products, key row by key row: with ``w_j = dz[:, j]
-    ⊙ decay_j``, ``dx += w_j ⊙ y_j`` and row j of dy is ``Σ_i w_j[i] x_i`` (one decay for both)."""
-    x = p.x.astype(F32)
-    row = lax.broadcasted_iota(jnp.int32, x.shape, 0)
-
-    def step(j, y_j, decay, carry):
-        dx, dy = carry
-        w = _channel_row(dz, j, 1)[:, None] * decay
-        dy_j = jnp.sum(w * x, axis=0)
-        return dx + w * y_j[None, :], jnp.where(row == j, dy_j[None, :], dy)
-
-    zeros = jnp.zeros(x.shape, F32)
-    return _channel_diag_loop(p, step, (zeros, zeros))
+    """``(dx, dy)`` of a diagonal tile's per-channel products, each a ``[n, D, n]`` product summed
+    over its last axis (reductions over the last axis only: Triton keeps them in registers)."""
+    n, d = p.x.shape
+    mask = jnp.ones((n, n), bool) if p.mask is None else p.mask
+    x, y = p.x.astype(F32), p.y.astype(F32)
+    # dx[i, c] = Σ_j dz[i, j] y[j, c] exp(bx[i, c] − by[j, c])
+    decay = _masked_exp(p.bx[:, :, None] - p.by.T[None, :, :], jnp.broadcast_to(mask[:, None, :], (n, d, n)))
+    dx = jnp.sum(dz[:, None, :] * y.T[None, :, :] * decay, axis=-1)
+    # dy[j, c] = Σ_i dz[i, j] x[i, c] exp(bx[i, c] − by[j, c])
+    decay = _masked_exp(p.bx.T[None, :, :] - p.by[:, :, None], jnp.broadcast_to(mask.T[:, None, :], (n, d, n)))
+    dy = jnp.sum(dz.T[:, None, :] * x.T[None, :, :] * decay, axis=-1)
+    return dx, dy
 
 
 def gated_product(p: Pair, mode: GateMode, mxu):
     """``Z = (X Yᵀ ⊙ Γ)`` on the pairs of ``p`` (masked pairs zero), float32."""
     if mode == "channel":
         if p.diag:
-            return _channel_diag_product(p)
+            xy = p.x.astype(F32)[:, None, :] * p.y.astype(F32)[None, :, :]
+            return jnp.sum(xy * _channel_diag_decay(p), axis=-1)
         fx, fy = _channel_offdiag_factors(p)
         z = dot((p.x * fx).astype(mxu), (p.y * fy).astype(mxu), trans_b=True)
         return z if p.mask is None else jnp.where(p.mask, z, 0.0)
