@@ -198,6 +198,7 @@ def test_supports_and_rejects():
         ChannelConfig(splits=0)
     few = default_channel_config(batch=1, heads=16, seq_len=32768, value_dim=128, interpret=False)
     assert (few.chunk, few.block_e, few.splits) == (64, 32, 8)  # 512 programs per state pass, 64 chunks each
+    assert few.split_grads and few.recompute_dz  # the two-kernel gradients (faster on the H200)
     assert default_channel_config(batch=8, heads=32, seq_len=4096, value_dim=128, interpret=False).splits == 1
 
 
