@@ -149,7 +149,7 @@ def linear_attention(
         doc_ids = None if segment_ids is None else reference.document_index(segment_ids)
         if impl == "xla":  # g_gamma stays [H]: the chunked path forms its decays in closed form
             o, final = xla.linear_attention(
-                q, k, v, g, scale=scale, initial_state=initial_state, doc_ids=doc_ids, gamma=g_gamma
+                q, k, v, g, scale=scale, initial_state=initial_state, doc_ids=doc_ids, gamma=g_gamma, out_dtype=q.dtype
             )
         else:
             log_decay = g if g_gamma is None else jnp.broadcast_to(g_gamma, q.shape[:3])

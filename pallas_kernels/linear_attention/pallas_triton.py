@@ -221,13 +221,16 @@ def supports(q, k, v) -> bool:
 
 
 def piece_len(q, v) -> int:
-    """The longest run of tokens (a multiple of 64) whose padded tensors have int32 element offsets.
+    """The longest run of tokens whose padded tensors have int32 element offsets: a multiple of 128
+    (so padding to whole chunks of up to 128 tokens never lengthens it) whose ``[B, T, H, D]``
+    tensors' largest element offset, ``B·T·H·D − 1``, is at most ``MAX_ELEMENTS``. TNL-1B's million
+    tokens (``1 · 2²⁰ · 16 · 128 = 2³¹`` elements) run as one call.
 
     Longer inputs run as pieces of this many tokens, the state chained from piece to piece.
     """
     b, _, h, d = q.shape
     per_token = b * h * max(pad_dim(d), pad_dim(v.shape[-1]))
-    return max(0, (MAX_ELEMENTS // per_token - 128) // 64 * 64)
+    return max(0, (MAX_ELEMENTS + 1) // per_token // 128 * 128)
 
 
 def linear_attention(

@@ -2,13 +2,18 @@
 
 One ``lax.scan`` walks the chunks of C tokens. Each step computes the chunk's masked C×C
 attention, adds the contribution of the float32 ``[B, H, D, E]`` state entering the chunk and
-updates that state (notes/design.md §1). Per-chunk states are never stacked in memory, which is what
+updates that state (notes/design.md §1). The forward never stacks per-chunk states, which is what
 makes this path fast on CPUs with little memory bandwidth. Tensors are laid out as
 ``[N, B, Hk, G, C, ·]`` (G = H // Hk query heads per key head), so keys and values are never
-repeated. Gradients come from autodiff; each step is rematerialised, so the backward stores only
-the state entering each chunk. A constant per-head decay (``gamma``) never becomes a T-long
-array: each step forms its chunk's cumulative log decay as ``gamma · (position + 1)`` from the
-chunk's start, so no cumulative sum of a long broadcast constant is left for XLA to fold.
+repeated; q, k, v and o stay in the input dtype (bf16 chunks and cotangents for bf16 inputs) and
+each step computes in float32. Gradients come from autodiff; each step is rematerialised, so the
+backward stores only the state entering each chunk, and from ``GROUP_FROM`` chunks on only the
+state entering each group of about √N chunks (an outer checkpointed scan; one group's step
+residuals are recomputed at a time, and every step still runs forward twice): at a million tokens
+of 16 heads of 128 × 128, 128 states (128 MiB) instead of 16,384 (16 GiB). A constant per-head
+decay (``gamma``) never becomes a T-long array: each step forms its chunk's cumulative log decay
+as ``gamma · (position + 1)`` from the chunk's start, so no cumulative sum of a long broadcast
+constant is left for XLA to fold.
 
 Per key channel (GLA, ``log_decay [B, T, H, D]``, notes/design.md §6) the masked scores
 ``Σ_d q_id k_jd exp(b_id − b_jd)`` are no longer one matmul: ``pallas_kernels.channel_gates``
@@ -20,12 +25,16 @@ step scales rows: ``S_out = exp(b_{C−1}) ⊙ S_in + (exp(b_{C−1} − b) ⊙ 
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.channel_gates import SUB_BLOCK, key_factors, per_channel_scores, sums_after
 
 DEFAULT_CHUNK = 64
+# chunks from which the scan runs in checkpointed groups (fewer stored states; see the module)
+GROUP_FROM = 256
 
 
 def _doc_masks(docs, causal, dtype):
@@ -104,9 +113,20 @@ def gamma_cumsum(gamma, start, *, chunk: int, length: int):
 
 
 def linear_attention(
-    q, k, v, log_decay=None, *, scale, initial_state=None, doc_ids=None, gamma=None, chunk_size=DEFAULT_CHUNK
+    q,
+    k,
+    v,
+    log_decay=None,
+    *,
+    scale,
+    initial_state=None,
+    doc_ids=None,
+    gamma=None,
+    chunk_size=DEFAULT_CHUNK,
+    out_dtype=jnp.float32,
 ):
-    """Same contract as ``reference.recurrent``; returns ``(o, final_state)`` in float32.
+    """Same contract as ``reference.recurrent``; returns ``(o, final_state)``, o in ``out_dtype``
+    (each chunk's float32 output cast once; the public op passes q's dtype), the state in float32.
 
     ``gamma [H]``: a constant per-head log decay in place of ``log_decay`` (its cumulative sums in
     closed form, see ``gamma_cumsum``). ``log_decay [B, T, H, D]`` (per key channel) runs chunks of
@@ -123,19 +143,23 @@ def linear_attention(
         if chunk_size % SUB_BLOCK:
             raise ValueError(f"chunk_size must be a multiple of {SUB_BLOCK} for per-channel gates, got {chunk_size=}")
         c = min(chunk_size, -(-t // SUB_BLOCK) * SUB_BLOCK)
-    n = -(-t // c)
+    group = chunk_group(-(-t // c))
+    n = -(-t // (c * group)) * group
     pad = n * c - t
     f32 = jnp.float32
 
-    def chunks(x):
+    def chunks(x, dtype=f32):
         # [B, T, Hk, (G,) F] -> [N, B, Hk, (G,) C, F]; zero padding is exact: k = v = 0 adds
         # nothing to the state and a zero log decay does not decay it
-        x = jnp.pad(x.astype(f32), [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        x = jnp.pad(x.astype(dtype), [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
         x = x.reshape((b, n, c) + x.shape[2:])
         return jnp.moveaxis(x, (1, 2), (0, x.ndim - 2))
 
-    qc = chunks(q.reshape(b, t, hk, grp, d))
-    kc, vc = chunks(k), chunks(v)
+    # q, k, v chunks stay in their dtype (float64 becomes float32): each step casts them to float32,
+    # so a bf16 input's chunks and their cotangents are half the bytes and every value is the same
+    kept = lambda x: x.dtype if x.dtype.itemsize <= 4 else f32  # noqa: E731
+    qc = chunks(q.reshape(b, t, hk, grp, d), kept(q))
+    kc, vc = chunks(k, kept(k)), chunks(v, kept(v))
     cum = to_end = None
     if per_channel:  # [N, B, Hk, G, C, D]
         gates = chunks(log_decay.reshape(b, t, hk, grp, d))
@@ -158,15 +182,43 @@ def linear_attention(
 
     gamma_f = None if gamma is None else gamma.astype(f32).reshape(1, hk, grp)
 
-    @jax.checkpoint
     def step(state, chunk):
         q, k, v, cum, to_end, docs, start = chunk
+        q, k, v = (x.astype(f32) for x in (q, k, v))
         if to_end is not None:
-            return _channel_chunk_step(state, (q, k, v, cum, to_end, docs), scale=scale, causal=causal)
-        if gamma_f is not None:
-            cum = gamma_cumsum(gamma_f, start, chunk=c, length=t)
-        return _chunk_step(state, (q, k, v, cum, docs), scale=scale, causal=causal)
+            state, o = _channel_chunk_step(state, (q, k, v, cum, to_end, docs), scale=scale, causal=causal)
+        else:
+            if gamma_f is not None:
+                cum = gamma_cumsum(gamma_f, start, chunk=c, length=t)
+            state, o = _chunk_step(state, (q, k, v, cum, docs), scale=scale, causal=causal)
+        return state, o.astype(out_dtype)
 
-    final, o = jax.lax.scan(step, s0, (qc, kc, vc, cum, to_end, docs, starts))
+    final, o = scan_chunks(step, s0, (qc, kc, vc, cum, to_end, docs, starts), group=group)
     o = jnp.moveaxis(o, (0, 4), (1, 2)).reshape(b, n * c, h, e)[:, :t]
     return o, final.reshape(b, h, d, e)
+
+
+def chunk_group(num_chunks: int) -> int:
+    """Chunks per checkpointed group: 1 (a plain scan, each step rematerialised) below ``GROUP_FROM``
+    chunks, else the power of two nearest above √N (the stored states, N / group, and one group's
+    step residuals then grow alike)."""
+    if num_chunks < GROUP_FROM:
+        return 1
+    return 1 << math.ceil(math.log2(num_chunks) / 2)
+
+
+def scan_chunks(step, state, xs, *, group: int):
+    """``lax.scan(step, state, xs)`` over ``[N, ...]`` chunks with the backward's memory bounded:
+    ``group`` = 1 rematerialises each step from its stored entering state; ``group`` > 1 (N a
+    multiple of it) stores only each group's entering state and recomputes one group at a time."""
+    if group == 1:
+        return jax.lax.scan(jax.checkpoint(step), state, xs)
+    n = jax.tree.leaves(xs)[0].shape[0]
+    grouped = jax.tree.map(lambda x: x.reshape(n // group, group, *x.shape[1:]), xs)
+
+    @jax.checkpoint
+    def group_step(state, chunks):
+        return jax.lax.scan(step, state, chunks)
+
+    final, ys = jax.lax.scan(group_step, state, grouped)
+    return final, ys.reshape(n, *ys.shape[2:])

@@ -230,17 +230,17 @@ def test_bad_input(args, kw, err, match):
 @pytest.mark.skipif("pallas" not in IMPLS, reason="no Pallas Triton kernels")
 def test_pallas_runs_long_inputs_in_pieces(rng, monkeypatch):
     """Past int32 element offsets the kernels run pieces with the state chained: with the limit made
-    small (pieces of 64 tokens here), outputs, final state and gradients equal the token recurrence,
+    small (pieces of 128 tokens here), outputs, final state and gradients equal the token recurrence,
     documents crossing a cut and starting at one included."""
     from pallas_kernels.linear_attention import pallas_triton
 
     b, t, h, d = 2, 150, 2, 16
-    monkeypatch.setattr(pallas_triton, "MAX_ELEMENTS", b * (64 + 128) * h * d)
-    assert pallas_triton.piece_len(jnp.zeros((b, t, h, d)), jnp.zeros((b, t, h, d))) == 64
+    monkeypatch.setattr(pallas_triton, "MAX_ELEMENTS", b * (128 + 64) * h * d)
+    assert pallas_triton.piece_len(jnp.zeros((b, t, h, d)), jnp.zeros((b, t, h, d))) == 128
     q, k, v, kw = make_inputs(rng, b=b, t=t, h=h, d=d, decay="g_gamma")
     q, k, v = (jnp.asarray(x, jnp.float32) for x in (q, k, v))
     kw = {n: jnp.asarray(x, jnp.float32) for n, x in kw.items()}
-    seg = jnp.asarray(np.stack([np.repeat([0, 1, 2], [40, 50, 60]), np.repeat([0, 1], [64, 86])]), jnp.int32)
+    seg = jnp.asarray(np.stack([np.repeat([0, 1, 2], [40, 50, 60]), np.repeat([0, 1], [128, 22])]), jnp.int32)
 
     def run(impl, q, k, v, kw):
         o, s = linear_attention(q, k, v, **kw, segment_ids=seg, output_final_state=True, impl=impl)
