@@ -39,6 +39,7 @@ def variants(base, d: int) -> list[tuple[str, dict]]:
         # the WY backward from the forward's stored X on whole chunks (the default under scalar / no
         # gates) against the 16-row one that forms X again
         {"store_inverse": not base.store_inverse},
+        {"store_scores": not base.store_scores},  # the output backward reads the forward's scores
         {"inverse_precision": "highest" if base.inverse_precision != "highest" else "tf32x3"},
         # one tf32 product per float32 product of the inverse, on 16-row tiles or whole chunks
         {"inverse_precision": "tf32"},

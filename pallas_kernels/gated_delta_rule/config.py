@@ -55,6 +55,10 @@ class BlockConfig:
         float32 accuracy) or ``"tf32"`` (one tf32 product: about 1e-3 relative, below the bf16
         rounding W, U and the backward's products of X already carry; for bf16/fp16 inputs only);
         the Pallas interpreter (CPU) always uses ``"highest"``.
+      store_scores: the forward ``output`` kernel also writes each chunk's score blocks ``Z = Q Kᵀ
+        ⊙ Γ ⊙ causal`` (in the matmul operand dtype, ``C × C`` per chunk, as the ``[B, T, Hv, C]``
+        array the stored inverse uses) and ``output_bwd`` reads them for ``dV' = scale · Zᵀ dO``
+        instead of forming them again (under per-channel gates that is half its diagonal-pair work).
       wy_bwd_split: the WY backward as two kernels, the state step's shares of dk and db first
         (reading h, dh and V'), then the WY form's; False: one kernel holding both (more live
         registers: ptxas reported spills for it).
@@ -73,6 +77,7 @@ class BlockConfig:
     wy_rows: int = SUB_TILE
     store_inverse: bool = False
     inverse_precision: str = "highest"
+    store_scores: bool = False
     wy_bwd_split: bool = False  # H200 sweep: fused 13.09 vs split 13.56 ms (GDN), 59.4 vs 60.0 (KDA)
 
     def __post_init__(self):

@@ -92,6 +92,8 @@ class Layout:
         self.wy_parts = self.chunk // (SUB_TILE if mode == "channel" else min(cfg.wy_rows, self.chunk))
         # the forward stores X and the WY backward runs on whole chunks (``BlockConfig.store_inverse``)
         self.store_inverse = cfg.store_inverse and mode != "channel"
+        # the output kernel stores its score blocks for the output backward (``BlockConfig.store_scores``)
+        self.store_scores = cfg.store_scores
 
     # -- chunk-parallel grid (c, b, h) --
 
@@ -213,6 +215,20 @@ def store_col_tiles(ref, tiles: list, start):
         ref[pl.ds(i * rows, rows), pl.ds(start, width)] = tile.astype(ref.dtype)
 
 
+def store_lower_blocks(ref, blocks: dict, parts: int, rows: int):
+    """Writes the lower blocks ``{(i, j): [rows, rows]}`` (j ≤ i) of a chunk's ``C × C`` matrix into
+    a chunk block ``[C, C]``, block column by block column, zeros above the diagonal blocks."""
+    for j in range(parts):
+        column = [blocks[i, j] if j <= i else jnp.zeros((rows, rows), ref.dtype) for i in range(parts)]
+        store_col_tiles(ref, column, j * rows)
+
+
+def load_lower_blocks(ref, parts: int) -> dict:
+    """The lower blocks ``{(i, j): [rows, rows]}`` (j ≤ i) of a chunk block ``[C, C]``."""
+    rows = ref.shape[0] // parts
+    return {(i, j): ref[pl.ds(i * rows, rows), pl.ds(j * rows, rows)] for i in range(parts) for j in range(i + 1)}
+
+
 def key_chunk(k_ref, gate_ref, beta: list, docs: Docs | None, start, *, mode: GateMode, width: int) -> common.Chunk:
     """The chunk restricted to key columns ``[start, start + width)`` (per-channel gates too)."""
     parts = len(beta)
@@ -256,7 +272,8 @@ class Residuals(NamedTuple):
     ``w`` ``[B, T, Hv, D]`` (the WY keys), ``h`` ``[B, Hv, NC, D, E]`` (the state entering each
     chunk), ``v_new`` ``[B, T, Hv, E]`` (V' = U − W S), in the matmul operand dtype; ``x`` ``[B, T,
     Hv, C]`` float32 (row t: row ``t mod C`` of its chunk's ``(I + A)⁻¹``) with
-    ``BlockConfig.store_inverse``, else None.
+    ``BlockConfig.store_inverse``, else None; ``z`` ``[B, T, Hv, C]`` (the chunk's score blocks ``Q Kᵀ ⊙
+    Γ ⊙ causal``, same layout, matmul operand dtype) with ``BlockConfig.store_scores``, else None.
     """
 
     q: jax.Array
@@ -269,6 +286,7 @@ class Residuals(NamedTuple):
     h: jax.Array
     v_new: jax.Array
     x: jax.Array | None = None
+    z: jax.Array | None = None
 
 
 def chunk_cumsum(g, chunk: int, axis: int):

@@ -59,6 +59,7 @@ from pallas_kernels.gated_delta_rule.layout import (
     load_tiles,
     pop_gate_refs,
     store_col_tiles,
+    store_lower_blocks,
     store_tiles,
     to_splits,
     value_chunk,
@@ -87,10 +88,7 @@ def _wy_kernel(k_ref, v_ref, beta_ref, *refs, mode, has_docs, mxu, block_cols, p
     gram = lax.fori_loop(0, k_ref.shape[1] // kw, add_gram, zero_blocks(parts, k_ref.shape[0] // parts))
     x = common.inverse_blocks(gram, beta, precision)
     if x_ref:  # the whole C × C inverse, block column by block column (zeros above the diagonal)
-        rows = k_ref.shape[0] // parts
-        for j in range(parts):
-            column = [x[i, j] if j <= i else jnp.zeros((rows, rows), F32) for i in range(parts)]
-            store_col_tiles(x_ref[0], column, j * rows)
+        store_lower_blocks(x_ref[0], x, parts, k_ref.shape[0] // parts)
 
     def store_w(j, carry):
         store_col_tiles(w_ref, common.solve_blocks(x, common.key_rhs(keys(j), mxu), mxu), j * kw)
@@ -134,7 +132,7 @@ def _output_kernel(q_ref, k_ref, h_ref, v_new_ref, *refs, mode, has_docs, mxu, s
     columns in blocks (the scores and ``(e^b ⊙ Q) S`` are sums over them)."""
     refs = list(refs)
     gate_ref, doc_refs = pop_gate_refs(refs, mode=mode, has_docs=has_docs)
-    (o_ref,) = refs
+    o_ref, *z_ref = refs
     docs = load_doc_tiles(doc_refs, parts)
     width = min(block_cols, k_ref.shape[1]) if mode == "channel" else k_ref.shape[1]
 
@@ -154,6 +152,8 @@ def _output_kernel(q_ref, k_ref, h_ref, v_new_ref, *refs, mode, has_docs, mxu, s
     init = (zero_blocks(parts, rows), [jnp.zeros((rows, v_new_ref.shape[1]), F32) for _ in range(parts)])
     z, inter = lax.fori_loop(0, k_ref.shape[1] // width, add_columns, init)
     store_tiles(o_ref, common.output_combine(z, inter, load_tiles(v_new_ref, parts), scale=scale, mxu=mxu))
+    if z_ref:  # the score blocks for the output backward, block column by block column
+        store_lower_blocks(z_ref[0], z, parts, rows)
 
 
 # ---- the three calls --------------------------------------------------------------------------
@@ -242,7 +242,7 @@ def transition(w, u, k, b, docs, lay: Layout, statics: Statics):
 
 
 def output(q, k, b, docs, h, v_new, lay: Layout, statics: Statics, dtype):
-    """Stage 3: ``o [B, T, Hv, E]`` in ``dtype``."""
+    """Stage 3: ``(o [B, T, Hv, E] in dtype, Z [B, T, Hv, C] with lay.store_scores else None)``."""
     d, e = lay.dim, lay.value_dim
     kernel = functools.partial(
         _output_kernel,
@@ -253,7 +253,7 @@ def output(q, k, b, docs, h, v_new, lay: Layout, statics: Statics, dtype):
         parts=lay.parts,
         block_cols=statics.cfg.block_cols,
     )
-    return pl.pallas_call(
+    o, *z = pl.pallas_call(
         kernel,
         grid=lay.chunk_grid(),
         in_specs=[
@@ -263,12 +263,13 @@ def output(q, k, b, docs, h, v_new, lay: Layout, statics: Statics, dtype):
             lay.chunk_spec(e),
             *lay.chunk_gate_specs(docs is not None),
         ],
-        out_specs=lay.chunk_spec(e),
-        out_shape=lay.values_shape(dtype),
+        out_specs=[lay.chunk_spec(e), *([lay.chunk_spec(lay.chunk)] if lay.store_scores else [])],
+        out_shape=[lay.values_shape(dtype), *([lay.values_shape(lay.mxu, lay.chunk)] if lay.store_scores else [])],
         compiler_params=compiler_params(statics.cfg, "chunk"),
         interpret=statics.interpret,
         name="gated_delta_rule_output",
     )(q, k, h, v_new, *gate_inputs(b, docs))
+    return o, (z[0] if z else None)
 
 
 # ---- the custom_vjp ---------------------------------------------------------------------------
@@ -302,8 +303,8 @@ def _forward(q, k, v, beta, b, s0, docs, statics: Statics):
         phi, m = transition(w, u, k, b, docs, lay, statics)
         s0 = entering_states(phi, m, s0, splits)
     h, v_new, final = state_pass(w, u, k, b, docs, s0, lay, statics)
-    o = output(q, k, b, docs, h, v_new, lay, statics, q.dtype)
-    residuals = Residuals(q, k, v, beta, b, docs, w, h, v_new, x)
+    o, z = output(q, k, b, docs, h, v_new, lay, statics, q.dtype)
+    residuals = Residuals(q, k, v, beta, b, docs, w, h, v_new, x, z)
     if splits == 1:
         return o, final, residuals
     last = final.reshape((-1, splits) + final.shape[1:])[:, -1]

@@ -109,8 +109,8 @@ def finish_forward(call: SplitCall, initial_state):
     q, k, v, beta, b = call.args
     lay = call.layout()
     h, v_new, final = state_pass(call.w, call.u, k, b, call.docs, call.padded_state(initial_state), lay, call.statics)
-    o = output(q, k, b, call.docs, h, v_new, lay, call.statics, q.dtype)
-    return o[:, :t, :, :e], final[:, :, :d, :e], Residuals(q, k, v, beta, b, call.docs, call.w, h, v_new, call.x)
+    o, z = output(q, k, b, call.docs, h, v_new, lay, call.statics, q.dtype)
+    return o[:, :t, :, :e], final[:, :, :d, :e], Residuals(q, k, v, beta, b, call.docs, call.w, h, v_new, call.x, z)
 
 
 def split_backward(call: SplitCall, residuals: Residuals, do):

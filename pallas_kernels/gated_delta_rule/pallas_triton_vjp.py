@@ -44,6 +44,7 @@ from pallas_kernels.gated_delta_rule.layout import (
     load_col_tiles,
     load_doc_tiles,
     load_docs,
+    load_lower_blocks,
     load_rows,
     load_tiles,
     pop_gate_refs,
@@ -54,10 +55,13 @@ from pallas_kernels.gated_delta_rule.layout import (
 )
 
 
-def _output_bwd_kernel(q_ref, k_ref, h_ref, v_new_ref, do_ref, *refs, mode, has_docs, mxu, scale, parts, block_cols):
+def _output_bwd_kernel(
+    q_ref, k_ref, h_ref, v_new_ref, do_ref, *refs, mode, has_docs, mxu, scale, parts, block_cols, stored_scores
+):
     """The output's gradients of one chunk: dq (final), its share of dk and db, and ``dV'_intra``;
     per-channel gates walk the key columns in blocks."""
     refs = list(refs)
+    z_ref = refs.pop(0) if stored_scores else None
     gate_ref, doc_refs = pop_gate_refs(refs, mode=mode, has_docs=has_docs)
     dq_ref, dk_ref, dv_intra_ref, *db_ref = refs
     docs = load_doc_tiles(doc_refs, parts)
@@ -77,11 +81,15 @@ def _output_bwd_kernel(q_ref, k_ref, h_ref, v_new_ref, do_ref, *refs, mode, has_
             store_col_tiles(db_ref[0], db, start)
         elif mode == "scalar":  # one column block (the whole row)
             store_tiles(db_ref[0], db)
+        if z_ref is not None:  # the forward stored the scores
+            return z
         # the scores (small blocks) are summed over the columns; Zᵀ dO once after the loop
         return common.add_blocks(z, common.score_blocks(q, k, b, docs, mode=mode, mxu=mxu, parts=parts))
 
     rows = q_ref.shape[0] // parts
     z = lax.fori_loop(0, k_ref.shape[1] // width, columns, zero_blocks(parts, rows))
+    if z_ref is not None:
+        z = load_lower_blocks(z_ref, parts)
     store_tiles(dv_intra_ref, common.dvn_from_scores(z, do, scale=scale, mxu=mxu, parts=parts))
 
 
@@ -307,7 +315,9 @@ def output_backward(res: Residuals, do, lay: Layout, statics: Statics):
         scale=statics.scale,
         parts=lay.parts,
         block_cols=statics.cfg.block_cols,
+        stored_scores=res.z is not None,
     )
+    z_in = [] if res.z is None else [(lay.chunk_spec(lay.chunk), res.z)]
     dq, dk, dv_intra, *db = pl.pallas_call(
         kernel,
         grid=lay.chunk_grid(),
@@ -317,6 +327,7 @@ def output_backward(res: Residuals, do, lay: Layout, statics: Statics):
             lay.chunk_state_spec(),
             lay.chunk_spec(e),
             lay.chunk_spec(e),
+            *(s for s, _ in z_in),
             *lay.chunk_gate_specs(has_docs),
         ],
         out_specs=[lay.chunk_spec(d), lay.chunk_spec(d), lay.chunk_spec(e), *(s for _, s in gate_out)],
@@ -329,7 +340,7 @@ def output_backward(res: Residuals, do, lay: Layout, statics: Statics):
         compiler_params=compiler_params(statics.cfg, "backward"),
         interpret=statics.interpret,
         name="gated_delta_rule_output_bwd",
-    )(res.q, res.k, res.h, res.v_new, do, *gate_inputs(res.b, res.docs))
+    )(res.q, res.k, res.h, res.v_new, do, *(x for _, x in z_in), *gate_inputs(res.b, res.docs))
     return dq, dk, dv_intra, (db[0] if db else None)
 
 

@@ -121,12 +121,18 @@ CASES = {
     "gdn-f32-T63-gva-docs-2splits": (
         jnp.float32,
         dict(b=2, t=63, h=1, hv=2, d=16, e=32, gate="gdn"),
-        dict(docs=(5, 20, 21, 40), config=BlockConfig(chunk=16, block_e=16, splits=2)),
+        dict(docs=(5, 20, 21, 40), config=BlockConfig(chunk=16, block_e=16, splits=2, store_scores=True)),
     ),
     "kda-f32-T130-gva-docs-strong-chunk32": (
         jnp.float32,
         dict(b=1, t=130, h=1, hv=2, d=32, e=32, gate="kda"),
         dict(docs=(30, 64, 100), g_max=8.0, config=BlockConfig(chunk=32, block_e=16, block_cols=16)),
+    ),
+    # the output backward reads the forward's stored score blocks (per-channel pairs not formed again)
+    "kda-bf16-T40-stored-scores-docs": (
+        jnp.bfloat16,
+        dict(b=1, t=40, h=1, hv=1, d=32, e=16, gate="kda"),
+        dict(docs=(7, 30), config=BlockConfig(chunk=32, block_e=16, block_cols=16, store_scores=True)),
     ),
     "deltanet-bf16-T130-column-blocks": (
         jnp.bfloat16,
@@ -208,7 +214,7 @@ def test_split_entry_points_chain_two_calls(rng):
                 scale=0.7,
                 segment_ids=p["seg"],
                 interpret=True,
-                config=BlockConfig(chunk=16, block_e=16, store_inverse=True),
+                config=BlockConfig(chunk=16, block_e=16, store_inverse=True, store_scores=True),
             )
             calls.append((phi, m, call))
         (phi0, m0, call0), (phi1, _, call1) = calls
@@ -298,6 +304,7 @@ def test_kernels_lower_to_triton(triton_lowering_h100):
             wy_bwd_split=gate == "kda",
             store_inverse=gate == "gdn",
             inverse_precision={"gdn": "tf32x3", "deltanet": "tf32", "kda": "highest"}[gate],
+            store_scores=gate == "kda",
         )
         q, v = spec((b, t, h, d), dtype), spec((b, t, hv, e), dtype)
         beta, s0 = spec((b, t, hv), jnp.float32), spec((b, hv, d, e), jnp.float32)
@@ -325,6 +332,7 @@ GPU_CASES = {
     "gdn": ("gdn", None, None),
     "gdn-one-split-docs": ("gdn", (1000, 1001, 2500), BlockConfig(splits=1)),
     "kda-docs": ("kda", (700, 3000), None),
+    "kda-stored-scores-docs": ("kda", (700, 3000), BlockConfig(splits=4, block_cols=32, store_scores=True)),
     "deltanet": ("deltanet", None, None),
     "gdn-stored-inverse-docs": ("gdn", (1000, 1001, 2500), BlockConfig(splits=2, store_inverse=True)),
     # the inverse's float32 products as one tf32 product each, on 16-row tiles and on whole chunks
