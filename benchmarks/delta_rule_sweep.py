@@ -64,6 +64,7 @@ def variants(base, d: int) -> list[tuple[str, dict]]:
         {split: 16},
     ]
     combos = [
+        {"store_scores": True, "num_warps_bwd": 4},
         {"wy_rows": 64, "block_cols": d},
         {"wy_rows": 64, "num_warps_bwd": 4},
         {"wy_rows": 64, "num_warps": 4},
