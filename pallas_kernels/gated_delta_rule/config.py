@@ -122,7 +122,8 @@ def default_config(
     chunk, ``inverse_precision="tf32"``; H200, GDN (1, 32K, 16, 128) fwd+bwd 5.70 against 6.18 ms
     with 16-row tiles in float32, the same errors against the XLA path: the bf16 rounding of W and U
     dominates); float32 inputs keep the exact float32 inverse ("tf32x3" measured slower: 6.41 against
-    6.04 ms).
+    6.04 ms). Per-channel gates store the output's score blocks for its backward (``store_scores``;
+    H200, KDA (1, 32K, 16, 128) bf16 fwd+bwd 40.84 against 59.38 ms).
 
     Warps from ptxas register counts of a Triton 3.9 sm_90 build (the wy kernel spills at 4 warps,
     not at 8); ``block_cols`` from the H200 sweep of 2026-11-30 (GDN (1, 32K, 16, 128) bf16
@@ -136,6 +137,7 @@ def default_config(
         block_e=min(32, value_dim),
         block_cols=32 if per_channel else max(16, key_dim, value_dim),
         store_inverse=not per_channel,
+        store_scores=per_channel,
     )
     if not per_channel and dtype is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         cfg = dataclasses.replace(cfg, wy_rows=cfg.chunk, inverse_precision="tf32")

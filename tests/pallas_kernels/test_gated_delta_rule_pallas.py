@@ -283,7 +283,7 @@ def test_default_config_fills_the_gpu_with_splits():
     kda = default_config(
         batch=1, value_heads=16, seq_len=32768, value_dim=128, interpret=False, dtype=jnp.bfloat16, per_channel=True
     )
-    assert kda.inverse_precision == "highest"
+    assert kda.inverse_precision == "highest" and kda.store_scores and not low.store_scores
 
 
 # ---- the Triton lowering on CPU, compiled kernels on a GPU ------------------------------------
