@@ -320,6 +320,7 @@ def main(argv=None) -> int:
         "scan_layers": args.scan_layers,
         "split_projections": args.split_projections,
         "smoke": args.smoke,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),  # e.g. the latency-hiding scheduler (notes/sp_overhead.md)
     }
     try:
         import flax
