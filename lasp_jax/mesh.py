@@ -241,11 +241,12 @@ def layer_shard_map(fn, mesh: Mesh, *, in_specs, out_specs, axes):
 
     Unchecked: interpret-mode Pallas has no varying-axes rules (the per-shard functions follow the
     unchecked convention for a state replicated over the sequence axis). Manual over ``axes`` only
-    when the mesh splits others too: an unchecked shard_map would otherwise all-reduce every
-    cotangent over axes the layer never splits; those stay automatic and keep their sharding.
+    when the mesh has other axes, even of size 1: an unchecked shard_map manual over them would
+    all-reduce every cotangent over axes the layer never splits (for a size-1 axis XLA keeps that
+    one-device all-reduce: a copy of dq, dk and dv per layer); those stay automatic.
     """
-    others_split = any(size > 1 for name, size in mesh.shape.items() if name not in axes)
-    partial_manual = {"axis_names": frozenset(axes)} if others_split else {}
+    others = any(name not in axes for name in mesh.axis_names)
+    partial_manual = {"axis_names": frozenset(axes)} if others else {}
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False, **partial_manual)
 
 

@@ -86,3 +86,24 @@ def test_shard_logical_divisibility_errors():
         shard_logical(jnp.ones((3, 8)), ("batch", "length"), mesh)
     with pytest.raises(ValueError, match=r"one logical name per dimension"):
         shard_logical(jnp.ones((2, 8)), ("batch",), mesh)
+
+
+def test_layer_adds_no_all_reduce_over_a_size_one_axis(rng):
+    """A mesh with an axis of size 1 the layer does not split (tp = 1, as the trainer's): the layer's
+    shard_map stays automatic over it, so its backward has no all-reduce at all (a manual size-1 axis
+    made autodiff psum dq, dk, dv over it, which XLA keeps as a one-device all-reduce: a copy)."""
+    import lasp_jax
+
+    mesh = jax.make_mesh((1, 2, 1), ("dp", "sp", "tp"), devices=jax.devices()[:2])
+    sharding = jax.sharding.NamedSharding(mesh, P("dp", "sp"))
+    q, k, v = (jax.device_put(jnp.asarray(rng.standard_normal((1, 32, 2, 16)), jnp.float32), sharding) for _ in "qkv")
+
+    def loss(q, k, v):
+        o, _ = lasp_jax.lasp_attention(
+            q, k, v, g_gamma=jnp.full((2,), -0.1), mesh=mesh, seq_axis="sp", batch_axis="dp", strategy="ring"
+        )
+        return jnp.sum(o)
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile().as_text()
+    assert "collective-permute" in text  # the ring is there
+    assert "all-reduce" not in text
