@@ -151,7 +151,7 @@ def saved_residuals(trainer) -> list[dict]:
     tokens = jax.ShapeDtypeStruct(tokens.shape[1:], tokens.dtype)  # one micro-batch, as the step runs it
 
     def loss(params, inputs, targets):  # the step differentiates the trainer's own loss sum
-        return trainer._loss_sum(params, inputs, targets)[0]
+        return trainer.loss_sum(params, inputs, targets)[0]
 
     text = io.StringIO()
     with contextlib.redirect_stdout(text):

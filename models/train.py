@@ -238,7 +238,8 @@ class Trainer:
         return nnx.merge(self.graphdef, params)
 
     # ---- steps ----
-    def _loss_sum(self, params, inputs, targets):
+    def loss_sum(self, params, inputs, targets):
+        """``(Σ loss, token count)`` of one batch under the run's remat, loss chunks and documents."""
         run = self.config.run
         loss, count = lm_loss(
             self.model(params),
@@ -253,7 +254,7 @@ class Trainer:
 
     def _mean_grads(self, params, inputs, targets):
         """Mean loss and gradients over every counted target of the micro-batches ``inputs[i]``."""
-        grad_fn = jax.value_and_grad(self._loss_sum, has_aux=True)
+        grad_fn = jax.value_and_grad(self.loss_sum, has_aux=True)
 
         def micro(carry, batch):
             grads, total, count = carry
@@ -289,7 +290,7 @@ class Trainer:
     def _eval_step(self, params, inputs, targets):
         def micro(carry, batch):
             total, count = carry
-            loss_sum, n = self._loss_sum(params, *batch)
+            loss_sum, n = self.loss_sum(params, *batch)
             return (total + loss_sum, count + n), None
 
         (total, count), _ = jax.lax.scan(
