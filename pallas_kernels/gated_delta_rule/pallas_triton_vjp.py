@@ -5,7 +5,8 @@ V' = U − W S saved by the forward:
 
 1. ``output_bwd`` (one program per chunk, row and value head; needs no state cotangent): the
    output's gradients ``dQ = scale · [(dO V'ᵀ ⊙ Γ ⊙ causal) K + e^b ⊙ (dO hᵀ)]`` (final), its shares
-   of dk and db, and ``dV'_intra = scale · (Q Kᵀ ⊙ Γ ⊙ causal)ᵀ dO`` (``common.output_backward``).
+   of dk and db, and ``dV'_intra = scale · (Q Kᵀ ⊙ Γ ⊙ causal)ᵀ dO`` (``common.output_backward``;
+   the scores read from the forward's with ``cfg.store_scores``, else formed again).
 2. ``state_bwd`` (one program per value block, row and value head: the sequential part) walks the
    chunks right to left carrying dS, the cotangent of the state leaving the chunk (the final
    state's at the start): writes ``dh_c = dS`` and ``dV'_c = dV'_intra + K̃_c dS``, then
@@ -81,13 +82,14 @@ def _output_bwd_kernel(
             store_col_tiles(db_ref[0], db, start)
         elif mode == "scalar":  # one column block (the whole row)
             store_tiles(db_ref[0], db)
-        if z_ref is not None:  # the forward stored the scores
+        if z_ref is not None:  # the forward stored the scores: nothing to carry
             return z
         # the scores (small blocks) are summed over the columns; Zᵀ dO once after the loop
         return common.add_blocks(z, common.score_blocks(q, k, b, docs, mode=mode, mxu=mxu, parts=parts))
 
     rows = q_ref.shape[0] // parts
-    z = lax.fori_loop(0, k_ref.shape[1] // width, columns, zero_blocks(parts, rows))
+    init = 0 if z_ref is not None else zero_blocks(parts, rows)
+    z = lax.fori_loop(0, k_ref.shape[1] // width, columns, init)
     if z_ref is not None:
         z = load_lower_blocks(z_ref, parts)
     store_tiles(dv_intra_ref, common.dvn_from_scores(z, do, scale=scale, mxu=mxu, parts=parts))
