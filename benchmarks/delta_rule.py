@@ -27,6 +27,7 @@ import re
 import subprocess
 import sys
 import time
+import traceback
 
 SHAPES = [(1, 32768, 16, 128), (4, 8192, 16, 128), (1, 131072, 16, 128)]
 IMPLS = ("project", "project_xla", "jla", "fla")
@@ -72,6 +73,22 @@ def _jax_time(fn, *args, n=30) -> float:
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
     return float(np.median(times)) * 1e3
+
+
+def time_config(row: dict, make_fns, inputs: tuple, do, *, reps: int) -> dict:
+    """A sweep row: ``row`` with ``fwd_ms`` and ``fwd_bwd_ms`` of ``make_fns() -> (_, fwd, fwd_bwd)``
+    on ``inputs`` (and ``do`` for fwd_bwd), or ``error`` when the config fails (a result, not the
+    end of the sweep), and ``wall_s``."""
+    t0 = time.perf_counter()
+    try:
+        _, fwd, fwd_bwd = make_fns()
+        row["fwd_ms"] = _jax_time(fwd, *inputs, n=reps)
+        row["fwd_bwd_ms"] = _jax_time(fwd_bwd, *inputs, do, n=reps)
+    except Exception as exc:  # noqa: BLE001 - a failing config is a result, not the end of the sweep
+        lines = [line for line in traceback.format_exception_only(exc)[-1].splitlines() if line.strip()]
+        row["error"] = (lines[-1] if lines else repr(exc))[:400]
+    row["wall_s"] = round(time.perf_counter() - t0, 1)
+    return row
 
 
 def _time_jax_op(attn, op, shape):

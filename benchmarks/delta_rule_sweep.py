@@ -25,10 +25,9 @@ import json
 import os
 import sys
 import time
-import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.delta_rule import _jax_inputs, _jax_time  # noqa: E402
+from benchmarks.delta_rule import _jax_inputs, time_config  # noqa: E402
 
 
 def variants(base, d: int) -> list[tuple[str, dict]]:
@@ -131,15 +130,7 @@ def sweep_op(op, shape, *, reps, budget, interpret, only=None, labels=None) -> l
             continue
         cfg = dataclasses.replace(base, **over)
         row = {"op": op, "shape": list(shape), "label": label, "config": dataclasses.asdict(cfg)}
-        t0 = time.perf_counter()
-        try:
-            _, fwd, fwd_bwd = _fns(cfg, interpret)
-            row["fwd_ms"] = _jax_time(fwd, q, k, v, beta, g, n=reps)
-            row["fwd_bwd_ms"] = _jax_time(fwd_bwd, q, k, v, beta, g, do, n=reps)
-        except Exception as exc:  # noqa: BLE001 - a failing config is a result, not the end of the sweep
-            lines = [line for line in traceback.format_exception_only(exc)[-1].splitlines() if line.strip()]
-            row["error"] = (lines[-1] if lines else repr(exc))[:400]
-        row["wall_s"] = round(time.perf_counter() - t0, 1)
+        time_config(row, lambda cfg=cfg: _fns(cfg, interpret), (q, k, v, beta, g), do, reps=reps)
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows

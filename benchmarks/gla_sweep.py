@@ -27,10 +27,9 @@ import json
 import os
 import sys
 import time
-import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.delta_rule import _jax_time  # noqa: E402
+from benchmarks.delta_rule import time_config  # noqa: E402
 from benchmarks.kernels import _jax_inputs  # noqa: E402
 
 SPLIT = {"split_grads": True, "recompute_dz": True}
@@ -162,15 +161,7 @@ def main(argv=None) -> None:
         if time.perf_counter() - start > args.budget:
             row["error"] = f"skipped: past the {args.budget} s budget"
         else:
-            t0 = time.perf_counter()
-            try:
-                _, fwd, fwd_bwd = _fns(cfg, args.interpret)
-                row["fwd_ms"] = _jax_time(fwd, q, k, v, g, n=reps)
-                row["fwd_bwd_ms"] = _jax_time(fwd_bwd, q, k, v, g, do, n=reps)
-            except Exception as exc:  # noqa: BLE001 - a failing config is a result, not the end of the sweep
-                lines = [line for line in traceback.format_exception_only(exc)[-1].splitlines() if line.strip()]
-                row["error"] = (lines[-1] if lines else repr(exc))[:400]
-            row["wall_s"] = round(time.perf_counter() - t0, 1)
+            time_config(row, lambda cfg=cfg: _fns(cfg, args.interpret), (q, k, v, g), do, reps=reps)
         print(json.dumps(row), flush=True)
         rows.append(row)
         save(args.json, shape, rows)
