@@ -137,6 +137,18 @@ def triton_lowering_h100(monkeypatch):
     and on a jax whose lowering reads the GPU another way."""
     if jax.default_backend() == "gpu":
         pytest.skip("the GPU tests compile the kernels")
+    _point_triton_lowering_at_h100(monkeypatch)
+
+
+@pytest.fixture
+def triton_lowering_cuda(monkeypatch):
+    """Kernels lower for CUDA here and on a GPU: the GPU's own lowering there, an abstract H100
+    elsewhere (``triton_lowering_h100`` without its skip on a GPU)."""
+    if jax.default_backend() != "gpu":
+        _point_triton_lowering_at_h100(monkeypatch)
+
+
+def _point_triton_lowering_at_h100(monkeypatch):
     try:
         from jax._src.pallas.triton import gpu_info, pallas_call_registration
     except ImportError:

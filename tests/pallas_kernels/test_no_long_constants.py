@@ -105,17 +105,8 @@ def test_xla_path_has_no_long_constant_cumsum():
 
 
 @pytest.mark.parametrize("t", [LONG_T, LONG_T - 1], ids=["whole_chunks", "padded"])
-def test_pallas_kernels_have_no_long_constant_cumsum(t, monkeypatch):
-    """The Triton kernels lowered for an H100 here (as tests/pallas_kernels/test_gated_delta_rule_pallas.py does)."""
-    if jax.default_backend() != "gpu":
-        try:
-            from jax._src.pallas.triton import gpu_info, pallas_call_registration
-        except ImportError:
-            pytest.skip("this jax has no Triton lowering hook to point at an abstract GPU")
-        if not hasattr(pallas_call_registration, "gpu_info_lib"):
-            pytest.skip("this jax's Triton lowering reads the GPU another way")
-        info = gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H100)
-        monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: info)
+def test_pallas_kernels_have_no_long_constant_cumsum(t, triton_lowering_cuda):
+    """The Triton kernels lowered for CUDA (an abstract H100 off a GPU: the ``triton_lowering_cuda`` fixture)."""
 
     def attention(q, k, v):
         return pallas_triton.linear_attention(q, k, v, g_gamma=jnp.asarray(GAMMA), interpret=False)[0]
