@@ -92,8 +92,6 @@ class Layout:
         self.wy_parts = self.chunk // (SUB_TILE if mode == "channel" else min(cfg.wy_rows, self.chunk))
         # the forward stores X and the WY backward runs on whole chunks (``BlockConfig.store_inverse``)
         self.store_inverse = cfg.store_inverse and mode != "channel"
-        # the output kernel stores its score blocks for the output backward (``BlockConfig.store_scores``)
-        self.store_scores = cfg.store_scores
 
     # -- chunk-parallel grid (c, b, h) --
 

@@ -242,7 +242,7 @@ def transition(w, u, k, b, docs, lay: Layout, statics: Statics):
 
 
 def output(q, k, b, docs, h, v_new, lay: Layout, statics: Statics, dtype):
-    """Stage 3: ``(o [B, T, Hv, E] in dtype, Z [B, T, Hv, C] with lay.store_scores else None)``."""
+    """Stage 3: ``(o [B, T, Hv, E] in dtype, Z [B, T, Hv, C] with cfg.store_scores else None)``."""
     d, e = lay.dim, lay.value_dim
     kernel = functools.partial(
         _output_kernel,
@@ -263,8 +263,11 @@ def output(q, k, b, docs, h, v_new, lay: Layout, statics: Statics, dtype):
             lay.chunk_spec(e),
             *lay.chunk_gate_specs(docs is not None),
         ],
-        out_specs=[lay.chunk_spec(e), *([lay.chunk_spec(lay.chunk)] if lay.store_scores else [])],
-        out_shape=[lay.values_shape(dtype), *([lay.values_shape(lay.mxu, lay.chunk)] if lay.store_scores else [])],
+        out_specs=[lay.chunk_spec(e), *([lay.chunk_spec(lay.chunk)] if statics.cfg.store_scores else [])],
+        out_shape=[
+            lay.values_shape(dtype),
+            *([lay.values_shape(lay.mxu, lay.chunk)] if statics.cfg.store_scores else []),
+        ],
         compiler_params=compiler_params(statics.cfg, "chunk"),
         interpret=statics.interpret,
         name="gated_delta_rule_output",
