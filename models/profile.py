@@ -14,6 +14,9 @@ prints it by category and the top kernels:
   time (a ``while`` holds its body's operations).
 
 Times are per step and per device (summed over the devices the trace saw, then divided).
+``device_idle`` adds the time each device sat idle between its first and last operation (the
+gaps in the union of its stream lines), grouped by the operations on either side of each gap: a
+step whose wall time exceeds its device time waits on the host somewhere, and the pair names where.
 
 Categories (``CATEGORIES``), from kernel and XLA op names: ``matmuls`` (cuBLAS/CUTLASS GEMMs,
 Triton GEMM fusions, XLA ``dot``/``convolution``, XLA:CPU's YNNPACK/XNNPACK dot fusions),
@@ -77,6 +80,16 @@ class Kernel:
 
 
 @dataclasses.dataclass(frozen=True)
+class Gap:
+    """Idle device time between two operations (by name), summed over the traced steps."""
+
+    before: str
+    after: str
+    count: int
+    us: float
+
+
+@dataclasses.dataclass(frozen=True)
 class ProfileSummary:
     """Device time of ``steps`` traced steps on ``devices`` devices: in all, by category, and per
     kernel (largest first), summed over the devices."""
@@ -87,6 +100,8 @@ class ProfileSummary:
     by_category: dict[str, float]
     kernels: list[Kernel]
     trace_path: str
+    idle_us: float = 0.0
+    gaps: tuple[Gap, ...] = ()
 
     def per_step_ms(self, us: float) -> float:
         """Milliseconds per step and device of a time summed over the trace."""
@@ -101,6 +116,11 @@ class ProfileSummary:
             "top_kernels": [
                 {"name": k.name, "category": k.category, "calls": k.calls, "ms_per_step": self.per_step_ms(k.us)}
                 for k in self.kernels[:top]
+            ],
+            "idle_ms_per_step": self.per_step_ms(self.idle_us),
+            "top_gaps": [
+                {"before": g.before, "after": g.after, "count": g.count, "ms_per_step": self.per_step_ms(g.us)}
+                for g in self.gaps[:top]
             ],
             "trace": self.trace_path,
         }
@@ -123,9 +143,9 @@ def load_events(path: str) -> list[dict]:
     return data["traceEvents"] if isinstance(data, dict) else data
 
 
-def device_operations(events: list[dict]) -> tuple[list[tuple[str, str, float]], int]:
-    """``(name, hlo_op, self time in µs)`` of every device operation in a trace (see the module),
-    and the number of devices they ran on."""
+def _device_lines(events: list[dict]) -> tuple[dict, bool]:
+    """The events of each device line ``{(pid, tid): [event, ...]}`` (see the module), and whether
+    the trace is a GPU's (the lines are stream lines) rather than the CPU's executor threads."""
     processes, threads = {}, {}
     for e in events:
         if e.get("ph") == "M" and e.get("name") == "process_name":
@@ -143,14 +163,51 @@ def device_operations(events: list[dict]) -> tuple[list[tuple[str, str, float]],
         key = (e.get("pid"), e.get("tid"))
         if key in on_gpu if gpus else "hlo_op" in e.get("args", {}):
             lines[key].append(e)
+    return lines, bool(gpus)
+
+
+def device_operations(events: list[dict]) -> tuple[list[tuple[str, str, float]], int]:
+    """``(name, hlo_op, self time in µs)`` of every device operation in a trace (see the module),
+    and the number of devices they ran on."""
+    lines, on_gpu = _device_lines(events)
     ops = []
     for line in lines.values():
         ops += _self_times(line)
-    if gpus:
+    if on_gpu:
         devices = len({pid for pid, _ in lines})
     else:
         devices = len({e.get("args", {}).get("device_ordinal") for line in lines.values() for e in line})
     return ops, max(devices, 1)
+
+
+def device_idle(events: list[dict]) -> tuple[float, list[Gap]]:
+    """Time the devices sat idle inside the trace, in µs summed over the devices (each device from
+    its first operation to its last, less the union of its operations on every stream), and the
+    idle time grouped by the pair of operations around each gap, largest first.
+
+    A device idles when the host has not yet launched the next kernel: a host round trip (a
+    ``while`` loop's condition read back, a callback, a transfer), launch latency between short
+    kernels, or the host preparing the next step."""
+    lines, on_gpu = _device_lines(events)
+    per_device = defaultdict(list)
+    for (pid, _), line in lines.items():
+        device = pid if on_gpu else None
+        per_device[device] += [(float(e["ts"]), float(e["ts"]) + float(e["dur"]), e.get("name", "")) for e in line]
+    idle, gaps = 0.0, defaultdict(lambda: [0, 0.0])
+    for spans in per_device.values():
+        spans.sort()
+        end, before = spans[0][1], spans[0][2]
+        for start, stop, name in spans[1:]:
+            if start > end:
+                idle += start - end
+                gap = gaps[(before, name)]
+                gap[0] += 1
+                gap[1] += start - end
+            if stop > end:
+                end, before = stop, name
+    rows = [Gap(before, after, n, us) for (before, after), (n, us) in gaps.items()]
+    rows.sort(key=lambda g: -g.us)
+    return idle, rows
 
 
 def _self_times(line: list[dict]) -> list[tuple[str, str, float]]:
@@ -172,7 +229,8 @@ def summarize(path: str, steps: int) -> ProfileSummary:
     """The device time of a trace of ``steps`` steps, by category and kernel."""
     by_category = dict.fromkeys(CATEGORIES, 0.0)
     kernels: dict[str, list] = {}
-    ops, devices = device_operations(load_events(path))
+    events = load_events(path)
+    ops, devices = device_operations(events)
     for name, op, us in ops:
         category = categorize(name, op)
         by_category[category] += us
@@ -181,11 +239,13 @@ def summarize(path: str, steps: int) -> ProfileSummary:
         row[2] += us
     rows = [Kernel(name, c, n, us) for name, (c, n, us) in kernels.items()]
     rows.sort(key=lambda k: -k.us)
-    return ProfileSummary(steps, devices, sum(by_category.values()), by_category, rows, path)
+    idle, gaps = device_idle(events)
+    return ProfileSummary(steps, devices, sum(by_category.values()), by_category, rows, path, idle, tuple(gaps))
 
 
-def format_table(summary: ProfileSummary, *, top: int = 15, title: str = "") -> str:
-    """The device-time table: ms per step and share by category, then the ``top`` kernels."""
+def format_table(summary: ProfileSummary, *, top: int = 15, gaps: int = 5, title: str = "") -> str:
+    """The device-time table: ms per step and share by category, the ``top`` kernels, then the
+    device's idle time and its ``gaps`` largest sources."""
     total = max(summary.total_us, 1e-9)
     ms = summary.per_step_ms
     per = "per step" if summary.devices == 1 else f"per step and device ({summary.devices} devices)"
@@ -202,6 +262,14 @@ def format_table(summary: ProfileSummary, *, top: int = 15, title: str = "") -> 
         name = k.name if len(k.name) <= 60 else k.name[:57] + "..."
         calls = k.calls / max(summary.steps * summary.devices, 1)
         lines.append(f"{name:<60} {k.category:<12} {calls:>10.1f} {ms(k.us):>10.3f} {100 * k.us / total:>6.1f}%")
+    lines.append(
+        f"device idle between operations: {ms(summary.idle_us):.2f} ms per step (waiting on the host: loop "
+        "conditions read back, launches, transfers); largest gaps by the operations around them:"
+    )
+    for g in summary.gaps[:gaps]:
+        pair = f"{g.before[:40]} -> {g.after[:40]}"
+        calls = g.count / max(summary.steps * summary.devices, 1)
+        lines.append(f"  {pair:<84} {calls:>10.1f} {ms(g.us):>10.3f}")
     return "\n".join(lines)
 
 

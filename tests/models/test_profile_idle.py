@@ -1,0 +1,65 @@
+"""The profile's idle time: gaps between a device's operations, over all its streams, by the
+operations around them (models.profile.device_idle)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+from models.profile import Gap, format_table, summarize
+
+
+def _trace(tmp_path, kernels):
+    """A GPU trace whose stream lines hold ``kernels``: (stream tid, name, start µs, duration µs)."""
+    gpu = 7
+    events = [
+        {"ph": "M", "pid": gpu, "name": "process_name", "args": {"name": "/device:GPU:0 (NVIDIA H200)"}},
+        {"ph": "M", "pid": gpu, "tid": 1, "name": "thread_name", "args": {"name": "Stream #13(Compute)"}},
+        {"ph": "M", "pid": gpu, "tid": 2, "name": "thread_name", "args": {"name": "Stream #14(MemcpyD2H)"}},
+        {"ph": "M", "pid": gpu, "tid": 3, "name": "thread_name", "args": {"name": "XLA Ops"}},
+    ]
+    for tid, name, ts, dur in kernels:
+        events.append({"ph": "X", "pid": gpu, "tid": tid, "ts": ts, "dur": dur, "name": name, "args": {}})
+        events.append({"ph": "X", "pid": gpu, "tid": 3, "ts": ts, "dur": dur, "name": name, "args": {}})
+    path = tmp_path / "perfetto_trace.json.gz"
+    with gzip.open(path, "wt") as fh:
+        json.dump({"traceEvents": events}, fh)
+    return str(path)
+
+
+def test_idle_time_is_the_gaps_in_the_union_of_streams(tmp_path):
+    """Two steps; a copy on a second stream overlaps a kernel and fills part of a gap; a kernel
+    nested inside another (a thunk's span) adds no idle time. Idle = the uncovered time between the
+    first and the last operation, named by the operations on either side."""
+    kernels = []
+    for step in range(2):
+        t = 1000 * step
+        kernels += [
+            (1, "gemm", t, 300),
+            (1, "gated_delta_rule_wy", t + 300, 50),
+            (1, "inner", t + 310, 20),  # nested in the Pallas kernel's span
+            (1, "loop_add_fusion", t + 400, 100),  # 50 µs after the Pallas kernel
+        ]
+    kernels.append((2, "memcpy", 550, 250))  # on the copy stream: covers 550..800 of the gap 500..1000
+    summary = summarize(_trace(tmp_path, kernels), steps=2)
+    # step 0: 350..400 (wy -> fusion), 500..550 (fusion -> memcpy), 800..1000 (memcpy -> gemm);
+    # step 1: 1350..1400 (wy -> fusion)
+    assert summary.idle_us == 50 + 50 + 200 + 50
+    assert summary.gaps == (
+        Gap("memcpy", "gemm", 1, 200),
+        Gap("gated_delta_rule_wy", "loop_add_fusion", 2, 100),
+        Gap("loop_add_fusion", "memcpy", 1, 50),
+    )
+    table = format_table(summary)
+    assert "device idle between operations: 0.17 ms per step" in table  # 350 µs over 2 steps
+    assert "gated_delta_rule_wy -> loop_add_fusion" in table
+    as_json = summary.as_json()
+    assert as_json["idle_ms_per_step"] == 0.175
+    assert as_json["top_gaps"][0] == {"before": "memcpy", "after": "gemm", "count": 1, "ms_per_step": 0.1}
+
+
+def test_back_to_back_kernels_have_no_idle_time(tmp_path):
+    kernels = [(1, f"k{i}", 10 * i, 10) for i in range(20)] + [(2, "copy", 5, 190)]
+    summary = summarize(_trace(tmp_path, kernels), steps=1)
+    assert summary.idle_us == 0 and summary.gaps == ()
+    assert summary.total_us > 0
