@@ -55,6 +55,7 @@ def variants(base, d: int) -> list[tuple[str, dict]]:
         {"block_cols": 64},
         {"block_cols": d},  # the whole row: no column loop
         {split: 1},
+        {split: 2},
         {split: 4},
         {"block_e": 64},
         {"num_warps_bwd": 4},
