@@ -14,6 +14,7 @@ finishes, then a table sorted by forward+backward time; ``--json`` writes all ro
 ``--check`` runs the best config of each op (by fwd+bwd) on a small shape and prints the relative
 error of o and of the gradients of q, k, v, beta and g against the chunked XLA path; ``--check-all``
 every config that ran.
+``--base FIELD=VALUE ...`` starts from the default with those fields set (e.g. ``--base splits=1``).
 ``--interpret`` runs the kernels in the Pallas interpreter (CPU; a syntax check with a tiny shape).
 """
 
@@ -103,7 +104,7 @@ def _fns(config, interpret):
     return attn, fwd, fwd_bwd
 
 
-def sweep_op(op, shape, *, reps, budget, interpret, only=None, labels=None) -> list[dict]:
+def sweep_op(op, shape, *, reps, budget, interpret, only=None, labels=None, base_overrides=None) -> list[dict]:
     from pallas_kernels.gated_delta_rule.config import default_config
 
     b, t, h, d = shape
@@ -117,6 +118,7 @@ def sweep_op(op, shape, *, reps, budget, interpret, only=None, labels=None) -> l
         interpret=False,
         dtype="bfloat16",
     )
+    base = dataclasses.replace(base, **(base_overrides or {}))
     q, k, v, beta, g, do = _jax_inputs(op, *shape)
     rows, start = [], time.perf_counter()
     todo = variants(base, d)
@@ -173,6 +175,9 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=90.0, help="seconds per op; later configs are skipped")
     ap.add_argument("--only", type=int, default=None, help="the first N configs only")
     ap.add_argument("--labels", nargs="+", default=None, help="only these configs (labels as printed, e.g. splits=1)")
+    ap.add_argument(
+        "--base", nargs="+", default=[], metavar="FIELD=VALUE", help="start from the default with these fields"
+    )
     ap.add_argument("--check", action="store_true", help="check the best configs against the XLA path")
     ap.add_argument("--check-all", action="store_true", help="check every config that ran, not only the best")
     ap.add_argument("--check-shape", default="1,512,4,128", help="B,T,H,D of --check")
@@ -181,10 +186,23 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     shape = tuple(map(int, args.shape.split(",")))
+    base_overrides = {}
+    for item in args.base:
+        field, _, value = item.partition("=")
+        base_overrides[field] = value if not value.lstrip("-").isdigit() else int(value)
+        if value in ("True", "False"):
+            base_overrides[field] = value == "True"
     rows = []
     for op in args.ops:
         rows += sweep_op(
-            op, shape, reps=args.reps, budget=args.budget, interpret=args.interpret, only=args.only, labels=args.labels
+            op,
+            shape,
+            reps=args.reps,
+            budget=args.budget,
+            interpret=args.interpret,
+            only=args.only,
+            labels=args.labels,
+            base_overrides=base_overrides,
         )
 
     print(f"\nop | config | fwd ms | fwd+bwd ms   ({shape}, sorted by fwd+bwd)")

@@ -211,7 +211,11 @@ def device_idle(events: list[dict]) -> tuple[float, list[Gap]]:
 
 
 def _self_times(line: list[dict]) -> list[tuple[str, str, float]]:
-    """Self time of each event of one thread: its duration less that of the events it encloses."""
+    """Self time of each event of one thread: its duration less the part of it that later events
+    cover. An event inside another (a kernel in a thunk's span) is subtracted whole from it; an
+    event that starts before the previous one ends and outlives it (a GPU's programmatic dependent
+    launch lets the next kernel start early) takes only the overlap from it and is not its child,
+    so the self times of a line add up to the time the line is busy."""
     line = sorted(line, key=lambda e: (float(e["ts"]), -float(e["dur"])))
     out, stack = [], []  # stack: [end time, index into out] of the enclosing events
     for e in line:
@@ -219,7 +223,9 @@ def _self_times(line: list[dict]) -> list[tuple[str, str, float]]:
         while stack and stack[-1][0] <= start:
             stack.pop()
         if stack:
-            out[stack[-1][1]][2] -= dur
+            out[stack[-1][1]][2] -= min(start + dur, stack[-1][0]) - start
+        while stack and stack[-1][0] < start + dur:  # events this one outlives do not enclose it
+            stack.pop()
         out.append([e.get("name", ""), e.get("args", {}).get("hlo_op", ""), dur])
         stack.append((start + dur, len(out) - 1))
     return [(name, op, max(us, 0.0)) for name, op, us in out]
