@@ -75,11 +75,11 @@ def chain_pieces(call, sequences: tuple, *, piece: int, initial_state, segment_i
 NUM_SMS = 132
 
 
-def state_pass_splits(programs: int, num_chunks: int, *, min_chunks: int = 16) -> int:
+def state_pass_splits(programs: int, num_chunks: int, *, min_chunks: int = 16, target: int = 2 * NUM_SMS) -> int:
     """Runs of whole chunks per row for the sequential state passes: doubled (a power of two) until
-    the passes have about two programs per SM (``programs`` per run: rows × heads × value blocks),
-    while every run keeps at least ``min_chunks`` chunks."""
+    the passes have about ``target`` programs (``programs`` per run: rows × heads × value blocks;
+    default two per SM), while every run keeps at least ``min_chunks`` chunks."""
     splits = 1
-    while programs * splits < 2 * NUM_SMS and num_chunks // (2 * splits) >= min_chunks:
+    while programs * splits < target and num_chunks // (2 * splits) >= min_chunks:
         splits *= 2
     return splits

@@ -12,7 +12,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from pallas_kernels.common import state_pass_splits
+from pallas_kernels.common import NUM_SMS, state_pass_splits
 
 # rows of the sub-tiles of a chunk: the triangular solve works on 16×16 diagonal blocks, per-channel
 # gates factor the decay between sub-tiles around a reference row (notes/design.md §6)
@@ -113,8 +113,14 @@ def default_config(
     dtype=None,
 ) -> BlockConfig:
     """Interpret mode: small chunks, one split. GPU: 64-token chunks, value blocks of 32, and
-    splits (a power of two) until the state passes have about two programs per SM, keeping at
-    least 16 chunks per split; the WY kernels take whole rows of keys and values at once
+    splits (a power of two) until the state passes have about two programs per SM under
+    per-channel gates, a quarter of the SMs under scalar or no gates, keeping at least 16 chunks per
+    split (H200, bf16, GDN fwd+bwd with one split against the former two-per-SM rule:
+    (1, 32K, 16, 128) 5.40 against 5.75 ms with 8 splits, (4, 8K, 16, 128) 4.25 against 5.77 ms
+    with 2, (1, 32K, 32, 128) 8.09 against 10.77 ms with 4: a split costs a transition pass over
+    D + E columns and a local reverse pass, more than the parallelism it buys once the heads give
+    the passes 64 programs; KDA (1, 32K, 16, 128): 40.16 ms with 8 splits, 40.11 with 2, 41.33
+    with 1, so per-channel gates keep the rule); the WY kernels take whole rows of keys and values at once
     (``block_cols`` = the padded head dim) under scalar or no gates, 32-column blocks under
     per-channel gates; the forward stores each chunk's inverse for a whole-chunk WY backward under
     scalar or no gates (``store_inverse``). For bf16/fp16 inputs (``dtype``) under scalar or no
@@ -128,8 +134,8 @@ def default_config(
     Warps from ptxas register counts of a Triton 3.9 sm_90 build (the wy kernel spills at 4 warps,
     not at 8); ``block_cols`` from the H200 sweep of 2026-11-30 (GDN (1, 32K, 16, 128) bf16
     fwd+bwd: 10.5 ms whole rows, 13.2 ms 32 or 64 columns; ``wy_rows`` 32 13.3 ms, 64 18.8 ms).
-    At (B, T, Hv) = (1, 32K, 16) with E = 128 this gives 64 programs per split and 8 splits (512
-    programs, 64 chunks each).
+    At (B, T, Hv) = (1, 32K, 16) with E = 128 this gives 64 programs and one split (GDN), 8 splits
+    (KDA: 512 programs, 64 chunks each).
     """
     if interpret:
         return INTERPRET_CONFIG
@@ -142,4 +148,5 @@ def default_config(
     if not per_channel and dtype is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         cfg = dataclasses.replace(cfg, wy_rows=cfg.chunk, inverse_precision="tf32")
     programs = batch * value_heads * (value_dim // cfg.block_e)
-    return dataclasses.replace(cfg, splits=state_pass_splits(programs, -(-seq_len // cfg.chunk)))
+    target = 2 * NUM_SMS if per_channel else NUM_SMS // 4
+    return dataclasses.replace(cfg, splits=state_pass_splits(programs, -(-seq_len // cfg.chunk), target=target))

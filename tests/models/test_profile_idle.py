@@ -63,3 +63,13 @@ def test_back_to_back_kernels_have_no_idle_time(tmp_path):
     summary = summarize(_trace(tmp_path, kernels), steps=1)
     assert summary.idle_us == 0 and summary.gaps == ()
     assert summary.total_us > 0
+
+
+def test_overlapping_launches_count_once(tmp_path):
+    """A kernel that starts before the previous one ends (programmatic dependent launch) takes only
+    the overlap from it: the self times add up to the busy time of the stream, not less."""
+    kernels = [(1, "a", 0, 100), (1, "b", 90, 100), (1, "c", 180, 50), (1, "thunk", 300, 100), (1, "inner", 320, 30)]
+    summary = summarize(_trace(tmp_path, kernels), steps=1)
+    assert {k.name: k.us for k in summary.kernels} == {"a": 90, "b": 90, "c": 50, "thunk": 70, "inner": 30}
+    assert summary.total_us == 230 + 100  # busy 0..230 and 300..400
+    assert summary.idle_us == 70 and summary.gaps == (Gap("c", "thunk", 1, 70),)

@@ -269,9 +269,16 @@ def test_supports_and_rejects():
 
 
 def test_default_config_fills_the_gpu_with_splits():
-    """Few rows and heads: splits until the state passes have ~2 programs per SM; many: one."""
+    """Splits until the state passes have ~2 programs per SM under per-channel gates, a quarter of
+    the SMs under scalar or no gates; many rows and heads: one."""
     few = default_config(batch=1, value_heads=16, seq_len=32768, value_dim=128, interpret=False)
-    assert (few.chunk, few.block_e, few.splits) == (64, 32, 8)
+    assert (few.chunk, few.block_e, few.splits) == (64, 32, 1)  # 64 programs
+    fewer = default_config(batch=1, value_heads=4, seq_len=32768, value_dim=128, interpret=False)
+    assert fewer.splits == 4  # 16 programs → 64
+    per_channel = default_config(
+        batch=1, value_heads=16, seq_len=32768, value_dim=128, interpret=False, per_channel=True
+    )
+    assert per_channel.splits == 8  # 64 programs → 512
     many = default_config(batch=8, value_heads=32, seq_len=4096, value_dim=128, interpret=False)
     assert many.splits == 1
     short = default_config(batch=1, value_heads=1, seq_len=1024, value_dim=128, interpret=False)
@@ -328,7 +335,7 @@ def test_kernels_lower_to_triton(triton_lowering_h100):
 
 
 GPU_CASES = {
-    # name: gate, documents (new-document positions), config (None: the default, 4 splits here)
+    # name: gate, documents (new-document positions), config (None: the default: 2 splits here, KDA 4)
     "gdn": ("gdn", None, None),
     "gdn-one-split-docs": ("gdn", (1000, 1001, 2500), BlockConfig(splits=1)),
     "kda-docs": ("kda", (700, 3000), None),
