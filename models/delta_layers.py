@@ -211,9 +211,30 @@ class DeltaRuleMixer(nnx.Module):
         return parts[:3], self._gates(parts[3:], ctx)
 
     def _conv(self, qkv: list[Array], ctx: LaspContext, segment_ids, initial_state, return_state: bool):
-        """The short convolution of q, k, v under the mesh; each device convolves its own channels."""
+        """The short convolution of q, k, v under the mesh; each device convolves its own channels.
+        With ``split_projections`` (one device per head group) each block is convolved alone, so the
+        blocks, like the projection's products, are never concatenated (nor their cotangents)."""
         tp = ctx.tensor_parallel
         weight = jnp.split(self.conv_weight[...], np.cumsum(self.conv_widths)[:-1], axis=-1)
+        if tp == 1 and self.spec.split_projections:  # one convolution per block: q|k|v is never formed
+            init = [None] * 3
+            if initial_state is not None:
+                init = jnp.split(initial_state, np.cumsum(self.conv_widths)[:-1], axis=-1)
+            outs = [
+                short_conv(
+                    x,
+                    w,
+                    mesh=ctx.mesh,
+                    seq_axis=ctx.seq_axis,
+                    batch_axis=ctx.batch_axis,
+                    segment_ids=segment_ids,
+                    initial_state=s0,
+                    output_final_state=return_state,
+                )
+                for x, w, s0 in zip(qkv, weight, init, strict=True)
+            ]
+            final = jnp.concatenate([f for _, f in outs], axis=-1) if return_state else None
+            return [y for y, _ in outs], final
         weight = rank_major([ctx.constrain_columns(w, split=True) for w in weight], tp)
         if initial_state is not None:
             initial_state = rank_major(jnp.split(initial_state, np.cumsum(self.conv_widths)[:-1], axis=-1), tp)

@@ -11,6 +11,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -75,3 +76,35 @@ def test_split_projections_leave_no_activation_concatenate():
     # the fused q|k|v|u and gate|up products concatenate their blocks' cotangents in the backward
     assert len(fused) >= 2, fused
     assert activation_concatenates(tnl_model(dtype="bfloat16", split_projections=True)) == []
+
+
+def test_gated_deltanet_convolves_the_blocks_alone_under_sp(rng):
+    """With split projections Gated DeltaNet convolves q, k and v one by one (no q|k|v block): the
+    same output and the same state (convolution cache and recurrent state) as the fused layer, under
+    sp = 2 with a document boundary inside a shard and an entering state."""
+    from models.delta_layers import DeltaRuleState, GatedDeltaNet
+    from models.sharding import build_mesh
+
+    def layer(split):
+        return GatedDeltaNet(32, 2, head_dim=8, n_v_heads=4, split_projections=split, rngs=nnx.Rngs(0))
+
+    fused, split = layer(False), layer(True)
+    params = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), nnx.state(fused, nnx.Param))
+    nnx.update(fused, params)
+    nnx.update(split, params)
+    b, t = 2, 16
+    x = jnp.asarray(rng.standard_normal((b, t, 32)), jnp.float32)
+    segment_ids = jnp.asarray(np.repeat([[0] * 6 + [1] * 10], b, axis=0), jnp.int32)
+    entering = DeltaRuleState(
+        jnp.asarray(rng.standard_normal((b, 3, fused.conv_channels)), jnp.float32),
+        jnp.asarray(rng.standard_normal((b, 4, 8, 8)), jnp.float32),
+    )
+    ctx = LaspContext(mesh=build_mesh(1, 2, jax.devices()[:2]), strategy="allgather", impl="reference")
+
+    @nnx.jit
+    def run(model):
+        return model(x, ctx, segment_ids=segment_ids, initial_state=entering, return_state=True)
+
+    want, got = run(fused), run(split)
+    for a, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert rel_err(a, w) <= 1e-5
