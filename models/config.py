@@ -194,7 +194,16 @@ class ModelConfig:
 
 
 _FAMILY_DEFAULTS = {
-    "tnl": dict(feature_map="silu", decay="tnl", position="none", attn_output_norm="srms_gate", norm="srms", mlp="glu"),
+    # split projections: TNL-1B at 32K tokens on an H200, 400.8 → 393.0 ms per step (51.0 → 52.0% MFU)
+    "tnl": dict(
+        feature_map="silu",
+        decay="tnl",
+        position="none",
+        attn_output_norm="srms_gate",
+        norm="srms",
+        mlp="glu",
+        split_projections=True,
+    ),
     "linear_transformer": dict(
         feature_map="elu1", decay="none", position="none", attn_output_norm="denominator", norm="layer", mlp="gelu"
     ),

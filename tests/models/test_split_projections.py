@@ -42,7 +42,8 @@ def loss_and_grads(config, params, tokens):
 
 @pytest.mark.parametrize("family", ["tnl", "gdn"])
 def test_split_projections_same_params_loss_and_grads(rng, family):
-    config = tnl_model(n_layers=1) if family == "tnl" else small_model("gdn", n_layers=1)
+    fused = {"split_projections": False}  # the TNL presets split by default
+    config = tnl_model(n_layers=1, **fused) if family == "tnl" else small_model("gdn", n_layers=1, **fused)
     split = config.replace(split_projections=True)
     params = nnx.state(LanguageModel(config, rngs=nnx.Rngs(int(rng.integers(2**31)))), nnx.Param)
     split_params = nnx.state(nnx.eval_shape(lambda: LanguageModel(split, rngs=nnx.Rngs(0))), nnx.Param)
@@ -72,7 +73,7 @@ def activation_concatenates(config) -> list[str]:
 
 
 def test_split_projections_leave_no_activation_concatenate():
-    fused = activation_concatenates(tnl_model(dtype="bfloat16"))
+    fused = activation_concatenates(tnl_model(dtype="bfloat16", split_projections=False))
     # the fused q|k|v|u and gate|up products concatenate their blocks' cotangents in the backward
     assert len(fused) >= 2, fused
     assert activation_concatenates(tnl_model(dtype="bfloat16", split_projections=True)) == []
