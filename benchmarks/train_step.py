@@ -72,6 +72,11 @@ def parse_args(argv=None):
     p.add_argument("--strategy", default="ring")
     p.add_argument("--impl", default="auto")
     p.add_argument("--fsdp", action="store_true")
+    p.add_argument(
+        "--shard-optimizer-over-data",
+        action="store_true",
+        help="ZeRO-1: AdamW state and update split over dp x sp (MeshConfig.shard_optimizer_over_data)",
+    )
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--remat", default="dots", help="none | dots | full | offload (throughput rows)")
     p.add_argument("--scan-layers", action="store_true", help="blocks under a lax.scan (ModelConfig.scan_layers)")
@@ -160,7 +165,15 @@ def build_trainer(args, *, preset: str, sp: int, local_tokens: int, remat: str, 
     model_fields = {name: getattr(args, name) for name in flags} | model_overrides
     config = TrainConfig(
         model=get_config(preset, **model_fields),
-        mesh=MeshConfig(dp=args.dp, sp=sp, tp=args.tp, fsdp=args.fsdp, strategy=args.strategy, impl=args.impl),
+        mesh=MeshConfig(
+            dp=args.dp,
+            sp=sp,
+            tp=args.tp,
+            fsdp=args.fsdp,
+            shard_optimizer_over_data=args.shard_optimizer_over_data,
+            strategy=args.strategy,
+            impl=args.impl,
+        ),
         optim=OptimConfig(lr=1e-4, warmup_steps=10),
         data=DataConfig(source="synthetic", batch_size=args.dp, seq_len=local_tokens * sp),
         run=RunConfig(steps=1000, remat=remat, loss_chunks=chunks, progress=False, peak_tflops=args.peak_tflops),
@@ -317,6 +330,7 @@ def main(argv=None) -> int:
         "dtype": args.dtype,
         "strategy": args.strategy,
         "fsdp": args.fsdp,
+        "shard_optimizer_over_data": args.shard_optimizer_over_data,
         "scan_layers": args.scan_layers,
         "split_projections": args.split_projections,
         "smoke": args.smoke,

@@ -54,7 +54,7 @@ from models.layers import LaspContext
 from models.model import REMAT_POLICIES, LanguageModel, lm_loss
 from models.profile import ProfileWindow, StepProfiler
 from models.progress import RunLog
-from models.sharding import activation_sharding, build_mesh, tree_shardings
+from models.sharding import activation_sharding, build_mesh, train_state_shardings, update_shardings, update_slices
 from models.train_config import MeshConfig, OptimConfig, RunConfig, TrainConfig
 
 # the configs live in models.train_config; the README and the notebooks import them from here
@@ -203,7 +203,9 @@ class Trainer:
         self.graphdef = nnx.graphdef(nnx.eval_shape(lambda: LanguageModel(model_cfg, rngs=nnx.Rngs(0))))
         self._init_fn = make_init_fn(model_cfg, self.optimizer)
         self.abstract_state = jax.eval_shape(self._init_fn, jax.random.key(0))
-        self.state_shardings = tree_shardings(self.abstract_state, self.mesh, fsdp=config.mesh.fsdp)
+        zero1 = dict(fsdp=config.mesh.fsdp, shard_optimizer=config.mesh.shard_optimizer_over_data)
+        self.state_shardings = train_state_shardings(self.abstract_state, self.mesh, **zero1)
+        self.update_shardings = update_shardings(self.abstract_state["params"], self.mesh, **zero1)  # ZeRO-1 or None
         self.train_step = jax.jit(
             self._train_step,
             in_shardings=(self.state_shardings, self.batch_sharding, self.batch_sharding),
@@ -252,6 +254,10 @@ class Trainer:
         )
         return loss * count, count
 
+    def _update_slices(self, tree):
+        """ZeRO-1: each device's slice of a tree shaped as the parameters (``update_slices``); as is without it."""
+        return update_slices(tree, self.state_shardings["params"], self.update_shardings)
+
     def _mean_grads(self, params, inputs, targets):
         """Mean loss and gradients over every counted target of the micro-batches ``inputs[i]``."""
         grad_fn = jax.value_and_grad(self.loss_sum, has_aux=True)
@@ -259,12 +265,14 @@ class Trainer:
         def micro(carry, batch):
             grads, total, count = carry
             (loss_sum, n), g = grad_fn(params, *batch)
+            g = self._update_slices(g)  # ZeRO-1: each micro-batch's gradients reduce-scattered
             return (jax.tree.map(jnp.add, grads, g), total + loss_sum, count + n), None
 
         if inputs.shape[0] == 1:  # no accumulation: no gradient buffer beyond the gradients themselves
             (total, count), grads = grad_fn(params, inputs[0], targets[0])
+            grads = self._update_slices(grads)  # ZeRO-1: reduce-scattered (before the division: the pattern XLA finds)
         else:
-            zeros = jax.tree.map(jnp.zeros_like, params)
+            zeros = self._update_slices(jax.tree.map(jnp.zeros_like, params))
             init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
             (grads, total, count), _ = jax.lax.scan(micro, init, (inputs, targets))
         count = jnp.maximum(count, 1).astype(jnp.float32)
@@ -274,6 +282,7 @@ class Trainer:
         """One optimizer step; a step whose loss or gradient is not finite leaves params and moments as they were."""
         params = state["params"]
         loss, grads = self._mean_grads(params, inputs, targets)
+        params = self._update_slices(params)  # ZeRO-1: each device updates its slice, the new params all-gathered
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         updates, opt_state = self.optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
@@ -409,6 +418,7 @@ class Trainer:
         self.log(
             f"model {cfg.model.family} {self.n_params / 1e6:.2f}M params | mesh dp={self.mesh.shape['dp']} "
             f"sp={self.mesh.shape['sp']} tp={self.mesh.shape['tp']} fsdp={cfg.mesh.fsdp} "
+            f"zero1={self.update_shardings is not None} "
             f"strategy={cfg.mesh.strategy} | "
             f"batch {data.batch_size}x{data.seq_len} accum {data.grad_accum} | steps {start}->{cfg.run.steps}"
         )

@@ -30,6 +30,8 @@ class MeshConfig:
     sp: int = 1  # sequence-parallel group size: each row's tokens split over sp devices
     tp: int = 1  # tensor parallelism: heads and MLP hidden sharded over a "tp" mesh axis
     fsdp: bool = False  # shard parameters and optimizer state over dp
+    # MaxText's name; Megatron's --use-distributed-optimizer. models.sharding.optimizer_spec: the layout
+    shard_optimizer_over_data: bool = False  # ZeRO-1: AdamW state and update split over dp x sp (not tp), params whole
     strategy: Strategy = "ring"  # lasp_attention / lasp_gated_delta_rule strategy (linear layers)
     impl: Impl = "auto"  # single-device kernel: auto (Pallas on a GPU, XLA elsewhere), pallas, xla, reference
     softmax_strategy: SoftmaxStrategy = "allgather"  # softmax layers of hybrids: allgather (LASP-2H) or a ring

@@ -30,6 +30,8 @@ SLOW = {
     "tests/models/test_packing.py::test_packed_loss_and_grads_equal_documents_alone[gla-sp2]",
     "tests/models/test_multihost.py::test_two_process_training_equals_one_process",
     "tests/models/test_train.py::test_lasp_train_cli_sigterm_then_resume",
+    # ZeRO-1 equality on a second mesh (test_zero1.py's dp2xsp2-accum2 case runs in CI)
+    "tests/models/test_zero1.py::test_zero1_training_equals_replicated_optimizer[sp4]",
     "tests/models/test_convert.py::test_imported_llama_logits_equal_huggingface_llama[tied]",
     "tests/models/test_parallel_training.py::test_sequence_parallel_loss_curve_equals_single_device[linear_transformer-sp2-ring]",
     "tests/models/test_parallel_training.py::test_sequence_parallel_loss_curve_equals_single_device[linear_transformer-dp2xsp4]",
