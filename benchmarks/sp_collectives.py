@@ -25,8 +25,12 @@ Two views of the same step:
 
 Phase: ``backward`` when the op's name holds ``transpose(`` (autodiff's backward), else ``forward``
 (the loss's own gradient products run in the forward pass: ``models.loss``). Role: ``param grad``
-(the shape of a parameter), ``activation`` (a token dimension), ``state`` (the LASP ring's
-``[B, H, D, E]``), ``scalar``. ``degenerate``: a group of one device (a copy, not a transfer).
+(the shape of a parameter), ``grad slice`` (a parameter gradient's all-reduce whose users are all
+dynamic-slices: ZeRO-1's reduction, ``--shard-optimizer-over-data``, which XLA GPU's
+``ReduceScatterCreator`` makes a reduce-scatter), ``params`` (an all-gather whose result has a
+parameter's shape: ZeRO-1's gather of the updated parameters), ``activation`` (a token dimension),
+``state`` (the LASP ring's ``[B, H, D, E]``), ``scalar``. ``degenerate``: a group of one device
+(a copy, not a transfer).
 Bytes are the operands' (for an all-gather the local part); ``wire`` is what each device sends
 (all-reduce 2(n−1)/n·bytes, all-gather (n−1)·bytes, reduce-scatter (n−1)/n·bytes, permute bytes)
 and ``ms`` that over ``--link-gbps`` (an estimate; 2×H200 NVLink ~360 GB/s bus bandwidth in NCCL's
@@ -316,6 +320,12 @@ def collectives(module: HloModule, *, param_shapes: set, token_dims: set, progra
             executions=module.executions(i.computation),
             position=i.index,
         )
+        result_role = role_of([dims for _, dims in arrays(i.shape)], param_shapes, token_dims)
+        users = [module.instr[u].opcode for u in module._users().get(i.name, ())]
+        if kind == "all-gather" and result_role == "param grad":
+            c.role = "params"  # ZeRO-1: the updated parameters gathered from each device's slice
+        elif kind == "all-reduce" and c.role == "param grad" and users and set(users) == {"dynamic-slice"}:
+            c.role = "grad slice"  # all-reduce + dynamic-slice: a reduce-scatter after XLA GPU's ReduceScatterCreator
         if program and i.computation == module.entry:
             linked = module.ancestors(i.name) | module.descendants(i.name)
             c.bwd_matmuls_independent = sum(module.backward_matmuls(n) for n in entry_ops if n not in linked)
