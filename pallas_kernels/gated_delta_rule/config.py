@@ -111,6 +111,7 @@ def default_config(
     key_dim: int = 128,
     per_channel: bool = False,
     dtype=None,
+    sequence_parallel: bool = False,
 ) -> BlockConfig:
     """Interpret mode: small chunks, one split. GPU: 64-token chunks, value blocks of 32, and
     splits (a power of two) until the state passes have about two programs per SM under
@@ -120,8 +121,10 @@ def default_config(
     with 2, (1, 32K, 32, 128) 8.09 against 10.77 ms with 4: a split costs a transition pass over
     D + E columns and a local reverse pass, more than the parallelism it buys once the heads give
     the passes 64 programs; KDA (1, 32K, 16, 128): 40.16 ms with 8 splits, 40.11 with 2, 41.33
-    with 1, so per-channel gates keep the rule); the WY kernels take whole rows of keys and values at once
-    (``block_cols`` = the padded head dim) under scalar or no gates, 32-column blocks under
+    with 1, so per-channel gates keep the rule; so do the split entry points of sequence
+    parallelism, ``sequence_parallel``, which run the transition and the local reverse pass
+    anyway); the WY kernels take whole rows of keys and values at once (``block_cols`` = the
+    padded head dim) under scalar or no gates, 32-column blocks under
     per-channel gates; the forward stores each chunk's inverse for a whole-chunk WY backward under
     scalar or no gates (``store_inverse``). For bf16/fp16 inputs (``dtype``) under scalar or no
     gates the forward WY kernel works on whole chunks and forms the inverse in tf32 (``wy_rows`` =
@@ -148,5 +151,5 @@ def default_config(
     if not per_channel and dtype is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         cfg = dataclasses.replace(cfg, wy_rows=cfg.chunk, inverse_precision="tf32")
     programs = batch * value_heads * (value_dim // cfg.block_e)
-    target = 2 * NUM_SMS if per_channel else NUM_SMS // 4
+    target = 2 * NUM_SMS if per_channel or sequence_parallel else NUM_SMS // 4
     return dataclasses.replace(cfg, splits=state_pass_splits(programs, -(-seq_len // cfg.chunk), target=target))

@@ -346,6 +346,24 @@ def entering_states(phi, m, s0, splits: int):
     return _by_row(states)
 
 
+def compose_transitions(phi, m, splits: int):
+    """The transition ``(Φ [B, Hv, D, D], M [B, Hv, D, E])`` of whole rows from those of their
+    splits ``[B·S, ...]`` in order: ``Φ = Φ_{S−1} ⋯ Φ_0``, ``M`` the state leaving the last split
+    from a zero state (float32, HIGHEST precision)."""
+
+    def step(carry, transition):
+        total, state = carry
+        phi_s, m_s = transition
+        total = jnp.einsum("bhij,bhjk->bhik", phi_s, total, precision=lax.Precision.HIGHEST)
+        state = jnp.einsum("bhij,bhje->bhie", phi_s, state, precision=lax.Precision.HIGHEST) + m_s
+        return (total, state), None
+
+    phi_s, m_s = _by_split(phi, splits), _by_split(m, splits)
+    eye = jnp.broadcast_to(jnp.eye(phi.shape[-1], dtype=phi.dtype), phi_s.shape[1:])
+    (total, state), _ = lax.scan(step, (eye, jnp.zeros_like(m_s[0])), (phi_s, m_s))
+    return total, state
+
+
 def leaving_cotangents(phi, local, d_final, splits: int):
     """The cotangent of the state leaving each split ``[B·S, Hv, D, E]``: ``d_final`` for the
     last, ``Φ_{s+1}ᵀ dS_out(s + 1) + dS_in_local(s + 1)`` before it."""

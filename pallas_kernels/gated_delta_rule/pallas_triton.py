@@ -285,7 +285,7 @@ class SplitResiduals(NamedTuple):
     phi: jax.Array
 
 
-def _split_rows(q, k, v, beta, b, docs, splits: int):
+def split_rows(q, k, v, beta, b, docs, splits: int):
     """The inputs with each row cut into ``splits`` rows (``layout.to_splits``)."""
     gate_axis = 2 if b is not None and b.ndim == 3 else 1  # scalar gates are [B, Hv, T]
     q, k, v = (to_splits(x, splits) for x in (q, k, v))
@@ -298,7 +298,7 @@ def _forward(q, k, v, beta, b, s0, docs, statics: Statics):
     the state passes walk in parallel, each from its entering state, given by a transition pass
     and a float32 scan over splits (``Residuals`` then describe the split rows)."""
     splits = statics.cfg.splits
-    q, k, v, beta, b, docs = _split_rows(q, k, v, beta, b, docs, splits)
+    q, k, v, beta, b, docs = split_rows(q, k, v, beta, b, docs, splits)
     lay = Layout(q, v, statics.cfg, statics.mode)
     w, u, x = wy_representation(k, v, beta, b, docs, lay, statics)
     phi = None
@@ -321,8 +321,17 @@ def _backward(statics: Statics, residuals, do, d_final):
     rows, phi = residuals
     local, stage = pallas_triton_vjp.backward_local(rows, to_splits(do, splits), statics=statics)
     d_out = leaving_cotangents(phi, local, d_final.astype(F32), splits)
-    dq, dk, dv, dbeta, db, ds0 = pallas_triton_vjp.backward_finish(rows, stage, d_out, statics=statics)
-    gate_axis = 2 if db is not None and db.ndim == 3 else 1
+    grads = pallas_triton_vjp.backward_finish(rows, stage, d_out, statics=statics)
+    return join_split_grads(grads, splits)
+
+
+def join_split_grads(grads, splits: int):
+    """``(dq, dk, dv, dβ, db, d initial_state)`` of split rows back to whole rows (the initial
+    state's cotangent: the first split's)."""
+    dq, dk, dv, dbeta, db, ds0 = grads
+    if splits == 1:
+        return grads
+    gate_axis = 2 if db is not None and db.ndim == 3 else 1  # scalar gates are [B, Hv, T]
     dq, dk, dv = (from_splits(x, splits) for x in (dq, dk, dv))
     dbeta, db = from_splits(dbeta, splits, time_axis=2), from_splits(db, splits, time_axis=gate_axis)
     return dq, dk, dv, dbeta, db, ds0.reshape((-1, splits) + ds0.shape[1:])[:, 0]

@@ -9,6 +9,13 @@ output's gradients), ``finish_backward`` the rest once the leaving state's cotan
 (``Φ_{r+1}ᵀ dS_out(r + 1) + dS_in_local(r + 1)`` from the rank after). Beyond a single call this
 costs one state pass each way (the transition over E + D columns, and the local reverse pass),
 neither storing anything per chunk.
+
+Since those two passes run anyway, the call cuts its rows into ``cfg.splits`` runs as the
+single-call kernels do (LASP inside one GPU, ``pallas_triton``): the transition pass walks the runs
+in parallel and a float32 scan composes them into the call's ``(Φ, M)``; the stored pass starts
+each run from its own entering state, and the backward's local pass gives each run's. The default
+config keeps two programs per SM here (``default_config(sequence_parallel=True)``), where the
+single call, which need not run the transition, splits less.
 """
 
 from __future__ import annotations
@@ -22,11 +29,22 @@ import jax.numpy as jnp
 from pallas_kernels.common import F32, pad_dim
 from pallas_kernels.gated_delta_rule import pallas_triton_vjp
 from pallas_kernels.gated_delta_rule.config import default_config
-from pallas_kernels.gated_delta_rule.layout import Layout, Residuals, Statics
+from pallas_kernels.gated_delta_rule.layout import (
+    Layout,
+    Residuals,
+    Statics,
+    compose_transitions,
+    entering_states,
+    from_splits,
+    leaving_cotangents,
+    to_splits,
+)
 from pallas_kernels.gated_delta_rule.pallas_triton import (
     document_rows,
+    join_split_grads,
     output,
     prepare,
+    split_rows,
     state_pass,
     transition,
     wy_representation,
@@ -35,14 +53,15 @@ from pallas_kernels.gated_delta_rule.pallas_triton import (
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["args", "docs", "w", "u", "unpad", "x"],
+    data_fields=["args", "docs", "w", "u", "unpad", "x", "phi", "m"],
     meta_fields=["statics", "shape"],
 )
 @dataclasses.dataclass(frozen=True)
 class SplitCall:
     """One call whose initial state comes later (``split_forward``): the padded inputs
-    ``(q, k, v, beta, b)``, the document rows, W and U, the pullback of the padding, the statics and
-    the unpadded ``(T, D, E)``."""
+    ``(q, k, v, beta, b)`` and the document rows cut into ``cfg.splits`` rows each, W and U, the
+    pullback of the padding, the statics, the unpadded ``(T, D, E)``, and with more than one split
+    each split's transition ``(Φ_s, M_s)``."""
 
     args: tuple
     docs: tuple | None
@@ -52,6 +71,12 @@ class SplitCall:
     statics: Statics
     shape: tuple
     x: jax.Array | None = None  # the stored inverse (``BlockConfig.store_inverse``)
+    phi: jax.Array | None = None  # [B·S, Hv, D, D]: each split's Φ_s (None: one split)
+    m: jax.Array | None = None  # [B·S, Hv, D, E]: each split's M_s
+
+    @property
+    def splits(self) -> int:
+        return self.statics.cfg.splits
 
     def layout(self) -> Layout:
         return Layout(self.args[0], self.args[2], self.statics.cfg, self.statics.mode)
@@ -82,8 +107,8 @@ def split_forward(q, k, v, beta, *, g=None, scale=None, segment_ids=None, interp
         per_channel=g is not None and g.ndim == 4,
         interpret=interpret,
         dtype=jnp.result_type(q.dtype, k.dtype, v.dtype),
+        sequence_parallel=True,
     )
-    config = dataclasses.replace(config, splits=1)  # the caller's ranks are the splits
     found = {}
 
     def pad(q, k, v, beta, g):
@@ -93,12 +118,16 @@ def split_forward(q, k, v, beta, *, g=None, scale=None, segment_ids=None, interp
 
     args, unpad = jax.vjp(pad, q, k, v, beta, g)
     statics = found["statics"]
-    docs = document_rows(segment_ids, args[0].shape[1])
+    splits = statics.cfg.splits
+    *args, docs = split_rows(*args, document_rows(segment_ids, args[0].shape[1]), splits)
     qp, kp, vp, betap, bp = args
     lay = Layout(qp, vp, statics.cfg, statics.mode)
     w, u, x = wy_representation(kp, vp, betap, bp, docs, lay, statics)
     phi, m = transition(w, u, kp, bp, docs, lay, statics)
     call = SplitCall(tuple(args), docs, w, u, unpad, statics, (t, d, e), x)
+    if splits > 1:
+        call = dataclasses.replace(call, phi=phi, m=m)
+        phi, m = compose_transitions(phi, m, splits)
     return phi[:, :, :d, :d], m[:, :, :d, :e], call
 
 
@@ -108,8 +137,13 @@ def finish_forward(call: SplitCall, initial_state):
     t, d, e = call.shape
     q, k, v, beta, b = call.args
     lay = call.layout()
-    h, v_new, final = state_pass(call.w, call.u, k, b, call.docs, call.padded_state(initial_state), lay, call.statics)
+    s0 = call.padded_state(initial_state)
+    if call.splits > 1:
+        s0 = entering_states(call.phi, call.m, s0, call.splits)
+    h, v_new, final = state_pass(call.w, call.u, k, b, call.docs, s0, lay, call.statics)
     o, z = output(q, k, b, call.docs, h, v_new, lay, call.statics, q.dtype)
+    o = from_splits(o, call.splits)
+    final = final.reshape((-1, call.splits) + final.shape[1:])[:, -1]
     return o[:, :t, :, :e], final[:, :, :d, :e], Residuals(q, k, v, beta, b, call.docs, call.w, h, v_new, call.x, z)
 
 
@@ -120,16 +154,26 @@ def split_backward(call: SplitCall, residuals: Residuals, do):
     cotangent dS of the state leaving the call, the whole one is ``dS_in_local + Φᵀ dS``.
     """
     t, d, e = call.shape
-    tp, ep = call.args[0].shape[1], call.args[2].shape[-1]
+    tp, ep = call.args[0].shape[1] * call.splits, call.args[2].shape[-1]
     do = jnp.pad(do, ((0, 0), (0, tp - t), (0, 0), (0, ep - e)))
-    ds0, stage = pallas_triton_vjp.backward_local(residuals, do, statics=call.statics)
-    return ds0[:, :, :d, :e], stage
+    local, stage = pallas_triton_vjp.backward_local(residuals, to_splits(do, call.splits), statics=call.statics)
+    if call.splits == 1:
+        return local[:, :, :d, :e], (local, stage)
+    # the first split's entering cotangent with nothing leaving the call: Φ_0ᵀ dS_out(0) + local(0)
+    d_out = leaving_cotangents(call.phi, local, jnp.zeros_like(local[:: call.splits]), call.splits)
+    first = [x.reshape((-1, call.splits) + x.shape[1:])[:, 0] for x in (call.phi, d_out, local)]
+    ds0 = jnp.einsum("bhji,bhje->bhie", first[0], first[1], precision=jax.lax.Precision.HIGHEST) + first[2]
+    return ds0[:, :, :d, :e], (local, stage)
 
 
 def finish_backward(call: SplitCall, residuals: Residuals, stage, d_final):
     """Cotangents ``(dq, dk, dv, dbeta, dg, d initial_state)`` given the leaving state's cotangent
     (dg is None without gates)."""
     _, d, e = call.shape
-    grads = pallas_triton_vjp.backward_finish(residuals, stage, call.padded_state(d_final), statics=call.statics)
-    *input_grads, ds0 = grads
+    local, stage = stage
+    d_out = call.padded_state(d_final)
+    if call.splits > 1:
+        d_out = leaving_cotangents(call.phi, local, d_out, call.splits)
+    grads = pallas_triton_vjp.backward_finish(residuals, stage, d_out, statics=call.statics)
+    *input_grads, ds0 = join_split_grads(grads, call.splits)
     return (*call.unpad(tuple(input_grads)), ds0[:, :, :d, :e])

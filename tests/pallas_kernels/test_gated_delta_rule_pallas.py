@@ -189,11 +189,14 @@ def test_split_entry_points_chain_two_calls(rng):
     """Two calls chained through ``split_forward`` / ``finish_forward`` (entering state
     ``Φ₀ S₀ + M₀``) and ``split_backward`` / ``finish_backward`` (leaving cotangent ``Φ₁ᵀ dS + dS_in``
     of the second) equal the whole sequence, a document crossing the cut: what LASP does per rank.
-    The forward stores the WY inverse (the GPU default under scalar gates): it travels in the call."""
-    xs, cot, seg = make_inputs(rng, b=1, t=32, h=1, hv=2, d=16, e=16, gate="gdn", docs=(9, 25))
+    The forward stores the WY inverse (the GPU default under scalar gates): it travels in the call.
+    Each call cuts its rows into two splits of one chunk: the first call's (Φ, M) composes two
+    non-zero transitions (no document starts in it), and a document starts at the second call's
+    split boundary."""
+    xs, cot, seg = make_inputs(rng, b=2, t=64, h=1, hv=2, d=16, e=16, gate="gdn", g_max=0.1, docs=(40, 48))
     x32 = {n: jnp.asarray(x, jnp.float32) for n, x in xs.items()}
     do, d_final = jnp.asarray(cot["o"], jnp.float32), jnp.asarray(cot["final_state"], jnp.float32)
-    cut = 16
+    cut = 32
 
     def halves(x):
         return x[:, :cut], x[:, cut:]
@@ -214,7 +217,7 @@ def test_split_entry_points_chain_two_calls(rng):
                 scale=0.7,
                 segment_ids=p["seg"],
                 interpret=True,
-                config=BlockConfig(chunk=16, block_e=16, store_inverse=True, store_scores=True),
+                config=BlockConfig(chunk=16, block_e=16, splits=2, store_inverse=True, store_scores=True),
             )
             calls.append((phi, m, call))
         (phi0, m0, call0), (phi1, _, call1) = calls
@@ -249,7 +252,7 @@ def test_split_entry_points_chain_two_calls(rng):
         )
         want = {n: np.asarray(x) for n, x in want.items()}
     for name in want:
-        assert rel_err(got[name], want[name]) < tol(jnp.float32, 32), name
+        assert rel_err(got[name], want[name]) < tol(jnp.float32, 64), name
 
 
 def test_supports_and_rejects():
