@@ -82,7 +82,10 @@ def parse_args(argv=None):
     p.add_argument("--scan-layers", action="store_true", help="blocks under a lax.scan (ModelConfig.scan_layers)")
     p.add_argument("--mlp-chunk", type=int, default=0, help="ModelConfig.mlp_chunk: MLP in chunks of this many tokens")
     p.add_argument(
-        "--split-projections", action="store_true", help="one product per fused projection block (ModelConfig)"
+        "--split-projections",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="one product per fused projection block (ModelConfig; default: the preset's, on for TNL)",
     )
     p.add_argument("--loss-chunks", default="auto", help="int, or auto: about 8K tokens of logits per device at once")
     p.add_argument("--warmup", type=int, default=2)
@@ -162,7 +165,7 @@ def build_trainer(args, *, preset: str, sp: int, local_tokens: int, remat: str, 
         raise SystemExit(f"need {n} devices for sp={sp} dp={args.dp} tp={args.tp}, have {len(jax.devices())}")
     chunks = loss_chunks_for(args, local_tokens, sp)
     flags = ("dtype", "scan_layers", "mlp_chunk", "split_projections")  # the flags that are ModelConfig fields
-    model_fields = {name: getattr(args, name) for name in flags} | model_overrides
+    model_fields = {name: getattr(args, name) for name in flags if getattr(args, name) is not None} | model_overrides
     config = TrainConfig(
         model=get_config(preset, **model_fields),
         mesh=MeshConfig(
@@ -232,7 +235,7 @@ def run_config(
         "remat": remat,
         "scan_layers": args.scan_layers,
         "mlp_chunk": args.mlp_chunk,
-        "split_projections": args.split_projections,
+        "split_projections": trainer.config.model.split_projections,
         "loss_chunks": chunks,
         "compile_s": compile_s,
         "step_ms": 1e3 * step_s,
