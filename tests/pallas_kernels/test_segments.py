@@ -6,6 +6,8 @@ boundaries at chunk edges, mid-chunk, and documents of length 1.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,6 +38,43 @@ def _doc_ids_that_change(lengths, batch):
     return np.tile(ids, (batch, 1)).astype(np.int32)
 
 
+@functools.cache
+def _packed_grads(impl):
+    """jit: the gradients of <o, do> + <final_state, ds> over the packed row, and (o, final_state).
+
+    Under one jit (eager, each primitive compiles apart) taking the segment ids as an argument: every
+    layout has T=200, so one compile per impl and decay serves all five layouts.
+    """
+
+    def loss(q, k, v, kw, seg, do, ds):
+        o, s = linear_attention(q, k, v, **kw, segment_ids=seg, output_final_state=True, impl=impl)
+        return jnp.sum(o * do) + jnp.sum(s * ds), (o, s)
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
+
+
+@functools.cache
+def _alone_grads(lengths: tuple[int, ...]):
+    """jit: the same loss and outputs with every document run alone by the reference (the first
+    from the initial state), one compile per layout and decay for all the impls."""
+    starts = np.cumsum((0, *lengths))
+
+    def loss(q, k, v, kw, do, ds):
+        outs, total, s = [], 0.0, None
+        for i, (a, z) in enumerate(zip(starts[:-1], starts[1:])):
+            part = {"g": kw["g"][:, a:z]} if "g" in kw else {}
+            if "g_gamma" in kw:
+                part["g_gamma"] = kw["g_gamma"]
+            if i == 0:
+                part["initial_state"] = kw["initial_state"]
+            o, s = linear_attention(q[:, a:z], k[:, a:z], v[:, a:z], **part, output_final_state=True, impl="reference")
+            outs.append(o)
+            total = total + jnp.sum(o * do[:, a:z])
+        return total + jnp.sum(s * ds), (jnp.concatenate(outs, axis=1), s)
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
+
+
 @pytest.mark.parametrize("decay", [None, "g_gamma", "g"], ids=["nodecay", "g_gamma", "g"])
 @pytest.mark.parametrize("layout", list(DOC_LENGTHS))
 @pytest.mark.parametrize("impl", IMPLS)
@@ -48,27 +87,9 @@ def test_packed_equals_documents_alone(rng, impl, layout, decay):
     seg = jnp.asarray(_doc_ids_that_change(lengths, 2))
     do = jnp.asarray(rng.standard_normal((2, t, 4, 16)), jnp.float32)
     ds = jnp.asarray(rng.standard_normal((2, 4, 16, 16)), jnp.float32)
-    starts = np.cumsum([0] + lengths)
 
-    def packed(q, k, v, kw):
-        o, s = linear_attention(q, k, v, **kw, segment_ids=seg, output_final_state=True, impl=impl)
-        return jnp.sum(o * do) + jnp.sum(s * ds), (o, s)
-
-    def alone(q, k, v, kw):
-        outs, loss, s = [], 0.0, None
-        for i, (a, z) in enumerate(zip(starts[:-1], starts[1:])):
-            part = {"g": kw["g"][:, a:z]} if "g" in kw else {}
-            if "g_gamma" in kw:
-                part["g_gamma"] = kw["g_gamma"]
-            if i == 0:
-                part["initial_state"] = kw["initial_state"]
-            o, s = linear_attention(q[:, a:z], k[:, a:z], v[:, a:z], **part, output_final_state=True, impl="reference")
-            outs.append(o)
-            loss = loss + jnp.sum(o * do[:, a:z])
-        return loss + jnp.sum(s * ds), (jnp.concatenate(outs, axis=1), s)
-
-    got_grads, (got_o, got_s) = jax.grad(packed, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, kw)
-    want_grads, (want_o, want_s) = jax.grad(alone, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, kw)
+    got_grads, (got_o, got_s) = _packed_grads(impl)(q, k, v, kw, seg, do, ds)
+    want_grads, (want_o, want_s) = _alone_grads(tuple(lengths))(q, k, v, kw, do, ds)
     assert rel_err(got_o, want_o) < 1e-4
     assert rel_err(got_s, want_s) < 1e-4
     names = ["dq", "dk", "dv"] + [f"d{n}" for n in want_grads[3]]
