@@ -24,14 +24,21 @@ ON_GPU = jax.default_backend() == "gpu"
 
 
 def _grads(fn, q, k, v, kw, do, ds):
-    def loss(q, k, v, kw):
+    """o, final_state and the gradients of <o, do> + <final_state, ds>, under one jit (eager, each
+    primitive would compile apart)."""
+
+    def loss(q, k, v, kw, do, ds):
         o, s = fn(q, k, v, kw)
         return jnp.sum(o.astype(do.dtype) * do) + jnp.sum(s.astype(ds.dtype) * ds), (o, s)
 
-    grads, (o, s) = jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, kw)
-    return {"o": o, "final_state": s, "dq": grads[0], "dk": grads[1], "dv": grads[2]} | {
-        f"d{n}": x for n, x in grads[3].items()
-    }
+    @jax.jit
+    def run(q, k, v, kw, do, ds):
+        grads, (o, s) = jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, kw, do, ds)
+        return {"o": o, "final_state": s, "dq": grads[0], "dk": grads[1], "dv": grads[2]} | {
+            f"d{n}": x for n, x in grads[3].items()
+        }
+
+    return run(q, k, v, kw, do, ds)
 
 
 def check_kernels(rng, *, dtype=jnp.float32, config=None, interpret=True, dg_factor=4.0, boundaries=None, **shape):
