@@ -6,6 +6,7 @@ random inputs each run, with tolerances per dtype (tests/helpers.py).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import jax
@@ -22,17 +23,27 @@ if importlib.util.find_spec("pallas_kernels.linear_attention.pallas_triton") is 
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
 
 
-def _loss_and_grads(impl, q, k, v, kw, do, ds):
-    """o, final_state and the gradients of <o, do> + <final_state, ds> w.r.t. every input."""
+@functools.cache
+def _grads_fn(impl):
+    """jit: o, final_state and the gradients of <o, do> + <final_state, ds> w.r.t. every input (one
+    jit per impl for the module, so equal shapes compile once; eager, each primitive compiled apart)."""
 
-    def loss(q, k, v, kw):
+    def loss(q, k, v, kw, do, ds):
         o, s = linear_attention(q, k, v, **kw, output_final_state=True, impl=impl)
         return jnp.sum(o.astype(do.dtype) * do) + jnp.sum(s.astype(ds.dtype) * ds), (o, s)
 
-    grads, (o, s) = jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, kw)
-    return {"o": o, "final_state": s, "dq": grads[0], "dk": grads[1], "dv": grads[2]} | {
-        f"d{name}": gr for name, gr in grads[3].items()
-    }
+    @jax.jit
+    def run(q, k, v, kw, do, ds):
+        grads, (o, s) = jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, kw, do, ds)
+        return {"o": o, "final_state": s, "dq": grads[0], "dk": grads[1], "dv": grads[2]} | {
+            f"d{name}": gr for name, gr in grads[3].items()
+        }
+
+    return run
+
+
+def _loss_and_grads(impl, q, k, v, kw, do, ds):
+    return _grads_fn(impl)(q, k, v, kw, do, ds)
 
 
 def check_against_reference(rng, impl, dtype, *, t, dg_factor=4.0, **shape):
@@ -125,16 +136,19 @@ def test_chained_halves(rng, impl, decay):
     q, k, v, kw = make_inputs(rng, b=2, t=t, h=2, d=16, decay=decay)
     q, k, v = (jnp.asarray(x, jnp.float32) for x in (q, k, v))
     kw = {n: jnp.asarray(x, jnp.float32) for n, x in kw.items()}
-    o, s = linear_attention(q, k, v, **kw, output_final_state=True, impl=impl)
 
-    def half(sl, init):
+    def half(kw, sl, init):
         part = {n: (x[:, sl] if n == "g" else x) for n, x in kw.items() if n != "initial_state"}
         return linear_attention(
             q[:, sl], k[:, sl], v[:, sl], **part, initial_state=init, output_final_state=True, impl=impl
         )
 
-    o1, s1 = half(slice(0, t // 2), kw["initial_state"])
-    o2, s2 = half(slice(t // 2, t), s1)
+    @jax.jit  # the whole and both halves as one program (eager, each primitive compiles apart)
+    def run(kw):
+        o1, s1 = half(kw, slice(0, t // 2), kw["initial_state"])
+        return linear_attention(q, k, v, **kw, output_final_state=True, impl=impl), o1, half(kw, slice(t // 2, t), s1)
+
+    (o, s), o1, (o2, s2) = run(kw)
     assert rel_err(jnp.concatenate([o1, o2], axis=1), o) < 1e-5
     assert rel_err(s2, s) < 1e-5
 
@@ -246,8 +260,10 @@ def test_pallas_runs_long_inputs_in_pieces(rng, monkeypatch):
         o, s = linear_attention(q, k, v, **kw, segment_ids=seg, output_final_state=True, impl=impl)
         return jnp.sum(o * o) + jnp.sum(s), (o, s)
 
-    (_, (o, s)), grads = jax.value_and_grad(run, argnums=(1, 2, 3, 4), has_aux=True)("pallas", q, k, v, kw)
-    (_, (o_r, s_r)), grads_r = jax.value_and_grad(run, argnums=(1, 2, 3, 4), has_aux=True)("reference", q, k, v, kw)
+    # under jit (traced while the limit is patched): eager, each primitive of the pieces compiles apart
+    value_and_grads = jax.jit(jax.value_and_grad(run, argnums=(1, 2, 3, 4), has_aux=True), static_argnums=0)
+    (_, (o, s)), grads = value_and_grads("pallas", q, k, v, kw)
+    (_, (o_r, s_r)), grads_r = value_and_grads("reference", q, k, v, kw)
     assert rel_err(o, o_r) < 1e-4 and rel_err(s, s_r) < 1e-4
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r), strict=True):
         assert rel_err(got, want) < 1e-3
