@@ -43,6 +43,7 @@ from models.cli import (
     folder_tokenizer,
     initialize_distributed,
     profile_window_from_args,
+    set_default_xla_flags,
     text_prompt,
 )
 from models.config import ModelConfig
@@ -559,6 +560,7 @@ def _agree(stop: str | None) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     """``lasp-train``: train with the flags' config (``models.cli``); exit code 143 after a SIGTERM save."""
     argv = sys.argv[1:] if argv is None else argv
+    set_default_xla_flags()
     initialize_distributed(force="--distributed" in argv)
     try:
         config = config_from_args(argv)
