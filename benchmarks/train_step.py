@@ -321,6 +321,9 @@ def search_longest(args, preset: str, sp: int) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from models.cli import set_default_xla_flags
+
+    set_default_xla_flags()  # the XLA flags lasp-train runs with (the latency-hiding scheduler)
     import jax
 
     dev = jax.devices()[0]
