@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from lasp_jax.mesh import axes_tuple, check_mesh, mesh_size
-from lasp_jax.state_passing import broadcast_from
+from lasp_jax.state_passing import broadcast_from, varying_axes
 from pallas_kernels.common import acc_dtype
 
 
@@ -100,6 +100,14 @@ def short_conv_local(x, weight, *, segment_ids=None, initial_state=None, output_
     return y, (_last_inputs(extended, ext_ids, n + 1) if output_final_state else None)
 
 
+def _varying_like(weight, x):
+    """The weight typed varying along the manual axes x varies along (a checked ``shard_map``; else
+    the weight itself), cast once: autodiff then sums its gradient over them in one ``psum`` of
+    ``[W, C]`` instead of one per tap (the implicit cast would come at each tap's product)."""
+    axes = tuple(sorted(varying_axes(x) - varying_axes(weight)))
+    return jax.lax.pcast(weight, axes, to="varying") if axes else weight
+
+
 def _from_ranks_before(tail, n: int, *, axis_name, size):
     """``[B, hops·m, ·]``: the tails (last m inputs) of the ``hops`` ranks before this one, oldest
     first, zeros where there is no such rank; ``hops·m ≥ n``."""
@@ -132,6 +140,7 @@ def short_conv_shard(
     every rank, None unless ``output_final_state``.
     """
     _check(x, weight, segment_ids, initial_state)
+    weight = _varying_like(weight, x)
     size = int(jax.lax.axis_size(axis_name))
     rank = jax.lax.axis_index(axis_name)
     b, length, c = x.shape

@@ -9,6 +9,8 @@ that start exactly at a shard edge, inside a shard and one token before an edge.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -188,3 +190,26 @@ def test_bad_inputs_raise():
         short_conv(x, w, mesh=None, segment_ids=jnp.zeros((2, 8)))
     with pytest.raises(ValueError, match="sequence length must divide"):
         short_conv(jnp.zeros((2, 6, C)), w, mesh=make_mesh(1, 4, devices=jax.devices()[:4]))
+
+
+def test_weight_gradient_is_one_psum_per_call(rng):
+    """The backward sums the weight's gradient over the devices in one all-reduce of ``[W, C]``
+    (the checked shard_map's implicit cast of the weight at every tap's product made one per tap),
+    and no activation is all-reduced: the borrowed inputs' cotangents go back by ``ppermute``."""
+    x, w, ids, cache = inputs(rng, 2, 8, docs=False, init=False, sp=2)
+    auto = (jax.sharding.AxisType.Auto,) * 3  # the trainer's mesh: (dp, sp, tp) with tp = 1
+    mesh = jax.make_mesh((1, 2, 1), ("dp", "sp", "tp"), devices=jax.devices()[:2], axis_types=auto)
+    dy = jnp.asarray(rng.standard_normal((2, 8, C)), jnp.float32)
+
+    def loss(x, w):
+        return jnp.sum(short_conv(x, w, mesh=mesh, seq_axis="sp", batch_axis="dp")[0] * dy)
+
+    args = (jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    text = grad.lower(*args).as_text()
+    reduced = re.findall(r"stablehlo\.all_reduce.*?\) -> (tensor<[^>]*>)", text, re.S)
+    assert reduced == [f"tensor<{W}x{C}xf32>"], reduced
+    assert "collective_permute" in text
+    want = jax.grad(lambda x, w: jnp.sum(short_conv_local(x, w)[0] * dy), argnums=(0, 1))(*args)
+    for got, ref in zip(grad(*args), want, strict=True):
+        assert rel_err(got, ref) < 1e-5
