@@ -58,14 +58,23 @@ def _value_and_grads(attn, q, k, v, do):
     return run(q, k, v)
 
 
-def _reference(q, k, v, do, scale=None, segment_ids=None):
-    """Float64 oracle, eager (no compile per shape)."""
+def _reference_grads(q, k, v, do, segment_ids, *, scale):
+    o, vjp = jax.vjp(functools.partial(reference_causal_attention, scale=scale, segment_ids=segment_ids), q, k, v)
+    dq, dk, dv = vjp(do)
+    return {"o": o, "dq": dq, "dk": dk, "dv": dv}
+
+
+_reference_grads_jit = jax.jit(_reference_grads, static_argnames="scale")
+
+
+def _reference(q, k, v, do, scale=None, segment_ids=None, *, jit=False):
+    """Float64 oracle, eager: its primitives compile once per shape and serve every test of that shape.
+    ``jit``: one program instead, cheaper for shapes seen once (each document alone)."""
+    fn = _reference_grads_jit if jit else _reference_grads
     with x64():
-        args = [jnp.asarray(x, jnp.float64) for x in (q, k, v)]
+        args = [jnp.asarray(x, jnp.float64) for x in (q, k, v, do)]
         ids = None if segment_ids is None else jnp.asarray(segment_ids)
-        o, vjp = jax.vjp(functools.partial(reference_causal_attention, scale=scale, segment_ids=ids), *args)
-        dq, dk, dv = vjp(jnp.asarray(do, jnp.float64))
-        return {n: np.asarray(x) for n, x in {"o": o, "dq": dq, "dk": dk, "dv": dv}.items()}
+        return {n: np.asarray(x) for n, x in fn(*args, ids, scale=scale).items()}
 
 
 def _check(rng, attn, *, dtype=jnp.float32, dp=1, sp=1, b=2, t=32, h=4, hk=2, d=8, e=None, segment_ids=None):
@@ -232,14 +241,14 @@ def test_document_oracle_equals_documents_alone(rng):
     b, t = 2, 24
     q, k, v, do = _inputs(rng, b=b, t=t, h=4, hk=2, d=8)
     ids = _documents(rng, b, t, sp=2)
-    packed = _reference(q, k, v, do, segment_ids=ids)
+    packed = _reference(q, k, v, do, segment_ids=ids, jit=True)
     assert len(np.unique(ids[1])) < len(np.unique(_runs(ids[1])))  # a repeated id in separate runs
     for row in range(b):
         runs = _runs(ids[row])
         for doc in np.unique(runs):
             sel = np.flatnonzero(runs == doc)
             part = [x[row : row + 1, sel] for x in (q, k, v, do)]
-            alone = _reference(*part)
+            alone = _reference(*part, jit=True)
             for name in alone:
                 np.testing.assert_allclose(packed[name][row : row + 1, sel], alone[name], rtol=1e-12, atol=1e-12)
 
