@@ -42,12 +42,16 @@ def _inputs(rng, *, b, lq, lk, h, hk, d, e, dtype):
 
 
 def _want(q, k, v, do, **offsets):
-    """Float64 o, lse and the gradients of <o, do>."""
+    """Float64 o, lse and the gradients of <o, do> (under one jit: eager, each primitive compiles apart)."""
+
+    @jax.jit
+    def run(q, k, v, do):
+        (o, lse), vjp = jax.vjp(lambda q, k, v: oracle(q, k, v, **offsets), q, k, v)
+        dq, dk, dv = vjp((do, jnp.zeros_like(lse)))
+        return dict(o=o, lse=lse, dq=dq, dk=dk, dv=dv)
+
     with x64():
-        args = [jnp.asarray(x, jnp.float64) for x in (q, k, v)]
-        (o, lse), vjp = jax.vjp(lambda q, k, v: oracle(q, k, v, **offsets), *args)
-        dq, dk, dv = vjp((jnp.asarray(do, jnp.float64), jnp.zeros_like(lse)))
-        want = {n: np.asarray(x) for n, x in dict(o=o, lse=lse, dq=dq, dk=dk, dv=dv).items()}
+        want = {n: np.asarray(x) for n, x in run(*(jnp.asarray(x, jnp.float64) for x in (q, k, v, do))).items()}
     assert all(np.isfinite(x).all() for n, x in want.items() if n != "lse"), "the oracle itself is not finite"
     return want
 
@@ -164,11 +168,19 @@ def test_documents_match_jnp_recurrence(rng, sorted_ids, lq, lk, q_start, n_docs
     q, k, v, do = (
         jnp.asarray(x, jnp.float32) for x in _inputs(rng, b=b, lq=lq, lk=lk, h=h, hk=hk, d=d, e=d, dtype=jnp.float32)
     )
-    kw = documents_kwargs(rng, b, lq, lk, n_docs, q_start) | dict(scale=0.25)
-    o_want, lse_want = xla.block_attention_fwd(q, k, v, block=8, **kw)
-    grads_want = xla.block_attention_bwd(q, k, v, o_want, lse_want, do, block=8, **kw)
-    o, lse = block_attention_fwd(q, k, v, documents_sorted=sorted_ids, config=SMALL_BLOCKS, **kw)
-    grads = block_attention_bwd(q, k, v, o_want, lse_want, do, documents_sorted=sorted_ids, config=SMALL_BLOCKS, **kw)
+    kw = documents_kwargs(rng, b, lq, lk, n_docs, q_start)
+
+    @jax.jit  # one program (eager, each primitive compiles apart); offsets and ids traced, as in the layers
+    def run(q, k, v, do, kw):
+        kw = kw | dict(scale=0.25)
+        o_want, lse_want = xla.block_attention_fwd(q, k, v, block=8, **kw)
+        grads_want = xla.block_attention_bwd(q, k, v, o_want, lse_want, do, block=8, **kw)
+        sorted_kw = dict(documents_sorted=sorted_ids, config=SMALL_BLOCKS)
+        o, lse = block_attention_fwd(q, k, v, **sorted_kw, **kw)
+        grads = block_attention_bwd(q, k, v, o_want, lse_want, do, **sorted_kw, **kw)
+        return (o_want, lse_want, grads_want), (o, lse, grads)
+
+    (o_want, lse_want, grads_want), (o, lse, grads) = run(q, k, v, do, kw)
     np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(lse_want))
     finite = np.isfinite(np.asarray(lse_want))
     assert float(np.abs(np.asarray(lse)[finite] - np.asarray(lse_want)[finite]).max()) < 1e-5
