@@ -148,5 +148,8 @@ def test_offload_and_chunked_mlp_loss_and_grads_equal_plain(scan, sp, rng):
     if scan:
         grads = unstack_layer_params(grads, config)
     np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+    # float32 sums in another order (remat, chunks, the sp=2 reduction, the split projections' dx sum):
+    # the whole array's relative error, since one cancelling element may differ by 1e-4 of itself
     for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want_grads), strict=True):
-        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6 * float(jnp.abs(w).max()), err_msg=str(path))
+        assert float(jnp.abs(w).max()) > 0, path  # every parameter takes part
+        assert rel_err(g, w) <= 1e-5, (path, rel_err(g, w))
