@@ -190,10 +190,12 @@ def test_split_entry_points_chain_two_calls(rng):
     ``Φ₀ S₀ + M₀``) and ``split_backward`` / ``finish_backward`` (leaving cotangent ``Φ₁ᵀ dS + dS_in``
     of the second) equal the whole sequence, a document crossing the cut: what LASP does per rank.
     The forward stores the WY inverse (the GPU default under scalar gates): it travels in the call.
-    Each call cuts its rows into two splits of one chunk: the first call's (Φ, M) composes two
-    non-zero transitions (no document starts in it), and a document starts at the second call's
-    split boundary."""
+    Each call cuts its rows into two splits of one chunk. Row 0 is one document: each call composes
+    two non-zero transitions and the second call's entering cotangent takes Φ_0ᵀ dS_out(0) from its
+    first split (a wrong order or a dropped term fails the test); in row 1 documents start inside
+    the second call's first split and at its split boundary."""
     xs, cot, seg = make_inputs(rng, b=2, t=64, h=1, hv=2, d=16, e=16, gate="gdn", g_max=0.1, docs=(40, 48))
+    seg[0] = seg[0, 0]
     x32 = {n: jnp.asarray(x, jnp.float32) for n, x in xs.items()}
     do, d_final = jnp.asarray(cot["o"], jnp.float32), jnp.asarray(cot["final_state"], jnp.float32)
     cut = 32
