@@ -189,10 +189,11 @@ def device_idle(events: list[dict]) -> tuple[float, list[Gap]]:
     ``while`` loop's condition read back, a callback, a transfer), launch latency between short
     kernels, or the host preparing the next step."""
     lines, on_gpu = _device_lines(events)
-    per_device = defaultdict(list)
+    per_device = defaultdict(list)  # a GPU's stream lines share its pid; a CPU event names its device
     for (pid, _), line in lines.items():
-        device = pid if on_gpu else None
-        per_device[device] += [(float(e["ts"]), float(e["ts"]) + float(e["dur"]), e.get("name", "")) for e in line]
+        for e in line:
+            device = pid if on_gpu else e.get("args", {}).get("device_ordinal")
+            per_device[device].append((float(e["ts"]), float(e["ts"]) + float(e["dur"]), e.get("name", "")))
     idle, gaps = 0.0, defaultdict(lambda: [0, 0.0])
     for spans in per_device.values():
         spans.sort()
@@ -211,24 +212,24 @@ def device_idle(events: list[dict]) -> tuple[float, list[Gap]]:
 
 
 def _self_times(line: list[dict]) -> list[tuple[str, str, float]]:
-    """Self time of each event of one thread: its duration less the part of it that later events
-    cover. An event inside another (a kernel in a thunk's span) is subtracted whole from it; an
-    event that starts before the previous one ends and outlives it (a GPU's programmatic dependent
-    launch lets the next kernel start early) takes only the overlap from it and is not its child,
-    so the self times of a line add up to the time the line is busy."""
+    """Self time of each event of one thread: each instant of the line is charged to the innermost
+    event covering it (the one that started last; a kernel inside a thunk's span takes its time
+    from the thunk), so the self times of a line add up to the time the line is busy — also when an
+    event starts before the previous one ends and outlives it (a GPU's programmatic dependent
+    launch lets the next kernel start early)."""
     line = sorted(line, key=lambda e: (float(e["ts"]), -float(e["dur"])))
-    out, stack = [], []  # stack: [end time, index into out] of the enclosing events
-    for e in line:
-        start, dur = float(e["ts"]), float(e["dur"])
-        while stack and stack[-1][0] <= start:
-            stack.pop()
-        if stack:
-            out[stack[-1][1]][2] -= min(start + dur, stack[-1][0]) - start
-        while stack and stack[-1][0] < start + dur:  # events this one outlives do not enclose it
-            stack.pop()
-        out.append([e.get("name", ""), e.get("args", {}).get("hlo_op", ""), dur])
-        stack.append((start + dur, len(out) - 1))
-    return [(name, op, max(us, 0.0)) for name, op, us in out]
+    out = [[e.get("name", ""), e.get("args", {}).get("hlo_op", ""), 0.0] for e in line]
+    spans = [(float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in line]
+    points = sorted({t for span in spans for t in span})
+    active, nxt = [], 0  # indices of events covering the current instant, in start order
+    for left, right in zip(points, points[1:]):
+        while nxt < len(spans) and spans[nxt][0] <= left:
+            active.append(nxt)
+            nxt += 1
+        active = [i for i in active if spans[i][1] > left]
+        if active:
+            out[active[-1]][2] += right - left
+    return [(name, op, us) for name, op, us in out]
 
 
 def summarize(path: str, steps: int) -> ProfileSummary:

@@ -73,3 +73,27 @@ def test_overlapping_launches_count_once(tmp_path):
     assert {k.name: k.us for k in summary.kernels} == {"a": 90, "b": 90, "c": 50, "thunk": 70, "inner": 30}
     assert summary.total_us == 230 + 100  # busy 0..230 and 300..400
     assert summary.idle_us == 70 and summary.gaps == (Gap("c", "thunk", 1, 70),)
+
+
+def test_self_times_charge_each_instant_to_the_innermost_event(tmp_path):
+    """Overlapping kernels inside an enclosing span: every instant counts once, for the event that
+    started last among those covering it, so the self times add up to the busy time."""
+    kernels = [(1, "thunk", 0, 100), (1, "a", 0, 60), (1, "b", 55, 45)]
+    kernels += [(1, "P", 200, 100), (1, "A", 210, 40), (1, "B", 240, 40)]
+    summary = summarize(_trace(tmp_path, kernels), steps=1)
+    want = {"thunk": 0, "a": 55, "b": 45, "P": 30, "A": 30, "B": 40}
+    assert {k.name: k.us for k in summary.kernels} == want
+    assert summary.total_us == 200
+
+
+def test_cpu_idle_is_per_device(tmp_path):
+    """A CPU trace: each device's idle time on its own (one device waits while the other works)."""
+    events = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}}]
+    for device, ts, dur in [(0, 0, 10), (0, 90, 10), (1, 0, 100)]:
+        args = {"hlo_op": "dot.1", "device_ordinal": device}
+        events.append({"ph": "X", "pid": 1, "tid": 7 + device, "ts": ts, "dur": dur, "name": "dot.1", "args": args})
+    path = tmp_path / "perfetto_trace.json.gz"
+    with gzip.open(path, "wt") as fh:
+        json.dump({"traceEvents": events}, fh)
+    summary = summarize(str(path), steps=1)
+    assert summary.devices == 2 and summary.idle_us == 80
