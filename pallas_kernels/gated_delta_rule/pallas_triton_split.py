@@ -92,8 +92,9 @@ def split_forward(q, k, v, beta, *, g=None, scale=None, segment_ids=None, interp
 
     The state after the call from an entering state S is ``Φ S + M`` (notes/design.md §6; Φ = 0 when
     a document boundary lies inside the call). Sequence parallelism all-gathers ``(Φ, M)``, forms
-    each rank's entering state, and ``finish_forward(call, S)`` gives the output. Beyond the
-    single-call kernels this costs one state pass (over E + D columns, storing nothing per chunk).
+    each rank's entering state, and ``finish_forward(call, S)`` gives the output. Against a single
+    call with one split this costs the transition pass (over E + D columns, storing nothing per
+    chunk), which a single call with more splits runs too.
     """
     b, t, _, d = q.shape
     hv, e = v.shape[2:]
