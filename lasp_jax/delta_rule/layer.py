@@ -160,7 +160,8 @@ def _forward_split(cfg: DeltaRuleConfig, inputs, segments: Segments | None):
     if segments is not None:  # a boundary at the shard's first token: nothing enters
         s_in = segments.unless_starts_new(s_in)
     o, s_out, kernel = pallas_triton_split.finish_forward(call, s_in)
-    return (o, _final_from_last_rank(cfg, final, s_out)), SplitResiduals(call, kernel, phis, segments)
+    residuals = SplitResiduals(call.for_backward(), kernel, phis, segments)
+    return (o, _final_from_last_rank(cfg, final, s_out)), residuals
 
 
 def _backward_split(cfg: DeltaRuleConfig, residuals: SplitResiduals, cotangents):

@@ -65,8 +65,8 @@ class SplitCall:
 
     args: tuple
     docs: tuple | None
-    w: jax.Array
-    u: jax.Array
+    w: jax.Array | None  # None in the backward's copy (``for_backward``)
+    u: jax.Array | None
     unpad: object
     statics: Statics
     shape: tuple
@@ -77,6 +77,11 @@ class SplitCall:
     @property
     def splits(self) -> int:
         return self.statics.cfg.splits
+
+    def for_backward(self) -> SplitCall:
+        """What ``split_backward`` / ``finish_backward`` read besides ``finish_forward``'s residuals:
+        without U (``[B, T, Hv, E]``, read only by the stored pass), W and X (the residuals hold them)."""
+        return dataclasses.replace(self, u=None, w=None, x=None, m=None)
 
     def layout(self) -> Layout:
         return Layout(self.args[0], self.args[2], self.statics.cfg, self.statics.mode)

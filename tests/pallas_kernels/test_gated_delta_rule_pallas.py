@@ -227,6 +227,8 @@ def test_split_entry_points_chain_two_calls(rng):
         o0, final0, res0 = pallas_triton_split.finish_forward(call0, x32["initial_state"])
         o1, final1, res1 = pallas_triton_split.finish_forward(call1, s_in1)
         do0, do1 = halves(do)
+        call0, call1 = call0.for_backward(), call1.for_backward()  # what the layer keeps: no U, W, X
+        assert call1.u is None and call1.w is None
         local1, stage1 = pallas_triton_split.split_backward(call1, res1, do1)
         _, stage0 = pallas_triton_split.split_backward(call0, res0, do0)
         d_out0 = jnp.einsum("bhji,bhje->bhie", phi1, d_final) + local1
