@@ -215,39 +215,32 @@ class DeltaRuleMixer(nnx.Module):
         With ``split_projections`` (one device per head group) each block is convolved alone, so the
         blocks, like the projection's products, are never concatenated (nor their cotangents)."""
         tp = ctx.tensor_parallel
-        weight = jnp.split(self.conv_weight[...], np.cumsum(self.conv_widths)[:-1], axis=-1)
+
+        def blocks(x):  # q | k | v columns → the three blocks
+            return jnp.split(x, np.cumsum(self.conv_widths)[:-1], axis=-1)
+
+        def conv(x, weight, init):
+            return short_conv(
+                x,
+                weight,
+                mesh=ctx.mesh,
+                seq_axis=ctx.seq_axis,
+                batch_axis=ctx.batch_axis,
+                segment_ids=segment_ids,
+                initial_state=init,
+                output_final_state=return_state,
+            )
+
+        weight = blocks(self.conv_weight[...])
         if tp == 1 and self.spec.split_projections:  # one convolution per block: q|k|v is never formed
-            init = [None] * 3
-            if initial_state is not None:
-                init = jnp.split(initial_state, np.cumsum(self.conv_widths)[:-1], axis=-1)
-            outs = [
-                short_conv(
-                    x,
-                    w,
-                    mesh=ctx.mesh,
-                    seq_axis=ctx.seq_axis,
-                    batch_axis=ctx.batch_axis,
-                    segment_ids=segment_ids,
-                    initial_state=s0,
-                    output_final_state=return_state,
-                )
-                for x, w, s0 in zip(qkv, weight, init, strict=True)
-            ]
+            init = [None] * 3 if initial_state is None else blocks(initial_state)
+            outs = [conv(x, w, s0) for x, w, s0 in zip(qkv, weight, init, strict=True)]
             final = jnp.concatenate([f for _, f in outs], axis=-1) if return_state else None
             return [y for y, _ in outs], final
         weight = rank_major([ctx.constrain_columns(w, split=True) for w in weight], tp)
         if initial_state is not None:
-            initial_state = rank_major(jnp.split(initial_state, np.cumsum(self.conv_widths)[:-1], axis=-1), tp)
-        y, final = short_conv(
-            rank_major(qkv, tp),
-            weight,
-            mesh=ctx.mesh,
-            seq_axis=ctx.seq_axis,
-            batch_axis=ctx.batch_axis,
-            segment_ids=segment_ids,
-            initial_state=initial_state,
-            output_final_state=return_state,
-        )
+            initial_state = rank_major(blocks(initial_state), tp)
+        y, final = conv(rank_major(qkv, tp), weight, initial_state)
         final = None if final is None else jnp.concatenate(from_rank_major(final, self.conv_widths, tp), axis=-1)
         return from_rank_major(y, self.conv_widths, tp), final
 
