@@ -366,12 +366,13 @@ def compose_transitions(phi, m, splits: int):
 
 def leaving_cotangents(phi, local, d_final, splits: int):
     """The cotangent of the state leaving each split ``[B·S, Hv, D, E]``: ``d_final`` for the
-    last, ``Φ_{s+1}ᵀ dS_out(s + 1) + dS_in_local(s + 1)`` before it."""
+    last, ``Φ_{s+1}ᵀ dS_out(s + 1) + dS_in_local(s + 1)`` before it; and the one entering the first
+    split ``[B, Hv, D, E]`` (``Φ_0ᵀ dS_out(0) + dS_in_local(0)``)."""
 
     def step(d_out, transition):
         phi_s, local_s = transition  # of the split this cotangent leaves
         prev = jnp.einsum("bhji,bhje->bhie", phi_s, d_out, precision=lax.Precision.HIGHEST) + local_s
         return prev, d_out
 
-    _, d_outs = lax.scan(step, d_final, (_by_split(phi, splits), _by_split(local, splits)), reverse=True)
-    return _by_row(d_outs)
+    d_in, d_outs = lax.scan(step, d_final, (_by_split(phi, splits), _by_split(local, splits)), reverse=True)
+    return _by_row(d_outs), d_in

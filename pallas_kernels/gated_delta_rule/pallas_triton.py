@@ -320,7 +320,7 @@ def _backward(statics: Statics, residuals, do, d_final):
         return pallas_triton_vjp.backward(residuals, do, d_final, statics=statics)
     rows, phi = residuals
     local, stage = pallas_triton_vjp.backward_local(rows, to_splits(do, splits), statics=statics)
-    d_out = leaving_cotangents(phi, local, d_final.astype(F32), splits)
+    d_out, _ = leaving_cotangents(phi, local, d_final.astype(F32), splits)
     grads = pallas_triton_vjp.backward_finish(rows, stage, d_out, statics=statics)
     return join_split_grads(grads, splits)
 

@@ -165,10 +165,8 @@ def split_backward(call: SplitCall, residuals: Residuals, do):
     local, stage = pallas_triton_vjp.backward_local(residuals, to_splits(do, call.splits), statics=call.statics)
     if call.splits == 1:
         return local[:, :, :d, :e], (local, stage)
-    # the first split's entering cotangent with nothing leaving the call: Φ_0ᵀ dS_out(0) + local(0)
-    d_out = leaving_cotangents(call.phi, local, jnp.zeros_like(local[:: call.splits]), call.splits)
-    first = [x.reshape((-1, call.splits) + x.shape[1:])[:, 0] for x in (call.phi, d_out, local)]
-    ds0 = jnp.einsum("bhji,bhje->bhie", first[0], first[1], precision=jax.lax.Precision.HIGHEST) + first[2]
+    # the first split's entering cotangent with nothing leaving the call
+    _, ds0 = leaving_cotangents(call.phi, local, jnp.zeros_like(local[:: call.splits]), call.splits)
     return ds0[:, :, :d, :e], (local, stage)
 
 
@@ -179,7 +177,7 @@ def finish_backward(call: SplitCall, residuals: Residuals, stage, d_final):
     local, stage = stage
     d_out = call.padded_state(d_final)
     if call.splits > 1:
-        d_out = leaving_cotangents(call.phi, local, d_out, call.splits)
+        d_out, _ = leaving_cotangents(call.phi, local, d_out, call.splits)
     grads = pallas_triton_vjp.backward_finish(residuals, stage, d_out, statics=call.statics)
     *input_grads, ds0 = join_split_grads(grads, call.splits)
     return (*call.unpad(tuple(input_grads)), ds0[:, :, :d, :e])
