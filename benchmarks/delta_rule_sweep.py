@@ -21,6 +21,7 @@ every config that ran.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import json
 import os
@@ -189,9 +190,10 @@ def main() -> None:
     base_overrides = {}
     for item in args.base:
         field, _, value = item.partition("=")
-        base_overrides[field] = value if not value.lstrip("-").isdigit() else int(value)
-        if value in ("True", "False"):
-            base_overrides[field] = value == "True"
+        try:  # ints and bools as Python literals, anything else (e.g. tf32) as the string
+            base_overrides[field] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            base_overrides[field] = value
     rows = []
     for op in args.ops:
         rows += sweep_op(
