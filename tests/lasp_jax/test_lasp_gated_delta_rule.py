@@ -289,3 +289,42 @@ def test_bad_shapes():
 def test_per_shard_function_outside_shard_map():
     with pytest.raises(ValueError, match=r"runs inside jax.shard_map over a mesh with the axis 'sp'"):
         lasp_gated_delta_rule_shard(**_small())
+
+
+# ---------------------------------------------------------------------------------- on GPUs
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy,gate", [("allgather", "gdn"), ("ring", "kda"), ("ring", "gdn")])
+def test_compiled_split_kernels_under_sp(rng, strategy, gate):
+    """On two GPUs, the compiled kernels' split entry points with their default in-GPU splits (each
+    shard cut into runs whose transitions compose), bf16 q/k/v, D = 128, 4096 tokens per shard,
+    documents across the shard edge: outputs and every gradient against the float32 recurrence, with
+    the single-device kernels' tolerance."""
+    if len(jax.devices()) < 2:
+        pytest.skip("needs two GPUs")
+    from tests.pallas_kernels.test_gated_delta_rule_pallas import make_inputs
+
+    from pallas_kernels.gated_delta_rule import reference as ref_mod
+
+    t = 8192
+    xs, cot, seg = make_inputs(rng, b=1, t=t, h=2, hv=4, d=128, e=128, gate=gate, g_max=0.5, docs=(1000, 4096, 6000))
+    low = ("q", "k", "v")
+    xs = {n: jnp.asarray(x, jnp.bfloat16 if n in low else jnp.float32) for n, x in xs.items()}
+    seg = jnp.asarray(seg)
+    do, ds = jnp.asarray(cot["o"], jnp.float32), jnp.asarray(cot["final_state"], jnp.float32)
+    mesh = make_mesh(1, 2, devices=jax.devices()[:2])
+    layer = functools.partial(lasp_gated_delta_rule, mesh=mesh, strategy=strategy, impl="pallas")
+    got = grads_fn(layer)(xs, do, ds, seg)
+
+    def oracle(*, q, k, v, beta, g=None, initial_state=None, output_final_state, segment_ids):
+        f32 = lambda x: x.astype(jnp.float32)
+        doc_ids = ref_mod.document_index(segment_ids)
+        o, s = ref_mod.recurrent(
+            f32(q), f32(k), f32(v), beta, g, scale=128**-0.5, doc_ids=doc_ids, initial_state=initial_state
+        )
+        return o, s
+
+    with jax.default_matmul_precision("highest"):
+        want = grads_fn(oracle)(xs, do, ds, seg)
+    bound = tol(jnp.bfloat16, 4096)
+    errors = {n: rel_err(np.asarray(got[n], np.float64), np.asarray(want[n], np.float64)) for n in want}
+    assert all(e < bound for e in errors.values()), (bound, errors)
