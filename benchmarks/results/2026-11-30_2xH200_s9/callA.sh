@@ -17,4 +17,7 @@ XLA_FLAGS="--xla_dump_to=/tmp/hlo --xla_dump_hlo_module_re=.*train_step.*" timeo
 echo "== gdn sp"; grep -E "row:|Error" "$OUT/gdn_sp.log" | tail -n 4
 ls -la /tmp/hlo | grep after_opt
 for f in /tmp/hlo/*after_optimizations.txt; do gzip -c "$f" > "$OUT/$(basename "$f" | sed 's/[^A-Za-z0-9._-]/_/g' | cut -c1-80).gz"; done
+t=$(find /tmp/prof_gdn -name '*.trace.json.gz' -o -name 'perfetto_trace.json.gz' | grep sp1 | head -n 1); [ -n "$t" ] && cp "$t" "$OUT/gdn_sp1_trace.json.gz"
 ls -la $OUT
+# at most 8 files come back: the logs and JSON in one archive
+cd "$OUT" && tar czf logs.tgz *.log *.json && rm -f *.log *.json && ls -la
