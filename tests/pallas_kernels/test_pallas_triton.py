@@ -141,6 +141,8 @@ def test_config_validation_and_defaults():
         BlockConfig(min_programs=0)
     assert default_config(batch=2, heads=3, seq_len=100, interpret=True).chunk == INTERPRET_CONFIG.chunk
     assert default_config(batch=1, heads=16, seq_len=32768, interpret=False) == BlockConfig()
+    grouped = default_config(batch=1, heads=16, seq_len=32768, interpret=False, grouped=True)
+    assert grouped.num_stages_bwd == 2  # float32 dk, dv tiles: three stages overflow shared memory
 
 
 def test_rejects_what_it_cannot_run():
@@ -173,6 +175,14 @@ def test_gpu_kernels_match_reference(rng, dtype, decay):
 def test_gpu_head_dims_and_split(rng, d, e, split):
     cfg = dataclasses.replace(BlockConfig(), split_dkdv=split, min_programs=16)
     check_kernels(rng, dtype=jnp.bfloat16, interpret=False, config=cfg, b=1, t=777, h=2, d=d, e=e, decay="g")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("decay", [None, "g_gamma"], ids=["nodecay", "g_gamma"])
+def test_gpu_grouped_heads_at_d128_default_config(rng, decay):
+    """Grouped heads at D = 128 with the default tiling (linear-llama3's layer: the backward writes
+    float32 dk, dv per query head)."""
+    check_kernels(rng, dtype=jnp.bfloat16, interpret=False, b=1, t=777, h=4, hk=2, d=128, e=128, decay=decay)
 
 
 @pytest.mark.gpu
