@@ -301,9 +301,8 @@ def test_compiled_split_kernels_under_sp(rng, strategy, gate):
     the single-device kernels' tolerance."""
     if len(jax.devices()) < 2:
         pytest.skip("needs two GPUs")
-    from tests.pallas_kernels.test_gated_delta_rule_pallas import make_inputs
-
     from pallas_kernels.gated_delta_rule import reference as ref_mod
+    from tests.pallas_kernels.test_gated_delta_rule_pallas import make_inputs
 
     t = 8192
     xs, cot, seg = make_inputs(rng, b=1, t=t, h=2, hv=4, d=128, e=128, gate=gate, g_max=0.5, docs=(1000, 4096, 6000))

@@ -2,7 +2,6 @@
 (linear-llama3-1b's layer: B=1, T=32768, H=16, Hk=4, no decay, bf16): fwd+bwd ms per config."""
 
 import sys
-import traceback
 
 import jax
 import jax.numpy as jnp
@@ -26,9 +25,11 @@ for groups in (hk, h):
         ("split_dkdv", BlockConfig(split_dkdv=True)),
         ("stages_bwd1", BlockConfig(num_stages_bwd=1)),
     ]:
-        f = jax.jit(
-            lambda q, k, v, do: jax.vjp(lambda *a: pallas_triton.linear_attention(*a, config=cfg)[0], q, k, v)[1](do)
-        )
+
+        def fwd_bwd(q, k, v, do, cfg=cfg):
+            return jax.vjp(lambda *a: pallas_triton.linear_attention(*a, config=cfg)[0], q, k, v)[1](do)
+
+        f = jax.jit(fwd_bwd)
         try:
             ms = timing.median_ms(f, q, kk, vv, do, reps=10, warmup=2)
             print(f"Hk={groups} {name}: {ms:.3f} ms", flush=True)
