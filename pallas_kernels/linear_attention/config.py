@@ -55,16 +55,19 @@ class BlockConfig:
 INTERPRET_CONFIG = BlockConfig(chunk=16, min_programs=1, block_e=16, block_d=16, block_dkdv=16)
 
 
-def default_config(*, batch: int, heads: int, seq_len: int, interpret: bool, grouped: bool = False) -> BlockConfig:
+def default_config(
+    *, batch: int, heads: int, seq_len: int, interpret: bool, grouped: bool = False, decay: bool = True
+) -> BlockConfig:
     """Heuristic tiling for a problem; interpret mode gets small blocks and two splits per row.
 
-    ``grouped`` (fewer key/value heads than query heads): the backward writes dk and dv per query
-    head in float32, whose tiles do not fit the H200's shared memory beside three pipeline stages
-    (linear-llama3-1b, D = 128: 233,472 bytes asked of 232,448), so its kernels run two stages."""
+    Without a decay (``decay=False``) or under grouped heads (``grouped``: fewer key/value heads than
+    query heads, dk and dv written per query head in float32) the backward runs two pipeline
+    stages: at D = 128 three overflow an H200's shared memory (233,472 bytes asked of 232,448:
+    measured without a decay, grouped and not; grouped heads with a decay not measured at three)."""
     if interpret:
         return dataclasses.replace(INTERPRET_CONFIG, min_programs=2 * batch * heads)
     del seq_len
-    return BlockConfig(num_stages_bwd=2) if grouped else BlockConfig()
+    return BlockConfig(num_stages_bwd=2) if grouped or not decay else BlockConfig()
 
 
 def splits(num_chunks: int, rows: int, min_programs: int) -> tuple[int, int]:

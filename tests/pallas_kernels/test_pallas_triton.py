@@ -141,8 +141,10 @@ def test_config_validation_and_defaults():
         BlockConfig(min_programs=0)
     assert default_config(batch=2, heads=3, seq_len=100, interpret=True).chunk == INTERPRET_CONFIG.chunk
     assert default_config(batch=1, heads=16, seq_len=32768, interpret=False) == BlockConfig()
+    # three backward stages overflow an H200's shared memory at D = 128 without a decay
     grouped = default_config(batch=1, heads=16, seq_len=32768, interpret=False, grouped=True)
-    assert grouped.num_stages_bwd == 2  # float32 dk, dv tiles: three stages overflow shared memory
+    no_decay = default_config(batch=1, heads=16, seq_len=32768, interpret=False, decay=False)
+    assert grouped.num_stages_bwd == no_decay.num_stages_bwd == 2
 
 
 def test_rejects_what_it_cannot_run():
@@ -179,10 +181,12 @@ def test_gpu_head_dims_and_split(rng, d, e, split):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("decay", [None, "g_gamma"], ids=["nodecay", "g_gamma"])
-def test_gpu_grouped_heads_at_d128_default_config(rng, decay):
-    """Grouped heads at D = 128 with the default tiling (linear-llama3's layer: the backward writes
-    float32 dk, dv per query head)."""
-    check_kernels(rng, dtype=jnp.bfloat16, interpret=False, b=1, t=777, h=4, hk=2, d=128, e=128, decay=decay)
+@pytest.mark.parametrize("hk", [2, 4], ids=["grouped", "ungrouped"])
+def test_gpu_d128_default_config(rng, decay, hk):
+    """D = 128 with the default tiling, grouped heads (linear-llama3's layer: the backward writes
+    float32 dk, dv per query head) or not, with no decay (three backward stages overflowed shared
+    memory there) and with one."""
+    check_kernels(rng, dtype=jnp.bfloat16, interpret=False, b=1, t=777, h=4, hk=hk, d=128, e=128, decay=decay)
 
 
 @pytest.mark.gpu
