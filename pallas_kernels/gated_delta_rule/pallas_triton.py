@@ -103,12 +103,14 @@ def _wy_kernel(k_ref, v_ref, beta_ref, *refs, mode, has_docs, mxu, block_cols, p
     lax.fori_loop(0, v_ref.shape[1] // vw, store_u, 0)
 
 
-def _state_kernel(w_ref, u_ref, k_ref, *refs, mode, has_docs, mxu, chunk, num_chunks, store_chunks):
+def _state_kernel(w_ref, u_ref, k_ref, *refs, mode, has_docs, mxu, chunk, num_chunks, store_chunks, u_blocks):
     """The state pass over one (row, value head, value block): h_c, V' (if ``store_chunks``) and the
-    final state."""
+    final state. ``u_blocks``: value blocks from ``u_blocks`` on run with U = 0 (the transition's
+    identity columns; their programs read a real block of U and zero it), None: every block is U's."""
     refs = list(refs)
     gate_ref, doc_refs = pop_gate_refs(refs, mode=mode, has_docs=has_docs)
     s0_ref, *chunk_refs, final_ref = refs
+    real_values = None if u_blocks is None else pl.program_id(0) < u_blocks
 
     def body(c, state):
         t0 = pl.multiple_of(c * chunk, chunk)
@@ -116,6 +118,8 @@ def _state_kernel(w_ref, u_ref, k_ref, *refs, mode, has_docs, mxu, chunk, num_ch
         _, to_end, gamma = common.gate_factors(b, load_docs(doc_refs, t0, chunk))
         k_end = common.row_scale(k_ref[pl.ds(t0, chunk), :], to_end)
         w, u = w_ref[pl.ds(t0, chunk), :], u_ref[pl.ds(t0, chunk), :]
+        if real_values is not None:
+            u = jnp.where(real_values, u, jnp.zeros_like(u))
         entering = state
         v_new, state = common.state_step(state, w, u, k_end, gamma, mxu)
         if store_chunks:
@@ -192,8 +196,17 @@ def wy_representation(k, v, beta, b, docs, lay: Layout, statics: Statics):
 
 def state_pass(w, u, k, b, docs, s0, lay: Layout, statics: Statics, *, store_chunks: bool = True):
     """Stage 2: ``(h [B, Hv, NC, D, E], V' [B, T, Hv, E], final state [B, Hv, D, E] float32)``, or
-    only the final state when not ``store_chunks``."""
+    only the final state when not ``store_chunks``. A ``u`` narrower than ``lay.value_dim`` is
+    continued by zero columns (whole value blocks; read by no program)."""
     d = lay.dim
+    u_blocks = None
+    u_spec = lay.seq_spec(lay.value_dim, blocked=True)
+    if u.shape[-1] != lay.value_dim:
+        u_blocks = u.shape[-1] // lay.block_e
+        if u_blocks * lay.block_e != u.shape[-1] or u.shape[-1] > lay.value_dim:
+            raise ValueError(f"u's {u.shape[-1]} columns are not whole blocks of {lay.block_e} within {lay.value_dim}")
+        last = u_blocks - 1
+        u_spec = pl.BlockSpec((None, lay.seq_len, None, lay.block_e), lambda j, b, h: (b, 0, h, jnp.minimum(j, last)))
     kernel = functools.partial(
         _state_kernel,
         mode=lay.mode,
@@ -202,6 +215,7 @@ def state_pass(w, u, k, b, docs, s0, lay: Layout, statics: Statics, *, store_chu
         chunk=lay.chunk,
         num_chunks=lay.num_chunks,
         store_chunks=store_chunks,
+        u_blocks=u_blocks,
     )
     out_specs, out_shape = [lay.state_spec()], [jax.ShapeDtypeStruct(s0.shape, F32)]
     if store_chunks:
@@ -212,7 +226,7 @@ def state_pass(w, u, k, b, docs, s0, lay: Layout, statics: Statics, *, store_chu
         grid=lay.state_grid(),
         in_specs=[
             lay.seq_spec(d),
-            lay.seq_spec(lay.value_dim, blocked=True),
+            u_spec,
             lay.seq_spec(d, qk=True),
             *lay.seq_gate_specs(docs is not None),
             lay.state_spec(),
@@ -230,14 +244,15 @@ def transition(w, u, k, b, docs, lay: Layout, statics: Statics):
     """``(Φ [B, Hv, D, D], M [B, Hv, D, E])``: the call maps an entering state S to ``Φ S + M``.
 
     One state pass over ``[U | 0]`` from ``[0 | I]`` (notes/design.md §6: Φ is the recurrence run
-    on the identity with no values), storing nothing per chunk.
+    on the identity with no values), storing nothing per chunk; the zero columns are never formed
+    (the programs of the identity's value blocks zero the U they read).
     """
     d, e = lay.dim, lay.value_dim
-    u_aug = jnp.concatenate([u, jnp.zeros(u.shape[:3] + (d,), u.dtype)], axis=-1)
     eye = jnp.broadcast_to(jnp.eye(d, dtype=F32), (lay.batch, lay.value_heads, d, d))
     s0 = jnp.concatenate([jnp.zeros((lay.batch, lay.value_heads, d, e), F32), eye], axis=-1)
-    aug = Layout(w, u_aug, statics.cfg, lay.mode, heads=lay.heads, block_e=min(lay.block_e, d, e))
-    final = state_pass(w, u_aug, k, b, docs, s0, aug, statics, store_chunks=False)
+    values = jax.ShapeDtypeStruct(u.shape[:3] + (e + d,), u.dtype)  # [U | 0]: its shape only
+    aug = Layout(w, values, statics.cfg, lay.mode, heads=lay.heads, block_e=min(lay.block_e, d, e))
+    final = state_pass(w, u, k, b, docs, s0, aug, statics, store_chunks=False)
     return final[..., e:], final[..., :e]
 
 
