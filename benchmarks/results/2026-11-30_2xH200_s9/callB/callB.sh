@@ -7,7 +7,7 @@ set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD
 TS=benchmarks/train_step.py
-D=benchmarks/results/2026-11-30_2xH200_s9
+D=benchmarks/results/2026-11-30_2xH200_s9/callB
 ( CUDA_VISIBLE_DEVICES=0 timeout 120 python3 -m pytest -q -m gpu tests/pallas_kernels/test_pallas_triton.py -k "grouped or head_dims" -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1 ) &
 ( CUDA_VISIBLE_DEVICES=1 timeout 120 python3 $D/la_gqa_smem.py > "$OUT/la_gqa.log" 2>&1 ) &
 wait
