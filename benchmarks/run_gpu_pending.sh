@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU measurements left open at the end of session 9, in order of value, for one 2xH200 call
-# (about 9 minutes; each step has its own time limit and keeps its output if a later one fails).
+# The GPU measurements left open at the end of session 9, in order of value, on 2xH200: about 13
+# minutes, so two calls (a call may run 10); each step has its own time limit and keeps its output
+# if a later one fails.
 # Run from the repository root; the peer wheels in .whl (see ../shared/bench/README.md) give the jla rows.
 #   OUT=runs/pending bash benchmarks/run_gpu_pending.sh
 set -u
@@ -22,3 +23,11 @@ timeout 120 python3 benchmarks/delta_rule_sp.py --ops gdn kda --strategies allga
 echo "== delta rule sp"; grep -E "^\{" "$OUT/delta_sp.log"
 CUDA_VISIBLE_DEVICES=0 timeout 100 python3 benchmarks/delta_rule.py --ops kda --impls project --shapes 1,32768,16,128 --json "$OUT/kda_op.json" > "$OUT/kda_op.log" 2>&1
 echo "== kda op"; tail -n 6 "$OUT/kda_op.log"
+# issue 14: gdn-1.3b sp=2's gradient all-reduces are scheduled in a chain over the last ~12% of the
+# step's instructions (notes/sp_overhead.md, session 9), each beside 0-4 matmuls: XLA's latency-hiding
+# scheduler with an analytical cost model of the collectives, then with two in flight at once
+LHS=--xla_gpu_enable_latency_hiding_scheduler=true
+XLA_FLAGS="$LHS --xla_gpu_enable_analytical_latency_estimator=true" timeout 130 python3 $TS --preset gdn-1.3b --remat none --sp 2 --iters 6 --json "$OUT/gdn_sp2_analytical.json" > "$OUT/gdn_sp2_analytical.log" 2>&1
+echo "== gdn sp2 analytical estimator"; grep -E "row:|Error" "$OUT/gdn_sp2_analytical.log" | tail -n 2
+XLA_FLAGS="$LHS --xla_gpu_experimental_parallel_collective_overlap_limit=2" timeout 130 python3 $TS --preset gdn-1.3b --remat none --sp 2 --iters 6 --json "$OUT/gdn_sp2_overlap2.json" > "$OUT/gdn_sp2_overlap2.log" 2>&1
+echo "== gdn sp2 two collectives in flight"; grep -E "row:|Error" "$OUT/gdn_sp2_overlap2.log" | tail -n 2
