@@ -56,18 +56,28 @@ INTERPRET_CONFIG = BlockConfig(chunk=16, min_programs=1, block_e=16, block_d=16,
 
 
 def default_config(
-    *, batch: int, heads: int, seq_len: int, interpret: bool, grouped: bool = False, decay: bool = True
+    *,
+    batch: int,
+    heads: int,
+    seq_len: int,
+    interpret: bool,
+    grouped: bool = False,
+    decay: bool = True,
+    head_dim: int = 0,
 ) -> BlockConfig:
     """Heuristic tiling for a problem; interpret mode gets small blocks and two splits per row.
 
-    Without a decay (``decay=False``) or under grouped heads (``grouped``: fewer key/value heads than
-    query heads, dk and dv written per query head in float32) the backward runs two pipeline
-    stages: at D = 128 three overflow an H200's shared memory (233,472 bytes asked of 232,448:
-    measured without a decay, grouped and not; grouped heads with a decay not measured at three)."""
+    Above ``head_dim`` 64 (the larger of D and E; the kernels pad it to 128 or more), without a decay (``decay=False``) or under
+    grouped heads (``grouped``: fewer key/value heads than query heads, dk and dv written per query
+    head in float32), the backward runs two pipeline stages: three overflow an H200's shared memory
+    there (233,472 bytes asked of 232,448: measured without a decay, grouped and not; grouped heads
+    with a decay not measured at three; D = 64 fits three)."""
     if interpret:
         return dataclasses.replace(INTERPRET_CONFIG, min_programs=2 * batch * heads)
     del seq_len
-    return BlockConfig(num_stages_bwd=2) if grouped or not decay else BlockConfig()
+    if head_dim > 64 and (grouped or not decay):
+        return BlockConfig(num_stages_bwd=2)
+    return BlockConfig()
 
 
 def splits(num_chunks: int, rows: int, min_programs: int) -> tuple[int, int]:

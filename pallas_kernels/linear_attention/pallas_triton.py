@@ -290,8 +290,8 @@ def _statics(q, k, v, g, g_gamma, *, scale, interpret, config) -> Statics:
         raise ValueError(f"inputs too large for int32 offsets: q.shape={tuple(q.shape)}, v.shape={tuple(v.shape)}")
     # a constant decay stays [H] at any T (the kernels stop it at the last real token)
     mode: DecayMode = "gamma" if g_gamma is not None else "g" if g is not None else "none"
-    grouped, decay = k.shape[2] != h, mode != "none"
-    cfg = config or default_config(batch=b, heads=h, seq_len=t, interpret=interpret, grouped=grouped, decay=decay)
+    shape = dict(grouped=k.shape[2] != h, decay=mode != "none", head_dim=max(d, v.shape[-1]))
+    cfg = config or default_config(batch=b, heads=h, seq_len=t, interpret=interpret, **shape)
     # with a decay, the last token's own kᵀv is kept out of the saved final state (see _forward)
     last_token = t - 1 if mode != "none" else -1
     scale = float(d**-0.5 if scale is None else scale)

@@ -142,9 +142,11 @@ def test_config_validation_and_defaults():
     assert default_config(batch=2, heads=3, seq_len=100, interpret=True).chunk == INTERPRET_CONFIG.chunk
     assert default_config(batch=1, heads=16, seq_len=32768, interpret=False) == BlockConfig()
     # three backward stages overflow an H200's shared memory at D = 128 without a decay
-    grouped = default_config(batch=1, heads=16, seq_len=32768, interpret=False, grouped=True)
-    no_decay = default_config(batch=1, heads=16, seq_len=32768, interpret=False, decay=False)
+    shape = dict(batch=1, heads=16, seq_len=32768, interpret=False)
+    grouped = default_config(**shape, grouped=True, head_dim=128)
+    no_decay = default_config(**shape, decay=False, head_dim=128)
     assert grouped.num_stages_bwd == no_decay.num_stages_bwd == 2
+    assert default_config(**shape, decay=False, head_dim=64) == BlockConfig()  # three fit at 64
 
 
 def test_rejects_what_it_cannot_run():
