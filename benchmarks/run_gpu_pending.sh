@@ -11,8 +11,9 @@ OUT=${OUT:-runs/pending}
 mkdir -p "$OUT"
 TS=benchmarks/train_step.py  # runs with lasp-train's default XLA flags (the latency-hiding scheduler)
 # the transition pass without [U | 0] (session 9, untested on a GPU): the delta rule's compiled
-# kernels, single-device and sharded over two GPUs
-timeout 200 python3 -m pytest -q -m gpu tests/pallas_kernels/test_gated_delta_rule_pallas.py tests/lasp_jax/test_lasp_gated_delta_rule.py -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
+# kernels, single-device and sharded over two GPUs (its document now crosses the shard edge), and
+# the linear-attention kernels (the two-stage default above head dim 64)
+timeout 300 python3 -m pytest -q -m gpu tests/pallas_kernels/test_gated_delta_rule_pallas.py tests/lasp_jax/test_lasp_gated_delta_rule.py tests/pallas_kernels/test_pallas_triton.py -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
 echo "== gpu tests"; tail -n 3 "$OUT/gpu_tests.log"
 # issue 14: gdn-1.3b sp=2 per-GPU throughput (0.872 in session 9 before the transition change;
 # target 0.90), both rows in one run, profiled

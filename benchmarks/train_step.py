@@ -85,7 +85,7 @@ def parse_args(argv=None):
         "--split-projections",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="one product per fused projection block (ModelConfig; default: the preset's, on for TNL)",
+        help="one product per fused projection block (ModelConfig; default: the preset's, on for TNL, GDN, KDA)",
     )
     p.add_argument("--loss-chunks", default="auto", help="int, or auto: about 8K tokens of logits per device at once")
     p.add_argument("--warmup", type=int, default=2)

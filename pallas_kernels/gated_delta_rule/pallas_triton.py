@@ -382,8 +382,9 @@ def supports(q, k, v) -> bool:
 def piece_len(q, v, chunk: int = 16) -> int:
     """The longest run of tokens (whole chunks of ``chunk``) whose arrays have int32 element offsets.
 
-    Time is padded to whole chunks × splits (at most 2048 tokens more); the transition pass's
-    ``[U | 0]`` rows are the widest per-token array, the per-chunk states the largest. Longer inputs
+    Time is padded to whole chunks × splits (at most 2048 tokens more); the transition pass's grid
+    spans ``[U | 0]``'s D + E columns (the widest per-token offsets, though U alone is stored), the
+    per-chunk states are the largest array. Longer inputs
     run as pieces of this many tokens, the state chained from piece to piece.
     """
     b, _, _, d = q.shape

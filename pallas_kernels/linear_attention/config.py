@@ -63,11 +63,12 @@ def default_config(
     interpret: bool,
     grouped: bool = False,
     decay: bool = True,
-    head_dim: int = 0,
+    head_dim: int | None = None,
 ) -> BlockConfig:
     """Heuristic tiling for a problem; interpret mode gets small blocks and two splits per row.
 
-    Above ``head_dim`` 64 (the larger of D and E; the kernels pad it to 128 or more), without a
+    Above ``head_dim`` 64 (the larger of D and E, None: unknown, taken as large; the kernels pad it
+    to 128 or more), without a
     decay (``decay=False``) or under grouped heads (``grouped``: fewer key/value heads than query
     heads, dk and dv written per query head in float32), the backward runs two pipeline stages:
     three overflow an H200's shared memory there (233,472 bytes asked of 232,448: measured at D = 128
@@ -76,7 +77,7 @@ def default_config(
     if interpret:
         return dataclasses.replace(INTERPRET_CONFIG, min_programs=2 * batch * heads)
     del seq_len
-    if head_dim > 64 and (grouped or not decay):
+    if (head_dim is None or head_dim > 64) and (grouped or not decay):
         return BlockConfig(num_stages_bwd=2)
     return BlockConfig()
 
