@@ -102,6 +102,7 @@ class ProfileSummary:
     trace_path: str
     idle_us: float = 0.0
     gaps: tuple[Gap, ...] = ()
+    exposed_collectives_us: float = 0.0
 
     def per_step_ms(self, us: float) -> float:
         """Milliseconds per step and device of a time summed over the trace."""
@@ -118,6 +119,7 @@ class ProfileSummary:
                 for k in self.kernels[:top]
             ],
             "idle_ms_per_step": self.per_step_ms(self.idle_us),
+            "exposed_collectives_ms_per_step": self.per_step_ms(self.exposed_collectives_us),
             "top_gaps": [
                 {"before": g.before, "after": g.after, "count": g.count, "ms_per_step": self.per_step_ms(g.us)}
                 for g in self.gaps[:top]
@@ -211,6 +213,39 @@ def device_idle(events: list[dict]) -> tuple[float, list[Gap]]:
     return idle, rows
 
 
+def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The disjoint, sorted intervals covering ``spans``."""
+    out: list[list[float]] = []
+    for start, stop in sorted(spans):
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], stop)
+        else:
+            out.append([start, stop])
+    return [(a, b) for a, b in out]
+
+
+def exposed_collectives(events: list[dict]) -> float:
+    """Time a collective ran with no other operation running on its device, in µs summed over the
+    devices: the part of the collectives' time that the step waits for (a collective on its own
+    stream beside a matmul costs the step nothing; one alone is on the critical path or the device
+    has nothing else to do)."""
+    lines, on_gpu = _device_lines(events)
+    per_device = defaultdict(lambda: ([], []))
+    for (pid, _), line in lines.items():
+        for e in line:
+            device = pid if on_gpu else e.get("args", {}).get("device_ordinal")
+            span = (float(e["ts"]), float(e["ts"]) + float(e["dur"]))
+            collective = categorize(e.get("name", ""), e.get("args", {}).get("hlo_op", "")) == "collectives"
+            per_device[device][0 if collective else 1].append(span)
+    exposed = 0.0
+    for collectives, others in per_device.values():
+        others = _union(others)
+        for start, stop in _union(collectives):
+            covered = sum(max(0.0, min(stop, b) - max(start, a)) for a, b in others if a < stop and b > start)
+            exposed += stop - start - covered
+    return exposed
+
+
 def _self_times(line: list[dict]) -> list[tuple[str, str, float]]:
     """Self time of each event of one thread: each instant of the line is charged to the innermost
     event covering it (the one that started last; a kernel inside a thunk's span takes its time
@@ -247,7 +282,9 @@ def summarize(path: str, steps: int) -> ProfileSummary:
     rows = [Kernel(name, c, n, us) for name, (c, n, us) in kernels.items()]
     rows.sort(key=lambda k: -k.us)
     idle, gaps = device_idle(events)
-    return ProfileSummary(steps, devices, sum(by_category.values()), by_category, rows, path, idle, tuple(gaps))
+    exposed = exposed_collectives(events)
+    total = sum(by_category.values())
+    return ProfileSummary(steps, devices, total, by_category, rows, path, idle, tuple(gaps), exposed)
 
 
 def format_table(summary: ProfileSummary, *, top: int = 15, gaps: int = 5, title: str = "") -> str:
@@ -269,6 +306,11 @@ def format_table(summary: ProfileSummary, *, top: int = 15, gaps: int = 5, title
         name = k.name if len(k.name) <= 60 else k.name[:57] + "..."
         calls = k.calls / max(summary.steps * summary.devices, 1)
         lines.append(f"{name:<60} {k.category:<12} {calls:>10.1f} {ms(k.us):>10.3f} {100 * k.us / total:>6.1f}%")
+    if summary.by_category["collectives"]:
+        lines.append(
+            f"collectives with nothing else running on the device: {ms(summary.exposed_collectives_us):.2f} ms "
+            f"per step of {ms(summary.by_category['collectives']):.2f} (the rest ran beside compute)"
+        )
     lines.append(
         f"device idle between operations: {ms(summary.idle_us):.2f} ms per step (waiting on the host: loop "
         "conditions read back, launches, transfers); largest gaps by the operations around them:"

@@ -97,3 +97,24 @@ def test_cpu_idle_is_per_device(tmp_path):
         json.dump({"traceEvents": events}, fh)
     summary = summarize(str(path), steps=1)
     assert summary.devices == 2 and summary.idle_us == 80
+
+
+def test_exposed_collectives_are_those_with_nothing_beside_them(tmp_path):
+    """An all-reduce on its own stream: the part beside a matmul or fusion is hidden, the rest (and a
+    second one after the compute ends) is exposed; compute-only traces report none."""
+    kernels = [
+        (1, "nvjet_gemm", 0, 100),
+        (1, "loop_add_fusion", 100, 50),
+        (2, "ncclDevKernel_AllReduce_Sum_bf16_RING_LL", 120, 60),  # 120..150 hidden, 150..180 exposed
+        (2, "ncclDevKernel_AllReduce_Sum_bf16_RING_LL", 200, 40),  # alone: exposed
+        (1, "gemm_fusion_dot", 240, 60),
+    ]
+    summary = summarize(_trace(tmp_path, kernels), steps=1)
+    assert summary.by_category["collectives"] == 100
+    assert summary.exposed_collectives_us == 30 + 40
+    table = format_table(summary)
+    assert "collectives with nothing else running on the device: 0.07 ms per step of 0.10" in table
+    assert summary.as_json()["exposed_collectives_ms_per_step"] == 0.07
+    compute_only = summarize(_trace(tmp_path, kernels[:2] + kernels[4:]), steps=1)
+    assert compute_only.exposed_collectives_us == 0
+    assert "collectives with nothing else" not in format_table(compute_only)
