@@ -182,6 +182,21 @@ def device_operations(events: list[dict]) -> tuple[list[tuple[str, str, float]],
     return ops, max(devices, 1)
 
 
+def _device_events(events: list[dict]) -> dict:
+    """``{device: [event, ...]}``: a GPU's operations on all its stream lines (they share its pid);
+    on the CPU, each operation under the device it names."""
+    lines, on_gpu = _device_lines(events)
+    per_device = defaultdict(list)
+    for (pid, _), line in lines.items():
+        for e in line:
+            per_device[pid if on_gpu else e.get("args", {}).get("device_ordinal")].append(e)
+    return per_device
+
+
+def _span(e: dict) -> tuple[float, float]:
+    return float(e["ts"]), float(e["ts"]) + float(e["dur"])
+
+
 def device_idle(events: list[dict]) -> tuple[float, list[Gap]]:
     """Time the devices sat idle inside the trace, in µs summed over the devices (each device from
     its first operation to its last, less the union of its operations on every stream), and the
@@ -190,15 +205,9 @@ def device_idle(events: list[dict]) -> tuple[float, list[Gap]]:
     A device idles when the host has not yet launched the next kernel: a host round trip (a
     ``while`` loop's condition read back, a callback, a transfer), launch latency between short
     kernels, or the host preparing the next step."""
-    lines, on_gpu = _device_lines(events)
-    per_device = defaultdict(list)  # a GPU's stream lines share its pid; a CPU event names its device
-    for (pid, _), line in lines.items():
-        for e in line:
-            device = pid if on_gpu else e.get("args", {}).get("device_ordinal")
-            per_device[device].append((float(e["ts"]), float(e["ts"]) + float(e["dur"]), e.get("name", "")))
     idle, gaps = 0.0, defaultdict(lambda: [0, 0.0])
-    for spans in per_device.values():
-        spans.sort()
+    for device_events in _device_events(events).values():
+        spans = sorted((*_span(e), e.get("name", "")) for e in device_events)
         end, before = spans[0][1], spans[0][2]
         for start, stop, name in spans[1:]:
             if start > end:
@@ -229,19 +238,20 @@ def exposed_collectives(events: list[dict]) -> float:
     devices: the part of the collectives' time that the step waits for (a collective on its own
     stream beside a matmul costs the step nothing; one alone is on the critical path or the device
     has nothing else to do)."""
-    lines, on_gpu = _device_lines(events)
-    per_device = defaultdict(lambda: ([], []))
-    for (pid, _), line in lines.items():
-        for e in line:
-            device = pid if on_gpu else e.get("args", {}).get("device_ordinal")
-            span = (float(e["ts"]), float(e["ts"]) + float(e["dur"]))
-            collective = categorize(e.get("name", ""), e.get("args", {}).get("hlo_op", "")) == "collectives"
-            per_device[device][0 if collective else 1].append(span)
     exposed = 0.0
-    for collectives, others in per_device.values():
-        others = _union(others)
-        for start, stop in _union(collectives):
-            covered = sum(max(0.0, min(stop, b) - max(start, a)) for a, b in others if a < stop and b > start)
+    for device_events in _device_events(events).values():
+        spans = ([], [])  # collectives, everything else
+        for e in device_events:
+            collective = categorize(e.get("name", ""), e.get("args", {}).get("hlo_op", "")) == "collectives"
+            spans[0 if collective else 1].append(_span(e))
+        others, i = _union(spans[1]), 0
+        for start, stop in _union(spans[0]):  # both sorted: one walk over the others
+            while i < len(others) and others[i][1] <= start:
+                i += 1
+            covered, j = 0.0, i
+            while j < len(others) and others[j][0] < stop:
+                covered += min(stop, others[j][1]) - max(start, others[j][0])
+                j += 1
             exposed += stop - start - covered
     return exposed
 
@@ -254,7 +264,7 @@ def _self_times(line: list[dict]) -> list[tuple[str, str, float]]:
     launch lets the next kernel start early)."""
     line = sorted(line, key=lambda e: (float(e["ts"]), -float(e["dur"])))
     out = [[e.get("name", ""), e.get("args", {}).get("hlo_op", ""), 0.0] for e in line]
-    spans = [(float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in line]
+    spans = [_span(e) for e in line]
     points = sorted({t for span in spans for t in span})
     active, nxt = [], 0  # indices of events covering the current instant, in start order
     for left, right in zip(points, points[1:]):

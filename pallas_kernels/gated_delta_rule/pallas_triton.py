@@ -384,8 +384,8 @@ def piece_len(q, v, chunk: int = 16) -> int:
 
     Time is padded to whole chunks × splits (at most 2048 tokens more); the transition pass's grid
     spans ``[U | 0]``'s D + E columns (the widest per-token offsets, though U alone is stored), the
-    per-chunk states are the largest array. Longer inputs
-    run as pieces of this many tokens, the state chained from piece to piece.
+    per-chunk states are the largest array. Longer inputs run as pieces of this many tokens, the
+    state chained from piece to piece.
     """
     b, _, _, d = q.shape
     hv, e = v.shape[2:]
