@@ -47,6 +47,8 @@ devices (a check that the script works, not a measurement).
     python benchmarks/train_step.py --split-projections --json split.json  # one product per projection block
     python benchmarks/train_step.py --tokens-per-device 1048576 --remat offload --mlp-chunk 65536 --iters 1  # 1M tokens
     python benchmarks/train_step.py --smoke --sp 1 2 --search-longest --max-tokens 2048
+    python benchmarks/train_step.py --preset tnl-1b --scan-layers --search-longest --search-only \
+        --search-remat offload --mlp-chunk 65536 --tokens-per-device 1048576 --max-tokens 1048576  # 1M search
     python benchmarks/train_step.py --smoke --preset gdn-1.3b kda-1.3b --sp 1 2   # runs gdn-tiny, kda-tiny
 """
 
@@ -92,6 +94,11 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=8)
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--search-longest", action="store_true")
+    p.add_argument(
+        "--search-only",
+        action="store_true",
+        help="with --search-longest: skip the throughput rows (they run at --tokens-per-device with --remat)",
+    )
     p.add_argument("--search-remat", default="full")
     p.add_argument("--max-tokens", type=int, default=4 * 1024 * 1024, help="per device, upper end of the search")
     p.add_argument("--granularity", type=int, default=16384, help="per-device resolution of the search")
@@ -357,7 +364,8 @@ def main(argv=None) -> int:
             with open(args.json, "w") as fh:
                 json.dump({**header, "rows": rows, "longest": list(longest)}, fh, indent=2)
 
-    for preset in args.preset:
+    throughput_rows = not (args.search_longest and args.search_only)
+    for preset in args.preset if throughput_rows else ():
         for sp in args.sp:
             row = run_config(
                 args,
@@ -381,11 +389,13 @@ def main(argv=None) -> int:
         base = next((b for b in rows if b["preset"] == r["preset"] and b["sp"] == 1), None)
         r["per_device_vs_sp1"] = r["tokens_per_s_per_device"] / base["tokens_per_s_per_device"] if base else None
 
-    print(f"\nremat {args.remat}, dp {args.dp}, tp {args.tp}, layers {'scanned' if args.scan_layers else 'unrolled'}")
-    print(HEAD)
-    print("-" * len(HEAD))
-    for r in rows:
-        print(format_row(r))
+    if rows:
+        layers = "scanned" if args.scan_layers else "unrolled"
+        print(f"\nremat {args.remat}, dp {args.dp}, tp {args.tp}, layers {layers}")
+        print(HEAD)
+        print("-" * len(HEAD))
+        for r in rows:
+            print(format_row(r))
     longest = []
     if args.search_longest:
         print(f"\nlongest sequence per device (remat {args.search_remat}):")
