@@ -102,6 +102,12 @@ def parse_args(argv=None):
     p.add_argument("--search-remat", default="full")
     p.add_argument("--max-tokens", type=int, default=4 * 1024 * 1024, help="per device, upper end of the search")
     p.add_argument("--granularity", type=int, default=16384, help="per-device resolution of the search")
+    p.add_argument(
+        "--delta-sp-splits",
+        type=int,
+        default=None,
+        help="sweeps: runs per shard of the sharded delta rule's split kernels (default: the config's)",
+    )
     p.add_argument("--json", default=None)
     p.add_argument("--profile", default=None, metavar="DIR", help="trace steps of each row and print device time")
     p.add_argument("--profile-iters", type=int, default=3, help="steps traced per row with --profile")
@@ -333,6 +339,13 @@ def main(argv=None) -> int:
     set_default_xla_flags()  # the XLA flags lasp-train runs with (the latency-hiding scheduler)
     import jax
 
+    from benchmarks.delta_rule_sp import sp_splits
+
+    with sp_splits(args.delta_sp_splits):  # active while the steps are traced
+        return _main(args, jax)
+
+
+def _main(args, jax) -> int:
     dev = jax.devices()[0]
     header = {
         "device": dev.device_kind,
@@ -346,6 +359,7 @@ def main(argv=None) -> int:
         "shard_optimizer_over_data": args.shard_optimizer_over_data,
         "scan_layers": args.scan_layers,
         "split_projections": args.split_projections,
+        "delta_sp_splits": args.delta_sp_splits,
         "smoke": args.smoke,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),  # e.g. the latency-hiding scheduler (notes/sp_overhead.md)
     }
