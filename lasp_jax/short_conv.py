@@ -21,6 +21,8 @@ cotangents of the borrowed inputs back to the rank that owns them.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
@@ -124,6 +126,89 @@ def _from_ranks_before(tail, n: int, *, axis_name, size):
     return jnp.concatenate(parts, axis=1)
 
 
+# ------------------------------------------------------------------ shards of at least W − 1 tokens
+# Autodiff of the form above (the local convolution with its first W − 1 outputs overwritten, the last
+# W − 1 inputs sliced off for the next rank) transposes each small slice or update into a zero pad, a
+# zeroed copy or an add as long as the shard: about 2 GB per gdn-1.3b layer at 32K tokens, in the
+# lowered program. The functions below give the same values with the borrowed inputs' contribution
+# added to the first W − 1 outputs as a zero-padded [B, W − 1, C] term, and a backward written out:
+# the transposed taps over dy (zero-padded reads), the borrowed inputs' cotangent (a [B, W − 1, C]
+# window) sent back by one ppermute and added to the last W − 1 rows of dx in the same pass.
+
+
+def _shifted(a, shift: int):
+    """``a[:, t − shift]`` along axis 1, zeros where ``t − shift`` falls outside (shift may be < 0)."""
+    length = a.shape[1]
+    if shift >= 0:
+        return jnp.pad(a[:, : length - shift], ((0, 0), (shift, 0), (0, 0)))
+    return jnp.pad(a[:, -shift:], ((0, 0), (0, -shift), (0, 0)))
+
+
+def _halo_parts(x, weight, before, ext_ids):
+    """float32 pieces: the taps' masks, the local sum over x (zeros before it) and the borrowed
+    inputs' term on the first n outputs ``[B, n, C]``."""
+    n, length = weight.shape[0] - 1, x.shape[1]
+    acc = acc_dtype(x.dtype, weight.dtype)
+    masks = None if ext_ids is None else _tap_masks(ext_ids, n + 1, length)
+    wf = weight.astype(acc)
+    xf = x.astype(acc)
+    local = jnp.zeros(x.shape, acc)
+    for i in range(n + 1):  # tap i reads input t − (n − i)
+        tap = _shifted(xf, n - i) * wf[i]
+        local = local + (tap if masks is None else jnp.where(masks[i][..., None], tap, 0.0))
+    # the borrowed inputs' term: the window [before, 0] through the taps, first n outputs
+    window = jnp.concatenate([before.astype(acc), jnp.zeros_like(before, acc)], axis=1)
+    head_masks = None if masks is None else masks[:, :, :n]
+    head = jnp.zeros(before.shape, acc)
+    for i in range(n + 1):
+        tap = window[:, i : i + n] * wf[i]
+        head = head + (tap if head_masks is None else jnp.where(head_masks[i][..., None], tap, 0.0))
+    return masks, local, head
+
+
+def _halo_conv_fwd(x, weight, ext_ids, axis_name):
+    n, length = weight.shape[0] - 1, x.shape[1]
+    size = int(jax.lax.axis_size(axis_name))
+    before = jax.lax.ppermute(x[:, length - n :], axis_name, perm=[(r, r + 1) for r in range(size - 1)])
+    _, local, head = _halo_parts(x, weight, before, ext_ids)
+    y = local + jnp.pad(head, ((0, 0), (0, length - n), (0, 0)))
+    return y.astype(x.dtype), (x, weight, before, ext_ids)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _halo_conv(x, weight, ext_ids, axis_name):
+    """The convolution of a shard of at least n = W − 1 tokens, the n inputs before it from the
+    previous rank (zeros on rank 0), ``ext_ids`` ``[B, n + L]`` their document ids and the shard's."""
+    return _halo_conv_fwd(x, weight, ext_ids, axis_name)[0]
+
+
+def _halo_conv_bwd(axis_name, residuals, dy):
+    x, weight, before, ext_ids = residuals
+    n, length = weight.shape[0] - 1, x.shape[1]
+    acc = acc_dtype(x.dtype, weight.dtype)
+    masks = None if ext_ids is None else _tap_masks(ext_ids, n + 1, length)
+    wf, xf, dyf = weight.astype(acc), x.astype(acc), dy.astype(acc)
+    window = jnp.concatenate([before.astype(acc), jnp.zeros_like(before, acc)], axis=1)
+    dx = jnp.zeros(x.shape, acc)
+    d_window = jnp.zeros(window.shape, acc)
+    dw = []
+    for i in range(n + 1):
+        dyi = dyf if masks is None else jnp.where(masks[i][..., None], dyf, 0.0)  # tap i's share of dy
+        dx = dx + _shifted(dyi, -(n - i)) * wf[i]  # input s feeds output s + n − i
+        d_window = d_window + jnp.pad(dyi[:, :n], ((0, 0), (i, n - i), (0, 0))) * wf[i]
+        dw.append(
+            jnp.sum(_shifted(xf, n - i) * dyi, axis=(0, 1)) + jnp.sum(window[:, i : i + n] * dyi[:, :n], axis=(0, 1))
+        )
+    # the borrowed inputs' cotangent goes back to the rank they came from: its last n rows
+    size = int(jax.lax.axis_size(axis_name))
+    d_tail = jax.lax.ppermute(d_window[:, :n], axis_name, perm=[(r + 1, r) for r in range(size - 1)])
+    dx = dx + jnp.pad(d_tail, ((0, 0), (length - n, 0), (0, 0)))
+    return dx.astype(x.dtype), jnp.stack(dw).astype(weight.dtype), None
+
+
+_halo_conv.defvjp(_halo_conv_fwd, _halo_conv_bwd)
+
+
 def short_conv_shard(
     x: jax.Array,
     weight: jax.Array,
@@ -150,13 +235,6 @@ def short_conv_shard(
     if n == 0:
         return _convolve(x, weight, None), (jnp.zeros((b, 0, c), x.dtype) if output_final_state else None)
     m = min(length, n)
-    # global position of each borrowed input: rank·L − n … rank·L − 1 (negative: before token 0)
-    before = _from_ranks_before(x[:, length - m :], n, axis_name=axis_name, size=size)[:, -n:]
-    position = rank * length - n + jnp.arange(n)
-    if initial_state is not None:
-        cached = jnp.take(initial_state.astype(x.dtype), jnp.clip(position + n, 0, n - 1), axis=1)
-        before = jnp.where((position < 0)[None, :, None], cached, before)
-    window = jnp.concatenate([before, x if length < n else x[:, :n]], axis=1)  # [B, n + min(L, n), C]
     ext_ids = None
     if segment_ids is not None:
         ids_before = _from_ranks_before(segment_ids[:, length - m :], n, axis_name=axis_name, size=size)[:, -n:]
@@ -165,21 +243,32 @@ def short_conv_shard(
         first = jnp.clip(n - rank * length, 0, n)
         first_id = jax.lax.dynamic_slice_in_dim(ext_ids, first, 1, axis=1)
         ext_ids = jnp.where(jnp.arange(n + length)[None, :] < first, first_id, ext_ids)
-    if length < n:  # the borrowed inputs reach every output: one window over all of them
-        masks = None if ext_ids is None else _tap_masks(ext_ids, n + 1, length)
-        y = _convolve(window, weight, masks)
+    window = None
+    if length >= n and initial_state is None:  # training: a backward with no shard-sized glue
+        y = _halo_conv(x, weight, ext_ids, axis_name)
     else:
-        # the shard's own taps as one zero-padded convolution (XLA fuses the padding into its reads;
-        # a concatenate of the borrowed inputs before x costs a copy of x, ~2.4 ms per gdn-1.3b
-        # layer at 32K tokens); the borrowed inputs reach only the first n outputs, recomputed from
-        # a [B, 2n, C] window and written over them in place
-        y = short_conv_local(x, weight, segment_ids=segment_ids)[0]
-        head_masks = None if ext_ids is None else _tap_masks(ext_ids[:, : 2 * n], n + 1, n)
-        head = _convolve(window, weight, head_masks)
-        y = jax.lax.dynamic_update_slice_in_dim(y, head, 0, axis=1)
+        # global position of each borrowed input: rank·L − n … rank·L − 1 (negative: before token 0)
+        before = _from_ranks_before(x[:, length - m :], n, axis_name=axis_name, size=size)[:, -n:]
+        position = rank * length - n + jnp.arange(n)
+        if initial_state is not None:
+            cached = jnp.take(initial_state.astype(x.dtype), jnp.clip(position + n, 0, n - 1), axis=1)
+            before = jnp.where((position < 0)[None, :, None], cached, before)
+        window = jnp.concatenate([before, x if length < n else x[:, :n]], axis=1)  # [B, n + min(L, n), C]
+        if length < n:  # the borrowed inputs reach every output: one window over all of them
+            masks = None if ext_ids is None else _tap_masks(ext_ids, n + 1, length)
+            y = _convolve(window, weight, masks)
+        else:
+            # the shard's own taps as one zero-padded convolution (XLA fuses the padding into its
+            # reads; a concatenate of the borrowed inputs before x costs a copy of x, ~2.4 ms per
+            # gdn-1.3b layer at 32K tokens); the borrowed inputs reach only the first n outputs,
+            # recomputed from a [B, 2n, C] window and written over them
+            y = short_conv_local(x, weight, segment_ids=segment_ids)[0]
+            head_masks = None if ext_ids is None else _tap_masks(ext_ids[:, : 2 * n], n + 1, n)
+            head = _convolve(window, weight, head_masks)
+            y = jax.lax.dynamic_update_slice_in_dim(y, head, 0, axis=1)
     final = None
     if output_final_state:
-        last = window if length < n else x[:, length - n :]  # ends with the shard's last n inputs
+        last = x[:, length - n :] if length >= n else window  # ends with the shard's last n inputs
         final = broadcast_from(_last_inputs(last, ext_ids, n + 1), size - 1, axis_name)
     return y, final
 

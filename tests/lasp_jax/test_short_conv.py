@@ -101,20 +101,24 @@ def _loss_fn(conv, cotangent, final_cotangent):
 MESHES = [(1, 2, 12), (1, 4, 12), (2, 4, 8), (1, 8, 8)]
 
 
+@pytest.mark.parametrize("with_cache", [True, False], ids=["cache", "no-cache"])
 @pytest.mark.parametrize("dp, sp, t", MESHES, ids=[f"dp{d}xsp{s}-T{t}" for d, s, t in MESHES])
-def test_sharded_equals_one_device(rng, dp, sp, t):
+def test_sharded_equals_one_device(rng, dp, sp, t, with_cache):
+    """With a cache (the autodiff path) and without one (shards of at least W − 1 tokens take the
+    hand-written backward of ``_halo_conv``), documents in every case."""
     b = 2 * dp
-    x, w, ids, cache = inputs(rng, b, t, docs=True, init=True, sp=sp)
+    x, w, ids, cache = inputs(rng, b, t, docs=True, init=with_cache, sp=sp)
     mesh = make_mesh(dp, sp, devices=jax.devices()[: dp * sp])
     dy = rng.standard_normal((b, t, C))
     dfinal = rng.standard_normal((b, W - 1, C))
 
     def sharded(x, w, ids, cache):
-        kw = dict(segment_ids=ids, initial_state=cache, output_final_state=True)
+        kw = dict(segment_ids=ids, initial_state=cache if with_cache else None, output_final_state=True)
         return short_conv(x, w, mesh=mesh, seq_axis="sp", batch_axis="dp", **kw)
 
     def local(x, w, ids, cache):
-        return short_conv_local(x, w, segment_ids=ids, initial_state=cache, output_final_state=True)
+        kw = dict(segment_ids=ids, initial_state=cache if with_cache else None, output_final_state=True)
+        return short_conv_local(x, w, **kw)
 
     args = (jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), jnp.asarray(cache, jnp.float32))
     y, final = jax.jit(sharded)(args[0], args[1], jnp.asarray(ids), args[2])
@@ -234,3 +238,23 @@ def test_no_copy_of_the_shard_behind_the_borrowed_inputs():
     text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, jnp.ones((W, C))).as_text()
     lengths = [int(m) for m in re.findall(r"stablehlo\.concatenate[^\n]*-> tensor<\d+x(\d+)x\d+xf32>", text)]
     assert lengths and max(lengths) <= 2 * (W - 1), lengths
+
+
+@pytest.mark.parametrize("docs", [False, True], ids=["plain", "documents"])
+def test_training_path_builds_nothing_shard_sized_from_the_borrowed_inputs(docs):
+    """Without a cache, on shards of at least W − 1 tokens, the forward and backward hold no
+    dynamic_update_slice (autodiff of the overwritten first outputs made a zeroed copy of dy) and
+    no concatenate longer than 2 (W − 1) tokens; one ppermute each way."""
+    t, sp = 64, 2
+    mesh = make_mesh(1, sp, devices=jax.devices()[:sp])
+    ids = jnp.asarray(documents(2, t, sp)) if docs else None
+
+    def loss(x, w):
+        return jnp.sum(short_conv(x, w, mesh=mesh, segment_ids=ids)[0] ** 2)
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(jnp.ones((2, t, C)), jnp.ones((W, C))).as_text()
+    assert "dynamic_update_slice" not in text
+    lengths = [int(m) for m in re.findall(r"stablehlo\.concatenate[^\n]*-> tensor<\d+x(\d+)x\d+xf32>", text)]
+    assert max(lengths, default=0) <= 2 * (W - 1), lengths
+    moved = re.findall(r"stablehlo\.collective_permute[^\n]*-> (tensor<[^>]*f32>)", text)
+    assert moved == [f"tensor<2x{W - 1}x{C}xf32>"] * 2, moved  # x's tail on, its cotangent back (ids: int32)
