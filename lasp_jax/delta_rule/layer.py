@@ -78,7 +78,7 @@ class SplitResiduals(NamedTuple):
 
     call: pallas_triton_split.SplitCall
     kernel: Any  # the kernel's own residuals from S_in(r)
-    phis: jax.Array  # Φ_r (ring, scan) or every rank's Φ [P, B, Hv, D, D] (allgather)
+    phis: jax.Array | None  # Φ_r (ring, scan) or every rank's Φ [P, B, Hv, D, D] (allgather); None: unused
     segments: Segments | None
 
 
@@ -144,6 +144,11 @@ def _final_from_last_rank(cfg: DeltaRuleConfig, final, s_out):
 
 
 def _forward_split(cfg: DeltaRuleConfig, inputs, segments: Segments | None):
+    # two ranks, no initial or final state (the training path on two GPUs): no rank applies Φ, so
+    # the split kernel forms only M, over the E value columns (half the transition pass)
+    with_phi = cfg.strategy == "scan" or affine.needs_phi(
+        cfg.size, initial_state="initial_state" in inputs, final_state=cfg.output_final_state
+    )
     phi, m, call = pallas_triton_split.split_forward(
         inputs["q"],
         inputs["k"],
@@ -153,8 +158,9 @@ def _forward_split(cfg: DeltaRuleConfig, inputs, segments: Segments | None):
         scale=cfg.scale,
         segment_ids=_doc(segments),
         interpret=not on_gpu(),
+        with_phi=with_phi,
     )
-    if segments is not None:
+    if segments is not None and phi is not None:
         phi = segments.unless_starts_new(phi)
     s_in, final, phis = _entering_state(cfg, phi, m, inputs.get("initial_state"))
     if segments is not None:  # a boundary at the shard's first token: nothing enters

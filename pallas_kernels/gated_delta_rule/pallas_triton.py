@@ -194,10 +194,11 @@ def wy_representation(k, v, beta, b, docs, lay: Layout, statics: Statics):
     return w, u, (x[0] if x else None)
 
 
-def state_pass(w, u, k, b, docs, s0, lay: Layout, statics: Statics, *, store_chunks: bool = True):
+def state_pass(w, u, k, b, docs, s0, lay: Layout, statics: Statics, *, store_chunks: bool = True, name=None):
     """Stage 2: ``(h [B, Hv, NC, D, E], V' [B, T, Hv, E], final state [B, Hv, D, E] float32)``, or
     only the final state when not ``store_chunks``. A ``u`` narrower than ``lay.value_dim`` is
-    continued by zero columns (whole value blocks; read by no program)."""
+    continued by zero columns (whole value blocks; read by no program). ``name``: the kernel's, in
+    profiles (default: ``gated_delta_rule_state`` or, not storing, ``gated_delta_rule_transition``)."""
     d = lay.dim
     u_blocks = None
     u_spec = lay.seq_spec(lay.value_dim, blocked=True)
@@ -235,19 +236,25 @@ def state_pass(w, u, k, b, docs, s0, lay: Layout, statics: Statics, *, store_chu
         out_shape=out_shape,
         compiler_params=compiler_params(statics.cfg, "state"),
         interpret=statics.interpret,
-        name="gated_delta_rule_state" if store_chunks else "gated_delta_rule_transition",
+        name=name or ("gated_delta_rule_state" if store_chunks else "gated_delta_rule_transition"),
     )(w, u, k, *gate_inputs(b, docs), s0)
     return tuple(outs) if store_chunks else outs[0]
 
 
-def transition(w, u, k, b, docs, lay: Layout, statics: Statics):
+def transition(w, u, k, b, docs, lay: Layout, statics: Statics, *, with_phi: bool = True):
     """``(Φ [B, Hv, D, D], M [B, Hv, D, E])``: the call maps an entering state S to ``Φ S + M``.
 
     One state pass over ``[U | 0]`` from ``[0 | I]`` (notes/design.md §6: Φ is the recurrence run
     on the identity with no values), storing nothing per chunk; the zero columns are never formed
-    (the programs of the identity's value blocks zero the U they read).
+    (the programs of the identity's value blocks zero the U they read). ``with_phi=False``: ``(None,
+    M)`` from a pass over U's E columns alone (for callers whose entering state is known to be zero
+    or whose leaving state nobody reads).
     """
     d, e = lay.dim, lay.value_dim
+    if not with_phi:
+        zeros = jnp.zeros((lay.batch, lay.value_heads, d, e), F32)
+        final = state_pass(w, u, k, b, docs, zeros, lay, statics, store_chunks=False, name="gated_delta_rule_leaving")
+        return None, final
     eye = jnp.broadcast_to(jnp.eye(d, dtype=F32), (lay.batch, lay.value_heads, d, d))
     s0 = jnp.concatenate([jnp.zeros((lay.batch, lay.value_heads, d, e), F32), eye], axis=-1)
     values = jax.ShapeDtypeStruct(u.shape[:3] + (e + d,), u.dtype)  # [U | 0]: its shape only

@@ -92,7 +92,7 @@ class SplitCall:
         return jnp.pad(state.astype(F32), ((0, 0), (0, 0), (0, dp - d), (0, ep - e)))
 
 
-def split_forward(q, k, v, beta, *, g=None, scale=None, segment_ids=None, interpret=False, config=None):
+def split_forward(q, k, v, beta, *, g=None, scale=None, segment_ids=None, interpret=False, config=None, with_phi=True):
     """The part of a call that needs no initial state: ``(Φ [B, Hv, D, D], M [B, Hv, D, E], call)``.
 
     The state after the call from an entering state S is ``Φ S + M`` (notes/design.md §6; Φ = 0 when
@@ -100,6 +100,10 @@ def split_forward(q, k, v, beta, *, g=None, scale=None, segment_ids=None, interp
     each rank's entering state, and ``finish_forward(call, S)`` gives the output. Against a single
     call with one split this costs the transition pass (over E + D columns, storing nothing per
     chunk), which a single call with more splits runs too.
+
+    ``with_phi=False`` (a caller that never applies Φ: two ranks, no initial or final state): Φ is
+    None, the call is one split (its runs would need their own Φ to compose) and M comes from a pass
+    over the E value columns alone, half the transition pass's columns.
     """
     b, t, _, d = q.shape
     hv, e = v.shape[2:]
@@ -115,6 +119,8 @@ def split_forward(q, k, v, beta, *, g=None, scale=None, segment_ids=None, interp
         dtype=jnp.result_type(q.dtype, k.dtype, v.dtype),
         sequence_parallel=True,
     )
+    if not with_phi:
+        config = dataclasses.replace(config, splits=1)
     found = {}
 
     def pad(q, k, v, beta, g):
@@ -129,12 +135,12 @@ def split_forward(q, k, v, beta, *, g=None, scale=None, segment_ids=None, interp
     qp, kp, vp, betap, bp = args
     lay = Layout(qp, vp, statics.cfg, statics.mode)
     w, u, x = wy_representation(kp, vp, betap, bp, docs, lay, statics)
-    phi, m = transition(w, u, kp, bp, docs, lay, statics)
+    phi, m = transition(w, u, kp, bp, docs, lay, statics, with_phi=with_phi)
     call = SplitCall(tuple(args), docs, w, u, unpad, statics, (t, d, e), x)
     if splits > 1:
         call = dataclasses.replace(call, phi=phi, m=m)
         phi, m = compose_transitions(phi, m, splits)
-    return phi[:, :, :d, :d], m[:, :, :d, :e], call
+    return (None if phi is None else phi[:, :, :d, :d]), m[:, :, :d, :e], call
 
 
 def finish_forward(call: SplitCall, initial_state):

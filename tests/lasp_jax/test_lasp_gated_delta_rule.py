@@ -9,6 +9,7 @@ back across every shard); packed documents that cross shard edges and start exac
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -292,15 +293,83 @@ def test_per_shard_function_outside_shard_map():
         lasp_gated_delta_rule_shard(**_small())
 
 
+@pytest.mark.parametrize("strategy,gate", [("allgather", "gdn"), ("ring", "kda"), ("ring", "deltanet")])
+def test_pallas_two_ranks_without_states_forms_no_transition(rng, strategy, gate):
+    """Two ranks, no initial state, no final state (the training path on two GPUs): no rank applies
+    Φ, so the split kernel forms only M (a state pass over the E value columns, one run, the kernel
+    ``gated_delta_rule_leaving``) — outputs and
+    every gradient against the reference with documents crossing the edge, and the program holds no
+    transition pass, which the same call with a final state does."""
+    run_case(rng, dp=1, sp=2, strategy=strategy, gate=gate, docs=True, init=False, final=False, t=32, impl="pallas")
+    xs = rank_coded_inputs(rng, b=2, t=32, sp=2, gate=gate, init=False)
+    xs = {n: jnp.asarray(x, jnp.float32) for n, x in xs.items()}
+    mesh = mesh_for(1, 2)
+
+    def kernels(final):
+        layer = functools.partial(lasp_gated_delta_rule, mesh=mesh, strategy=strategy, impl="pallas")
+        do, ds = jnp.ones((2, 32, HV, E)), jnp.ones((2, HV, D, E))
+        run = grads_fn(layer, final=final)
+        text = str(run.trace(xs, do, ds, None).jaxpr)  # the kernels by name
+        return set(re.findall(r"gated_delta_rule_(?:transition|leaving|state)\b", text))
+
+    assert kernels(final=False) == {"gated_delta_rule_leaving", "gated_delta_rule_state"}
+    assert kernels(final=True) == {"gated_delta_rule_transition", "gated_delta_rule_state"}
+
+
+@pytest.mark.parametrize("gate", ["gdn", "kda"])
+def test_leaving_state_pass_lowers_to_triton(triton_lowering_h100, gate):
+    """The M-only pass of ``split_forward(with_phi=False)`` lowers for CUDA (bf16, D = E = 128)."""
+    from pallas_kernels.gated_delta_rule import pallas_triton_split
+
+    spec = jax.ShapeDtypeStruct
+    q, beta = spec((1, 256, 2, 128), jnp.bfloat16), spec((1, 256, 2), jnp.float32)
+    g = spec((1, 256, 2, 128) if gate == "kda" else (1, 256, 2), jnp.float32)
+
+    def m_only(q, k, v, beta, g):
+        phi, m, _ = pallas_triton_split.split_forward(q, k, v, beta, g=g, with_phi=False)
+        assert phi is None
+        return m
+
+    text = jax.jit(m_only).trace(q, q, q, beta, g).lower(lowering_platforms=("cuda",)).as_text()
+    assert "gated_delta_rule_leaving" in text and "gated_delta_rule_transition" not in text
+
+
+def test_affine_passing_without_phi_refuses_what_needs_it():
+    from lasp_jax.delta_rule import affine
+
+    assert not affine.needs_phi(2, initial_state=False, final_state=False)
+    assert affine.needs_phi(3, initial_state=False, final_state=False)
+    assert affine.needs_phi(2, initial_state=True, final_state=False)
+    assert affine.needs_phi(2, initial_state=False, final_state=True)
+    m = jnp.ones((1, 1, 2, 2))
+    for call in (
+        lambda: affine.ring_prefix(None, m, None, axis_name="sp", size=4),
+        lambda: affine.allgather_prefix(None, m, m, axis_name="sp", size=2, want_final=False),
+        lambda: affine.ring_suffix(None, m, m, axis_name="sp", size=2),
+    ):
+        with pytest.raises(ValueError, match="Φ is needed"):
+            call()
+
+
 # ---------------------------------------------------------------------------------- on GPUs
 @pytest.mark.gpu
-@pytest.mark.parametrize("strategy,gate", [("allgather", "gdn"), ("ring", "kda"), ("ring", "gdn")])
-def test_compiled_split_kernels_under_sp(rng, strategy, gate):
+@pytest.mark.parametrize(
+    "strategy,gate,states",
+    [
+        ("allgather", "gdn", True),
+        ("ring", "kda", True),
+        ("ring", "gdn", True),
+        ("ring", "gdn", False),
+        ("allgather", "kda", False),
+    ],
+)
+def test_compiled_split_kernels_under_sp(rng, strategy, gate, states):
     """On two GPUs, the compiled kernels' split entry points with their default in-GPU splits (each
     shard cut into runs whose transitions compose), bf16 q/k/v, D = 128, 4096 tokens per shard,
     a document from token 4000 across the shard edge (so rank 1's entering state matters): outputs
     and every gradient against the float32 recurrence, with the single-device kernels' tolerance,
-    compiled at XLA's usual optimisation level."""
+    compiled at XLA's usual optimisation level. Without states (no initial state, no final state:
+    the training path) no rank applies Φ and the kernels form only M."""
     if len(jax.devices()) < 2:
         pytest.skip("needs two GPUs")
     from pallas_kernels.gated_delta_rule import reference as ref_mod
@@ -314,7 +383,9 @@ def test_compiled_split_kernels_under_sp(rng, strategy, gate):
     do, ds = jnp.asarray(cot["o"], jnp.float32), jnp.asarray(cot["final_state"], jnp.float32)
     mesh = make_mesh(1, 2, devices=jax.devices()[:2])
     layer = functools.partial(lasp_gated_delta_rule, mesh=mesh, strategy=strategy, impl="pallas")
-    got = grads_fn(layer, fast_compile=False)(xs, do, ds, seg)
+    if not states:
+        xs.pop("initial_state", None)
+    got = grads_fn(layer, final=states, fast_compile=False)(xs, do, ds, seg)
 
     def oracle(*, q, k, v, beta, g=None, initial_state=None, output_final_state, segment_ids):
         f32 = lambda x: x.astype(jnp.float32)
@@ -325,7 +396,7 @@ def test_compiled_split_kernels_under_sp(rng, strategy, gate):
         return o, s
 
     with jax.default_matmul_precision("highest"):
-        want = grads_fn(oracle, fast_compile=False)(xs, do, ds, seg)
+        want = grads_fn(oracle, final=states, fast_compile=False)(xs, do, ds, seg)
     bound = tol(jnp.bfloat16, 4096)
     errors = {n: rel_err(np.asarray(got[n], np.float64), np.asarray(want[n], np.float64)) for n in want}
     assert all(e < bound for e in errors.values()), (bound, errors)
