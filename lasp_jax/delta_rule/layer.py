@@ -145,9 +145,13 @@ def _final_from_last_rank(cfg: DeltaRuleConfig, final, s_out):
 
 def _forward_split(cfg: DeltaRuleConfig, inputs, segments: Segments | None):
     # two ranks, no initial or final state (the training path on two GPUs): no rank applies Φ, so
-    # the split kernel forms only M, over the E value columns (half the transition pass)
-    with_phi = cfg.strategy == "scan" or affine.needs_phi(
-        cfg.size, initial_state="initial_state" in inputs, final_state=cfg.output_final_state
+    # under scalar or no gates the split kernel forms only M, over the E value columns in one run
+    # (half the transition pass's columns); per-channel gates keep their runs, which need Φ to compose
+    per_channel = "g" in inputs and inputs["g"].ndim == 4
+    with_phi = (
+        cfg.strategy == "scan"
+        or per_channel
+        or affine.needs_phi(cfg.size, initial_state="initial_state" in inputs, final_state=cfg.output_final_state)
     )
     phi, m, call = pallas_triton_split.split_forward(
         inputs["q"],
