@@ -15,8 +15,10 @@ ids); ``initial_state`` belongs to each row's first document, as in the delta ru
 
 ``final_state`` is the last ``W − 1`` inputs of the whole sequence (those of the last document
 only), the cache a token-by-token decoder continues from with ``short_conv_step``. Everything is
-jnp and collectives, so it differentiates by autodiff: the ``ppermute``'s transpose sends the
-cotangents of the borrowed inputs back to the rank that owns them.
+jnp and collectives. With a cache, or shards shorter than ``W − 1``, it differentiates by autodiff
+(the ``ppermute``'s transpose sends the borrowed inputs' cotangents back to the rank that owns
+them); training's case, shards of at least ``W − 1`` tokens without a cache, is one ``custom_vjp``
+(``_halo_conv``) whose backward does that by hand without shard-sized zero pads or copies.
 """
 
 from __future__ import annotations
