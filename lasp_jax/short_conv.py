@@ -177,7 +177,7 @@ def _halo_conv_fwd(x, weight, ext_ids, axis_name):
     return y.astype(x.dtype), (x, weight, before, ext_ids)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+@functools.partial(jax.custom_vjp, nondiff_argnames=("axis_name",))
 def _halo_conv(x, weight, ext_ids, axis_name):
     """The convolution of a shard of at least n = W − 1 tokens, the n inputs before it from the
     previous rank (zeros on rank 0), ``ext_ids`` ``[B, n + L]`` their document ids and the shard's."""
@@ -247,7 +247,7 @@ def short_conv_shard(
         ext_ids = jnp.where(jnp.arange(n + length)[None, :] < first, first_id, ext_ids)
     window = None
     if length >= n and initial_state is None:  # training: a backward with no shard-sized glue
-        y = _halo_conv(x, weight, ext_ids, axis_name)
+        y = _halo_conv(x, weight, ext_ids, axis_name=axis_name)
     else:
         # global position of each borrowed input: rank·L − n … rank·L − 1 (negative: before token 0)
         before = _from_ranks_before(x[:, length - m :], n, axis_name=axis_name, size=size)[:, -n:]
