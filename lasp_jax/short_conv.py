@@ -291,7 +291,8 @@ def short_conv(
     x ``[B, T, C]``, weight ``[W, C]`` (row ``W − 1`` multiplies the current token), segment_ids
     ``[B, T]`` integer document ids, initial_state ``[B, W−1, C]`` (the inputs before token 0).
     Returns ``(y [B, T, C] in x's dtype, final_state [B, W−1, C] or None)``, equal on every mesh to
-    the single-device ``short_conv_local`` (``mesh=None``).
+    the single-device ``short_conv_local`` (``mesh=None``). Reverse-mode autodiff only on a sharded
+    sequence without ``initial_state`` (a ``custom_vjp``): ``jax.jvp`` / ``jacfwd`` there fail.
     """
     _check(x, weight, segment_ids, initial_state)
     kwargs = dict(segment_ids=segment_ids, initial_state=initial_state, output_final_state=output_final_state)

@@ -293,27 +293,33 @@ def test_per_shard_function_outside_shard_map():
         lasp_gated_delta_rule_shard(**_small())
 
 
-@pytest.mark.parametrize("strategy,gate", [("allgather", "gdn"), ("ring", "kda"), ("ring", "deltanet")])
-def test_pallas_two_ranks_without_states_forms_no_transition(rng, strategy, gate):
+@pytest.mark.parametrize(
+    "strategy,gate,dp",
+    [("allgather", "gdn", 1), ("ring", "gdn", 2), ("allgather", "deltanet", 2), ("ring", "kda", 1), ("scan", "gdn", 1)],
+)
+def test_pallas_two_ranks_without_states_forms_no_transition(rng, strategy, gate, dp):
     """Two ranks, no initial state, no final state (the training path on two GPUs): no rank applies
     Φ, so under scalar or no gates the split kernel forms only M (a state pass over the E value
-    columns, one run, the kernel ``gated_delta_rule_leaving``; KDA keeps its runs) — outputs and
-    every gradient against the reference with documents crossing the edge, and the program holds no
-    transition pass, which the same call with a final state does."""
-    run_case(rng, dp=1, sp=2, strategy=strategy, gate=gate, docs=True, init=False, final=False, t=32, impl="pallas")
+    columns, one run, the kernel ``gated_delta_rule_leaving``; KDA keeps its runs, the scan its Φ) —
+    outputs and every gradient against the reference with documents crossing the edge, dp × sp
+    meshes too, and the program holds no transition pass, which the same call with a final state does."""
+    run_case(rng, dp=dp, sp=2, strategy=strategy, gate=gate, docs=True, init=False, final=False, t=32, impl="pallas")
     xs = rank_coded_inputs(rng, b=2, t=32, sp=2, gate=gate, init=False)
     xs = {n: jnp.asarray(x, jnp.float32) for n, x in xs.items()}
-    mesh = mesh_for(1, 2)
+    mesh = mesh_for(dp, 2)
+    batch_axis = "dp" if dp > 1 else None
 
     def kernels(final):
-        layer = functools.partial(lasp_gated_delta_rule, mesh=mesh, strategy=strategy, impl="pallas")
+        layer = functools.partial(
+            lasp_gated_delta_rule, mesh=mesh, batch_axis=batch_axis, strategy=strategy, impl="pallas"
+        )
         do, ds = jnp.ones((2, 32, HV, E)), jnp.ones((2, HV, D, E))
         run = grads_fn(layer, final=final)
         text = str(run.trace(xs, do, ds, None).jaxpr)  # the kernels by name
         return set(re.findall(r"gated_delta_rule_(?:transition|leaving|state)\b", text))
 
     with_states = {"gated_delta_rule_transition", "gated_delta_rule_state"}
-    if gate == "kda":  # per-channel gates keep their in-GPU runs, whose Φ compose them
+    if gate == "kda" or strategy == "scan":
         assert kernels(final=False) == with_states
     else:
         assert kernels(final=False) == {"gated_delta_rule_leaving", "gated_delta_rule_state"}
@@ -348,8 +354,12 @@ def test_affine_passing_without_phi_refuses_what_needs_it():
     m = jnp.ones((1, 1, 2, 2))
     for call in (
         lambda: affine.ring_prefix(None, m, None, axis_name="sp", size=4),
+        lambda: affine.ring_prefix(None, m, m, axis_name="sp", size=2),
         lambda: affine.allgather_prefix(None, m, m, axis_name="sp", size=2, want_final=False),
+        lambda: affine.allgather_prefix(None, m, None, axis_name="sp", size=2, want_final=True),
         lambda: affine.ring_suffix(None, m, m, axis_name="sp", size=2),
+        lambda: affine.allgather_suffix(None, m, m, axis_name="sp", size=2),
+        lambda: affine.allgather_suffix(None, m, None, axis_name="sp", size=3),
     ):
         with pytest.raises(ValueError, match="Φ is needed"):
             call()

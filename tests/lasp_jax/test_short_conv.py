@@ -159,17 +159,58 @@ def test_no_documents_no_cache_and_the_check_fails_without_the_halo(rng):
     assert rel_err(alone, want_y) > 1e-2
 
 
-def test_per_shard_function_in_a_users_shard_map(rng):
-    x, w, ids, cache = inputs(rng, 2, 12, docs=True, init=False, sp=4)
-    mesh = make_mesh(1, 4, devices=jax.devices()[:4])
+@pytest.mark.parametrize("check_vma", [True, False], ids=["checked", "unchecked"])
+@pytest.mark.parametrize("width, length", [(2, 1), (4, 3), (5, 6)], ids=["W2-L1", "W4-L3", "W5-L6"])
+def test_per_shard_function_in_a_users_shard_map(rng, width, length, check_vma):
+    """The training path (no cache, shards of at least W − 1 tokens): outputs, dx and dweight in a
+    user's shard_map on dp 2 × sp 4, documents, other widths than the models' 4."""
+    dp, sp = 2, 4
+    t = sp * length
+    x = rng.standard_normal((2 * dp, t, C))
+    w = rng.standard_normal((width, C))
+    ids = np.cumsum(rng.random((2 * dp, t)) < 0.3, axis=1).astype(np.int32)
+    ids[0] = np.repeat(np.arange(sp), length)  # a document at every shard edge
+    dy = rng.standard_normal((2 * dp, t, C))
+    mesh = make_mesh(dp, sp, devices=jax.devices()[: dp * sp])
 
     def body(x, w, ids):
         return short_conv_shard(x, w, axis_name="sp", segment_ids=ids)[0]
 
-    y = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(None, "sp"), P(), P(None, "sp")), out_specs=P(None, "sp")))(
-        jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), jnp.asarray(ids)
-    )
-    assert rel_err(y, oracle(x, w, ids, cache)[0]) < 1e-5
+    spec = P("dp", "sp")
+    conv = jax.shard_map(body, mesh=mesh, in_specs=(spec, P(), spec), out_specs=spec, check_vma=check_vma)
+    args = (jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
+    y = jax.jit(conv)(*args, jnp.asarray(ids))
+    assert rel_err(y, oracle(x, w, ids, np.zeros((2 * dp, width - 1, C)))[0]) < 1e-5
+    grads = jax.jit(jax.grad(lambda x, w: jnp.sum(conv(x, w, jnp.asarray(ids)) * dy), argnums=(0, 1)))(*args)
+    with x64():
+        want = jax.grad(
+            lambda x, w: jnp.sum(short_conv_local(x, w, segment_ids=jnp.asarray(ids))[0] * dy), argnums=(0, 1)
+        )(jnp.asarray(x), jnp.asarray(w))
+    for name, got, ref in zip(("dx", "dweight"), grads, want, strict=True):
+        assert rel_err(got, np.asarray(ref)) < 1e-5, name
+
+
+def test_training_path_in_bf16(rng):
+    """bf16 inputs, float32 weight, sp=4 with documents: the bf16 rounding of y and dx only."""
+    x, w, ids, _ = inputs(rng, 2, 16, docs=True, init=False, sp=4)
+    mesh = make_mesh(1, 4, devices=jax.devices()[:4])
+    dy = rng.standard_normal((2, 16, C))
+    conv = lambda x, w: short_conv(x, w, mesh=mesh, segment_ids=jnp.asarray(ids))[0]  # noqa: E731
+    xb, wf = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.float32)
+    y = jax.jit(conv)(xb, wf)
+    assert y.dtype == jnp.bfloat16
+    dx, dw = jax.jit(jax.grad(lambda x, w: jnp.sum(conv(x, w).astype(jnp.float32) * dy), argnums=(0, 1)))(xb, wf)
+    assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
+    dy = np.asarray(jnp.asarray(dy, jnp.bfloat16), np.float64)  # y is bf16: its cotangent arrives rounded
+    with x64():
+        xr = jnp.asarray(np.asarray(xb, np.float64))
+        want = short_conv_local(xr, jnp.asarray(w), segment_ids=jnp.asarray(ids))[0]
+        wdx, wdw = jax.grad(
+            lambda x, w: jnp.sum(short_conv_local(x, w, segment_ids=jnp.asarray(ids))[0] * dy), argnums=(0, 1)
+        )(xr, jnp.asarray(w))
+    assert rel_err(np.asarray(y, np.float64), want) < 1e-2
+    assert rel_err(np.asarray(dx, np.float64), wdx) < 1e-2
+    assert rel_err(dw, wdw) < 1e-5
 
 
 def test_decode_steps_continue_the_sequence(rng):
