@@ -146,35 +146,19 @@ def _shifted(a, shift: int):
     return jnp.pad(a[:, -shift:], ((0, 0), (0, -shift), (0, 0)))
 
 
-def _halo_parts(x, weight, before, ext_ids):
-    """float32 pieces: the taps' masks, the local sum over x (zeros before it) and the borrowed
-    inputs' term on the first n outputs ``[B, n, C]``."""
-    n, length = weight.shape[0] - 1, x.shape[1]
-    acc = acc_dtype(x.dtype, weight.dtype)
-    masks = None if ext_ids is None else _tap_masks(ext_ids, n + 1, length)
-    wf = weight.astype(acc)
-    xf = x.astype(acc)
-    local = jnp.zeros(x.shape, acc)
-    for i in range(n + 1):  # tap i reads input t − (n − i)
-        tap = _shifted(xf, n - i) * wf[i]
-        local = local + (tap if masks is None else jnp.where(masks[i][..., None], tap, 0.0))
-    # the borrowed inputs' term: the window [before, 0] through the taps, first n outputs
-    window = jnp.concatenate([before.astype(acc), jnp.zeros_like(before, acc)], axis=1)
-    head_masks = None if masks is None else masks[:, :, :n]
-    head = jnp.zeros(before.shape, acc)
-    for i in range(n + 1):
-        tap = window[:, i : i + n] * wf[i]
-        head = head + (tap if head_masks is None else jnp.where(head_masks[i][..., None], tap, 0.0))
-    return masks, local, head
-
-
 def _halo_conv_fwd(x, weight, ext_ids, axis_name):
     n, length = weight.shape[0] - 1, x.shape[1]
     size = int(jax.lax.axis_size(axis_name))
+    acc = acc_dtype(x.dtype, weight.dtype)
     before = jax.lax.ppermute(x[:, length - n :], axis_name, perm=[(r, r + 1) for r in range(size - 1)])
-    _, local, head = _halo_parts(x, weight, before, ext_ids)
+    masks = None if ext_ids is None else _tap_masks(ext_ids, n + 1, length)
+    # float32 sums: the shard's own taps over zeros before it, and the borrowed inputs' term on the
+    # first n outputs (the window [before, 0] through the taps)
+    local = _convolve(jnp.pad(x.astype(acc), ((0, 0), (n, 0), (0, 0))), weight, masks)
+    window = jnp.concatenate([before.astype(acc), jnp.zeros_like(before, acc)], axis=1)
+    head = _convolve(window, weight, None if masks is None else masks[:, :, :n])
     y = local + jnp.pad(head, ((0, 0), (0, length - n), (0, 0)))
-    return y.astype(x.dtype), (x, weight, before, ext_ids)
+    return y.astype(x.dtype), (x, weight, window, ext_ids)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnames=("axis_name",))
@@ -185,25 +169,24 @@ def _halo_conv(x, weight, ext_ids, axis_name):
 
 
 def _halo_conv_bwd(axis_name, residuals, dy):
-    x, weight, before, ext_ids = residuals
+    x, weight, window, ext_ids = residuals  # window: [before, 0] in float32
     n, length = weight.shape[0] - 1, x.shape[1]
-    acc = acc_dtype(x.dtype, weight.dtype)
+    acc = window.dtype
     masks = None if ext_ids is None else _tap_masks(ext_ids, n + 1, length)
     wf, xf, dyf = weight.astype(acc), x.astype(acc), dy.astype(acc)
-    window = jnp.concatenate([before.astype(acc), jnp.zeros_like(before, acc)], axis=1)
     dx = jnp.zeros(x.shape, acc)
-    d_window = jnp.zeros(window.shape, acc)
+    d_before = jnp.zeros((x.shape[0], n, x.shape[2]), acc)
     dw = []
-    for i in range(n + 1):
+    for i in range(n + 1):  # tap i: input t − (n − i) feeds output t
         dyi = dyf if masks is None else jnp.where(masks[i][..., None], dyf, 0.0)  # tap i's share of dy
-        dx = dx + _shifted(dyi, -(n - i)) * wf[i]  # input s feeds output s + n − i
-        d_window = d_window + jnp.pad(dyi[:, :n], ((0, 0), (i, n - i), (0, 0))) * wf[i]
+        dx = dx + _shifted(dyi, -(n - i)) * wf[i]
+        d_before = d_before + _shifted(dyi[:, :n], i) * wf[i]  # borrowed input j feeds output j − i
         dw.append(
             jnp.sum(_shifted(xf, n - i) * dyi, axis=(0, 1)) + jnp.sum(window[:, i : i + n] * dyi[:, :n], axis=(0, 1))
         )
     # the borrowed inputs' cotangent goes back to the rank they came from: its last n rows
     size = int(jax.lax.axis_size(axis_name))
-    d_tail = jax.lax.ppermute(d_window[:, :n], axis_name, perm=[(r + 1, r) for r in range(size - 1)])
+    d_tail = jax.lax.ppermute(d_before, axis_name, perm=[(r + 1, r) for r in range(size - 1)])
     dx = dx + jnp.pad(d_tail, ((0, 0), (length - n, 0), (0, 0)))
     return dx.astype(x.dtype), jnp.stack(dw).astype(weight.dtype), None
 
