@@ -336,16 +336,16 @@ def main(argv=None) -> int:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from models.cli import set_default_xla_flags
 
-    set_default_xla_flags()  # the XLA flags lasp-train runs with (the latency-hiding scheduler)
-    import jax
-
+    set_default_xla_flags()  # the XLA flags lasp-train runs with (the latency-hiding scheduler), before jax starts
     from benchmarks.delta_rule_sp import sp_splits
 
     with sp_splits(args.delta_sp_splits):  # active while the steps are traced
-        return _main(args, jax)
+        return _main(args)
 
 
-def _main(args, jax) -> int:
+def _main(args) -> int:
+    import jax
+
     dev = jax.devices()[0]
     header = {
         "device": dev.device_kind,

@@ -46,8 +46,9 @@ def needs_phi(size: int, *, initial_state: bool, final_state: bool) -> bool:
     return size > 2 or initial_state or final_state
 
 
-def _no_phi(size, s0, want_final=False):
-    if size > 2 or s0 is not None or want_final:
+def _check_no_phi(size: int, *, initial_state: bool = False, final_state: bool = False):
+    """Called with Φ None: raise where ``needs_phi`` says some rank would apply it."""
+    if needs_phi(size, initial_state=initial_state, final_state=final_state):
         raise ValueError("Φ is needed with more than two ranks, an initial state or a final state")
 
 
@@ -60,7 +61,7 @@ def _start(x, like):
 def ring_prefix(phi, m, s0, *, axis_name, size):
     """S_in(r) by P−1 non-cyclic hops (only rank ``hop`` holds a complete entering state at hop ``hop``)."""
     if phi is None:  # two ranks, nothing entering rank 0: S_in(1) = M_0
-        _no_phi(size, s0)
+        _check_no_phi(size, initial_state=s0 is not None)
     rank = jax.lax.axis_index(axis_name)
     s_in = _start(s0, m)
     for hop in range(size - 1):
@@ -73,7 +74,7 @@ def ring_prefix(phi, m, s0, *, axis_name, size):
 def ring_suffix(phi, ds_local, d_final, *, axis_name, size):
     """dS_out(r) by P−1 hops from the last rank towards rank 0."""
     if phi is None:  # two ranks, nothing leaving the last: dS_out(0) = dS_in^loc(1)
-        _no_phi(size, d_final)
+        _check_no_phi(size, final_state=d_final is not None)
     rank = jax.lax.axis_index(axis_name)
     ds_out = _start(d_final, ds_local)
     for hop in range(size - 1, 0, -1):
@@ -88,7 +89,7 @@ def ring_suffix(phi, ds_local, d_final, *, axis_name, size):
 def allgather_prefix(phi, m, s0, *, axis_name, size, want_final, invariant_final=False):
     """``(S_in(r), final state or None, Φ of every rank [P, B, Hv, D, D])`` from one ``all_gather``."""
     if phi is None:  # two ranks, no initial or final state: S_in = (0, M_0)
-        _no_phi(size, s0, want_final)
+        _check_no_phi(size, initial_state=s0 is not None, final_state=want_final)
         ms = jax.lax.all_gather(m, axis_name)
         return jnp.stack([_start(None, m), ms[0]])[jax.lax.axis_index(axis_name)], None, None
     d = phi.shape[-1]
@@ -109,7 +110,7 @@ def allgather_prefix(phi, m, s0, *, axis_name, size, want_final, invariant_final
 def allgather_suffix(phis, ds_local, d_final, *, axis_name, size):
     """dS_out(r) from one ``all_gather`` of every rank's ``dS_in^loc``."""
     if phis is None:  # two ranks, nothing leaving the last: dS_out = (dS_in^loc(1), 0)
-        _no_phi(size, d_final)
+        _check_no_phi(size, final_state=d_final is not None)
     ds_locals = jax.lax.all_gather(ds_local, axis_name)
     ds_out = _start(d_final, ds_local)
     leaving = [ds_out]
