@@ -28,7 +28,9 @@ from benchmarks.delta_rule import _jax_inputs  # noqa: E402
 def sp_splits(splits: int | None):
     """While active (and while a function is traced), the split entry points of the sharded delta
     rule (``pallas_triton_split.split_forward``) cut each shard into ``splits`` runs instead of the
-    default config's count; None leaves the default. For sweeps only: the layer has no such option."""
+    default config's count; None leaves the default. For sweeps only: the layer has no such option.
+    Two ranks without initial or final state under scalar or no gates run one run whatever this
+    says (no Φ is formed there, and the runs would need it to compose)."""
     from pallas_kernels.gated_delta_rule import pallas_triton_split
 
     if splits is None:
