@@ -66,20 +66,15 @@ class Deal:
     def deal(self, x, axis_name):
         """Local ``[B, L, ...]`` (chunks 2r, 2r + 1) -> the two halves this rank computes."""
         half = x.shape[1] // 2
-        return _permute(x[:, :half], axis_name, self.to_lo), _permute(x[:, half:], axis_name, self.to_hi)
+        return (
+            lax.ppermute(x[:, :half], axis_name, self.to_lo),
+            lax.ppermute(x[:, half:], axis_name, self.to_hi),
+        )
 
     def undeal(self, xa, xb, axis_name):
         """The inverse of ``deal``: computed halves back to their owners, ``[B, L, ...]``."""
         back = [tuple((t, s) for s, t in perm) for perm in (self.to_lo, self.to_hi)]
-        return jnp.concatenate([_permute(xa, axis_name, back[0]), _permute(xb, axis_name, back[1])], axis=1)
-
-
-def _permute(x, axis_name, perm):
-    """``ppermute``, or x itself where every rank keeps its own (the even halves at P = 2: a
-    collective of self-pairs would copy a half-shard per call)."""
-    if all(source == target for source, target in perm):
-        return x
-    return lax.ppermute(x, axis_name, perm)
+        return jnp.concatenate([lax.ppermute(xa, axis_name, back[0]), lax.ppermute(xb, axis_name, back[1])], axis=1)
 
 
 def dealt_chunks(rank, n: int):

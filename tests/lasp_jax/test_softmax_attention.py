@@ -330,13 +330,6 @@ def test_balanced_allgather_deals_queries():
     assert grad == {"all_gather": 4, "reduce_scatter": 2, "collective_permute": 6}
 
 
-def test_two_ranks_deal_only_the_odd_halves():
-    """At P = 2 rank r computes its own even half (chunk r): only the odd halves travel, one
-    ``ppermute`` each way in the forward (sp=4 above: two)."""
-    fwd, _ = _collectives("allgather", _sp_mesh(2))
-    assert fwd == {"all_gather": 2, "collective_permute": 2}
-
-
 @pytest.mark.parametrize("sp", [2, 4, 8])
 def test_balanced_deal_is_a_permutation_with_equal_work(sp):
     """Every chunk computed exactly once; every rank attends 2P chunk pairs (contiguous: 4r + 2)."""
