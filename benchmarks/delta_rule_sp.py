@@ -25,21 +25,23 @@ from benchmarks.delta_rule import _jax_inputs  # noqa: E402
 
 
 @contextlib.contextmanager
-def sp_splits(splits: int | None):
+def sp_splits(splits: int | None, block_e: int | None = None):
     """While active (and while a function is traced), the split entry points of the sharded delta
     rule (``pallas_triton_split.split_forward``) cut each shard into ``splits`` runs instead of the
-    default config's count; None leaves the default. For sweeps only: the layer has no such option.
+    default config's count (and use ``block_e``-wide value blocks); None leaves the default. For
+    sweeps only: the layer has no such option.
     Two ranks without initial or final state under scalar or no gates run one run whatever this
     says (no Φ is formed there, and the runs would need it to compose)."""
     from pallas_kernels.gated_delta_rule import pallas_triton_split
 
-    if splits is None:
+    if splits is None and block_e is None:
         yield
         return
     default = pallas_triton_split.default_config
 
     def with_splits(**kw):
-        return dataclasses.replace(default(**kw), splits=splits)
+        cfg = default(**kw)
+        return dataclasses.replace(cfg, splits=splits or cfg.splits, block_e=block_e or cfg.block_e)
 
     pallas_triton_split.default_config = with_splits
     try:
@@ -58,7 +60,9 @@ def _time(fn, args) -> float:
     return timing.median_ms(fn, *args, reps=10, warmup=2, inner=3)
 
 
-def run(op: str, tokens_per_gpu: int, strategies, h: int, d: int, with_peer: bool, splits=(None,)) -> list[dict]:
+def run(
+    op: str, tokens_per_gpu: int, strategies, h: int, d: int, with_peer: bool, splits=(None,), block_e=None
+) -> list[dict]:
     import jax
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
@@ -77,7 +81,7 @@ def run(op: str, tokens_per_gpu: int, strategies, h: int, d: int, with_peer: boo
     full = _jax_inputs(op, 1, p * tokens_per_gpu, h, d, seed=1)
     sharded = [jax.device_put(x, NamedSharding(mesh, P(None, "sp"))) for x in full]
     contenders = {
-        (s if n is None else f"{s}, {n} splits", n): (
+        (s + ("" if n is None else f", {n} splits") + ("" if block_e is None else f", block_e {block_e}"), n): (
             lambda q, k, v, beta, g, s=s: lasp_gated_delta_rule(q, k, v, beta, g=g, mesh=mesh, strategy=s)[0]
         )
         for s in strategies
@@ -95,7 +99,7 @@ def run(op: str, tokens_per_gpu: int, strategies, h: int, d: int, with_peer: boo
             print(f"jax-linear-attention not importable: {err}", flush=True)
     for (name, n), attn in contenders.items():
         try:
-            with sp_splits(n):  # the first call traces
+            with sp_splits(n, None if name.startswith("jla") else block_e):  # the first call traces
                 ms = _time(_fwd_bwd(attn), sharded)
             row = {"op": op, "what": name, "T": p * tokens_per_gpu, "fwd_bwd_ms": ms, "ratio": ms / base}
         except Exception as err:  # record and go on: one contender's failure is a result
@@ -120,12 +124,22 @@ def main() -> None:
         default=None,
         help="runs per shard of the split entry points, one row each (default: the config's)",
     )
+    ap.add_argument("--sp-block-e", type=int, default=None, help="value-block width of the split entry points")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     rows = []
     for op in args.ops:
         splits = args.sp_splits or [None]
-        rows += run(op, args.tokens_per_gpu, args.strategies, args.heads, args.head_dim, not args.no_peer, splits)
+        rows += run(
+            op,
+            args.tokens_per_gpu,
+            args.strategies,
+            args.heads,
+            args.head_dim,
+            not args.no_peer,
+            splits,
+            args.sp_block_e,
+        )
     print("\nop | what | T | fwd+bwd ms | × 1 GPU at the local shape")
     for r in rows:
         cell = f"{r['fwd_bwd_ms']:.3f} | {r['ratio']:.2f}" if "fwd_bwd_ms" in r else f"failed: {r['error'][:80]} |"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -60,6 +61,12 @@ def variants(base, d: int) -> list[tuple[str, dict]]:
         {split: 2},
         {split: 4},
         {"block_e": 64},
+        # narrower value blocks: twice the state passes' programs, each step half as wide
+        {"block_e": 16},
+        {"block_e": 32},  # the 32-wide blocks where the default picks 16
+        {"block_e": 16, "num_warps_state": 2},
+        {"num_warps_state": 8},
+        {"num_stages_state": 2},
         {"num_warps_bwd": 4},
         {"num_stages_bwd": 2},
         {"num_warps": 4},
@@ -105,7 +112,9 @@ def _fns(config, interpret):
     return attn, fwd, fwd_bwd
 
 
-def sweep_op(op, shape, *, reps, budget, interpret, only=None, labels=None, base_overrides=None) -> list[dict]:
+def sweep_op(
+    op, shape, *, reps, budget, interpret, only=None, labels=None, base_overrides=None, profile_dir=None
+) -> list[dict]:
     from pallas_kernels.gated_delta_rule.config import default_config
 
     b, t, h, d = shape
@@ -135,6 +144,15 @@ def sweep_op(op, shape, *, reps, budget, interpret, only=None, labels=None, base
         cfg = dataclasses.replace(base, **over)
         row = {"op": op, "shape": list(shape), "label": label, "config": dataclasses.asdict(cfg)}
         time_config(row, lambda cfg=cfg: _fns(cfg, interpret), (q, k, v, beta, g), do, reps=reps)
+        if profile_dir and "error" not in row:
+            from models.profile import format_table, profile_calls
+
+            fwd_bwd = _fns(cfg, interpret)[2]
+            logdir = os.path.join(profile_dir, f"{op}_{label}".replace("=", "-").replace(",", "_"))
+            run = functools.partial(lambda fn, _: fn(q, k, v, beta, g, do), fwd_bwd)
+            _, summary = profile_calls(run, None, calls=3, logdir=logdir)
+            print(format_table(summary, title=f"{op} {label} {shape} fwd+bwd"), flush=True)
+            row["profile"] = summary.as_json()
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -184,6 +202,9 @@ def main() -> None:
     ap.add_argument("--check-shape", default="1,512,4,128", help="B,T,H,D of --check")
     ap.add_argument("--interpret", action="store_true", help="Pallas interpreter (CPU syntax check)")
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--profile", metavar="DIR", help="trace three fwd+bwd calls of each config, print device time by kernel"
+    )
     args = ap.parse_args()
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     shape = tuple(map(int, args.shape.split(",")))
@@ -205,6 +226,7 @@ def main() -> None:
             only=args.only,
             labels=args.labels,
             base_overrides=base_overrides,
+            profile_dir=args.profile,
         )
 
     print(f"\nop | config | fwd ms | fwd+bwd ms   ({shape}, sorted by fwd+bwd)")

@@ -195,7 +195,11 @@ def collectives(hlo: str) -> dict[str, dict[str, int]]:
     return out
 
 
-def measure(workload: Workload, cfg: Config, mesh: Mesh | None, strategy: str, tokens: int, reps: int) -> dict:
+def measure(
+    workload: Workload, cfg: Config, mesh: Mesh | None, strategy: str, tokens: int, reps: int, profile_dir=None
+) -> dict:
+    """One row: compile, memory, collectives, median time, sampled outputs; with ``profile_dir`` also
+    the device time of three traced steps by kernel (``models.profile``), printed and in the row."""
     row: dict = {"strategy": strategy, "tokens": tokens}
     try:
         step, args = workload(cfg, mesh, strategy, tokens)
@@ -204,6 +208,12 @@ def measure(workload: Workload, cfg: Config, mesh: Mesh | None, strategy: str, t
         row["temp_mib"] = None if memory is None else round(memory.temp_size_in_bytes / 2**20, 1)
         row["collectives"] = collectives(compiled.as_text())
         row["ms"] = median_ms(step, *args, reps=reps)
+        if profile_dir:
+            from models.profile import format_table, profile_calls
+
+            _, summary = profile_calls(lambda _: step(*args), None, calls=3, logdir=profile_dir)
+            print(format_table(summary, title=f"{strategy}, {tokens} tokens"), flush=True)
+            row["profile"] = summary.as_json()
         out = step(*args)[0]  # 256 tokens spread over every rank's block, to compare with one device
         row["out"] = np.asarray(jax.device_get(out[:, :: max(1, tokens // 256)].astype(jnp.float32)))
     except Exception as err:  # noqa: BLE001 (an OOM at the global shape is a result, not a crash)
@@ -233,6 +243,7 @@ def main():
     )
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--profile", metavar="DIR", help="trace three steps of every row, print device time by kernel")
     for field in dataclasses.fields(Config):
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=None)
     args = parser.parse_args()
@@ -257,17 +268,19 @@ def main():
         )
 
     local = cfg.tokens_per_device
-    single_local = measure(workload, cfg, None, "single", local, args.reps)
+    prof = lambda name: args.profile and os.path.join(args.profile, name)  # noqa: E731
+    single_local = measure(workload, cfg, None, "single", local, args.reps, prof("single_local"))
     add(single_local | {"sp": 1, "shape": "local"})
     for sp in args.sp:
         if sp > len(devices):
             print(f"skipping sp={sp}: only {len(devices)} devices")
             continue
         mesh = Mesh(np.array(devices[:sp]), ("sp",))
-        single_global = measure(workload, cfg, None, "single", local * sp, args.reps)
+        single_global = measure(workload, cfg, None, "single", local * sp, args.reps, prof(f"single_x{sp}"))
         add(single_global | {"sp": 1, "shape": f"global (sp={sp})"})
         for strategy in args.strategies:
-            row = measure(workload, cfg, mesh, strategy, local * sp, args.reps) | {"sp": sp, "shape": "sharded"}
+            row = measure(workload, cfg, mesh, strategy, local * sp, args.reps, prof(f"{strategy}_sp{sp}"))
+            row |= {"sp": sp, "shape": "sharded"}
             if "ms" in row:
                 row["x_single_local"] = row["ms"] / single_local["ms"] if "ms" in single_local else None
                 row["x_single_global"] = row["ms"] / single_global["ms"] if "ms" in single_global else None
