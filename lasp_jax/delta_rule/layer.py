@@ -55,6 +55,7 @@ from pallas_kernels import gated_delta_rule
 from pallas_kernels.common import on_gpu
 from pallas_kernels.gated_delta_rule import pallas_triton_split, xla
 from pallas_kernels.gated_delta_rule.api import resolve_impl
+from pallas_kernels.gated_delta_rule.config import one_run_fills
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,11 +147,15 @@ def _final_from_last_rank(cfg: DeltaRuleConfig, final, s_out):
 def _forward_split(cfg: DeltaRuleConfig, inputs, segments: Segments | None):
     # two ranks, no initial or final state (the training path on two GPUs): no rank applies Φ, so
     # under scalar or no gates the split kernel forms only M, over the E value columns in one run
-    # (half the transition pass's columns); per-channel gates keep their runs, which need Φ to compose
+    # (half the transition pass's columns) where one run fills the GPU; per-channel gates and
+    # shards with few heads keep their runs, which need Φ to compose
     per_channel = "g" in inputs and inputs["g"].ndim == 4
+    b, _, hv, e = inputs["v"].shape
+    few_programs = on_gpu() and not one_run_fills(batch=b, value_heads=hv, value_dim=e)
     with_phi = (
         cfg.strategy == "scan"
         or per_channel
+        or few_programs
         or affine.needs_phi(cfg.size, initial_state="initial_state" in inputs, final_state=cfg.output_final_state)
     )
     phi, m, call = pallas_triton_split.split_forward(

@@ -326,6 +326,32 @@ def test_pallas_two_ranks_without_states_forms_no_transition(rng, strategy, gate
     assert kernels(final=True) == with_states
 
 
+@pytest.mark.parametrize("heads,kernel", [(16, "transition"), (32, "leaving")])
+def test_two_ranks_keep_their_runs_where_one_run_leaves_half_the_gpu_idle(monkeypatch, heads, kernel):
+    """On a GPU the M-only pass runs as one run, so where one run's programs (rows × value heads ×
+    32-wide value blocks) fill at most half the SMs the shard keeps its in-GPU runs and the
+    transition pass (2×H200, 16 heads: 5.65 against 7.30 ms); from more than half, the M-only pass.
+    Traced (not run) for the GPU at (1, 2 × 8192, heads, 128) bf16."""
+    from lasp_jax.delta_rule import layer
+    from pallas_kernels.gated_delta_rule.config import one_run_fills
+
+    assert not one_run_fills(batch=1, value_heads=16, value_dim=128)  # 64 programs of 132 SMs
+    assert one_run_fills(batch=1, value_heads=32, value_dim=128) and one_run_fills(
+        batch=2, value_heads=16, value_dim=128
+    )
+    monkeypatch.setattr(layer, "on_gpu", lambda: True)
+    t = 2 * 8192
+    tok = jax.ShapeDtypeStruct((1, t, heads, 128), jnp.bfloat16)
+    gates = jax.ShapeDtypeStruct((1, t, heads), jnp.float32)
+
+    def loss(q, k, v, beta, g):
+        o, _ = lasp_gated_delta_rule(q, k, v, beta, g=g, mesh=make_mesh(sp=2), strategy="allgather", impl="pallas")
+        return jnp.sum(o.astype(jnp.float32))
+
+    text = str(jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(tok, tok, tok, gates, gates).jaxpr)
+    assert set(re.findall(r"gated_delta_rule_(?:transition|leaving)\b", text)) == {f"gated_delta_rule_{kernel}"}
+
+
 @pytest.mark.parametrize("gate", ["gdn", "kda"])
 def test_leaving_state_pass_lowers_to_triton(triton_lowering_h100, gate):
     """The M-only pass of ``split_forward(with_phi=False)`` lowers for CUDA (bf16, D = E = 128)."""
@@ -368,29 +394,33 @@ def test_affine_passing_without_phi_refuses_what_needs_it():
 # ---------------------------------------------------------------------------------- on GPUs
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "strategy,gate,states",
+    "strategy,gate,states,hv",
     [
-        ("allgather", "gdn", True),
-        ("ring", "kda", True),
-        ("ring", "gdn", True),
-        ("ring", "gdn", False),
-        ("allgather", "gdn", False),
+        ("allgather", "gdn", True, 4),
+        ("ring", "kda", True, 4),
+        ("ring", "gdn", True, 4),
+        ("ring", "gdn", False, 4),  # few programs: the runs and Φ are kept
+        ("ring", "gdn", False, 32),  # one run fills the GPU: M alone
+        ("allgather", "gdn", False, 32),
     ],
 )
-def test_compiled_split_kernels_under_sp(rng, strategy, gate, states):
+def test_compiled_split_kernels_under_sp(rng, strategy, gate, states, hv):
     """On two GPUs, the compiled kernels' split entry points with their default in-GPU splits (each
     shard cut into runs whose transitions compose), bf16 q/k/v, D = 128, 4096 tokens per shard,
     a document from token 4000 across the shard edge (so rank 1's entering state matters): outputs
     and every gradient against the float32 recurrence, with the single-device kernels' tolerance,
     compiled at XLA's usual optimisation level. Without states (no initial state, no final state:
-    the training path) no rank applies Φ and the kernels form only M."""
+    the training path) no rank applies Φ and, with 32 value heads (one run fills the GPU), the
+    kernels form only M."""
     if len(jax.devices()) < 2:
         pytest.skip("needs two GPUs")
     from pallas_kernels.gated_delta_rule import reference as ref_mod
     from tests.pallas_kernels.test_gated_delta_rule_pallas import make_inputs
 
     t = 8192
-    xs, cot, seg = make_inputs(rng, b=1, t=t, h=2, hv=4, d=128, e=128, gate=gate, g_max=0.5, docs=(1000, 4000, 6000))
+    xs, cot, seg = make_inputs(
+        rng, b=1, t=t, h=hv // 2, hv=hv, d=128, e=128, gate=gate, g_max=0.5, docs=(1000, 4000, 6000)
+    )
     low = ("q", "k", "v")
     xs = {n: jnp.asarray(x, jnp.bfloat16 if n in low else jnp.float32) for n, x in xs.items()}
     seg = jnp.asarray(seg)

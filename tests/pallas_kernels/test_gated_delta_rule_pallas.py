@@ -279,9 +279,15 @@ def test_default_config_fills_the_gpu_with_splits():
     """Splits until the state passes have ~2 programs per SM under per-channel gates, a quarter of
     the SMs under scalar or no gates; many rows and heads: one."""
     few = default_config(batch=1, value_heads=16, seq_len=32768, value_dim=128, interpret=False)
-    assert (few.chunk, few.block_e, few.splits) == (64, 32, 1)  # 64 programs
+    assert (few.chunk, few.block_e, few.splits) == (64, 16, 1)  # 64 programs of 32 columns → 128 of 16
     fewer = default_config(batch=1, value_heads=4, seq_len=32768, value_dim=128, interpret=False)
-    assert fewer.splits == 4  # 16 programs → 64
+    assert (fewer.block_e, fewer.splits) == (32, 4)  # 16 programs → 64
+    heads32 = default_config(batch=1, value_heads=32, seq_len=32768, value_dim=128, interpret=False)
+    assert (heads32.block_e, heads32.splits) == (32, 1)  # 128 programs: 16-wide blocks measured slower
+    sharded = default_config(
+        batch=1, value_heads=16, seq_len=32768, value_dim=128, interpret=False, sequence_parallel=True
+    )
+    assert (sharded.block_e, sharded.splits) == (32, 8)  # split entry points: 16-wide blocks measured slower
     per_channel = default_config(
         batch=1, value_heads=16, seq_len=32768, value_dim=128, interpret=False, per_channel=True
     )
@@ -312,9 +318,10 @@ def test_kernels_lower_to_triton(triton_lowering_h100):
         ("deltanet", (1, 70, 1, 1, 64, 64), jnp.float16, True, 1),
     ]:
         # deltanet lowers the fused WY backward, kda its two-kernel split, gdn the whole-chunk one
-        # that reads the stored inverse
+        # that reads the stored inverse (and 16-wide value blocks in the state passes)
         config = BlockConfig(
             splits=splits,
+            block_e=16 if gate == "gdn" else 32,
             wy_bwd_split=gate == "kda",
             store_inverse=gate == "gdn",
             inverse_precision={"gdn": "tf32x3", "deltanet": "tf32", "kda": "highest"}[gate],
@@ -356,6 +363,13 @@ GPU_CASES = {
         (1000, 1001, 2500),
         BlockConfig(splits=4, store_inverse=True, wy_rows=64, inverse_precision="tf32"),
     ),
+    # 16-wide value blocks of the state passes (the default where 32-wide ones leave half the SMs idle)
+    "gdn-block-e-16-docs": (
+        "gdn",
+        (1000, 1001, 2500),
+        BlockConfig(block_e=16, store_inverse=True, wy_rows=64, inverse_precision="tf32"),
+    ),
+    "gdn-block-e-16-splits": ("gdn", None, BlockConfig(block_e=16, splits=4, store_inverse=True)),
 }
 
 
