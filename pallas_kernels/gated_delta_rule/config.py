@@ -122,26 +122,28 @@ def default_config(
     dtype=None,
     sequence_parallel: bool = False,
 ) -> BlockConfig:
-    """Interpret mode: small chunks, one split. GPU: 64-token chunks, value blocks of 32, and
-    splits (a power of two) doubled while the state passes have fewer programs than twice the SMs
-    under per-channel gates, fewer than a quarter of the SMs (33) under scalar or no gates, keeping
-    at least 16 chunks per split (H200, bf16, GDN fwd+bwd with one split against the former two-per-SM rule:
-    (1, 32K, 16, 128) 5.40 against 5.75 ms with 8 splits, (4, 8K, 16, 128) 4.25 against 5.77 ms
-    with 2, (1, 32K, 32, 128) 8.09 against 10.77 ms with 4: a split costs a transition pass over
+    """Interpret mode: small chunks, one split. GPU: 64-token chunks, value blocks of 32, and splits
+    (a power of two) doubled while the state passes have fewer programs than twice the SMs under
+    per-channel gates, fewer than a quarter of the SMs (33) under scalar or no gates, keeping at
+    least 16 chunks per split (H200, bf16, GDN fwd+bwd with one split against the former two-per-SM
+    rule: (1, 32K, 16, 128) 5.40 against 5.75 ms with 8 splits, (4, 8K, 16, 128) 4.25 against 5.77
+    ms with 2, (1, 32K, 32, 128) 8.09 against 10.77 ms with 4: a split costs a transition pass over
     D + E columns and a local reverse pass, more than the parallelism it buys once the heads give
-    the passes 64 programs; KDA (1, 32K, 16, 128): 40.16 ms with 8 splits, 40.11 with 2, 41.33
-    with 1, so per-channel gates keep the rule; so do the split entry points of sequence
-    parallelism, ``sequence_parallel``, which run the transition and the local reverse pass
-    anyway); the WY kernels take whole rows of keys and values at once (``block_cols`` = the
-    padded head dim) under scalar or no gates, 32-column blocks under
-    per-channel gates; the forward stores each chunk's inverse for a whole-chunk WY backward under
-    scalar or no gates (``store_inverse``). For bf16/fp16 inputs (``dtype``) under scalar or no
-    gates the forward WY kernel works on whole chunks and forms the inverse in tf32 (``wy_rows`` =
-    chunk, ``inverse_precision="tf32"``; H200, GDN (1, 32K, 16, 128) fwd+bwd 5.70 against 6.18 ms
-    with 16-row tiles in float32, the same errors against the XLA path: the bf16 rounding of W and U
-    dominates); float32 inputs keep the exact float32 inverse ("tf32x3" measured slower: 6.41 against
-    6.04 ms). Per-channel gates store the output's score blocks for its backward (``store_scores``;
-    H200, KDA (1, 32K, 16, 128) bf16 fwd+bwd 40.84 against 59.38 ms).
+    the passes 64 programs; KDA (1, 32K, 16, 128): 40.16 ms with 8 splits, 40.11 with 2, 41.33 with
+    1, so per-channel gates keep the rule. The split entry points of sequence parallelism
+    (``sequence_parallel``, which run the transition and the local reverse pass anyway) split while
+    fewer than half the SMs (66) have programs: 2×H200, GDN 32K tokens per GPU, 16 heads, allgather,
+    2 / 4 / 8 / 16 runs per shard 5.60 / 5.64 / 5.86 / 6.29 ms); the WY kernels take whole rows of
+    keys and values at once (``block_cols`` = the padded head dim) under scalar or no gates,
+    32-column blocks under per-channel gates; the forward stores each chunk's inverse for a
+    whole-chunk WY backward under scalar or no gates (``store_inverse``). For bf16/fp16 inputs
+    (``dtype``) under scalar or no gates the forward WY kernel works on whole chunks and forms the
+    inverse in tf32 (``wy_rows`` = chunk, ``inverse_precision="tf32"``; H200, GDN (1, 32K, 16, 128)
+    fwd+bwd 5.70 against 6.18 ms with 16-row tiles in float32, the same errors against the XLA path:
+    the bf16 rounding of W and U dominates); float32 inputs keep the exact float32 inverse ("tf32x3"
+    measured slower: 6.41 against 6.04 ms). Per-channel gates store the output's score blocks for
+    its backward (``store_scores``; H200, KDA (1, 32K, 16, 128) bf16 fwd+bwd 40.84 against 59.38
+    ms).
 
     Warps from ptxas register counts of a Triton 3.9 sm_90 build (the wy kernel spills at 4 warps,
     not at 8); ``block_cols`` from the H200 sweep of 2026-11-30 (GDN (1, 32K, 16, 128) bf16
@@ -171,5 +173,5 @@ def default_config(
         # 7.03 against 5.65 ms)
         cfg = dataclasses.replace(cfg, block_e=16)
         programs *= 2
-    target = 2 * NUM_SMS if per_channel or sequence_parallel else NUM_SMS // 4
+    target = 2 * NUM_SMS if per_channel else NUM_SMS // 2 if sequence_parallel else NUM_SMS // 4
     return dataclasses.replace(cfg, splits=state_pass_splits(programs, -(-seq_len // cfg.chunk), target=target))

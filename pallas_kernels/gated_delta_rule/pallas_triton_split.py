@@ -14,8 +14,9 @@ Since those two passes run anyway, the call cuts its rows into ``cfg.splits`` ru
 single-call kernels do (LASP inside one GPU, ``pallas_triton``): the transition pass walks the runs
 in parallel and a float32 scan composes them into the call's ``(Φ, M)``; the stored pass starts
 each run from its own entering state, and the backward's local pass gives each run's. The default
-config keeps two programs per SM here (``default_config(sequence_parallel=True)``), where the
-single call, which need not run the transition, splits less.
+config (``default_config(sequence_parallel=True)``) splits until half the SMs have programs under
+scalar or no gates (two per SM under per-channel gates), where the single call, which need not run
+the transition, splits only below a quarter.
 """
 
 from __future__ import annotations

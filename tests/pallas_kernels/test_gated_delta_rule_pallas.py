@@ -287,7 +287,12 @@ def test_default_config_fills_the_gpu_with_splits():
     sharded = default_config(
         batch=1, value_heads=16, seq_len=32768, value_dim=128, interpret=False, sequence_parallel=True
     )
-    assert (sharded.block_e, sharded.splits) == (32, 8)  # split entry points: 16-wide blocks measured slower
+    # the split entry points: 32-wide blocks (16-wide measured slower), runs until half the SMs
+    assert (sharded.block_e, sharded.splits) == (32, 2)  # 64 programs → 128
+    sharded_kda = default_config(
+        batch=1, value_heads=16, seq_len=32768, value_dim=128, interpret=False, sequence_parallel=True, per_channel=True
+    )
+    assert sharded_kda.splits == 8  # per-channel gates: two programs per SM
     per_channel = default_config(
         batch=1, value_heads=16, seq_len=32768, value_dim=128, interpret=False, per_channel=True
     )
