@@ -31,7 +31,8 @@ def sp_splits(splits: int | None, block_e: int | None = None):
     default config's count (and use ``block_e``-wide value blocks); None leaves the default. For
     sweeps only: the layer has no such option.
     Two ranks without initial or final state under scalar or no gates run one run whatever this
-    says (no Φ is formed there, and the runs would need it to compose)."""
+    says where the shard's default is one run (no Φ is formed there, and the runs would need it to
+    compose)."""
     from pallas_kernels.gated_delta_rule import pallas_triton_split
 
     if splits is None and block_e is None:

@@ -55,7 +55,6 @@ from pallas_kernels import gated_delta_rule
 from pallas_kernels.common import on_gpu
 from pallas_kernels.gated_delta_rule import pallas_triton_split, xla
 from pallas_kernels.gated_delta_rule.api import resolve_impl
-from pallas_kernels.gated_delta_rule.config import one_run_fills
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,15 +146,17 @@ def _final_from_last_rank(cfg: DeltaRuleConfig, final, s_out):
 def _forward_split(cfg: DeltaRuleConfig, inputs, segments: Segments | None):
     # two ranks, no initial or final state (the training path on two GPUs): no rank applies Φ, so
     # under scalar or no gates the split kernel forms only M, over the E value columns in one run
-    # (half the transition pass's columns) where one run fills the GPU; per-channel gates and
-    # shards with few heads keep their runs, which need Φ to compose
+    # (half the transition pass's columns), where the shard's default is one run anyway; where it
+    # cuts the shard into runs (few heads: their parallelism pays more than the D columns, 2×H200
+    # GDN 16 heads 5.50 against 7.30 ms) and under per-channel gates the runs need Φ to compose
     per_channel = "g" in inputs and inputs["g"].ndim == 4
-    b, _, hv, e = inputs["v"].shape
-    few_programs = on_gpu() and not one_run_fills(batch=b, value_heads=hv, value_dim=e)
+    runs = pallas_triton_split.shard_config(
+        inputs["q"], inputs["k"], inputs["v"], inputs.get("g"), interpret=not on_gpu()
+    ).splits
     with_phi = (
         cfg.strategy == "scan"
         or per_channel
-        or few_programs
+        or runs > 1
         or affine.needs_phi(cfg.size, initial_state="initial_state" in inputs, final_state=cfg.output_final_state)
     )
     phi, m, call = pallas_triton_split.split_forward(

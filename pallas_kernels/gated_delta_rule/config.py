@@ -101,15 +101,6 @@ class BlockConfig:
 INTERPRET_CONFIG = BlockConfig(chunk=16, block_e=16)
 
 
-def one_run_fills(*, batch: int, value_heads: int, value_dim: int) -> bool:
-    """Whether one run of the state passes with 32-wide value blocks gives more than half the SMs a
-    program (GPU). Below that the sharded kernels of sequence parallelism keep their in-GPU runs
-    (which need each run's Φ to compose) instead of the two-rank pass that forms M alone: 2×H200,
-    GDN (1, 32K per GPU, 16, 128) bf16 fwd+bwd 7.30 ms with one run against 5.65 with 8 runs; at 32
-    heads one run is as fast (10.34 against 10.40 ms with 4) and the M-only pass saves the D columns."""
-    return 2 * batch * value_heads * -(-value_dim // 32) > NUM_SMS
-
-
 def default_config(
     *,
     batch: int,
@@ -164,13 +155,13 @@ def default_config(
     if not per_channel and dtype is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         cfg = dataclasses.replace(cfg, wy_rows=cfg.chunk, inverse_precision="tf32")
     programs = batch * value_heads * (value_dim // cfg.block_e)
-    few = programs >= NUM_SMS // 4 and not one_run_fills(batch=batch, value_heads=value_heads, value_dim=value_dim)
+    few = programs >= NUM_SMS // 4 and 2 * programs <= NUM_SMS
     if few and not (per_channel or sequence_parallel) and cfg.block_e == 32:
         # half the SMs or fewer busy: 16-wide value blocks (twice the programs, each step half as
         # wide); H200, GDN bf16 fwd+bwd: (1, 32K, 16, 128) 5.15 against 5.72 ms (5.37 / 5.73 in
         # another run); at 32 heads (128 programs of 32) 16-wide blocks lose, 9.94 against 8.16 ms;
-        # the split entry points of sequence parallelism lose too (2×H200, 32K tokens per GPU:
-        # 7.03 against 5.65 ms)
+        # the split entry points of sequence parallelism lose too (2×H200, 32K tokens per GPU, 16
+        # heads, 2 / 4 / 8 runs: 7.36 / 7.52 / 7.69 against 5.85 ms with 32-wide blocks and 8 runs)
         cfg = dataclasses.replace(cfg, block_e=16)
         programs *= 2
     target = 2 * NUM_SMS if per_channel else NUM_SMS // 2 if sequence_parallel else NUM_SMS // 4

@@ -93,6 +93,24 @@ class SplitCall:
         return jnp.pad(state.astype(F32), ((0, 0), (0, 0), (0, dp - d), (0, ep - e)))
 
 
+def shard_config(q, k, v, g=None, *, interpret=False):
+    """The block config the split entry points use by default for these inputs (``splits``: the
+    runs per shard; ``default_config(sequence_parallel=True)``)."""
+    b, t, _, d = q.shape
+    hv, e = v.shape[2:]
+    return default_config(
+        batch=b,
+        value_heads=hv,
+        seq_len=t,
+        value_dim=pad_dim(e),
+        key_dim=pad_dim(d),
+        per_channel=g is not None and g.ndim == 4,
+        interpret=interpret,
+        dtype=jnp.result_type(q.dtype, k.dtype, v.dtype),
+        sequence_parallel=True,
+    )
+
+
 def split_forward(q, k, v, beta, *, g=None, scale=None, segment_ids=None, interpret=False, config=None, with_phi=True):
     """The part of a call that needs no initial state: ``(Φ [B, Hv, D, D], M [B, Hv, D, E], call)``.
 
@@ -106,20 +124,10 @@ def split_forward(q, k, v, beta, *, g=None, scale=None, segment_ids=None, interp
     None, the call is one split (its runs would need their own Φ to compose) and M comes from a pass
     over the E value columns alone, half the transition pass's columns.
     """
-    b, t, _, d = q.shape
-    hv, e = v.shape[2:]
+    t, d = q.shape[1], q.shape[3]
+    e = v.shape[3]
     scale = float(d**-0.5 if scale is None else scale)
-    config = config or default_config(
-        batch=b,
-        value_heads=hv,
-        seq_len=t,
-        value_dim=pad_dim(e),
-        key_dim=pad_dim(d),
-        per_channel=g is not None and g.ndim == 4,
-        interpret=interpret,
-        dtype=jnp.result_type(q.dtype, k.dtype, v.dtype),
-        sequence_parallel=True,
-    )
+    config = config or shard_config(q, k, v, g, interpret=interpret)
     if not with_phi:
         config = dataclasses.replace(config, splits=1)
     found = {}

@@ -302,7 +302,8 @@ def test_pallas_two_ranks_without_states_forms_no_transition(rng, strategy, gate
     Φ, so under scalar or no gates the split kernel forms only M (a state pass over the E value
     columns, one run, the kernel ``gated_delta_rule_leaving``; KDA keeps its runs, the scan its Φ) —
     outputs and every gradient against the reference with documents crossing the edge, dp × sp
-    meshes too, and the program holds no transition pass, which the same call with a final state does."""
+    meshes too, and the program holds no transition pass, which the same call with a final state does.
+    (The interpreter's config is one run per shard; on a GPU the shard's default decides, see below.)"""
     run_case(rng, dp=dp, sp=2, strategy=strategy, gate=gate, docs=True, init=False, final=False, t=32, impl="pallas")
     xs = rank_coded_inputs(rng, b=2, t=32, sp=2, gate=gate, init=False)
     xs = {n: jnp.asarray(x, jnp.float32) for n, x in xs.items()}
@@ -326,23 +327,24 @@ def test_pallas_two_ranks_without_states_forms_no_transition(rng, strategy, gate
     assert kernels(final=True) == with_states
 
 
-@pytest.mark.parametrize("heads,kernel", [(16, "transition"), (32, "leaving")])
-def test_two_ranks_keep_their_runs_where_one_run_leaves_half_the_gpu_idle(monkeypatch, heads, kernel):
-    """On a GPU the M-only pass runs as one run, so where one run's programs (rows × value heads ×
-    32-wide value blocks) fill at most half the SMs the shard keeps its in-GPU runs and the
-    transition pass (2×H200, 16 heads: 5.65 against 7.30 ms); from more than half, the M-only pass.
-    Traced (not run) for the GPU at (1, 2 × 8192, heads, 128) bf16."""
+@pytest.mark.parametrize(
+    "heads,shard,runs,kernel", [(16, 8192, 2, "transition"), (32, 8192, 1, "leaving"), (16, 1024, 1, "leaving")]
+)
+def test_two_ranks_keep_their_runs_where_the_shard_default_splits(monkeypatch, heads, shard, runs, kernel):
+    """On a GPU the M-only pass runs as one run, so where the split entry points' default cuts the
+    shard into runs (few heads: 2×H200, 16 heads 5.50 ms with 2 runs and Φ against 7.30 with the
+    M-only pass) the layer keeps them and the transition pass; where the default is one run (more
+    heads, or a shard too short to cut) it forms M alone. Traced (not run) for the GPU at
+    (1, 2 × shard, heads, 128) bf16."""
     from lasp_jax.delta_rule import layer
-    from pallas_kernels.gated_delta_rule.config import one_run_fills
+    from pallas_kernels.gated_delta_rule import pallas_triton_split
 
-    assert not one_run_fills(batch=1, value_heads=16, value_dim=128)  # 64 programs of 132 SMs
-    assert one_run_fills(batch=1, value_heads=32, value_dim=128) and one_run_fills(
-        batch=2, value_heads=16, value_dim=128
-    )
     monkeypatch.setattr(layer, "on_gpu", lambda: True)
-    t = 2 * 8192
+    t = 2 * shard
     tok = jax.ShapeDtypeStruct((1, t, heads, 128), jnp.bfloat16)
     gates = jax.ShapeDtypeStruct((1, t, heads), jnp.float32)
+    local = jax.ShapeDtypeStruct((1, shard, heads, 128), jnp.bfloat16)
+    assert pallas_triton_split.shard_config(local, local, local, None).splits == runs
 
     def loss(q, k, v, beta, g):
         o, _ = lasp_gated_delta_rule(q, k, v, beta, g=g, mesh=make_mesh(sp=2), strategy="allgather", impl="pallas")

@@ -277,7 +277,9 @@ def test_supports_and_rejects():
 
 def test_default_config_fills_the_gpu_with_splits():
     """Splits until the state passes have ~2 programs per SM under per-channel gates, a quarter of
-    the SMs under scalar or no gates; many rows and heads: one."""
+    the SMs under scalar or no gates (half in the split entry points of sequence parallelism); many
+    rows and heads: one. 16-wide value blocks on one device where 32-wide ones give a quarter to half
+    of the SMs programs."""
     few = default_config(batch=1, value_heads=16, seq_len=32768, value_dim=128, interpret=False)
     assert (few.chunk, few.block_e, few.splits) == (64, 16, 1)  # 64 programs of 32 columns → 128 of 16
     fewer = default_config(batch=1, value_heads=4, seq_len=32768, value_dim=128, interpret=False)
