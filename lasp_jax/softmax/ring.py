@@ -56,10 +56,23 @@ class HeldBlock(NamedTuple):
 
 
 def held_parts(step, held: HeldBlock, dealt: bool, axis_name):
-    """The key parts of the block held at ``step`` (one contiguous shard, or two dealt halves)."""
+    """The key parts of the block held at ``step``: one contiguous shard, or two dealt halves in
+    ascending chunk order (``ascending``)."""
     src = source_rank(step, axis_name)
     starts = part_starts(src, held.k.shape[1], lax.axis_size(axis_name), dealt)
-    return key_parts(*held, starts)
+    parts = key_parts(*held, starts)
+    return ascending(parts, src) if dealt else parts
+
+
+def ascending(parts, rank):
+    """Two dealt parts of ``rank`` (traced) in ascending chunk order: the deal gives odd ranks their
+    later chunk first (``dealt_chunks``), so the same program slot would hold a full chunk pair on
+    one rank and a skipped one on the next, and each ring step's hand-over would wait for the
+    slower rank (2×H200: ~30 ms per step of the zig-zag ring). The swap is its own inverse."""
+    odd = rank % 2 == 1
+    first, second = parts
+    pick = lambda x, y: jnp.where(odd, y, x)  # noqa: E731
+    return [jax.tree.map(pick, first, second), jax.tree.map(pick, second, first)]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnames=("statics",))
@@ -81,6 +94,7 @@ def _ring_fwd(q, k, v, ids, statics: Statics):
     dealt = keys_dealt(statics, len(parts))
     if dealt:
         k, v, ids = deal_keys(k, v, ids, axis)
+        parts = ascending(parts, lax.axis_index(axis))
     stats = [
         (jnp.zeros((b, part.q.shape[1], h, v.shape[-1]), acc), jnp.full((b, h, part.q.shape[1]), -jnp.inf, acc))
         for part in parts
@@ -89,7 +103,10 @@ def _ring_fwd(q, k, v, ids, statics: Statics):
     held, stats = lax.fori_loop(0, n - 1, step, (HeldBlock(k, v, ids), stats))
     stats = _merge_held(n - 1, held, stats, parts=parts, dealt=dealt, statics=statics)
     saved = tuple(SavedPart(*part, o.astype(q.dtype), lse) for part, (o, lse) in zip(parts, stats, strict=True))
-    return join_parts(plan, [part.o for part in saved], axis), Residuals(k, v, ids, saved)
+    outs = [part.o for part in saved]
+    if dealt:  # back in the deal's order (the residuals keep the ascending one)
+        outs = ascending(outs, lax.axis_index(axis))
+    return join_parts(plan, outs, axis), Residuals(k, v, ids, saved)
 
 
 def _forward_step(step, carry, *, parts, dealt: bool, statics: Statics):
@@ -117,6 +134,8 @@ def _ring_bwd(statics: Statics, res: Residuals, do):
     acc = acc_dtype(q_dtype)
     dealt = keys_dealt(statics, len(res.parts))
     plan, dos = cotangent_parts(do, len(res.parts), axis)
+    if dealt:  # the saved query parts are in ascending chunk order
+        dos = ascending(dos, lax.axis_index(axis))
     step = functools.partial(_backward_step, parts=res.parts, dos=dos, dealt=dealt, statics=statics)
     dqs = [jnp.zeros(part.q.shape, acc) for part in res.parts]
     shapes = key_parts(res.k, res.v, None, [0] * (2 if dealt else 1))  # only the part shapes are used
@@ -127,6 +146,8 @@ def _ring_bwd(statics: Statics, res: Residuals, do):
     key_plan = plan if dealt else None  # dealt keys: their gradients dealt back to the owners
     dk, dv = join_parts(key_plan, dks, axis), join_parts(key_plan, dvs, axis)
     dqs = [dq.astype(q_dtype) for dq in dqs]
+    if dealt:
+        dqs = ascending(dqs, lax.axis_index(axis))
     return join_parts(plan, dqs, axis), dk.astype(res.k.dtype), dv.astype(res.v.dtype), None
 
 
@@ -141,11 +162,16 @@ def _add_held(step, held: HeldBlock, grads, *, parts, dos, dealt: bool, statics:
     """(dqs, dks, dvs) with the held block's contribution added for every query part that sees it."""
     dqs, dks, dvs = grads
     keys = held_parts(step, held, dealt, statics.axis_name)
+    src = source_rank(step, statics.axis_name)
+    if dealt:  # the accumulators travel in the held block's order; the key parts are ascending
+        dks, dvs = ascending(dks, src), ascending(dvs, src)
     new_dqs = []
     for part, do_part, dq in zip(parts, dos, dqs, strict=True):
         saved = dict(q=part.q, ids=part.ids, o=part.o, lse=part.lse, q_start=part.start)
         dq, dks, dvs = add_key_parts(dq, dks, dvs, **saved, do=do_part, keys=keys, statics=statics)
         new_dqs.append(dq)
+    if dealt:
+        dks, dvs = ascending(dks, src), ascending(dvs, src)
     return new_dqs, dks, dvs
 
 
