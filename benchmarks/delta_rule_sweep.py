@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import functools
 import json
 import os
 import sys
@@ -145,14 +144,12 @@ def sweep_op(
         row = {"op": op, "shape": list(shape), "label": label, "config": dataclasses.asdict(cfg)}
         time_config(row, lambda cfg=cfg: _fns(cfg, interpret), (q, k, v, beta, g), do, reps=reps)
         if profile_dir and "error" not in row:
-            from models.profile import format_table, profile_calls
+            from models.profile import profile_into
 
-            fwd_bwd = _fns(cfg, interpret)[2]
             logdir = os.path.join(profile_dir, f"{op}_{label}".replace("=", "-").replace(",", "_"))
-            run = functools.partial(lambda fn, _: fn(q, k, v, beta, g, do), fwd_bwd)
-            _, summary = profile_calls(run, None, calls=3, logdir=logdir)
-            print(format_table(summary, title=f"{op} {label} {shape} fwd+bwd"), flush=True)
-            row["profile"] = summary.as_json()
+            fwd_bwd = _fns(cfg, interpret)[2]
+            run = lambda _, fn=fwd_bwd: fn(q, k, v, beta, g, do)  # noqa: E731
+            profile_into(row, run, None, calls=3, logdir=logdir, title=f"{op} {label} {shape} fwd+bwd")
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows

@@ -209,11 +209,10 @@ def measure(
         row["collectives"] = collectives(compiled.as_text())
         row["ms"] = median_ms(step, *args, reps=reps)
         if profile_dir:
-            from models.profile import format_table, profile_calls
+            from models.profile import profile_into
 
-            _, summary = profile_calls(lambda _: step(*args), None, calls=3, logdir=profile_dir)
-            print(format_table(summary, title=f"{strategy}, {tokens} tokens"), flush=True)
-            row["profile"] = summary.as_json()
+            title = f"{strategy}, {tokens} tokens"
+            profile_into(row, lambda _: step(*args), None, calls=3, logdir=profile_dir, title=title)
         out = step(*args)[0]  # 256 tokens spread over every rank's block, to compare with one device
         row["out"] = np.asarray(jax.device_get(out[:, :: max(1, tokens // 256)].astype(jnp.float32)))
     except Exception as err:  # noqa: BLE001 (an OOM at the global shape is a result, not a crash)

@@ -262,12 +262,11 @@ def run_config(
         "loss": loss,
     }
     if profile_dir:
-        from models.profile import format_table, profile_calls
+        from models.profile import profile_into
 
         run = functools.partial(next_state, step, batch)
-        state, summary = profile_calls(run, state, calls=args.profile_iters, logdir=profile_dir)
-        print(format_table(summary, title=f"sp={sp}, {seq_len} tokens, remat {remat}"), flush=True)
-        row["profile"] = summary.as_json()
+        title = f"sp={sp}, {seq_len} tokens, remat {remat}"
+        state = profile_into(row, run, state, calls=args.profile_iters, logdir=profile_dir, title=title)
     del trainer, state, step, batch, metrics
     return row
 

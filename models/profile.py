@@ -409,3 +409,12 @@ def profile_calls(run_step, state, *, calls: int, logdir: str):
             state = run_step(state)
         jax.block_until_ready(state)
     return state, summarize(find_trace(logdir), calls)
+
+
+def profile_into(row: dict, run_step, state, *, calls: int, logdir: str, title: str):
+    """``profile_calls`` for a benchmark row: prints the table, keeps the summary as
+    ``row["profile"]``; returns the state."""
+    state, summary = profile_calls(run_step, state, calls=calls, logdir=logdir)
+    print(format_table(summary, title=title), flush=True)
+    row["profile"] = summary.as_json()
+    return state
