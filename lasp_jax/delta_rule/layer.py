@@ -150,13 +150,13 @@ def _forward_split(cfg: DeltaRuleConfig, inputs, segments: Segments | None):
     # cuts the shard into runs (few heads: their parallelism pays more than the D columns, 2×H200
     # GDN 16 heads 5.50 against 7.30 ms) and under per-channel gates the runs need Φ to compose
     per_channel = "g" in inputs and inputs["g"].ndim == 4
-    runs = pallas_triton_split.shard_config(
+    config = pallas_triton_split.shard_config(
         inputs["q"], inputs["k"], inputs["v"], inputs.get("g"), interpret=not on_gpu()
-    ).splits
+    )
     with_phi = (
         cfg.strategy == "scan"
         or per_channel
-        or runs > 1
+        or config.splits > 1
         or affine.needs_phi(cfg.size, initial_state="initial_state" in inputs, final_state=cfg.output_final_state)
     )
     phi, m, call = pallas_triton_split.split_forward(
@@ -168,6 +168,7 @@ def _forward_split(cfg: DeltaRuleConfig, inputs, segments: Segments | None):
         scale=cfg.scale,
         segment_ids=_doc(segments),
         interpret=not on_gpu(),
+        config=config,
         with_phi=with_phi,
     )
     if segments is not None and phi is not None:
