@@ -37,6 +37,17 @@ def variants(base, d: int) -> list[tuple[str, dict]]:
     split = "splits"  # the state passes' parallel runs of chunks
     names = {f.name for f in dataclasses.fields(base)}
     one = [
+        # per-channel gates: sub-tiles of 32 rows or whole chunks (the diagonal tile by levels of
+        # masked products), with the stored inverse, wider column blocks, the tf32 inverse
+        {"channel_rows": 32},
+        {"channel_rows": 64},
+        {"channel_rows": 32, "store_inverse": True},
+        {"channel_rows": 64, "store_inverse": True},
+        {"channel_rows": 64, "store_inverse": True, "inverse_precision": "tf32"},
+        {"channel_rows": 64, "store_inverse": True, "block_cols": 64},
+        {"channel_rows": 64, "store_inverse": True, "block_cols": 64, "inverse_precision": "tf32"},
+        {"channel_rows": 64, "store_inverse": True, "block_cols": d, "inverse_precision": "tf32"},
+        {"channel_rows": 64, "store_inverse": True, "num_warps_bwd": 4},
         # the WY backward from the forward's stored X on whole chunks (the default under scalar / no
         # gates) against the 16-row one that forms X again
         {"store_inverse": not base.store_inverse},

@@ -44,12 +44,13 @@ class BlockConfig:
       wy_rows: rows of the sub-tiles of the WY kernels (the forward ``wy``, ``wy_bwd``,
         ``state_step_bwd``) under scalar or no gates: 16 (the inverse by 16×16 blocks, every product
         on 16-row tiles) up to the chunk (one tile: the inverse by doubling on the whole chunk, one
-        product per step). Per-channel gates always use 16-row tiles (their diagonal tiles form
-        ``[16, 16, D]`` pairs).
+        product per step).
+      channel_rows: rows of the sub-tiles of every chunk kernel under per-channel gates (16 up to the
+        chunk): the decay factors around a reference row between two sub-tiles, and a diagonal
+        sub-tile of n rows is log2(n) masked products by levels (``common._channel_diag_levels``).
       store_inverse: the forward ``wy`` kernel also writes each chunk's ``X = (I + A)⁻¹`` (float32,
         ``C × C``) and the WY backward reads it and runs on whole chunks (one ``C``-row tile: a few
-        large products instead of the 16×16 blocks and the inverse again), under scalar or no gates;
-        per-channel gates ignore it.
+        large products instead of the sub-tile blocks and the inverse again).
       inverse_precision: the float32 products that form ``X = (I + A)⁻¹``: ``"highest"`` (exact
         float32 on the CUDA cores), ``"tf32x3"`` (three tf32 products on the tensor cores, about
         float32 accuracy) or ``"tf32"`` (one tf32 product: about 1e-3 relative, below the bf16
@@ -75,18 +76,20 @@ class BlockConfig:
     num_warps_bwd: int = 8
     num_stages_bwd: int = 1
     wy_rows: int = SUB_TILE
+    channel_rows: int = SUB_TILE
     store_inverse: bool = False
     inverse_precision: str = "highest"
     store_scores: bool = False
     wy_bwd_split: bool = False  # H200 sweep: fused 13.09 vs split 13.56 ms (GDN), 59.4 vs 60.0 (KDA)
 
     def __post_init__(self):
-        for name in ("chunk", "block_e", "block_cols", "wy_rows"):
+        for name in ("chunk", "block_e", "block_cols", "wy_rows", "channel_rows"):
             value = getattr(self, name)
             if value < SUB_TILE or value & (value - 1):
                 raise ValueError(f"BlockConfig.{name}={value} must be a power of two >= {SUB_TILE}")
-        if self.wy_rows > self.chunk:
-            raise ValueError(f"BlockConfig.wy_rows={self.wy_rows} must be at most chunk={self.chunk}")
+        for name in ("wy_rows", "channel_rows"):
+            if getattr(self, name) > self.chunk:
+                raise ValueError(f"BlockConfig.{name}={getattr(self, name)} must be at most chunk={self.chunk}")
         if self.inverse_precision not in INVERSE_PRECISIONS:
             raise ValueError(
                 f"BlockConfig.inverse_precision={self.inverse_precision!r} must be one of {INVERSE_PRECISIONS}"
@@ -134,7 +137,7 @@ def default_config(
     the bf16 rounding of W and U dominates); float32 inputs keep the exact float32 inverse ("tf32x3"
     measured slower: 6.41 against 6.04 ms). Per-channel gates store the output's score blocks for
     its backward (``store_scores``; H200, KDA (1, 32K, 16, 128) bf16 fwd+bwd 40.84 against 59.38
-    ms).
+    ms) and run the backward chunk kernels with 4 warps.
 
     Warps from ptxas register counts of a Triton 3.9 sm_90 build (the wy kernel spills at 4 warps,
     not at 8); ``block_cols`` from the H200 sweep of 2026-11-30 (GDN (1, 32K, 16, 128) bf16
@@ -151,6 +154,10 @@ def default_config(
         block_cols=32 if per_channel else max(16, key_dim, value_dim),
         store_inverse=not per_channel,
         store_scores=per_channel,
+        # per-channel gates: 4 warps in the backward chunk kernels since their diagonal tiles'
+        # cotangents go by levels of products (H200, KDA (1, 32K, 16, 128) bf16 fwd+bwd 26.82
+        # against 33.55 ms with 8 warps, 40.55 ms with 8 warps and the pair tensors before)
+        num_warps_bwd=4 if per_channel else 8,
     )
     if not per_channel and dtype is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         cfg = dataclasses.replace(cfg, wy_rows=cfg.chunk, inverse_precision="tf32")

@@ -86,12 +86,13 @@ class Layout:
         self.block_e = min(block_e or cfg.block_e, self.value_dim)
         self.mode = mode
         self.mxu = mxu_dtype(q.dtype)
-        # sub-tiles of the output's Q Kᵀ ⊙ Γ: per-channel gates factor between 16-row tiles
-        self.parts = self.chunk // SUB_TILE if mode == "channel" else 1
-        # sub-tiles of the WY kernels (``BlockConfig.wy_rows``; 16-row tiles for per-channel gates)
-        self.wy_parts = self.chunk // (SUB_TILE if mode == "channel" else min(cfg.wy_rows, self.chunk))
+        # sub-tiles of the output's Q Kᵀ ⊙ Γ: per-channel gates factor between ``channel_rows`` tiles
+        channel_rows = min(cfg.channel_rows, self.chunk)
+        self.parts = self.chunk // channel_rows if mode == "channel" else 1
+        # sub-tiles of the WY kernels (``BlockConfig.wy_rows``; ``channel_rows`` for per-channel gates)
+        self.wy_parts = self.chunk // (channel_rows if mode == "channel" else min(cfg.wy_rows, self.chunk))
         # the forward stores X and the WY backward runs on whole chunks (``BlockConfig.store_inverse``)
-        self.store_inverse = cfg.store_inverse and mode != "channel"
+        self.store_inverse = cfg.store_inverse
 
     # -- chunk-parallel grid (c, b, h) --
 

@@ -213,7 +213,8 @@ def _wy_bwd_kernel(
     The WY backward walks the key and value columns in blocks (``block_cols``): first dX (and the
     Gram blocks) summed over them, then X, dA and dG (small C×C blocks), then dk and dv block by
     block; dβ and scalar db are summed over the blocks. With ``stored_inverse`` X is read (the
-    forward's, one tile: ``parts`` = 1) and ``dA = −Xᵀ dX Xᵀ`` runs on the matmul operand dtype.
+    forward's; one tile, ``parts`` = 1, under scalar or no gates) and ``dA = −Xᵀ dX Xᵀ`` runs on
+    the matmul operand dtype.
     """
     refs = list(refs)
     x_ref = refs.pop(0) if stored_inverse else None
@@ -251,7 +252,7 @@ def _wy_bwd_kernel(
     gram, dx = lax.fori_loop(0, key_steps, dx_keys, (zeros, zeros))
     dx = lax.fori_loop(0, value_steps, dx_values, dx)
     if stored_inverse:
-        x = {(0, 0): x_ref[...]}
+        x = load_lower_blocks(x_ref, parts)
         da = common.inverse_backward(x, dx, mxu)
     else:
         x = common.inverse_blocks(gram, beta, precision)
@@ -447,7 +448,8 @@ def wy_backward(res: Residuals, dh, dv_new, dk_out, db_out, lay: Layout, statics
         with_state=not split,
         stored_inverse=res.x is not None,
         precision=statics.inverse_precision,
-        parts=1 if res.x is not None else lay.wy_parts,
+        # the stored inverse: whole chunks under scalar or no gates, the sub-tiles per channel
+        parts=1 if res.x is not None and lay.mode != "channel" else lay.wy_parts,
     )
     x_in = [] if res.x is None else [(lay.chunk_spec(lay.chunk), res.x)]
     grads = pl.pallas_call(

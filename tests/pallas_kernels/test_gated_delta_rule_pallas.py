@@ -128,6 +128,28 @@ CASES = {
         dict(b=1, t=130, h=1, hv=2, d=32, e=32, gate="kda"),
         dict(docs=(30, 64, 100), g_max=8.0, config=BlockConfig(chunk=32, block_e=16, block_cols=16)),
     ),
+    # per-channel gates on whole 32-token chunks: the diagonal tile is five masked products by levels
+    # (spans of the log gate up to 256 inside a chunk), the WY backward from the stored inverse
+    "kda-f32-T100-whole-chunk-levels-stored-inverse-docs-strong": (
+        jnp.float32,
+        dict(b=1, t=100, h=1, hv=2, d=32, e=16, gate="kda"),
+        dict(
+            docs=(30, 64),
+            g_max=8.0,
+            config=BlockConfig(chunk=32, block_e=16, block_cols=16, channel_rows=32, store_inverse=True),
+        ),
+    ),
+    # the stored inverse read as 16-row blocks by the WY backward (per-channel gates keep sub-tiles)
+    "kda-bf16-T70-stored-inverse-sub-tiles-docs": (
+        jnp.bfloat16,
+        dict(b=1, t=70, h=1, hv=2, d=32, e=16, gate="kda"),
+        dict(docs=(9, 40), config=BlockConfig(chunk=32, block_e=16, block_cols=16, store_inverse=True)),
+    ),
+    "kda-bf16-T70-whole-chunk-stored-scores": (
+        jnp.bfloat16,
+        dict(b=1, t=70, h=1, hv=1, d=32, e=16, gate="kda"),
+        dict(config=BlockConfig(chunk=32, block_e=16, block_cols=32, channel_rows=32, store_scores=True)),
+    ),
     # the output backward reads the forward's stored score blocks (per-channel pairs not formed again)
     "kda-bf16-T40-stored-scores-docs": (
         jnp.bfloat16,
@@ -311,6 +333,7 @@ def test_default_config_fills_the_gpu_with_splits():
         batch=1, value_heads=16, seq_len=32768, value_dim=128, interpret=False, dtype=jnp.bfloat16, per_channel=True
     )
     assert kda.inverse_precision == "highest" and kda.store_scores and not low.store_scores
+    assert kda.num_warps_bwd == 4 and low.num_warps_bwd == 8  # per-channel cotangents by levels: 4 warps
 
 
 # ---- the Triton lowering on CPU, compiled kernels on a GPU ------------------------------------
@@ -323,16 +346,22 @@ def test_kernels_lower_to_triton(triton_lowering_h100):
         ("gdn", (1, 256, 2, 4, 128, 128), jnp.bfloat16, False, 2),
         ("kda", (2, 100, 2, 2, 40, 24), jnp.float32, True, 1),
         ("deltanet", (1, 70, 1, 1, 64, 64), jnp.float16, True, 1),
+        ("kda-whole-chunk", (1, 200, 2, 2, 128, 128), jnp.bfloat16, True, 2),
     ]:
         # deltanet lowers the fused WY backward, kda its two-kernel split, gdn the whole-chunk one
-        # that reads the stored inverse (and 16-wide value blocks in the state passes)
+        # that reads the stored inverse (and 16-wide value blocks in the state passes); kda on
+        # whole chunks (the diagonal tile by levels) reads the stored inverse too
+        whole = gate == "kda-whole-chunk"
+        gate = "kda" if whole else gate
         config = BlockConfig(
             splits=splits,
             block_e=16 if gate == "gdn" else 32,
-            wy_bwd_split=gate == "kda",
-            store_inverse=gate == "gdn",
-            inverse_precision={"gdn": "tf32x3", "deltanet": "tf32", "kda": "highest"}[gate],
+            wy_bwd_split=gate == "kda" and not whole,
+            store_inverse=gate == "gdn" or whole,
+            inverse_precision={"gdn": "tf32x3", "deltanet": "tf32", "kda": "tf32" if whole else "highest"}[gate],
             store_scores=gate == "kda",
+            channel_rows=64 if whole else 16,
+            wy_rows=64 if whole else 16,
         )
         q, v = spec((b, t, h, d), dtype), spec((b, t, hv, e), dtype)
         beta, s0 = spec((b, t, hv), jnp.float32), spec((b, hv, d, e), jnp.float32)
@@ -361,6 +390,12 @@ GPU_CASES = {
     "gdn-one-split-docs": ("gdn", (1000, 1001, 2500), BlockConfig(splits=1)),
     "kda-docs": ("kda", (700, 3000), None),
     "kda-stored-scores-docs": ("kda", (700, 3000), BlockConfig(splits=4, block_cols=32, store_scores=True)),
+    # per-channel gates on whole chunks (the diagonal tile by levels), the stored inverse
+    "kda-whole-chunk-docs": (
+        "kda",
+        (700, 3000),
+        BlockConfig(splits=4, block_cols=64, channel_rows=64, store_scores=True, store_inverse=True),
+    ),
     "deltanet": ("deltanet", None, None),
     "gdn-stored-inverse-docs": ("gdn", (1000, 1001, 2500), BlockConfig(splits=2, store_inverse=True)),
     # the inverse's float32 products as one tf32 product each, on 16-row tiles and on whole chunks
