@@ -52,7 +52,8 @@ def test_channel_diagonal_tile_by_levels(rng, n, causal, g_max, docs):
 
 
 def test_channel_diagonal_tile_bf16_operands(rng):
-    """bf16 operands (the kernels' matmul dtype for bf16 inputs): the products' rounding only."""
+    """bf16 operands (the kernels' matmul dtype for bf16 inputs): the product and its cotangents
+    carry the operands' rounding only."""
     x, y, b, doc = _tile(rng, 64, 32, 2.0, True)
     x, y = x.astype(jnp.bfloat16), y.astype(jnp.bfloat16)
     pair = common.make_pair(x, y, b, b, doc, doc, diag=True, causal="inclusive")
@@ -60,3 +61,9 @@ def test_channel_diagonal_tile_bf16_operands(rng):
     want = _definition(x.astype(F32), y.astype(F32), b, pair.mask)
     err = float(jnp.linalg.norm(z - want) / jnp.linalg.norm(want))
     assert err < 1e-2, err
+    dz = jnp.asarray(rng.standard_normal((64, 64)), F32)
+    got = common.gated_product_vjp(pair, dz, "channel", jnp.bfloat16)
+    want = jax.vjp(lambda x, y: _definition(x, y, b, pair.mask), x.astype(F32), y.astype(F32))[1](dz)
+    for g, w in zip(got, want, strict=True):
+        err = float(jnp.linalg.norm(g - w) / jnp.linalg.norm(w))
+        assert err < 1e-2, err
