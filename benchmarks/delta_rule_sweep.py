@@ -32,22 +32,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.delta_rule import _jax_inputs, time_config  # noqa: E402
 
 
-def variants(base, d: int) -> list[tuple[str, dict]]:
-    """(label, overrides of ``base``): the default, one field at a time, then a few combinations."""
+def variants(base, d: int, *, per_channel: bool = False) -> list[tuple[str, dict]]:
+    """(label, overrides of ``base``): the default, one field at a time, then a few combinations
+    (and, under per-channel gates, their sub-tile sizes last: measured slower in session 12)."""
     split = "splits"  # the state passes' parallel runs of chunks
     names = {f.name for f in dataclasses.fields(base)}
     one = [
-        # per-channel gates: sub-tiles of 32 rows or whole chunks (the diagonal tile by levels of
-        # masked products), with the stored inverse, wider column blocks, the tf32 inverse
-        {"channel_rows": 32},
-        {"channel_rows": 64},
-        {"channel_rows": 32, "store_inverse": True},
-        {"channel_rows": 64, "store_inverse": True},
-        {"channel_rows": 64, "store_inverse": True, "inverse_precision": "tf32"},
-        {"channel_rows": 64, "store_inverse": True, "block_cols": 64},
-        {"channel_rows": 64, "store_inverse": True, "block_cols": 64, "inverse_precision": "tf32"},
-        {"channel_rows": 64, "store_inverse": True, "block_cols": d, "inverse_precision": "tf32"},
-        {"channel_rows": 64, "store_inverse": True, "num_warps_bwd": 4},
         # the WY backward from the forward's stored X on whole chunks (the default under scalar / no
         # gates) against the 16-row one that forms X again
         {"store_inverse": not base.store_inverse},
@@ -95,8 +85,22 @@ def variants(base, d: int) -> list[tuple[str, dict]]:
         {"block_cols": d, "num_warps_bwd": 4, "num_stages_bwd": 2},
         {"block_e": 64, "num_warps_bwd": 4},
     ]
+    # per-channel gates: sub-tiles of 32 rows or whole chunks (the diagonal tile by levels of
+    # masked products), with the stored inverse, wider column blocks, the tf32 inverse (H200,
+    # session 12: 94-212 ms against 26.9 with 16-row tiles)
+    channel = [
+        {"channel_rows": 32},
+        {"channel_rows": 64},
+        {"channel_rows": 32, "store_inverse": True},
+        {"channel_rows": 64, "store_inverse": True},
+        {"channel_rows": 64, "store_inverse": True, "inverse_precision": "tf32"},
+        {"channel_rows": 64, "store_inverse": True, "block_cols": 64},
+        {"channel_rows": 64, "store_inverse": True, "block_cols": 64, "inverse_precision": "tf32"},
+        {"channel_rows": 64, "store_inverse": True, "block_cols": d, "inverse_precision": "tf32"},
+        {"channel_rows": 64, "store_inverse": True, "num_warps_bwd": 8},
+    ]
     out, seen = [("default", {})], {dataclasses.astuple(base)}
-    for over in one + combos:
+    for over in one + combos + (channel if per_channel else []):
         over = {k: v for k, v in over.items() if k in names}
         try:
             cfg = dataclasses.replace(base, **over)
@@ -141,7 +145,7 @@ def sweep_op(
     base = dataclasses.replace(base, **(base_overrides or {}))
     q, k, v, beta, g, do = _jax_inputs(op, *shape)
     rows, start = [], time.perf_counter()
-    todo = variants(base, d)
+    todo = variants(base, d, per_channel=op == "kda")
     if labels:
         todo = [(label, over) for label, over in todo if label in labels]
     if only is not None:

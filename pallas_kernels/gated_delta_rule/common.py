@@ -1,20 +1,23 @@
 """Chunk math of the gated delta rule that the forward and backward kernels share.
 
 Plain jnp on the arrays of one chunk of one value head, so the same code runs inside the Pallas
-kernels (on loaded blocks) and outside them (vmapped over chunks; the tests check every backward
-function here against ``jax.vjp`` of its forward). Notation of notes/design.md §6, per chunk of C
+kernels (on loaded blocks) and outside them (the kernel tests check every gradient against the
+token scan; ``tests/pallas_kernels/test_gated_delta_rule_common.py`` checks the per-channel diagonal
+tile's cotangents against ``jax.vjp`` of its definition). Notation of notes/design.md §6, per chunk of C
 tokens: ``b`` the cumulative log gate inside the chunk (``[C]`` per head, ``[C, D]`` per key channel,
 None without gates), ``Γ[i, j] = exp(b_i − b_j)``, and
 
     A = strictly_lower(diag(β) (K Kᵀ ⊙ Γ)),   X = (I + A)⁻¹,   W = X (β e^b ⊙ K),   U = X (β ⊙ V)
     V' = U − W S,   O = scale · [(e^b ⊙ Q) S + (Q Kᵀ ⊙ Γ ⊙ causal) V'],   S ← e^{b_last} S + (e^{b_last − b} ⊙ K)ᵀ V'
 
-Every decay factor is an exp of a non-positive difference. A chunk is cut into sub-tiles of 16 rows:
-the triangular inverse is built from 16×16 diagonal blocks (doubling inside a block, block forward
-substitution between blocks); per-channel gates factor ``Γ`` between two sub-tiles around a
-reference row between them (both factors ≤ 1); the products inside a diagonal sub-tile form the
-pairs directly (``[16, 16, D]``) and their cotangents go by levels of masked products
-(``_channel_diag_levels``). Scalar gates need no factoring: their products use the whole chunk.
+Every decay factor is an exp of a non-positive difference: b is a plain cumulative sum of log gates
+≤ 0 inside the chunk (not reset at document starts; padding adds zeros), so it never increases
+along the rows. A chunk is cut into sub-tiles (16 rows by default; ``BlockConfig.wy_rows`` /
+``channel_rows``): the triangular inverse is built from the diagonal blocks (doubling inside a
+block, block forward substitution between blocks); per-channel gates factor ``Γ`` between two
+sub-tiles around a reference row between them (both factors ≤ 1); the products inside a diagonal
+sub-tile form the pairs directly (``[n, n, D]``) and their cotangents go by levels of masked
+products (``_channel_diag_levels``). Scalar gates need no factoring: their products use the whole chunk.
 
 Documents (packed rows): pairs of different documents are zero, rows outside the document of the
 state entering the chunk do not see it (``keep_prev``), rows outside the chunk's last document do
@@ -189,14 +192,19 @@ def _channel_diag_levels(p: Pair, mxu):
     reference row r (the last row of its first half) the decay factors as
     ``exp(b_i − b_r) · exp(b_r − b_j)``, both ≤ 1 for log gates ≤ 0, so level t is one product of
     ``x ⊙ e^{b − b_r}`` (rows in a second half, else 0) and ``y ⊙ e^{b_r − b}`` (rows in a first
-    half, else 0), masked to its pairs. The cotangents use it (log2(n) products in place of two
-    ``[n, D, n]`` pair tensors: H200, KDA (1, 32K, 16, 128) bf16 fwd+bwd 40.55 → 33.55 ms at 8 warps,
-    26.89 ms at 4); the forward products keep the pair tensor (levels there: 10.02 vs 9.17 ms).
+    half, else 0), masked to its pairs. This needs b non-increasing along the tile's rows (log
+    gates ≤ 0, no reset at document starts: the kernels' cumulative sums), else a factor can
+    exceed 1 and overflow where the pair tensor would have masked the pair away. The cotangents
+    use it (log2(n) products in place of two ``[n, D, n]`` pair tensors: H200, KDA (1, 32K, 16,
+    128) bf16 fwd+bwd 40.55 → 33.55 ms at 8 warps, 26.89 ms at 4); the forward products keep the
+    pair tensor (levels there: 10.02 vs 9.17 ms).
     Yields ``(level mask [n, n], x operand, y operand, x factor, y factor)``; the operands are in
     ``mxu``, the factors float32 ``[n, D]``. The tile's own b (bx and by are the same rows) gives
     the reference rows, picked by an exact one-hot product.
     """
     n, d = p.x.shape
+    if n & (n - 1):  # a reference row past the tile would select nothing (b_ref = 0: overflow)
+        raise ValueError(f"per-channel diagonal tiles need a power-of-two row count, got {n}")
     row = lax.broadcasted_iota(jnp.int32, (n, n), 0)
     col = lax.broadcasted_iota(jnp.int32, (n, n), 1)
     pos = lax.broadcasted_iota(jnp.int32, (n, d), 0)

@@ -26,7 +26,8 @@ class BlockConfig:
     """Static tiling of the kernels.
 
     Attributes:
-      chunk: tokens per chunk (C), a power of two >= 16 (the chunk holds C / 16 sub-tiles).
+      chunk: tokens per chunk (C), a power of two >= 16 (cut into sub-tiles of ``wy_rows`` /
+        ``channel_rows`` rows).
       block_e: value-dim tile of the two state passes: programs per (row, head) = E / block_e.
         Smaller tiles give the sequential passes more programs and shorter steps.
       block_cols: key/value columns per step of the loops over columns inside the wy kernels (the
@@ -49,8 +50,9 @@ class BlockConfig:
         chunk): the decay factors around a reference row between two sub-tiles, and a diagonal
         sub-tile of n rows is log2(n) masked products by levels (``common._channel_diag_levels``).
       store_inverse: the forward ``wy`` kernel also writes each chunk's ``X = (I + A)⁻¹`` (float32,
-        ``C × C``) and the WY backward reads it and runs on whole chunks (one ``C``-row tile: a few
-        large products instead of the sub-tile blocks and the inverse again).
+        ``C × C``) and the WY backward reads it instead of forming it again: on whole chunks under
+        scalar or no gates (one ``C``-row tile: a few large products instead of the sub-tile
+        blocks), as ``channel_rows`` blocks under per-channel gates.
       inverse_precision: the float32 products that form ``X = (I + A)⁻¹``: ``"highest"`` (exact
         float32 on the CUDA cores), ``"tf32x3"`` (three tf32 products on the tensor cores, about
         float32 accuracy) or ``"tf32"`` (one tf32 product: about 1e-3 relative, below the bf16
@@ -59,7 +61,8 @@ class BlockConfig:
       store_scores: the forward ``output`` kernel also writes each chunk's score blocks ``Z = Q Kᵀ
         ⊙ Γ ⊙ causal`` (in the matmul operand dtype, ``C × C`` per chunk, as the ``[B, T, Hv, C]``
         array the stored inverse uses) and ``output_bwd`` reads them for ``dV' = scale · Zᵀ dO``
-        instead of forming them again (under per-channel gates that is half its diagonal-pair work).
+        instead of forming them again (under per-channel gates: the forward's pair tensors of the
+        diagonal sub-tiles are not formed a second time).
       wy_bwd_split: the WY backward as two kernels, the state step's shares of dk and db first
         (reading h, dh and V'), then the WY form's; False: one kernel holding both (more live
         registers: ptxas reported spills for it).

@@ -91,7 +91,8 @@ class Layout:
         self.parts = self.chunk // channel_rows if mode == "channel" else 1
         # sub-tiles of the WY kernels (``BlockConfig.wy_rows``; ``channel_rows`` for per-channel gates)
         self.wy_parts = self.chunk // (channel_rows if mode == "channel" else min(cfg.wy_rows, self.chunk))
-        # the forward stores X and the WY backward runs on whole chunks (``BlockConfig.store_inverse``)
+        # the forward stores X and the WY backward reads it (``BlockConfig.store_inverse``): on whole
+        # chunks under scalar or no gates, ``channel_rows`` blocks per channel
         self.store_inverse = cfg.store_inverse
 
     # -- chunk-parallel grid (c, b, h) --

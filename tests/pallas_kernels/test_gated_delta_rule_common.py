@@ -67,3 +67,11 @@ def test_channel_diagonal_tile_bf16_operands(rng):
     for g, w in zip(got, want, strict=True):
         err = float(jnp.linalg.norm(g - w) / jnp.linalg.norm(w))
         assert err < 1e-2, err
+
+
+def test_channel_diagonal_tile_needs_power_of_two_rows(rng):
+    """A reference row past the tile would select nothing; the levels refuse such tiles."""
+    x, y, b, _ = _tile(rng, 20, 8, 1.0, False)
+    pair = common.make_pair(x, y, b, b, None, None, diag=True, causal="strict")
+    with pytest.raises(ValueError, match="power-of-two row count, got 20"):
+        common.gated_product_vjp(pair, jnp.ones((20, 20), F32), "channel", F32)

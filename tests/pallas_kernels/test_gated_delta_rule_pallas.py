@@ -145,6 +145,11 @@ CASES = {
         dict(b=1, t=70, h=1, hv=2, d=32, e=16, gate="kda"),
         dict(docs=(9, 40), config=BlockConfig(chunk=32, block_e=16, block_cols=16, store_inverse=True)),
     ),
+    "kda-f32-T70-stored-inverse-sub-tiles-docs-strong": (
+        jnp.float32,
+        dict(b=1, t=70, h=1, hv=1, d=32, e=16, gate="kda"),
+        dict(docs=(9, 40), g_max=8.0, config=BlockConfig(chunk=32, block_e=16, block_cols=16, store_inverse=True)),
+    ),
     "kda-bf16-T70-whole-chunk-stored-scores": (
         jnp.bfloat16,
         dict(b=1, t=70, h=1, hv=1, d=32, e=16, gate="kda"),
