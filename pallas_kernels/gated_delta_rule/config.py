@@ -48,7 +48,7 @@ class BlockConfig:
         product per step).
       channel_rows: rows of the sub-tiles of every chunk kernel under per-channel gates (16 up to the
         chunk): the decay factors around a reference row between two sub-tiles, and a diagonal
-        sub-tile of n rows is log2(n) masked products by levels (``common._channel_diag_levels``).
+        sub-tile of n rows is log2(n) masked products by levels (``products._channel_diag_levels``).
       store_inverse: the forward ``wy`` kernel also writes each chunk's ``X = (I + A)⁻¹`` (float32,
         ``C × C``) and the WY backward reads it instead of forming it again: on whole chunks under
         scalar or no gates (one ``C``-row tile: a few large products instead of the sub-tile
