@@ -1,4 +1,5 @@
-"""Registers, spills and shared memory of the per-channel (GLA) Pallas kernels, without a GPU.
+"""Registers, spills and shared memory of the per-channel Pallas kernels (GLA, or KDA with
+``--op kda``), without a GPU.
 
     # 1. the project's env: lower forward+backward for CUDA on the CPU, write each kernel's Triton IR
     JAX_PLATFORMS=cpu PYTHONPATH=$PWD .venv/bin/python benchmarks/gla_ptxas.py dump /tmp/gla_ir default
@@ -11,7 +12,9 @@
 ``dump`` traces ``value_and_grad`` of ``pallas_triton_channel.linear_attention`` at ``--shape`` (default
 the benchmark's (1, 32768, 16, 128), bf16 q/k/v, float32 g) with the shape's ``default_channel_config``
 and the JSON overrides, the Triton lowering pointed at an abstract H100 (as
-``tests/pallas_kernels/test_gla_pallas.py``'s lowering test), and writes ``<tag>__<kernel>.ttir`` with
+``tests/pallas_kernels/test_gla_pallas.py``'s lowering test), and writes (``--op kda``: the gated delta
+rule's kernels with per-channel gates, ``gated_delta_rule.config.default_config`` and its
+``BlockConfig`` overrides, β float32) ``<tag>__<kernel>.ttir`` with
 its launch parameters beside it (``.json``). ``compile`` runs triton's own pipeline from that IR for
 sm_90a with those warps and stages and prints one JSON row per kernel: registers per thread, spill
 stores / loads (bytes per thread), stack frame, shared memory (bytes per program) and the count of
@@ -30,7 +33,7 @@ import subprocess
 import sys
 
 
-def dump(out: str, tag: str, overrides: dict, shape) -> None:
+def dump(out: str, tag: str, overrides: dict, shape, op: str = "gla") -> None:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import jax
     import jax.numpy as jnp
@@ -61,15 +64,32 @@ def dump(out: str, tag: str, overrides: dict, shape) -> None:
     registration.lowering.lower_jaxpr_to_triton_module = lower_and_keep
     registration.mlir.custom_call = call_and_keep
     b, t, h, d = shape
-    cfg = default_channel_config(batch=b, heads=h, seq_len=t, value_dim=d, interpret=False)
-    cfg = dataclasses.replace(cfg, **overrides)
     x, g = jax.ShapeDtypeStruct(shape, jnp.bfloat16), jax.ShapeDtypeStruct(shape, jnp.float32)
+    if op == "kda":
+        from pallas_kernels.gated_delta_rule import pallas_triton
+        from pallas_kernels.gated_delta_rule.config import default_config
 
-    def loss(q, k, v, g):
-        o, s = pallas_triton_channel.linear_attention(q, k, v, g=g, config=cfg)
-        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
+        cfg = default_config(
+            batch=b, value_heads=h, seq_len=t, value_dim=d, key_dim=d, interpret=False, per_channel=True, dtype=x.dtype
+        )
+        cfg = dataclasses.replace(cfg, **overrides)
+        beta = jax.ShapeDtypeStruct((b, t, h), jnp.float32)
 
-    jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).trace(x, x, x, g).lower(lowering_platforms=("cuda",))
+        def kda_loss(q, k, v, beta, g):
+            o, s = pallas_triton.gated_delta_rule(q, k, v, beta, g=g, config=cfg)
+            return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
+
+        grads = jax.jit(jax.value_and_grad(kda_loss, argnums=(0, 1, 2, 3, 4)))
+        grads.trace(x, x, x, beta, g).lower(lowering_platforms=("cuda",))
+    else:
+        cfg = default_channel_config(batch=b, heads=h, seq_len=t, value_dim=d, interpret=False)
+        cfg = dataclasses.replace(cfg, **overrides)
+
+        def loss(q, k, v, g):
+            o, s = pallas_triton_channel.linear_attention(q, k, v, g=g, config=cfg)
+            return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
+
+        jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).trace(x, x, x, g).lower(lowering_platforms=("cuda",))
     os.makedirs(out, exist_ok=True)
     for text, meta in zip(texts, metas, strict=True):
         path = os.path.join(out, f"{tag}__{meta['name']}")
@@ -122,13 +142,14 @@ def main(argv=None) -> None:
     d = sub.add_parser("dump", help="Triton IR of the six (or seven) kernels, lowered for CUDA on the CPU")
     d.add_argument("out")
     d.add_argument("tag")
-    d.add_argument("overrides", nargs="?", default="{}", help="JSON ChannelConfig overrides")
+    d.add_argument("overrides", nargs="?", default="{}", help="JSON ChannelConfig (BlockConfig for kda) overrides")
+    d.add_argument("--op", default="gla", choices=["gla", "kda"], help="the GLA kernels or KDA's")
     d.add_argument("--shape", default="1,32768,16,128", help="B,T,H,D")
     c = sub.add_parser("compile", help="triton 3.6 + ptxas -v on dumped .ttir files")
     c.add_argument("paths", nargs="+")
     args = ap.parse_args(argv)
     if args.cmd == "dump":
-        dump(args.out, args.tag, json.loads(args.overrides), tuple(map(int, args.shape.split(","))))
+        dump(args.out, args.tag, json.loads(args.overrides), tuple(map(int, args.shape.split(","))), args.op)
     else:
         compile_report(args.paths)
 
