@@ -87,13 +87,13 @@ class Layout:
         self.mode = mode
         self.mxu = mxu_dtype(q.dtype)
         # sub-tiles of the output's Q Kᵀ ⊙ Γ: per-channel gates factor between ``channel_rows`` tiles
-        channel_rows = min(cfg.channel_rows, self.chunk)
-        self.parts = self.chunk // channel_rows if mode == "channel" else 1
+        self.parts = self.chunk // cfg.channel_rows if mode == "channel" else 1
         # sub-tiles of the WY kernels (``BlockConfig.wy_rows``; ``channel_rows`` for per-channel gates)
-        self.wy_parts = self.chunk // (channel_rows if mode == "channel" else min(cfg.wy_rows, self.chunk))
-        # the forward stores X and the WY backward reads it (``BlockConfig.store_inverse``): on whole
-        # chunks under scalar or no gates, ``channel_rows`` blocks per channel
+        self.wy_parts = self.chunk // (cfg.channel_rows if mode == "channel" else min(cfg.wy_rows, self.chunk))
+        # the forward stores X (``BlockConfig.store_inverse``) and the WY backward reads it: on whole
+        # chunks under scalar or no gates, as the ``channel_rows`` blocks per channel
         self.store_inverse = cfg.store_inverse
+        self.wy_bwd_parts = 1 if cfg.store_inverse and mode != "channel" else self.wy_parts
 
     # -- chunk-parallel grid (c, b, h) --
 

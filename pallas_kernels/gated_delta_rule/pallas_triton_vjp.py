@@ -448,8 +448,7 @@ def wy_backward(res: Residuals, dh, dv_new, dk_out, db_out, lay: Layout, statics
         with_state=not split,
         stored_inverse=res.x is not None,
         precision=statics.inverse_precision,
-        # the stored inverse: whole chunks under scalar or no gates, the sub-tiles per channel
-        parts=1 if res.x is not None and lay.mode != "channel" else lay.wy_parts,
+        parts=lay.wy_bwd_parts,
     )
     x_in = [] if res.x is None else [(lay.chunk_spec(lay.chunk), res.x)]
     grads = pl.pallas_call(
