@@ -72,24 +72,18 @@ def dump(out: str, tag: str, overrides: dict, shape, op: str = "gla") -> None:
         cfg = default_config(
             batch=b, value_heads=h, seq_len=t, value_dim=d, key_dim=d, interpret=False, per_channel=True, dtype=x.dtype
         )
-        cfg = dataclasses.replace(cfg, **overrides)
-        beta = jax.ShapeDtypeStruct((b, t, h), jnp.float32)
-
-        def kda_loss(q, k, v, beta, g):
-            o, s = pallas_triton.gated_delta_rule(q, k, v, beta, g=g, config=cfg)
-            return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
-
-        grads = jax.jit(jax.value_and_grad(kda_loss, argnums=(0, 1, 2, 3, 4)))
-        grads.trace(x, x, x, beta, g).lower(lowering_platforms=("cuda",))
+        op_fn, args = pallas_triton.gated_delta_rule, (x, x, x, jax.ShapeDtypeStruct((b, t, h), jnp.float32))
     else:
         cfg = default_channel_config(batch=b, heads=h, seq_len=t, value_dim=d, interpret=False)
-        cfg = dataclasses.replace(cfg, **overrides)
+        op_fn, args = pallas_triton_channel.linear_attention, (x, x, x)
+    cfg = dataclasses.replace(cfg, **overrides)
 
-        def loss(q, k, v, g):
-            o, s = pallas_triton_channel.linear_attention(q, k, v, g=g, config=cfg)
-            return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
+    def loss(*inputs):
+        o, s = op_fn(*inputs[:-1], g=inputs[-1], config=cfg)
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
 
-        jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).trace(x, x, x, g).lower(lowering_platforms=("cuda",))
+    argnums = tuple(range(len(args) + 1))
+    jax.jit(jax.value_and_grad(loss, argnums=argnums)).trace(*args, g).lower(lowering_platforms=("cuda",))
     os.makedirs(out, exist_ok=True)
     for text, meta in zip(texts, metas, strict=True):
         path = os.path.join(out, f"{tag}__{meta['name']}")
