@@ -347,17 +347,15 @@ def test_default_config_fills_the_gpu_with_splits():
 def test_kernels_lower_to_triton(triton_lowering_h100):
     """Lower (not compile) forward and backward for CUDA here: the Triton lowering's own checks run."""
     spec = jax.ShapeDtypeStruct
-    for gate, (b, t, h, hv, d, e), dtype, docs, splits in [
-        ("gdn", (1, 256, 2, 4, 128, 128), jnp.bfloat16, False, 2),
-        ("kda", (2, 100, 2, 2, 40, 24), jnp.float32, True, 1),
-        ("deltanet", (1, 70, 1, 1, 64, 64), jnp.float16, True, 1),
-        ("kda-whole-chunk", (1, 200, 2, 2, 128, 128), jnp.bfloat16, True, 2),
+    for gate, (b, t, h, hv, d, e), dtype, docs, splits, whole in [
+        ("gdn", (1, 256, 2, 4, 128, 128), jnp.bfloat16, False, 2, False),
+        ("kda", (2, 100, 2, 2, 40, 24), jnp.float32, True, 1, False),
+        ("deltanet", (1, 70, 1, 1, 64, 64), jnp.float16, True, 1, False),
+        ("kda", (1, 200, 2, 2, 128, 128), jnp.bfloat16, True, 2, True),
     ]:
         # deltanet lowers the fused WY backward, kda its two-kernel split, gdn the whole-chunk one
         # that reads the stored inverse (and 16-wide value blocks in the state passes); kda on
-        # whole chunks (the diagonal tile by levels) reads the stored inverse too
-        whole = gate == "kda-whole-chunk"
-        gate = "kda" if whole else gate
+        # whole chunks (``whole``: the diagonal tile by levels) reads the stored inverse too
         config = BlockConfig(
             splits=splits,
             block_e=16 if gate == "gdn" else 32,
