@@ -71,6 +71,13 @@ def variants(base, d: int, *, per_channel: bool = False) -> list[tuple[str, dict
         {"num_stages_bwd": 2},
         {"num_warps": 4},
         {split: 16},
+        # 128-token chunks: half the sequential steps of the state passes (each step's products twice
+        # as tall), the WY inverse by two 64-row blocks or by doubling on the whole chunk
+        {"chunk": 128},
+        {"chunk": 128, "num_stages_state": 2},
+        {"chunk": 128, "wy_rows": 128},
+        {"chunk": 128, "block_e": 32},
+        {"chunk": 32},
     ]
     combos = [
         {"store_scores": True, "num_warps_bwd": 4},

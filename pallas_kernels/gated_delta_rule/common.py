@@ -197,8 +197,10 @@ def make_chunk(k, v, beta, b, docs: Docs | None, *, sub: int) -> Chunk:
     return Chunk(split_rows(k, parts), split_rows(v, parts), split_rows(beta, parts), bt, dt, to_row)
 
 
-def _gram_pair(c: Chunk, i: int, j: int) -> Pair:
-    return make_pair(c.k[i], c.k[j], c.b[i], c.b[j], c.docs[i], c.docs[j], diag=i == j, causal="strict")
+def _gram_pair(c: Chunk, i: int, j: int, *, beta_rows: bool = False) -> Pair:
+    """Tiles i ≥ j of ``G = K Kᵀ ⊙ Γ``, or of ``A = (β ⊙ K) Kᵀ ⊙ Γ`` with ``beta_rows``."""
+    rows = c.beta[i][:, None] * c.k[i].astype(F32) if beta_rows else c.k[i]
+    return make_pair(rows, c.k[j], c.b[i], c.b[j], c.docs[i], c.docs[j], diag=i == j, causal="strict")
 
 
 def gram_blocks(c: Chunk, *, mode: GateMode, mxu) -> dict:
@@ -269,10 +271,15 @@ def inverse_backward(x: dict, dx: dict, mxu=F32) -> dict:
     return {(i, j): -sum(dot(y[i, m], x[j, m], trans_b=True) for m in range(j + 1)) for i, j in lower}
 
 
-def key_grads(c: Chunk, x: dict, dw: list, dgram: dict, *, mode: GateMode, mxu):
+def key_grads(c: Chunk, x: dict, dw: list, da: dict, *, mode: GateMode, mxu):
     """Tiles ``(dk, dβ share, db share)`` through ``W = X (β e^b ⊙ K)`` given dW and through
-    ``G = K Kᵀ ⊙ Γ`` given ``dG``, for the key columns of ``c`` (dβ and scalar db: partial row
-    sums over those columns)."""
+    ``A = (β ⊙ K) Kᵀ ⊙ Γ`` given ``dA``, for the key columns of ``c`` (dβ and scalar db: partial
+    row sums over those columns).
+
+    A is taken as the gated product of ``β ⊙ K`` (rows) and K (columns), so β's share through it is
+    ``Σ_d k_id · (the row operand's cotangent)_id``, a sum over key columns like the rest: the
+    Gram matrix itself is never needed (with the forward's stored X the WY backward forms no Gram
+    block at all)."""
     n = len(c.k)
     dkb = transpose_solve(x, dw, mxu)
     dk, dbeta, db = [], [], []
@@ -281,8 +288,10 @@ def key_grads(c: Chunk, x: dict, dw: list, dgram: dict, *, mode: GateMode, mxu):
         dk.append(row_scale(c.beta[j][:, None] * dkb[j], c.to_row[j], None))
         dbeta.append(jnp.sum(k_rhs * dkb[j], axis=1))
         db.append(None if c.b[j] is None else reduce_gate(c.k[j].astype(F32) * dk[j], mode))
-    for (i, j), dg in dgram.items():
-        dki, dkj = gated_product_vjp(_gram_pair(c, i, j), dg, mode, mxu)
+    for (i, j), d in da.items():
+        d_rows, dkj = gated_product_vjp(_gram_pair(c, i, j, beta_rows=True), d, mode, mxu)
+        dki = c.beta[i][:, None] * d_rows
+        dbeta[i] = dbeta[i] + jnp.sum(c.k[i].astype(F32) * d_rows, axis=1)
         dk[i] = dk[i] + dki
         dk[j] = dk[j] + dkj  # j may equal i
         if db[i] is not None:
@@ -297,13 +306,6 @@ def value_grads(c: Chunk, x: dict, du: list, mxu):
     dv = [beta[:, None] * d for beta, d in zip(c.beta, dvb, strict=True)]
     dbeta = [jnp.sum(v.astype(F32) * d, axis=1) for v, d in zip(c.v, dvb, strict=True)]
     return dv, dbeta
-
-
-def gram_grads(gram: dict, da: dict, beta: list):
-    """``(dG blocks, dβ share)`` from ``A = diag(β) G`` given dA (G is zero off its pairs)."""
-    dgram = {(i, j): beta[i][:, None] * d for (i, j), d in da.items()}
-    dbeta = [sum(jnp.sum(da[i, j] * gram[i, j], axis=1) for j in range(i + 1)) for i in range(len(beta))]
-    return dgram, dbeta
 
 
 class WyGrads(NamedTuple):
@@ -322,13 +324,11 @@ def wy_backward(c: Chunk, dw: list, du: list, *, mode: GateMode, mxu) -> WyGrads
     ``dA = −Xᵀ dX Xᵀ`` (strictly lower), ``A = diag(β) G``. Every step is a sum over, or separate
     in, the key and value columns, which kernels use to walk them in blocks.
     """
-    gram = gram_blocks(c, mode=mode, mxu=mxu)
-    x = inverse_blocks(gram, c.beta)
+    x = inverse_blocks(gram_blocks(c, mode=mode, mxu=mxu), c.beta)
     dx = add_blocks(dx_blocks(key_rhs(c, mxu), dw, mxu), dx_blocks(value_rhs(c, mxu), du, mxu))
-    dgram, dbeta_gram = gram_grads(gram, inverse_backward(x, dx), c.beta)
-    dk, dbeta_k, db = key_grads(c, x, dw, dgram, mode=mode, mxu=mxu)
+    dk, dbeta_k, db = key_grads(c, x, dw, inverse_backward(x, dx), mode=mode, mxu=mxu)
     dv, dbeta_v = value_grads(c, x, du, mxu)
-    dbeta = [a + b + g for a, b, g in zip(dbeta_k, dbeta_v, dbeta_gram, strict=True)]
+    dbeta = [a + b for a, b in zip(dbeta_k, dbeta_v, strict=True)]
     return WyGrads(dk, dv, dbeta, db)
 
 
@@ -345,11 +345,27 @@ def decay_state(state, gamma):
     return gamma * state if gamma.ndim == 0 else gamma[:, None] * state
 
 
-def state_step(state, w, u, k_end, gamma, mxu):
-    """One chunk of the state pass: ``(V' = U − W S, S ← diag(γ) S + K̃ᵀ V')`` (float32)."""
+def gated_dot(x, factor, y, mxu, *, trans_a=False, trans_b=False):
+    """``(factor ⊙ x) y`` (``trans_a``: ``(factor ⊙ x)ᵀ y``; ``trans_b``: y transposed), float32.
+
+    A per-row factor (``[n]``, or a boolean row mask) is applied to the product's rows, or with
+    ``trans_a`` to y's rows, so x enters the product as loaded: the state passes scale a
+    ``[C, block_e]`` tile per step instead of the ``[C, D]`` key or query tile (and Triton feeds x
+    to the tensor cores without a round trip through registers). Per-channel factors act on x's
+    columns and scale x before the product."""
+    if factor is None or factor.ndim == 2:
+        x = x if factor is None else row_scale(x, factor)
+        return dot(x.astype(mxu), y.astype(mxu), trans_a=trans_a, trans_b=trans_b)
+    if trans_a:
+        return dot(x.astype(mxu), row_scale(y, factor).astype(mxu), trans_a=True, trans_b=trans_b)
+    return row_scale(dot(x.astype(mxu), y.astype(mxu), trans_b=trans_b), factor)
+
+
+def state_step(state, w, u, k, to_end, gamma, mxu):
+    """One chunk of the state pass: ``(V' = U − W S, S ← diag(γ) S + (e^{b_last − b} ⊙ K)ᵀ V')``
+    (float32)."""
     v_new = u.astype(F32) - dot(w.astype(mxu), state.astype(mxu))
-    update = dot(k_end.astype(mxu), v_new.astype(mxu), trans_a=True)
-    return v_new, decay_state(state, gamma) + update
+    return v_new, decay_state(state, gamma) + gated_dot(k, to_end, v_new, mxu, trans_a=True)
 
 
 def score_blocks(q, k, b, docs: Docs | None, *, mode: GateMode, mxu, parts: int):
@@ -364,19 +380,11 @@ def score_blocks(q, k, b, docs: Docs | None, *, mode: GateMode, mxu, parts: int)
     }
 
 
-def _inter(x, factor, h, mxu, *, trans_b=False):
-    """``(factor ⊙ x) h`` (or ``hᵀ``): per-row factors are applied to the product, per-channel ones
-    (which act on x's columns) before it."""
-    if factor is None or factor.ndim == 1:
-        return row_scale(dot(x.astype(mxu), h.astype(mxu), trans_b=trans_b), factor)
-    return dot(row_scale(x, factor).astype(mxu), h.astype(mxu), trans_b=trans_b)
-
-
 def output_inter(q, b, docs: Docs | None, h, *, mxu, parts: int) -> list:
     """Tiles of ``(e^b ⊙ Q) S`` (a sum over key channels: with q, b restricted to some columns and
     ``h`` to those rows, the share of those columns)."""
     ft = [to_row_factor(x, d) for x, d in zip(split_rows(b, parts), split_docs(docs, parts), strict=True)]
-    return [_inter(x, f, h, mxu) for x, f in zip(split_rows(q, parts), ft, strict=True)]
+    return [gated_dot(x, f, h, mxu) for x, f in zip(split_rows(q, parts), ft, strict=True)]
 
 
 def output_combine(z: dict, inter: list, v_new, *, scale: float, mxu) -> list:

@@ -50,9 +50,9 @@ class BlockConfig:
         chunk): the decay factors around a reference row between two sub-tiles, and a diagonal
         sub-tile of n rows is log2(n) masked products by levels (``products._channel_diag_levels``).
       store_inverse: the forward ``wy`` kernel also writes each chunk's ``X = (I + A)⁻¹`` (float32,
-        ``C × C``) and the WY backward reads it instead of forming it again: on whole chunks under
-        scalar or no gates (one ``C``-row tile: a few large products instead of the sub-tile
-        blocks), as ``channel_rows`` blocks under per-channel gates.
+        ``C × C``) and the WY backward reads it instead of forming it (and the Gram blocks) again:
+        on whole chunks under scalar or no gates (one ``C``-row tile: a few large products instead
+        of the sub-tile blocks), as ``channel_rows`` blocks under per-channel gates.
       inverse_precision: the float32 products that form ``X = (I + A)⁻¹``: ``"highest"`` (exact
         float32 on the CUDA cores), ``"tf32x3"`` (three tf32 products on the tensor cores, about
         float32 accuracy) or ``"tf32"`` (one tf32 product: about 1e-3 relative, below the bf16
@@ -132,8 +132,9 @@ def default_config(
     fewer than half the SMs (66) have programs: 2×H200, GDN 32K tokens per GPU, 16 heads, allgather,
     2 / 4 / 8 / 16 runs per shard 5.60 / 5.64 / 5.86 / 6.29 ms); the WY kernels take whole rows of
     keys and values at once (``block_cols`` = the padded head dim) under scalar or no gates,
-    32-column blocks under per-channel gates; the forward stores each chunk's inverse for a
-    whole-chunk WY backward under scalar or no gates (``store_inverse``). For bf16/fp16 inputs
+    32-column blocks under per-channel gates; the forward stores each chunk's inverse for the WY
+    backward (``store_inverse``: on whole chunks under scalar or no gates, by sub-tile blocks under
+    per-channel gates). For bf16/fp16 inputs
     (``dtype``) under scalar or no gates the forward WY kernel works on whole chunks and forms the
     inverse in tf32 (``wy_rows`` = chunk, ``inverse_precision="tf32"``; H200, GDN (1, 32K, 16, 128)
     fwd+bwd 5.70 against 6.18 ms with 16-row tiles in float32, the same errors against the XLA path:
@@ -155,7 +156,9 @@ def default_config(
     cfg = BlockConfig(
         block_e=min(32, value_dim),
         block_cols=32 if per_channel else max(16, key_dim, value_dim),
-        store_inverse=not per_channel,
+        # the WY backward reads X and forms no Gram block (H200, KDA (1, 32K, 16, 128) bf16 fwd+bwd
+        # 24.96 against 27.11 ms forming G and X again from 16-row tiles)
+        store_inverse=True,
         store_scores=per_channel,
         # per-channel gates: 4 warps in the backward chunk kernels since their diagonal tiles'
         # cotangents go by levels of products (H200, KDA (1, 32K, 16, 128) bf16 fwd+bwd 26.82

@@ -116,12 +116,11 @@ def _state_kernel(w_ref, u_ref, k_ref, *refs, mode, has_docs, mxu, chunk, num_ch
         t0 = pl.multiple_of(c * chunk, chunk)
         b = load_rows(gate_ref, t0, chunk)
         _, to_end, gamma = common.gate_factors(b, load_docs(doc_refs, t0, chunk))
-        k_end = common.row_scale(k_ref[pl.ds(t0, chunk), :], to_end)
-        w, u = w_ref[pl.ds(t0, chunk), :], u_ref[pl.ds(t0, chunk), :]
+        k, w, u = k_ref[pl.ds(t0, chunk), :], w_ref[pl.ds(t0, chunk), :], u_ref[pl.ds(t0, chunk), :]
         if real_values is not None:
             u = jnp.where(real_values, u, jnp.zeros_like(u))
         entering = state
-        v_new, state = common.state_step(state, w, u, k_end, gamma, mxu)
+        v_new, state = common.state_step(state, w, u, k, to_end, gamma, mxu)
         if store_chunks:
             h_ref, v_new_ref = chunk_refs
             h_ref[c] = entering.astype(h_ref.dtype)

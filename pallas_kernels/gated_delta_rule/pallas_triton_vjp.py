@@ -108,14 +108,15 @@ def _state_bwd_kernel(
         c = num_chunks - 1 - i
         t0 = pl.multiple_of(c * chunk, chunk)
         to_row, to_end, gamma = common.gate_factors(load_rows(gate_ref, t0, chunk), load_docs(doc_refs, t0, chunk))
-        k_end = common.row_scale(k_ref[pl.ds(t0, chunk), :], to_end)
-        dv_new = dv_intra_ref[pl.ds(t0, chunk), :].astype(F32) + dot(k_end.astype(mxu), ds.astype(mxu))
+        # per-row gates scale the [C, block_e] products, not the [C, D] key and query tiles
+        k = k_ref[pl.ds(t0, chunk), :]
+        dv_new = dv_intra_ref[pl.ds(t0, chunk), :].astype(F32) + common.gated_dot(k, to_end, ds, mxu)
         if store_chunks:
             dh_ref, dv_new_ref = chunk_refs
             dh_ref[c] = ds.astype(dh_ref.dtype)
             dv_new_ref[pl.ds(t0, chunk), :] = dv_new.astype(dv_new_ref.dtype)
-        q_start = common.row_scale(q_ref[pl.ds(t0, chunk), :], to_row)
-        from_output = scale * dot(q_start.astype(mxu), do_ref[pl.ds(t0, chunk), :].astype(mxu), trans_a=True)
+        q, do = q_ref[pl.ds(t0, chunk), :], do_ref[pl.ds(t0, chunk), :]
+        from_output = scale * common.gated_dot(q, to_row, do, mxu, trans_a=True)
         through_w = dot(w_ref[pl.ds(t0, chunk), :].astype(mxu), dv_new.astype(mxu), trans_a=True)
         return common.decay_state(ds, gamma) + from_output - through_w
 
@@ -241,7 +242,8 @@ def _wy_bwd_kernel(
     def dx_keys(j, carry):
         gram, dx = carry
         _, chunk, _, dw = keys(j)
-        gram = common.add_blocks(gram, common.gram_blocks(chunk, mode=mode, mxu=mxu))
+        if not stored_inverse:  # the Gram blocks only to form X again
+            gram = common.add_blocks(gram, common.gram_blocks(chunk, mode=mode, mxu=mxu))
         return gram, common.add_blocks(dx, common.dx_blocks(common.key_rhs(chunk, mxu), dw, mxu))
 
     def dx_values(j, dx):
@@ -249,7 +251,7 @@ def _wy_bwd_kernel(
         return common.add_blocks(dx, common.dx_blocks(common.value_rhs(chunk, mxu), du, mxu))
 
     zeros = zero_blocks(parts, rows)
-    gram, dx = lax.fori_loop(0, key_steps, dx_keys, (zeros, zeros))
+    gram, dx = lax.fori_loop(0, key_steps, dx_keys, (0 if stored_inverse else zeros, zeros))
     dx = lax.fori_loop(0, value_steps, dx_values, dx)
     if stored_inverse:
         x = load_lower_blocks(x_ref, parts)
@@ -257,16 +259,16 @@ def _wy_bwd_kernel(
     else:
         x = common.inverse_blocks(gram, beta, precision)
         da = common.inverse_backward(x, dx)
-    dgram, dbeta = common.gram_grads(gram, da, beta)
-    # X and dG only feed matmuls from here: keep them in the operand dtype (half the registers)
+    # X and dA only feed matmuls from here: keep them in the operand dtype (half the registers)
     x = {ij: block.astype(mxu) for ij, block in x.items()}
-    dgram = {ij: block.astype(mxu) for ij, block in dgram.items()}
+    da = {ij: block.astype(mxu) for ij, block in da.items()}
+    dbeta = [jnp.zeros((rows,), F32) for _ in range(parts)]
     row_zeros = [jnp.zeros((rows,), F32) for _ in range(parts)]
 
     def key_step(j, carry):
         dbeta, db_rows = carry
         start, chunk, h_rows, dw = keys(j)
-        dk, dbeta_k, db = common.key_grads(chunk, x, dw, dgram, mode=mode, mxu=mxu)
+        dk, dbeta_k, db = common.key_grads(chunk, x, dw, da, mode=mode, mxu=mxu)
         dbeta = [a + b for a, b in zip(dbeta, dbeta_k, strict=True)]
         add = functools.partial(
             _add_key_block, dk_ref, db_ref[0] if db_ref else None, dk_out_ref, db_out_ref, start, mode=mode, parts=parts

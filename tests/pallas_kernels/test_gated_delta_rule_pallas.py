@@ -338,6 +338,7 @@ def test_default_config_fills_the_gpu_with_splits():
         batch=1, value_heads=16, seq_len=32768, value_dim=128, interpret=False, dtype=jnp.bfloat16, per_channel=True
     )
     assert kda.inverse_precision == "highest" and kda.store_scores and not low.store_scores
+    assert kda.store_inverse and low.store_inverse  # the WY backward forms no Gram block
     assert kda.num_warps_bwd == 4 and low.num_warps_bwd == 8  # per-channel cotangents by levels: 4 warps
 
 
