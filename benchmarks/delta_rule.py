@@ -85,7 +85,9 @@ def time_config(row: dict, make_fns, inputs: tuple, do, *, reps: int) -> dict:
         row["fwd_ms"] = _jax_time(fwd, *inputs, n=reps)
         row["fwd_bwd_ms"] = _jax_time(fwd_bwd, *inputs, do, n=reps)
     except Exception as exc:  # noqa: BLE001 - a failing config is a result, not the end of the sweep
-        lines = [line for line in traceback.format_exception_only(exc)[-1].splitlines() if line.strip()]
+        # the message up to jax's note on filtered traceback frames (after a line of dashes)
+        text = "".join(traceback.format_exception_only(exc)).split("\n--------------------\n")[0]
+        lines = [ln for ln in text.splitlines() if ln.strip()]
         row["error"] = (lines[-1] if lines else repr(exc))[:400]
     row["wall_s"] = round(time.perf_counter() - t0, 1)
     return row

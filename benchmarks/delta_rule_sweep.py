@@ -50,7 +50,9 @@ def variants(base, d: int, *, per_channel: bool = False) -> list[tuple[str, dict
         {"wy_rows": 64, "inverse_precision": "tf32x3"},  # whole-chunk WY kernels: the inverse by doubling
         {"wy_rows": 32, "inverse_precision": "tf32x3"},
         {"num_warps_bwd": 4},
+        {"num_warps_bwd": 8},  # per-channel gates default to 4
         {"block_cols": 64},
+        {"block_cols": 16},
         {"block_cols": 64, "num_warps_bwd": 4},
         {"wy_rows": 64},  # whole-chunk WY kernels (scalar / no gates; per-channel gates ignore it)
         {"wy_rows": 32},
