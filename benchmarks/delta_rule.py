@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import re
@@ -28,6 +29,9 @@ import subprocess
 import sys
 import time
 import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.timing import forward_and_grads  # noqa: E402
 
 SHAPES = [(1, 32768, 16, 128), (4, 8192, 16, 128), (1, 131072, 16, 128)]
 IMPLS = ("project", "project_xla", "jla", "fla")
@@ -98,10 +102,9 @@ def _time_jax_op(attn, op, shape):
 
     q, k, v, beta, g, do = _jax_inputs(op, *shape)
     fwd = jax.jit(attn)
-    fwd_bwd = jax.jit(lambda q, k, v, beta, g, do: jax.vjp(attn, q, k, v, beta, g)[1](do))
+    fwd_bwd = jax.jit(functools.partial(forward_and_grads, attn))
     times = _jax_time(fwd, q, k, v, beta, g), _jax_time(fwd_bwd, q, k, v, beta, g, do)
     if os.environ.get("DELTA_RULE_PROFILE"):  # device time by kernel of one fwd+bwd, to stderr
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         from benchmarks.sequence_parallel import print_kernels, profile_kernels
 
         path = os.path.join(os.environ["DELTA_RULE_PROFILE"], f"{op}_{'x'.join(map(str, shape))}")
@@ -179,7 +182,7 @@ def run_one(op, impl, shape, timeout) -> dict:
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout} s"}
     lines = proc.stdout.strip().splitlines()
-    if os.environ.get("DELTA_RULE_PROFILE") and impl == "project":
+    if os.environ.get("DELTA_RULE_PROFILE") and impl in ("project", "jla"):
         print(proc.stderr[-4000:], flush=True)
     if proc.returncode == 0 and lines:
         return json.loads(lines[-1])

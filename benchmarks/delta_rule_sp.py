@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -54,7 +55,7 @@ def sp_splits(splits: int | None, block_e: int | None = None):
 def _fwd_bwd(attn):
     import jax
 
-    return jax.jit(lambda q, k, v, beta, g, do: jax.vjp(attn, q, k, v, beta, g)[1](do))
+    return jax.jit(functools.partial(timing.forward_and_grads, attn))
 
 
 def _time(fn, args) -> float:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -30,6 +31,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.delta_rule import _jax_inputs, time_config  # noqa: E402
+from benchmarks.timing import forward_and_grads  # noqa: E402
 
 
 def variants(base, d: int, *, per_channel: bool = False) -> list[tuple[str, dict]]:
@@ -131,7 +133,7 @@ def _fns(config, interpret):
         return pallas_triton.gated_delta_rule(q, k, v, beta, g=g, interpret=interpret, config=config)[0]
 
     fwd = jax.jit(attn)
-    fwd_bwd = jax.jit(lambda q, k, v, beta, g, do: jax.vjp(attn, q, k, v, beta, g)[1](do))
+    fwd_bwd = jax.jit(functools.partial(forward_and_grads, attn))
     return attn, fwd, fwd_bwd
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -31,6 +32,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.delta_rule import time_config  # noqa: E402
 from benchmarks.kernels import _jax_inputs  # noqa: E402
+from benchmarks.timing import forward_and_grads  # noqa: E402
 
 SPLIT = {"split_grads": True, "recompute_dz": True}
 
@@ -80,7 +82,7 @@ def _fns(config, interpret):
         return pallas_triton_channel.linear_attention(q, k, v, g=g, interpret=interpret, config=config)[0]
 
     fwd = jax.jit(attn)
-    fwd_bwd = jax.jit(lambda q, k, v, g, do: jax.vjp(attn, q, k, v, g)[1](do))
+    fwd_bwd = jax.jit(functools.partial(forward_and_grads, attn))
     return attn, fwd, fwd_bwd
 
 

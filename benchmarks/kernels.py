@@ -51,6 +51,9 @@ import tempfile
 import threading
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.timing import forward_and_grads  # noqa: E402
+
 SHAPES = [(1, 32768, 16, 128), (4, 8192, 16, 128), (1, 131072, 16, 128), (8, 4096, 32, 128)]
 CHANNEL_SHAPES = SHAPES[:2]  # the per-channel (GLA) rows' default shapes
 DECAYS = ["g_gamma", "g"]  # the default run; "channel" (per-key-channel gates) on request
@@ -125,14 +128,6 @@ def _jax_inputs(b, t, h, d, decay):
     return (q, k, v, do), g
 
 
-def _forward_and_grads(attn, q, k, v, gate, do):
-    """o and the gradients of <o, do>: o is returned so the forward output kernel is not dropped."""
-    import jax
-
-    o, vjp = jax.vjp(attn, q, k, v, gate)
-    return o, vjp(do)
-
-
 def _copy_bandwidth():
     """Device-to-device copy bandwidth in bytes/s (bytes read plus bytes written)."""
     import jax
@@ -176,7 +171,7 @@ def _project_channel(shape, docs, impls):
             return linear_attention(q, k, v, g=g, segment_ids=seg, impl=impl)[0]
 
         fwd = functools.partial(_jax_median_ms, jax.jit(attn))
-        fwd_bwd = functools.partial(_jax_median_ms, jax.jit(functools.partial(_forward_and_grads, attn)))
+        fwd_bwd = functools.partial(_jax_median_ms, jax.jit(functools.partial(forward_and_grads, attn)))
         row = {"shape": shape, "decay": "channel", "docs": docs, "config": {"impl": impl}}
         _timed(row, fwd, fwd_bwd, q, k, v, g, do)
 
@@ -205,7 +200,7 @@ def child_project(shapes, decays, configs, docs_list, impls=CHANNEL_IMPLS):
             return pallas_triton.linear_attention(q, k, v, **kw, segment_ids=seg, config=cfg)[0]
 
         fwd = functools.partial(_jax_median_ms, jax.jit(attn))
-        fwd_bwd = functools.partial(_jax_median_ms, jax.jit(functools.partial(_forward_and_grads, attn)))
+        fwd_bwd = functools.partial(_jax_median_ms, jax.jit(functools.partial(forward_and_grads, attn)))
         row = {"shape": shape, "decay": decay, "docs": docs, "config": overrides}
         _timed(row, fwd, fwd_bwd, q, k, v, gate, do)
 
@@ -225,7 +220,7 @@ def child_jla(shapes, decays, configs, docs_list, impls=None):
             return ops.linear_attention(kind, q, k, v, g=g, impl="mosaic_gpu")[0]
 
         fwd = functools.partial(_jax_median_ms, jax.jit(attn))
-        fwd_bwd = functools.partial(_jax_median_ms, jax.jit(functools.partial(_forward_and_grads, attn)))
+        fwd_bwd = functools.partial(_jax_median_ms, jax.jit(functools.partial(forward_and_grads, attn)))
         _timed({"shape": shape, "decay": decay, "docs": 0}, fwd, fwd_bwd, q, k, v, gate, do)
 
 

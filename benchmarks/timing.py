@@ -22,3 +22,15 @@ def median_ms(fn, *args, reps: int, warmup: int = 1, inner: int = 1) -> float:
         jax.block_until_ready(fn(*args))
         times.append((time.perf_counter() - start) / inner)
     return 1e3 * float(np.median(times))
+
+
+def forward_and_grads(attn, *args):
+    """``(o, gradients of ⟨o, do⟩)`` for ``args = (*inputs, do)``: one forward+backward as a training
+    step runs it. o is returned so that a forward kernel whose output the backward does not read is
+    not dropped by the compiler (a plain ``jax.vjp(attn, ...)[1](do)`` lets XLA remove it, and the
+    forward+backward time then misses the output)."""
+    import jax
+
+    *inputs, do = args
+    o, vjp = jax.vjp(attn, *inputs)
+    return o, vjp(do)
