@@ -1,5 +1,5 @@
 """Registers, spills and shared memory of the per-channel Pallas kernels (GLA, or KDA with
-``--op kda``), without a GPU.
+``--op kda``; Gated DeltaNet's with ``--op gdn``), without a GPU.
 
     # 1. the project's env: lower forward+backward for CUDA on the CPU, write each kernel's Triton IR
     JAX_PLATFORMS=cpu PYTHONPATH=$PWD .venv/bin/python benchmarks/gla_ptxas.py dump /tmp/gla_ir default
@@ -65,13 +65,22 @@ def dump(out: str, tag: str, overrides: dict, shape, op: str = "gla") -> None:
     registration.mlir.custom_call = call_and_keep
     b, t, h, d = shape
     x, g = jax.ShapeDtypeStruct(shape, jnp.bfloat16), jax.ShapeDtypeStruct(shape, jnp.float32)
-    if op == "kda":
+    if op in ("kda", "gdn"):
         from pallas_kernels.gated_delta_rule import pallas_triton
         from pallas_kernels.gated_delta_rule.config import default_config
 
+        per_channel = op == "kda"
         cfg = default_config(
-            batch=b, value_heads=h, seq_len=t, value_dim=d, key_dim=d, interpret=False, per_channel=True, dtype=x.dtype
+            batch=b,
+            value_heads=h,
+            seq_len=t,
+            value_dim=d,
+            key_dim=d,
+            interpret=False,
+            per_channel=per_channel,
+            dtype=x.dtype,
         )
+        g = g if per_channel else jax.ShapeDtypeStruct((b, t, h), jnp.float32)  # GDN: one log gate per token
         op_fn, args = pallas_triton.gated_delta_rule, (x, x, x, jax.ShapeDtypeStruct((b, t, h), jnp.float32))
     else:
         cfg = default_channel_config(batch=b, heads=h, seq_len=t, value_dim=d, interpret=False)
@@ -137,7 +146,7 @@ def main(argv=None) -> None:
     d.add_argument("out")
     d.add_argument("tag")
     d.add_argument("overrides", nargs="?", default="{}", help="JSON ChannelConfig (BlockConfig for kda) overrides")
-    d.add_argument("--op", default="gla", choices=["gla", "kda"], help="the GLA kernels or KDA's")
+    d.add_argument("--op", default="gla", choices=["gla", "kda", "gdn"], help="the GLA kernels, KDA's or GDN's")
     d.add_argument("--shape", default="1,32768,16,128", help="B,T,H,D")
     c = sub.add_parser("compile", help="triton 3.6 + ptxas -v on dumped .ttir files")
     c.add_argument("paths", nargs="+")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU measurements left open at the end of session 12, in order of value: about 10 minutes on
-# 2 or 4 H200s (a call may run 10; the GLA step also runs on one); each step has its own time limit and keeps its output if a
+# The GPU measurements left open at the end of session 13, in order of value: about 10 minutes on
+# 2 or 4 H200s (a call may run 10; the last step also runs on one); each step has its own time limit and keeps its output if a
 # later one fails. Run from the repository root; the peer wheels in .whl (../shared/bench/README.md)
 # give the jla rows.
 #   OUT=runs/pending bash benchmarks/run_gpu_pending.sh
@@ -14,14 +14,15 @@ N=$(nvidia-smi -L | wc -l)
 # (session 11: 0.76x at sp=2; sp=4 measured only before it); TokenRing has not got the fix yet
 timeout 230 python3 benchmarks/hybrid.py --sp $N --reps 3 --strategies allgather tokenring zigzag_ring --json "$OUT/hybrid.json" > "$OUT/hybrid.log" 2>&1
 echo "== hybrid"; grep -E "^ +[0-9]+ +[a-z_]+ +[0-9]+" "$OUT/hybrid.log"
-# issue 13: the delta rule under sp on every local GPU with session 11's GDN defaults (4 GPUs: 1.16x
-# before them) and session 12's KDA kernels (levels in the diagonal cotangents, 4 backward warps)
+# issue 13: the delta rule under sp on every local GPU with session 13's kernels (per-row gates on
+# the small side of the state products, KDA's stored inverse without Gram blocks; 4 GPUs: 1.16x
+# before session 11's defaults), forward+backward now timed with o kept
 timeout 200 python3 benchmarks/delta_rule_sp.py --ops gdn kda --strategies allgather ring --no-peer --json "$OUT/delta_sp.json" > "$OUT/delta_sp.log" 2>&1
 echo "== delta rule sp"; grep -E "^\{" "$OUT/delta_sp.log"
 # issue 14 (resolved on one run): gdn-1.3b sp 1 / 2 again, for the spread of the 0.916
 timeout 260 python3 benchmarks/train_step.py --preset gdn-1.3b --remat none --sp 1 2 --json "$OUT/gdn_sp.json" > "$OUT/gdn_sp.log" 2>&1
 echo "== gdn sp"; grep -E "row:|Error" "$OUT/gdn_sp.log" | tail -n 3
-# session 12: the GLA kernels' backward now forms its diagonal cotangents by levels (shared tile
-# math with KDA), untimed: the GLA op against its session-7 15.15 ms, and its backward warps
-timeout 150 python3 benchmarks/gla_sweep.py --labels default "split_grads,recompute_dz,grads_warps=4" grads_warps=4 --budget 120 --json "$OUT/gla_sweep.json" > "$OUT/gla_sweep.log" 2>&1
-echo "== gla sweep"; tail -n 12 "$OUT/gla_sweep.log"
+# session 13: GDN's forward chunk kernels with 4 warps (offline ptxas: the whole-chunk wy kernel
+# 176 registers, no spills, two programs per SM, against 245 and one at 8 warps); never timed
+timeout 120 python3 benchmarks/delta_rule_sweep.py --ops gdn --labels default num_warps=4 --budget 90 --json "$OUT/sweep_gdn_warps.json" > "$OUT/sweep_gdn_warps.log" 2>&1
+echo "== gdn forward warps"; grep -E "^gdn " "$OUT/sweep_gdn_warps.log"
