@@ -356,8 +356,9 @@ def gated_dot(x, factor, y, mxu, *, trans_a=False, trans_b=False):
     if factor is None or factor.ndim == 2:
         x = x if factor is None else row_scale(x, factor)
         return dot(x.astype(mxu), y.astype(mxu), trans_a=trans_a, trans_b=trans_b)
-    if trans_a:
-        return dot(x.astype(mxu), row_scale(y, factor).astype(mxu), trans_a=True, trans_b=trans_b)
+    if trans_a:  # the factor meets y's rows, which are its columns when y is transposed
+        y = row_scale(y.T, factor).T if trans_b else row_scale(y, factor)
+        return dot(x.astype(mxu), y.astype(mxu), trans_a=True, trans_b=trans_b)
     return row_scale(dot(x.astype(mxu), y.astype(mxu), trans_b=trans_b), factor)
 
 

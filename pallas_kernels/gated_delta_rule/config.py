@@ -49,8 +49,9 @@ class BlockConfig:
       channel_rows: rows of the sub-tiles of every chunk kernel under per-channel gates (16 up to the
         chunk): the decay factors around a reference row between two sub-tiles, and a diagonal
         sub-tile of n rows is log2(n) masked products by levels (``products._channel_diag_levels``).
-      store_inverse: the forward ``wy`` kernel also writes each chunk's ``X = (I + A)⁻¹`` (float32,
-        ``C × C``) and the WY backward reads it instead of forming it (and the Gram blocks) again:
+      store_inverse: the forward ``wy`` kernel also writes each chunk's ``X = (I + A)⁻¹`` (``C × C``,
+        formed in float32, stored in the matmul operand dtype, which is all its products read) and
+        the WY backward reads it instead of forming it (and the Gram blocks) again:
         on whole chunks under scalar or no gates (one ``C``-row tile: a few large products instead
         of the sub-tile blocks), as ``channel_rows`` blocks under per-channel gates.
       inverse_precision: the float32 products that form ``X = (I + A)⁻¹``: ``"highest"`` (exact

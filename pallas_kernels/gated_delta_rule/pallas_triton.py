@@ -164,9 +164,10 @@ def _output_kernel(q_ref, k_ref, h_ref, v_new_ref, *refs, mode, has_docs, mxu, s
 
 def wy_representation(k, v, beta, b, docs, lay: Layout, statics: Statics):
     """Stage 1: ``(W [B, T, Hv, D], U [B, T, Hv, E])`` in the matmul operand dtype, and the inverse
-    ``X [B, T, Hv, C]`` float32 with ``lay.store_inverse`` (else None)."""
+    ``X [B, T, Hv, C]`` with ``lay.store_inverse`` (else None), also in the operand dtype: formed in
+    float32, every product that reads it (W and U here, the WY backward's) takes it in that dtype."""
     d, e = lay.dim, lay.value_dim
-    x_out = [(lay.chunk_spec(lay.chunk), lay.values_shape(F32, lay.chunk))] if lay.store_inverse else []
+    x_out = [(lay.chunk_spec(lay.chunk), lay.values_shape(lay.mxu, lay.chunk))] if lay.store_inverse else []
     w, u, *x = pl.pallas_call(
         functools.partial(
             _wy_kernel,

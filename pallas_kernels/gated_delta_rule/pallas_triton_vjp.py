@@ -211,11 +211,12 @@ def _wy_bwd_kernel(
     """dk, dv, dβ and db of one chunk: the state step's (if ``with_state``; else ``dk_out`` and
     ``db_out`` already hold them) and the WY form's, plus the output's share.
 
-    The WY backward walks the key and value columns in blocks (``block_cols``): first dX (and the
-    Gram blocks) summed over them, then X, dA and dG (small C×C blocks), then dk and dv block by
-    block; dβ and scalar db are summed over the blocks. With ``stored_inverse`` X is read (the
-    forward's; one tile, ``parts`` = 1, under scalar or no gates) and ``dA = −Xᵀ dX Xᵀ`` runs on
-    the matmul operand dtype.
+    The WY backward walks the key and value columns in blocks (``block_cols``): first dX summed over
+    them (and, without ``stored_inverse``, the Gram blocks to form X again), then dA (small C×C
+    blocks), then dk and dv block by block, A taken as the gated product of ``β ⊙ K`` and K
+    (``common.key_grads``: no Gram block needed); dβ and scalar db are summed over the blocks. With
+    ``stored_inverse`` X is read (the forward's; one tile, ``parts`` = 1, under scalar or no gates)
+    and ``dA = −Xᵀ dX Xᵀ`` runs on the matmul operand dtype.
     """
     refs = list(refs)
     x_ref = refs.pop(0) if stored_inverse else None

@@ -2,7 +2,9 @@
 products in its cotangents) against its definition ``Z[i, j] = Σ_d x_id y_jd exp(b_id − b_jd)`` on the masked pairs,
 and its cotangents against ``jax.vjp`` of the definition: tiles of 16, 32 and 64 rows, strict and
 inclusive causal masks, documents, and log gates whose span inside the tile reaches ~1900 (every
-factor of the levels stays ≤ 1; no inf or NaN)."""
+factor of the levels stays ≤ 1; no inf or NaN). Also the chunk math built on them: ``common.gated_dot``
+(per-row factors moved onto the product) and ``common.wy_backward`` against autodiff of
+``common.wy_forward``."""
 
 from __future__ import annotations
 
@@ -75,3 +77,59 @@ def test_channel_diagonal_tile_needs_power_of_two_rows(rng):
     pair = products.make_pair(x, y, b, b, None, None, diag=True, causal="strict")
     with pytest.raises(ValueError, match="power-of-two row count, got 20"):
         products.gated_product_vjp(pair, jnp.ones((20, 20), F32), "channel", F32)
+
+
+@pytest.mark.parametrize("kind", ["none", "rows", "mask", "channel"])
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True), (True, True)])
+def test_gated_dot_equals_scaling_x_first(rng, kind, trans_a, trans_b):
+    """``common.gated_dot`` moves a per-row factor onto the product (or onto y's rows, which are its
+    columns when y is transposed): the same as scaling x's rows before the product, for every factor
+    kind and transposition (a square y would hide a factor applied to the wrong axis: n ≠ m here)."""
+    n, d, m = 16, 24, 8
+    x = jnp.asarray(rng.standard_normal((n, d)), F32)
+    factor = {
+        "none": None,
+        "rows": jnp.asarray(rng.uniform(0.0, 1.0, n), F32),
+        "mask": jnp.asarray(rng.uniform(size=n) < 0.5),
+        "channel": jnp.asarray(rng.uniform(0.0, 1.0, (n, d)), F32),
+    }[kind]
+    y_rows = n if trans_a else d  # the axis y shares with x's rows (trans_a) or columns
+    y = jnp.asarray(rng.standard_normal((m, y_rows) if trans_b else (y_rows, m)), F32)
+    want = common.dot(common.row_scale(x, factor), y, trans_a=trans_a, trans_b=trans_b)
+    got = common.gated_dot(x, factor, y, F32, trans_a=trans_a, trans_b=trans_b)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["none", "scalar", "channel"])
+@pytest.mark.parametrize("docs", [False, True])
+def test_wy_backward_matches_autodiff_of_wy_forward(rng, mode, docs):
+    """The WY form's hand-written backward (``common.wy_backward``: β's share through A from the row
+    operand of ``(β ⊙ K) Kᵀ ⊙ Γ``, no Gram matrix) against ``jax.vjp`` of ``common.wy_forward`` on a
+    64-token chunk of four 16-row tiles: dk, dv, dβ and db, float32, strong per-channel gates and
+    documents (rows outside the entering state's document see no decay from the chunk start)."""
+    c, d, e = 64, 32, 16
+    k = jnp.asarray(rng.standard_normal((c, d)) / np.sqrt(d), F32)
+    v = jnp.asarray(rng.standard_normal((c, e)), F32)
+    beta = jnp.asarray(rng.uniform(0.05, 1.0, c), F32)
+    shape = {"none": None, "scalar": (c,), "channel": (c, d)}[mode]
+    b = None if shape is None else jnp.asarray(np.cumsum(-rng.uniform(0.0, 2.0, shape), axis=0), F32)
+    doc = None
+    if docs:
+        ids = jnp.asarray(np.cumsum(np.isin(np.arange(c), [10, 11, 40])), jnp.int32)
+        doc = common.Docs(ids, ids[0], ids[-1])
+    dw = [jnp.asarray(rng.standard_normal((16, d)), F32) for _ in range(4)]
+    du = [jnp.asarray(rng.standard_normal((16, e)), F32) for _ in range(4)]
+
+    def forward(k, v, beta, b):
+        w, u = common.wy_forward(common.make_chunk(k, v, beta, b, doc, sub=16), mode=mode, mxu=F32)
+        return jnp.concatenate(w), jnp.concatenate(u)
+
+    want = jax.vjp(forward, k, v, beta, b)[1]((jnp.concatenate(dw), jnp.concatenate(du)))
+    grads = common.wy_backward(common.make_chunk(k, v, beta, b, doc, sub=16), dw, du, mode=mode, mxu=F32)
+    got = [jnp.concatenate(grads.dk), jnp.concatenate(grads.dv), jnp.concatenate(grads.dbeta)]
+    if b is not None:
+        db = jnp.concatenate([x[:, None] if x.ndim == 1 else x for x in grads.db]).reshape(b.shape)
+        got.append(db)
+    for name, g, w in zip(("dk", "dv", "dbeta", "db"), got, want, strict=False):
+        assert np.all(np.isfinite(np.asarray(g))), name
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.abs(w).max()), err_msg=name)
