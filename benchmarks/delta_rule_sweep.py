@@ -110,8 +110,10 @@ def variants(base, d: int, *, per_channel: bool = False) -> list[tuple[str, dict
         {"channel_rows": 64, "store_inverse": True, "block_cols": d, "inverse_precision": "tf32"},
         {"channel_rows": 64, "store_inverse": True, "num_warps_bwd": 8},
     ]
+    # scalar or no gates: the output written by the forward state pass (no output kernel)
+    scalar = [{"fuse_output": True}, {"fuse_output": True, "num_warps": 4}]
     out, seen = [("default", {})], {dataclasses.astuple(base)}
-    for over in one + combos + (channel if per_channel else []):
+    for over in one + combos + (channel if per_channel else scalar):
         over = {k: v for k, v in over.items() if k in names}
         try:
             cfg = dataclasses.replace(base, **over)

@@ -23,6 +23,9 @@ echo "== delta rule sp"; grep -E "^\{" "$OUT/delta_sp.log"
 timeout 260 python3 benchmarks/train_step.py --preset gdn-1.3b --remat none --sp 1 2 --json "$OUT/gdn_sp.json" > "$OUT/gdn_sp.log" 2>&1
 echo "== gdn sp"; grep -E "row:|Error" "$OUT/gdn_sp.log" | tail -n 3
 # session 13: GDN's forward chunk kernels with 4 warps (offline ptxas: the whole-chunk wy kernel
-# 176 registers, no spills, two programs per SM, against 245 and one at 8 warps); never timed
-timeout 120 python3 benchmarks/delta_rule_sweep.py --ops gdn --labels default num_warps=4 --budget 90 --json "$OUT/sweep_gdn_warps.json" > "$OUT/sweep_gdn_warps.log" 2>&1
-echo "== gdn forward warps"; grep -E "^gdn " "$OUT/sweep_gdn_warps.log"
+# 176 registers, no spills, two programs per SM, against 245 and one at 8 warps) and the output
+# written by the forward state pass (BlockConfig.fuse_output); never timed; then its GPU test
+timeout 200 python3 benchmarks/delta_rule_sweep.py --ops gdn --labels default num_warps=4 fuse_output=True fuse_output=True,num_warps=4 --budget 160 --json "$OUT/sweep_gdn_s13.json" > "$OUT/sweep_gdn_s13.log" 2>&1
+echo "== gdn forward warps, fused output"; grep -E "^gdn " "$OUT/sweep_gdn_s13.log"
+timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/pallas_kernels/test_gated_delta_rule_pallas.py -k "fused or gdn-block-e-16-docs" > "$OUT/gpu_tests_fused.log" 2>&1
+echo "== gpu tests fused"; tail -n 3 "$OUT/gpu_tests_fused.log"

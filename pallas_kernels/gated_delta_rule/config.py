@@ -64,6 +64,11 @@ class BlockConfig:
         array the stored inverse uses) and ``output_bwd`` reads them for ``dV' = scale · Zᵀ dO``
         instead of forming them again (under per-channel gates: the forward's pair tensors of the
         diagonal sub-tiles are not formed a second time).
+      fuse_output: the forward state pass writes the output itself (each value block's, from the
+        state it holds: ``Q Kᵀ ⊙ Γ`` formed again per value block, off the chain of states) instead
+        of an output kernel reading h and V' back; scalar or no gates only, no stored scores. Off by
+        default: not timed on a GPU yet (the peer that fuses them spends 0.22 ms where our state and
+        output kernels spend 0.91, H200, GDN (1, 32K, 16, 128)).
       wy_bwd_split: the WY backward as two kernels, the state step's shares of dk and db first
         (reading h, dh and V'), then the WY form's; False: one kernel holding both (more live
         registers: ptxas reported spills for it).
@@ -85,6 +90,7 @@ class BlockConfig:
     inverse_precision: str = "highest"
     store_scores: bool = False
     wy_bwd_split: bool = False  # H200 sweep: fused 13.09 vs split 13.56 ms (GDN), 59.4 vs 60.0 (KDA)
+    fuse_output: bool = False
 
     def __post_init__(self):
         for name in ("chunk", "block_e", "block_cols", "wy_rows", "channel_rows"):
@@ -100,6 +106,8 @@ class BlockConfig:
             )
         if self.splits < 1:
             raise ValueError(f"BlockConfig.splits={self.splits} must be positive")
+        if self.fuse_output and self.store_scores:
+            raise ValueError("BlockConfig.fuse_output writes the output in the state pass, which stores no scores")
 
 
 # interpret mode (CPU tests): the interpreter's programs are compiled by XLA once per shape, and the

@@ -85,6 +85,8 @@ class Layout:
         self.num_chunks = self.seq_len // self.chunk
         self.block_e = min(block_e or cfg.block_e, self.value_dim)
         self.mode = mode
+        if cfg.fuse_output and mode == "channel":
+            raise ValueError("BlockConfig.fuse_output needs scalar or no gates (per-channel outputs walk key blocks)")
         self.mxu = mxu_dtype(q.dtype)
         # sub-tiles of the output's Q Kᵀ ⊙ Γ: per-channel gates factor between ``channel_rows`` tiles
         self.parts = self.chunk // cfg.channel_rows if mode == "channel" else 1

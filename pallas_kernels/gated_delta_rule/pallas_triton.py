@@ -103,28 +103,38 @@ def _wy_kernel(k_ref, v_ref, beta_ref, *refs, mode, has_docs, mxu, block_cols, p
     lax.fori_loop(0, v_ref.shape[1] // vw, store_u, 0)
 
 
-def _state_kernel(w_ref, u_ref, k_ref, *refs, mode, has_docs, mxu, chunk, num_chunks, store_chunks, u_blocks):
+def _state_kernel(
+    w_ref, u_ref, k_ref, *refs, mode, has_docs, mxu, chunk, num_chunks, store_chunks, u_blocks, scale=None
+):
     """The state pass over one (row, value head, value block): h_c, V' (if ``store_chunks``) and the
     final state. ``u_blocks``: value blocks from ``u_blocks`` on run with U = 0 (the transition's
-    identity columns; their programs read a real block of U and zero it), None: every block is U's."""
+    identity columns; their programs read a real block of U and zero it), None: every block is U's.
+    With ``scale`` (``BlockConfig.fuse_output``; scalar or no gates) it also reads Q and writes each
+    chunk's output block ``scale · [(e^b ⊙ Q) h_c + (Q Kᵀ ⊙ Γ ⊙ causal) V'_c]``, off the chain of
+    states, so no output kernel reads h and V' again."""
     refs = list(refs)
+    q_ref = refs.pop(0) if scale is not None else None
     gate_ref, doc_refs = pop_gate_refs(refs, mode=mode, has_docs=has_docs)
     s0_ref, *chunk_refs, final_ref = refs
     real_values = None if u_blocks is None else pl.program_id(0) < u_blocks
 
     def body(c, state):
         t0 = pl.multiple_of(c * chunk, chunk)
-        b = load_rows(gate_ref, t0, chunk)
-        _, to_end, gamma = common.gate_factors(b, load_docs(doc_refs, t0, chunk))
+        b, docs = load_rows(gate_ref, t0, chunk), load_docs(doc_refs, t0, chunk)
+        _, to_end, gamma = common.gate_factors(b, docs)
         k, w, u = k_ref[pl.ds(t0, chunk), :], w_ref[pl.ds(t0, chunk), :], u_ref[pl.ds(t0, chunk), :]
         if real_values is not None:
             u = jnp.where(real_values, u, jnp.zeros_like(u))
         entering = state
         v_new, state = common.state_step(state, w, u, k, to_end, gamma, mxu)
         if store_chunks:
-            h_ref, v_new_ref = chunk_refs
+            h_ref, v_new_ref, *o_ref = chunk_refs
             h_ref[c] = entering.astype(h_ref.dtype)
             v_new_ref[pl.ds(t0, chunk), :] = v_new.astype(v_new_ref.dtype)
+            if q_ref is not None:
+                q = q_ref[pl.ds(t0, chunk), :]
+                (o,) = common.output_forward(q, k, b, docs, entering, v_new, scale=scale, mode=mode, mxu=mxu, parts=1)
+                o_ref[0][pl.ds(t0, chunk), :] = o.astype(o_ref[0].dtype)
         return state
 
     final_ref[...] = lax.fori_loop(0, num_chunks, body, s0_ref[...].astype(F32))
@@ -194,12 +204,16 @@ def wy_representation(k, v, beta, b, docs, lay: Layout, statics: Statics):
     return w, u, (x[0] if x else None)
 
 
-def state_pass(w, u, k, b, docs, s0, lay: Layout, statics: Statics, *, store_chunks: bool = True, name=None):
+def state_pass(w, u, k, b, docs, s0, lay: Layout, statics: Statics, *, store_chunks: bool = True, name=None, q=None):
     """Stage 2: ``(h [B, Hv, NC, D, E], V' [B, T, Hv, E], final state [B, Hv, D, E] float32)``, or
     only the final state when not ``store_chunks``. A ``u`` narrower than ``lay.value_dim`` is
     continued by zero columns (whole value blocks; read by no program). ``name``: the kernel's, in
-    profiles (default: ``gated_delta_rule_state`` or, not storing, ``gated_delta_rule_transition``)."""
+    profiles (default: ``gated_delta_rule_state`` or, not storing, ``gated_delta_rule_transition``).
+    Given ``q`` (``BlockConfig.fuse_output``) the pass writes the output too: ``(h, V', o [B, T, Hv,
+    E] in q's dtype, final state)``."""
     d = lay.dim
+    if q is not None and not store_chunks:
+        raise ValueError("the fused output needs the stored pass (store_chunks=True)")
     u_blocks = None
     u_spec = lay.seq_spec(lay.value_dim, blocked=True)
     if u.shape[-1] != lay.value_dim:
@@ -217,8 +231,13 @@ def state_pass(w, u, k, b, docs, s0, lay: Layout, statics: Statics, *, store_chu
         num_chunks=lay.num_chunks,
         store_chunks=store_chunks,
         u_blocks=u_blocks,
+        scale=None if q is None else statics.scale,
     )
     out_specs, out_shape = [lay.state_spec()], [jax.ShapeDtypeStruct(s0.shape, F32)]
+    fused = [] if q is None else [(lay.seq_spec(d, qk=True), q)]
+    if fused:  # the output block beside V'
+        out_specs = [lay.seq_spec(lay.value_dim, blocked=True), *out_specs]
+        out_shape = [lay.values_shape(q.dtype), *out_shape]
     if store_chunks:
         out_specs = [lay.states_spec(), lay.seq_spec(lay.value_dim, blocked=True), *out_specs]
         out_shape = [lay.states_shape(lay.mxu), lay.values_shape(lay.mxu), *out_shape]
@@ -229,6 +248,7 @@ def state_pass(w, u, k, b, docs, s0, lay: Layout, statics: Statics, *, store_chu
             lay.seq_spec(d),
             u_spec,
             lay.seq_spec(d, qk=True),
+            *(spec for spec, _ in fused),
             *lay.seq_gate_specs(docs is not None),
             lay.state_spec(),
         ],
@@ -237,7 +257,7 @@ def state_pass(w, u, k, b, docs, s0, lay: Layout, statics: Statics, *, store_chu
         compiler_params=compiler_params(statics.cfg, "state"),
         interpret=statics.interpret,
         name=name or ("gated_delta_rule_state" if store_chunks else "gated_delta_rule_transition"),
-    )(w, u, k, *gate_inputs(b, docs), s0)
+    )(w, u, k, *(x for _, x in fused), *gate_inputs(b, docs), s0)
     return tuple(outs) if store_chunks else outs[0]
 
 
@@ -261,6 +281,17 @@ def transition(w, u, k, b, docs, lay: Layout, statics: Statics, *, with_phi: boo
     aug = Layout(w, values, statics.cfg, lay.mode, heads=lay.heads, block_e=min(lay.block_e, d, e))
     final = state_pass(w, u, k, b, docs, s0, aug, statics, store_chunks=False)
     return final[..., e:], final[..., :e]
+
+
+def states_and_output(q, k, w, u, b, docs, s0, lay: Layout, statics: Statics):
+    """Stages 2–3: ``(h, V', final state, o in q's dtype, Z or None)``: the state pass then the
+    output kernel, or with ``cfg.fuse_output`` the state pass writing the output itself."""
+    if statics.cfg.fuse_output:
+        h, v_new, o, final = state_pass(w, u, k, b, docs, s0, lay, statics, q=q)
+        return h, v_new, final, o, None
+    h, v_new, final = state_pass(w, u, k, b, docs, s0, lay, statics)
+    o, z = output(q, k, b, docs, h, v_new, lay, statics, q.dtype)
+    return h, v_new, final, o, z
 
 
 def output(q, k, b, docs, h, v_new, lay: Layout, statics: Statics, dtype):
@@ -327,8 +358,7 @@ def _forward(q, k, v, beta, b, s0, docs, statics: Statics):
     if splits > 1:
         phi, m = transition(w, u, k, b, docs, lay, statics)
         s0 = entering_states(phi, m, s0, splits)
-    h, v_new, final = state_pass(w, u, k, b, docs, s0, lay, statics)
-    o, z = output(q, k, b, docs, h, v_new, lay, statics, q.dtype)
+    h, v_new, final, o, z = states_and_output(q, k, w, u, b, docs, s0, lay, statics)
     residuals = Residuals(q, k, v, beta, b, docs, w, h, v_new, x, z)
     if splits == 1:
         return o, final, residuals

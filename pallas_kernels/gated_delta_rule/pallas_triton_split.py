@@ -43,10 +43,9 @@ from pallas_kernels.gated_delta_rule.layout import (
 from pallas_kernels.gated_delta_rule.pallas_triton import (
     document_rows,
     join_split_grads,
-    output,
     prepare,
     split_rows,
-    state_pass,
+    states_and_output,
     transition,
     wy_representation,
 )
@@ -161,8 +160,7 @@ def finish_forward(call: SplitCall, initial_state):
     s0 = call.padded_state(initial_state)
     if call.splits > 1:
         s0 = entering_states(call.phi, call.m, s0, call.splits)
-    h, v_new, final = state_pass(call.w, call.u, k, b, call.docs, s0, lay, call.statics)
-    o, z = output(q, k, b, call.docs, h, v_new, lay, call.statics, q.dtype)
+    h, v_new, final, o, z = states_and_output(q, k, call.w, call.u, b, call.docs, s0, lay, call.statics)
     o = from_splits(o, call.splits)
     final = final.reshape((-1, call.splits) + final.shape[1:])[:, -1]
     return o[:, :t, :, :e], final[:, :, :d, :e], Residuals(q, k, v, beta, b, call.docs, call.w, h, v_new, call.x, z)

@@ -190,6 +190,18 @@ CASES = {
         dict(b=1, t=50, h=1, hv=1, d=16, e=16, gate="deltanet"),
         dict(config=BlockConfig(chunk=32, block_e=16, block_cols=16, store_inverse=True)),
     ),
+    # the output written by the state pass (BlockConfig.fuse_output): documents, two splits, bf16; and
+    # without gates on 32-token chunks with 16-wide value blocks
+    "gdn-bf16-T100-fused-output-docs-2splits": (
+        jnp.bfloat16,
+        dict(b=2, t=100, h=1, hv=2, d=32, e=32, gate="gdn"),
+        dict(docs=(9, 40, 41), config=BlockConfig(chunk=16, block_e=16, splits=2, fuse_output=True)),
+    ),
+    "deltanet-f32-T70-fused-output-chunk32": (
+        jnp.float32,
+        dict(b=1, t=70, h=1, hv=1, d=16, e=32, gate="deltanet"),
+        dict(docs=(30,), config=BlockConfig(chunk=32, block_e=16, block_cols=16, fuse_output=True)),
+    ),
     # one token: each of beta's gradients is a single sum that can cancel, so bf16 rounding of the
     # stored intermediates could exceed a norm-wise bound; fp32 checks the one-token path exactly
     "gdn-f32-T1-no-init": (jnp.float32, dict(b=1, t=1, h=1, hv=1, d=16, e=16, gate="gdn", init=False), {}),
@@ -212,7 +224,8 @@ def test_long_inputs_run_in_pieces(rng, monkeypatch):
     check_kernels(rng, dtype=jnp.float32, docs=(32, 50), **shape)
 
 
-def test_split_entry_points_chain_two_calls(rng):
+@pytest.mark.parametrize("fused", [False, True], ids=["output-kernel", "fused-output"])
+def test_split_entry_points_chain_two_calls(rng, fused):
     """Two calls chained through ``split_forward`` / ``finish_forward`` (entering state
     ``Φ₀ S₀ + M₀``) and ``split_backward`` / ``finish_backward`` (leaving cotangent ``Φ₁ᵀ dS + dS_in``
     of the second) equal the whole sequence, a document crossing the cut: what LASP does per rank.
@@ -220,7 +233,8 @@ def test_split_entry_points_chain_two_calls(rng):
     Each call cuts its rows into two splits of one chunk. Row 0 is one document: each call composes
     two non-zero transitions and the second call's entering cotangent takes Φ_0ᵀ dS_out(0) from its
     first split (a wrong order or a dropped term fails the test); in row 1 documents start inside
-    the second call's first split and at its split boundary."""
+    the second call's first split and at its split boundary. ``fused``: the stored pass writes the
+    output (``BlockConfig.fuse_output``) from each split's entering state."""
     xs, cot, seg = make_inputs(rng, b=2, t=64, h=1, hv=2, d=16, e=16, gate="gdn", g_max=0.1, docs=(40, 48))
     seg[0] = seg[0, 0]
     x32 = {n: jnp.asarray(x, jnp.float32) for n, x in xs.items()}
@@ -246,7 +260,9 @@ def test_split_entry_points_chain_two_calls(rng):
                 scale=0.7,
                 segment_ids=p["seg"],
                 interpret=True,
-                config=BlockConfig(chunk=16, block_e=16, splits=2, store_inverse=True, store_scores=True),
+                config=BlockConfig(
+                    chunk=16, block_e=16, splits=2, store_inverse=True, store_scores=not fused, fuse_output=fused
+                ),
             )
             calls.append((phi, m, call))
         (phi0, m0, call0), (phi1, _, call1) = calls
@@ -300,6 +316,19 @@ def test_supports_and_rejects():
         BlockConfig(chunk=48)
     with pytest.raises(ValueError, match="splits"):
         BlockConfig(splits=0)
+    with pytest.raises(ValueError, match="fuse_output.*stores no scores"):
+        BlockConfig(fuse_output=True, store_scores=True)
+    per_channel = jnp.zeros((1, 16, 1, 16))
+    with pytest.raises(ValueError, match="fuse_output needs scalar or no gates"):
+        pallas_triton.gated_delta_rule(
+            per_channel,
+            per_channel,
+            per_channel,
+            jnp.ones((1, 16, 1)),
+            g=per_channel,
+            interpret=True,
+            config=BlockConfig(chunk=16, block_e=16, fuse_output=True),
+        )
 
 
 def test_default_config_fills_the_gpu_with_splits():
@@ -348,15 +377,17 @@ def test_default_config_fills_the_gpu_with_splits():
 def test_kernels_lower_to_triton(triton_lowering_h100):
     """Lower (not compile) forward and backward for CUDA here: the Triton lowering's own checks run."""
     spec = jax.ShapeDtypeStruct
-    for gate, (b, t, h, hv, d, e), dtype, docs, splits, whole in [
-        ("gdn", (1, 256, 2, 4, 128, 128), jnp.bfloat16, False, 2, False),
-        ("kda", (2, 100, 2, 2, 40, 24), jnp.float32, True, 1, False),
-        ("deltanet", (1, 70, 1, 1, 64, 64), jnp.float16, True, 1, False),
-        ("kda", (1, 200, 2, 2, 128, 128), jnp.bfloat16, True, 2, True),
+    for gate, (b, t, h, hv, d, e), dtype, docs, splits, whole, fused in [
+        ("gdn", (1, 256, 2, 4, 128, 128), jnp.bfloat16, False, 2, False, False),
+        ("kda", (2, 100, 2, 2, 40, 24), jnp.float32, True, 1, False, False),
+        ("deltanet", (1, 70, 1, 1, 64, 64), jnp.float16, True, 1, False, False),
+        ("kda", (1, 200, 2, 2, 128, 128), jnp.bfloat16, True, 2, True, False),
+        ("gdn", (1, 256, 2, 2, 128, 128), jnp.bfloat16, True, 1, False, True),
     ]:
         # deltanet lowers the fused WY backward, kda its two-kernel split, gdn the whole-chunk one
         # that reads the stored inverse (and 16-wide value blocks in the state passes); kda on
-        # whole chunks (``whole``: the diagonal tile by levels) reads the stored inverse too
+        # whole chunks (``whole``: the diagonal tile by levels) reads the stored inverse too; the
+        # last gdn row writes its output in the state pass (``fused``: no output kernel)
         config = BlockConfig(
             splits=splits,
             block_e=16 if gate == "gdn" else 32,
@@ -366,6 +397,7 @@ def test_kernels_lower_to_triton(triton_lowering_h100):
             store_scores=gate == "kda",
             channel_rows=64 if whole else 16,
             wy_rows=64 if whole else 16,
+            fuse_output=fused,
         )
         q, v = spec((b, t, h, d), dtype), spec((b, t, hv, e), dtype)
         beta, s0 = spec((b, t, hv), jnp.float32), spec((b, hv, d, e), jnp.float32)
@@ -382,7 +414,7 @@ def test_kernels_lower_to_triton(triton_lowering_h100):
             return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5))(q, k, v, beta, g, s0)
 
         text = jax.jit(fwd_bwd).trace(q, q, v, beta, g, s0, seg).lower(lowering_platforms=("cuda",)).as_text()
-        kernels = ["wy", "state", "output", "output_bwd", "state_bwd", "wy_bwd"]
+        kernels = ["wy", "state", *([] if fused else ["output"]), "output_bwd", "state_bwd", "wy_bwd"]
         kernels += ["transition", "state_bwd_local"] if splits > 1 else []
         kernels += ["state_step_bwd"] if config.wy_bwd_split else []
         assert text.count("__gpu$xla.gpu.triton") == len(kernels), f"expected the {kernels} kernels"
@@ -416,6 +448,12 @@ GPU_CASES = {
         BlockConfig(block_e=16, store_inverse=True, wy_rows=64, inverse_precision="tf32"),
     ),
     "gdn-block-e-16-splits": ("gdn", None, BlockConfig(block_e=16, splits=4, store_inverse=True)),
+    # the output written by the state pass (BlockConfig.fuse_output), as the default's other fields
+    "gdn-fused-output-docs": (
+        "gdn",
+        (1000, 1001, 2500),
+        BlockConfig(block_e=16, store_inverse=True, wy_rows=64, inverse_precision="tf32", fuse_output=True),
+    ),
 }
 
 
