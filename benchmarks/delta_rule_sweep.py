@@ -111,7 +111,13 @@ def variants(base, d: int, *, per_channel: bool = False) -> list[tuple[str, dict
         {"channel_rows": 64, "store_inverse": True, "num_warps_bwd": 8},
     ]
     # scalar or no gates: the output written by the forward state pass (no output kernel)
-    scalar = [{"fuse_output": True}, {"fuse_output": True, "num_warps": 4}]
+    # (each value-block program forms Q Kᵀ ⊙ Γ again: wider blocks form it fewer times)
+    scalar = [
+        {"fuse_output": True},
+        {"fuse_output": True, "num_warps": 4},  # the fused pass keeps num_warps_state; this is the WY kernel's
+        {"fuse_output": True, "block_e": 32},
+        {"fuse_output": True, "num_warps_state": 8},
+    ]
     out, seen = [("default", {})], {dataclasses.astuple(base)}
     for over in one + combos + (channel if per_channel else scalar):
         over = {k: v for k, v in over.items() if k in names}

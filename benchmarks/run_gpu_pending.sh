@@ -25,7 +25,7 @@ echo "== gdn sp"; grep -E "row:|Error" "$OUT/gdn_sp.log" | tail -n 3
 # session 13: GDN's forward chunk kernels with 4 warps (offline ptxas: the whole-chunk wy kernel
 # 176 registers, no spills, two programs per SM, against 245 and one at 8 warps) and the output
 # written by the forward state pass (BlockConfig.fuse_output); never timed; then its GPU test
-timeout 200 python3 benchmarks/delta_rule_sweep.py --ops gdn --labels default num_warps=4 fuse_output=True fuse_output=True,num_warps=4 --budget 160 --json "$OUT/sweep_gdn_s13.json" > "$OUT/sweep_gdn_s13.log" 2>&1
+timeout 260 python3 benchmarks/delta_rule_sweep.py --ops gdn --labels default num_warps=4 fuse_output=True fuse_output=True,num_warps=4 fuse_output=True,block_e=32 fuse_output=True,num_warps_state=8 --budget 220 --json "$OUT/sweep_gdn_s13.json" > "$OUT/sweep_gdn_s13.log" 2>&1
 echo "== gdn forward warps, fused output"; grep -E "^gdn " "$OUT/sweep_gdn_s13.log"
 timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/pallas_kernels/test_gated_delta_rule_pallas.py -k "fused or gdn-block-e-16-docs" > "$OUT/gpu_tests_fused.log" 2>&1
 echo "== gpu tests fused"; tail -n 3 "$OUT/gpu_tests_fused.log"

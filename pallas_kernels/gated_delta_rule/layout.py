@@ -273,7 +273,7 @@ class Residuals(NamedTuple):
 
     ``w`` ``[B, T, Hv, D]`` (the WY keys), ``h`` ``[B, Hv, NC, D, E]`` (the state entering each
     chunk), ``v_new`` ``[B, T, Hv, E]`` (V' = U − W S), in the matmul operand dtype; ``x`` ``[B, T,
-    Hv, C]`` float32 (row t: row ``t mod C`` of its chunk's ``(I + A)⁻¹``) with
+    Hv, C]`` in the matmul operand dtype (row t: row ``t mod C`` of its chunk's ``(I + A)⁻¹``) with
     ``BlockConfig.store_inverse``, else None; ``z`` ``[B, T, Hv, C]`` (the chunk's score blocks ``Q Kᵀ ⊙
     Γ ⊙ causal``, same layout, matmul operand dtype) with ``BlockConfig.store_scores``, else None.
     """

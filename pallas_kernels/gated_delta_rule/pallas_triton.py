@@ -12,7 +12,8 @@ tensor cores), the output in q's dtype. The chunked WY form (Yang et al. 2024), 
 2. ``state`` (one program per value block, row and value head; the sequential part): walks the
    chunks, ``h_c = S``, ``V'_c = U_c − W_c S``, ``S ← diag(γ_c) S + K̃_cᵀ V'_c``; writes every h_c,
    V' and the final state.
-3. ``output`` (chunk-parallel): ``O = scale · [(e^b ⊙ Q) h_c + (Q Kᵀ ⊙ Γ ⊙ causal) V'_c]``.
+3. ``output`` (chunk-parallel): ``O = scale · [(e^b ⊙ Q) h_c + (Q Kᵀ ⊙ Γ ⊙ causal) V'_c]``; with
+   ``cfg.fuse_output`` (scalar or no gates) the state pass writes O itself and there is no third kernel.
 
 Splits (``cfg.splits`` > 1, LASP inside one GPU): the rows are cut into runs of whole chunks
 treated as rows of their own; a ``transition`` pass (the state pass over ``[U | 0]`` from
