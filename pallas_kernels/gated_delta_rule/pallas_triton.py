@@ -129,13 +129,14 @@ def _state_kernel(
         entering = state
         v_new, state = common.state_step(state, w, u, k, to_end, gamma, mxu)
         if store_chunks:
-            h_ref, v_new_ref, *o_ref = chunk_refs
+            h_ref, v_new_ref = chunk_refs[:2]
             h_ref[c] = entering.astype(h_ref.dtype)
             v_new_ref[pl.ds(t0, chunk), :] = v_new.astype(v_new_ref.dtype)
-            if q_ref is not None:
-                q = q_ref[pl.ds(t0, chunk), :]
-                (o,) = common.output_forward(q, k, b, docs, entering, v_new, scale=scale, mode=mode, mxu=mxu, parts=1)
-                o_ref[0][pl.ds(t0, chunk), :] = o.astype(o_ref[0].dtype)
+        if q_ref is not None:
+            o_ref = chunk_refs[-1]
+            q = q_ref[pl.ds(t0, chunk), :]
+            (o,) = common.output_forward(q, k, b, docs, entering, v_new, scale=scale, mode=mode, mxu=mxu, parts=1)
+            o_ref[pl.ds(t0, chunk), :] = o.astype(o_ref.dtype)
         return state
 
     final_ref[...] = lax.fori_loop(0, num_chunks, body, s0_ref[...].astype(F32))
@@ -173,12 +174,13 @@ def _output_kernel(q_ref, k_ref, h_ref, v_new_ref, *refs, mode, has_docs, mxu, s
 # ---- the three calls --------------------------------------------------------------------------
 
 
-def wy_representation(k, v, beta, b, docs, lay: Layout, statics: Statics):
+def wy_representation(k, v, beta, b, docs, lay: Layout, statics: Statics, *, store_inverse: bool | None = None):
     """Stage 1: ``(W [B, T, Hv, D], U [B, T, Hv, E])`` in the matmul operand dtype, and the inverse
     ``X [B, T, Hv, C]`` with ``lay.store_inverse`` (else None), also in the operand dtype: formed in
     float32, every product that reads it (W and U here, the WY backward's) takes it in that dtype."""
     d, e = lay.dim, lay.value_dim
-    x_out = [(lay.chunk_spec(lay.chunk), lay.values_shape(lay.mxu, lay.chunk))] if lay.store_inverse else []
+    store_inverse = lay.store_inverse if store_inverse is None else store_inverse  # False: no backward reads it
+    x_out = [(lay.chunk_spec(lay.chunk), lay.values_shape(lay.mxu, lay.chunk))] if store_inverse else []
     w, u, *x = pl.pallas_call(
         functools.partial(
             _wy_kernel,
@@ -211,10 +213,9 @@ def state_pass(w, u, k, b, docs, s0, lay: Layout, statics: Statics, *, store_chu
     continued by zero columns (whole value blocks; read by no program). ``name``: the kernel's, in
     profiles (default: ``gated_delta_rule_state`` or, not storing, ``gated_delta_rule_transition``).
     Given ``q`` (``BlockConfig.fuse_output``) the pass writes the output too: ``(h, V', o [B, T, Hv,
-    E] in q's dtype, final state)``."""
+    E] in q's dtype, final state)``, or ``(o, final state)`` when not ``store_chunks`` (a call that
+    takes no gradient keeps no residuals)."""
     d = lay.dim
-    if q is not None and not store_chunks:
-        raise ValueError("the fused output needs the stored pass (store_chunks=True)")
     u_blocks = None
     u_spec = lay.seq_spec(lay.value_dim, blocked=True)
     if u.shape[-1] != lay.value_dim:
@@ -257,9 +258,9 @@ def state_pass(w, u, k, b, docs, s0, lay: Layout, statics: Statics, *, store_chu
         out_shape=out_shape,
         compiler_params=compiler_params(statics.cfg, "state"),
         interpret=statics.interpret,
-        name=name or ("gated_delta_rule_state" if store_chunks else "gated_delta_rule_transition"),
+        name=name or ("gated_delta_rule_state" if store_chunks or fused else "gated_delta_rule_transition"),
     )(w, u, k, *(x for _, x in fused), *gate_inputs(b, docs), s0)
-    return tuple(outs) if store_chunks else outs[0]
+    return tuple(outs) if len(outs) > 1 else outs[0]
 
 
 def transition(w, u, k, b, docs, lay: Layout, statics: Statics, *, with_phi: bool = True):
@@ -284,19 +285,25 @@ def transition(w, u, k, b, docs, lay: Layout, statics: Statics, *, with_phi: boo
     return final[..., e:], final[..., :e]
 
 
-def states_and_output(q, k, w, u, b, docs, s0, lay: Layout, statics: Statics):
+def states_and_output(q, k, w, u, b, docs, s0, lay: Layout, statics: Statics, *, residuals: bool = True):
     """Stages 2–3: ``(h, V', final state, o in q's dtype, Z or None)``: the state pass then the
-    output kernel, or with ``cfg.fuse_output`` the state pass writing the output itself."""
+    output kernel, or with ``cfg.fuse_output`` the state pass writing the output itself (then,
+    without ``residuals``, storing no h and V': ``(None, None, final, o, None)``)."""
     if statics.cfg.fuse_output:
+        if not residuals:
+            o, final = state_pass(w, u, k, b, docs, s0, lay, statics, store_chunks=False, q=q)
+            return None, None, final, o, None
         h, v_new, o, final = state_pass(w, u, k, b, docs, s0, lay, statics, q=q)
         return h, v_new, final, o, None
     h, v_new, final = state_pass(w, u, k, b, docs, s0, lay, statics)
-    o, z = output(q, k, b, docs, h, v_new, lay, statics, q.dtype)
+    o, z = output(q, k, b, docs, h, v_new, lay, statics, q.dtype, store_scores=residuals and statics.cfg.store_scores)
     return h, v_new, final, o, z
 
 
-def output(q, k, b, docs, h, v_new, lay: Layout, statics: Statics, dtype):
-    """Stage 3: ``(o [B, T, Hv, E] in dtype, Z [B, T, Hv, C] with cfg.store_scores else None)``."""
+def output(q, k, b, docs, h, v_new, lay: Layout, statics: Statics, dtype, *, store_scores: bool | None = None):
+    """Stage 3: ``(o [B, T, Hv, E] in dtype, Z [B, T, Hv, C] with ``store_scores`` (default
+    ``cfg.store_scores``) else None)``."""
+    store_scores = statics.cfg.store_scores if store_scores is None else store_scores
     d, e = lay.dim, lay.value_dim
     kernel = functools.partial(
         _output_kernel,
@@ -317,10 +324,10 @@ def output(q, k, b, docs, h, v_new, lay: Layout, statics: Statics, dtype):
             lay.chunk_spec(e),
             *lay.chunk_gate_specs(docs is not None),
         ],
-        out_specs=[lay.chunk_spec(e), *([lay.chunk_spec(lay.chunk)] if statics.cfg.store_scores else [])],
+        out_specs=[lay.chunk_spec(e), *([lay.chunk_spec(lay.chunk)] if store_scores else [])],
         out_shape=[
             lay.values_shape(dtype),
-            *([lay.values_shape(lay.mxu, lay.chunk)] if statics.cfg.store_scores else []),
+            *([lay.values_shape(lay.mxu, lay.chunk)] if store_scores else []),
         ],
         compiler_params=compiler_params(statics.cfg, "chunk"),
         interpret=statics.interpret,
@@ -347,24 +354,26 @@ def split_rows(q, k, v, beta, b, docs, splits: int):
     return q, k, v, to_splits(beta, splits, time_axis=2), to_splits(b, splits, time_axis=gate_axis), docs
 
 
-def _forward(q, k, v, beta, b, s0, docs, statics: Statics):
+def _forward(q, k, v, beta, b, s0, docs, statics: Statics, *, keep_residuals: bool = True):
     """(o, final state, residuals). With ``cfg.splits`` > 1 the rows are cut into splits that
     the state passes walk in parallel, each from its entering state, given by a transition pass
-    and a float32 scan over splits (``Residuals`` then describe the split rows)."""
+    and a float32 scan over splits (``Residuals`` then describe the split rows). Without
+    ``keep_residuals`` (a call that takes no gradient) nothing only the backward reads is written (the
+    stored inverse; with ``cfg.fuse_output`` also h and V') and the residuals are None."""
     splits = statics.cfg.splits
     q, k, v, beta, b, docs = split_rows(q, k, v, beta, b, docs, splits)
     lay = Layout(q, v, statics.cfg, statics.mode)
-    w, u, x = wy_representation(k, v, beta, b, docs, lay, statics)
+    w, u, x = wy_representation(k, v, beta, b, docs, lay, statics, store_inverse=keep_residuals and lay.store_inverse)
     phi = None
     if splits > 1:
         phi, m = transition(w, u, k, b, docs, lay, statics)
         s0 = entering_states(phi, m, s0, splits)
-    h, v_new, final, o, z = states_and_output(q, k, w, u, b, docs, s0, lay, statics)
-    residuals = Residuals(q, k, v, beta, b, docs, w, h, v_new, x, z)
+    h, v_new, final, o, z = states_and_output(q, k, w, u, b, docs, s0, lay, statics, residuals=keep_residuals)
+    residuals = Residuals(q, k, v, beta, b, docs, w, h, v_new, x, z) if keep_residuals else None
     if splits == 1:
         return o, final, residuals
     last = final.reshape((-1, splits) + final.shape[1:])[:, -1]
-    return from_splits(o, splits), last, SplitResiduals(residuals, phi)
+    return from_splits(o, splits), last, (SplitResiduals(residuals, phi) if keep_residuals else None)
 
 
 def _backward(statics: Statics, residuals, do, d_final):
@@ -392,7 +401,7 @@ def join_split_grads(grads, splits: int):
 
 @functools.partial(jax.custom_vjp, nondiff_argnames=("statics",))
 def _gated_delta_rule(q, k, v, beta, b, s0, docs, statics: Statics):
-    o, final, _ = _forward(q, k, v, beta, b, s0, docs, statics)
+    o, final, _ = _forward(q, k, v, beta, b, s0, docs, statics, keep_residuals=False)
     return o, final
 
 

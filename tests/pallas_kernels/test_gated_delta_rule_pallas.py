@@ -214,6 +214,56 @@ def test_kernels_match_reference(rng, case):
     check_kernels(rng, dtype=dtype, **shape, **extras)
 
 
+@pytest.mark.parametrize(
+    "gate,config",
+    [
+        ("gdn", BlockConfig(chunk=16, block_e=16, store_inverse=True)),
+        ("gdn", BlockConfig(chunk=16, block_e=16, splits=2, store_inverse=True, fuse_output=True)),
+        ("kda", BlockConfig(chunk=32, block_e=16, block_cols=16, store_inverse=True, store_scores=True)),
+    ],
+    ids=["gdn-stored-inverse", "gdn-fused-output-2splits", "kda-stored-inverse-and-scores"],
+)
+def test_forward_only_call_writes_no_residuals_and_matches(rng, gate, config):
+    """A call that takes no gradient runs the ``custom_vjp``'s primal, which writes nothing only the
+    backward reads (no stored inverse or scores; with the fused output no h, V' or output kernel):
+    its o and final state equal those of the differentiated call, and its kernels have only those
+    outputs."""
+    xs, _, seg = make_inputs(rng, b=1, t=70, h=1, hv=2, d=32, e=32, gate=gate, docs=(9, 40))
+    xs = {n: jnp.asarray(x, jnp.float32) for n, x in xs.items()}
+    seg = jnp.asarray(seg)
+
+    def op(xs):
+        xs = dict(xs)
+        q, k, v, beta = (xs.pop(n) for n in ("q", "k", "v", "beta"))
+        return pallas_triton.gated_delta_rule(
+            q, k, v, beta, **xs, scale=0.7, segment_ids=seg, interpret=True, config=config
+        )
+
+    primal = jax.jit(op)(xs)
+    differentiated, _ = jax.jit(lambda xs: jax.vjp(op, xs))(xs)
+    for got, want in zip(primal, differentiated, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    outputs = _pallas_outputs(jax.make_jaxpr(op)(xs).jaxpr)
+    assert outputs["gated_delta_rule_wy"] == 2  # W and U, no stored inverse
+    if config.fuse_output:  # o and the final state: no h, V' or output kernel
+        assert outputs["gated_delta_rule_state"] == 2 and "gated_delta_rule_output" not in outputs
+    else:  # o alone: no stored scores
+        assert outputs["gated_delta_rule_output"] == 1
+
+
+def _pallas_outputs(jaxpr) -> dict:
+    """``{pallas_call name: number of outputs}`` of every kernel call in a jaxpr, nested ones too."""
+    found = {}
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            found[eqn.params["name"]] = len(eqn.outvars)
+        for value in eqn.params.values():
+            inner = getattr(value, "jaxpr", value)
+            if hasattr(inner, "eqns"):
+                found |= _pallas_outputs(inner)
+    return found
+
+
 def test_long_inputs_run_in_pieces(rng, monkeypatch):
     """Past int32 element offsets the kernels run pieces with the state chained: with the limit made
     small (pieces of 32 tokens), outputs and every gradient equal the recurrence, with a document
