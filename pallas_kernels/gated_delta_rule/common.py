@@ -345,8 +345,8 @@ def decay_state(state, gamma):
     return gamma * state if gamma.ndim == 0 else gamma[:, None] * state
 
 
-def gated_dot(x, factor, y, mxu, *, trans_a=False, trans_b=False):
-    """``(factor ⊙ x) y`` (``trans_a``: ``(factor ⊙ x)ᵀ y``; ``trans_b``: y transposed), float32.
+def gated_dot(x, factor, y, mxu, *, trans_a=False):
+    """``(factor ⊙ x) y`` (``trans_a``: ``(factor ⊙ x)ᵀ y``), float32.
 
     A per-row factor (``[n]``, or a boolean row mask) is applied to the product's rows, or with
     ``trans_a`` to y's rows, so x enters the product as loaded: the state passes scale a
@@ -355,11 +355,10 @@ def gated_dot(x, factor, y, mxu, *, trans_a=False, trans_b=False):
     columns and scale x before the product."""
     if factor is None or factor.ndim == 2:
         x = x if factor is None else row_scale(x, factor)
-        return dot(x.astype(mxu), y.astype(mxu), trans_a=trans_a, trans_b=trans_b)
-    if trans_a:  # the factor meets y's rows, which are its columns when y is transposed
-        y = row_scale(y.T, factor).T if trans_b else row_scale(y, factor)
-        return dot(x.astype(mxu), y.astype(mxu), trans_a=True, trans_b=trans_b)
-    return row_scale(dot(x.astype(mxu), y.astype(mxu), trans_b=trans_b), factor)
+        return dot(x.astype(mxu), y.astype(mxu), trans_a=trans_a)
+    if trans_a:  # (f ⊙ x)ᵀ y = xᵀ (f ⊙ y): x and y share their rows
+        return dot(x.astype(mxu), row_scale(y, factor).astype(mxu), trans_a=True)
+    return row_scale(dot(x.astype(mxu), y.astype(mxu)), factor)
 
 
 def state_step(state, w, u, k, to_end, gamma, mxu):

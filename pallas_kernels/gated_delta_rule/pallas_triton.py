@@ -290,10 +290,8 @@ def states_and_output(q, k, w, u, b, docs, s0, lay: Layout, statics: Statics, *,
     output kernel, or with ``cfg.fuse_output`` the state pass writing the output itself (then,
     without ``residuals``, storing no h and V': ``(None, None, final, o, None)``)."""
     if statics.cfg.fuse_output:
-        if not residuals:
-            o, final = state_pass(w, u, k, b, docs, s0, lay, statics, store_chunks=False, q=q)
-            return None, None, final, o, None
-        h, v_new, o, final = state_pass(w, u, k, b, docs, s0, lay, statics, q=q)
+        *stored, o, final = state_pass(w, u, k, b, docs, s0, lay, statics, store_chunks=residuals, q=q)
+        h, v_new = stored or (None, None)
         return h, v_new, final, o, None
     h, v_new, final = state_pass(w, u, k, b, docs, s0, lay, statics)
     o, z = output(q, k, b, docs, h, v_new, lay, statics, q.dtype, store_scores=residuals and statics.cfg.store_scores)

@@ -263,7 +263,6 @@ def _wy_bwd_kernel(
     # X and dA only feed matmuls from here: keep them in the operand dtype (half the registers)
     x = {ij: block.astype(mxu) for ij, block in x.items()}
     da = {ij: block.astype(mxu) for ij, block in da.items()}
-    dbeta = [jnp.zeros((rows,), F32) for _ in range(parts)]
     row_zeros = [jnp.zeros((rows,), F32) for _ in range(parts)]
 
     def key_step(j, carry):
@@ -295,7 +294,7 @@ def _wy_bwd_kernel(
         store_col_tiles(dv_ref, dv, start)
         return [a + b for a, b in zip(dbeta, dbeta_v, strict=True)]
 
-    dbeta, db_rows = lax.fori_loop(0, key_steps, key_step, (dbeta, row_zeros))
+    dbeta, db_rows = lax.fori_loop(0, key_steps, key_step, (row_zeros, row_zeros))
     store_tiles(dbeta_ref, lax.fori_loop(0, value_steps, value_step, dbeta))
     if mode == "scalar":
         store_tiles(db_ref[0], [a + b for a, b in zip(db_rows, load_tiles(db_out_ref, parts), strict=True)])

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend import core as jax_core
 
 from pallas_kernels.gated_delta_rule import pallas_triton, pallas_triton_split, reference
 from pallas_kernels.gated_delta_rule.config import BlockConfig, default_config
@@ -257,10 +258,8 @@ def _pallas_outputs(jaxpr) -> dict:
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "pallas_call":
             found[eqn.params["name"]] = len(eqn.outvars)
-        for value in eqn.params.values():
-            inner = getattr(value, "jaxpr", value)
-            if hasattr(inner, "eqns"):
-                found |= _pallas_outputs(inner)
+        for sub in jax_core.jaxprs_in_params(eqn.params):
+            found |= _pallas_outputs(sub)
     return found
 
 

@@ -80,11 +80,11 @@ def test_channel_diagonal_tile_needs_power_of_two_rows(rng):
 
 
 @pytest.mark.parametrize("kind", ["none", "rows", "mask", "channel"])
-@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True), (True, True)])
-def test_gated_dot_equals_scaling_x_first(rng, kind, trans_a, trans_b):
-    """``common.gated_dot`` moves a per-row factor onto the product (or onto y's rows, which are its
-    columns when y is transposed): the same as scaling x's rows before the product, for every factor
-    kind and transposition (a square y would hide a factor applied to the wrong axis: n ≠ m here)."""
+@pytest.mark.parametrize("trans_a", [False, True])
+def test_gated_dot_equals_scaling_x_first(rng, kind, trans_a):
+    """``common.gated_dot`` moves a per-row factor onto the product (or, with x transposed, onto y's
+    rows): the same as scaling x's rows before the product, for every factor kind (a square y would
+    hide a factor applied to the wrong axis: n ≠ m here)."""
     n, d, m = 16, 24, 8
     x = jnp.asarray(rng.standard_normal((n, d)), F32)
     factor = {
@@ -93,10 +93,9 @@ def test_gated_dot_equals_scaling_x_first(rng, kind, trans_a, trans_b):
         "mask": jnp.asarray(rng.uniform(size=n) < 0.5),
         "channel": jnp.asarray(rng.uniform(0.0, 1.0, (n, d)), F32),
     }[kind]
-    y_rows = n if trans_a else d  # the axis y shares with x's rows (trans_a) or columns
-    y = jnp.asarray(rng.standard_normal((m, y_rows) if trans_b else (y_rows, m)), F32)
-    want = common.dot(common.row_scale(x, factor), y, trans_a=trans_a, trans_b=trans_b)
-    got = common.gated_dot(x, factor, y, F32, trans_a=trans_a, trans_b=trans_b)
+    y = jnp.asarray(rng.standard_normal((n if trans_a else d, m)), F32)  # shares x's rows or columns
+    want = common.dot(common.row_scale(x, factor), y, trans_a=trans_a)
+    got = common.gated_dot(x, factor, y, F32, trans_a=trans_a)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
