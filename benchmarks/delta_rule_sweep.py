@@ -205,14 +205,14 @@ def check(op, shape, config, interpret) -> dict:
     f32 = [x.astype(jnp.float32) for x in (q, k, v, beta, g)]
     o_ref, vjp_ref = jax.vjp(ref, *f32)
     grads_ref = vjp_ref(do.astype(jnp.float32))
-    o = jax.jit(attn)(q, k, v, beta, g)
-    grads = fwd_bwd(q, k, v, beta, g, do)
+    o = jax.jit(attn)(q, k, v, beta, g)  # the forward-only call (no residuals kept)
+    o_vjp, grads = fwd_bwd(q, k, v, beta, g, do)
 
     def rel(a, b):
         a, b = a.astype(jnp.float32), b.astype(jnp.float32)
         return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30))
 
-    out = {"o": rel(o, o_ref)}
+    out = {"o": rel(o, o_ref), "o_vjp": rel(o_vjp, o_ref)}
     out.update({f"d{n}": rel(a, b) for n, a, b in zip(("q", "k", "v", "beta", "g"), grads, grads_ref)})
     return out
 

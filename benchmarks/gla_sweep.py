@@ -127,13 +127,14 @@ def check(shape, config, interpret) -> dict:
 
     o_ref, vjp_ref = jax.vjp(ref, *(x.astype(jnp.float32) for x in (q, k, v, g)))
     grads_ref = vjp_ref(do.astype(jnp.float32))
-    o, grads = jax.jit(attn)(q, k, v, g), fwd_bwd(q, k, v, g, do)
+    o = jax.jit(attn)(q, k, v, g)  # the forward-only call
+    o_vjp, grads = fwd_bwd(q, k, v, g, do)
 
     def rel(a, b):
         a, b = a.astype(jnp.float32), b.astype(jnp.float32)
         return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30))
 
-    return {"o": rel(o, o_ref), **{f"d{n}": rel(a, b) for n, a, b in zip("qkvg", grads, grads_ref, strict=True)}}
+    return {"o": rel(o, o_ref), "o_vjp": rel(o_vjp, o_ref), **{f"d{n}": rel(a, b) for n, a, b in zip("qkvg", grads, grads_ref, strict=True)}}
 
 
 def save(path, shape, rows, checks=None):

@@ -148,7 +148,8 @@ def default_config(
     inverse in tf32 (``wy_rows`` = chunk, ``inverse_precision="tf32"``; H200, GDN (1, 32K, 16, 128)
     fwd+bwd 5.70 against 6.18 ms with 16-row tiles in float32, the same errors against the XLA path:
     the bf16 rounding of W and U dominates); float32 inputs keep the exact float32 inverse ("tf32x3"
-    measured slower: 6.41 against 6.04 ms). Per-channel gates store the output's score blocks for
+    measured slower: 6.41 against 6.04 ms), and the forward chunk kernels (wy, output) run 4 warps.
+    Per-channel gates store the output's score blocks for
     its backward (``store_scores``; H200, KDA (1, 32K, 16, 128) bf16 fwd+bwd 40.84 against 59.38
     ms) and run the backward chunk kernels with 4 warps.
 
@@ -175,7 +176,10 @@ def default_config(
         num_warps_bwd=4 if per_channel else 8,
     )
     if not per_channel and dtype is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
-        cfg = dataclasses.replace(cfg, wy_rows=cfg.chunk, inverse_precision="tf32")
+        # and 4 warps in the forward chunk kernels (H200, GDN (1, 32K, 16, 128) bf16: wy 0.89 → 0.37
+        # ms, output 0.38 → 0.22 ms, fwd+bwd 4.55 → 3.90 ms; offline ptxas: the whole-chunk wy
+        # kernel takes 176 registers and two programs per SM at 4 warps, 245 and one at 8)
+        cfg = dataclasses.replace(cfg, wy_rows=cfg.chunk, inverse_precision="tf32", num_warps=4)
     programs = batch * value_heads * (value_dim // cfg.block_e)
     few = programs >= NUM_SMS // 4 and 2 * programs <= NUM_SMS
     if few and not (per_channel or sequence_parallel) and cfg.block_e == 32:

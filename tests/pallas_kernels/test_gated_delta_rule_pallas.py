@@ -410,8 +410,8 @@ def test_default_config_fills_the_gpu_with_splits():
     assert short.splits == 1  # 16 chunks: no split would keep 16 of them
     # bf16 under scalar gates: the whole-chunk WY kernel with a tf32 inverse; float32 and KDA: exact
     low = default_config(batch=1, value_heads=16, seq_len=32768, value_dim=128, interpret=False, dtype=jnp.bfloat16)
-    assert (low.wy_rows, low.inverse_precision) == (64, "tf32")
-    assert (few.wy_rows, few.inverse_precision) == (16, "highest")
+    assert (low.wy_rows, low.inverse_precision, low.num_warps) == (64, "tf32", 4)
+    assert (few.wy_rows, few.inverse_precision, few.num_warps) == (16, "highest", 8)
     kda = default_config(
         batch=1, value_heads=16, seq_len=32768, value_dim=128, interpret=False, dtype=jnp.bfloat16, per_channel=True
     )
