@@ -95,6 +95,12 @@ def variants(base, d: int, *, per_channel: bool = False) -> list[tuple[str, dict
         {"block_cols": 64, "num_stages_bwd": 2},
         {"block_cols": d, "num_warps_bwd": 4, "num_stages_bwd": 2},
         {"block_e": 64, "num_warps_bwd": 4},
+        # wider value blocks with the state passes split into runs (jax-linear-attention's forward
+        # walks 4 pieces of 64-wide blocks: 128 programs, a quarter of the chain each)
+        {"block_e": 32, split: 2},
+        {"block_e": 32, split: 4},
+        {"block_e": 64, split: 2},
+        {"block_e": 64, split: 4, "num_warps_state": 8},
     ]
     # per-channel gates: sub-tiles of 32 rows or whole chunks (the diagonal tile by levels of
     # masked products), with the stored inverse, wider column blocks, the tf32 inverse (H200,
