@@ -119,6 +119,11 @@ def variants(base, d: int, *, per_channel: bool = False) -> list[tuple[str, dict
     # scalar or no gates: the output written by the forward state pass (no output kernel)
     # (each value-block program forms Q Kᵀ ⊙ Γ again: wider blocks form it fewer times)
     scalar = [
+        {"num_warps_output_bwd": 4},  # two output_bwd programs per SM (ptxas: 255 registers, 64 B spills)
+        {"num_warps_output_bwd": 4, "store_scores": True},
+        # 32-column blocks in the WY kernels (ptxas: wy_bwd 12 B of spills against 76 with whole rows)
+        {"block_cols": 32},
+        {"num_warps_output_bwd": 4, "store_scores": True, "block_cols": 32},
         {"fuse_output": True},
         {"fuse_output": True, "num_warps": 4},  # the fused pass keeps num_warps_state; this is the WY kernel's
         {"fuse_output": True, "block_e": 32},

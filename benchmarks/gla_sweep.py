@@ -134,7 +134,11 @@ def check(shape, config, interpret) -> dict:
         a, b = a.astype(jnp.float32), b.astype(jnp.float32)
         return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30))
 
-    return {"o": rel(o, o_ref), "o_vjp": rel(o_vjp, o_ref), **{f"d{n}": rel(a, b) for n, a, b in zip("qkvg", grads, grads_ref, strict=True)}}
+    return {
+        "o": rel(o, o_ref),
+        "o_vjp": rel(o_vjp, o_ref),
+        **{f"d{n}": rel(a, b) for n, a, b in zip("qkvg", grads, grads_ref, strict=True)},
+    }
 
 
 def save(path, shape, rows, checks=None):

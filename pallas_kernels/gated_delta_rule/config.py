@@ -69,6 +69,9 @@ class BlockConfig:
         of an output kernel reading h and V' back; scalar or no gates only, no stored scores. Off by
         default: not timed on a GPU yet (the peer that fuses them spends 0.22 ms where our state and
         output kernels spend 0.91, H200, GDN (1, 32K, 16, 128)).
+      num_warps_output_bwd: warps of the output backward kernel (``output_bwd``); None: ``num_warps_bwd``
+        (the WY backward holds more live tiles than the output's: ptxas at 4 warps, GDN bf16 whole
+        rows: ``output_bwd`` 255 registers and 64 B of spills, ``wy_bwd`` 1 KB of spills).
       wy_bwd_split: the WY backward as two kernels, the state step's shares of dk and db first
         (reading h, dh and V'), then the WY form's; False: one kernel holding both (more live
         registers: ptxas reported spills for it).
@@ -91,6 +94,7 @@ class BlockConfig:
     store_scores: bool = False
     wy_bwd_split: bool = False  # H200 sweep: fused 13.09 vs split 13.56 ms (GDN), 59.4 vs 60.0 (KDA)
     fuse_output: bool = False
+    num_warps_output_bwd: int | None = None
 
     def __post_init__(self):
         for name in ("chunk", "block_e", "block_cols", "wy_rows", "channel_rows"):
@@ -148,7 +152,8 @@ def default_config(
     inverse in tf32 (``wy_rows`` = chunk, ``inverse_precision="tf32"``; H200, GDN (1, 32K, 16, 128)
     fwd+bwd 5.70 against 6.18 ms with 16-row tiles in float32, the same errors against the XLA path:
     the bf16 rounding of W and U dominates); float32 inputs keep the exact float32 inverse ("tf32x3"
-    measured slower: 6.41 against 6.04 ms), and the forward chunk kernels (wy, output) run 4 warps.
+    measured slower: 6.41 against 6.04 ms), and the forward chunk kernels (wy, output) and the
+    output backward run 4 warps.
     Per-channel gates store the output's score blocks for
     its backward (``store_scores``; H200, KDA (1, 32K, 16, 128) bf16 fwd+bwd 40.84 against 59.38
     ms) and run the backward chunk kernels with 4 warps.
@@ -178,8 +183,10 @@ def default_config(
     if not per_channel and dtype is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         # and 4 warps in the forward chunk kernels (H200, GDN (1, 32K, 16, 128) bf16: wy 0.89 → 0.37
         # ms, output 0.38 → 0.22 ms, fwd+bwd 4.55 → 3.90 ms; offline ptxas: the whole-chunk wy
-        # kernel takes 176 registers and two programs per SM at 4 warps, 245 and one at 8)
-        cfg = dataclasses.replace(cfg, wy_rows=cfg.chunk, inverse_precision="tf32", num_warps=4)
+        # kernel takes 176 registers and two programs per SM at 4 warps, 245 and one at 8) and in
+        # the output backward (output_bwd 0.65 → 0.41 ms, fwd+bwd 3.91 → 3.73 ms; 255 registers,
+        # 64 B of spills, two programs per SM; the WY backward keeps 8: 1 KB of spills at 4)
+        cfg = dataclasses.replace(cfg, wy_rows=cfg.chunk, inverse_precision="tf32", num_warps=4, num_warps_output_bwd=4)
     programs = batch * value_heads * (value_dim // cfg.block_e)
     few = programs >= NUM_SMS // 4 and 2 * programs <= NUM_SMS
     if few and not (per_channel or sequence_parallel) and cfg.block_e == 32:

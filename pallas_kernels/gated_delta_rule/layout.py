@@ -62,11 +62,13 @@ def mxu_dtype(dtype):
 
 
 def compiler_params(cfg: BlockConfig, kind: str):
-    """Triton launch parameters of a kernel ``kind``: "chunk", "state" or "backward"."""
+    """Triton launch parameters of a kernel ``kind``: "chunk", "state", "backward" or
+    "output_backward"."""
     warps, stages = {
         "chunk": (cfg.num_warps, cfg.num_stages),
         "state": (cfg.num_warps_state, cfg.num_stages_state),
         "backward": (cfg.num_warps_bwd, cfg.num_stages_bwd),
+        "output_backward": (cfg.num_warps_output_bwd or cfg.num_warps_bwd, cfg.num_stages_bwd),
     }[kind]
     return plgpu.CompilerParams(num_warps=warps, num_stages=stages)
 

@@ -342,7 +342,7 @@ def output_backward(res: Residuals, do, lay: Layout, statics: Statics):
             lay.values_shape(lay.mxu),
             *(x for x, _ in gate_out),
         ],
-        compiler_params=compiler_params(statics.cfg, "backward"),
+        compiler_params=compiler_params(statics.cfg, "output_backward"),
         interpret=statics.interpret,
         name="gated_delta_rule_output_bwd",
     )(res.q, res.k, res.h, res.v_new, do, *(x for _, x in z_in), *gate_inputs(res.b, res.docs))

@@ -410,8 +410,8 @@ def test_default_config_fills_the_gpu_with_splits():
     assert short.splits == 1  # 16 chunks: no split would keep 16 of them
     # bf16 under scalar gates: the whole-chunk WY kernel with a tf32 inverse; float32 and KDA: exact
     low = default_config(batch=1, value_heads=16, seq_len=32768, value_dim=128, interpret=False, dtype=jnp.bfloat16)
-    assert (low.wy_rows, low.inverse_precision, low.num_warps) == (64, "tf32", 4)
-    assert (few.wy_rows, few.inverse_precision, few.num_warps) == (16, "highest", 8)
+    assert (low.wy_rows, low.inverse_precision, low.num_warps, low.num_warps_output_bwd) == (64, "tf32", 4, 4)
+    assert (few.wy_rows, few.inverse_precision, few.num_warps, few.num_warps_output_bwd) == (16, "highest", 8, None)
     kda = default_config(
         batch=1, value_heads=16, seq_len=32768, value_dim=128, interpret=False, dtype=jnp.bfloat16, per_channel=True
     )
@@ -497,6 +497,15 @@ GPU_CASES = {
         BlockConfig(block_e=16, store_inverse=True, wy_rows=64, inverse_precision="tf32"),
     ),
     "gdn-block-e-16-splits": ("gdn", None, BlockConfig(block_e=16, splits=4, store_inverse=True)),
+    # the bf16 default's launch parameters (4 warps in the forward chunk kernels and the output
+    # backward) with documents
+    "gdn-four-warps-docs": (
+        "gdn",
+        (1000, 1001, 2500),
+        BlockConfig(
+            block_e=16, store_inverse=True, wy_rows=64, inverse_precision="tf32", num_warps=4, num_warps_output_bwd=4
+        ),
+    ),
     # the output written by the state pass (BlockConfig.fuse_output), as the default's other fields
     "gdn-fused-output-docs": (
         "gdn",
