@@ -67,8 +67,9 @@ class BlockConfig:
       fuse_output: the forward state pass writes the output itself (each value block's, from the
         state it holds: ``Q Kᵀ ⊙ Γ`` formed again per value block, off the chain of states) instead
         of an output kernel reading h and V' back; scalar or no gates only, no stored scores. Off by
-        default: not timed on a GPU yet (the peer that fuses them spends 0.22 ms where our state and
-        output kernels spend 0.91, H200, GDN (1, 32K, 16, 128)).
+        default: slower (H200, GDN (1, 32K, 16, 128) bf16: the fused state pass 0.94 ms against 0.53
+        + 0.22 for the state pass and the 4-warp output kernel; the products added to each
+        latency-bound step cost more than the output kernel's reads).
       num_warps_output_bwd: warps of the output backward kernel (``output_bwd``); None: ``num_warps_bwd``
         (the WY backward holds more live tiles than the output's: ptxas at 4 warps, GDN bf16 whole
         rows: ``output_bwd`` 255 registers and 64 B of spills, ``wy_bwd`` 1 KB of spills).
