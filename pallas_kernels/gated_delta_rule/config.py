@@ -111,6 +111,13 @@ class BlockConfig:
             )
         if self.splits < 1:
             raise ValueError(f"BlockConfig.splits={self.splits} must be positive")
+        for name in ("num_warps", "num_warps_state", "num_warps_bwd", "num_warps_output_bwd"):
+            value = getattr(self, name)
+            if value is not None and (value < 1 or value & (value - 1)):
+                raise ValueError(f"BlockConfig.{name}={value} must be a power of two (Triton warps per program)")
+        for name in ("num_stages", "num_stages_state", "num_stages_bwd"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"BlockConfig.{name}={getattr(self, name)} must be positive")
         if self.fuse_output and self.store_scores:
             raise ValueError("BlockConfig.fuse_output writes the output in the state pass, which stores no scores")
 

@@ -365,6 +365,10 @@ def test_supports_and_rejects():
         BlockConfig(chunk=48)
     with pytest.raises(ValueError, match="splits"):
         BlockConfig(splits=0)
+    with pytest.raises(ValueError, match=r"num_warps_output_bwd=6 must be a power of two"):
+        BlockConfig(num_warps_output_bwd=6)
+    with pytest.raises(ValueError, match=r"num_stages_state=0 must be positive"):
+        BlockConfig(num_stages_state=0)
     with pytest.raises(ValueError, match="fuse_output.*stores no scores"):
         BlockConfig(fuse_output=True, store_scores=True)
     per_channel = jnp.zeros((1, 16, 1, 16))
