@@ -120,6 +120,9 @@ def variants(base, d: int, *, per_channel: bool = False) -> list[tuple[str, dict
     # (each value-block program forms Q Kᵀ ⊙ Γ again: wider blocks form it fewer times)
     scalar = [
         {"num_warps_output_bwd": 4},  # two output_bwd programs per SM (ptxas: 255 registers, 64 B spills)
+        # the bf16 default's 4 warps checked against 8 (forward chunk kernels, output backward)
+        {"num_warps": 8},
+        {"num_warps_output_bwd": 8},
         {"num_warps_output_bwd": 4, "store_scores": True},
         # 32-column blocks in the WY kernels (ptxas: wy_bwd 12 B of spills against 76 with whole rows)
         {"block_cols": 32},
@@ -224,7 +227,7 @@ def check(op, shape, config, interpret) -> dict:
         return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30))
 
     out = {"o": rel(o, o_ref), "o_vjp": rel(o_vjp, o_ref)}
-    out.update({f"d{n}": rel(a, b) for n, a, b in zip(("q", "k", "v", "beta", "g"), grads, grads_ref)})
+    out.update({f"d{n}": rel(a, b) for n, a, b in zip(("q", "k", "v", "beta", "g"), grads, grads_ref, strict=True)})
     return out
 
 

@@ -41,7 +41,7 @@ class BlockConfig:
       num_warps / num_stages: Triton launch parameters of the chunk-parallel forward kernels;
         num_warps_state / num_stages_state: of the two state passes (num_stages pipelines the loads
         of the next chunk behind the current step); num_warps_bwd / num_stages_bwd: of the
-        chunk-parallel backward kernels.
+        chunk-parallel backward kernels (``output_bwd``'s warps: ``num_warps_output_bwd`` when set).
       wy_rows: rows of the sub-tiles of the WY kernels (the forward ``wy``, ``wy_bwd``,
         ``state_step_bwd``) under scalar or no gates: 16 (the inverse by 16×16 blocks, every product
         on 16-row tiles) up to the chunk (one tile: the inverse by doubling on the whole chunk, one
@@ -72,7 +72,7 @@ class BlockConfig:
         latency-bound step cost more than the output kernel's reads).
       num_warps_output_bwd: warps of the output backward kernel (``output_bwd``); None: ``num_warps_bwd``
         (the WY backward holds more live tiles than the output's: ptxas at 4 warps, GDN bf16 whole
-        rows: ``output_bwd`` 255 registers and 64 B of spills, ``wy_bwd`` 1 KB of spills).
+        rows: ``output_bwd`` 255 registers and 64 B of spills, ``wy_bwd`` 1.2 KB of spills).
       wy_bwd_split: the WY backward as two kernels, the state step's shares of dk and db first
         (reading h, dh and V'), then the WY form's; False: one kernel holding both (more live
         registers: ptxas reported spills for it).
@@ -159,15 +159,14 @@ def default_config(
     (``dtype``) under scalar or no gates the forward WY kernel works on whole chunks and forms the
     inverse in tf32 (``wy_rows`` = chunk, ``inverse_precision="tf32"``; H200, GDN (1, 32K, 16, 128)
     fwd+bwd 5.70 against 6.18 ms with 16-row tiles in float32, the same errors against the XLA path:
-    the bf16 rounding of W and U dominates); float32 inputs keep the exact float32 inverse ("tf32x3"
-    measured slower: 6.41 against 6.04 ms), and the forward chunk kernels (wy, output) and the
-    output backward run 4 warps.
-    Per-channel gates store the output's score blocks for
+    the bf16 rounding of W and U dominates), and its forward chunk kernels (wy, output) and the
+    output backward run 4 warps; float32 inputs keep the exact float32 inverse ("tf32x3" measured
+    slower: 6.41 against 6.04 ms) and 8 warps. Per-channel gates store the output's score blocks for
     its backward (``store_scores``; H200, KDA (1, 32K, 16, 128) bf16 fwd+bwd 40.84 against 59.38
     ms) and run the backward chunk kernels with 4 warps.
 
-    Warps from ptxas register counts of a Triton 3.9 sm_90 build (the wy kernel spills at 4 warps,
-    not at 8); ``block_cols`` from the H200 sweep of 2026-11-30 (GDN (1, 32K, 16, 128) bf16
+    The other warps from ptxas register counts of a Triton 3.9 sm_90 build (the 16-row-tile wy
+    kernel spilled at 4 warps, not at 8); ``block_cols`` from the H200 sweep of 2026-11-30 (GDN (1, 32K, 16, 128) bf16
     fwd+bwd: 10.5 ms whole rows, 13.2 ms 32 or 64 columns; ``wy_rows`` 32 13.3 ms, 64 18.8 ms).
     Under scalar or no gates, outside sequence parallelism, when the 32-wide value blocks would give
     between a quarter and half of the SMs programs, the blocks are 16 wide (``block_e``). At (B, T,
@@ -193,7 +192,7 @@ def default_config(
         # ms, output 0.38 → 0.22 ms, fwd+bwd 4.55 → 3.90 ms; offline ptxas: the whole-chunk wy
         # kernel takes 176 registers and two programs per SM at 4 warps, 245 and one at 8) and in
         # the output backward (output_bwd 0.65 → 0.41 ms, fwd+bwd 3.91 → 3.73 ms; 255 registers,
-        # 64 B of spills, two programs per SM; the WY backward keeps 8: 1 KB of spills at 4)
+        # 64 B of spills, two programs per SM; the WY backward keeps 8: 1.2 KB of spills at 4)
         cfg = dataclasses.replace(cfg, wy_rows=cfg.chunk, inverse_precision="tf32", num_warps=4, num_warps_output_bwd=4)
     programs = batch * value_heads * (value_dim // cfg.block_e)
     few = programs >= NUM_SMS // 4 and 2 * programs <= NUM_SMS

@@ -63,14 +63,19 @@ def mxu_dtype(dtype):
 
 def compiler_params(cfg: BlockConfig, kind: str):
     """Triton launch parameters of a kernel ``kind``: "chunk", "state", "backward" or
-    "output_backward"."""
-    warps, stages = {
-        "chunk": (cfg.num_warps, cfg.num_stages),
-        "state": (cfg.num_warps_state, cfg.num_stages_state),
-        "backward": (cfg.num_warps_bwd, cfg.num_stages_bwd),
-        "output_backward": (cfg.num_warps_output_bwd or cfg.num_warps_bwd, cfg.num_stages_bwd),
-    }[kind]
-    return plgpu.CompilerParams(num_warps=warps, num_stages=stages)
+    "output_backward". ``cfg`` is a ``BlockConfig`` or the per-channel linear-attention kernels'
+    ``ChannelConfig`` (the same launch fields, no ``num_warps_output_bwd``: its output backward
+    takes ``num_warps_bwd``)."""
+    if kind == "chunk":
+        return plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if kind == "state":
+        return plgpu.CompilerParams(num_warps=cfg.num_warps_state, num_stages=cfg.num_stages_state)
+    if kind not in ("backward", "output_backward"):
+        raise ValueError(f"unknown kernel kind {kind!r}")
+    warps = cfg.num_warps_bwd
+    if kind == "output_backward":
+        warps = getattr(cfg, "num_warps_output_bwd", None) or warps
+    return plgpu.CompilerParams(num_warps=warps, num_stages=cfg.num_stages_bwd)
 
 
 class Layout:

@@ -422,6 +422,32 @@ def test_default_config_fills_the_gpu_with_splits():
     assert kda.inverse_precision == "highest" and kda.store_scores and not low.store_scores
     assert kda.store_inverse and low.store_inverse  # the WY backward forms no Gram block
     assert kda.num_warps_bwd == 4 and low.num_warps_bwd == 8  # per-channel cotangents by levels: 4 warps
+    assert (kda.num_warps, kda.num_warps_output_bwd) == (8, None)  # KDA's chunk kernels spill at 4
+
+
+def test_compiler_params_of_each_kernel_kind():
+    """Launch parameters per kernel kind, for the delta rule's BlockConfig and for the per-channel
+    linear attention's ChannelConfig, which shares the function but has no output-backward warps."""
+    from pallas_kernels.gated_delta_rule.layout import compiler_params
+    from pallas_kernels.linear_attention.config import ChannelConfig
+
+    def launch(cfg, kind):
+        params = compiler_params(cfg, kind)
+        return params.num_warps, params.num_stages
+
+    cfg = BlockConfig(num_warps=4, num_stages=2, num_warps_state=2, num_stages_state=3, num_warps_bwd=8)
+    assert launch(cfg, "chunk") == (4, 2) and launch(cfg, "state") == (2, 3)
+    assert launch(cfg, "backward") == (8, 1) and launch(cfg, "output_backward") == (8, 1)  # None: the backward's
+    assert launch(BlockConfig(num_warps_output_bwd=4, num_stages_bwd=2), "output_backward") == (4, 2)
+    channel = ChannelConfig()
+    assert (
+        launch(channel, "output_backward")
+        == launch(channel, "backward")
+        == (channel.num_warps_bwd, channel.num_stages_bwd)
+    )
+    assert launch(channel, "state") == (channel.num_warps_state, channel.num_stages_state)
+    with pytest.raises(ValueError, match="unknown kernel kind 'forward'"):
+        compiler_params(cfg, "forward")
 
 
 # ---- the Triton lowering on CPU, compiled kernels on a GPU ------------------------------------
