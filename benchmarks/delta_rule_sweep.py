@@ -115,6 +115,10 @@ def variants(base, d: int, *, per_channel: bool = False) -> list[tuple[str, dict
         {"channel_rows": 64, "store_inverse": True, "block_cols": 64, "inverse_precision": "tf32"},
         {"channel_rows": 64, "store_inverse": True, "block_cols": d, "inverse_precision": "tf32"},
         {"channel_rows": 64, "store_inverse": True, "num_warps_bwd": 8},
+        # the forward's off-diagonal blocks by one whole-chunk product per key tile (ptxas: wgmma in
+        # wy and output, wy's spills 36 → 8 B, output's 536 → 636 B)
+        {"stacked_pairs": True},
+        {"stacked_pairs": True, "block_cols": 64},
     ]
     # scalar or no gates: the output written by the forward state pass (no output kernel)
     # (each value-block program forms Q Kᵀ ⊙ Γ again: wider blocks form it fewer times)

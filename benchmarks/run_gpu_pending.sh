@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU measurements left open at the end of session 14, in order of value: about 10 minutes on
-# 2 or 4 H200s (a call may run 10; the last step also runs on one); each step has its own time limit and keeps its output if a
+# The GPU measurements left open at the end of session 14, in order of value: about 15 minutes on
+# 2 or 4 H200s (a call may run 10; the first two and the last steps also run on one); each step has its own time limit and keeps its output if a
 # later one fails. Run from the repository root; the peer wheels in .whl (../shared/bench/README.md)
 # give the jla rows.
 #   OUT=runs/pending bash benchmarks/run_gpu_pending.sh
@@ -10,6 +10,12 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/pending}
 mkdir -p "$OUT"
 N=$(nvidia-smi -L | wc -l)
+# issue 13, one GPU: KDA's forward off-diagonal blocks by whole-chunk products (BlockConfig.stacked_pairs,
+# session 14, never compiled for a GPU: its GPU test first), timed against the default
+timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/pallas_kernels/test_gated_delta_rule_pallas.py -k "stacked" > "$OUT/gpu_tests_stacked.log" 2>&1
+echo "== gpu tests stacked"; tail -n 2 "$OUT/gpu_tests_stacked.log"
+timeout 200 python3 benchmarks/delta_rule_sweep.py --ops kda --labels default stacked_pairs=True stacked_pairs=True,block_cols=64 --budget 150 --check --profile "$OUT/prof" --json "$OUT/sweep_kda_stacked.json" > "$OUT/sweep_kda_stacked.log" 2>&1
+echo "== kda stacked"; grep -E "^kda |gated_delta_rule_(wy|output) " "$OUT/sweep_kda_stacked.log"
 # issue 18: the softmax strategies on every local GPU with the zig-zag ring's ascending-order fix
 # (session 11: 0.76x at sp=2; sp=4 measured only before it); TokenRing has not got the fix (at
 # P = 2 it would not change which parts carry the work; from P = 4 it would)

@@ -35,7 +35,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.common import F32, dot
-from pallas_kernels.gated_delta_rule.products import GateMode, Pair, gated_product, gated_product_vjp, make_pair
+from pallas_kernels.gated_delta_rule.products import (
+    GateMode,
+    Pair,
+    channel_offdiag_stacked,
+    gated_product,
+    gated_product_vjp,
+    make_pair,
+)
 
 
 class Docs(NamedTuple):
@@ -203,10 +210,17 @@ def _gram_pair(c: Chunk, i: int, j: int, *, beta_rows: bool = False) -> Pair:
     return make_pair(rows, c.k[j], c.b[i], c.b[j], c.docs[i], c.docs[j], diag=i == j, causal="strict")
 
 
-def gram_blocks(c: Chunk, *, mode: GateMode, mxu) -> dict:
+def gram_blocks(c: Chunk, *, mode: GateMode, mxu, whole=None) -> dict:
     """The lower blocks of ``G = K Kᵀ ⊙ Γ`` (strictly lower inside the diagonal blocks); a sum over
-    key channels, so the blocks of a chunk restricted to some columns add up to G."""
+    key channels, so the blocks of a chunk restricted to some columns add up to G. ``whole``: the
+    chunk's ``(K, b)`` as whole ``[C, w]`` arrays, for per-channel gates' off-diagonal blocks by
+    ``products.channel_offdiag_stacked`` (``BlockConfig.stacked_pairs``)."""
     n = len(c.k)
+    if whole is not None and mode == "channel" and n > 1:
+        k, b = whole
+        out = channel_offdiag_stacked(k, c.k, b, c.b, c.docs, c.docs, mxu)
+        out.update({(i, i): gated_product(_gram_pair(c, i, i), mode, mxu) for i in range(n)})
+        return out
     return {(i, j): gated_product(_gram_pair(c, i, j), mode, mxu) for i in range(n) for j in range(i + 1)}
 
 
@@ -368,9 +382,18 @@ def state_step(state, w, u, k, to_end, gamma, mxu):
     return v_new, decay_state(state, gamma) + gated_dot(k, to_end, v_new, mxu, trans_a=True)
 
 
-def score_blocks(q, k, b, docs: Docs | None, *, mode: GateMode, mxu, parts: int):
-    """``Z = Q Kᵀ ⊙ Γ ⊙ causal`` (diagonal included) as its lower tile blocks ``{(i, j): [n, n]}``."""
+def score_blocks(q, k, b, docs: Docs | None, *, mode: GateMode, mxu, parts: int, whole=None):
+    """``Z = Q Kᵀ ⊙ Γ ⊙ causal`` (diagonal included) as its lower tile blocks ``{(i, j): [n, n]}``;
+    ``whole``: ``(Q, b)`` as whole ``[C, w]`` arrays, for per-channel gates' off-diagonal blocks by
+    ``products.channel_offdiag_stacked`` (``BlockConfig.stacked_pairs``)."""
     qt, kt, bt, dt = split_rows(q, parts), split_rows(k, parts), split_rows(b, parts), split_docs(docs, parts)
+    if whole is not None and mode == "channel" and parts > 1:
+        q_whole, b_whole = whole
+        out = channel_offdiag_stacked(q_whole, kt, b_whole, bt, dt, dt, mxu)
+        for i in range(parts):
+            diag = make_pair(qt[i], kt[i], bt[i], bt[i], dt[i], dt[i], diag=True, causal="inclusive")
+            out[i, i] = gated_product(diag, mode, mxu)
+        return out
     return {
         (i, j): gated_product(
             make_pair(qt[i], kt[j], bt[i], bt[j], dt[i], dt[j], diag=i == j, causal="inclusive"), mode, mxu

@@ -73,6 +73,12 @@ class BlockConfig:
       num_warps_output_bwd: warps of the output backward kernel (``output_bwd``); None: ``num_warps_bwd``
         (the WY backward holds more live tiles than the output's: ptxas at 4 warps, GDN bf16 whole
         rows: ``output_bwd`` 255 registers and 64 B of spills, ``wy_bwd`` 1.2 KB of spills).
+      stacked_pairs: per-channel gates: the forward kernels (``wy``'s Gram blocks, ``output``'s
+        scores) form the products of all tile pairs after one key tile as one product of the whole
+        chunk's rows (``products.channel_offdiag_stacked``: ``[C, w] × [w, n]``, wgmma-sized at C = 64
+        where the pairwise ``[n, w] × [w, n]`` are not; twice the multiply-adds, same factors and
+        blocks). Off by default: not timed on a GPU yet (jax-linear-attention's KDA forms its
+        off-diagonal blocks this way).
       wy_bwd_split: the WY backward as two kernels, the state step's shares of dk and db first
         (reading h, dh and V'), then the WY form's; False: one kernel holding both (more live
         registers: ptxas reported spills for it).
@@ -96,6 +102,7 @@ class BlockConfig:
     wy_bwd_split: bool = False  # H200 sweep: fused 13.09 vs split 13.56 ms (GDN), 59.4 vs 60.0 (KDA)
     fuse_output: bool = False
     num_warps_output_bwd: int | None = None
+    stacked_pairs: bool = False
 
     def __post_init__(self):
         for name in ("chunk", "block_e", "block_cols", "wy_rows", "channel_rows"):

@@ -71,9 +71,10 @@ from pallas_kernels.gated_delta_rule.reference import document_index
 # ---- kernels ----------------------------------------------------------------------------------
 
 
-def _wy_kernel(k_ref, v_ref, beta_ref, *refs, mode, has_docs, mxu, block_cols, parts, precision):
+def _wy_kernel(k_ref, v_ref, beta_ref, *refs, mode, has_docs, mxu, block_cols, parts, precision, stacked=False):
     """W and U of one chunk: the Gram blocks summed over key-column blocks, X, then W and U
-    column block by column block; X itself too when given an output for it."""
+    column block by column block; X itself too when given an output for it. ``stacked``: per-channel
+    off-diagonal Gram blocks from whole-chunk loads (``BlockConfig.stacked_pairs``)."""
     refs = list(refs)
     gate_ref, doc_refs = pop_gate_refs(refs, mode=mode, has_docs=has_docs)
     w_ref, u_ref, *x_ref = refs
@@ -84,7 +85,11 @@ def _wy_kernel(k_ref, v_ref, beta_ref, *refs, mode, has_docs, mxu, block_cols, p
         return key_chunk(k_ref, gate_ref, beta, docs, pl.multiple_of(j * kw, kw), mode=mode, width=kw)
 
     def add_gram(j, gram):
-        return common.add_blocks(gram, common.gram_blocks(keys(j), mode=mode, mxu=mxu))
+        whole = None
+        if stacked and mode == "channel":
+            cols = pl.ds(pl.multiple_of(j * kw, kw), kw)
+            whole = (k_ref[:, cols], gate_ref[:, cols])
+        return common.add_blocks(gram, common.gram_blocks(keys(j), mode=mode, mxu=mxu, whole=whole))
 
     gram = lax.fori_loop(0, k_ref.shape[1] // kw, add_gram, zero_blocks(parts, k_ref.shape[0] // parts))
     x = common.inverse_blocks(gram, beta, precision)
@@ -142,9 +147,10 @@ def _state_kernel(
     final_ref[...] = lax.fori_loop(0, num_chunks, body, s0_ref[...].astype(F32))
 
 
-def _output_kernel(q_ref, k_ref, h_ref, v_new_ref, *refs, mode, has_docs, mxu, scale, parts, block_cols):
+def _output_kernel(q_ref, k_ref, h_ref, v_new_ref, *refs, mode, has_docs, mxu, scale, parts, block_cols, stacked=False):
     """The output of one chunk from its entering state and V'; per-channel gates walk the key
-    columns in blocks (the scores and ``(e^b ⊙ Q) S`` are sums over them)."""
+    columns in blocks (the scores and ``(e^b ⊙ Q) S`` are sums over them); ``stacked``: their
+    off-diagonal score blocks from whole-chunk loads (``BlockConfig.stacked_pairs``)."""
     refs = list(refs)
     gate_ref, doc_refs = pop_gate_refs(refs, mode=mode, has_docs=has_docs)
     o_ref, *z_ref = refs
@@ -156,7 +162,11 @@ def _output_kernel(q_ref, k_ref, h_ref, v_new_ref, *refs, mode, has_docs, mxu, s
         start = pl.multiple_of(j * width, width)
         q, k = load_col_tiles(q_ref, parts, start, width), load_col_tiles(k_ref, parts, start, width)
         b = load_col_tiles(gate_ref, parts, start, width) if mode == "channel" else load_tiles(gate_ref, parts)
-        z = common.add_blocks(z, common.score_blocks(q, k, b, docs, mode=mode, mxu=mxu, parts=parts))
+        whole = None
+        if stacked and mode == "channel":
+            cols = pl.ds(start, width)
+            whole = (q_ref[:, cols], gate_ref[:, cols])
+        z = common.add_blocks(z, common.score_blocks(q, k, b, docs, mode=mode, mxu=mxu, parts=parts, whole=whole))
         h_rows = h_ref[pl.ds(start, width), :]
         inter = [
             a + c for a, c in zip(inter, common.output_inter(q, b, docs, h_rows, mxu=mxu, parts=parts), strict=True)
@@ -190,6 +200,7 @@ def wy_representation(k, v, beta, b, docs, lay: Layout, statics: Statics, *, sto
             block_cols=statics.cfg.block_cols,
             parts=lay.wy_parts,
             precision=statics.inverse_precision,
+            stacked=statics.cfg.stacked_pairs,
         ),
         grid=lay.chunk_grid(),
         in_specs=[
@@ -311,6 +322,7 @@ def output(q, k, b, docs, h, v_new, lay: Layout, statics: Statics, dtype, *, sto
         scale=statics.scale,
         parts=lay.parts,
         block_cols=statics.cfg.block_cols,
+        stacked=statics.cfg.stacked_pairs,
     )
     o, *z = pl.pallas_call(
         kernel,

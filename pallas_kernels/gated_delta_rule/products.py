@@ -136,6 +136,32 @@ def _channel_diag_vjp(p: Pair, dz, mxu):
     return dx, dy
 
 
+def channel_offdiag_stacked(x, y: list, bx, by: list, docs_x: list, docs_y: list, mxu) -> dict:
+    """The per-channel gated products of every tile pair ``(i, j)``, ``i > j``, of one chunk, one
+    ``[C, n]`` product per y tile j instead of one ``[n, n]`` product per pair.
+
+    ``x``, ``bx``: whole ``[C, w]`` (C = parts · n rows); ``y``, ``by``, and the documents of both
+    sides: lists of n-row tiles. For tile j the reference ``r_j`` is its last row (the minimum, as
+    ``_channel_offdiag_factors``), and ``x ⊙ e^{bx − r_j}`` on the rows after tile j (the others
+    zero: there the factor could exceed 1) meets ``y_j ⊙ e^{r_j − by_j}``: the same factors as the
+    per-pair products, so the same blocks, from products with C rows (wgmma-sized on Hopper at C =
+    64; the pairwise ones are n = 16 rows). Twice the multiply-adds (the zero rows).
+    """
+    parts, n = len(y), y[0].shape[0]
+    row = lax.broadcasted_iota(jnp.int32, x.shape, 0)
+    x32 = x.astype(F32)
+    out = {}
+    for j in range(parts - 1):
+        ref = jnp.min(by[j], axis=0, keepdims=True)
+        fx = _masked_exp(bx - ref, row >= (j + 1) * n)
+        fy = jnp.exp(ref - by[j])
+        column = dot((x32 * fx).astype(mxu), (y[j] * fy).astype(mxu), trans_b=True)  # [C, n]
+        for i, block in enumerate(jnp.split(column, parts, axis=0)[j + 1 :], start=j + 1):
+            mask = _pair_mask(n, n, causal=None, doc_i=docs_x[i], doc_j=docs_y[j])
+            out[i, j] = block if mask is None else jnp.where(mask, block, 0.0)
+    return out
+
+
 def gated_product(p: Pair, mode: GateMode, mxu):
     """``Z = (X Yᵀ ⊙ Γ)`` on the pairs of ``p`` (masked pairs zero), float32."""
     if mode == "channel":

@@ -156,6 +156,25 @@ CASES = {
         dict(b=1, t=70, h=1, hv=1, d=32, e=16, gate="kda"),
         dict(config=BlockConfig(chunk=32, block_e=16, block_cols=32, channel_rows=32, store_scores=True)),
     ),
+    # the off-diagonal per-channel blocks of the forward kernels by whole-chunk products per key tile
+    # (BlockConfig.stacked_pairs): 4 sub-tiles of a 64-token chunk, strong gates, documents, the
+    # default's stored inverse and scores; bf16 on 32-token chunks
+    "kda-f32-T130-stacked-pairs-docs-strong-chunk64": (
+        jnp.float32,
+        dict(b=1, t=130, h=1, hv=1, d=32, e=16, gate="kda"),
+        dict(
+            docs=(30, 64, 100),
+            g_max=8.0,
+            config=BlockConfig(
+                chunk=64, block_e=16, block_cols=16, store_inverse=True, store_scores=True, stacked_pairs=True
+            ),
+        ),
+    ),
+    "kda-bf16-T70-stacked-pairs-docs": (
+        jnp.bfloat16,
+        dict(b=1, t=70, h=1, hv=2, d=32, e=16, gate="kda"),
+        dict(docs=(9, 40), config=BlockConfig(chunk=32, block_e=16, block_cols=32, stacked_pairs=True)),
+    ),
     # the output backward reads the forward's stored score blocks (per-channel pairs not formed again)
     "kda-bf16-T40-stored-scores-docs": (
         jnp.bfloat16,
@@ -456,17 +475,19 @@ def test_compiler_params_of_each_kernel_kind():
 def test_kernels_lower_to_triton(triton_lowering_h100):
     """Lower (not compile) forward and backward for CUDA here: the Triton lowering's own checks run."""
     spec = jax.ShapeDtypeStruct
-    for gate, (b, t, h, hv, d, e), dtype, docs, splits, whole, fused in [
-        ("gdn", (1, 256, 2, 4, 128, 128), jnp.bfloat16, False, 2, False, False),
-        ("kda", (2, 100, 2, 2, 40, 24), jnp.float32, True, 1, False, False),
-        ("deltanet", (1, 70, 1, 1, 64, 64), jnp.float16, True, 1, False, False),
-        ("kda", (1, 200, 2, 2, 128, 128), jnp.bfloat16, True, 2, True, False),
-        ("gdn", (1, 256, 2, 2, 128, 128), jnp.bfloat16, True, 1, False, True),
+    for gate, (b, t, h, hv, d, e), dtype, docs, splits, whole, fused, stacked in [
+        ("gdn", (1, 256, 2, 4, 128, 128), jnp.bfloat16, False, 2, False, False, False),
+        ("kda", (2, 100, 2, 2, 40, 24), jnp.float32, True, 1, False, False, False),
+        ("deltanet", (1, 70, 1, 1, 64, 64), jnp.float16, True, 1, False, False, False),
+        ("kda", (1, 200, 2, 2, 128, 128), jnp.bfloat16, True, 2, True, False, False),
+        ("gdn", (1, 256, 2, 2, 128, 128), jnp.bfloat16, True, 1, False, True, False),
+        ("kda", (1, 130, 2, 2, 128, 128), jnp.bfloat16, True, 1, False, False, True),
     ]:
         # deltanet lowers the fused WY backward, kda its two-kernel split, gdn the whole-chunk one
         # that reads the stored inverse (and 16-wide value blocks in the state passes); kda on
         # whole chunks (``whole``: the diagonal tile by levels) reads the stored inverse too; the
-        # last gdn row writes its output in the state pass (``fused``: no output kernel)
+        # last gdn row writes its output in the state pass (``fused``: no output kernel); the last
+        # kda row forms its forward's off-diagonal blocks by whole-chunk products (``stacked``)
         config = BlockConfig(
             splits=splits,
             block_e=16 if gate == "gdn" else 32,
@@ -477,6 +498,7 @@ def test_kernels_lower_to_triton(triton_lowering_h100):
             channel_rows=64 if whole else 16,
             wy_rows=64 if whole else 16,
             fuse_output=fused,
+            stacked_pairs=stacked,
         )
         q, v = spec((b, t, h, d), dtype), spec((b, t, hv, e), dtype)
         beta, s0 = spec((b, t, hv), jnp.float32), spec((b, hv, d, e), jnp.float32)
@@ -512,6 +534,12 @@ GPU_CASES = {
         BlockConfig(splits=4, block_cols=64, channel_rows=64, store_scores=True, store_inverse=True),
     ),
     "deltanet": ("deltanet", None, None),
+    # the forward's off-diagonal per-channel blocks by whole-chunk products (BlockConfig.stacked_pairs)
+    "kda-stacked-pairs-docs": (
+        "kda",
+        (700, 3000),
+        BlockConfig(splits=4, store_scores=True, store_inverse=True, num_warps_bwd=4, stacked_pairs=True),
+    ),
     "gdn-stored-inverse-docs": ("gdn", (1000, 1001, 2500), BlockConfig(splits=2, store_inverse=True)),
     # the inverse's float32 products as one tf32 product each, on 16-row tiles and on whole chunks
     "gdn-tf32-inverse": ("gdn", None, BlockConfig(splits=4, store_inverse=True, inverse_precision="tf32")),

@@ -53,6 +53,34 @@ def test_channel_diagonal_tile_by_levels(rng, n, causal, g_max, docs):
         np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * float(jnp.abs(ref).max()))
 
 
+@pytest.mark.parametrize("parts", [2, 4])
+@pytest.mark.parametrize("g_max,docs,mxu", [(0.5, False, F32), (30.0, True, F32), (2.0, True, jnp.bfloat16)])
+def test_channel_offdiag_stacked_equals_the_pairs(rng, parts, g_max, docs, mxu):
+    """The off-diagonal per-channel blocks of a chunk by one whole-chunk product per key tile
+    (``BlockConfig.stacked_pairs``) against the pairwise products and against the definition; log
+    gates up to ~30 per row (the rows before each key tile would overflow unmasked)."""
+    n = 16
+    x, y, b, doc = _tile(rng, parts * n, 32, g_max, docs)
+    split = lambda a: list(jnp.split(a, parts, axis=0))  # noqa: E731
+    xt, yt, bt = split(x), split(y), split(b)
+    dt = [None] * parts if doc is None else [common.Docs(d, None, None) for d in split(doc.doc)]
+    got = products.channel_offdiag_stacked(x, yt, b, bt, dt, dt, mxu)
+    assert sorted(got) == [(i, j) for i in range(parts) for j in range(i)]
+    pos = np.arange(parts * n)
+    whole_mask = jnp.asarray(pos[:, None] > pos[None, :])  # the definition only where it is finite
+    if doc is not None:
+        whole_mask &= doc.doc[:, None] == doc.doc[None, :]
+    want_all = _definition(x.astype(mxu).astype(F32), y.astype(mxu).astype(F32), b, whole_mask)
+    for (i, j), block in got.items():
+        pair = products.make_pair(xt[i], yt[j], bt[i], bt[j], dt[i], dt[j], diag=False, causal="strict")
+        pairwise = products.gated_product(pair, "channel", mxu)
+        want = want_all[i * n : (i + 1) * n, j * n : (j + 1) * n]
+        assert np.all(np.isfinite(np.asarray(block)))
+        np.testing.assert_allclose(block, pairwise, rtol=1e-6, atol=1e-6 * float(jnp.abs(pairwise).max() + 1e-30))
+        tol = 2e-5 if mxu == F32 else 2e-2  # bf16: the factored operands are rounded
+        np.testing.assert_allclose(block, want, rtol=tol, atol=tol * float(jnp.abs(want_all).max()))
+
+
 def test_channel_diagonal_tile_bf16_operands(rng):
     """bf16 operands (the kernels' matmul dtype for bf16 inputs): the product and its cotangents
     carry the operands' rounding only."""
