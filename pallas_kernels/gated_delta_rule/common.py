@@ -39,6 +39,7 @@ from pallas_kernels.gated_delta_rule.products import (
     GateMode,
     Pair,
     channel_offdiag_stacked,
+    channel_offdiag_stacked_vjp,
     gated_product,
     gated_product_vjp,
     make_pair,
@@ -436,11 +437,27 @@ def output_dz(v_new, do, *, scale: float, mxu, parts: int) -> dict:
     }
 
 
-def output_backward(q, k, b, docs: Docs | None, h, dz: dict, do, *, scale: float, mode: GateMode, mxu, parts: int):
+def output_dz_stacked(v_new, do, *, scale: float, mxu, parts: int):
+    """The score cotangent ``scale · dO V'ᵀ`` for ``BlockConfig.stacked_pairs``: ``(diagonal blocks
+    {(i, i)}, dZ[:, tile j] for j < parts − 1, [None] + dZ[tile i, :]ᵀ for i ≥ 1)``, every
+    off-diagonal piece one ``[C, n]`` product of the whole chunk (``v_new``, ``do`` whole ``[C, E]``)."""
+    vt, dot_ = split_rows(v_new, parts), split_rows(do, parts)
+    v_mxu, do_mxu = v_new.astype(mxu), do.astype(mxu)
+    diag = {(i, i): scale * dot(dot_[i].astype(mxu), vt[i].astype(mxu), trans_b=True) for i in range(parts)}
+    cols = [scale * dot(do_mxu, vt[j].astype(mxu), trans_b=True) for j in range(parts - 1)]
+    rows_t = [None] + [scale * dot(v_mxu, dot_[i].astype(mxu), trans_b=True) for i in range(1, parts)]
+    return diag, cols, rows_t
+
+
+def output_backward(
+    q, k, b, docs: Docs | None, h, dz: dict, do, *, scale: float, mode: GateMode, mxu, parts: int, whole=None
+):
     """Tiles ``(dq, dk, db)`` of the output's dependence on q, k, b given ``dO`` and ``dz =
     output_dz(...)`` (float32); the cotangents of ``h`` and ``V'`` are the state pass's
     (``dvn_from_scores``, the reverse pass). Separate in the key channels: q, k, b restricted to some
-    columns and ``h`` to those rows give those columns."""
+    columns and ``h`` to those rows give those columns. ``whole`` (per-channel gates,
+    ``BlockConfig.stacked_pairs``): ``(Q, K, b, doc [C] or None)`` whole, with ``dz`` from
+    ``output_dz_stacked``: the off-diagonal pairs' cotangents by ``channel_offdiag_stacked_vjp``."""
     qt, kt, bt, dt = split_rows(q, parts), split_rows(k, parts), split_rows(b, parts), split_docs(docs, parts)
     ft = [to_row_factor(x, d) for x, d in zip(bt, dt, strict=True)]
     h_mxu = h.astype(mxu)
@@ -449,8 +466,16 @@ def output_backward(q, k, b, docs: Docs | None, h, dz: dict, do, *, scale: float
         for d, f in zip(split_rows(do, parts), ft, strict=True)
     ]
     dk = [jnp.zeros(x.shape, F32) for x in kt]
+    stacked = whole is not None and mode == "channel" and parts > 1
+    if stacked:
+        diag, cols, rows_t = dz
+        q_whole, k_whole, b_whole, doc = whole
+        dq_off, dk_off = channel_offdiag_stacked_vjp(q_whole, k_whole, b_whole, qt, kt, bt, cols, rows_t, doc, mxu)
+        dq = [a + c for a, c in zip(dq, split_rows(dq_off, parts), strict=True)]
+        dk = split_rows(dk_off, parts)
+        dz = diag
     for i in range(parts):
-        for j in range(i + 1):
+        for j in range(i if stacked else 0, i + 1):
             pair = make_pair(qt[i], kt[j], bt[i], bt[j], dt[i], dt[j], diag=i == j, causal="inclusive")
             dqi, dkj = gated_product_vjp(pair, dz[i, j], mode, mxu)
             dq[i], dk[j] = dq[i] + dqi, dk[j] + dkj

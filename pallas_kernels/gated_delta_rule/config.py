@@ -77,8 +77,10 @@ class BlockConfig:
         scores) form the products of all tile pairs after one key tile as one product of the whole
         chunk's rows (``products.channel_offdiag_stacked``: ``[C, w] × [w, n]``, wgmma-sized at C = 64
         where the pairwise ``[n, w] × [w, n]`` are not; twice the multiply-adds, same factors and
-        blocks). Off by default: not timed on a GPU yet (jax-linear-attention's KDA forms its
-        off-diagonal blocks this way).
+        blocks), and the output backward their cotangents likewise (``channel_offdiag_stacked_vjp``,
+        from ``dO V'ᵀ`` formed as whole-chunk columns and rows); the WY backward keeps the pairs.
+        Off by default: not timed on a GPU yet (jax-linear-attention's KDA forms its off-diagonal
+        blocks this way).
       wy_bwd_split: the WY backward as two kernels, the state step's shares of dk and db first
         (reading h, dh and V'), then the WY form's; False: one kernel holding both (more live
         registers: ptxas reported spills for it).

@@ -57,10 +57,24 @@ from pallas_kernels.gated_delta_rule.layout import (
 
 
 def _output_bwd_kernel(
-    q_ref, k_ref, h_ref, v_new_ref, do_ref, *refs, mode, has_docs, mxu, scale, parts, block_cols, stored_scores
+    q_ref,
+    k_ref,
+    h_ref,
+    v_new_ref,
+    do_ref,
+    *refs,
+    mode,
+    has_docs,
+    mxu,
+    scale,
+    parts,
+    block_cols,
+    stored_scores,
+    stacked=False,
 ):
     """The output's gradients of one chunk: dq (final), its share of dk and db, and ``dV'_intra``;
-    per-channel gates walk the key columns in blocks."""
+    per-channel gates walk the key columns in blocks; ``stacked`` (per-channel gates,
+    ``BlockConfig.stacked_pairs``): the off-diagonal pairs' cotangents by whole-chunk products."""
     refs = list(refs)
     z_ref = refs.pop(0) if stored_scores else None
     gate_ref, doc_refs = pop_gate_refs(refs, mode=mode, has_docs=has_docs)
@@ -68,14 +82,23 @@ def _output_bwd_kernel(
     docs = load_doc_tiles(doc_refs, parts)
     do = load_tiles(do_ref, parts)
     kw = dict(scale=scale, mode=mode, mxu=mxu, parts=parts)
-    dz = common.output_dz(load_tiles(v_new_ref, parts), do, scale=scale, mxu=mxu, parts=parts)
+    stacked = stacked and mode == "channel" and parts > 1
+    if stacked:
+        dz = common.output_dz_stacked(v_new_ref[...], do_ref[...], scale=scale, mxu=mxu, parts=parts)
+        doc = None if doc_refs is None else doc_refs[0][...]
+    else:
+        dz = common.output_dz(load_tiles(v_new_ref, parts), do, scale=scale, mxu=mxu, parts=parts)
     width = min(block_cols, k_ref.shape[1]) if mode == "channel" else k_ref.shape[1]
 
     def columns(j, z):
         start = pl.multiple_of(j * width, width)
         q, k = load_col_tiles(q_ref, parts, start, width), load_col_tiles(k_ref, parts, start, width)
         b = load_col_tiles(gate_ref, parts, start, width) if mode == "channel" else load_tiles(gate_ref, parts)
-        dq, dk, db = common.output_backward(q, k, b, docs, h_ref[pl.ds(start, width), :], dz, do, **kw)
+        whole = None
+        if stacked:
+            cols = pl.ds(start, width)
+            whole = (q_ref[:, cols], k_ref[:, cols], gate_ref[:, cols], doc)
+        dq, dk, db = common.output_backward(q, k, b, docs, h_ref[pl.ds(start, width), :], dz, do, whole=whole, **kw)
         store_col_tiles(dq_ref, dq, start)
         store_col_tiles(dk_ref, dk, start)
         if mode == "channel":
@@ -321,6 +344,7 @@ def output_backward(res: Residuals, do, lay: Layout, statics: Statics):
         parts=lay.parts,
         block_cols=statics.cfg.block_cols,
         stored_scores=res.z is not None,
+        stacked=statics.cfg.stacked_pairs,
     )
     z_in = [] if res.z is None else [(lay.chunk_spec(lay.chunk), res.z)]
     dq, dk, dv_intra, *db = pl.pallas_call(

@@ -81,6 +81,42 @@ def test_channel_offdiag_stacked_equals_the_pairs(rng, parts, g_max, docs, mxu):
         np.testing.assert_allclose(block, want, rtol=tol, atol=tol * float(jnp.abs(want_all).max()))
 
 
+@pytest.mark.parametrize("parts", [2, 4])
+@pytest.mark.parametrize("g_max,docs,mxu", [(0.5, False, F32), (30.0, True, F32), (2.0, True, jnp.bfloat16)])
+def test_channel_offdiag_stacked_vjp_equals_the_pairs(rng, parts, g_max, docs, mxu):
+    """The cotangents of the off-diagonal per-channel blocks by 64-row products (the output backward
+    with ``BlockConfig.stacked_pairs``) against the pairwise ``gated_product_vjp`` summed over the
+    pairs, and against ``jax.vjp`` of the definition on the off-diagonal pairs."""
+    n, c = 16, 16 * parts
+    x, y, b, doc = _tile(rng, c, 32, g_max, docs)
+    dz = jnp.asarray(rng.standard_normal((c, c)), F32)
+    split = lambda a, axis=0: list(jnp.split(a, parts, axis=axis))  # noqa: E731
+    xt, yt, bt = split(x), split(y), split(b)
+    dt = [None] * parts if doc is None else [common.Docs(d, None, None) for d in split(doc.doc)]
+    cols, rows = split(dz, axis=1), split(dz, axis=0)
+    dx, dy = products.channel_offdiag_stacked_vjp(
+        x, y, b, xt, yt, bt, cols[:-1], [None] + [r.T for r in rows[1:]], None if doc is None else doc.doc, mxu
+    )
+    want_dx, want_dy = [jnp.zeros((n, 32), F32) for _ in range(parts)], [jnp.zeros((n, 32), F32) for _ in range(parts)]
+    for i in range(parts):
+        for j in range(i):
+            pair = products.make_pair(xt[i], yt[j], bt[i], bt[j], dt[i], dt[j], diag=False, causal="strict")
+            dxi, dyj = products.gated_product_vjp(pair, dz[i * n : (i + 1) * n, j * n : (j + 1) * n], "channel", mxu)
+            want_dx[i], want_dy[j] = want_dx[i] + dxi, want_dy[j] + dyj
+    tile_of = np.arange(c) // n
+    mask = jnp.asarray(tile_of[:, None] > tile_of[None, :])  # the off-diagonal blocks only
+    if doc is not None:
+        mask &= doc.doc[:, None] == doc.doc[None, :]
+    def_dx, def_dy = jax.vjp(lambda x, y: _definition(x, y, b, mask), x, y)[1](dz)
+    tol = 2e-5 if mxu == F32 else 2e-2
+    for got, pairwise, definition in ((dx, want_dx, def_dx), (dy, want_dy, def_dy)):
+        assert np.all(np.isfinite(np.asarray(got)))
+        pairwise = jnp.concatenate(pairwise)
+        scale = float(jnp.abs(definition).max())
+        np.testing.assert_allclose(got, pairwise, rtol=tol, atol=tol * scale)
+        np.testing.assert_allclose(got, definition, rtol=tol, atol=tol * scale)
+
+
 def test_channel_diagonal_tile_bf16_operands(rng):
     """bf16 operands (the kernels' matmul dtype for bf16 inputs): the product and its cotangents
     carry the operands' rounding only."""
