@@ -14,7 +14,7 @@ N=$(nvidia-smi -L | wc -l)
 # session 14, never compiled for a GPU: its GPU test first), timed against the default
 timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/pallas_kernels/test_gated_delta_rule_pallas.py -k "stacked" > "$OUT/gpu_tests_stacked.log" 2>&1
 echo "== gpu tests stacked"; tail -n 2 "$OUT/gpu_tests_stacked.log"
-timeout 200 python3 benchmarks/delta_rule_sweep.py --ops kda --labels default stacked_pairs=True stacked_pairs=True,block_cols=64 --budget 150 --check --profile "$OUT/prof" --json "$OUT/sweep_kda_stacked.json" > "$OUT/sweep_kda_stacked.log" 2>&1
+timeout 230 python3 benchmarks/delta_rule_sweep.py --ops kda --labels default stacked_pairs=True stacked_pairs=True,num_warps_bwd=8 stacked_pairs=True,block_cols=64 --budget 170 --check --profile "$OUT/prof" --json "$OUT/sweep_kda_stacked.json" > "$OUT/sweep_kda_stacked.log" 2>&1
 echo "== kda stacked"; grep -E "^kda |gated_delta_rule_(wy|output) " "$OUT/sweep_kda_stacked.log"
 # issue 18: the softmax strategies on every local GPU with the zig-zag ring's ascending-order fix
 # (session 11: 0.76x at sp=2; sp=4 measured only before it); TokenRing has not got the fix (at

@@ -286,6 +286,62 @@ def inverse_backward(x: dict, dx: dict, mxu=F32) -> dict:
     return {(i, j): -sum(dot(y[i, m], x[j, m], trans_b=True) for m in range(j + 1)) for i, j in lower}
 
 
+def inverse_backward_whole(x, dx, mxu):
+    """``dA = −Xᵀ dX Xᵀ`` (strictly lower, float32) of a whole chunk: X ``[C, C]`` (lower, unit
+    diagonal), dX ``[C, C]`` (its lower blocks are ``inverse_backward``'s); two C×C products, the
+    middle one's operand rounded to ``mxu`` as the blocks' are."""
+    x = x.astype(mxu)
+    y = dot(x, dx.astype(mxu), trans_a=True).astype(mxu)
+    row = lax.broadcasted_iota(jnp.int32, dx.shape, 0)
+    col = lax.broadcasted_iota(jnp.int32, dx.shape, 1)
+    return jnp.where(row > col, -dot(y, x, trans_b=True), 0.0)
+
+
+def _w_grads(c: Chunk, dkb: list, mode: GateMode):
+    """Tiles ``(dk, dβ, db)`` through ``W = X (β e^b ⊙ K)`` given ``d(β e^b ⊙ K) = Xᵀ dW``."""
+    dk, dbeta, db = [], [], []
+    for j in range(len(c.k)):
+        k_rhs = row_scale(c.k[j], c.to_row[j], None)  # e^b ⊙ k
+        dk.append(row_scale(c.beta[j][:, None] * dkb[j], c.to_row[j], None))
+        dbeta.append(jnp.sum(k_rhs * dkb[j], axis=1))
+        db.append(None if c.b[j] is None else reduce_gate(c.k[j].astype(F32) * dk[j], mode))
+    return dk, dbeta, db
+
+
+def key_grads_stacked(k, b, beta, docs: Docs | None, x, dw, da, *, parts: int, mxu):
+    """``key_grads`` under per-channel gates from whole-chunk arrays (``BlockConfig.stacked_pairs``):
+    k, b, dW ``[C, w]``, β ``[C]``, ``docs`` whole, X ``[C, C]``, dA ``[C, C]``
+    (``inverse_backward_whole``). ``Xᵀ dW`` is one product, A's off-diagonal tile pairs go by
+    ``channel_offdiag_stacked_vjp`` (A's rows are ``β ⊙ K``), its diagonal tiles pairwise; tiles out."""
+    c = make_chunk(k, None, beta, b, docs, sub=k.shape[0] // parts)
+    dk, dbeta, db = _w_grads(c, split_rows(dot(x.astype(mxu), dw.astype(mxu), trans_a=True), parts), "channel")
+    rows = [c.beta[i][:, None] * c.k[i].astype(F32) for i in range(parts)]
+    cols, rows_t = jnp.split(da, parts, axis=1), jnp.split(da.T, parts, axis=1)
+    d_rows, d_cols = channel_offdiag_stacked_vjp(
+        beta[:, None] * k.astype(F32),
+        k,
+        b,
+        rows,
+        c.k,
+        c.b,
+        cols[:-1],
+        [None, *rows_t[1:]],
+        None if docs is None else docs.doc,
+        mxu,
+    )
+    d_rows, d_cols = split_rows(d_rows, parts), split_rows(d_cols, parts)
+    for i, da_row in enumerate(jnp.split(da, parts, axis=0)):
+        dr, dc = gated_product_vjp(
+            _gram_pair(c, i, i, beta_rows=True), jnp.split(da_row, parts, axis=1)[i], "channel", mxu
+        )
+        dki = c.beta[i][:, None] * (d_rows[i] + dr)
+        dkj = d_cols[i] + dc
+        dbeta[i] = dbeta[i] + jnp.sum(c.k[i].astype(F32) * (d_rows[i] + dr), axis=1)
+        dk[i] = dk[i] + dki + dkj
+        db[i] = db[i] + c.k[i].astype(F32) * (dki - dkj)
+    return dk, dbeta, db
+
+
 def key_grads(c: Chunk, x: dict, dw: list, da: dict, *, mode: GateMode, mxu):
     """Tiles ``(dk, dβ share, db share)`` through ``W = X (β e^b ⊙ K)`` given dW and through
     ``A = (β ⊙ K) Kᵀ ⊙ Γ`` given ``dA``, for the key columns of ``c`` (dβ and scalar db: partial
@@ -295,14 +351,7 @@ def key_grads(c: Chunk, x: dict, dw: list, da: dict, *, mode: GateMode, mxu):
     ``Σ_d k_id · (the row operand's cotangent)_id``, a sum over key columns like the rest: the
     Gram matrix itself is never needed (with the forward's stored X the WY backward forms no Gram
     block at all)."""
-    n = len(c.k)
-    dkb = transpose_solve(x, dw, mxu)
-    dk, dbeta, db = [], [], []
-    for j in range(n):
-        k_rhs = row_scale(c.k[j], c.to_row[j], None)  # e^b ⊙ k
-        dk.append(row_scale(c.beta[j][:, None] * dkb[j], c.to_row[j], None))
-        dbeta.append(jnp.sum(k_rhs * dkb[j], axis=1))
-        db.append(None if c.b[j] is None else reduce_gate(c.k[j].astype(F32) * dk[j], mode))
+    dk, dbeta, db = _w_grads(c, transpose_solve(x, dw, mxu), mode)
     for (i, j), d in da.items():
         d_rows, dkj = gated_product_vjp(_gram_pair(c, i, j, beta_rows=True), d, mode, mxu)
         dki = c.beta[i][:, None] * d_rows

@@ -77,10 +77,12 @@ class BlockConfig:
         scores) form the products of all tile pairs after one key tile as one product of the whole
         chunk's rows (``products.channel_offdiag_stacked``: ``[C, w] × [w, n]``, wgmma-sized at C = 64
         where the pairwise ``[n, w] × [w, n]`` are not; twice the multiply-adds, same factors and
-        blocks), and the output backward their cotangents likewise (``channel_offdiag_stacked_vjp``,
-        from ``dO V'ᵀ`` formed as whole-chunk columns and rows); the WY backward keeps the pairs.
-        Off by default: not timed on a GPU yet (jax-linear-attention's KDA forms its off-diagonal
-        blocks this way).
+        blocks), the output backward their cotangents likewise (``channel_offdiag_stacked_vjp``,
+        from ``dO V'ᵀ`` formed as whole-chunk columns and rows), and the WY backward (with the
+        stored inverse and the state step in the same kernel) forms dX and ``dA = −Xᵀ dX Xᵀ`` as
+        ``C × C`` products and A's pair cotangents the same way (``pallas_triton_stacked``). Off by
+        default: not timed on a GPU yet (jax-linear-attention's KDA forms its off-diagonal blocks
+        this way; offline ptxas: ``wy_bwd`` 50 wgmma + 32 mma.sync against 416 mma.sync).
       wy_bwd_split: the WY backward as two kernels, the state step's shares of dk and db first
         (reading h, dh and V'), then the WY form's; False: one kernel holding both (more live
         registers: ptxas reported spills for it).

@@ -54,6 +54,7 @@ from pallas_kernels.gated_delta_rule.layout import (
     value_chunk,
     zero_blocks,
 )
+from pallas_kernels.gated_delta_rule.pallas_triton_stacked import wy_bwd_stacked
 
 
 def _output_bwd_kernel(
@@ -230,6 +231,7 @@ def _wy_bwd_kernel(
     stored_inverse,
     parts,
     precision,
+    stacked=False,
 ):
     """dk, dv, dβ and db of one chunk: the state step's (if ``with_state``; else ``dk_out`` and
     ``db_out`` already hold them) and the WY form's, plus the output's share.
@@ -250,6 +252,10 @@ def _wy_bwd_kernel(
     beta, docs = load_tiles(beta_ref, parts), load_doc_tiles(doc_refs, parts)
     kw, vw = min(block_cols, k_ref.shape[1]), min(block_cols, v_ref.shape[1])
     key_steps, value_steps = k_ref.shape[1] // kw, v_ref.shape[1] // vw
+    if stacked and with_state and stored_inverse and mode == "channel" and parts > 1:
+        outs = (dk_ref, dv_ref, dbeta_ref, db_ref[0])
+        ins = (k_ref, v_ref, beta_ref, h_ref, dh_ref, v_new_ref, dv_new_ref, dk_out_ref, x_ref, gate_ref, db_out_ref)
+        return wy_bwd_stacked(*ins, *outs, docs=load_docs(doc_refs), mxu=mxu, kw=kw, vw=vw, parts=parts)
 
     def keys(j):  # the chunk on key columns [j·kw, (j + 1)·kw), dW = −dV' hᵀ on them, and those rows of h
         start = pl.multiple_of(j * kw, kw)
@@ -475,6 +481,7 @@ def wy_backward(res: Residuals, dh, dv_new, dk_out, db_out, lay: Layout, statics
         stored_inverse=res.x is not None,
         precision=statics.inverse_precision,
         parts=lay.wy_bwd_parts,
+        stacked=statics.cfg.stacked_pairs,
     )
     x_in = [] if res.x is None else [(lay.chunk_spec(lay.chunk), res.x)]
     grads = pl.pallas_call(

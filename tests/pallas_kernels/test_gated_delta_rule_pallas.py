@@ -487,12 +487,13 @@ def test_kernels_lower_to_triton(triton_lowering_h100):
         # that reads the stored inverse (and 16-wide value blocks in the state passes); kda on
         # whole chunks (``whole``: the diagonal tile by levels) reads the stored inverse too; the
         # last gdn row writes its output in the state pass (``fused``: no output kernel); the last
-        # kda row forms its forward's off-diagonal blocks by whole-chunk products (``stacked``)
+        # kda row runs the whole-chunk (``stacked``) products in the forward, the output backward
+        # and the WY backward (which needs the stored inverse and the fused state step)
         config = BlockConfig(
             splits=splits,
             block_e=16 if gate == "gdn" else 32,
-            wy_bwd_split=gate == "kda" and not whole,
-            store_inverse=gate == "gdn" or whole,
+            wy_bwd_split=gate == "kda" and not (whole or stacked),
+            store_inverse=gate == "gdn" or whole or stacked,
             inverse_precision={"gdn": "tf32x3", "deltanet": "tf32", "kda": "tf32" if whole else "highest"}[gate],
             store_scores=gate == "kda",
             channel_rows=64 if whole else 16,

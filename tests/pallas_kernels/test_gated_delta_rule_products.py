@@ -117,6 +117,40 @@ def test_channel_offdiag_stacked_vjp_equals_the_pairs(rng, parts, g_max, docs, m
         np.testing.assert_allclose(got, definition, rtol=tol, atol=tol * scale)
 
 
+@pytest.mark.parametrize("g_max,docs,mxu", [(0.5, False, F32), (30.0, True, F32), (2.0, True, jnp.bfloat16)])
+def test_key_grads_stacked_equals_the_blocks(rng, g_max, docs, mxu):
+    """The WY backward's key cotangents from whole-chunk arrays (``key_grads_stacked``,
+    ``inverse_backward_whole``: ``BlockConfig.stacked_pairs``) against the 16-row block path
+    (``key_grads``, ``inverse_backward``) on the same X, dX and dW: 4 tiles, strong gates, documents."""
+    parts, n, w = 4, 16, 32
+    c_rows = parts * n
+    k, _, b, doc = _tile(rng, c_rows, w, g_max, docs)
+    k = k / jnp.linalg.norm(k, axis=1, keepdims=True)
+    beta = jnp.asarray(rng.uniform(0.1, 1.0, c_rows), F32)
+    whole_docs = None if doc is None else common.Docs(doc.doc, doc.doc[0], doc.doc[-1])
+    chunk = common.make_chunk(k, None, beta, b, whole_docs, sub=n)
+    x_blocks = common.inverse_blocks(common.gram_blocks(chunk, mode="channel", mxu=F32), chunk.beta)
+    x_whole = jnp.zeros((c_rows, c_rows), F32)
+    for (i, j), block in x_blocks.items():
+        x_whole = x_whole.at[i * n : (i + 1) * n, j * n : (j + 1) * n].set(block)
+    dx_whole = jnp.asarray(rng.standard_normal((c_rows, c_rows)), F32)
+    dx_blocks = {(i, j): dx_whole[i * n : (i + 1) * n, j * n : (j + 1) * n] for (i, j) in x_blocks}
+    da_blocks = common.inverse_backward(x_blocks, dx_blocks, mxu)
+    da_whole = common.inverse_backward_whole(x_whole, dx_whole, mxu)
+    tol = 2e-5 if mxu == F32 else 2e-2
+    for (i, j), block in da_blocks.items():
+        strict = np.tril(np.ones((n, n)), -1) if i == j else np.ones((n, n))
+        got = da_whole[i * n : (i + 1) * n, j * n : (j + 1) * n]
+        np.testing.assert_allclose(got, block * strict, rtol=tol, atol=tol * float(jnp.abs(block).max()))
+    dw = jnp.asarray(rng.standard_normal((c_rows, w)), F32)
+    want = common.key_grads(chunk, x_blocks, jnp.split(dw, parts), da_blocks, mode="channel", mxu=mxu)
+    got = common.key_grads_stacked(k, b, beta, whole_docs, x_whole, dw, da_whole, parts=parts, mxu=mxu)
+    for name, g_tiles, w_tiles in zip(("dk", "dbeta", "db"), got, want, strict=True):
+        g, r = jnp.concatenate(g_tiles), jnp.concatenate(w_tiles)
+        assert np.all(np.isfinite(np.asarray(g))), name
+        np.testing.assert_allclose(g, r, rtol=tol, atol=tol * float(jnp.abs(r).max()), err_msg=name)
+
+
 def test_channel_diagonal_tile_bf16_operands(rng):
     """bf16 operands (the kernels' matmul dtype for bf16 inputs): the product and its cotangents
     carry the operands' rounding only."""
