@@ -80,7 +80,8 @@ class BlockConfig:
         blocks), the output backward their cotangents likewise (``channel_offdiag_stacked_vjp``,
         from ``dO V'ᵀ`` formed as whole-chunk columns and rows), and the WY backward (with the
         stored inverse and the state step in the same kernel) forms dX and ``dA = −Xᵀ dX Xᵀ`` as
-        ``C × C`` products and A's pair cotangents the same way (``pallas_triton_stacked``). Off by
+        ``C × C`` products and A's pair cotangents the same way (``pallas_triton_stacked``; without
+        ``store_inverse`` or with ``wy_bwd_split`` the WY backward keeps the tile pairs). Off by
         default: not timed on a GPU yet (jax-linear-attention's KDA forms its off-diagonal blocks
         this way; offline ptxas: ``wy_bwd`` 50 wgmma + 32 mma.sync against 416 mma.sync).
       wy_bwd_split: the WY backward as two kernels, the state step's shares of dk and db first

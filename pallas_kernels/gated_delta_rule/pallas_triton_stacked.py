@@ -47,12 +47,11 @@ def wy_bwd_stacked(
     inverse: dX summed over column blocks and ``dA = −Xᵀ dX Xᵀ`` as whole-chunk ``C × C`` products,
     the key cotangents by ``common.key_grads_stacked``, ``Xᵀ dU`` as one product."""
     c_rows, beta, x = k_ref.shape[0], beta_ref[...], x_ref[...]
-    dv_new = dv_new_ref[...]
 
-    def keys(j):
+    def keys(j):  # dV' (all of E) reloaded at each step rather than kept live across the loops
         cols = pl.ds(pl.multiple_of(j * kw, kw), kw)
         k, b = k_ref[:, cols], gate_ref[:, cols]
-        return cols, k, b, common.state_dw(h_ref[cols, :], dv_new, mxu=mxu)[0]
+        return cols, k, b, common.state_dw(h_ref[cols, :], dv_new_ref[...], mxu=mxu)[0]
 
     def dx_keys(j, dx):
         _, k, b, dw = keys(j)
@@ -66,6 +65,7 @@ def wy_bwd_stacked(
 
     dx = lax.fori_loop(0, k_ref.shape[1] // kw, dx_keys, jnp.zeros((c_rows, c_rows), F32))
     da = common.inverse_backward_whole(x, lax.fori_loop(0, v_ref.shape[1] // vw, dx_values, dx), mxu)
+    da = da.astype(mxu)  # only feeds products from here (half the registers), as the tile path's blocks
 
     def key_step(j, dbeta):
         cols, k, b, dw = keys(j)

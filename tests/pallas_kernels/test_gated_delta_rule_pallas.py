@@ -173,7 +173,10 @@ CASES = {
     "kda-bf16-T70-stacked-pairs-docs": (
         jnp.bfloat16,
         dict(b=1, t=70, h=1, hv=2, d=32, e=16, gate="kda"),
-        dict(docs=(9, 40), config=BlockConfig(chunk=32, block_e=16, block_cols=32, stacked_pairs=True)),
+        dict(
+            docs=(9, 40),
+            config=BlockConfig(chunk=32, block_e=16, block_cols=16, store_inverse=True, stacked_pairs=True),
+        ),
     ),
     # the output backward reads the forward's stored score blocks (per-channel pairs not formed again)
     "kda-bf16-T40-stored-scores-docs": (

@@ -117,12 +117,39 @@ def test_channel_offdiag_stacked_vjp_equals_the_pairs(rng, parts, g_max, docs, m
         np.testing.assert_allclose(got, definition, rtol=tol, atol=tol * scale)
 
 
+@pytest.mark.parametrize("parts", [2, 4])
 @pytest.mark.parametrize("g_max,docs,mxu", [(0.5, False, F32), (30.0, True, F32), (2.0, True, jnp.bfloat16)])
-def test_key_grads_stacked_equals_the_blocks(rng, g_max, docs, mxu):
+def test_output_backward_stacked_equals_the_pairs(rng, parts, g_max, docs, mxu):
+    """The output backward's q/k/gate cotangents with the stacked score cotangent
+    (``output_dz_stacked``, ``output_backward(whole=...)``) against the pairwise path."""
+    n, w, e = 16, 32, 16
+    c_rows = parts * n
+    q, k, b, doc = _tile(rng, c_rows, w, g_max, docs)
+    docs_whole = None if doc is None else common.Docs(doc.doc, doc.doc[0], doc.doc[-1])
+    h = jnp.asarray(rng.standard_normal((w, e)), F32)
+    v_new = jnp.asarray(rng.standard_normal((c_rows, e)), F32)
+    do = jnp.asarray(rng.standard_normal((c_rows, e)), F32)
+    kw = dict(scale=0.7, mode="channel", mxu=mxu, parts=parts)
+    dz = common.output_dz(v_new, do, scale=0.7, mxu=mxu, parts=parts)
+    want = common.output_backward(q, k, b, docs_whole, h, dz, do, **kw)
+    dz_stacked = common.output_dz_stacked(v_new, do, scale=0.7, mxu=mxu, parts=parts)
+    whole = (q, k, b, None if doc is None else doc.doc)
+    got = common.output_backward(q, k, b, docs_whole, h, dz_stacked, do, whole=whole, **kw)
+    tol = 2e-5 if mxu == F32 else 2e-2
+    for name, g_tiles, w_tiles in zip(("dq", "dk", "db"), got, want, strict=True):
+        g, r = jnp.concatenate(g_tiles), jnp.concatenate(w_tiles)
+        assert np.all(np.isfinite(np.asarray(g))), name
+        np.testing.assert_allclose(g, r, rtol=tol, atol=tol * float(jnp.abs(r).max()), err_msg=name)
+
+
+@pytest.mark.parametrize("parts", [2, 4])
+@pytest.mark.parametrize("g_max,docs,mxu", [(0.5, False, F32), (30.0, True, F32), (2.0, True, jnp.bfloat16)])
+def test_key_grads_stacked_equals_the_blocks(rng, parts, g_max, docs, mxu):
     """The WY backward's key cotangents from whole-chunk arrays (``key_grads_stacked``,
     ``inverse_backward_whole``: ``BlockConfig.stacked_pairs``) against the 16-row block path
-    (``key_grads``, ``inverse_backward``) on the same X, dX and dW: 4 tiles, strong gates, documents."""
-    parts, n, w = 4, 16, 32
+    (``key_grads``, ``inverse_backward``) on the same X, dX and dW: 2 and 4 tiles, strong gates,
+    documents, X in the matmul dtype as the kernels store it."""
+    n, w = 16, 32
     c_rows = parts * n
     k, _, b, doc = _tile(rng, c_rows, w, g_max, docs)
     k = k / jnp.linalg.norm(k, axis=1, keepdims=True)
@@ -133,6 +160,8 @@ def test_key_grads_stacked_equals_the_blocks(rng, g_max, docs, mxu):
     x_whole = jnp.zeros((c_rows, c_rows), F32)
     for (i, j), block in x_blocks.items():
         x_whole = x_whole.at[i * n : (i + 1) * n, j * n : (j + 1) * n].set(block)
+    x_blocks = {ij: block.astype(mxu) for ij, block in x_blocks.items()}  # stored in the operand dtype
+    x_whole = x_whole.astype(mxu)
     dx_whole = jnp.asarray(rng.standard_normal((c_rows, c_rows)), F32)
     dx_blocks = {(i, j): dx_whole[i * n : (i + 1) * n, j * n : (j + 1) * n] for (i, j) in x_blocks}
     da_blocks = common.inverse_backward(x_blocks, dx_blocks, mxu)
