@@ -118,7 +118,7 @@ def variants(base, d: int, *, per_channel: bool = False) -> list[tuple[str, dict
         # the forward's off-diagonal blocks by one whole-chunk product per key tile (ptxas: wgmma in
         # wy and output, wy's spills 36 → 8 B, output's 536 → 636 B)
         {"stacked_pairs": True},
-        {"stacked_pairs": True, "num_warps_bwd": 8},  # ptxas: wy_bwd spills 5.4 KB at 4 warps, 2.7 at 8
+        {"stacked_pairs": True, "num_warps_bwd": 8},  # ptxas: wy_bwd spills 5.8 KB at 4 warps, 2.7 at 8
         {"stacked_pairs": True, "block_cols": 64},
     ]
     # scalar or no gates: the output written by the forward state pass (no output kernel)
