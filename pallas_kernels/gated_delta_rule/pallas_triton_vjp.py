@@ -109,7 +109,10 @@ def _output_bwd_kernel(
         if z_ref is not None:  # the forward stored the scores: nothing to carry
             return z
         # the scores (small blocks) are summed over the columns; Zᵀ dO once after the loop
-        return common.add_blocks(z, common.score_blocks(q, k, b, docs, mode=mode, mxu=mxu, parts=parts))
+        score_whole = None if whole is None else (whole[0], whole[2])  # (Q, b)
+        return common.add_blocks(
+            z, common.score_blocks(q, k, b, docs, mode=mode, mxu=mxu, parts=parts, whole=score_whole)
+        )
 
     rows = q_ref.shape[0] // parts
     init = 0 if z_ref is not None else zero_blocks(parts, rows)
