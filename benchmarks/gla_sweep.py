@@ -40,6 +40,9 @@ SPLIT = {"split_grads": True, "recompute_dz": True}
 # notes/kernels.md ("Per-channel (GLA) kernels: register and spill report")
 CONFIGS = [
     ("default", {}),
+    # session 14, not timed yet: the off-diagonal sub-tile pairs by whole-chunk (64-row) products
+    ("stacked_pairs", {"stacked_pairs": True}),
+    ("stacked_pairs,grads_warps=4", {"stacked_pairs": True, "num_warps_bwd": 4}),
     # the gradient kernel: 255 registers and ~1 KB of spills per thread at 8 warps, 32 columns
     ("split_grads,recompute_dz", SPLIT),
     ("recompute_dz", {"recompute_dz": True}),

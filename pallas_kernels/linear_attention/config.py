@@ -118,6 +118,10 @@ class ChannelConfig:
       recompute_dz: the gradient kernel forms the scores' cotangent ``scale · dO Vᵀ`` again in each
         step of its key-column loop instead of keeping its ``[16, 16]`` blocks live across it (fewer
         registers and spills, ``D / block_cols`` times those products).
+      stacked_pairs: the off-diagonal sub-tile pairs of the scores and of their cotangents by one
+        whole-chunk product per key (or query) tile (``gated_delta_rule.products
+        .channel_offdiag_stacked`` and ``_vjp``: 64-row products, wgmma-sized on Hopper, where the
+        pairs are 16 rows); the same blocks. Off by default: not timed on a GPU yet.
       num_warps / num_stages: Triton launch parameters of the output kernel; ``*_state``: of the
         two state passes; ``*_bwd``: of the gradient kernel(s).
     """
@@ -134,6 +138,7 @@ class ChannelConfig:
     num_stages_state: int = 3
     num_warps_bwd: int = 8
     num_stages_bwd: int = 1
+    stacked_pairs: bool = False
 
     def __post_init__(self):
         for name in ("chunk", "block_cols", "block_e"):

@@ -91,9 +91,10 @@ def _state_kernel(k_ref, v_ref, g_ref, *refs, has_docs, mxu, chunk, num_chunks):
     m_ref[...] = lax.fori_loop(0, num_chunks, body, jnp.zeros(m_ref.shape, F32))
 
 
-def _output_kernel(q_ref, k_ref, v_ref, g_ref, *refs, has_docs, mxu, scale, parts, block_cols):
+def _output_kernel(q_ref, k_ref, v_ref, g_ref, *refs, has_docs, mxu, scale, parts, block_cols, stacked=False):
     """The output of one chunk and its scores, walking the key columns in blocks (the scores and
-    ``(e^b ⊙ Q) h`` are sums over them)."""
+    ``(e^b ⊙ Q) h`` are sums over them); ``stacked``: the off-diagonal score blocks by whole-chunk
+    products (``ChannelConfig.stacked_pairs``)."""
     refs = list(refs)
     doc_refs = (refs.pop(0), refs.pop(0)) if has_docs else None
     h_ref, s_run_ref, enter_ref, o_ref, z_ref = refs
@@ -105,8 +106,13 @@ def _output_kernel(q_ref, k_ref, v_ref, g_ref, *refs, has_docs, mxu, scale, part
         start = pl.multiple_of(j * width, width)
         cols = pl.ds(start, width)
         q, k = load_col_tiles(q_ref, parts, start, width), load_col_tiles(k_ref, parts, start, width)
-        b = cumulative_tiles(load_col_tiles(g_ref, parts, start, width))
-        z = common.add_blocks(z, common.score_blocks(q, k, b, docs, mode=MODE, mxu=mxu, parts=parts))
+        whole = None
+        if stacked and parts > 1:  # the tiles' b cut from the whole chunk's, so both sides agree
+            (b_whole,) = cumulative_tiles([g_ref[:, cols]])
+            b, whole = common.split_rows(b_whole, parts), (q_ref[:, cols], b_whole)
+        else:
+            b = cumulative_tiles(load_col_tiles(g_ref, parts, start, width))
+        z = common.add_blocks(z, common.score_blocks(q, k, b, docs, mode=MODE, mxu=mxu, parts=parts, whole=whole))
         h_rows = full_state_rows(h_ref[cols, :], enter_ref[cols], s_run_ref[cols, :])
         part = common.output_inter(q, b, docs, h_rows, mxu=mxu, parts=parts)
         return z, [a + c for a, c in zip(inter, part, strict=True)]
@@ -135,7 +141,9 @@ def output(q, k, v, g, docs, h_local, s_run, enter, lay: Layout, statics: Channe
     """Stage 3: ``(o [R, T, H, E] in q's dtype, scores [R, T, H, C] operand dtype)``."""
     e, has_docs = lay.value_dim, docs is not None
     return pl.pallas_call(
-        chunk_kernel(_output_kernel, lay, statics, has_docs=has_docs),
+        functools.partial(
+            chunk_kernel(_output_kernel, lay, statics, has_docs=has_docs), stacked=statics.cfg.stacked_pairs
+        ),
         grid=lay.chunk_grid(),
         in_specs=[
             *lay.chunk_input_specs(has_docs=has_docs),

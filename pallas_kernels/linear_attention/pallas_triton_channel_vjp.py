@@ -107,7 +107,20 @@ def _state_bwd_kernel(q_ref, do_ref, g_ref, *refs, has_docs, mxu, scale, chunk, 
 
 
 def _grads_kernel(
-    q_ref, k_ref, v_ref, do_ref, g_ref, *refs, has_docs, mxu, scale, parts, block_cols, split, recompute_dz
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    g_ref,
+    *refs,
+    has_docs,
+    mxu,
+    scale,
+    parts,
+    block_cols,
+    split,
+    recompute_dz,
+    stacked=False,
 ):
     """dq, dk, dg and dv of one chunk (per query head), walking the key columns in blocks; with
     ``split``, dq, dk and dg only, the state step's shares of dk and db read (``_state_grads_kernel``).
@@ -121,20 +134,33 @@ def _grads_kernel(
     docs = load_doc_tiles(doc_refs, parts)
     kw = dict(mode=MODE, mxu=mxu, parts=parts)
     dz_kw = dict(scale=scale, mxu=mxu, parts=parts)
+    stacked = stacked and parts > 1  # ChannelConfig.stacked_pairs: the off-diagonal pairs by whole-chunk products
+    doc = None if doc_refs is None or not stacked else doc_refs[0][...]
+
+    def score_cotangent(do_rows):
+        if stacked:
+            return common.output_dz_stacked(v_ref[...], do_ref[...], **dz_kw)
+        return common.output_dz(load_tiles(v_ref, parts), do_rows, **dz_kw)
+
     do = None if recompute_dz else load_tiles(do_ref, parts)  # else loaded where it is used, not kept live
-    dz_kept = None if recompute_dz else common.output_dz(load_tiles(v_ref, parts), do, **dz_kw)
+    dz_kept = None if recompute_dz else score_cotangent(do)
     width = block_cols
 
     def columns(j, dv):
         start = pl.multiple_of(j * width, width)
         cols = pl.ds(start, width)
         q, k = load_col_tiles(q_ref, parts, start, width), load_col_tiles(k_ref, parts, start, width)
-        b = cumulative_tiles(load_col_tiles(g_ref, parts, start, width))
+        whole = None
+        if stacked:  # the tiles' b cut from the whole chunk's, so both sides agree
+            (b_whole,) = cumulative_tiles([g_ref[:, cols]])
+            b, whole = common.split_rows(b_whole, parts), (q_ref[:, cols], k_ref[:, cols], b_whole, doc)
+        else:
+            b = cumulative_tiles(load_col_tiles(g_ref, parts, start, width))
         h_rows = full_state_rows(h_ref[cols, :], enter_ref[cols], s_run_ref[cols, :])
         # dO and V rows (all of E) are reloaded at each step rather than kept live across the loop
         do_rows = load_tiles(do_ref, parts)
-        dz = common.output_dz(load_tiles(v_ref, parts), do_rows, **dz_kw) if recompute_dz else dz_kept
-        dq, dk_out, db_out = common.output_backward(q, k, b, docs, h_rows, dz, do_rows, scale=scale, **kw)
+        dz = score_cotangent(do_rows) if recompute_dz else dz_kept
+        dq, dk_out, db_out = common.output_backward(q, k, b, docs, h_rows, dz, do_rows, scale=scale, whole=whole, **kw)
         store_col_tiles(dq_ref, dq, start)
         if split:
             dk_state = load_col_tiles(dk_state_ref, parts, start, width)
@@ -239,7 +265,7 @@ def grads(q, k, v, g, docs, states: States, local: LocalCotangents, d_run, lay: 
         )(*args)
 
     qk_outs = [(d, q.dtype), (d, grad_dtype), (d, g.dtype)]
-    qk_kw = dict(recompute_dz=statics.cfg.recompute_dz)
+    qk_kw = dict(recompute_dz=statics.cfg.recompute_dz, stacked=statics.cfg.stacked_pairs)
     inputs = (q, k, v, local.do, g, *doc_inputs(docs))
     input_specs = lay.chunk_input_specs(has_docs=has_docs, with_do=True)
     if not split:

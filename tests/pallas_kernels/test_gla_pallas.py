@@ -84,14 +84,21 @@ def _assert_close(got, want, bound):
         assert err < bound, (name, err, bound)
 
 
-@pytest.mark.parametrize("split_grads", [False, True])
-def test_kernels_f32_gqa_documents_strong_decay_runs(rng, split_grads):
+@pytest.mark.parametrize("split_grads,stacked", [(False, False), (True, False), (False, True), (True, True)])
+def test_kernels_f32_gqa_documents_strong_decay_runs(rng, split_grads, stacked):
     """32-token chunks (two sub-tiles), two key-column blocks, two runs per row, grouped heads, an odd
     length, documents (one starting at the second run's first token), log decays down to −20; the
     chunk gradients in one kernel or two (``split_grads``, with the scores' cotangent formed again in
-    each key-column step: ``recompute_dz``)."""
+    each key-column step: ``recompute_dz``); the off-diagonal pairs by whole-chunk products
+    (``stacked``, with 64-token chunks: four sub-tiles)."""
     config = ChannelConfig(
-        chunk=32, block_cols=16, block_e=16, splits=2, split_grads=split_grads, recompute_dz=split_grads
+        chunk=64 if stacked else 32,
+        block_cols=16,
+        block_e=16,
+        splits=2,
+        split_grads=split_grads,
+        recompute_dz=split_grads,
+        stacked_pairs=stacked,
     )
     xs, cot, seg = make_inputs(rng, b=1, t=70, h=2, hk=1, d=32, e=16, g_max=20.0, docs=(9, 33, 64))
     xs = {n: np.asarray(x, np.float64) for n, x in _low(xs, jnp.float32).items()}
@@ -211,6 +218,7 @@ def test_kernels_lower_to_triton(triton_lowering_h100):
         ((1, 256, 2, 2, 128, 128), jnp.bfloat16, False, ChannelConfig(splits=2)),
         ((1, 256, 2, 2, 128, 128), jnp.bfloat16, False, ChannelConfig(splits=2, split_grads=True, recompute_dz=True)),
         ((2, 100, 4, 2, 40, 24), jnp.float32, True, None),
+        ((1, 256, 2, 2, 128, 128), jnp.bfloat16, True, ChannelConfig(splits=2, stacked_pairs=True)),
     ]:
         q, k, v = spec((b, t, h, d), dtype), spec((b, t, hk, d), dtype), spec((b, t, hk, e), dtype)
         g, s0 = spec((b, t, h, d), jnp.float32), spec((b, h, d, e), jnp.float32)
@@ -239,6 +247,7 @@ GPU_CASES = {
     "default": (None, None),
     "one-run-docs": ((1000, 1001, 2500), ChannelConfig(splits=1)),
     "split-grads-docs": ((1000, 2500), ChannelConfig(split_grads=True, recompute_dz=True)),
+    "stacked-pairs-docs": ((1000, 2500), ChannelConfig(stacked_pairs=True)),
 }
 
 
