@@ -43,6 +43,8 @@ CONFIGS = [
     # session 14, not timed yet: the off-diagonal sub-tile pairs by whole-chunk (64-row) products
     ("stacked_pairs", {"stacked_pairs": True}),
     ("stacked_pairs,grads_warps=4", {"stacked_pairs": True, "num_warps_bwd": 4}),
+    # the stacked score cotangent (7168 floats against 2560 pairwise) formed again in each step
+    ("stacked_pairs,recompute_dz", {"stacked_pairs": True, "recompute_dz": True}),
     # the gradient kernel: 255 registers and ~1 KB of spills per thread at 8 warps, 32 columns
     ("split_grads,recompute_dz", SPLIT),
     ("recompute_dz", {"recompute_dz": True}),

@@ -86,8 +86,8 @@ def _assert_close(got, want, bound):
 
 @pytest.mark.parametrize("split_grads,stacked", [(False, False), (True, False), (False, True), (True, True)])
 def test_kernels_f32_gqa_documents_strong_decay_runs(rng, split_grads, stacked):
-    """32-token chunks (two sub-tiles), two key-column blocks, two runs per row, grouped heads, an odd
-    length, documents (one starting at the second run's first token), log decays down to −20; the
+    """32-token chunks (two sub-tiles; 64 with ``stacked``), two key-column blocks, two runs per row,
+    grouped heads, an odd length, documents (one starting at the second run's first token), log decays down to −20; the
     chunk gradients in one kernel or two (``split_grads``, with the scores' cotangent formed again in
     each key-column step: ``recompute_dz``); the off-diagonal pairs by whole-chunk products
     (``stacked``, with 64-token chunks: four sub-tiles)."""
@@ -115,6 +115,37 @@ def test_kernels_f32_gqa_documents_strong_decay_runs(rng, split_grads, stacked):
     got = _value_and_grads(kernel, _low(xs, jnp.float32), cot32, compile_options=FAST_COMPILE)
     assert got["o"].dtype == jnp.float32 and got["final_state"].dtype == jnp.float32
     _assert_close(got, _oracle(xs, cot, seg, 0.7), tol(jnp.float32, 70))
+
+
+@pytest.mark.parametrize("split_grads,recompute_dz", [(False, False), (True, True), (False, True), (True, False)])
+def test_stacked_pairs_equal_the_pairs(rng, split_grads, recompute_dz):
+    """``ChannelConfig.stacked_pairs`` against the pairwise kernels on the same inputs: 64-token
+    chunks (four sub-tiles), mild decay so that every sub-tile pair (not only adjacent ones)
+    contributes, grouped heads, documents, each gradient layout."""
+    xs, cot, seg = make_inputs(rng, b=1, t=130, h=2, hk=1, d=32, e=16, g_max=1.0, docs=(9, 70, 100))
+    seg_j = jnp.asarray(seg)
+    cot32 = {n: jnp.asarray(c, jnp.float32) for n, c in cot.items()}
+    got = {}
+    for stacked in (False, True):
+        config = ChannelConfig(
+            chunk=64,
+            block_cols=16,
+            block_e=16,
+            split_grads=split_grads,
+            recompute_dz=recompute_dz,
+            stacked_pairs=stacked,
+        )
+
+        def kernel(xs, config=config):
+            xs = dict(xs)
+            q, k, v = (xs.pop(n) for n in ("q", "k", "v"))
+            return pallas_triton_channel.linear_attention(
+                q, k, v, **xs, scale=0.7, segment_ids=seg_j, interpret=True, config=config
+            )
+
+        got[stacked] = _value_and_grads(kernel, _low(xs, jnp.float32), cot32, compile_options=FAST_COMPILE)
+    for name in got[False]:
+        assert rel_err(got[True][name], got[False][name]) < 1e-5, name
 
 
 def test_public_entry_point_bf16_in_pieces(rng, monkeypatch):
