@@ -318,8 +318,6 @@ def key_grads_stacked(k, b, beta, docs: Docs | None, x, dw, da, *, parts: int, m
     rows = [c.beta[i][:, None] * c.k[i].astype(F32) for i in range(parts)]
     cols, rows_t = jnp.split(da, parts, axis=1), jnp.split(da.T, parts, axis=1)
     d_rows, d_cols = channel_offdiag_stacked_vjp(
-        beta[:, None] * k.astype(F32),
-        k,
         b,
         rows,
         c.k,
@@ -505,7 +503,7 @@ def output_backward(
     output_dz(...)`` (float32); the cotangents of ``h`` and ``V'`` are the state pass's
     (``dvn_from_scores``, the reverse pass). Separate in the key channels: q, k, b restricted to some
     columns and ``h`` to those rows give those columns. ``whole`` (per-channel gates,
-    ``BlockConfig.stacked_pairs``): ``(Q, K, b, doc [C] or None)`` whole, with ``dz`` from
+    ``BlockConfig.stacked_pairs``): ``(b, doc [C] or None)`` whole, with ``dz`` from
     ``output_dz_stacked``: the off-diagonal pairs' cotangents by ``channel_offdiag_stacked_vjp``."""
     qt, kt, bt, dt = split_rows(q, parts), split_rows(k, parts), split_rows(b, parts), split_docs(docs, parts)
     ft = [to_row_factor(x, d) for x, d in zip(bt, dt, strict=True)]
@@ -518,8 +516,8 @@ def output_backward(
     stacked = whole is not None and mode == "channel" and parts > 1
     if stacked:
         diag, cols, rows_t = dz
-        q_whole, k_whole, b_whole, doc = whole
-        dq_off, dk_off = channel_offdiag_stacked_vjp(q_whole, k_whole, b_whole, qt, kt, bt, cols, rows_t, doc, mxu)
+        b_whole, doc = whole
+        dq_off, dk_off = channel_offdiag_stacked_vjp(b_whole, qt, kt, bt, cols, rows_t, doc, mxu)
         dq = [a + c for a, c in zip(dq, split_rows(dq_off, parts), strict=True)]
         dk = split_rows(dk_off, parts)
         dz = diag

@@ -98,7 +98,7 @@ def _output_bwd_kernel(
         whole = None
         if stacked:
             cols = pl.ds(start, width)
-            whole = (q_ref[:, cols], k_ref[:, cols], gate_ref[:, cols], doc)
+            whole = (gate_ref[:, cols], doc)
         dq, dk, db = common.output_backward(q, k, b, docs, h_ref[pl.ds(start, width), :], dz, do, whole=whole, **kw)
         store_col_tiles(dq_ref, dq, start)
         store_col_tiles(dk_ref, dk, start)
@@ -109,7 +109,7 @@ def _output_bwd_kernel(
         if z_ref is not None:  # the forward stored the scores: nothing to carry
             return z
         # the scores (small blocks) are summed over the columns; Zᵀ dO once after the loop
-        score_whole = None if whole is None else (whole[0], whole[2])  # (Q, b)
+        score_whole = None if whole is None else (q_ref[:, pl.ds(start, width)], whole[0])  # (Q, b)
         return common.add_blocks(
             z, common.score_blocks(q, k, b, docs, mode=mode, mxu=mxu, parts=parts, whole=score_whole)
         )
@@ -251,14 +251,14 @@ def _wy_bwd_kernel(
     gate_ref, doc_refs = pop_gate_refs(refs, mode=mode, has_docs=has_docs)
     db_out_ref = refs.pop(0) if mode != "none" else None
     dk_ref, dv_ref, dbeta_ref, *db_ref = refs
-    rows = k_ref.shape[0] // parts
-    beta, docs = load_tiles(beta_ref, parts), load_doc_tiles(doc_refs, parts)
     kw, vw = min(block_cols, k_ref.shape[1]), min(block_cols, v_ref.shape[1])
-    key_steps, value_steps = k_ref.shape[1] // kw, v_ref.shape[1] // vw
-    if stacked and with_state and stored_inverse and mode == "channel" and parts > 1:
+    if stacked and with_state and stored_inverse and mode == "channel" and parts > 1:  # whole arrays, no tiles
         outs = (dk_ref, dv_ref, dbeta_ref, db_ref[0])
         ins = (k_ref, v_ref, beta_ref, h_ref, dh_ref, v_new_ref, dv_new_ref, dk_out_ref, x_ref, gate_ref, db_out_ref)
         return wy_bwd_stacked(*ins, *outs, docs=load_docs(doc_refs), mxu=mxu, kw=kw, vw=vw, parts=parts)
+    rows = k_ref.shape[0] // parts
+    beta, docs = load_tiles(beta_ref, parts), load_doc_tiles(doc_refs, parts)
+    key_steps, value_steps = k_ref.shape[1] // kw, v_ref.shape[1] // vw
 
     def keys(j):  # the chunk on key columns [j·kw, (j + 1)·kw), dW = −dV' hᵀ on them, and those rows of h
         start = pl.multiple_of(j * kw, kw)

@@ -162,11 +162,11 @@ def channel_offdiag_stacked(x, y: list, bx, by: list, docs_x: list, docs_y: list
     return out
 
 
-def channel_offdiag_stacked_vjp(x, y, b, xt: list, yt: list, bt: list, dz_cols: list, dz_rows_t: list, doc, mxu):
+def channel_offdiag_stacked_vjp(b, xt: list, yt: list, bt: list, dz_cols: list, dz_rows_t: list, doc, mxu):
     """Cotangents ``(dx, dy)`` (whole ``[C, w]``, float32) of the off-diagonal per-channel blocks of
     one chunk (``channel_offdiag_stacked`` with x and y of the same chunk), by 64-row products.
 
-    ``x``, ``y``, ``b``: whole ``[C, w]``; ``xt``, ``yt``, ``bt`` the same as n-row tiles; the cotangent
+    ``b``: whole ``[C, w]`` (the shape of dx and dy); ``xt``, ``yt``, ``bt``: x, y, b as n-row tiles; the cotangent
     of Z as ``dz_cols[j] = dZ[:, tile j]`` (``[C, n]``, j < parts − 1; rows up to tile j ignored) and
     ``dz_rows_t[i] = dZ[tile i, :]ᵀ`` (``[C, n]``, 0 < i; rows from tile i on ignored); ``doc``:
     the chunk's document numbers ``[C]`` or None (pairs across documents ignored). x's side around
@@ -174,10 +174,10 @@ def channel_offdiag_stacked_vjp(x, y, b, xt: list, yt: list, bt: list, dz_cols: 
     ``(x_i ⊙ e^{b_i − r_i})`` meets ``e^{r_i − b}`` on the rows before tile i, both ≤ 1.
     """
     parts, n = len(yt), yt[0].shape[0]
-    row = lax.broadcasted_iota(jnp.int32, x.shape, 0)
-    col_row = lax.broadcasted_iota(jnp.int32, (x.shape[0], n), 0)
+    row = lax.broadcasted_iota(jnp.int32, b.shape, 0)
+    col_row = lax.broadcasted_iota(jnp.int32, (b.shape[0], n), 0)
     docs_t = [None] * parts if doc is None else jnp.split(doc, parts)
-    dx, dy = jnp.zeros(x.shape, F32), jnp.zeros(y.shape, F32)
+    dx, dy = jnp.zeros(b.shape, F32), jnp.zeros(b.shape, F32)
     for j in range(parts - 1):  # every query row after key tile j
         mask = col_row >= (j + 1) * n
         if doc is not None:

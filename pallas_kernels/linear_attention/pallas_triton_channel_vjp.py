@@ -153,7 +153,7 @@ def _grads_kernel(
         whole = None
         if stacked:  # the tiles' b cut from the whole chunk's, so both sides agree
             (b_whole,) = cumulative_tiles([g_ref[:, cols]])
-            b, whole = common.split_rows(b_whole, parts), (q_ref[:, cols], k_ref[:, cols], b_whole, doc)
+            b, whole = common.split_rows(b_whole, parts), (b_whole, doc)
         else:
             b = cumulative_tiles(load_col_tiles(g_ref, parts, start, width))
         h_rows = full_state_rows(h_ref[cols, :], enter_ref[cols], s_run_ref[cols, :])

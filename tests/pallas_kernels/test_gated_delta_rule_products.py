@@ -95,7 +95,7 @@ def test_channel_offdiag_stacked_vjp_equals_the_pairs(rng, parts, g_max, docs, m
     dt = [None] * parts if doc is None else [common.Docs(d, None, None) for d in split(doc.doc)]
     cols, rows = split(dz, axis=1), split(dz, axis=0)
     dx, dy = products.channel_offdiag_stacked_vjp(
-        x, y, b, xt, yt, bt, cols[:-1], [None] + [r.T for r in rows[1:]], None if doc is None else doc.doc, mxu
+        b, xt, yt, bt, cols[:-1], [None] + [r.T for r in rows[1:]], None if doc is None else doc.doc, mxu
     )
     want_dx, want_dy = [jnp.zeros((n, 32), F32) for _ in range(parts)], [jnp.zeros((n, 32), F32) for _ in range(parts)]
     for i in range(parts):
@@ -133,7 +133,7 @@ def test_output_backward_stacked_equals_the_pairs(rng, parts, g_max, docs, mxu):
     dz = common.output_dz(v_new, do, scale=0.7, mxu=mxu, parts=parts)
     want = common.output_backward(q, k, b, docs_whole, h, dz, do, **kw)
     dz_stacked = common.output_dz_stacked(v_new, do, scale=0.7, mxu=mxu, parts=parts)
-    whole = (q, k, b, None if doc is None else doc.doc)
+    whole = (b, None if doc is None else doc.doc)
     got = common.output_backward(q, k, b, docs_whole, h, dz_stacked, do, whole=whole, **kw)
     tol = 2e-5 if mxu == F32 else 2e-2
     for name, g_tiles, w_tiles in zip(("dq", "dk", "db"), got, want, strict=True):
