@@ -77,6 +77,19 @@ def _low(xs, dtype):
     return {n: jnp.asarray(x, dtype if n in ("q", "k", "v") else jnp.float32) for n, x in xs.items()}
 
 
+def _interpret_kernel(config, segment_ids):
+    """The interpret-mode kernels as a function of the input dict (q, k, v, g, initial_state), scale 0.7."""
+
+    def kernel(xs):
+        xs = dict(xs)
+        q, k, v = (xs.pop(n) for n in ("q", "k", "v"))
+        return pallas_triton_channel.linear_attention(
+            q, k, v, **xs, scale=0.7, segment_ids=segment_ids, interpret=True, config=config
+        )
+
+    return kernel
+
+
 def _assert_close(got, want, bound):
     assert set(got) == set(want)
     for name in want:
@@ -104,13 +117,7 @@ def test_kernels_f32_gqa_documents_strong_decay_runs(rng, split_grads, stacked):
     xs = {n: np.asarray(x, np.float64) for n, x in _low(xs, jnp.float32).items()}
     seg_j = jnp.asarray(seg)
 
-    def kernel(xs):
-        xs = dict(xs)
-        q, k, v = (xs.pop(n) for n in ("q", "k", "v"))
-        return pallas_triton_channel.linear_attention(
-            q, k, v, **xs, scale=0.7, segment_ids=seg_j, interpret=True, config=config
-        )
-
+    kernel = _interpret_kernel(config, seg_j)
     cot32 = {n: jnp.asarray(c, jnp.float32) for n, c in cot.items()}
     got = _value_and_grads(kernel, _low(xs, jnp.float32), cot32, compile_options=FAST_COMPILE)
     assert got["o"].dtype == jnp.float32 and got["final_state"].dtype == jnp.float32
@@ -136,14 +143,9 @@ def test_stacked_pairs_equal_the_pairs(rng, split_grads, recompute_dz):
             stacked_pairs=stacked,
         )
 
-        def kernel(xs, config=config):
-            xs = dict(xs)
-            q, k, v = (xs.pop(n) for n in ("q", "k", "v"))
-            return pallas_triton_channel.linear_attention(
-                q, k, v, **xs, scale=0.7, segment_ids=seg_j, interpret=True, config=config
-            )
-
-        got[stacked] = _value_and_grads(kernel, _low(xs, jnp.float32), cot32, compile_options=FAST_COMPILE)
+        got[stacked] = _value_and_grads(
+            _interpret_kernel(config, seg_j), _low(xs, jnp.float32), cot32, compile_options=FAST_COMPILE
+        )
     for name in got[False]:
         assert rel_err(got[True][name], got[False][name]) < 1e-5, name
 
