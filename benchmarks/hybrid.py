@@ -6,6 +6,7 @@
     python benchmarks/hybrid.py --strategies allgather zigzag_ring tokenring tokenring_contiguous
     python benchmarks/hybrid.py --impl cudnn         # the softmax layer's block compute (default auto: Pallas
                                                      # kernels on a GPU, cuDNN for the one-device rows)
+    python benchmarks/hybrid.py --impl cudnn_blocks  # cuDNN's fused kernels as every strategy's block pairs
 
 For each sequence-parallel size and strategy it times one jit-compiled step (median of --reps
 after a warm-up) and compares it with one device running the same step at the local shape (the
@@ -72,10 +73,13 @@ def softmax_workload(cfg: Config, mesh: Mesh | None, strategy: str, tokens: int)
     k = jax.random.normal(keys[1], (b, tokens, hk, d), dtype)
     v = jax.random.normal(keys[2], (b, tokens, hk, d), dtype)
     do = jax.random.normal(keys[3], (b, tokens, h, d), dtype)
-    # --impl auto|pallas|xla|cudnn|dpa_xla; the rings and TokenRing have no cuDNN path (they merge
-    # float32 block log-sum-exps), so they fall back to auto there: the Pallas kernels on a GPU
+    # --impl auto|pallas|cudnn_blocks|xla|cudnn|dpa_xla; the rings and TokenRing have no dense-mask
+    # cuDNN path (they merge float32 block log-sum-exps), so "cudnn"/"dpa_xla" fall back to auto there
+    # (the Pallas kernels on a GPU); one device keeps auto (cuDNN's own causal mask) under
+    # "cudnn_blocks", so the one-GPU rows stay the cuDNN baseline
     ring_family = not strategy.startswith("allgather")
     impl = "auto" if ring_family and cfg.impl in ("cudnn", "dpa_xla") else cfg.impl
+    impl = "auto" if mesh is None and impl == "cudnn_blocks" else impl
     # "<strategy>_contiguous": without the causal load balancing (balance=False)
     balance = False if strategy.endswith("_contiguous") else None
     strategy = "allgather" if mesh is None else strategy.removesuffix("_contiguous")  # ignored on one device

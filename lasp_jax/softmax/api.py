@@ -72,7 +72,7 @@ from pallas_kernels.linear_attention.api import validate
 from pallas_kernels.linear_attention.reference import document_index
 
 Strategy = Literal["allgather", "ring", "zigzag_ring", "tokenring"]
-Impl = Literal["auto", "pallas", "cudnn", "xla", "dpa_xla"]
+Impl = Literal["auto", "pallas", "cudnn_blocks", "cudnn", "xla", "dpa_xla"]
 STRATEGIES = ("allgather", "ring", "zigzag_ring", "tokenring")
 KEYS_DEALT = ("zigzag_ring", "tokenring")  # strategies that deal K/V with the queries when balanced
 ATTEND = {
@@ -81,7 +81,7 @@ ATTEND = {
     "zigzag_ring": ring_attention,
     "tokenring": tokenring_attention,
 }
-IMPLS = ("auto", "pallas", "cudnn", "xla", "dpa_xla")
+IMPLS = ("auto", "pallas", "cudnn_blocks", "cudnn", "xla", "dpa_xla")
 DEFAULT_BLOCK = flash_xla.DEFAULT_BLOCK  # query and key block of the jnp flash recurrence
 
 
@@ -124,7 +124,10 @@ def softmax_attention(
       impl: local block compute: ``"auto"`` (``"pallas"`` on a GPU for bf16/fp16/fp32 input, every
         strategy; single device prefers cuDNN where it supports the input; ``"xla"`` on CPU),
         ``"pallas"`` (the Pallas Triton flash-attention kernels; the Pallas interpreter off the
-        GPU), ``"xla"`` (the jnp flash recurrence), ``"cudnn"`` (allgather and single device only),
+        GPU), ``"cudnn_blocks"`` (cuDNN's fused kernels as every strategy's block pairs, at most
+        two calls per pair; bf16/fp16 on a GPU, a dense jnp twin off it; no ``segment_ids``),
+        ``"xla"`` (the jnp flash recurrence), ``"cudnn"`` (allgather and single device only: a
+        dense global-position mask),
         or ``"dpa_xla"`` (the cuDNN code path with ``jax.nn.dot_product_attention``'s XLA kernel;
         materialises ``[B, H, L, T]`` logits, for checking that path off the GPU).
       block_size: query and key block of the jnp flash recurrence (used when it divides the
@@ -133,7 +136,7 @@ def softmax_attention(
       balance: causal load balancing: each rank computes the queries of two half-shards, ``r``
         and ``2P − 1 − r``, dealt to it by ``ppermute`` (and the outputs dealt back), so every rank
         attends the same number of (query, key) pairs; the layout seen by the caller stays
-        contiguous. ``None`` (default): on with an even local length and ``impl`` "pallas" or
+        contiguous. ``None`` (default): on with an even local length and ``impl`` "pallas", "cudnn_blocks" or
         "xla", else off; ``True`` requires that; ``False``: off. (The plain ring's K/V blocks still
         travel as contiguous shards, so its steps stay unequal: it gains less than allgather;
         ``"zigzag_ring"`` and a balanced ``"tokenring"`` deal K/V too. ``"zigzag_ring"`` is always
@@ -199,6 +202,7 @@ def softmax_attention_shard(
     _check_choice(strategy=strategy, impl=impl, block_size=block_size, balance=balance)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     impl = resolve_impl(impl, q, k, v, n_keys=None)
+    _check_no_documents(impl, segment_ids)
     if segment_ids is not None:
         segment_ids = local_documents(segment_ids, axis_name)
     if balance and impl in ("cudnn", "dpa_xla"):
@@ -242,6 +246,10 @@ def causal_attention(
     _check_choice(strategy="allgather", impl=impl, block_size=block_size)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     impl = resolve_impl(impl, q, k, v, n_keys=None if segment_ids is not None else q.shape[1])
+    _check_no_documents(impl, segment_ids)
+    if impl == "cudnn_blocks":  # one block pair: a single causal cuDNN call, with the blocks' backward
+        statics = Statics(axis_name=None, scale=scale, impl=impl, block=block_size, balance=False)
+        return allgather_attention(q, k, v, None, statics)
     doc_ids = None if segment_ids is None else document_index(segment_ids)
     if impl in ("cudnn", "dpa_xla"):
         implementation = _dpa_implementation(impl)
@@ -279,6 +287,14 @@ def _check_choice(*, strategy, impl, block_size=DEFAULT_BLOCK, balance=None):
         )
 
 
+def _check_no_documents(impl: str, segment_ids) -> None:
+    if impl == "cudnn_blocks" and segment_ids is not None:
+        raise ValueError(
+            "impl='cudnn_blocks' takes no segment_ids: cuDNN's block calls have no document mask at global "
+            "offsets; use impl='pallas' (or 'auto') for packed documents"
+        )
+
+
 def _dpa_implementation(impl: str) -> str:
     """``jax.nn.dot_product_attention``'s ``implementation`` for impl "cudnn" / "dpa_xla"."""
     return "cudnn" if impl == "cudnn" else "xla"
@@ -304,6 +320,12 @@ def resolve_impl(impl: str, q, k, v, *, n_keys: int | None) -> str:
         return "pallas" if on_gpu() and supports(q, k, v) else "xla"
     if impl == "pallas":
         check_pallas_dtypes(q, k, v)
+    if impl == "cudnn_blocks" and on_gpu() and not cudnn_supports(q, k, v, n_keys=None):
+        raise ValueError(
+            "impl='cudnn_blocks' needs bf16/fp16 q, k, v of one dtype, equal head dims (a multiple of 8, at most "
+            f"256 on Hopper) and an even length on a GPU, got q {q.dtype}{tuple(q.shape)}, "
+            f"k {k.dtype}{tuple(k.shape)}, v {v.dtype}{tuple(v.shape)}"
+        )
     if impl in ("cudnn", "dpa_xla") and v.shape[-1] != q.shape[-1]:
         raise ValueError(
             f"impl={impl!r} needs equal q/k and v head dims: q.shape={tuple(q.shape)}, v.shape={tuple(v.shape)}"

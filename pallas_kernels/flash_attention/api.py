@@ -19,7 +19,7 @@ from typing import Literal
 import jax
 
 from pallas_kernels.common import KERNEL_DTYPES, on_gpu
-from pallas_kernels.flash_attention import pallas_triton, pallas_triton_vjp, reference, xla
+from pallas_kernels.flash_attention import cudnn_blocks, pallas_triton, pallas_triton_vjp, reference, xla
 from pallas_kernels.flash_attention.common import supports
 from pallas_kernels.linear_attention.api import validate
 from pallas_kernels.linear_attention.reference import document_index
@@ -88,7 +88,8 @@ def check_pallas_dtypes(q, k, v) -> None:
 def block_functions(
     impl: str, *, block: int = xla.DEFAULT_BLOCK, documents_sorted: bool = False
 ) -> tuple[Callable, Callable]:
-    """``(fwd, bwd)`` of one block pair at global offsets, for ``impl`` ``"pallas"`` or ``"xla"``.
+    """``(fwd, bwd)`` of one block pair at global offsets, for ``impl`` ``"pallas"``, ``"xla"`` or
+    ``"cudnn_blocks"`` (cuDNN's fused kernels on chunk-aligned offsets, no documents: ``cudnn_blocks``).
 
     ``fwd(q, k, v, *, q_start, k_start, scale, q_segment_ids=None, k_segment_ids=None) -> (o, lse)``
     and ``bwd(q, k, v, o, lse, do, *, same keywords) -> (dq, dk, dv)``, as
@@ -106,4 +107,6 @@ def block_functions(
             functools.partial(xla.block_attention_fwd, block=block),
             functools.partial(xla.block_attention_bwd, block=block),
         )
-    raise ValueError(f"block functions exist for impl 'pallas' and 'xla', got impl={impl!r}")
+    if impl == "cudnn_blocks":
+        return cudnn_blocks.block_attention_fwd, cudnn_blocks.block_attention_bwd
+    raise ValueError(f"block functions exist for impl 'pallas', 'xla' and 'cudnn_blocks', got impl={impl!r}")

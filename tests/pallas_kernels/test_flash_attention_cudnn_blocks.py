@@ -1,0 +1,176 @@
+"""The cuDNN block functions (``impl="cudnn_blocks"``): a block pair at global offsets as a prefix
+call and a causal band call, merged by log-sum-exp, against the jnp flash recurrence.
+
+On the CPU the two calls run on the dense jnp twin (``XLA_DENSE``), whose own forward and backward
+are checked against autodiff of the dense reference; on a GPU (``-m gpu``) cuDNN's calls are
+checked against the twin and the block functions against the jnp recurrence.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.flash_attention import cudnn_blocks, xla
+from pallas_kernels.flash_attention.reference import block_attention
+from tests.helpers import rel_err, tol
+
+F32 = jnp.float32
+
+
+def _inputs(rng, *, b=2, lq=16, lk=48, h=4, hk=2, d=8, e=8, dtype=F32):
+    q, k, v = (jnp.asarray(rng.standard_normal(s), dtype) for s in ((b, lq, h, d), (b, lk, hk, d), (b, lk, hk, e)))
+    do = jnp.asarray(rng.standard_normal((b, lq, h, e)), dtype)
+    return q, k, v, do
+
+
+def _close(got, want, bound, name):
+    err = rel_err(got, want) if np.linalg.norm(np.asarray(want, np.float64)) > 1e-12 else float(np.abs(got).max())
+    assert err < bound, f"{name}: err {err:.2e} >= {bound:.2e}"
+
+
+def _recurrence(q, k, v, do, *, q_start, k_start, scale):
+    """The jnp recurrence's (o, lse) and, given them as final, its (dq, dk, dv)."""
+    kw = dict(q_start=q_start, k_start=k_start, scale=scale, block=8)
+    o, lse = xla.block_attention_fwd(q, k, v, **kw)
+    return (o, lse), xla.block_attention_bwd(q, k, v, o, lse, do.astype(F32), **kw)
+
+
+# offsets (q_start, k_start) of every class the strategies form, for Lq = 16 queries and Tk = 48 keys
+OFFSETS = {
+    "diagonal": (32, 32),  # d = 0: the band only
+    "prefix-and-band": (16, 0),  # 0 < d < Tk − Lq
+    "band-at-the-end": (64, 32),  # d = Tk − Lq
+    "all-visible": (80, 32),  # d = Tk
+    "far-past": (200, 0),  # d > Tk
+    "future": (0, 16),  # d = −Lq: nothing visible
+}
+
+
+@pytest.mark.parametrize("case", list(OFFSETS))
+def test_blocks_equal_the_recurrence(rng, case):
+    q_start, k_start = OFFSETS[case]
+    q, k, v, do = _inputs(rng)
+    scale = 0.3
+    (o_w, lse_w), _ = _recurrence(q, k, v, do, q_start=q_start, k_start=k_start, scale=scale)
+    kw = dict(q_start=jnp.int32(q_start), k_start=jnp.int32(k_start), scale=scale, dense=cudnn_blocks.XLA_DENSE)
+    o, lse = jax.jit(functools.partial(cudnn_blocks.block_attention_fwd, **kw))(q, k, v)
+    assert o.dtype == F32 and lse.dtype == F32 and lse.shape == lse_w.shape
+    bound = tol(F32, 48)
+    if case == "future":  # nothing visible: zero output, −inf log-sum-exp, zero gradients
+        assert np.all(np.asarray(o) == 0) and np.all(np.isneginf(np.asarray(lse)))
+    else:
+        _close(o, o_w, bound, "o")
+        _close(lse, lse_w, bound, "lse")
+    bwd = jax.jit(functools.partial(cudnn_blocks.block_attention_bwd, **kw))
+    o_in, lse_in = (o, lse) if case != "future" else (jnp.zeros_like(o), jnp.zeros_like(lse))
+    grads = bwd(q, k, v, o_in, lse_in, do)
+    want = xla.block_attention_bwd(
+        q, k, v, o_in, lse_in, do.astype(F32), q_start=q_start, k_start=k_start, scale=scale, block=8
+    )
+    for name, g, w in zip(("dq", "dk", "dv"), grads, want, strict=True):
+        assert g.dtype == F32 and g.shape == w.shape
+        _close(g, w, bound, name)
+
+
+def test_backward_uses_the_given_statistics(rng):
+    """Gradients of a part given another part's merged (o, lse): equal to the recurrence's with the
+    same (o, lse), and different from the part's own (so the given statistics are really used)."""
+    q, k, v, do = _inputs(rng)
+    kw = dict(q_start=16, k_start=0, scale=0.5)
+    o, lse = xla.block_attention_fwd(q, k, v, block=8, **kw)
+    o2, lse2 = o * 0.5, lse + 0.7  # as if other keys were merged in
+    got = cudnn_blocks.block_attention_bwd(q, k, v, o2, lse2, do, dense=cudnn_blocks.XLA_DENSE, **kw)
+    want = xla.block_attention_bwd(q, k, v, o2, lse2, do.astype(F32), block=8, **kw)
+    own = xla.block_attention_bwd(q, k, v, o, lse, do.astype(F32), block=8, **kw)
+    for name, g, w, u in zip(("dq", "dk", "dv"), got, want, own, strict=True):
+        _close(g, w, tol(F32, 48), name)
+        assert rel_err(g, u) > 1e-2, name
+
+
+def test_misaligned_offsets_give_nan(rng):
+    """A partial overlap is outside the contract: NaN, never a silently wrong block."""
+    q, k, v, _ = _inputs(rng)
+    o, _ = cudnn_blocks.block_attention_fwd(
+        q, k, v, q_start=40, k_start=0, scale=1.0, dense=cudnn_blocks.XLA_DENSE
+    )  # d = 40 > Tk − Lq = 32 and < Tk
+    assert np.all(np.isnan(np.asarray(o)))
+
+
+def test_documents_are_refused(rng):
+    q, k, v, _ = _inputs(rng)
+    ids = jnp.zeros(q.shape[:2], jnp.int32)
+    with pytest.raises(ValueError, match="cudnn_blocks.*segment_ids"):
+        cudnn_blocks.block_attention_fwd(q, k, v, q_start=0, k_start=0, scale=1.0, q_segment_ids=ids, k_segment_ids=ids)
+
+
+@pytest.mark.parametrize("causal,kv_len", [(True, None), (False, None), (False, 20)], ids=["causal", "full", "padded"])
+def test_dense_twin_equals_autodiff(rng, causal, kv_len):
+    """The jnp twin of cuDNN's two calls: forward against the dense reference, backward (given its
+    own o and lse) against autodiff of it."""
+    q, k, v, do = _inputs(rng, lq=24, lk=24)
+    scale = 0.4
+    kw = dict(scale=scale, causal=causal)
+    o, lse = cudnn_blocks.xla_dense_fwd(q, k, v, kv_len, **kw)
+    k_used, v_used = (k, v) if kv_len is None else (k[:, :kv_len], v[:, :kv_len])
+    q_start = 0 if causal else 10**6  # no mask: queries far in the keys' future
+    ref = functools.partial(block_attention, q_start=q_start, k_start=0, scale=scale)
+    o_w, vjp = jax.vjp(lambda *x: ref(*x)[0], q, k_used, v_used)
+    _close(o, o_w, tol(F32, 24), "o")
+    _close(lse, ref(q, k_used, v_used)[1], tol(F32, 24), "lse")
+    dq, dk, dv = cudnn_blocks.xla_dense_bwd(q, k, v, o, lse, do, kv_len, **kw)
+    dq_w, dk_w, dv_w = vjp(do)
+    if kv_len is not None:  # keys past the length get nothing
+        assert np.all(np.asarray(dk[:, kv_len:]) == 0) and np.all(np.asarray(dv[:, kv_len:]) == 0)
+        dk, dv = dk[:, :kv_len], dv[:, :kv_len]
+    for name, g, w in (("dq", dq, dq_w), ("dk", dk, dk_w), ("dv", dv, dv_w)):
+        _close(g, w, tol(F32, 24), name)
+
+
+# ---- on a GPU: cuDNN itself ---------------------------------------------------------------------
+
+GPU_SHAPES = {"gqa-d128": (2, 256, 768, 8, 2, 128), "mha-d64": (1, 512, 1024, 4, 4, 64)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal,kv_len", [(True, None), (False, None), (False, 300)], ids=["causal", "full", "padded"])
+@pytest.mark.parametrize("shape", list(GPU_SHAPES))
+def test_cudnn_calls_equal_the_twin(rng, shape, causal, kv_len):
+    """cuDNN's forward (o, lse: natural log of the scaled logits) and its backward given o and lse,
+    against the jnp twin, bf16."""
+    b, lq, lk, h, hk, d = GPU_SHAPES[shape]
+    lk = lq if causal else lk
+    q, k, v, do = _inputs(rng, b=b, lq=lq, lk=lk, h=h, hk=hk, d=d, e=d, dtype=jnp.bfloat16)
+    kw = dict(scale=d**-0.5, causal=causal)
+    kv = None if kv_len is None else jnp.int32(kv_len)
+    o, lse = jax.jit(functools.partial(cudnn_blocks.cudnn_fwd, **kw))(q, k, v, kv)
+    o_w, lse_w = cudnn_blocks.xla_dense_fwd(q, k, v, kv, **kw)
+    _close(o.astype(F32), o_w.astype(F32), 2e-2, "o")
+    _close(lse, lse_w, 1e-3, "lse")
+    grads = jax.jit(functools.partial(cudnn_blocks.cudnn_bwd, **kw))(q, k, v, o_w, lse_w, do, kv)
+    want = cudnn_blocks.xla_dense_bwd(q, k, v, o_w, lse_w, do, kv, **kw)
+    for name, g, w in zip(("dq", "dk", "dv"), grads, want, strict=True):
+        if kv_len is not None and name != "dq":
+            g, w = g[:, :kv_len], w[:, :kv_len]
+        _close(g.astype(F32), w.astype(F32), 3e-2, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["diagonal", "prefix-and-band", "all-visible"])
+def test_cudnn_blocks_equal_the_recurrence(rng, case):
+    q_start, k_start = {"diagonal": (512, 512), "prefix-and-band": (1024, 0), "all-visible": (4096, 0)}[case]
+    q, k, v, do = _inputs(rng, b=1, lq=512, lk=2048 if case != "diagonal" else 512, h=8, hk=2, d=128, e=128)
+    q, k, v, do = (x.astype(jnp.bfloat16) for x in (q, k, v, do))
+    scale = 128**-0.5
+    (o_w, lse_w), grads_w = _recurrence(q, k, v, do, q_start=q_start, k_start=k_start, scale=scale)
+    kw = dict(q_start=jnp.int32(q_start), k_start=jnp.int32(k_start), scale=scale, dense=cudnn_blocks.CUDNN)
+    o, lse = jax.jit(functools.partial(cudnn_blocks.block_attention_fwd, **kw))(q, k, v)
+    _close(o, o_w, 2e-2, "o")
+    _close(lse, lse_w, 1e-3, "lse")
+    grads = jax.jit(functools.partial(cudnn_blocks.block_attention_bwd, **kw))(q, k, v, o_w, lse_w, do)
+    for name, g, w in zip(("dq", "dk", "dv"), grads, grads_w, strict=True):
+        _close(g, w, 3e-2, name)
