@@ -11,7 +11,9 @@ an sp = P step is measured without P GPUs and without its collectives (the all-g
 reduce-scatter of dK/dV, ~3 ms exposed at sp = 2 in session 11's profile). The slowest rank over
 one GPU's cuDNN fwd+bwd on the whole sequence is the layer's ratio before communication (ideal 1/P).
 Rows per block compute: ``pallas`` (the Pallas Triton kernels) and ``cudnn_blocks`` (cuDNN's fused
-kernels, a prefix call and a causal band per chunk).
+kernels, a prefix call and a causal band per chunk). With ``--pairs`` also the same rank's work as the
+zig-zag ring and balanced TokenRing cut it: one block call per visible (query chunk, key chunk) pair,
+merged by the online softmax (their steps' compute without the ring's overlap or waits).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import jax.numpy as jnp  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.timing import forward_and_grads, median_ms  # noqa: E402
+from lasp_jax.softmax.deal import merge  # noqa: E402
 from pallas_kernels.flash_attention import block_functions  # noqa: E402
 
 
@@ -52,6 +55,32 @@ def rank_step(impl: str, scale: float):
     return jax.jit(step)
 
 
+def rank_pairs_step(impl: str, scale: float, chunk: int):
+    """The same rank's work as one call per visible (query chunk, key chunk) pair: ``(q_chunks,
+    chunk_ids, k_chunks, v_chunks, do_chunks) -> (o_chunks, dq, dk, dv)`` (chunk ids static)."""
+    fwd, bwd = block_functions(impl, documents_sorted=True)
+
+    def step(qs, ids, ks, vs, dos):
+        outs, dqs = [], []
+        dks, dvs = [0.0] * len(ks), [0.0] * len(vs)
+        for q, c, do in zip(qs, ids, dos, strict=True):
+            kws = [dict(q_start=jnp.int32(c * chunk), k_start=jnp.int32(j * chunk), scale=scale) for j in range(c + 1)]
+            o, lse = fwd(q, ks[0], vs[0], **kws[0])
+            for j in range(1, c + 1):
+                o_j, lse_j = fwd(q, ks[j], vs[j], **kws[j])
+                o, lse = merge(o, lse, o_j, lse_j)
+            o = o.astype(q.dtype)
+            dq = 0.0
+            for j in range(c + 1):
+                dq_j, dk_j, dv_j = bwd(q, ks[j], vs[j], o, lse, do, **kws[j])
+                dq, dks[j], dvs[j] = dq + dq_j, dks[j] + dk_j, dvs[j] + dv_j
+            outs.append(o)
+            dqs.append(dq.astype(q.dtype))
+        return outs, dqs, dks, dvs
+
+    return jax.jit(step, static_argnums=1)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sp", type=int, nargs="+", default=[2, 4])
@@ -61,6 +90,7 @@ def main():
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--impls", nargs="+", default=["cudnn_blocks", "pallas"])
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--pairs", action="store_true", help="also one call per chunk pair (the rings' cut)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -107,6 +137,21 @@ def main():
             row = {"sp": p, "what": impl, "rank_ms": times, "ms": max(times), "x_one_device": max(times) / base}
             rows.append(row)
             print(f"  {impl}: slowest rank {max(times):.2f} ms = {max(times) / base:.3f} x one device", flush=True)
+            if not args.pairs:
+                continue
+            step = rank_pairs_step(impl, scale, chunk)
+            ks = [k[:, j * chunk : (j + 1) * chunk] for j in range(2 * p)]
+            vs = [v[:, j * chunk : (j + 1) * chunk] for j in range(2 * p)]
+            times = []
+            for r in range(p):
+                cs = (r, 2 * p - 1 - r)
+                qs = [q[:, c * chunk : (c + 1) * chunk] for c in cs]
+                dos = [do[:, c * chunk : (c + 1) * chunk] for c in cs]
+                times.append(median_ms(step, qs, cs, ks, vs, dos, reps=args.reps))
+                print(f"  {impl} per chunk pair, rank {r}: {times[-1]:.2f} ms", flush=True)
+            what = f"{impl} per chunk pair"
+            rows.append({"sp": p, "what": what, "rank_ms": times, "ms": max(times), "x_one_device": max(times) / base})
+            print(f"  {what}: slowest rank {max(times):.2f} ms = {max(times) / base:.3f} x one device", flush=True)
     if args.json:
         meta = {"jax": jax.__version__, "device": jax.devices()[0].device_kind, "args": vars(args)}
         with open(args.json, "w") as f:

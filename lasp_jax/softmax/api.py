@@ -121,8 +121,10 @@ def softmax_attention(
         with queries and K/V both dealt as half-shards: equal work at every step; always balanced)
         or ``"tokenring"`` (TokenRing: queries out, partial outputs back, K/V stay).
       scale: multiplies the logits; defaults to ``D ** -0.5``.
-      impl: local block compute: ``"auto"`` (``"pallas"`` on a GPU for bf16/fp16/fp32 input, every
-        strategy; single device prefers cuDNN where it supports the input; ``"xla"`` on CPU),
+      impl: local block compute: ``"auto"`` (on a GPU ``"cudnn_blocks"`` where cuDNN takes the
+        input and no ``segment_ids`` are given, else ``"pallas"`` for bf16/fp16/fp32 input, every
+        strategy; single device prefers cuDNN's own causal kernel where it takes the input;
+        ``"xla"`` on CPU),
         ``"pallas"`` (the Pallas Triton flash-attention kernels; the Pallas interpreter off the
         GPU), ``"cudnn_blocks"`` (cuDNN's fused kernels as every strategy's block pairs, at most
         two calls per pair; bf16/fp16 on a GPU, a dense jnp twin off it; no ``segment_ids``),
@@ -201,7 +203,7 @@ def softmax_attention_shard(
     validate(q, k, v, segment_ids=segment_ids)
     _check_choice(strategy=strategy, impl=impl, block_size=block_size, balance=balance)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    impl = resolve_impl(impl, q, k, v, n_keys=None)
+    impl = resolve_impl(impl, q, k, v, n_keys=None, documents=segment_ids is not None)
     _check_no_documents(impl, segment_ids)
     if segment_ids is not None:
         segment_ids = local_documents(segment_ids, axis_name)
@@ -311,12 +313,15 @@ def cudnn_supports(q, k, v, n_keys: int | None) -> bool:
     return d == e and d % 8 == 0 and d <= d_max and even
 
 
-def resolve_impl(impl: str, q, k, v, *, n_keys: int | None) -> str:
-    """The block compute to run: "pallas", "xla", "cudnn" or "dpa_xla". ``n_keys``: the key count
-    of single-device attention (where cuDNN's own causal mask applies), None under a mesh."""
+def resolve_impl(impl: str, q, k, v, *, n_keys: int | None, documents: bool = False) -> str:
+    """The block compute to run: "pallas", "cudnn_blocks", "xla", "cudnn" or "dpa_xla". ``n_keys``:
+    the key count of single-device attention (where cuDNN's own causal mask applies), None under a
+    mesh; ``documents``: segment ids are given (cuDNN's block calls take none)."""
     if impl == "auto":
         if n_keys is not None and cudnn_supports(q, k, v, n_keys):  # one device: cuDNN's own causal mask
             return "cudnn"
+        if n_keys is None and not documents and cudnn_supports(q, k, v, None):  # a mesh: cuDNN per block pair
+            return "cudnn_blocks"
         return "pallas" if on_gpu() and supports(q, k, v) else "xla"
     if impl == "pallas":
         check_pallas_dtypes(q, k, v)
