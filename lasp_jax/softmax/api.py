@@ -208,7 +208,9 @@ def softmax_attention_shard(
     if segment_ids is not None:
         segment_ids = local_documents(segment_ids, axis_name)
     if balance and impl in ("cudnn", "dpa_xla"):
-        raise ValueError(f"balance=True needs impl 'pallas' or 'xla' (their block offsets), got impl={impl!r}")
+        raise ValueError(
+            f"balance=True needs impl 'pallas', 'cudnn_blocks' or 'xla' (their block offsets), got impl={impl!r}"
+        )
     if balance and q.shape[1] % 2:
         raise ValueError(
             f"balance=True splits each shard in two halves: the local length must be even, q.shape={q.shape}"
@@ -247,7 +249,9 @@ def causal_attention(
     validate(q, k, v, segment_ids=segment_ids)
     _check_choice(strategy="allgather", impl=impl, block_size=block_size)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    impl = resolve_impl(impl, q, k, v, n_keys=None if segment_ids is not None else q.shape[1])
+    impl = resolve_impl(
+        impl, q, k, v, n_keys=None if segment_ids is not None else q.shape[1], documents=segment_ids is not None
+    )
     _check_no_documents(impl, segment_ids)
     if impl == "cudnn_blocks":  # one block pair: a single causal cuDNN call, with the blocks' backward
         statics = Statics(axis_name=None, scale=scale, impl=impl, block=block_size, balance=False)
@@ -280,7 +284,7 @@ def _check_choice(*, strategy, impl, block_size=DEFAULT_BLOCK, balance=None):
     if strategy != "allgather" and impl in ("cudnn", "dpa_xla"):
         raise ValueError(
             f"strategy={strategy!r} merges per-block float32 log-sum-exps, which jax.nn.dot_product_attention does "
-            f"not return: use impl='pallas', 'xla' or 'auto', got impl={impl!r}"
+            f"not return: use impl='cudnn_blocks', 'pallas', 'xla' or 'auto', got impl={impl!r}"
         )
     if strategy == "zigzag_ring" and balance is False:
         raise ValueError(
@@ -292,8 +296,8 @@ def _check_choice(*, strategy, impl, block_size=DEFAULT_BLOCK, balance=None):
 def _check_no_documents(impl: str, segment_ids) -> None:
     if impl == "cudnn_blocks" and segment_ids is not None:
         raise ValueError(
-            "impl='cudnn_blocks' takes no segment_ids: cuDNN's block calls have no document mask at global "
-            "offsets; use impl='pallas' (or 'auto') for packed documents"
+            "impl='cudnn_blocks' takes no segment_ids (packed documents): cuDNN's block calls have no document "
+            "mask at global offsets; use impl='pallas' or 'xla', or 'auto' (which picks them with documents)"
         )
 
 
@@ -327,8 +331,9 @@ def resolve_impl(impl: str, q, k, v, *, n_keys: int | None, documents: bool = Fa
         check_pallas_dtypes(q, k, v)
     if impl == "cudnn_blocks" and on_gpu() and not cudnn_supports(q, k, v, n_keys=None):
         raise ValueError(
-            "impl='cudnn_blocks' needs bf16/fp16 q, k, v of one dtype, equal head dims (a multiple of 8, at most "
-            f"256 on Hopper) and an even length on a GPU, got q {q.dtype}{tuple(q.shape)}, "
+            "impl='cudnn_blocks' on a GPU takes (this library's rule, kept to what the GPU tests cover) bf16/fp16 "
+            "q, k, v of one dtype, equal head dims (a multiple of 8, at most 256 on Hopper) and an even length, "
+            f"got q {q.dtype}{tuple(q.shape)}, "
             f"k {k.dtype}{tuple(k.shape)}, v {v.dtype}{tuple(v.shape)}"
         )
     if impl in ("cudnn", "dpa_xla") and v.shape[-1] != q.shape[-1]:

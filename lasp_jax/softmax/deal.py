@@ -99,8 +99,8 @@ def _chunk_owner(chunk: int, n: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class Statics:
     """The static arguments of either strategy's ``custom_vjp`` (``allgather_attention``,
-    ``ring_attention``): the sequence axis, the logit scale, the block compute (``impl`` "pallas"
-    or "xla", ``block`` for the jnp recurrence), whether the queries are dealt (``balance``, where the
+    ``ring_attention``): the sequence axis, the logit scale, the block compute (``impl`` "pallas",
+    "cudnn_blocks" or "xla", ``block`` for the jnp recurrence), whether the queries are dealt (``balance``, where the
     local length is even and there is more than one rank) and whether K/V are dealt with them
     (``deal_keys``: the zig-zag ring and balanced tokenring)."""
 

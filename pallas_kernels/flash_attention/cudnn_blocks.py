@@ -12,13 +12,15 @@ queries and ``Tk`` keys (query i sees key j iff ``j ≤ d + i``):
   on that slice (the "band");
 - ``d ≤ −Lq``: nothing is visible.
 
-Any other offset (a partial overlap) is outside the contract and gives NaN outputs, so a misuse
-cannot pass silently; the strategies never form one (their parts are whole chunks). Each call sits
-under ``lax.cond`` on the traced offsets, so a rank's skipped part costs no kernel. The two partial
-outputs merge by their log-sum-exps in float32 (each partial output is rounded to the input dtype
-by cuDNN first). The backward runs cuDNN's backward on each part given the *final* o and lse
-(``P = exp(scale·QKᵀ − lse)``, ``Δ = rowsum(dO ⊙ O)``: FlashAttention-2's backward needs nothing
-else), so the gradients of the parts add up exactly as the Pallas blocks' do.
+Any other offset (a partial overlap) is outside the contract and gives NaN outputs, log-sum-exps
+and gradients, so a misuse cannot pass silently; the strategies never form one (their parts are
+whole chunks). Each call sits under ``lax.cond`` on the traced offsets, so a rank's skipped part
+costs no kernel. The two partial outputs merge by their log-sum-exps in float32 (each partial
+output is rounded to the input dtype by cuDNN first). The backward runs cuDNN's backward on each
+part given the *final* o and lse (``P = exp(scale·QKᵀ − lse)``, ``Δ = rowsum(dO ⊙ O)``:
+FlashAttention-2's backward needs nothing else), so the gradients of the parts add up to the exact
+gradient as the Pallas blocks' do (each part's dq, dk, dv are rounded to the input dtype by cuDNN
+before the float32 sums, where the Pallas blocks write float32).
 
 No documents (``segment_ids``): cuDNN's packed layout needs per-segment offsets that a block at
 global offsets does not have; ``lasp_jax.softmax_attention`` refuses the combination.
@@ -180,7 +182,10 @@ def _parts(q_len: int, k_len: int, q_start, k_start) -> Parts:
 
 def _check_no_documents(q_segment_ids, k_segment_ids):
     if q_segment_ids is not None or k_segment_ids is not None:
-        raise ValueError("impl='cudnn_blocks' takes no segment_ids (documents): use impl='pallas' or 'xla'")
+        raise ValueError(
+            "impl='cudnn_blocks' takes no segment_ids (packed documents): cuDNN's block calls have no document "
+            "mask at global offsets; use impl='pallas' or 'xla'"
+        )
 
 
 def _band(x, parts: Parts, q_len: int):
@@ -209,7 +214,7 @@ def block_attention_fwd(
     safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
     w_p, w_b = (jnp.exp(x - safe).transpose(0, 2, 1)[..., None] for x in (lse_p, lse_b))
     o = w_p * o_p.astype(jnp.float32) + w_b * o_b.astype(jnp.float32)
-    return jnp.where(parts.valid, o, jnp.nan), lse
+    return jnp.where(parts.valid, o, jnp.nan), jnp.where(parts.valid, lse, jnp.nan)
 
 
 def block_attention_bwd(
@@ -256,4 +261,4 @@ def block_attention_bwd(
             return dq + dq_b.astype(f32), add(dk, dk_b), add(dv, dv_b)
 
         dq, dk, dv = lax.cond(parts.band, band, lambda g: g, (dq, dk, dv))
-    return dq, dk, dv
+    return tuple(jnp.where(parts.valid, g, jnp.nan) for g in (dq, dk, dv))

@@ -195,7 +195,7 @@ def test_shard_function_inside_user_shard_map(rng, strategy):
 
 
 @pytest.mark.parametrize("on_gpu", [False, True], ids=["cpu-backend", "gpu-backend"])
-def test_auto_picks_pallas_on_gpu(monkeypatch, on_gpu):
+def test_auto_picks_the_block_compute(monkeypatch, on_gpu):
     """impl="auto": on a GPU, cuDNN per block pair under a mesh (every strategy) and cuDNN's own
     causal mask on one device where cuDNN takes the input, the Pallas kernels with documents or
     where it does not; the jnp recurrence on CPU and for float64."""
@@ -211,6 +211,17 @@ def test_auto_picks_pallas_on_gpu(monkeypatch, on_gpu):
     assert resolve("auto", q, k, v[..., :4], n_keys=16) == kernel  # E != D: no cuDNN
     with x64():
         assert resolve("auto", *_arrays(dtype=jnp.float64), n_keys=None) == "xla"
+
+
+def test_auto_with_documents_on_one_gpu(monkeypatch):
+    """One device, ``impl="auto"`` and packed documents on a GPU: the Pallas kernels (cuDNN's block
+    calls take no documents), not an error; checked through the public function's own choice."""
+    monkeypatch.setattr(softmax_api, "on_gpu", lambda: True)
+    chosen = []
+    monkeypatch.setattr(softmax_api.flash_pallas, "flash_attention", lambda *a, **kw: chosen.append("pallas"))
+    q, k, v = _arrays(dtype=jnp.bfloat16)
+    causal_attention(q, k, v, impl="auto", segment_ids=jnp.zeros(q.shape[:2], jnp.int32))
+    assert chosen == ["pallas"]
 
 
 # --- packed documents (segment_ids) ---------------------------------------------------------------

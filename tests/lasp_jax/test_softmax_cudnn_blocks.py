@@ -52,11 +52,11 @@ def test_bf16(rng, strategy):
 
 def test_single_device(rng):
     attn = functools.partial(softmax_attention, mesh=None, impl="cudnn_blocks")
-    _check(rng, attn, b=2, t=24, h=4, hk=2, d=16)
+    _check(rng, attn, dtype=jnp.bfloat16, b=2, t=24, h=4, hk=2, d=16)
 
 
 def test_documents_are_refused():
-    q = jnp.zeros((1, 8, 2, 8))
+    q = jnp.zeros((1, 8, 2, 8), jnp.bfloat16)
     ids = jnp.zeros((1, 8), jnp.int32)
     for mesh in (None, _mesh(1, 2)):
         with pytest.raises(ValueError, match="cudnn_blocks.*segment_ids"):
@@ -72,3 +72,16 @@ def test_on_gpus(rng, strategy):
     mesh = Mesh(np.array(jax.devices()), ("sp",))
     attn = functools.partial(softmax_attention, mesh=mesh, strategy=strategy, impl="cudnn_blocks")
     _check(rng, attn, dtype=jnp.bfloat16, sp=n, b=1, t=2048 * n, h=8, hk=2, d=128)
+
+
+@pytest.mark.parametrize("sp", [4, 8])
+def test_odd_local_length_and_eight_ranks(rng, sp):
+    """An odd local length (contiguous shards: every pair at whole-shard offsets) and a ring of 8."""
+    attn = functools.partial(softmax_attention, mesh=_mesh(1, sp), strategy="ring", impl="cudnn_blocks")
+    _check(rng, attn, sp=sp, b=1, t=5 * sp if sp == 4 else 4 * sp, h=4, hk=1, d=8, e=4)
+
+
+def test_heads_over_a_tp_axis(rng):
+    mesh = _mesh(2, 4, names=("tp", "sp"))
+    attn = functools.partial(softmax_attention, mesh=mesh, head_axis="tp", strategy="tokenring", impl="cudnn_blocks")
+    _check(rng, attn, sp=4, b=1, t=32, h=4, hk=2, d=8)

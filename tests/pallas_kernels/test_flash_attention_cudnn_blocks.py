@@ -92,13 +92,17 @@ def test_backward_uses_the_given_statistics(rng):
         assert rel_err(g, u) > 1e-2, name
 
 
-def test_misaligned_offsets_give_nan(rng):
-    """A partial overlap is outside the contract: NaN, never a silently wrong block."""
-    q, k, v, _ = _inputs(rng)
-    o, _ = cudnn_blocks.block_attention_fwd(
-        q, k, v, q_start=40, k_start=0, scale=1.0, dense=cudnn_blocks.XLA_DENSE
-    )  # d = 40 > Tk − Lq = 32 and < Tk
-    assert np.all(np.isnan(np.asarray(o)))
+@pytest.mark.parametrize("q_start,k_start", [(40, 0), (0, 8)], ids=["past-the-band", "partly-future"])
+def test_misaligned_offsets_give_nan(rng, q_start, k_start):
+    """A partial overlap is outside the contract: NaN outputs, statistics and gradients, never a
+    silently wrong block (d = 40 lies between Tk − Lq = 32 and Tk = 48; d = −8 between −Lq and 0)."""
+    q, k, v, do = _inputs(rng)
+    kw = dict(q_start=q_start, k_start=k_start, scale=1.0, dense=cudnn_blocks.XLA_DENSE)
+    o, lse = cudnn_blocks.block_attention_fwd(q, k, v, **kw)
+    assert np.all(np.isnan(np.asarray(o))) and np.all(np.isnan(np.asarray(lse)))
+    o, lse = jnp.zeros(o.shape), jnp.zeros(lse.shape)
+    for g in cudnn_blocks.block_attention_bwd(q, k, v, o, lse, do, **kw):
+        assert np.all(np.isnan(np.asarray(g)))
 
 
 def test_documents_are_refused(rng):
@@ -133,7 +137,11 @@ def test_dense_twin_equals_autodiff(rng, causal, kv_len):
 
 # ---- on a GPU: cuDNN itself ---------------------------------------------------------------------
 
-GPU_SHAPES = {"gqa-d128": (2, 256, 768, 8, 2, 128), "mha-d64": (1, 512, 1024, 4, 4, 64)}
+GPU_SHAPES = {  # b, lq, lk, h, hk, d, dtype
+    "gqa-d128-bf16": (2, 256, 768, 8, 2, 128, jnp.bfloat16),
+    "mha-d64-bf16": (1, 512, 1024, 4, 4, 64, jnp.bfloat16),
+    "mqa-d128-fp16": (1, 256, 512, 8, 1, 128, jnp.float16),
+}
 
 
 @pytest.mark.gpu
@@ -141,10 +149,10 @@ GPU_SHAPES = {"gqa-d128": (2, 256, 768, 8, 2, 128), "mha-d64": (1, 512, 1024, 4,
 @pytest.mark.parametrize("shape", list(GPU_SHAPES))
 def test_cudnn_calls_equal_the_twin(rng, shape, causal, kv_len):
     """cuDNN's forward (o, lse: natural log of the scaled logits) and its backward given o and lse,
-    against the jnp twin, bf16."""
-    b, lq, lk, h, hk, d = GPU_SHAPES[shape]
+    against the jnp twin."""
+    b, lq, lk, h, hk, d, dtype = GPU_SHAPES[shape]
     lk = lq if causal else lk
-    q, k, v, do = _inputs(rng, b=b, lq=lq, lk=lk, h=h, hk=hk, d=d, e=d, dtype=jnp.bfloat16)
+    q, k, v, do = _inputs(rng, b=b, lq=lq, lk=lk, h=h, hk=hk, d=d, e=d, dtype=dtype)
     kw = dict(scale=d**-0.5, causal=causal)
     kv = None if kv_len is None else jnp.int32(kv_len)
     o, lse = jax.jit(functools.partial(cudnn_blocks.cudnn_fwd, **kw))(q, k, v, kv)
