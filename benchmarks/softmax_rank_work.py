@@ -37,13 +37,15 @@ from pallas_kernels.flash_attention import block_functions  # noqa: E402
 
 
 def rank_step(impl: str, scale: float):
-    """fwd+bwd of one rank's chunks: ``(q_chunks, starts, k, v, do_chunks) -> (o_chunks, dq, dk, dv)``."""
+    """fwd+bwd of one rank's chunks: ``(q_chunks, starts, k, v, do_chunks, q_ids, k_ids) -> (o_chunks,
+    dq, dk, dv)``; ``q_ids`` (per chunk) and ``k_ids``: document numbers, or None."""
     fwd, bwd = block_functions(impl, documents_sorted=True)
 
-    def step(qs, starts, k, v, dos):
+    def step(qs, starts, k, v, dos, q_ids, k_ids):
         outs, dqs, dk, dv = [], [], 0.0, 0.0
         for i, (q, do) in enumerate(zip(qs, dos, strict=True)):
-            kw = dict(q_start=starts[i], k_start=0, scale=scale)
+            ids = {} if k_ids is None else dict(q_segment_ids=q_ids[i], k_segment_ids=k_ids)
+            kw = dict(q_start=starts[i], k_start=0, scale=scale, **ids)
             o, lse = fwd(q, k, v, **kw)
             o = o.astype(q.dtype)
             dq, dk_i, dv_i = bwd(q, k, v, o, lse, do, **kw)
@@ -91,6 +93,7 @@ def main():
     ap.add_argument("--impls", nargs="+", default=["cudnn_blocks", "pallas"])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--pairs", action="store_true", help="also one call per chunk pair (the rings' cut)")
+    ap.add_argument("--doc-len", type=int, default=0, help="packed documents of this many tokens (0: none)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -132,12 +135,22 @@ def main():
                 qs = [q[:, c * chunk : (c + 1) * chunk] for c in cs]
                 dos = [do[:, c * chunk : (c + 1) * chunk] for c in cs]
                 starts = [jnp.int32(c * chunk) for c in cs]
-                times.append(median_ms(step, qs, starts, k, v, dos, reps=args.reps))
+                ids = (None, None)
+                if args.doc_len:  # global document numbers, sorted: what softmax_attention passes
+                    doc = (jnp.arange(t, dtype=jnp.int32) // args.doc_len)[None]
+                    ids = ([doc[:, c * chunk : (c + 1) * chunk] for c in cs], doc)
+                times.append(median_ms(step, qs, starts, k, v, dos, *ids, reps=args.reps))
                 print(f"  {impl} rank {r} (chunks {cs}): {times[-1]:.2f} ms", flush=True)
-            row = {"sp": p, "what": impl, "rank_ms": times, "ms": max(times), "x_one_device": max(times) / base}
+            row = {
+                "sp": p,
+                "what": impl + (f", documents of {args.doc_len}" if args.doc_len else ""),
+                "rank_ms": times,
+                "ms": max(times),
+                "x_one_device": max(times) / base,
+            }
             rows.append(row)
             print(f"  {impl}: slowest rank {max(times):.2f} ms = {max(times) / base:.3f} x one device", flush=True)
-            if not args.pairs:
+            if not args.pairs or args.doc_len:
                 continue
             step = rank_pairs_step(impl, scale, chunk)
             ks = [k[:, j * chunk : (j + 1) * chunk] for j in range(2 * p)]

@@ -127,7 +127,8 @@ def softmax_attention(
         ``"xla"`` on CPU),
         ``"pallas"`` (the Pallas Triton flash-attention kernels; the Pallas interpreter off the
         GPU), ``"cudnn_blocks"`` (cuDNN's fused kernels as every strategy's block pairs, at most
-        two calls per pair; bf16/fp16 on a GPU, a dense jnp twin off it; no ``segment_ids``),
+        two calls per pair; bf16/fp16 on a GPU, a dense jnp twin off it; with ``segment_ids`` a
+        block whose queries' own span holds a document boundary runs that part on the Pallas kernels),
         ``"xla"`` (the jnp flash recurrence), ``"cudnn"`` (allgather and single device only: a
         dense global-position mask),
         or ``"dpa_xla"`` (the cuDNN code path with ``jax.nn.dot_product_attention``'s XLA kernel;
@@ -204,7 +205,6 @@ def softmax_attention_shard(
     _check_choice(strategy=strategy, impl=impl, block_size=block_size, balance=balance)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     impl = resolve_impl(impl, q, k, v, n_keys=None, documents=segment_ids is not None)
-    _check_no_documents(impl, segment_ids)
     if segment_ids is not None:
         segment_ids = local_documents(segment_ids, axis_name)
     if balance and impl in ("cudnn", "dpa_xla"):
@@ -252,10 +252,9 @@ def causal_attention(
     impl = resolve_impl(
         impl, q, k, v, n_keys=None if segment_ids is not None else q.shape[1], documents=segment_ids is not None
     )
-    _check_no_documents(impl, segment_ids)
     if impl == "cudnn_blocks":  # one block pair: a single causal cuDNN call, with the blocks' backward
         statics = Statics(axis_name=None, scale=scale, impl=impl, block=block_size, balance=False)
-        return allgather_attention(q, k, v, None, statics)
+        return allgather_attention(q, k, v, None if segment_ids is None else document_index(segment_ids), statics)
     doc_ids = None if segment_ids is None else document_index(segment_ids)
     if impl in ("cudnn", "dpa_xla"):
         implementation = _dpa_implementation(impl)
@@ -290,14 +289,6 @@ def _check_choice(*, strategy, impl, block_size=DEFAULT_BLOCK, balance=None):
         raise ValueError(
             "strategy='zigzag_ring' is the balanced ring (K/V dealt like the queries): balance=False contradicts it; "
             "use strategy='ring', balance=False for contiguous shards"
-        )
-
-
-def _check_no_documents(impl: str, segment_ids) -> None:
-    if impl == "cudnn_blocks" and segment_ids is not None:
-        raise ValueError(
-            "impl='cudnn_blocks' takes no segment_ids (packed documents): cuDNN's block calls have no document "
-            "mask at global offsets; use impl='pallas' or 'xla', or 'auto' (which picks them with documents)"
         )
 
 

@@ -89,7 +89,8 @@ def block_functions(
     impl: str, *, block: int = xla.DEFAULT_BLOCK, documents_sorted: bool = False
 ) -> tuple[Callable, Callable]:
     """``(fwd, bwd)`` of one block pair at global offsets, for ``impl`` ``"pallas"``, ``"xla"`` or
-    ``"cudnn_blocks"`` (cuDNN's fused kernels on chunk-aligned offsets, no documents: ``cudnn_blocks``).
+    ``"cudnn_blocks"`` (cuDNN's fused kernels on chunk-aligned offsets: ``cudnn_blocks``; with documents
+    they need ``documents_sorted`` numbers).
 
     ``fwd(q, k, v, *, q_start, k_start, scale, q_segment_ids=None, k_segment_ids=None) -> (o, lse)``
     and ``bwd(q, k, v, o, lse, do, *, same keywords) -> (dq, dk, dv)``, as
@@ -107,6 +108,11 @@ def block_functions(
             functools.partial(xla.block_attention_fwd, block=block),
             functools.partial(xla.block_attention_bwd, block=block),
         )
-    if impl == "cudnn_blocks":
-        return cudnn_blocks.block_attention_fwd, cudnn_blocks.block_attention_bwd
+    if impl == "cudnn_blocks":  # bands that hold a document boundary: the Pallas kernels (jnp off the GPU)
+        fallback = block_functions("pallas" if on_gpu() else "xla", block=block, documents_sorted=True)
+        fallback = fallback if documents_sorted else None  # unsorted ids: refused (the prefix needs sorted numbers)
+        return (
+            functools.partial(cudnn_blocks.block_attention_fwd, fallback=fallback),
+            functools.partial(cudnn_blocks.block_attention_bwd, fallback=fallback),
+        )
     raise ValueError(f"block functions exist for impl 'pallas', 'xla' and 'cudnn_blocks', got impl={impl!r}")

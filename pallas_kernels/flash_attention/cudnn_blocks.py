@@ -22,8 +22,12 @@ FlashAttention-2's backward needs nothing else), so the gradients of the parts a
 gradient as the Pallas blocks' do (each part's dq, dk, dv are rounded to the input dtype by cuDNN
 before the float32 sums, where the Pallas blocks write float32).
 
-No documents (``segment_ids``): cuDNN's packed layout needs per-segment offsets that a block at
-global offsets does not have; ``lasp_jax.softmax_attention`` refuses the combination.
+Documents (segment ids as non-decreasing global document numbers, as ``softmax_attention`` passes
+them): only the queries' first document can see keys before the queries' own positions, and those
+keys are one run. So the prefix call takes that document's rows (cuDNN's per-row query length) and
+its run of keys, rotated to the front of K and V per batch row (one gather; the key length is the
+run's). The band is cuDNN's causal call where each batch row's queries hold one document, and the
+``fallback`` block functions (the Pallas kernels on a GPU) where a document boundary lies inside.
 
 Off a GPU the same decomposition runs on ``xla_dense``, a dense jnp twin of the two cuDNN calls
 (same dtypes and masks), which is what the CPU tests check; the GPU tests check cuDNN itself.
@@ -45,9 +49,11 @@ from pallas_kernels.common import on_gpu
 
 
 class Dense(NamedTuple):
-    """``fwd(q, k, v, kv_len, *, scale, causal) -> (o in q's dtype, lse [B, H, Lq] float32)`` and
-    ``bwd(q, k, v, o, lse, do, kv_len, *, scale, causal) -> (dq, dk, dv)`` in the inputs' dtypes;
-    ``kv_len``: None (every key) or a traced int32 scalar (keys ``[0, kv_len)``, not with ``causal``)."""
+    """``fwd(q, k, v, *, scale, causal, q_len=None, kv_len=None) -> (o in q's dtype, lse [B, H, Lq]
+    float32)`` and ``bwd(q, k, v, o, lse, do, *, same keywords) -> (dq, dk, dv)`` in the inputs'
+    dtypes. ``q_len`` / ``kv_len``: None (every row) or int32 ``[B]``: per batch row, only queries
+    ``[0, q_len)`` and keys ``[0, kv_len)`` take part (cuDNN's padding mask; not with ``causal``).
+    Query rows past ``q_len`` are unspecified in the forward (the caller masks them)."""
 
     fwd: object
     bwd: object
@@ -59,87 +65,92 @@ def _fa():
     return fa
 
 
-def _lengths(q, k, kv_len):
-    """cuDNN's per-row query and key lengths (int32 ``[B]``), or None without a key length."""
-    if kv_len is None:
-        return None, None
-    b = q.shape[0]
-    return jnp.full((b,), q.shape[1], jnp.int32), jnp.broadcast_to(jnp.asarray(kv_len, jnp.int32), (b,))
-
-
-def _mask_type(fa, causal: bool, kv_len):
-    if kv_len is not None:
+def _mask_type(fa, causal: bool, padded: bool):
+    if padded:
         return fa.MaskType.PADDING
     return fa.MaskType.CAUSAL if causal else fa.MaskType.NO_MASK
 
 
-def cudnn_fwd(q, k, v, kv_len, *, scale: float, causal: bool):
+def cudnn_fwd(q, k, v, *, scale: float, causal: bool, q_len=None, kv_len=None):
     fa = _fa()
-    q_len, k_len = _lengths(q, k, kv_len)
+    padded = q_len is not None or kv_len is not None
+    q_rows, k_rows = _row_lengths(q, k, q_len, kv_len) if padded else (None, None)
     o, lse = fa.dot_product_attention(
         q,
         k,
         v,
-        q_seqlen=q_len,
-        kv_seqlen=k_len,
+        q_seqlen=q_rows,
+        kv_seqlen=k_rows,
         scale=scale,
-        mask_type=_mask_type(fa, causal, kv_len),
+        mask_type=_mask_type(fa, causal, padded),
         qkv_layout="BTNH",
         return_residual=True,
     )
     return o, lse.astype(jnp.float32)
 
 
-def cudnn_bwd(q, k, v, o, lse, do, kv_len, *, scale: float, causal: bool):
+def _row_lengths(q, k, q_len, kv_len):
+    """int32 ``[B]`` query and key lengths, the full length where one is None."""
+    b = q.shape[0]
+
+    def rows(x, n):
+        return jnp.full((b,), n, jnp.int32) if x is None else jnp.broadcast_to(jnp.asarray(x, jnp.int32), (b,))
+
+    return rows(q_len, q.shape[1]), rows(kv_len, k.shape[1])
+
+
+def cudnn_bwd(q, k, v, o, lse, do, *, scale: float, causal: bool, q_len=None, kv_len=None):
     """cuDNN's backward primitive, bound as JAX's own VJP rule binds it but with the given o and lse."""
     fa = _fa()
     unused = jnp.zeros(0, dtype=q.dtype)
-    q_len, k_len = _lengths(q, k, kv_len)
-    q_len, k_len = (unused, unused) if q_len is None else (q_len, k_len)
+    padded = q_len is not None or kv_len is not None
+    q_rows, k_rows = _row_lengths(q, k, q_len, kv_len) if padded else (unused, unused)
     keywords = dict(
         scale=scale,
         seed=42,
         dropout_rate=0.0,
         variadic_args=(False, False),
-        mask_type=_mask_type(fa, causal, kv_len),
+        mask_type=_mask_type(fa, causal, padded),
         layout=fa.AttentionLayout.BTNH.value,
         sliding_window_length=None,
     )
     if "score_mod" in inspect.signature(fa._dot_product_attention_bwd_rule).parameters:  # jax ≥ 0.12
         keywords["score_mod"] = None
     dq, dk, dv = fa._dot_product_attention_bwd_p_wrapper.bind(
-        q, k, v, unused, q_len, k_len, unused, unused, unused, unused, lse, o, do, **keywords
+        q, k, v, unused, q_rows, k_rows, unused, unused, unused, unused, lse, o, do, **keywords
     )[:3]
     return dq, dk, dv
 
 
-def _scores(q, k, kv_len, *, scale: float, causal: bool):
-    """Float32 scaled logits ``[B, Hk, G, Lq, Tk]`` and the visibility mask."""
+def _scores(q, k, *, scale: float, causal: bool, q_len, kv_len):
+    """Float32 scaled logits ``[B, Hk, G, Lq, Tk]`` and the visibility mask ``[B, 1, 1, Lq, Tk]``."""
     b, lq, h, d = q.shape
     tk, hk = k.shape[1], k.shape[2]
     qg = q.reshape(b, lq, hk, h // hk, d).astype(jnp.float32)
     s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k.astype(jnp.float32), precision=lax.Precision.HIGHEST) * scale
-    cols = jnp.arange(tk)[None, :]
-    visible = cols <= jnp.arange(lq)[:, None] if causal else jnp.ones((lq, tk), bool)
+    rows, cols = jnp.arange(lq)[:, None], jnp.arange(tk)[None, :]
+    visible = jnp.broadcast_to(cols <= rows if causal else jnp.ones((lq, tk), bool), (b, lq, tk))
+    if q_len is not None:
+        visible = visible & (rows[None] < jnp.asarray(q_len).reshape(-1, 1, 1))
     if kv_len is not None:
-        visible = visible & (cols < kv_len)
-    return s, visible
+        visible = visible & (cols[None] < jnp.asarray(kv_len).reshape(-1, 1, 1))
+    return s, visible[:, None, None]
 
 
-def xla_dense_fwd(q, k, v, kv_len, *, scale: float, causal: bool):
+def xla_dense_fwd(q, k, v, *, scale: float, causal: bool, q_len=None, kv_len=None):
     b, lq, h, _ = q.shape
-    s, visible = _scores(q, k, kv_len, scale=scale, causal=causal)
+    s, visible = _scores(q, k, scale=scale, causal=causal, q_len=q_len, kv_len=kv_len)
     s = jnp.where(visible, s, -jnp.inf)
-    lse = jax.nn.logsumexp(s, axis=-1)  # [B, Hk, G, Lq]
-    p = jnp.exp(s - lse[..., None])
+    lse = jax.nn.logsumexp(s, axis=-1)  # [B, Hk, G, Lq]; −inf on rows that see nothing
+    p = jnp.where(visible, jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None]), 0.0)
     o = jnp.einsum("bhgqk,bkhe->bqhge", p, v.astype(jnp.float32), precision=lax.Precision.HIGHEST)
     return o.reshape(b, lq, h, v.shape[-1]).astype(q.dtype), lse.reshape(b, h, lq)
 
 
-def xla_dense_bwd(q, k, v, o, lse, do, kv_len, *, scale: float, causal: bool):
+def xla_dense_bwd(q, k, v, o, lse, do, *, scale: float, causal: bool, q_len=None, kv_len=None):
     b, lq, h, d = q.shape
     hk, e = k.shape[2], v.shape[-1]
-    s, visible = _scores(q, k, kv_len, scale=scale, causal=causal)
+    s, visible = _scores(q, k, scale=scale, causal=causal, q_len=q_len, kv_len=kv_len)
     lse = lse.reshape(b, hk, h // hk, lq)
     p = jnp.where(visible, jnp.exp(s - lse[..., None]), 0.0)
     dog = do.reshape(b, lq, hk, h // hk, e).astype(jnp.float32)
@@ -167,54 +178,122 @@ def default_dense() -> Dense:
 
 
 class Parts(NamedTuple):
-    prefix: jax.Array  # int32: keys [0, prefix) seen by every query
+    first: jax.Array  # int32 [B]: the prefix keys start here (0 without documents)
+    prefix: jax.Array  # int32 [B]: keys [first, first + prefix) seen by the prefix rows
+    rows: jax.Array  # int32 [B]: the prefix rows [0, rows) (Lq without documents)
     band: jax.Array  # bool: keys [d, d + Lq) seen causally
     start: jax.Array  # int32: the band's first key (clipped into range)
     valid: jax.Array  # bool: the offsets are in the contract
 
 
-def _parts(q_len: int, k_len: int, q_start, k_start) -> Parts:
+def _parts(q_len: int, k_len: int, q_start, k_start, q_ids, k_ids) -> Parts:
+    """The prefix and band of a pair. With (non-decreasing, global) document numbers only the
+    queries' first document can reach keys before the queries' own positions: its rows
+    ``[0, rows)`` see keys ``[first, first + prefix)``, the run of that document before them."""
     d = jnp.asarray(q_start, jnp.int32) - jnp.asarray(k_start, jnp.int32)
     band = (d >= 0) & (d <= k_len - q_len)
     valid = (d >= k_len) | (d <= -q_len) | band
-    return Parts(jnp.clip(d, 0, k_len), band, jnp.clip(d, 0, max(k_len - q_len, 0)), valid)
-
-
-def _check_no_documents(q_segment_ids, k_segment_ids):
-    if q_segment_ids is not None or k_segment_ids is not None:
-        raise ValueError(
-            "impl='cudnn_blocks' takes no segment_ids (packed documents): cuDNN's block calls have no document "
-            "mask at global offsets; use impl='pallas' or 'xla'"
-        )
+    end = jnp.clip(d, 0, k_len)
+    if q_ids is None:
+        b = 1
+        first, rows = jnp.zeros((b,), jnp.int32), jnp.full((b,), q_len, jnp.int32)
+    else:
+        doc = q_ids[:, :1]
+        rows = jnp.sum(q_ids == doc, axis=1, dtype=jnp.int32)  # the first document's run of queries
+        first = jnp.minimum(jnp.sum(k_ids < doc, axis=1, dtype=jnp.int32), end)  # its first key here
+    prefix = jnp.maximum(end - first, 0)
+    return Parts(first, prefix, rows, band, jnp.clip(d, 0, max(k_len - q_len, 0)), valid)
 
 
 def _band(x, parts: Parts, q_len: int):
     return lax.dynamic_slice_in_dim(x, parts.start, q_len, axis=1)
 
 
+def _roll(x, shift):
+    """Row b of ``[B, T, ...]`` rotated left by ``shift[b]`` (None: unchanged)."""
+    if shift is None:
+        return x
+    idx = (jnp.arange(x.shape[1])[None, :] + shift[:, None]) % x.shape[1]
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _row_mask(lengths, n: int):
+    """``[B, n, 1, 1]``: row i of batch row b is below ``lengths[b]``."""
+    return (jnp.arange(n)[None, :] < lengths[:, None])[:, :, None, None]
+
+
+def _single_document(q_ids):
+    """Every batch row's queries lie in one document (the band can use cuDNN's causal mask)."""
+    return jnp.all(q_ids[:, 0] == q_ids[:, -1])
+
+
 def block_attention_fwd(
-    q, k, v, *, q_start, k_start, scale: float, q_segment_ids=None, k_segment_ids=None, dense: Dense | None = None
+    q,
+    k,
+    v,
+    *,
+    q_start,
+    k_start,
+    scale: float,
+    q_segment_ids=None,
+    k_segment_ids=None,
+    dense: Dense | None = None,
+    fallback=None,
 ):
     """As ``xla.block_attention_fwd`` (o float32 ``[B, Lq, H, E]``, lse ``[B, H, Lq]``, zero / −inf
-    on rows that see no key) for chunk-aligned offsets (module docstring); no documents."""
-    _check_no_documents(q_segment_ids, k_segment_ids)
+    on rows that see no key) for chunk-aligned offsets (module docstring). Segment ids must be
+    non-decreasing document numbers along the global sequence (``softmax_attention``'s); a band
+    that holds a document boundary runs on ``fallback`` (a ``(fwd, bwd)`` pair of the block
+    functions that take documents)."""
     dense = dense or default_dense()
     b, lq, h, _ = q.shape
     tk = k.shape[1]
-    parts = _parts(lq, tk, q_start, k_start)
-    none = (jnp.zeros((b, lq, h, v.shape[-1]), q.dtype), jnp.full((b, h, lq), -jnp.inf, jnp.float32))
+    docs = _documents(q_segment_ids, k_segment_ids, fallback)
+    parts = _parts(lq, tk, q_start, k_start, q_segment_ids, k_segment_ids)
+    f32 = jnp.float32
+    none = (jnp.zeros((b, lq, h, v.shape[-1]), f32), jnp.full((b, h, lq), -jnp.inf, f32))
     call = functools.partial(dense.fwd, scale=scale)
-    o_p, lse_p = lax.cond(parts.prefix > 0, lambda: call(q, k, v, parts.prefix, causal=False), lambda: none)
+
+    def prefix():
+        shift = parts.first if docs else None
+        o, lse = call(q, _roll(k, shift), _roll(v, shift), causal=False, q_len=parts.rows, kv_len=parts.prefix)
+        seen = _row_mask(parts.rows, lq) & (parts.prefix > 0)[:, None, None, None]  # [B, Lq, 1, 1]
+        return jnp.where(seen, o.astype(f32), 0.0), jnp.where(seen[:, :, 0, 0][:, None, :], lse, -jnp.inf)
+
+    o_p, lse_p = lax.cond(jnp.any(parts.prefix > 0), prefix, lambda: none)
     if tk >= lq:
-        band = lambda: call(q, _band(k, parts, lq), _band(v, parts, lq), None, causal=True)  # noqa: E731
+        kb, vb = _band(k, parts, lq), _band(v, parts, lq)
+
+        def band():
+            o, lse = call(q, kb, vb, causal=True)
+            return o.astype(f32), lse
+
+        if docs:
+            ids_b = _band(k_segment_ids, parts, lq)
+            other = lambda: fallback[0](  # noqa: E731
+                q, kb, vb, q_start=0, k_start=0, scale=scale, q_segment_ids=q_segment_ids, k_segment_ids=ids_b
+            )
+            band = functools.partial(lax.cond, _single_document(q_segment_ids), band, other)
         o_b, lse_b = lax.cond(parts.band, band, lambda: none)
     else:  # no band fits
         o_b, lse_b = none
     lse = jnp.logaddexp(lse_p, lse_b)
     safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
     w_p, w_b = (jnp.exp(x - safe).transpose(0, 2, 1)[..., None] for x in (lse_p, lse_b))
-    o = w_p * o_p.astype(jnp.float32) + w_b * o_b.astype(jnp.float32)
+    o = w_p * o_p + w_b * o_b
     return jnp.where(parts.valid, o, jnp.nan), jnp.where(parts.valid, lse, jnp.nan)
+
+
+def _documents(q_ids, k_ids, fallback) -> bool:
+    if (q_ids is None) != (k_ids is None):
+        raise ValueError("q_segment_ids and k_segment_ids go together: pass both or neither")
+    if q_ids is not None and fallback is None:
+        raise ValueError(
+            "cudnn_blocks with segment_ids needs non-decreasing global document numbers and a fallback pair of "
+            "block functions for bands that hold a document boundary: block_functions('cudnn_blocks', "
+            "documents_sorted=True) passes one"
+        )
+    return q_ids is not None
 
 
 def block_attention_bwd(
@@ -231,34 +310,49 @@ def block_attention_bwd(
     q_segment_ids=None,
     k_segment_ids=None,
     dense: Dense | None = None,
+    fallback=None,
 ):
     """As ``xla.block_attention_bwd``: float32 ``(dq, dk, dv)`` of this key block given the queries'
-    *final* o and lse, for chunk-aligned offsets; no documents."""
-    _check_no_documents(q_segment_ids, k_segment_ids)
+    *final* o and lse, for chunk-aligned offsets; documents as in ``block_attention_fwd``."""
     dense = dense or default_dense()
     lq, tk = q.shape[1], k.shape[1]
-    parts = _parts(lq, tk, q_start, k_start)
+    docs = _documents(q_segment_ids, k_segment_ids, fallback)
+    parts = _parts(lq, tk, q_start, k_start, q_segment_ids, k_segment_ids)
     o, do = o.astype(q.dtype), do.astype(q.dtype)  # cuDNN takes them in the input dtype
     f32 = jnp.float32
     call = functools.partial(dense.bwd, scale=scale)
 
     def prefix():
-        dq, dk, dv = call(q, k, v, o, lse, do, parts.prefix, causal=False)
-        seen = (jnp.arange(tk) < parts.prefix)[None, :, None, None]  # keys past the length: zero, whatever cuDNN left
-        return dq.astype(f32), jnp.where(seen, dk.astype(f32), 0.0), jnp.where(seen, dv.astype(f32), 0.0)
+        shift = parts.first if docs else None
+        kr, vr = _roll(k, shift), _roll(v, shift)
+        dq, dk, dv = call(q, kr, vr, o, lse, do, causal=False, q_len=parts.rows, kv_len=parts.prefix)
+        rows = _row_mask(parts.rows, lq) & (parts.prefix > 0)[:, None, None, None]
+        keys = _row_mask(parts.prefix, tk)  # keys past the length: zero, whatever cuDNN left there
+        dk, dv = (jnp.where(keys, x.astype(f32), 0.0) for x in (dk, dv))
+        back = None if shift is None else (tk - shift) % tk
+        return jnp.where(rows, dq.astype(f32), 0.0), _roll(dk, back), _roll(dv, back)
 
     zeros = (jnp.zeros(q.shape, f32), jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32))
-    dq, dk, dv = lax.cond(parts.prefix > 0, prefix, lambda: zeros)
+    dq, dk, dv = lax.cond(jnp.any(parts.prefix > 0), prefix, lambda: zeros)
     if tk >= lq:
+        kb, vb = _band(k, parts, lq), _band(v, parts, lq)
+
+        def band_grads():
+            return tuple(x.astype(f32) for x in call(q, kb, vb, o, lse, do, causal=True))
+
+        if docs:
+            ids_b = _band(k_segment_ids, parts, lq)
+            kw = dict(q_start=0, k_start=0, scale=scale, q_segment_ids=q_segment_ids, k_segment_ids=ids_b)
+            other = lambda: tuple(x.astype(f32) for x in fallback[1](q, kb, vb, o, lse, do, **kw))  # noqa: E731
+            band_grads = functools.partial(lax.cond, _single_document(q_segment_ids), band_grads, other)
 
         def band(grads):
             dq, dk, dv = grads
-            kb, vb = _band(k, parts, lq), _band(v, parts, lq)
-            dq_b, dk_b, dv_b = call(q, kb, vb, o, lse, do, None, causal=True)
+            dq_b, dk_b, dv_b = band_grads()
             add = lambda acc, x: lax.dynamic_update_slice_in_dim(  # noqa: E731
-                acc, _band(acc, parts, lq) + x.astype(f32), parts.start, axis=1
+                acc, _band(acc, parts, lq) + x, parts.start, axis=1
             )
-            return dq + dq_b.astype(f32), add(dk, dk_b), add(dv, dv_b)
+            return dq + dq_b, add(dk, dk_b), add(dv, dv_b)
 
         dq, dk, dv = lax.cond(parts.band, band, lambda g: g, (dq, dk, dv))
     return tuple(jnp.where(parts.valid, g, jnp.nan) for g in (dq, dk, dv))

@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import Mesh
 
 from lasp_jax import softmax_attention
-from tests.lasp_jax.test_softmax_attention import _check, _mesh
+from tests.lasp_jax.test_softmax_attention import _check, _documents, _mesh
 
 CASES = [  # strategy, balance, dp, sp
     ("allgather", None, 1, 2),
@@ -55,12 +55,32 @@ def test_single_device(rng):
     _check(rng, attn, dtype=jnp.bfloat16, b=2, t=24, h=4, hk=2, d=16)
 
 
-def test_documents_are_refused():
-    q = jnp.zeros((1, 8, 2, 8), jnp.bfloat16)
-    ids = jnp.zeros((1, 8), jnp.int32)
-    for mesh in (None, _mesh(1, 2)):
-        with pytest.raises(ValueError, match="cudnn_blocks.*segment_ids"):
-            softmax_attention(q, q, q, mesh=mesh, impl="cudnn_blocks", segment_ids=ids)
+DOC_CASES = [
+    ("allgather", None, 1, 4),
+    ("allgather", False, 2, 2),
+    ("zigzag_ring", None, 1, 4),
+    ("tokenring", None, 1, 2),
+]
+
+
+@pytest.mark.parametrize(
+    "strategy,balance,dp,sp",
+    DOC_CASES,
+    ids=[f"{s}-{'contiguous' if b is False else 'balanced'}-dp{a}xsp{p}" for s, b, a, p in DOC_CASES],
+)
+def test_packed_documents_every_shard(rng, strategy, balance, dp, sp):
+    """Packed documents (boundaries at shard and half-shard edges, one-token documents): the first
+    document's rows against its earlier keys by cuDNN's calls, bands with a boundary on the fallback."""
+    attn = functools.partial(
+        softmax_attention, mesh=_mesh(dp, sp), batch_axis="dp", strategy=strategy, impl="cudnn_blocks", balance=balance
+    )
+    b, t = 2 * dp, 16 * sp
+    _check(rng, attn, dp=dp, sp=sp, b=b, t=t, h=4, hk=2, d=16, segment_ids=_documents(rng, b, t, sp))
+
+
+def test_packed_documents_single_device(rng):
+    attn = functools.partial(softmax_attention, mesh=None, impl="cudnn_blocks")
+    _check(rng, attn, b=2, t=32, h=4, hk=2, d=16, segment_ids=_documents(rng, 2, 32, 1))
 
 
 @pytest.mark.gpu

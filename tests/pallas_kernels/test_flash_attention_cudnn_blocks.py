@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.flash_attention import cudnn_blocks, xla
+from pallas_kernels.flash_attention import block_functions, cudnn_blocks, xla
 from pallas_kernels.flash_attention.reference import block_attention
 from tests.helpers import rel_err, tol
 
@@ -105,11 +105,63 @@ def test_misaligned_offsets_give_nan(rng, q_start, k_start):
         assert np.all(np.isnan(np.asarray(g)))
 
 
-def test_documents_are_refused(rng):
+def _document_ids(case, q_start, k_start, lq=16, lk=48):
+    """Global non-decreasing document numbers of the query and key blocks ``[2, L]`` (two batch rows
+    that differ): a boundary inside the query block or not, documents crossing the block edges."""
+    cuts = {
+        "one-document-queries": ([5, 100], [30, 200]),  # queries all in the last document of row 0 / 1
+        "boundary-in-queries": ([21, 40], [3, 26]),
+        "many-documents": ([1, 9, 12, 19, 22, 27, 29, 35, 40, 47, 70], [2, 4, 8, 16, 33, 34, 36, 90]),
+    }[case]
+    n = max(q_start + lq, k_start + lk)
+    ids = np.zeros((2, n), np.int32)
+    for row, row_cuts in enumerate(cuts):
+        for c in row_cuts:
+            ids[row, c:] += 1
+    return jnp.asarray(ids[:, q_start : q_start + lq]), jnp.asarray(ids[:, k_start : k_start + lk])
+
+
+XLA_FALLBACK = (
+    functools.partial(xla.block_attention_fwd, block=8),
+    functools.partial(xla.block_attention_bwd, block=8),
+)
+
+
+@pytest.mark.parametrize("docs", ["one-document-queries", "boundary-in-queries", "many-documents"])
+@pytest.mark.parametrize("case", ["diagonal", "prefix-and-band", "band-at-the-end", "all-visible", "future"])
+def test_blocks_with_documents_equal_the_recurrence(rng, case, docs):
+    """Packed documents: the first document's rows see its run of earlier keys (rotated to the
+    front), the band runs cuDNN's causal mask or the fallback; o, lse and the gradients given them."""
+    q_start, k_start = OFFSETS[case]
+    q, k, v, do = _inputs(rng)
+    q_ids, k_ids = _document_ids(docs, q_start, k_start)
+    scale = 0.3
+    ids = dict(q_segment_ids=q_ids, k_segment_ids=k_ids)
+    want = xla.block_attention_fwd(q, k, v, q_start=q_start, k_start=k_start, scale=scale, block=8, **ids)
+    kw = dict(q_start=jnp.int32(q_start), k_start=jnp.int32(k_start), scale=scale, **ids)
+    kw |= dict(dense=cudnn_blocks.XLA_DENSE, fallback=XLA_FALLBACK)
+    o, lse = jax.jit(functools.partial(cudnn_blocks.block_attention_fwd, **kw))(q, k, v)
+    bound = tol(F32, 48)
+    seen = np.isfinite(np.asarray(want[1]))
+    np.testing.assert_array_equal(np.isfinite(np.asarray(lse)), seen)
+    _close(o, want[0], bound, "o")
+    _close(np.where(seen, lse, 0.0), np.where(seen, want[1], 0.0), bound, "lse")
+    o_in, lse_in = o + 0.05, jnp.where(jnp.isfinite(lse), lse, 0.0) + 0.1  # any final statistics
+    grads = jax.jit(functools.partial(cudnn_blocks.block_attention_bwd, **kw))(q, k, v, o_in, lse_in, do)
+    want = xla.block_attention_bwd(
+        q, k, v, o_in, lse_in, do.astype(F32), q_start=q_start, k_start=k_start, scale=scale, block=8, **ids
+    )
+    for name, g, w in zip(("dq", "dk", "dv"), grads, want, strict=True):
+        _close(g, w, bound, name)
+
+
+def test_documents_need_sorted_numbers_and_a_fallback(rng):
     q, k, v, _ = _inputs(rng)
     ids = jnp.zeros(q.shape[:2], jnp.int32)
-    with pytest.raises(ValueError, match="cudnn_blocks.*segment_ids"):
+    with pytest.raises(ValueError, match="non-decreasing global document numbers"):
         cudnn_blocks.block_attention_fwd(q, k, v, q_start=0, k_start=0, scale=1.0, q_segment_ids=ids, k_segment_ids=ids)
+    with pytest.raises(ValueError, match="go together"):
+        cudnn_blocks.block_attention_fwd(q, k, v, q_start=0, k_start=0, scale=1.0, q_segment_ids=ids)
 
 
 @pytest.mark.parametrize("causal,kv_len", [(True, None), (False, None), (False, 20)], ids=["causal", "full", "padded"])
@@ -118,15 +170,15 @@ def test_dense_twin_equals_autodiff(rng, causal, kv_len):
     own o and lse) against autodiff of it."""
     q, k, v, do = _inputs(rng, lq=24, lk=24)
     scale = 0.4
-    kw = dict(scale=scale, causal=causal)
-    o, lse = cudnn_blocks.xla_dense_fwd(q, k, v, kv_len, **kw)
+    kw = dict(scale=scale, causal=causal, kv_len=None if kv_len is None else jnp.full((2,), kv_len, jnp.int32))
+    o, lse = cudnn_blocks.xla_dense_fwd(q, k, v, **kw)
     k_used, v_used = (k, v) if kv_len is None else (k[:, :kv_len], v[:, :kv_len])
     q_start = 0 if causal else 10**6  # no mask: queries far in the keys' future
     ref = functools.partial(block_attention, q_start=q_start, k_start=0, scale=scale)
     o_w, vjp = jax.vjp(lambda *x: ref(*x)[0], q, k_used, v_used)
     _close(o, o_w, tol(F32, 24), "o")
     _close(lse, ref(q, k_used, v_used)[1], tol(F32, 24), "lse")
-    dq, dk, dv = cudnn_blocks.xla_dense_bwd(q, k, v, o, lse, do, kv_len, **kw)
+    dq, dk, dv = cudnn_blocks.xla_dense_bwd(q, k, v, o, lse, do, **kw)
     dq_w, dk_w, dv_w = vjp(do)
     if kv_len is not None:  # keys past the length get nothing
         assert np.all(np.asarray(dk[:, kv_len:]) == 0) and np.all(np.asarray(dv[:, kv_len:]) == 0)
@@ -145,40 +197,69 @@ GPU_SHAPES = {  # b, lq, lk, h, hk, d, dtype
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("causal,kv_len", [(True, None), (False, None), (False, 300)], ids=["causal", "full", "padded"])
+@pytest.mark.parametrize(
+    "causal,lengths",
+    [(True, None), (False, None), (False, (300, None)), (False, (300, 100))],
+    ids=["causal", "full", "padded-keys", "padded-rows"],
+)
 @pytest.mark.parametrize("shape", list(GPU_SHAPES))
-def test_cudnn_calls_equal_the_twin(rng, shape, causal, kv_len):
+def test_cudnn_calls_equal_the_twin(rng, shape, causal, lengths):
     """cuDNN's forward (o, lse: natural log of the scaled logits) and its backward given o and lse,
-    against the jnp twin."""
+    against the jnp twin; with per-row key and query lengths (the padding mask), rows past the
+    query length compared as the block functions use them (masked)."""
     b, lq, lk, h, hk, d, dtype = GPU_SHAPES[shape]
     lk = lq if causal else lk
     q, k, v, do = _inputs(rng, b=b, lq=lq, lk=lk, h=h, hk=hk, d=d, e=d, dtype=dtype)
-    kw = dict(scale=d**-0.5, causal=causal)
-    kv = None if kv_len is None else jnp.int32(kv_len)
-    o, lse = jax.jit(functools.partial(cudnn_blocks.cudnn_fwd, **kw))(q, k, v, kv)
-    o_w, lse_w = cudnn_blocks.xla_dense_fwd(q, k, v, kv, **kw)
-    _close(o.astype(F32), o_w.astype(F32), 2e-2, "o")
-    _close(lse, lse_w, 1e-3, "lse")
-    grads = jax.jit(functools.partial(cudnn_blocks.cudnn_bwd, **kw))(q, k, v, o_w, lse_w, do, kv)
-    want = cudnn_blocks.xla_dense_bwd(q, k, v, o_w, lse_w, do, kv, **kw)
+    kv_len, q_len = lengths or (None, None)
+    per_row = lambda n: None if n is None else jnp.asarray([n - 7 * i for i in range(b)], jnp.int32)  # noqa: E731
+    kw = dict(scale=d**-0.5, causal=causal, kv_len=per_row(kv_len), q_len=per_row(q_len))
+    o, lse = jax.jit(functools.partial(cudnn_blocks.cudnn_fwd, **kw))(q, k, v)
+    o_w, lse_w = cudnn_blocks.xla_dense_fwd(q, k, v, **kw)
+    rows = np.ones((b, lq), bool) if q_len is None else np.arange(lq)[None] < np.asarray(kw["q_len"])[:, None]
+    _close(np.asarray(o.astype(F32))[rows], np.asarray(o_w.astype(F32))[rows], 2e-2, "o")
+    _close(np.asarray(lse).transpose(0, 2, 1)[rows], np.asarray(lse_w).transpose(0, 2, 1)[rows], 1e-3, "lse")
+    lse_in = jnp.where(jnp.isfinite(lse_w), lse_w, 0.0)
+    grads = jax.jit(functools.partial(cudnn_blocks.cudnn_bwd, **kw))(q, k, v, o_w, lse_in, do)
+    want = cudnn_blocks.xla_dense_bwd(q, k, v, o_w, lse_in, do, **kw)
     for name, g, w in zip(("dq", "dk", "dv"), grads, want, strict=True):
-        if kv_len is not None and name != "dq":
-            g, w = g[:, :kv_len], w[:, :kv_len]
-        _close(g.astype(F32), w.astype(F32), 3e-2, name)
+        g, w = np.asarray(g.astype(F32)), np.asarray(w.astype(F32))
+        if name == "dq":
+            g, w = g[rows], w[rows]
+        elif kv_len is not None:
+            keys = np.arange(lk)[None] < np.asarray(kw["kv_len"])[:, None]
+            g, w = g[keys], w[keys]
+        _close(g, w, 3e-2, name)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("docs", [None, "boundary", "long-document"])
 @pytest.mark.parametrize("case", ["diagonal", "prefix-and-band", "all-visible"])
-def test_cudnn_blocks_equal_the_recurrence(rng, case):
+def test_cudnn_blocks_equal_the_recurrence(rng, case, docs):
+    """The block functions as ``block_functions("cudnn_blocks", documents_sorted=True)`` gives them
+    (cuDNN, the Pallas kernels for bands with a document boundary), bf16, against the jnp recurrence."""
     q_start, k_start = {"diagonal": (512, 512), "prefix-and-band": (1024, 0), "all-visible": (4096, 0)}[case]
-    q, k, v, do = _inputs(rng, b=1, lq=512, lk=2048 if case != "diagonal" else 512, h=8, hk=2, d=128, e=128)
+    lk = 2048 if case != "diagonal" else 512
+    q, k, v, do = _inputs(rng, b=2, lq=512, lk=lk, h=8, hk=2, d=128, e=128)
     q, k, v, do = (x.astype(jnp.bfloat16) for x in (q, k, v, do))
+    ids = {}
+    if docs is not None:  # row 0: boundaries before and inside the queries; row 1: one long document
+        cuts = {"boundary": ([300, 1100, 1300], [700, 4300]), "long-document": ([100], [50, 2000])}[docs]
+        full = np.zeros((2, 4608), np.int32)
+        for row, row_cuts in enumerate(cuts):
+            for c in row_cuts:
+                full[row, c:] += 1
+        ids = dict(
+            q_segment_ids=jnp.asarray(full[:, q_start : q_start + 512]),
+            k_segment_ids=jnp.asarray(full[:, k_start : k_start + lk]),
+        )
     scale = 128**-0.5
-    (o_w, lse_w), grads_w = _recurrence(q, k, v, do, q_start=q_start, k_start=k_start, scale=scale)
-    kw = dict(q_start=jnp.int32(q_start), k_start=jnp.int32(k_start), scale=scale, dense=cudnn_blocks.CUDNN)
-    o, lse = jax.jit(functools.partial(cudnn_blocks.block_attention_fwd, **kw))(q, k, v)
+    kw = dict(q_start=jnp.int32(q_start), k_start=jnp.int32(k_start), scale=scale, **ids)
+    o_w, lse_w = xla.block_attention_fwd(q, k, v, block=256, **kw)
+    fwd, bwd = block_functions("cudnn_blocks", documents_sorted=True)
+    o, lse = jax.jit(functools.partial(fwd, **kw))(q, k, v)
     _close(o, o_w, 2e-2, "o")
     _close(lse, lse_w, 1e-3, "lse")
-    grads = jax.jit(functools.partial(cudnn_blocks.block_attention_bwd, **kw))(q, k, v, o_w, lse_w, do)
-    for name, g, w in zip(("dq", "dk", "dv"), grads, grads_w, strict=True):
+    grads = jax.jit(functools.partial(bwd, **kw))(q, k, v, o_w, lse_w, do)
+    want = xla.block_attention_bwd(q, k, v, o_w, lse_w, do.astype(F32), block=256, **kw)
+    for name, g, w in zip(("dq", "dk", "dv"), grads, want, strict=True):
         _close(g, w, 3e-2, name)
