@@ -121,9 +121,9 @@ def softmax_attention(
         with queries and K/V both dealt as half-shards: equal work at every step; always balanced)
         or ``"tokenring"`` (TokenRing: queries out, partial outputs back, K/V stay).
       scale: multiplies the logits; defaults to ``D ** -0.5``.
-      impl: local block compute: ``"auto"`` (on a GPU ``"cudnn_blocks"`` where cuDNN takes the
-        input and no ``segment_ids`` are given, else ``"pallas"`` for bf16/fp16/fp32 input, every
-        strategy; single device prefers cuDNN's own causal kernel where it takes the input;
+      impl: local block compute: ``"auto"`` (under a mesh on a GPU ``"cudnn_blocks"`` where cuDNN
+        takes the input, else ``"pallas"`` for bf16/fp16/fp32 input, every strategy; single device
+        prefers cuDNN's own causal kernel where it takes the input and there are no documents;
         ``"xla"`` on CPU),
         ``"pallas"`` (the Pallas Triton flash-attention kernels; the Pallas interpreter off the
         GPU), ``"cudnn_blocks"`` (cuDNN's fused kernels as every strategy's block pairs, at most
@@ -249,9 +249,7 @@ def causal_attention(
     validate(q, k, v, segment_ids=segment_ids)
     _check_choice(strategy="allgather", impl=impl, block_size=block_size)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    impl = resolve_impl(
-        impl, q, k, v, n_keys=None if segment_ids is not None else q.shape[1], documents=segment_ids is not None
-    )
+    impl = resolve_impl(impl, q, k, v, n_keys=q.shape[1], documents=segment_ids is not None)
     if impl == "cudnn_blocks":  # one block pair: a single causal cuDNN call, with the blocks' backward
         statics = Statics(axis_name=None, scale=scale, impl=impl, block=block_size, balance=False)
         return allgather_attention(q, k, v, None if segment_ids is None else document_index(segment_ids), statics)
@@ -310,12 +308,12 @@ def cudnn_supports(q, k, v, n_keys: int | None) -> bool:
 
 def resolve_impl(impl: str, q, k, v, *, n_keys: int | None, documents: bool = False) -> str:
     """The block compute to run: "pallas", "cudnn_blocks", "xla", "cudnn" or "dpa_xla". ``n_keys``:
-    the key count of single-device attention (where cuDNN's own causal mask applies), None under a
-    mesh; ``documents``: segment ids are given (cuDNN's block calls take none)."""
+    the key count of single-device attention, None under a mesh; ``documents``: segment ids are
+    given (cuDNN's own causal mask has none: one device then runs the Pallas kernels)."""
     if impl == "auto":
-        if n_keys is not None and cudnn_supports(q, k, v, n_keys):  # one device: cuDNN's own causal mask
+        if n_keys is not None and not documents and cudnn_supports(q, k, v, n_keys):  # one device
             return "cudnn"
-        if n_keys is None and not documents and cudnn_supports(q, k, v, None):  # a mesh: cuDNN per block pair
+        if n_keys is None and cudnn_supports(q, k, v, None):  # a mesh: cuDNN per block pair (documents too)
             return "cudnn_blocks"
         return "pallas" if on_gpu() and supports(q, k, v) else "xla"
     if impl == "pallas":
