@@ -84,14 +84,17 @@ def test_packed_documents_single_device(rng):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("docs", [False, True], ids=["one-sequence", "documents"])
 @pytest.mark.parametrize("strategy", ["allgather", "zigzag_ring", "tokenring"])
-def test_on_gpus(rng, strategy):
+def test_on_gpus(rng, strategy, docs):
     """cuDNN block pairs over every local GPU (one: the single block), bf16 at 2K tokens per GPU,
-    every shard of o, dq, dk, dv against the float64 oracle."""
+    with and without packed documents, every shard of o, dq, dk, dv against the float64 oracle."""
     n = len(jax.devices())
     mesh = Mesh(np.array(jax.devices()), ("sp",))
     attn = functools.partial(softmax_attention, mesh=mesh, strategy=strategy, impl="cudnn_blocks")
-    _check(rng, attn, dtype=jnp.bfloat16, sp=n, b=1, t=2048 * n, h=8, hk=2, d=128)
+    t = 2048 * n
+    ids = _documents(rng, 1, t, n) if docs else None
+    _check(rng, attn, dtype=jnp.bfloat16, sp=n, b=1, t=t, h=8, hk=2, d=128, segment_ids=ids)
 
 
 @pytest.mark.parametrize("sp", [4, 8])
