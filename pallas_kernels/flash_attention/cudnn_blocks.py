@@ -26,8 +26,10 @@ Documents (segment ids as non-decreasing global document numbers, as ``softmax_a
 them): only the queries' first document can see keys before the queries' own positions, and those
 keys are one run. So the prefix call takes that document's rows (cuDNN's per-row query length) and
 its run of keys, rotated to the front of K and V per batch row (one gather; the key length is the
-run's). The band is cuDNN's causal call where each batch row's queries hold one document, and the
-``fallback`` block functions (the Pallas kernels on a GPU) where a document boundary lies inside.
+run's), and the band is cuDNN's causal call. That holds where each batch row's queries lie in one
+document; a pair whose queries hold a document boundary runs whole on the ``fallback`` block
+functions (the Pallas kernels on a GPU, whose document masks and tile skipping serve short
+documents better than cuDNN calls on short runs would).
 
 Off a GPU the same decomposition runs on ``xla_dense``, a dense jnp twin of the two cuDNN calls
 (same dtypes and masks), which is what the CPU tests check; the GPU tests check cuDNN itself.
@@ -227,6 +229,18 @@ def _single_document(q_ids):
     return jnp.all(q_ids[:, 0] == q_ids[:, -1])
 
 
+def _documents(q_ids, k_ids, fallback) -> bool:
+    if (q_ids is None) != (k_ids is None):
+        raise ValueError("q_segment_ids and k_segment_ids go together: pass both or neither")
+    if q_ids is not None and fallback is None:
+        raise ValueError(
+            "cudnn_blocks with segment_ids needs non-decreasing global document numbers and a fallback pair of "
+            "block functions for blocks whose queries hold a document boundary: block_functions('cudnn_blocks', "
+            "documents_sorted=True) passes one"
+        )
+    return q_ids is not None
+
+
 def block_attention_fwd(
     q,
     k,
@@ -242,14 +256,25 @@ def block_attention_fwd(
 ):
     """As ``xla.block_attention_fwd`` (o float32 ``[B, Lq, H, E]``, lse ``[B, H, Lq]``, zero / −inf
     on rows that see no key) for chunk-aligned offsets (module docstring). Segment ids must be
-    non-decreasing document numbers along the global sequence (``softmax_attention``'s); a band
-    that holds a document boundary runs on ``fallback`` (a ``(fwd, bwd)`` pair of the block
-    functions that take documents)."""
-    dense = dense or default_dense()
+    non-decreasing document numbers along the global sequence (``softmax_attention``'s); a pair
+    whose queries hold a document boundary runs on ``fallback`` (a ``(fwd, bwd)`` pair of block
+    functions that take documents: the Pallas kernels on a GPU)."""
+    docs = _documents(q_segment_ids, k_segment_ids, fallback)
+    parts = _parts(q.shape[1], k.shape[1], q_start, k_start, q_segment_ids, k_segment_ids)
+    pair = functools.partial(_pair_fwd, q, k, v, parts, scale=scale, dense=dense or default_dense(), docs=docs)
+    if docs:
+        ids = dict(q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids)
+        other = lambda: fallback[0](q, k, v, q_start=q_start, k_start=k_start, scale=scale, **ids)  # noqa: E731
+        o, lse = lax.cond(_single_document(q_segment_ids), pair, other)
+    else:
+        o, lse = pair()
+    return jnp.where(parts.valid, o, jnp.nan), jnp.where(parts.valid, lse, jnp.nan)
+
+
+def _pair_fwd(q, k, v, parts: Parts, *, scale: float, dense: Dense, docs: bool):
+    """The prefix call and the causal band, merged; float32 o and lse."""
     b, lq, h, _ = q.shape
     tk = k.shape[1]
-    docs = _documents(q_segment_ids, k_segment_ids, fallback)
-    parts = _parts(lq, tk, q_start, k_start, q_segment_ids, k_segment_ids)
     f32 = jnp.float32
     none = (jnp.zeros((b, lq, h, v.shape[-1]), f32), jnp.full((b, h, lq), -jnp.inf, f32))
     call = functools.partial(dense.fwd, scale=scale)
@@ -260,40 +285,16 @@ def block_attention_fwd(
         seen = _row_mask(parts.rows, lq) & (parts.prefix > 0)[:, None, None, None]  # [B, Lq, 1, 1]
         return jnp.where(seen, o.astype(f32), 0.0), jnp.where(seen[:, :, 0, 0][:, None, :], lse, -jnp.inf)
 
+    def band():
+        o, lse = call(q, _band(k, parts, lq), _band(v, parts, lq), causal=True)
+        return o.astype(f32), lse
+
     o_p, lse_p = lax.cond(jnp.any(parts.prefix > 0), prefix, lambda: none)
-    if tk >= lq:
-        kb, vb = _band(k, parts, lq), _band(v, parts, lq)
-
-        def band():
-            o, lse = call(q, kb, vb, causal=True)
-            return o.astype(f32), lse
-
-        if docs:
-            ids_b = _band(k_segment_ids, parts, lq)
-            other = lambda: fallback[0](  # noqa: E731
-                q, kb, vb, q_start=0, k_start=0, scale=scale, q_segment_ids=q_segment_ids, k_segment_ids=ids_b
-            )
-            band = functools.partial(lax.cond, _single_document(q_segment_ids), band, other)
-        o_b, lse_b = lax.cond(parts.band, band, lambda: none)
-    else:  # no band fits
-        o_b, lse_b = none
+    o_b, lse_b = lax.cond(parts.band, band, lambda: none) if tk >= lq else none  # no band fits: none
     lse = jnp.logaddexp(lse_p, lse_b)
     safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
     w_p, w_b = (jnp.exp(x - safe).transpose(0, 2, 1)[..., None] for x in (lse_p, lse_b))
-    o = w_p * o_p + w_b * o_b
-    return jnp.where(parts.valid, o, jnp.nan), jnp.where(parts.valid, lse, jnp.nan)
-
-
-def _documents(q_ids, k_ids, fallback) -> bool:
-    if (q_ids is None) != (k_ids is None):
-        raise ValueError("q_segment_ids and k_segment_ids go together: pass both or neither")
-    if q_ids is not None and fallback is None:
-        raise ValueError(
-            "cudnn_blocks with segment_ids needs non-decreasing global document numbers and a fallback pair of "
-            "block functions for bands that hold a document boundary: block_functions('cudnn_blocks', "
-            "documents_sorted=True) passes one"
-        )
-    return q_ids is not None
+    return w_p * o_p + w_b * o_b, lse
 
 
 def block_attention_bwd(
@@ -314,11 +315,26 @@ def block_attention_bwd(
 ):
     """As ``xla.block_attention_bwd``: float32 ``(dq, dk, dv)`` of this key block given the queries'
     *final* o and lse, for chunk-aligned offsets; documents as in ``block_attention_fwd``."""
-    dense = dense or default_dense()
-    lq, tk = q.shape[1], k.shape[1]
     docs = _documents(q_segment_ids, k_segment_ids, fallback)
-    parts = _parts(lq, tk, q_start, k_start, q_segment_ids, k_segment_ids)
-    o, do = o.astype(q.dtype), do.astype(q.dtype)  # cuDNN takes them in the input dtype
+    parts = _parts(q.shape[1], k.shape[1], q_start, k_start, q_segment_ids, k_segment_ids)
+    o_in, do_in = o.astype(q.dtype), do.astype(q.dtype)  # cuDNN takes them in the input dtype
+    pair = functools.partial(
+        _pair_bwd, q, k, v, o_in, lse, do_in, parts, scale=scale, dense=dense or default_dense(), docs=docs
+    )
+    if docs:
+        kw = dict(q_start=q_start, k_start=k_start, scale=scale, q_segment_ids=q_segment_ids)
+        other = lambda: tuple(  # noqa: E731
+            g.astype(jnp.float32) for g in fallback[1](q, k, v, o, lse, do, k_segment_ids=k_segment_ids, **kw)
+        )
+        grads = lax.cond(_single_document(q_segment_ids), pair, other)
+    else:
+        grads = pair()
+    return tuple(jnp.where(parts.valid, g, jnp.nan) for g in grads)
+
+
+def _pair_bwd(q, k, v, o, lse, do, parts: Parts, *, scale: float, dense: Dense, docs: bool):
+    """float32 ``(dq, dk, dv)`` of the prefix call and the causal band given the final o and lse."""
+    lq, tk = q.shape[1], k.shape[1]
     f32 = jnp.float32
     call = functools.partial(dense.bwd, scale=scale)
 
@@ -333,26 +349,16 @@ def block_attention_bwd(
         return jnp.where(rows, dq.astype(f32), 0.0), _roll(dk, back), _roll(dv, back)
 
     zeros = (jnp.zeros(q.shape, f32), jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32))
-    dq, dk, dv = lax.cond(jnp.any(parts.prefix > 0), prefix, lambda: zeros)
-    if tk >= lq:
-        kb, vb = _band(k, parts, lq), _band(v, parts, lq)
+    grads = lax.cond(jnp.any(parts.prefix > 0), prefix, lambda: zeros)
+    if tk < lq:  # no band fits
+        return grads
 
-        def band_grads():
-            return tuple(x.astype(f32) for x in call(q, kb, vb, o, lse, do, causal=True))
+    def band(grads):
+        dq, dk, dv = grads
+        dq_b, dk_b, dv_b = call(q, _band(k, parts, lq), _band(v, parts, lq), o, lse, do, causal=True)
+        add = lambda acc, x: lax.dynamic_update_slice_in_dim(  # noqa: E731
+            acc, _band(acc, parts, lq) + x.astype(f32), parts.start, axis=1
+        )
+        return dq + dq_b.astype(f32), add(dk, dk_b), add(dv, dv_b)
 
-        if docs:
-            ids_b = _band(k_segment_ids, parts, lq)
-            kw = dict(q_start=0, k_start=0, scale=scale, q_segment_ids=q_segment_ids, k_segment_ids=ids_b)
-            other = lambda: tuple(x.astype(f32) for x in fallback[1](q, kb, vb, o, lse, do, **kw))  # noqa: E731
-            band_grads = functools.partial(lax.cond, _single_document(q_segment_ids), band_grads, other)
-
-        def band(grads):
-            dq, dk, dv = grads
-            dq_b, dk_b, dv_b = band_grads()
-            add = lambda acc, x: lax.dynamic_update_slice_in_dim(  # noqa: E731
-                acc, _band(acc, parts, lq) + x, parts.start, axis=1
-            )
-            return dq + dq_b, add(dk, dk_b), add(dv, dv_b)
-
-        dq, dk, dv = lax.cond(parts.band, band, lambda g: g, (dq, dk, dv))
-    return tuple(jnp.where(parts.valid, g, jnp.nan) for g in (dq, dk, dv))
+    return lax.cond(parts.band, band, lambda g: g, grads)
