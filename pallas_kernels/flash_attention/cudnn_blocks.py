@@ -13,7 +13,7 @@ queries and ``Tk`` keys (query i sees key j iff ``j ≤ d + i``):
 - ``d ≤ −Lq``: nothing is visible.
 
 Any other offset (a partial overlap) is outside the contract and gives NaN outputs, log-sum-exps
-and gradients, so a misuse cannot pass silently; the strategies never form one (their parts are
+and query gradients, so a misuse cannot pass silently; the strategies never form one (their parts are
 whole chunks). Each call sits under ``lax.cond`` on the traced offsets, so a rank's skipped part
 costs no kernel. The two partial outputs merge by their log-sum-exps in float32 (each partial
 output is rounded to the input dtype by cuDNN first). The backward runs cuDNN's backward on each
@@ -329,7 +329,8 @@ def block_attention_bwd(
         grads = lax.cond(_single_document(q_segment_ids), pair, other)
     else:
         grads = pair()
-    return tuple(jnp.where(parts.valid, g, jnp.nan) for g in grads)
+    dq, dk, dv = grads  # the guard on dq alone: dK/dV are whole key blocks, a pass over them costs
+    return jnp.where(parts.valid, dq, jnp.nan), dk, dv
 
 
 def _pair_bwd(q, k, v, o, lse, do, parts: Parts, *, scale: float, dense: Dense, docs: bool):
