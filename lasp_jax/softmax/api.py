@@ -128,7 +128,7 @@ def softmax_attention(
         ``"pallas"`` (the Pallas Triton flash-attention kernels; the Pallas interpreter off the
         GPU), ``"cudnn_blocks"`` (cuDNN's fused kernels as every strategy's block pairs, at most
         two calls per pair; bf16/fp16 on a GPU, a dense jnp twin off it; with ``segment_ids`` a
-        block whose queries' own span holds a document boundary runs that part on the Pallas kernels),
+        pair whose queries hold a document boundary runs whole on the Pallas kernels),
         ``"xla"`` (the jnp flash recurrence), ``"cudnn"`` (allgather and single device only: a
         dense global-position mask),
         or ``"dpa_xla"`` (the cuDNN code path with ``jax.nn.dot_product_attention``'s XLA kernel;

@@ -108,7 +108,7 @@ def block_functions(
             functools.partial(xla.block_attention_fwd, block=block),
             functools.partial(xla.block_attention_bwd, block=block),
         )
-    if impl == "cudnn_blocks":  # bands that hold a document boundary: the Pallas kernels (jnp off the GPU)
+    if impl == "cudnn_blocks":  # pairs whose queries hold a document boundary: the Pallas kernels (jnp off the GPU)
         fallback = block_functions("pallas" if on_gpu() else "xla", block=block, documents_sorted=True)
         fallback = fallback if documents_sorted else None  # unsorted ids: refused (the prefix needs sorted numbers)
         return (
