@@ -24,12 +24,12 @@ before the float32 sums, where the Pallas blocks write float32).
 
 Documents (segment ids as non-decreasing global document numbers, as ``softmax_attention`` passes
 them): only the queries' first document can see keys before the queries' own positions, and those
-keys are one run. So the prefix call takes that document's rows (cuDNN's per-row query length) and
-its run of keys, rotated to the front of K and V per batch row (one gather; the key length is the
-run's), and the band is cuDNN's causal call. That holds where each batch row's queries lie in one
-document; a pair whose queries hold a document boundary runs whole on the ``fallback`` block
-functions (the Pallas kernels on a GPU, whose document masks and tile skipping serve short
-documents better than cuDNN calls on short runs would).
+keys are one run. So the prefix call takes that document's rows (cuDNN's per-row query length; all
+the rows, as a pair runs here only where its queries hold one document) and its run of keys,
+rotated to the front of K and V per batch row (a gather, skipped when no row needs it; the key
+length is the run's), and the band is cuDNN's causal call. A pair whose queries hold a document
+boundary runs whole on the ``fallback`` block functions (the Pallas kernels on a GPU, whose
+document masks and tile skipping serve short documents better than cuDNN calls on short runs would).
 
 Off a GPU the same decomposition runs on ``xla_dense``, a dense jnp twin of the two cuDNN calls
 (same dtypes and masks), which is what the CPU tests check; the GPU tests check cuDNN itself.
@@ -55,7 +55,9 @@ class Dense(NamedTuple):
     float32)`` and ``bwd(q, k, v, o, lse, do, *, same keywords) -> (dq, dk, dv)`` in the inputs'
     dtypes. ``q_len`` / ``kv_len``: None (every row) or int32 ``[B]``: per batch row, only queries
     ``[0, q_len)`` and keys ``[0, kv_len)`` take part (cuDNN's padding mask; not with ``causal``).
-    Query rows past ``q_len`` are unspecified in the forward (the caller masks them)."""
+    Query rows past ``q_len`` are unspecified in the forward, and a batch row with ``kv_len = 0``
+    gets o = 0 and lse = 0 (not −inf) from cuDNN (H200, jax 0.11.2): the caller masks both; the
+    jnp twin gives the same zeros, so the CPU tests check the masking."""
 
     fwd: object
     bwd: object
@@ -145,6 +147,8 @@ def xla_dense_fwd(q, k, v, *, scale: float, causal: bool, q_len=None, kv_len=Non
     s = jnp.where(visible, s, -jnp.inf)
     lse = jax.nn.logsumexp(s, axis=-1)  # [B, Hk, G, Lq]; −inf on rows that see nothing
     p = jnp.where(visible, jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None]), 0.0)
+    if kv_len is not None:  # as cuDNN: a batch row with no keys gets lse 0, not −inf
+        lse = jnp.where(jnp.asarray(kv_len).reshape(-1, 1, 1, 1) == 0, 0.0, lse)
     o = jnp.einsum("bhgqk,bkhe->bqhge", p, v.astype(jnp.float32), precision=lax.Precision.HIGHEST)
     return o.reshape(b, lq, h, v.shape[-1]).astype(q.dtype), lse.reshape(b, h, lq)
 
@@ -212,11 +216,13 @@ def _band(x, parts: Parts, q_len: int):
 
 
 def _roll(x, shift):
-    """Row b of ``[B, T, ...]`` rotated left by ``shift[b]`` (None: unchanged)."""
+    """Row b of ``[B, T, ...]`` rotated left by ``shift[b]`` (None: unchanged; a gather of the whole
+    block, skipped when every shift is 0)."""
     if shift is None:
         return x
     idx = (jnp.arange(x.shape[1])[None, :] + shift[:, None]) % x.shape[1]
-    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+    idx = idx.reshape(idx.shape + (1,) * (x.ndim - 2))
+    return lax.cond(jnp.any(shift > 0), lambda: jnp.take_along_axis(x, idx, axis=1), lambda: x)
 
 
 def _row_mask(lengths, n: int):
@@ -264,7 +270,9 @@ def block_attention_fwd(
     pair = functools.partial(_pair_fwd, q, k, v, parts, scale=scale, dense=dense or default_dense(), docs=docs)
     if docs:
         ids = dict(q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids)
-        other = lambda: fallback[0](q, k, v, q_start=q_start, k_start=k_start, scale=scale, **ids)  # noqa: E731
+        other = lambda: tuple(  # noqa: E731  (float32 as the pair's, also for float64 input)
+            x.astype(jnp.float32) for x in fallback[0](q, k, v, q_start=q_start, k_start=k_start, scale=scale, **ids)
+        )
         o, lse = lax.cond(_single_document(q_segment_ids), pair, other)
     else:
         o, lse = pair()

@@ -58,6 +58,8 @@ def test_single_device(rng):
 DOC_CASES = [
     ("allgather", None, 1, 4),
     ("allgather", False, 2, 2),
+    ("ring", None, 1, 4),
+    ("ring", False, 1, 4),
     ("zigzag_ring", None, 1, 4),
     ("tokenring", None, 1, 2),
 ]

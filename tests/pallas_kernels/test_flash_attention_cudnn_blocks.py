@@ -106,15 +106,18 @@ def test_misaligned_offsets_give_nan(rng, q_start, k_start):
 
 
 def _document_ids(case, q_start, k_start, lq=16, lk=48):
-    """Global non-decreasing document numbers of the query and key blocks ``[2, L]`` (two batch rows
-    that differ): a boundary inside the query block or not, documents crossing the block edges."""
+    """Global non-decreasing document numbers of the query and key blocks ``[B, L]`` (batch rows
+    that differ): a boundary inside the query block or not, documents crossing the block edges.
+    "mixed-prefixes" (three rows, placed by the offsets): a document starting exactly at the
+    queries (empty prefix), one starting 5 keys into the key block, and one document throughout."""
     cuts = {
         "one-document-queries": ([5, 100], [30, 200]),  # queries all in the last document of row 0 / 1
         "boundary-in-queries": ([21, 40], [3, 26]),
         "many-documents": ([1, 9, 12, 19, 22, 27, 29, 35, 40, 47, 70], [2, 4, 8, 16, 33, 34, 36, 90]),
+        "mixed-prefixes": ([q_start], [k_start + 5] if k_start + 5 < q_start else [], []),
     }[case]
     n = max(q_start + lq, k_start + lk)
-    ids = np.zeros((2, n), np.int32)
+    ids = np.zeros((len(cuts), n), np.int32)
     for row, row_cuts in enumerate(cuts):
         for c in row_cuts:
             ids[row, c:] += 1
@@ -127,19 +130,32 @@ XLA_FALLBACK = (
 )
 
 
-@pytest.mark.parametrize("docs", ["one-document-queries", "boundary-in-queries", "many-documents"])
-@pytest.mark.parametrize("case", ["diagonal", "prefix-and-band", "band-at-the-end", "all-visible", "future"])
+def _nan_block(*args, **kwargs):
+    """A fallback that must not run: NaN outputs of the block functions' shapes."""
+    q, k, v = args[:3]
+    b, lq, h, _ = q.shape
+    if len(args) == 3:
+        return jnp.full((b, lq, h, v.shape[-1]), jnp.nan), jnp.full((b, h, lq), jnp.nan)
+    return tuple(jnp.full(x.shape, jnp.nan) for x in (q, k, v))
+
+
+@pytest.mark.parametrize("docs", ["one-document-queries", "boundary-in-queries", "many-documents", "mixed-prefixes"])
+@pytest.mark.parametrize(
+    "case", ["diagonal", "prefix-and-band", "band-at-the-end", "all-visible", "far-past", "future"]
+)
 def test_blocks_with_documents_equal_the_recurrence(rng, case, docs):
     """Packed documents: the first document's rows see its run of earlier keys (rotated to the
-    front), the band runs cuDNN's causal mask or the fallback; o, lse and the gradients given them."""
+    front), the band runs cuDNN's causal mask, and a pair whose queries hold a boundary the
+    fallback; o, lse and the gradients given them. "mixed-prefixes" must take the cuDNN pair (its
+    fallback gives NaN), with a batch row whose prefix is empty beside rows whose prefix is not."""
     q_start, k_start = OFFSETS[case]
-    q, k, v, do = _inputs(rng)
     q_ids, k_ids = _document_ids(docs, q_start, k_start)
+    q, k, v, do = _inputs(rng, b=q_ids.shape[0])
     scale = 0.3
     ids = dict(q_segment_ids=q_ids, k_segment_ids=k_ids)
     want = xla.block_attention_fwd(q, k, v, q_start=q_start, k_start=k_start, scale=scale, block=8, **ids)
     kw = dict(q_start=jnp.int32(q_start), k_start=jnp.int32(k_start), scale=scale, **ids)
-    kw |= dict(dense=cudnn_blocks.XLA_DENSE, fallback=XLA_FALLBACK)
+    kw |= dict(dense=cudnn_blocks.XLA_DENSE, fallback=(_nan_block,) * 2 if docs == "mixed-prefixes" else XLA_FALLBACK)
     o, lse = jax.jit(functools.partial(cudnn_blocks.block_attention_fwd, **kw))(q, k, v)
     bound = tol(F32, 48)
     seen = np.isfinite(np.asarray(want[1]))
