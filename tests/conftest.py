@@ -55,6 +55,16 @@ SLOW = {
     "tests/lasp_jax/test_softmax_attention.py::test_tokenring_and_zigzag_ring_every_shard[tokenring-balanced-pallas-dp1xsp2]",
     "tests/lasp_jax/test_softmax_attention.py::test_tokenring_and_zigzag_ring_every_shard[zigzag_ring-balanced-pallas-dp1xsp2]",
     "tests/lasp_jax/test_softmax_attention.py::test_tokenring_with_heads_over_a_tp_axis",
+    # cuDNN block pairs (cudnn_blocks): CI keeps the document layouts that take each branch (boundary in the
+    # queries: the fallback; mixed prefixes: the cuDNN pair with an empty prefix beside others) and one
+    # contiguous strategy with documents; these repeat them
+    *(
+        f"tests/pallas_kernels/test_flash_attention_cudnn_blocks.py::test_blocks_with_documents_equal_the_recurrence[{c}-{d}]"
+        for c in ("diagonal", "prefix-and-band", "band-at-the-end", "all-visible", "far-past", "future")
+        for d in ("one-document-queries", "many-documents")
+    ),
+    "tests/lasp_jax/test_softmax_cudnn_blocks.py::test_packed_documents_every_shard[allgather-contiguous-dp2xsp2]",
+    "tests/lasp_jax/test_softmax_cudnn_blocks.py::test_odd_local_length_and_eight_ranks[8]",
     # strategy="scan" where it joins the other strategies' parametrisations (its CI cases: test_scan*.py,
     # and the checked shard_map case), and the longer scan checks; test_scan.py covers the same properties
     *(
