@@ -96,6 +96,7 @@ def main():
     ap.add_argument("--doc-len", type=int, default=0, help="packed documents of this many tokens (0: none)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", default=None, metavar="DIR", help="trace rank 0's step per impl, print device time")
     args = ap.parse_args()
     if args.smoke:
         args.tokens_per_device, args.heads, args.kv_heads, args.head_dim, args.reps = 64, 4, 2, 16, 1
@@ -104,7 +105,7 @@ def main():
     h, hk, d = args.heads, args.kv_heads, args.head_dim
     scale = d**-0.5
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, H{h} Hk{hk} D{d} {jnp.dtype(dtype).name}")
-    rows = []
+    rows, profiles = [], {}
     for p in args.sp:
         t = p * args.tokens_per_device
         chunk = t // (2 * p)
@@ -141,6 +142,13 @@ def main():
                     ids = ([doc[:, c * chunk : (c + 1) * chunk] for c in cs], doc)
                 times.append(median_ms(step, qs, starts, k, v, dos, *ids, reps=args.reps))
                 print(f"  {impl} rank {r} (chunks {cs}): {times[-1]:.2f} ms", flush=True)
+                if args.profile and r == 0:
+                    from models.profile import profile_calls, format_table
+
+                    run = lambda _, a=(qs, starts, k, v, dos, *ids): step(*a)  # noqa: E731
+                    _, summary = profile_calls(run, None, calls=3, logdir=os.path.join(args.profile, f"{impl}_sp{p}"))
+                    print(format_table(summary, title=f"{impl} sp={p} rank 0 fwd+bwd"), flush=True)
+                    profiles[f"{impl} sp={p}"] = summary.as_json()
             row = {
                 "sp": p,
                 "what": impl + (f", documents of {args.doc_len}" if args.doc_len else ""),
@@ -168,7 +176,7 @@ def main():
     if args.json:
         meta = {"jax": jax.__version__, "device": jax.devices()[0].device_kind, "args": vars(args)}
         with open(args.json, "w") as f:
-            json.dump(meta | {"rows": rows}, f, indent=1)
+            json.dump(meta | {"rows": rows, "profiles": profiles}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -215,14 +215,17 @@ def _band(x, parts: Parts, q_len: int):
     return lax.dynamic_slice_in_dim(x, parts.start, q_len, axis=1)
 
 
-def _roll(x, shift):
-    """Row b of ``[B, T, ...]`` rotated left by ``shift[b]`` (None: unchanged; a gather of the whole
-    block, skipped when every shift is 0)."""
+def _roll(shift, *xs):
+    """Row b of each ``[B, T, ...]`` rotated left by ``shift[b]`` (None: unchanged; a gather of the
+    whole blocks under one ``lax.cond``, skipped when every shift is 0)."""
     if shift is None:
-        return x
-    idx = (jnp.arange(x.shape[1])[None, :] + shift[:, None]) % x.shape[1]
-    idx = idx.reshape(idx.shape + (1,) * (x.ndim - 2))
-    return lax.cond(jnp.any(shift > 0), lambda: jnp.take_along_axis(x, idx, axis=1), lambda: x)
+        return xs
+
+    def gather():
+        idx = (jnp.arange(xs[0].shape[1])[None, :] + shift[:, None]) % xs[0].shape[1]
+        return tuple(jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1) for x in xs)
+
+    return lax.cond(jnp.any(shift > 0), gather, lambda: xs)
 
 
 def _row_mask(lengths, n: int):
@@ -289,7 +292,7 @@ def _pair_fwd(q, k, v, parts: Parts, *, scale: float, dense: Dense, docs: bool):
 
     def prefix():
         shift = parts.first if docs else None
-        o, lse = call(q, _roll(k, shift), _roll(v, shift), causal=False, q_len=parts.rows, kv_len=parts.prefix)
+        o, lse = call(q, *_roll(shift, k, v), causal=False, q_len=parts.rows, kv_len=parts.prefix)
         seen = _row_mask(parts.rows, lq) & (parts.prefix > 0)[:, None, None, None]  # [B, Lq, 1, 1]
         return jnp.where(seen, o.astype(f32), 0.0), jnp.where(seen[:, :, 0, 0][:, None, :], lse, -jnp.inf)
 
@@ -349,13 +352,13 @@ def _pair_bwd(q, k, v, o, lse, do, parts: Parts, *, scale: float, dense: Dense, 
 
     def prefix():
         shift = parts.first if docs else None
-        kr, vr = _roll(k, shift), _roll(v, shift)
+        kr, vr = _roll(shift, k, v)
         dq, dk, dv = call(q, kr, vr, o, lse, do, causal=False, q_len=parts.rows, kv_len=parts.prefix)
         rows = _row_mask(parts.rows, lq) & (parts.prefix > 0)[:, None, None, None]
         keys = _row_mask(parts.prefix, tk)  # keys past the length: zero, whatever cuDNN left there
         dk, dv = (jnp.where(keys, x.astype(f32), 0.0) for x in (dk, dv))
         back = None if shift is None else (tk - shift) % tk
-        return jnp.where(rows, dq.astype(f32), 0.0), _roll(dk, back), _roll(dv, back)
+        return (jnp.where(rows, dq.astype(f32), 0.0), *_roll(back, dk, dv))
 
     zeros = (jnp.zeros(q.shape, f32), jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32))
     grads = lax.cond(jnp.any(parts.prefix > 0), prefix, lambda: zeros)
