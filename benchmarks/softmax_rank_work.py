@@ -143,9 +143,9 @@ def main():
                 times.append(median_ms(step, qs, starts, k, v, dos, *ids, reps=args.reps))
                 print(f"  {impl} rank {r} (chunks {cs}): {times[-1]:.2f} ms", flush=True)
                 if args.profile and r == 0:
-                    from models.profile import profile_calls, format_table
+                    from models.profile import format_table, profile_calls
 
-                    run = lambda _, a=(qs, starts, k, v, dos, *ids): step(*a)  # noqa: E731
+                    run = lambda _, f=step, a=(qs, starts, k, v, dos, *ids): f(*a)  # noqa: E731
                     _, summary = profile_calls(run, None, calls=3, logdir=os.path.join(args.profile, f"{impl}_sp{p}"))
                     print(format_table(summary, title=f"{impl} sp={p} rank 0 fwd+bwd"), flush=True)
                     profiles[f"{impl} sp={p}"] = summary.as_json()

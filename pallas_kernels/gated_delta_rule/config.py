@@ -163,7 +163,8 @@ def default_config(
     1, so per-channel gates keep the rule. The split entry points of sequence parallelism
     (``sequence_parallel``, which run the transition and the local reverse pass anyway) split while
     fewer than half the SMs (66) have programs: 2×H200, GDN 32K tokens per GPU, 16 heads, allgather,
-    2 / 4 / 8 / 16 runs per shard 5.60 / 5.64 / 5.86 / 6.29 ms); the WY kernels take whole rows of
+    2 / 4 / 8 / 16 runs per shard 5.60 / 5.64 / 5.86 / 6.29 ms), and where that cuts the shard under
+    scalar or no gates they take 64-wide value blocks and twice the runs; the WY kernels take whole rows of
     keys and values at once (``block_cols`` = the padded head dim) under scalar or no gates,
     32-column blocks under per-channel gates; the forward stores each chunk's inverse for the WY
     backward (``store_inverse``: on whole chunks under scalar or no gates, by sub-tile blocks under
@@ -217,4 +218,13 @@ def default_config(
         cfg = dataclasses.replace(cfg, block_e=16)
         programs *= 2
     target = 2 * NUM_SMS if per_channel else NUM_SMS // 2 if sequence_parallel else NUM_SMS // 4
-    return dataclasses.replace(cfg, splits=state_pass_splits(programs, -(-seq_len // cfg.chunk), target=target))
+    chunks = -(-seq_len // cfg.chunk)
+    splits = state_pass_splits(programs, chunks, target=target)
+    if sequence_parallel and not per_channel and splits > 1 and cfg.block_e == 32 and value_dim >= 64:
+        # where the shard is cut into runs anyway: 64-wide value blocks and twice the runs (the same
+        # programs, half the sequential steps each); H200, a rank's own work at (1, 32K, 16, 128) bf16
+        # fwd+bwd (benchmarks/delta_rule_rank_work.py, session 16): 4 runs of 64 3.93 ms against 4.07
+        # with 2 runs of 32 (the single-device op: 3.75); 8 runs of 64 4.09, 4 runs of 32 4.15
+        cfg = dataclasses.replace(cfg, block_e=64)
+        splits = state_pass_splits(programs // 2, chunks, target=target)
+    return dataclasses.replace(cfg, splits=splits)

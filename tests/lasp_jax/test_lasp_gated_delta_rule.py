@@ -328,7 +328,7 @@ def test_pallas_two_ranks_without_states_forms_no_transition(rng, strategy, gate
 
 
 @pytest.mark.parametrize(
-    "heads,shard,runs,kernel", [(16, 8192, 2, "transition"), (32, 8192, 1, "leaving"), (16, 1024, 1, "leaving")]
+    "heads,shard,runs,kernel", [(16, 8192, 4, "transition"), (32, 8192, 1, "leaving"), (16, 1024, 1, "leaving")]
 )
 def test_two_ranks_keep_their_runs_where_the_shard_default_splits(monkeypatch, heads, shard, runs, kernel):
     """On a GPU the M-only pass runs as one run, so where the split entry points' default cuts the

@@ -420,8 +420,13 @@ def test_default_config_fills_the_gpu_with_splits():
     sharded = default_config(
         batch=1, value_heads=16, seq_len=32768, value_dim=128, interpret=False, sequence_parallel=True
     )
-    # the split entry points: 32-wide blocks (16-wide measured slower), runs until half the SMs
-    assert (sharded.block_e, sharded.splits) == (32, 2)  # 64 programs → 128
+    # the split entry points: runs until half the SMs (16-wide blocks measured slower), and where the shard
+    # is cut, 64-wide blocks and twice the runs: 64 programs of 32 columns → 2 runs; 32 of 64 → 4 runs
+    assert (sharded.block_e, sharded.splits) == (64, 4)
+    sharded32 = default_config(
+        batch=1, value_heads=32, seq_len=32768, value_dim=128, interpret=False, sequence_parallel=True
+    )
+    assert (sharded32.block_e, sharded32.splits) == (32, 1)  # 128 programs: one run (M alone at two ranks)
     sharded_kda = default_config(
         batch=1, value_heads=16, seq_len=32768, value_dim=128, interpret=False, sequence_parallel=True, per_channel=True
     )
@@ -559,6 +564,12 @@ GPU_CASES = {
         BlockConfig(block_e=16, store_inverse=True, wy_rows=64, inverse_precision="tf32"),
     ),
     "gdn-block-e-16-splits": ("gdn", None, BlockConfig(block_e=16, splits=4, store_inverse=True)),
+    # the split entry points' default where they cut the shard: 64-wide value blocks, 4 runs
+    "gdn-block-e-64-splits-docs": (
+        "gdn",
+        (1000, 1001, 2500),
+        BlockConfig(block_e=64, splits=4, store_inverse=True, wy_rows=64, inverse_precision="tf32", num_warps=4),
+    ),
     # the bf16 default's launch parameters (4 warps in the forward chunk kernels and the output
     # backward) with documents
     "gdn-four-warps-docs": (
