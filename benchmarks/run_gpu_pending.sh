@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements left open at the end of session 15, in order of value: about 10 minutes on
+# The GPU measurements left open at the end of session 16, in order of value: about 12 minutes on
 # 2 (or 4) H200s; each step has its own time limit and keeps its output if a later one fails. Run
 # from the repository root:
 #   OUT=runs/pending bash benchmarks/run_gpu_pending.sh
@@ -16,6 +16,10 @@ timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/lasp_jax/test_
 echo "== gpu tests cudnn_blocks"; tail -n 2 "$OUT/gpu_tests_cudnn_blocks.log"
 timeout 260 python3 benchmarks/hybrid.py --sp $N --reps 3 --strategies allgather zigzag_ring tokenring ring --json "$OUT/hybrid.json" > "$OUT/hybrid.log" 2>&1
 echo "== hybrid"; grep -E "^ +[0-9]+ +[a-z_]+ +[0-9]+" "$OUT/hybrid.log"
+# issue 13: the delta rule under sp with session 16's split default (64-wide blocks, 4 runs: a rank's
+# own work 1.04-1.05x of the single-device op on one H200; the layer 1.167x in session 15, target 1.15x)
+timeout 200 python3 benchmarks/delta_rule_sp.py --ops gdn --strategies allgather ring --no-peer --json "$OUT/delta_sp.json" > "$OUT/delta_sp.log" 2>&1
+echo "== delta sp"; grep -E '"what"' "$OUT/delta_sp.log" | cut -c1-200
 # the TNL hybrid group's train step (its softmax layer now on cuDNN block pairs)
 timeout 200 python3 benchmarks/hybrid.py --workload tnl-hybrid --sp $N --reps 3 --strategies allgather --json "$OUT/tnl_hybrid.json" > "$OUT/tnl_hybrid.log" 2>&1
 echo "== tnl-hybrid"; grep -E "^ +[0-9]+ +[a-z_]+ +[0-9]+" "$OUT/tnl_hybrid.log"
