@@ -196,15 +196,16 @@ def test_shard_function_inside_user_shard_map(rng, strategy):
 
 @pytest.mark.parametrize("on_gpu", [False, True], ids=["cpu-backend", "gpu-backend"])
 def test_auto_picks_the_block_compute(monkeypatch, on_gpu):
-    """impl="auto": on a GPU without documents, cuDNN per block pair under a mesh (every strategy) and
-    cuDNN's own causal mask on one device where cuDNN takes the input; the Pallas kernels with
-    documents or where cuDNN does not take it; the jnp recurrence on CPU and for float64."""
+    """impl="auto": on a GPU, cuDNN per block pair under a mesh (every strategy, with or without
+    documents) and cuDNN's own causal mask on one device without documents, where cuDNN takes the
+    input; the Pallas kernels on one device with documents or where cuDNN does not take it; the jnp
+    recurrence on CPU and for float64."""
     monkeypatch.setattr(softmax_api, "on_gpu", lambda: on_gpu)
     resolve = softmax_api.resolve_impl
     q, k, v = _arrays(dtype=jnp.bfloat16)
     kernel = "pallas" if on_gpu else "xla"
     assert resolve("auto", q, k, v, n_keys=None) == ("cudnn_blocks" if on_gpu else "xla")  # under a mesh
-    assert resolve("auto", q, k, v, n_keys=None, documents=True) == kernel  # documents: the Pallas kernels
+    assert resolve("auto", q, k, v, n_keys=None, documents=True) == ("cudnn_blocks" if on_gpu else "xla")
     assert resolve("auto", q, k, v[..., :4], n_keys=None) == kernel  # E != D: no cuDNN
     assert resolve("auto", q.astype(jnp.float32), k, v, n_keys=None) == kernel  # float32: no cuDNN
     assert resolve("auto", q, k, v, n_keys=16) == ("cudnn" if on_gpu else "xla")
