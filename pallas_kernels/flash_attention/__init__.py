@@ -8,7 +8,7 @@ log-sum-exp (so block contributions add up across key blocks and ranks): the loc
 """
 
 from pallas_kernels.flash_attention.api import IMPLS, block_functions, flash_attention
-from pallas_kernels.flash_attention.common import supports
+from pallas_kernels.flash_attention.common import fits_shared_memory, supports
 from pallas_kernels.flash_attention.config import BlockConfig, default_config
 from pallas_kernels.flash_attention.pallas_triton import block_attention_fwd
 from pallas_kernels.flash_attention.pallas_triton_vjp import block_attention_bwd
@@ -20,6 +20,7 @@ __all__ = [
     "block_attention_fwd",
     "block_functions",
     "default_config",
+    "fits_shared_memory",
     "flash_attention",
     "supports",
 ]

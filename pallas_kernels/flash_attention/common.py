@@ -238,6 +238,14 @@ def supports(q, k, v) -> bool:
     return b * (lq + 128) * h * width <= MAX_ELEMENTS and b * (lk + 128) * hk * width <= MAX_ELEMENTS
 
 
+def fits_shared_memory(q, k, v) -> bool:
+    """Whether the compiled kernels' default tiles fit a GPU's shared memory: not for float32 heads
+    wider than 128 (H200, session 16: 256-wide float32 asked 279,040 bytes of 232,448 at 128×32
+    forward tiles). The interpreter has no such limit."""
+    width = max(pad_dim(q.shape[-1]), pad_dim(v.shape[-1]))
+    return not (width > 128 and jnp.result_type(q.dtype, k.dtype, v.dtype).itemsize >= 4)
+
+
 def resolve(q, k, v, interpret: bool | None, config: BlockConfig | None):
     """(interpret, config, compute dtype) after checking what the kernels take."""
     if interpret is None:
@@ -253,5 +261,15 @@ def resolve(q, k, v, interpret: bool | None, config: BlockConfig | None):
             f"inputs too large for int32 element offsets: q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}, "
             f"v.shape={tuple(v.shape)}"
         )
-    cfg = config or default_config(head_dim=max(pad_dim(q.shape[-1]), pad_dim(v.shape[-1])), interpret=interpret)
+    if not interpret and config is None and not fits_shared_memory(q, k, v):
+        raise ValueError(
+            "the compiled Pallas flash-attention kernels take float32 heads up to 128 wide (wider ones exceed "
+            f"an H200's shared memory): got q {q.dtype}{tuple(q.shape)}, v {v.dtype}{tuple(v.shape)}; use bf16/fp16, "
+            "impl='xla', or pass a config with smaller tiles"
+        )
+    cfg = config or default_config(
+        head_dim=max(pad_dim(q.shape[-1]), pad_dim(v.shape[-1])),
+        interpret=interpret,
+        dtype=dtype,
+    )
     return interpret, cfg, dtype

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
+
 BACKWARDS = ("split", "fused")
 
 
@@ -57,9 +59,16 @@ INTERPRET_CONFIG = BlockConfig(
 )
 
 
-def default_config(*, head_dim: int, interpret: bool) -> BlockConfig:
+# shared memory per program on an H200 / H100 (the limit a failed launch reported: 232,448 bytes)
+SHARED_MEMORY_BYTES = 232448
+
+
+def default_config(*, head_dim: int, interpret: bool, dtype=None) -> BlockConfig:
     """Forward 128×128 tiles with 8 warps for 128-wide heads (128×64 with 4 warps for 64 and
-    narrower), split backward on 64×64 tiles with 4 warps.
+    narrower), split backward on 64×64 tiles with 4 warps; the walked axis' tiles halved while their
+    pipeline stages exceed the shared memory (float32 above 64-wide heads: 128×64 forward tiles;
+    float32 256-wide heads: 32-row backward tiles; session 16's GPU test found fp32 at 128×128
+    asking 384 KiB).
 
     H200 sweep (``benchmarks/flash_sweep.py``, 2026-11-30, causal 32K, H32 Hk8 D128 bf16, cuDNN
     13.49 / 56.56 ms fwd / fwd+bwd in the same run): forward 128×128, 3 stages 18.62 ms against
@@ -73,6 +82,14 @@ def default_config(*, head_dim: int, interpret: bool) -> BlockConfig:
     """
     if interpret:
         return INTERPRET_CONFIG
-    if head_dim <= 64:
-        return BlockConfig(num_warps=4)
-    return BlockConfig(block_k=128, num_warps=8)
+    cfg = BlockConfig(num_warps=4) if head_dim <= 64 else BlockConfig(block_k=128, num_warps=8)
+    itemsize = 2 if dtype is None else jnp.dtype(dtype).itemsize
+    # tiles along the walked axis as large as fit: Triton keeps that axis' two operand tiles per stage
+    # in shared memory (2·rows·D·itemsize·stages bytes; H200, fp32 D128 at 128 rows in 3 stages asked
+    # 384 KiB and failed)
+    fits = lambda rows, stages: 2 * rows * head_dim * itemsize * stages <= SHARED_MEMORY_BYTES  # noqa: E731
+    while cfg.block_k > 16 and not fits(cfg.block_k, cfg.num_stages):
+        cfg = dataclasses.replace(cfg, block_k=cfg.block_k // 2)
+    while cfg.block_q_dkv > 16 and not fits(cfg.block_q_dkv, cfg.num_stages_bwd):
+        cfg = dataclasses.replace(cfg, block_q_dkv=cfg.block_q_dkv // 2, block_k_dq=cfg.block_k_dq // 2)
+    return cfg

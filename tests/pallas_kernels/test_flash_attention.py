@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 
 import pallas_kernels
+from lasp_jax.softmax import api as softmax_api
 from pallas_kernels.flash_attention import BlockConfig, block_attention_bwd, block_attention_fwd, default_config, xla
 from pallas_kernels.flash_attention.common import first_key_blocks, query_block_ends, single_document_blocks
 from pallas_kernels.flash_attention.reference import block_attention as oracle
@@ -277,9 +278,42 @@ def test_flash_attention_matches_reference(rng, impl):
         flash_attention(*[jnp.asarray(x, jnp.float32) for x in (q, k, v)], impl="cudnn")
 
 
+def test_wide_float32_heads_refused_by_the_compiled_kernels(monkeypatch):
+    """float32 heads wider than 128 exceed an H200's shared memory at the default tiles (session 16):
+    the compiled kernels refuse them with a clear error, ``impl="auto"`` on a GPU runs the jnp
+    recurrence instead, and the interpreter (no such limit) still takes them."""
+    from pallas_kernels.flash_attention import api, common
+
+    q = jnp.zeros((1, 32, 2, 256), jnp.float32)
+    with pytest.raises(ValueError, match=r"float32 heads up to 128 wide"):
+        common.resolve(q, q, q, interpret=False, config=None)
+    assert common.resolve(q, q, q, interpret=True, config=None)[0] is True
+    low = q.astype(jnp.bfloat16)
+    assert common.resolve(low, low, low, interpret=False, config=None)[1].block_k == 64
+    narrow = q[..., :128]
+    assert common.resolve(narrow, narrow, narrow, interpret=False, config=None)[1].block_k == 64
+    monkeypatch.setattr(api, "on_gpu", lambda: True)
+    monkeypatch.setattr(softmax_api, "on_gpu", lambda: True)
+    assert api.resolve_impl("auto", q, q, q) == "xla"
+    assert softmax_api.resolve_impl("auto", q, q, q, n_keys=None) == "xla"
+    assert softmax_api.resolve_impl("auto", narrow, narrow, narrow, n_keys=None) == "pallas"
+
+
 def test_default_config():
     assert default_config(head_dim=128, interpret=False).num_warps == 8
     assert default_config(head_dim=64, interpret=False).num_warps == 4
+    assert default_config(head_dim=128, interpret=False, dtype=jnp.bfloat16).block_k == 128
+    # float32: 128-row K/V tiles in 3 stages would ask 384 KiB of shared memory (an H200 has 227)
+    f32 = default_config(head_dim=128, interpret=False, dtype=jnp.float32)
+    assert (f32.block_k, f32.block_q_dkv, f32.block_k_dq) == (64, 64, 64)
+    wide = default_config(head_dim=256, interpret=False, dtype=jnp.float32)
+    assert (wide.block_k, wide.block_q_dkv, wide.block_k_dq) == (32, 32, 32)
+    for d in (16, 64, 96, 128, 256):
+        for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
+            cfg = default_config(head_dim=d, interpret=False, dtype=dtype)
+            size = jnp.dtype(dtype).itemsize
+            assert 2 * cfg.block_k * d * size * cfg.num_stages <= 232448, (d, dtype, cfg)
+            assert 2 * cfg.block_q_dkv * d * size * cfg.num_stages_bwd <= 232448, (d, dtype, cfg)
     with pytest.raises(ValueError, match=r"block_q=48 must be a power of two"):
         BlockConfig(block_q=48)
     with pytest.raises(ValueError, match=r"backward='dq' must be one of"):
