@@ -41,6 +41,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.timing import median_ms  # noqa: E402
+from pallas_kernels.common import pad_dim  # noqa: E402
 from pallas_kernels.flash_attention import (  # noqa: E402
     BlockConfig,
     block_attention_bwd,
@@ -106,10 +107,10 @@ def main():
     fwd_flop, bwd_flop = 4 * d * pairs, 10 * d * pairs
     devices = jax.devices()
     print(f"jax {jax.__version__}, {devices[0].device_kind}; q {q.shape} at {args.q_start}, k {k.shape}, {dtype}")
-    print(f"default config: {default_config(head_dim=d, interpret=False)}")
+    print(f"default config: {default_config(head_dim=pad_dim(d), interpret=False, dtype=dtype)}")
 
     rows = []
-    base = default_config(head_dim=d, interpret=False)
+    base = default_config(head_dim=pad_dim(d), interpret=False, dtype=dtype)
     o_ref, lse_ref = jax.jit(lambda q, k, v: block_attention_fwd(q, k, v, **pos, config=base))(q, k, v)
     o_ref = o_ref.astype(dtype)
     grads_ref = jax.jit(lambda *a: block_attention_bwd(*a, **pos, config=base))(q, k, v, o_ref, lse_ref, do)

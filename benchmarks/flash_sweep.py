@@ -145,6 +145,7 @@ def run_worker(args, items: list[dict]):
     import jax
     import jax.numpy as jnp
 
+    from pallas_kernels.common import pad_dim
     from pallas_kernels.flash_attention import default_config
 
     b, t, h, hk, d = args.batch, args.tokens, args.heads, args.kv_heads, args.head_dim
@@ -164,7 +165,7 @@ def run_worker(args, items: list[dict]):
         scale=d**-0.5,
         flop_fwd=4 * d * pairs,
         flop_bwd=10 * d * pairs,
-        base=default_config(head_dim=d, interpret=args.quick),
+        base=default_config(head_dim=pad_dim(d), interpret=args.quick, dtype=dtype),
         # on the CPU the second call of a jitted interpreter kernel is still slow (seconds): warm up twice
         warmup=2 if args.quick else 1,
     )

@@ -149,8 +149,6 @@ SLOW = {
         for strategy in ("ring", "allgather", "ulysses", "gather_kv")
         for impl in ("xla", "pallas")
     ),
-    "tests/lasp_jax/test_lasp_gated_delta_rule.py::test_pallas_two_ranks_without_states_forms_no_transition[scan-gdn-1]",
-    "tests/lasp_jax/test_lasp_gated_delta_rule.py::test_pallas_two_ranks_without_states_forms_no_transition[ring-gdn-2]",
     # models: the same property on another mesh of the same family
     "tests/models/test_hybrid.py::test_hybrid_sequence_parallel_loss_curve_equals_single_device[tnl-sp4-softmax-allgather]",
     "tests/models/test_parallel_training.py::test_sequence_parallel_loss_curve_equals_single_device[tnl-dp2xsp4]",

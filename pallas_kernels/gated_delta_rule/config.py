@@ -220,11 +220,19 @@ def default_config(
     target = 2 * NUM_SMS if per_channel else NUM_SMS // 2 if sequence_parallel else NUM_SMS // 4
     chunks = -(-seq_len // cfg.chunk)
     splits = state_pass_splits(programs, chunks, target=target)
-    if sequence_parallel and not per_channel and splits > 1 and cfg.block_e == 32 and value_dim >= 64:
+    half_width = dtype is not None and jnp.dtype(dtype).itemsize == 2
+    wide_ok = sequence_parallel and not per_channel and half_width and cfg.block_e == 32 and value_dim >= 64
+    if (
+        wide_ok
+        and splits > 1
+        and key_dim <= 128
+        and state_pass_splits(programs // 2, chunks, target=target) == 2 * splits
+    ):
         # where the shard is cut into runs anyway: 64-wide value blocks and twice the runs (the same
         # programs, half the sequential steps each); H200, a rank's own work at (1, 32K, 16, 128) bf16
         # fwd+bwd (benchmarks/delta_rule_rank_work.py, session 16): 4 runs of 64 3.93 ms against 4.07
-        # with 2 runs of 32 (the single-device op: 3.75); 8 runs of 64 4.09, 4 runs of 32 4.15
+        # with 2 runs of 32 (the single-device op: 3.75); 8 runs of 64 4.09, 4 runs of 32 4.15. Only
+        # where that was measured: bf16/fp16, heads up to 128 wide, and the runs can double
         cfg = dataclasses.replace(cfg, block_e=64)
-        splits = state_pass_splits(programs // 2, chunks, target=target)
+        splits *= 2
     return dataclasses.replace(cfg, splits=splits)

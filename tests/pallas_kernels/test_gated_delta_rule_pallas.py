@@ -417,16 +417,18 @@ def test_default_config_fills_the_gpu_with_splits():
     assert (fewer.block_e, fewer.splits) == (32, 4)  # 16 programs → 64
     heads32 = default_config(batch=1, value_heads=32, seq_len=32768, value_dim=128, interpret=False)
     assert (heads32.block_e, heads32.splits) == (32, 1)  # 128 programs: 16-wide blocks measured slower
-    sharded = default_config(
-        batch=1, value_heads=16, seq_len=32768, value_dim=128, interpret=False, sequence_parallel=True
-    )
+    sp = dict(batch=1, value_dim=128, interpret=False, sequence_parallel=True)
+    sharded = default_config(value_heads=16, seq_len=32768, dtype=jnp.bfloat16, **sp)
     # the split entry points: runs until half the SMs (16-wide blocks measured slower), and where the shard
-    # is cut, 64-wide blocks and twice the runs: 64 programs of 32 columns → 2 runs; 32 of 64 → 4 runs
+    # is cut, 64-wide blocks and twice the runs (bf16/fp16, where it was measured): 64 programs of 32
+    # columns → 2 runs; 32 of 64 → 4 runs
     assert (sharded.block_e, sharded.splits) == (64, 4)
-    sharded32 = default_config(
-        batch=1, value_heads=32, seq_len=32768, value_dim=128, interpret=False, sequence_parallel=True
-    )
+    sharded32 = default_config(value_heads=32, seq_len=32768, dtype=jnp.bfloat16, **sp)
     assert (sharded32.block_e, sharded32.splits) == (32, 1)  # 128 programs: one run (M alone at two ranks)
+    f32 = default_config(value_heads=16, seq_len=32768, dtype=jnp.float32, **sp)
+    assert (f32.block_e, f32.splits) == (32, 2)  # float32: not measured wider
+    short = default_config(value_heads=16, seq_len=2048, dtype=jnp.bfloat16, **sp)
+    assert (short.block_e, short.splits) == (32, 2)  # 32 chunks: the runs cannot double, so 32 wide
     sharded_kda = default_config(
         batch=1, value_heads=16, seq_len=32768, value_dim=128, interpret=False, sequence_parallel=True, per_channel=True
     )
