@@ -317,7 +317,8 @@ def resolve_impl(impl: str, q, k, v, *, n_keys: int | None, documents: bool = Fa
     if impl == "auto":
         if n_keys is not None and not documents and cudnn_supports(q, k, v, n_keys):  # one device
             return "cudnn"
-        if n_keys is None and cudnn_supports(q, k, v, None):  # a mesh: cuDNN per block pair
+        # a mesh: cuDNN per block pair (with documents its fallback pairs run the Pallas kernels)
+        if n_keys is None and cudnn_supports(q, k, v, None) and (not documents or fits_shared_memory(q, k, v)):
             return "cudnn_blocks"
         return "pallas" if on_gpu() and supports(q, k, v) and fits_shared_memory(q, k, v) else "xla"
     if impl == "pallas":

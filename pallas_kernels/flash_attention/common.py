@@ -239,11 +239,11 @@ def supports(q, k, v) -> bool:
 
 
 def fits_shared_memory(q, k, v) -> bool:
-    """Whether the compiled kernels' default tiles fit a GPU's shared memory: not for float32 heads
-    wider than 128 (H200, session 16: 256-wide float32 asked 279,040 bytes of 232,448 at 128×32
-    forward tiles). The interpreter has no such limit."""
-    width = max(pad_dim(q.shape[-1]), pad_dim(v.shape[-1]))
-    return not (width > 128 and jnp.result_type(q.dtype, k.dtype, v.dtype).itemsize >= 4)
+    """Whether the compiled kernels' default tiles are known to fit a GPU's shared memory: heads up
+    to 128 wide (H200, session 16: 128-wide float32 runs at 128×64 forward tiles; 256-wide float32
+    asked 279,040 bytes of 232,448 at 128×32, and 256-wide bf16 was never run). The interpreter has
+    no such limit."""
+    return max(pad_dim(q.shape[-1]), pad_dim(v.shape[-1])) <= 128
 
 
 def resolve(q, k, v, interpret: bool | None, config: BlockConfig | None):
@@ -263,9 +263,9 @@ def resolve(q, k, v, interpret: bool | None, config: BlockConfig | None):
         )
     if not interpret and config is None and not fits_shared_memory(q, k, v):
         raise ValueError(
-            "the compiled Pallas flash-attention kernels take float32 heads up to 128 wide (wider ones exceed "
-            f"an H200's shared memory): got q {q.dtype}{tuple(q.shape)}, v {v.dtype}{tuple(v.shape)}; use bf16/fp16, "
-            "impl='xla', or pass a config with smaller tiles"
+            "the compiled Pallas flash-attention kernels take heads up to 128 wide (wider ones exceeded an H200's "
+            f"shared memory or were never run): got q {q.dtype}{tuple(q.shape)}, v {v.dtype}{tuple(v.shape)}; "
+            "use impl='xla' (or 'cudnn' / 'cudnn_blocks' without documents), or pass a config with smaller tiles"
         )
     cfg = config or default_config(
         head_dim=max(pad_dim(q.shape[-1]), pad_dim(v.shape[-1])),

@@ -278,25 +278,31 @@ def test_flash_attention_matches_reference(rng, impl):
         flash_attention(*[jnp.asarray(x, jnp.float32) for x in (q, k, v)], impl="cudnn")
 
 
-def test_wide_float32_heads_refused_by_the_compiled_kernels(monkeypatch):
-    """float32 heads wider than 128 exceed an H200's shared memory at the default tiles (session 16):
-    the compiled kernels refuse them with a clear error, ``impl="auto"`` on a GPU runs the jnp
-    recurrence instead, and the interpreter (no such limit) still takes them."""
+def test_wide_heads_refused_by_the_compiled_kernels(monkeypatch):
+    """Heads wider than 128 are not known to fit an H200's shared memory at the default tiles (float32
+    256-wide asked 279 KB, session 16; bf16 never ran): the compiled kernels refuse them with a clear
+    error, ``impl="auto"`` on a GPU runs cuDNN or the jnp recurrence instead, and the interpreter (no
+    such limit) still takes them."""
     from pallas_kernels.flash_attention import api, common
 
-    q = jnp.zeros((1, 32, 2, 256), jnp.float32)
-    with pytest.raises(ValueError, match=r"float32 heads up to 128 wide"):
-        common.resolve(q, q, q, interpret=False, config=None)
-    assert common.resolve(q, q, q, interpret=True, config=None)[0] is True
-    low = q.astype(jnp.bfloat16)
-    assert common.resolve(low, low, low, interpret=False, config=None)[1].block_k == 64
-    narrow = q[..., :128]
+    for dtype in (jnp.float32, jnp.bfloat16):
+        q = jnp.zeros((1, 32, 2, 256), dtype)
+        with pytest.raises(ValueError, match=r"heads up to 128 wide"):
+            common.resolve(q, q, q, interpret=False, config=None)
+        assert common.resolve(q, q, q, interpret=True, config=None)[0] is True
+    narrow = jnp.zeros((1, 32, 2, 128), jnp.float32)
     assert common.resolve(narrow, narrow, narrow, interpret=False, config=None)[1].block_k == 64
     monkeypatch.setattr(api, "on_gpu", lambda: True)
     monkeypatch.setattr(softmax_api, "on_gpu", lambda: True)
-    assert api.resolve_impl("auto", q, q, q) == "xla"
-    assert softmax_api.resolve_impl("auto", q, q, q, n_keys=None) == "xla"
+    wide, wide_bf16 = jnp.zeros((1, 32, 2, 256), jnp.float32), jnp.zeros((1, 32, 2, 256), jnp.bfloat16)
+    assert api.resolve_impl("auto", wide, wide, wide) == "xla"
+    assert softmax_api.resolve_impl("auto", wide, wide, wide, n_keys=None) == "xla"
     assert softmax_api.resolve_impl("auto", narrow, narrow, narrow, n_keys=None) == "pallas"
+    # bf16 256-wide under a mesh where cuDNN takes it (Hopper): cuDNN block pairs, but with documents
+    # (whose fallback pairs run the Pallas kernels) the recurrence
+    monkeypatch.setattr(softmax_api, "cudnn_supports", lambda *a, **kw: True)
+    assert softmax_api.resolve_impl("auto", wide_bf16, wide_bf16, wide_bf16, n_keys=None) == "cudnn_blocks"
+    assert softmax_api.resolve_impl("auto", wide_bf16, wide_bf16, wide_bf16, n_keys=None, documents=True) == "xla"
 
 
 def test_default_config():
