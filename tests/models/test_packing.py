@@ -124,11 +124,12 @@ def test_packed_loss_and_grads_equal_documents_alone(rng, family, hybrid, sp, so
         # moves every leaf by 0.08–5 of that scale (asserted below)
         scale = np.abs(np.asarray(b)).max() + 1e-12
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=GRAD_TOL * scale, err_msg=str(path[0]))
-    # the check can fail: without segment ids the packed row's loss and gradients differ from the documents alone
-    (crossing, _), crossing_grads = grad(
+    # the check can fail: without segment ids the packed row's gradients differ from the documents alone
+    _, crossing_grads = grad(
         model_def, params, jnp.asarray(inputs), jnp.asarray(np.where(inputs == EOD, -1, targets)), ctx, None
     )
-    assert abs(float(crossing) - float(want)) > 5 * 2e-5 * abs(float(want))  # 5× the tolerance above
+    # the gradients carry the margin: the loss alone can move little (gdn-hybrid, seed 310742026: 7.4e-5
+    # relative, where this test asked 5× its 2e-5 tolerance and failed in a CI-like run)
     moved = [
         np.abs(np.asarray(a) - np.asarray(b)).max() / (np.abs(np.asarray(b)).max() + 1e-12)
         for a, b in zip(jax.tree.leaves(crossing_grads), jax.tree.leaves(want_grads))
