@@ -67,8 +67,9 @@ def default_config(*, head_dim: int, interpret: bool, dtype=None) -> BlockConfig
     """Forward 128×128 tiles with 8 warps for 128-wide heads (128×64 with 4 warps for 64 and
     narrower), split backward on 64×64 tiles with 4 warps; the walked axis' tiles halved while their
     pipeline stages exceed the shared memory (float32 above 64-wide heads: 128×64 forward tiles;
-    float32 256-wide heads: 32-row backward tiles; session 16's GPU test found fp32 at 128×128
-    asking 384 KiB).
+    session 16's GPU test found fp32 at 128×128 asking 384 KiB). The estimate is a lower bound:
+    fp32 256-wide heads asked 279 KB at 128×32, so the compiled kernels refuse heads wider than 128
+    (``common.fits_shared_memory``) unless a config is given.
 
     H200 sweep (``benchmarks/flash_sweep.py``, 2026-11-30, causal 32K, H32 Hk8 D128 bf16, cuDNN
     13.49 / 56.56 ms fwd / fwd+bwd in the same run): forward 128×128, 3 stages 18.62 ms against
