@@ -220,8 +220,8 @@ def default_config(
     target = 2 * NUM_SMS if per_channel else NUM_SMS // 2 if sequence_parallel else NUM_SMS // 4
     chunks = -(-seq_len // cfg.chunk)
     splits = state_pass_splits(programs, chunks, target=target)
-    half_width = dtype is not None and jnp.dtype(dtype).itemsize == 2
-    wide_ok = sequence_parallel and not per_channel and half_width and cfg.block_e == 32 and value_dim >= 64
+    two_byte = dtype is not None and jnp.dtype(dtype).itemsize == 2  # bf16 / fp16
+    wide_ok = sequence_parallel and not per_channel and two_byte and cfg.block_e == 32 and value_dim >= 64
     if (
         wide_ok
         and splits > 1
