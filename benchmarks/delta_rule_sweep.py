@@ -120,6 +120,13 @@ def variants(base, d: int, *, per_channel: bool = False) -> list[tuple[str, dict
         {"stacked_pairs": True},
         {"stacked_pairs": True, "num_warps_bwd": 8},  # ptxas: wy_bwd spills 5.8 KB at 4 warps, 2.7 at 8
         {"stacked_pairs": True, "block_cols": 64},
+        # the state passes since sessions 12-13 (never re-swept for KDA): fewer runs with narrower
+        # value blocks (one run: no transition or local reverse pass), wider blocks with more runs
+        {split: 1, "block_e": 16},
+        {split: 2, "block_e": 16},
+        {split: 4, "block_e": 16},
+        {split: 16, "block_e": 64},
+        {split: 1, "block_e": 16, "num_warps_state": 2},
     ]
     # scalar or no gates: the output written by the forward state pass (no output kernel)
     # (each value-block program forms Q Kᵀ ⊙ Γ again: wider blocks form it fewer times)
@@ -165,7 +172,17 @@ def _fns(config, interpret):
 
 
 def sweep_op(
-    op, shape, *, reps, budget, interpret, only=None, labels=None, base_overrides=None, profile_dir=None
+    op,
+    shape,
+    *,
+    reps,
+    budget,
+    interpret,
+    only=None,
+    labels=None,
+    base_overrides=None,
+    profile_dir=None,
+    gate_scale=1.0,
 ) -> list[dict]:
     from pallas_kernels.gated_delta_rule.config import default_config
 
@@ -182,6 +199,7 @@ def sweep_op(
     )
     base = dataclasses.replace(base, **(base_overrides or {}))
     q, k, v, beta, g, do = _jax_inputs(op, *shape)
+    g = g * gate_scale
     rows, start = [], time.perf_counter()
     todo = variants(base, d, per_channel=op == "kda")
     if labels:
@@ -195,6 +213,8 @@ def sweep_op(
             continue
         cfg = dataclasses.replace(base, **over)
         row = {"op": op, "shape": list(shape), "label": label, "config": dataclasses.asdict(cfg)}
+        if gate_scale != 1.0:
+            row["gate_scale"] = gate_scale
         time_config(row, lambda cfg=cfg: _fns(cfg, interpret), (q, k, v, beta, g), do, reps=reps)
         if profile_dir and "error" not in row:
             from models.profile import profile_into
@@ -255,6 +275,13 @@ def main() -> None:
     ap.add_argument(
         "--profile", metavar="DIR", help="trace three fwd+bwd calls of each config, print device time by kernel"
     )
+    ap.add_argument(
+        "--gate-scale",
+        type=float,
+        default=1.0,
+        help="multiply the log gates (KDA's are about -0.05 per token; 200 gives about -10, past the diagonal"
+        " tiles' factored form, so every tile takes the exact fallback)",
+    )
     args = ap.parse_args()
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     shape = tuple(map(int, args.shape.split(",")))
@@ -277,6 +304,7 @@ def main() -> None:
             labels=args.labels,
             base_overrides=base_overrides,
             profile_dir=args.profile,
+            gate_scale=args.gate_scale,
         )
 
     print(f"\nop | config | fwd ms | fwd+bwd ms   ({shape}, sorted by fwd+bwd)")

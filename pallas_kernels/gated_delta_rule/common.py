@@ -36,6 +36,7 @@ from jax import lax
 
 from pallas_kernels.common import F32, dot
 from pallas_kernels.gated_delta_rule.products import (
+    CHANNEL_MODES,
     GateMode,
     Pair,
     channel_offdiag_stacked,
@@ -217,7 +218,7 @@ def gram_blocks(c: Chunk, *, mode: GateMode, mxu, whole=None) -> dict:
     chunk's ``(K, b)`` as whole ``[C, w]`` arrays, for per-channel gates' off-diagonal blocks by
     ``products.channel_offdiag_stacked`` (``BlockConfig.stacked_pairs``)."""
     n = len(c.k)
-    if whole is not None and mode == "channel" and n > 1:
+    if whole is not None and mode in CHANNEL_MODES and n > 1:
         k, b = whole
         out = channel_offdiag_stacked(k, c.k, b, c.b, c.docs, c.docs, mxu)
         out.update({(i, i): gated_product(_gram_pair(c, i, i), mode, mxu) for i in range(n)})
@@ -435,7 +436,7 @@ def score_blocks(q, k, b, docs: Docs | None, *, mode: GateMode, mxu, parts: int,
     ``whole``: ``(Q, b)`` as whole ``[C, w]`` arrays, for per-channel gates' off-diagonal blocks by
     ``products.channel_offdiag_stacked`` (``BlockConfig.stacked_pairs``)."""
     qt, kt, bt, dt = split_rows(q, parts), split_rows(k, parts), split_rows(b, parts), split_docs(docs, parts)
-    if whole is not None and mode == "channel" and parts > 1:
+    if whole is not None and mode in CHANNEL_MODES and parts > 1:
         q_whole, b_whole = whole
         out = channel_offdiag_stacked(q_whole, kt, b_whole, bt, dt, dt, mxu)
         for i in range(parts):
@@ -513,7 +514,7 @@ def output_backward(
         for d, f in zip(split_rows(do, parts), ft, strict=True)
     ]
     dk = [jnp.zeros(x.shape, F32) for x in kt]
-    stacked = whole is not None and mode == "channel" and parts > 1
+    stacked = whole is not None and mode in CHANNEL_MODES and parts > 1
     if stacked:
         diag, cols, rows_t = dz
         b_whole, doc = whole

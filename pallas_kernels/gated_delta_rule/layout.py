@@ -25,7 +25,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import F32, TF32_X3
 from pallas_kernels.gated_delta_rule import common
-from pallas_kernels.gated_delta_rule.common import Docs, GateMode, last_row
+from pallas_kernels.gated_delta_rule.common import CHANNEL_MODES, Docs, GateMode, last_row
 from pallas_kernels.gated_delta_rule.config import SUB_TILE, BlockConfig
 
 
@@ -36,7 +36,8 @@ class Statics:
     Attributes:
       scale: multiplies q.
       mode: the gate: none (DeltaNet), ``"scalar"`` (one per token and value head, Gated DeltaNet)
-        or ``"channel"`` (one per key channel, KDA).
+        or ``"channel"`` (one per key channel, KDA; ``"channel_bounded"``: the same where every
+        diagonal tile's factors are bounded, ``products.diag_tiles_bounded``).
       cfg: the tiling.
       interpret: run the kernels in the Pallas interpreter.
     """
@@ -92,17 +93,17 @@ class Layout:
         self.num_chunks = self.seq_len // self.chunk
         self.block_e = min(block_e or cfg.block_e, self.value_dim)
         self.mode = mode
-        if cfg.fuse_output and mode == "channel":
+        if cfg.fuse_output and mode in CHANNEL_MODES:
             raise ValueError("BlockConfig.fuse_output needs scalar or no gates (per-channel outputs walk key blocks)")
         self.mxu = mxu_dtype(q.dtype)
         # sub-tiles of the output's Q Kᵀ ⊙ Γ: per-channel gates factor between ``channel_rows`` tiles
-        self.parts = self.chunk // cfg.channel_rows if mode == "channel" else 1
+        self.parts = self.chunk // cfg.channel_rows if mode in CHANNEL_MODES else 1
         # sub-tiles of the WY kernels (``BlockConfig.wy_rows``; ``channel_rows`` for per-channel gates)
-        self.wy_parts = self.chunk // (cfg.channel_rows if mode == "channel" else min(cfg.wy_rows, self.chunk))
+        self.wy_parts = self.chunk // (cfg.channel_rows if mode in CHANNEL_MODES else min(cfg.wy_rows, self.chunk))
         # the forward stores X (``BlockConfig.store_inverse``) and the WY backward reads it: on whole
         # chunks under scalar or no gates, as the ``channel_rows`` blocks per channel
         self.store_inverse = cfg.store_inverse
-        self.wy_bwd_parts = 1 if cfg.store_inverse and mode != "channel" else self.wy_parts
+        self.wy_bwd_parts = 1 if cfg.store_inverse and mode not in CHANNEL_MODES else self.wy_parts
 
     # -- chunk-parallel grid (c, b, h) --
 
@@ -122,9 +123,14 @@ class Layout:
         """The ``[D, E]`` state of chunk c in ``[B, Hv, NC, D, E]``."""
         return pl.BlockSpec((None, None, None, self.dim, self.value_dim), lambda c, b, h: (b, h, c, 0, 0))
 
+    @property
+    def gate_kind(self) -> str:
+        """The gate's shape: "none", "scalar" or "channel" (either per-channel mode)."""
+        return "channel" if self.mode in CHANNEL_MODES else self.mode
+
     def chunk_gate_specs(self, has_docs: bool) -> list:
         """Specs of the gate (if any) and document rows (if any), in ``gate_inputs`` order."""
-        gate = {"none": [], "scalar": [self.chunk_row_spec()], "channel": [self.chunk_spec(self.dim)]}[self.mode]
+        gate = {"none": [], "scalar": [self.chunk_row_spec()], "channel": [self.chunk_spec(self.dim)]}[self.gate_kind]
         docs = [pl.BlockSpec((None, self.chunk), lambda c, b, h: (b, c))] * 2 if has_docs else []
         return gate + docs
 
@@ -154,7 +160,7 @@ class Layout:
             "none": [],
             "scalar": [pl.BlockSpec((None, None, self.seq_len), lambda j, b, h: (b, h, 0))],
             "channel": [self.seq_spec(self.dim)],
-        }[self.mode]
+        }[self.gate_kind]
         docs = [pl.BlockSpec((None, self.seq_len), lambda j, b, h: (b, 0))] * 2 if has_docs else []
         return gate + docs
 
@@ -241,7 +247,7 @@ def load_lower_blocks(ref, parts: int) -> dict:
 def key_chunk(k_ref, gate_ref, beta: list, docs: Docs | None, start, *, mode: GateMode, width: int) -> common.Chunk:
     """The chunk restricted to key columns ``[start, start + width)`` (per-channel gates too)."""
     parts = len(beta)
-    gate = load_col_tiles(gate_ref, parts, start, width) if mode == "channel" else load_tiles(gate_ref, parts)
+    gate = load_col_tiles(gate_ref, parts, start, width) if mode in CHANNEL_MODES else load_tiles(gate_ref, parts)
     keys = load_col_tiles(k_ref, parts, start, width)
     return common.make_chunk(keys, [None] * parts, beta, gate, docs, sub=SUB_TILE)
 

@@ -41,7 +41,9 @@ from pallas_kernels.gated_delta_rule.layout import (
     to_splits,
 )
 from pallas_kernels.gated_delta_rule.pallas_triton import (
+    by_gates,
     document_rows,
+    gates_bounded,
     join_split_grads,
     prepare,
     split_rows,
@@ -53,7 +55,7 @@ from pallas_kernels.gated_delta_rule.pallas_triton import (
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["args", "docs", "w", "u", "unpad", "x", "phi", "m"],
+    data_fields=["args", "docs", "w", "u", "unpad", "x", "phi", "m", "bounded"],
     meta_fields=["statics", "shape"],
 )
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +75,9 @@ class SplitCall:
     x: jax.Array | None = None  # the stored inverse (``BlockConfig.store_inverse``)
     phi: jax.Array | None = None  # [B·S, Hv, D, D]: each split's Φ_s (None: one split)
     m: jax.Array | None = None  # [B·S, Hv, D, E]: each split's M_s
+    # per-channel gates: whether every diagonal tile factors (``pallas_triton.gates_bounded``), the
+    # same for every entry point of the call, so the forward and the backward pick the same kernels
+    bounded: jax.Array | None = None
 
     @property
     def splits(self) -> int:
@@ -83,8 +88,12 @@ class SplitCall:
         without U (``[B, T, Hv, E]``, read only by the stored pass), W and X (the residuals hold them)."""
         return dataclasses.replace(self, u=None, w=None, x=None, m=None)
 
-    def layout(self) -> Layout:
-        return Layout(self.args[0], self.args[2], self.statics.cfg, self.statics.mode)
+    def layout(self, statics: Statics | None = None) -> Layout:
+        return Layout(self.args[0], self.args[2], self.statics.cfg, (statics or self.statics).mode)
+
+    def by_gates(self, fn):
+        """``fn(statics)`` with the kernels the gates allow (``pallas_triton.by_gates``)."""
+        return by_gates(self.bounded, self.statics, fn)
 
     def padded_state(self, state):
         _, d, e = self.shape
@@ -141,10 +150,15 @@ def split_forward(q, k, v, beta, *, g=None, scale=None, segment_ids=None, interp
     splits = statics.cfg.splits
     *args, docs = split_rows(*args, document_rows(segment_ids, args[0].shape[1]), splits)
     qp, kp, vp, betap, bp = args
-    lay = Layout(qp, vp, statics.cfg, statics.mode)
-    w, u, x = wy_representation(kp, vp, betap, bp, docs, lay, statics)
-    phi, m = transition(w, u, kp, bp, docs, lay, statics, with_phi=with_phi)
-    call = SplitCall(tuple(args), docs, w, u, unpad, statics, (t, d, e), x)
+    bounded = gates_bounded(bp, statics)
+
+    def wy_and_transition(st):
+        lay = Layout(qp, vp, st.cfg, st.mode)
+        w, u, x = wy_representation(kp, vp, betap, bp, docs, lay, st)
+        return w, u, x, *transition(w, u, kp, bp, docs, lay, st, with_phi=with_phi)
+
+    w, u, x, phi, m = by_gates(bounded, statics, wy_and_transition)
+    call = SplitCall(tuple(args), docs, w, u, unpad, statics, (t, d, e), x, bounded=bounded)
     if splits > 1:
         call = dataclasses.replace(call, phi=phi, m=m)
         phi, m = compose_transitions(phi, m, splits)
@@ -156,11 +170,12 @@ def finish_forward(call: SplitCall, initial_state):
     its entering state; the residuals are what ``split_backward`` / ``finish_backward`` read."""
     t, d, e = call.shape
     q, k, v, beta, b = call.args
-    lay = call.layout()
     s0 = call.padded_state(initial_state)
     if call.splits > 1:
         s0 = entering_states(call.phi, call.m, s0, call.splits)
-    h, v_new, final, o, z = states_and_output(q, k, call.w, call.u, b, call.docs, s0, lay, call.statics)
+    h, v_new, final, o, z = call.by_gates(
+        lambda st: states_and_output(q, k, call.w, call.u, b, call.docs, s0, call.layout(st), st)
+    )
     o = from_splits(o, call.splits)
     final = final.reshape((-1, call.splits) + final.shape[1:])[:, -1]
     return o[:, :t, :, :e], final[:, :, :d, :e], Residuals(q, k, v, beta, b, call.docs, call.w, h, v_new, call.x, z)
@@ -175,7 +190,8 @@ def split_backward(call: SplitCall, residuals: Residuals, do):
     t, d, e = call.shape
     tp, ep = call.args[0].shape[1] * call.splits, call.args[2].shape[-1]
     do = jnp.pad(do, ((0, 0), (0, tp - t), (0, 0), (0, ep - e)))
-    local, stage = pallas_triton_vjp.backward_local(residuals, to_splits(do, call.splits), statics=call.statics)
+    do = to_splits(do, call.splits)
+    local, stage = call.by_gates(lambda st: pallas_triton_vjp.backward_local(residuals, do, statics=st))
     if call.splits == 1:
         return local[:, :, :d, :e], (local, stage)
     # the first split's entering cotangent with nothing leaving the call
@@ -191,6 +207,6 @@ def finish_backward(call: SplitCall, residuals: Residuals, stage, d_final):
     d_out = call.padded_state(d_final)
     if call.splits > 1:
         d_out, _ = leaving_cotangents(call.phi, local, d_out, call.splits)
-    grads = pallas_triton_vjp.backward_finish(residuals, stage, d_out, statics=call.statics)
+    grads = call.by_gates(lambda st: pallas_triton_vjp.backward_finish(residuals, stage, d_out, statics=st))
     *input_grads, ds0 = join_split_grads(grads, call.splits)
     return (*call.unpad(tuple(input_grads)), ds0[:, :, :d, :e])

@@ -55,6 +55,7 @@ from pallas_kernels.gated_delta_rule.layout import (
     zero_blocks,
 )
 from pallas_kernels.gated_delta_rule.pallas_triton_stacked import wy_bwd_stacked
+from pallas_kernels.gated_delta_rule.products import CHANNEL_MODES
 
 
 def _output_bwd_kernel(
@@ -83,18 +84,18 @@ def _output_bwd_kernel(
     docs = load_doc_tiles(doc_refs, parts)
     do = load_tiles(do_ref, parts)
     kw = dict(scale=scale, mode=mode, mxu=mxu, parts=parts)
-    stacked = stacked and mode == "channel" and parts > 1
+    stacked = stacked and mode in CHANNEL_MODES and parts > 1
     if stacked:
         dz = common.output_dz_stacked(v_new_ref[...], do_ref[...], scale=scale, mxu=mxu, parts=parts)
         doc = None if doc_refs is None else doc_refs[0][...]
     else:
         dz = common.output_dz(load_tiles(v_new_ref, parts), do, scale=scale, mxu=mxu, parts=parts)
-    width = min(block_cols, k_ref.shape[1]) if mode == "channel" else k_ref.shape[1]
+    width = min(block_cols, k_ref.shape[1]) if mode in CHANNEL_MODES else k_ref.shape[1]
 
     def columns(j, z):
         start = pl.multiple_of(j * width, width)
         q, k = load_col_tiles(q_ref, parts, start, width), load_col_tiles(k_ref, parts, start, width)
-        b = load_col_tiles(gate_ref, parts, start, width) if mode == "channel" else load_tiles(gate_ref, parts)
+        b = load_col_tiles(gate_ref, parts, start, width) if mode in CHANNEL_MODES else load_tiles(gate_ref, parts)
         whole = None
         if stacked:
             cols = pl.ds(start, width)
@@ -102,7 +103,7 @@ def _output_bwd_kernel(
         dq, dk, db = common.output_backward(q, k, b, docs, h_ref[pl.ds(start, width), :], dz, do, whole=whole, **kw)
         store_col_tiles(dq_ref, dq, start)
         store_col_tiles(dk_ref, dk, start)
-        if mode == "channel":
+        if mode in CHANNEL_MODES:
             store_col_tiles(db_ref[0], db, start)
         elif mode == "scalar":  # one column block (the whole row)
             store_tiles(db_ref[0], db)
@@ -161,7 +162,7 @@ def _add_key_block(dk_ref, db_ref, dk_out_ref, db_out_ref, start, db_rows, dk_te
 
     dk_out = load_col_tiles(dk_out_ref, parts, start, width)
     store_col_tiles(dk_ref, [total(a.astype(F32), t) for a, *t in zip(dk_out, *dk_terms, strict=True)], start)
-    if mode == "channel":  # per key channel: this block's columns of db are complete
+    if mode in CHANNEL_MODES:  # per key channel: this block's columns of db are complete
         db_out = load_col_tiles(db_out_ref, parts, start, width)
         store_col_tiles(db_ref, [total(a, t) for a, *t in zip(db_out, *db_terms, strict=True)], start)
     elif mode == "scalar":
@@ -252,7 +253,7 @@ def _wy_bwd_kernel(
     db_out_ref = refs.pop(0) if mode != "none" else None
     dk_ref, dv_ref, dbeta_ref, *db_ref = refs
     kw, vw = min(block_cols, k_ref.shape[1]), min(block_cols, v_ref.shape[1])
-    if stacked and with_state and stored_inverse and mode == "channel" and parts > 1:  # whole arrays, no tiles
+    if stacked and with_state and stored_inverse and mode in CHANNEL_MODES and parts > 1:  # whole arrays, no tiles
         outs = (dk_ref, dv_ref, dbeta_ref, db_ref[0])
         ins = (k_ref, v_ref, beta_ref, h_ref, dh_ref, v_new_ref, dv_new_ref, dk_out_ref, x_ref, gate_ref, db_out_ref)
         return wy_bwd_stacked(*ins, *outs, docs=load_docs(doc_refs), mxu=mxu, kw=kw, vw=vw, parts=parts)

@@ -10,8 +10,13 @@ below is an exp of a non-positive difference:
 - scalar gates: one product, then the ``[n, m]`` decay;
 - per-channel gates, two different tiles (x strictly after y): factored around the y tile's
   last row, ``(x ⊙ e^{b − r}) (y ⊙ e^{r − b})ᵀ``, both factors ≤ 1;
-- per-channel gates inside one diagonal tile: the products form the pairs directly (``[n, n, D]``),
-  their cotangents go by levels of masked products (``_channel_diag_levels``).
+- per-channel gates inside one diagonal tile of n rows, gate mode ``"channel_bounded"`` (every tile's
+  factors bounded: ``diag_tiles_bounded``, checked on the whole input before the kernels run):
+  factored around its middle row r (the last of its first half), ``(x ⊙ e^{b − b_r}) (y ⊙ e^{b_r −
+  b})ᵀ``, one product like the pairs of two tiles, with factors up to ``e^DIAG_FACTOR_LIMIT``;
+- per-channel gates inside one diagonal tile, mode ``"channel"`` (exact for any gates): the products
+  form the pairs directly (``[n, n, D]``), their cotangents go by levels of masked products
+  (``_channel_diag_levels``).
 
 The gradient of the log gates follows one rule: a product ``Σ_d x_id y_jd exp(b_id − b_jd)`` gives
 ``∂/∂b_i = x_i ⊙ dx_i`` and ``∂/∂b_j = −y_j ⊙ dy_j``, with dx, dy the cotangents returned here.
@@ -27,7 +32,9 @@ from jax import lax
 
 from pallas_kernels.common import F32, dot
 
-GateMode = Literal["none", "scalar", "channel"]
+GateMode = Literal["none", "scalar", "channel", "channel_bounded"]
+# per-channel gates: "channel_bounded" differs only in how diagonal tiles form their products
+CHANNEL_MODES = ("channel", "channel_bounded")
 
 
 def _pair_mask(n: int, m: int, *, causal: str | None, doc_i, doc_j):
@@ -74,6 +81,34 @@ def _channel_offdiag_factors(p: Pair):
     for log gates ≤ 0), so both factors are ≤ 1."""
     ref = jnp.min(p.by, axis=0, keepdims=True)
     return jnp.exp(p.bx - ref), jnp.exp(ref - p.by)
+
+
+# the largest exponent of a diagonal tile's middle-row factors: e^40 ≈ 2.4e17, so the kept pairs'
+# partial sums (each bounded by a true decay ≤ 1 times the entries, or by one factor times them)
+# stay far from float32's 3.4e38 for entries up to ~1e10; the pairs masked away may overflow
+# (up to e^80 per term), which the select drops. Log gates ≥ −5 per token keep a 16-row tile's
+# half-spans (7 and 8 steps from its middle row) at or below 40.
+DIAG_FACTOR_LIMIT = 40.0
+
+
+def _channel_diag_mid_factors(p: Pair):
+    """``(e^{bx − b_r}, e^{b_r − by})`` around the diagonal tile's middle row r (the last of its
+    first half; b non-increasing, so rows before r give factors ≥ 1 and rows after it ≤ 1)."""
+    n = p.x.shape[0]
+    pos = lax.broadcasted_iota(jnp.int32, p.by.shape, 0)
+    ref = jnp.sum(jnp.where(pos == n // 2 - 1, p.by, 0.0), axis=0, keepdims=True)
+    return jnp.exp(p.bx - ref), jnp.exp(ref - p.by)
+
+
+def diag_tiles_bounded(b: jax.Array, rows: int, *, axis: int = 1) -> jax.Array:
+    """Whether every diagonal tile's middle-row factors (``_channel_diag_mid_factors``) stay at
+    or below ``e^DIAG_FACTOR_LIMIT``: a boolean scalar from the chunk-local cumulative log gates
+    ``b`` (time on ``axis``, cut into tiles of ``rows``; tiles never straddle chunks). False where
+    b is not finite (the comparison with NaN fails), so such input takes the exact path."""
+    b = jnp.moveaxis(b, axis, 0)
+    tiles = b.reshape((b.shape[0] // rows, rows) + b.shape[1:])
+    spread = jnp.abs(tiles - tiles[:, rows // 2 - 1 : rows // 2])
+    return jnp.max(spread) <= DIAG_FACTOR_LIMIT
 
 
 def _channel_diag_levels(p: Pair, mxu):
@@ -195,15 +230,26 @@ def channel_offdiag_stacked_vjp(b, xt: list, yt: list, bt: list, dz_cols: list, 
     return dx, dy
 
 
+def _factored_product(p: Pair, fx, fy, mxu):
+    z = dot((p.x * fx).astype(mxu), (p.y * fy).astype(mxu), trans_b=True)
+    return z if p.mask is None else jnp.where(p.mask, z, 0.0)
+
+
+def _factored_vjp(p: Pair, dz, fx, fy, mxu):
+    dz = (dz if p.mask is None else jnp.where(p.mask, dz, 0.0)).astype(mxu)
+    dx = dot(dz, (p.y * fy).astype(mxu)) * fx
+    dy = dot(dz, (p.x * fx).astype(mxu), trans_a=True) * fy
+    return dx, dy
+
+
 def gated_product(p: Pair, mode: GateMode, mxu):
     """``Z = (X Yᵀ ⊙ Γ)`` on the pairs of ``p`` (masked pairs zero), float32."""
-    if mode == "channel":
-        if p.diag:  # the pair tensor: faster here than the levels (H200, KDA forward 9.17 vs 10.02 ms)
+    if mode in CHANNEL_MODES:
+        if p.diag and mode == "channel":  # the pair tensor: faster than the levels (H200, KDA fwd 9.17 vs 10.02 ms)
             xy = p.x.astype(F32)[:, None, :] * p.y.astype(F32)[None, :, :]
             return jnp.sum(xy * _channel_diag_decay(p), axis=-1)
-        fx, fy = _channel_offdiag_factors(p)
-        z = dot((p.x * fx).astype(mxu), (p.y * fy).astype(mxu), trans_b=True)
-        return z if p.mask is None else jnp.where(p.mask, z, 0.0)
+        factors = _channel_diag_mid_factors(p) if p.diag else _channel_offdiag_factors(p)
+        return _factored_product(p, *factors, mxu)
     z = dot(p.x.astype(mxu), p.y.astype(mxu), trans_b=True)
     if mode == "scalar":
         return z * _masked_exp(p.bx[:, None] - p.by[None, :], p.mask)
@@ -213,14 +259,11 @@ def gated_product(p: Pair, mode: GateMode, mxu):
 def gated_product_vjp(p: Pair, dz, mode: GateMode, mxu):
     """Cotangents ``(dx, dy)`` of the raw tiles given ``dz`` (float32); see the module docstring for
     the log-gate gradients they give."""
-    if mode == "channel":
-        if p.diag:
+    if mode in CHANNEL_MODES:
+        if p.diag and mode == "channel":
             return _channel_diag_vjp(p, dz, mxu)
-        fx, fy = _channel_offdiag_factors(p)
-        dz = (dz if p.mask is None else jnp.where(p.mask, dz, 0.0)).astype(mxu)
-        dx = dot(dz, (p.y * fy).astype(mxu)) * fx
-        dy = dot(dz, (p.x * fx).astype(mxu), trans_a=True) * fy
-        return dx, dy
+        factors = _channel_diag_mid_factors(p) if p.diag else _channel_offdiag_factors(p)
+        return _factored_vjp(p, dz, *factors, mxu)
     if mode == "scalar":
         dz = dz * _masked_exp(p.bx[:, None] - p.by[None, :], p.mask)
     elif p.mask is not None:

@@ -117,6 +117,20 @@ def check_kernels(rng, *, dtype, config=None, g_max=1.0, docs=None, **shape):
         assert _error(got[name], want[name]) < bound, (name, _error(got[name], want[name]), bound)
 
 
+@pytest.mark.parametrize("g_max,bounded", [(1.0, True), (8.0, False)])
+def test_per_channel_gates_pick_the_factored_kernels_only_when_bounded(rng, g_max, bounded):
+    """Per-channel gates run the kernels with factored diagonal tiles (``"channel_bounded"``) only
+    when every tile allows it: the weak-gate KDA cases below test those kernels, the strong-gate
+    cases (log gates down to −8 per token) the exact ones."""
+    xs, _, _ = make_inputs(rng, b=1, t=70, h=1, hv=2, d=16, e=16, gate="kda", g_max=g_max)
+    xs = {n: jnp.asarray(x, jnp.float32) for n, x in xs.items()}
+    args, _, statics = pallas_triton.prepare(
+        xs["q"], xs["k"], xs["v"], xs["beta"], xs["g"], xs["initial_state"], None, 0.7, True, None
+    )
+    assert statics.mode == "channel"
+    assert bool(pallas_triton.gates_bounded(args[4], statics)) is bounded
+
+
 CASES = {
     # name: dtype, shape, extras (the interpret config has 16-token chunks: one sub-tile)
     "gdn-f32-T63-gva-docs-2splits": (
@@ -529,16 +543,24 @@ def test_kernels_lower_to_triton(triton_lowering_h100):
         kernels = ["wy", "state", *([] if fused else ["output"]), "output_bwd", "state_bwd", "wy_bwd"]
         kernels += ["transition", "state_bwd_local"] if splits > 1 else []
         kernels += ["state_step_bwd"] if config.wy_bwd_split else []
-        assert text.count("__gpu$xla.gpu.triton") == len(kernels), f"expected the {kernels} kernels"
+        # per-channel gates: every kernel twice, the factored-diagonal and the exact form, one
+        # lax.cond on the gates choosing in the forward and again in the backward
+        copies = 2 if gate == "kda" else 1
+        assert text.count("__gpu$xla.gpu.triton") == copies * len(kernels), f"expected the {kernels} kernels"
+        assert text.count("stablehlo.case") == (2 if gate == "kda" else 0)
 
 
 GPU_CASES = {
-    # name: gate, documents (new-document positions), config (None: the default: 2 splits here, KDA 4)
+    # name: gate, documents (new-document positions), config (None: the default: 2 splits here, KDA
+    # 4), optionally the largest log gate magnitude (0.5 otherwise)
     "gdn": ("gdn", None, None),
     "gdn-one-split-docs": ("gdn", (1000, 1001, 2500), BlockConfig(splits=1)),
     "kda-docs": ("kda", (700, 3000), None),
     "kda-stored-scores-docs": ("kda", (700, 3000), BlockConfig(splits=4, block_cols=32, store_scores=True)),
     # per-channel gates on whole chunks (the diagonal tile by levels), the stored inverse
+    # log gates down to −7 per token: a 16-row diagonal tile's middle-row factors exceed e^40 in
+    # some tiles (the exact fallback) and not in others (one factored product), session 17
+    "kda-strong-gates-docs": ("kda", (700, 3000), None, 7.0),
     "kda-whole-chunk-docs": (
         "kda",
         (700, 3000),
@@ -595,8 +617,9 @@ GPU_CASES = {
 def test_compiled_kernels_match_reference(rng, case):
     """The compiled kernels at D = 128, bf16, T = 4096 (grouped value heads, an initial state)
     against the float32 token recurrence at HIGHEST precision."""
-    gate, docs, config = GPU_CASES[case]
-    xs, cot, seg = make_inputs(rng, b=2, t=4096, h=2, hv=4, d=128, e=128, gate=gate, g_max=0.5, docs=docs)
+    gate, docs, config, *g_max = GPU_CASES[case]
+    g_max = g_max[0] if g_max else 0.5
+    xs, cot, seg = make_inputs(rng, b=2, t=4096, h=2, hv=4, d=128, e=128, gate=gate, g_max=g_max, docs=docs)
     low = ("q", "k", "v")
     xs = {n: jnp.asarray(x, jnp.bfloat16 if n in low else jnp.float32) for n, x in xs.items()}
     cot = {n: jnp.asarray(c, jnp.float32) for n, c in cot.items()}

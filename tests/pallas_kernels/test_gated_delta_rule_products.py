@@ -180,6 +180,52 @@ def test_key_grads_stacked_equals_the_blocks(rng, parts, g_max, docs, mxu):
         np.testing.assert_allclose(g, r, rtol=tol, atol=tol * float(jnp.abs(r).max()), err_msg=name)
 
 
+@pytest.mark.parametrize("n", [16, 64])
+@pytest.mark.parametrize("causal", ["strict", "inclusive"])
+@pytest.mark.parametrize("docs", [False, True])
+def test_channel_diagonal_tile_factored_at_the_bound(rng, n, causal, docs):
+    """Mode ``"channel_bounded"``: the diagonal tile as one product around its middle row, against
+    the definition and ``jax.vjp`` of it, with log gates that put the largest factor at exactly
+    ``e^DIAG_FACTOR_LIMIT`` and entries up to ~30 (the masked pairs overflow; nothing leaks)."""
+    x, y, _, doc = _tile(rng, n, 24, 0.0, docs)
+    x, y = 10 * x, 10 * y
+    steps = rng.uniform(0.2, 1.0, (n, 24))
+    steps[0] = 0.0
+    b = np.cumsum(-steps, axis=0)
+    mid = n // 2 - 1
+    top = products.DIAG_FACTOR_LIMIT - 1e-3  # each column at the bound (less float32 rounding)
+    b = (b - b[mid]) * top / np.abs(b - b[mid]).max(axis=0)
+    b = jnp.asarray(b - b[0], F32)
+    assert bool(products.diag_tiles_bounded(b, n, axis=0))
+    pair = products.make_pair(x, y, b, b, doc, doc, diag=True, causal=causal)
+    z = products.gated_product(pair, "channel_bounded", F32)
+    want = _definition(x, y, b, pair.mask)
+    assert np.all(np.isfinite(np.asarray(z)))
+    np.testing.assert_allclose(z, want, rtol=2e-5, atol=2e-5 * float(jnp.abs(want).max()))
+    dz = jnp.asarray(rng.standard_normal((n, n)), F32)
+    got = products.gated_product_vjp(pair, dz, "channel_bounded", F32)
+    want = jax.vjp(lambda x, y: _definition(x, y, b, pair.mask), x, y)[1](dz)
+    for g, w in zip(got, want, strict=True):
+        assert np.all(np.isfinite(np.asarray(g)))
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5 * float(jnp.abs(w).max()))
+
+
+def test_diag_tiles_bounded():
+    """The check that picks the factored diagonal tiles: every tile's largest distance from its
+    middle row's log gate at most the limit; a tile past it, NaN or -inf anywhere: False."""
+    n = 16
+    rows = -5.0 * (np.arange(4 * n) % n) - 20.0 * (np.arange(4 * n) // n)  # −5 per token inside a tile
+    b = np.broadcast_to(rows[None, :, None, None], (2, 4 * n, 3, 8)).astype(np.float32)  # [B, T, Hv, D]
+    assert bool(products.diag_tiles_bounded(jnp.asarray(b), n))  # -5 per token: half-spans 35 and 40
+    worse = b.copy()
+    worse[1, 3 * n + 15, 2, 5] -= 0.01  # one entry of one tile just past the bound
+    assert not bool(products.diag_tiles_bounded(jnp.asarray(worse), n))
+    for bad in (np.nan, -np.inf):
+        odd = b.copy()
+        odd[0, 5, 0, 0] = bad
+        assert not bool(products.diag_tiles_bounded(jnp.asarray(odd), n))
+
+
 def test_channel_diagonal_tile_bf16_operands(rng):
     """bf16 operands (the kernels' matmul dtype for bf16 inputs): the product and its cotangents
     carry the operands' rounding only."""
