@@ -38,6 +38,7 @@ from pallas_kernels.common import F32, dot
 from pallas_kernels.gated_delta_rule import common
 from pallas_kernels.gated_delta_rule.common import Docs
 from pallas_kernels.gated_delta_rule.layout import compiler_params, mxu_dtype
+from pallas_kernels.gated_delta_rule.products import diag_tiles_bounded
 from pallas_kernels.linear_attention.config import CHANNEL_SUB_TILE, ChannelConfig
 
 MODE = "channel"  # the gate form of the shared tile math (gated_delta_rule.common)
@@ -51,11 +52,26 @@ class ChannelStatics:
       scale: multiplies q.
       cfg: the tiling.
       interpret: run the kernels in the Pallas interpreter.
+      mode: the gate form of the shared tile math: ``"channel"`` (exact for any gates) or
+        ``"channel_bounded"`` (diagonal sub-tiles factored around their middle row; chosen by
+        ``gates_bounded`` and ``gated_delta_rule.pallas_triton.by_gates``).
     """
 
     scale: float
     cfg: ChannelConfig
     interpret: bool
+    mode: str = MODE
+
+
+def gates_bounded(g):
+    """Whether every diagonal sub-tile of the log decays ``g`` ``[R, T, H, D]`` (the kernels' input
+    on runs, T whole chunks) can be factored around its middle row
+    (``gated_delta_rule.products.diag_tiles_bounded`` on the cumulative sums inside each sub-tile,
+    which differ from the kernels' chunk-wide ones by one constant per tile)."""
+    r, t, h, d = g.shape
+    tiles = g.astype(F32).reshape(r, t // CHANNEL_SUB_TILE, CHANNEL_SUB_TILE, h, d)
+    b = jnp.cumsum(tiles, axis=2).reshape(r, t, h, d)
+    return diag_tiles_bounded(b, CHANNEL_SUB_TILE, axis=1)
 
 
 class Layout:

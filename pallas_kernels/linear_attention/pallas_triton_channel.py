@@ -51,7 +51,7 @@ from pallas_kernels.gated_delta_rule.layout import (
     to_splits,
     zero_blocks,
 )
-from pallas_kernels.gated_delta_rule.pallas_triton import document_rows
+from pallas_kernels.gated_delta_rule.pallas_triton import by_gates, document_rows
 from pallas_kernels.linear_attention import pallas_triton_channel_vjp as vjp
 from pallas_kernels.linear_attention.channel_common import (
     MODE,
@@ -63,6 +63,7 @@ from pallas_kernels.linear_attention.channel_common import (
     cumulative_tiles,
     doc_inputs,
     full_state_rows,
+    gates_bounded,
     run_pass,
     run_scan,
     state_update,
@@ -91,7 +92,9 @@ def _state_kernel(k_ref, v_ref, g_ref, *refs, has_docs, mxu, chunk, num_chunks):
     m_ref[...] = lax.fori_loop(0, num_chunks, body, jnp.zeros(m_ref.shape, F32))
 
 
-def _output_kernel(q_ref, k_ref, v_ref, g_ref, *refs, has_docs, mxu, scale, parts, block_cols, stacked=False):
+def _output_kernel(
+    q_ref, k_ref, v_ref, g_ref, *refs, has_docs, mxu, scale, parts, block_cols, stacked=False, mode=MODE
+):
     """The output of one chunk and its scores, walking the key columns in blocks (the scores and
     ``(e^b ⊙ Q) h`` are sums over them); ``stacked``: the off-diagonal score blocks by whole-chunk
     products (``ChannelConfig.stacked_pairs``)."""
@@ -112,7 +115,7 @@ def _output_kernel(q_ref, k_ref, v_ref, g_ref, *refs, has_docs, mxu, scale, part
             b, whole = common.split_rows(b_whole, parts), (q_ref[:, cols], b_whole)
         else:
             b = cumulative_tiles(load_col_tiles(g_ref, parts, start, width))
-        z = common.add_blocks(z, common.score_blocks(q, k, b, docs, mode=MODE, mxu=mxu, parts=parts, whole=whole))
+        z = common.add_blocks(z, common.score_blocks(q, k, b, docs, mode=mode, mxu=mxu, parts=parts, whole=whole))
         h_rows = full_state_rows(h_ref[cols, :], enter_ref[cols], s_run_ref[cols, :])
         part = common.output_inter(q, b, docs, h_rows, mxu=mxu, parts=parts)
         return z, [a + c for a, c in zip(inter, part, strict=True)]
@@ -142,7 +145,9 @@ def output(q, k, v, g, docs, h_local, s_run, enter, lay: Layout, statics: Channe
     e, has_docs = lay.value_dim, docs is not None
     return pl.pallas_call(
         functools.partial(
-            chunk_kernel(_output_kernel, lay, statics, has_docs=has_docs), stacked=statics.cfg.stacked_pairs
+            chunk_kernel(_output_kernel, lay, statics, has_docs=has_docs),
+            stacked=statics.cfg.stacked_pairs,
+            mode=statics.mode,
         ),
         grid=lay.chunk_grid(),
         in_specs=[
@@ -193,21 +198,34 @@ class Residuals(NamedTuple):
     states: vjp.States
 
 
+# The output kernel and the gradient kernel form the diagonal sub-tiles' products; where every
+# sub-tile allows it (``gates_bounded``) they run factored (mode "channel_bounded"), else exact:
+# one lax.cond around each (``by_gates``), as the gated delta rule's kernels do. The state passes
+# form no such products and run once.
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnames=("statics",))
 def _linear_attention(q, k, v, g, s0, docs, statics: ChannelStatics):
-    o, final, _ = forward_finish(q, k, v, g, docs, forward_local(q, k, v, g, docs, statics), s0, statics)
+    local = forward_local(q, k, v, g, docs, statics)
+    o, final, _ = by_gates(gates_bounded(g), statics, lambda st: forward_finish(q, k, v, g, docs, local, s0, st))
     return o, final
 
 
 def _linear_attention_fwd(q, k, v, g, s0, docs, statics: ChannelStatics):
-    o, final, states = forward_finish(q, k, v, g, docs, forward_local(q, k, v, g, docs, statics), s0, statics)
-    return (o, final), Residuals(q, k, v, g, docs, states)
+    local, bounded = forward_local(q, k, v, g, docs, statics), gates_bounded(g)
+    o, final, states = by_gates(bounded, statics, lambda st: forward_finish(q, k, v, g, docs, local, s0, st))
+    return (o, final), (Residuals(q, k, v, g, docs, states), bounded)
 
 
-def _linear_attention_bwd(statics: ChannelStatics, res: Residuals, cotangents):
+def _linear_attention_bwd(statics: ChannelStatics, res, cotangents):
     do, d_final = cotangents
+    res, bounded = res
     pending = vjp.backward_local(res.q, res.g, res.docs, do, statics=statics)
-    grads = vjp.backward_finish(res.q, res.k, res.v, res.g, res.docs, res.states, pending, d_final, statics=statics)
+    grads = by_gates(
+        bounded,
+        statics,
+        lambda st: vjp.backward_finish(res.q, res.k, res.v, res.g, res.docs, res.states, pending, d_final, statics=st),
+    )
     return (*grads, None)  # document numbers are integers: no cotangent
 
 
@@ -334,7 +352,7 @@ def _document_runs(segment_ids, padded_len: int, splits: int):
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["q", "k", "v", "g", "docs", "unpad"],
+    data_fields=["q", "k", "v", "g", "docs", "unpad", "bounded"],
     meta_fields=["statics", "shape"],
 )
 @dataclasses.dataclass(frozen=True)
@@ -350,6 +368,7 @@ class SplitCall:
     unpad: object
     statics: ChannelStatics
     shape: tuple
+    bounded: jax.Array | None = None  # ``gates_bounded(g)``: the same kernels forward and backward
 
     def unpadded(self, state):
         _, _, d, e = self.shape
@@ -377,7 +396,8 @@ def split_forward(q, k, v, *, g, g_gamma=None, scale=None, segment_ids=None, int
     splits = statics.cfg.splits
     (qp, kp, vp, gp), unpad = jax.vjp(lambda q, k, v, g: _prepare(q, k, v, g, statics), q, k, v, g)
     docs = _document_runs(segment_ids, qp.shape[1] * splits, splits)
-    call = SplitCall(qp, kp, vp, gp, docs, unpad, statics, (q.shape[0], q.shape[1], q.shape[-1], v.shape[-1]))
+    shape = (q.shape[0], q.shape[1], q.shape[-1], v.shape[-1])
+    call = SplitCall(qp, kp, vp, gp, docs, unpad, statics, shape, bounded=gates_bounded(gp))
     local = forward_local(qp, kp, vp, gp, docs, statics)
     _, m = run_scan(local.m, local.logs.run, call.zero_state(), splits, reverse=False, interpret=interpret)
     return call.unpadded(m), call, local
@@ -387,8 +407,9 @@ def finish_forward(call: SplitCall, local: Local, initial_state):
     """``(o [B, T, H, E], states)`` from ``split_forward``'s call and the initial state; ``states``
     are what ``split_backward`` needs."""
     _, t, _, e = call.shape
-    o, _, states = forward_finish(
-        call.q, call.k, call.v, call.g, call.docs, local, call.padded(initial_state), call.statics
+    s0 = call.padded(initial_state)
+    o, _, states = by_gates(
+        call.bounded, call.statics, lambda st: forward_finish(call.q, call.k, call.v, call.g, call.docs, local, s0, st)
     )
     return from_splits(o, call.statics.cfg.splits)[:, :t, :, :e], states
 
@@ -413,7 +434,10 @@ def split_backward(call: SplitCall, states: vjp.States, do):
 def finish_backward(call: SplitCall, states: vjp.States, pending: vjp.LocalCotangents, d_final):
     """Cotangents ``(dq, dk, dv, dg, None, d initial_state)`` given the final state's cotangent (the
     scalar kernels' order; None stands for ``g_gamma``'s)."""
-    dq, dk, dv, dg, ds0 = vjp.backward_finish(
-        call.q, call.k, call.v, call.g, call.docs, states, pending, call.padded(d_final), statics=call.statics
+    d_final = call.padded(d_final)
+    dq, dk, dv, dg, ds0 = by_gates(
+        call.bounded,
+        call.statics,
+        lambda st: vjp.backward_finish(call.q, call.k, call.v, call.g, call.docs, states, pending, d_final, statics=st),
     )
     return (*call.unpad((dq, dk, dv, dg)), None, call.unpadded(ds0))

@@ -121,6 +121,7 @@ def _grads_kernel(
     split,
     recompute_dz,
     stacked=False,
+    mode=MODE,
 ):
     """dq, dk, dg and dv of one chunk (per query head), walking the key columns in blocks; with
     ``split``, dq, dk and dg only, the state step's shares of dk and db read (``_state_grads_kernel``).
@@ -132,7 +133,7 @@ def _grads_kernel(
     else:
         z_ref, h_ref, s_run_ref, enter_ref, dh_ref, d_run_ref, leave_ref, dq_ref, dk_ref, dv_ref, dg_ref = refs
     docs = load_doc_tiles(doc_refs, parts)
-    kw = dict(mode=MODE, mxu=mxu, parts=parts)
+    kw = dict(mode=mode, mxu=mxu, parts=parts)
     dz_kw = dict(scale=scale, mxu=mxu, parts=parts)
     stacked = stacked and parts > 1  # ChannelConfig.stacked_pairs: the off-diagonal pairs by whole-chunk products
     doc = None if doc_refs is None or not stacked else doc_refs[0][...]
@@ -265,7 +266,7 @@ def grads(q, k, v, g, docs, states: States, local: LocalCotangents, d_run, lay: 
         )(*args)
 
     qk_outs = [(d, q.dtype), (d, grad_dtype), (d, g.dtype)]
-    qk_kw = dict(recompute_dz=statics.cfg.recompute_dz, stacked=statics.cfg.stacked_pairs)
+    qk_kw = dict(recompute_dz=statics.cfg.recompute_dz, stacked=statics.cfg.stacked_pairs, mode=statics.mode)
     inputs = (q, k, v, local.do, g, *doc_inputs(docs))
     input_specs = lay.chunk_input_specs(has_docs=has_docs, with_do=True)
     if not split:

@@ -90,8 +90,11 @@ def test_strong_channel_decay(rng):
     check(rng, dp=1, strategy="allgather", g_range=(18.0, 22.0))
 
 
-def test_pallas_split_kernels(rng):
-    check(rng, dp=1, strategy="ring", impl="pallas")
+@pytest.mark.parametrize("g_range", [(0.01, 0.5), (6.0, 8.0)], ids=["factored-tiles", "exact-tiles"])
+def test_pallas_split_kernels(rng, g_range):
+    """The split entry points in interpret mode: usual decays take the kernels with factored
+    diagonal sub-tiles, g ≈ −7 (half-spans past 40) the exact ones (``channel_common.gates_bounded``)."""
+    check(rng, dp=1, strategy="ring", impl="pallas", g_range=g_range)
 
 
 def test_heads_over_a_tp_axis(rng):

@@ -97,6 +97,17 @@ def _assert_close(got, want, bound):
         assert err < bound, (name, err, bound)
 
 
+@pytest.mark.parametrize("g_max,bounded", [(1.0, True), (20.0, False)])
+def test_gates_pick_the_factored_kernels_only_when_bounded(rng, g_max, bounded):
+    """The output and gradient kernels take factored diagonal sub-tiles (mode "channel_bounded")
+    only when every sub-tile allows it: the usual decays below test those kernels, the strong-decay
+    case (down to −20) the exact ones."""
+    from pallas_kernels.linear_attention.channel_common import gates_bounded
+
+    g = -rng.uniform(0.01, g_max, (2, 64, 2, 16))
+    assert bool(gates_bounded(jnp.asarray(g, jnp.float32))) is bounded
+
+
 @pytest.mark.parametrize("split_grads,stacked", [(False, False), (True, False), (False, True), (True, True)])
 def test_kernels_f32_gqa_documents_strong_decay_runs(rng, split_grads, stacked):
     """32-token chunks (two sub-tiles; 64 with ``stacked``), two key-column blocks, two runs per row,
@@ -270,7 +281,12 @@ def test_kernels_lower_to_triton(triton_lowering_h100):
         names = ["state", "scan", "output", "state_bwd", "scan_reverse", "grads"]
         effective = config or default_channel_config(batch=b, heads=h, seq_len=t, value_dim=pad_dim(e), interpret=False)
         names += ["grads_state"] if effective.split_grads else []
-        assert text.count("__gpu$xla.gpu.triton") == len(names), f"expected the {names} kernels"
+        # the kernels after the state passes twice: the factored-diagonal and the exact form, one
+        # lax.cond on the gates choosing in the forward and again in the backward
+        twice = {"scan", "output", "scan_reverse", "grads", "grads_state"}
+        count = sum(2 if name in twice else 1 for name in names)
+        assert text.count("__gpu$xla.gpu.triton") == count, f"expected the {names} kernels"
+        assert text.count("stablehlo.case") == 2
         for name in names:
             assert f"linear_attention_channel_{name}" in text, name
 
