@@ -9,9 +9,10 @@ inside the chunk (``[C]`` per head, ``[C, D]`` per key channel, None without gat
     A = strictly_lower(diag(β) (K Kᵀ ⊙ Γ)),   X = (I + A)⁻¹,   W = X (β e^b ⊙ K),   U = X (β ⊙ V)
     V' = U − W S,   O = scale · [(e^b ⊙ Q) S + (Q Kᵀ ⊙ Γ ⊙ causal) V'],   S ← e^{b_last} S + (e^{b_last − b} ⊙ K)ᵀ V'
 
-Every decay factor is an exp of a non-positive difference: b is a plain cumulative sum of log gates
-≤ 0 inside the chunk (not reset at document starts; padding adds zeros), so it never increases
-along the rows. A chunk is cut into sub-tiles (16 rows by default; ``BlockConfig.wy_rows`` /
+Every decay factor is an exp of a non-positive difference (except the factored diagonal tiles of
+mode ``"channel_bounded"``, whose factors reach ``e^40``: ``products``): b is a plain cumulative
+sum of log gates ≤ 0 inside the chunk (not reset at document starts; padding adds zeros), so it
+never increases along the rows. A chunk is cut into sub-tiles (16 rows by default; ``BlockConfig.wy_rows`` /
 ``channel_rows``): the triangular inverse is built from the diagonal blocks (doubling inside a
 block, block forward substitution between blocks); the gated products between two sub-tiles and
 inside one, and their cotangents, are ``products``'s. Scalar gates need no factoring: their products

@@ -47,8 +47,10 @@ class BlockConfig:
         on 16-row tiles) up to the chunk (one tile: the inverse by doubling on the whole chunk, one
         product per step).
       channel_rows: rows of the sub-tiles of every chunk kernel under per-channel gates (16 up to the
-        chunk): the decay factors around a reference row between two sub-tiles, and a diagonal
-        sub-tile of n rows is log2(n) masked products by levels (``products._channel_diag_levels``).
+        chunk): the decay factors around a reference row between two sub-tiles; a diagonal
+        sub-tile of n rows is one product around its middle row where every tile's factors stay
+        below e^40 (``products.diag_tiles_bounded``: n = 16 allows log gates ≥ −5 per token, n = 64
+        about −1.25), else its pair tensor and log2(n) masked products by levels in the cotangents.
       store_inverse: the forward ``wy`` kernel also writes each chunk's ``X = (I + A)⁻¹`` (``C × C``,
         formed in float32, stored in the matmul operand dtype, which is all its products read) and
         the WY backward reads it instead of forming it (and the Gram blocks) again:

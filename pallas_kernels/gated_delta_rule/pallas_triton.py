@@ -59,6 +59,7 @@ from pallas_kernels.gated_delta_rule.layout import (
     load_docs,
     load_rows,
     load_tiles,
+    mxu_dtype,
     pop_gate_refs,
     store_col_tiles,
     store_lower_blocks,
@@ -411,19 +412,27 @@ def join_split_grads(grads, splits: int):
     return dq, dk, dv, dbeta, db, ds0.reshape((-1, splits) + ds0.shape[1:])[:, 0]
 
 
-def gates_bounded(b, statics: Statics):
+def gates_bounded(b, statics: Statics, dtype):
     """Under per-channel gates, whether every diagonal tile of the chunk-local cumulative log gates
     ``b`` (``[B, T', Hv, D]``) can be factored around its middle row (a boolean scalar:
-    ``products.diag_tiles_bounded``); None for other gates."""
-    if statics.mode != "channel":
+    ``products.diag_tiles_bounded``); None (the exact kernels, no cond) for other gates and for
+    float16 inputs, whose matmul operands (fp16, largest value 65504 ≈ e^11) cannot hold the
+    factors up to e^40."""
+    if statics.mode != "channel" or not factors_fit(dtype):
         return None
     return diag_tiles_bounded(b, statics.cfg.channel_rows, axis=1)
+
+
+def factors_fit(dtype) -> bool:
+    """Whether the kernels' matmul operands for inputs of ``dtype`` hold the factored diagonal
+    tiles' factors (bf16 and float32 share float32's exponent range; float16 does not)."""
+    return mxu_dtype(jnp.dtype(dtype)) != jnp.float16
 
 
 def by_gates(bounded, statics: Statics, fn):
     """``fn(statics)``, under per-channel gates as one ``lax.cond`` on ``bounded``: the kernels with
     factored diagonal tiles (mode ``"channel_bounded"``) or the exact ones (``"channel"``). H200, KDA
-    (1, 32K, 16, 128) bf16 fwd+bwd: 24.57 → 15.33 ms (session 17); a branch per tile inside the
+    (1, 32K, 16, 128) bf16 fwd+bwd: 24.6 → 15.3–15.7 ms (session 17); a branch per tile inside the
     kernels instead measured 19.58 ms (both forms' registers in every kernel)."""
     if bounded is None:
         return fn(statics)
@@ -434,11 +443,11 @@ def by_gates(bounded, statics: Statics, fn):
 @functools.partial(jax.custom_vjp, nondiff_argnames=("statics",))
 def _gated_delta_rule(q, k, v, beta, b, s0, docs, statics: Statics):
     run = lambda st: _forward(q, k, v, beta, b, s0, docs, st, keep_residuals=False)[:2]  # noqa: E731
-    return by_gates(gates_bounded(b, statics), statics, run)
+    return by_gates(gates_bounded(b, statics, q.dtype), statics, run)
 
 
 def _gated_delta_rule_fwd(q, k, v, beta, b, s0, docs, statics: Statics):
-    bounded = gates_bounded(b, statics)
+    bounded = gates_bounded(b, statics, q.dtype)
     o, final, residuals = by_gates(bounded, statics, lambda st: _forward(q, k, v, beta, b, s0, docs, st))
     return (o, final), (residuals, bounded)
 

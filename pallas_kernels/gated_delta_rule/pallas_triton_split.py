@@ -150,7 +150,7 @@ def split_forward(q, k, v, beta, *, g=None, scale=None, segment_ids=None, interp
     splits = statics.cfg.splits
     *args, docs = split_rows(*args, document_rows(segment_ids, args[0].shape[1]), splits)
     qp, kp, vp, betap, bp = args
-    bounded = gates_bounded(bp, statics)
+    bounded = gates_bounded(bp, statics, qp.dtype)
 
     def wy_and_transition(st):
         lay = Layout(qp, vp, st.cfg, st.mode)

@@ -87,7 +87,9 @@ def _channel_offdiag_factors(p: Pair):
 # partial sums (each bounded by a true decay ≤ 1 times the entries, or by one factor times them)
 # stay far from float32's 3.4e38 for entries up to ~1e10; the pairs masked away may overflow
 # (up to e^80 per term), which the select drops. Log gates ≥ −5 per token keep a 16-row tile's
-# half-spans (7 and 8 steps from its middle row) at or below 40.
+# half-spans (7 and 8 steps from its middle row) at or below 40. float32 and bf16 operands hold
+# such factors; fp16 operands (largest 65504 ≈ e^11) do not, so float16 inputs always take the
+# exact form (``pallas_triton.factors_fit``).
 DIAG_FACTOR_LIMIT = 40.0
 
 

@@ -63,11 +63,15 @@ class ChannelStatics:
     mode: str = MODE
 
 
-def gates_bounded(g):
+def gates_bounded(g, dtype):
     """Whether every diagonal sub-tile of the log decays ``g`` ``[R, T, H, D]`` (the kernels' input
     on runs, T whole chunks) can be factored around its middle row
     (``gated_delta_rule.products.diag_tiles_bounded`` on the cumulative sums inside each sub-tile,
-    which differ from the kernels' chunk-wide ones by one constant per tile)."""
+    which differ from the kernels' chunk-wide ones by one constant per tile); None (the exact
+    kernels, no cond) for float16 inputs ``dtype``, whose fp16 matmul operands cannot hold the
+    factors (``gated_delta_rule.pallas_triton.factors_fit``)."""
+    if mxu_dtype(jnp.dtype(dtype)) == jnp.float16:
+        return None
     r, t, h, d = g.shape
     tiles = g.astype(F32).reshape(r, t // CHANNEL_SUB_TILE, CHANNEL_SUB_TILE, h, d)
     b = jnp.cumsum(tiles, axis=2).reshape(r, t, h, d)

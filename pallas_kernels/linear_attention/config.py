@@ -106,7 +106,7 @@ class ChannelConfig:
     Attributes:
       chunk: tokens per chunk (C), a power of two >= 16 (C / 16 sub-tiles).
       block_cols: key columns per step of the chunk kernels' loops over key columns (the scores
-        and their gradients are sums over, or separate in, the key channels; the diagonal
+        and their gradients are sums over, or separate in, the key channels; the exact diagonal
         sub-tiles form ``[16, 16, block_cols]`` pairs, so this bounds the live registers).
       block_e: value-dim tile of the two state passes.
       splits: runs of whole chunks per row that the state passes walk in parallel (each from a

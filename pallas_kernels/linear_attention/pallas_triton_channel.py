@@ -15,7 +15,8 @@ row cut into runs of whole chunks (``cfg.splits``; ``channel_common`` says how t
 3. ``output`` (one program per chunk, run and head): with the chunk's true entering state
    ``h = h_local + e^{a} ⊙ S_run``, ``O = scale · [(e^b ⊙ Q) h + (Q Kᵀ ⊙ Γ ⊙ causal) V]``; the
    scores by secondary chunking (16-row sub-tiles: between two, a product of factors around a
-   reference row, both ≤ 1; inside a diagonal one, the ``[16, 16, cols]`` pairs), walking the key
+   reference row, both ≤ 1; inside a diagonal one, the ``[16, 16, cols]`` pairs, or where every
+   sub-tile of the input allows it one product around its middle row: ``statics.mode``), walking the key
    columns in blocks (``cfg.block_cols``). It stores the scores ``Q Kᵀ ⊙ Γ`` (operand dtype, a
    ``[C, C]`` block per chunk) for the backward's ``dV``.
 
@@ -207,12 +208,14 @@ class Residuals(NamedTuple):
 @functools.partial(jax.custom_vjp, nondiff_argnames=("statics",))
 def _linear_attention(q, k, v, g, s0, docs, statics: ChannelStatics):
     local = forward_local(q, k, v, g, docs, statics)
-    o, final, _ = by_gates(gates_bounded(g), statics, lambda st: forward_finish(q, k, v, g, docs, local, s0, st))
+    o, final, _ = by_gates(
+        gates_bounded(g, q.dtype), statics, lambda st: forward_finish(q, k, v, g, docs, local, s0, st)
+    )
     return o, final
 
 
 def _linear_attention_fwd(q, k, v, g, s0, docs, statics: ChannelStatics):
-    local, bounded = forward_local(q, k, v, g, docs, statics), gates_bounded(g)
+    local, bounded = forward_local(q, k, v, g, docs, statics), gates_bounded(g, q.dtype)
     o, final, states = by_gates(bounded, statics, lambda st: forward_finish(q, k, v, g, docs, local, s0, st))
     return (o, final), (Residuals(q, k, v, g, docs, states), bounded)
 
@@ -397,7 +400,7 @@ def split_forward(q, k, v, *, g, g_gamma=None, scale=None, segment_ids=None, int
     (qp, kp, vp, gp), unpad = jax.vjp(lambda q, k, v, g: _prepare(q, k, v, g, statics), q, k, v, g)
     docs = _document_runs(segment_ids, qp.shape[1] * splits, splits)
     shape = (q.shape[0], q.shape[1], q.shape[-1], v.shape[-1])
-    call = SplitCall(qp, kp, vp, gp, docs, unpad, statics, shape, bounded=gates_bounded(gp))
+    call = SplitCall(qp, kp, vp, gp, docs, unpad, statics, shape, bounded=gates_bounded(gp, qp.dtype))
     local = forward_local(qp, kp, vp, gp, docs, statics)
     _, m = run_scan(local.m, local.logs.run, call.zero_state(), splits, reverse=False, interpret=interpret)
     return call.unpadded(m), call, local

@@ -15,6 +15,8 @@ GPU-only: the compiled kernels at D = 128, bf16, T = 4096.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,18 +119,30 @@ def check_kernels(rng, *, dtype, config=None, g_max=1.0, docs=None, **shape):
         assert _error(got[name], want[name]) < bound, (name, _error(got[name], want[name]), bound)
 
 
-@pytest.mark.parametrize("g_max,bounded", [(1.0, True), (8.0, False)])
-def test_per_channel_gates_pick_the_factored_kernels_only_when_bounded(rng, g_max, bounded):
+@pytest.mark.parametrize(
+    "g_max,dtype,bounded", [(1.0, jnp.bfloat16, True), (30.0, jnp.float32, False), (1.0, jnp.float16, None)]
+)
+def test_per_channel_gates_pick_the_kernels_the_gates_allow(rng, g_max, dtype, bounded):
     """Per-channel gates run the kernels with factored diagonal tiles (``"channel_bounded"``) only
-    when every tile allows it: the weak-gate KDA cases below test those kernels, the strong-gate
-    cases (log gates down to −8 per token) the exact ones."""
+    when every tile allows it, and never for float16 inputs (fp16 operands cannot hold the factors):
+    the op's o and final state equal, bit for bit, those of the kernels forced to that form. The
+    weak-gate KDA cases below test the factored kernels, the strong-gate ones (log gates down to −8
+    per token in some tiles) and fp16 the exact ones."""
     xs, _, _ = make_inputs(rng, b=1, t=70, h=1, hv=2, d=16, e=16, gate="kda", g_max=g_max)
-    xs = {n: jnp.asarray(x, jnp.float32) for n, x in xs.items()}
-    args, _, statics = pallas_triton.prepare(
+    low = ("q", "k", "v")
+    xs = {n: jnp.asarray(x, dtype if n in low else jnp.float32) for n, x in xs.items()}
+    args, docs, statics = pallas_triton.prepare(
         xs["q"], xs["k"], xs["v"], xs["beta"], xs["g"], xs["initial_state"], None, 0.7, True, None
     )
     assert statics.mode == "channel"
-    assert bool(pallas_triton.gates_bounded(args[4], statics)) is bounded
+    found = pallas_triton.gates_bounded(args[4], statics, args[0].dtype)
+    assert (None if found is None else bool(found)) is bounded
+    got = jax.jit(lambda a: pallas_triton._gated_delta_rule(*a, docs, statics=statics))(args)
+    for mode, same in (("channel_bounded", bounded is True), ("channel", bounded is not True)):
+        forced = dataclasses.replace(statics, mode=mode)
+        want = jax.jit(lambda a, st=forced: pallas_triton._forward(*a, docs, st, keep_residuals=False)[:2])(args)
+        equal = all(bool(jnp.array_equal(x, y)) for x, y in zip(got, want, strict=True))
+        assert equal is same, (mode, equal)
 
 
 CASES = {
@@ -557,10 +571,10 @@ GPU_CASES = {
     "gdn-one-split-docs": ("gdn", (1000, 1001, 2500), BlockConfig(splits=1)),
     "kda-docs": ("kda", (700, 3000), None),
     "kda-stored-scores-docs": ("kda", (700, 3000), BlockConfig(splits=4, block_cols=32, store_scores=True)),
-    # per-channel gates on whole chunks (the diagonal tile by levels), the stored inverse
-    # log gates down to −7 per token: a 16-row diagonal tile's middle-row factors exceed e^40 in
-    # some tiles (the exact fallback) and not in others (one factored product), session 17
+    # log gates down to −7 per token: some 16-row diagonal tiles' middle-row factors exceed e^40,
+    # so the whole input runs the exact kernels behind the cond (session 17)
     "kda-strong-gates-docs": ("kda", (700, 3000), None, 7.0),
+    # per-channel gates on whole chunks (the diagonal tile by levels), the stored inverse
     "kda-whole-chunk-docs": (
         "kda",
         (700, 3000),

@@ -210,6 +210,23 @@ def test_channel_diagonal_tile_factored_at_the_bound(rng, n, causal, docs):
         np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5 * float(jnp.abs(w).max()))
 
 
+def test_channel_diagonal_tile_factored_bf16_operands(rng):
+    """The factored diagonal tile with bf16 operands (gates down to −5 per token, 16 rows): the
+    product and its cotangents carry the operands' rounding only."""
+    x, y, b, doc = _tile(rng, 16, 32, 5.0, True)
+    assert bool(products.diag_tiles_bounded(b, 16, axis=0))
+    x, y = x.astype(jnp.bfloat16), y.astype(jnp.bfloat16)
+    pair = products.make_pair(x, y, b, b, doc, doc, diag=True, causal="inclusive")
+    z = products.gated_product(pair, "channel_bounded", jnp.bfloat16)
+    want = _definition(x.astype(F32), y.astype(F32), b, pair.mask)
+    assert float(jnp.linalg.norm(z - want) / jnp.linalg.norm(want)) < 1e-2
+    dz = jnp.asarray(rng.standard_normal((16, 16)), F32)
+    got = products.gated_product_vjp(pair, dz, "channel_bounded", jnp.bfloat16)
+    want = jax.vjp(lambda x, y: _definition(x, y, b, pair.mask), x.astype(F32), y.astype(F32))[1](dz)
+    for g, w in zip(got, want, strict=True):
+        assert float(jnp.linalg.norm(g - w) / jnp.linalg.norm(w)) < 1e-2
+
+
 def test_diag_tiles_bounded():
     """The check that picks the factored diagonal tiles: every tile's largest distance from its
     middle row's log gate at most the limit; a tile past it, NaN or -inf anywhere: False."""

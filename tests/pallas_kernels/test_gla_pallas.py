@@ -97,15 +97,36 @@ def _assert_close(got, want, bound):
         assert err < bound, (name, err, bound)
 
 
-@pytest.mark.parametrize("g_max,bounded", [(1.0, True), (20.0, False)])
-def test_gates_pick_the_factored_kernels_only_when_bounded(rng, g_max, bounded):
+@pytest.mark.parametrize(
+    "g_max,dtype,bounded", [(1.0, jnp.bfloat16, True), (20.0, jnp.float32, False), (1.0, jnp.float16, None)]
+)
+def test_gates_pick_the_kernels_they_allow(rng, g_max, dtype, bounded):
     """The output and gradient kernels take factored diagonal sub-tiles (mode "channel_bounded")
-    only when every sub-tile allows it: the usual decays below test those kernels, the strong-decay
-    case (down to −20) the exact ones."""
-    from pallas_kernels.linear_attention.channel_common import gates_bounded
+    only when every sub-tile allows it, never for float16: the op's o and final state equal, bit
+    for bit, those of the kernels forced to that form. The usual decays below test the factored
+    kernels, the strong-decay case (down to −20) and fp16 the exact ones."""
+    import dataclasses
 
-    g = -rng.uniform(0.01, g_max, (2, 64, 2, 16))
-    assert bool(gates_bounded(jnp.asarray(g, jnp.float32))) is bounded
+    from pallas_kernels.linear_attention import pallas_triton_channel as ptc
+
+    xs, _, _ = make_inputs(rng, b=1, t=64, h=2, hk=2, d=16, e=16, g_max=g_max)
+    q, k, v = (jnp.asarray(xs[n], dtype) for n in ("q", "k", "v"))
+    g = jnp.asarray(xs["g"], jnp.float32)
+    statics = ptc._statics(q, k, v, scale=None, interpret=True, config=None)
+    qp, kp, vp, gp = ptc._prepare(q, k, v, g, statics)
+    s0 = ptc._padded_state(jnp.asarray(xs["initial_state"], jnp.float32), qp, vp, 1)
+    found = ptc.gates_bounded(gp, qp.dtype)
+    assert (None if found is None else bool(found)) is bounded
+    got = jax.jit(lambda *a: ptc._linear_attention(*a, None, statics=statics))(qp, kp, vp, gp, s0)
+    for mode, same in (("channel_bounded", bounded is True), ("channel", bounded is not True)):
+        forced = dataclasses.replace(statics, mode=mode)
+
+        def run(q, k, v, g, s0, st=forced):
+            return ptc.forward_finish(q, k, v, g, None, ptc.forward_local(q, k, v, g, None, st), s0, st)[:2]
+
+        want = jax.jit(run)(qp, kp, vp, gp, s0)
+        equal = all(bool(jnp.array_equal(x, y)) for x, y in zip(got, want, strict=True))
+        assert equal is same, (mode, equal)
 
 
 @pytest.mark.parametrize("split_grads,stacked", [(False, False), (True, False), (False, True), (True, True)])
