@@ -65,8 +65,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ops", nargs="+", default=["gdn"], choices=["gdn", "kda"])
     ap.add_argument("--shape", default="1,32768,16,128", help="B,T,H,D of one rank's shard")
-    ap.add_argument("--runs", type=int, nargs="+", default=[1, 2, 4, 8])
-    ap.add_argument("--block-e", type=int, nargs="+", default=[16, 32, 64])
+    ap.add_argument("--runs", type=int, nargs="+", default=None, help="default 1 2 4 8 (smoke: 1 2)")
+    ap.add_argument("--block-e", type=int, nargs="+", default=None, help="default 16 32 64 (smoke: 16)")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--json", default=None)
@@ -76,7 +76,9 @@ def main(argv=None) -> int:
     from pallas_kernels.gated_delta_rule import pallas_triton_split as split
 
     if args.smoke:
-        args.shape, args.runs, args.block_e, args.reps = "1,256,2,32", [1, 2], [16], 1
+        args.shape, args.reps = "1,256,2,32", 1
+    args.runs = args.runs or ([1, 2] if args.smoke else [1, 2, 4, 8])
+    args.block_e = args.block_e or ([16] if args.smoke else [16, 32, 64])
     b, t, h, d = (int(x) for x in args.shape.split(","))
     interpret = args.smoke
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, shard (B, T, H, D) = {(b, t, h, d)}", flush=True)

@@ -31,3 +31,24 @@ def test_sp_splits_sets_the_runs_per_shard_and_restores_the_default():
     np.testing.assert_allclose(m2, m1, rtol=1e-4, atol=1e-5)
     with sp_splits(None):
         assert _split_count()[0] == default
+
+
+def test_rank_work_benchmark_smoke_run(tmp_path):
+    """``benchmarks/delta_rule_rank_work.py`` end to end in interpret mode on a tiny GDN shard (the
+    split entry points chained as a rank runs them), so its GPU run does not fail on a typo."""
+    import json
+
+    from benchmarks import delta_rule_rank_work
+
+    out = tmp_path / "rank.json"
+    assert delta_rule_rank_work.main(["--smoke", "--ops", "gdn", "--runs", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["what"] for r in rows] == [
+        "single-device op",
+        "shard default",
+        "runs 2, block_e 16",
+        "M only, block_e 16",
+    ]
+    for row in rows:
+        assert "error" not in row, row
+        assert row["ms"] > 0
