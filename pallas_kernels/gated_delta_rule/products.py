@@ -5,7 +5,8 @@ the per-channel linear-attention kernels put between queries or keys.
 ``Z[i, j] = Σ_d x_id y_jd exp(b_id − b_jd)`` on a tile pair's allowed pairs (causal inside a diagonal
 tile, same document). ``b`` is a plain cumulative sum of log gates ≤ 0 inside the chunk (not reset
 at document starts; padding adds zeros), so it never increases along the rows, and every factor
-below is an exp of a non-positive difference:
+below is an exp of a non-positive difference except the middle-row factors of ``"channel_bounded"``
+(up to ``e^DIAG_FACTOR_LIMIT``):
 
 - scalar gates: one product, then the ``[n, m]`` decay;
 - per-channel gates, two different tiles (x strictly after y): factored around the y tile's
