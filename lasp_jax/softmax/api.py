@@ -64,10 +64,11 @@ from lasp_jax.softmax.deal import Statics
 from lasp_jax.softmax.ring import ring_attention
 from lasp_jax.softmax.tokenring import tokenring_attention
 from pallas_kernels.common import on_gpu
-from pallas_kernels.flash_attention import fits_shared_memory, supports
+from pallas_kernels.flash_attention import fits_shared_memory
 from pallas_kernels.flash_attention import pallas_triton as flash_pallas
 from pallas_kernels.flash_attention import xla as flash_xla
 from pallas_kernels.flash_attention.api import check_pallas_dtypes
+from pallas_kernels.flash_attention.common import compiled_kernels_take
 from pallas_kernels.linear_attention.api import validate
 from pallas_kernels.linear_attention.reference import document_index
 
@@ -320,7 +321,7 @@ def resolve_impl(impl: str, q, k, v, *, n_keys: int | None, documents: bool = Fa
         # a mesh: cuDNN per block pair (with documents its fallback pairs run the Pallas kernels)
         if n_keys is None and cudnn_supports(q, k, v, None) and (not documents or fits_shared_memory(q, k, v)):
             return "cudnn_blocks"
-        return "pallas" if on_gpu() and supports(q, k, v) and fits_shared_memory(q, k, v) else "xla"
+        return "pallas" if on_gpu() and compiled_kernels_take(q, k, v) else "xla"
     if impl == "pallas":
         check_pallas_dtypes(q, k, v)
     if impl == "cudnn_blocks" and on_gpu() and not cudnn_supports(q, k, v, n_keys=None):

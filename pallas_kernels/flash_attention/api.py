@@ -20,7 +20,7 @@ import jax
 
 from pallas_kernels.common import KERNEL_DTYPES, on_gpu
 from pallas_kernels.flash_attention import cudnn_blocks, pallas_triton, pallas_triton_vjp, reference, xla
-from pallas_kernels.flash_attention.common import fits_shared_memory, supports
+from pallas_kernels.flash_attention.common import compiled_kernels_take
 from pallas_kernels.linear_attention.api import validate
 from pallas_kernels.linear_attention.reference import document_index
 
@@ -70,7 +70,7 @@ def resolve_impl(impl: str, q, k, v) -> str:
     """``"auto"`` becomes ``"pallas"`` on a GPU when the kernels take the input, else ``"xla"``;
     ``"pallas"`` checks the dtypes; others are unchanged."""
     if impl == "auto":
-        return "pallas" if on_gpu() and supports(q, k, v) and fits_shared_memory(q, k, v) else "xla"
+        return "pallas" if on_gpu() and compiled_kernels_take(q, k, v) else "xla"
     if impl == "pallas":
         check_pallas_dtypes(q, k, v)
     return impl

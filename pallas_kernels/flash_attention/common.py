@@ -228,13 +228,18 @@ def shift_operand(q_start, k_start):
 SHIFT_SPEC = pl.BlockSpec((None,), lambda *_: (0,))
 
 
+def kernel_width(q, v) -> int:
+    """The head width the kernels run at: the wider of q's and v's, padded to a power of two ≥ 16."""
+    return max(pad_dim(q.shape[-1]), pad_dim(v.shape[-1]))
+
+
 def supports(q, k, v) -> bool:
     """Whether the kernels take these inputs: dtypes, and int32 element offsets after padding."""
     if any(x.dtype not in KERNEL_DTYPES for x in (q, k, v)):
         return False
-    b, lq, h, d = q.shape
+    b, lq, h, _ = q.shape
     lk, hk = k.shape[1], k.shape[2]
-    width = max(pad_dim(d), pad_dim(v.shape[-1]))
+    width = kernel_width(q, v)
     return b * (lq + 128) * h * width <= MAX_ELEMENTS and b * (lk + 128) * hk * width <= MAX_ELEMENTS
 
 
@@ -243,7 +248,13 @@ def fits_shared_memory(q, k, v) -> bool:
     to 128 wide (H200, session 16: 128-wide float32 runs at 128×64 forward tiles; 256-wide float32
     asked 279,040 bytes of 232,448 at 128×32, and 256-wide bf16 was never run). The interpreter has
     no such limit."""
-    return max(pad_dim(q.shape[-1]), pad_dim(v.shape[-1])) <= 128
+    return kernel_width(q, v) <= 128
+
+
+def compiled_kernels_take(q, k, v) -> bool:
+    """Whether ``impl="auto"`` may run the compiled kernels on these inputs: ``supports`` (dtypes,
+    int32 offsets) and ``fits_shared_memory`` (the default tiles' width)."""
+    return supports(q, k, v) and fits_shared_memory(q, k, v)
 
 
 def resolve(q, k, v, interpret: bool | None, config: BlockConfig | None):
@@ -267,9 +278,5 @@ def resolve(q, k, v, interpret: bool | None, config: BlockConfig | None):
             f"shared memory or were never run): got q {q.dtype}{tuple(q.shape)}, v {v.dtype}{tuple(v.shape)}; "
             "use impl='xla' (or 'cudnn' / 'cudnn_blocks' without documents), or pass a config with smaller tiles"
         )
-    cfg = config or default_config(
-        head_dim=max(pad_dim(q.shape[-1]), pad_dim(v.shape[-1])),
-        interpret=interpret,
-        dtype=dtype,
-    )
+    cfg = config or default_config(head_dim=kernel_width(q, v), interpret=interpret, dtype=dtype)
     return interpret, cfg, dtype
