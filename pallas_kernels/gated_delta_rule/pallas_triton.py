@@ -59,7 +59,6 @@ from pallas_kernels.gated_delta_rule.layout import (
     load_docs,
     load_rows,
     load_tiles,
-    mxu_dtype,
     pop_gate_refs,
     store_col_tiles,
     store_lower_blocks,
@@ -68,7 +67,7 @@ from pallas_kernels.gated_delta_rule.layout import (
     value_chunk,
     zero_blocks,
 )
-from pallas_kernels.gated_delta_rule.products import CHANNEL_MODES, diag_tiles_bounded
+from pallas_kernels.gated_delta_rule.products import CHANNEL_MODES, factored_diagonals_allowed
 from pallas_kernels.gated_delta_rule.reference import document_index
 
 # ---- kernels ----------------------------------------------------------------------------------
@@ -414,19 +413,12 @@ def join_split_grads(grads, splits: int):
 
 def gates_bounded(b, statics: Statics, dtype):
     """Under per-channel gates, whether every diagonal tile of the chunk-local cumulative log gates
-    ``b`` (``[B, T', Hv, D]``) can be factored around its middle row (a boolean scalar:
-    ``products.diag_tiles_bounded``); None (the exact kernels, no cond) for other gates and for
-    float16 inputs, whose matmul operands (fp16, largest value 65504 ≈ e^11) cannot hold the
-    factors up to e^40."""
-    if statics.mode != "channel" or not factors_fit(dtype):
+    ``b`` (``[B, T', Hv, D]``) can be factored around its middle row (a boolean scalar); None (the
+    exact kernels, no cond) for other gates and for float16 inputs
+    (``products.factored_diagonals_allowed``)."""
+    if statics.mode != "channel":
         return None
-    return diag_tiles_bounded(b, statics.cfg.channel_rows, axis=1)
-
-
-def factors_fit(dtype) -> bool:
-    """Whether the kernels' matmul operands for inputs of ``dtype`` hold the factored diagonal
-    tiles' factors (bf16 and float32 share float32's exponent range; float16 does not)."""
-    return mxu_dtype(jnp.dtype(dtype)) != jnp.float16
+    return factored_diagonals_allowed(b, statics.cfg.channel_rows, dtype, axis=1)
 
 
 def by_gates(bounded, statics: Statics, fn):

@@ -90,7 +90,7 @@ def _channel_offdiag_factors(p: Pair):
 # (up to e^80 per term), which the select drops. Log gates ≥ −5 per token keep a 16-row tile's
 # half-spans (7 and 8 steps from its middle row) at or below 40. float32 and bf16 operands hold
 # such factors; fp16 operands (largest 65504 ≈ e^11) do not, so float16 inputs always take the
-# exact form (``pallas_triton.factors_fit``).
+# exact form (``factored_diagonals_allowed``).
 DIAG_FACTOR_LIMIT = 40.0
 
 
@@ -112,6 +112,16 @@ def diag_tiles_bounded(b: jax.Array, rows: int, *, axis: int = 1) -> jax.Array:
     tiles = b.reshape((b.shape[0] // rows, rows) + b.shape[1:])
     spread = jnp.abs(tiles - tiles[:, rows // 2 - 1 : rows // 2])
     return jnp.max(spread) <= DIAG_FACTOR_LIMIT
+
+
+def factored_diagonals_allowed(b: jax.Array, rows: int, dtype, *, axis: int = 1) -> jax.Array | None:
+    """The choice between the two per-channel forms for inputs of ``dtype`` with cumulative log gates
+    ``b``: None (the exact form, no choice at run time) for float16 inputs, whose fp16 matmul
+    operands cannot hold factors up to e^40 (bf16 and float32 share float32's exponent range), else
+    ``diag_tiles_bounded(b, rows, axis=axis)``."""
+    if jnp.dtype(dtype) == jnp.float16:
+        return None
+    return diag_tiles_bounded(b, rows, axis=axis)
 
 
 def _channel_diag_levels(p: Pair, mxu):

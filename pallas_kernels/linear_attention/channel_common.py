@@ -38,7 +38,7 @@ from pallas_kernels.common import F32, dot
 from pallas_kernels.gated_delta_rule import common
 from pallas_kernels.gated_delta_rule.common import Docs
 from pallas_kernels.gated_delta_rule.layout import compiler_params, mxu_dtype
-from pallas_kernels.gated_delta_rule.products import diag_tiles_bounded
+from pallas_kernels.gated_delta_rule.products import factored_diagonals_allowed
 from pallas_kernels.linear_attention.config import CHANNEL_SUB_TILE, ChannelConfig
 
 MODE = "channel"  # the gate form of the shared tile math (gated_delta_rule.common)
@@ -68,14 +68,11 @@ def gates_bounded(g, dtype):
     on runs, T whole chunks) can be factored around its middle row
     (``gated_delta_rule.products.diag_tiles_bounded`` on the cumulative sums inside each sub-tile,
     which differ from the kernels' chunk-wide ones by one constant per tile); None (the exact
-    kernels, no cond) for float16 inputs ``dtype``, whose fp16 matmul operands cannot hold the
-    factors (``gated_delta_rule.pallas_triton.factors_fit``)."""
-    if mxu_dtype(jnp.dtype(dtype)) == jnp.float16:
-        return None
+    kernels, no cond) for float16 inputs ``dtype`` (``products.factored_diagonals_allowed``)."""
     r, t, h, d = g.shape
     tiles = g.astype(F32).reshape(r, t // CHANNEL_SUB_TILE, CHANNEL_SUB_TILE, h, d)
     b = jnp.cumsum(tiles, axis=2).reshape(r, t, h, d)
-    return diag_tiles_bounded(b, CHANNEL_SUB_TILE, axis=1)
+    return factored_diagonals_allowed(b, CHANNEL_SUB_TILE, dtype, axis=1)
 
 
 class Layout:
