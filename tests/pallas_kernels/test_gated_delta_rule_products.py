@@ -34,23 +34,35 @@ def _tile(rng, n, d, g_max, docs):
     return x, y, b, doc
 
 
+def _diagonal_against_definition(rng, x, y, b, doc, *, causal, mode, mxu):
+    """``(got, want)`` pairs for a diagonal tile: its gated product, then the cotangents of x and y
+    for a random dz, against the definition (float32 copies of the operands) and ``jax.vjp`` of it."""
+    pair = products.make_pair(x, y, b, b, doc, doc, diag=True, causal=causal)
+    x32, y32 = x.astype(F32), y.astype(F32)
+    out = [(products.gated_product(pair, mode, mxu), _definition(x32, y32, b, pair.mask))]
+    dz = jnp.asarray(rng.standard_normal((x.shape[0],) * 2), F32)
+    want = jax.vjp(lambda x, y: _definition(x, y, b, pair.mask), x32, y32)[1](dz)
+    return out + list(zip(products.gated_product_vjp(pair, dz, mode, mxu), want, strict=True))
+
+
+def _assert_close_f32(pairs):
+    for got, want in pairs:
+        assert np.all(np.isfinite(np.asarray(got)))
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * float(jnp.abs(want).max()))
+
+
+def _assert_close_bf16(pairs):
+    for got, want in pairs:
+        err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+        assert err < 1e-2, err
+
+
 @pytest.mark.parametrize("n", [16, 32, 64])
 @pytest.mark.parametrize("causal", ["strict", "inclusive"])
 @pytest.mark.parametrize("g_max,docs", [(0.5, False), (30.0, True)])
 def test_channel_diagonal_tile_by_levels(rng, n, causal, g_max, docs):
     x, y, b, doc = _tile(rng, n, 24, g_max, docs)
-    pair = products.make_pair(x, y, b, b, doc, doc, diag=True, causal=causal)
-    z = products.gated_product(pair, "channel", F32)
-    want = _definition(x, y, b, pair.mask)
-    assert np.all(np.isfinite(np.asarray(z)))
-    np.testing.assert_allclose(z, want, rtol=2e-5, atol=2e-5 * float(jnp.abs(want).max()))
-
-    dz = jnp.asarray(rng.standard_normal((n, n)), F32)
-    dx, dy = products.gated_product_vjp(pair, dz, "channel", F32)
-    want_dx, want_dy = jax.vjp(lambda x, y: _definition(x, y, b, pair.mask), x, y)[1](dz)
-    for got, ref in ((dx, want_dx), (dy, want_dy)):
-        assert np.all(np.isfinite(np.asarray(got)))
-        np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * float(jnp.abs(ref).max()))
+    _assert_close_f32(_diagonal_against_definition(rng, x, y, b, doc, causal=causal, mode="channel", mxu=F32))
 
 
 @pytest.mark.parametrize("parts", [2, 4])
@@ -197,17 +209,7 @@ def test_channel_diagonal_tile_factored_at_the_bound(rng, n, causal, docs):
     b = (b - b[mid]) * top / np.abs(b - b[mid]).max(axis=0)
     b = jnp.asarray(b - b[0], F32)
     assert bool(products.diag_tiles_bounded(b, n, axis=0))
-    pair = products.make_pair(x, y, b, b, doc, doc, diag=True, causal=causal)
-    z = products.gated_product(pair, "channel_bounded", F32)
-    want = _definition(x, y, b, pair.mask)
-    assert np.all(np.isfinite(np.asarray(z)))
-    np.testing.assert_allclose(z, want, rtol=2e-5, atol=2e-5 * float(jnp.abs(want).max()))
-    dz = jnp.asarray(rng.standard_normal((n, n)), F32)
-    got = products.gated_product_vjp(pair, dz, "channel_bounded", F32)
-    want = jax.vjp(lambda x, y: _definition(x, y, b, pair.mask), x, y)[1](dz)
-    for g, w in zip(got, want, strict=True):
-        assert np.all(np.isfinite(np.asarray(g)))
-        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5 * float(jnp.abs(w).max()))
+    _assert_close_f32(_diagonal_against_definition(rng, x, y, b, doc, causal=causal, mode="channel_bounded", mxu=F32))
 
 
 def test_channel_diagonal_tile_factored_bf16_operands(rng):
@@ -216,15 +218,8 @@ def test_channel_diagonal_tile_factored_bf16_operands(rng):
     x, y, b, doc = _tile(rng, 16, 32, 5.0, True)
     assert bool(products.diag_tiles_bounded(b, 16, axis=0))
     x, y = x.astype(jnp.bfloat16), y.astype(jnp.bfloat16)
-    pair = products.make_pair(x, y, b, b, doc, doc, diag=True, causal="inclusive")
-    z = products.gated_product(pair, "channel_bounded", jnp.bfloat16)
-    want = _definition(x.astype(F32), y.astype(F32), b, pair.mask)
-    assert float(jnp.linalg.norm(z - want) / jnp.linalg.norm(want)) < 1e-2
-    dz = jnp.asarray(rng.standard_normal((16, 16)), F32)
-    got = products.gated_product_vjp(pair, dz, "channel_bounded", jnp.bfloat16)
-    want = jax.vjp(lambda x, y: _definition(x, y, b, pair.mask), x.astype(F32), y.astype(F32))[1](dz)
-    for g, w in zip(got, want, strict=True):
-        assert float(jnp.linalg.norm(g - w) / jnp.linalg.norm(w)) < 1e-2
+    kw = dict(causal="inclusive", mode="channel_bounded", mxu=jnp.bfloat16)
+    _assert_close_bf16(_diagonal_against_definition(rng, x, y, b, doc, **kw))
 
 
 def test_diag_tiles_bounded():
@@ -248,17 +243,8 @@ def test_channel_diagonal_tile_bf16_operands(rng):
     carry the operands' rounding only."""
     x, y, b, doc = _tile(rng, 64, 32, 2.0, True)
     x, y = x.astype(jnp.bfloat16), y.astype(jnp.bfloat16)
-    pair = products.make_pair(x, y, b, b, doc, doc, diag=True, causal="inclusive")
-    z = products.gated_product(pair, "channel", jnp.bfloat16)
-    want = _definition(x.astype(F32), y.astype(F32), b, pair.mask)
-    err = float(jnp.linalg.norm(z - want) / jnp.linalg.norm(want))
-    assert err < 1e-2, err
-    dz = jnp.asarray(rng.standard_normal((64, 64)), F32)
-    got = products.gated_product_vjp(pair, dz, "channel", jnp.bfloat16)
-    want = jax.vjp(lambda x, y: _definition(x, y, b, pair.mask), x.astype(F32), y.astype(F32))[1](dz)
-    for g, w in zip(got, want, strict=True):
-        err = float(jnp.linalg.norm(g - w) / jnp.linalg.norm(w))
-        assert err < 1e-2, err
+    kw = dict(causal="inclusive", mode="channel", mxu=jnp.bfloat16)
+    _assert_close_bf16(_diagonal_against_definition(rng, x, y, b, doc, **kw))
 
 
 def test_channel_diagonal_tile_needs_power_of_two_rows(rng):
