@@ -152,12 +152,11 @@ def split_forward(q, k, v, beta, *, g=None, scale=None, segment_ids=None, interp
     qp, kp, vp, betap, bp = args
     bounded = gates_bounded(bp, statics, qp.dtype)
 
-    def wy_and_transition(st):
-        lay = Layout(qp, vp, st.cfg, st.mode)
-        w, u, x = wy_representation(kp, vp, betap, bp, docs, lay, st)
-        return w, u, x, *transition(w, u, kp, bp, docs, lay, st, with_phi=with_phi)
-
-    w, u, x, phi, m = by_gates(bounded, statics, wy_and_transition)
+    w, u, x = by_gates(
+        bounded, statics, lambda st: wy_representation(kp, vp, betap, bp, docs, Layout(qp, vp, st.cfg, st.mode), st)
+    )
+    # the transition forms no diagonal-tile products: one form, outside the cond
+    phi, m = transition(w, u, kp, bp, docs, Layout(qp, vp, statics.cfg, statics.mode), statics, with_phi=with_phi)
     call = SplitCall(tuple(args), docs, w, u, unpad, statics, (t, d, e), x, bounded=bounded)
     if splits > 1:
         call = dataclasses.replace(call, phi=phi, m=m)

@@ -180,11 +180,14 @@ def forward_local(q, k, v, g, docs, statics: ChannelStatics) -> Local:
     return Local(h_local, m, chunk_logs(across, docs, lay.chunk))
 
 
-def forward_finish(q, k, v, g, docs, local: Local, s0, statics: ChannelStatics):
-    """``(o, final state, residual states)`` from the initial state ``s0`` ``[B, H, D, E]``."""
+def forward_finish(q, k, v, g, docs, local: Local, s0, statics: ChannelStatics, bounded=None):
+    """``(o, final state, residual states)`` from the initial state ``s0`` ``[B, H, D, E]``; the
+    output kernel in the form ``bounded`` (``gates_bounded``) allows (``by_gates``)."""
     lay = Layout(q, k, v, statics.cfg)
     s_run, final = run_scan(local.m, local.logs.run, s0, statics.cfg.splits, reverse=False, interpret=statics.interpret)
-    o, z = output(q, k, v, g, docs, local.h_local, s_run, local.logs.enter, lay, statics)
+    o, z = by_gates(
+        bounded, statics, lambda st: output(q, k, v, g, docs, local.h_local, s_run, local.logs.enter, lay, st)
+    )
     return o, final, vjp.States(local.h_local, s_run, local.logs, z)
 
 
@@ -199,10 +202,11 @@ class Residuals(NamedTuple):
     states: vjp.States
 
 
-# The output kernel and the gradient kernel form the diagonal sub-tiles' products; where every
+# The output kernel and the gradient kernels form the diagonal sub-tiles' products; where every
 # sub-tile allows it (``gates_bounded``) they run factored (mode "channel_bounded"), else exact:
-# one lax.cond around each (``by_gates``), as the gated delta rule's kernels do. The state passes
-# form no such products and run once.
+# one lax.cond around each (``by_gates`` inside ``forward_finish`` and ``vjp.backward_finish``), as
+# the gated delta rule's kernels do. The state passes and the scans over runs form no such
+# products and run once.
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnames=("statics",))
@@ -212,7 +216,7 @@ def _linear_attention(q, k, v, g, s0, docs, statics: ChannelStatics):
 
 def _linear_attention_fwd(q, k, v, g, s0, docs, statics: ChannelStatics):
     local, bounded = forward_local(q, k, v, g, docs, statics), gates_bounded(g, q.dtype)
-    o, final, states = by_gates(bounded, statics, lambda st: forward_finish(q, k, v, g, docs, local, s0, st))
+    o, final, states = forward_finish(q, k, v, g, docs, local, s0, statics, bounded)
     return (o, final), (Residuals(q, k, v, g, docs, states), bounded)
 
 
@@ -220,10 +224,8 @@ def _linear_attention_bwd(statics: ChannelStatics, res, cotangents):
     do, d_final = cotangents
     res, bounded = res
     pending = vjp.backward_local(res.q, res.g, res.docs, do, statics=statics)
-    grads = by_gates(
-        bounded,
-        statics,
-        lambda st: vjp.backward_finish(res.q, res.k, res.v, res.g, res.docs, res.states, pending, d_final, statics=st),
+    grads = vjp.backward_finish(
+        res.q, res.k, res.v, res.g, res.docs, res.states, pending, d_final, statics=statics, bounded=bounded
     )
     return (*grads, None)  # document numbers are integers: no cotangent
 
@@ -407,9 +409,7 @@ def finish_forward(call: SplitCall, local: Local, initial_state):
     are what ``split_backward`` needs."""
     _, t, _, e = call.shape
     s0 = call.padded(initial_state)
-    o, _, states = by_gates(
-        call.bounded, call.statics, lambda st: forward_finish(call.q, call.k, call.v, call.g, call.docs, local, s0, st)
-    )
+    o, _, states = forward_finish(call.q, call.k, call.v, call.g, call.docs, local, s0, call.statics, call.bounded)
     return from_splits(o, call.statics.cfg.splits)[:, :t, :, :e], states
 
 
@@ -433,10 +433,16 @@ def split_backward(call: SplitCall, states: vjp.States, do):
 def finish_backward(call: SplitCall, states: vjp.States, pending: vjp.LocalCotangents, d_final):
     """Cotangents ``(dq, dk, dv, dg, None, d initial_state)`` given the final state's cotangent (the
     scalar kernels' order; None stands for ``g_gamma``'s)."""
-    d_final = call.padded(d_final)
-    dq, dk, dv, dg, ds0 = by_gates(
-        call.bounded,
-        call.statics,
-        lambda st: vjp.backward_finish(call.q, call.k, call.v, call.g, call.docs, states, pending, d_final, statics=st),
+    dq, dk, dv, dg, ds0 = vjp.backward_finish(
+        call.q,
+        call.k,
+        call.v,
+        call.g,
+        call.docs,
+        states,
+        pending,
+        call.padded(d_final),
+        statics=call.statics,
+        bounded=call.bounded,
     )
     return (*call.unpad((dq, dk, dv, dg)), None, call.unpadded(ds0))

@@ -46,6 +46,7 @@ from pallas_kernels.gated_delta_rule.layout import (
     store_col_tiles,
     store_tiles,
 )
+from pallas_kernels.gated_delta_rule.pallas_triton import by_gates
 from pallas_kernels.linear_attention.channel_common import (
     MODE,
     ChannelStatics,
@@ -308,15 +309,18 @@ def grads(q, k, v, g, docs, states: States, local: LocalCotangents, d_run, lay: 
     return dq, dk, dv, dg
 
 
-def backward_finish(q, k, v, g, docs, states: States, local: LocalCotangents, d_final, *, statics: ChannelStatics):
+def backward_finish(
+    q, k, v, g, docs, states: States, local: LocalCotangents, d_final, *, statics: ChannelStatics, bounded=None
+):
     """Cotangents ``(dq, dk, dv, dg, d initial_state)`` from stage 1 and the final state's cotangent
-    ``[B, H, D, E]``."""
+    ``[B, H, D, E]``; the gradient kernels in the form ``bounded`` allows (``by_gates``, as the
+    forward's output kernel)."""
     lay = Layout(q, k, v, statics.cfg)
     splits = statics.cfg.splits
     d_run, ds0 = run_scan(
         local.dm, states.logs.run, d_final.astype(F32), splits, reverse=True, interpret=statics.interpret
     )
-    dq, dk, dv, dg = grads(q, k, v, g, docs, states, local, d_run, lay, statics)
+    dq, dk, dv, dg = by_gates(bounded, statics, lambda st: grads(q, k, v, g, docs, states, local, d_run, lay, st))
     if lay.group > 1:
         r, t = dk.shape[:2]
         dk = dk.reshape(r, t, lay.kv_heads, lay.group, lay.dim).sum(3).astype(k.dtype)
