@@ -127,6 +127,11 @@ def variants(base, d: int, *, per_channel: bool = False) -> list[tuple[str, dict
         {split: 4, "block_e": 16},
         {split: 16, "block_e": 64},
         {split: 1, "block_e": 16, "num_warps_state": 2},
+        # launch parameters again since the diagonal tiles became one product (session 17): fewer
+        # live tiles in the backward chunk kernels than when 4 warps were chosen
+        {"num_warps_output_bwd": 8},
+        {"num_warps_bwd": 8, "num_warps_output_bwd": 4},
+        {"num_warps": 4, "num_warps_bwd": 8},
     ]
     # scalar or no gates: the output written by the forward state pass (no output kernel)
     # (each value-block program forms Q Kᵀ ⊙ Γ again: wider blocks form it fewer times)
