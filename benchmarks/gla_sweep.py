@@ -69,6 +69,13 @@ CONFIGS = [
     ("chunk=32", {"chunk": 32}),
     ("chunk=128", {"chunk": 128}),
     # combinations
+    # session 18: on the factored diagonal tiles (session 17) 4 gradient warps and 64-column blocks each
+    # gave 7.64 against 10.86 ms
+    ("grads_warps=4,block_cols=64", {"num_warps_bwd": 4, "block_cols": 64}),
+    ("grads_warps=4,output_warps=4", {"num_warps_bwd": 4, "num_warps": 4}),
+    ("grads_warps=4,block_cols=64,output_warps=4", {"num_warps_bwd": 4, "block_cols": 64, "num_warps": 4}),
+    ("grads_warps=4,state_stages=2", {"num_warps_bwd": 4, "num_stages_state": 2}),
+    ("grads_warps=4,block_cols=128", {"num_warps_bwd": 4, "block_cols": 128}),
     ("split_grads,recompute_dz,state_stages=2", {**SPLIT, "num_stages_state": 2}),
     ("split_grads,recompute_dz,block_cols=16,state_stages=2", {**SPLIT, "block_cols": 16, "num_stages_state": 2}),
     ("split_grads,recompute_dz,state_stages=2,block_e=64", {**SPLIT, "num_stages_state": 2, "block_e": 64}),
