@@ -72,6 +72,10 @@ class BlockConfig:
         default: slower (H200, GDN (1, 32K, 16, 128) bf16: the fused state pass 0.94 ms against 0.53
         + 0.22 for the state pass and the 4-warp output kernel; the products added to each
         latency-bound step cost more than the output kernel's reads).
+      num_stages_bwd_exact: ``num_stages_bwd`` for the kernels that form per-channel diagonal
+        sub-tiles exactly (the ``"channel"`` form behind the gates' cond, and fp16); None: the same.
+        The factored form gains from two stages where the exact one loses (H200, KDA (1, 32K, 16,
+        128) bf16 fwd+bwd, session 18: factored 13.80 → 13.03 ms, exact 24.96 → 31.10 ms).
       num_warps_output_bwd: warps of the output backward kernel (``output_bwd``); None: ``num_warps_bwd``
         (the WY backward holds more live tiles than the output's: ptxas at 4 warps, GDN bf16 whole
         rows: ``output_bwd`` 255 registers and 64 B of spills, ``wy_bwd`` 1.2 KB of spills).
@@ -110,6 +114,7 @@ class BlockConfig:
     fuse_output: bool = False
     num_warps_output_bwd: int | None = None
     stacked_pairs: bool = False
+    num_stages_bwd_exact: int | None = None
 
     def __post_init__(self):
         for name in ("chunk", "block_e", "block_cols", "wy_rows", "channel_rows"):
@@ -129,8 +134,9 @@ class BlockConfig:
             value = getattr(self, name)
             if value is not None and (value < 1 or value & (value - 1)):
                 raise ValueError(f"BlockConfig.{name}={value} must be a power of two (Triton warps per program)")
-        for name in ("num_stages", "num_stages_state", "num_stages_bwd"):
-            if getattr(self, name) < 1:
+        for name in ("num_stages", "num_stages_state", "num_stages_bwd", "num_stages_bwd_exact"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
                 raise ValueError(f"BlockConfig.{name}={getattr(self, name)} must be positive")
         if self.fuse_output and self.store_scores:
             raise ValueError("BlockConfig.fuse_output writes the output in the state pass, which stores no scores")
@@ -209,9 +215,18 @@ def default_config(
         # the output backward (output_bwd 0.65 → 0.41 ms, fwd+bwd 3.91 → 3.73 ms; 255 registers,
         # 64 B of spills, two programs per SM; the WY backward keeps 8: 1.2 KB of spills at 4)
         cfg = dataclasses.replace(cfg, wy_rows=cfg.chunk, inverse_precision="tf32", num_warps=4, num_warps_output_bwd=4)
+    # per-channel gates in bf16/fp16, since the diagonal sub-tiles are one product when the gates allow
+    # it (session 17): 4 warps in the forward chunk kernels, 2 stages in the backward ones where the
+    # tiles are factored, and the state passes by the scalar gates' rule (H200, KDA (1, 32K, 16, 128)
+    # bf16 fwd+bwd, session 18: 15.51 → 13.80 → 13.03 → 12.56 ms; the exact kernels behind the cond
+    # 24.96 → 24.09 with 4 warps, 31.10 with 2 stages, hence ``num_stages_bwd_exact=1``)
+    channel_fast = per_channel and dtype is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    if channel_fast:
+        cfg = dataclasses.replace(cfg, num_warps=4, num_stages_bwd=2, num_stages_bwd_exact=1)
+    scalar_rule = not per_channel or (channel_fast and not sequence_parallel)
     programs = batch * value_heads * (value_dim // cfg.block_e)
     few = programs >= NUM_SMS // 4 and 2 * programs <= NUM_SMS
-    if few and not (per_channel or sequence_parallel) and cfg.block_e == 32:
+    if few and scalar_rule and not sequence_parallel and cfg.block_e == 32:
         # half the SMs or fewer busy: 16-wide value blocks (twice the programs, each step half as
         # wide); H200, GDN bf16 fwd+bwd: (1, 32K, 16, 128) 5.15 against 5.72 ms (5.37 / 5.73 in
         # another run); at 32 heads (128 programs of 32) 16-wide blocks lose, 9.94 against 8.16 ms;
@@ -219,7 +234,7 @@ def default_config(
         # heads, 2 / 4 / 8 runs: 7.36 / 7.52 / 7.69 against 5.85 ms with 32-wide blocks and 8 runs)
         cfg = dataclasses.replace(cfg, block_e=16)
         programs *= 2
-    target = 2 * NUM_SMS if per_channel else NUM_SMS // 2 if sequence_parallel else NUM_SMS // 4
+    target = NUM_SMS // 2 if sequence_parallel and not per_channel else NUM_SMS // 4 if scalar_rule else 2 * NUM_SMS
     chunks = -(-seq_len // cfg.chunk)
     splits = state_pass_splits(programs, chunks, target=target)
     two_byte = dtype is not None and jnp.dtype(dtype).itemsize == 2  # bf16 / fp16

@@ -62,11 +62,12 @@ def mxu_dtype(dtype):
     return dtype if dtype in (jnp.bfloat16, jnp.float16) else F32
 
 
-def compiler_params(cfg: BlockConfig, kind: str):
+def compiler_params(cfg: BlockConfig, kind: str, mode: GateMode | None = None):
     """Triton launch parameters of a kernel ``kind``: "chunk", "state", "backward" or
     "output_backward". ``cfg`` is a ``BlockConfig`` or the per-channel linear-attention kernels'
     ``ChannelConfig`` (the same launch fields, no ``num_warps_output_bwd``: its output backward
-    takes ``num_warps_bwd``)."""
+    takes ``num_warps_bwd``). ``mode`` "channel" (the exact diagonal sub-tiles) takes
+    ``num_stages_bwd_exact`` where it is set."""
     if kind == "chunk":
         return plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if kind == "state":
@@ -76,7 +77,10 @@ def compiler_params(cfg: BlockConfig, kind: str):
     warps = cfg.num_warps_bwd
     if kind == "output_backward":
         warps = getattr(cfg, "num_warps_output_bwd", None) or warps
-    return plgpu.CompilerParams(num_warps=warps, num_stages=cfg.num_stages_bwd)
+    stages = cfg.num_stages_bwd
+    if mode == "channel" and getattr(cfg, "num_stages_bwd_exact", None) is not None:
+        stages = cfg.num_stages_bwd_exact
+    return plgpu.CompilerParams(num_warps=warps, num_stages=stages)
 
 
 class Layout:

@@ -376,7 +376,7 @@ def output_backward(res: Residuals, do, lay: Layout, statics: Statics):
             lay.values_shape(lay.mxu),
             *(x for x, _ in gate_out),
         ],
-        compiler_params=compiler_params(statics.cfg, "output_backward"),
+        compiler_params=compiler_params(statics.cfg, "output_backward", lay.mode),
         interpret=statics.interpret,
         name="gated_delta_rule_output_bwd",
     )(res.q, res.k, res.h, res.v_new, do, *(x for _, x in z_in), *gate_inputs(res.b, res.docs))
@@ -451,7 +451,7 @@ def state_step_backward(res: Residuals, dh, dk_out, db_out, lay: Layout, statics
         ],
         out_specs=[lay.chunk_spec(d), *(s for _, s in gate_out)],
         out_shape=[lay.values_shape(F32, d), *(x for x, _ in gate_out)],
-        compiler_params=compiler_params(statics.cfg, "backward"),
+        compiler_params=compiler_params(statics.cfg, "backward", lay.mode),
         interpret=statics.interpret,
         name="gated_delta_rule_state_step_bwd",
     )(
@@ -511,7 +511,7 @@ def wy_backward(res: Residuals, dh, dv_new, dk_out, db_out, lay: Layout, statics
             jax.ShapeDtypeStruct(res.beta.shape, F32),
             *(x for x, _ in gate_out),
         ],
-        compiler_params=compiler_params(statics.cfg, "backward"),
+        compiler_params=compiler_params(statics.cfg, "backward", lay.mode),
         interpret=statics.interpret,
         name="gated_delta_rule_wy_bwd",
     )(

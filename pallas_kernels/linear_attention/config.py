@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax.numpy as jnp
+
 from pallas_kernels.common import NUM_SMS, state_pass_splits
 
 
@@ -150,15 +152,23 @@ class ChannelConfig:
             raise ValueError(f"ChannelConfig.splits={self.splits} must be positive")
 
 
-def default_channel_config(*, batch: int, heads: int, seq_len: int, value_dim: int, interpret: bool) -> ChannelConfig:
+def default_channel_config(
+    *, batch: int, heads: int, seq_len: int, value_dim: int, interpret: bool, dtype=None
+) -> ChannelConfig:
     """Interpret mode: 16-token chunks (one sub-tile), 16-wide blocks, one run per row. GPU: 64-token
     chunks, and runs (a power of two) until the state passes have about two programs per SM while
     each run keeps at least 16 chunks: at (B, T, H) = (1, 32K, 16) with E = 128, 8 runs of 64 chunks
     (512 programs per pass); the gradients in two kernels with the scores' cotangent formed again
     in each key-column step (``split_grads``, ``recompute_dz``: H200, (1, 32K, 16, 128) bf16
-    fwd+bwd 15.15 against 22.37 ms in one kernel, same run, 2026-11-30)."""
+    fwd+bwd 15.15 against 22.37 ms in one kernel, same run, 2026-11-30). For bf16/fp16 inputs
+    (``dtype``), since the diagonal sub-tiles are one product where the gates allow it (session 17):
+    4 warps in the output and gradient kernels and 2 stages in the state passes (H200, (1, 32K, 16,
+    128) bf16 fwd+bwd, session 18: 10.86 → 6.97 → 6.68 ms; with gates past the factored form, the
+    exact kernels, 16.28 → 12.43 ms with the 4 warps)."""
     if interpret:
         return ChannelConfig(chunk=16, block_cols=16, block_e=16)
     cfg = ChannelConfig(block_e=min(32, value_dim), split_grads=True, recompute_dz=True)
+    if dtype is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        cfg = dataclasses.replace(cfg, num_warps=4, num_warps_bwd=4, num_stages_state=2)
     programs = batch * heads * (value_dim // cfg.block_e)
     return dataclasses.replace(cfg, splits=state_pass_splits(programs, -(-seq_len // cfg.chunk)))
