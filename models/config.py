@@ -86,6 +86,10 @@ class ModelConfig:
     # the fused input projections (q|k|v|gate of the token mixers, the MLP's gate|up) computed as under tensor
     # parallelism, so the backward concatenates no activation cotangents (models.layers.Dense.project)
     split_projections: bool = False  # one matmul per block of each fused input projection; same parameters
+    # kda: g = gate_lower_bound · sigmoid(exp(A_log) · (f + dt_bias)) (flash-linear-attention's lower_bound,
+    # Kimi Linear's safe gate: log decays in [bound, 0)); None: g = −exp(A_log) · softplus(f + dt_bias).
+    # A bound of −5 or weaker keeps KDA's Pallas kernels on their factored diagonal tiles (README)
+    gate_lower_bound: float | None = None
 
     def __post_init__(self):
         def positive(name):
@@ -102,6 +106,11 @@ class ModelConfig:
         for name in ("scan_layers", "split_projections"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ModelConfig.{name} must be a bool, got {name}={getattr(self, name)!r}")
+        bound = self.gate_lower_bound
+        if bound is not None and (
+            isinstance(bound, bool) or not isinstance(bound, int | float) or not -1e4 < bound < 0
+        ):
+            raise ValueError(f"ModelConfig.gate_lower_bound must be a negative number or None, got {bound!r}")
         if self.family not in FAMILIES:
             raise ValueError(f"ModelConfig.family must be one of {FAMILIES}, got family={self.family!r}")
         for name, allowed in (

@@ -190,8 +190,15 @@ class DeltaRuleMixer(nnx.Module):
             n_v_heads=c.v_heads,
             conv_size=c.conv_size,
             **c.mixer_options(),
+            **cls._config_options(c),
             rngs=rngs,
         )
+
+    @classmethod
+    def _config_options(cls, config: ModelConfig) -> dict:
+        """A subclass's own constructor arguments from the model config."""
+        del config
+        return {}
 
     def gate_widths(self) -> tuple[int, ...]:
         raise NotImplementedError
@@ -352,6 +359,24 @@ class KDA(DeltaRuleMixer):
     output_activation = staticmethod(jax.nn.sigmoid)
     gate_split = (False, False, True)  # the rank-D down projections are not split by heads
 
+    def __init__(self, d_model: int, n_heads: int, *, gate_lower_bound: float | None = None, **kwargs):
+        """``gate_lower_bound``: None, the decays ``g = −exp(A_log) · softplus(f + dt_bias)``; a negative
+        number b, ``g = b · sigmoid(exp(A_log) · (f + dt_bias))`` in [b, 0) (flash-linear-attention's
+        ``lower_bound``, Kimi Linear's safe gate). With b ≥ −5 every 16-token tile of the gates stays
+        within the Pallas kernels' factored diagonal form (``gated_delta_rule``, README)."""
+        if gate_lower_bound is not None and not (
+            isinstance(gate_lower_bound, int | float)
+            and not isinstance(gate_lower_bound, bool)
+            and gate_lower_bound < 0
+        ):
+            raise ValueError(f"gate_lower_bound must be a negative number or None, got {gate_lower_bound!r}")
+        self.gate_lower_bound = None if gate_lower_bound is None else float(gate_lower_bound)
+        super().__init__(d_model, n_heads, **kwargs)
+
+    @classmethod
+    def _config_options(cls, config: ModelConfig) -> dict:
+        return {"gate_lower_bound": config.gate_lower_bound}
+
     def _init_gates(self, rngs) -> None:
         s = self.spec
         rank, pdt = s.head_dim, dtype_of(s.param_dtype)
@@ -370,8 +395,12 @@ class KDA(DeltaRuleMixer):
         decay_down, gate_down, b = parts
         lead = b.shape[:-1]
         f = self.decay_up.project(decay_down, (self.key_width,), ctx, (True,))[0].astype(jnp.float32)
-        f = f + self.dt_bias[...]
-        g = -jnp.exp(self.a_log[...])[:, None] * jax.nn.softplus(f.reshape(*lead, s.n_heads, s.head_dim))
+        f = (f + self.dt_bias[...]).reshape(*lead, s.n_heads, s.head_dim)
+        rate = jnp.exp(self.a_log[...])[:, None]
+        if self.gate_lower_bound is None:
+            g = -rate * jax.nn.softplus(f)
+        else:
+            g = self.gate_lower_bound * jax.nn.sigmoid(rate * f)
         group = s.n_v_heads // s.n_heads  # q/k head h's gates and β serve its value heads
         g = jnp.repeat(g, group, axis=-2)
         beta = jnp.repeat(jax.nn.sigmoid(b.astype(jnp.float32)), group, axis=-1)

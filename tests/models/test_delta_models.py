@@ -28,6 +28,7 @@ from models.layers import SINGLE_DEVICE, LaspContext
 from models.model import LanguageModel
 from models.sharding import build_mesh
 from models.train import Trainer, check_config
+from pallas_kernels.gated_delta_rule import products
 from tests.models.common import (
     check_generation_equals_full_forward,
     dot_flops,
@@ -95,7 +96,9 @@ def _gates(layer, parts, c):
     if isinstance(layer, KDA):
         decay_down, gate_down, b = parts
         f = (decay_down @ _f64(layer.decay_up.kernel) + _f64(layer.dt_bias)).reshape(T, c.n_heads, c.head_dim)
-        g = -np.exp(_f64(layer.a_log))[:, None] * _softplus(f)
+        rate = np.exp(_f64(layer.a_log))[:, None]
+        bound = c.gate_lower_bound
+        g = -rate * _softplus(f) if bound is None else bound * _sigmoid(rate * f)
         gate = _sigmoid(gate_down @ _f64(layer.gate_up.kernel) + _f64(layer.gate_bias))
         return np.repeat(_sigmoid(b), group, axis=1), np.repeat(g, group, axis=1), gate
     z, a, b = parts
@@ -127,14 +130,45 @@ def _definition(layer, x, c):
     return o.reshape(T, hv * dh) @ _f64(layer.out_proj.kernel)
 
 
-@pytest.mark.parametrize("mixer", [GatedDeltaNet, KDA], ids=["gdn", "kda"])
-def test_layer_matches_definition(rng, mixer):
-    config = small_model("gdn" if mixer is GatedDeltaNet else "kda")
+@pytest.mark.parametrize(
+    "mixer, bound", [(GatedDeltaNet, None), (KDA, None), (KDA, -5.0)], ids=["gdn", "kda", "kda-lower-bound"]
+)
+def test_layer_matches_definition(rng, mixer, bound):
+    config = small_model("gdn" if mixer is GatedDeltaNet else "kda").replace(gate_lower_bound=bound)
     layer = mixer.from_config(config, 0, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+    if mixer is KDA:
+        assert layer.gate_lower_bound == bound
     x = rng.standard_normal((1, T, config.d_model))
     got, _ = jax.jit(lambda x: layer(x, SINGLE_DEVICE, jnp.arange(T)))(jnp.asarray(x, jnp.float32))
     want = _definition(layer, x[0], config)
     np.testing.assert_allclose(np.asarray(got[0], np.float64), want, rtol=2e-4, atol=2e-5 * np.abs(want).max())
+
+
+def test_kda_gate_lower_bound_keeps_the_kernels_factored_form(rng):
+    """Saturating inputs: with ``gate_lower_bound=-5`` KDA's log decays stay in [-5, 0] and every 16-row
+    diagonal tile of their chunk-local cumulative sums passes the Pallas kernels' check for the
+    factored form; the unbounded softplus gates of the same layer fail it."""
+    config = small_model("kda")
+    x = jnp.asarray(30 * rng.standard_normal((2, 128, config.d_model)), jnp.float32)
+
+    def decays(bound):
+        layer = KDA.from_config(config.replace(gate_lower_bound=bound), 0, rngs=nnx.Rngs(0))
+        _, (_, g, _) = layer._split(x, SINGLE_DEVICE)
+        return g
+
+    def factored(g):  # cumulative sums within 64-token chunks, as the kernels form them
+        b = jnp.cumsum(g.reshape(2, 2, 64, *g.shape[2:]), axis=2).reshape(g.shape)
+        return bool(products.diag_tiles_bounded(b, 16))
+
+    bounded = decays(-5.0)
+    assert float(bounded.min()) >= -5.0 and float(bounded.max()) <= 0.0 and float(bounded.min()) < -4.9
+    assert factored(bounded)
+    assert not factored(decays(None))
+    for bad in (0.0, 1.0, True, "x"):
+        with pytest.raises(ValueError, match="gate_lower_bound must be a negative number"):
+            config.replace(gate_lower_bound=bad)
+    args = ["--preset", "kda-tiny", "--model.gate_lower_bound", "-5"]
+    assert config_from_args(args).model.gate_lower_bound == -5.0
 
 
 # ---------------------------------------------------------------- FLOPs by counting
