@@ -89,6 +89,12 @@ def parse_args(argv=None):
         default=None,
         help="one product per fused projection block (ModelConfig; default: the preset's, on for TNL, GDN, KDA)",
     )
+    p.add_argument(
+        "--gate-lower-bound",
+        type=float,
+        default=None,
+        help="KDA: log decays b·sigmoid(...) in [b, 0) (ModelConfig.gate_lower_bound; default none)",
+    )
     p.add_argument("--loss-chunks", default="auto", help="int, or auto: about 8K tokens of logits per device at once")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=8)
@@ -177,8 +183,9 @@ def build_trainer(args, *, preset: str, sp: int, local_tokens: int, remat: str, 
     if len(devices) < n:
         raise SystemExit(f"need {n} devices for sp={sp} dp={args.dp} tp={args.tp}, have {len(jax.devices())}")
     chunks = loss_chunks_for(args, local_tokens, sp)
-    flags = ("dtype", "scan_layers", "mlp_chunk", "split_projections")  # the flags that are ModelConfig fields
-    model_fields = {name: getattr(args, name) for name in flags if getattr(args, name) is not None} | model_overrides
+    flags = ("dtype", "scan_layers", "mlp_chunk", "split_projections", "gate_lower_bound")  # ModelConfig fields
+    model_fields = {name: getattr(args, name, None) for name in flags if getattr(args, name, None) is not None}
+    model_fields |= model_overrides
     config = TrainConfig(
         model=get_config(preset, **model_fields),
         mesh=MeshConfig(
@@ -249,6 +256,7 @@ def run_config(
         "scan_layers": args.scan_layers,
         "mlp_chunk": args.mlp_chunk,
         "split_projections": trainer.config.model.split_projections,
+        "gate_lower_bound": trainer.config.model.gate_lower_bound,
         "loss_chunks": chunks,
         "compile_s": compile_s,
         "step_ms": 1e3 * step_s,
