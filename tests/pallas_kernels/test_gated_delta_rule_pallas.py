@@ -479,7 +479,12 @@ def test_default_config_fills_the_gpu_with_splits():
     assert kda.inverse_precision == "highest" and kda.store_scores and not low.store_scores
     assert kda.store_inverse and low.store_inverse  # the WY backward forms no Gram block
     assert kda.num_warps_bwd == 4 and low.num_warps_bwd == 8  # per-channel cotangents by levels: 4 warps
-    assert (kda.num_warps, kda.num_warps_output_bwd) == (8, None)  # KDA's chunk kernels spill at 4
+    # bf16/fp16 KDA since its diagonal tiles are one product where the gates allow it (session 18): 4
+    # forward warps, 2 backward stages for the factored kernels and 1 for the exact ones, and the state
+    # passes by the scalar gates' rule (one run of 16-wide blocks here); float32 keeps the former rule
+    assert (kda.num_warps, kda.num_stages_bwd, kda.num_stages_bwd_exact) == (4, 2, 1)
+    assert (kda.block_e, kda.splits) == (16, 1)
+    assert (per_channel.num_warps, per_channel.num_stages_bwd, per_channel.num_stages_bwd_exact) == (8, 1, None)
 
 
 def test_compiler_params_of_each_kernel_kind():
@@ -496,6 +501,16 @@ def test_compiler_params_of_each_kernel_kind():
     assert launch(cfg, "chunk") == (4, 2) and launch(cfg, "state") == (2, 3)
     assert launch(cfg, "backward") == (8, 1) and launch(cfg, "output_backward") == (8, 1)  # None: the backward's
     assert launch(BlockConfig(num_warps_output_bwd=4, num_stages_bwd=2), "output_backward") == (4, 2)
+    # the exact per-channel diagonal tiles take their own backward stages where they are set
+    staged = BlockConfig(num_warps_bwd=4, num_stages_bwd=2, num_stages_bwd_exact=1)
+    for kind in ("backward", "output_backward"):
+        assert compiler_params(staged, kind, "channel").num_stages == 1
+        assert compiler_params(staged, kind, "channel_bounded").num_stages == 2
+        assert compiler_params(staged, kind, "scalar").num_stages == 2
+    assert compiler_params(staged, "chunk", "channel").num_stages == staged.num_stages
+    assert compiler_params(BlockConfig(num_stages_bwd=2), "backward", "channel").num_stages == 2  # None: the same
+    with pytest.raises(ValueError, match="num_stages_bwd_exact=0 must be positive"):
+        BlockConfig(num_stages_bwd_exact=0)
     channel = ChannelConfig()
     assert (
         launch(channel, "output_backward")

@@ -12,6 +12,8 @@ the Triton lowering. Each case is one compile of the forward and backward.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -273,6 +275,13 @@ def test_supports_and_rejects():
     assert (few.chunk, few.block_e, few.splits) == (64, 32, 8)  # 512 programs per state pass, 64 chunks each
     assert few.split_grads and few.recompute_dz  # the two-kernel gradients (faster on the H200)
     assert default_channel_config(batch=8, heads=32, seq_len=4096, value_dim=128, interpret=False).splits == 1
+    # bf16/fp16: 4 warps in the output and gradient kernels, 2 state stages (session 18); the rest as float32
+    for dtype in (jnp.bfloat16, jnp.float16):
+        low = default_channel_config(batch=1, heads=16, seq_len=32768, value_dim=128, interpret=False, dtype=dtype)
+        assert (low.num_warps, low.num_warps_bwd, low.num_stages_state) == (4, 4, 2)
+        assert low == dataclasses.replace(few, num_warps=4, num_warps_bwd=4, num_stages_state=2)
+    f32 = default_channel_config(batch=1, heads=16, seq_len=32768, value_dim=128, interpret=False, dtype=jnp.float32)
+    assert f32 == few and (few.num_warps, few.num_warps_bwd, few.num_stages_state) == (8, 8, 3)
 
 
 def test_kernels_lower_to_triton(triton_lowering_h100):
