@@ -132,6 +132,10 @@ def variants(base, d: int, *, per_channel: bool = False) -> list[tuple[str, dict
         {"num_warps_output_bwd": 8},
         {"num_warps_bwd": 8, "num_warps_output_bwd": 4},
         {"num_warps": 4, "num_warps_bwd": 8},
+        # the state passes on gated keys / queries formed once in XLA (session 18, not yet timed)
+        {"pregated_state": True},
+        {"pregated_state": True, "block_e": 32},
+        {"pregated_state": True, "num_stages_state": 2},
     ]
     # scalar or no gates: the output written by the forward state pass (no output kernel)
     # (each value-block program forms Q Kᵀ ⊙ Γ again: wider blocks form it fewer times)

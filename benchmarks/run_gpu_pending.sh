@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU measurements left open at the end of session 16, in order of value: about 12 minutes on
-# 2 (or 4) H200s; each step has its own time limit and keeps its output if a later one fails. Run
+# The GPU measurements left open at the end of session 18, in order of value: about 16 minutes on
+# 2 (or 4) H200s (the first two steps need one); each step has its own time limit and keeps its
+# output if a later one fails. Run
 # from the repository root:
 #   OUT=runs/pending bash benchmarks/run_gpu_pending.sh
 set -u
@@ -9,6 +10,13 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/pending}
 mkdir -p "$OUT"
 N=$(nvidia-smi -L | wc -l)
+# issue 13, one GPU: KDA's state passes on gated keys / queries formed once (BlockConfig.pregated_state,
+# session 18, CPU-tested only; its profile: state_bwd 2.68 ms and state 1.20 against GDN's 0.67 and
+# 0.52): the GPU test, then the sweep rows beside the default
+timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/pallas_kernels/test_gated_delta_rule_pallas.py -k "kda-pregated" > "$OUT/gpu_tests_pregated.log" 2>&1
+echo "== gpu tests pregated"; tail -n 2 "$OUT/gpu_tests_pregated.log"
+timeout 240 python3 benchmarks/delta_rule_sweep.py --ops kda --reps 8 --budget 190 --labels default pregated_state=True pregated_state=True,block_e=32 pregated_state=True,num_stages_state=2 --json "$OUT/sweep_kda_pregated.json" > "$OUT/sweep_kda_pregated.log" 2>&1
+echo "== kda pregated"; grep -E "^kda " "$OUT/sweep_kda_pregated.log" | cut -c1-200
 # issue 18: the softmax layer with impl="auto", which now runs cuDNN block pairs under a mesh
 # (cudnn_blocks, session 15: each rank's block compute 0.53x of one cuDNN GPU at sp=2 and 0.255x at
 # sp=4 on one H200, never run on 2 GPUs); its GPU tests over every local GPU first

@@ -76,6 +76,13 @@ class BlockConfig:
         sub-tiles exactly (the ``"channel"`` form behind the gates' cond, and fp16); None: the same.
         The factored form gains from two stages where the exact one loses (H200, KDA (1, 32K, 16,
         128) bf16 fwd+bwd, session 18: factored 13.80 → 13.03 ms, exact 24.96 → 31.10 ms).
+      pregated_state: per-channel gates: the two state passes read the gated keys ``e^{b_last − b} ⊙ K``
+        (and the reverse pass the gated queries ``e^b ⊙ Q``) and each chunk's decay ``e^{b_last}``,
+        formed once per call in XLA (``layout.pregated_operands``), instead of loading the float32
+        gates and forming two ``[C, D]`` exponentials and products at every step in every value-block
+        program. Off by default: not yet timed on a GPU (H200, KDA (1, 32K, 16, 128) bf16, session 18's
+        profile: ``state_bwd`` 2.68 ms and ``state`` 1.20 against Gated DeltaNet's 0.67 and 0.52 with the
+        same passes, which differ only in that per-step gate work).
       num_warps_output_bwd: warps of the output backward kernel (``output_bwd``); None: ``num_warps_bwd``
         (the WY backward holds more live tiles than the output's: ptxas at 4 warps, GDN bf16 whole
         rows: ``output_bwd`` 255 registers and 64 B of spills, ``wy_bwd`` 1.2 KB of spills).
@@ -115,6 +122,7 @@ class BlockConfig:
     num_warps_output_bwd: int | None = None
     stacked_pairs: bool = False
     num_stages_bwd_exact: int | None = None
+    pregated_state: bool = False
 
     def __post_init__(self):
         for name in ("chunk", "block_e", "block_cols", "wy_rows", "channel_rows"):

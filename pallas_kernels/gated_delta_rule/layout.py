@@ -108,6 +108,8 @@ class Layout:
         # chunks under scalar or no gates, as the ``channel_rows`` blocks per channel
         self.store_inverse = cfg.store_inverse
         self.wy_bwd_parts = 1 if cfg.store_inverse and mode not in CHANNEL_MODES else self.wy_parts
+        # per-channel gates: the state passes read gated keys and queries (``pregated_operands``)
+        self.pregated = cfg.pregated_state and mode in CHANNEL_MODES
 
     # -- chunk-parallel grid (c, b, h) --
 
@@ -150,6 +152,10 @@ class Layout:
             return pl.BlockSpec((None, self.seq_len, None, self.block_e), lambda j, b, h: (b, 0, h // group, j))
         return pl.BlockSpec((None, self.seq_len, None, width), lambda j, b, h: (b, 0, h // group, 0))
 
+    def chunk_gamma_spec(self):
+        """Every chunk's ``[D]`` decay ``[NC, D]`` of a ``[B, Hv, NC, D]`` array (``pregated_operands``)."""
+        return pl.BlockSpec((None, None, self.num_chunks, self.dim), lambda j, b, h: (b, h, 0, 0))
+
     def states_spec(self):
         """Value block j of every chunk's state ``[NC, D, block_e]`` in ``[B, Hv, NC, D, E]``."""
         shape = (None, None, self.num_chunks, self.dim, self.block_e)
@@ -175,6 +181,36 @@ class Layout:
 
     def values_shape(self, dtype, width: int | None = None):
         return jax.ShapeDtypeStruct((self.batch, self.seq_len, self.value_heads, width or self.value_dim), dtype)
+
+
+def pregated_operands(k, b, docs, lay: Layout, q=None):
+    """Per-channel gates (``BlockConfig.pregated_state``): the state passes' gated operands formed once
+    per call, in XLA, instead of in every value-block program at every step: ``(e^{b_last − b} ⊙ K,
+    γ, e^b ⊙ Q or None)``, the gated keys (and queries, given ``q``) ``[B, T, Hv, D]`` in the matmul
+    operand dtype (per value head) and each chunk's decay ``γ = e^{b_last}`` ``[B, Hv, NC, D]`` float32,
+    with ``common.gate_factors``'s document masks; the same factors and the same rounding (a float32
+    product cast to the operand dtype) as the kernels' ``gated_dot``. ``b``: the chunk-local
+    cumulative log gates ``[B, T, Hv, D]``, ``docs``: ``(doc, prev)`` rows ``[B, T]`` or None."""
+    bsz, t, hv, d = b.shape
+    nc, c = t // lay.chunk, lay.chunk
+    chunks = b.reshape(bsz, nc, c, hv, d).transpose(0, 1, 3, 2, 4)  # [B, NC, Hv, C, D]
+    if docs is None:
+        factors = jax.vmap(jax.vmap(jax.vmap(lambda x: common.gate_factors(x, None))))(chunks)
+    else:
+        doc, prev = (x.reshape(bsz, nc, c) for x in docs)
+
+        def one(x, doc, prev):  # one chunk of one head, as ``load_docs`` reads it in the kernels
+            return common.gate_factors(x, Docs(doc, prev[0], doc[-1]))
+
+        per_head = jax.vmap(one, in_axes=(0, None, None))
+        factors = jax.vmap(jax.vmap(per_head))(chunks, doc, prev)
+    to_row, to_end, gamma = factors
+
+    def gated(x, factor):  # [B, T, H, D] through the value heads, times [B, NC, Hv, C, D]
+        x = jnp.repeat(x, hv // x.shape[2], axis=2).astype(F32)
+        return (x * factor.transpose(0, 1, 3, 2, 4).reshape(bsz, t, hv, d)).astype(lay.mxu)
+
+    return gated(k, to_end), gamma.transpose(0, 2, 1, 3), None if q is None else gated(q, to_row)
 
 
 def gate_inputs(b, docs) -> list:

@@ -60,6 +60,7 @@ from pallas_kernels.gated_delta_rule.layout import (
     load_rows,
     load_tiles,
     pop_gate_refs,
+    pregated_operands,
     store_col_tiles,
     store_lower_blocks,
     store_tiles,
@@ -111,16 +112,15 @@ def _wy_kernel(k_ref, v_ref, beta_ref, *refs, mode, has_docs, mxu, block_cols, p
     lax.fori_loop(0, v_ref.shape[1] // vw, store_u, 0)
 
 
-def _state_kernel(
-    w_ref, u_ref, k_ref, *refs, mode, has_docs, mxu, chunk, num_chunks, store_chunks, u_blocks, scale=None
-):
+def _state_kernel(w_ref, u_ref, k_ref, *refs, mode, has_docs, mxu, chunk, num_chunks, store_chunks, u_blocks, **kw):
     """The state pass over one (row, value head, value block): h_c, V' (if ``store_chunks``) and the
     final state. ``u_blocks``: value blocks from ``u_blocks`` on run with U = 0 (the transition's
     identity columns; their programs read a real block of U and zero it), None: every block is U's.
     With ``scale`` (``BlockConfig.fuse_output``; scalar or no gates) it also reads Q and writes each
     chunk's output block ``scale · [(e^b ⊙ Q) h_c + (Q Kᵀ ⊙ Γ ⊙ causal) V'_c]``, off the chain of
-    states, so no output kernel reads h and V' again."""
-    refs = list(refs)
+    states, so no output kernel reads h and V' again. ``pregated``: ``k_ref`` holds the gated keys and
+    the gate ref each chunk's decay ``[NC, D]`` (``layout.pregated_operands``; no documents)."""
+    scale, pregated, refs = kw.get("scale"), kw.get("pregated", False), list(refs)
     q_ref = refs.pop(0) if scale is not None else None
     gate_ref, doc_refs = pop_gate_refs(refs, mode=mode, has_docs=has_docs)
     s0_ref, *chunk_refs, final_ref = refs
@@ -128,8 +128,11 @@ def _state_kernel(
 
     def body(c, state):
         t0 = pl.multiple_of(c * chunk, chunk)
-        b, docs = load_rows(gate_ref, t0, chunk), load_docs(doc_refs, t0, chunk)
-        _, to_end, gamma = common.gate_factors(b, docs)
+        if pregated:
+            b, docs, to_end, gamma = None, None, None, gate_ref[c, :]
+        else:
+            b, docs = load_rows(gate_ref, t0, chunk), load_docs(doc_refs, t0, chunk)
+            _, to_end, gamma = common.gate_factors(b, docs)
         k, w, u = k_ref[pl.ds(t0, chunk), :], w_ref[pl.ds(t0, chunk), :], u_ref[pl.ds(t0, chunk), :]
         if real_values is not None:
             u = jnp.where(real_values, u, jnp.zeros_like(u))
@@ -237,16 +240,22 @@ def state_pass(w, u, k, b, docs, s0, lay: Layout, statics: Statics, *, store_chu
             raise ValueError(f"u's {u.shape[-1]} columns are not whole blocks of {lay.block_e} within {lay.value_dim}")
         last = u_blocks - 1
         u_spec = pl.BlockSpec((None, lay.seq_len, None, lay.block_e), lambda j, b, h: (b, 0, h, jnp.minimum(j, last)))
+    keys, key_spec = k, lay.seq_spec(d, qk=True)
+    gates, gate_specs = gate_inputs(b, docs), lay.seq_gate_specs(docs is not None)
+    if lay.pregated:  # gated keys per value head and each chunk's decay, formed once (no documents)
+        keys, gamma, _ = pregated_operands(k, b, docs, lay)
+        key_spec, gates, gate_specs = lay.seq_spec(d), [gamma], [lay.chunk_gamma_spec()]
     kernel = functools.partial(
         _state_kernel,
         mode=lay.mode,
-        has_docs=docs is not None,
+        has_docs=docs is not None and not lay.pregated,
         mxu=lay.mxu,
         chunk=lay.chunk,
         num_chunks=lay.num_chunks,
         store_chunks=store_chunks,
         u_blocks=u_blocks,
         scale=None if q is None else statics.scale,
+        pregated=lay.pregated,
     )
     out_specs, out_shape = [lay.state_spec()], [jax.ShapeDtypeStruct(s0.shape, F32)]
     fused = [] if q is None else [(lay.seq_spec(d, qk=True), q)]
@@ -262,9 +271,9 @@ def state_pass(w, u, k, b, docs, s0, lay: Layout, statics: Statics, *, store_chu
         in_specs=[
             lay.seq_spec(d),
             u_spec,
-            lay.seq_spec(d, qk=True),
+            key_spec,
             *(spec for spec, _ in fused),
-            *lay.seq_gate_specs(docs is not None),
+            *gate_specs,
             lay.state_spec(),
         ],
         out_specs=out_specs,
@@ -272,7 +281,7 @@ def state_pass(w, u, k, b, docs, s0, lay: Layout, statics: Statics, *, store_chu
         compiler_params=compiler_params(statics.cfg, "state"),
         interpret=statics.interpret,
         name=name or ("gated_delta_rule_state" if store_chunks or fused else "gated_delta_rule_transition"),
-    )(w, u, k, *(x for _, x in fused), *gate_inputs(b, docs), s0)
+    )(w, u, keys, *(x for _, x in fused), *gates, s0)
     return tuple(outs) if len(outs) > 1 else outs[0]
 
 

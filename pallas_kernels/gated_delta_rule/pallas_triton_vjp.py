@@ -49,6 +49,7 @@ from pallas_kernels.gated_delta_rule.layout import (
     load_rows,
     load_tiles,
     pop_gate_refs,
+    pregated_operands,
     store_col_tiles,
     store_tiles,
     value_chunk,
@@ -123,19 +124,22 @@ def _output_bwd_kernel(
     store_tiles(dv_intra_ref, common.dvn_from_scores(z, do, scale=scale, mxu=mxu, parts=parts))
 
 
-def _state_bwd_kernel(
-    q_ref, w_ref, k_ref, do_ref, dv_intra_ref, *refs, mode, has_docs, mxu, scale, chunk, num_chunks, store_chunks
-):
+def _state_bwd_kernel(q_ref, w_ref, k_ref, do_ref, dv_intra_ref, *refs, mode, has_docs, mxu, scale, chunk, **kw):
     """The reverse state pass over one (row, value head, value block): dh_c and dV' (if
-    ``store_chunks``) and the initial state's cotangent."""
-    refs = list(refs)
+    ``store_chunks``) and the initial state's cotangent. ``pregated``: ``q_ref`` and ``k_ref`` hold the
+    gated queries and keys and the gate ref each chunk's decay ``[NC, D]`` (``layout.pregated_operands``;
+    no documents)."""
+    num_chunks, store_chunks, pregated, refs = kw["num_chunks"], kw["store_chunks"], kw["pregated"], list(refs)
     gate_ref, doc_refs = pop_gate_refs(refs, mode=mode, has_docs=has_docs)
     d_final_ref, *chunk_refs, ds0_ref = refs
 
     def body(i, ds):
         c = num_chunks - 1 - i
         t0 = pl.multiple_of(c * chunk, chunk)
-        to_row, to_end, gamma = common.gate_factors(load_rows(gate_ref, t0, chunk), load_docs(doc_refs, t0, chunk))
+        if pregated:
+            to_row, to_end, gamma = None, None, gate_ref[c, :]
+        else:
+            to_row, to_end, gamma = common.gate_factors(load_rows(gate_ref, t0, chunk), load_docs(doc_refs, t0, chunk))
         # per-row gates scale the [C, block_e] products, not the [C, D] key and query tiles
         k = k_ref[pl.ds(t0, chunk), :]
         dv_new = dv_intra_ref[pl.ds(t0, chunk), :].astype(F32) + common.gated_dot(k, to_end, ds, mxu)
@@ -388,15 +392,21 @@ def state_backward_pass(res: Residuals, do, dv_intra, d_final, lay: Layout, stat
     or only the initial state's cotangent when not ``store_chunks``."""
     d = lay.dim
     has_docs = res.docs is not None
+    queries, keys, qk_spec = res.q, res.k, lay.seq_spec(d, qk=True)
+    gates, gate_specs = gate_inputs(res.b, res.docs), lay.seq_gate_specs(has_docs)
+    if lay.pregated:  # gated queries and keys per value head and each chunk's decay (no documents)
+        keys, gamma, queries = pregated_operands(res.k, res.b, res.docs, lay, q=res.q)
+        qk_spec, gates, gate_specs = lay.seq_spec(d), [gamma], [lay.chunk_gamma_spec()]
     kernel = functools.partial(
         _state_bwd_kernel,
         mode=lay.mode,
-        has_docs=has_docs,
+        has_docs=has_docs and not lay.pregated,
         mxu=lay.mxu,
         scale=statics.scale,
         chunk=lay.chunk,
         num_chunks=lay.num_chunks,
         store_chunks=store_chunks,
+        pregated=lay.pregated,
     )
     out_specs, out_shape = [lay.state_spec()], [jax.ShapeDtypeStruct(d_final.shape, F32)]
     if store_chunks:
@@ -406,12 +416,12 @@ def state_backward_pass(res: Residuals, do, dv_intra, d_final, lay: Layout, stat
         kernel,
         grid=lay.state_grid(),
         in_specs=[
-            lay.seq_spec(d, qk=True),
+            qk_spec,
             lay.seq_spec(d),
-            lay.seq_spec(d, qk=True),
+            qk_spec,
             lay.seq_spec(lay.value_dim, blocked=True),
             lay.seq_spec(lay.value_dim, blocked=True),
-            *lay.seq_gate_specs(has_docs),
+            *gate_specs,
             lay.state_spec(),
         ],
         out_specs=out_specs,
@@ -419,7 +429,7 @@ def state_backward_pass(res: Residuals, do, dv_intra, d_final, lay: Layout, stat
         compiler_params=compiler_params(statics.cfg, "state"),
         interpret=statics.interpret,
         name="gated_delta_rule_state_bwd" if store_chunks else "gated_delta_rule_state_bwd_local",
-    )(res.q, res.w, res.k, do, dv_intra, *gate_inputs(res.b, res.docs), d_final)
+    )(queries, res.w, keys, do, dv_intra, *gates, d_final)
     return tuple(outs) if store_chunks else outs[0]
 
 

@@ -212,6 +212,26 @@ CASES = {
         dict(b=1, t=40, h=1, hv=1, d=32, e=16, gate="kda"),
         dict(docs=(7, 30), config=BlockConfig(chunk=32, block_e=16, block_cols=16, store_scores=True)),
     ),
+    # the state passes read gated keys / queries and each chunk's decay formed once in XLA
+    # (BlockConfig.pregated_state): two splits (the transition and the local reverse pass), grouped
+    # value heads, documents, strong gates in float32; bf16 with weak gates
+    "kda-f32-T130-pregated-gva-docs-strong-2splits": (
+        jnp.float32,
+        dict(b=2, t=130, h=1, hv=2, d=32, e=32, gate="kda"),
+        dict(
+            docs=(30, 64, 65, 100),
+            g_max=8.0,
+            config=BlockConfig(chunk=16, block_e=16, block_cols=16, splits=2, pregated_state=True),
+        ),
+    ),
+    "kda-bf16-T70-pregated-gva-docs-stored-scores": (
+        jnp.bfloat16,
+        dict(b=1, t=70, h=1, hv=2, d=32, e=16, gate="kda"),
+        dict(
+            docs=(9, 40),
+            config=BlockConfig(chunk=32, block_e=16, block_cols=16, store_scores=True, pregated_state=True),
+        ),
+    ),
     "deltanet-bf16-T130-column-blocks": (
         jnp.bfloat16,
         dict(b=1, t=130, h=2, hv=2, d=32, e=16, gate="deltanet"),
@@ -528,20 +548,22 @@ def test_compiler_params_of_each_kernel_kind():
 def test_kernels_lower_to_triton(triton_lowering_h100):
     """Lower (not compile) forward and backward for CUDA here: the Triton lowering's own checks run."""
     spec = jax.ShapeDtypeStruct
-    for gate, (b, t, h, hv, d, e), dtype, docs, splits, whole, fused, stacked in [
+    for gate, (b, t, h, hv, d, e), dtype, docs, splits, whole, fused, stacked, *pregated in [
         ("gdn", (1, 256, 2, 4, 128, 128), jnp.bfloat16, False, 2, False, False, False),
         ("kda", (2, 100, 2, 2, 40, 24), jnp.float32, True, 1, False, False, False),
         ("deltanet", (1, 70, 1, 1, 64, 64), jnp.float16, True, 1, False, False, False),
         ("kda", (1, 200, 2, 2, 128, 128), jnp.bfloat16, True, 2, True, False, False),
         ("gdn", (1, 256, 2, 2, 128, 128), jnp.bfloat16, True, 1, False, True, False),
         ("kda", (1, 130, 2, 2, 128, 128), jnp.bfloat16, True, 1, False, False, True),
+        ("kda", (1, 256, 2, 4, 128, 128), jnp.bfloat16, True, 2, False, False, False, True),
     ]:
         # deltanet lowers the fused WY backward, kda its two-kernel split, gdn the whole-chunk one
         # that reads the stored inverse (and 16-wide value blocks in the state passes); kda on
         # whole chunks (``whole``: the diagonal tile by levels) reads the stored inverse too; the
         # last gdn row writes its output in the state pass (``fused``: no output kernel); the last
         # kda row runs the whole-chunk (``stacked``) products in the forward, the output backward
-        # and the WY backward (which needs the stored inverse and the fused state step)
+        # and the WY backward (which needs the stored inverse and the fused state step); ``pregated``:
+        # the state passes read gated keys / queries and each chunk's decay (grouped value heads)
         config = BlockConfig(
             splits=splits,
             block_e=16 if gate == "gdn" else 32,
@@ -553,6 +575,7 @@ def test_kernels_lower_to_triton(triton_lowering_h100):
             wy_rows=64 if whole else 16,
             fuse_output=fused,
             stacked_pairs=stacked,
+            pregated_state=bool(pregated),
         )
         q, v = spec((b, t, h, d), dtype), spec((b, t, hv, e), dtype)
         beta, s0 = spec((b, t, hv), jnp.float32), spec((b, hv, d, e), jnp.float32)
@@ -594,6 +617,22 @@ GPU_CASES = {
         "kda",
         (700, 3000),
         BlockConfig(splits=4, block_cols=64, channel_rows=64, store_scores=True, store_inverse=True),
+    ),
+    # the state passes on gated keys / queries formed once (BlockConfig.pregated_state), with session
+    # 18's bf16 KDA launch parameters
+    "kda-pregated-docs": (
+        "kda",
+        (700, 3000),
+        BlockConfig(
+            block_e=16,
+            store_inverse=True,
+            store_scores=True,
+            num_warps=4,
+            num_warps_bwd=4,
+            num_stages_bwd=2,
+            num_stages_bwd_exact=1,
+            pregated_state=True,
+        ),
     ),
     "deltanet": ("deltanet", None, None),
     # the forward's off-diagonal per-channel blocks by whole-chunk products (BlockConfig.stacked_pairs)
