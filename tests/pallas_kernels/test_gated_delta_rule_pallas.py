@@ -343,8 +343,12 @@ def test_long_inputs_run_in_pieces(rng, monkeypatch):
     check_kernels(rng, dtype=jnp.float32, docs=(32, 50), **shape)
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["output-kernel", "fused-output"])
-def test_split_entry_points_chain_two_calls(rng, fused):
+@pytest.mark.parametrize(
+    "gate, fused, pregated",
+    [("gdn", False, False), ("gdn", True, False), ("kda", False, True)],
+    ids=["output-kernel", "fused-output", "kda-pregated-state"],
+)
+def test_split_entry_points_chain_two_calls(rng, gate, fused, pregated):
     """Two calls chained through ``split_forward`` / ``finish_forward`` (entering state
     ``Φ₀ S₀ + M₀``) and ``split_backward`` / ``finish_backward`` (leaving cotangent ``Φ₁ᵀ dS + dS_in``
     of the second) equal the whole sequence, a document crossing the cut: what LASP does per rank.
@@ -353,8 +357,10 @@ def test_split_entry_points_chain_two_calls(rng, fused):
     two non-zero transitions and the second call's entering cotangent takes Φ_0ᵀ dS_out(0) from its
     first split (a wrong order or a dropped term fails the test); in row 1 documents start inside
     the second call's first split and at its split boundary. ``fused``: the stored pass writes the
-    output (``BlockConfig.fuse_output``) from each split's entering state."""
-    xs, cot, seg = make_inputs(rng, b=2, t=64, h=1, hv=2, d=16, e=16, gate="gdn", g_max=0.1, docs=(40, 48))
+    output (``BlockConfig.fuse_output``) from each split's entering state; ``pregated``: KDA's state
+    passes (the transition, the stored and the local reverse pass) on gated keys / queries formed once
+    (``BlockConfig.pregated_state``)."""
+    xs, cot, seg = make_inputs(rng, b=2, t=64, h=1, hv=2, d=16, e=16, gate=gate, g_max=0.1, docs=(40, 48))
     seg[0] = seg[0, 0]
     x32 = {n: jnp.asarray(x, jnp.float32) for n, x in xs.items()}
     do, d_final = jnp.asarray(cot["o"], jnp.float32), jnp.asarray(cot["final_state"], jnp.float32)
@@ -380,7 +386,13 @@ def test_split_entry_points_chain_two_calls(rng, fused):
                 segment_ids=p["seg"],
                 interpret=True,
                 config=BlockConfig(
-                    chunk=16, block_e=16, splits=2, store_inverse=True, store_scores=not fused, fuse_output=fused
+                    chunk=16,
+                    block_e=16,
+                    splits=2,
+                    store_inverse=True,
+                    store_scores=not fused,
+                    fuse_output=fused,
+                    pregated_state=pregated,
                 ),
             )
             calls.append((phi, m, call))
