@@ -110,7 +110,11 @@ class ModelConfig:
         if bound is not None and (
             isinstance(bound, bool) or not isinstance(bound, int | float) or not -1e4 < bound < 0
         ):
-            raise ValueError(f"ModelConfig.gate_lower_bound must be a negative number or None, got {bound!r}")
+            raise ValueError(
+                f"ModelConfig.gate_lower_bound must be a negative number above -1e4 or None, got {bound!r}"
+            )
+        if bound is not None and self.family != "kda":
+            raise ValueError(f"ModelConfig.gate_lower_bound bounds KDA's gates; family={self.family!r} has none")
         if self.family not in FAMILIES:
             raise ValueError(f"ModelConfig.family must be one of {FAMILIES}, got family={self.family!r}")
         for name, allowed in (

@@ -367,9 +367,9 @@ class KDA(DeltaRuleMixer):
         if gate_lower_bound is not None and not (
             isinstance(gate_lower_bound, int | float)
             and not isinstance(gate_lower_bound, bool)
-            and gate_lower_bound < 0
+            and -1e4 < gate_lower_bound < 0  # finite: -inf times a sigmoid that reaches 0 is NaN
         ):
-            raise ValueError(f"gate_lower_bound must be a negative number or None, got {gate_lower_bound!r}")
+            raise ValueError(f"gate_lower_bound must be a negative number above -1e4 or None, got {gate_lower_bound!r}")
         self.gate_lower_bound = None if gate_lower_bound is None else float(gate_lower_bound)
         super().__init__(d_model, n_heads, **kwargs)
 

@@ -164,9 +164,13 @@ def test_kda_gate_lower_bound_keeps_the_kernels_factored_form(rng):
     assert float(bounded.min()) >= -5.0 and float(bounded.max()) <= 0.0 and float(bounded.min()) < -4.9
     assert factored(bounded)
     assert not factored(decays(None))
-    for bad in (0.0, 1.0, True, "x"):
+    for bad in (0.0, 1.0, True, "x", -np.inf, np.nan):
         with pytest.raises(ValueError, match="gate_lower_bound must be a negative number"):
             config.replace(gate_lower_bound=bad)
+        with pytest.raises(ValueError, match="gate_lower_bound must be a negative number"):
+            KDA(config.d_model, config.n_heads, gate_lower_bound=bad, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="bounds KDA's gates; family='gdn'"):
+        small_model("gdn").replace(gate_lower_bound=-5.0)
     args = ["--preset", "kda-tiny", "--model.gate_lower_bound", "-5"]
     assert config_from_args(args).model.gate_lower_bound == -5.0
 

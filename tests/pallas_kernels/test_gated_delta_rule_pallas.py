@@ -16,6 +16,7 @@ GPU-only: the compiled kernels at D = 128, bf16, T = 4096.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,7 @@ import numpy as np
 import pytest
 from jax.extend import core as jax_core
 
-from pallas_kernels.gated_delta_rule import pallas_triton, pallas_triton_split, reference
+from pallas_kernels.gated_delta_rule import pallas_triton, pallas_triton_split, pallas_triton_vjp, reference
 from pallas_kernels.gated_delta_rule.config import BlockConfig, default_config
 from tests.helpers import rel_err, tol, x64
 
@@ -217,7 +218,7 @@ CASES = {
     # value heads, documents, strong gates in float32; bf16 with weak gates
     "kda-f32-T130-pregated-gva-docs-strong-2splits": (
         jnp.float32,
-        dict(b=2, t=130, h=1, hv=2, d=32, e=32, gate="kda"),
+        dict(b=2, t=130, h=2, hv=4, d=32, e=32, gate="kda"),
         dict(
             docs=(30, 64, 65, 100),
             g_max=8.0,
@@ -280,9 +281,21 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_kernels_match_reference(rng, case):
+def test_kernels_match_reference(rng, case, monkeypatch):
     dtype, shape, extras = CASES[case]
+    calls = []
+    pregated = extras.get("config") is not None and extras["config"].pregated_state
+    if pregated:  # the passes on pregated operands do run, forward and reverse
+
+        def counted(*args, _real=pallas_triton.pregated_operands, **kwargs):
+            calls.append(kwargs.get("q") is not None)  # the reverse pass takes the gated queries too
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(pallas_triton, "pregated_operands", counted)
+        monkeypatch.setattr(pallas_triton_vjp, "pregated_operands", counted)
     check_kernels(rng, dtype=dtype, **shape, **extras)
+    if pregated:
+        assert True in calls and False in calls, calls
 
 
 @pytest.mark.parametrize(
@@ -516,6 +529,10 @@ def test_default_config_fills_the_gpu_with_splits():
     # passes by the scalar gates' rule (one run of 16-wide blocks here); float32 keeps the former rule
     assert (kda.num_warps, kda.num_stages_bwd, kda.num_stages_bwd_exact) == (4, 2, 1)
     assert (kda.block_e, kda.splits) == (16, 1)
+    # the split entry points keep the per-channel run rule (8 runs of 32-wide blocks) with those launches
+    sharded_bf16 = default_config(value_heads=16, seq_len=32768, dtype=jnp.bfloat16, per_channel=True, **sp)
+    assert (sharded_bf16.block_e, sharded_bf16.splits, sharded_bf16.num_warps) == (32, 8, 4)
+    assert (sharded_bf16.num_stages_bwd, sharded_bf16.num_stages_bwd_exact) == (2, 1)
     assert (per_channel.num_warps, per_channel.num_stages_bwd, per_channel.num_stages_bwd_exact) == (8, 1, None)
 
 
@@ -555,6 +572,37 @@ def test_compiler_params_of_each_kernel_kind():
 
 
 # ---- the Triton lowering on CPU, compiled kernels on a GPU ------------------------------------
+
+
+def test_exact_tiles_lower_with_their_own_backward_stages(triton_lowering_h100):
+    """bf16 KDA's default: the backward chunk kernels behind the cond lower with 2 stages in the
+    factored branch and 1 in the exact one (``num_stages_bwd_exact``); the state passes with theirs."""
+    spec = jax.ShapeDtypeStruct
+    b, t, h, d = 1, 256, 2, 128
+    q, beta = spec((b, t, h, d), jnp.bfloat16), spec((b, t, h), jnp.float32)
+    g, s0 = spec((b, t, h, d), jnp.float32), spec((b, h, d, d), jnp.float32)
+
+    def fwd_bwd(q, k, v, beta, g, s0):
+        def loss(*xs):
+            o, s = pallas_triton.gated_delta_rule(*xs[:4], g=xs[4], initial_state=xs[5])
+            return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
+
+        return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5))(q, k, v, beta, g, s0)
+
+    text = jax.jit(fwd_bwd).trace(q, q, q, beta, g, s0).lower(lowering_platforms=("cuda",)).as_text()
+    stages = {}
+    for line in text.splitlines():
+        if "__gpu$xla.gpu.triton" in line:
+            name = re.search(r'name = \\?"(gated_delta_rule_[a-z_]+)', line).group(1)
+            stages.setdefault(name, []).append(int(re.search(r"num_stages = (\d+)", line).group(1)))
+    cfg = default_config(
+        batch=b, value_heads=h, seq_len=t, value_dim=d, interpret=False, per_channel=True, dtype=jnp.bfloat16
+    )
+    assert (cfg.num_stages_bwd, cfg.num_stages_bwd_exact) == (2, 1)
+    for name in ("gated_delta_rule_output_bwd", "gated_delta_rule_wy_bwd"):
+        assert sorted(stages[name]) == [1, 2], (name, stages)
+    assert stages["gated_delta_rule_state_bwd"] == [cfg.num_stages_state] * 2, stages
+    assert sorted(stages["gated_delta_rule_wy"]) == [cfg.num_stages] * 2, stages
 
 
 def test_kernels_lower_to_triton(triton_lowering_h100):

@@ -224,14 +224,26 @@ def test_channel_diagonal_tile_factored_bf16_operands(rng):
 
 def test_diag_tiles_bounded():
     """The check that picks the factored diagonal tiles: every tile's largest distance from its
-    middle row's log gate at most the limit; a tile past it, NaN or -inf anywhere: False."""
+    middle row's log gate at most the limit (up to float32 rounding of the cumulative sums); a tile
+    past it, NaN or -inf anywhere: False."""
     n = 16
     rows = -5.0 * (np.arange(4 * n) % n) - 20.0 * (np.arange(4 * n) // n)  # −5 per token inside a tile
     b = np.broadcast_to(rows[None, :, None, None], (2, 4 * n, 3, 8)).astype(np.float32)  # [B, T, Hv, D]
     assert bool(products.diag_tiles_bounded(jnp.asarray(b), n))  # -5 per token: half-spans 35 and 40
     worse = b.copy()
-    worse[1, 3 * n + 15, 2, 5] -= 0.01  # one entry of one tile just past the bound
+    worse[1, 3 * n + 15, 2, 5] -= 0.05  # one entry of one tile past the bound and its rounding margin
     assert not bool(products.diag_tiles_bounded(jnp.asarray(worse), n))
+    worse[1, 3 * n + 15, 2, 5] += 0.05 - products.DIAG_FACTOR_ROUNDING / 2  # within the margin
+    assert bool(products.diag_tiles_bounded(jnp.asarray(worse), n))
+    # gates just inside -5 per token (a saturated -5·sigmoid), summed in float32 within 64-token chunks
+    # as the kernels' inputs are: spreads round to 40.00003 here, which must not send the call to the
+    # exact kernels
+    x = np.random.default_rng(0).uniform(6, 20, (1, 4096, 2, 128))  # fixed: a seed whose sums round up
+    g = -5.0 * jax.nn.sigmoid(jnp.asarray(x, jnp.float32))
+    cum = jnp.cumsum(g.reshape(1, 64, 64, 2, 128), axis=2).reshape(g.shape)
+    tiles = jnp.moveaxis(cum, 1, 0).reshape(-1, n, 2, 128)
+    assert float(jnp.max(jnp.abs(tiles - tiles[:, n // 2 - 1 : n // 2]))) > products.DIAG_FACTOR_LIMIT
+    assert bool(products.diag_tiles_bounded(cum, n))
     for bad in (np.nan, -np.inf):
         odd = b.copy()
         odd[0, 5, 0, 0] = bad
