@@ -170,7 +170,9 @@ def default_config(
 ) -> BlockConfig:
     """Interpret mode: small chunks, one split. GPU: 64-token chunks, value blocks of 32, and splits
     (a power of two) doubled while the state passes have fewer programs than twice the SMs under
-    per-channel gates, fewer than a quarter of the SMs (33) under scalar or no gates, keeping at
+    per-channel gates in float32 or in the split entry points (bf16/fp16 per-channel gates
+    elsewhere take the scalar gates' rule, session 18, see below), fewer than a quarter of the SMs
+    (33) under scalar or no gates, keeping at
     least 16 chunks per split (H200, bf16, GDN fwd+bwd with one split against the former two-per-SM
     rule: (1, 32K, 16, 128) 5.40 against 5.75 ms with 8 splits, (4, 8K, 16, 128) 4.25 against 5.77
     ms with 2, (1, 32K, 32, 128) 8.09 against 10.77 ms with 4: a split costs a transition pass over

@@ -112,7 +112,9 @@ def _wy_kernel(k_ref, v_ref, beta_ref, *refs, mode, has_docs, mxu, block_cols, p
     lax.fori_loop(0, v_ref.shape[1] // vw, store_u, 0)
 
 
-def _state_kernel(w_ref, u_ref, k_ref, *refs, mode, has_docs, mxu, chunk, num_chunks, store_chunks, u_blocks, **kw):
+def _state_kernel(
+    w_ref, u_ref, k_ref, *refs, mode, has_docs, mxu, chunk, num_chunks, store_chunks, u_blocks, scale, pregated
+):
     """The state pass over one (row, value head, value block): h_c, V' (if ``store_chunks``) and the
     final state. ``u_blocks``: value blocks from ``u_blocks`` on run with U = 0 (the transition's
     identity columns; their programs read a real block of U and zero it), None: every block is U's.
@@ -120,7 +122,7 @@ def _state_kernel(w_ref, u_ref, k_ref, *refs, mode, has_docs, mxu, chunk, num_ch
     chunk's output block ``scale · [(e^b ⊙ Q) h_c + (Q Kᵀ ⊙ Γ ⊙ causal) V'_c]``, off the chain of
     states, so no output kernel reads h and V' again. ``pregated``: ``k_ref`` holds the gated keys and
     the gate ref each chunk's decay ``[NC, D]`` (``layout.pregated_operands``; no documents)."""
-    scale, pregated, refs = kw.get("scale"), kw.get("pregated", False), list(refs)
+    refs = list(refs)
     q_ref = refs.pop(0) if scale is not None else None
     gate_ref, doc_refs = pop_gate_refs(refs, mode=mode, has_docs=has_docs)
     s0_ref, *chunk_refs, final_ref = refs

@@ -124,12 +124,15 @@ def _output_bwd_kernel(
     store_tiles(dv_intra_ref, common.dvn_from_scores(z, do, scale=scale, mxu=mxu, parts=parts))
 
 
-def _state_bwd_kernel(q_ref, w_ref, k_ref, do_ref, dv_intra_ref, *refs, mode, has_docs, mxu, scale, chunk, **kw):
+def _state_bwd_kernel(
+    q_ref, w_ref, k_ref, do_ref, dv_ref, *refs, mode, has_docs, mxu, scale, chunk, num_chunks, store_chunks, pregated
+):
     """The reverse state pass over one (row, value head, value block): dh_c and dV' (if
-    ``store_chunks``) and the initial state's cotangent. ``pregated``: ``q_ref`` and ``k_ref`` hold the
+    ``store_chunks``) and the initial state's cotangent, from ``dv_ref`` (the output's share of dV').
+    ``pregated``: ``q_ref`` and ``k_ref`` hold the
     gated queries and keys and the gate ref each chunk's decay ``[NC, D]`` (``layout.pregated_operands``;
     no documents)."""
-    num_chunks, store_chunks, pregated, refs = kw["num_chunks"], kw["store_chunks"], kw["pregated"], list(refs)
+    refs = list(refs)
     gate_ref, doc_refs = pop_gate_refs(refs, mode=mode, has_docs=has_docs)
     d_final_ref, *chunk_refs, ds0_ref = refs
 
@@ -142,7 +145,7 @@ def _state_bwd_kernel(q_ref, w_ref, k_ref, do_ref, dv_intra_ref, *refs, mode, ha
             to_row, to_end, gamma = common.gate_factors(load_rows(gate_ref, t0, chunk), load_docs(doc_refs, t0, chunk))
         # per-row gates scale the [C, block_e] products, not the [C, D] key and query tiles
         k = k_ref[pl.ds(t0, chunk), :]
-        dv_new = dv_intra_ref[pl.ds(t0, chunk), :].astype(F32) + common.gated_dot(k, to_end, ds, mxu)
+        dv_new = dv_ref[pl.ds(t0, chunk), :].astype(F32) + common.gated_dot(k, to_end, ds, mxu)
         if store_chunks:
             dh_ref, dv_new_ref = chunk_refs
             dh_ref[c] = ds.astype(dh_ref.dtype)
