@@ -107,12 +107,7 @@ class ModelConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ModelConfig.{name} must be a bool, got {name}={getattr(self, name)!r}")
         bound = self.gate_lower_bound
-        if bound is not None and (
-            isinstance(bound, bool) or not isinstance(bound, int | float) or not -1e4 < bound < 0
-        ):
-            raise ValueError(
-                f"ModelConfig.gate_lower_bound must be a negative number above -1e4 or None, got {bound!r}"
-            )
+        check_gate_lower_bound(bound, "ModelConfig.gate_lower_bound")
         if bound is not None and self.family != "kda":
             raise ValueError(f"ModelConfig.gate_lower_bound bounds KDA's gates; family={self.family!r} has none")
         if self.family not in FAMILIES:
@@ -204,6 +199,13 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown ModelConfig fields {unknown}")
         return dataclasses.replace(self, **changes)
+
+
+def check_gate_lower_bound(bound, name: str = "gate_lower_bound") -> None:
+    """KDA's gate bound: None or a finite negative number (above -1e4: -inf times a sigmoid that
+    reaches 0 would be NaN)."""
+    if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int | float) or not -1e4 < bound < 0):
+        raise ValueError(f"{name} must be a negative number above -1e4 or None, got {bound!r}")
 
 
 _FAMILY_DEFAULTS = {

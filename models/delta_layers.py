@@ -44,7 +44,7 @@ import numpy as np
 from flax import nnx
 
 from lasp_jax import lasp_gated_delta_rule, short_conv, short_conv_step
-from models.config import ModelConfig
+from models.config import ModelConfig, check_gate_lower_bound
 from models.layers import SINGLE_DEVICE, Dense, LaspContext, MixerSpec, dtype_of
 
 Array = jax.Array
@@ -364,12 +364,7 @@ class KDA(DeltaRuleMixer):
         number b, ``g = b · sigmoid(exp(A_log) · (f + dt_bias))`` in [b, 0) (flash-linear-attention's
         ``lower_bound``, Kimi Linear's safe gate). With b ≥ −5 every 16-token tile of the gates stays
         within the Pallas kernels' factored diagonal form (``gated_delta_rule``, README)."""
-        if gate_lower_bound is not None and not (
-            isinstance(gate_lower_bound, int | float)
-            and not isinstance(gate_lower_bound, bool)
-            and -1e4 < gate_lower_bound < 0  # finite: -inf times a sigmoid that reaches 0 is NaN
-        ):
-            raise ValueError(f"gate_lower_bound must be a negative number above -1e4 or None, got {gate_lower_bound!r}")
+        check_gate_lower_bound(gate_lower_bound)
         self.gate_lower_bound = None if gate_lower_bound is None else float(gate_lower_bound)
         super().__init__(d_model, n_heads, **kwargs)
 
