@@ -206,6 +206,7 @@ def default_config(
     """
     if interpret:
         return INTERPRET_CONFIG
+    two_byte = dtype is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
     cfg = BlockConfig(
         block_e=min(32, value_dim),
         block_cols=32 if per_channel else max(16, key_dim, value_dim),
@@ -218,7 +219,7 @@ def default_config(
         # against 33.55 ms with 8 warps, 40.55 ms with 8 warps and the pair tensors before)
         num_warps_bwd=4 if per_channel else 8,
     )
-    if not per_channel and dtype is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    if not per_channel and two_byte:
         # and 4 warps in the forward chunk kernels (H200, GDN (1, 32K, 16, 128) bf16: wy 0.89 → 0.37
         # ms, output 0.38 → 0.22 ms, fwd+bwd 4.55 → 3.90 ms; offline ptxas: the whole-chunk wy
         # kernel takes 176 registers and two programs per SM at 4 warps, 245 and one at 8) and in
@@ -230,7 +231,7 @@ def default_config(
     # tiles are factored, and the state passes by the scalar gates' rule (H200, KDA (1, 32K, 16, 128)
     # bf16 fwd+bwd, session 18: 15.51 → 13.80 → 13.03 → 12.56 ms; the exact kernels behind the cond
     # 24.96 → 24.09 with 4 warps, 31.10 with 2 stages, hence ``num_stages_bwd_exact=1``)
-    channel_fast = per_channel and dtype is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    channel_fast = per_channel and two_byte
     if channel_fast:
         cfg = dataclasses.replace(cfg, num_warps=4, num_stages_bwd=2, num_stages_bwd_exact=1)
     scalar_rule = not per_channel or (channel_fast and not sequence_parallel)
@@ -247,7 +248,6 @@ def default_config(
     target = NUM_SMS // 2 if sequence_parallel and not per_channel else NUM_SMS // 4 if scalar_rule else 2 * NUM_SMS
     chunks = -(-seq_len // cfg.chunk)
     splits = state_pass_splits(programs, chunks, target=target)
-    two_byte = dtype is not None and jnp.dtype(dtype).itemsize == 2  # bf16 / fp16
     wide_ok = sequence_parallel and not per_channel and two_byte and cfg.block_e == 32 and value_dim >= 64
     if (
         wide_ok
