@@ -3,7 +3,8 @@
     python3 benchmarks/delta_rule_sweep.py --ops gdn kda --json sweep.json --check
 
 For each op (GDN: one log gate per token; KDA: one per key channel) at one shape (default
-(B, T, H, D) = (1, 32768, 16, 128), bf16) it times the forward and the forward+backward of
+(B, T, H, D) = (1, 32768, 16, 128), bf16; ``--dtype`` for fp16 or float32) it times the forward and
+the forward+backward of
 ``pallas_triton.gated_delta_rule(..., config=cfg)`` for a list of configs: the shape's default
 (``config.default_config``), each field moved alone from it, and a few combinations. Inputs and
 timing as ``benchmarks/delta_rule.py`` (median of ``--reps`` calls after 3 warm-ups, the first of
@@ -192,6 +193,7 @@ def sweep_op(
     base_overrides=None,
     profile_dir=None,
     gate_scale=1.0,
+    dtype="bfloat16",
 ) -> list[dict]:
     from pallas_kernels.gated_delta_rule.config import default_config
 
@@ -204,10 +206,10 @@ def sweep_op(
         key_dim=d,
         per_channel=op == "kda",
         interpret=False,
-        dtype="bfloat16",
+        dtype=dtype,
     )
     base = dataclasses.replace(base, **(base_overrides or {}))
-    q, k, v, beta, g, do = _jax_inputs(op, *shape)
+    q, k, v, beta, g, do = (x.astype(dtype) if x.dtype == "bfloat16" else x for x in _jax_inputs(op, *shape))
     g = g * gate_scale
     rows, start = [], time.perf_counter()
     todo = variants(base, d, per_channel=op == "kda")
@@ -221,7 +223,7 @@ def sweep_op(
             print(json.dumps(rows[-1]), flush=True)
             continue
         cfg = dataclasses.replace(base, **over)
-        row = {"op": op, "shape": list(shape), "label": label, "config": dataclasses.asdict(cfg)}
+        row = {"op": op, "shape": list(shape), "dtype": dtype, "label": label, "config": dataclasses.asdict(cfg)}
         if gate_scale != 1.0:
             row["gate_scale"] = gate_scale
         time_config(row, lambda cfg=cfg: _fns(cfg, interpret), (q, k, v, beta, g), do, reps=reps)
@@ -291,6 +293,12 @@ def main() -> None:
         help="multiply the log gates (KDA's are about -0.05 per token; 200 gives about -10, past the diagonal"
         " tiles' factored form, so every tile takes the exact fallback)",
     )
+    ap.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float16", "float32"],
+        help="q, k, v, beta, dO (and the default)",
+    )
     args = ap.parse_args()
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     shape = tuple(map(int, args.shape.split(",")))
@@ -314,6 +322,7 @@ def main() -> None:
             base_overrides=base_overrides,
             profile_dir=args.profile,
             gate_scale=args.gate_scale,
+            dtype=args.dtype,
         )
 
     print(f"\nop | config | fwd ms | fwd+bwd ms   ({shape}, sorted by fwd+bwd)")

@@ -80,9 +80,10 @@ class BlockConfig:
         (and the reverse pass the gated queries ``e^b ⊙ Q``) and each chunk's decay ``e^{b_last}``,
         formed once per call in XLA (``layout.pregated_operands``), instead of loading the float32
         gates and forming two ``[C, D]`` exponentials and products at every step in every value-block
-        program. Off by default: not yet timed on a GPU (H200, KDA (1, 32K, 16, 128) bf16, session 18's
-        profile: ``state_bwd`` 2.68 ms and ``state`` 1.20 against Gated DeltaNet's 0.67 and 0.52 with the
-        same passes, which differ only in that per-step gate work).
+        program. The per-channel default (H200, KDA (1, 32K, 16, 128) bf16 fwd+bwd, session 19: 12.42
+        → 10.88 ms; device time ``state_bwd`` 2.68 → 1.00 ms, ``state`` 1.21 → 0.73, the two XLA
+        fusions that form the operands about 0.3 ms; float32: the in-kernel form's forward state pass
+        needs 248 KB of shared memory, more than an H200 has).
       num_warps_output_bwd: warps of the output backward kernel (``output_bwd``); None: ``num_warps_bwd``
         (the WY backward holds more live tiles than the output's: ptxas at 4 warps, GDN bf16 whole
         rows: ``output_bwd`` 255 registers and 64 B of spills, ``wy_bwd`` 1.2 KB of spills).
@@ -218,6 +219,11 @@ def default_config(
         # cotangents go by levels of products (H200, KDA (1, 32K, 16, 128) bf16 fwd+bwd 26.82
         # against 33.55 ms with 8 warps, 40.55 ms with 8 warps and the pair tensors before)
         num_warps_bwd=4 if per_channel else 8,
+        # per-channel gates: the state passes read gated keys / queries formed once in XLA (session
+        # 19, H200, KDA (1, 32K, 16, 128) bf16 fwd+bwd 12.42 → 10.88 ms: state_bwd 2.68 → 1.00 ms,
+        # state 1.21 → 0.73). In float32 the in-kernel form did not launch at all (its forward state
+        # pass asked for 248 KB of shared memory, 227 KB available; pregated: 367.8 ms fwd+bwd)
+        pregated_state=per_channel,
     )
     if not per_channel and two_byte:
         # and 4 warps in the forward chunk kernels (H200, GDN (1, 32K, 16, 128) bf16: wy 0.89 → 0.37

@@ -183,14 +183,15 @@ class Layout:
         return jax.ShapeDtypeStruct((self.batch, self.seq_len, self.value_heads, width or self.value_dim), dtype)
 
 
-def pregated_operands(k, b, docs, lay: Layout, q=None):
+def pregated_operands(k, b, docs, lay, q=None):
     """Per-channel gates (``BlockConfig.pregated_state``): the state passes' gated operands formed once
     per call, in XLA, instead of in every value-block program at every step: ``(e^{b_last − b} ⊙ K,
     γ, e^b ⊙ Q or None)``, the gated keys (and queries, given ``q``) ``[B, T, Hv, D]`` in the matmul
     operand dtype (per value head) and each chunk's decay ``γ = e^{b_last}`` ``[B, Hv, NC, D]`` float32,
     with ``common.gate_factors``'s document masks; the same factors and the same rounding (a float32
     product cast to the operand dtype) as the kernels' ``gated_dot``. ``b``: the chunk-local
-    cumulative log gates ``[B, T, Hv, D]``, ``docs``: ``(doc, prev)`` rows ``[B, T]`` or None."""
+    cumulative log gates ``[B, T, Hv, D]``, ``docs``: ``(doc, prev)`` rows ``[B, T]`` or None; ``lay``: the
+    call's layout (its ``chunk`` and ``mxu``; the per-channel linear attention's passes its own)."""
     bsz, t, hv, d = b.shape
     nc, c = t // lay.chunk, lay.chunk
     chunks = b.reshape(bsz, nc, c, hv, d).transpose(0, 1, 3, 2, 4)  # [B, NC, Hv, C, D]

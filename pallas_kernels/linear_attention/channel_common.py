@@ -37,7 +37,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.common import F32, dot
 from pallas_kernels.gated_delta_rule import common
 from pallas_kernels.gated_delta_rule.common import Docs
-from pallas_kernels.gated_delta_rule.layout import compiler_params, mxu_dtype
+from pallas_kernels.gated_delta_rule.layout import compiler_params, mxu_dtype, pregated_operands
 from pallas_kernels.gated_delta_rule.products import factored_diagonals_allowed
 from pallas_kernels.linear_attention.config import CHANNEL_SUB_TILE, ChannelConfig
 
@@ -184,22 +184,25 @@ def doc_inputs(docs) -> list:
     return [] if docs is None else list(docs)
 
 
-def run_pass(kernel, x, y, g, docs, lay: Layout, statics: ChannelStatics, *, kv: bool, logs: bool, name: str):
+def run_pass(
+    kernel, x, y, g, docs, lay: Layout, statics: ChannelStatics, *, kv: bool, logs: bool, name: str, pregated=False
+):
     """One sequential pass over every run's chunks (grid: value block j, run, head), from ``x``
     ``[R, T, ·, D]`` (whole rows), ``y`` ``[R, T, ·, E]`` (value block j), g and the document rows (k
     and v through the group when ``kv``). ``kernel`` writes each chunk's ``[D, block_e]`` state
     (operand dtype), the log decay across each chunk if ``logs``, and the run's float32 state.
-    ``ChannelConfig``'s launch parameters of kind "state" (``gated_delta_rule.layout.compiler_params``
-    reads the same field names)."""
+    ``pregated``: x holds the gated keys or queries per query head and g each chunk's decay ``[R, H,
+    NC, D]`` (``pregated_inputs``; no document rows). ``ChannelConfig``'s launch parameters of kind
+    "state" (``gated_delta_rule.layout.compiler_params`` reads the same field names)."""
     out_specs = [lay.states_spec(), *([lay.logs_spec()] if logs else []), lay.state_spec()]
     out_shape = [lay.states_shape(lay.mxu), *([lay.logs_shape()] if logs else []), lay.run_states_shape()]
     return pl.pallas_call(
         kernel,
         grid=lay.state_grid(),
         in_specs=[
-            lay.seq_spec(lay.dim, kv=kv),
+            lay.seq_spec(lay.dim, kv=kv and not pregated),
             lay.seq_spec(lay.value_dim, kv=kv, blocked=True),
-            lay.seq_spec(lay.dim),
+            lay.logs_spec() if pregated else lay.seq_spec(lay.dim),
             *lay.seq_doc_specs(docs is not None),
         ],
         out_specs=out_specs,
@@ -208,6 +211,20 @@ def run_pass(kernel, x, y, g, docs, lay: Layout, statics: ChannelStatics, *, kv:
         interpret=statics.interpret,
         name=name,
     )(x, y, g, *doc_inputs(docs))
+
+
+def pregated_inputs(x, g, docs, lay: Layout, *, queries: bool):
+    """``ChannelConfig.pregated_state``: a state pass's operands formed once per call in XLA, ``(gated x,
+    γ, across)``: the keys ``e^{b_last − b} ⊙ x`` (or, with ``queries``, the queries ``e^b ⊙ x``) per
+    query head ``[R, T, H, D]`` in the operand dtype, each chunk's decay ``γ = e^{b_last}`` and its log
+    ``b_last`` ``[R, H, NC, D]`` float32 (the forward pass's ``across``); b the chunk-local cumulative sum
+    of the gates g ``[R, T, H, D]``, with the kernels' document masks (``gated_delta_rule.layout
+    .pregated_operands``, the delta rule's)."""
+    r, t, h, d = g.shape
+    c = lay.chunk
+    b = jnp.cumsum(g.astype(F32).reshape(r, t // c, c, h, d), axis=2).reshape(r, t, h, d)
+    keys, gamma, gated_queries = pregated_operands(x, b, docs, lay, q=x if queries else None)
+    return gated_queries if queries else keys, gamma, b[:, c - 1 :: c].transpose(0, 2, 1, 3)
 
 
 # ---- decays across chunks and runs ---------------------------------------------------------------

@@ -125,6 +125,11 @@ class ChannelConfig:
         .channel_offdiag_stacked`` and ``_vjp``: 64-row products, wgmma-sized on Hopper, where the
         pairs are 16 rows); the same blocks. Off by default: slower on an H200 (fwd+bwd 26.5
         against 15.7 ms at (1, 32K, 16, 128), session 15).
+      pregated_state: the two state passes read the gated keys ``e^{b_last − b} ⊙ K`` (the reverse
+        pass the gated queries ``e^b ⊙ Q``) and each chunk's decay ``e^{b_last}``, formed once per call
+        in XLA (``channel_common.pregated_inputs``), instead of loading the gates and forming their
+        cumulative sums and two ``[C, D]`` exponentials at every step in every value-block program
+        (the delta rule's ``BlockConfig.pregated_state``).
       num_warps / num_stages: Triton launch parameters of the output kernel; ``*_state``: of the
         two state passes; ``*_bwd``: of the gradient kernel(s).
     """
@@ -142,6 +147,7 @@ class ChannelConfig:
     num_warps_bwd: int = 8
     num_stages_bwd: int = 1
     stacked_pairs: bool = False
+    pregated_state: bool = False
 
     def __post_init__(self):
         for name in ("chunk", "block_cols", "block_e"):
@@ -164,11 +170,13 @@ def default_channel_config(
     (``dtype``), since the diagonal sub-tiles are one product where the gates allow it (session 17):
     4 warps in the output and gradient kernels and 2 stages in the state passes (H200, (1, 32K, 16,
     128) bf16 fwd+bwd, session 18: 10.86 → 6.97 → 6.68 ms; with gates past the factored form, the
-    exact kernels, 16.28 → 12.43 ms with the 4 warps)."""
+    exact kernels, 16.28 → 12.43 ms with the 4 warps), and the state passes on gated keys / queries
+    formed once (``pregated_state``; session 19: 6.59 → 6.11 ms; fewer runs lose: 2 runs 6.54, one
+    run of 16-wide blocks 7.67)."""
     if interpret:
         return ChannelConfig(chunk=16, block_cols=16, block_e=16)
     cfg = ChannelConfig(block_e=min(32, value_dim), split_grads=True, recompute_dz=True)
     if dtype is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
-        cfg = dataclasses.replace(cfg, num_warps=4, num_warps_bwd=4, num_stages_state=2)
+        cfg = dataclasses.replace(cfg, num_warps=4, num_warps_bwd=4, num_stages_state=2, pregated_state=True)
     programs = batch * heads * (value_dim // cfg.block_e)
     return dataclasses.replace(cfg, splits=state_pass_splits(programs, -(-seq_len // cfg.chunk)))

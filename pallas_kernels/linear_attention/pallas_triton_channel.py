@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import F32, KERNEL_DTYPES, MAX_ELEMENTS, chain_pieces, pad_dim
+from pallas_kernels.common import F32, KERNEL_DTYPES, MAX_ELEMENTS, chain_pieces, dot, pad_dim
 from pallas_kernels.gated_delta_rule import common
 from pallas_kernels.gated_delta_rule.common import last_row
 from pallas_kernels.gated_delta_rule.layout import (
@@ -65,6 +65,7 @@ from pallas_kernels.linear_attention.channel_common import (
     doc_inputs,
     full_state_rows,
     gates_bounded,
+    pregated_inputs,
     run_pass,
     run_scan,
     state_update,
@@ -74,19 +75,24 @@ from pallas_kernels.linear_attention.config import ChannelConfig, default_channe
 # ---- kernels ------------------------------------------------------------------------------------
 
 
-def _state_kernel(k_ref, v_ref, g_ref, *refs, has_docs, mxu, chunk, num_chunks):
+def _state_kernel(k_ref, v_ref, g_ref, *refs, has_docs, mxu, chunk, num_chunks, pregated=False):
     """The forward pass over one (value block, run, head) from a zero state: each chunk's local
-    entering state, the log decay across each chunk and the run's local final state."""
+    entering state, the log decay across each chunk and the run's local final state. ``pregated``:
+    ``k_ref`` holds the gated keys and ``g_ref`` each chunk's decay ``[NC, D]`` (``pregated_inputs``,
+    which gives the log decays too)."""
     refs = list(refs)
     doc_refs = (refs.pop(0), refs.pop(0)) if has_docs else None
-    h_ref, across_ref, m_ref = refs
+    h_ref, *across_ref, m_ref = refs
 
     def body(c, state):
         t0 = pl.multiple_of(c * chunk, chunk)
         h_ref[c] = state.astype(h_ref.dtype)
         rows = pl.ds(t0, chunk)
+        if pregated:
+            update = dot(k_ref[rows, :], v_ref[rows, :].astype(mxu), trans_a=True)
+            return common.decay_state(state, g_ref[c, :]) + update
         (b,) = cumulative_tiles([g_ref[rows, :]])
-        across_ref[c] = last_row(b)
+        across_ref[0][c] = last_row(b)
         docs = load_docs(doc_refs, t0, chunk)
         return state_update(state, k_ref[rows, :], v_ref[rows, :], b, docs, mxu)
 
@@ -135,10 +141,20 @@ def _output_kernel(
 def local_states(k, v, g, docs, lay: Layout, statics: ChannelStatics):
     """Stage 1: ``(h_local [R, H, NC, D, E] operand dtype, log decay across each chunk [R, H, NC, D],
     local final state [R, H, D, E])``, float32 but h_local."""
+    pregated, name = statics.cfg.pregated_state, "linear_attention_channel_state"
     kernel = functools.partial(
-        _state_kernel, has_docs=docs is not None, mxu=lay.mxu, chunk=lay.chunk, num_chunks=lay.num_chunks
+        _state_kernel,
+        has_docs=docs is not None and not pregated,
+        mxu=lay.mxu,
+        chunk=lay.chunk,
+        num_chunks=lay.num_chunks,
+        pregated=pregated,
     )
-    return run_pass(kernel, k, v, g, docs, lay, statics, kv=True, logs=True, name="linear_attention_channel_state")
+    if not pregated:
+        return run_pass(kernel, k, v, g, docs, lay, statics, kv=True, logs=True, name=name)
+    keys, gamma, across = pregated_inputs(k, g, docs, lay, queries=False)
+    h_local, m = run_pass(kernel, keys, v, gamma, None, lay, statics, kv=True, logs=False, name=name, pregated=True)
+    return h_local, across, m
 
 
 def output(q, k, v, g, docs, h_local, s_run, enter, lay: Layout, statics: ChannelStatics):

@@ -58,6 +58,7 @@ from pallas_kernels.linear_attention.channel_common import (
     doc_inputs,
     full_state_rows,
     gate_grad_tiles,
+    pregated_inputs,
     run_pass,
     run_scan,
     state_grads,
@@ -89,8 +90,9 @@ class LocalCotangents(NamedTuple):
 # ---- kernels ------------------------------------------------------------------------------------
 
 
-def _state_bwd_kernel(q_ref, do_ref, g_ref, *refs, has_docs, mxu, scale, chunk, num_chunks):
-    """The reverse pass over one (value block, run, head) from a zero cotangent."""
+def _state_bwd_kernel(q_ref, do_ref, g_ref, *refs, has_docs, mxu, scale, chunk, num_chunks, pregated=False):
+    """The reverse pass over one (value block, run, head) from a zero cotangent. ``pregated``:
+    ``q_ref`` holds the gated queries and ``g_ref`` each chunk's decay ``[NC, D]`` (``pregated_inputs``)."""
     refs = list(refs)
     doc_refs = (refs.pop(0), refs.pop(0)) if has_docs else None
     dh_ref, dm_ref = refs
@@ -100,6 +102,9 @@ def _state_bwd_kernel(q_ref, do_ref, g_ref, *refs, has_docs, mxu, scale, chunk, 
         t0 = pl.multiple_of(c * chunk, chunk)
         dh_ref[c] = ds.astype(dh_ref.dtype)
         rows = pl.ds(t0, chunk)
+        if pregated:
+            update = dot(q_ref[rows, :], do_ref[rows, :], trans_a=True)
+            return common.decay_state(ds, g_ref[c, :]) + scale * update
         docs = load_docs(doc_refs, t0, chunk)
         (b,) = cumulative_tiles([g_ref[rows, :]])
         return cotangent_update(ds, q_ref[rows, :], do_ref[rows, :], b, docs, scale=scale, mxu=mxu)
@@ -231,16 +236,21 @@ def backward_local(q, g, docs, do, *, statics: ChannelStatics) -> LocalCotangent
     """Stage 1 (needs no final-state cotangent): the reverse pass over every run from zero."""
     lay = Layout(q, q, do, statics.cfg)  # reads q and dO per query head only
     do = do.astype(lay.mxu)
+    pregated = statics.cfg.pregated_state
     kernel = functools.partial(
         _state_bwd_kernel,
-        has_docs=docs is not None,
+        has_docs=docs is not None and not pregated,
         mxu=lay.mxu,
         scale=statics.scale,
         chunk=lay.chunk,
         num_chunks=lay.num_chunks,
+        pregated=pregated,
     )
     name = "linear_attention_channel_state_bwd"
-    dh_local, dm = run_pass(kernel, q, do, g, docs, lay, statics, kv=False, logs=False, name=name)
+    if pregated:  # the gated queries and each chunk's decay, formed once (no document rows)
+        queries, gamma, _ = pregated_inputs(q, g, docs, lay, queries=True)
+        q, g, docs = queries, gamma, None
+    dh_local, dm = run_pass(kernel, q, do, g, docs, lay, statics, kv=False, logs=False, name=name, pregated=pregated)
     return LocalCotangents(do, dh_local, dm)
 
 

@@ -529,10 +529,14 @@ def test_default_config_fills_the_gpu_with_splits():
     # passes by the scalar gates' rule (one run of 16-wide blocks here); float32 keeps the former rule
     assert (kda.num_warps, kda.num_stages_bwd, kda.num_stages_bwd_exact) == (4, 2, 1)
     assert (kda.block_e, kda.splits) == (16, 1)
+    # and the state passes on gated keys / queries formed once (session 19), also under sp and in
+    # float32 (whose in-kernel form asks an H200 for more shared memory than it has)
+    assert kda.pregated_state and per_channel.pregated_state and not low.pregated_state and not few.pregated_state
     # the split entry points keep the per-channel run rule (8 runs of 32-wide blocks) with those launches
     sharded_bf16 = default_config(value_heads=16, seq_len=32768, dtype=jnp.bfloat16, per_channel=True, **sp)
     assert (sharded_bf16.block_e, sharded_bf16.splits, sharded_bf16.num_warps) == (32, 8, 4)
     assert (sharded_bf16.num_stages_bwd, sharded_bf16.num_stages_bwd_exact) == (2, 1)
+    assert sharded_bf16.pregated_state
     assert (per_channel.num_warps, per_channel.num_stages_bwd, per_channel.num_stages_bwd_exact) == (8, 1, None)
 
 

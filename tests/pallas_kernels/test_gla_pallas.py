@@ -184,6 +184,34 @@ def test_stacked_pairs_equal_the_pairs(rng, split_grads, recompute_dz):
         assert rel_err(got[True][name], got[False][name]) < 1e-5, name
 
 
+@pytest.mark.parametrize("dtype,g_max", [(jnp.float32, 0.1), (jnp.bfloat16, 20.0)])
+def test_pregated_state_passes(rng, monkeypatch, dtype, g_max):
+    """``ChannelConfig.pregated_state``: the state passes on gated keys / queries formed once in XLA,
+    against the float64 recurrence: 2 q/k heads of 2 query heads each (so a key head's repeat order
+    matters), documents (one at a chunk's first token, and chunks with none, which carry the state),
+    two runs (the scan over runs and the log decays from ``pregated_inputs``); mild log decays (down
+    to −0.1, so states carry across chunks and runs: a chunk decay one token short fails) and strong
+    ones (down to −20); both passes counted."""
+    from pallas_kernels.linear_attention import channel_common
+
+    calls = []
+    real = channel_common.pregated_inputs
+
+    def counted(*args, **kw):
+        calls.append(kw["queries"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(pallas_triton_channel, "pregated_inputs", counted)
+    monkeypatch.setattr(pallas_triton_channel.vjp, "pregated_inputs", counted)
+    config = ChannelConfig(chunk=32, block_cols=16, block_e=16, splits=2, pregated_state=True)
+    xs, cot, seg = make_inputs(rng, b=1, t=130, h=4, hk=2, d=32, e=16, g_max=g_max, docs=(9, 64))
+    xs = {n: np.asarray(x, np.float64) for n, x in _low(xs, dtype).items()}
+    cot_low = {n: jnp.asarray(c, jnp.float32) for n, c in cot.items()}
+    got = _value_and_grads(_interpret_kernel(config, jnp.asarray(seg)), _low(xs, dtype), cot_low)
+    assert sorted(calls) == [False, True]  # the forward pass's keys, the reverse pass's queries
+    _assert_close(got, _oracle(xs, cot, seg, 0.7), tol(dtype, 130))
+
+
 def test_public_entry_point_bf16_in_pieces(rng, monkeypatch):
     """``linear_attention(..., g=[B, T, H, D], impl="pallas")`` in bf16 (grouped heads, E ≠ D, an odd
     length, the default interpret tiling) with the int32 limit made small, so the call runs as pieces
@@ -216,12 +244,13 @@ def _survives(seg):
     return jnp.all(seg == seg[:, :1], axis=1)[:, None, None, None]
 
 
-def test_split_entry_points_chain_two_calls(rng):
+@pytest.mark.parametrize("pregated", [False, True])
+def test_split_entry_points_chain_two_calls(rng, pregated):
     """Two calls chained through ``split_forward`` / ``finish_forward`` (entering state ``Γ₀ ⊙ S₀ +
     M₀``, ``Γ = e^{Σ g}`` per key channel, zero across a document start) and ``split_backward`` /
     ``finish_backward`` (leaving cotangent ``Γ₁ ⊙ dS + dM₁``) equal the whole sequence, with a
-    document crossing the cut: what LASP does per rank."""
-    config = ChannelConfig(chunk=16, block_cols=16, block_e=16, splits=2)
+    document crossing the cut: what LASP does per rank (and with ``pregated_state``)."""
+    config = ChannelConfig(chunk=16, block_cols=16, block_e=16, splits=2, pregated_state=pregated)
     xs, cot, seg = make_inputs(rng, b=1, t=50, h=2, hk=1, d=16, e=16, docs=(9, 20))
     x32 = _low(xs, jnp.float32)
     xs = {n: np.asarray(x, np.float64) for n, x in x32.items()}
@@ -279,7 +308,7 @@ def test_supports_and_rejects():
     for dtype in (jnp.bfloat16, jnp.float16):
         low = default_channel_config(batch=1, heads=16, seq_len=32768, value_dim=128, interpret=False, dtype=dtype)
         assert (low.num_warps, low.num_warps_bwd, low.num_stages_state) == (4, 4, 2)
-        assert low == dataclasses.replace(few, num_warps=4, num_warps_bwd=4, num_stages_state=2)
+        assert low == dataclasses.replace(few, num_warps=4, num_warps_bwd=4, num_stages_state=2, pregated_state=True)
     f32 = default_channel_config(batch=1, heads=16, seq_len=32768, value_dim=128, interpret=False, dtype=jnp.float32)
     assert f32 == few and (few.num_warps, few.num_warps_bwd, few.num_stages_state) == (8, 8, 3)
 
@@ -293,6 +322,7 @@ def test_kernels_lower_to_triton(triton_lowering_h100):
         ((1, 256, 2, 2, 128, 128), jnp.bfloat16, False, ChannelConfig(splits=2, split_grads=True, recompute_dz=True)),
         ((2, 100, 4, 2, 40, 24), jnp.float32, True, None),
         ((1, 256, 2, 2, 128, 128), jnp.bfloat16, True, ChannelConfig(splits=2, stacked_pairs=True)),
+        ((1, 256, 4, 2, 128, 128), jnp.bfloat16, True, ChannelConfig(splits=2, pregated_state=True)),
     ]:
         q, k, v = spec((b, t, h, d), dtype), spec((b, t, hk, d), dtype), spec((b, t, hk, e), dtype)
         g, s0 = spec((b, t, h, d), jnp.float32), spec((b, h, d, e), jnp.float32)
@@ -327,6 +357,7 @@ GPU_CASES = {
     "one-run-docs": ((1000, 1001, 2500), ChannelConfig(splits=1)),
     "split-grads-docs": ((1000, 2500), ChannelConfig(split_grads=True, recompute_dz=True)),
     "stacked-pairs-docs": ((1000, 2500), ChannelConfig(stacked_pairs=True)),
+    "pregated-docs": ((1000, 2500), ChannelConfig(splits=2, pregated_state=True)),
     # log decays down to −7 per token: some 16-row diagonal tiles' middle-row factors exceed e^40, so
     # the whole input runs the exact kernels behind the cond (the cases above take the factored ones)
     "strong-gates-docs": ((1000, 2500), None, 7.0),
