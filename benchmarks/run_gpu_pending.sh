@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU measurements left open at the end of session 18, in order of value: about 16 minutes on
-# 2 (or 4) H200s (the first two steps need one); each step has its own time limit and keeps its
-# output if a later one fails. Run
+# The GPU measurements left open at the end of session 19, in order of value: about 15 minutes on
+# 2 (or 4) H200s; each step has its own time limit and keeps its output if a later one fails
+# (session 19 ran the one-GPU steps: the pregated state passes, now the per-channel default). Run
 # from the repository root:
 #   OUT=runs/pending bash benchmarks/run_gpu_pending.sh
 set -u
@@ -10,13 +10,6 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/pending}
 mkdir -p "$OUT"
 N=$(nvidia-smi -L | wc -l)
-# issue 13, one GPU: KDA's state passes on gated keys / queries formed once (BlockConfig.pregated_state,
-# session 18, CPU-tested only; its profile: state_bwd 2.68 ms and state 1.20 against GDN's 0.67 and
-# 0.52): the GPU test, then the sweep rows beside the default
-timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/pallas_kernels/test_gated_delta_rule_pallas.py -k "kda-pregated" > "$OUT/gpu_tests_pregated.log" 2>&1
-echo "== gpu tests pregated"; tail -n 2 "$OUT/gpu_tests_pregated.log"
-timeout 240 python3 benchmarks/delta_rule_sweep.py --ops kda --reps 8 --budget 190 --labels default pregated_state=True pregated_state=True,block_e=32 pregated_state=True,num_stages_state=2 --json "$OUT/sweep_kda_pregated.json" > "$OUT/sweep_kda_pregated.log" 2>&1
-echo "== kda pregated"; grep -E "^kda " "$OUT/sweep_kda_pregated.log" | cut -c1-200
 # issue 18: the softmax layer with impl="auto", which now runs cuDNN block pairs under a mesh
 # (cudnn_blocks, session 15: each rank's block compute 0.53x of one cuDNN GPU at sp=2 and 0.255x at
 # sp=4 on one H200, never run on 2 GPUs); its GPU tests over every local GPU first
@@ -34,3 +27,7 @@ echo "== tnl-hybrid"; grep -E "^ +[0-9]+ +[a-z_]+ +[0-9]+" "$OUT/tnl_hybrid.log"
 # issue 13: gdn-1.3b sp 1 / N with sessions 12-14's GDN kernels (sp=2 0.916 in session 11)
 timeout 260 python3 benchmarks/train_step.py --preset gdn-1.3b --remat none --sp 1 $N --json "$OUT/gdn_sp.json" > "$OUT/gdn_sp.log" 2>&1
 echo "== gdn sp"; grep -E "row:|Error" "$OUT/gdn_sp.log" | tail -n 3
+# issue 13: kda-1.3b sp 1 / N with the bounded gates and session 19's pregated state passes (one GPU:
+# 859.5 ms; sp=2 last measured in session 9 with those kernels: 0.926)
+timeout 300 python3 benchmarks/train_step.py --preset kda-1.3b --gate-lower-bound -5 --sp 1 $N --json "$OUT/kda_sp.json" > "$OUT/kda_sp.log" 2>&1
+echo "== kda sp"; grep -E "row:|Error" "$OUT/kda_sp.log" | tail -n 3
