@@ -10,14 +10,15 @@
     /tmp/tritonvenv/bin/python benchmarks/gla_ptxas.py compile /tmp/gla_ir/*.ttir
 
 ``dump`` traces ``value_and_grad`` of ``pallas_triton_channel.linear_attention`` at ``--shape`` (default
-the benchmark's (1, 32768, 16, 128), bf16 q/k/v, float32 g) with the shape's ``default_channel_config``
+the benchmark's (1, 32768, 16, 128), bf16 q/k/v (``--dtype``), float32 g) with the shape's ``default_channel_config``
 and the JSON overrides, the Triton lowering pointed at an abstract H100 (as
 ``tests/pallas_kernels/test_gla_pallas.py``'s lowering test), and writes (``--op kda``: the gated delta
 rule's kernels with per-channel gates, ``gated_delta_rule.config.default_config`` and its
 ``BlockConfig`` overrides, β float32) ``<tag>__<kernel>.ttir`` with
 its launch parameters beside it (``.json``). ``compile`` runs triton's own pipeline from that IR for
 sm_90a with those warps and stages and prints one JSON row per kernel: registers per thread, spill
-stores / loads (bytes per thread), stack frame, shared memory (bytes per program) and the count of
+stores / loads (bytes per thread), stack frame, shared memory (bytes per program; ``over_limit``: more
+than sm_90's 227 KB, so the launch fails) and the count of
 ``wgmma`` / ``mma.sync`` instructions in the PTX. Nothing runs on a GPU: occupancy follows from
 registers × threads and shared memory, time does not (``benchmarks/gla_sweep.py`` times configs).
 """
@@ -32,8 +33,10 @@ import re
 import subprocess
 import sys
 
+SM90_SHARED_LIMIT = 232448  # bytes of shared memory one program may use on sm_90 (227 KB)
 
-def dump(out: str, tag: str, overrides: dict, shape, op: str = "gla") -> None:
+
+def dump(out: str, tag: str, overrides: dict, shape, op: str = "gla", dtype: str = "bfloat16") -> None:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import jax
     import jax.numpy as jnp
@@ -64,7 +67,7 @@ def dump(out: str, tag: str, overrides: dict, shape, op: str = "gla") -> None:
     registration.lowering.lower_jaxpr_to_triton_module = lower_and_keep
     registration.mlir.custom_call = call_and_keep
     b, t, h, d = shape
-    x, g = jax.ShapeDtypeStruct(shape, jnp.bfloat16), jax.ShapeDtypeStruct(shape, jnp.float32)
+    x, g = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype)), jax.ShapeDtypeStruct(shape, jnp.float32)
     if op in ("kda", "gdn"):
         from pallas_kernels.gated_delta_rule import pallas_triton
         from pallas_kernels.gated_delta_rule.config import default_config
@@ -83,7 +86,7 @@ def dump(out: str, tag: str, overrides: dict, shape, op: str = "gla") -> None:
         g = g if per_channel else jax.ShapeDtypeStruct((b, t, h), jnp.float32)  # GDN: one log gate per token
         op_fn, args = pallas_triton.gated_delta_rule, (x, x, x, jax.ShapeDtypeStruct((b, t, h), jnp.float32))
     else:
-        cfg = default_channel_config(batch=b, heads=h, seq_len=t, value_dim=d, interpret=False, dtype="bfloat16")
+        cfg = default_channel_config(batch=b, heads=h, seq_len=t, value_dim=d, interpret=False, dtype=x.dtype)
         op_fn, args = pallas_triton_channel.linear_attention, (x, x, x)
     cfg = dataclasses.replace(cfg, **overrides)
 
@@ -94,8 +97,12 @@ def dump(out: str, tag: str, overrides: dict, shape, op: str = "gla") -> None:
     argnums = tuple(range(len(args) + 1))
     jax.jit(jax.value_and_grad(loss, argnums=argnums)).trace(*args, g).lower(lowering_platforms=("cuda",))
     os.makedirs(out, exist_ok=True)
+    seen: dict[str, int] = {}
     for text, meta in zip(texts, metas, strict=True):
-        path = os.path.join(out, f"{tag}__{meta['name']}")
+        # a kernel lowered twice (the two branches of the gates' cond) keeps both: the second as name_2
+        seen[meta["name"]] = seen.get(meta["name"], 0) + 1
+        suffix = "" if seen[meta["name"]] == 1 else f"_{seen[meta['name']]}"
+        path = os.path.join(out, f"{tag}__{meta['name']}{suffix}")
         with open(path + ".ttir", "w") as f:
             f.write(text)
         with open(path + ".json", "w") as f:
@@ -133,6 +140,9 @@ def compile_report(paths: list[str]) -> None:
             "spill_loads": number(spills, 2),
             "stack": number(r"(\d+) bytes stack frame"),
             "shared": kernel.metadata.shared,
+            # past the opt-in limit the launch fails (H200, session 19: float32 KDA's former forward
+            # state pass, "requested 253952, available: 232448", the number this script gave)
+            "over_limit": kernel.metadata.shared > SM90_SHARED_LIMIT,
             "wgmma": ptx.count("wgmma.mma_async"),
             "mma": ptx.count("mma.sync"),
         }
@@ -148,11 +158,13 @@ def main(argv=None) -> None:
     d.add_argument("overrides", nargs="?", default="{}", help="JSON ChannelConfig (BlockConfig for kda) overrides")
     d.add_argument("--op", default="gla", choices=["gla", "kda", "gdn"], help="the GLA kernels, KDA's or GDN's")
     d.add_argument("--shape", default="1,32768,16,128", help="B,T,H,D")
+    d.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="q, k, v")
     c = sub.add_parser("compile", help="triton 3.6 + ptxas -v on dumped .ttir files")
     c.add_argument("paths", nargs="+")
     args = ap.parse_args(argv)
     if args.cmd == "dump":
-        dump(args.out, args.tag, json.loads(args.overrides), tuple(map(int, args.shape.split(","))), args.op)
+        shape = tuple(map(int, args.shape.split(",")))
+        dump(args.out, args.tag, json.loads(args.overrides), shape, args.op, args.dtype)
     else:
         compile_report(args.paths)
 

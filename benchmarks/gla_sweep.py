@@ -84,6 +84,7 @@ CONFIGS = [
     # the state passes on gated keys / queries formed once in XLA (session 19; KDA's passes 2.2x faster):
     # cheaper steps, so fewer runs may now pay (the scalar gates' rule: one run of 16-wide blocks)
     ("pregated_state", {"pregated_state": True}),
+    ("pregated_state=False", {"pregated_state": False}),  # the in-kernel form, since session 19 not bf16's default
     ("pregated_state,splits=1,block_e=16", {"pregated_state": True, "splits": 1, "block_e": 16}),
     ("pregated_state,splits=2", {"pregated_state": True, "splits": 2}),
     ("pregated_state,splits=2,block_e=16", {"pregated_state": True, "splits": 2, "block_e": 16}),
@@ -133,14 +134,16 @@ def configs(base, interpret: bool, labels=None) -> list[tuple[str, object]]:
     return out
 
 
-def check(shape, config, interpret) -> dict:
-    """Relative errors of o and the gradients against the chunked XLA op (float32 copies of the inputs)."""
+def check(shape, config, interpret, dtype="bfloat16") -> dict:
+    """Relative errors of o and the gradients against the chunked XLA op (float32 copies of the inputs),
+    for ``dtype`` q, k, v and dO (g float32)."""
     import jax
     import jax.numpy as jnp
 
     from pallas_kernels import linear_attention
 
     (q, k, v, do), g = _jax_inputs(*shape, "channel")
+    q, k, v, do = (x.astype(dtype) for x in (q, k, v, do))
     attn, _, fwd_bwd = _fns(config, interpret)
 
     def ref(q, k, v, g):
@@ -220,7 +223,7 @@ def main(argv=None) -> None:
         cshape = INTERPRET_SHAPE if args.interpret else tuple(map(int, args.check_shape.split(",")))
         cfg = ChannelConfig(**ok[0]["config"])
         try:
-            checks = {"label": ok[0]["label"], **check(cshape, cfg, args.interpret)}
+            checks = {"label": ok[0]["label"], **check(cshape, cfg, args.interpret, args.dtype)}
         except Exception as exc:  # noqa: BLE001
             checks = {"label": ok[0]["label"], "error": repr(exc)[:400]}
         print(f"check {cshape} rel err vs xla: {json.dumps(checks)}", flush=True)

@@ -83,7 +83,8 @@ class BlockConfig:
         program. The per-channel default (H200, KDA (1, 32K, 16, 128) bf16 fwd+bwd, session 19: 12.42
         → 10.88 ms; device time ``state_bwd`` 2.68 → 1.00 ms, ``state`` 1.21 → 0.73, the two XLA
         fusions that form the operands about 0.3 ms; float32: the in-kernel form's forward state pass
-        needs 248 KB of shared memory, more than an H200 has).
+        needs 248 KB of shared memory with 3 stages, more than an H200 has; with 2 it runs, 52.4
+        against 47.3 ms at (1, 4K, 16, 128)). The gated operands are stored per value head.
       num_warps_output_bwd: warps of the output backward kernel (``output_bwd``); None: ``num_warps_bwd``
         (the WY backward holds more live tiles than the output's: ptxas at 4 warps, GDN bf16 whole
         rows: ``output_bwd`` 255 registers and 64 B of spills, ``wy_bwd`` 1.2 KB of spills).
@@ -154,7 +155,7 @@ class BlockConfig:
 # interpret mode (CPU tests): the interpreter's programs are compiled by XLA once per shape, and the
 # unrolled sub-tile math of larger chunks dominates that; 16-token chunks (one sub-tile) and 16-wide
 # value blocks keep it fast (tests pass larger chunks explicitly to exercise the block solve)
-INTERPRET_CONFIG = BlockConfig(chunk=16, block_e=16)
+INTERPRET_CONFIG = BlockConfig(chunk=16, block_e=16, pregated_state=True)  # per-channel: the GPU default's passes
 
 
 def default_config(
@@ -169,12 +170,12 @@ def default_config(
     dtype=None,
     sequence_parallel: bool = False,
 ) -> BlockConfig:
-    """Interpret mode: small chunks, one split. GPU: 64-token chunks, value blocks of 32, and splits
-    (a power of two) doubled while the state passes have fewer programs than twice the SMs under
-    per-channel gates in float32 or in the split entry points (bf16/fp16 per-channel gates
-    elsewhere take the scalar gates' rule, session 18, see below), fewer than a quarter of the SMs
-    (33) under scalar or no gates, keeping at
-    least 16 chunks per split (H200, bf16, GDN fwd+bwd with one split against the former two-per-SM
+    """Interpret mode: small chunks, one split, pregated per-channel state passes. GPU: 64-token
+    chunks, value blocks of 32, and splits (a power of two) doubled while the state passes have
+    fewer programs than twice the SMs under per-channel gates in float32 or in the split entry
+    points (bf16/fp16 per-channel gates elsewhere take the scalar gates' rule, session 18, see
+    below), fewer than a quarter of the SMs (33) under scalar or no gates, keeping at least 16 chunks
+    per split (H200, bf16, GDN fwd+bwd with one split against the former two-per-SM
     rule: (1, 32K, 16, 128) 5.40 against 5.75 ms with 8 splits, (4, 8K, 16, 128) 4.25 against 5.77
     ms with 2, (1, 32K, 32, 128) 8.09 against 10.77 ms with 4: a split costs a transition pass over
     D + E columns and a local reverse pass, more than the parallelism it buys once the heads give
@@ -221,8 +222,9 @@ def default_config(
         num_warps_bwd=4 if per_channel else 8,
         # per-channel gates: the state passes read gated keys / queries formed once in XLA (session
         # 19, H200, KDA (1, 32K, 16, 128) bf16 fwd+bwd 12.42 → 10.88 ms: state_bwd 2.68 → 1.00 ms,
-        # state 1.21 → 0.73). In float32 the in-kernel form did not launch at all (its forward state
-        # pass asked for 248 KB of shared memory, 227 KB available; pregated: 367.8 ms fwd+bwd)
+        # state 1.21 → 0.73). float32 too: there the in-kernel form with 3 state stages did not launch
+        # (its forward state pass asked for 248 KB of shared memory, 227 KB available); at (1, 4K, 16,
+        # 128) pregated 47.3 ms against 52.4 in-kernel with 2 stages
         pregated_state=per_channel,
     )
     if not per_channel and two_byte:
@@ -240,6 +242,12 @@ def default_config(
     channel_fast = per_channel and two_byte
     if channel_fast:
         cfg = dataclasses.replace(cfg, num_warps=4, num_stages_bwd=2, num_stages_bwd_exact=1)
+    if max(key_dim, value_dim) > 128:
+        # head dims past 128: fewer state-pass stages. Offline Triton 3.6 for sm_90 (session 19, (1,
+        # 8K, 8, 256)): in bf16 the reverse state pass asks 313 KB of shared memory with 3 stages,
+        # past the 227 KB one program may have (a launch error), 211 KB with 2; float32 GDN 131 KB
+        # for the forward pass with 1. Not run on a GPU
+        cfg = dataclasses.replace(cfg, num_stages_state=2 if two_byte else 1)
     scalar_rule = not per_channel or (channel_fast and not sequence_parallel)
     programs = batch * value_heads * (value_dim // cfg.block_e)
     few = programs >= NUM_SMS // 4 and 2 * programs <= NUM_SMS

@@ -216,10 +216,11 @@ def run_pass(
 def pregated_inputs(x, g, docs, lay: Layout, *, queries: bool):
     """``ChannelConfig.pregated_state``: a state pass's operands formed once per call in XLA, ``(gated x,
     γ, across)``: the keys ``e^{b_last − b} ⊙ x`` (or, with ``queries``, the queries ``e^b ⊙ x``) per
-    query head ``[R, T, H, D]`` in the operand dtype, each chunk's decay ``γ = e^{b_last}`` and its log
-    ``b_last`` ``[R, H, NC, D]`` float32 (the forward pass's ``across``); b the chunk-local cumulative sum
-    of the gates g ``[R, T, H, D]``, with the kernels' document masks (``gated_delta_rule.layout
-    .pregated_operands``, the delta rule's)."""
+    query head ``[R, T, H, D]`` in the operand dtype, each chunk's decay ``γ = e^{b_last}`` (zero across
+    a document boundary) and ``b_last`` ``[R, H, NC, D]`` float32, unmasked (the forward pass's ``across``:
+    ``chunk_logs`` applies the boundaries); b the chunk-local cumulative sum of the gates g ``[R, T, H,
+    D]``, with the kernels' document masks (``gated_delta_rule.layout.pregated_operands``, the delta
+    rule's)."""
     r, t, h, d = g.shape
     c = lay.chunk
     b = jnp.cumsum(g.astype(F32).reshape(r, t // c, c, h, d), axis=2).reshape(r, t, h, d)

@@ -129,7 +129,8 @@ class ChannelConfig:
         pass the gated queries ``e^b ⊙ Q``) and each chunk's decay ``e^{b_last}``, formed once per call
         in XLA (``channel_common.pregated_inputs``), instead of loading the gates and forming their
         cumulative sums and two ``[C, D]`` exponentials at every step in every value-block program
-        (the delta rule's ``BlockConfig.pregated_state``).
+        (the delta rule's ``BlockConfig.pregated_state``); the gated operands are stored per query
+        head (``[R, T, H, D]``, H / Hk times the keys).
       num_warps / num_stages: Triton launch parameters of the output kernel; ``*_state``: of the
         two state passes; ``*_bwd``: of the gradient kernel(s).
     """
@@ -159,9 +160,10 @@ class ChannelConfig:
 
 
 def default_channel_config(
-    *, batch: int, heads: int, seq_len: int, value_dim: int, interpret: bool, dtype=None
+    *, batch: int, heads: int, seq_len: int, value_dim: int, interpret: bool, dtype=None, key_dim: int = 128
 ) -> ChannelConfig:
-    """Interpret mode: 16-token chunks (one sub-tile), 16-wide blocks, one run per row. GPU: 64-token
+    """Interpret mode: 16-token chunks (one sub-tile), 16-wide blocks, one run per row, the pregated
+    state passes. GPU: 64-token
     chunks, and runs (a power of two) until the state passes have about two programs per SM while
     each run keeps at least 16 chunks: at (B, T, H) = (1, 32K, 16) with E = 128, 8 runs of 64 chunks
     (512 programs per pass); the gradients in two kernels with the scores' cotangent formed again
@@ -172,11 +174,18 @@ def default_channel_config(
     128) bf16 fwd+bwd, session 18: 10.86 → 6.97 → 6.68 ms; with gates past the factored form, the
     exact kernels, 16.28 → 12.43 ms with the 4 warps), and the state passes on gated keys / queries
     formed once (``pregated_state``; session 19: 6.59 → 6.11 ms; fewer runs lose: 2 runs 6.54, one
-    run of 16-wide blocks 7.67)."""
-    if interpret:
-        return ChannelConfig(chunk=16, block_cols=16, block_e=16)
+    run of 16-wide blocks 7.67). fp16 takes the bf16 measurements (not timed itself); float32 keeps
+    the in-kernel state passes, measured faster ((1, 8K, 16, 128): 27.4 against 37.6 ms pregated,
+    unexplained: the pregated forward 1.81 → 8.67 ms; not profiled)."""
+    if interpret:  # the bf16/fp16 GPU default's state passes
+        return ChannelConfig(chunk=16, block_cols=16, block_e=16, pregated_state=True)
     cfg = ChannelConfig(block_e=min(32, value_dim), split_grads=True, recompute_dz=True)
     if dtype is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         cfg = dataclasses.replace(cfg, num_warps=4, num_warps_bwd=4, num_stages_state=2, pregated_state=True)
+    if max(key_dim, value_dim) > 128:
+        # head dims past 128: fewer state-pass stages, 2 in bf16/fp16, 1 in float32 (offline Triton 3.6
+        # for sm_90: float32 at 128 already asks 176 KB of shared memory with 3; the limit is 227 KB;
+        # the delta rule's passes at 256: bf16 211 KB with 2, float32 131 KB with 1). Not run on a GPU
+        cfg = dataclasses.replace(cfg, num_stages_state=2 if cfg.pregated_state else 1)
     programs = batch * heads * (value_dim // cfg.block_e)
     return dataclasses.replace(cfg, splits=state_pass_splits(programs, -(-seq_len // cfg.chunk)))

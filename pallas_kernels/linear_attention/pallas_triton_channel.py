@@ -257,7 +257,13 @@ def supports(q, k, v) -> bool:
     default tiling (any length: see ``piece_len``)."""
     b, t, h, _ = q.shape
     cfg = default_channel_config(
-        batch=b, heads=h, seq_len=t, value_dim=pad_dim(v.shape[-1]), interpret=False, dtype=q.dtype
+        batch=b,
+        heads=h,
+        seq_len=t,
+        value_dim=pad_dim(v.shape[-1]),
+        interpret=False,
+        dtype=q.dtype,
+        key_dim=pad_dim(q.shape[-1]),
     )
     return all(x.dtype in KERNEL_DTYPES for x in (q, k, v)) and piece_len(q, v, cfg) > 0
 
@@ -328,7 +334,13 @@ def _statics(q, k, v, *, scale, interpret, config) -> ChannelStatics:
     if dtype not in KERNEL_DTYPES:
         raise TypeError(f"the Pallas kernels take bf16, fp16 or fp32 inputs, got q.dtype={q.dtype}")
     cfg = config or default_channel_config(
-        batch=b, heads=h, seq_len=t, value_dim=pad_dim(v.shape[-1]), interpret=interpret, dtype=dtype
+        batch=b,
+        heads=h,
+        seq_len=t,
+        value_dim=pad_dim(v.shape[-1]),
+        interpret=interpret,
+        dtype=dtype,
+        key_dim=pad_dim(d),
     )
     if piece_len(q, v, cfg) <= 0:
         raise ValueError(f"inputs too large for int32 offsets: q.shape={tuple(q.shape)}, v.shape={tuple(v.shape)}")

@@ -537,6 +537,21 @@ def test_default_config_fills_the_gpu_with_splits():
     assert (sharded_bf16.block_e, sharded_bf16.splits, sharded_bf16.num_warps) == (32, 8, 4)
     assert (sharded_bf16.num_stages_bwd, sharded_bf16.num_stages_bwd_exact) == (2, 1)
     assert sharded_bf16.pregated_state
+    # head dims past 128: fewer state-pass stages (offline: 313 KB of shared memory with 3 at 256, bf16)
+    assert few.num_stages_state == 3
+    for per_ch in (False, True):
+        for dtype, stages in ((jnp.bfloat16, 2), (jnp.float32, 1)):
+            wide = default_config(
+                batch=1,
+                value_heads=8,
+                seq_len=8192,
+                value_dim=256,
+                key_dim=256,
+                interpret=False,
+                per_channel=per_ch,
+                dtype=dtype,
+            )
+            assert wide.num_stages_state == stages
     assert (per_channel.num_warps, per_channel.num_stages_bwd, per_channel.num_stages_bwd_exact) == (8, 1, None)
 
 
