@@ -28,7 +28,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(TEST_DEVICES) $(PY) -m pytest -n $(PYTEST_WORKERS) -q -m "not slow" tests
+	$(TEST_DEVICES) $(PY) -m pytest -n $(PYTEST_WORKERS) -q -m "not slow" --durations=30 tests
 
 test-slow: $(STAMP)
 	$(TEST_DEVICES) $(PY) -m pytest -n $(PYTEST_WORKERS) -q -m slow tests
