@@ -165,8 +165,8 @@ def default_channel_config(
     """Interpret mode: 16-token chunks (one sub-tile), 16-wide blocks, one run per row, the pregated
     state passes. GPU: 64-token chunks, and runs (a power of two) until the state passes have about
     two programs per SM while each run keeps at least 16 chunks: at (B, T, H) = (1, 32K, 16) with E =
-    128, 8 runs of 64 chunks (512 programs per pass); the gradients in two kernels with the scores' cotangent formed again
-    in each key-column step (``split_grads``, ``recompute_dz``: H200, (1, 32K, 16, 128) bf16
+    128, 8 runs of 64 chunks (512 programs per pass); the gradients in two kernels with the scores'
+    cotangent formed again in each key-column step (``split_grads``, ``recompute_dz``: H200, (1, 32K, 16, 128) bf16
     fwd+bwd 15.15 against 22.37 ms in one kernel, same run, 2026-11-30). For bf16/fp16 inputs
     (``dtype``), since the diagonal sub-tiles are one product where the gates allow it (session 17):
     4 warps in the output and gradient kernels and 2 stages in the state passes (H200, (1, 32K, 16,
