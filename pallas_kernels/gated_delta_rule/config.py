@@ -244,8 +244,8 @@ def default_config(
         cfg = dataclasses.replace(cfg, num_warps=4, num_stages_bwd=2, num_stages_bwd_exact=1)
     if max(key_dim, value_dim) > 128:
         # head dims past 128: fewer state-pass stages. Offline Triton 3.6 for sm_90 (session 19, (1,
-        # 8K, 8, 256)): in bf16 the reverse state pass asks 313 KB of shared memory with 3 stages,
-        # past the 227 KB one program may have (a launch error), 211 KB with 2; float32 GDN 131 KB
+        # 8K, 8, 256)): in bf16 the reverse state pass asks 306 KB of shared memory with 3 stages,
+        # past the 227 KB one program may have (a launch error), 206 KB with 2; float32 GDN 128 KB
         # for the forward pass with 1. Not run on a GPU
         cfg = dataclasses.replace(cfg, num_stages_state=2 if two_byte else 1)
     scalar_rule = not per_channel or (channel_fast and not sequence_parallel)

@@ -185,7 +185,7 @@ def default_channel_config(
     if max(key_dim, value_dim) > 128:
         # head dims past 128: fewer state-pass stages, 2 in bf16/fp16, 1 in float32 (offline Triton 3.6
         # for sm_90: float32 at 128 already asks 176 KB of shared memory with 3; the limit is 227 KB;
-        # the delta rule's passes at 256: bf16 211 KB with 2, float32 131 KB with 1). Not run on a GPU
+        # the delta rule's passes at 256: bf16 206 KB with 2, float32 128 KB with 1). Not run on a GPU
         cfg = dataclasses.replace(cfg, num_stages_state=2 if two_byte else 1)
     programs = batch * heads * (value_dim // cfg.block_e)
     return dataclasses.replace(cfg, splits=state_pass_splits(programs, -(-seq_len // cfg.chunk)))
