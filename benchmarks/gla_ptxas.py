@@ -86,7 +86,9 @@ def dump(out: str, tag: str, overrides: dict, shape, op: str = "gla", dtype: str
         g = g if per_channel else jax.ShapeDtypeStruct((b, t, h), jnp.float32)  # GDN: one log gate per token
         op_fn, args = pallas_triton.gated_delta_rule, (x, x, x, jax.ShapeDtypeStruct((b, t, h), jnp.float32))
     else:
-        cfg = default_channel_config(batch=b, heads=h, seq_len=t, value_dim=d, interpret=False, dtype=x.dtype)
+        cfg = default_channel_config(
+            batch=b, heads=h, seq_len=t, value_dim=d, interpret=False, dtype=x.dtype, key_dim=d
+        )
         op_fn, args = pallas_triton_channel.linear_attention, (x, x, x)
     cfg = dataclasses.replace(cfg, **overrides)
 

@@ -112,7 +112,7 @@ def base_config(shape, interpret: bool, dtype="bfloat16"):
     from pallas_kernels.linear_attention.config import default_channel_config
 
     b, t, h, d = shape
-    base = default_channel_config(batch=b, heads=h, seq_len=t, value_dim=d, interpret=False, dtype=dtype)
+    base = default_channel_config(batch=b, heads=h, seq_len=t, value_dim=d, interpret=False, dtype=dtype, key_dim=d)
     if interpret:  # the GPU default's fields on a tiny shape: chunks and blocks the shape can hold
         base = dataclasses.replace(base, chunk=16, block_cols=16, block_e=16, splits=2)
     return base
