@@ -83,3 +83,19 @@ def state_pass_splits(programs: int, num_chunks: int, *, min_chunks: int = 16, t
     while programs * splits < target and num_chunks // (2 * splits) >= min_chunks:
         splits *= 2
     return splits
+
+
+def is_two_byte(dtype) -> bool:
+    """bf16 or fp16 (None: no dtype given, treated as float32), the launch heuristics' dtype split."""
+    return dtype is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+
+
+def state_pass_stages(stages: int, *, key_dim: int, value_dim: int, two_byte: bool) -> int:
+    """Pipeline stages of the sequential state passes: ``stages`` for head dims up to 128, fewer past
+    them, 2 in bf16/fp16 and 1 in float32, so one program's shared memory stays under sm_90's 227 KB
+    (offline Triton 3.6 for sm_90, session 19, (1, 8K, 8, 256): the delta rule's reverse state pass
+    asks 306 KB with 3 stages in bf16, 206 KB with 2; float32 GDN's forward pass 128 KB with 1; GLA's
+    float32 passes already ask 176 KB at 128 with 3). An estimate: not run on a GPU."""
+    if max(key_dim, value_dim) <= 128:
+        return stages
+    return 2 if two_byte else 1

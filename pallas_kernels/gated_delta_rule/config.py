@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax.numpy as jnp
-
-from pallas_kernels.common import NUM_SMS, state_pass_splits
+from pallas_kernels.common import NUM_SMS, is_two_byte, state_pass_splits, state_pass_stages
 
 # rows of the sub-tiles of a chunk: the triangular solve works on 16×16 diagonal blocks, per-channel
 # gates factor the decay between sub-tiles around a reference row (notes/design.md §6)
@@ -208,7 +206,7 @@ def default_config(
     """
     if interpret:
         return INTERPRET_CONFIG
-    two_byte = dtype is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    two_byte = is_two_byte(dtype)
     cfg = BlockConfig(
         block_e=min(32, value_dim),
         block_cols=32 if per_channel else max(16, key_dim, value_dim),
@@ -242,12 +240,9 @@ def default_config(
     channel_fast = per_channel and two_byte
     if channel_fast:
         cfg = dataclasses.replace(cfg, num_warps=4, num_stages_bwd=2, num_stages_bwd_exact=1)
-    if max(key_dim, value_dim) > 128:
-        # head dims past 128: fewer state-pass stages. Offline Triton 3.6 for sm_90 (session 19, (1,
-        # 8K, 8, 256)): in bf16 the reverse state pass asks 306 KB of shared memory with 3 stages,
-        # past the 227 KB one program may have (a launch error), 206 KB with 2; float32 GDN 128 KB
-        # for the forward pass with 1. Not run on a GPU
-        cfg = dataclasses.replace(cfg, num_stages_state=2 if two_byte else 1)
+    # head dims past 128: fewer state-pass stages (past 227 KB of shared memory a launch fails)
+    stages = state_pass_stages(cfg.num_stages_state, key_dim=key_dim, value_dim=value_dim, two_byte=two_byte)
+    cfg = dataclasses.replace(cfg, num_stages_state=stages)
     scalar_rule = not per_channel or (channel_fast and not sequence_parallel)
     programs = batch * value_heads * (value_dim // cfg.block_e)
     few = programs >= NUM_SMS // 4 and 2 * programs <= NUM_SMS

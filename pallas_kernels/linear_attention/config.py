@@ -11,9 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax.numpy as jnp
-
-from pallas_kernels.common import NUM_SMS, state_pass_splits
+from pallas_kernels.common import NUM_SMS, is_two_byte, state_pass_splits, state_pass_stages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,8 +164,8 @@ def default_channel_config(
     state passes. GPU: 64-token chunks, and runs (a power of two) until the state passes have about
     two programs per SM while each run keeps at least 16 chunks: at (B, T, H) = (1, 32K, 16) with E =
     128, 8 runs of 64 chunks (512 programs per pass); the gradients in two kernels with the scores'
-    cotangent formed again in each key-column step (``split_grads``, ``recompute_dz``: H200, (1, 32K, 16, 128) bf16
-    fwd+bwd 15.15 against 22.37 ms in one kernel, same run, 2026-11-30). For bf16/fp16 inputs
+    cotangent formed again in each key-column step (``split_grads``, ``recompute_dz``: H200, (1, 32K,
+    16, 128) bf16 fwd+bwd 15.15 against 22.37 ms in one kernel, same run, 2026-11-30). For bf16/fp16 inputs
     (``dtype``), since the diagonal sub-tiles are one product where the gates allow it (session 17):
     4 warps in the output and gradient kernels and 2 stages in the state passes (H200, (1, 32K, 16,
     128) bf16 fwd+bwd, session 18: 10.86 → 6.97 → 6.68 ms; with gates past the factored form, the
@@ -179,13 +177,11 @@ def default_channel_config(
     if interpret:  # the bf16/fp16 GPU default's state passes
         return ChannelConfig(chunk=16, block_cols=16, block_e=16, pregated_state=True)
     cfg = ChannelConfig(block_e=min(32, value_dim), split_grads=True, recompute_dz=True)
-    two_byte = dtype is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    two_byte = is_two_byte(dtype)
     if two_byte:
         cfg = dataclasses.replace(cfg, num_warps=4, num_warps_bwd=4, num_stages_state=2, pregated_state=True)
-    if max(key_dim, value_dim) > 128:
-        # head dims past 128: fewer state-pass stages, 2 in bf16/fp16, 1 in float32 (offline Triton 3.6
-        # for sm_90: float32 at 128 already asks 176 KB of shared memory with 3; the limit is 227 KB;
-        # the delta rule's passes at 256: bf16 206 KB with 2, float32 128 KB with 1). Not run on a GPU
-        cfg = dataclasses.replace(cfg, num_stages_state=2 if two_byte else 1)
+    # head dims past 128: fewer state-pass stages (past 227 KB of shared memory a launch fails)
+    stages = state_pass_stages(cfg.num_stages_state, key_dim=key_dim, value_dim=value_dim, two_byte=two_byte)
+    cfg = dataclasses.replace(cfg, num_stages_state=stages)
     programs = batch * heads * (value_dim // cfg.block_e)
     return dataclasses.replace(cfg, splits=state_pass_splits(programs, -(-seq_len // cfg.chunk)))
