@@ -28,9 +28,9 @@ class BlockConfig:
         ``channel_rows`` rows).
       block_e: value-dim tile of the two state passes: programs per (row, head) = E / block_e.
         Smaller tiles give the sequential passes more programs and shorter steps.
-      block_cols: key/value columns per step of the loops over columns inside the wy kernels (the
-        Gram blocks, W, U and their cotangents are sums over, or separate in, the columns; walking
-        them in blocks keeps the live tiles small).
+      block_cols: key/value columns per step of the loops over columns inside the wy and output
+        kernels and their backward (the Gram blocks, W, U, the scores and their cotangents are sums
+        over, or separate in, the columns; walking them in blocks keeps the live tiles small).
       splits: runs of whole chunks per row that the state passes walk in parallel (LASP inside
         one GPU): a first pass gives each run's transition ``(Φ, M)`` from a zero state, a float32
         scan over runs their entering states, the stored pass starts each run from its own. Each
@@ -240,6 +240,14 @@ def default_config(
     channel_fast = per_channel and two_byte
     if channel_fast:
         cfg = dataclasses.replace(cfg, num_warps=4, num_stages_bwd=2, num_stages_bwd_exact=1)
+    if not two_byte:
+        # float32 tiles are twice as large: on an H200 (session 20) GDN's former float32 default did
+        # not launch at head dim 128 (its reverse state pass asked for 249344 B of shared memory with
+        # 3 stages, 232448 B available; 131840 B by an offline build with 2) nor at 256 (whole-row
+        # column blocks: 344064 B; 128 columns: 262144 B; 64 ran, call C): 2 state stages, and column
+        # blocks of at most 128 columns, 64 past head dim 128
+        widest = 128 if max(key_dim, value_dim) <= 128 else 64
+        cfg = dataclasses.replace(cfg, num_stages_state=2, block_cols=min(cfg.block_cols, widest))
     # head dims past 128: fewer state-pass stages (past 227 KB of shared memory a launch fails)
     stages = state_pass_stages(cfg.num_stages_state, key_dim=key_dim, value_dim=value_dim, two_byte=two_byte)
     cfg = dataclasses.replace(cfg, num_stages_state=stages)

@@ -155,14 +155,14 @@ def _state_kernel(
 
 
 def _output_kernel(q_ref, k_ref, h_ref, v_new_ref, *refs, mode, has_docs, mxu, scale, parts, block_cols, stacked=False):
-    """The output of one chunk from its entering state and V'; per-channel gates walk the key
-    columns in blocks (the scores and ``(e^b ⊙ Q) S`` are sums over them); ``stacked``: their
+    """The output of one chunk from its entering state and V', walking the key columns in blocks of
+    ``block_cols`` (the scores and ``(e^b ⊙ Q) S`` are sums over them); ``stacked``: their
     off-diagonal score blocks from whole-chunk loads (``BlockConfig.stacked_pairs``)."""
     refs = list(refs)
     gate_ref, doc_refs = pop_gate_refs(refs, mode=mode, has_docs=has_docs)
     o_ref, *z_ref = refs
     docs = load_doc_tiles(doc_refs, parts)
-    width = min(block_cols, k_ref.shape[1]) if mode in CHANNEL_MODES else k_ref.shape[1]
+    width = min(block_cols, k_ref.shape[1])
 
     def add_columns(j, carry):
         z, inter = carry

@@ -75,9 +75,10 @@ def _output_bwd_kernel(
     stored_scores,
     stacked=False,
 ):
-    """The output's gradients of one chunk: dq (final), its share of dk and db, and ``dV'_intra``;
-    per-channel gates walk the key columns in blocks; ``stacked`` (per-channel gates,
-    ``BlockConfig.stacked_pairs``): the off-diagonal pairs' cotangents by whole-chunk products."""
+    """The output's gradients of one chunk: dq (final), its share of dk and db, and ``dV'_intra``,
+    walking the key columns in blocks of ``block_cols`` (scalar db and the scores are sums over
+    them); ``stacked`` (per-channel gates, ``BlockConfig.stacked_pairs``): the off-diagonal pairs'
+    cotangents by whole-chunk products."""
     refs = list(refs)
     z_ref = refs.pop(0) if stored_scores else None
     gate_ref, doc_refs = pop_gate_refs(refs, mode=mode, has_docs=has_docs)
@@ -91,9 +92,10 @@ def _output_bwd_kernel(
         doc = None if doc_refs is None else doc_refs[0][...]
     else:
         dz = common.output_dz(load_tiles(v_new_ref, parts), do, scale=scale, mxu=mxu, parts=parts)
-    width = min(block_cols, k_ref.shape[1]) if mode in CHANNEL_MODES else k_ref.shape[1]
+    width = min(block_cols, k_ref.shape[1])
 
-    def columns(j, z):
+    def columns(j, carry):
+        z, db_rows = carry
         start = pl.multiple_of(j * width, width)
         q, k = load_col_tiles(q_ref, parts, start, width), load_col_tiles(k_ref, parts, start, width)
         b = load_col_tiles(gate_ref, parts, start, width) if mode in CHANNEL_MODES else load_tiles(gate_ref, parts)
@@ -106,19 +108,21 @@ def _output_bwd_kernel(
         store_col_tiles(dk_ref, dk, start)
         if mode in CHANNEL_MODES:
             store_col_tiles(db_ref[0], db, start)
-        elif mode == "scalar":  # one column block (the whole row)
-            store_tiles(db_ref[0], db)
+        elif mode == "scalar":  # a sum over the key columns: stored after the loop
+            db_rows = [a + c for a, c in zip(db_rows, db, strict=True)]
         if z_ref is not None:  # the forward stored the scores: nothing to carry
-            return z
+            return z, db_rows
         # the scores (small blocks) are summed over the columns; Zᵀ dO once after the loop
         score_whole = None if whole is None else (q_ref[:, pl.ds(start, width)], whole[0])  # (Q, b)
-        return common.add_blocks(
-            z, common.score_blocks(q, k, b, docs, mode=mode, mxu=mxu, parts=parts, whole=score_whole)
-        )
+        z = common.add_blocks(z, common.score_blocks(q, k, b, docs, mode=mode, mxu=mxu, parts=parts, whole=score_whole))
+        return z, db_rows
 
     rows = q_ref.shape[0] // parts
     init = 0 if z_ref is not None else zero_blocks(parts, rows)
-    z = lax.fori_loop(0, k_ref.shape[1] // width, columns, init)
+    db_init = [jnp.zeros((rows,), F32) for _ in range(parts)] if mode == "scalar" else 0
+    z, db_rows = lax.fori_loop(0, k_ref.shape[1] // width, columns, (init, db_init))
+    if mode == "scalar":
+        store_tiles(db_ref[0], db_rows)
     if z_ref is not None:
         z = load_lower_blocks(z_ref, parts)
     store_tiles(dv_intra_ref, common.dvn_from_scores(z, do, scale=scale, mxu=mxu, parts=parts))
