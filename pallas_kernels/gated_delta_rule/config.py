@@ -30,7 +30,10 @@ class BlockConfig:
         Smaller tiles give the sequential passes more programs and shorter steps.
       block_cols: key/value columns per step of the loops over columns inside the wy and output
         kernels and their backward (the Gram blocks, W, U, the scores and their cotangents are sums
-        over, or separate in, the columns; walking them in blocks keeps the live tiles small).
+        over, or separate in, the columns; walking them in blocks keeps the live tiles small). Under
+        scalar or no gates whole rows are fastest in bf16 (the default there; the output kernels
+        took whole rows regardless before session 20): a config that leaves this at 32 runs them
+        by 32-column blocks (H200, GDN (1, 32K, 16, 128) bf16 fwd+bwd 5.28 against 3.62 ms).
       splits: runs of whole chunks per row that the state passes walk in parallel (LASP inside
         one GPU): a first pass gives each run's transition ``(Φ, M)`` from a zero state, a float32
         scan over runs their entering states, the stored pass starts each run from its own. Each
@@ -182,11 +185,12 @@ def default_config(
     (``sequence_parallel``, which run the transition and the local reverse pass anyway) split while
     fewer than half the SMs (66) have programs: 2×H200, GDN 32K tokens per GPU, 16 heads, allgather,
     2 / 4 / 8 / 16 runs per shard 5.60 / 5.64 / 5.86 / 6.29 ms), and where that cuts the shard under
-    scalar or no gates they take 64-wide value blocks and twice the runs; the WY kernels take whole rows of
-    keys and values at once (``block_cols`` = the padded head dim) under scalar or no gates,
-    32-column blocks under per-channel gates; the forward stores each chunk's inverse for the WY
-    backward (``store_inverse``: on whole chunks under scalar or no gates, by sub-tile blocks under
-    per-channel gates). For bf16/fp16 inputs
+    scalar or no gates they take 64-wide value blocks and twice the runs; the WY and output kernels
+    take whole rows of keys and values at once (``block_cols`` = the padded head dim) under scalar or
+    no gates (64-column blocks in float32 past head dim 128, where whole rows do not fit the shared
+    memory), 32-column blocks under per-channel gates; float32 takes 2 state-pass stages; the
+    forward stores each chunk's inverse for the WY backward (``store_inverse``: on whole chunks
+    under scalar or no gates, by sub-tile blocks under per-channel gates). For bf16/fp16 inputs
     (``dtype``) under scalar or no gates the forward WY kernel works on whole chunks and forms the
     inverse in tf32 (``wy_rows`` = chunk, ``inverse_precision="tf32"``; H200, GDN (1, 32K, 16, 128)
     fwd+bwd 5.70 against 6.18 ms with 16-row tiles in float32, the same errors against the XLA path:
@@ -244,10 +248,11 @@ def default_config(
         # float32 tiles are twice as large: on an H200 (session 20) GDN's former float32 default did
         # not launch at head dim 128 (its reverse state pass asked for 249344 B of shared memory with
         # 3 stages, 232448 B available; 131840 B by an offline build with 2) nor at 256 (whole-row
-        # column blocks: 344064 B; 128 columns: 262144 B; 64 ran, call C): 2 state stages, and column
-        # blocks of at most 128 columns, 64 past head dim 128
-        widest = 128 if max(key_dim, value_dim) <= 128 else 64
-        cfg = dataclasses.replace(cfg, num_stages_state=2, block_cols=min(cfg.block_cols, widest))
+        # column blocks: 344064 B; 128 columns: 262144 B; 64 ran, call C): 2 state stages, and past
+        # head dim 128 column blocks of at most 64 columns
+        cfg = dataclasses.replace(cfg, num_stages_state=2)
+        if max(key_dim, value_dim) > 128:
+            cfg = dataclasses.replace(cfg, block_cols=min(cfg.block_cols, 64))
     # head dims past 128: fewer state-pass stages (past 227 KB of shared memory a launch fails)
     stages = state_pass_stages(cfg.num_stages_state, key_dim=key_dim, value_dim=value_dim, two_byte=two_byte)
     cfg = dataclasses.replace(cfg, num_stages_state=stages)

@@ -148,10 +148,14 @@ def test_per_channel_gates_pick_the_kernels_the_gates_allow(rng, g_max, dtype, b
 
 CASES = {
     # name: dtype, shape, extras (the interpret config has 16-token chunks: one sub-tile)
+    # (two key-column blocks: the output kernels sum the scalar gate's db over them, scores stored)
     "gdn-f32-T63-gva-docs-2splits": (
         jnp.float32,
-        dict(b=2, t=63, h=1, hv=2, d=16, e=32, gate="gdn"),
-        dict(docs=(5, 20, 21, 40), config=BlockConfig(chunk=16, block_e=16, splits=2, store_scores=True)),
+        dict(b=2, t=63, h=1, hv=2, d=32, e=32, gate="gdn"),
+        dict(
+            docs=(5, 20, 21, 40),
+            config=BlockConfig(chunk=16, block_e=16, block_cols=16, splits=2, store_scores=True),
+        ),
     ),
     "kda-f32-T130-gva-docs-strong-chunk32": (
         jnp.float32,

@@ -49,7 +49,10 @@ for spec in sys.argv[1:]:
             if what == "fwd+bwd":
                 with jax.default_matmul_precision("highest"):
                     want = ref(q, k, v, beta, g)
-                errs = [float(jnp.linalg.norm(a - w) / (jnp.linalg.norm(w) + 1e-30)) for a, w in zip(jax.tree.leaves(out), jax.tree.leaves(want))]
+                errs = [
+                    float(jnp.linalg.norm(a - w) / (jnp.linalg.norm(w) + 1e-30))
+                    for a, w in zip(jax.tree.leaves(out), jax.tree.leaves(want))
+                ]
                 msg += f" max rel err vs xla {max(errs):.2e}"
         except Exception as e:  # noqa: BLE001
             m = re.search(r"requested (\d+)", str(e))
