@@ -162,11 +162,15 @@ def linear_attention(
 def resolve_impl(impl: str, q, k, v, g=None) -> str:
     """The implementation ``impl`` runs for these inputs: ``"auto"`` becomes ``"pallas"`` on a
     CUDA GPU when the kernel takes the shapes, dtypes and decay (per-channel ``g [B, T, H, D]``:
-    ``pallas_triton_channel``'s), else ``"xla"``; others are unchanged."""
+    ``pallas_triton_channel``'s; scalar or no decay: heads up to 128 wide, whose default tiles fit
+    the shared memory), else ``"xla"``; others are unchanged."""
     if impl != "auto":
         return impl
-    kernels = pallas_triton_channel if g is not None and g.ndim == 4 else pallas_triton
-    return "pallas" if on_gpu() and kernels.supports(q, k, v) else "xla"
+    if g is not None and g.ndim == 4:
+        takes = pallas_triton_channel.supports(q, k, v)
+    else:
+        takes = pallas_triton.compiled_kernels_take(q, k, v)
+    return "pallas" if on_gpu() and takes else "xla"
 
 
 def interpret_pallas() -> bool:

@@ -220,6 +220,19 @@ def supports(q, k, v) -> bool:
     return all(x.dtype in KERNEL_DTYPES for x in (q, k, v)) and piece_len(q, v) > 0
 
 
+def fits_shared_memory(q, v) -> bool:
+    """Whether the compiled kernels' default tiles are known to fit a GPU's shared memory: heads up
+    to 128 wide (H200, session 20: 128-wide float32 runs; 256-wide bf16 asked 361472 bytes of
+    232448 and did not launch). The interpreter has no such limit."""
+    return max(pad_dim(q.shape[-1]), pad_dim(v.shape[-1])) <= 128
+
+
+def compiled_kernels_take(q, k, v) -> bool:
+    """Whether ``impl="auto"`` may run the compiled kernels on these inputs: ``supports`` (dtypes,
+    int32 offsets) and ``fits_shared_memory`` (the default tiles' width)."""
+    return supports(q, k, v) and fits_shared_memory(q, v)
+
+
 def piece_len(q, v) -> int:
     """The longest run of tokens whose padded tensors have int32 element offsets: a multiple of 128
     (so padding to whole chunks of up to 128 tokens never lengthens it) whose ``[B, T, H, D]``
@@ -288,6 +301,12 @@ def _statics(q, k, v, g, g_gamma, *, scale, interpret, config) -> Statics:
         raise TypeError(f"the Pallas kernels take bf16, fp16 or fp32 inputs, got q.dtype={q.dtype}")
     if piece_len(q, v) < t:
         raise ValueError(f"inputs too large for int32 offsets: q.shape={tuple(q.shape)}, v.shape={tuple(v.shape)}")
+    if not interpret and config is None and not fits_shared_memory(q, v):
+        raise ValueError(
+            "the compiled Pallas linear-attention kernels take heads up to 128 wide (256-wide heads exceeded an "
+            f"H200's shared memory): got q {q.dtype}{tuple(q.shape)}, v {v.dtype}{tuple(v.shape)}; use impl='xla' "
+            "(impl='auto' does), or pass a config with smaller tiles"
+        )
     # a constant decay stays [H] at any T (the kernels stop it at the last real token)
     mode: DecayMode = "gamma" if g_gamma is not None else "g" if g is not None else "none"
     shape = dict(grouped=k.shape[2] != h, decay=mode != "none", head_dim=max(d, v.shape[-1]))

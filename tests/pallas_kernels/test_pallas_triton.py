@@ -193,6 +193,39 @@ def test_gpu_d128_default_config(rng, decay, hk):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("decay", [None, "g_gamma", "g"], ids=["nodecay", "g_gamma", "g"])
+def test_gpu_float32_d128_default_launches(rng, decay):
+    """float32 at D = 128, the widest default the compiled kernels take, where shared memory is
+    tightest (the delta rule's float32 default did not launch there, session 20), grouped heads,
+    documents, against the float64 recurrence (passed on an H200, session 20, call E)."""
+    shape = dict(b=1, t=1000, h=4, hk=2, d=128, e=128)
+    check_kernels(rng, dtype=jnp.float32, interpret=False, decay=decay, boundaries=[300, 301, 700], **shape)
+
+
+def test_compiled_kernels_refuse_heads_wider_than_128(monkeypatch):
+    """256-wide heads asked an H200 for 361472 B of shared memory with the default tiles (session 20):
+    the compiled kernels refuse them with a clear error (the interpreter and a given config do not),
+    and ``impl="auto"`` takes the XLA path for them on a GPU, the kernels up to 128."""
+    from pallas_kernels.linear_attention import api
+
+    def x(d, e, t=64):
+        return (jnp.zeros((1, t, 2, d), jnp.bfloat16), jnp.zeros((1, t, 2, d), jnp.bfloat16), jnp.zeros((1, t, 2, e)))
+
+    wide, narrow = x(256, 64), x(128, 128)
+    with pytest.raises(ValueError, match=r"heads up to 128 wide.*\(1, 64, 2, 256\)"):
+        pallas_triton.linear_attention(*wide, interpret=False)
+    with pytest.raises(ValueError, match="heads up to 128 wide"):
+        pallas_triton.split_forward(*x(64, 256), interpret=False)
+    o, _ = pallas_triton.linear_attention(*x(256, 16, t=16), interpret=True)  # the interpreter runs them
+    assert o.shape == (1, 16, 2, 16)
+    monkeypatch.setattr(api, "on_gpu", lambda: True)
+    assert api.resolve_impl("auto", *wide) == "xla"
+    assert api.resolve_impl("auto", *narrow) == "pallas"
+    assert api.resolve_impl("auto", *wide, g=jnp.zeros((1, 64, 2, 256))) == "pallas"  # GLA's kernels launch at 256
+    assert api.resolve_impl("pallas", *wide) == "pallas"  # explicit: the kernels' own error above
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("decay", [None, "g_gamma", "g"], ids=["nodecay", "g_gamma", "g"])
 def test_gpu_packed_documents(rng, decay):
     """Compiled kernels with 16 documents per row (boundaries at chunk edges, mid-chunk, length 1)."""
     boundaries = sorted({64, 128, 129, 500, 1023} | set(rng.choice(np.arange(1, 2048), 11, replace=False).tolist()))
