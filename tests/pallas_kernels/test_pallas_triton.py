@@ -224,6 +224,26 @@ def test_compiled_kernels_refuse_heads_wider_than_128(monkeypatch):
     assert api.resolve_impl("pallas", *wide) == "pallas"  # explicit: the kernels' own error above
 
 
+@pytest.mark.slow  # 17 s of interpreter compiles on 2 cores for a GPU-session script: `make test-slow`
+def test_wide_heads_probe_runs_and_checks():
+    """``benchmarks/wide_heads_probe.py`` (the next GPU session's search for tiles that fit 256-wide
+    heads) in the interpreter: a config runs fwd and fwd+bwd and matches the XLA path; a bad config
+    is reported, not raised."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[2] / "benchmarks" / "wide_heads_probe.py"
+    spec = importlib.util.spec_from_file_location("wide_heads_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    qkv, gates, cot = probe.inputs(1, 32, 1, 16, jnp.float32, "g")
+    small = {"chunk": 16, "block_e": 16, "block_d": 16, "block_dkdv": 16, "min_programs": 2}
+    row = probe.probe(small, qkv, gates, cot, interpret=True)
+    assert (row["fwd"], row["fwd_bwd"]) == ("ok", "ok") and row["max_rel_err"] < 1e-4, row
+    bad = probe.probe({"chunk": 12}, qkv, gates, cot, interpret=True)
+    assert bad["fwd"].startswith("fails") and "power of two" in bad["fwd"], bad
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("decay", [None, "g_gamma", "g"], ids=["nodecay", "g_gamma", "g"])
 def test_gpu_packed_documents(rng, decay):

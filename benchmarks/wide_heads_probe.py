@@ -1,0 +1,105 @@
+"""Which tilings of the scalar-decay linear-attention kernels launch with heads wider than 128.
+
+The compiled kernels refuse heads wider than 128 under their default config (256-wide bf16 heads
+asked an H200 for 361,472 B of its 232,448 B of shared memory, session 20). This script tries
+given ``BlockConfig`` overrides at a wide head on a GPU: the forward alone, then forward+backward,
+printing one row per config (ok, or the bytes a failed launch asked for) with the largest relative
+error of o and the gradients against the XLA path, and writing them as JSON:
+
+    python3 benchmarks/wide_heads_probe.py --dtype bfloat16 --d 256 \\
+        '{}' '{"num_stages_bwd": 1}' '{"chunk": 32, "split_dkdv": true}' --json /tmp/wide.json
+
+``--interpret`` runs the kernels in the Pallas interpreter (a CPU check of the script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from pallas_kernels.linear_attention import pallas_triton, xla  # noqa: E402
+from pallas_kernels.linear_attention.config import BlockConfig  # noqa: E402
+
+
+def inputs(b, t, h, d, dtype, decay):
+    keys = jax.random.split(jax.random.PRNGKey(0), 5)
+    q, k, v = (jax.random.normal(key, (b, t, h, d), jnp.float32) for key in keys[:3])
+    q, k, v = (x.astype(dtype) for x in (q, k / d**0.5, v))
+    gates = {}
+    if decay == "g":
+        gates["g"] = -jax.nn.softplus(jax.random.normal(keys[3], (b, t, h))) / 8
+    elif decay == "g_gamma":
+        gates["g_gamma"] = -jnp.linspace(0.01, 0.1, h)
+    cot = jax.random.normal(keys[4], (b, t, h, d), jnp.float32)
+    return (q, k, v), gates, cot
+
+
+def grads_of(fn, cot):
+    def loss(q, k, v, gates):
+        return jnp.sum(fn(q, k, v, gates).astype(jnp.float32) * cot)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+
+
+def probe(overrides: dict, qkv, gates, cot, interpret: bool) -> dict:
+    def kernels(q, k, v, gates):
+        cfg = BlockConfig(**overrides)  # a bad config is a row too
+        return pallas_triton.linear_attention(q, k, v, **gates, interpret=interpret, config=cfg)[0]
+
+    def reference(q, k, v, gates):
+        log_decay = gates.get("g")
+        gamma = gates.get("g_gamma")
+        d = q.shape[-1]
+        f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+        return xla.linear_attention(*f32, log_decay, scale=d**-0.5, gamma=gamma)[0]
+
+    row = {"config": overrides}
+    for what, call in (("fwd", jax.jit(lambda *a: kernels(*a))), ("fwd_bwd", grads_of(kernels, cot))):
+        try:
+            got = jax.block_until_ready(call(*qkv, gates))
+            row[what] = "ok"
+            if what == "fwd_bwd":
+                with jax.default_matmul_precision("highest"):
+                    want = grads_of(reference, cot)(*qkv, gates)
+                pairs = zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)
+                errs = [float(jnp.linalg.norm(a - w) / (jnp.linalg.norm(w) + 1e-30)) for a, w in pairs]
+                row["max_rel_err"] = max(errs)
+        except Exception as err:  # noqa: BLE001 (a failed launch is a result here)
+            asked = re.search(r"requested (\d+)", str(err))
+            row[what] = f"fails: asked {asked.group(1)} B" if asked else f"fails: {str(err)[:160]}"
+            break
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("configs", nargs="*", default=["{}"], help="JSON BlockConfig overrides, one per config")
+    ap.add_argument("--d", type=int, default=256, help="q/k and v head dim")
+    ap.add_argument("--shape", default="1,1024,4", help="B,T,H")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--decay", default="g", choices=["none", "g", "g_gamma"])
+    ap.add_argument("--interpret", action="store_true", help="Pallas interpreter (CPU check of the script)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    b, t, h = (int(x) for x in args.shape.split(","))
+    qkv, gates, cot = inputs(b, t, h, args.d, jnp.dtype(args.dtype), args.decay)
+    rows = []
+    for spec in args.configs:
+        row = dict(probe(json.loads(spec), qkv, gates, cot, args.interpret), d=args.d, dtype=args.dtype)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
