@@ -9,8 +9,9 @@ FAKE_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS
 # fp contraction) take about a third off the suite's time on 2 cores; the GPU tests never see this
 # and many tests build fresh closures over the same computations: a persistent compilation cache (empty
 # in a clean clone) lets both pytest workers reuse each other's identical programs (2 cores, the delta-rule
-# Pallas and softmax-sp test files: 346 s → 269 s from an empty cache)
-JAX_CACHE := JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.cache/jax JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
+# Pallas and softmax-sp test files: 346 s → 269 s from an empty cache); it persists between local runs
+# (`make clean` empties it)
+JAX_CACHE := JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.cache/jax JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 TEST_DEVICES := XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true" JAX_PLATFORMS=cpu $(JAX_CACHE)
 PYTEST_WORKERS ?= 2
 

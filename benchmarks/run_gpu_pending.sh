@@ -1,3 +1,4 @@
+#!/usr/bin/env bash
 # The GPU measurements left open at the end of session 20, in order of value: about 15 minutes on
 # 2 (or 4) H200s (the first step needs one); each step has its own time limit and keeps its output if
 # a later one fails (session 20 ran the default-config launch tests: float32 GDN and 256-wide scalar

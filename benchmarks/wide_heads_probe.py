@@ -4,7 +4,8 @@ The compiled kernels refuse heads wider than 128 under their default config (256
 asked an H200 for 361,472 B of its 232,448 B of shared memory, session 20). This script tries
 given ``BlockConfig`` overrides at a wide head on a GPU: the forward alone, then forward+backward,
 printing one row per config (ok, or the bytes a failed launch asked for) with the largest relative
-error of o and the gradients against the XLA path, and writing them as JSON:
+error, in float32, of the loss ``Σ o ⊙ cot`` and the gradients of q, k, v and the gates against the
+XLA path, and writing them as JSON (after every row):
 
     python3 benchmarks/wide_heads_probe.py --dtype bfloat16 --d 256 \\
         '{}' '{"num_stages_bwd": 1}' '{"chunk": 32, "split_dkdv": true}' --json /tmp/wide.json
@@ -70,6 +71,7 @@ def probe(overrides: dict, qkv, gates, cot, interpret: bool) -> dict:
                 with jax.default_matmul_precision("highest"):
                     want = grads_of(reference, cot)(*qkv, gates)
                 pairs = zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)
+                pairs = [(jnp.asarray(a, jnp.float32), jnp.asarray(w, jnp.float32)) for a, w in pairs]
                 errs = [float(jnp.linalg.norm(a - w) / (jnp.linalg.norm(w) + 1e-30)) for a, w in pairs]
                 row["max_rel_err"] = max(errs)
         except Exception as err:  # noqa: BLE001 (a failed launch is a result here)
@@ -96,9 +98,9 @@ def main() -> None:
         row = dict(probe(json.loads(spec), qkv, gates, cot, args.interpret), d=args.d, dtype=args.dtype)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        if args.json:  # after every row: a time limit keeps what ran
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -303,9 +303,10 @@ def _statics(q, k, v, g, g_gamma, *, scale, interpret, config) -> Statics:
         raise ValueError(f"inputs too large for int32 offsets: q.shape={tuple(q.shape)}, v.shape={tuple(v.shape)}")
     if not interpret and config is None and not fits_shared_memory(q, v):
         raise ValueError(
-            "the compiled Pallas linear-attention kernels take heads up to 128 wide (256-wide heads exceeded an "
-            f"H200's shared memory): got q {q.dtype}{tuple(q.shape)}, v {v.dtype}{tuple(v.shape)}; use impl='xla' "
-            "(impl='auto' does), or pass a config with smaller tiles"
+            "the compiled Pallas linear-attention kernels take heads up to 128 wide (wider ones are padded to a "
+            f"power of two; 256-wide heads exceeded an H200's shared memory): got q {q.dtype}{tuple(q.shape)}, "
+            f"v {v.dtype}{tuple(v.shape)}; use impl='xla' (impl='auto' does), or call pallas_triton.linear_attention "
+            "with a config of your own (none is known to fit yet: benchmarks/wide_heads_probe.py)"
         )
     # a constant decay stays [H] at any T (the kernels stop it at the last real token)
     mode: DecayMode = "gamma" if g_gamma is not None else "g" if g is not None else "none"

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # session 20, call E (1xH200): the scalar-decay linear attention's default configs where shared memory
 # is tightest (float32 / 128, bf16 / 256, float32 / 256; no decay, g_gamma, g), compiled and run; then
-# the float32 delta-rule defaults timed (GDN new; KDA now with 2 state stages) at (1, 4096, 16, 128)
+# the float32 delta-rule defaults timed (GDN new; KDA now with 2 state stages) at (1, 4096, 16, 128).
+# As run, tests/pallas_kernels/test_pallas_triton.py had test_gpu_defaults_launch_per_dtype_and_head_dim
+# with the 9 cases above; after this call it became test_gpu_float32_d128_default_launches (the 3 that
+# passed) and the CPU test test_compiled_kernels_refuse_heads_wider_than_128, so "-k defaults_launch"
+# below selects nothing in later trees
 set -u
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD
