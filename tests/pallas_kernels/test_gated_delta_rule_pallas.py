@@ -543,33 +543,11 @@ def test_default_config_fills_the_gpu_with_splits():
     assert sharded_bf16.pregated_state
     # head dims past 128: fewer state-pass stages (offline: 306 KB of shared memory with 3 at 256, bf16);
     # float32 (and no dtype given): 2 at 128, since GDN's float32 reverse pass asked an H200 for 249344 B
-    # with 3 (session 20), and column blocks of at most 128 (64 past head dim 128: 128 asked 262144 B)
+    # with 3 (session 20), and past head dim 128 column blocks of 64 under scalar gates (whole rows asked
+    # 344064 B, 128 columns 262144 B); bf16 at 256 launched with whole rows (session 20)
     assert low.num_stages_state == 3 and few.num_stages_state == 2
     for per_ch in (False, True):
-        f32_256 = default_config(
-            batch=1,
-            value_heads=8,
-            seq_len=8192,
-            value_dim=256,
-            key_dim=256,
-            per_channel=per_ch,
-            dtype=jnp.float32,
-            interpret=False,
-        )
-        bf16_256 = default_config(
-            batch=1,
-            value_heads=8,
-            seq_len=8192,
-            value_dim=256,
-            key_dim=256,
-            per_channel=per_ch,
-            dtype=jnp.bfloat16,
-            interpret=False,
-        )
-        assert f32_256.block_cols == (32 if per_ch else 64)
-        assert bf16_256.block_cols == (32 if per_ch else 256)  # bf16 at 256 launched with whole rows (session 20)
-    for per_ch in (False, True):
-        for dtype, stages in ((jnp.bfloat16, 2), (jnp.float32, 1)):
+        for dtype, stages, cols in ((jnp.bfloat16, 2, 256), (jnp.float32, 1, 64)):
             wide = default_config(
                 batch=1,
                 value_heads=8,
@@ -581,6 +559,7 @@ def test_default_config_fills_the_gpu_with_splits():
                 dtype=dtype,
             )
             assert wide.num_stages_state == stages
+            assert wide.block_cols == (32 if per_ch else cols)
     assert (per_channel.num_warps, per_channel.num_stages_bwd, per_channel.num_stages_bwd_exact) == (8, 1, None)
 
 
