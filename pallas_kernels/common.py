@@ -50,6 +50,12 @@ def pad_dim(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
+def kernel_width(q, v) -> int:
+    """The head width kernels that pad q/k and v alike run at: the wider of q's and v's, padded to a
+    power of two ≥ 16 (``pad_dim``)."""
+    return max(pad_dim(q.shape[-1]), pad_dim(v.shape[-1]))
+
+
 def chain_pieces(call, sequences: tuple, *, piece: int, initial_state, segment_ids):
     """``call`` over runs of ``piece`` tokens, each entering with the last one's final state.
 

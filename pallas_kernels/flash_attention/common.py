@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import KERNEL_DTYPES, MAX_ELEMENTS, on_gpu, pad_dim
+from pallas_kernels.common import KERNEL_DTYPES, MAX_ELEMENTS, kernel_width, on_gpu, pad_dim
 from pallas_kernels.flash_attention.config import BlockConfig, default_config
 
 LOG2E = math.log2(math.e)
@@ -226,11 +226,6 @@ def shift_operand(q_start, k_start):
 
 
 SHIFT_SPEC = pl.BlockSpec((None,), lambda *_: (0,))
-
-
-def kernel_width(q, v) -> int:
-    """The head width the kernels run at: the wider of q's and v's, padded to a power of two ≥ 16."""
-    return max(pad_dim(q.shape[-1]), pad_dim(v.shape[-1]))
 
 
 def supports(q, k, v) -> bool:

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import F32, KERNEL_DTYPES, MAX_ELEMENTS, chain_pieces, dot, pad_dim
+from pallas_kernels.common import F32, KERNEL_DTYPES, MAX_ELEMENTS, chain_pieces, dot, kernel_width, pad_dim
 from pallas_kernels.linear_attention import pallas_triton_vjp, reference
 from pallas_kernels.linear_attention.common import (
     ChunkWalk,
@@ -224,7 +224,7 @@ def fits_shared_memory(q, v) -> bool:
     """Whether the compiled kernels' default tiles are known to fit a GPU's shared memory: heads up
     to 128 wide (H200, session 20: 128-wide float32 runs; 256-wide bf16 asked 361472 bytes of
     232448 and did not launch). The interpreter has no such limit."""
-    return max(pad_dim(q.shape[-1]), pad_dim(v.shape[-1])) <= 128
+    return kernel_width(q, v) <= 128
 
 
 def compiled_kernels_take(q, k, v) -> bool:
@@ -241,8 +241,8 @@ def piece_len(q, v) -> int:
 
     Longer inputs run as pieces of this many tokens, the state chained from piece to piece.
     """
-    b, _, h, d = q.shape
-    per_token = b * h * max(pad_dim(d), pad_dim(v.shape[-1]))
+    b, _, h, _ = q.shape
+    per_token = b * h * kernel_width(q, v)
     return max(0, (MAX_ELEMENTS + 1) // per_token // 128 * 128)
 
 
