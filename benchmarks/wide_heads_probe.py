@@ -11,6 +11,8 @@ XLA path, and writing them as JSON (after every row):
         '{}' '{"num_stages_bwd": 1}' '{"chunk": 32, "split_dkdv": true}' --json /tmp/wide.json
 
 ``--interpret`` runs the kernels in the Pallas interpreter (a CPU check of the script).
+``--time B,T,H`` also times forward+backward at that shape (median ms, the XLA path on the same
+inputs as the first row) for every config that passed.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from benchmarks.timing import forward_and_grads, median_ms  # noqa: E402
 from pallas_kernels.linear_attention import pallas_triton, xla  # noqa: E402
 from pallas_kernels.linear_attention.config import BlockConfig  # noqa: E402
 
@@ -51,9 +54,10 @@ def grads_of(fn, cot):
 
 
 def probe(overrides: dict, qkv, gates, cot, interpret: bool) -> dict:
-    def kernels(q, k, v, gates):
-        cfg = BlockConfig(**overrides)  # a bad config is a row too
-        return pallas_triton.linear_attention(q, k, v, **gates, interpret=interpret, config=cfg)[0]
+    try:
+        kernels = kernels_fn(overrides, interpret)
+    except (TypeError, ValueError) as err:  # a bad config is a row too
+        return {"config": overrides, "fwd": f"fails: {err}"}
 
     def reference(q, k, v, gates):
         log_decay = gates.get("g")
@@ -81,6 +85,25 @@ def probe(overrides: dict, qkv, gates, cot, interpret: bool) -> dict:
     return row
 
 
+def kernels_fn(overrides: dict | None, interpret: bool):
+    """The compiled kernels with ``overrides`` (None: the XLA path) as ``fn(q, k, v, gates)``."""
+    if overrides is None:
+        return lambda q, k, v, gates: xla.linear_attention(
+            q, k, v, gates.get("g"), scale=q.shape[-1] ** -0.5, gamma=gates.get("g_gamma")
+        )[0]
+    cfg = BlockConfig(**overrides)
+    return lambda q, k, v, gates: pallas_triton.linear_attention(q, k, v, **gates, interpret=interpret, config=cfg)[0]
+
+
+def time_fwd_bwd(overrides: dict | None, shape, dtype, decay, interpret: bool, reps: int) -> float:
+    """Median ms of one forward+backward at ``shape`` (B, T, H, D)."""
+    (q, k, v), gates, _ = inputs(*shape, dtype, decay)
+    fn = kernels_fn(overrides, interpret)
+    do = jnp.ones(v.shape, jax.eval_shape(fn, q, k, v, gates).dtype)
+    step = jax.jit(lambda q, k, v, do: forward_and_grads(lambda q, k, v: fn(q, k, v, gates), q, k, v, do))
+    return median_ms(step, q, k, v, do, reps=reps)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("configs", nargs="*", default=["{}"], help="JSON BlockConfig overrides, one per config")
@@ -90,12 +113,25 @@ def main() -> None:
     ap.add_argument("--decay", default="g", choices=["none", "g", "g_gamma"])
     ap.add_argument("--interpret", action="store_true", help="Pallas interpreter (CPU check of the script)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--time", default=None, help="B,T,H: also time forward+backward there")
+    ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()
     b, t, h = (int(x) for x in args.shape.split(","))
     qkv, gates, cot = inputs(b, t, h, args.d, jnp.dtype(args.dtype), args.decay)
     rows = []
+    timed = None if args.time is None else (*(int(x) for x in args.time.split(",")), args.d)
+    if timed:
+        ms = time_fwd_bwd(None, timed, jnp.dtype(args.dtype), args.decay, args.interpret, args.reps)
+        rows.append(dict(config="xla", d=args.d, dtype=args.dtype, shape=timed, fwd_bwd_ms=round(ms, 3)))
+        print(json.dumps(rows[-1]), flush=True)
     for spec in args.configs:
         row = dict(probe(json.loads(spec), qkv, gates, cot, args.interpret), d=args.d, dtype=args.dtype)
+        if timed and row.get("fwd_bwd") == "ok":
+            try:
+                ms = time_fwd_bwd(json.loads(spec), timed, jnp.dtype(args.dtype), args.decay, args.interpret, args.reps)
+                row.update(shape=timed, fwd_bwd_ms=round(ms, 3))
+            except Exception as err:  # noqa: BLE001 (a larger shape may still fail)
+                row.update(shape=timed, fwd_bwd_ms=f"fails: {str(err)[:160]}")
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.json:  # after every row: a time limit keeps what ran
