@@ -162,8 +162,8 @@ def linear_attention(
 def resolve_impl(impl: str, q, k, v, g=None) -> str:
     """The implementation ``impl`` runs for these inputs: ``"auto"`` becomes ``"pallas"`` on a
     CUDA GPU when the kernel takes the shapes, dtypes and decay (per-channel ``g [B, T, H, D]``:
-    ``pallas_triton_channel``'s; scalar or no decay: heads up to 128 wide, whose default tiles fit
-    the shared memory), else ``"xla"``; others are unchanged."""
+    ``pallas_triton_channel``'s; scalar or no decay: ``pallas_triton.compiled_kernels_take``, heads up
+    to 256 wide in bf16/fp16 and 128 in float32), else ``"xla"``; others are unchanged."""
     if impl != "auto":
         return impl
     if g is not None and g.ndim == 4:

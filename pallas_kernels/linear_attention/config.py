@@ -64,6 +64,7 @@ def default_config(
     grouped: bool = False,
     decay: bool = True,
     head_dim: int | None = None,
+    dtype=None,
 ) -> BlockConfig:
     """Heuristic tiling for a problem; interpret mode gets small blocks and two splits per row.
 
@@ -72,10 +73,18 @@ def default_config(
     key/value heads than query heads, dk and dv written per query head in float32), the backward
     runs two pipeline stages: three overflow an H200's shared memory there (233,472 bytes asked of
     232,448: measured at D = 128 without a decay, grouped and not; grouped heads with a decay not
-    measured at three; D = 64 fits three)."""
+    measured at three; D = 64 fits three).
+
+    Past head dim 128 (the kernels pad to 256) dk and dv run as two kernels (``split_dkdv``: the fused
+    one holds the whole ``[D, E]`` state cotangent) with 2 backward stages for bf16/fp16 ``dtype`` and
+    1 for float32 (H200, session 21, 256-wide heads: the default asked 264,192 bytes of shared memory,
+    ``split_dkdv`` alone 247,296; bf16 (1, 16K, 8, 256) fwd+bwd with a per-token decay 2.56 ms with 2
+    stages, 2.79 with 1, 3.54 with 32-wide blocks; float32 ran with 1 stage)."""
     if interpret:
         return dataclasses.replace(INTERPRET_CONFIG, min_programs=2 * batch * heads)
     del seq_len
+    if head_dim is not None and head_dim > 128:
+        return BlockConfig(split_dkdv=True, num_stages_bwd=2 if is_two_byte(dtype) else 1)
     if (head_dim is None or head_dim > 64) and (grouped or not decay):
         return BlockConfig(num_stages_bwd=2)
     return BlockConfig()

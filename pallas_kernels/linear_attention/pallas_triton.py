@@ -35,7 +35,16 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import F32, KERNEL_DTYPES, MAX_ELEMENTS, chain_pieces, dot, kernel_width, pad_dim
+from pallas_kernels.common import (
+    F32,
+    KERNEL_DTYPES,
+    MAX_ELEMENTS,
+    chain_pieces,
+    dot,
+    is_two_byte,
+    kernel_width,
+    pad_dim,
+)
 from pallas_kernels.linear_attention import pallas_triton_vjp, reference
 from pallas_kernels.linear_attention.common import (
     ChunkWalk,
@@ -220,17 +229,26 @@ def supports(q, k, v) -> bool:
     return all(x.dtype in KERNEL_DTYPES for x in (q, k, v)) and piece_len(q, v) > 0
 
 
+# the widest padded head the default tiles are known to launch at (H200, session 21: 256 in bf16 and
+# float32 with ``split_dkdv``; nothing wider was tried)
+MAX_KERNEL_WIDTH = 256
+
+
 def fits_shared_memory(q, v) -> bool:
-    """Whether the compiled kernels' default tiles are known to fit a GPU's shared memory: heads up
-    to 128 wide (H200, session 20: 128-wide float32 runs; 256-wide bf16 asked 361472 bytes of
-    232448 and did not launch). The interpreter has no such limit."""
-    return kernel_width(q, v) <= 128
+    """Whether the compiled kernels' default tiles are known to fit a GPU's shared memory: padded
+    heads up to ``MAX_KERNEL_WIDTH`` wide (``config.default_config`` splits dk / dv past 128). The
+    interpreter has no such limit."""
+    return kernel_width(q, v) <= MAX_KERNEL_WIDTH
 
 
 def compiled_kernels_take(q, k, v) -> bool:
     """Whether ``impl="auto"`` may run the compiled kernels on these inputs: ``supports`` (dtypes,
-    int32 offsets) and ``fits_shared_memory`` (the default tiles' width)."""
-    return supports(q, k, v) and fits_shared_memory(q, v)
+    int32 offsets), ``fits_shared_memory`` (the default tiles' width), and past 128 only bf16/fp16:
+    float32 heads of 256 launch but take exact float32 products on the FMA units, 52.71 ms fwd+bwd
+    at (1, 4096, 8, 256) against 4.54 for the XLA path (H200, session 21)."""
+    narrow = kernel_width(q, v) <= 128
+    two_byte = is_two_byte(jnp.result_type(q.dtype, k.dtype, v.dtype))
+    return supports(q, k, v) and fits_shared_memory(q, v) and (narrow or two_byte)
 
 
 def piece_len(q, v) -> int:
@@ -303,14 +321,14 @@ def _statics(q, k, v, g, g_gamma, *, scale, interpret, config) -> Statics:
         raise ValueError(f"inputs too large for int32 offsets: q.shape={tuple(q.shape)}, v.shape={tuple(v.shape)}")
     if not interpret and config is None and not fits_shared_memory(q, v):
         raise ValueError(
-            "the compiled Pallas linear-attention kernels take heads up to 128 wide (wider ones are padded to a "
-            f"power of two; 256-wide heads exceeded an H200's shared memory): got q {q.dtype}{tuple(q.shape)}, "
+            f"the compiled Pallas linear-attention kernels take heads up to {MAX_KERNEL_WIDTH} wide (wider ones "
+            f"are padded to a power of two; none wider was tried on a GPU): got q {q.dtype}{tuple(q.shape)}, "
             f"v {v.dtype}{tuple(v.shape)}; use impl='xla' (impl='auto' does), or call pallas_triton.linear_attention "
-            "with a config of your own (none is known to fit yet: benchmarks/wide_heads_probe.py)"
+            "with a config of your own (benchmarks/wide_heads_probe.py tries configs on a GPU)"
         )
     # a constant decay stays [H] at any T (the kernels stop it at the last real token)
     mode: DecayMode = "gamma" if g_gamma is not None else "g" if g is not None else "none"
-    shape = dict(grouped=k.shape[2] != h, decay=mode != "none", head_dim=max(d, v.shape[-1]))
+    shape = dict(grouped=k.shape[2] != h, decay=mode != "none", head_dim=max(d, v.shape[-1]), dtype=dtype)
     cfg = config or default_config(batch=b, heads=h, seq_len=t, interpret=interpret, **shape)
     # with a decay, the last token's own kᵀv is kept out of the saved final state (see _forward)
     last_token = t - 1 if mode != "none" else -1
