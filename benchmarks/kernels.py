@@ -191,7 +191,10 @@ def child_project(shapes, decays, configs, docs_list, impls=CHANNEL_IMPLS):
                 _project_channel(shape, docs, impls)
             continue
         (q, k, v, do), gate = _jax_inputs(*shape, decay)
-        base = default_config(batch=shape[0], heads=shape[2], seq_len=shape[1], interpret=False)
+        # the kernels' own default for these inputs (head dim and dtype pick the backward's tiling)
+        base = default_config(
+            batch=shape[0], heads=shape[2], seq_len=shape[1], interpret=False, head_dim=shape[3], dtype=q.dtype
+        )
         cfg = dataclasses.replace(base, **overrides)
         seg = _segment_ids(shape[0], shape[1], docs) if docs else None
 
