@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# The GPU measurements left open at the end of session 20, in order of value: about 15 minutes on
-# 2 (or 4) H200s (the first step needs one); each step has its own time limit and keeps its output if
-# a later one fails (session 20 ran the default-config launch tests: float32 GDN and 256-wide scalar
-# linear attention did not launch; the first is fixed, the second refused by the compiled kernels). Run
-# from the repository root:
+# The GPU measurements left open at the end of session 21, in order of value: about 14 minutes on
+# 2 (or 4) H200s; each step has its own time limit and keeps its output if a later one fails (session
+# 21 ran the one-GPU step that led here: the scalar linear attention's 256-wide tiling). Run from the
+# repository root:
 #   OUT=runs/pending bash benchmarks/run_gpu_pending.sh
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # never NVLink multicast
@@ -11,13 +10,6 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/pending}
 mkdir -p "$OUT"
 N=$(nvidia-smi -L | wc -l)
-# one GPU: tilings of the scalar-decay linear attention that might fit 256-wide heads (its default asked
-# 361472 B of shared memory in bf16; the compiled kernels now refuse heads wider than 128)
-timeout 240 python3 benchmarks/wide_heads_probe.py --dtype bfloat16 --d 256 '{}' '{"num_stages_bwd": 1}' \
-  '{"num_stages_bwd": 1, "num_stages": 1}' '{"split_dkdv": true, "num_stages_bwd": 1}' \
-  '{"chunk": 32, "split_dkdv": true, "num_stages_bwd": 1, "block_e": 32, "block_d": 32, "block_dkdv": 32}' \
-  --json "$OUT/wide_heads.json" > "$OUT/wide_heads.log" 2>&1
-echo "== wide heads"; grep -E '^\{' "$OUT/wide_heads.log" | cut -c1-220
 # issue 18: the softmax layer with impl="auto", which now runs cuDNN block pairs under a mesh
 # (cudnn_blocks, session 15: each rank's block compute 0.53x of one cuDNN GPU at sp=2 and 0.255x at
 # sp=4 on one H200, never run on 2 GPUs); its GPU tests over every local GPU first
