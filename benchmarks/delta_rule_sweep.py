@@ -137,6 +137,8 @@ def variants(base, d: int, *, per_channel: bool = False) -> list[tuple[str, dict
         # default; False: the in-kernel form, which does not launch in float32 with 3 state stages)
         {"pregated_state": not base.pregated_state},
         {"pregated_state": not base.pregated_state, "num_stages_state": 2},
+        # the chunk-local cumulative gates and dg by a Pallas kernel, not XLA's cumsum (session 21)
+        {"cumsum_kernel": not base.cumsum_kernel},
     ]
     # scalar or no gates: the output written by the forward state pass (no output kernel)
     # (each value-block program forms Q Kᵀ ⊙ Γ again: wider blocks form it fewer times)

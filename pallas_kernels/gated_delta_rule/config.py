@@ -86,6 +86,10 @@ class BlockConfig:
         fusions that form the operands about 0.3 ms; float32: the in-kernel form's forward state pass
         needs 248 KB of shared memory with 3 stages, more than an H200 has; with 2 it runs, 52.4
         against 47.3 ms at (1, 4K, 16, 128)). The gated operands are stored per value head.
+      cumsum_kernel: per-channel gates: the chunk-local cumulative gates ``b`` (and, in the backward,
+        dg from db, the chunk-local reverse sum) by a Pallas kernel of one ``[C, D]`` block per
+        program (``layout.channel_chunk_cumsum``) instead of XLA's cumsum over the whole float32
+        ``[B, T, Hv, D]`` tensor and its transpose.
       num_warps_output_bwd: warps of the output backward kernel (``output_bwd``); None: ``num_warps_bwd``
         (the WY backward holds more live tiles than the output's: ptxas at 4 warps, GDN bf16 whole
         rows: ``output_bwd`` 255 registers and 64 B of spills, ``wy_bwd`` 1.2 KB of spills).
@@ -126,6 +130,7 @@ class BlockConfig:
     stacked_pairs: bool = False
     num_stages_bwd_exact: int | None = None
     pregated_state: bool = False
+    cumsum_kernel: bool = False
 
     def __post_init__(self):
         for name in ("chunk", "block_e", "block_cols", "wy_rows", "channel_rows"):

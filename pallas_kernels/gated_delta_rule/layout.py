@@ -15,6 +15,7 @@ Two grids:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -350,6 +351,52 @@ def chunk_cumsum(g, chunk: int, axis: int):
     shape = g.shape
     split = shape[:axis] + (shape[axis] // chunk, chunk) + shape[axis + 1 :]
     return jnp.cumsum(g.astype(F32).reshape(split), axis=axis + 1).reshape(shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def channel_chunk_cumsum(g, chunk: int, interpret: bool):
+    """``chunk_cumsum(g, chunk, axis=1)`` of per-channel gates ``[B, T, H, D]`` (float32, T whole
+    chunks) as one Pallas kernel, one program per (row, chunk, head) summing its ``[C, D]`` block
+    down the chunk; its gradient is the chunk-local reverse sum, a second such kernel
+    (``BlockConfig.cumsum_kernel``: instead of XLA's cumsum and its transpose over the whole
+    float32 tensor)."""
+    return _chunk_cumsum_call(g, chunk, interpret, reverse=False)
+
+
+def _chunk_cumsum_fwd(g, chunk, interpret):
+    return _chunk_cumsum_call(g, chunk, interpret, reverse=False), None
+
+
+def _chunk_cumsum_bwd(chunk, interpret, _, db):
+    return (_chunk_cumsum_call(db, chunk, interpret, reverse=True),)
+
+
+channel_chunk_cumsum.defvjp(_chunk_cumsum_fwd, _chunk_cumsum_bwd)
+
+
+def _chunk_cumsum_kernel(x_ref, o_ref, *, reverse: bool):
+    """Inclusive sums down the block's rows; ``reverse``: from the last row up, as the block's total
+    (the last prefix, so the last row's sum is that row exactly) minus the prefix before each row."""
+    x = x_ref[...]
+    prefix = jnp.cumsum(x, axis=0)
+    o_ref[...] = last_row(prefix)[None, :] - prefix + x if reverse else prefix
+
+
+def _chunk_cumsum_call(x, chunk: int, interpret: bool, *, reverse: bool):
+    b, t, h, d = x.shape
+    if t % chunk:
+        raise ValueError(f"channel_chunk_cumsum: T={t} of g{tuple(x.shape)} is not a multiple of chunk={chunk}")
+    spec = pl.BlockSpec((None, chunk, None, d), lambda i, c, j: (i, c, j, 0))
+    return pl.pallas_call(
+        functools.partial(_chunk_cumsum_kernel, reverse=reverse),
+        grid=(b, t // chunk, h),
+        in_specs=[spec],
+        out_specs=spec,
+        out_shape=jax.ShapeDtypeStruct(x.shape, F32),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="gated_delta_rule_chunk_cumsum_rev" if reverse else "gated_delta_rule_chunk_cumsum",
+    )(x.astype(F32))
 
 
 # ---- splits: rows of whole chunks run in parallel as if they were batch rows -------------------

@@ -47,6 +47,7 @@ from pallas_kernels.gated_delta_rule.layout import (
     Layout,
     Residuals,
     Statics,
+    channel_chunk_cumsum,
     chunk_cumsum,
     compiler_params,
     entering_states,
@@ -570,7 +571,11 @@ def prepare(q, k, v, beta, g, initial_state, segment_ids, scale, interpret, conf
     if g is not None and g.ndim == 3:
         mode, gate = "scalar", chunk_cumsum(jnp.swapaxes(pad(g.astype(F32)), 1, 2), cfg.chunk, axis=2)
     elif g is not None:
-        mode, gate = "channel", chunk_cumsum(pad(g.astype(F32), dp), cfg.chunk, axis=1)
+        g = pad(g.astype(F32), dp)
+        gate = (
+            channel_chunk_cumsum(g, cfg.chunk, interpret) if cfg.cumsum_kernel else chunk_cumsum(g, cfg.chunk, axis=1)
+        )
+        mode = "channel"
     if initial_state is None:
         s0 = jnp.zeros((b, hv, dp, ep), F32)
     else:

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from jax.extend import core as jax_core
 
-from pallas_kernels.gated_delta_rule import pallas_triton, pallas_triton_split, pallas_triton_vjp, reference
+from pallas_kernels.gated_delta_rule import layout, pallas_triton, pallas_triton_split, pallas_triton_vjp, reference
 from pallas_kernels.gated_delta_rule.config import BlockConfig, default_config
 from tests.helpers import rel_err, tol, x64
 
@@ -227,6 +227,17 @@ CASES = {
             docs=(30, 64, 65, 100),
             g_max=8.0,
             config=BlockConfig(chunk=16, block_e=16, block_cols=16, splits=2, pregated_state=True),
+        ),
+    ),
+    # the chunk-local cumulative gates and dg by the Pallas kernel (BlockConfig.cumsum_kernel), with
+    # the pregated state passes, two splits, grouped value heads, documents, strong gates, T padded
+    "kda-f32-T130-cumsum-kernel-gva-docs-strong-2splits": (
+        jnp.float32,
+        dict(b=2, t=130, h=2, hv=4, d=32, e=32, gate="kda"),
+        dict(
+            docs=(30, 64, 65, 100),
+            g_max=8.0,
+            config=BlockConfig(chunk=16, block_e=16, block_cols=16, splits=2, pregated_state=True, cumsum_kernel=True),
         ),
     ),
     "kda-bf16-T70-pregated-gva-docs-stored-scores": (
@@ -448,6 +459,23 @@ def test_split_entry_points_chain_two_calls(rng, gate, fused, pregated):
         want = {n: np.asarray(x) for n, x in want.items()}
     for name in want:
         assert rel_err(got[name], want[name]) < tol(jnp.float32, 64), name
+
+
+def test_channel_chunk_cumsum_and_its_gradient_match_xla(rng):
+    """``layout.channel_chunk_cumsum`` (the Pallas kernel of ``BlockConfig.cumsum_kernel``) against
+    ``chunk_cumsum``: the sums and their transpose (the chunk-local reverse sums that make dg), on
+    fresh inputs; the last row of each reverse block is its own cotangent exactly."""
+    g = jnp.asarray(rng.standard_normal((2, 48, 3, 32)), jnp.float32)
+    db = jnp.asarray(rng.standard_normal(g.shape), jnp.float32)
+    got, got_vjp = jax.vjp(lambda g: layout.channel_chunk_cumsum(g, 16, True), g)
+    want, want_vjp = jax.vjp(lambda g: layout.chunk_cumsum(g, 16, axis=1), g)
+    scale = float(jnp.max(jnp.abs(g))) * 16
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * scale)
+    (dg,), (dg_want,) = got_vjp(db), want_vjp(db)
+    np.testing.assert_allclose(dg, dg_want, rtol=0, atol=1e-6 * scale)
+    np.testing.assert_array_equal(dg[:, 15::16], db[:, 15::16])
+    with pytest.raises(ValueError, match=r"T=40 of g\(2, 40, 3, 32\) is not a multiple of chunk=16"):
+        layout.channel_chunk_cumsum(g[:, :40], 16, True)
 
 
 def test_supports_and_rejects():
@@ -707,6 +735,21 @@ GPU_CASES = {
     ),
     # the state passes on gated keys / queries formed once (BlockConfig.pregated_state), with session
     # 18's bf16 KDA launch parameters
+    "kda-cumsum-kernel-docs": (
+        "kda",
+        (700, 3000),
+        BlockConfig(
+            block_e=16,
+            store_inverse=True,
+            store_scores=True,
+            num_warps=4,
+            num_warps_bwd=4,
+            num_stages_bwd=2,
+            num_stages_bwd_exact=1,
+            pregated_state=True,
+            cumsum_kernel=True,
+        ),
+    ),
     "kda-pregated-docs": (
         "kda",
         (700, 3000),
