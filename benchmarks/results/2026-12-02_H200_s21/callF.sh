@@ -12,5 +12,5 @@ for l in sys.stdin:
     r=json.loads(l); print(r['label'], r.get('fwd_ms'), r.get('fwd_bwd_ms'), str(r.get('error',''))[:150])"; }
 timeout 200 python3 benchmarks/delta_rule_sweep.py --ops kda --reps 10 --budget 170 --profile /tmp/prof --labels default cumsum_kernel=True --json $OUT/sweep_cumsum.json > $OUT/sweep_cumsum.log 2>&1
 echo "== cumsum rc=$?"; show $OUT/sweep_cumsum.log; grep -vE "^\{" $OUT/sweep_cumsum.log | grep -E "device time|fusion|cumsum|Pallas kernels" | cut -c1-140 | head -40
-timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/pallas_kernels/test_gated_delta_rule_pallas.py -k "cumsum_kernel" -rA > $OUT/gpu_test_cumsum.log 2>&1
+timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/pallas_kernels/test_gated_delta_rule_pallas.py -k "cumsum and compiled" -rA > $OUT/gpu_test_cumsum.log 2>&1
 echo "== gpu test rc=$?"; grep -E "^(PASSED|FAILED|ERROR)|passed|failed" $OUT/gpu_test_cumsum.log | cut -c1-200 | tail -n 4
