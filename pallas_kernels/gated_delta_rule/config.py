@@ -89,7 +89,7 @@ class BlockConfig:
       cumsum_kernel: per-channel gates: the chunk-local cumulative gates ``b`` (and, in the backward,
         dg from db, the chunk-local reverse sum) by a Pallas kernel of one ``[C, D]`` block per
         program (``layout.channel_chunk_cumsum``) instead of XLA's cumsum over the whole float32
-        ``[B, T, Hv, D]`` tensor and its transpose.
+        ``[B, T, Hv, D]`` tensor and its transpose. The per-channel default (``default_config``).
       num_warps_output_bwd: warps of the output backward kernel (``output_bwd``); None: ``num_warps_bwd``
         (the WY backward holds more live tiles than the output's: ptxas at 4 warps, GDN bf16 whole
         rows: ``output_bwd`` 255 registers and 64 B of spills, ``wy_bwd`` 1.2 KB of spills).
@@ -161,7 +161,8 @@ class BlockConfig:
 # interpret mode (CPU tests): the interpreter's programs are compiled by XLA once per shape, and the
 # unrolled sub-tile math of larger chunks dominates that; 16-token chunks (one sub-tile) and 16-wide
 # value blocks keep it fast (tests pass larger chunks explicitly to exercise the block solve)
-INTERPRET_CONFIG = BlockConfig(chunk=16, block_e=16, pregated_state=True)  # per-channel: the GPU default's passes
+# per-channel gates: the GPU default's state passes and cumulative-gate kernel
+INTERPRET_CONFIG = BlockConfig(chunk=16, block_e=16, pregated_state=True, cumsum_kernel=True)
 
 
 def default_config(
@@ -233,6 +234,10 @@ def default_config(
         # (its forward state pass asked for 248 KB of shared memory, 227 KB available); at (1, 4K, 16,
         # 128) pregated 47.3 ms against 52.4 in-kernel with 2 stages
         pregated_state=per_channel,
+        # per-channel gates: the chunk-local cumulative gates and dg by a Pallas kernel (session 21,
+        # H200, KDA (1, 32K, 16, 128) bf16: forward 3.54 against 3.71 / 3.73 ms in two default runs,
+        # fwd+bwd 10.72 against 10.84 / 11.11: within the run-to-run spread)
+        cumsum_kernel=per_channel,
     )
     if not per_channel and two_byte:
         # and 4 warps in the forward chunk kernels (H200, GDN (1, 32K, 16, 128) bf16: wy 0.89 → 0.37

@@ -564,6 +564,8 @@ def test_default_config_fills_the_gpu_with_splits():
     # and the state passes on gated keys / queries formed once (session 19), also under sp and in
     # float32 (whose in-kernel form asks an H200 for more shared memory than it has)
     assert kda.pregated_state and per_channel.pregated_state and not low.pregated_state and not few.pregated_state
+    # and the chunk-local cumulative gates by the Pallas kernel (session 21), per-channel gates only
+    assert kda.cumsum_kernel and per_channel.cumsum_kernel and not low.cumsum_kernel and not few.cumsum_kernel
     # the split entry points keep the per-channel run rule (8 runs of 32-wide blocks) with those launches
     sharded_bf16 = default_config(value_heads=16, seq_len=32768, dtype=jnp.bfloat16, per_channel=True, **sp)
     assert (sharded_bf16.block_e, sharded_bf16.splits, sharded_bf16.num_warps) == (32, 8, 4)
