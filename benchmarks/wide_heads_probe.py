@@ -1,7 +1,8 @@
-"""Which tilings of the scalar-decay linear-attention kernels launch with heads wider than 128.
+"""Which tilings of the scalar-decay linear-attention kernels launch with wide heads.
 
-The compiled kernels refuse heads wider than 128 under their default config (256-wide bf16 heads
-asked an H200 for 361,472 B of its 232,448 B of shared memory, session 20). This script tries
+Session 21 ran it at 256 (the 128 tiling, ``'{}'`` below, asked an H200 for 264,192 B of its
+232,448 B of shared memory) and made the tiling it found, split dk / dv with 2 backward stages, the
+default past 128; the compiled kernels refuse heads past 256 by default. This script tries
 given ``BlockConfig`` overrides at a wide head on a GPU: the forward alone, then forward+backward,
 printing one row per config (ok, or the bytes a failed launch asked for) with the largest relative
 error, in float32, of the loss ``Σ o ⊙ cot`` and the gradients of q, k, v and the gates against the

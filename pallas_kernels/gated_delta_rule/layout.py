@@ -357,45 +357,44 @@ def chunk_cumsum(g, chunk: int, axis: int):
 def channel_chunk_cumsum(g, chunk: int, interpret: bool):
     """``chunk_cumsum(g, chunk, axis=1)`` of per-channel gates ``[B, T, H, D]`` (float32, T whole
     chunks) as one Pallas kernel, one program per (row, chunk, head) summing its ``[C, D]`` block
-    down the chunk; its gradient is the chunk-local reverse sum, a second such kernel
-    (``BlockConfig.cumsum_kernel``: instead of XLA's cumsum and its transpose over the whole
-    float32 tensor)."""
-    return _chunk_cumsum_call(g, chunk, interpret, reverse=False)
+    down the chunk (``BlockConfig.cumsum_kernel``, instead of XLA's cumsum over the whole float32
+    tensor). Its gradient, the chunk-local reverse sums, stays XLA's (``lax.cumsum(reverse=True)``,
+    what autodiff of ``chunk_cumsum`` gives): Pallas Triton has no reverse scan, and a reverse sum
+    formed as the block's total minus the prefix loses the relative accuracy of sums near a
+    chunk's end whenever its early rows are larger."""
+    return _chunk_cumsum_call(g, chunk, interpret)
 
 
 def _chunk_cumsum_fwd(g, chunk, interpret):
-    return _chunk_cumsum_call(g, chunk, interpret, reverse=False), None
+    return _chunk_cumsum_call(g, chunk, interpret), None
 
 
 def _chunk_cumsum_bwd(chunk, interpret, _, db):
-    return (_chunk_cumsum_call(db, chunk, interpret, reverse=True),)
+    b, t, h, d = db.shape
+    return (lax.cumsum(db.reshape(b, t // chunk, chunk, h, d), axis=2, reverse=True).reshape(db.shape),)
 
 
 channel_chunk_cumsum.defvjp(_chunk_cumsum_fwd, _chunk_cumsum_bwd)
 
 
-def _chunk_cumsum_kernel(x_ref, o_ref, *, reverse: bool):
-    """Inclusive sums down the block's rows; ``reverse``: from the last row up, as the block's total
-    (the last prefix, so the last row's sum is that row exactly) minus the prefix before each row."""
-    x = x_ref[...]
-    prefix = jnp.cumsum(x, axis=0)
-    o_ref[...] = last_row(prefix)[None, :] - prefix + x if reverse else prefix
+def _chunk_cumsum_kernel(x_ref, o_ref):
+    o_ref[...] = jnp.cumsum(x_ref[...], axis=0)
 
 
-def _chunk_cumsum_call(x, chunk: int, interpret: bool, *, reverse: bool):
+def _chunk_cumsum_call(x, chunk: int, interpret: bool):
     b, t, h, d = x.shape
     if t % chunk:
         raise ValueError(f"channel_chunk_cumsum: T={t} of g{tuple(x.shape)} is not a multiple of chunk={chunk}")
     spec = pl.BlockSpec((None, chunk, None, d), lambda i, c, j: (i, c, j, 0))
     return pl.pallas_call(
-        functools.partial(_chunk_cumsum_kernel, reverse=reverse),
+        _chunk_cumsum_kernel,
         grid=(b, t // chunk, h),
         in_specs=[spec],
         out_specs=spec,
         out_shape=jax.ShapeDtypeStruct(x.shape, F32),
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
-        name="gated_delta_rule_chunk_cumsum_rev" if reverse else "gated_delta_rule_chunk_cumsum",
+        name="gated_delta_rule_chunk_cumsum",
     )(x.astype(F32))
 
 

@@ -163,7 +163,9 @@ def resolve_impl(impl: str, q, k, v, g=None) -> str:
     """The implementation ``impl`` runs for these inputs: ``"auto"`` becomes ``"pallas"`` on a
     CUDA GPU when the kernel takes the shapes, dtypes and decay (per-channel ``g [B, T, H, D]``:
     ``pallas_triton_channel``'s; scalar or no decay: ``pallas_triton.compiled_kernels_take``, heads up
-    to 256 wide in bf16/fp16 and 128 in float32), else ``"xla"``; others are unchanged."""
+    to 256 wide in bf16/fp16 and 128 in float32), else ``"xla"`` (for float32 heads past 128 that is
+    the XLA path at the default matmul precision, tf32 on a GPU, where the kernels' products are
+    exact float32: 52.7 against 4.5 ms at (1, 4K, 8, 256)); others are unchanged."""
     if impl != "auto":
         return impl
     if g is not None and g.ndim == 4:

@@ -68,12 +68,12 @@ def default_config(
 ) -> BlockConfig:
     """Heuristic tiling for a problem; interpret mode gets small blocks and two splits per row.
 
-    Above ``head_dim`` 64 (the larger of D and E, None: unknown, taken as large; the kernels pad it
-    to 128 or more), without a decay (``decay=False``) or under grouped heads (``grouped``: fewer
-    key/value heads than query heads, dk and dv written per query head in float32), the backward
-    runs two pipeline stages: three overflow an H200's shared memory there (233,472 bytes asked of
-    232,448: measured at D = 128 without a decay, grouped and not; grouped heads with a decay not
-    measured at three; D = 64 fits three).
+    Above ``head_dim`` 64 (the larger of D and E, unpadded; None: unknown, taken as above 64 and at
+    most 128, so callers with wider heads must pass it), without a decay (``decay=False``) or under
+    grouped heads (``grouped``: fewer key/value heads than query heads, dk and dv written per query
+    head in float32), the backward runs two pipeline stages: three overflow an H200's shared memory
+    there (233,472 bytes asked of 232,448: measured at D = 128 without a decay, grouped and not;
+    grouped heads with a decay not measured at three; D = 64 fits three).
 
     Past head dim 128 (the kernels pad to 256) dk and dv run as two kernels (``split_dkdv``: the fused
     one holds the whole ``[D, E]`` state cotangent) with 2 backward stages for bf16/fp16 ``dtype`` and
