@@ -353,7 +353,7 @@ def chunk_cumsum(g, chunk: int, axis: int):
     return jnp.cumsum(g.astype(F32).reshape(split), axis=axis + 1).reshape(shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+@functools.partial(jax.custom_vjp, nondiff_argnames=("chunk", "interpret"))
 def channel_chunk_cumsum(g, chunk: int, interpret: bool):
     """``chunk_cumsum(g, chunk, axis=1)`` of per-channel gates ``[B, T, H, D]`` (float32, T whole
     chunks) as one Pallas kernel, one program per (row, chunk, head) summing its ``[C, D]`` block

@@ -573,7 +573,9 @@ def prepare(q, k, v, beta, g, initial_state, segment_ids, scale, interpret, conf
     elif g is not None:
         g = pad(g.astype(F32), dp)
         gate = (
-            channel_chunk_cumsum(g, cfg.chunk, interpret) if cfg.cumsum_kernel else chunk_cumsum(g, cfg.chunk, axis=1)
+            channel_chunk_cumsum(g, chunk=cfg.chunk, interpret=interpret)
+            if cfg.cumsum_kernel
+            else chunk_cumsum(g, cfg.chunk, axis=1)
         )
         mode = "channel"
     if initial_state is None:

@@ -467,7 +467,7 @@ def test_channel_chunk_cumsum_and_its_gradient_match_xla(rng):
     same as autodiff of ``chunk_cumsum``, accurate for the small sums near a chunk's end when its
     early rows are 1e5 times larger (a total-minus-prefix form was off by more than 100% there)."""
     g = jnp.asarray(rng.standard_normal((2, 48, 3, 32)), jnp.float32)
-    got, got_vjp = jax.vjp(lambda g: layout.channel_chunk_cumsum(g, 16, True), g)
+    got, got_vjp = jax.vjp(lambda g: layout.channel_chunk_cumsum(g, chunk=16, interpret=True), g)
     want, want_vjp = jax.vjp(lambda g: layout.chunk_cumsum(g, 16, axis=1), g)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * float(jnp.max(jnp.abs(g))) * 16)
     rows = np.arange(48) % 16
@@ -486,7 +486,7 @@ def test_channel_chunk_cumsum_and_its_gradient_match_xla(rng):
     err = np.abs(np.asarray(dg, np.float64) - reverse_sums(db))[:, tail]
     assert np.all(err <= 1e-5 * reverse_sums(np.abs(db))[:, tail]), float(np.max(err))
     with pytest.raises(ValueError, match=r"T=40 of g\(2, 40, 3, 32\) is not a multiple of chunk=16"):
-        layout.channel_chunk_cumsum(g[:, :40], 16, True)
+        layout.channel_chunk_cumsum(g[:, :40], chunk=16, interpret=True)
 
 
 def test_supports_and_rejects():
