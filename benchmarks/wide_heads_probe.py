@@ -61,11 +61,7 @@ def probe(overrides: dict, qkv, gates, cot, interpret: bool) -> dict:
         return {"config": overrides, "fwd": f"fails: {err}"}
 
     def reference(q, k, v, gates):
-        log_decay = gates.get("g")
-        gamma = gates.get("g_gamma")
-        d = q.shape[-1]
-        f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-        return xla.linear_attention(*f32, log_decay, scale=d**-0.5, gamma=gamma)[0]
+        return kernels_fn(None, interpret)(*(x.astype(jnp.float32) for x in (q, k, v)), gates)
 
     row = {"config": overrides}
     for what, call in (("fwd", jax.jit(lambda *a: kernels(*a))), ("fwd_bwd", grads_of(kernels, cot))):
@@ -126,10 +122,11 @@ def main() -> None:
         rows.append(dict(config="xla", d=args.d, dtype=args.dtype, shape=timed, fwd_bwd_ms=round(ms, 3)))
         print(json.dumps(rows[-1]), flush=True)
     for spec in args.configs:
-        row = dict(probe(json.loads(spec), qkv, gates, cot, args.interpret), d=args.d, dtype=args.dtype)
+        overrides = json.loads(spec)
+        row = dict(probe(overrides, qkv, gates, cot, args.interpret), d=args.d, dtype=args.dtype)
         if timed and row.get("fwd_bwd") == "ok":
             try:
-                ms = time_fwd_bwd(json.loads(spec), timed, jnp.dtype(args.dtype), args.decay, args.interpret, args.reps)
+                ms = time_fwd_bwd(overrides, timed, jnp.dtype(args.dtype), args.decay, args.interpret, args.reps)
                 row.update(shape=timed, fwd_bwd_ms=round(ms, 3))
             except Exception as err:  # noqa: BLE001 (a larger shape may still fail)
                 row.update(shape=timed, fwd_bwd_ms=f"fails: {str(err)[:160]}")

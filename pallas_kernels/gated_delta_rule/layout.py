@@ -346,11 +346,12 @@ class Residuals(NamedTuple):
     z: jax.Array | None = None
 
 
-def chunk_cumsum(g, chunk: int, axis: int):
-    """Chunk-local inclusive cumulative sums of g along ``axis`` (float32)."""
+def chunk_cumsum(g, chunk: int, axis: int, *, reverse: bool = False):
+    """Chunk-local inclusive cumulative sums of g along ``axis`` (float32); ``reverse``: from each
+    chunk's end (the transpose of the forward sums)."""
     shape = g.shape
     split = shape[:axis] + (shape[axis] // chunk, chunk) + shape[axis + 1 :]
-    return jnp.cumsum(g.astype(F32).reshape(split), axis=axis + 1).reshape(shape)
+    return lax.cumsum(g.astype(F32).reshape(split), axis=axis + 1, reverse=reverse).reshape(shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnames=("chunk", "interpret"))
@@ -358,7 +359,7 @@ def channel_chunk_cumsum(g, chunk: int, interpret: bool):
     """``chunk_cumsum(g, chunk, axis=1)`` of per-channel gates ``[B, T, H, D]`` (float32, T whole
     chunks) as one Pallas kernel, one program per (row, chunk, head) summing its ``[C, D]`` block
     down the chunk (``BlockConfig.cumsum_kernel``, instead of XLA's cumsum over the whole float32
-    tensor). Its gradient, the chunk-local reverse sums, stays XLA's (``lax.cumsum(reverse=True)``,
+    tensor). Its gradient, the chunk-local reverse sums, stays XLA's (``chunk_cumsum(reverse=True)``,
     what autodiff of ``chunk_cumsum`` gives): Pallas Triton has no reverse scan, and a reverse sum
     formed as the block's total minus the prefix loses the relative accuracy of sums near a
     chunk's end whenever its early rows are larger."""
@@ -370,8 +371,7 @@ def _chunk_cumsum_fwd(g, chunk, interpret):
 
 
 def _chunk_cumsum_bwd(chunk, interpret, _, db):
-    b, t, h, d = db.shape
-    return (lax.cumsum(db.reshape(b, t // chunk, chunk, h, d), axis=2, reverse=True).reshape(db.shape),)
+    return (chunk_cumsum(db, chunk, axis=1, reverse=True),)
 
 
 channel_chunk_cumsum.defvjp(_chunk_cumsum_fwd, _chunk_cumsum_bwd)

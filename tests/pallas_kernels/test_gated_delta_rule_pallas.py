@@ -229,17 +229,6 @@ CASES = {
             config=BlockConfig(chunk=16, block_e=16, block_cols=16, splits=2, pregated_state=True),
         ),
     ),
-    # the chunk-local cumulative gates and dg by the Pallas kernel (BlockConfig.cumsum_kernel), with
-    # the pregated state passes, two splits, grouped value heads, documents, strong gates, T padded
-    "kda-f32-T130-cumsum-kernel-gva-docs-strong-2splits": (
-        jnp.float32,
-        dict(b=2, t=130, h=2, hv=4, d=32, e=32, gate="kda"),
-        dict(
-            docs=(30, 64, 65, 100),
-            g_max=8.0,
-            config=BlockConfig(chunk=16, block_e=16, block_cols=16, splits=2, pregated_state=True, cumsum_kernel=True),
-        ),
-    ),
     "kda-bf16-T70-pregated-gva-docs-stored-scores": (
         jnp.bfloat16,
         dict(b=1, t=70, h=1, hv=2, d=32, e=16, gate="kda"),
@@ -293,6 +282,19 @@ CASES = {
     # stored intermediates could exceed a norm-wise bound; fp32 checks the one-token path exactly
     "gdn-f32-T1-no-init": (jnp.float32, dict(b=1, t=1, h=1, hv=1, d=16, e=16, gate="gdn", init=False), {}),
 }
+
+# the chunk-local cumulative gates by the Pallas kernel (BlockConfig.cumsum_kernel; dg stays XLA's
+# reverse cumsum): the float32 pregated case (two splits, grouped value heads, documents, strong
+# gates, T padded) again with it
+CASES["kda-f32-T130-cumsum-kernel-gva-docs-strong-2splits"] = (
+    *CASES["kda-f32-T130-pregated-gva-docs-strong-2splits"][:2],
+    CASES["kda-f32-T130-pregated-gva-docs-strong-2splits"][2]
+    | {
+        "config": dataclasses.replace(
+            CASES["kda-f32-T130-pregated-gva-docs-strong-2splits"][2]["config"], cumsum_kernel=True
+        )
+    },
+)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -747,8 +749,7 @@ GPU_CASES = {
         BlockConfig(splits=4, block_cols=64, channel_rows=64, store_scores=True, store_inverse=True),
     ),
     # the state passes on gated keys / queries formed once (BlockConfig.pregated_state), with session
-    # 18's bf16 KDA launch parameters; then the same with the chunk-local cumulative gates by the
-    # Pallas kernel (BlockConfig.cumsum_kernel, session 21: the per-channel default)
+    # 18's bf16 KDA launch parameters
     "kda-pregated-docs": (
         "kda",
         (700, 3000),
@@ -761,21 +762,6 @@ GPU_CASES = {
             num_stages_bwd=2,
             num_stages_bwd_exact=1,
             pregated_state=True,
-        ),
-    ),
-    "kda-cumsum-kernel-docs": (
-        "kda",
-        (700, 3000),
-        BlockConfig(
-            block_e=16,
-            store_inverse=True,
-            store_scores=True,
-            num_warps=4,
-            num_warps_bwd=4,
-            num_stages_bwd=2,
-            num_stages_bwd_exact=1,
-            pregated_state=True,
-            cumsum_kernel=True,
         ),
     ),
     "deltanet": ("deltanet", None, None),
@@ -822,6 +808,13 @@ GPU_CASES = {
         BlockConfig(block_e=16, store_inverse=True, wy_rows=64, inverse_precision="tf32", fuse_output=True),
     ),
 }
+
+# the bf16 pregated case with the chunk-local cumulative gates by the Pallas kernel (session 21: the
+# per-channel default)
+GPU_CASES["kda-cumsum-kernel-docs"] = (
+    *GPU_CASES["kda-pregated-docs"][:2],
+    dataclasses.replace(GPU_CASES["kda-pregated-docs"][2], cumsum_kernel=True),
+)
 
 
 @pytest.mark.gpu
