@@ -195,22 +195,22 @@ def pregated_operands(k, b, docs, lay, q=None):
     call's layout (its ``chunk`` and ``mxu``; the per-channel linear attention's passes its own)."""
     bsz, t, hv, d = b.shape
     nc, c = t // lay.chunk, lay.chunk
-    chunks = b.reshape(bsz, nc, c, hv, d).transpose(0, 1, 3, 2, 4)  # [B, NC, Hv, C, D]
-    if docs is None:
-        factors = jax.vmap(jax.vmap(jax.vmap(lambda x: common.gate_factors(x, None))))(chunks)
-    else:
+    # broadcasts in the time-major layout, each chunk's last row a strided slice: in-kernel helpers
+    # such as ``last_row`` (a masked sum) would make XLA transpose the whole float32 tensor first
+    chunks = b.reshape(bsz, nc, c, hv, d)
+    b_last = chunks[:, :, -1:]  # [B, NC, 1, Hv, D]
+    to_end, gamma = jnp.exp(b_last - chunks), jnp.exp(b_last[:, :, 0])
+    to_row = None if q is None else jnp.exp(chunks)
+    if docs is not None:  # the factors ``common.gate_factors`` gives each chunk with its ``Docs``
         doc, prev = (x.reshape(bsz, nc, c) for x in docs)
+        first_prev, last = prev[:, :, :1], doc[:, :, -1:]  # [B, NC, 1]: Docs.prev, Docs.last
+        to_end = jnp.where((doc == last)[..., None, None], to_end, 0.0)
+        gamma = jnp.where((last == first_prev)[..., None], gamma, 0.0)
+        to_row = None if q is None else jnp.where((doc == first_prev)[..., None, None], to_row, 0.0)
 
-        def one(x, doc, prev):  # one chunk of one head, as ``load_docs`` reads it in the kernels
-            return common.gate_factors(x, Docs(doc, prev[0], doc[-1]))
-
-        per_head = jax.vmap(one, in_axes=(0, None, None))
-        factors = jax.vmap(jax.vmap(per_head))(chunks, doc, prev)
-    to_row, to_end, gamma = factors
-
-    def gated(x, factor):  # [B, T, H, D] through the value heads, times [B, NC, Hv, C, D]
+    def gated(x, factor):  # [B, T, H, D] through the value heads, times [B, NC, C, Hv, D]
         x = jnp.repeat(x, hv // x.shape[2], axis=2).astype(F32)
-        return (x * factor.transpose(0, 1, 3, 2, 4).reshape(bsz, t, hv, d)).astype(lay.mxu)
+        return (x * factor.reshape(bsz, t, hv, d)).astype(lay.mxu)
 
     return gated(k, to_end), gamma.transpose(0, 2, 1, 3), None if q is None else gated(q, to_row)
 
@@ -346,12 +346,11 @@ class Residuals(NamedTuple):
     z: jax.Array | None = None
 
 
-def chunk_cumsum(g, chunk: int, axis: int, *, reverse: bool = False):
-    """Chunk-local inclusive cumulative sums of g along ``axis`` (float32); ``reverse``: from each
-    chunk's end (the transpose of the forward sums)."""
+def chunk_cumsum(g, chunk: int, axis: int):
+    """Chunk-local inclusive cumulative sums of g along ``axis`` (float32)."""
     shape = g.shape
     split = shape[:axis] + (shape[axis] // chunk, chunk) + shape[axis + 1 :]
-    return lax.cumsum(g.astype(F32).reshape(split), axis=axis + 1, reverse=reverse).reshape(shape)
+    return lax.cumsum(g.astype(F32).reshape(split), axis=axis + 1).reshape(shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnames=("chunk", "interpret"))
@@ -359,10 +358,8 @@ def channel_chunk_cumsum(g, chunk: int, interpret: bool):
     """``chunk_cumsum(g, chunk, axis=1)`` of per-channel gates ``[B, T, H, D]`` (float32, T whole
     chunks) as one Pallas kernel, one program per (row, chunk, head) summing its ``[C, D]`` block
     down the chunk (``BlockConfig.cumsum_kernel``, instead of XLA's cumsum over the whole float32
-    tensor). Its gradient, the chunk-local reverse sums, stays XLA's (``chunk_cumsum(reverse=True)``,
-    what autodiff of ``chunk_cumsum`` gives): Pallas Triton has no reverse scan, and a reverse sum
-    formed as the block's total minus the prefix loses the relative accuracy of sums near a
-    chunk's end whenever its early rows are larger."""
+    tensor). Its gradient, the chunk-local reverse sums, is a second kernel of the same grid
+    (``_chunk_suffix_kernel``)."""
     return _chunk_cumsum_call(g, chunk, interpret)
 
 
@@ -371,30 +368,51 @@ def _chunk_cumsum_fwd(g, chunk, interpret):
 
 
 def _chunk_cumsum_bwd(chunk, interpret, _, db):
-    return (chunk_cumsum(db, chunk, axis=1, reverse=True),)
+    return (_chunk_cumsum_call(db, chunk, interpret, reverse=True),)
 
 
 channel_chunk_cumsum.defvjp(_chunk_cumsum_fwd, _chunk_cumsum_bwd)
+
+SUFFIX_TILE = 16  # rows per exact [tile, tile] product of the reverse sums
 
 
 def _chunk_cumsum_kernel(x_ref, o_ref):
     o_ref[...] = jnp.cumsum(x_ref[...], axis=0)
 
 
-def _chunk_cumsum_call(x, chunk: int, interpret: bool):
+def _chunk_suffix_kernel(x_ref, o_ref):
+    """The reverse sums ``Σ_{u ≥ t} x_u`` of one ``[C, D]`` block. Pallas Triton lowers no reverse
+    scan, and the block's total minus each prefix would lose the relative accuracy of the small sums
+    near the chunk's end when its early rows are larger. Here each sum adds only its own terms: per
+    tile of rows an exact float32 product with the upper-triangular ones (``Σ_{u ≥ t}`` inside the
+    tile), plus the totals of the later tiles."""
+    c = x_ref.shape[0]
+    tile = min(SUFFIX_TILE, c)
+    row, col = (lax.broadcasted_iota(jnp.int32, (tile, tile), i) for i in (0, 1))
+    upper = jnp.where(col >= row, 1.0, 0.0).astype(F32)
+    later = None  # Σ of the tiles after this one, [D]
+    for start in reversed(range(0, c, tile)):
+        x = x_ref[pl.ds(start, tile), :]
+        sums = lax.dot(upper, x, precision=lax.Precision.HIGHEST, preferred_element_type=F32)
+        o_ref[pl.ds(start, tile), :] = sums if later is None else sums + later[None, :]
+        total = jnp.sum(x, axis=0)
+        later = total if later is None else later + total
+
+
+def _chunk_cumsum_call(x, chunk: int, interpret: bool, *, reverse: bool = False):
     b, t, h, d = x.shape
     if t % chunk:
         raise ValueError(f"channel_chunk_cumsum: T={t} of g{tuple(x.shape)} is not a multiple of chunk={chunk}")
     spec = pl.BlockSpec((None, chunk, None, d), lambda i, c, j: (i, c, j, 0))
     return pl.pallas_call(
-        _chunk_cumsum_kernel,
+        _chunk_suffix_kernel if reverse else _chunk_cumsum_kernel,
         grid=(b, t // chunk, h),
         in_specs=[spec],
         out_specs=spec,
         out_shape=jax.ShapeDtypeStruct(x.shape, F32),
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
-        name="gated_delta_rule_chunk_cumsum",
+        name="gated_delta_rule_chunk_suffix_sum" if reverse else "gated_delta_rule_chunk_cumsum",
     )(x.astype(F32))
 
 

@@ -463,32 +463,78 @@ def test_split_entry_points_chain_two_calls(rng, gate, fused, pregated):
         assert rel_err(got[name], want[name]) < tol(jnp.float32, 64), name
 
 
-def test_channel_chunk_cumsum_and_its_gradient_match_xla(rng):
-    """``layout.channel_chunk_cumsum`` (the Pallas kernel of ``BlockConfig.cumsum_kernel``) against
-    ``chunk_cumsum`` on fresh inputs, and its gradient, the chunk-local reverse sums: XLA's, the
-    same as autodiff of ``chunk_cumsum``, accurate for the small sums near a chunk's end when its
-    early rows are 1e5 times larger (a total-minus-prefix form was off by more than 100% there)."""
-    g = jnp.asarray(rng.standard_normal((2, 48, 3, 32)), jnp.float32)
-    got, got_vjp = jax.vjp(lambda g: layout.channel_chunk_cumsum(g, chunk=16, interpret=True), g)
-    want, want_vjp = jax.vjp(lambda g: layout.chunk_cumsum(g, 16, axis=1), g)
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * float(jnp.max(jnp.abs(g))) * 16)
-    rows = np.arange(48) % 16
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_channel_chunk_cumsum_and_its_gradient_match_xla(rng, chunk):
+    """``layout.channel_chunk_cumsum`` (the Pallas kernels of ``BlockConfig.cumsum_kernel``) against
+    ``chunk_cumsum`` on fresh inputs, and its gradient, the chunk-local reverse sums (a kernel of
+    exact tile products plus later tiles' totals), against float64 and against autodiff of
+    ``chunk_cumsum``: every sum within float32 rounding of its own terms, also for the small sums
+    near a chunk's end when its early rows are 1e5 times larger (a total-minus-prefix form was off
+    by more than 100% there)."""
+    t = 3 * chunk
+    g = jnp.asarray(rng.standard_normal((2, t, 3, 32)), jnp.float32)
+    got, got_vjp = jax.vjp(lambda g: layout.channel_chunk_cumsum(g, chunk=chunk, interpret=True), g)
+    want, want_vjp = jax.vjp(lambda g: layout.chunk_cumsum(g, chunk, axis=1), g)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * float(jnp.max(jnp.abs(g))) * chunk)
+    rows = np.arange(t) % chunk
     skew = np.where(rows < 4, 1e3, 1e-2)[None, :, None, None]
     db = jnp.asarray(rng.standard_normal(g.shape) * skew, jnp.float32)
-    (dg,), (dg_want,) = got_vjp(db), want_vjp(db)
-    np.testing.assert_allclose(dg, dg_want, rtol=1e-6, atol=0)
+    (dg,), (dg_xla,) = got_vjp(db), want_vjp(db)
 
     def reverse_sums(x):  # float64 chunk-local sums Σ_{u ≥ t} x_u
-        blocks = np.flip(np.asarray(x, np.float64).reshape(2, 3, 16, 3, 32), 2)
+        blocks = np.flip(np.asarray(x, np.float64).reshape(2, 3, chunk, 3, 32), 2)
         return np.flip(np.cumsum(blocks, 2), 2).reshape(x.shape)
 
     # each sum within float32 rounding of its own terms' magnitudes (a sum that cancels may have a
     # large relative error; one formed from the whole chunk's prefix has an error of its magnitude)
-    tail = rows >= 8
-    err = np.abs(np.asarray(dg, np.float64) - reverse_sums(db))[:, tail]
-    assert np.all(err <= 1e-5 * reverse_sums(np.abs(db))[:, tail]), float(np.max(err))
+    bound = 1e-6 * chunk * reverse_sums(np.abs(db))
+    for name, x in (("kernel", dg), ("xla", dg_xla)):
+        err = np.abs(np.asarray(x, np.float64) - reverse_sums(db))
+        assert np.all(err <= bound), (name, float(np.max(err / bound)))
+    assert float(np.max(np.abs(reverse_sums(db)[:, rows >= 4]))) < 1  # the small sums were checked
     with pytest.raises(ValueError, match=r"T=40 of g\(2, 40, 3, 32\) is not a multiple of chunk=16"):
         layout.channel_chunk_cumsum(g[:, :40], chunk=16, interpret=True)
+
+
+@pytest.mark.parametrize("docs", [False, True])
+def test_pregated_operands_are_each_chunks_gate_factors(rng, docs):
+    """``layout.pregated_operands`` (XLA broadcasts over the whole input) against
+    ``common.gate_factors`` applied to each chunk of each head with its ``Docs``, as the kernels
+    form them: the gated keys and queries (value heads from grouped key heads) and every chunk's
+    decay, bit for bit; documents starting mid-chunk, at a chunk's first row and running through."""
+    from pallas_kernels.gated_delta_rule import common
+
+    bsz, nc, c, h, hv, d = 2, 3, 16, 2, 4, 32
+    t = nc * c
+    b = jnp.asarray(np.cumsum(-rng.uniform(0, 0.3, (bsz, nc, c, hv, d)), axis=2).reshape(bsz, t, hv, d), jnp.float32)
+    k, q = (jnp.asarray(rng.standard_normal((bsz, t, h, d)), jnp.bfloat16) for _ in range(2))
+    doc_rows = None
+    if docs:
+        doc = np.zeros((bsz, t), np.int32)
+        doc[0, 5:] += 1
+        doc[0, 16:] += 1  # a chunk's first row
+        doc[1, 40:] += 1
+        prev = np.concatenate([doc[:, :1], doc[:, :-1]], axis=1)  # the document before each token
+        doc_rows = (jnp.asarray(doc), jnp.asarray(prev))
+    lay = type("Lay", (), {"chunk": c, "mxu": jnp.bfloat16})()
+    keys, gamma, queries = layout.pregated_operands(k, b, doc_rows, lay, q=q)
+    assert keys.shape == queries.shape == (bsz, t, hv, d) and gamma.shape == (bsz, hv, nc, d)
+    for i in range(bsz):
+        for n in range(nc):
+            rows = slice(n * c, (n + 1) * c)
+            chunk_docs = None
+            if docs:
+                dc, pv = (np.asarray(x)[i, rows] for x in doc_rows)
+                chunk_docs = common.Docs(jnp.asarray(dc), jnp.asarray(pv[0]), jnp.asarray(dc[-1]))
+            for j in range(hv):
+                to_row, to_end, gam = common.gate_factors(b[i, rows, j], chunk_docs)
+                kk, qq = (x[i, rows, j // (hv // h)].astype(jnp.float32) for x in (k, q))
+                np.testing.assert_array_equal(keys[i, rows, j], (kk * to_end).astype(jnp.bfloat16))
+                np.testing.assert_array_equal(queries[i, rows, j], (qq * to_row).astype(jnp.bfloat16))
+                np.testing.assert_array_equal(gamma[i, j, n], gam)
+    if docs:  # a boundary inside a chunk or at its first row zeroes its decay, and only there
+        crossed = np.array([[1, 1, 0], [0, 0, 1]], bool)
+        np.testing.assert_array_equal(np.asarray(jnp.max(gamma, axis=(1, 3)) == 0), crossed)
 
 
 def test_supports_and_rejects():
@@ -693,7 +739,8 @@ def test_kernels_lower_to_triton(triton_lowering_h100):
         # last gdn row writes its output in the state pass (``fused``: no output kernel); the last
         # kda row runs the whole-chunk (``stacked``) products in the forward, the output backward
         # and the WY backward (which needs the stored inverse and the fused state step); ``pregated``:
-        # the state passes read gated keys / queries and each chunk's decay (grouped value heads)
+        # the state passes read gated keys / queries and each chunk's decay (grouped value heads),
+        # and the chunk-local cumulative gates and their reverse sums are kernels too (outside the cond)
         config = BlockConfig(
             splits=splits,
             block_e=16 if gate == "gdn" else 32,
@@ -706,6 +753,7 @@ def test_kernels_lower_to_triton(triton_lowering_h100):
             fuse_output=fused,
             stacked_pairs=stacked,
             pregated_state=bool(pregated),
+            cumsum_kernel=bool(pregated),
         )
         q, v = spec((b, t, h, d), dtype), spec((b, t, hv, e), dtype)
         beta, s0 = spec((b, t, hv), jnp.float32), spec((b, hv, d, e), jnp.float32)
@@ -728,7 +776,8 @@ def test_kernels_lower_to_triton(triton_lowering_h100):
         # per-channel gates: every kernel twice, the factored-diagonal and the exact form, one
         # lax.cond on the gates choosing in the forward and again in the backward
         copies = 2 if gate == "kda" else 1
-        assert text.count("__gpu$xla.gpu.triton") == copies * len(kernels), f"expected the {kernels} kernels"
+        sums = 2 if config.cumsum_kernel else 0
+        assert text.count("__gpu$xla.gpu.triton") == copies * len(kernels) + sums, f"expected the {kernels} kernels"
         assert text.count("stablehlo.case") == (2 if gate == "kda" else 0)
 
 
