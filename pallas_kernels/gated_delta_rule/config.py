@@ -88,8 +88,8 @@ class BlockConfig:
         against 47.3 ms at (1, 4K, 16, 128)). The gated operands are stored per value head.
       cumsum_kernel: per-channel gates: the chunk-local cumulative gates ``b`` by a Pallas kernel of
         one ``[C, D]`` block per program (``layout.channel_chunk_cumsum``) instead of XLA's cumsum
-        over the whole float32 ``[B, T, Hv, D]`` tensor (dg from db stays XLA's reverse cumsum). The
-        per-channel default (``default_config``).
+        over the whole float32 ``[B, T, Hv, D]`` tensor, and its gradient (dg from db, the reverse
+        sums) by a second kernel of the same grid. The per-channel default (``default_config``).
       num_warps_output_bwd: warps of the output backward kernel (``output_bwd``); None: ``num_warps_bwd``
         (the WY backward holds more live tiles than the output's: ptxas at 4 warps, GDN bf16 whole
         rows: ``output_bwd`` 255 registers and 64 B of spills, ``wy_bwd`` 1.2 KB of spills).
@@ -234,10 +234,10 @@ def default_config(
         # (its forward state pass asked for 248 KB of shared memory, 227 KB available); at (1, 4K, 16,
         # 128) pregated 47.3 ms against 52.4 in-kernel with 2 stages
         pregated_state=per_channel,
-        # per-channel gates: the chunk-local cumulative gates by a Pallas kernel (session 21, H200,
-        # KDA (1, 32K, 16, 128) bf16: forward 3.54 ms once against 3.71 / 3.73 in two default runs;
-        # with a reverse-sum kernel for dg, since replaced by XLA's for accuracy, fwd+bwd 10.72
-        # against 10.84 / 11.11, within the run-to-run spread)
+        # per-channel gates: the chunk-local cumulative gates and their reverse sums (dg) by Pallas
+        # kernels (sessions 21-22, H200, KDA (1, 32K, 16, 128) bf16: forward 3.54 ms once against
+        # 3.71 / 3.73 in two default runs; the reverse sums 0.155 ms against XLA's 0.41, with
+        # session 22's pregated operands fwd+bwd 11.04 -> 10.33 ms)
         cumsum_kernel=per_channel,
     )
     if not per_channel and two_byte:

@@ -37,7 +37,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.common import F32, dot
 from pallas_kernels.gated_delta_rule import common
 from pallas_kernels.gated_delta_rule.common import Docs
-from pallas_kernels.gated_delta_rule.layout import compiler_params, mxu_dtype, pregated_operands
+from pallas_kernels.gated_delta_rule.layout import channel_chunk_cumsum, compiler_params, mxu_dtype, pregated_operands
 from pallas_kernels.gated_delta_rule.products import factored_diagonals_allowed
 from pallas_kernels.linear_attention.config import CHANNEL_SUB_TILE, ChannelConfig
 
@@ -213,17 +213,17 @@ def run_pass(
     )(x, y, g, *doc_inputs(docs))
 
 
-def pregated_inputs(x, g, docs, lay: Layout, *, queries: bool):
+def pregated_inputs(x, g, docs, lay: Layout, *, queries: bool, interpret: bool):
     """``ChannelConfig.pregated_state``: a state pass's operands formed once per call in XLA, ``(gated x,
     γ, across)``: the keys ``e^{b_last − b} ⊙ x`` (or, with ``queries``, the queries ``e^b ⊙ x``) per
     query head ``[R, T, H, D]`` in the operand dtype, each chunk's decay ``γ = e^{b_last}`` (zero across
     a document boundary) and ``b_last`` ``[R, H, NC, D]`` float32, unmasked (the forward pass's ``across``:
     ``chunk_logs`` applies the boundaries); b the chunk-local cumulative sum of the gates g ``[R, T, H,
     D]``, with the kernels' document masks (``gated_delta_rule.layout.pregated_operands``, the delta
-    rule's)."""
-    r, t, h, d = g.shape
+    rule's); b by the delta rule's cumulative-sum kernel (``channel_chunk_cumsum``, one program per
+    ``[C, D]`` block; ``interpret``: in the Pallas interpreter)."""
     c = lay.chunk
-    b = jnp.cumsum(g.astype(F32).reshape(r, t // c, c, h, d), axis=2).reshape(r, t, h, d)
+    b = channel_chunk_cumsum(g.astype(F32), c, interpret)
     keys, gamma, gated_queries = pregated_operands(x, b, docs, lay, q=x if queries else None)
     return gated_queries if queries else keys, gamma, b[:, c - 1 :: c].transpose(0, 2, 1, 3)
 

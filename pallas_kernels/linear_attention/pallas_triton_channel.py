@@ -152,7 +152,7 @@ def local_states(k, v, g, docs, lay: Layout, statics: ChannelStatics):
     )
     if not pregated:
         return run_pass(kernel, k, v, g, docs, lay, statics, kv=True, logs=True, name=name)
-    keys, gamma, across = pregated_inputs(k, g, docs, lay, queries=False)
+    keys, gamma, across = pregated_inputs(k, g, docs, lay, queries=False, interpret=statics.interpret)
     h_local, m = run_pass(kernel, keys, v, gamma, None, lay, statics, kv=True, logs=False, name=name, pregated=True)
     return h_local, across, m
 

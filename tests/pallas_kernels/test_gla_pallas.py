@@ -357,7 +357,11 @@ def test_kernels_lower_to_triton(triton_lowering_h100):
         # lax.cond on the gates choosing in the forward and again in the backward
         twice = {"output", "grads", "grads_state"}
         count = sum(2 if name in twice else 1 for name in names)
-        assert text.count("__gpu$xla.gpu.triton") == count, f"expected the {names} kernels"
+        # pregated state passes: the chunk-local cumulative gates by the delta rule's kernel, before
+        # each pass (forward and backward)
+        sums = 2 if effective.pregated_state else 0
+        assert text.count("__gpu$xla.gpu.triton") == count + sums, f"expected the {names} kernels"
+        assert ("gated_delta_rule_chunk_cumsum" in text) == bool(sums)
         assert text.count("stablehlo.case") == 2
         for name in names:
             assert f"linear_attention_channel_{name}" in text, name
