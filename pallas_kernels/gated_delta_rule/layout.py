@@ -385,7 +385,10 @@ def _chunk_suffix_kernel(x_ref, o_ref):
     scan, and the block's total minus each prefix would lose the relative accuracy of the small sums
     near the chunk's end when its early rows are larger. Here each sum adds only its own terms: per
     tile of rows an exact float32 product with the upper-triangular ones (``Σ_{u ≥ t}`` inside the
-    tile), plus the totals of the later tiles."""
+    tile), plus the totals of the later tiles. One difference from XLA's reverse cumsum: an inf or
+    NaN makes the later rows of its tile NaN too (0 · inf in the product), where XLA keeps them
+    finite; non-finite cotangents of the gates only follow an overflow, after which that chunk's
+    gradient is not finite either way."""
     c = x_ref.shape[0]
     tile = min(SUFFIX_TILE, c)
     row, col = (lax.broadcasted_iota(jnp.int32, (tile, tile), i) for i in (0, 1))
@@ -403,6 +406,8 @@ def _chunk_cumsum_call(x, chunk: int, interpret: bool, *, reverse: bool = False)
     b, t, h, d = x.shape
     if t % chunk:
         raise ValueError(f"channel_chunk_cumsum: T={t} of g{tuple(x.shape)} is not a multiple of chunk={chunk}")
+    if reverse and chunk > SUFFIX_TILE and chunk % SUFFIX_TILE:
+        raise ValueError(f"channel_chunk_cumsum: chunk={chunk} must be a multiple of {SUFFIX_TILE} (or smaller)")
     spec = pl.BlockSpec((None, chunk, None, d), lambda i, c, j: (i, c, j, 0))
     return pl.pallas_call(
         _chunk_suffix_kernel if reverse else _chunk_cumsum_kernel,

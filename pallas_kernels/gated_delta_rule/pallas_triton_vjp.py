@@ -15,7 +15,8 @@ V' = U − W S saved by the forward:
 3. ``wy_bwd`` (one program per chunk, row and value head): the state step's gradients
    (``dW = −dV' hᵀ``, ``dK̃ = V' dhᵀ``, ``dγ = ⟨h, dh⟩``; ``common.state_dw``, ``state_backward``) and the WY
    form's with ``dU = dV'`` (``common.wy_backward``), plus stage 1's shares: dk, dv, dβ and the
-   gradient of the chunk-local cumulative log gate b (autodiff of the cumsum outside makes it dg).
+   gradient of the chunk-local cumulative log gate b (autodiff of the cumsum outside makes it dg:
+   per channel by default the reverse-sum kernel behind ``layout.channel_chunk_cumsum``'s custom_vjp).
    With ``cfg.wy_bwd_split`` (not the default) the state step's terms run first as a kernel of their own
    (``state_step_bwd``: reads h, dh, V'), so the WY form's kernel keeps fewer tiles live.
 

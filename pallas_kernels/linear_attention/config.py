@@ -134,7 +134,8 @@ class ChannelConfig:
         against 15.7 ms at (1, 32K, 16, 128), session 15).
       pregated_state: the two state passes read the gated keys ``e^{b_last − b} ⊙ K`` (the reverse
         pass the gated queries ``e^b ⊙ Q``) and each chunk's decay ``e^{b_last}``, formed once per call
-        in XLA (``channel_common.pregated_inputs``), instead of loading the gates and forming their
+        (``channel_common.pregated_inputs``: the cumulative gates by the delta rule's Pallas kernel, the
+        rest in XLA), instead of loading the gates and forming their
         cumulative sums and two ``[C, D]`` exponentials at every step in every value-block program
         (the delta rule's ``BlockConfig.pregated_state``); the gated operands are stored per query
         head (``[R, T, H, D]``, H / Hk times the keys).

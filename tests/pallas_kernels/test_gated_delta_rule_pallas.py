@@ -494,6 +494,8 @@ def test_channel_chunk_cumsum_and_its_gradient_match_xla(rng, chunk):
     assert float(np.max(np.abs(reverse_sums(db)[:, rows >= 4]))) < 1  # the small sums were checked
     with pytest.raises(ValueError, match=r"T=40 of g\(2, 40, 3, 32\) is not a multiple of chunk=16"):
         layout.channel_chunk_cumsum(g[:, :40], chunk=16, interpret=True)
+    with pytest.raises(ValueError, match=r"chunk=24 must be a multiple of 16"):
+        jax.vjp(lambda g: layout.channel_chunk_cumsum(g, chunk=24, interpret=True), g[:, :48])[1](db[:, :48])
 
 
 @pytest.mark.parametrize("docs", [False, True])
@@ -778,6 +780,8 @@ def test_kernels_lower_to_triton(triton_lowering_h100):
         copies = 2 if gate == "kda" else 1
         sums = 2 if config.cumsum_kernel else 0
         assert text.count("__gpu$xla.gpu.triton") == copies * len(kernels) + sums, f"expected the {kernels} kernels"
+        for name in ("chunk_cumsum", "chunk_suffix_sum"):
+            assert (f"gated_delta_rule_{name}" in text) == bool(sums), name
         assert text.count("stablehlo.case") == (2 if gate == "kda" else 0)
 
 
