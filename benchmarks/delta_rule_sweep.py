@@ -139,6 +139,11 @@ def variants(base, d: int, *, per_channel: bool = False) -> list[tuple[str, dict
         {"pregated_state": not base.pregated_state, "num_stages_state": 2},
         # the chunk-local cumulative gates and dg by a Pallas kernel, not XLA's cumsum (session 21)
         {"cumsum_kernel": not base.cumsum_kernel},
+        # 32-row sub-tiles where they were faster in session 22 (call E: wy_bwd 3.95 -> 3.40 ms, output
+        # 1.01 -> 0.83 with channel_rows=32, which doubled wy), 16 elsewhere
+        {"output_rows": 32, "wy_bwd_rows": 32},
+        {"wy_bwd_rows": 32},
+        {"output_rows": 32},
     ]
     # scalar or no gates: the output written by the forward state pass (no output kernel)
     # (each value-block program forms Q Kᵀ ⊙ Γ again: wider blocks form it fewer times)

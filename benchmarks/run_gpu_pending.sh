@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU measurements left open at the end of session 22, in order of value: about 7 minutes on one
-# H200 (the first step), then about 14 on 2 (or 4); each step has its own time limit and keeps its
+# The GPU measurements left open at the end of session 22, in order of value: about 14 minutes on one
+# H200 (the first steps), then about 14 on 2 (or 4); each step has its own time limit and keeps its
 # output if a later one fails. Run from the repository root:
 #   OUT=runs/pending bash benchmarks/run_gpu_pending.sh
 set -u
@@ -9,7 +9,14 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/pending}
 mkdir -p "$OUT"
 N=$(nvidia-smi -L | wc -l)
-# one GPU: the scalar linear attention's float32 default at head dim 256 (session 21; takes minutes
+# one GPU: KDA with 32-row sub-tiles in the output kernel and the WY backward alone (session 22,
+# BlockConfig.output_rows / wy_bwd_rows: each was faster with 32-row tiles everywhere, which doubled
+# wy): its GPU test, then the sweep rows with device time by kernel
+timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/pallas_kernels/test_gated_delta_rule_pallas.py -k "32-row" > "$OUT/gpu_tests_kda_32_rows.log" 2>&1
+echo "== gpu test kda 32-row tiles"; tail -n 2 "$OUT/gpu_tests_kda_32_rows.log"
+timeout 300 python3 benchmarks/delta_rule_sweep.py --ops kda --reps 8 --budget 250 --profile /tmp/prof --labels default output_rows=32,wy_bwd_rows=32 wy_bwd_rows=32 output_rows=32 --json "$OUT/kda_32_rows.json" > "$OUT/kda_32_rows.log" 2>&1
+echo "== kda 32-row tiles"; grep -E "device time|^kda \|" "$OUT/kda_32_rows.log" | cut -c1-120
+# the scalar linear attention's float32 default at head dim 256 (session 21; takes minutes
 # to compile; session 22 ran the KDA steps that stood here)
 timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider tests/pallas_kernels/test_pallas_triton.py -k "float32_wide" > "$OUT/gpu_tests_f32_wide.log" 2>&1
 echo "== gpu test float32 wide heads"; tail -n 2 "$OUT/gpu_tests_f32_wide.log"

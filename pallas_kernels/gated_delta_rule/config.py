@@ -104,6 +104,14 @@ class BlockConfig:
         ``store_inverse`` or with ``wy_bwd_split`` the WY backward keeps the tile pairs). Off by
         default: slower on an H200 (KDA fwd+bwd 28.8 against 24.6 ms at (1, 32K, 16, 128), session
         15; jax-linear-attention's KDA forms its off-diagonal blocks this way in Mosaic GPU).
+      output_rows / wy_bwd_rows: per-channel gates: rows of the sub-tiles of the forward ``output``
+        kernel / of ``wy_bwd`` alone (None: ``channel_rows``; at least ``channel_rows``, which the other
+        kernels keep; the output backward reads the stored scores and the WY backward the stored
+        inverse as blocks of its own size). The whole-input check then asks the larger tiles'
+        factors to stay below e^40 (32 rows: log gates ≥ about −2.5 per token). H200, KDA (1, 32K,
+        16, 128) bf16, session 22: 32-row tiles everywhere cost 10.12 against 9.58 ms of device time
+        but took ``wy_bwd`` 3.95 → 3.40 and ``output`` 1.01 → 0.83 ms (``wy`` 1.03 → 2.24); these
+        two fields take the larger tiles only there. Not timed on a GPU yet.
       wy_bwd_split: the WY backward as two kernels, the state step's shares of dk and db first
         (reading h, dh and V'), then the WY form's; False: one kernel holding both (more live
         registers: ptxas reported spills for it).
@@ -131,6 +139,8 @@ class BlockConfig:
     num_stages_bwd_exact: int | None = None
     pregated_state: bool = False
     cumsum_kernel: bool = False
+    output_rows: int | None = None
+    wy_bwd_rows: int | None = None
 
     def __post_init__(self):
         for name in ("chunk", "block_e", "block_cols", "wy_rows", "channel_rows"):
@@ -140,6 +150,13 @@ class BlockConfig:
         for name in ("wy_rows", "channel_rows"):
             if getattr(self, name) > self.chunk:
                 raise ValueError(f"BlockConfig.{name}={getattr(self, name)} must be at most chunk={self.chunk}")
+        for name in ("output_rows", "wy_bwd_rows"):
+            value = getattr(self, name)
+            if value is not None and (value & (value - 1) or not self.channel_rows <= value <= self.chunk):
+                raise ValueError(
+                    f"BlockConfig.{name}={value} must be a power of two from channel_rows={self.channel_rows}"
+                    f" to chunk={self.chunk}"
+                )
         if self.inverse_precision not in INVERSE_PRECISIONS:
             raise ValueError(
                 f"BlockConfig.inverse_precision={self.inverse_precision!r} must be one of {INVERSE_PRECISIONS}"
@@ -156,6 +173,12 @@ class BlockConfig:
                 raise ValueError(f"BlockConfig.{name}={getattr(self, name)} must be positive")
         if self.fuse_output and self.store_scores:
             raise ValueError("BlockConfig.fuse_output writes the output in the state pass, which stores no scores")
+
+    @property
+    def factored_rows(self) -> int:
+        """Per-channel gates: the largest sub-tile any chunk kernel factors its diagonal tiles over
+        (what the whole-input check of ``pallas_triton.gates_bounded`` must allow)."""
+        return max(self.channel_rows, self.output_rows or 0, self.wy_bwd_rows or 0)
 
 
 # interpret mode (CPU tests): the interpreter's programs are compiled by XLA once per shape, and the

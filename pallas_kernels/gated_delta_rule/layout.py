@@ -103,12 +103,17 @@ class Layout:
         self.mxu = mxu_dtype(q.dtype)
         # sub-tiles of the output's Q Kᵀ ⊙ Γ: per-channel gates factor between ``channel_rows`` tiles
         self.parts = self.chunk // cfg.channel_rows if mode in CHANNEL_MODES else 1
+        # the forward output kernel's own (``BlockConfig.output_rows``; its stored scores are read back
+        # as ``parts`` blocks, which lie inside its larger ones)
+        self.output_parts = self.chunk // (cfg.output_rows or cfg.channel_rows) if mode in CHANNEL_MODES else 1
         # sub-tiles of the WY kernels (``BlockConfig.wy_rows``; ``channel_rows`` for per-channel gates)
         self.wy_parts = self.chunk // (cfg.channel_rows if mode in CHANNEL_MODES else min(cfg.wy_rows, self.chunk))
         # the forward stores X (``BlockConfig.store_inverse``) and the WY backward reads it: on whole
         # chunks under scalar or no gates, as the ``channel_rows`` blocks per channel
         self.store_inverse = cfg.store_inverse
         self.wy_bwd_parts = 1 if cfg.store_inverse and mode not in CHANNEL_MODES else self.wy_parts
+        if mode in CHANNEL_MODES and cfg.wy_bwd_rows:  # the stored X is whole (zeros above its blocks)
+            self.wy_bwd_parts = self.chunk // cfg.wy_bwd_rows
         # per-channel gates: the state passes read gated keys and queries (``pregated_operands``)
         self.pregated = cfg.pregated_state and mode in CHANNEL_MODES
 

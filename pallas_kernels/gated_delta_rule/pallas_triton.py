@@ -334,7 +334,7 @@ def output(q, k, b, docs, h, v_new, lay: Layout, statics: Statics, dtype, *, sto
         has_docs=docs is not None,
         mxu=lay.mxu,
         scale=statics.scale,
-        parts=lay.parts,
+        parts=lay.output_parts,
         block_cols=statics.cfg.block_cols,
         stacked=statics.cfg.stacked_pairs,
     )
@@ -430,7 +430,7 @@ def gates_bounded(b, statics: Statics, dtype):
     (``products.factored_diagonals_allowed``)."""
     if statics.mode != "channel":
         return None
-    return factored_diagonals_allowed(b, statics.cfg.channel_rows, dtype, axis=1)
+    return factored_diagonals_allowed(b, statics.cfg.factored_rows, dtype, axis=1)
 
 
 def by_gates(bounded, statics: Statics, fn):

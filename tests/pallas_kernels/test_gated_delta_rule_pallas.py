@@ -203,6 +203,26 @@ CASES = {
             ),
         ),
     ),
+    # 32-row sub-tiles in the forward output kernel and the WY backward alone (BlockConfig.output_rows,
+    # wy_bwd_rows), 16 elsewhere: the output backward reads the stored scores and the WY backward the
+    # stored inverse as blocks of their own sizes; gates within the 32-row check (factored kernels)
+    "kda-f32-T130-32-row-output-and-wy-bwd-docs-chunk64": (
+        jnp.float32,
+        dict(b=1, t=130, h=1, hv=2, d=32, e=16, gate="kda"),
+        dict(
+            docs=(30, 64, 100),
+            g_max=0.5,
+            config=BlockConfig(
+                chunk=64,
+                block_e=16,
+                block_cols=16,
+                store_inverse=True,
+                store_scores=True,
+                output_rows=32,
+                wy_bwd_rows=32,
+            ),
+        ),
+    ),
     "kda-bf16-T70-stacked-pairs-docs": (
         jnp.bfloat16,
         dict(b=1, t=70, h=1, hv=2, d=32, e=16, gate="kda"),
@@ -559,6 +579,10 @@ def test_supports_and_rejects():
         BlockConfig(num_stages_state=0)
     with pytest.raises(ValueError, match="fuse_output.*stores no scores"):
         BlockConfig(fuse_output=True, store_scores=True)
+    for bad in (dict(output_rows=24), dict(wy_bwd_rows=16, channel_rows=32, chunk=64), dict(output_rows=128)):
+        with pytest.raises(ValueError, match=r"_rows=\d+ must be a power of two from channel_rows=\d+ to chunk=64"):
+            BlockConfig(**bad)
+    assert BlockConfig(output_rows=32).factored_rows == 32 and BlockConfig().factored_rows == 16
     per_channel = jnp.zeros((1, 16, 1, 16))
     with pytest.raises(ValueError, match="fuse_output needs scalar or no gates"):
         pallas_triton.gated_delta_rule(
@@ -742,7 +766,8 @@ def test_kernels_lower_to_triton(triton_lowering_h100):
         # kda row runs the whole-chunk (``stacked``) products in the forward, the output backward
         # and the WY backward (which needs the stored inverse and the fused state step); ``pregated``:
         # the state passes read gated keys / queries and each chunk's decay (grouped value heads),
-        # and the chunk-local cumulative gates and their reverse sums are kernels too (outside the cond)
+        # and the chunk-local cumulative gates and their reverse sums are kernels too (outside the cond);
+        # its output kernel and WY backward on 32-row sub-tiles (``output_rows``, ``wy_bwd_rows``)
         config = BlockConfig(
             splits=splits,
             block_e=16 if gate == "gdn" else 32,
@@ -756,6 +781,8 @@ def test_kernels_lower_to_triton(triton_lowering_h100):
             stacked_pairs=stacked,
             pregated_state=bool(pregated),
             cumsum_kernel=bool(pregated),
+            output_rows=32 if pregated else None,
+            wy_bwd_rows=32 if pregated else None,
         )
         q, v = spec((b, t, h, d), dtype), spec((b, t, hv, e), dtype)
         beta, s0 = spec((b, t, hv), jnp.float32), spec((b, hv, d, e), jnp.float32)
@@ -867,6 +894,12 @@ GPU_CASES = {
 GPU_CASES["kda-cumsum-kernel-docs"] = (
     *GPU_CASES["kda-pregated-docs"][:2],
     dataclasses.replace(GPU_CASES["kda-pregated-docs"][2], cumsum_kernel=True),
+)
+# and with 32-row tiles in the forward output kernel and the WY backward (session 22; gates of at most
+# 0.5 per token pass the 32-row check, so the factored kernels run)
+GPU_CASES["kda-32-row-output-wy-bwd-docs"] = (
+    *GPU_CASES["kda-cumsum-kernel-docs"][:2],
+    dataclasses.replace(GPU_CASES["kda-cumsum-kernel-docs"][2], output_rows=32, wy_bwd_rows=32),
 )
 
 
