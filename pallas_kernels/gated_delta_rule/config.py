@@ -108,7 +108,8 @@ class BlockConfig:
         kernel / of ``wy_bwd`` alone (None: ``channel_rows``; at least ``channel_rows``, which the other
         kernels keep; the output backward reads the stored scores and the WY backward the stored
         inverse as blocks of its own size). The whole-input check then asks the larger tiles'
-        factors to stay below e^40 (32 rows: log gates ≥ about −2.5 per token). H200, KDA (1, 32K,
+        factors to stay below e^40 (32 rows: log gates ≥ about −2.5 per token; a call without
+        gradient checks the forward kernels' tiles alone: ``forward_factored_rows``). H200, KDA (1, 32K,
         16, 128) bf16, session 22: 32-row tiles everywhere cost 10.12 against 9.58 ms of device time
         but took ``wy_bwd`` 3.95 → 3.40 and ``output`` 1.01 → 0.83 ms (``wy`` 1.03 → 2.24); these
         two fields take the larger tiles only there. Not timed on a GPU yet.
@@ -179,6 +180,11 @@ class BlockConfig:
         """Per-channel gates: the largest sub-tile any chunk kernel factors its diagonal tiles over
         (what the whole-input check of ``pallas_triton.gates_bounded`` must allow)."""
         return max(self.channel_rows, self.output_rows or 0, self.wy_bwd_rows or 0)
+
+    @property
+    def forward_factored_rows(self) -> int:
+        """``factored_rows`` of the forward kernels alone (a call that takes no gradient)."""
+        return max(self.channel_rows, self.output_rows or 0)
 
 
 # interpret mode (CPU tests): the interpreter's programs are compiled by XLA once per shape, and the

@@ -423,14 +423,16 @@ def join_split_grads(grads, splits: int):
     return dq, dk, dv, dbeta, db, ds0.reshape((-1, splits) + ds0.shape[1:])[:, 0]
 
 
-def gates_bounded(b, statics: Statics, dtype):
+def gates_bounded(b, statics: Statics, dtype, *, backward: bool = True):
     """Under per-channel gates, whether every diagonal tile of the chunk-local cumulative log gates
     ``b`` (``[B, T', Hv, D]``) can be factored around its middle row (a boolean scalar); None (the
     exact kernels, no cond) for other gates and for float16 inputs
-    (``products.factored_diagonals_allowed``)."""
+    (``products.factored_diagonals_allowed``). Tiles of the largest sub-tile the kernels that run
+    take (``BlockConfig.factored_rows``; without ``backward`` the forward kernels' alone)."""
     if statics.mode != "channel":
         return None
-    return factored_diagonals_allowed(b, statics.cfg.factored_rows, dtype, axis=1)
+    rows = statics.cfg.factored_rows if backward else statics.cfg.forward_factored_rows
+    return factored_diagonals_allowed(b, rows, dtype, axis=1)
 
 
 def by_gates(bounded, statics: Statics, fn):
@@ -447,7 +449,7 @@ def by_gates(bounded, statics: Statics, fn):
 @functools.partial(jax.custom_vjp, nondiff_argnames=("statics",))
 def _gated_delta_rule(q, k, v, beta, b, s0, docs, statics: Statics):
     run = lambda st: _forward(q, k, v, beta, b, s0, docs, st, keep_residuals=False)[:2]  # noqa: E731
-    return by_gates(gates_bounded(b, statics, q.dtype), statics, run)
+    return by_gates(gates_bounded(b, statics, q.dtype, backward=False), statics, run)
 
 
 def _gated_delta_rule_fwd(q, k, v, beta, b, s0, docs, statics: Statics):

@@ -146,6 +146,26 @@ def test_per_channel_gates_pick_the_kernels_the_gates_allow(rng, g_max, dtype, b
         assert equal is same, (mode, equal)
 
 
+def test_gate_check_takes_the_largest_factored_tile(rng):
+    """The whole-input check asks every tile of the largest sub-tile a kernel factors to allow it:
+    log gates of 2.6–4 per token pass on 16-row tiles (half-spans ≤ 8 tokens, ≤ 32) and fail on 32-row
+    ones (16 tokens, ≥ 41.6 > 40), so 32-row output or WY-backward tiles (``output_rows``,
+    ``wy_bwd_rows``) send them to the exact kernels; a call without gradient checks the forward's."""
+    xs, _, _ = make_inputs(rng, b=1, t=64, h=1, hv=2, d=16, e=16, gate="kda")
+    xs["g"] = -rng.uniform(2.6, 4.0, xs["g"].shape)
+    xs = {n: jnp.asarray(x, jnp.float32) for n, x in xs.items()}
+    for config, want, want_forward in (
+        (BlockConfig(), True, True),
+        (BlockConfig(output_rows=32), False, False),
+        (BlockConfig(wy_bwd_rows=32), False, True),
+    ):
+        args, _, statics = pallas_triton.prepare(
+            xs["q"], xs["k"], xs["v"], xs["beta"], xs["g"], xs["initial_state"], None, 0.7, True, config
+        )
+        assert bool(pallas_triton.gates_bounded(args[4], statics, args[0].dtype)) is want, config
+        assert bool(pallas_triton.gates_bounded(args[4], statics, args[0].dtype, backward=False)) is want_forward
+
+
 CASES = {
     # name: dtype, shape, extras (the interpret config has 16-token chunks: one sub-tile)
     # (two key-column blocks: the output kernels sum the scalar gate's db over them, scores stored)
@@ -330,9 +350,26 @@ def test_kernels_match_reference(rng, case, monkeypatch):
 
         monkeypatch.setattr(pallas_triton, "pregated_operands", counted)
         monkeypatch.setattr(pallas_triton_vjp, "pregated_operands", counted)
+    cfg = extras.get("config")
+    parts = {}
+    if cfg is not None and (cfg.output_rows or cfg.wy_bwd_rows):  # the kernels run on the sub-tiles asked
+        kernels = [(pallas_triton, "_output_kernel"), (pallas_triton, "_wy_kernel")]
+        kernels += [(pallas_triton_vjp, "_output_bwd_kernel"), (pallas_triton_vjp, "_wy_bwd_kernel")]
+        for mod, name in kernels:
+            real = getattr(mod, name)
+
+            def recorded(*args, _real=real, _name=name, **kwargs):
+                parts.setdefault(_name, set()).add(kwargs["parts"])
+                return _real(*args, **kwargs)
+
+            monkeypatch.setattr(mod, name, recorded)
     check_kernels(rng, dtype=dtype, **shape, **extras)
     if pregated:
         assert True in calls and False in calls, calls
+    if parts:
+        rows = {"_output_kernel": cfg.output_rows, "_wy_bwd_kernel": cfg.wy_bwd_rows}
+        want = {name: {cfg.chunk // (rows.get(name) or cfg.channel_rows)} for name in parts}
+        assert parts == want and len(parts) == 4, parts
 
 
 @pytest.mark.parametrize(
