@@ -63,15 +63,16 @@ class ChannelStatics:
     mode: str = MODE
 
 
-def gates_bounded(g, dtype):
+def gates_bounded(g, dtype, *, chunk: int, interpret: bool):
     """Whether every diagonal sub-tile of the log decays ``g`` ``[R, T, H, D]`` (the kernels' input
     on runs, T whole chunks) can be factored around its middle row
-    (``gated_delta_rule.products.diag_tiles_bounded`` on the cumulative sums inside each sub-tile,
-    which differ from the kernels' chunk-wide ones by one constant per tile); None (the exact
-    kernels, no cond) for float16 inputs ``dtype`` (``products.factored_diagonals_allowed``)."""
-    r, t, h, d = g.shape
-    tiles = g.astype(F32).reshape(r, t // CHANNEL_SUB_TILE, CHANNEL_SUB_TILE, h, d)
-    b = jnp.cumsum(tiles, axis=2).reshape(r, t, h, d)
+    (``gated_delta_rule.products.diag_tiles_bounded`` on the chunk-local cumulative sums the kernels
+    form, by the delta rule's Pallas kernel ``channel_chunk_cumsum``; ``interpret``: in the Pallas
+    interpreter); None (the exact kernels, no cond) for float16 inputs ``dtype``
+    (``products.factored_diagonals_allowed``)."""
+    if jnp.dtype(dtype) == jnp.float16:
+        return None
+    b = channel_chunk_cumsum(g.astype(F32), chunk, interpret)
     return factored_diagonals_allowed(b, CHANNEL_SUB_TILE, dtype, axis=1)
 
 

@@ -231,7 +231,8 @@ def _linear_attention(q, k, v, g, s0, docs, statics: ChannelStatics):
 
 
 def _linear_attention_fwd(q, k, v, g, s0, docs, statics: ChannelStatics):
-    local, bounded = forward_local(q, k, v, g, docs, statics), gates_bounded(g, q.dtype)
+    bounded = gates_bounded(g, q.dtype, chunk=statics.cfg.chunk, interpret=statics.interpret)
+    local = forward_local(q, k, v, g, docs, statics)
     o, final, states = forward_finish(q, k, v, g, docs, local, s0, statics, bounded)
     return (o, final), (Residuals(q, k, v, g, docs, states), bounded)
 
@@ -428,7 +429,8 @@ def split_forward(q, k, v, *, g, g_gamma=None, scale=None, segment_ids=None, int
     (qp, kp, vp, gp), unpad = jax.vjp(lambda q, k, v, g: _prepare(q, k, v, g, statics), q, k, v, g)
     docs = _document_runs(segment_ids, qp.shape[1] * splits, splits)
     shape = (q.shape[0], q.shape[1], q.shape[-1], v.shape[-1])
-    call = SplitCall(qp, kp, vp, gp, docs, unpad, statics, shape, bounded=gates_bounded(gp, qp.dtype))
+    bounded = gates_bounded(gp, qp.dtype, chunk=statics.cfg.chunk, interpret=statics.interpret)
+    call = SplitCall(qp, kp, vp, gp, docs, unpad, statics, shape, bounded=bounded)
     local = forward_local(qp, kp, vp, gp, docs, statics)
     _, m = run_scan(local.m, local.logs.run, call.zero_state(), splits, reverse=False, interpret=interpret)
     return call.unpadded(m), call, local
