@@ -1,12 +1,15 @@
-"""docs/delta_rule.png: Gated DeltaNet on one H200 beside jax-linear-attention, from committed results.
+"""docs/delta_rule.png: Gated DeltaNet on one H200 beside jax-linear-attention, from committed results
+(``--op kda``: docs/kda.png, KDA's).
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/plot_delta_rule.py
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/plot_delta_rule.py --op kda
 
 Left: forward and forward+backward time at the issue's three shapes (``benchmarks/delta_rule.py``,
 both contenders in the same run, ``--json``). Right: device time by kernel at (1, 32768, 16, 128),
 ours from a ``delta_rule_sweep.py --profile`` row (JSON), jax-linear-attention's from the
-``DELTA_RULE_PROFILE`` listing in a ``delta_rule.py`` log (the fwd+bwd block of that shape).
-Nothing runs on a GPU here; the arguments name the files (defaults: session 14's).
+``DELTA_RULE_PROFILE`` listing in a ``delta_rule.py`` log (the fwd+bwd block of that shape; KDA:
+none was recorded, so ours alone). Nothing runs on a GPU here; the arguments name the files
+(defaults: session 14's for GDN, session 22's for KDA).
 """
 
 from __future__ import annotations
@@ -18,6 +21,25 @@ import re
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 S14 = os.path.join(RESULTS, "2026-12-01_H200_s14")
+S22 = os.path.join(RESULTS, "2026-12-02_H200_s22")
+DEFAULTS = {  # --op: (op JSON, sweep JSON, sweep label, peer log or None, output, title)
+    "gdn": (
+        os.path.join(S14, "delta_op_e.json"),
+        os.path.join(S14, "sweep_gdn_d.json"),
+        "num_warps_output_bwd=4",  # the default since call D
+        os.path.join(RESULTS, "2026-12-01_H200_s13", "delta_op_f.log"),
+        "delta_rule.png",
+        "Gated DeltaNet",
+    ),
+    "kda": (
+        os.path.join(S22, "callC", "delta_op.json"),
+        os.path.join(S22, "callB", "kda_profile.json"),
+        "default",
+        None,
+        "kda.png",
+        "KDA (bounded gates)",
+    ),
+}
 
 
 def op_rows(path: str, op: str = "gdn") -> list[dict]:
@@ -55,20 +77,28 @@ def peer_kernels(path: str, shape: str = "(1, 32768, 16, 128)") -> dict[str, flo
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--op-json", default=os.path.join(S14, "delta_op_e.json"))
-    ap.add_argument("--sweep-json", default=os.path.join(S14, "sweep_gdn_d.json"))
-    ap.add_argument("--sweep-label", default="num_warps_output_bwd=4")  # the default since call D
-    ap.add_argument("--peer-log", default=os.path.join(RESULTS, "2026-12-01_H200_s13", "delta_op_f.log"))
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(RESULTS), "..", "docs", "delta_rule.png"))
+    ap.add_argument("--op", default="gdn", choices=sorted(DEFAULTS))
+    ap.add_argument("--op-json", default=None)
+    ap.add_argument("--sweep-json", default=None)
+    ap.add_argument("--sweep-label", default=None)
+    ap.add_argument("--peer-log", default=None)
+    ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    op_json, sweep_json, sweep_label, peer_log, out_name, title = DEFAULTS[args.op]
+    op_json, sweep_json = args.op_json or op_json, args.sweep_json or sweep_json
+    sweep_label, peer_log = args.sweep_label or sweep_label, args.peer_log or peer_log
+    out = args.out or os.path.join(os.path.dirname(RESULTS), "..", "docs", out_name)
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = op_rows(args.op_json)
-    ours, peer = our_kernels(args.sweep_json, args.sweep_label), peer_kernels(args.peer_log)
+    rows = op_rows(op_json, args.op)
+    ours = our_kernels(sweep_json, sweep_label)
+    stacks = [("lasp-jax (Pallas Triton)", ours)]
+    if peer_log:
+        stacks.append(("jla (Mosaic GPU)", peer_kernels(peer_log)))
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [3, 2]})
 
     labels = ["B={}, T={}K".format(r["shape"][0], r["shape"][1] // 1024) for r in rows]
@@ -86,23 +116,30 @@ def main(argv=None) -> None:
             left.text(p, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
     left.set_xticks(list(xs), labels)
     left.set_ylabel("ms (median, bf16)")
-    left.set_title("Gated DeltaNet, H=16, D=E=128, one H200")
+    left.set_title(f"{title}, H=16, D=E=128, one H200")
     left.legend(fontsize=8)
 
-    for x, kernels in enumerate([ours, peer]):
+    for x, (_, kernels) in enumerate(stacks):
         bottom = 0.0
+        small = 0.03 * sum(kernels.values())  # slices too thin for a label: summed in the legend line
         for kernel, ms in sorted(kernels.items(), key=lambda kv: -kv[1]):
             right.bar(x, ms, 0.6, bottom=bottom, edgecolor="white")
-            right.text(x, bottom + ms / 2, f"{kernel} {ms:.2f}", ha="center", va="center", fontsize=7)
+            if ms >= small:
+                right.text(x, bottom + ms / 2, f"{kernel} {ms:.2f}", ha="center", va="center", fontsize=7)
             bottom += ms
+        rest = {k: ms for k, ms in kernels.items() if ms < small}
+        if rest:
+            right.text(x + 0.32, bottom, " + ".join(f"{k} {ms:.2f}" for k, ms in rest.items()), fontsize=6, va="top")
         right.text(x, bottom, f"{bottom:.2f} ms", ha="center", va="bottom", fontsize=8)
-    right.set_xticks([0, 1], ["lasp-jax (Pallas Triton)", "jla (Mosaic GPU)"])
+    right.set_xticks(list(range(len(stacks))), [name for name, _ in stacks])
+    right.set_xlim(-0.75, len(stacks) - 0.25)
     right.set_ylabel("device ms per fwd+bwd")
     right.set_title("by kernel, (1, 32768, 16, 128)")
     fig.tight_layout()
-    out = os.path.normpath(args.out)
+    out = os.path.normpath(out)
     fig.savefig(out, dpi=110)
-    print(f"wrote {out}: ours {sum(ours.values()):.2f} ms by kernel, jla {sum(peer.values()):.2f} ms")
+    totals = ", ".join(f"{name} {sum(kernels.values()):.2f} ms" for name, kernels in stacks)
+    print(f"wrote {out}: by kernel {totals}")
 
 
 if __name__ == "__main__":
