@@ -63,16 +63,19 @@ class ChannelStatics:
     mode: str = MODE
 
 
-def gates_bounded(g, dtype, *, chunk: int, interpret: bool):
-    """Whether every diagonal sub-tile of the log decays ``g`` ``[R, T, H, D]`` (the kernels' input
-    on runs, T whole chunks) can be factored around its middle row
-    (``gated_delta_rule.products.diag_tiles_bounded`` on the chunk-local cumulative sums the kernels
-    form, by the delta rule's Pallas kernel ``channel_chunk_cumsum``; ``interpret``: in the Pallas
-    interpreter); None (the exact kernels, no cond) for float16 inputs ``dtype``
-    (``products.factored_diagonals_allowed``)."""
-    if jnp.dtype(dtype) == jnp.float16:
-        return None
-    b = channel_chunk_cumsum(g.astype(F32), chunk, interpret)
+def cumulative_gates(g, statics: ChannelStatics):
+    """The chunk-local cumulative sums b of the log decays ``g`` ``[R, T, H, D]`` (the kernels' input
+    on runs, T whole chunks), float32, by the delta rule's Pallas kernel (``channel_chunk_cumsum``;
+    in the interpreter with ``statics.interpret``): what ``gates_bounded`` checks and
+    ``pregated_inputs`` gates with."""
+    return channel_chunk_cumsum(g.astype(F32), statics.cfg.chunk, statics.interpret)
+
+
+def gates_bounded(b, dtype):
+    """Whether every diagonal sub-tile can be factored around its middle row, given the chunk-local
+    cumulative log decays b (``cumulative_gates``, the sums the kernels form;
+    ``gated_delta_rule.products.diag_tiles_bounded``); None (the exact kernels, no cond) for float16
+    inputs ``dtype`` (``products.factored_diagonals_allowed``)."""
     return factored_diagonals_allowed(b, CHANNEL_SUB_TILE, dtype, axis=1)
 
 
@@ -214,17 +217,15 @@ def run_pass(
     )(x, y, g, *doc_inputs(docs))
 
 
-def pregated_inputs(x, g, docs, lay: Layout, *, queries: bool, interpret: bool):
+def pregated_inputs(x, b, docs, lay: Layout, *, queries: bool):
     """``ChannelConfig.pregated_state``: a state pass's operands formed once per call in XLA, ``(gated x,
     γ, across)``: the keys ``e^{b_last − b} ⊙ x`` (or, with ``queries``, the queries ``e^b ⊙ x``) per
     query head ``[R, T, H, D]`` in the operand dtype, each chunk's decay ``γ = e^{b_last}`` (zero across
     a document boundary) and ``b_last`` ``[R, H, NC, D]`` float32, unmasked (the forward pass's ``across``:
-    ``chunk_logs`` applies the boundaries); b the chunk-local cumulative sum of the gates g ``[R, T, H,
-    D]``, with the kernels' document masks (``gated_delta_rule.layout.pregated_operands``, the delta
-    rule's); b by the delta rule's cumulative-sum kernel (``channel_chunk_cumsum``, one program per
-    ``[C, D]`` block; ``interpret``: in the Pallas interpreter)."""
+    ``chunk_logs`` applies the boundaries); b the chunk-local cumulative sum of the gates ``[R, T, H,
+    D]`` (``cumulative_gates``), with the kernels' document masks
+    (``gated_delta_rule.layout.pregated_operands``, the delta rule's)."""
     c = lay.chunk
-    b = channel_chunk_cumsum(g.astype(F32), c, interpret)
     keys, gamma, gated_queries = pregated_operands(x, b, docs, lay, q=x if queries else None)
     return gated_queries if queries else keys, gamma, b[:, c - 1 :: c].transpose(0, 2, 1, 3)
 

@@ -61,6 +61,7 @@ from pallas_kernels.linear_attention.channel_common import (
     Layout,
     chunk_kernel,
     chunk_logs,
+    cumulative_gates,
     cumulative_tiles,
     doc_inputs,
     full_state_rows,
@@ -138,9 +139,10 @@ def _output_kernel(
 # ---- the calls ------------------------------------------------------------------------------------
 
 
-def local_states(k, v, g, docs, lay: Layout, statics: ChannelStatics):
+def local_states(k, v, g, docs, lay: Layout, statics: ChannelStatics, b=None):
     """Stage 1: ``(h_local [R, H, NC, D, E] operand dtype, log decay across each chunk [R, H, NC, D],
-    local final state [R, H, D, E])``, float32 but h_local."""
+    local final state [R, H, D, E])``, float32 but h_local. ``b``: g's ``cumulative_gates`` if the
+    caller has them (the pregated passes read them; formed here otherwise)."""
     pregated, name = statics.cfg.pregated_state, "linear_attention_channel_state"
     kernel = functools.partial(
         _state_kernel,
@@ -152,7 +154,8 @@ def local_states(k, v, g, docs, lay: Layout, statics: ChannelStatics):
     )
     if not pregated:
         return run_pass(kernel, k, v, g, docs, lay, statics, kv=True, logs=True, name=name)
-    keys, gamma, across = pregated_inputs(k, g, docs, lay, queries=False, interpret=statics.interpret)
+    b = cumulative_gates(g, statics) if b is None else b
+    keys, gamma, across = pregated_inputs(k, b, docs, lay, queries=False)
     h_local, m = run_pass(kernel, keys, v, gamma, None, lay, statics, kv=True, logs=False, name=name, pregated=True)
     return h_local, across, m
 
@@ -190,9 +193,9 @@ class Local(NamedTuple):
     logs: ChunkLogs
 
 
-def forward_local(q, k, v, g, docs, statics: ChannelStatics) -> Local:
+def forward_local(q, k, v, g, docs, statics: ChannelStatics, b=None) -> Local:
     lay = Layout(q, k, v, statics.cfg)
-    h_local, across, m = local_states(k, v, g, docs, lay, statics)
+    h_local, across, m = local_states(k, v, g, docs, lay, statics, b)
     return Local(h_local, m, chunk_logs(across, docs, lay.chunk))
 
 
@@ -231,8 +234,8 @@ def _linear_attention(q, k, v, g, s0, docs, statics: ChannelStatics):
 
 
 def _linear_attention_fwd(q, k, v, g, s0, docs, statics: ChannelStatics):
-    bounded = gates_bounded(g, q.dtype, chunk=statics.cfg.chunk, interpret=statics.interpret)
-    local = forward_local(q, k, v, g, docs, statics)
+    b = cumulative_gates(g, statics)  # one kernel for the gate check and the pregated passes
+    bounded, local = gates_bounded(b, q.dtype), forward_local(q, k, v, g, docs, statics, b)
     o, final, states = forward_finish(q, k, v, g, docs, local, s0, statics, bounded)
     return (o, final), (Residuals(q, k, v, g, docs, states), bounded)
 
@@ -429,9 +432,9 @@ def split_forward(q, k, v, *, g, g_gamma=None, scale=None, segment_ids=None, int
     (qp, kp, vp, gp), unpad = jax.vjp(lambda q, k, v, g: _prepare(q, k, v, g, statics), q, k, v, g)
     docs = _document_runs(segment_ids, qp.shape[1] * splits, splits)
     shape = (q.shape[0], q.shape[1], q.shape[-1], v.shape[-1])
-    bounded = gates_bounded(gp, qp.dtype, chunk=statics.cfg.chunk, interpret=statics.interpret)
-    call = SplitCall(qp, kp, vp, gp, docs, unpad, statics, shape, bounded=bounded)
-    local = forward_local(qp, kp, vp, gp, docs, statics)
+    b = cumulative_gates(gp, statics)
+    call = SplitCall(qp, kp, vp, gp, docs, unpad, statics, shape, bounded=gates_bounded(b, qp.dtype))
+    local = forward_local(qp, kp, vp, gp, docs, statics, b)
     _, m = run_scan(local.m, local.logs.run, call.zero_state(), splits, reverse=False, interpret=interpret)
     return call.unpadded(m), call, local
 

@@ -54,6 +54,7 @@ from pallas_kernels.linear_attention.channel_common import (
     Layout,
     chunk_kernel,
     cotangent_update,
+    cumulative_gates,
     cumulative_tiles,
     doc_inputs,
     full_state_rows,
@@ -248,7 +249,7 @@ def backward_local(q, g, docs, do, *, statics: ChannelStatics) -> LocalCotangent
     )
     name = "linear_attention_channel_state_bwd"
     if pregated:  # the gated queries and each chunk's decay, formed once (no document rows)
-        queries, gamma, _ = pregated_inputs(q, g, docs, lay, queries=True, interpret=statics.interpret)
+        queries, gamma, _ = pregated_inputs(q, cumulative_gates(g, statics), docs, lay, queries=True)
         q, g, docs = queries, gamma, None
     dh_local, dm = run_pass(kernel, q, do, g, docs, lay, statics, kv=False, logs=False, name=name, pregated=pregated)
     return LocalCotangents(do, dh_local, dm)

@@ -323,8 +323,8 @@ CASES = {
     "gdn-f32-T1-no-init": (jnp.float32, dict(b=1, t=1, h=1, hv=1, d=16, e=16, gate="gdn", init=False), {}),
 }
 
-# the chunk-local cumulative gates by the Pallas kernel (BlockConfig.cumsum_kernel; dg stays XLA's
-# reverse cumsum): the float32 pregated case (two splits, grouped value heads, documents, strong
+# the chunk-local cumulative gates and their reverse sums (dg) by the Pallas kernels
+# (BlockConfig.cumsum_kernel): the float32 pregated case (two splits, grouped value heads, documents, strong
 # gates, T padded) again with it
 CASES["kda-f32-T130-cumsum-kernel-gva-docs-strong-2splits"] = (
     *CASES["kda-f32-T130-pregated-gva-docs-strong-2splits"][:2],

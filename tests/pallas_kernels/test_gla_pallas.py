@@ -118,7 +118,7 @@ def test_gates_pick_the_kernels_they_allow(rng, g_max, dtype, bounded):
     statics = ptc._statics(q, k, v, scale=None, interpret=True, config=None)
     qp, kp, vp, gp = ptc._prepare(q, k, v, g, statics)
     s0 = ptc._padded_state(jnp.asarray(xs["initial_state"], jnp.float32), qp, vp, 1)
-    found = ptc.gates_bounded(gp, qp.dtype, chunk=statics.cfg.chunk, interpret=True)
+    found = ptc.gates_bounded(ptc.cumulative_gates(gp, statics), qp.dtype)
     assert (None if found is None else bool(found)) is bounded
     got = jax.jit(lambda *a: ptc._linear_attention(*a, None, statics=statics))(qp, kp, vp, gp, s0)
     for mode, same in (("channel_bounded", bounded is True), ("channel", bounded is not True)):
@@ -357,9 +357,10 @@ def test_kernels_lower_to_triton(triton_lowering_h100):
         # lax.cond on the gates choosing in the forward and again in the backward
         twice = {"output", "grads", "grads_state"}
         count = sum(2 if name in twice else 1 for name in names)
-        # the chunk-local cumulative gates by the delta rule's kernel: for the whole-input gate check,
-        # and with pregated state passes before each pass (forward and backward)
-        sums = 1 + (2 if effective.pregated_state else 0)
+        # the chunk-local cumulative gates by the delta rule's kernel: once in the forward (the
+        # whole-input gate check, and the pregated forward pass reads the same sums), and with
+        # pregated state passes once more before the reverse pass
+        sums = 1 + (1 if effective.pregated_state else 0)
         assert text.count("__gpu$xla.gpu.triton") == count + sums, f"expected the {names} kernels"
         assert "gated_delta_rule_chunk_cumsum" in text
         assert text.count("stablehlo.case") == 2
