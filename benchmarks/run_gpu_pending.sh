@@ -16,6 +16,10 @@ timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/pallas_kernels
 echo "== gpu test kda 32-row tiles"; tail -n 2 "$OUT/gpu_tests_kda_32_rows.log"
 timeout 300 python3 benchmarks/delta_rule_sweep.py --ops kda --reps 8 --budget 250 --profile /tmp/prof --labels default output_rows=32,wy_bwd_rows=32 wy_bwd_rows=32 output_rows=32 --json "$OUT/kda_32_rows.json" > "$OUT/kda_32_rows.log" 2>&1
 echo "== kda 32-row tiles"; grep -E "device time|^kda \|" "$OUT/kda_32_rows.log" | cut -c1-120
+# GLA's gate check now reads the cumulative-sum kernel's sums, shared with its pregated forward pass
+# (session 22, after its device time): its default and pregated GPU cases
+timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/pallas_kernels/test_gla_pallas.py -k "pregated or bfloat16-256 or match_reference and default" > "$OUT/gpu_tests_gla.log" 2>&1
+echo "== gpu tests gla"; tail -n 2 "$OUT/gpu_tests_gla.log"
 # the scalar linear attention's float32 default at head dim 256 (session 21; takes minutes
 # to compile; session 22 ran the KDA steps that stood here)
 timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider tests/pallas_kernels/test_pallas_triton.py -k "float32_wide" > "$OUT/gpu_tests_f32_wide.log" 2>&1
