@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
+
 from pallas_kernels.common import NUM_SMS, is_two_byte, state_pass_splits, state_pass_stages
 
 # rows of the sub-tiles of a chunk: the triangular solve works on 16×16 diagonal blocks, per-channel
@@ -112,7 +114,10 @@ class BlockConfig:
         gradient checks the forward kernels' tiles alone: ``forward_factored_rows``). H200, KDA (1, 32K,
         16, 128) bf16, session 22: 32-row tiles everywhere cost 10.12 against 9.58 ms of device time
         but took ``wy_bwd`` 3.95 → 3.40 and ``output`` 1.01 → 0.83 ms (``wy`` 1.03 → 2.24); these
-        two fields take the larger tiles only there. Not timed on a GPU yet.
+        two fields take the larger tiles only there, and only in the factored form (the exact kernels
+        keep ``channel_rows``). The bf16 default since session 23: device time 9.62 → 8.88 ms (``wy_bwd``
+        3.96 → 3.41, ``output`` 1.02 → 0.84); gates that fail the 32-row check take the 16-row tiles
+        (``pallas_triton.by_gates``).
       wy_bwd_split: the WY backward as two kernels, the state step's shares of dk and db first
         (reading h, dh and V'), then the WY form's; False: one kernel holding both (more live
         registers: ptxas reported spills for it).
@@ -284,6 +289,14 @@ def default_config(
     channel_fast = per_channel and two_byte
     if channel_fast:
         cfg = dataclasses.replace(cfg, num_warps=4, num_stages_bwd=2, num_stages_bwd_exact=1)
+    if per_channel and dtype is not None and jnp.dtype(dtype) == jnp.bfloat16 and max(key_dim, value_dim) <= 128:
+        # and 32-row sub-tiles in the forward output kernel and the WY backward where the gates allow
+        # them (log gates >= about -2.5 per token; else 16-row tiles, or the exact kernels: the
+        # three-way switch of ``pallas_triton.by_gates``). H200, KDA (1, 32K, 16, 128) bf16 fwd+bwd,
+        # session 23: device time 9.62 -> 8.88 ms (wy_bwd 3.96 -> 3.41, output 1.02 -> 0.84), wall
+        # 10.07 -> 9.45 ms. float16 takes the exact kernels (no factored tiles); float32 and heads
+        # wider than 128 were not timed with them
+        cfg = dataclasses.replace(cfg, output_rows=min(32, cfg.chunk), wy_bwd_rows=min(32, cfg.chunk))
     if not two_byte:
         # float32 tiles are twice as large: on an H200 (session 20) GDN's former float32 default did
         # not launch at head dim 128 (its reverse state pass asked for 249344 B of shared memory with

@@ -423,45 +423,66 @@ def join_split_grads(grads, splits: int):
     return dq, dk, dv, dbeta, db, ds0.reshape((-1, splits) + ds0.shape[1:])[:, 0]
 
 
-def gates_bounded(b, statics: Statics, dtype, *, backward: bool = True):
-    """Under per-channel gates, whether every diagonal tile of the chunk-local cumulative log gates
-    ``b`` (``[B, T', Hv, D]``) can be factored around its middle row (a boolean scalar); None (the
-    exact kernels, no cond) for other gates and for float16 inputs
-    (``products.factored_diagonals_allowed``). Tiles of the largest sub-tile the kernels that run
-    take (``BlockConfig.factored_rows``; without ``backward`` the forward kernels' alone)."""
+def gate_case(b, statics: Statics, dtype, *, backward: bool = True):
+    """Under per-channel gates, which kernels the chunk-local cumulative log gates ``b`` (``[B, T',
+    Hv, D]``) allow, as an int32 scalar: 0 the exact kernels, 1 diagonal tiles factored around their
+    middle row on ``channel_rows`` sub-tiles, 2 factored on the larger sub-tiles the config asks of
+    some kernels (``BlockConfig.output_rows`` / ``wy_bwd_rows``: ``factored_rows``, or without
+    ``backward`` the forward kernels' ``forward_factored_rows``); case 2 exists only where those are
+    larger than ``channel_rows``. None (the exact kernels, no switch) for other gates and for float16
+    inputs (``products.factored_diagonals_allowed``). Every tile of a size is checked over the whole
+    input; a tile of 32 rows that passes implies its two 16-row halves pass (b is non-increasing
+    inside a chunk), but case 2 asks both anyway."""
     if statics.mode != "channel":
         return None
-    rows = statics.cfg.factored_rows if backward else statics.cfg.forward_factored_rows
-    return factored_diagonals_allowed(b, rows, dtype, axis=1)
+    cfg = statics.cfg
+    small = factored_diagonals_allowed(b, cfg.channel_rows, dtype, axis=1)
+    if small is None:
+        return None
+    case = small.astype(jnp.int32)
+    rows = cfg.factored_rows if backward else cfg.forward_factored_rows
+    if rows > cfg.channel_rows:
+        case = case + (small & factored_diagonals_allowed(b, rows, dtype, axis=1)).astype(jnp.int32)
+    return case
 
 
-def by_gates(bounded, statics: Statics, fn):
-    """``fn(statics)``, under per-channel gates as one ``lax.cond`` on ``bounded``: the kernels with
-    factored diagonal tiles (mode ``"channel_bounded"``) or the exact ones (``"channel"``). H200, KDA
-    (1, 32K, 16, 128) bf16 fwd+bwd: 24.6 → 15.3–15.7 ms (session 17); a branch per tile inside the
-    kernels instead measured 19.58 ms (both forms' registers in every kernel)."""
-    if bounded is None:
+def by_gates(case, statics: Statics, fn, *, backward: bool = True):
+    """``fn(statics)``, under per-channel gates as one ``lax.switch`` on ``gate_case``'s ``case``:
+    the exact kernels (mode ``"channel"``), the kernels with factored diagonal tiles (mode
+    ``"channel_bounded"``) on ``channel_rows`` sub-tiles, and (where the config asks larger
+    sub-tiles of some kernels; ``backward`` as in ``gate_case``) the factored kernels with them. The
+    larger sub-tiles are only for the factored form: the exact kernels always take ``channel_rows``.
+    H200, KDA (1, 32K, 16, 128) bf16 fwd+bwd: 24.6 → 15.3–15.7 ms (session 17, factored against
+    exact); a branch per tile inside the kernels instead measured 19.58 ms (both forms' registers in
+    every kernel); 32-row output / WY-backward tiles 9.62 → 8.88 ms of device time (session 23)."""
+    if statics.mode != "channel":
         return fn(statics)
-    fast = dataclasses.replace(statics, mode="channel_bounded")
-    return lax.cond(bounded, lambda: fn(fast), lambda: fn(statics))
+    cfg = statics.cfg
+    small = dataclasses.replace(statics, cfg=dataclasses.replace(cfg, output_rows=None, wy_bwd_rows=None))
+    if case is None:
+        return fn(small)
+    branches = [lambda: fn(small), lambda: fn(dataclasses.replace(small, mode="channel_bounded"))]
+    if (cfg.factored_rows if backward else cfg.forward_factored_rows) > cfg.channel_rows:
+        branches.append(lambda: fn(dataclasses.replace(statics, mode="channel_bounded")))
+    return lax.switch(case, branches)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnames=("statics",))
 def _gated_delta_rule(q, k, v, beta, b, s0, docs, statics: Statics):
     run = lambda st: _forward(q, k, v, beta, b, s0, docs, st, keep_residuals=False)[:2]  # noqa: E731
-    return by_gates(gates_bounded(b, statics, q.dtype, backward=False), statics, run)
+    return by_gates(gate_case(b, statics, q.dtype, backward=False), statics, run, backward=False)
 
 
 def _gated_delta_rule_fwd(q, k, v, beta, b, s0, docs, statics: Statics):
-    bounded = gates_bounded(b, statics, q.dtype)
-    o, final, residuals = by_gates(bounded, statics, lambda st: _forward(q, k, v, beta, b, s0, docs, st))
-    return (o, final), (residuals, bounded)
+    case = gate_case(b, statics, q.dtype)
+    o, final, residuals = by_gates(case, statics, lambda st: _forward(q, k, v, beta, b, s0, docs, st))
+    return (o, final), (residuals, case)
 
 
 def _gated_delta_rule_bwd(statics: Statics, residuals, cotangents):
     do, d_final = cotangents
-    residuals, bounded = residuals
-    grads = by_gates(bounded, statics, lambda st: _backward(st, residuals, do, d_final))
+    residuals, case = residuals
+    grads = by_gates(case, statics, lambda st: _backward(st, residuals, do, d_final))
     return (*grads, None)  # document numbers are integers: no cotangent
 
 

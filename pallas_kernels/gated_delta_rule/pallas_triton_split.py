@@ -43,7 +43,7 @@ from pallas_kernels.gated_delta_rule.layout import (
 from pallas_kernels.gated_delta_rule.pallas_triton import (
     by_gates,
     document_rows,
-    gates_bounded,
+    gate_case,
     join_split_grads,
     prepare,
     split_rows,
@@ -55,7 +55,7 @@ from pallas_kernels.gated_delta_rule.pallas_triton import (
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["args", "docs", "w", "u", "unpad", "x", "phi", "m", "bounded"],
+    data_fields=["args", "docs", "w", "u", "unpad", "x", "phi", "m", "gate_case"],
     meta_fields=["statics", "shape"],
 )
 @dataclasses.dataclass(frozen=True)
@@ -75,9 +75,9 @@ class SplitCall:
     x: jax.Array | None = None  # the stored inverse (``BlockConfig.store_inverse``)
     phi: jax.Array | None = None  # [B·S, Hv, D, D]: each split's Φ_s (None: one split)
     m: jax.Array | None = None  # [B·S, Hv, D, E]: each split's M_s
-    # per-channel gates: whether every diagonal tile factors (``pallas_triton.gates_bounded``), the
-    # same for every entry point of the call, so the forward and the backward pick the same kernels
-    bounded: jax.Array | None = None
+    # per-channel gates: which kernels the gates allow (``pallas_triton.gate_case``), the same for
+    # every entry point of the call, so the forward and the backward pick the same kernels
+    gate_case: jax.Array | None = None
 
     @property
     def splits(self) -> int:
@@ -89,11 +89,12 @@ class SplitCall:
         return dataclasses.replace(self, u=None, w=None, x=None, m=None)
 
     def layout(self, statics: Statics | None = None) -> Layout:
-        return Layout(self.args[0], self.args[2], self.statics.cfg, (statics or self.statics).mode)
+        statics = statics or self.statics
+        return Layout(self.args[0], self.args[2], statics.cfg, statics.mode)
 
     def by_gates(self, fn):
         """``fn(statics)`` with the kernels the gates allow (``pallas_triton.by_gates``)."""
-        return by_gates(self.bounded, self.statics, fn)
+        return by_gates(self.gate_case, self.statics, fn)
 
     def padded_state(self, state):
         _, d, e = self.shape
@@ -150,14 +151,14 @@ def split_forward(q, k, v, beta, *, g=None, scale=None, segment_ids=None, interp
     splits = statics.cfg.splits
     *args, docs = split_rows(*args, document_rows(segment_ids, args[0].shape[1]), splits)
     qp, kp, vp, betap, bp = args
-    bounded = gates_bounded(bp, statics, qp.dtype)
+    case = gate_case(bp, statics, qp.dtype)
 
     w, u, x = by_gates(
-        bounded, statics, lambda st: wy_representation(kp, vp, betap, bp, docs, Layout(qp, vp, st.cfg, st.mode), st)
+        case, statics, lambda st: wy_representation(kp, vp, betap, bp, docs, Layout(qp, vp, st.cfg, st.mode), st)
     )
     # the transition forms no diagonal-tile products: one form, outside the cond
     phi, m = transition(w, u, kp, bp, docs, Layout(qp, vp, statics.cfg, statics.mode), statics, with_phi=with_phi)
-    call = SplitCall(tuple(args), docs, w, u, unpad, statics, (t, d, e), x, bounded=bounded)
+    call = SplitCall(tuple(args), docs, w, u, unpad, statics, (t, d, e), x, gate_case=case)
     if splits > 1:
         call = dataclasses.replace(call, phi=phi, m=m)
         phi, m = compose_transitions(phi, m, splits)

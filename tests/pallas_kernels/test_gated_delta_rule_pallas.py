@@ -136,7 +136,7 @@ def test_per_channel_gates_pick_the_kernels_the_gates_allow(rng, g_max, dtype, b
         xs["q"], xs["k"], xs["v"], xs["beta"], xs["g"], xs["initial_state"], None, 0.7, True, None
     )
     assert statics.mode == "channel"
-    found = pallas_triton.gates_bounded(args[4], statics, args[0].dtype)
+    found = pallas_triton.gate_case(args[4], statics, args[0].dtype)
     assert (None if found is None else bool(found)) is bounded
     got = jax.jit(lambda a: pallas_triton._gated_delta_rule(*a, docs, statics=statics))(args)
     for mode, same in (("channel_bounded", bounded is True), ("channel", bounded is not True)):
@@ -147,23 +147,44 @@ def test_per_channel_gates_pick_the_kernels_the_gates_allow(rng, g_max, dtype, b
 
 
 def test_gate_check_takes_the_largest_factored_tile(rng):
-    """The whole-input check asks every tile of the largest sub-tile a kernel factors to allow it:
-    log gates of 2.6–4 per token pass on 16-row tiles (half-spans ≤ 8 tokens, ≤ 32) and fail on 32-row
-    ones (16 tokens, ≥ 41.6 > 40), so 32-row output or WY-backward tiles (``output_rows``,
-    ``wy_bwd_rows``) send them to the exact kernels; a call without gradient checks the forward's."""
+    """Three cases under per-channel gates when some kernels factor larger sub-tiles (``output_rows``,
+    ``wy_bwd_rows``): log gates of 2.6–4 per token pass on 16-row tiles (half-spans ≤ 8 tokens, ≤ 32)
+    and fail on 32-row ones (16 tokens, ≥ 41.6 > 40), so they take the factored kernels on 16-row tiles
+    (case 1); log gates of at most 2.4 per token pass both (case 2: the larger tiles); 6–8 per token
+    fail both (case 0: the exact kernels). A call without gradient checks the forward's tiles alone.
+    The op's output equals, bit for bit, that of the kernels its case names, and differs from the
+    other forms' (so each case runs its own kernels)."""
     xs, _, _ = make_inputs(rng, b=1, t=64, h=1, hv=2, d=16, e=16, gate="kda")
-    xs["g"] = -rng.uniform(2.6, 4.0, xs["g"].shape)
-    xs = {n: jnp.asarray(x, jnp.float32) for n, x in xs.items()}
-    for config, want, want_forward in (
-        (BlockConfig(), True, True),
-        (BlockConfig(output_rows=32), False, False),
-        (BlockConfig(wy_bwd_rows=32), False, True),
+    both = BlockConfig(output_rows=32, wy_bwd_rows=32)
+    for low, high, config, want, want_forward in (
+        (2.6, 4.0, BlockConfig(), 1, 1),
+        (2.6, 4.0, BlockConfig(output_rows=32), 1, 1),
+        (2.6, 4.0, BlockConfig(wy_bwd_rows=32), 1, 1),
+        (2.6, 4.0, both, 1, 1),
+        (0.5, 2.4, BlockConfig(wy_bwd_rows=32), 2, 1),
+        (0.5, 2.4, both, 2, 2),
+        (6.0, 8.0, both, 0, 0),
     ):
-        args, _, statics = pallas_triton.prepare(
-            xs["q"], xs["k"], xs["v"], xs["beta"], xs["g"], xs["initial_state"], None, 0.7, True, config
+        xs["g"] = -rng.uniform(low, high, xs["g"].shape)
+        ys = {n: jnp.asarray(x, jnp.float32) for n, x in xs.items()}
+        args, docs, statics = pallas_triton.prepare(
+            ys["q"], ys["k"], ys["v"], ys["beta"], ys["g"], ys["initial_state"], None, 0.7, True, config
         )
-        assert bool(pallas_triton.gates_bounded(args[4], statics, args[0].dtype)) is want, config
-        assert bool(pallas_triton.gates_bounded(args[4], statics, args[0].dtype, backward=False)) is want_forward
+        assert int(pallas_triton.gate_case(args[4], statics, args[0].dtype)) == want, (low, config)
+        assert int(pallas_triton.gate_case(args[4], statics, args[0].dtype, backward=False)) == want_forward
+        if config is not both:
+            continue
+        small = dataclasses.replace(config, output_rows=None, wy_bwd_rows=None)
+        forms = [
+            dataclasses.replace(statics, cfg=small),
+            dataclasses.replace(statics, cfg=small, mode="channel_bounded"),
+            dataclasses.replace(statics, mode="channel_bounded"),
+        ]
+        got = jax.jit(lambda a, dc=docs, st=statics: pallas_triton._gated_delta_rule(*a, dc, statics=st))(args)
+        for case, forced in enumerate(forms):
+            run = jax.jit(lambda a, dc=docs, st=forced: pallas_triton._forward(*a, dc, st, keep_residuals=False)[:2])
+            equal = all(bool(jnp.array_equal(x, y)) for x, y in zip(got, run(args), strict=True))
+            assert equal is (case == want), (low, case, equal)
 
 
 CASES = {
@@ -366,9 +387,10 @@ def test_kernels_match_reference(rng, case, monkeypatch):
     check_kernels(rng, dtype=dtype, **shape, **extras)
     if pregated:
         assert True in calls and False in calls, calls
-    if parts:
+    if parts:  # traced: the larger tiles in the factored branch, channel_rows in the others
         rows = {"_output_kernel": cfg.output_rows, "_wy_bwd_kernel": cfg.wy_bwd_rows}
-        want = {name: {cfg.chunk // (rows.get(name) or cfg.channel_rows)} for name in parts}
+        small = cfg.chunk // cfg.channel_rows
+        want = {name: {small, cfg.chunk // (rows.get(name) or cfg.channel_rows)} for name in parts}
         assert parts == want and len(parts) == 4, parts
 
 
@@ -683,6 +705,13 @@ def test_default_config_fills_the_gpu_with_splits():
     # passes by the scalar gates' rule (one run of 16-wide blocks here); float32 keeps the former rule
     assert (kda.num_warps, kda.num_stages_bwd, kda.num_stages_bwd_exact) == (4, 2, 1)
     assert (kda.block_e, kda.splits) == (16, 1)
+    # bf16 KDA with heads up to 128: 32-row output / WY-backward sub-tiles where the gates allow them
+    # (session 23); fp16 (exact kernels), float32 and wider heads keep channel_rows
+    assert (kda.output_rows, kda.wy_bwd_rows, kda.channel_rows) == (32, 32, 16)
+    fp16_kda = default_config(
+        batch=1, value_heads=16, seq_len=32768, value_dim=128, interpret=False, dtype=jnp.float16, per_channel=True
+    )
+    assert (fp16_kda.output_rows, fp16_kda.wy_bwd_rows, per_channel.output_rows) == (None, None, None)
     # and the state passes on gated keys / queries formed once (session 19), also under sp and in
     # float32 (whose in-kernel form asks an H200 for more shared memory than it has)
     assert kda.pregated_state and per_channel.pregated_state and not low.pregated_state and not few.pregated_state
@@ -712,6 +741,7 @@ def test_default_config_fills_the_gpu_with_splits():
             )
             assert wide.num_stages_state == stages
             assert wide.block_cols == (32 if per_ch else cols)
+            assert wide.factored_rows == 16  # 32-row tiles were not launched at head dim 256
     assert (per_channel.num_warps, per_channel.num_stages_bwd, per_channel.num_stages_bwd_exact) == (8, 1, None)
 
 
@@ -754,8 +784,9 @@ def test_compiler_params_of_each_kernel_kind():
 
 
 def test_exact_tiles_lower_with_their_own_backward_stages(triton_lowering_h100):
-    """bf16 KDA's default: the backward chunk kernels behind the cond lower with 2 stages in the
-    factored branch and 1 in the exact one (``num_stages_bwd_exact``); the state passes with theirs."""
+    """bf16 KDA's default: the backward chunk kernels behind the switch lower with 2 stages in the two
+    factored branches (16-row tiles; 32-row output / WY-backward tiles) and 1 in the exact one
+    (``num_stages_bwd_exact``); the state passes with theirs."""
     spec = jax.ShapeDtypeStruct
     b, t, h, d = 1, 256, 2, 128
     q, beta = spec((b, t, h, d), jnp.bfloat16), spec((b, t, h), jnp.float32)
@@ -779,9 +810,9 @@ def test_exact_tiles_lower_with_their_own_backward_stages(triton_lowering_h100):
     )
     assert (cfg.num_stages_bwd, cfg.num_stages_bwd_exact) == (2, 1)
     for name in ("gated_delta_rule_output_bwd", "gated_delta_rule_wy_bwd"):
-        assert sorted(stages[name]) == [1, 2], (name, stages)
-    assert stages["gated_delta_rule_state_bwd"] == [cfg.num_stages_state] * 2, stages
-    assert sorted(stages["gated_delta_rule_wy"]) == [cfg.num_stages] * 2, stages
+        assert sorted(stages[name]) == [1, 2, 2], (name, stages)
+    assert stages["gated_delta_rule_state_bwd"] == [cfg.num_stages_state] * 3, stages
+    assert sorted(stages["gated_delta_rule_wy"]) == [cfg.num_stages] * 3, stages
 
 
 def test_kernels_lower_to_triton(triton_lowering_h100):
@@ -840,8 +871,9 @@ def test_kernels_lower_to_triton(triton_lowering_h100):
         kernels += ["transition", "state_bwd_local"] if splits > 1 else []
         kernels += ["state_step_bwd"] if config.wy_bwd_split else []
         # per-channel gates: every kernel twice, the factored-diagonal and the exact form, one
-        # lax.cond on the gates choosing in the forward and again in the backward
-        copies = 2 if gate == "kda" else 1
+        # lax.switch on the gates choosing in the forward and again in the backward; three times
+        # with 32-row output / WY-backward tiles (the factored form on them and on 16-row tiles)
+        copies = (3 if config.factored_rows > config.channel_rows else 2) if gate == "kda" else 1
         sums = 2 if config.cumsum_kernel else 0
         assert text.count("__gpu$xla.gpu.triton") == copies * len(kernels) + sums, f"expected the {kernels} kernels"
         for name in ("chunk_cumsum", "chunk_suffix_sum"):
@@ -957,6 +989,22 @@ def test_compiled_defaults_launch_per_dtype_and_head_dim(rng, gate, dtype, d):
     asked 248 KB, past the 227 KB limit; an offline build puts head dim 256 at 306 KB with 3 state
     stages), compiled and run, T = 1024, documents, against the token recurrence."""
     _check_compiled(rng, gate, (300,), None, 0.5, d=d, dtype=dtype, t=1024)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("g_max,case", [(0.5, 2), (5.0, 1), (9.0, 0)])
+def test_compiled_kda_default_takes_each_gate_case(rng, g_max, case):
+    """bf16 KDA's default (32-row output / WY-backward tiles where the gates allow them, session 23)
+    in each branch of its switch: log gates up to 0.5 per token (the 32-row tiles), up to 5 (16-row
+    tiles: every 8-token half-span ≤ 40, the 16-token ones past it) and up to 9 (the exact kernels),
+    T = 4096 with documents, against the token recurrence."""
+    xs, _, _ = make_inputs(np.random.default_rng(0), b=2, t=4096, h=2, hv=4, d=128, e=128, gate="kda", g_max=g_max)
+    low = [jnp.asarray(xs[n], jnp.bfloat16) for n in ("q", "k", "v")]
+    args, _, statics = pallas_triton.prepare(
+        *low, *(jnp.asarray(xs[n]) for n in ("beta", "g")), None, None, 0.5, False, None
+    )
+    assert int(pallas_triton.gate_case(args[4], statics, jnp.bfloat16)) == case
+    _check_compiled(rng, "kda", (700, 3000), None, g_max)
 
 
 def _check_compiled(rng, gate, docs, config, g_max, *, d=128, dtype=jnp.bfloat16, t=4096):
