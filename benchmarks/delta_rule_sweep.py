@@ -140,10 +140,13 @@ def variants(base, d: int, *, per_channel: bool = False) -> list[tuple[str, dict
         # the chunk-local cumulative gates and dg by a Pallas kernel, not XLA's cumsum (session 21)
         {"cumsum_kernel": not base.cumsum_kernel},
         # 32-row sub-tiles where they were faster in session 22 (call E: wy_bwd 3.95 -> 3.40 ms, output
-        # 1.01 -> 0.83 with channel_rows=32, which doubled wy), 16 elsewhere
-        {"output_rows": 32, "wy_bwd_rows": 32},
-        {"wy_bwd_rows": 32},
-        {"output_rows": 32},
+        # 1.01 -> 0.83 with channel_rows=32, which doubled wy), 16 elsewhere: the bf16 default since
+        # session 23; these rows are the 16-row tiles of before, in one kernel or both, and the WY
+        # backward on its 32-row tiles with 8 warps
+        {"output_rows": None, "wy_bwd_rows": None},
+        {"wy_bwd_rows": None},
+        {"output_rows": None},
+        {"num_warps_bwd": 8, "num_warps_output_bwd": 4},
     ]
     # scalar or no gates: the output written by the forward state pass (no output kernel)
     # (each value-block program forms Q Kᵀ ⊙ Γ again: wider blocks form it fewer times)
