@@ -9,7 +9,7 @@ both contenders in the same run, ``--json``). Right: device time by kernel at (1
 ours from a ``delta_rule_sweep.py --profile`` row (JSON), jax-linear-attention's from the
 ``DELTA_RULE_PROFILE`` listing in a ``delta_rule.py`` log (the fwd+bwd block of that shape; KDA:
 none was recorded, so ours alone). Nothing runs on a GPU here; the arguments name the files
-(defaults: session 14's for GDN, session 22's for KDA).
+(defaults: session 14's for GDN, session 23's for KDA).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import re
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 S14 = os.path.join(RESULTS, "2026-12-01_H200_s14")
-S22 = os.path.join(RESULTS, "2026-12-02_H200_s22")
+S23 = os.path.join(RESULTS, "2026-12-02_H200_s23")
 DEFAULTS = {  # --op: (op JSON, sweep JSON, sweep label, peer log or None, output, title)
     "gdn": (
         os.path.join(S14, "delta_op_e.json"),
@@ -32,9 +32,9 @@ DEFAULTS = {  # --op: (op JSON, sweep JSON, sweep label, peer log or None, outpu
         "Gated DeltaNet",
     ),
     "kda": (
-        os.path.join(S22, "callC", "delta_op.json"),
-        os.path.join(S22, "callB", "kda_profile.json"),
-        "default",
+        os.path.join(S23, "callB", "delta_op.json"),
+        os.path.join(S23, "callA", "kda_32_rows_from_log.json"),
+        "output_rows=32,wy_bwd_rows=32",  # the bf16 default since session 23
         None,
         "kda.png",
         "KDA (bounded gates)",
