@@ -183,7 +183,7 @@ class BlockConfig:
     @property
     def factored_rows(self) -> int:
         """Per-channel gates: the largest sub-tile any chunk kernel factors its diagonal tiles over
-        (what the whole-input check of ``pallas_triton.gates_bounded`` must allow)."""
+        (what the whole-input check of ``pallas_triton.gate_case`` asks of case 2)."""
         return max(self.channel_rows, self.output_rows or 0, self.wy_bwd_rows or 0)
 
     @property

@@ -447,7 +447,9 @@ def gate_case(b, statics: Statics, dtype, *, backward: bool = True):
 
 
 def by_gates(case, statics: Statics, fn, *, backward: bool = True):
-    """``fn(statics)``, under per-channel gates as one ``lax.switch`` on ``gate_case``'s ``case``:
+    """``fn(statics)``, under per-channel gates as one ``lax.switch`` on ``gate_case``'s ``case``
+    (the per-channel linear attention's statics, ``linear_attention.channel_common``: one ``lax.cond``
+    on its boolean ``gates_bounded``, exact or factored on its 16-row tiles):
     the exact kernels (mode ``"channel"``), the kernels with factored diagonal tiles (mode
     ``"channel_bounded"``) on ``channel_rows`` sub-tiles, and (where the config asks larger
     sub-tiles of some kernels; ``backward`` as in ``gate_case``) the factored kernels with them. The
@@ -458,6 +460,11 @@ def by_gates(case, statics: Statics, fn, *, backward: bool = True):
     if statics.mode != "channel":
         return fn(statics)
     cfg = statics.cfg
+    if not isinstance(cfg, BlockConfig):  # the per-channel linear attention's: one tile size, a boolean
+        if case is None:
+            return fn(statics)
+        fast = dataclasses.replace(statics, mode="channel_bounded")
+        return lax.cond(case, lambda: fn(fast), lambda: fn(statics))
     small = dataclasses.replace(statics, cfg=dataclasses.replace(cfg, output_rows=None, wy_bwd_rows=None))
     if case is None:
         return fn(small)

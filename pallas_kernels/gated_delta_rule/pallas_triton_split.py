@@ -156,7 +156,7 @@ def split_forward(q, k, v, beta, *, g=None, scale=None, segment_ids=None, interp
     w, u, x = by_gates(
         case, statics, lambda st: wy_representation(kp, vp, betap, bp, docs, Layout(qp, vp, st.cfg, st.mode), st)
     )
-    # the transition forms no diagonal-tile products: one form, outside the cond
+    # the transition forms no diagonal-tile products: one form, outside the switch
     phi, m = transition(w, u, kp, bp, docs, Layout(qp, vp, statics.cfg, statics.mode), statics, with_phi=with_phi)
     call = SplitCall(tuple(args), docs, w, u, unpad, statics, (t, d, e), x, gate_case=case)
     if splits > 1:

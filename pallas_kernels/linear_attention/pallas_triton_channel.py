@@ -224,8 +224,8 @@ class Residuals(NamedTuple):
 # The output kernel and the gradient kernels form the diagonal sub-tiles' products; where every
 # sub-tile allows it (``gates_bounded``) they run factored (mode "channel_bounded"), else exact:
 # one lax.cond around each (``by_gates`` inside ``forward_finish`` and ``vjp.backward_finish``), as
-# the gated delta rule's kernels do. The state passes and the scans over runs form no such
-# products and run once.
+# the gated delta rule's kernels do (they add a third form where configured: larger factored
+# tiles). The state passes and the scans over runs form no such products and run once.
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnames=("statics",))

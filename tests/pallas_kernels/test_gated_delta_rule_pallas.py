@@ -16,6 +16,7 @@ GPU-only: the compiled kernels at D = 128, bf16, T = 4096.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 import jax
@@ -146,14 +147,32 @@ def test_per_channel_gates_pick_the_kernels_the_gates_allow(rng, g_max, dtype, b
         assert equal is same, (mode, equal)
 
 
+@functools.partial(jax.jit, static_argnames=("statics", "no_grad"))
+def _op_outputs(args, cot, statics, no_grad=False):
+    """The op's ``(o, final state)`` and its gradients of the padded inputs (``no_grad``: the call
+    without gradient, whose switch checks the forward's tiles alone; no gradients)."""
+    if no_grad:
+        return pallas_triton._gated_delta_rule(*args, None, statics=statics), None
+    outs, pull = jax.vjp(lambda a: pallas_triton._gated_delta_rule(*a, None, statics=statics), args)
+    return outs, pull(cot)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("statics",))
+def _form_outputs(args, cot, statics):
+    """``_op_outputs`` of one kernel form, forced (no switch)."""
+    o, final, residuals = pallas_triton._forward(*args, None, statics)
+    return (o, final), pallas_triton._backward(statics, residuals, *cot)
+
+
 def test_gate_check_takes_the_largest_factored_tile(rng):
     """Three cases under per-channel gates when some kernels factor larger sub-tiles (``output_rows``,
     ``wy_bwd_rows``): log gates of 2.6–4 per token pass on 16-row tiles (half-spans ≤ 8 tokens, ≤ 32)
     and fail on 32-row ones (16 tokens, ≥ 41.6 > 40), so they take the factored kernels on 16-row tiles
     (case 1); log gates of at most 2.4 per token pass both (case 2: the larger tiles); 6–8 per token
     fail both (case 0: the exact kernels). A call without gradient checks the forward's tiles alone.
-    The op's output equals, bit for bit, that of the kernels its case names, and differs from the
-    other forms' (so each case runs its own kernels)."""
+    With both larger tiles, the op's outputs and every gradient (forward and backward each behind its
+    switch) equal, bit for bit, those of the kernels its case names and differ from the other forms'
+    (so each case runs its own kernels both ways), and so does the output of a call without gradient."""
     xs, _, _ = make_inputs(rng, b=1, t=64, h=1, hv=2, d=16, e=16, gate="kda")
     both = BlockConfig(output_rows=32, wy_bwd_rows=32)
     for low, high, config, want, want_forward in (
@@ -170,21 +189,32 @@ def test_gate_check_takes_the_largest_factored_tile(rng):
         args, docs, statics = pallas_triton.prepare(
             ys["q"], ys["k"], ys["v"], ys["beta"], ys["g"], ys["initial_state"], None, 0.7, True, config
         )
+        assert docs is None
         assert int(pallas_triton.gate_case(args[4], statics, args[0].dtype)) == want, (low, config)
         assert int(pallas_triton.gate_case(args[4], statics, args[0].dtype, backward=False)) == want_forward
         if config is not both:
             continue
+        args = tuple(args)
+        shapes = jax.eval_shape(lambda a, st=statics: pallas_triton._gated_delta_rule(*a, None, statics=st), args)
+        cot = tuple(jnp.asarray(rng.standard_normal(x.shape), x.dtype) for x in shapes)
+        got = _op_outputs(args, cot, statics)
+        got_primal, _ = _op_outputs(args, cot, statics, no_grad=True)
         small = dataclasses.replace(config, output_rows=None, wy_bwd_rows=None)
         forms = [
             dataclasses.replace(statics, cfg=small),
             dataclasses.replace(statics, cfg=small, mode="channel_bounded"),
             dataclasses.replace(statics, mode="channel_bounded"),
         ]
-        got = jax.jit(lambda a, dc=docs, st=statics: pallas_triton._gated_delta_rule(*a, dc, statics=st))(args)
         for case, forced in enumerate(forms):
-            run = jax.jit(lambda a, dc=docs, st=forced: pallas_triton._forward(*a, dc, st, keep_residuals=False)[:2])
-            equal = all(bool(jnp.array_equal(x, y)) for x, y in zip(got, run(args), strict=True))
-            assert equal is (case == want), (low, case, equal)
+            outs, grads = _form_outputs(args, cot, forced)
+            same_outs = all(bool(jnp.array_equal(x, y)) for x, y in zip(got[0], outs, strict=True))
+            same_grads = [bool(jnp.array_equal(x, y)) for x, y in zip(got[1], grads, strict=True)]
+            assert same_outs is (case == want), (low, case, same_outs)
+            # each gradient equal to its own form's; dq and dβ may not change between the factored
+            # forms, but some gradient must differ from every other form
+            assert all(same_grads) is (case == want), (low, case, same_grads)
+            if case == want:
+                assert all(bool(jnp.array_equal(x, y)) for x, y in zip(got_primal, outs, strict=True))
 
 
 CASES = {
