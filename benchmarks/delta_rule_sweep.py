@@ -149,6 +149,9 @@ def variants(base, d: int, *, per_channel: bool = False) -> list[tuple[str, dict
         {"num_warps_bwd": 8, "num_warps_output_bwd": 4},
         # the two near-ties of session 23's call D (9.64 and 9.63 against 9.70 ms), together
         {"inverse_precision": "tf32", "wy_bwd_split": True},
+        # 32-row tiles in every kernel with the inverse's float32 products in tf32 (the float32 inverse
+        # of 32-row diagonal blocks is what doubled wy in session 22's call E)
+        {"channel_rows": 32, "inverse_precision": "tf32"},
     ]
     # scalar or no gates: the output written by the forward state pass (no output kernel)
     # (each value-block program forms Q Kᵀ ⊙ Γ again: wider blocks form it fewer times)

@@ -482,12 +482,27 @@ def test_long_inputs_run_in_pieces(rng, monkeypatch):
     check_kernels(rng, dtype=jnp.float32, docs=(32, 50), **shape)
 
 
+def test_split_call_layout_takes_the_branch_config():
+    """``SplitCall.layout(statics)`` builds the layout from the branch's own config: the 16-row
+    branches of a config with 32-row output tiles lay the output kernel out on 16-row tiles (it took the
+    call's config, so those branches would have run 32-row output tiles on gates that fail their
+    check)."""
+    cfg = BlockConfig(chunk=32, block_e=16, output_rows=32, wy_bwd_rows=32, store_inverse=True, store_scores=True)
+    x = jnp.zeros((1, 64, 1, 16))
+    _, _, call = pallas_triton_split.split_forward(
+        x, x, x, jnp.full((1, 64, 1), 0.5), g=jnp.full((1, 64, 1, 16), -0.1), interpret=True, config=cfg
+    )
+    small = dataclasses.replace(call.statics, cfg=dataclasses.replace(cfg, output_rows=None, wy_bwd_rows=None))
+    assert call.layout().output_parts == 1 and call.layout(small).output_parts == 2
+    assert call.layout().wy_bwd_parts == 1 and call.layout(small).wy_bwd_parts == 2
+
+
 @pytest.mark.parametrize(
-    "gate, fused, pregated",
-    [("gdn", False, False), ("gdn", True, False), ("kda", False, True)],
-    ids=["output-kernel", "fused-output", "kda-pregated-state"],
+    "gate, fused, pregated, rows",
+    [("gdn", False, False, None), ("gdn", True, False, None), ("kda", False, True, None), ("kda", False, True, 32)],
+    ids=["output-kernel", "fused-output", "kda-pregated-state", "kda-32-row-output-wy-bwd"],
 )
-def test_split_entry_points_chain_two_calls(rng, gate, fused, pregated):
+def test_split_entry_points_chain_two_calls(rng, gate, fused, pregated, rows):
     """Two calls chained through ``split_forward`` / ``finish_forward`` (entering state
     ``Φ₀ S₀ + M₀``) and ``split_backward`` / ``finish_backward`` (leaving cotangent ``Φ₁ᵀ dS + dS_in``
     of the second) equal the whole sequence, a document crossing the cut: what LASP does per rank.
@@ -498,7 +513,8 @@ def test_split_entry_points_chain_two_calls(rng, gate, fused, pregated):
     the second call's first split and at its split boundary. ``fused``: the stored pass writes the
     output (``BlockConfig.fuse_output``) from each split's entering state; ``pregated``: KDA's state
     passes (the transition, the stored and the local reverse pass) on gated keys / queries formed once
-    (``BlockConfig.pregated_state``)."""
+    (``BlockConfig.pregated_state``); ``rows``: 32-row output / WY-backward tiles on 32-token chunks
+    (one chunk per split; gates of ≤ 0.1 per token take the 32-row branch)."""
     xs, cot, seg = make_inputs(rng, b=2, t=64, h=1, hv=2, d=16, e=16, gate=gate, g_max=0.1, docs=(40, 48))
     seg[0] = seg[0, 0]
     x32 = {n: jnp.asarray(x, jnp.float32) for n, x in xs.items()}
@@ -525,13 +541,15 @@ def test_split_entry_points_chain_two_calls(rng, gate, fused, pregated):
                 segment_ids=p["seg"],
                 interpret=True,
                 config=BlockConfig(
-                    chunk=16,
+                    chunk=rows or 16,
                     block_e=16,
                     splits=2,
                     store_inverse=True,
                     store_scores=not fused,
                     fuse_output=fused,
                     pregated_state=pregated,
+                    output_rows=rows,
+                    wy_bwd_rows=rows,
                 ),
             )
             calls.append((phi, m, call))
