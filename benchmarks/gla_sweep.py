@@ -89,10 +89,13 @@ CONFIGS = [
     ("pregated_state,splits=2", {"pregated_state": True, "splits": 2}),
     ("pregated_state,splits=2,block_e=16", {"pregated_state": True, "splits": 2, "block_e": 16}),
     ("pregated_state,state_stages=3", {"pregated_state": True, "num_stages_state": 3}),
+    # the output kernel on 32-row sub-tiles where the gates allow them (session 23; KDA's output kernel
+    # 1.02 -> 0.84 ms that way on an H200): not timed for GLA yet
+    ("output_rows=32", {"output_rows": 32}),
 ]
 
 INTERPRET_SHAPE = (1, 64, 2, 32)
-INTERPRET_CAPS = {"chunk": 32, "block_cols": 16, "block_e": 16, "splits": 4}
+INTERPRET_CAPS = {"chunk": 32, "block_cols": 16, "block_e": 16, "splits": 4, "output_rows": 16}
 
 
 def _fns(config, interpret):

@@ -117,7 +117,7 @@ class BlockConfig:
         two fields take the larger tiles only there, and only in the factored form (the exact kernels
         keep ``channel_rows``). The bf16 default since session 23: device time 9.62 → 8.88 ms (``wy_bwd``
         3.96 → 3.41, ``output`` 1.02 → 0.84); gates that fail the 32-row check take the 16-row tiles
-        (``pallas_triton.by_gates``).
+        (``products.by_gates``).
       wy_bwd_split: the WY backward as two kernels, the state step's shares of dk and db first
         (reading h, dh and V'), then the WY form's; False: one kernel holding both (more live
         registers: ptxas reported spills for it).
@@ -183,13 +183,18 @@ class BlockConfig:
     @property
     def factored_rows(self) -> int:
         """Per-channel gates: the largest sub-tile any chunk kernel factors its diagonal tiles over
-        (what the whole-input check of ``pallas_triton.gate_case`` asks of case 2)."""
+        (what the whole-input check of ``products.gate_case`` asks of case 2)."""
         return max(self.channel_rows, self.output_rows or 0, self.wy_bwd_rows or 0)
 
     @property
     def forward_factored_rows(self) -> int:
         """``factored_rows`` of the forward kernels alone (a call that takes no gradient)."""
         return max(self.channel_rows, self.output_rows or 0)
+
+    def small_tiles(self) -> BlockConfig:
+        """This config with every kernel on ``channel_rows`` sub-tiles (the exact form, and the
+        factored form where the larger tiles' check fails: ``products.by_gates``)."""
+        return dataclasses.replace(self, output_rows=None, wy_bwd_rows=None)
 
 
 # interpret mode (CPU tests): the interpreter's programs are compiled by XLA once per shape, and the
@@ -292,7 +297,7 @@ def default_config(
     if per_channel and dtype is not None and jnp.dtype(dtype) == jnp.bfloat16 and max(key_dim, value_dim) <= 128:
         # and 32-row sub-tiles in the forward output kernel and the WY backward where the gates allow
         # them (log gates >= about -2.5 per token; else 16-row tiles, or the exact kernels: the
-        # three-way switch of ``pallas_triton.by_gates``). H200, KDA (1, 32K, 16, 128) bf16 fwd+bwd,
+        # three-way switch of ``products.by_gates``). H200, KDA (1, 32K, 16, 128) bf16 fwd+bwd,
         # session 23: device time 9.62 -> 8.88 ms (wy_bwd 3.96 -> 3.41, output 1.02 -> 0.84), wall
         # 10.07 -> 9.45 ms. float16 takes the exact kernels (no factored tiles); float32 and heads
         # wider than 128 were not timed with them

@@ -31,7 +31,6 @@ the entering state (sequence parallelism) ``pallas_triton_split``.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -69,7 +68,7 @@ from pallas_kernels.gated_delta_rule.layout import (
     value_chunk,
     zero_blocks,
 )
-from pallas_kernels.gated_delta_rule.products import CHANNEL_MODES, factored_diagonals_allowed
+from pallas_kernels.gated_delta_rule.products import CHANNEL_MODES, by_gates, gate_case  # noqa: F401 (re-exported)
 from pallas_kernels.gated_delta_rule.reference import document_index
 
 # ---- kernels ----------------------------------------------------------------------------------
@@ -423,61 +422,11 @@ def join_split_grads(grads, splits: int):
     return dq, dk, dv, dbeta, db, ds0.reshape((-1, splits) + ds0.shape[1:])[:, 0]
 
 
-def gate_case(b, statics: Statics, dtype, *, backward: bool = True):
-    """Under per-channel gates, which kernels the chunk-local cumulative log gates ``b`` (``[B, T',
-    Hv, D]``) allow, as an int32 scalar: 0 the exact kernels, 1 diagonal tiles factored around their
-    middle row on ``channel_rows`` sub-tiles, 2 factored on the larger sub-tiles the config asks of
-    some kernels (``BlockConfig.output_rows`` / ``wy_bwd_rows``: ``factored_rows``, or without
-    ``backward`` the forward kernels' ``forward_factored_rows``); case 2 exists only where those are
-    larger than ``channel_rows``. None (the exact kernels, no switch) for other gates and for float16
-    inputs (``products.factored_diagonals_allowed``). Every tile of a size is checked over the whole
-    input; a tile of 32 rows that passes implies its two 16-row halves pass (b is non-increasing
-    inside a chunk), but case 2 asks both anyway."""
-    if statics.mode != "channel":
-        return None
-    cfg = statics.cfg
-    small = factored_diagonals_allowed(b, cfg.channel_rows, dtype, axis=1)
-    if small is None:
-        return None
-    case = small.astype(jnp.int32)
-    rows = cfg.factored_rows if backward else cfg.forward_factored_rows
-    if rows > cfg.channel_rows:
-        case = case + (small & factored_diagonals_allowed(b, rows, dtype, axis=1)).astype(jnp.int32)
-    return case
-
-
-def by_gates(case, statics: Statics, fn, *, backward: bool = True):
-    """``fn(statics)``, under per-channel gates as one ``lax.switch`` on ``gate_case``'s ``case``
-    (the per-channel linear attention's statics, ``linear_attention.channel_common``: one ``lax.cond``
-    on its boolean ``gates_bounded``, exact or factored on its 16-row tiles):
-    the exact kernels (mode ``"channel"``), the kernels with factored diagonal tiles (mode
-    ``"channel_bounded"``) on ``channel_rows`` sub-tiles, and (where the config asks larger
-    sub-tiles of some kernels; ``backward`` as in ``gate_case``) the factored kernels with them. The
-    larger sub-tiles are only for the factored form: the exact kernels always take ``channel_rows``.
-    H200, KDA (1, 32K, 16, 128) bf16 fwd+bwd: 24.6 → 15.3–15.7 ms (session 17, factored against
-    exact); a branch per tile inside the kernels instead measured 19.58 ms (both forms' registers in
-    every kernel); 32-row output / WY-backward tiles 9.62 → 8.88 ms of device time (session 23)."""
-    if statics.mode != "channel":
-        return fn(statics)
-    cfg = statics.cfg
-    if not isinstance(cfg, BlockConfig):  # the per-channel linear attention's: one tile size, a boolean
-        if case is None:
-            return fn(statics)
-        fast = dataclasses.replace(statics, mode="channel_bounded")
-        return lax.cond(case, lambda: fn(fast), lambda: fn(statics))
-    small = dataclasses.replace(statics, cfg=dataclasses.replace(cfg, output_rows=None, wy_bwd_rows=None))
-    if case is None:
-        return fn(small)
-    branches = [lambda: fn(small), lambda: fn(dataclasses.replace(small, mode="channel_bounded"))]
-    if (cfg.factored_rows if backward else cfg.forward_factored_rows) > cfg.channel_rows:
-        branches.append(lambda: fn(dataclasses.replace(statics, mode="channel_bounded")))
-    return lax.switch(case, branches)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnames=("statics",))
 def _gated_delta_rule(q, k, v, beta, b, s0, docs, statics: Statics):
     run = lambda st: _forward(q, k, v, beta, b, s0, docs, st, keep_residuals=False)[:2]  # noqa: E731
-    return by_gates(gate_case(b, statics, q.dtype, backward=False), statics, run, backward=False)
+    case = gate_case(b, statics, q.dtype, backward=False)
+    return by_gates(case, statics, run, rows=statics.cfg.forward_factored_rows)
 
 
 def _gated_delta_rule_fwd(q, k, v, beta, b, s0, docs, statics: Statics):

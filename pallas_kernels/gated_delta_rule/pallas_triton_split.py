@@ -41,9 +41,7 @@ from pallas_kernels.gated_delta_rule.layout import (
     to_splits,
 )
 from pallas_kernels.gated_delta_rule.pallas_triton import (
-    by_gates,
     document_rows,
-    gate_case,
     join_split_grads,
     prepare,
     split_rows,
@@ -51,6 +49,7 @@ from pallas_kernels.gated_delta_rule.pallas_triton import (
     transition,
     wy_representation,
 )
+from pallas_kernels.gated_delta_rule.products import by_gates, gate_case
 
 
 @functools.partial(
@@ -75,7 +74,7 @@ class SplitCall:
     x: jax.Array | None = None  # the stored inverse (``BlockConfig.store_inverse``)
     phi: jax.Array | None = None  # [B·S, Hv, D, D]: each split's Φ_s (None: one split)
     m: jax.Array | None = None  # [B·S, Hv, D, E]: each split's M_s
-    # per-channel gates: which kernels the gates allow (``pallas_triton.gate_case``), the same for
+    # per-channel gates: which kernels the gates allow (``products.gate_case``), the same for
     # every entry point of the call, so the forward and the backward pick the same kernels
     gate_case: jax.Array | None = None
 
@@ -93,7 +92,7 @@ class SplitCall:
         return Layout(self.args[0], self.args[2], statics.cfg, statics.mode)
 
     def by_gates(self, fn):
-        """``fn(statics)`` with the kernels the gates allow (``pallas_triton.by_gates``)."""
+        """``fn(statics)`` with the kernels the gates allow (``products.by_gates``)."""
         return by_gates(self.gate_case, self.statics, fn)
 
     def padded_state(self, state):

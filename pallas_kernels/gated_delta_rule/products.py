@@ -25,6 +25,7 @@ The gradient of the log gates follows one rule: a product ``Σ_d x_id y_jd exp(b
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal, NamedTuple
 
 import jax
@@ -127,6 +128,56 @@ def factored_diagonals_allowed(b: jax.Array, rows: int, dtype, *, axis: int = 1)
     if jnp.dtype(dtype) == jnp.float16:
         return None
     return diag_tiles_bounded(b, rows, axis=axis)
+
+
+def gate_case(b, statics, dtype, *, backward: bool = True):
+    """Under per-channel gates, which kernels the chunk-local cumulative log gates ``b`` (``[B, T',
+    Hv, D]``) allow, as an int32 scalar: 0 the exact kernels, 1 diagonal tiles factored around their
+    middle row on ``channel_rows`` sub-tiles, 2 factored on the larger sub-tiles the config asks of
+    some kernels (``BlockConfig.output_rows`` / ``wy_bwd_rows``: ``factored_rows``, or without
+    ``backward`` the forward kernels' ``forward_factored_rows``); case 2 exists only where those are
+    larger than ``channel_rows``. None (the exact kernels, no switch) for other gates and for float16
+    inputs (``products.factored_diagonals_allowed``). Every tile of a size is checked over the whole
+    input; a tile of 32 rows that passes implies its two 16-row halves pass (b is non-increasing
+    inside a chunk), but case 2 asks both anyway. ``statics``: the delta rule's, or the per-channel
+    linear attention's (``b`` ``[R, T', H, D]``; ``by_gates`` says what their configs share)."""
+    if statics.mode != "channel":
+        return None
+    cfg = statics.cfg
+    small = factored_diagonals_allowed(b, cfg.channel_rows, dtype, axis=1)
+    if small is None:
+        return None
+    case = small.astype(jnp.int32)
+    rows = cfg.factored_rows if backward else cfg.forward_factored_rows
+    if rows > cfg.channel_rows:
+        case = case + (small & factored_diagonals_allowed(b, rows, dtype, axis=1)).astype(jnp.int32)
+    return case
+
+
+def by_gates(case, statics, fn, *, rows: int | None = None):
+    """``fn(statics)``, under per-channel gates as one ``lax.switch`` on ``gate_case``'s ``case``:
+    the exact kernels (mode ``"channel"``), the kernels with factored diagonal tiles (mode
+    ``"channel_bounded"``) on ``channel_rows`` sub-tiles, and (where the kernels ``fn`` runs factor
+    larger tiles: ``rows``, default ``cfg.factored_rows``, above ``channel_rows``) the factored kernels
+    on those. The larger sub-tiles are only for the factored form: the exact kernels always take
+    ``channel_rows`` (``cfg.small_tiles()``). ``statics``: the delta rule's or the per-channel linear
+    attention's (``linear_attention.channel_common.ChannelStatics``; their configs share
+    ``channel_rows``, ``factored_rows``, ``forward_factored_rows`` and ``small_tiles``).
+    H200, KDA (1, 32K, 16, 128) bf16 fwd+bwd: 24.6 → 15.3–15.7 ms (session 17, factored against
+    exact); a branch per tile inside the kernels instead measured 19.58 ms (both forms' registers in
+    every kernel); 32-row output / WY-backward tiles 9.62 → 8.88 ms of device time (session 23).
+    The delta rule's callers: ``pallas_triton`` and ``pallas_triton_split``; the per-channel linear
+    attention's: ``linear_attention.pallas_triton_channel`` and its ``_vjp``."""
+    if statics.mode != "channel":
+        return fn(statics)
+    cfg = statics.cfg
+    small = dataclasses.replace(statics, cfg=cfg.small_tiles())
+    if case is None:
+        return fn(small)
+    branches = [lambda: fn(small), lambda: fn(dataclasses.replace(small, mode="channel_bounded"))]
+    if (cfg.factored_rows if rows is None else rows) > cfg.channel_rows:
+        branches.append(lambda: fn(dataclasses.replace(statics, mode="channel_bounded")))
+    return lax.switch(case, branches)
 
 
 def _channel_diag_levels(p: Pair, mxu):

@@ -141,6 +141,13 @@ class ChannelConfig:
         head (``[R, T, H, D]``, H / Hk times the keys).
       num_warps / num_stages: Triton launch parameters of the output kernel; ``*_state``: of the
         two state passes; ``*_bwd``: of the gradient kernel(s).
+      output_rows: rows of the output kernel's sub-tiles in the factored form (None: 16, as every
+        other kernel; a power of two up to the chunk), as the delta rule's ``BlockConfig.output_rows``
+        (session 23, KDA on an H200: its output kernel 1.02 → 0.84 ms with 32). Its stored scores are
+        read back by the gradient kernels as their 16-row blocks. The whole-input gate check then
+        asks the larger tiles' factors to stay below e^40 too (32 rows: log gates ≥ about −2.5 per
+        token), else the 16-row factored form runs, or the exact one (``gated_delta_rule
+        .products.gate_case`` / ``by_gates``). Not timed on a GPU for GLA yet.
     """
 
     chunk: int = 64
@@ -157,6 +164,7 @@ class ChannelConfig:
     num_stages_bwd: int = 1
     stacked_pairs: bool = False
     pregated_state: bool = False
+    output_rows: int | None = None
 
     def __post_init__(self):
         for name in ("chunk", "block_cols", "block_e"):
@@ -165,6 +173,30 @@ class ChannelConfig:
                 raise ValueError(f"ChannelConfig.{name}={value} must be a power of two >= {CHANNEL_SUB_TILE}")
         if self.splits < 1:
             raise ValueError(f"ChannelConfig.splits={self.splits} must be positive")
+        rows = self.output_rows
+        if rows is not None and (rows & (rows - 1) or not CHANNEL_SUB_TILE <= rows <= self.chunk):
+            raise ValueError(
+                f"ChannelConfig.output_rows={rows} must be a power of two from {CHANNEL_SUB_TILE} to chunk={self.chunk}"
+            )
+
+    # the interface of ``gated_delta_rule.products.gate_case`` / ``by_gates`` (shared with the
+    # delta rule's BlockConfig): the sub-tile every kernel takes, the largest any kernel factors over
+
+    @property
+    def channel_rows(self) -> int:
+        return CHANNEL_SUB_TILE
+
+    @property
+    def factored_rows(self) -> int:
+        return max(CHANNEL_SUB_TILE, self.output_rows or 0)
+
+    @property
+    def forward_factored_rows(self) -> int:
+        return self.factored_rows
+
+    def small_tiles(self) -> ChannelConfig:
+        """This config with every kernel on 16-row sub-tiles (the exact and 16-row factored forms)."""
+        return dataclasses.replace(self, output_rows=None)
 
 
 def default_channel_config(

@@ -52,7 +52,8 @@ from pallas_kernels.gated_delta_rule.layout import (
     to_splits,
     zero_blocks,
 )
-from pallas_kernels.gated_delta_rule.pallas_triton import by_gates, document_rows
+from pallas_kernels.gated_delta_rule.pallas_triton import document_rows
+from pallas_kernels.gated_delta_rule.products import by_gates
 from pallas_kernels.linear_attention import pallas_triton_channel_vjp as vjp
 from pallas_kernels.linear_attention.channel_common import (
     MODE,
@@ -65,7 +66,7 @@ from pallas_kernels.linear_attention.channel_common import (
     cumulative_tiles,
     doc_inputs,
     full_state_rows,
-    gates_bounded,
+    gate_case,
     pregated_inputs,
     run_pass,
     run_scan,
@@ -166,6 +167,7 @@ def output(q, k, v, g, docs, h_local, s_run, enter, lay: Layout, statics: Channe
     return pl.pallas_call(
         functools.partial(
             chunk_kernel(_output_kernel, lay, statics, has_docs=has_docs),
+            parts=Layout(q, k, v, statics.cfg).output_parts,  # the branch's config (``by_gates``), not lay's
             stacked=statics.cfg.stacked_pairs,
             mode=statics.mode,
         ),
@@ -199,14 +201,12 @@ def forward_local(q, k, v, g, docs, statics: ChannelStatics, b=None) -> Local:
     return Local(h_local, m, chunk_logs(across, docs, lay.chunk))
 
 
-def forward_finish(q, k, v, g, docs, local: Local, s0, statics: ChannelStatics, bounded=None):
+def forward_finish(q, k, v, g, docs, local: Local, s0, statics: ChannelStatics, case=None):
     """``(o, final state, residual states)`` from the initial state ``s0`` ``[B, H, D, E]``; the
-    output kernel in the form ``bounded`` (``gates_bounded``) allows (``by_gates``)."""
+    output kernel in the form ``case`` (``gate_case``) names (``by_gates``)."""
     lay = Layout(q, k, v, statics.cfg)
     s_run, final = run_scan(local.m, local.logs.run, s0, statics.cfg.splits, reverse=False, interpret=statics.interpret)
-    o, z = by_gates(
-        bounded, statics, lambda st: output(q, k, v, g, docs, local.h_local, s_run, local.logs.enter, lay, st)
-    )
+    o, z = by_gates(case, statics, lambda st: output(q, k, v, g, docs, local.h_local, s_run, local.logs.enter, lay, st))
     return o, final, vjp.States(local.h_local, s_run, local.logs, z)
 
 
@@ -235,17 +235,17 @@ def _linear_attention(q, k, v, g, s0, docs, statics: ChannelStatics):
 
 def _linear_attention_fwd(q, k, v, g, s0, docs, statics: ChannelStatics):
     b = cumulative_gates(g, statics)  # one kernel for the gate check and the pregated passes
-    bounded, local = gates_bounded(b, q.dtype), forward_local(q, k, v, g, docs, statics, b)
-    o, final, states = forward_finish(q, k, v, g, docs, local, s0, statics, bounded)
-    return (o, final), (Residuals(q, k, v, g, docs, states), bounded)
+    case, local = gate_case(b, statics, q.dtype), forward_local(q, k, v, g, docs, statics, b)
+    o, final, states = forward_finish(q, k, v, g, docs, local, s0, statics, case)
+    return (o, final), (Residuals(q, k, v, g, docs, states), case)
 
 
 def _linear_attention_bwd(statics: ChannelStatics, res, cotangents):
     do, d_final = cotangents
-    res, bounded = res
+    res, case = res
     pending = vjp.backward_local(res.q, res.g, res.docs, do, statics=statics)
     grads = vjp.backward_finish(
-        res.q, res.k, res.v, res.g, res.docs, res.states, pending, d_final, statics=statics, bounded=bounded
+        res.q, res.k, res.v, res.g, res.docs, res.states, pending, d_final, statics=statics, case=case
     )
     return (*grads, None)  # document numbers are integers: no cotangent
 
@@ -387,7 +387,7 @@ def _document_runs(segment_ids, padded_len: int, splits: int):
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["q", "k", "v", "g", "docs", "unpad", "bounded"],
+    data_fields=["q", "k", "v", "g", "docs", "unpad", "gate_case"],
     meta_fields=["statics", "shape"],
 )
 @dataclasses.dataclass(frozen=True)
@@ -403,7 +403,7 @@ class SplitCall:
     unpad: object
     statics: ChannelStatics
     shape: tuple
-    bounded: jax.Array | None = None  # ``gates_bounded(g)``: the same kernels forward and backward
+    gate_case: jax.Array | None = None  # ``gate_case(b)``: the same kernels forward and backward
 
     def unpadded(self, state):
         _, _, d, e = self.shape
@@ -433,7 +433,7 @@ def split_forward(q, k, v, *, g, g_gamma=None, scale=None, segment_ids=None, int
     docs = _document_runs(segment_ids, qp.shape[1] * splits, splits)
     shape = (q.shape[0], q.shape[1], q.shape[-1], v.shape[-1])
     b = cumulative_gates(gp, statics)
-    call = SplitCall(qp, kp, vp, gp, docs, unpad, statics, shape, bounded=gates_bounded(b, qp.dtype))
+    call = SplitCall(qp, kp, vp, gp, docs, unpad, statics, shape, gate_case=gate_case(b, statics, qp.dtype))
     local = forward_local(qp, kp, vp, gp, docs, statics, b)
     _, m = run_scan(local.m, local.logs.run, call.zero_state(), splits, reverse=False, interpret=interpret)
     return call.unpadded(m), call, local
@@ -444,7 +444,7 @@ def finish_forward(call: SplitCall, local: Local, initial_state):
     are what ``split_backward`` needs."""
     _, t, _, e = call.shape
     s0 = call.padded(initial_state)
-    o, _, states = forward_finish(call.q, call.k, call.v, call.g, call.docs, local, s0, call.statics, call.bounded)
+    o, _, states = forward_finish(call.q, call.k, call.v, call.g, call.docs, local, s0, call.statics, call.gate_case)
     return from_splits(o, call.statics.cfg.splits)[:, :t, :, :e], states
 
 
@@ -478,6 +478,6 @@ def finish_backward(call: SplitCall, states: vjp.States, pending: vjp.LocalCotan
         pending,
         call.padded(d_final),
         statics=call.statics,
-        bounded=call.bounded,
+        case=call.gate_case,
     )
     return (*call.unpad((dq, dk, dv, dg)), None, call.unpadded(ds0))

@@ -46,7 +46,7 @@ from pallas_kernels.gated_delta_rule.layout import (
     store_col_tiles,
     store_tiles,
 )
-from pallas_kernels.gated_delta_rule.pallas_triton import by_gates
+from pallas_kernels.gated_delta_rule.products import by_gates
 from pallas_kernels.linear_attention.channel_common import (
     MODE,
     ChannelStatics,
@@ -321,17 +321,23 @@ def grads(q, k, v, g, docs, states: States, local: LocalCotangents, d_run, lay: 
 
 
 def backward_finish(
-    q, k, v, g, docs, states: States, local: LocalCotangents, d_final, *, statics: ChannelStatics, bounded=None
+    q, k, v, g, docs, states: States, local: LocalCotangents, d_final, *, statics: ChannelStatics, case=None
 ):
     """Cotangents ``(dq, dk, dv, dg, d initial_state)`` from stage 1 and the final state's cotangent
-    ``[B, H, D, E]``; the gradient kernels in the form ``bounded`` allows (``by_gates``, as the
+    ``[B, H, D, E]``; the gradient kernels in the form ``case`` names (``by_gates``, as the
     forward's output kernel)."""
     lay = Layout(q, k, v, statics.cfg)
     splits = statics.cfg.splits
     d_run, ds0 = run_scan(
         local.dm, states.logs.run, d_final.astype(F32), splits, reverse=True, interpret=statics.interpret
     )
-    dq, dk, dv, dg = by_gates(bounded, statics, lambda st: grads(q, k, v, g, docs, states, local, d_run, lay, st))
+    # the gradient kernels take 16-row sub-tiles in every factored case (only the output kernel has
+    # larger ones): case 2 runs the 16-row factored form, whose check it passed
+    case = None if case is None else jnp.minimum(case, 1)
+    rows = statics.cfg.channel_rows
+    dq, dk, dv, dg = by_gates(
+        case, statics, lambda st: grads(q, k, v, g, docs, states, local, d_run, lay, st), rows=rows
+    )
     if lay.group > 1:
         r, t = dk.shape[:2]
         dk = dk.reshape(r, t, lay.kv_heads, lay.group, lay.dim).sum(3).astype(k.dtype)

@@ -14,6 +14,7 @@ pieces; the kernels through the Triton lowering. Each case is one compile of the
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -118,7 +119,7 @@ def test_gates_pick_the_kernels_they_allow(rng, g_max, dtype, bounded):
     statics = ptc._statics(q, k, v, scale=None, interpret=True, config=None)
     qp, kp, vp, gp = ptc._prepare(q, k, v, g, statics)
     s0 = ptc._padded_state(jnp.asarray(xs["initial_state"], jnp.float32), qp, vp, 1)
-    found = ptc.gates_bounded(ptc.cumulative_gates(gp, statics), qp.dtype)
+    found = ptc.gate_case(ptc.cumulative_gates(gp, statics), statics, qp.dtype)
     assert (None if found is None else bool(found)) is bounded
     got = jax.jit(lambda *a: ptc._linear_attention(*a, None, statics=statics))(qp, kp, vp, gp, s0)
     for mode, same in (("channel_bounded", bounded is True), ("channel", bounded is not True)):
@@ -130,6 +131,68 @@ def test_gates_pick_the_kernels_they_allow(rng, g_max, dtype, bounded):
         want = jax.jit(run)(qp, kp, vp, gp, s0)
         equal = all(bool(jnp.array_equal(x, y)) for x, y in zip(got, want, strict=True))
         assert equal is same, (mode, equal)
+
+
+@functools.partial(jax.jit, static_argnames=("statics",))
+def _op_vjp(qp, kp, vp, gp, s0, do, d_final, statics):
+    """o, the final state and the gradients of the padded inputs of ``_linear_attention``."""
+    fn = functools.partial(pallas_triton_channel._linear_attention, docs=None, statics=statics)
+    (o, final), pull = jax.vjp(fn, qp, kp, vp, gp, s0)
+    return [o, final, *pull((do.astype(o.dtype), d_final))]
+
+
+def test_output_rows_take_each_gate_case(rng, monkeypatch):
+    """``ChannelConfig.output_rows=32``: the output kernel on 32-row sub-tiles where every 32-row
+    tile's factors stay below e^40 (case 2: log decays ≤ 2.4 per token), the 16-row factored kernels
+    where only the 16-row tiles pass (case 1: 2.6–4 per token), the exact ones past both (case 0: 6–8).
+    The op's o, final state and every gradient equal, bit for bit, those of the op forced into the form
+    its case names (the exact form: its gate check off) and differ from the other two forms'; the forms
+    trace their output kernel on 4, 4 and 2 sub-tiles, the op on both; case 2 matches the float64
+    recurrence."""
+    ptc = pallas_triton_channel
+    config = ChannelConfig(chunk=64, block_cols=16, block_e=16, pregated_state=True, output_rows=32)
+    parts, label = {}, [None]
+    real_output, real_case = ptc._output_kernel, ptc.gate_case
+
+    def recorded(*args, **kwargs):  # at trace time: once per form (``_op_vjp`` caches by statics)
+        parts.setdefault(label[0], set()).add(kwargs["parts"])
+        return real_output(*args, **kwargs)
+
+    monkeypatch.setattr(ptc, "_output_kernel", recorded)
+    xs, cot, _ = make_inputs(rng, b=1, t=64, h=2, hk=1, d=16, e=16)
+    q, k, v = (jnp.asarray(xs[n], jnp.float32) for n in ("q", "k", "v"))
+    statics = ptc._statics(q, k, v, scale=None, interpret=True, config=config)
+    small = dataclasses.replace(statics, cfg=config.small_tiles())
+    bounded = "channel_bounded"
+    forms = [small, dataclasses.replace(small, mode=bounded), dataclasses.replace(statics, mode=bounded)]
+    do, d_final = (jnp.asarray(cot[n], jnp.float32) for n in ("o", "final_state"))
+
+    def outputs(g, st, name, *, check=True):
+        label[0] = name
+        monkeypatch.setattr(ptc, "gate_case", real_case if check else (lambda *a: None))
+        qp, kp, vp, gp = ptc._prepare(q, k, v, g, st)
+        s0 = ptc._padded_state(jnp.asarray(xs["initial_state"], jnp.float32), qp, vp, 1)
+        out = _op_vjp(qp, kp, vp, gp, s0, do, d_final, st)
+        monkeypatch.setattr(ptc, "gate_case", real_case)
+        return out
+
+    for low, high, want in ((0.5, 2.4, 2), (2.6, 4.0, 1), (6.0, 8.0, 0)):
+        xs["g"] = -rng.uniform(low, high, xs["g"].shape)
+        g = jnp.asarray(xs["g"], jnp.float32)
+        gp = ptc._prepare(q, k, v, g, statics)[3]
+        assert int(ptc.gate_case(ptc.cumulative_gates(gp, statics), statics, jnp.float32)) == want, low
+        got = outputs(g, statics, "op")
+        for case, form in enumerate(forms):
+            forced = outputs(g, form, case, check=case != 0)
+            same = [bool(jnp.array_equal(x, y)) for x, y in zip(got, forced, strict=True)]
+            assert all(same) is (case == want), (low, case, same)
+        if want == 2:
+            label[0] = "public"  # the public entry point, its own switch
+            ys = {n: np.asarray(x, np.float64) for n, x in _low(xs, jnp.float32).items()}
+            cot32 = {n: jnp.asarray(c, jnp.float32) for n, c in cot.items()}
+            got_ref = _value_and_grads(_interpret_kernel(config, None), _low(ys, jnp.float32), cot32)
+            _assert_close(got_ref, _oracle(ys, cot, None, 0.7), tol(jnp.float32, 64))
+    assert parts == {"op": {2, 4}, 0: {4}, 1: {4}, 2: {2}, "public": {2, 4}}, parts
 
 
 @pytest.mark.parametrize("split_grads,stacked", [(False, False), (True, False), (False, True), (True, True)])
@@ -245,13 +308,16 @@ def _survives(seg):
     return jnp.all(seg == seg[:, :1], axis=1)[:, None, None, None]
 
 
-@pytest.mark.parametrize("pregated", [False, True])
-def test_split_entry_points_chain_two_calls(rng, pregated):
+@pytest.mark.parametrize("pregated,rows", [(False, None), (True, None), (True, 32)])
+def test_split_entry_points_chain_two_calls(rng, pregated, rows):
     """Two calls chained through ``split_forward`` / ``finish_forward`` (entering state ``Γ₀ ⊙ S₀ +
     M₀``, ``Γ = e^{Σ g}`` per key channel, zero across a document start) and ``split_backward`` /
     ``finish_backward`` (leaving cotangent ``Γ₁ ⊙ dS + dM₁``) equal the whole sequence, with a
-    document crossing the cut: what LASP does per rank (and with ``pregated_state``)."""
-    config = ChannelConfig(chunk=16, block_cols=16, block_e=16, splits=2, pregated_state=pregated)
+    document crossing the cut: what LASP does per rank (and with ``pregated_state``; ``rows``: the
+    output kernel on 32-row sub-tiles of 32-token chunks, which these mild decays allow)."""
+    config = ChannelConfig(
+        chunk=rows or 16, block_cols=16, block_e=16, splits=2, pregated_state=pregated, output_rows=rows
+    )
     # 2 key/value heads of 2 query heads; a boundary inside the second chunk of the first call's first
     # run (the state carried into it must stop), another near the second call's end; mild decays (down
     # to −0.1 per token), so states reach across chunks and calls
@@ -335,6 +401,7 @@ def test_kernels_lower_to_triton(triton_lowering_h100):
         ((2, 100, 4, 2, 40, 24), jnp.float32, True, None),
         ((1, 256, 2, 2, 128, 128), jnp.bfloat16, True, ChannelConfig(splits=2, stacked_pairs=True)),
         ((1, 256, 4, 2, 128, 128), jnp.bfloat16, True, ChannelConfig(splits=2, pregated_state=True)),
+        ((1, 256, 4, 2, 128, 128), jnp.bfloat16, True, ChannelConfig(splits=2, pregated_state=True, output_rows=32)),
     ]:
         q, k, v = spec((b, t, h, d), dtype), spec((b, t, hk, d), dtype), spec((b, t, hk, e), dtype)
         g, s0 = spec((b, t, h, d), jnp.float32), spec((b, h, d, e), jnp.float32)
@@ -354,9 +421,10 @@ def test_kernels_lower_to_triton(triton_lowering_h100):
         effective = config or default_channel_config(batch=b, heads=h, seq_len=t, value_dim=pad_dim(e), interpret=False)
         names += ["grads_state"] if effective.split_grads else []
         # the output and gradient kernels twice: the factored-diagonal and the exact form, one
-        # lax.cond on the gates choosing in the forward and again in the backward
+        # lax.switch on the gates choosing in the forward and again in the backward; the output kernel
+        # three times with 32-row output tiles (factored on them, factored on 16 rows, exact)
         twice = {"output", "grads", "grads_state"}
-        count = sum(2 if name in twice else 1 for name in names)
+        count = sum(2 if name in twice else 1 for name in names) + (1 if effective.output_rows else 0)
         # the chunk-local cumulative gates by the delta rule's kernel: once in the forward (the
         # whole-input gate check, and the pregated forward pass reads the same sums), and with
         # pregated state passes once more before the reverse pass
@@ -375,6 +443,8 @@ GPU_CASES = {
     "split-grads-docs": ((1000, 2500), ChannelConfig(split_grads=True, recompute_dz=True)),
     "stacked-pairs-docs": ((1000, 2500), ChannelConfig(stacked_pairs=True)),
     "pregated-docs": ((1000, 2500), ChannelConfig(splits=2, pregated_state=True)),
+    # the output kernel on 32-row sub-tiles (``output_rows``; log decays down to −1 pass its check)
+    "32-row-output-docs": ((1000, 2500), ChannelConfig(splits=2, pregated_state=True, output_rows=32)),
     # log decays down to −7 per token: some 16-row diagonal tiles' middle-row factors exceed e^40, so
     # the whole input runs the exact kernels behind the cond (the cases above take the factored ones)
     "strong-gates-docs": ((1000, 2500), None, 7.0),
