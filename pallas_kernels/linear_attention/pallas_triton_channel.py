@@ -222,10 +222,10 @@ class Residuals(NamedTuple):
 
 
 # The output kernel and the gradient kernels form the diagonal sub-tiles' products; where every
-# sub-tile allows it (``gates_bounded``) they run factored (mode "channel_bounded"), else exact:
-# one lax.cond around each (``by_gates`` inside ``forward_finish`` and ``vjp.backward_finish``), as
-# the gated delta rule's kernels do (they add a third form where configured: larger factored
-# tiles). The state passes and the scans over runs form no such products and run once.
+# sub-tile allows it (``gate_case``) they run factored (mode "channel_bounded"), else exact: one
+# lax.switch around each (``by_gates`` inside ``forward_finish`` and ``vjp.backward_finish``), as the
+# gated delta rule's kernels do; with ``ChannelConfig.output_rows`` the output kernel has a third form
+# (factored on its larger tiles). The state passes and the scans over runs form no such products.
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnames=("statics",))

@@ -315,8 +315,16 @@ def test_split_entry_points_chain_two_calls(rng, pregated, rows):
     ``finish_backward`` (leaving cotangent ``Γ₁ ⊙ dS + dM₁``) equal the whole sequence, with a
     document crossing the cut: what LASP does per rank (and with ``pregated_state``; ``rows``: the
     output kernel on 32-row sub-tiles of 32-token chunks, which these mild decays allow)."""
+    # (with ``rows``, the GPU default's two gradient kernels too: ``split_grads``, ``recompute_dz``)
     config = ChannelConfig(
-        chunk=rows or 16, block_cols=16, block_e=16, splits=2, pregated_state=pregated, output_rows=rows
+        chunk=rows or 16,
+        block_cols=16,
+        block_e=16,
+        splits=2,
+        pregated_state=pregated,
+        output_rows=rows,
+        split_grads=rows is not None,
+        recompute_dz=rows is not None,
     )
     # 2 key/value heads of 2 query heads; a boundary inside the second chunk of the first call's first
     # run (the state carried into it must stop), another near the second call's end; mild decays (down
@@ -443,10 +451,23 @@ GPU_CASES = {
     "split-grads-docs": ((1000, 2500), ChannelConfig(split_grads=True, recompute_dz=True)),
     "stacked-pairs-docs": ((1000, 2500), ChannelConfig(stacked_pairs=True)),
     "pregated-docs": ((1000, 2500), ChannelConfig(splits=2, pregated_state=True)),
-    # the output kernel on 32-row sub-tiles (``output_rows``; log decays down to −1 pass its check)
-    "32-row-output-docs": ((1000, 2500), ChannelConfig(splits=2, pregated_state=True, output_rows=32)),
+    # the output kernel on 32-row sub-tiles (``output_rows``; log decays down to −1 pass its check) with
+    # the bf16 default's other fields (two gradient kernels, 4 warps, 2 state stages, pregated passes)
+    "32-row-output-docs": (
+        (1000, 2500),
+        ChannelConfig(
+            splits=2,
+            split_grads=True,
+            recompute_dz=True,
+            num_warps=4,
+            num_warps_bwd=4,
+            num_stages_state=2,
+            pregated_state=True,
+            output_rows=32,
+        ),
+    ),
     # log decays down to −7 per token: some 16-row diagonal tiles' middle-row factors exceed e^40, so
-    # the whole input runs the exact kernels behind the cond (the cases above take the factored ones)
+    # the whole input runs the exact kernels behind the switch (the cases above take the factored ones)
     "strong-gates-docs": ((1000, 2500), None, 7.0),
 }
 
