@@ -378,6 +378,11 @@ def test_supports_and_rejects():
         ChannelConfig(block_cols=24)
     with pytest.raises(ValueError, match="splits"):
         ChannelConfig(splits=0)
+    for bad in (dict(output_rows=24), dict(output_rows=8), dict(output_rows=64, chunk=32)):
+        with pytest.raises(ValueError, match=r"output_rows=\d+ must be a power of two from 16 to chunk=\d+"):
+            ChannelConfig(**bad)
+    rows32 = ChannelConfig(output_rows=32)
+    assert (rows32.factored_rows, rows32.small_tiles().factored_rows, rows32.channel_rows) == (32, 16, 16)
     few = default_channel_config(batch=1, heads=16, seq_len=32768, value_dim=128, interpret=False)
     assert (few.chunk, few.block_e, few.splits) == (64, 32, 8)  # 512 programs per state pass, 64 chunks each
     assert few.split_grads and few.recompute_dz  # the two-kernel gradients (faster on the H200)
