@@ -68,7 +68,7 @@ from pallas_kernels.gated_delta_rule.layout import (
     value_chunk,
     zero_blocks,
 )
-from pallas_kernels.gated_delta_rule.products import CHANNEL_MODES, by_gates, gate_case  # noqa: F401 (re-exported)
+from pallas_kernels.gated_delta_rule.products import CHANNEL_MODES, by_gates, gate_case
 from pallas_kernels.gated_delta_rule.reference import document_index
 
 # ---- kernels ----------------------------------------------------------------------------------

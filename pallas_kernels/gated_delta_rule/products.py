@@ -159,7 +159,8 @@ def by_gates(case, statics, fn, *, rows: int | None = None):
     the exact kernels (mode ``"channel"``), the kernels with factored diagonal tiles (mode
     ``"channel_bounded"``) on ``channel_rows`` sub-tiles, and (where the kernels ``fn`` runs factor
     larger tiles: ``rows``, default ``cfg.factored_rows``, above ``channel_rows``) the factored kernels
-    on those. The larger sub-tiles are only for the factored form: the exact kernels always take
+    on those (where they do not, case 2 runs the ``channel_rows`` factored form, whose check case 2
+    passed too). The larger sub-tiles are only for the factored form: the exact kernels always take
     ``channel_rows`` (``cfg.small_tiles()``). ``statics``: the delta rule's or the per-channel linear
     attention's (``linear_attention.channel_common.ChannelStatics``; their configs share
     ``channel_rows``, ``factored_rows``, ``forward_factored_rows`` and ``small_tiles``).
@@ -177,7 +178,7 @@ def by_gates(case, statics, fn, *, rows: int | None = None):
     branches = [lambda: fn(small), lambda: fn(dataclasses.replace(small, mode="channel_bounded"))]
     if (cfg.factored_rows if rows is None else rows) > cfg.channel_rows:
         branches.append(lambda: fn(dataclasses.replace(statics, mode="channel_bounded")))
-    return lax.switch(case, branches)
+    return lax.switch(jnp.minimum(case, len(branches) - 1), branches)
 
 
 def _channel_diag_levels(p: Pair, mxu):

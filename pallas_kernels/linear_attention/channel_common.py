@@ -38,7 +38,6 @@ from pallas_kernels.common import F32, dot
 from pallas_kernels.gated_delta_rule import common
 from pallas_kernels.gated_delta_rule.common import Docs
 from pallas_kernels.gated_delta_rule.layout import channel_chunk_cumsum, compiler_params, mxu_dtype, pregated_operands
-from pallas_kernels.gated_delta_rule.products import gate_case as delta_gate_case
 from pallas_kernels.linear_attention.config import CHANNEL_SUB_TILE, ChannelConfig
 
 MODE = "channel"  # the gate form of the shared tile math (gated_delta_rule.common)
@@ -54,7 +53,7 @@ class ChannelStatics:
       interpret: run the kernels in the Pallas interpreter.
       mode: the gate form of the shared tile math: ``"channel"`` (exact for any gates) or
         ``"channel_bounded"`` (diagonal sub-tiles factored around their middle row; chosen by
-        ``gate_case`` and ``gated_delta_rule.products.by_gates``).
+        ``gated_delta_rule.products.gate_case`` and ``by_gates``).
     """
 
     scale: float
@@ -66,19 +65,9 @@ class ChannelStatics:
 def cumulative_gates(g, statics: ChannelStatics):
     """The chunk-local cumulative sums b of the log decays ``g`` ``[R, T, H, D]`` (the kernels' input
     on runs, T whole chunks), float32, by the delta rule's Pallas kernel (``channel_chunk_cumsum``;
-    in the interpreter with ``statics.interpret``): what ``gate_case`` checks and
+    in the interpreter with ``statics.interpret``): what ``products.gate_case`` checks and
     ``pregated_inputs`` gates with."""
     return channel_chunk_cumsum(g.astype(F32), statics.cfg.chunk, statics.interpret)
-
-
-def gate_case(b, statics: ChannelStatics, dtype):
-    """Which kernels the chunk-local cumulative log decays b (``cumulative_gates``, the sums the
-    kernels form) allow: an int32 scalar, 0 the exact kernels, 1 every diagonal 16-row sub-tile
-    factored around its middle row, 2 the output kernel's larger sub-tiles factored too
-    (``ChannelConfig.output_rows``; ``gated_delta_rule.products.diag_tiles_bounded`` at each size);
-    None (the exact kernels, no switch) for float16 inputs ``dtype``
-    (``products.factored_diagonals_allowed``). The delta rule's ``products.gate_case``."""
-    return delta_gate_case(b, statics, dtype)
 
 
 class Layout:

@@ -53,7 +53,7 @@ from pallas_kernels.gated_delta_rule.layout import (
     zero_blocks,
 )
 from pallas_kernels.gated_delta_rule.pallas_triton import document_rows
-from pallas_kernels.gated_delta_rule.products import by_gates
+from pallas_kernels.gated_delta_rule.products import by_gates, gate_case
 from pallas_kernels.linear_attention import pallas_triton_channel_vjp as vjp
 from pallas_kernels.linear_attention.channel_common import (
     MODE,
@@ -66,7 +66,6 @@ from pallas_kernels.linear_attention.channel_common import (
     cumulative_tiles,
     doc_inputs,
     full_state_rows,
-    gate_case,
     pregated_inputs,
     run_pass,
     run_scan,
@@ -167,7 +166,7 @@ def output(q, k, v, g, docs, h_local, s_run, enter, lay: Layout, statics: Channe
     return pl.pallas_call(
         functools.partial(
             chunk_kernel(_output_kernel, lay, statics, has_docs=has_docs),
-            parts=Layout(q, k, v, statics.cfg).output_parts,  # the branch's config (``by_gates``), not lay's
+            parts=lay.output_parts,
             stacked=statics.cfg.stacked_pairs,
             mode=statics.mode,
         ),
@@ -203,10 +202,14 @@ def forward_local(q, k, v, g, docs, statics: ChannelStatics, b=None) -> Local:
 
 def forward_finish(q, k, v, g, docs, local: Local, s0, statics: ChannelStatics, case=None):
     """``(o, final state, residual states)`` from the initial state ``s0`` ``[B, H, D, E]``; the
-    output kernel in the form ``case`` (``gate_case``) names (``by_gates``)."""
-    lay = Layout(q, k, v, statics.cfg)
+    output kernel in the form ``case`` (``gate_case``) names (``by_gates``), each form on the layout of
+    its own config (the output kernel's sub-tiles differ between them)."""
     s_run, final = run_scan(local.m, local.logs.run, s0, statics.cfg.splits, reverse=False, interpret=statics.interpret)
-    o, z = by_gates(case, statics, lambda st: output(q, k, v, g, docs, local.h_local, s_run, local.logs.enter, lay, st))
+
+    def form(st):
+        return output(q, k, v, g, docs, local.h_local, s_run, local.logs.enter, Layout(q, k, v, st.cfg), st)
+
+    o, z = by_gates(case, statics, form)
     return o, final, vjp.States(local.h_local, s_run, local.logs, z)
 
 

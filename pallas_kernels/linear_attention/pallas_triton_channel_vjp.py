@@ -332,8 +332,7 @@ def backward_finish(
         local.dm, states.logs.run, d_final.astype(F32), splits, reverse=True, interpret=statics.interpret
     )
     # the gradient kernels take 16-row sub-tiles in every factored case (only the output kernel has
-    # larger ones): case 2 runs the 16-row factored form, whose check it passed
-    case = None if case is None else jnp.minimum(case, 1)
+    # larger ones): case 2 runs the 16-row factored form (``by_gates`` with ``rows``)
     rows = statics.cfg.channel_rows
     dq, dk, dv, dg = by_gates(
         case, statics, lambda st: grads(q, k, v, g, docs, states, local, d_run, lay, st), rows=rows

@@ -93,7 +93,7 @@ def test_strong_channel_decay(rng):
 @pytest.mark.parametrize("g_range", [(0.01, 0.5), (6.0, 8.0)], ids=["factored-tiles", "exact-tiles"])
 def test_pallas_split_kernels(rng, g_range):
     """The split entry points in interpret mode: usual decays take the kernels with factored
-    diagonal sub-tiles, g ≈ −7 (half-spans past 40) the exact ones (``channel_common.gate_case``)."""
+    diagonal sub-tiles, g ≈ −7 (half-spans past 40) the exact ones (``gated_delta_rule.products.gate_case``)."""
     check(rng, dp=1, strategy="ring", impl="pallas", g_range=g_range)
 
 
