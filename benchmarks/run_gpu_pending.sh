@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU measurements left open at the end of session 23, in order of value: about 10 minutes on one
-# H200, then about 14 on 2 (or 4); each step has its own time limit and keeps its output if a later
-# one fails. Run from the repository root:
+# The GPU measurements left open at the end of session 24, in order of value: about 14 minutes on 2 (or 4)
+# H200s (session 24 ran the one-GPU steps); each step has its own time limit and keeps its output if a
+# later one fails. Run from the repository root:
 #   OUT=runs/pending bash benchmarks/run_gpu_pending.sh
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # never NVLink multicast
@@ -9,17 +9,6 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/pending}
 mkdir -p "$OUT"
 N=$(nvidia-smi -L | wc -l)
-# one GPU (session 23 ran out of device time before it): 32-row tiles in every KDA kernel with the
-# inverse's products in tf32 (session 22's all-32-row row doubled wy with the float32 inverse of its
-# 32-row diagonal blocks) against the default's 32-row output / WY-backward tiles
-timeout 230 python3 benchmarks/delta_rule_sweep.py --ops kda --reps 16 --budget 200 --labels default channel_rows=32 channel_rows=32,inverse_precision=tf32 --json "$OUT/kda_rows32_tf32.json" > "$OUT/kda_rows32_tf32.log" 2>&1
-echo "== kda 32-row tiles everywhere, tf32 inverse"; grep -E '^\{' "$OUT/kda_rows32_tf32.log" | cut -c1-200
-# GLA's output kernel on 32-row sub-tiles (ChannelConfig.output_rows, session 23, CPU-tested only): its
-# GPU case, then the sweep row beside the default
-timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/pallas_kernels/test_gla_pallas.py -k "32-row-output" > "$OUT/gpu_tests_gla_32_rows.log" 2>&1
-echo "== gpu test gla 32-row output"; tail -n 2 "$OUT/gpu_tests_gla_32_rows.log"
-timeout 200 python3 benchmarks/gla_sweep.py --reps 16 --budget 170 --labels default output_rows=32 --json "$OUT/gla_32_rows.json" > "$OUT/gla_32_rows.log" 2>&1
-echo "== gla 32-row output"; tail -n 4 "$OUT/gla_32_rows.log" | cut -c1-200
 # issue 18: the softmax layer with impl="auto", which now runs cuDNN block pairs under a mesh
 # (cudnn_blocks, session 15: each rank's block compute 0.53x of one cuDNN GPU at sp=2 and 0.255x at
 # sp=4 on one H200, never run on 2 GPUs); its GPU tests over every local GPU first

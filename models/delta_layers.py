@@ -131,6 +131,7 @@ class DeltaRuleMixer(nnx.Module):
 
     output_activation = staticmethod(jax.nn.silu)
     gate_split: tuple[bool, ...] = ()
+    gate_lower_bound: float | None = None  # the log gates' floor, passed to the op (KDA's bounded gates)
 
     def __init__(
         self,
@@ -306,6 +307,7 @@ class DeltaRuleMixer(nnx.Module):
             scale=self.scale,
             initial_state=None if initial_state is None else initial_state.recurrent,
             output_final_state=return_state,
+            gate_lower_bound=self.gate_lower_bound,
             **ctx.op_options(),
         )
         state = DeltaRuleState(conv_state, recurrent) if return_state else None
@@ -362,8 +364,9 @@ class KDA(DeltaRuleMixer):
     def __init__(self, d_model: int, n_heads: int, *, gate_lower_bound: float | None = None, **kwargs):
         """``gate_lower_bound``: None, the decays ``g = −exp(A_log) · softplus(f + dt_bias)``; a negative
         number b, ``g = b · sigmoid(exp(A_log) · (f + dt_bias))`` in [b, 0) (flash-linear-attention's
-        ``lower_bound``, Kimi Linear's safe gate). With b ≥ −5 every 16-token tile of the gates stays
-        within the Pallas kernels' factored diagonal form (``gated_delta_rule``, README)."""
+        ``lower_bound``, Kimi Linear's safe gate). The op is told the bound (its ``gate_lower_bound``):
+        with b ≥ −5 the Pallas kernels take their factored diagonal form at trace time, one kernel
+        form compiled and no check over the gates (b ≥ −2.5: the 32-row tiles too)."""
         check_gate_lower_bound(gate_lower_bound)
         self.gate_lower_bound = None if gate_lower_bound is None else float(gate_lower_bound)
         super().__init__(d_model, n_heads, **kwargs)

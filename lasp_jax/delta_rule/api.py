@@ -29,6 +29,7 @@ from lasp_jax.mesh import check_mesh, check_ulysses_heads, layer_shard_map, laye
 from lasp_jax.state_passing import broadcast_from, varying_axes
 from pallas_kernels import gated_delta_rule
 from pallas_kernels.gated_delta_rule.api import check_impl, validate
+from pallas_kernels.gated_delta_rule.products import floor_gates
 
 Strategy = Literal["allgather", "ring", "scan", "ulysses"]
 STRATEGIES = ("allgather", "ring", "scan", "ulysses")
@@ -40,7 +41,9 @@ def _check_strategy(strategy):
         raise ValueError(f"strategy must be one of {STRATEGIES}, got strategy={strategy!r}")
 
 
-def ulysses(q, k, v, beta, *, axis_name, size, g, scale, initial_state, output_final_state, segment_ids, impl):
+def ulysses(
+    q, k, v, beta, *, axis_name, size, g, scale, initial_state, output_final_state, segment_ids, impl, gate_lower_bound
+):
     """All-to-all from sequence- to head-sharded, the single-device op on the whole sequence, back.
 
     Heads split contiguously, so rank r's q/k heads ``[r·H/P, (r+1)·H/P)`` serve exactly its value
@@ -68,6 +71,7 @@ def ulysses(q, k, v, beta, *, axis_name, size, g, scale, initial_state, output_f
         output_final_state=output_final_state,
         segment_ids=None if segment_ids is None else jax.lax.all_gather(segment_ids, axis_name, axis=1, tiled=True),
         impl=impl,
+        gate_lower_bound=gate_lower_bound,
     )
     o = jax.lax.all_to_all(o, axis_name, split_axis=1, concat_axis=2, tiled=True)
     if output_final_state:
@@ -91,6 +95,7 @@ def lasp_gated_delta_rule_shard(
     output_final_state: bool = False,
     segment_ids: jax.Array | None = None,
     impl: str = "auto",
+    gate_lower_bound: float | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """The sequence-parallel gated delta rule on one shard; call it inside ``jax.shard_map``.
 
@@ -109,11 +114,14 @@ def lasp_gated_delta_rule_shard(
     """
     _check_strategy(strategy)
     check_impl(impl)
-    validate(q, k, v, beta, g=g, initial_state=initial_state, segment_ids=segment_ids)
+    validate(
+        q, k, v, beta, g=g, initial_state=initial_state, segment_ids=segment_ids, gate_lower_bound=gate_lower_bound
+    )
     size = shard_axis_size(axis_name, layer="lasp_gated_delta_rule")
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     kwargs = dict(
-        g=g,
+        g=floor_gates(g, gate_lower_bound),  # raised once here; the kernels take the bound as a hint
+        gate_lower_bound=gate_lower_bound,
         scale=scale,
         initial_state=initial_state,
         output_final_state=output_final_state,
@@ -145,6 +153,7 @@ def lasp_gated_delta_rule(
     output_final_state: bool = False,
     segment_ids: jax.Array | None = None,
     impl: str = "auto",
+    gate_lower_bound: float | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """The gated delta rule (DeltaNet, Gated DeltaNet, KDA) with the sequence sharded over ``mesh[seq_axis]``.
 
@@ -158,8 +167,8 @@ def lasp_gated_delta_rule(
       batch_axis: mesh axis (or tuple of axes) that splits B, or None (replicated batch).
       head_axis: mesh axis that splits the heads (H and Hv contiguously; tensor parallelism), or None.
       strategy: one of ``STRATEGIES``.
-      g, scale, initial_state, output_final_state, impl: as in ``pallas_kernels.gated_delta_rule``;
-        ``impl`` picks the local op on every shard.
+      g, scale, initial_state, output_final_state, impl, gate_lower_bound: as in
+        ``pallas_kernels.gated_delta_rule``; ``impl`` picks the local op on every shard.
       segment_ids: integer document ids ``[B, T]`` for packed rows: the state resets wherever the id
         changes (also exactly at a shard edge); ``initial_state`` applies to each row's first
         document and ``final_state`` is the state of its last one.
@@ -175,9 +184,12 @@ def lasp_gated_delta_rule(
     """
     _check_strategy(strategy)
     check_impl(impl)
-    validate(q, k, v, beta, g=g, initial_state=initial_state, segment_ids=segment_ids)
+    validate(
+        q, k, v, beta, g=g, initial_state=initial_state, segment_ids=segment_ids, gate_lower_bound=gate_lower_bound
+    )
     kwargs = dict(
         g=g,
+        gate_lower_bound=gate_lower_bound,
         scale=scale,
         initial_state=initial_state,
         output_final_state=output_final_state,
@@ -212,6 +224,7 @@ def lasp_gated_delta_rule(
             output_final_state=output_final_state,
             segment_ids=xs.get("segment_ids"),
             impl=impl,
+            gate_lower_bound=gate_lower_bound,
         )
 
     out_specs = (specs.tokens, specs.state if output_final_state else None)

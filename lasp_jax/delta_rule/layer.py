@@ -71,6 +71,7 @@ class DeltaRuleConfig:
     # enclosing shard_map does not check varying axes)
     inputs: tuple[tuple[str, Any, frozenset], ...] = ()
     vma_checked: bool = False
+    gate_lower_bound: float | None = None  # the log gates' floor (already applied): a hint to the kernels
 
 
 class SplitResiduals(NamedTuple):
@@ -113,6 +114,7 @@ def _local_op(cfg: DeltaRuleConfig, inputs, segments: Segments | None):
         output_final_state=True,
         segment_ids=_doc(segments),
         impl=cfg.impl,
+        gate_lower_bound=cfg.gate_lower_bound,
     )
 
 
@@ -170,6 +172,7 @@ def _forward_split(cfg: DeltaRuleConfig, inputs, segments: Segments | None):
         interpret=not on_gpu(),
         config=config,
         with_phi=with_phi,
+        gate_lower_bound=cfg.gate_lower_bound,
     )
     if segments is not None and phi is not None:
         phi = segments.unless_starts_new(phi)
@@ -288,6 +291,7 @@ def delta_rule_layer(
     output_final_state,
     segment_ids=None,
     impl,
+    gate_lower_bound=None,
 ):
     """The ring (LASP), allgather (LASP-2) or log-depth scan gated delta rule on one shard; see the
     module docstring."""
@@ -304,6 +308,7 @@ def delta_rule_layer(
         output_final_state=output_final_state,
         inputs=tuple((n, x.dtype, varying_axes(x)) for n, x in sorted(inputs.items())),
         vma_checked=axis_name in varying_axes(q),
+        gate_lower_bound=gate_lower_bound,
     )
     segments = None if segment_ids is None else shard_segments(segment_ids, axis_name=axis_name, size=size)
     return _layer(cfg, inputs, segments)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.common import on_gpu
 from pallas_kernels.gated_delta_rule import reference, xla
+from pallas_kernels.gated_delta_rule.products import check_gate_lower_bound, floor_gates
 
 Impl = Literal["auto", "pallas", "xla", "reference"]
 IMPLS = ("auto", "pallas", "xla", "reference")
@@ -68,9 +69,12 @@ def _check_tensors(q, k, v, beta):
         raise ValueError(f"beta must be [B, T, Hv]={(b, t, hv)}, got beta.shape={_shape(beta)}")
 
 
-def validate(q, k, v, beta, *, g=None, initial_state=None, segment_ids=None):
+def validate(q, k, v, beta, *, g=None, initial_state=None, segment_ids=None, gate_lower_bound=None):
     """Raise ValueError/TypeError naming the argument and the shapes seen; return (B, T, H, Hv, D, E)."""
     _check_tensors(q, k, v, beta)
+    check_gate_lower_bound(gate_lower_bound)
+    if gate_lower_bound is not None and g is None:
+        raise ValueError(f"gate_lower_bound={gate_lower_bound} bounds the log gates, but g is None (DeltaNet has none)")
     b, t, h, d = q.shape
     hv, e = v.shape[2:]
     if g is not None:
@@ -128,6 +132,7 @@ def gated_delta_rule(
     output_final_state: bool = False,
     segment_ids: jax.Array | None = None,
     impl: Impl = "auto",
+    gate_lower_bound: float | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Gated delta rule: ``S_t = (I − β_t k_t k_tᵀ) diag(exp g_t) S_{t-1} + β_t k_t v_tᵀ``, ``o_t = scale · S_tᵀ q_t``.
 
@@ -147,15 +152,24 @@ def gated_delta_rule(
         document of each row and ``final_state`` is the state of the last one.
       impl: ``"auto"`` (Pallas kernel on a supported GPU, else ``"xla"``), ``"pallas"`` (interpret
         mode off the GPU), ``"xla"`` (chunked WY form in jnp) or ``"reference"`` (token scan).
+      gate_lower_bound: None, or a negative floor on the log gates: every gate below it is raised to
+        it (its gradient there is zero), for every ``impl``. Gates built as ``bound · sigmoid(·)``
+        (flash-linear-attention's ``lower_bound``; the models' ``gate_lower_bound``) never reach
+        below it. With per-channel gates in bf16 or float32 and a bound ≥ −5, the Pallas kernels pick
+        their diagonal-tile form at trace time (``products.static_case``): one form compiled and no
+        check over the gates, instead of a switch between three.
 
     Returns:
       ``(o, final_state)``: o ``[B, T, Hv, E]`` in q's dtype; final_state float32 ``[B, Hv, D, E]``
       (float64 for float64 inputs) or None when ``output_final_state`` is False.
     """
     check_impl(impl)
-    validate(q, k, v, beta, g=g, initial_state=initial_state, segment_ids=segment_ids)
+    validate(
+        q, k, v, beta, g=g, initial_state=initial_state, segment_ids=segment_ids, gate_lower_bound=gate_lower_bound
+    )
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     impl = resolve_impl(impl, q, k, v)
+    g = floor_gates(g, gate_lower_bound)
     if impl == "pallas":
         if not has_pallas():
             raise NotImplementedError(
@@ -173,6 +187,7 @@ def gated_delta_rule(
             initial_state=initial_state,
             segment_ids=segment_ids,
             interpret=not on_gpu(),
+            gate_lower_bound=gate_lower_bound,
         )
     else:
         fn = xla.gated_delta_rule if impl == "xla" else reference.recurrent

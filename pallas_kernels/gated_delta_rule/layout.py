@@ -26,7 +26,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import F32, TF32_X3
 from pallas_kernels.gated_delta_rule import common
-from pallas_kernels.gated_delta_rule.common import CHANNEL_MODES, Docs, GateMode, last_row
+from pallas_kernels.gated_delta_rule.common import BF16_PRODUCTS, CHANNEL_MODES, Docs, GateMode, last_row
 from pallas_kernels.gated_delta_rule.config import SUB_TILE, BlockConfig
 
 
@@ -41,17 +41,22 @@ class Statics:
         diagonal tile's factors are bounded, ``products.diag_tiles_bounded``).
       cfg: the tiling.
       interpret: run the kernels in the Pallas interpreter.
+      gate_floor: the log gates' floor (``gate_lower_bound``; the gates were raised to it), where it
+        may pick the per-channel kernels at trace time (``products.static_case``); None otherwise.
     """
 
     scale: float
     mode: GateMode
     cfg: BlockConfig
     interpret: bool
+    gate_floor: float | None = None
 
     @property
     def inverse_precision(self):
         """The precision of the float32 products that form ``(I + A)⁻¹`` (``cfg.inverse_precision``;
         exact float32 in the interpreter, which runs on the CPU)."""
+        if self.cfg.inverse_precision == "bf16":  # explicit bf16 operands: the same on the CPU
+            return BF16_PRODUCTS
         if self.interpret:
             return lax.Precision.HIGHEST
         # jax's Triton lowering takes DEFAULT for float32 operands as one tf32 product

@@ -68,7 +68,7 @@ from pallas_kernels.gated_delta_rule.layout import (
     value_chunk,
     zero_blocks,
 )
-from pallas_kernels.gated_delta_rule.products import CHANNEL_MODES, by_gates, gate_case
+from pallas_kernels.gated_delta_rule.products import CHANNEL_MODES, by_gates, case_of, floor_gates, gate_case, kept_case
 from pallas_kernels.gated_delta_rule.reference import document_index
 
 # ---- kernels ----------------------------------------------------------------------------------
@@ -432,13 +432,13 @@ def _gated_delta_rule(q, k, v, beta, b, s0, docs, statics: Statics):
 def _gated_delta_rule_fwd(q, k, v, beta, b, s0, docs, statics: Statics):
     case = gate_case(b, statics, q.dtype)
     o, final, residuals = by_gates(case, statics, lambda st: _forward(q, k, v, beta, b, s0, docs, st))
-    return (o, final), (residuals, case)
+    return (o, final), (residuals, kept_case(case))
 
 
 def _gated_delta_rule_bwd(statics: Statics, residuals, cotangents):
     do, d_final = cotangents
     residuals, case = residuals
-    grads = by_gates(case, statics, lambda st: _backward(st, residuals, do, d_final))
+    grads = by_gates(case_of(case, statics), statics, lambda st: _backward(st, residuals, do, d_final))
     return (*grads, None)  # document numbers are integers: no cotangent
 
 
@@ -480,6 +480,7 @@ def gated_delta_rule(
     segment_ids: jax.Array | None = None,
     interpret: bool = False,
     config: BlockConfig | None = None,
+    gate_lower_bound: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """The gated delta rule through the Pallas Triton kernels; equals ``reference.recurrent``.
 
@@ -488,7 +489,9 @@ def gated_delta_rule(
       ``[B, T, Hv]``; g None, ``[B, T, Hv]`` or ``[B, T, Hv, D]`` log gates (≤ 0); scale (default
       ``D ** -0.5``); initial_state ``[B, Hv, D, E]``; segment_ids ``[B, T]`` integer document ids
       of packed rows (the state resets where the id changes); interpret: run the kernels in the
-      Pallas interpreter (CPU); config: tiling (default: a heuristic).
+      Pallas interpreter (CPU); config: tiling (default: a heuristic); gate_lower_bound: raise
+      log gates below it to it (``products.floor_gates``); per-channel bf16 / float32 gates with a
+      bound ≥ −5 then run the factored kernels it allows without a run-time check or switch.
 
     Returns:
       ``(o [B, T, Hv, E] in q's dtype, final_state [B, Hv, D, E] float32)``, differentiable in q, k,
@@ -500,7 +503,7 @@ def gated_delta_rule(
     e = v.shape[3]
     piece = piece_len(q, v, config.chunk if config else 16 if interpret else 64)
     if 0 < piece < t:  # longer than int32 offsets allow: pieces, the state chained (notes/design.md §6)
-        kw = dict(scale=scale, interpret=interpret, config=config)
+        kw = dict(scale=scale, interpret=interpret, config=config, gate_lower_bound=gate_lower_bound)
         return chain_pieces(
             lambda q, k, v, beta, g, **state: gated_delta_rule(q, k, v, beta, g=g, **kw, **state),
             (q, k, v, beta, g),
@@ -509,15 +512,17 @@ def gated_delta_rule(
             segment_ids=segment_ids,
         )
     scale = float(d**-0.5 if scale is None else scale)
-    args, docs, statics = prepare(q, k, v, beta, g, initial_state, segment_ids, scale, interpret, config)
+    args, docs, statics = prepare(
+        q, k, v, beta, g, initial_state, segment_ids, scale, interpret, config, gate_lower_bound=gate_lower_bound
+    )
     o, final = _gated_delta_rule(*args, docs, statics=statics)
     return o[:, :t, :, :e], final[:, :, :d, :e]
 
 
-def prepare(q, k, v, beta, g, initial_state, segment_ids, scale, interpret, config):
+def prepare(q, k, v, beta, g, initial_state, segment_ids, scale, interpret, config, *, gate_lower_bound=None):
     """Kernel inputs ``(q, k, v, beta [B, Hv, T'], b, s0)`` padded (head dims to a power of two ≥ 16,
-    time to whole chunks), with b the chunk-local cumulative log gate, the document rows (or None)
-    and the statics."""
+    time to whole chunks), with b the chunk-local cumulative log gate (of the gates raised to
+    ``gate_lower_bound``), the document rows (or None) and the statics."""
     b, t, _, d = q.shape
     hv, e = v.shape[2:]
     dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
@@ -547,6 +552,7 @@ def prepare(q, k, v, beta, g, initial_state, segment_ids, scale, interpret, conf
     q, k, v = pad(q.astype(dtype), dp), pad(k.astype(dtype), dp), pad(v.astype(dtype), ep)
     beta = jnp.swapaxes(pad(beta.astype(F32)), 1, 2)
     mode, gate = "none", None
+    g = floor_gates(g, gate_lower_bound)
     if g is not None and g.ndim == 3:
         mode, gate = "scalar", chunk_cumsum(jnp.swapaxes(pad(g.astype(F32)), 1, 2), cfg.chunk, axis=2)
     elif g is not None:
@@ -562,7 +568,9 @@ def prepare(q, k, v, beta, g, initial_state, segment_ids, scale, interpret, conf
     else:
         s0 = jnp.pad(initial_state.astype(F32), ((0, 0), (0, 0), (0, dp - d), (0, ep - e)))
     docs = document_rows(segment_ids, tp)
-    statics = Statics(scale=scale, mode=mode, cfg=cfg, interpret=interpret)
+    # fp16 inputs keep the exact kernels whatever the gates (``products.factored_diagonals_allowed``)
+    floor = None if dtype == jnp.float16 else gate_lower_bound
+    statics = Statics(scale=scale, mode=mode, cfg=cfg, interpret=interpret, gate_floor=floor)
     return (q, k, v, beta, gate, s0), docs, statics
 
 

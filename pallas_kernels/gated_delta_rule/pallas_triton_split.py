@@ -49,7 +49,7 @@ from pallas_kernels.gated_delta_rule.pallas_triton import (
     transition,
     wy_representation,
 )
-from pallas_kernels.gated_delta_rule.products import by_gates, gate_case
+from pallas_kernels.gated_delta_rule.products import by_gates, case_of, gate_case, kept_case
 
 
 @functools.partial(
@@ -75,7 +75,8 @@ class SplitCall:
     phi: jax.Array | None = None  # [B·S, Hv, D, D]: each split's Φ_s (None: one split)
     m: jax.Array | None = None  # [B·S, Hv, D, E]: each split's M_s
     # per-channel gates: which kernels the gates allow (``products.gate_case``), the same for
-    # every entry point of the call, so the forward and the backward pick the same kernels
+    # every entry point of the call, so the forward and the backward pick the same kernels (None
+    # also where the gate floor picked them at trace time: ``products.kept_case``)
     gate_case: jax.Array | None = None
 
     @property
@@ -93,7 +94,7 @@ class SplitCall:
 
     def by_gates(self, fn):
         """``fn(statics)`` with the kernels the gates allow (``products.by_gates``)."""
-        return by_gates(self.gate_case, self.statics, fn)
+        return by_gates(case_of(self.gate_case, self.statics), self.statics, fn)
 
     def padded_state(self, state):
         _, d, e = self.shape
@@ -119,7 +120,20 @@ def shard_config(q, k, v, g=None, *, interpret=False):
     )
 
 
-def split_forward(q, k, v, beta, *, g=None, scale=None, segment_ids=None, interpret=False, config=None, with_phi=True):
+def split_forward(
+    q,
+    k,
+    v,
+    beta,
+    *,
+    g=None,
+    scale=None,
+    segment_ids=None,
+    interpret=False,
+    config=None,
+    with_phi=True,
+    gate_lower_bound=None,
+):
     """The part of a call that needs no initial state: ``(Φ [B, Hv, D, D], M [B, Hv, D, E], call)``.
 
     The state after the call from an entering state S is ``Φ S + M`` (notes/design.md §6; Φ = 0 when
@@ -130,7 +144,8 @@ def split_forward(q, k, v, beta, *, g=None, scale=None, segment_ids=None, interp
 
     ``with_phi=False`` (a caller that never applies Φ: two ranks, no initial or final state): Φ is
     None, the call is one split (its runs would need their own Φ to compose) and M comes from a pass
-    over the E value columns alone, half the transition pass's columns.
+    over the E value columns alone, half the transition pass's columns. ``gate_lower_bound``: as in
+    ``pallas_triton.gated_delta_rule``.
     """
     t, d = q.shape[1], q.shape[3]
     e = v.shape[3]
@@ -141,7 +156,9 @@ def split_forward(q, k, v, beta, *, g=None, scale=None, segment_ids=None, interp
     found = {}
 
     def pad(q, k, v, beta, g):
-        args, _, statics = prepare(q, k, v, beta, g, None, None, scale, interpret, config)
+        args, _, statics = prepare(
+            q, k, v, beta, g, None, None, scale, interpret, config, gate_lower_bound=gate_lower_bound
+        )
         found["statics"] = statics
         return args[:5]
 
@@ -157,7 +174,7 @@ def split_forward(q, k, v, beta, *, g=None, scale=None, segment_ids=None, interp
     )
     # the transition forms no diagonal-tile products: one form, outside the switch
     phi, m = transition(w, u, kp, bp, docs, Layout(qp, vp, statics.cfg, statics.mode), statics, with_phi=with_phi)
-    call = SplitCall(tuple(args), docs, w, u, unpad, statics, (t, d, e), x, gate_case=case)
+    call = SplitCall(tuple(args), docs, w, u, unpad, statics, (t, d, e), x, gate_case=kept_case(case))
     if splits > 1:
         call = dataclasses.replace(call, phi=phi, m=m)
         phi, m = compose_transitions(phi, m, splits)

@@ -26,6 +26,7 @@ The gradient of the log gates follows one rule: a product ``Σ_d x_id y_jd exp(b
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal, NamedTuple
 
 import jax
@@ -130,6 +131,65 @@ def factored_diagonals_allowed(b: jax.Array, rows: int, dtype, *, axis: int = 1)
     return diag_tiles_bounded(b, rows, axis=axis)
 
 
+def check_gate_lower_bound(bound, name: str = "gate_lower_bound") -> None:
+    """A log-gate floor must be None or a finite negative number (ValueError naming ``name``)."""
+    if bound is None:
+        return
+    if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not -float("inf") < bound < 0:
+        raise ValueError(f"{name} must be None or a finite negative number (a floor on the log gates), got {bound!r}")
+
+
+def floor_gates(g, bound):
+    """``g`` with every log gate below ``bound`` raised to it (None: ``g`` unchanged), in float32 (float64
+    stays): what ``gate_lower_bound`` means for every implementation. The gradient passes where g is at
+    or above the bound and is zero below it."""
+    if bound is None or g is None:
+        return g
+    g = g.astype(jnp.promote_types(g.dtype, F32))
+    return jnp.where(g < bound, jnp.asarray(bound, g.dtype), g)
+
+
+def _bound_allows(bound: float, rows: int) -> bool:
+    """Whether log gates ≥ ``bound`` keep every ``rows``-row diagonal tile's middle-row factors within
+    ``e^DIAG_FACTOR_LIMIT``: the farthest row is ``rows // 2`` tokens from the middle row (float32
+    rounding of the sums adds what ``DIAG_FACTOR_ROUNDING`` allows the run-time check)."""
+    return (rows // 2) * -bound <= DIAG_FACTOR_LIMIT
+
+
+def _cases(statics, rows: int) -> tuple[int, int]:
+    """``(lowest, highest)`` case the kernels factoring up to ``rows`` rows can take under per-channel
+    gates: highest 2 where ``rows`` exceeds ``channel_rows``, else 1; lowest 0, or what the statics'
+    gate floor guarantees (``gate_floor``: the delta rule's ``gate_lower_bound``, kept only for bf16 /
+    float32 inputs, whose gates were raised to it): 1 where it bounds the ``channel_rows`` tiles'
+    factors (≥ −5 for 16 rows), the highest where it bounds those of ``rows`` rows too."""
+    cfg = statics.cfg
+    top = 2 if rows > cfg.channel_rows else 1
+    bound = getattr(statics, "gate_floor", None)
+    if bound is None or not _bound_allows(bound, cfg.channel_rows):
+        return 0, top
+    return (top if _bound_allows(bound, rows) else 1), top
+
+
+def static_case(statics) -> int | None:
+    """The backward's case (``gate_case(..., backward=True)``) where the gate floor fixes it at trace
+    time (a Python int), else None: what ``case_of`` gives back for a residual's ``kept_case``."""
+    if statics.mode != "channel":
+        return None
+    low, top = _cases(statics, statics.cfg.factored_rows)
+    return top if low == top else None
+
+
+def kept_case(case):
+    """What a residual keeps of ``gate_case``'s case: None for a trace-time int (a residual would
+    turn it into an array, and the backward would switch again); ``case_of(kept, statics)`` undoes it."""
+    return None if isinstance(case, int) else case
+
+
+def case_of(kept, statics):
+    """The case a residual's ``kept_case`` stands for (the backward's: ``backward=True``)."""
+    return static_case(statics) if kept is None else kept
+
+
 def gate_case(b, statics, dtype, *, backward: bool = True):
     """Under per-channel gates, which kernels the chunk-local cumulative log gates ``b`` (``[B, T',
     Hv, D]``) allow, as an int32 scalar: 0 the exact kernels, 1 diagonal tiles factored around their
@@ -139,17 +199,20 @@ def gate_case(b, statics, dtype, *, backward: bool = True):
     larger than ``channel_rows``. None (the exact kernels, no switch) for other gates and for float16
     inputs (``products.factored_diagonals_allowed``). Every tile of a size is checked over the whole
     input; a tile of 32 rows that passes implies its two 16-row halves pass (b is non-increasing
-    inside a chunk), but case 2 asks both anyway. ``statics``: the delta rule's, or the per-channel
-    linear attention's (``b`` ``[R, T', H, D]``; ``by_gates`` says what their configs share)."""
-    if statics.mode != "channel":
+    inside a chunk), but case 2 asks both anyway. A gate floor (``_cases``) skips the checks it
+    settles: where it leaves one case, that case as a Python int (no check at all).
+    ``statics``: the delta rule's, or the per-channel linear attention's (``b`` ``[R, T', H, D]``;
+    ``by_gates`` says what their configs share)."""
+    if statics.mode != "channel" or jnp.dtype(dtype) == jnp.float16:
         return None
     cfg = statics.cfg
-    small = factored_diagonals_allowed(b, cfg.channel_rows, dtype, axis=1)
-    if small is None:
-        return None
-    case = small.astype(jnp.int32)
     rows = cfg.factored_rows if backward else cfg.forward_factored_rows
-    if rows > cfg.channel_rows:
+    low, top = _cases(statics, rows)
+    if low == top:
+        return top
+    small = factored_diagonals_allowed(b, cfg.channel_rows, dtype, axis=1) if low == 0 else jnp.bool_(True)
+    case = small.astype(jnp.int32)
+    if top == 2:
         case = case + (small & factored_diagonals_allowed(b, rows, dtype, axis=1)).astype(jnp.int32)
     return case
 
@@ -161,9 +224,11 @@ def by_gates(case, statics, fn, *, rows: int | None = None):
     larger tiles: ``rows``, default ``cfg.factored_rows``, above ``channel_rows``) the factored kernels
     on those (where they do not, case 2 runs the ``channel_rows`` factored form, whose check case 2
     passed too). The larger sub-tiles are only for the factored form: the exact kernels always take
-    ``channel_rows`` (``cfg.small_tiles()``). ``statics``: the delta rule's or the per-channel linear
-    attention's (``linear_attention.channel_common.ChannelStatics``; their configs share
-    ``channel_rows``, ``factored_rows``, ``forward_factored_rows`` and ``small_tiles``).
+    ``channel_rows`` (``cfg.small_tiles()``). Forms below the gate floor's lowest case (``_cases``)
+    are not built; one form left (or a Python int case) runs without a switch. ``statics``: the delta
+    rule's or the per-channel linear attention's (``linear_attention.channel_common.ChannelStatics``;
+    their configs share ``channel_rows``, ``factored_rows``, ``forward_factored_rows`` and
+    ``small_tiles``).
     H200, KDA (1, 32K, 16, 128) bf16 fwd+bwd: 24.6 → 15.3–15.7 ms (session 17, factored against
     exact); a branch per tile inside the kernels instead measured 19.58 ms (both forms' registers in
     every kernel); 32-row output / WY-backward tiles 9.62 → 8.88 ms of device time (session 23).
@@ -175,10 +240,15 @@ def by_gates(case, statics, fn, *, rows: int | None = None):
     small = dataclasses.replace(statics, cfg=cfg.small_tiles())
     if case is None:
         return fn(small)
-    branches = [lambda: fn(small), lambda: fn(dataclasses.replace(small, mode="channel_bounded"))]
-    if (cfg.factored_rows if rows is None else rows) > cfg.channel_rows:
-        branches.append(lambda: fn(dataclasses.replace(statics, mode="channel_bounded")))
-    return lax.switch(jnp.minimum(case, len(branches) - 1), branches)
+    low, top = _cases(statics, cfg.factored_rows if rows is None else rows)
+    bounded = "channel_bounded"
+    forms = [small, dataclasses.replace(small, mode=bounded), dataclasses.replace(statics, mode=bounded)]
+    branches = [functools.partial(fn, st) for st in forms[low : top + 1]]
+    if len(branches) == 1:
+        return branches[0]()
+    if isinstance(case, int):
+        return branches[min(max(case, low), top) - low]()
+    return lax.switch(jnp.clip(case, low, top) - low, branches)
 
 
 def _channel_diag_levels(p: Pair, mxu):

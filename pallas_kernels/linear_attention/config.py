@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax.numpy as jnp
+
 from pallas_kernels.common import NUM_SMS, is_two_byte, state_pass_splits, state_pass_stages
 
 
@@ -147,7 +149,7 @@ class ChannelConfig:
         read back by the gradient kernels as their 16-row blocks. The whole-input gate check then
         asks the larger tiles' factors to stay below e^40 too (32 rows: log gates ≥ about −2.5 per
         token), else the 16-row factored form runs, or the exact one (``gated_delta_rule
-        .products.gate_case`` / ``by_gates``). Not timed on a GPU for GLA yet.
+        .products.gate_case`` / ``by_gates``). The bf16 default for heads up to 128 (session 24).
     """
 
     chunk: int = 64
@@ -222,6 +224,12 @@ def default_channel_config(
     two_byte = is_two_byte(dtype)
     if two_byte:
         cfg = dataclasses.replace(cfg, num_warps=4, num_warps_bwd=4, num_stages_state=2, pregated_state=True)
+    if dtype is not None and jnp.dtype(dtype) == jnp.bfloat16 and max(key_dim, value_dim) <= 128:
+        # the output kernel on 32-row sub-tiles where the gates allow them (the delta rule's KDA
+        # default since session 23). H200, (1, 32K, 16, 128) bf16, two runs of both (session 24,
+        # calls A, B): forward 1.90 / 1.67 ms -> 1.71 / 1.65, fwd+bwd 5.63 / 5.68 -> 5.70 / 5.56 (the
+        # backward keeps 16-row tiles). float16 runs the exact kernels; float32 and heads past 128 not timed
+        cfg = dataclasses.replace(cfg, output_rows=min(32, cfg.chunk))
     # head dims past 128: fewer state-pass stages (past 227 KB of shared memory a launch fails)
     stages = state_pass_stages(cfg.num_stages_state, key_dim=key_dim, value_dim=value_dim, two_byte=two_byte)
     cfg = dataclasses.replace(cfg, num_stages_state=stages)

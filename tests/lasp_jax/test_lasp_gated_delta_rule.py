@@ -88,16 +88,17 @@ def grads_fn(fn, *, final=True, fast_compile=True):
 
 
 @functools.cache
-def _reference_fn(final):
+def _reference_fn(final, gate_lower_bound=None):
     # one jitted oracle for the module, so equal shapes compile once
-    return grads_fn(functools.partial(gated_delta_rule, impl="reference"), final=final)
+    op = functools.partial(gated_delta_rule, impl="reference", gate_lower_bound=gate_lower_bound)
+    return grads_fn(op, final=final)
 
 
-def reference(xs, do, ds, segment_ids, *, final=True):
+def reference(xs, do, ds, segment_ids, *, final=True, gate_lower_bound=None):
     with x64():
         f64 = lambda x: jnp.asarray(x, jnp.float64)
         ids = None if segment_ids is None else jnp.asarray(segment_ids)
-        out = _reference_fn(final)({n: f64(x) for n, x in xs.items()}, f64(do), f64(ds), ids)
+        out = _reference_fn(final, gate_lower_bound)({n: f64(x) for n, x in xs.items()}, f64(do), f64(ds), ids)
         return {n: np.asarray(x, np.float64) for n, x in out.items()}
 
 
@@ -142,7 +143,7 @@ def run_case(
     ids = crossing_documents(b, t, sp) if docs else None
     do = rng.standard_normal((b, t, HV, E))
     ds = rng.standard_normal((b, HV, D, E))
-    want = reference(xs, do, ds, ids, final=final)
+    want = reference(xs, do, ds, ids, final=final, gate_lower_bound=layer_kw.get("gate_lower_bound"))
     mesh = mesh_for(dp, sp) if mesh is None else mesh
     batch_axis = "dp" if dp > 1 else None
     fn = functools.partial(
@@ -190,6 +191,14 @@ def test_pallas_kernel_split_strong_per_channel_gates(rng):
     cannot be factored (``products.diag_tiles_bounded``), so they take the exact kernels; the
     usual gates above take the factored ones."""
     run_case(rng, dp=1, sp=2, strategy="allgather", gate="kda", docs=True, t=32, impl="pallas", gate_scale=1500.0)
+
+
+@pytest.mark.parametrize("strategy,impl", [("allgather", "pallas"), ("ring", "xla"), ("ulysses", "xla")])
+def test_gate_lower_bound_under_sp(rng, strategy, impl):
+    """``gate_lower_bound`` under sp: the gates below it (about half of these KDA gates) are raised
+    to it on every shard and get no gradient, as the single-device op; the Pallas split entry points
+    take the factored kernels the bound names at trace time (no check, no switch)."""
+    run_case(rng, dp=1, sp=2, strategy=strategy, gate="kda", docs=True, t=32, impl=impl, gate_lower_bound=-0.01)
 
 
 def test_head_axis(rng):

@@ -144,6 +144,29 @@ def test_layer_matches_definition(rng, mixer, bound):
     np.testing.assert_allclose(np.asarray(got[0], np.float64), want, rtol=2e-4, atol=2e-5 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("family,bound", [("kda", -5.0), ("kda", None), ("gdn", None)])
+def test_layer_tells_the_op_its_gate_bound(rng, monkeypatch, family, bound):
+    """The layer passes its gate bound to the op (``gate_lower_bound``: the Pallas kernels then pick
+    their form at trace time); its output is unchanged by that (its gates never reach below it)."""
+    import models.delta_layers as delta_layers
+
+    real, seen = delta_layers.lasp_gated_delta_rule, []
+
+    def op(*args, told=True, **kwargs):
+        seen.append(kwargs["gate_lower_bound"])
+        return real(*args, **(kwargs if told else kwargs | {"gate_lower_bound": None}))
+
+    config = small_model(family).replace(gate_lower_bound=bound)
+    layer = (KDA if family == "kda" else GatedDeltaNet).from_config(config, 0, rngs=nnx.Rngs(0))
+    x = jnp.asarray(30 * rng.standard_normal((1, T, config.d_model)), jnp.float32)  # saturating gates
+    monkeypatch.setattr(delta_layers, "lasp_gated_delta_rule", op)
+    got, _ = layer(x, SINGLE_DEVICE, jnp.arange(T))
+    monkeypatch.setattr(delta_layers, "lasp_gated_delta_rule", functools.partial(op, told=False))
+    want, _ = layer(x, SINGLE_DEVICE, jnp.arange(T))
+    assert seen == [bound, bound]
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_kda_gate_lower_bound_keeps_the_kernels_factored_form(rng):
     """Saturating inputs: with ``gate_lower_bound=-5`` KDA's log decays stay in [-5, 0] and every 16-row
     diagonal tile of their chunk-local cumulative sums passes the Pallas kernels' check for the

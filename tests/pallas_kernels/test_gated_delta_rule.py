@@ -210,6 +210,45 @@ def test_chained_halves(rng, impl, gate):
     assert rel_err(s2, s) < 1e-5
 
 
+@pytest.mark.parametrize("impl", ["reference", "xla", "pallas"])
+@pytest.mark.parametrize("gate", ["gdn", "kda"])
+def test_gate_lower_bound_raises_the_gates_below_it(rng, impl, gate):
+    """``gate_lower_bound``: every implementation runs on ``max(g, bound)`` (the float64 recurrence on
+    the raised gates, outputs and every gradient) and gives g no gradient where it was raised; the
+    gates reach 4× below the bound (about a third of them raised). With the Pallas kernels (interpret
+    mode) and per-channel gates the bound also picks their kernels at trace time."""
+    skip_unavailable(impl)
+    bound = -0.75 if gate == "kda" else -2.0
+    xs = make_inputs(rng, t=70, gate=gate, g_range=(0.01, -4 * bound))
+    b, t, hv, e = xs["v"].shape
+    do, ds = rng.standard_normal((b, t, hv, e)), rng.standard_normal(xs["initial_state"].shape)
+    raised = xs["g"] < bound
+    assert 0.2 < raised.mean() < 0.8
+
+    def run(xs, do, ds, bound):
+        def loss(xs):
+            q, k, v, beta = (xs[n] for n in ("q", "k", "v", "beta"))
+            rest = {n: x for n, x in xs.items() if n not in ("q", "k", "v", "beta")}
+            o, s = gated_delta_rule(q, k, v, beta, **rest, output_final_state=True, impl=impl, gate_lower_bound=bound)
+            return jnp.sum(o * do) + jnp.sum(s * ds), (o, s)
+
+        grads, (o, s) = fast_jit(jax.grad(loss, has_aux=True))(xs)
+        return {"o": o, "final_state": s} | {f"d{n}": x for n, x in grads.items()}
+
+    got = run(as_dtype(xs, jnp.float32), jnp.asarray(do, jnp.float32), jnp.asarray(ds, jnp.float32), bound)
+    assert not np.any(np.asarray(got["dg"])[raised])
+    assert np.all(np.asarray(got["dg"])[~raised] != 0)
+    with x64():
+        f64 = {n: jnp.asarray(x, jnp.float64) for n, x in xs.items()}
+        f64["g"] = jnp.maximum(f64["g"], bound)
+        want = outputs_and_grads("reference", f64, jnp.asarray(do), jnp.asarray(ds))
+        want = {n: np.asarray(x) for n, x in want.items()}
+    want["dg"] = np.where(raised, 0.0, want["dg"])
+    bound_err = tol(jnp.float32, t)
+    errors = {n: rel_err(got[n], want[n]) for n in want}
+    assert all(err < (4 if n == "dg" else 1) * bound_err for n, err in errors.items()), errors
+
+
 def test_reference_is_the_matrix_recurrence(rng):
     """The oracle against S_t = (I − β k kᵀ) diag(exp g) S_{t-1} + β k vᵀ written with numpy matrices."""
     xs = make_inputs(rng, b=1, t=12, h=2, hv=4, d=4, e=3, gate="kda")
@@ -320,6 +359,10 @@ def _call(**over):
         ({"segment_ids": jnp.zeros((2, 8))}, TypeError, "segment_ids must be an integer array"),
         ({"segment_ids": jnp.zeros((2, 7), jnp.int32)}, ValueError, r"segment_ids.shape=\(2, 7\)"),
         ({"impl": "cuda"}, ValueError, r"impl must be one of .* impl='cuda'"),
+        ({"gate_lower_bound": -5.0}, ValueError, r"gate_lower_bound=-5.0 bounds the log gates, but g is None"),
+        ({"g": _f(_BETA), "gate_lower_bound": 0.0}, ValueError, r"gate_lower_bound must be None or a finite negative"),
+        ({"g": _f(_BETA), "gate_lower_bound": float("nan")}, ValueError, r"finite negative number .* got nan"),
+        ({"g": _f(_BETA), "gate_lower_bound": True}, ValueError, r"finite negative number .* got True"),
     ],
     ids=[
         "rank_q",
@@ -339,6 +382,10 @@ def _call(**over):
         "segment_ids_float",
         "segment_ids_shape",
         "impl",
+        "bound_without_gates",
+        "bound_zero",
+        "bound_nan",
+        "bound_bool",
     ],
 )
 def test_bad_input(over, err, match):

@@ -387,11 +387,13 @@ def test_supports_and_rejects():
     assert (few.chunk, few.block_e, few.splits) == (64, 32, 8)  # 512 programs per state pass, 64 chunks each
     assert few.split_grads and few.recompute_dz  # the two-kernel gradients (faster on the H200)
     assert default_channel_config(batch=8, heads=32, seq_len=4096, value_dim=128, interpret=False).splits == 1
-    # bf16/fp16: 4 warps in the output and gradient kernels, 2 state stages (session 18); the rest as float32
-    for dtype in (jnp.bfloat16, jnp.float16):
+    # bf16/fp16: 4 warps in the output and gradient kernels, 2 state stages (session 18); the rest as
+    # float32; bf16 up to head dim 128 the output kernel on 32-row sub-tiles (session 24)
+    for dtype, rows in ((jnp.bfloat16, 32), (jnp.float16, None)):
         low = default_channel_config(batch=1, heads=16, seq_len=32768, value_dim=128, interpret=False, dtype=dtype)
         assert (low.num_warps, low.num_warps_bwd, low.num_stages_state) == (4, 4, 2)
-        assert low == dataclasses.replace(few, num_warps=4, num_warps_bwd=4, num_stages_state=2, pregated_state=True)
+        want = dataclasses.replace(few, num_warps=4, num_warps_bwd=4, num_stages_state=2, pregated_state=True)
+        assert low == dataclasses.replace(want, output_rows=rows)
     f32 = default_channel_config(batch=1, heads=16, seq_len=32768, value_dim=128, interpret=False, dtype=jnp.float32)
     assert f32 == few and (few.num_warps, few.num_warps_bwd, few.num_stages_state) == (8, 8, 3)
     # head dims past 128: fewer state-pass stages (offline: float32 at 128 already asks 176 KB with 3)
@@ -400,7 +402,7 @@ def test_supports_and_rejects():
             wide = default_channel_config(
                 batch=1, heads=8, seq_len=8192, value_dim=value_dim, key_dim=key_dim, interpret=False, dtype=dtype
             )
-            assert wide.num_stages_state == stages
+            assert wide.num_stages_state == stages and wide.output_rows is None
     assert default_channel_config(batch=1, heads=1, seq_len=64, value_dim=16, interpret=True).pregated_state
 
 
