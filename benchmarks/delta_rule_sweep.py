@@ -52,6 +52,7 @@ def variants(base, d: int, *, per_channel: bool = False) -> list[tuple[str, dict
         {"wy_rows": 32, "inverse_precision": "tf32"},
         {"wy_rows": 64, "inverse_precision": "tf32x3"},  # whole-chunk WY kernels: the inverse by doubling
         {"wy_rows": 32, "inverse_precision": "tf32x3"},
+        {"inverse_precision": "bf16"},  # the inverse's products on bf16 operands (session 24)
         {"num_warps_bwd": 4},
         {"num_warps_bwd": 8},  # per-channel gates default to 4
         {"block_cols": 64},
@@ -152,6 +153,8 @@ def variants(base, d: int, *, per_channel: bool = False) -> list[tuple[str, dict
         # 32-row tiles in every kernel with the inverse's float32 products in tf32 (the float32 inverse
         # of 32-row diagonal blocks is what doubled wy in session 22's call E)
         {"channel_rows": 32, "inverse_precision": "tf32"},
+        # the inverse's products on bf16 operands (session 24) with 32-row tiles everywhere
+        {"channel_rows": 32, "inverse_precision": "bf16"},
     ]
     # scalar or no gates: the output written by the forward state pass (no output kernel)
     # (each value-block program forms Q Kᵀ ⊙ Γ again: wider blocks form it fewer times)

@@ -145,6 +145,18 @@ def gate_factors(b, docs: Docs | None, b_last=None):
 # ---- the WY form: A, its unit-lower inverse, W and U ------------------------------------------
 
 
+# ``BlockConfig.inverse_precision="bf16"``: the inverse's products on bf16 operands (float32 sums)
+BF16_PRODUCTS = "bf16"
+
+
+def _inverse_dot(a, b, precision):
+    """``a @ b`` of float32 tiles for the inverse: ``precision`` a ``lax.Precision`` / algorithm, or
+    ``BF16_PRODUCTS`` (operands rounded to bf16, as X itself is before it meets W's and U's operands)."""
+    if isinstance(precision, str) and precision == BF16_PRODUCTS:
+        return dot(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16))
+    return dot(a, b, precision=precision)
+
+
 def unit_lower_inverse(a, precision=lax.Precision.HIGHEST):
     """``(I + a)⁻¹`` for a strictly lower-triangular ``[s, s]`` ``a`` (s a power of two), float32.
 
@@ -166,7 +178,7 @@ def unit_lower_inverse(a, precision=lax.Precision.HIGHEST):
         if x is None:
             x = jnp.where(row == col, 1.0, 0.0).astype(F32) - below
         else:
-            x = x - dot(dot(x, below, precision=precision), x, precision=precision)
+            x = x - _inverse_dot(_inverse_dot(x, below, precision), x, precision)
         step, shift = 2 * step, shift + 1
     return jnp.ones((1, 1), F32) if x is None else x
 
@@ -178,8 +190,8 @@ def block_inverse(a: dict, n: int, precision=lax.Precision.HIGHEST) -> dict:
     for i in range(n):
         x[i, i] = unit_lower_inverse(a[i, i], precision)
         for j in range(i - 1, -1, -1):
-            acc = sum(dot(a[i, m], x[m, j], precision=precision) for m in range(j, i))
-            x[i, j] = -dot(x[i, i], acc, precision=precision)
+            acc = sum(_inverse_dot(a[i, m], x[m, j], precision) for m in range(j, i))
+            x[i, j] = -_inverse_dot(x[i, i], acc, precision)
     return x
 
 

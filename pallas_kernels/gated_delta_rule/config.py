@@ -18,7 +18,7 @@ from pallas_kernels.common import NUM_SMS, is_two_byte, state_pass_splits, state
 # gates factor the decay between sub-tiles around a reference row (notes/design.md §6)
 SUB_TILE = 16
 # the float32 products of the WY inverse (``BlockConfig.inverse_precision``)
-INVERSE_PRECISIONS = ("highest", "tf32", "tf32x3")
+INVERSE_PRECISIONS = ("highest", "tf32", "tf32x3", "bf16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +62,11 @@ class BlockConfig:
       inverse_precision: the float32 products that form ``X = (I + A)⁻¹``: ``"highest"`` (exact
         float32 on the CUDA cores), ``"tf32x3"`` (three tf32 products on the tensor cores, about
         float32 accuracy) or ``"tf32"`` (one tf32 product: about 1e-3 relative, below the bf16
-        rounding W, U and the backward's products of X already carry; for bf16/fp16 inputs only);
-        the Pallas interpreter (CPU) always uses ``"highest"``.
+        rounding W, U and the backward's products of X already carry; for bf16/fp16 inputs only)
+        or ``"bf16"`` (operands rounded to bf16, float32 sums: X's relative error about 1e-3 with
+        random keys, up to 7e-3 with strongly correlated ones, where X rounded to bf16 for W's
+        product already gives W about 1e-2; for bf16 inputs only); the Pallas interpreter (CPU)
+        uses ``"highest"`` for the tf32 forms and runs ``"bf16"`` as on the GPU.
       store_scores: the forward ``output`` kernel also writes each chunk's score blocks ``Z = Q Kᵀ
         ⊙ Γ ⊙ causal`` (in the matmul operand dtype, ``C × C`` per chunk, as the ``[B, T, Hv, C]``
         array the stored inverse uses) and ``output_bwd`` reads them for ``dV' = scale · Zᵀ dO``

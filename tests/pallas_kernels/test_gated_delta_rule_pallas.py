@@ -217,6 +217,66 @@ def test_gate_check_takes_the_largest_factored_tile(rng):
                 assert all(bool(jnp.array_equal(x, y)) for x, y in zip(got_primal, outs, strict=True))
 
 
+def test_gate_lower_bound_builds_only_the_forms_it_allows(rng):
+    """A gate floor (``gate_lower_bound``) drops the kernel forms it rules out: ≥ −5 bounds 16-row
+    tiles' factors (8 tokens × 5 ≤ 40), ≥ −2.5 the 32-row ones (16 × 2.5). Where one form is left the
+    case is a Python int (no check over the gates, no ``lax.switch``), and the op's outputs and every
+    gradient equal, bit for bit, that form's; where two are left (−5 with 32-row tiles) the switch is
+    between those two and the check is on the 32-row tiles alone. Below −5 all three forms stay;
+    float16 keeps the exact kernels (no floor in its statics)."""
+    xs, _, _ = make_inputs(rng, b=1, t=64, h=1, hv=2, d=16, e=16, gate="kda", g_max=2.4)
+    ys = {n: jnp.asarray(x, jnp.float32) for n, x in xs.items()}
+    both = BlockConfig(output_rows=32, wy_bwd_rows=32)
+    forms = {"exact": ("channel", 16), "16": ("channel_bounded", 16), "32": ("channel_bounded", 32)}
+    for bound, config, built, static in (
+        (-5.0, BlockConfig(), ["16"], 1),
+        (-5.0, both, ["16", "32"], None),
+        (-2.5, BlockConfig(), ["16"], 1),
+        (-2.5, both, ["32"], 2),
+        (-5.5, both, ["exact", "16", "32"], None),
+    ):
+        args, _, statics = pallas_triton.prepare(
+            *(ys[n] for n in ("q", "k", "v", "beta", "g", "initial_state")),
+            None,
+            0.7,
+            True,
+            config,
+            gate_lower_bound=bound,
+        )
+        assert statics.gate_floor == bound
+        case = pallas_triton.gate_case(args[4], statics, args[0].dtype)
+        if static is not None:
+            assert isinstance(case, int) and case == static, (bound, config, case)
+        else:  # the gates (≤ 2.4 per token) pass the check on 32-row tiles
+            assert not isinstance(case, int) and int(case) == 2, (bound, config)
+        traced = []
+
+        def form(st, traced=traced):
+            traced.append((st.mode, st.cfg.factored_rows))
+            return jnp.zeros(())
+
+        text = str(jax.make_jaxpr(lambda c, st=statics: pallas_triton.by_gates(c, st, form))(case))
+        assert traced == [forms[name] for name in built], (bound, config, traced)
+        assert ("branches=" in text) is (len(built) > 1)
+        if static is None:
+            continue
+        args = tuple(args)
+        shapes = jax.eval_shape(lambda a, st=statics: pallas_triton._gated_delta_rule(*a, None, statics=st), args)
+        cot = tuple(jnp.asarray(rng.standard_normal(x.shape), x.dtype) for x in shapes)
+        jaxpr = str(jax.make_jaxpr(lambda a, c, st=statics: _op_outputs(a, c, st))(args, cot))
+        assert "branches=" not in jaxpr, bound
+        small = dataclasses.replace(config, output_rows=None, wy_bwd_rows=None)
+        forced = dataclasses.replace(statics, cfg=small if static == 1 else config, mode="channel_bounded")
+        got, want = _op_outputs(args, cot, statics), _form_outputs(args, cot, forced)
+        for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            assert bool(jnp.array_equal(x, y)), (bound, config)
+    fp16 = [ys[n].astype(jnp.float16) for n in ("q", "k", "v")]
+    _, _, statics = pallas_triton.prepare(
+        *fp16, ys["beta"], ys["g"], None, None, 0.7, True, None, gate_lower_bound=-5.0
+    )
+    assert statics.gate_floor is None and pallas_triton.gate_case(None, statics, jnp.float16) is None
+
+
 CASES = {
     # name: dtype, shape, extras (the interpret config has 16-token chunks: one sub-tile)
     # (two key-column blocks: the output kernels sum the scalar gate's db over them, scores stored)
@@ -351,6 +411,26 @@ CASES = {
         jnp.bfloat16,
         dict(b=1, t=70, h=1, hv=2, d=32, e=16, gate="gdn"),
         dict(docs=(9, 40), config=BlockConfig(chunk=32, block_e=16, block_cols=16, store_inverse=True)),
+    ),
+    # the inverse's products on bf16 operands (``inverse_precision="bf16"``): whole 32-token chunks
+    # (the inverse by doubling) under scalar gates, 16-row blocks under per-channel ones
+    "gdn-bf16-T70-bf16-inverse-whole-chunk-docs": (
+        jnp.bfloat16,
+        dict(b=1, t=70, h=1, hv=2, d=32, e=16, gate="gdn"),
+        dict(
+            docs=(9, 40),
+            config=BlockConfig(
+                chunk=32, block_e=16, block_cols=16, wy_rows=32, store_inverse=True, inverse_precision="bf16"
+            ),
+        ),
+    ),
+    "kda-bf16-T70-bf16-inverse-docs": (
+        jnp.bfloat16,
+        dict(b=1, t=70, h=1, hv=2, d=32, e=16, gate="kda"),
+        dict(
+            docs=(9, 40),
+            config=BlockConfig(chunk=32, block_e=16, block_cols=16, store_inverse=True, inverse_precision="bf16"),
+        ),
     ),
     "deltanet-f32-T50-stored-inverse": (
         jnp.float32,
@@ -1055,7 +1135,34 @@ def test_compiled_kda_default_takes_each_gate_case(rng, g_max, case):
     _check_compiled(rng, "kda", (700, 3000), None, g_max)
 
 
-def _check_compiled(rng, gate, docs, config, g_max, *, d=128, dtype=jnp.bfloat16, t=4096):
+@pytest.mark.gpu
+@pytest.mark.parametrize("gate", ["gdn", "kda"])
+def test_compiled_default_with_bf16_inverse(rng, gate):
+    """The bf16 default with the inverse's products on bf16 operands (``inverse_precision="bf16"``),
+    T = 4096 with documents, against the token recurrence."""
+    cfg = default_config(
+        batch=2,
+        value_heads=4,
+        seq_len=4096,
+        value_dim=128,
+        key_dim=128,
+        per_channel=gate == "kda",
+        interpret=False,
+        dtype=jnp.bfloat16,
+    )
+    _check_compiled(rng, gate, (700, 3000), dataclasses.replace(cfg, inverse_precision="bf16"), 0.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bound,g_max", [(-5.0, 6.0), (-2.5, 3.0)])
+def test_compiled_kda_default_with_gate_lower_bound(rng, bound, g_max):
+    """bf16 KDA's default told the gates' floor: −5 builds the 16- and 32-row factored forms (a switch
+    between the two), −2.5 the 32-row form alone; the gates reach past the floor (raised to it),
+    against the token recurrence on the raised gates, T = 4096 with documents."""
+    _check_compiled(rng, "kda", (700, 3000), None, g_max, gate_lower_bound=bound)
+
+
+def _check_compiled(rng, gate, docs, config, g_max, *, d=128, dtype=jnp.bfloat16, t=4096, gate_lower_bound=None):
     xs, cot, seg = make_inputs(rng, b=2, t=t, h=2, hv=4, d=d, e=d, gate=gate, g_max=g_max, docs=docs)
     low = ("q", "k", "v")
     xs = {n: jnp.asarray(x, dtype if n in low else jnp.float32) for n, x in xs.items()}
@@ -1065,10 +1172,14 @@ def _check_compiled(rng, gate, docs, config, g_max, *, d=128, dtype=jnp.bfloat16
     def kernel(xs):
         xs = dict(xs)
         q, k, v, beta = (xs.pop(n) for n in ("q", "k", "v", "beta"))
-        return pallas_triton.gated_delta_rule(q, k, v, beta, **xs, segment_ids=seg, config=config)
+        return pallas_triton.gated_delta_rule(
+            q, k, v, beta, **xs, segment_ids=seg, config=config, gate_lower_bound=gate_lower_bound
+        )
 
     def oracle(xs):
         xs = {n: x.astype(jnp.float32) for n, x in xs.items()}
+        if gate_lower_bound is not None:  # raised as the op raises them (no gradient below the floor)
+            xs["g"] = jnp.where(xs["g"] < gate_lower_bound, gate_lower_bound, xs["g"])
         q, k, v, beta = (xs.pop(n) for n in ("q", "k", "v", "beta"))
         doc_ids = None if seg is None else reference.document_index(seg)
         return reference.recurrent(q, k, v, beta, xs.pop("g", None), scale=d**-0.5, doc_ids=doc_ids, **xs)

@@ -320,3 +320,25 @@ def test_wy_backward_matches_autodiff_of_wy_forward(rng, mode, docs):
     for name, g, w in zip(("dk", "dv", "dbeta", "db"), got, want, strict=False):
         assert np.all(np.isfinite(np.asarray(g))), name
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.abs(w).max()), err_msg=name)
+
+
+@pytest.mark.parametrize("n", [16, 64])
+def test_unit_lower_inverse_on_bf16_operands(rng, n):
+    """``inverse_precision="bf16"``: the doubling's products on bf16 operands stay within 2e-2 of the
+    exact inverse (relative to its largest entry) for unit keys with β ≤ 1, where X rounded to bf16 is
+    already 4e-3 off; the float32 products are exact to 1e-5. The two differ (the option is used)."""
+    k = rng.standard_normal((n, 64))
+    k /= np.linalg.norm(k, axis=1, keepdims=True)
+    a = np.tril(rng.uniform(0, 1, (n, 1)) * (k @ k.T), -1)
+    want = np.linalg.inv(np.eye(n) + a)
+    a32 = jnp.asarray(a, jnp.float32)
+    exact = np.asarray(common.unit_lower_inverse(a32), np.float64)
+    low = np.asarray(common.unit_lower_inverse(a32, common.BF16_PRODUCTS), np.float64)
+    scale = np.abs(want).max()
+    assert np.abs(exact - want).max() < 1e-5 * scale
+    assert 0 < np.abs(low - want).max() < 2e-2 * scale
+    blocks = {(i, j): a32[16 * i : 16 * (i + 1), 16 * j : 16 * (j + 1)] for i in range(n // 16) for j in range(i + 1)}
+    by_blocks = common.block_inverse(blocks, n // 16, common.BF16_PRODUCTS)
+    for (i, j), x in by_blocks.items():
+        ref = want[16 * i : 16 * (i + 1), 16 * j : 16 * (j + 1)]
+        assert np.abs(np.asarray(x, np.float64) - ref).max() < 2e-2 * scale, (i, j)
