@@ -240,9 +240,10 @@ def default_config(
     forward stores each chunk's inverse for the WY backward (``store_inverse``: on whole chunks
     under scalar or no gates, by sub-tile blocks under per-channel gates). For bf16/fp16 inputs
     (``dtype``) under scalar or no gates the forward WY kernel works on whole chunks and forms the
-    inverse in tf32 (``wy_rows`` = chunk, ``inverse_precision="tf32"``; H200, GDN (1, 32K, 16, 128)
-    fwd+bwd 5.70 against 6.18 ms with 16-row tiles in float32, the same errors against the XLA path:
-    the bf16 rounding of W and U dominates), and its forward chunk kernels (wy, output) and the
+    inverse in tf32 (``wy_rows`` = chunk, ``inverse_precision="tf32"``; bf16 since session 24 on bf16
+    operands, below; H200, GDN (1, 32K, 16, 128) fwd+bwd 5.70 against 6.18 ms with 16-row tiles in
+    float32, the same errors against the XLA path: the bf16 rounding of W and U dominates), and its
+    forward chunk kernels (wy, output) and the
     output backward run 4 warps; float32 inputs keep the exact float32 inverse ("tf32x3" measured
     slower: 6.41 against 6.04 ms) and 8 warps. Per-channel gates store the output's score blocks for
     its backward (``store_scores``; H200, KDA (1, 32K, 16, 128) bf16 fwd+bwd 40.84 against 59.38
@@ -305,6 +306,12 @@ def default_config(
         # 10.07 -> 9.45 ms. float16 takes the exact kernels (no factored tiles); float32 and heads
         # wider than 128 were not timed with them
         cfg = dataclasses.replace(cfg, output_rows=min(32, cfg.chunk), wy_bwd_rows=min(32, cfg.chunk))
+    if dtype is not None and jnp.dtype(dtype) == jnp.bfloat16:
+        # the inverse's products on bf16 operands, float32 sums (X is rounded to bf16 for its products
+        # with the keys and values anyway). H200, (1, 32K, 16, 128) bf16, session 24 call C: GDN fwd
+        # 1.51 -> 1.26 ms, fwd+bwd 3.67 -> 3.60 (its backward reads the stored X); KDA 3.29 / 9.54 ->
+        # 3.08 / 9.29. float16 keeps tf32 / float32 (not timed)
+        cfg = dataclasses.replace(cfg, inverse_precision="bf16")
     if not two_byte:
         # float32 tiles are twice as large: on an H200 (session 20) GDN's former float32 default did
         # not launch at head dim 128 (its reverse state pass asked for 249344 B of shared memory with

@@ -818,14 +818,21 @@ def test_default_config_fills_the_gpu_with_splits():
     assert many.splits == 1
     short = default_config(batch=1, value_heads=1, seq_len=1024, value_dim=128, interpret=False)
     assert short.splits == 1  # 16 chunks: no split would keep 16 of them
-    # bf16 under scalar gates: the whole-chunk WY kernel with a tf32 inverse; float32 and KDA: exact
+    # bf16 under scalar gates: the whole-chunk WY kernel; the inverse on bf16 operands in bf16 (session
+    # 24), tf32 in fp16 (under scalar gates), exact in float32 and fp16 KDA
     low = default_config(batch=1, value_heads=16, seq_len=32768, value_dim=128, interpret=False, dtype=jnp.bfloat16)
-    assert (low.wy_rows, low.inverse_precision, low.num_warps, low.num_warps_output_bwd) == (64, "tf32", 4, 4)
+    assert (low.wy_rows, low.inverse_precision, low.num_warps, low.num_warps_output_bwd) == (64, "bf16", 4, 4)
     assert (few.wy_rows, few.inverse_precision, few.num_warps, few.num_warps_output_bwd) == (16, "highest", 8, None)
+    half = default_config(batch=1, value_heads=16, seq_len=32768, value_dim=128, interpret=False, dtype=jnp.float16)
+    assert (half.wy_rows, half.inverse_precision) == (64, "tf32")
     kda = default_config(
         batch=1, value_heads=16, seq_len=32768, value_dim=128, interpret=False, dtype=jnp.bfloat16, per_channel=True
     )
-    assert kda.inverse_precision == "highest" and kda.store_scores and not low.store_scores
+    kda_half = default_config(
+        batch=1, value_heads=16, seq_len=32768, value_dim=128, interpret=False, dtype=jnp.float16, per_channel=True
+    )
+    assert kda.inverse_precision == "bf16" and kda_half.inverse_precision == "highest"
+    assert kda.store_scores and not low.store_scores
     assert kda.store_inverse and low.store_inverse  # the WY backward forms no Gram block
     assert kda.num_warps_bwd == 4 and low.num_warps_bwd == 8  # per-channel cotangents by levels: 4 warps
     # bf16/fp16 KDA since its diagonal tiles are one product where the gates allow it (session 18): 4
