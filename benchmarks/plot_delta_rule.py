@@ -9,7 +9,7 @@ both contenders in the same run, ``--json``). Right: device time by kernel at (1
 ours from a ``delta_rule_sweep.py --profile`` row (JSON), jax-linear-attention's from the
 ``DELTA_RULE_PROFILE`` listing in a ``delta_rule.py`` log (the fwd+bwd block of that shape; KDA:
 none was recorded, so ours alone). Nothing runs on a GPU here; the arguments name the files
-(defaults: session 14's for GDN, session 23's for KDA).
+(defaults: session 24's op rows for both, its profile for GDN, session 23's for KDA).
 """
 
 from __future__ import annotations
@@ -22,22 +22,25 @@ import re
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 S14 = os.path.join(RESULTS, "2026-12-01_H200_s14")
 S23 = os.path.join(RESULTS, "2026-12-02_H200_s23")
-DEFAULTS = {  # --op: (op JSON, sweep JSON, sweep label, peer log or None, output, title)
+S24 = os.path.join(RESULTS, "2026-12-02_H200_s24")
+DEFAULTS = {  # --op: (op JSON, sweep JSON, sweep label, peer log or None, output, title, profile note)
     "gdn": (
-        os.path.join(S14, "delta_op_e.json"),
-        os.path.join(S14, "sweep_gdn_d.json"),
-        "num_warps_output_bwd=4",  # the default since call D
+        os.path.join(S24, "callD", "delta_gdn.json"),
+        os.path.join(S24, "callE", "gdn_profile.json"),
+        "default",  # the bf16 default of session 24 (the inverse on bf16 operands)
         os.path.join(RESULTS, "2026-12-01_H200_s13", "delta_op_f.log"),
         "delta_rule.png",
         "Gated DeltaNet",
+        "ours session 24, jla session 13",
     ),
     "kda": (
-        os.path.join(S23, "callB", "delta_op.json"),
+        os.path.join(S24, "callD", "delta_kda.json"),
         os.path.join(S23, "callA", "kda_32_rows_from_log.json"),
-        "output_rows=32,wy_bwd_rows=32",  # the bf16 default since session 23
+        "output_rows=32,wy_bwd_rows=32",  # session 23's default (session 24's KDA profile came back empty)
         None,
         "kda.png",
-        "KDA (bounded gates)",
+        "KDA (mild gates)",
+        "session 23, before the bf16 inverse",
     ),
 }
 
@@ -84,7 +87,7 @@ def main(argv=None) -> None:
     ap.add_argument("--peer-log", default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    op_json, sweep_json, sweep_label, peer_log, out_name, title = DEFAULTS[args.op]
+    op_json, sweep_json, sweep_label, peer_log, out_name, title, note = DEFAULTS[args.op]
     op_json, sweep_json = args.op_json or op_json, args.sweep_json or sweep_json
     sweep_label, peer_log = args.sweep_label or sweep_label, args.peer_log or peer_log
     out = args.out or os.path.join(os.path.dirname(RESULTS), "..", "docs", out_name)
@@ -134,7 +137,7 @@ def main(argv=None) -> None:
     right.set_xticks(list(range(len(stacks))), [name for name, _ in stacks])
     right.set_xlim(-0.75, len(stacks) - 0.25)
     right.set_ylabel("device ms per fwd+bwd")
-    right.set_title("by kernel, (1, 32768, 16, 128)")
+    right.set_title(f"by kernel, (1, 32768, 16, 128)\n({note})", fontsize=10)
     fig.tight_layout()
     out = os.path.normpath(out)
     fig.savefig(out, dpi=110)
