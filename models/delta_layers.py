@@ -365,8 +365,8 @@ class KDA(DeltaRuleMixer):
         """``gate_lower_bound``: None, the decays ``g = −exp(A_log) · softplus(f + dt_bias)``; a negative
         number b, ``g = b · sigmoid(exp(A_log) · (f + dt_bias))`` in [b, 0) (flash-linear-attention's
         ``lower_bound``, Kimi Linear's safe gate). The op is told the bound (its ``gate_lower_bound``):
-        with b ≥ −5 the Pallas kernels take their factored diagonal form at trace time, one kernel
-        form compiled and no check over the gates (b ≥ −2.5: the 32-row tiles too)."""
+        with b ≥ −5 the Pallas kernels never build their exact form (the bf16 default still picks
+        between its 16- and 32-row factored forms at run time); b ≥ −2.5 leaves the 32-row form alone."""
         check_gate_lower_bound(gate_lower_bound)
         self.gate_lower_bound = None if gate_lower_bound is None else float(gate_lower_bound)
         super().__init__(d_model, n_heads, **kwargs)

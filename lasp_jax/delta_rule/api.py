@@ -111,6 +111,8 @@ def lasp_gated_delta_rule_shard(
     ``output_final_state``). Differentiable in every array argument. In a ``shard_map`` with
     ``check_vma=True`` the returned ``final_state`` is invariant along ``axis_name``; unchecked, every
     rank's copy is its own output (replicate it over ``axis_name`` in the out_spec).
+    ``gate_lower_bound``: as in ``pallas_kernels.gated_delta_rule`` (the gates are raised to it here,
+    in float32, before any collective).
     """
     _check_strategy(strategy)
     check_impl(impl)

@@ -155,9 +155,10 @@ def gated_delta_rule(
       gate_lower_bound: None, or a negative floor on the log gates: every gate below it is raised to
         it (its gradient there is zero), for every ``impl``. Gates built as ``bound · sigmoid(·)``
         (flash-linear-attention's ``lower_bound``; the models' ``gate_lower_bound``) never reach
-        below it. With per-channel gates in bf16 or float32 and a bound ≥ −5, the Pallas kernels pick
-        their diagonal-tile form at trace time (``products.static_case``): one form compiled and no
-        check over the gates, instead of a switch between three.
+        below it. With per-channel gates and bf16 / float32 q, k, v the Pallas kernels build only the
+        diagonal-tile forms the bound allows (``products._cases``): ≥ −5 drops the exact form and the
+        16-row check (the bf16 default still switches between its 16- and 32-row factored forms on
+        a 32-row check); ≥ −2.5 (or 16-row tiles only) leaves one form, no check, no switch.
 
     Returns:
       ``(o, final_state)``: o ``[B, T, Hv, E]`` in q's dtype; final_state float32 ``[B, Hv, D, E]``

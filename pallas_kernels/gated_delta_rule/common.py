@@ -164,7 +164,7 @@ def unit_lower_inverse(a, precision=lax.Precision.HIGHEST):
     ``X − X L X``, L the entries of ``a`` below the diagonal blocks inside each ``2n`` block (the
     block formula ``X₂₁ = −X₂₂ A₂₁ X₁₁``): log2(s) steps of two s×s products, no division, except
     the first (``X = I``: the 2×2 blocks' inverse is ``I − L``); ``precision`` of the float32
-    products (``pallas_kernels.common.dot``).
+    products (``pallas_kernels.common.dot``), or ``BF16_PRODUCTS`` (bf16 operands, float32 sums).
     """
     s = a.shape[0]
     row = lax.broadcasted_iota(jnp.int32, (s, s), 0)

@@ -65,8 +65,9 @@ class BlockConfig:
         rounding W, U and the backward's products of X already carry; for bf16/fp16 inputs only)
         or ``"bf16"`` (operands rounded to bf16, float32 sums: X's relative error about 1e-3 with
         random keys, up to 7e-3 with strongly correlated ones, where X rounded to bf16 for W's
-        product already gives W about 1e-2; for bf16 inputs only); the Pallas interpreter (CPU)
-        uses ``"highest"`` for the tf32 forms and runs ``"bf16"`` as on the GPU.
+        product already gives W about 1e-2: meant for bf16 inputs, the default there; other dtypes
+        accept it and lose that much); the Pallas interpreter (CPU) uses ``"highest"`` for the tf32
+        forms and runs ``"bf16"`` as on the GPU.
       store_scores: the forward ``output`` kernel also writes each chunk's score blocks ``Z = Q Kᵀ
         ⊙ Γ ⊙ causal`` (in the matmul operand dtype, ``C × C`` per chunk, as the ``[B, T, Hv, C]``
         array the stored inverse uses) and ``output_bwd`` reads them for ``dV' = scale · Zᵀ dO``
@@ -247,7 +248,8 @@ def default_config(
     output backward run 4 warps; float32 inputs keep the exact float32 inverse ("tf32x3" measured
     slower: 6.41 against 6.04 ms) and 8 warps. Per-channel gates store the output's score blocks for
     its backward (``store_scores``; H200, KDA (1, 32K, 16, 128) bf16 fwd+bwd 40.84 against 59.38
-    ms) and run the backward chunk kernels with 4 warps.
+    ms) and run the backward chunk kernels with 4 warps. bf16 inputs (either gate form) form the
+    inverse on bf16 operands (``inverse_precision="bf16"``, session 24).
 
     The other warps from ptxas register counts of a Triton 3.9 sm_90 build (the 16-row-tile wy
     kernel spilled at 4 warps, not at 8); ``block_cols`` from the H200 sweep of 2026-11-30 (GDN (1, 32K, 16, 128) bf16

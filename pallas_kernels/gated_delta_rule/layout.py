@@ -53,8 +53,9 @@ class Statics:
 
     @property
     def inverse_precision(self):
-        """The precision of the float32 products that form ``(I + A)⁻¹`` (``cfg.inverse_precision``;
-        exact float32 in the interpreter, which runs on the CPU)."""
+        """The precision of the float32 products that form ``(I + A)⁻¹`` (``cfg.inverse_precision``):
+        a ``lax.Precision`` / dot algorithm, or ``common.BF16_PRODUCTS`` for ``"bf16"`` (bf16 operands,
+        the same in the interpreter); the tf32 forms run exact float32 in the interpreter (the CPU)."""
         if self.cfg.inverse_precision == "bf16":  # explicit bf16 operands: the same on the CPU
             return BF16_PRODUCTS
         if self.interpret:

@@ -68,7 +68,15 @@ from pallas_kernels.gated_delta_rule.layout import (
     value_chunk,
     zero_blocks,
 )
-from pallas_kernels.gated_delta_rule.products import CHANNEL_MODES, by_gates, case_of, floor_gates, gate_case, kept_case
+from pallas_kernels.gated_delta_rule.products import (
+    CHANNEL_MODES,
+    by_gates,
+    case_of,
+    check_gate_lower_bound,
+    floor_gates,
+    gate_case,
+    kept_case,
+)
 from pallas_kernels.gated_delta_rule.reference import document_index
 
 # ---- kernels ----------------------------------------------------------------------------------
@@ -490,8 +498,8 @@ def gated_delta_rule(
       ``D ** -0.5``); initial_state ``[B, Hv, D, E]``; segment_ids ``[B, T]`` integer document ids
       of packed rows (the state resets where the id changes); interpret: run the kernels in the
       Pallas interpreter (CPU); config: tiling (default: a heuristic); gate_lower_bound: raise
-      log gates below it to it (``products.floor_gates``); per-channel bf16 / float32 gates with a
-      bound ≥ −5 then run the factored kernels it allows without a run-time check or switch.
+      log gates below it to it (``products.floor_gates``); under per-channel gates with bf16 /
+      float32 q, k, v only the kernel forms it allows are built (as ``api.gated_delta_rule`` says).
 
     Returns:
       ``(o [B, T, Hv, E] in q's dtype, final_state [B, Hv, D, E] float32)``, differentiable in q, k,
@@ -525,6 +533,7 @@ def prepare(q, k, v, beta, g, initial_state, segment_ids, scale, interpret, conf
     ``gate_lower_bound``), the document rows (or None) and the statics."""
     b, t, _, d = q.shape
     hv, e = v.shape[2:]
+    check_gate_lower_bound(gate_lower_bound)  # a positive one would pick factored forms the gates break
     dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
     if dtype not in KERNEL_DTYPES:
         raise TypeError(f"the Pallas kernels take bf16, fp16 or fp32 inputs, got q.dtype={q.dtype}")

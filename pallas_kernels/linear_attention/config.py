@@ -217,7 +217,9 @@ def default_channel_config(
     formed once (``pregated_state``; session 19: 6.59 → 6.11 ms; fewer runs lose: 2 runs 6.54, one
     run of 16-wide blocks 7.67). fp16 takes the bf16 measurements (not timed itself); float32 keeps
     the in-kernel state passes, measured faster ((1, 8K, 16, 128): 27.4 against 37.6 ms pregated,
-    unexplained: the pregated forward 1.81 → 8.67 ms; not profiled)."""
+    unexplained: the pregated forward 1.81 → 8.67 ms; not profiled). bf16 with head dims up to 128
+    runs the output kernel on 32-row sub-tiles where the gates allow them (``output_rows``, session
+    24: its forward 1.90 / 1.67 → 1.71 / 1.65 ms in two runs)."""
     if interpret:  # the bf16/fp16 GPU default's state passes
         return ChannelConfig(chunk=16, block_cols=16, block_e=16, pregated_state=True)
     cfg = ChannelConfig(block_e=min(32, value_dim), split_grads=True, recompute_dz=True)

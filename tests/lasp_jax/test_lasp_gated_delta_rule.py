@@ -195,9 +195,10 @@ def test_pallas_kernel_split_strong_per_channel_gates(rng):
 
 @pytest.mark.parametrize("strategy,impl", [("allgather", "pallas"), ("ring", "xla"), ("ulysses", "xla")])
 def test_gate_lower_bound_under_sp(rng, strategy, impl):
-    """``gate_lower_bound`` under sp: the gates below it (about half of these KDA gates) are raised
-    to it on every shard and get no gradient, as the single-device op; the Pallas split entry points
-    take the factored kernels the bound names at trace time (no check, no switch)."""
+    """``gate_lower_bound`` under sp: the gates below it (about 40% of these KDA gates) are raised
+    to it on every shard and get no gradient, every shard against the float64 scan on the raised
+    gates; on the Pallas path the split entry points run with the bound in their statics (the
+    interpret config's 16-row tiles: one form, chosen at trace time)."""
     run_case(rng, dp=1, sp=2, strategy=strategy, gate="kda", docs=True, t=32, impl=impl, gate_lower_bound=-0.01)
 
 

@@ -146,25 +146,42 @@ def test_layer_matches_definition(rng, mixer, bound):
 
 @pytest.mark.parametrize("family,bound", [("kda", -5.0), ("kda", None), ("gdn", None)])
 def test_layer_tells_the_op_its_gate_bound(rng, monkeypatch, family, bound):
-    """The layer passes its gate bound to the op (``gate_lower_bound``: the Pallas kernels then pick
-    their form at trace time); its output is unchanged by that (its gates never reach below it)."""
+    """The layer passes its gate bound to the op (``gate_lower_bound``). On the Pallas path
+    (interpret mode, 16-row tiles) KDA's −5 leaves the kernels one form, chosen at trace time
+    (``products._cases`` gives lowest = highest case), where without the bound all forms stay; the
+    output equals, bit for bit, that of the op not told (its gates never reach below the bound, so
+    its run-time check picks the same form)."""
     import models.delta_layers as delta_layers
 
-    real, seen = delta_layers.lasp_gated_delta_rule, []
+    real, seen, cases = delta_layers.lasp_gated_delta_rule, [], []
+    real_cases = products._cases
 
     def op(*args, told=True, **kwargs):
         seen.append(kwargs["gate_lower_bound"])
         return real(*args, **(kwargs if told else kwargs | {"gate_lower_bound": None}))
 
+    def spy(statics, rows):
+        cases.append(real_cases(statics, rows))
+        return cases[-1]
+
     config = small_model(family).replace(gate_lower_bound=bound)
     layer = (KDA if family == "kda" else GatedDeltaNet).from_config(config, 0, rngs=nnx.Rngs(0))
     x = jnp.asarray(30 * rng.standard_normal((1, T, config.d_model)), jnp.float32)  # saturating gates
+    ctx = LaspContext(impl="pallas")
+    monkeypatch.setattr(products, "_cases", spy)
     monkeypatch.setattr(delta_layers, "lasp_gated_delta_rule", op)
-    got, _ = layer(x, SINGLE_DEVICE, jnp.arange(T))
+    got, _ = layer(x, ctx, jnp.arange(T))
+    told_cases, cases[:] = list(cases), []
     monkeypatch.setattr(delta_layers, "lasp_gated_delta_rule", functools.partial(op, told=False))
-    want, _ = layer(x, SINGLE_DEVICE, jnp.arange(T))
+    want, _ = layer(x, ctx, jnp.arange(T))
     assert seen == [bound, bound]
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    if family == "kda":
+        assert told_cases and cases  # per-channel gates: the kernels asked which forms to build
+        assert all(low == top for low, top in told_cases) is (bound is not None), told_cases
+        assert all(low == 0 for low, _ in cases), cases
+    else:
+        assert not told_cases and not cases  # scalar gates: one form, no question
 
 
 def test_kda_gate_lower_bound_keeps_the_kernels_factored_form(rng):

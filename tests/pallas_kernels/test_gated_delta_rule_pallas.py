@@ -258,6 +258,11 @@ def test_gate_lower_bound_builds_only_the_forms_it_allows(rng):
         text = str(jax.make_jaxpr(lambda c, st=statics: pallas_triton.by_gates(c, st, form))(case))
         assert traced == [forms[name] for name in built], (bound, config, traced)
         assert ("branches=" in text) is (len(built) > 1)
+        for fixed, name in ((0, "exact"), (1, "16"), (2, "32")):  # a Python int case: that form alone
+            if name in built:
+                traced.clear()
+                pallas_triton.by_gates(fixed, statics, form)
+                assert traced == [forms[name]], (bound, fixed, traced)
         if static is None:
             continue
         args = tuple(args)
@@ -275,6 +280,9 @@ def test_gate_lower_bound_builds_only_the_forms_it_allows(rng):
         *fp16, ys["beta"], ys["g"], None, None, 0.7, True, None, gate_lower_bound=-5.0
     )
     assert statics.gate_floor is None and pallas_triton.gate_case(None, statics, jnp.float16) is None
+    for bad in (1.0, float("nan")):  # the kernels' own entry checks it too (a positive floor passes the bounds)
+        with pytest.raises(ValueError, match="gate_lower_bound must be None or a finite negative number"):
+            pallas_triton.prepare(*fp16, ys["beta"], ys["g"], None, None, 0.7, True, None, gate_lower_bound=bad)
 
 
 CASES = {
@@ -1145,8 +1153,9 @@ def test_compiled_kda_default_takes_each_gate_case(rng, g_max, case):
 @pytest.mark.gpu
 @pytest.mark.parametrize("gate", ["gdn", "kda"])
 def test_compiled_default_with_bf16_inverse(rng, gate):
-    """The bf16 default with the inverse's products on bf16 operands (``inverse_precision="bf16"``),
-    T = 4096 with documents, against the token recurrence."""
+    """The inverse's products on bf16 operands (``inverse_precision="bf16"``, the bf16 default since
+    session 24; set here so the case stays if the default moves), T = 4096 with documents, against
+    the token recurrence."""
     cfg = default_config(
         batch=2,
         value_heads=4,
