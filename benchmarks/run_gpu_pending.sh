@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU measurements left open at the end of session 24, in order of value: about 14 minutes on 2 (or 4)
-# H200s (session 24 ran the one-GPU steps); each step has its own time limit and keeps its output if a
-# later one fails. Run from the repository root:
+# The GPU measurements left open at the end of session 24, in order of value: about 10 minutes on one
+# H200, then about 14 on 2 (or 4); each step has its own time limit and keeps its output if a later one
+# fails. Run from the repository root:
 #   OUT=runs/pending bash benchmarks/run_gpu_pending.sh
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # never NVLink multicast
@@ -9,6 +9,19 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/pending}
 mkdir -p "$OUT"
 N=$(nvidia-smi -L | wc -l)
+# one GPU first (session 24 ran out of device time): the model steps with the bf16 inverse (session
+# 24's bf16 default; gdn-1.3b last timed in session 15, kda-1.3b in session 24 before it); KDA with
+# the benchmark's gates x30 (mean -1.5 per token; on the CPU their 16-token spans reach 48 > 40 and
+# the 8-token ones 30, so they take the 16-row factored form, the model's case, last timed at 10.14 ms
+# in session 22 as a 16-row config on mild gates); a profile of the KDA default (session 24's was empty)
+timeout 200 python3 benchmarks/train_step.py --preset gdn-1.3b --remat none --sp 1 --json "$OUT/gdn_1gpu.json" > "$OUT/gdn_1gpu.log" 2>&1
+echo "== gdn-1.3b one GPU"; tail -n 2 "$OUT/gdn_1gpu.log"
+timeout 200 python3 benchmarks/train_step.py --preset kda-1.3b --gate-lower-bound -5 --sp 1 --json "$OUT/kda_1gpu.json" > "$OUT/kda_1gpu.log" 2>&1
+echo "== kda-1.3b one GPU"; tail -n 2 "$OUT/kda_1gpu.log"
+timeout 150 python3 benchmarks/delta_rule_sweep.py --ops kda --reps 16 --budget 120 --gate-scale 30 --labels default --json "$OUT/kda_model_gates.json" > "$OUT/kda_model_gates.log" 2>&1
+echo "== kda, gates x30 (mean -1.5 per token, 16-token spans past 40: the 16-row form)"; grep -E '^\{' "$OUT/kda_model_gates.log" | cut -c1-120
+timeout 150 python3 benchmarks/delta_rule_sweep.py --ops kda --reps 8 --budget 120 --profile "$OUT/prof_kda" --labels default > "$OUT/kda_profile.log" 2>&1
+echo "== kda profile"; head -n 12 "$OUT/kda_profile.log" | cut -c1-120
 # issue 18: the softmax layer with impl="auto", which now runs cuDNN block pairs under a mesh
 # (cudnn_blocks, session 15: each rank's block compute 0.53x of one cuDNN GPU at sp=2 and 0.255x at
 # sp=4 on one H200, never run on 2 GPUs); its GPU tests over every local GPU first
