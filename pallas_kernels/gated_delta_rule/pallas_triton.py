@@ -578,7 +578,7 @@ def prepare(q, k, v, beta, g, initial_state, segment_ids, scale, interpret, conf
         s0 = jnp.pad(initial_state.astype(F32), ((0, 0), (0, 0), (0, dp - d), (0, ep - e)))
     docs = document_rows(segment_ids, tp)
     # fp16 inputs keep the exact kernels whatever the gates (``products.factored_diagonals_allowed``)
-    floor = None if dtype == jnp.float16 else gate_lower_bound
+    floor = None if dtype == jnp.float16 or gate_lower_bound is None else float(gate_lower_bound)
     statics = Statics(scale=scale, mode=mode, cfg=cfg, interpret=interpret, gate_floor=floor)
     return (q, k, v, beta, gate, s0), docs, statics
 

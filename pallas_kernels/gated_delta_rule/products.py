@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from typing import Literal, NamedTuple
 
 import jax
@@ -135,7 +136,7 @@ def check_gate_lower_bound(bound, name: str = "gate_lower_bound") -> None:
     """A log-gate floor must be None or a finite negative number (ValueError naming ``name``)."""
     if bound is None:
         return
-    if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not -float("inf") < bound < 0:
+    if isinstance(bound, bool) or not isinstance(bound, numbers.Real) or not -float("inf") < bound < 0:
         raise ValueError(f"{name} must be None or a finite negative number (a floor on the log gates), got {bound!r}")
 
 
