@@ -170,8 +170,7 @@ def gated_delta_rule(
     )
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     impl = resolve_impl(impl, q, k, v)
-    g = floor_gates(g, gate_lower_bound)
-    if impl == "pallas":
+    if impl == "pallas":  # the kernels' prepare raises the gates to the bound itself
         if not has_pallas():
             raise NotImplementedError(
                 f"impl='pallas': the Pallas kernel ({_PALLAS_MODULE}) is not in this checkout; use impl='xla'"
@@ -192,6 +191,7 @@ def gated_delta_rule(
         )
     else:
         fn = xla.gated_delta_rule if impl == "xla" else reference.recurrent
+        g = floor_gates(g, gate_lower_bound)
         doc_ids = None if segment_ids is None else reference.document_index(segment_ids)
         o, final = fn(q, k, v, beta, g, scale=scale, initial_state=initial_state, doc_ids=doc_ids)
     state_dtype = jnp.float64 if final.dtype == jnp.float64 else jnp.float32

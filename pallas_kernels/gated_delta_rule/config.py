@@ -300,7 +300,8 @@ def default_config(
     channel_fast = per_channel and two_byte
     if channel_fast:
         cfg = dataclasses.replace(cfg, num_warps=4, num_stages_bwd=2, num_stages_bwd_exact=1)
-    if per_channel and dtype is not None and jnp.dtype(dtype) == jnp.bfloat16 and max(key_dim, value_dim) <= 128:
+    bf16 = dtype is not None and jnp.dtype(dtype) == jnp.bfloat16
+    if per_channel and bf16 and max(key_dim, value_dim) <= 128:
         # and 32-row sub-tiles in the forward output kernel and the WY backward where the gates allow
         # them (log gates >= about -2.5 per token; else 16-row tiles, or the exact kernels: the
         # three-way switch of ``products.by_gates``). H200, KDA (1, 32K, 16, 128) bf16 fwd+bwd,
@@ -308,7 +309,7 @@ def default_config(
         # 10.07 -> 9.45 ms. float16 takes the exact kernels (no factored tiles); float32 and heads
         # wider than 128 were not timed with them
         cfg = dataclasses.replace(cfg, output_rows=min(32, cfg.chunk), wy_bwd_rows=min(32, cfg.chunk))
-    if dtype is not None and jnp.dtype(dtype) == jnp.bfloat16:
+    if bf16:
         # the inverse's products on bf16 operands, float32 sums (X is rounded to bf16 for its products
         # with the keys and values anyway). H200, (1, 32K, 16, 128) bf16, session 24 call C: GDN fwd
         # 1.51 -> 1.26 ms, fwd+bwd 3.67 -> 3.60 (its backward reads the stored X); KDA 3.29 / 9.54 ->
