@@ -215,15 +215,15 @@ def test_chained_halves(rng, impl, gate):
 def test_gate_lower_bound_raises_the_gates_below_it(rng, impl, gate):
     """``gate_lower_bound``: every implementation runs on ``max(g, bound)`` (the float64 recurrence on
     the raised gates, outputs and every gradient) and gives g no gradient where it was raised; the
-    gates reach 4× below the bound (about a third of them raised). With the Pallas kernels (interpret
+    gates reach 2× below the bound (about half of them raised). With the Pallas kernels (interpret
     mode) and per-channel gates the bound also picks their kernels at trace time."""
     skip_unavailable(impl)
     bound = -0.75 if gate == "kda" else -2.0
-    xs = make_inputs(rng, t=70, gate=gate, g_range=(0.01, -4 * bound))
+    xs = make_inputs(rng, t=70, gate=gate, g_range=(0.01, -2 * bound))
     b, t, hv, e = xs["v"].shape
     do, ds = rng.standard_normal((b, t, hv, e)), rng.standard_normal(xs["initial_state"].shape)
     raised = xs["g"] < bound
-    assert 0.2 < raised.mean() < 0.8
+    assert 0.3 < raised.mean() < 0.7  # ~0.5: at least 560 gates, so this is ≥ 9 standard deviations wide
 
     def run(xs, do, ds, bound):
         def loss(xs):
