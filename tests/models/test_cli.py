@@ -103,11 +103,11 @@ def test_eta_counts_steps_since_resume():
 
 def test_first_throughput_window_excludes_compilation():
     clock = StepClock(5)
-    time.sleep(0.2)  # the first step: compilation
+    time.sleep(0.6)  # the first step: compilation
     clock.exclude_first_step(6)
     time.sleep(0.02)
     seconds, steps, _ = clock.lap(8)
-    assert steps == 2 and seconds < 0.15
+    assert steps == 2 and seconds < 0.5  # ≥ 0.62 with the first step; the margin is for a loaded machine
     clock = StepClock(0)
     time.sleep(0.05)
     clock.exclude_first_step(1)

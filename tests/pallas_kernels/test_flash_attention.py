@@ -160,11 +160,12 @@ SMALL_BLOCKS = BlockConfig(block_q=16, block_k=16, block_q_dq=16, block_k_dq=16,
 
 
 @pytest.mark.parametrize("sorted_ids", [False, True], ids=["masks-only", "sorted-skip"])
-@pytest.mark.parametrize("lq,lk,q_start,n_docs", [(72, 136, 64, 9), (64, 64, 0, 12), (40, 100, 60, 3)])
+@pytest.mark.parametrize("lq,lk,q_start,n_docs", [(72, 136, 64, 9), (64, 64, 0, 12), (40, 100, 60, 5)])
 def test_documents_match_jnp_recurrence(rng, sorted_ids, lq, lk, q_start, n_docs):
     """Packed documents (non-decreasing ids, 16-row blocks): the kernels with only the masks and
     with document block skipping (``documents_sorted``) against the jnp recurrence; the skip
-    bounds must skip something, so both code paths run."""
+    bounds must skip something, so both code paths run (with 3 documents in the short case no cut fell
+    in [16, 92] in about 1 draw of 400: it has 5, about 4e-6)."""
     b, h, hk, d = 2, 4, 2, 16
     q, k, v, do = (
         jnp.asarray(x, jnp.float32) for x in _inputs(rng, b=b, lq=lq, lk=lk, h=h, hk=hk, d=d, e=d, dtype=jnp.float32)
