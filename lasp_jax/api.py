@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 from lasp_jax import baselines, lasp
 from lasp_jax.mesh import check_mesh, check_ulysses_heads, layer_shard_map, layer_specs, mesh_size, shard_axis_size
 from pallas_kernels import linear_attention
+from pallas_kernels.common import resolve_scale
 from pallas_kernels.linear_attention.api import IMPLS, validate
 
 Strategy = Literal["ring", "allgather", "scan", "ulysses", "gather_kv"]
@@ -81,7 +82,7 @@ def lasp_attention_shard(
     _check_options(strategy, impl)
     validate(q, k, v, g=g, g_gamma=g_gamma, initial_state=initial_state, segment_ids=segment_ids)
     size = shard_axis_size(axis_name, layer="lasp_attention")
-    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    scale = resolve_scale(scale, q.shape[-1])
     kwargs = dict(
         g=g,
         g_gamma=g_gamma,

@@ -82,6 +82,8 @@ def per_channel_scores(x, keys: KeyFactors):
     across = jnp.einsum("bhgnid,bhgnjd->bhgnij", x_ref, keys.k_ref)  # [B, H, G, n, S, C]
     # inside a sub-block: the factors directly, i > j; the diagonal's factor is exactly 1
     inside = jnp.einsum("bhgnid,bhgnijd->bhgnij", x_sub, keys.k_inside)
-    inside = inside + jnp.eye(s) * jnp.einsum("bhgnid,bhgnid->bhgni", x_sub, k_sub)[..., None]
-    blocks = across.reshape(bsz, h, grp, n, s, n, s) + inside[..., None, :] * jnp.eye(n)[:, None, :, None]
+    # (eyes in the operands' dtype: with jax_enable_x64 an untyped eye would make float32 scores float64)
+    inside = inside + jnp.eye(s, dtype=x.dtype) * jnp.einsum("bhgnid,bhgnid->bhgni", x_sub, k_sub)[..., None]
+    diagonal = inside[..., None, :] * jnp.eye(n, dtype=x.dtype)[:, None, :, None]
+    blocks = across.reshape(bsz, h, grp, n, s, n, s) + diagonal
     return blocks.reshape(bsz, h, grp, c, c)

@@ -6,8 +6,11 @@ Nothing here knows an op's math; what one op's forward and backward share lives 
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 F32 = jnp.float32
@@ -23,6 +26,26 @@ def on_gpu() -> bool:
         return jax.default_backend() == "gpu"
     except RuntimeError:
         return False
+
+
+def resolve_scale(scale, head_dim: int) -> float:
+    """``scale`` as the Python float the ops bake into their programs, ``head_dim ** -0.5`` when None.
+
+    A clear error for a traced, non-scalar or non-finite ``scale`` (NaN would otherwise come out as
+    NaN, zeros or a uniform average depending on the implementation) and for an empty head dim.
+    """
+    if head_dim <= 0:
+        raise ValueError(f"the head dim (q's last axis) must be positive, got {head_dim=}")
+    if scale is None:
+        return float(head_dim) ** -0.5
+    if isinstance(scale, jax.core.Tracer):
+        raise TypeError("scale must be a static Python number (it is compiled into the op), got a traced value")
+    if np.ndim(scale) != 0:
+        raise TypeError(f"scale must be a scalar, got an array of shape {np.shape(scale)}")
+    value = float(scale)
+    if not math.isfinite(value):
+        raise ValueError(f"scale must be a finite number, got {scale=}")
+    return value
 
 
 def acc_dtype(*dtypes) -> jnp.dtype:

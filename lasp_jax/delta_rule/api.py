@@ -28,6 +28,7 @@ from lasp_jax.delta_rule.layer import delta_rule_layer
 from lasp_jax.mesh import check_mesh, check_ulysses_heads, layer_shard_map, layer_specs, mesh_size, shard_axis_size
 from lasp_jax.state_passing import broadcast_from, varying_axes
 from pallas_kernels import gated_delta_rule
+from pallas_kernels.common import resolve_scale
 from pallas_kernels.gated_delta_rule.api import check_impl, validate
 from pallas_kernels.gated_delta_rule.products import floor_gates
 
@@ -120,7 +121,7 @@ def lasp_gated_delta_rule_shard(
         q, k, v, beta, g=g, initial_state=initial_state, segment_ids=segment_ids, gate_lower_bound=gate_lower_bound
     )
     size = shard_axis_size(axis_name, layer="lasp_gated_delta_rule")
-    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    scale = resolve_scale(scale, q.shape[-1])
     kwargs = dict(
         g=floor_gates(g, gate_lower_bound),  # raised once here; the kernels take the bound as a hint
         gate_lower_bound=gate_lower_bound,

@@ -63,7 +63,7 @@ from lasp_jax.softmax.allgather import DpaStatics, allgather_attention, dpa_atte
 from lasp_jax.softmax.deal import Statics
 from lasp_jax.softmax.ring import ring_attention
 from lasp_jax.softmax.tokenring import tokenring_attention
-from pallas_kernels.common import on_gpu
+from pallas_kernels.common import on_gpu, resolve_scale
 from pallas_kernels.flash_attention import fits_shared_memory
 from pallas_kernels.flash_attention import pallas_triton as flash_pallas
 from pallas_kernels.flash_attention import xla as flash_xla
@@ -154,7 +154,7 @@ def softmax_attention(
     """
     validate(q, k, v, segment_ids=segment_ids)
     _check_choice(strategy=strategy, impl=impl, block_size=block_size, balance=balance)
-    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    scale = resolve_scale(scale, q.shape[-1])
     if mesh is None:
         return causal_attention(q, k, v, scale=scale, impl=impl, block_size=block_size, segment_ids=segment_ids)
     heads = {"H": q.shape[2], "Hk": k.shape[2]}
@@ -204,7 +204,7 @@ def softmax_attention_shard(
     """
     validate(q, k, v, segment_ids=segment_ids)
     _check_choice(strategy=strategy, impl=impl, block_size=block_size, balance=balance)
-    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    scale = resolve_scale(scale, q.shape[-1])
     impl = resolve_impl(impl, q, k, v, n_keys=None, documents=segment_ids is not None)
     if segment_ids is not None:
         segment_ids = local_documents(segment_ids, axis_name)
@@ -249,7 +249,7 @@ def causal_attention(
     documents; ``"cudnn"`` then passes a dense causal-and-document mask)."""
     validate(q, k, v, segment_ids=segment_ids)
     _check_choice(strategy="allgather", impl=impl, block_size=block_size)
-    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    scale = resolve_scale(scale, q.shape[-1])
     impl = resolve_impl(impl, q, k, v, n_keys=q.shape[1], documents=segment_ids is not None)
     if impl == "cudnn_blocks":  # one block pair: a single causal cuDNN call, with the blocks' backward
         statics = Statics(axis_name=None, scale=scale, impl=impl, block=block_size, balance=False)

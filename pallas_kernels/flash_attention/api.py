@@ -18,7 +18,7 @@ from typing import Literal
 
 import jax
 
-from pallas_kernels.common import KERNEL_DTYPES, on_gpu
+from pallas_kernels.common import KERNEL_DTYPES, on_gpu, resolve_scale
 from pallas_kernels.flash_attention import cudnn_blocks, pallas_triton, pallas_triton_vjp, reference, xla
 from pallas_kernels.flash_attention.common import compiled_kernels_take
 from pallas_kernels.linear_attention.api import validate
@@ -56,7 +56,7 @@ def flash_attention(
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got impl={impl!r}")
     validate(q, k, v, segment_ids=segment_ids)
-    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    scale = resolve_scale(scale, q.shape[-1])
     impl = resolve_impl(impl, q, k, v)
     if impl == "reference":
         return reference.causal_attention(q, k, v, scale=scale, segment_ids=segment_ids).astype(q.dtype)

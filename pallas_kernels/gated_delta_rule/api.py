@@ -25,7 +25,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import on_gpu
+from pallas_kernels.common import on_gpu, resolve_scale
 from pallas_kernels.gated_delta_rule import reference, xla
 from pallas_kernels.gated_delta_rule.products import check_gate_lower_bound, floor_gates
 
@@ -168,7 +168,7 @@ def gated_delta_rule(
     validate(
         q, k, v, beta, g=g, initial_state=initial_state, segment_ids=segment_ids, gate_lower_bound=gate_lower_bound
     )
-    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    scale = resolve_scale(scale, q.shape[-1])
     impl = resolve_impl(impl, q, k, v)
     if impl == "pallas":  # the kernels' prepare raises the gates to the bound itself
         if not has_pallas():

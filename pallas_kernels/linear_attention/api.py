@@ -15,7 +15,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import on_gpu
+from pallas_kernels.common import on_gpu, resolve_scale
 from pallas_kernels.linear_attention import pallas_triton, pallas_triton_channel, reference, xla
 
 Impl = Literal["auto", "pallas", "xla", "reference", "reference_quadratic"]
@@ -119,7 +119,7 @@ def linear_attention(
         raise ValueError(f"impl must be one of {IMPLS}, got impl={impl!r}")
     validate(q, k, v, g=g, g_gamma=g_gamma, initial_state=initial_state, segment_ids=segment_ids)
     d = q.shape[-1]
-    scale = float(d**-0.5 if scale is None else scale)
+    scale = resolve_scale(scale, d)
     impl = resolve_impl(impl, q, k, v, g=g)
 
     if impl == "pallas" and g is not None and g.ndim == 4:
