@@ -45,7 +45,7 @@ from flax import nnx
 
 from lasp_jax import lasp_gated_delta_rule, short_conv, short_conv_step
 from models.config import ModelConfig, check_gate_lower_bound
-from models.layers import SINGLE_DEVICE, Dense, LaspContext, MixerSpec, dtype_of
+from models.layers import SINGLE_DEVICE, Dense, LaspContext, MixerSpec, default_head_dim, dtype_of
 
 Array = jax.Array
 _L2_EPS = 1e-6  # q / sqrt(Σq² + eps), as fla's l2norm
@@ -149,7 +149,7 @@ class DeltaRuleMixer(nnx.Module):
         split_projections: bool = False,
         rngs: nnx.Rngs,
     ):
-        head_dim = d_model // n_heads if head_dim is None else head_dim
+        head_dim = default_head_dim(d_model, n_heads, head_dim, layer=type(self).__name__)
         n_v_heads = n_heads if n_v_heads is None else n_v_heads
         self.spec = s = DeltaRuleSpec(
             d_model,
@@ -291,6 +291,7 @@ class DeltaRuleMixer(nnx.Module):
         """
         del positions
         ctx = ctx or SINGLE_DEVICE
+        ctx.check_tokens(x, self.spec.d_model, layer=type(self).__name__)
         if cache is not None:
             initial_state, return_state = cache, True
         qkv, (beta, g, gate) = self._split(x, ctx)

@@ -31,7 +31,7 @@ from flax import nnx
 
 from lasp_jax import lasp_attention
 from models.config import ModelConfig
-from models.layers import SINGLE_DEVICE, Dense, LaspContext, LinearCache, MixerSpec, dtype_of
+from models.layers import SINGLE_DEVICE, Dense, LaspContext, LinearCache, MixerSpec, default_head_dim, dtype_of
 from models.mixer_math import srms
 
 Array = jax.Array
@@ -91,7 +91,7 @@ class GatedLinearAttention(nnx.Module):
         split_projections: bool = False,
         rngs: nnx.Rngs,
     ):
-        head_dim = d_model // n_heads if head_dim is None else head_dim
+        head_dim = default_head_dim(d_model, n_heads, head_dim, layer=type(self).__name__)
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         self.spec = s = GLASpec(
             d_model,
@@ -165,6 +165,7 @@ class GatedLinearAttention(nnx.Module):
         """
         del positions
         ctx = ctx or SINGLE_DEVICE
+        ctx.check_tokens(x, self.spec.d_model, layer=type(self).__name__)
         if cache is not None:
             initial_state, return_state = cache.state, True
         q, k, v, g, r = self._project(x, ctx)

@@ -28,10 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lasp_jax import lasp_attention, softmax_attention
 from models.config import ModelConfig
+from models.context import SINGLE_DEVICE, LaspContext
 from models.mixer_math import alibi_slopes as alibi_slopes
 from models.mixer_math import cached_attention, feature_map, lrpe, recurrent_step, rope, srms, tnl_log_decay
 from models.tokenwise import map_token_chunks, rms_normalize
@@ -45,56 +45,6 @@ class Dtypes(Protocol):
     dtype: str
     param_dtype: str
     split_projections: bool  # Dense.project: one product per column block
-
-
-@dataclass(frozen=True)
-class LaspContext:
-    """How token mixers run: the mesh and the strategies; not part of the model's weights.
-
-    ``mesh=None`` runs on one device. Activations ``[B, T, ...]`` are sharded ``(batch_axis, seq_axis)``.
-    ``head_axis`` (tensor parallelism): heads and MLP hidden units split over that mesh axis.
-    ``strategy``/``impl`` go to ``lasp_attention`` (linear layers), ``softmax_strategy``
-    (``"allgather"`` = LASP-2H or ``"ring"``) to ``softmax_attention`` (softmax layers of hybrids).
-    """
-
-    mesh: Mesh | None = None
-    seq_axis: str = "sp"
-    batch_axis: str | None = None
-    strategy: str = "ring"
-    impl: str = "auto"
-    softmax_strategy: str = "allgather"
-    head_axis: str | None = None
-
-    @property
-    def tensor_parallel(self) -> int:
-        """The number of devices along ``head_axis`` (1 without a mesh or a head axis)."""
-        return 1 if self.mesh is None or self.head_axis is None else self.mesh.shape[self.head_axis]
-
-    def constrain(self, x: Array, *, split_dim: int | None = None) -> Array:
-        """Pin a ``[B, T, ...]`` activation to (batch_axis, seq_axis) sharding under a mesh; with
-        ``split_dim`` (and a head axis) that dimension also splits over ``head_axis``."""
-        if self.mesh is None:
-            return x
-        names = [self.batch_axis, self.seq_axis] + [None] * (x.ndim - 2)
-        if split_dim is not None and self.head_axis is not None:
-            names[split_dim] = self.head_axis
-        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, PartitionSpec(*names)))
-
-    def op_options(self) -> dict:
-        """The mesh, axes, strategy and impl a token mixer passes to its ``lasp_jax`` op."""
-        return {
-            name: getattr(self, name) for name in ("mesh", "seq_axis", "batch_axis", "head_axis", "strategy", "impl")
-        }
-
-    def constrain_columns(self, w: Array, *, split: bool) -> Array:
-        """Pin a ``[..., out]`` weight to its columns split over ``head_axis`` (``split``) or replicated."""
-        if self.mesh is None:
-            return w
-        names = [None] * (w.ndim - 1) + [self.head_axis if split else None]
-        return jax.lax.with_sharding_constraint(w, NamedSharding(self.mesh, PartitionSpec(*names)))
-
-
-SINGLE_DEVICE = LaspContext()
 
 
 def dtype_of(name: str):
@@ -274,8 +224,17 @@ def attention_spec(config: ModelConfig, *, linear: bool, layer: int) -> Attentio
     )
 
 
-def _spec(d_model, n_heads, *, head_dim, n_kv_heads, **kwargs) -> AttentionSpec:
-    head_dim = d_model // n_heads if head_dim is None else head_dim
+def default_head_dim(d_model: int, n_heads: int, head_dim: int | None, *, layer: str) -> int:
+    """``head_dim``, or ``d_model // n_heads`` when None; an error where that would drop channels."""
+    if head_dim is not None:
+        return head_dim
+    if n_heads <= 0 or d_model % n_heads:
+        raise ValueError(f"{layer}: d_model={d_model} is not a multiple of n_heads={n_heads}: pass head_dim")
+    return d_model // n_heads
+
+
+def _spec(d_model, n_heads, *, head_dim, n_kv_heads, layer: str, **kwargs) -> AttentionSpec:
+    head_dim = default_head_dim(d_model, n_heads, head_dim, layer=layer)
     return AttentionSpec(d_model, n_heads, head_dim, n_heads if n_kv_heads is None else n_kv_heads, **kwargs)
 
 
@@ -361,6 +320,15 @@ class ProjectedAttention(nnx.Module):
         return 2 * self.spec.head_dim if self.spec.position == "lrpe" else self.spec.head_dim
 
 
+def _check_cache_room(size: int, length, tokens: int) -> Array:
+    """Whether ``tokens`` written after ``length`` overflow a cache of ``size`` positions: a ValueError when
+    that is known at trace time; under ``jit`` (a traced length) the overflowing call's outputs are
+    NaN rather than silently wrong (``dynamic_update_slice`` would clamp the write over earlier keys)."""
+    if not isinstance(length, jax.core.Tracer) and int(length) + tokens > size:
+        raise ValueError(f"the cache holds {size} positions: {int(length)} filled + {tokens} new tokens overflow it")
+    return length + tokens > size
+
+
 def _cache_positions(x: Array, positions: Array | None, cache) -> Array:
     """Global positions of x's tokens: given, else ``[0, T)`` after the cache's tokens."""
     if positions is not None:
@@ -403,7 +371,9 @@ class LinearAttention(ProjectedAttention):
     ):
         g_gamma = None if g_gamma is None else tuple(float(x) for x in g_gamma)
         # the arguments above, checked once (AttentionSpec), are the layer's static description
-        spec = _spec(**{k: v for k, v in locals().items() if k not in ("self", "rngs", "__class__")})
+        spec = _spec(
+            layer=type(self).__name__, **{k: v for k, v in locals().items() if k not in ("self", "rngs", "__class__")}
+        )
         super().__init__(spec, rngs=rngs)
         if spec.output_norm == "head_rms":
             self.head_norm = Norm("rms", spec.head_dim, eps=spec.norm_eps, config=spec)
@@ -454,6 +424,7 @@ class LinearAttention(ProjectedAttention):
         float32 state) and ``return_state`` (return the final state instead of a cache).
         """
         ctx = ctx or SINGLE_DEVICE
+        ctx.check_tokens(x, self.spec.d_model, layer=type(self).__name__)
         if cache is not None:
             initial_state, return_state = cache.state, True
         q, k, v, u = self._project(x, _cache_positions(x, positions, cache), ctx)
@@ -525,7 +496,9 @@ class SoftmaxAttention(ProjectedAttention):
     ):
         if output_norm not in ("none", "srms_gate"):
             raise ValueError(f"softmax attention's output_norm is 'none' or 'srms_gate', got {output_norm=}")
-        spec = _spec(**{k: v for k, v in locals().items() if k not in ("self", "rngs", "__class__")})
+        spec = _spec(
+            layer=type(self).__name__, **{k: v for k, v in locals().items() if k not in ("self", "rngs", "__class__")}
+        )
         super().__init__(spec, rngs=rngs)
         self.scale = self.key_dim**-0.5 if scale is None else scale
 
@@ -552,6 +525,7 @@ class SoftmaxAttention(ProjectedAttention):
         returns x's keys and values ``[B, T, Hk, ·]``.
         """
         ctx = ctx or SINGLE_DEVICE
+        ctx.check_tokens(x, self.spec.d_model, layer=type(self).__name__)
         if initial_state is not None:
             raise ValueError(
                 "a softmax-attention layer cannot continue from an initial state: run the whole prefix "
@@ -561,9 +535,11 @@ class SoftmaxAttention(ProjectedAttention):
         if cache is not None:
             if segment_ids is not None:
                 raise ValueError("segment_ids (packed documents) are for whole sequences, not with a cache")
+            full = _check_cache_room(cache.k.shape[1], cache.length, x.shape[1])
             k_all = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), cache.length, axis=1)
             v_all = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), cache.length, axis=1)
-            o = cached_attention(q, k_all, v_all, cache.length, scale=self.scale).astype(q.dtype)
+            o = cached_attention(q, k_all, v_all, cache.length, scale=self.scale)
+            o = jnp.where(full, jnp.nan, o).astype(q.dtype)
             return self._output(o, u), KVCache(k_all, v_all, cache.length + x.shape[1])
         o = softmax_attention(
             q,
@@ -584,9 +560,10 @@ class SoftmaxAttention(ProjectedAttention):
         k_cache, v_cache = state
         pos = jnp.asarray(position, jnp.int32)
         q, k, v, u = self._project(x[:, None], jnp.broadcast_to(pos, x.shape[:1])[:, None], SINGLE_DEVICE)
+        full = _check_cache_room(k_cache.shape[1], pos, 1)
         k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), pos, axis=1)
         v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), pos, axis=1)
-        o = cached_attention(q, k_cache, v_cache, pos, scale=self.scale).astype(q.dtype)
+        o = jnp.where(full, jnp.nan, cached_attention(q, k_cache, v_cache, pos, scale=self.scale)).astype(q.dtype)
         return self._output(o, u)[:, 0], (k_cache, v_cache)
 
     def cache_shapes(self, batch: int, size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -48,7 +48,9 @@ def flash_attention(
         its own document (a run of equal ids).
       impl: ``"auto"`` (the Pallas kernels on a GPU that takes the input, else ``"xla"``),
         ``"pallas"`` (Pallas Triton kernels; the interpreter off the GPU), ``"xla"`` (the jnp block
-        recurrence) or ``"reference"`` (dense masked softmax).
+        recurrence) or ``"reference"`` (dense masked softmax, its logits in the input dtype: an
+        oracle for float32 and bf16; float16 logits past 65504 give NaN there, the others accumulate
+        in float32).
 
     Returns:
       o ``[B, T, H, E]`` in q's dtype; differentiable in q, k and v.

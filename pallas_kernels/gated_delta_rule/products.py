@@ -137,7 +137,10 @@ def check_gate_lower_bound(bound, name: str = "gate_lower_bound") -> None:
     if bound is None:
         return
     if isinstance(bound, bool) or not isinstance(bound, numbers.Real) or not -float("inf") < bound < 0:
-        raise ValueError(f"{name} must be None or a finite negative number (a floor on the log gates), got {bound!r}")
+        raise ValueError(
+            f"{name} must be None or a finite negative Python or numpy number (a static floor on the log gates: "
+            f"it picks the kernels), got {bound!r}"
+        )
 
 
 def floor_gates(g, bound):

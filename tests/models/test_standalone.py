@@ -16,10 +16,12 @@ import pytest
 from flax import nnx
 from flax.nnx import bridge
 
+from lasp_jax import make_mesh
 from models.model import LanguageModel
 from models.standalone import (
     KDA,
     GatedDeltaNet,
+    GatedLinearAttention,
     LaspContext,
     LinearAttention,
     LinenGatedDeltaNet,
@@ -125,3 +127,50 @@ def test_standalone_argument_errors():
         LinearAttention(D, H, g_gamma=(-0.1,), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="n_v_heads"):
         GatedDeltaNet(D, H, n_v_heads=6, rngs=nnx.Rngs(0))
+
+
+ALL_MIXERS = [LinearAttention, SoftmaxAttention, GatedDeltaNet, KDA, GatedLinearAttention]
+
+
+@pytest.mark.parametrize("cls", ALL_MIXERS, ids=lambda c: c.__name__)
+def test_mixer_input_errors_name_the_layer_and_shapes(cls):
+    """Each mixer checks its input before its projections or the mesh would reject it deep inside jax
+    (a wrong width, a missing axis, T = 0, T or B not dividing over the mesh) and refuses a d_model that
+    n_heads does not divide (it built d_model // n_heads-wide heads that dropped channels)."""
+    layer = cls(D, H, rngs=nnx.Rngs(0))
+    name = cls.__name__
+    for shape in [(B, T, D + 1), (T, D), (B, 0, D)]:
+        with pytest.raises(ValueError, match=rf"{name}: x must be \[B, T, d_model={D}\] with T > 0, got x.shape="):
+            layer(jnp.zeros(shape))
+    ctx = LaspContext(mesh=make_mesh(dp=2, sp=4), batch_axis="dp")
+    with pytest.raises(
+        ValueError, match=rf"{name}: the sequence length T = 6 must be a multiple of the mesh's 'sp' size 4"
+    ):
+        layer(jnp.zeros((B, 6, D)), ctx)
+    with pytest.raises(ValueError, match=rf"{name}: the batch B = 3 must be a multiple of the mesh's 'dp' size 2"):
+        layer(jnp.zeros((3, 8, D)), ctx)
+    with pytest.raises(ValueError, match=rf"{name}: d_model=30 is not a multiple of n_heads=4: pass head_dim"):
+        cls(30, H, rngs=nnx.Rngs(0))
+    assert cls(30, H, head_dim=8, rngs=nnx.Rngs(0))(jnp.zeros((1, 4, 30)))[0].shape == (1, 4, 30)
+
+
+def test_softmax_cache_overflow_raises_or_poisons(rng):
+    """Writing past a key/value cache's capacity: eagerly a ValueError; under jit (a traced length) the
+    overflowing call's outputs are NaN, never the silently wrong attention of a clamped write. Within
+    capacity the outputs stay finite."""
+    layer = SoftmaxAttention(D, H, rngs=nnx.Rngs(0))
+    x = jnp.asarray(rng.standard_normal((1, 12, D)), jnp.float32)
+    _, cache = layer(x[:, :6], cache=layer.init_cache(1, 8))
+    with pytest.raises(ValueError, match="the cache holds 8 positions: 6 filled \\+ 6 new tokens overflow it"):
+        layer(x[:, 6:], cache=cache)
+    run = nnx.jit(lambda layer, x, cache: layer(x, cache=cache))
+    ok, cache = run(layer, x[:, 6:8], cache)
+    assert np.all(np.isfinite(np.asarray(ok)))
+    overflow, _ = run(layer, x[:, 8:10], cache)
+    assert np.all(np.isnan(np.asarray(overflow)))
+    k_cache, v_cache = layer.init_cache(1, 4).k, layer.init_cache(1, 4).v
+    with pytest.raises(ValueError, match="the cache holds 4 positions: 4 filled \\+ 1 new tokens overflow it"):
+        layer.step(x[:, 0], (k_cache, v_cache), 4)
+    step = nnx.jit(lambda layer, x, state, pos: layer.step(x, state, pos))
+    assert np.all(np.isfinite(np.asarray(step(layer, x[:, 0], (k_cache, v_cache), jnp.int32(3))[0])))
+    assert np.all(np.isnan(np.asarray(step(layer, x[:, 0], (k_cache, v_cache), jnp.int32(4))[0])))

@@ -363,8 +363,8 @@ def _call(**over):
         ({"impl": "cuda"}, ValueError, r"impl must be one of .* impl='cuda'"),
         ({"gate_lower_bound": -5.0}, ValueError, r"gate_lower_bound=-5.0 bounds the log gates, but g is None"),
         ({"g": _f(_BETA), "gate_lower_bound": 0.0}, ValueError, r"gate_lower_bound must be None or a finite negative"),
-        ({"g": _f(_BETA), "gate_lower_bound": float("nan")}, ValueError, r"finite negative number .* got nan"),
-        ({"g": _f(_BETA), "gate_lower_bound": True}, ValueError, r"finite negative number .* got True"),
+        ({"g": _f(_BETA), "gate_lower_bound": float("nan")}, ValueError, r"negative Python or numpy number .* got nan"),
+        ({"g": _f(_BETA), "gate_lower_bound": True}, ValueError, r"negative Python or numpy number .* got True"),
     ],
     ids=[
         "rank_q",

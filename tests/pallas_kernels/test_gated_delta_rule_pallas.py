@@ -281,7 +281,7 @@ def test_gate_lower_bound_builds_only_the_forms_it_allows(rng):
     )
     assert statics.gate_floor is None and pallas_triton.gate_case(None, statics, jnp.float16) is None
     for bad in (1.0, float("nan")):  # the kernels' own entry checks it too (a positive floor passes the bounds)
-        with pytest.raises(ValueError, match="gate_lower_bound must be None or a finite negative number"):
+        with pytest.raises(ValueError, match="gate_lower_bound must be None or a finite negative Python or numpy"):
             pallas_triton.prepare(*fp16, ys["beta"], ys["g"], None, None, 0.7, True, None, gate_lower_bound=bad)
 
 
