@@ -378,7 +378,13 @@ def _forward(cfg: LaspConfig, inputs, segments: Segments | None, *, keep_residua
     if not keep_residuals:
         o, _ = _local_kernel(cfg, kernel_inputs, segments)
         return (o, final), None
-    (o, _), pullback = jax.vjp(lambda xs: _local_kernel(cfg, xs, segments), kernel_inputs)
+    # the local state in the entering state's dtype: the state cotangent arrives in it (float64 under x64,
+    # where the XLA path's own state is float32)
+    def local(xs):
+        o, state = _local_kernel(cfg, xs, segments)
+        return o, state.astype(xs["s_in"].dtype)
+
+    (o, _), pullback = jax.vjp(local, kernel_inputs)
     return (o, final), VjpResiduals(pullback, q, decay, gamma_res, segments)
 
 

@@ -382,3 +382,24 @@ def test_bf16_gates_and_state_get_cotangents_of_their_dtype(rng, strategy):
     for a, b in zip(got, want):
         assert a.dtype == jnp.bfloat16
         assert rel_err(a, b) < 3e-2
+
+
+@pytest.mark.parametrize("strategy", ["ring", "allgather", "scan"])  # ulysses and gather_kv differentiated already
+def test_float64_inputs_differentiate_under_x64(rng, strategy):
+    """float64 inputs (``jax_enable_x64``): the XLA path's local state is float32 while the state
+    passing runs in float64; the backward took the float64 cotangent for the float32 state and failed
+    (ring, allgather, scan). Every strategy's gradients against the float64 token scan."""
+    shape = (2, 32, 4, 8)
+    with x64():
+        q, k, v = (jnp.asarray(rng.standard_normal(shape)) for _ in range(3))
+        g = jnp.asarray(-rng.uniform(0.01, 0.5, shape[:3]))
+        mesh = make_mesh(1, 4, devices=jax.devices()[:4])
+
+        def loss(fn):
+            return lambda q, k, v, g: jnp.sum(fn(q, k, v, g=g, output_final_state=True)[0] ** 2)
+
+        lasp = functools.partial(lasp_attention, mesh=mesh, strategy=strategy, impl="xla")
+        got = jax.grad(loss(lasp), argnums=(0, 1, 2, 3))(q, k, v, g)
+        want = jax.grad(loss(functools.partial(linear_attention, impl="reference")), argnums=(0, 1, 2, 3))(q, k, v, g)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == jnp.float64 and rel_err(a, b) < 1e-5
