@@ -378,6 +378,7 @@ def _forward(cfg: LaspConfig, inputs, segments: Segments | None, *, keep_residua
     if not keep_residuals:
         o, _ = _local_kernel(cfg, kernel_inputs, segments)
         return (o, final), None
+
     # the local state in the entering state's dtype: the state cotangent arrives in it (float64 under x64,
     # where the XLA path's own state is float32)
     def local(xs):
