@@ -7,7 +7,7 @@ Attention Transformers with Hardware-Efficient Training") cuts the chunk into su
 tokens: across sub-blocks the pair factor is split at the first token r of the row's sub-block,
 ``(x_i ⊙ exp(b_i − b_r)) · (k_j ⊙ exp(b_r − b_j))`` with both exps ≤ 1 (a matmul per sub-block),
 and inside a sub-block the 16×16×D factors are formed directly for i > j only. Every exp is of a
-non-positive difference, so nothing overflows whatever the gates; never ``exp(b)`` against
+non-positive difference, so nothing overflows for any finite gates; never ``exp(b)`` against
 ``exp(−b)``. The key side (``key_factors``) is formed once per chunk and serves every x (queries,
 keys) that reads it.
 

@@ -12,7 +12,8 @@ Transformers with the Delta Rule over Sequence Length"; Yang et al. 2024, "Gated
     S_out = exp(b_{C−1}) S_in + (exp(b_{C−1} − b) ⊙ K)ᵀ V'
 
 Every decay factor is the exp of a non-positive difference of cumulative log decays, so nothing
-overflows whatever the gates. Per key channel gates (KDA, Kimi Linear 2025) make ``K Kᵀ ⊙ Γ`` and
+overflows for any finite gates (a single gate near −1e4 or below costs the float32 sums digits, and
+−inf gives NaN: README, Limitations). Per key channel gates (KDA, Kimi Linear 2025) make ``K Kᵀ ⊙ Γ`` and
 ``Q Kᵀ ⊙ Γ`` sums ``Σ_d x_{id} k_{jd} exp(b_{id} − b_{jd})``, which this path computes by
 **secondary chunking**: sub-blocks of 16 tokens; across sub-blocks the pair factor is split at the
 first token r of the row's sub-block, ``(x_i ⊙ exp(b_i − b_r)) · (k_j ⊙ exp(b_r − b_j))`` with both
