@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lasp_jax.mesh import check_mesh
+
 Array = jax.Array
 
 
@@ -44,21 +46,26 @@ class LaspContext:
             names[split_dim] = self.head_axis
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, PartitionSpec(*names)))
 
-    def check_tokens(self, x: Array, d_model: int, *, layer: str) -> None:
+    def check_tokens(self, x: Array, d_model: int, *, layer: str, sharded: bool = True) -> None:
         """A clear error for a token mixer's input that its projections or the mesh would reject deep
-        inside jax: x must be ``[B, T, d_model]`` with T > 0 and, under a mesh, T a multiple of the
-        ``seq_axis`` size and B of the ``batch_axis`` size (sequence parallelism splits them evenly)."""
+        inside jax: x must be ``[B, T, d_model]`` with T > 0 and, when ``sharded`` under a mesh, the
+        axes must exist and T / B divide over ``seq_axis`` / ``batch_axis`` (``lasp_jax.check_mesh``;
+        a softmax layer's cached continuation is not sharded)."""
         if x.ndim != 3 or x.shape[-1] != d_model or x.shape[1] == 0:
             raise ValueError(f"{layer}: x must be [B, T, d_model={d_model}] with T > 0, got x.shape={tuple(x.shape)}")
-        if self.mesh is None:
+        if self.mesh is None or not sharded:
             return
-        for axis, dim, name in ((self.seq_axis, 1, "sequence length T"), (self.batch_axis, 0, "batch B")):
-            size = 1 if axis is None else self.mesh.shape[axis]
-            if x.shape[dim] % size:
-                raise ValueError(
-                    f"{layer}: the {name} = {x.shape[dim]} must be a multiple of the mesh's {axis!r} size {size} "
-                    f"(x.shape={tuple(x.shape)})"
-                )
+        try:
+            check_mesh(
+                self.mesh,
+                x.shape,
+                seq_axis=self.seq_axis,
+                batch_axis=self.batch_axis,
+                head_axis=self.head_axis,
+                heads={},
+            )
+        except ValueError as err:
+            raise ValueError(f"{layer}: {err} (x.shape={tuple(x.shape)})") from err
 
     def op_options(self) -> dict:
         """The mesh, axes, strategy and impl a token mixer passes to its ``lasp_jax`` op."""

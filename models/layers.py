@@ -35,6 +35,7 @@ from models.context import SINGLE_DEVICE, LaspContext
 from models.mixer_math import alibi_slopes as alibi_slopes
 from models.mixer_math import cached_attention, feature_map, lrpe, recurrent_step, rope, srms, tnl_log_decay
 from models.tokenwise import map_token_chunks, rms_normalize
+from pallas_kernels.common import resolve_scale
 
 Array = jax.Array
 
@@ -228,7 +229,9 @@ def default_head_dim(d_model: int, n_heads: int, head_dim: int | None, *, layer:
     """``head_dim``, or ``d_model // n_heads`` when None; an error where that would drop channels."""
     if head_dim is not None:
         return head_dim
-    if n_heads <= 0 or d_model % n_heads:
+    if n_heads <= 0:
+        raise ValueError(f"{layer}: n_heads must be positive, got {n_heads=}")
+    if d_model % n_heads:
         raise ValueError(f"{layer}: d_model={d_model} is not a multiple of n_heads={n_heads}: pass head_dim")
     return d_model // n_heads
 
@@ -380,7 +383,7 @@ class LinearAttention(ProjectedAttention):
         # a constant (static tuple), not a Param: neither trained nor checkpointed
         self.log_decay = spec.g_gamma
         default = 1.0 if spec.output_norm in ("srms_gate", "denominator") else spec.head_dim**-0.5
-        self.scale = default if scale is None else scale
+        self.scale = default if scale is None else resolve_scale(scale, spec.head_dim)  # step() runs no op check
 
     def _project(self, x: Array, positions: Array, ctx: LaspContext):
         """q, k, v ``[B, T, ·, ·]`` ready for the recurrence, and the gate u (or None)."""
@@ -500,7 +503,7 @@ class SoftmaxAttention(ProjectedAttention):
             layer=type(self).__name__, **{k: v for k, v in locals().items() if k not in ("self", "rngs", "__class__")}
         )
         super().__init__(spec, rngs=rngs)
-        self.scale = self.key_dim**-0.5 if scale is None else scale
+        self.scale = resolve_scale(scale, self.key_dim)  # also the cache's and step's (no op checks it there)
 
     def _project(self, x: Array, positions: Array, ctx: LaspContext):
         q, k, v, u = self._split_qkv(x, ctx)
@@ -525,7 +528,7 @@ class SoftmaxAttention(ProjectedAttention):
         returns x's keys and values ``[B, T, Hk, ·]``.
         """
         ctx = ctx or SINGLE_DEVICE
-        ctx.check_tokens(x, self.spec.d_model, layer=type(self).__name__)
+        ctx.check_tokens(x, self.spec.d_model, layer=type(self).__name__, sharded=cache is None)
         if initial_state is not None:
             raise ValueError(
                 "a softmax-attention layer cannot continue from an initial state: run the whole prefix "

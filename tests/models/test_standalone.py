@@ -143,14 +143,19 @@ def test_mixer_input_errors_name_the_layer_and_shapes(cls):
         with pytest.raises(ValueError, match=rf"{name}: x must be \[B, T, d_model={D}\] with T > 0, got x.shape="):
             layer(jnp.zeros(shape))
     ctx = LaspContext(mesh=make_mesh(dp=2, sp=4), batch_axis="dp")
-    with pytest.raises(
-        ValueError, match=rf"{name}: the sequence length T = 6 must be a multiple of the mesh's 'sp' size 4"
-    ):
+    with pytest.raises(ValueError, match=rf"{name}: the sequence length must divide over the sequence axis: T=6"):
         layer(jnp.zeros((B, 6, D)), ctx)
-    with pytest.raises(ValueError, match=rf"{name}: the batch B = 3 must be a multiple of the mesh's 'dp' size 2"):
+    with pytest.raises(ValueError, match=rf"{name}: the batch must divide over the batch axis: B=3"):
         layer(jnp.zeros((3, 8, D)), ctx)
+    with pytest.raises(ValueError, match=rf"{name}: seq_axis='context' is not an axis of the mesh"):
+        layer(jnp.zeros((B, 8, D)), LaspContext(mesh=make_mesh(dp=2, sp=4), seq_axis="context"))
+    # a tuple batch axis (as the ops take it) passes
+    tuple_ctx = LaspContext(mesh=make_mesh(dp=2, sp=4), batch_axis=("dp",), impl="xla")
+    assert nnx.jit(lambda m, x: m(x, tuple_ctx))(layer, jnp.zeros((B, 8, D)))[0].shape == (B, 8, D)
     with pytest.raises(ValueError, match=rf"{name}: d_model=30 is not a multiple of n_heads=4: pass head_dim"):
         cls(30, H, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=rf"{name}: n_heads must be positive, got n_heads=0"):
+        cls(D, 0, rngs=nnx.Rngs(0))
     assert cls(30, H, head_dim=8, rngs=nnx.Rngs(0))(jnp.zeros((1, 4, 30)))[0].shape == (1, 4, 30)
 
 
@@ -172,5 +177,11 @@ def test_softmax_cache_overflow_raises_or_poisons(rng):
     with pytest.raises(ValueError, match="the cache holds 4 positions: 4 filled \\+ 1 new tokens overflow it"):
         layer.step(x[:, 0], (k_cache, v_cache), 4)
     step = nnx.jit(lambda layer, x, state, pos: layer.step(x, state, pos))
+    # the cache path is not sequence-parallel: one token under a sp=2 mesh continues (no T % sp check)
+    ctx = LaspContext(mesh=make_mesh(dp=1, sp=2, devices=jax.devices()[:2]))
+    one, _ = nnx.jit(lambda layer, x, cache: layer(x, ctx, cache=cache))(layer, x[:, :1], layer.init_cache(1, 8))
+    assert one.shape == (1, 1, D) and np.all(np.isfinite(np.asarray(one)))
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        SoftmaxAttention(D, H, scale=float("nan"), rngs=nnx.Rngs(0))
     assert np.all(np.isfinite(np.asarray(step(layer, x[:, 0], (k_cache, v_cache), jnp.int32(3))[0])))
     assert np.all(np.isnan(np.asarray(step(layer, x[:, 0], (k_cache, v_cache), jnp.int32(4))[0])))
