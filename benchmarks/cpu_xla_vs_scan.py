@@ -68,11 +68,11 @@ def main():
                 row[f"{impl}_fwd_ms"] = median_ms(jax.jit(fn), *inputs, reps=3)
                 row[f"{impl}_fwd_bwd_ms"] = median_ms(grads, *inputs, reps=3)
             rows.append(row)
-            r = row
+            times = [row[f"{impl}_{pass_}_ms"] for pass_ in ("fwd", "fwd_bwd") for impl in ("reference", "xla")]
+            scan_fwd, xla_fwd, scan_fb, xla_fb = times
             print(
-                f"{op:>8} {str(tuple(shape)):>20} {r['reference_fwd_ms']:10.1f} {r['xla_fwd_ms']:10.1f} "
-                f"{r['reference_fwd_ms'] / r['xla_fwd_ms']:6.1f} {r['reference_fwd_bwd_ms']:10.1f} "
-                f"{r['xla_fwd_bwd_ms']:10.1f} {r['reference_fwd_bwd_ms'] / r['xla_fwd_bwd_ms']:6.1f}",
+                f"{op:>8} {str(tuple(shape)):>20} {scan_fwd:10.1f} {xla_fwd:10.1f} {scan_fwd / xla_fwd:6.1f} "
+                f"{scan_fb:10.1f} {xla_fb:10.1f} {scan_fb / xla_fb:6.1f}",
                 flush=True,
             )
     if args.json:
