@@ -37,7 +37,7 @@ import numpy as np
 from models import config as model_config
 from models.checkpoint import load_model, read_config
 from models.config import PRESETS, ModelConfig, get_config, hybrid_layer_types
-from models.dataset import TOKENIZER_FILE, read_meta
+from models.dataset import TOKENIZER_FILE, read_meta, separator_from_flag
 from models.generate import decode_bytes, generate
 from models.layers import LaspContext
 from models.profile import ProfileWindow
@@ -262,7 +262,7 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     for dest, value in vars(args).items():
         if "." in dest and value is not None:
             section, name = dest.split(".", 1)
-            overrides[section][name] = value
+            overrides[section][name] = separator_from_flag(value) if dest == "data.doc_separator" else value
     data = overrides["data"]
     if data.get("source") == "bin" and data.get("path") and os.path.isdir(data["path"]):
         overrides["model"].setdefault("vocab_size", read_meta(data["path"])["vocab_size"])

@@ -19,7 +19,9 @@ Train windows start at uniformly random offsets; eval windows are fixed and even
 
 Packed documents (``pack_documents=True``): the token stream is a sequence of documents, each
 followed by the end-of-document token ``eod_token``. For ``text`` the documents are the pieces of
-each file split on ``doc_separator`` (blank lines by default; the separator itself is dropped) and
+each file split on ``doc_separator`` (the default ``"\n\n"`` means blank lines: also ``\r\n`` ones and
+lines of spaces or tabs; the separator itself is dropped; ``separator_from_flag`` reads ``\n`` escapes
+from the command line) and
 ``eod_token`` defaults to 0 (the NUL byte, absent from text); a ``bin`` file must already hold
 them with its own EOD id (``eod_token`` is required, or read from a directory's ``meta.json``).
 Windows still cut the stream anywhere; the model (``models.model.lm_loss``) turns the EOD tokens
@@ -32,6 +34,7 @@ from __future__ import annotations
 import importlib.resources
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -107,16 +110,45 @@ def default_corpus_bytes() -> bytes:
 
 
 def _read_files(path: str | None) -> list[bytes]:
+    """The bytes of the file ``path``, or of every file under the folder (hidden files and folders
+    skipped, as ``lasp-tokenize`` does), or the embedded corpus for None."""
     if path is None:
         return [default_corpus_bytes()]
+    if not os.path.exists(path):
+        raise ValueError(f"text data not found: path={path!r}")
     files = [path]
     if os.path.isdir(path):
-        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+        files = []
+        for folder, dirs, names in os.walk(path):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            files += [os.path.join(folder, n) for n in names if not n.startswith(".")]
+        files.sort()
     chunks = []
     for name in files:
         with open(name, "rb") as fh:
             chunks.append(fh.read())
     return chunks
+
+
+BLANK_LINES = "\n\n"  # the default separator: a blank line, also \r\n and lines of spaces / tabs
+_BLANK_LINE_RE = r"\r?\n[ \t]*\r?\n"
+
+
+def separator_from_flag(text: str) -> str:
+    """A separator typed on a command line: backslash escapes (``\\n``, ``\\t``, ``\\r``, ``\\x00``)
+    become the characters (a shell passes ``'\\n\\n'`` as four characters, not a blank line)."""
+    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+
+
+def document_pieces(raw, separator):
+    """The non-blank pieces of ``raw`` (str or bytes) between ``separator``s; ``BLANK_LINES`` splits
+    on blank lines whatever their line ends (``\r\n``) and spaces."""
+    if separator == BLANK_LINES or separator == BLANK_LINES.encode():
+        pattern = _BLANK_LINE_RE if isinstance(raw, str) else _BLANK_LINE_RE.encode()
+        pieces = re.split(pattern, raw)
+    else:
+        pieces = raw.split(separator)
+    return [p for p in pieces if p.strip()]
 
 
 def _read_text(path: str | None) -> np.ndarray:
@@ -125,9 +157,14 @@ def _read_text(path: str | None) -> np.ndarray:
 
 def pack_text_documents(files: list[bytes], separator: bytes, eod: int) -> np.ndarray:
     """Byte tokens of every non-empty document (file pieces between separators), each followed by ``eod``."""
-    docs = [d for raw in files for d in raw.split(separator) if d.strip()]
+    docs = [d for raw in files for d in document_pieces(raw, separator)]
     if not docs:
         raise ValueError("pack_documents found no documents in the text")
+    if eod < 256 and any(bytes([eod]) in d for d in docs):
+        raise ValueError(
+            f"the text holds byte {eod} inside a document, which is the end-of-document token eod_token={eod}: "
+            "it would end documents there; pick an eod_token >= 256 (vocab_size must exceed it)"
+        )
     stream = np.empty(sum(len(d) + 1 for d in docs), np.int32)
     at = 0
     for d in docs:
@@ -146,19 +183,61 @@ def read_meta(directory: str) -> dict:
         return json.load(fh)
 
 
+def _memmap(path: str, dtype: str, flag: str) -> np.ndarray:
+    """``path`` as a read-only array of ``dtype`` tokens; an empty file or a size that is not a whole
+    number of tokens raises, naming the file and ``flag`` (the option that sets the dtype)."""
+    size, itemsize = os.path.getsize(path), np.dtype(dtype).itemsize
+    if size == 0:
+        raise ValueError(f"bin data {path!r} is empty")
+    if size % itemsize:
+        raise ValueError(
+            f"bin data {path!r} holds {size} bytes, not a whole number of {dtype} tokens ({itemsize} bytes each): "
+            f"is {flag} right?"
+        )
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def _looks_like_uint32(tokens: np.ndarray) -> bool:
+    """uint32 tokens below 65,536 read as uint16 (little-endian): every second value is 0."""
+    head = np.asarray(tokens[: 1 << 20])
+    return len(head) >= 64 and not head[1::2].any() and bool(head[0::2].any())
+
+
 def _bin_arrays(config: DataConfig) -> tuple[np.ndarray, np.ndarray | None, dict | None]:
     """(train tokens, eval tokens or None, meta or None) of a ``bin`` source, memory-mapped."""
     if not os.path.exists(config.path):
         raise ValueError(f"bin data not found: path={config.path!r}")
     if not os.path.isdir(config.path):
-        return np.memmap(config.path, dtype=config.bin_dtype or "uint16", mode="r"), None, None
+        tokens = _memmap(config.path, config.bin_dtype or "uint16", "bin_dtype (--data.bin_dtype)")
+        if config.bin_dtype is None and _looks_like_uint32(tokens):
+            raise ValueError(
+                f"bin data {config.path!r} read as uint16 (the default) has 0 at every odd position: it looks "
+                "like uint32 tokens; pass bin_dtype='uint32' (--data.bin_dtype uint32), or bin_dtype='uint16' "
+                "to read it as uint16 anyway"
+            )
+        return tokens, None, None
     meta = read_meta(config.path)
     if config.bin_dtype is not None and config.bin_dtype != meta["dtype"]:
         raise ValueError(f"bin_dtype={config.bin_dtype!r} but {config.path}/{META_FILE} says dtype={meta['dtype']!r}")
     train, val = (os.path.join(config.path, name) for name in ("train.bin", "val.bin"))
+    flag = f"the dtype of {META_FILE}"
     if not os.path.exists(val) or os.path.getsize(val) == 0:
-        return np.memmap(train, dtype=meta["dtype"], mode="r"), None, meta
-    return np.memmap(train, dtype=meta["dtype"], mode="r"), np.memmap(val, dtype=meta["dtype"], mode="r"), meta
+        return _memmap(train, meta["dtype"], flag), None, meta
+    return _memmap(train, meta["dtype"], flag), _memmap(val, meta["dtype"], flag), meta
+
+
+def check_token_ids(tokens: np.ndarray, vocab_size: int, where: str, *, chunk: int = 1 << 24) -> None:
+    """Raise if any id in ``tokens`` is ``>= vocab_size``, naming ``where`` and the first such position
+    (read in chunks: a memory-mapped file is scanned once, not loaded)."""
+    for start in range(0, len(tokens), chunk):
+        part = np.asarray(tokens[start : start + chunk])
+        top = int(part.max(initial=0))
+        if top >= vocab_size:
+            at = start + int(np.argmax(part >= vocab_size))
+            raise ValueError(
+                f"token id {int(part[at - start])} at position {at} of {where} is >= vocab_size={vocab_size} "
+                "(--model.vocab_size): the embedding has no row for it"
+            )
 
 
 class TokenData:
@@ -197,9 +276,15 @@ class TokenData:
                 )
             if config.pack_documents and self.eod >= vocab_size:
                 raise ValueError(f"eod_token={self.eod} must be < vocab_size={vocab_size}")
+            meta_eod = None if self.meta is None else self.meta.get("eod_id")
+            if config.eod_token is not None and meta_eod is not None and config.eod_token != meta_eod:
+                raise ValueError(f"eod_token={config.eod_token} but {config.path}/{META_FILE} says eod_id={meta_eod}")
+            if self.meta is None:  # a lasp-tokenize directory's ids are below its vocab_size, checked above
+                check_token_ids(tokens, vocab_size, f"bin data {config.path!r}")
         self.tokens = tokens  # the whole stream of a single array (a lasp-tokenize directory: train.bin)
         self.train_tokens = self.eval_tokens = None
         if tokens is not None:
+            held_out = f"eval_fraction={config.eval_fraction}" if eval_tokens is None else "val.bin"
             if eval_tokens is None:
                 n_train = int(len(tokens) * (1 - config.eval_fraction))
                 tokens, eval_tokens = tokens[:n_train], tokens[n_train:]
@@ -208,8 +293,8 @@ class TokenData:
             if len(tokens) < need or len(eval_tokens) < need:
                 raise ValueError(
                     f"{config.source} data has {len(tokens)} train and {len(eval_tokens)} eval tokens: too few for "
-                    f"seq_len={config.seq_len} (each split needs at least seq_len + 1 tokens; eval_fraction="
-                    f"{config.eval_fraction})"
+                    f"seq_len={config.seq_len} (each split needs at least seq_len + 1 tokens; eval tokens from "
+                    f"{held_out})"
                 )
 
     # ---- row contents, a pure function of (split, step, row) ----

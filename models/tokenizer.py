@@ -25,12 +25,13 @@ import multiprocessing
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from models.dataset import META_FILE, TOKENIZER_FILE
+from models.dataset import META_FILE, TOKENIZER_FILE, document_pieces, separator_from_flag
 
 EOD_TOKEN = "<|endoftext|>"
 # end-of-document tokens of common tokenizers, tried in order for a given tokenizer.json
@@ -57,16 +58,18 @@ def document_files(inputs: list[str], extensions: tuple[str, ...] = ()) -> list[
 
 
 def read_documents(files: list[str], separator: str | None = None) -> Iterator[str]:
-    """The UTF-8 text of each file (or each non-blank piece between ``separator``s); undecodable files skipped."""
+    """The UTF-8 text of each file (or each non-blank piece between ``separator``s; ``"\n\n"``: blank
+    lines, also ``\r\n`` ones, as ``models.dataset.document_pieces``); undecodable files are skipped
+    with a warning that names them."""
     for name in files:
         with open(name, "rb") as fh:
             raw = fh.read()
         try:
             text = raw.decode("utf-8")
-        except UnicodeDecodeError:
+        except UnicodeDecodeError as err:
+            warnings.warn(f"skipped {name}: not UTF-8 ({err.reason} at byte {err.start})", stacklevel=2)
             continue
-        pieces = text.split(separator) if separator else [text]
-        yield from (p for p in pieces if p.strip())
+        yield from document_pieces(text, separator) if separator else ([text] if text.strip() else [])
 
 
 def train_bpe(documents: Iterator[str], vocab_size: int, *, show_progress: bool = True) -> Tokenizer:
@@ -117,7 +120,9 @@ _WORKER: dict = {}
 
 def _init_worker(tokenizer_json: str, eod: int, dtype: str) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
-    _WORKER.update(tokenizer=Tokenizer.from_str(tokenizer_json), eod=eod, dtype=dtype)
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    tokenizer.encode_special_tokens = True  # "<|endoftext|>" in a document is text, not a document end
+    _WORKER.update(tokenizer=tokenizer, eod=eod, dtype=dtype)
 
 
 def _encode_batch(documents: list[str]) -> np.ndarray:
@@ -268,7 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="encoding processes (default: every core)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val draw")
     p.add_argument("--ext", default="", help="comma-separated file endings to keep, e.g. .py,.txt (default: all)")
-    p.add_argument("--doc-separator", default=None, help="split files into documents on this string")
+    p.add_argument(
+        "--doc-separator",
+        default=None,
+        type=separator_from_flag,
+        help="split files into documents on this string (backslash escapes: '\\n\\n' is a blank line)",
+    )
     p.add_argument("--eod-token", default=None, help=f"end-of-document token text (default: {EOD_TOKEN} or known)")
     p.add_argument("--no-progress", action="store_true", help="no progress output")
     return p

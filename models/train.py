@@ -381,11 +381,11 @@ class Trainer:
                     if last or step % run.log_every == 0:
                         losses |= self._report_steps(pending, clock, log)
                         pending = []
+                    if manager is not None and self._wants_checkpoint(step, last):  # saved before an eval can fail
+                        self._checkpoint(manager, state, stop, log, wait=last)
+                        clock.resume()
                     if self._wants_eval(step, last, stop):
                         evals.append(self._report_eval(step, state["params"], log))
-                        clock.resume()
-                    if manager is not None and self._wants_checkpoint(step, last):
-                        self._checkpoint(manager, state, stop, log, wait=last)
                         clock.resume()
                     if stop is not None:
                         self._stop_reason = stop
