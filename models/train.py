@@ -7,8 +7,7 @@ Batches are a pure function of (seed, step), so a run restored from an orbax che
 (``models.checkpoint``) continues with exactly the losses of an uninterrupted run. Checkpoints are
 written every ``ckpt_every`` steps (in the background: the arrays are copied to host memory, then
 training goes on while orbax writes them), at the end, and on SIGTERM (exit code 143 after the save;
-those two wait for the write).
-The flags are parsed by ``models.cli``; the configs live in ``models.train_config``.
+those two wait for the write). Flags: ``models.cli``; configs: ``models.train_config``.
 
 Multi-host: set ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (or pass
 ``--distributed`` on a cluster jax detects) and start the same command on every host. A SIGTERM (or
@@ -230,7 +229,8 @@ class Trainer:
         key = jax.random.key(self.config.run.seed)
         if not self.config.run.init_from:
             return jax.jit(self._init_fn, out_shardings=self.state_shardings)(key)
-        params, _ = checkpoint.restore_params(self.config.run.init_from, lambda _: self.state_shardings["params"])
+        init_from, shardings = self.config.run.init_from, self.state_shardings["params"]
+        params, _ = checkpoint.restore_params(init_from, lambda _: shardings, model=self.config.model)
 
         def start_from(params):
             return self._init_fn(key) | {"params": params, "opt_state": self.optimizer.init(params)}
@@ -330,8 +330,8 @@ class Trainer:
 
     def restore(self, manager, step: int | None = None):
         """The train state of ``step`` (default: the latest), laid out as this trainer's state."""
-        step = manager.latest_step() if step is None else step
-        return checkpoint.restore_state(manager, step, self.config, self.abstract_state, self.state_shardings)
+        layout = (self.abstract_state, self.state_shardings)
+        return checkpoint.restore_state(manager, step, self.config, *layout, log=self.log)
 
     # ---- loop ----
     def request_stop(self, reason: str = "sigterm") -> None:

@@ -74,6 +74,15 @@ class RunConfig:
     sample_tokens: int = 0  # print a sample of this many tokens at the end
     sample_prompt: str = "The "  # prompt of that sample
 
+    def __post_init__(self):
+        at_least = {"steps": 1, "keep": 1, "log_every": 1, "loss_chunks": 1}
+        at_least |= {"ckpt_every": 0, "eval_every": 0, "eval_batches": 0, "sample_tokens": 0}
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"run.{name} must be >= {low}, got {name}={getattr(self, name)}")
+        if self.time_limit_s is not None and not self.time_limit_s > 0:
+            raise ValueError(f"run.time_limit_s must be positive (or None), got time_limit_s={self.time_limit_s}")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
