@@ -158,6 +158,8 @@ def read_config(ckpt_dir: str, step: int | None = None) -> tuple[TrainConfig, in
         step = manager.latest_step() if step is None else step
         if step is None:
             raise ValueError(f"no checkpoint found in ckpt_dir={ckpt_dir!r}")
+        if step not in manager.all_steps():
+            raise ValueError(f"no step {step} in ckpt_dir={ckpt_dir!r}; its steps: {sorted(manager.all_steps())}")
         return config_from_json(saved_config(manager, step)), step
     finally:
         manager.close()

@@ -110,14 +110,16 @@ def rank_major(parts: list[Array], tp: int) -> Array:
     slice of the result holds its own slices of all blocks (the identity order for ``tp = 1``)."""
     lead = parts[0].shape[:-1]
     blocks = [p.reshape(*lead, tp, p.shape[-1] // tp) for p in parts]
-    return jnp.concatenate(blocks, axis=-1).reshape(*lead, -1)
+    # explicit widths: a zero-width state (conv_size=1) has no -1 to infer
+    return jnp.concatenate(blocks, axis=-1).reshape(*lead, sum(p.shape[-1] for p in parts))
 
 
 def from_rank_major(x: Array, widths: tuple[int, ...], tp: int) -> list[Array]:
     """The blocks of ``widths`` back from ``rank_major``'s order."""
     lead = x.shape[:-1]
     cuts = np.cumsum([w // tp for w in widths])[:-1]
-    return [p.reshape(*lead, -1) for p in jnp.split(x.reshape(*lead, tp, -1), cuts, axis=-1)]
+    pieces = jnp.split(x.reshape(*lead, tp, x.shape[-1] // tp), cuts, axis=-1)
+    return [p.reshape(*lead, w) for p, w in zip(pieces, widths, strict=True)]
 
 
 class DeltaRuleMixer(nnx.Module):

@@ -13,6 +13,9 @@ layer of a hybrid model carries a key/value cache sized for the prompt plus the 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +61,38 @@ def _decode(model: LanguageModel, states, logits, start, key, *, n: int, tempera
     return jnp.moveaxis(tokens, 0, 1), jnp.moveaxis(used, 0, 1)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "ctx", "cache_size"))
+def _prefill(params, tokens, *, graphdef, ctx, cache_size):
+    return nnx.merge(graphdef, params).prefill(tokens, ctx, cache_size=cache_size)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _feed_jit(params, states, tokens, start, *, graphdef):
+    return _feed(nnx.merge(graphdef, params), states, tokens, start)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "n", "temperature", "top_k"))
+def _decode_jit(params, states, logits, start, key, *, graphdef, n, temperature, top_k):
+    return _decode(nnx.merge(graphdef, params), states, logits, start, key, n=n, temperature=temperature, top_k=top_k)
+
+
+def _sampling_args(max_new_tokens, temperature, top_k, vocab: int) -> tuple[int, float, int | None]:
+    """The sampling arguments checked: an int ``max_new_tokens >= 0``, a finite ``temperature >= 0``,
+    ``top_k`` None or an int >= 0 (0: off), at most the vocabulary (a larger one is all of it)."""
+    try:
+        max_new_tokens = operator.index(max_new_tokens)
+        top_k = None if top_k is None else operator.index(top_k)
+    except TypeError:
+        raise TypeError(f"max_new_tokens and top_k must be integers, got {max_new_tokens=}, {top_k=}") from None
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got temperature={temperature}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 or None: off), got top_k={top_k}")
+    return max_new_tokens, float(temperature), (min(top_k, vocab) if top_k else None)
+
+
 def generate(
     model: LanguageModel,
     prompt,
@@ -69,19 +104,21 @@ def generate(
     seed: int = 0,
     return_logits: bool = False,
 ):
-    """Continue ``prompt`` (int ``[B, P]``, P ≥ 1) by ``max_new_tokens`` tokens; returns ``[B, P + N]``.
+    """Continue ``prompt`` (int ``[B, P]``, B, P ≥ 1) by ``max_new_tokens`` tokens; returns ``[B, P + N]``.
 
-    ``temperature=0`` is greedy. With ``return_logits`` also returns the logits each new token was
-    drawn from (``[B, N, V]``) and the prompt's logits (``[B, P, V]``, position t predicting t+1;
-    positions covered by the parallel prefill other than its last are zeros).
+    ``temperature=0`` is greedy; ``top_k`` keeps the k most likely tokens (None or 0: all; past the
+    vocabulary: all). There is no stop token: every row gets ``max_new_tokens``. With
+    ``return_logits`` also returns the logits each new token was drawn from (``[B, N, V]``) and the
+    prompt's logits (``[B, P, V]``, position t predicting t+1; positions covered by the parallel
+    prefill other than its last are zeros). The compiled steps are cached per model structure,
+    mesh and sampling arguments, so repeated calls do not compile again.
     """
     prompt = np.asarray(prompt)
-    if prompt.ndim != 2 or prompt.shape[1] < 1 or not np.issubdtype(prompt.dtype, np.integer):
-        raise ValueError(f"prompt must be integer [B, P] with P >= 1, got shape={prompt.shape} dtype={prompt.dtype}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if prompt.ndim != 2 or min(prompt.shape) < 1 or not np.issubdtype(prompt.dtype, np.integer):
+        raise ValueError(f"prompt must be integer [B, P] with B, P >= 1, got shape={prompt.shape} dtype={prompt.dtype}")
     b, p = prompt.shape
     vocab = model.config.vocab_size
+    max_new_tokens, temperature, top_k = _sampling_args(max_new_tokens, temperature, top_k, vocab)
     if prompt.min() < 0 or prompt.max() >= vocab:
         raise ValueError(f"prompt token ids must lie in [0, vocab_size={vocab}), got [{prompt.min()}, {prompt.max()}]")
     graphdef, params = nnx.split(model)
@@ -98,27 +135,21 @@ def generate(
 
     prompt_logits = jnp.zeros((b, p, vocab), jnp.float32) if return_logits else None
     if n_par:
-        prefill = jax.jit(lambda prm, t: nnx.merge(graphdef, prm).prefill(t, ctx, cache_size=cache_size))
-        last, states = prefill(params, tokens[:, :n_par])
+        last, states = _prefill(params, tokens[:, :n_par], graphdef=graphdef, ctx=ctx, cache_size=cache_size)
         if return_logits:
             prompt_logits = prompt_logits.at[:, n_par - 1].set(last)
     else:
         states = nnx.merge(graphdef, params).init_states(b, cache_size)
     if n_par < p:
-        feed = jax.jit(lambda prm, st, t, s: _feed(nnx.merge(graphdef, prm), st, t, s))
-        rest, states = feed(params, states, tokens[:, n_par:], jnp.int32(n_par))
+        rest, states = _feed_jit(params, states, tokens[:, n_par:], jnp.int32(n_par), graphdef=graphdef)
         last = rest[:, -1]
         if return_logits:
             prompt_logits = prompt_logits.at[:, n_par:].set(rest)
     if max_new_tokens == 0:
         new, used = jnp.zeros((b, 0), jnp.int32), jnp.zeros((b, 0, vocab), jnp.float32)
     else:
-        decode = jax.jit(
-            lambda prm, st, lg, s, key: _decode(
-                nnx.merge(graphdef, prm), st, lg, s, key, n=max_new_tokens, temperature=temperature, top_k=top_k
-            )
-        )
-        new, used = decode(params, states, last, jnp.int32(p), jax.random.key(seed))
+        sampling = dict(n=max_new_tokens, temperature=temperature, top_k=top_k)
+        new, used = _decode_jit(params, states, last, jnp.int32(p), jax.random.key(seed), graphdef=graphdef, **sampling)
     out = jnp.concatenate([jnp.asarray(prompt, jnp.int32), jax.device_get(new)], axis=1)
     if return_logits:
         return out, used, prompt_logits

@@ -78,7 +78,8 @@ class Block(nnx.Module):
     def step(self, x, state, position):
         h, state = self.attn.step(self.attn_norm(x), state, position)
         x = x + h
-        return x + self.mlp(self.mlp_norm(x)), state
+        # one token per row as [B, 1, d]: the MLP's token chunks (mlp_chunk) cut the second axis
+        return x + self.mlp(self.mlp_norm(x)[:, None])[:, 0], state
 
 
 class LanguageModel(nnx.Module):
@@ -110,18 +111,20 @@ class LanguageModel(nnx.Module):
         initial_states: list[Array] | None = None,
         return_states: bool = False,
         segment_ids: Array | None = None,
+        start: int = 0,
     ) -> tuple[Array, list[Array] | None]:
         """Final-normed hidden states ``[B, T, d_model]`` (and each layer's final state).
 
         ``segment_ids`` ``[B, T]`` int (packed documents, see ``document_ids``): no token mixer lets
         anything flow between documents. Positions stay global; LRPE and RoPE are relative, so a
-        document sees the same attention wherever it sits in the row.
+        document sees the same attention wherever it sits in the row. ``start``: the position of the
+        first token (a continuation from ``initial_states``).
         """
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must be integer [B, T], got shape={tokens.shape} dtype={tokens.dtype}")
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got remat={remat!r}")
-        positions = jnp.arange(tokens.shape[1])
+        positions = start + jnp.arange(tokens.shape[1])
         x = ctx.constrain(self.embed(tokens))
         if return_states or initial_states is not None:
             states = []
@@ -192,15 +195,24 @@ class LanguageModel(nnx.Module):
         initial_states: list | None = None,
         *,
         cache_size: int | None = None,
+        start: int | None = None,
     ) -> tuple[Array, list]:
         """Run a prompt with the chunked (sequence-parallel) op: last-token logits ``[B, V]`` and states.
 
         Softmax layers return their keys and values padded to ``cache_size`` positions (≥ the prompt
-        length; needed for hybrid models), ready for ``decode_step`` at position ``T``.
+        length; needed for hybrid models), ready for ``decode_step`` at position ``T``. A prompt
+        continued from ``initial_states`` (a previous prefill's) needs ``start``, the position of its
+        first token, when the model has positions (LRPE, RoPE).
         """
         if self.has_softmax_layers and initial_states is not None:
             raise ValueError("prefill of a model with softmax layers starts from the first token (initial_states=None)")
-        h, states = self.hidden(tokens, ctx, initial_states=initial_states, return_states=True)
+        if initial_states is not None and start is None and self.config.position != "none":
+            raise ValueError(
+                f"prefill from initial_states with position={self.config.position!r} needs start= the position of "
+                "the first token (the number of tokens before it)"
+            )
+        start = 0 if start is None else start
+        h, states = self.hidden(tokens, ctx, initial_states=initial_states, return_states=True, start=start)
         if self.has_softmax_layers:
             t = tokens.shape[1]
             if cache_size is None or cache_size < t:
