@@ -256,9 +256,8 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
         for section, values in DEMO.items():
             overrides[section].update(values)
     if args.config:
-        with open(args.config) as fh:
-            for section, values in json.load(fh).items():
-                overrides[section].update(values)
+        for section, values in _json_config(args.config).items():
+            overrides[section].update(values)
     for dest, value in vars(args).items():
         if "." in dest and value is not None:
             section, name = dest.split(".", 1)
@@ -277,6 +276,27 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
         model = get_config(args.preset, softmax_every=args.softmax_every, **overrides["model"])
     sections = {s: cls(**overrides[s]) for s, cls in SECTIONS.items()}
     return TrainConfig(model=model, **sections)
+
+
+def _json_config(path: str) -> dict[str, dict]:
+    """The ``--config`` file's ``{section: {field: value}}``; unknown sections or fields raise naming them."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--config {path!r}: no such file")
+    with open(path) as fh:
+        try:
+            config = json.load(fh)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--config {path!r} is not JSON: {err}") from None
+    classes = {"model": ModelConfig, **SECTIONS}
+    if not isinstance(config, dict) or not all(isinstance(v, dict) for v in config.values()):
+        raise ValueError(f"--config {path!r} must hold {{section: {{field: value}}}} objects")
+    for section, values in config.items():
+        if section not in classes:
+            raise ValueError(f"--config {path!r}: unknown section {section!r} (sections: {', '.join(classes)})")
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(classes[section])})
+        if unknown:
+            raise ValueError(f"--config {path!r}: unknown {section} fields {unknown}")
+    return config
 
 
 def profile_window_from_args(argv: list[str] | None = None) -> ProfileWindow | None:

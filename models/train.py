@@ -566,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(argv)
         profile = profile_window_from_args(argv)
         trainer = Trainer(config)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:  # a config that cannot run, a --config value of the wrong type
         print(f"lasp-train: error: {e}", file=sys.stderr)
         return 2
     result = trainer.fit(profile=profile)

@@ -7,6 +7,7 @@ whole ``TrainConfig`` as JSON beside each checkpoint.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -49,6 +50,23 @@ class OptimConfig:
     b2: float = 0.95  # Adam's second-moment decay
     eps: float = 1e-8  # Adam's epsilon
     clip_norm: float = 1.0  # global-norm clipping; 0 turns it off
+
+    def __post_init__(self):
+        checks = {
+            "lr": self.lr > 0,
+            "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
+            "warmup_steps": self.warmup_steps >= 0,
+            "weight_decay": self.weight_decay >= 0,
+            "b1": 0 <= self.b1 < 1,
+            "b2": 0 <= self.b2 < 1,
+            "eps": self.eps > 0,
+            "clip_norm": self.clip_norm >= 0,
+        }
+        wanted = {"lr": "> 0", "min_lr_ratio": "in [0, 1]", "b1": "in [0, 1)", "b2": "in [0, 1)", "eps": "> 0"}
+        for name, ok in checks.items():
+            value = getattr(self, name)
+            if not (ok and math.isfinite(value)):
+                raise ValueError(f"optim.{name} must be finite and {wanted.get(name, '>= 0')}, got {name}={value}")
 
 
 @dataclass(frozen=True)
