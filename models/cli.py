@@ -296,7 +296,32 @@ def _json_config(path: str) -> dict[str, dict]:
         unknown = sorted(set(values) - {f.name for f in dataclasses.fields(classes[section])})
         if unknown:
             raise ValueError(f"--config {path!r}: unknown {section} fields {unknown}")
+        hints = typing.get_type_hints(classes[section])
+        choices = MODEL_CHOICES if section == "model" else {}
+        for name, value in values.items():
+            values[name] = _json_value(value, hints[name], choices.get(name), f"--config {path!r}: {section}.{name}")
     return config
+
+
+def _json_value(value, annotation, choices, where: str):
+    """A ``--config`` value of the field's type: strings are parsed as the flag would parse them
+    ("false" is False, not a true string), ints stand for floats; any other mismatch raises."""
+    parse, _ = value_parser(annotation, choices)
+    if isinstance(value, str):
+        try:
+            return parse(value)
+        except argparse.ArgumentTypeError as err:
+            raise ValueError(f"{where}: {err}") from None
+    if value is None or isinstance(value, list):
+        return tuple(value) if isinstance(value, list) else value
+    expected = [a for a in (typing.get_args(annotation) or (annotation,)) if a is not type(None)]
+    kinds = {typing.get_origin(a) or a for a in expected}
+    ok = (isinstance(value, bool) and bool in kinds) or (
+        not isinstance(value, bool) and (type(value) in kinds or (type(value) is int and float in kinds))
+    )
+    if not ok and not (typing.Literal in kinds and value in typing.get_args(expected[0])):
+        raise ValueError(f"{where} must be {' or '.join(getattr(k, '__name__', str(k)) for k in kinds)}, got {value!r}")
+    return float(value) if type(value) is int and float in kinds and int not in kinds else value
 
 
 def profile_window_from_args(argv: list[str] | None = None) -> ProfileWindow | None:

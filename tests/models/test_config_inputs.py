@@ -55,3 +55,19 @@ def test_a_good_config_file_still_applies(tmp_path):
     path.write_text(json.dumps({"run": {"steps": 7}, "optim": {"lr": 1e-3}}))
     config = config_from_args(["--preset", "tiny", "--config", str(path)])
     assert config.run.steps == 7 and config.optim.lr == 1e-3
+
+
+def test_config_file_values_take_the_fields_types(tmp_path):
+    """A JSON string "false" for a boolean was a true string: tie_embeddings went on silently."""
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"model": {"tie_embeddings": "false"}, "run": {"steps": "3"}, "optim": {"lr": 1}}))
+    config = config_from_args(["--preset", "tiny", "--config", str(path)])
+    assert config.model.tie_embeddings is False and config.run.steps == 3
+    assert config.optim.lr == 1.0 and isinstance(config.optim.lr, float)
+    for bad, match in [
+        ({"data": {"batch_size": 8.0}}, "data.batch_size must be int, got 8.0"),
+        ({"run": {"progress": "maybe"}}, "run.progress: expected a boolean"),
+    ]:
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=match):
+            config_from_args(["--preset", "tiny", "--config", str(path)])
