@@ -103,6 +103,11 @@ class ModelConfig:
         for name in ("n_kv_heads", "ffn_dim", "n_v_heads"):
             if getattr(self, name) is not None:
                 positive(name)
+        for name in ("norm_eps", "init_std", "rope_theta", "lrpe_base"):  # norm_eps <= 0 made the loss NaN
+            if not (isinstance(getattr(self, name), int | float) and 0 < getattr(self, name) < float("inf")):
+                raise ValueError(f"ModelConfig.{name} must be a positive number, got {name}={getattr(self, name)!r}")
+        if not isinstance(self.mlp_chunk, int) or self.mlp_chunk < 0:
+            raise ValueError(f"ModelConfig.mlp_chunk must be an int >= 0 (0: off), got mlp_chunk={self.mlp_chunk!r}")
         for name in ("scan_layers", "split_projections"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ModelConfig.{name} must be a bool, got {name}={getattr(self, name)!r}")

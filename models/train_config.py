@@ -98,6 +98,8 @@ class RunConfig:
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 raise ValueError(f"run.{name} must be >= {low}, got {name}={getattr(self, name)}")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ValueError(f"run.peak_tflops must be positive (or None), got peak_tflops={self.peak_tflops}")
         if self.time_limit_s is not None and not self.time_limit_s > 0:
             raise ValueError(f"run.time_limit_s must be positive (or None), got time_limit_s={self.time_limit_s}")
 

@@ -71,3 +71,26 @@ def test_config_file_values_take_the_fields_types(tmp_path):
         path.write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=match):
             config_from_args(["--preset", "tiny", "--config", str(path)])
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("norm_eps", -1.0, "norm_eps must be a positive number"),
+        ("init_std", -1.0, "init_std must be a positive"),
+        ("mlp_chunk", -5, "mlp_chunk must be an int >= 0"),
+    ],
+)
+def test_model_values_that_cannot_train_raise(field, value, match):
+    """norm_eps=-1 trained to a NaN loss with exit code 0."""
+    from models.config import get_config
+
+    with pytest.raises(ValueError, match=match):
+        get_config("tiny", **{field: value})
+
+
+def test_negative_peak_flops_raise():
+    from models.train_config import RunConfig
+
+    with pytest.raises(ValueError, match="run.peak_tflops must be positive"):
+        RunConfig(peak_tflops=-1.0)
