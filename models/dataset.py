@@ -19,8 +19,8 @@ Train windows start at uniformly random offsets; eval windows are fixed and even
 
 Packed documents (``pack_documents=True``): the token stream is a sequence of documents, each
 followed by the end-of-document token ``eod_token``. For ``text`` the documents are the pieces of
-each file split on ``doc_separator`` (the default ``"\n\n"`` means blank lines: also ``\r\n`` ones and
-lines of spaces or tabs; the separator itself is dropped; ``separator_from_flag`` reads ``\n`` escapes
+each file split on ``doc_separator`` (the default ``"\\n\\n"`` means blank lines: also ``\\r\\n`` ones and
+lines of spaces or tabs; the separator itself is dropped; ``separator_from_flag`` reads ``\\n`` escapes
 from the command line) and
 ``eod_token`` defaults to 0 (the NUL byte, absent from text); a ``bin`` file must already hold
 them with its own EOD id (``eod_token`` is required, or read from a directory's ``meta.json``).
@@ -142,7 +142,7 @@ def separator_from_flag(text: str) -> str:
 
 def document_pieces(raw, separator):
     """The non-blank pieces of ``raw`` (str or bytes) between ``separator``s; ``BLANK_LINES`` splits
-    on blank lines whatever their line ends (``\r\n``) and spaces."""
+    on blank lines whatever their line ends (``\\r\\n``) and spaces."""
     if separator == BLANK_LINES or separator == BLANK_LINES.encode():
         pattern = _BLANK_LINE_RE if isinstance(raw, str) else _BLANK_LINE_RE.encode()
         pieces = re.split(pattern, raw)

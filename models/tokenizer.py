@@ -58,8 +58,8 @@ def document_files(inputs: list[str], extensions: tuple[str, ...] = ()) -> list[
 
 
 def read_documents(files: list[str], separator: str | None = None) -> Iterator[str]:
-    """The UTF-8 text of each file (or each non-blank piece between ``separator``s; ``"\n\n"``: blank
-    lines, also ``\r\n`` ones, as ``models.dataset.document_pieces``); undecodable files are skipped
+    """The UTF-8 text of each file (or each non-blank piece between ``separator``s; ``"\\n\\n"``: blank
+    lines, also ``\\r\\n`` ones, as ``models.dataset.document_pieces``); undecodable files are skipped
     with a warning that names them."""
     for name in files:
         with open(name, "rb") as fh:
